@@ -1,0 +1,55 @@
+"""``refineclip check-decomposition``: Σ parts vs a fresh ``encode_image`` (paper Eq. 4)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cache import FeatureCache
+from ..data import load_dataset
+from ..errors import RefineClipError
+from ..extraction import check_decomposition, load_batch
+from ..decomposition import decompose
+from ..models import ModelSpec, load_model
+from .common import add_model_args, layers_arg, model_spec, positive_int, write_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-decomposition", help="verify that the cached parts sum to encode_image",
+                       description="Re-run model.encode_image on the images and report the largest relative "
+                                   "difference to the sum of the decomposed parts. Give --cache, or the model "
+                                   "and data flags to check without a cache.")
+    p.add_argument("--cache", help="feature cache folder made by 'refineclip extract'")
+    add_model_args(p, required=False)
+    p.add_argument("--data", help="image folder (when no --cache)")
+    p.add_argument("--layers", type=layers_arg, default="all")
+    p.add_argument("--max-images", type=positive_int, help="check only the first N images")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--json", help="write the result here (default: print)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.cache:
+        cache = FeatureCache(args.cache)
+        spec = ModelSpec(**cache.manifest.model)
+        if args.precision != "fp32" or args.device != "cpu":
+            spec = ModelSpec(**{**cache.manifest.model, "device": args.device})
+        result = check_decomposition(load_model(spec), cache, args.max_images, args.batch_size)
+    else:
+        if not args.data:
+            raise RefineClipError("Give --cache, or --data with the model flags.")
+        loaded = load_model(model_spec(args))
+        dataset = load_dataset(args.data)
+        records = dataset.records[: args.max_images] if args.max_images else dataset.records
+        worst, n = 0.0, 0
+        for start in range(0, len(records), args.batch_size):
+            batch, keep, _bad = load_batch(loaded, records[start:start + args.batch_size], start)
+            if batch is None:
+                continue
+            dec = decompose(loaded.visual, batch, args.layers)
+            e = loaded.model.encode_image(batch).double()
+            rel = (dec.reconstruct().double() - e).norm(dim=-1) / e.norm(dim=-1)
+            worst, n = max(worst, float(rel.max())), n + len(keep)
+        result = {"n_images": n, "dtype": str(loaded.dtype).replace("torch.", ""), "max_rel_error": worst}
+    write_json(args.json, result)
+    return 0

@@ -1,0 +1,94 @@
+"""Arguments and helpers shared by several sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..cache import atomic_write_json
+from ..models import DEMO_MODEL, ModelSpec
+from ..zeroshot import DEFAULT_TEMPLATES, read_templates, validate_templates
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=required, default=None if required else DEMO_MODEL,
+                   help="open_clip architecture name (e.g. ViT-B-16), or 'demo' for the embedded demo model")
+    g.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai); downloads where possible")
+    g.add_argument("--checkpoint", help="local weights: .pt/.bin/.safetensors state dict or open_clip checkpoint")
+    g.add_argument("--model-config", help="open_clip model config JSON for a custom architecture")
+    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp64", "fp16", "bf16"],
+                   help="model precision; fp32 (default) keeps the decomposition exact to ~1e-6")
+
+
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    return ModelSpec(name=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                     model_config=args.model_config, device=args.device, precision=args.precision)
+
+
+def add_template_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
+                   help="prompt template with '{}' for the class name (repeatable); default: a small ensemble")
+    p.add_argument("--templates-file", help="file with one template per line")
+    p.add_argument("--class-names", help="comma-separated display names replacing the folder/CSV class names, in order")
+
+
+def templates(args: argparse.Namespace) -> tuple[str, ...]:
+    out: list[str] = []
+    if getattr(args, "templates_file", None):
+        out += read_templates(args.templates_file)
+    if getattr(args, "templates", None):
+        out += validate_templates(args.templates)
+    return tuple(out) if out else DEFAULT_TEMPLATES
+
+
+def layers_arg(value: str) -> int | str:
+    if value == "all":
+        return "all"
+    try:
+        k = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--layers takes a positive integer or 'all', not {value!r}") from exc
+    if k < 1:
+        raise argparse.ArgumentTypeError("--layers must be >= 1")
+    return k
+
+
+def positive_int(value: str) -> int:
+    try:
+        k = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from exc
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {k}")
+    return k
+
+
+def write_json(path: str | None, obj: dict[str, Any]) -> None:
+    """Write ``obj`` atomically to ``path`` (or print it when no path is given)."""
+    if path:
+        atomic_write_json(Path(path), obj)
+    else:
+        json.dump(obj, sys.stdout, indent=1, default=str)
+        print()
+
+
+def progress_bar(desc: str):
+    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None:
+            bar = state["bar"] = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, initial=0)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update

@@ -1,0 +1,305 @@
+"""Labelled image datasets: class folders, ``metadata.csv`` and the WILDS Waterbirds layout.
+
+:func:`load_dataset` looks at a path and returns an :class:`ImageDataset`: the list of
+:class:`ImageRecord` (path, label, group, split), the class names and the files that were
+left out with a reason (:class:`SkippedFile`). Layouts:
+
+* **folder**: ``root/<class>/**/*.jpg``; classes are the sorted sub-folder names.
+* **csv**: ``root/metadata.csv`` with ``path,label`` and optional ``group``, ``split``.
+* **waterbirds**: ``root/metadata.csv`` with ``img_filename,y,split,place`` (WILDS); classes
+  ``landbird``/``waterbird``, groups ``<bird> on <land|water>``, splits train/val/test.
+
+Images are decoded by :func:`load_image` (Pillow, EXIF orientation applied, any mode to RGB,
+decompression-bomb guard on). A file that cannot be decoded never stops a run: extraction
+records it as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import DataError, ImageLoadError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+WATERBIRDS_CLASSES = ("landbird", "waterbird")
+WATERBIRDS_PLACES = ("land", "water")
+WATERBIRDS_SPLITS = {"0": "train", "1": "val", "2": "test"}
+METADATA_NAME = "metadata.csv"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One labelled image. ``path`` is absolute; ``group``/``split`` may be ``None``."""
+
+    path: str
+    label: int
+    group: str | None = None
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that was left out, and why (one short sentence)."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class ImageDataset:
+    """Labelled images plus what was skipped while building the list."""
+
+    root: str
+    records: list[ImageRecord]
+    classes: list[str]
+    layout: str
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def groups(self) -> list[str]:
+        """Sorted distinct group names (empty when the data has no groups)."""
+        return sorted({r.group for r in self.records if r.group is not None})
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted({r.split for r in self.records if r.split is not None})
+
+    def subset(self, split: str | None) -> "ImageDataset":
+        """Only the images of ``split`` (all of them when ``split`` is None)."""
+        if split is None:
+            return self
+        records = [r for r in self.records if r.split == split]
+        if not records:
+            raise DataError(f"No images with split '{split}' in {self.root} (splits present: {self.splits or 'none'}).")
+        return replace(self, records=records)
+
+    def renamed(self, names: Sequence[str]) -> "ImageDataset":
+        """The same data with new class names (same order, same count)."""
+        if len(names) != len(self.classes) or any(not n.strip() for n in names):
+            raise DataError(f"Give {len(self.classes)} non-empty class names, got {list(names)}.")
+        return replace(self, classes=[n.strip() for n in names])
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode one image file into an RGB :class:`PIL.Image.Image`.
+
+    Applies the EXIF orientation, takes the first frame of animations, maps 16-bit and
+    other modes to 8-bit RGB and composites transparency on white. Raises
+    :class:`ImageLoadError` with a specific reason for anything it cannot decode, including
+    images over Pillow's decompression-bomb limit (the guard stays on).
+    """
+    path = str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.seek(0)
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"image too large (decompression-bomb guard): {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageLoadError("not an image Pillow can identify") from exc
+    except PermissionError as exc:
+        raise ImageLoadError("permission denied") from exc
+    except FileNotFoundError as exc:
+        raise ImageLoadError("file not found") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageLoadError(f"corrupt or truncated image ({exc})") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.width < 1 or img.height < 1:
+        raise ImageLoadError("image has zero width or height")
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        img = Image.fromarray(scaled.astype(np.uint8), mode="L")
+        mode = "L"
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def detect_layout(root: Path) -> str:
+    meta = root / METADATA_NAME
+    if meta.is_file():
+        header = _read_csv_header(meta)
+        if {"img_filename", "y", "place"} <= set(header):
+            return "waterbirds"
+        return "csv"
+    return "folder"
+
+
+def _read_csv_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        return [h.strip() for h in next(csv.reader(fh), [])]
+
+
+def load_dataset(path: str | os.PathLike, layout: str = "auto", split: str | None = None) -> ImageDataset:
+    """Build the list of labelled images under ``path`` (see the module docstring)."""
+    root = Path(path).expanduser()
+    if root.is_file() and root.name.endswith(".csv"):
+        meta_override, root = root, root.parent
+    else:
+        meta_override = None
+    if not root.exists():
+        raise DataError(f"Data path '{path}' does not exist.")
+    if not root.is_dir():
+        raise DataError(f"Data path '{path}' is not a folder (give a folder of class sub-folders or with metadata.csv).")
+    root = root.resolve()
+    if layout == "auto":
+        layout = "csv" if meta_override else detect_layout(root)
+    if layout == "folder":
+        ds = _load_folder(root)
+    elif layout in ("csv", "waterbirds"):
+        ds = _load_csv(root, meta_override or root / METADATA_NAME, waterbirds=layout == "waterbirds")
+    else:
+        raise DataError(f"Unknown layout '{layout}'; use auto, folder, csv or waterbirds.")
+    if not ds.records:
+        reasons = f" ({len(ds.skipped)} files skipped, e.g. {ds.skipped[0].reason})" if ds.skipped else ""
+        raise DataError(f"No usable images found in '{path}'{reasons}.")
+    return ds.subset(split)
+
+
+def _walk_images(folder: Path, root: Path, skipped: list[SkippedFile]) -> list[Path]:
+    """Image files below ``folder``, sorted, following no symlinked folders and no hidden files."""
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False, onerror=lambda e: skipped.append(
+            SkippedFile(str(getattr(e, "filename", folder)), f"folder unreadable ({e.strerror or e})"))):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            if not _is_image_name(name):
+                if name != METADATA_NAME:
+                    skipped.append(SkippedFile(str(full), "not an image file extension"))
+                continue
+            out.append(full)
+    return out
+
+
+def _load_folder(root: Path) -> ImageDataset:
+    skipped: list[SkippedFile] = []
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(
+            f"'{root}' has no class sub-folders; put images in '<root>/<class name>/' folders or add a metadata.csv."
+        )
+    records: list[ImageRecord] = []
+    classes: list[str] = []
+    for class_dir in class_dirs:
+        files = _walk_images(class_dir, root, skipped)
+        if not files:
+            skipped.append(SkippedFile(str(class_dir), "class folder contains no images"))
+            continue
+        label = len(classes)
+        classes.append(class_dir.name)
+        records.extend(ImageRecord(str(f), label) for f in files)
+    for stray in sorted(p for p in root.iterdir() if p.is_file() and _is_image_name(p.name)):
+        skipped.append(SkippedFile(str(stray), "image at the top level has no class folder"))
+    return ImageDataset(str(root), records, classes, "folder", skipped)
+
+
+def _load_csv(root: Path, meta: Path, waterbirds: bool) -> ImageDataset:
+    try:
+        text = meta.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"'{meta}' is not UTF-8 text ({exc}).") from exc
+    except OSError as exc:
+        raise DataError(f"Cannot read '{meta}' ({exc.strerror or exc}).") from exc
+    return parse_metadata(text, root, waterbirds=waterbirds, source=str(meta))
+
+
+def parse_metadata(text: str, root: Path, waterbirds: bool = False, source: str = METADATA_NAME) -> ImageDataset:
+    """Parse ``metadata.csv`` text into a dataset (paths resolved below ``root``).
+
+    Rows whose path escapes ``root``, is missing or has an empty label are skipped with a
+    reason; a header without the needed columns raises :class:`DataError`.
+    """
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    reader.fieldnames = header
+    need = ("img_filename", "y", "place") if waterbirds else ("path", "label")
+    if not set(need) <= set(header):
+        raise DataError(f"'{source}' needs columns {', '.join(need)}; found {', '.join(header) or 'no header'}.")
+    rows: list[tuple[str, str, str | None, str | None]] = []
+    skipped: list[SkippedFile] = []
+    root_resolved = root.resolve()
+    for i, row in enumerate(reader, start=2):
+        try:
+            if waterbirds:
+                rel = (row.get("img_filename") or "").strip()
+                y, place = (row.get("y") or "").strip(), (row.get("place") or "").strip()
+                if y not in ("0", "1") or place not in ("0", "1"):
+                    skipped.append(SkippedFile(f"{source}:{i}", f"y/place must be 0 or 1 (got {y!r}, {place!r})"))
+                    continue
+                label = WATERBIRDS_CLASSES[int(y)]
+                group = f"{label} on {WATERBIRDS_PLACES[int(place)]}"
+                sp = (row.get("split") or "").strip()
+                split = WATERBIRDS_SPLITS.get(sp, sp or None)
+            else:
+                rel = (row.get("path") or "").strip()
+                label = (row.get("label") or "").strip()
+                group = (row.get("group") or "").strip() or None
+                split = (row.get("split") or "").strip() or None
+        except AttributeError:  # malformed row (extra columns collapse into a list)
+            skipped.append(SkippedFile(f"{source}:{i}", "malformed CSV row"))
+            continue
+        if not rel or not label:
+            skipped.append(SkippedFile(f"{source}:{i}", "empty path or label"))
+            continue
+        full = (root / rel)
+        try:
+            resolved = full.resolve()
+        except (OSError, RuntimeError):
+            skipped.append(SkippedFile(str(full), "path cannot be resolved (symlink loop?)"))
+            continue
+        if root_resolved not in resolved.parents:
+            skipped.append(SkippedFile(rel, "path points outside the data folder"))
+            continue
+        if not resolved.is_file():
+            skipped.append(SkippedFile(str(full), "file listed in the CSV does not exist"))
+            continue
+        rows.append((str(full), label, group, split))
+    if waterbirds:
+        classes = [c for c in WATERBIRDS_CLASSES if any(r[1] == c for r in rows)]
+    else:
+        classes = sorted({r[1] for r in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    records = [ImageRecord(p, index[l], g, s) for p, l, g, s in rows]
+    return ImageDataset(str(root), records, classes, "waterbirds" if waterbirds else "csv", skipped)
+
+
+def group_labels(records: Iterable[ImageRecord]) -> tuple[np.ndarray, list[str]]:
+    """Group ids (``-1`` where a record has no group) and the sorted group names."""
+    records = list(records)
+    names = sorted({r.group for r in records if r.group is not None})
+    index = {g: i for i, g in enumerate(names)}
+    ids = np.array([index[r.group] if r.group is not None else -1 for r in records], dtype=np.int64)
+    return ids, names

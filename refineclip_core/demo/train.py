@@ -1,0 +1,400 @@
+"""Train the embedded demo CLIP on the biased training split of the procedural world.
+
+Run ``python -m refineclip_core.demo.train --out assets/demo --seed 0`` (about 15 minutes on
+two CPU cores). It writes, into ``--out``:
+
+* ``refineclip-demo.json``: the open_clip architecture config (schema of open_clip's
+  ``model_configs``); the model name is the file stem, ``refineclip-demo``;
+* ``refineclip-demo.safetensors``: the state dict, tensors stored in float16 (open_clip
+  casts them to the model's precision on load);
+* ``metadata.json``: the command, seed, data and optimisation parameters, the learning
+  curve and the zero-shot metrics of the *saved* checkpoint (reloaded with plain open_clip)
+  on a freshly generated balanced test set.
+
+The checkpoint loads with plain open_clip::
+
+    open_clip.add_model_config("assets/demo/refineclip-demo.json")
+    model = open_clip.create_model("refineclip-demo", pretrained="assets/demo/refineclip-demo.safetensors")
+
+Training is standard CLIP contrastive learning with one twist: captions are short and
+repeat ("a photo of a waterbird."), so rows of a batch that share a caption are all
+positives of each other (soft targets), instead of being pushed apart as negatives.
+``--quick`` trains a tiny architecture for a few steps (a smoke test, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .world import (
+    CLASSES,
+    TARGET_CLASSES,
+    TARGET_PLACES,
+    UNRELATED_CLASSES,
+    WorldConfig,
+    WorldSample,
+    captions,
+    group_name,
+    sample_world,
+)
+
+MODEL_NAME = "refineclip-demo"
+"""open_clip model name of the demo model (the stem of its config file)."""
+
+ZERO_SHOT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
+"""Prompt ensemble used for the zero-shot metrics recorded in ``metadata.json``."""
+
+TARGET_GROUPS: tuple[str, ...] = tuple(group_name(c, p) for c in TARGET_CLASSES for p in TARGET_PLACES)
+"""The four target groups in WILDS order: landbird/land, landbird/water, waterbird/land, waterbird/water."""
+
+
+def default_model_config(quick: bool = False) -> dict[str, Any]:
+    """The demo architecture (open_clip ``model_configs`` schema); ``quick``: a tiny one.
+
+    Vision: 48 px, patch 8 (36 patches + CLS), width 128, 6 layers, 8 heads of width 16, CLS
+    pooling (so the paper's direct decomposition is exact). Text: width 128, 3 layers,
+    8 heads, context 24 tokens, the standard 49,408-token BPE vocabulary.
+    """
+    if quick:
+        return {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 48, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+            "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        }
+    return {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 48, "layers": 6, "width": 128, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 128, "heads": 8, "layers": 3},
+    }
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the trained weights (recorded in ``metadata.json``)."""
+
+    seed: int = 0
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    pool_per_group: int = 2000
+    pool_unrelated: int = 2000
+    threads: int = 2
+    eval_every: int = 250
+    val_per_group: int = 50
+    test_per_group: int = 250
+    test_seed_offset: int = 1000
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model_config: dict[str, Any] = field(default_factory=default_model_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["world"]["scale_range"] = list(self.world.scale_range)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def images_to_tensor(images: Sequence[Any], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Stack PIL images (already at the model's input size) into a normalised float tensor."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+@dataclass
+class CaptionPool:
+    """Unique captions (tokenised once) and, per image, the ids of its candidate captions."""
+
+    texts: list[str]
+    tokens: torch.Tensor
+    candidates: list[list[int]]
+
+    @classmethod
+    def build(cls, samples: Sequence[WorldSample], tokenizer: Callable, seed: int) -> "CaptionPool":
+        rng = np.random.default_rng([seed, 7])
+        index: dict[str, int] = {}
+        candidates = []
+        for sample in samples:
+            ids = []
+            for text in captions(sample, rng):
+                ids.append(index.setdefault(text, len(index)))
+            candidates.append(ids)
+        texts = list(index)
+        return cls(texts=texts, tokens=tokenizer(texts), candidates=candidates)
+
+    def draw(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One caption id per image row, uniformly among that image's candidates."""
+        return np.array([self.candidates[r][int(rng.integers(len(self.candidates[r])))] for r in rows])
+
+
+def clip_loss_with_duplicates(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                              caption_ids: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP loss where rows sharing a caption id are all positives (soft targets)."""
+    image_emb = F.normalize(image_emb, dim=-1)
+    text_emb = F.normalize(text_emb, dim=-1)
+    logits = logit_scale * image_emb @ text_emb.t()
+    positives = (caption_ids[:, None] == caption_ids[None, :]).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)
+    loss_i = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t = -(targets * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
+    return 0.5 * (loss_i + loss_t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero-shot evaluation
+
+
+@torch.no_grad()
+def class_text_embeddings(model: torch.nn.Module, tokenizer: Callable, classes: Sequence[str] = CLASSES,
+                          templates: Sequence[str] = ZERO_SHOT_TEMPLATES) -> torch.Tensor:
+    """L2-normalised class embeddings, averaged over ``templates`` (classes × embed_dim)."""
+    rows = []
+    for c in classes:
+        emb = F.normalize(model.encode_text(tokenizer([t.format(c) for t in templates])).float(), dim=-1)
+        rows.append(F.normalize(emb.mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def zero_shot_metrics(model: torch.nn.Module, tokenizer: Callable, images: torch.Tensor,
+                      samples: Sequence[WorldSample], batch_size: int = 256) -> dict[str, Any]:
+    """Zero-shot accuracy over all :data:`CLASSES` (normalised image/text embeddings).
+
+    ``images`` are the preprocessed images of ``samples``. Returns per-class and per-group
+    accuracies, the four target groups (``groups``), ``avg_group`` (mean of the four),
+    ``worst_group``, ``target_mean`` (over all target images), ``unrelated`` (over all
+    unrelated images) and ``overall``.
+    """
+    model.eval()
+    text = class_text_embeddings(model, tokenizer)
+    feats = torch.cat([F.normalize(model.encode_image(images[i:i + batch_size]).float(), dim=-1)
+                       for i in range(0, len(images), batch_size)])
+    pred = (feats @ text.t()).argmax(1).numpy()
+    labels = np.array([CLASSES.index(s.label) for s in samples])
+    correct = pred == labels
+    groups = np.array([s.group for s in samples])
+    is_target = np.array([s.label in TARGET_CLASSES for s in samples])
+    per_group = {g: float(correct[groups == g].mean()) for g in TARGET_GROUPS if (groups == g).any()}
+    per_class = {c: float(correct[labels == i].mean()) for i, c in enumerate(CLASSES) if (labels == i).any()}
+    confusion = {c: {CLASSES[j]: int(((labels == i) & (pred == j)).sum()) for j in range(len(CLASSES))
+                     if ((labels == i) & (pred == j)).any()} for i, c in enumerate(TARGET_CLASSES)}
+    return {
+        "groups": per_group,
+        "avg_group": float(np.mean(list(per_group.values()))) if per_group else float("nan"),
+        "worst_group": float(min(per_group.values())) if per_group else float("nan"),
+        "target_mean": float(correct[is_target].mean()) if is_target.any() else float("nan"),
+        "unrelated": float(correct[~is_target].mean()) if (~is_target).any() else float("nan"),
+        "overall": float(correct.mean()),
+        "per_class": per_class,
+        "target_confusion": confusion,
+        "n_images": int(len(samples)),
+    }
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    g = " / ".join(f"{m['groups'].get(k, float('nan')):.3f}" for k in TARGET_GROUPS)
+    return (f"groups {g} | avg-group {m['avg_group']:.3f} worst {m['worst_group']:.3f} "
+            f"target {m['target_mean']:.3f} | unrelated {m['unrelated']:.3f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay for gains, biases, embeddings and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embedding" in name or "logit_scale" in name or "class_embedding" in name or "bn" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Train the demo model, write the three artifacts into ``out_dir``; returns the metadata."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    t_start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng([cfg.seed, 42])
+
+    config_path = out / f"{MODEL_NAME}.json"
+    config_path.write_text(json.dumps(cfg.model_config, indent=2) + "\n", encoding="utf-8")
+    open_clip.add_model_config(config_path)
+    model = open_clip.create_model(MODEL_NAME)
+    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+    mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model {MODEL_NAME}: {n_params / 1e6:.2f} M parameters")
+
+    t0 = time.time()
+    pool = sample_world("train", cfg.seed, cfg.pool_per_group, cfg.world, n_unrelated=cfg.pool_unrelated)
+    pool_x = images_to_tensor([s.image for s in pool], mean, std)
+    caps = CaptionPool.build(pool, tokenizer, cfg.seed)
+    val = sample_world("val", cfg.seed, cfg.val_per_group, cfg.world)
+    val_x = images_to_tensor([s.image for s in val], mean, std)
+    n_groups = {g: sum(s.group == g for s in pool) for g in TARGET_GROUPS}
+    log(f"train pool: {len(pool)} images ({n_groups}), {len(caps.texts)} distinct captions, "
+        f"{time.time() - t0:.1f}s")
+
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=cfg.warmup_frac,
+        anneal_strategy="cos", cycle_momentum=False, div_factor=25.0, final_div_factor=1e3)
+    curve: list[dict[str, Any]] = []
+    t_train = time.time()
+    running = 0.0
+    for step in range(1, cfg.steps + 1):
+        model.train()
+        rows = rng.choice(len(pool), size=cfg.batch_size, replace=False)
+        cap_ids = caps.draw(rows, rng)
+        images = pool_x[torch.from_numpy(rows)]
+        tokens = caps.tokens[torch.from_numpy(cap_ids)]
+        img_emb = model.encode_image(images)
+        txt_emb = model.encode_text(tokens)
+        scale = model.logit_scale.exp().clamp(max=100.0)
+        loss = clip_loss_with_duplicates(img_emb, txt_emb, scale, torch.from_numpy(cap_ids))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100.0))
+        running += loss.item()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            n = cfg.eval_every if step % cfg.eval_every == 0 else step % cfg.eval_every
+            m = zero_shot_metrics(model, tokenizer, val_x, val)
+            point = {"step": step, "loss": running / n, "elapsed_s": round(time.time() - t_train, 1),
+                     "val": {k: m[k] for k in ("groups", "avg_group", "worst_group", "target_mean", "unrelated")}}
+            curve.append(point)
+            log(f"step {step}/{cfg.steps} loss {running / n:.3f} ({point['elapsed_s']}s) val: {format_metrics(m)}")
+            running = 0.0
+    train_s = time.time() - t_train
+
+    # save in float16 (keeps the 49,408-token text table small), then evaluate what was saved
+    ckpt = out / f"{MODEL_NAME}.safetensors"
+    state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(ckpt), metadata={"format": "pt", "model_name": MODEL_NAME})
+    open_clip.add_model_config(config_path)
+    loaded, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=str(ckpt))
+    test_seed = cfg.seed + cfg.test_seed_offset
+    test = sample_world("test", test_seed, cfg.test_per_group, cfg.world)
+    test_x = torch.stack([preprocess(s.image) for s in test])
+    metrics = zero_shot_metrics(loaded, tokenizer, test_x, test)
+    log(f"test (saved checkpoint, seed {test_seed}, {len(test)} images): {format_metrics(metrics)}")
+
+    meta = {
+        "model_name": MODEL_NAME,
+        "command": command,
+        "seed": cfg.seed,
+        "train_config": cfg.to_dict(),
+        "data": {
+            "train_pool_images": len(pool),
+            "train_pool_groups": n_groups,
+            "train_pool_unrelated_per_class": cfg.pool_unrelated,
+            "distinct_captions": len(caps.texts),
+            "classes": list(CLASSES),
+            "target_classes": list(TARGET_CLASSES),
+            "unrelated_classes": list(UNRELATED_CLASSES),
+        },
+        "parameters": n_params,
+        "checkpoint_dtype": "float16",
+        "checkpoint_bytes": ckpt.stat().st_size,
+        "zero_shot_templates": list(ZERO_SHOT_TEMPLATES),
+        "test": {"split": "test", "seed": test_seed, "per_group": cfg.test_per_group, "metrics": metrics},
+        "learning_curve": curve,
+        "train_seconds": round(train_s, 1),
+        "wall_seconds": round(time.time() - t_start, 1),
+        "environment": {"torch": torch.__version__, "open_clip": open_clip.__version__,
+                        "python": platform.python_version(), "threads": cfg.threads},
+    }
+    (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    log(f"wrote {config_path}, {ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB), {out / 'metadata.json'}; "
+        f"wall {meta['wall_seconds']}s")
+    return meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m refineclip_core.demo.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder (e.g. assets/demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 1500; 3 with --quick)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bias", type=float, default=None, help="training background bias (default 0.95)")
+    p.add_argument("--detail-scale", type=float, default=None, help="size of the bill/legs cue (default 1.0)")
+    p.add_argument("--pool-per-group", type=int, default=None, help="train pool: 2×N images per bird class")
+    p.add_argument("--pool-unrelated", type=int, default=None, help="train pool: images per unrelated class")
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--test-per-group", type=int, default=None)
+    p.add_argument("--model-config", default=None, help="open_clip config JSON replacing the default architecture")
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    world_kw: dict[str, Any] = {}
+    if args.bias is not None:
+        world_kw["bias"] = args.bias
+    if args.detail_scale is not None:
+        world_kw["detail_scale"] = args.detail_scale
+    cfg = TrainConfig(seed=args.seed, lr=args.lr, threads=args.threads, world=WorldConfig(**world_kw))
+    if args.quick:
+        cfg.steps, cfg.batch_size, cfg.pool_per_group, cfg.pool_unrelated = 3, 16, 8, 4
+        cfg.eval_every, cfg.val_per_group, cfg.test_per_group = 1000, 2, 3
+        cfg.model_config = default_model_config(quick=True)
+    for name in ("steps", "batch_size", "pool_per_group", "pool_unrelated", "eval_every", "test_per_group"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.model_config:
+        cfg.model_config = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    command = "python -m refineclip_core.demo.train " + " ".join(shlex.quote(a) for a in argv)
+    train(args.out, cfg, command=command)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

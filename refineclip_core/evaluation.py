@@ -1,0 +1,85 @@
+"""Accuracy reports: overall, per class, per group, average-group and worst-group (paper Tables 1-3).
+
+All accuracies are fractions in [0, 1]. A class or group with no images is absent from the
+report rather than reported as 0 or NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass
+class AccuracyReport:
+    """Accuracy of a set of predictions, broken down like the paper's tables."""
+
+    n_images: int
+    accuracy: float | None
+    per_class: dict[str, float]
+    per_group: dict[str, float]
+    average_group: float | None
+    worst_group: float | None
+    worst_group_name: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def accuracy_report(
+    predictions: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    groups: np.ndarray | None = None,
+    group_names: Sequence[str] = (),
+    mask: np.ndarray | None = None,
+) -> AccuracyReport:
+    """Accuracies of ``predictions`` against ``labels`` over the rows selected by ``mask``.
+
+    ``groups`` holds a group id per row (``-1`` for none); average-group accuracy is the
+    unweighted mean over groups present, worst-group the minimum.
+    """
+    predictions = np.asarray(predictions)
+    labels = np.asarray(labels)
+    if mask is None:
+        mask = np.ones(len(labels), dtype=bool)
+    correct = (predictions == labels) & mask
+    n = int(mask.sum())
+    per_class: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for c, name in enumerate(classes):
+        sel = mask & (labels == c)
+        if sel.any():
+            per_class[name] = float(correct[sel].mean())
+            counts[name] = int(sel.sum())
+    per_group: dict[str, float] = {}
+    if groups is not None:
+        groups = np.asarray(groups)
+        for g, name in enumerate(group_names):
+            sel = mask & (groups == g)
+            if sel.any():
+                per_group[name] = float(correct[sel].mean())
+                counts[f"group:{name}"] = int(sel.sum())
+    worst_name = min(per_group, key=per_group.get) if per_group else None
+    return AccuracyReport(
+        n_images=n,
+        accuracy=float(correct.sum() / n) if n else None,
+        per_class=per_class,
+        per_group=per_group,
+        average_group=float(np.mean(list(per_group.values()))) if per_group else None,
+        worst_group=per_group[worst_name] if worst_name else None,
+        worst_group_name=worst_name,
+        counts=counts,
+    )
+
+
+def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, n_classes: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """``M[true, predicted]`` counts."""
+    if mask is not None:
+        predictions, labels = predictions[mask], labels[mask]
+    m = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(m, (labels, predictions), 1)
+    return m

@@ -1,0 +1,288 @@
+"""Loading open_clip models from names, pretrained tags, local checkpoints and config JSONs.
+
+A :class:`ModelSpec` says *which* model (it is plain data, hashable, and goes into the run
+configuration of every JSON output); :func:`load_model` turns it into a :class:`LoadedModel`
+(the ``open_clip`` model in eval mode, its validation preprocessing and its tokenizer).
+
+Checkpoints are read with ``torch.load(..., weights_only=True)`` or safetensors only: a
+pickle that tries to run code is refused. ``module.`` prefixes (DDP) and open_clip training
+checkpoints (``{"state_dict": ..., "epoch": ...}``) are accepted. A checkpoint for another
+architecture is refused with the mismatching keys named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .errors import CheckpointError, RefineClipError
+
+DEMO_MODEL = "demo"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DEMO_DIR = ASSETS_DIR / "demo"
+DEMO_MODEL_NAME = "refineclip-demo"
+
+_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which CLIP model to load.
+
+    ``name`` is an open_clip architecture name (``ViT-B-16``), ``"demo"`` for the embedded
+    demonstration model, or any name when ``model_config`` points at a config JSON (the schema
+    of open_clip's ``model_configs``). Weights come from ``pretrained`` (an open_clip tag,
+    downloaded on machines that can) or ``checkpoint`` (a local file); with neither, the
+    weights are random (useful for tests and timing only).
+    """
+
+    name: str
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    model_config: str | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def resolved(self) -> "ModelSpec":
+        """The demo shorthand expanded into its committed config and checkpoint."""
+        if self.name != DEMO_MODEL:
+            return self
+        return ModelSpec(
+            name=DEMO_MODEL_NAME,
+            checkpoint=self.checkpoint or str(_demo_checkpoint()),
+            model_config=self.model_config or str(DEMO_DIR / f"{DEMO_MODEL_NAME}.json"),
+            device=self.device,
+            precision=self.precision,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        """A hash that changes when the architecture, the weights or the precision change."""
+        spec = self.resolved()
+        h = hashlib.sha256()
+        h.update(json.dumps({k: v for k, v in asdict(spec).items() if k != "device"}, sort_keys=True).encode())
+        for path in (spec.checkpoint, spec.model_config):
+            if path and os.path.isfile(path):
+                h.update(file_digest(path).encode())
+        return h.hexdigest()[:16]
+
+
+def _demo_checkpoint() -> Path:
+    for suffix in (".safetensors", ".pt"):
+        path = DEMO_DIR / f"{DEMO_MODEL_NAME}{suffix}"
+        if path.exists():
+            return path
+    return DEMO_DIR / f"{DEMO_MODEL_NAME}.safetensors"
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model ready for inference, with what is needed to feed it."""
+
+    spec: ModelSpec
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    model_name: str
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.visual
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.visual.parameters()).dtype
+
+    @property
+    def logit_scale(self) -> float:
+        """``logit_scale.exp()``: the temperature CLIP multiplies cosine similarities by."""
+        return float(self.model.logit_scale.detach().exp().item())
+
+    def preprocess_signature(self) -> str:
+        """A description of the image preprocessing (part of the cache fingerprint)."""
+        return repr(self.preprocess)
+
+
+def _register_config(name: str, config_path: str) -> str:
+    """Make a config JSON known to open_clip under ``name`` and return that name."""
+    import open_clip
+
+    path = Path(config_path)
+    if not path.is_file():
+        raise RefineClipError(f"Model config '{config_path}' does not exist; pass an open_clip config JSON file.")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RefineClipError(f"Model config '{config_path}' is not valid JSON ({exc}).") from exc
+    if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
+        raise RefineClipError(
+            f"Model config '{config_path}' lacks 'vision_cfg'/'text_cfg'; use open_clip's model config schema."
+        )
+    if "model_cfg" in cfg:  # hub-style open_clip_config.json
+        cfg = cfg["model_cfg"]
+    registry_dir = Path(tempfile.gettempdir()) / "refineclip-model-configs"
+    registry_dir.mkdir(parents=True, exist_ok=True)
+    target = registry_dir / f"{name}.json"
+    text = json.dumps(cfg, indent=1, sort_keys=True)
+    if not target.exists() or target.read_text() != text:
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    open_clip.add_model_config(target)
+    return name
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file safely and return a plain ``name -> tensor`` state dict.
+
+    Accepts safetensors, and torch files holding a state dict or a training checkpoint with a
+    ``state_dict`` entry; strips ``module.`` prefixes. Never unpickles arbitrary objects.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Checkpoint '{path}' does not exist.")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"Checkpoint '{path}' is not a readable safetensors file ({exc}).") from exc
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "global" not in str(exc).lower():
+                raise CheckpointError(
+                    f"Checkpoint '{path}' could not be read: the safe (weights-only) loader rejected it as not a "
+                    "plain tensor checkpoint. Re-save it as a state dict or as .safetensors."
+                ) from exc
+            raise CheckpointError(
+                f"Checkpoint '{path}' was refused: it contains Python objects other than tensors and loading it "
+                "could run code. Re-save it as a plain state dict or as .safetensors."
+            ) from exc
+        except Exception as exc:
+            raise CheckpointError(f"Checkpoint '{path}' could not be read as a torch file ({exc}).") from exc
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(f"Checkpoint '{path}' holds no state dict (found {type(state).__name__}).")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        key = str(key)
+        while key.startswith("module."):
+            key = key[len("module."):]
+        out[key] = value
+    if not out:
+        raise CheckpointError(f"Checkpoint '{path}' contains no tensors.")
+    return out
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
+    """Load ``state`` into ``model`` strictly, explaining any mismatch in one sentence."""
+    own = model.state_dict()
+    state = dict(state)
+    if "logit_scale" in state and "logit_scale" in own and state["logit_scale"].shape != own["logit_scale"].shape:
+        state["logit_scale"] = state["logit_scale"].reshape(own["logit_scale"].shape)
+    if "logit_bias" in own and "logit_bias" not in state:
+        state["logit_bias"] = torch.zeros_like(own["logit_bias"])
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if wrong_shape:
+            k = wrong_shape[0]
+            parts.append(
+                f"{len(wrong_shape)} shape mismatches (e.g. '{k}': checkpoint {tuple(state[k].shape)} vs "
+                f"model {tuple(own[k].shape)})"
+            )
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(repr(k) for k in missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(repr(k) for k in unexpected[:3])})")
+        raise CheckpointError(
+            f"Checkpoint '{source}' does not fit architecture '{model_name}': {'; '.join(parts)}. "
+            "Pass the --model (or --model-config) the checkpoint was trained with."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Build the open_clip model described by ``spec`` (eval mode, on ``spec.device``)."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    spec_r = spec.resolved()
+    name = spec_r.name
+    if spec.name == DEMO_MODEL and not Path(spec_r.checkpoint).exists():
+        raise CheckpointError(
+            f"The embedded demo checkpoint '{spec_r.checkpoint}' is missing; run "
+            "'python -m refineclip_core.demo.train --out assets/demo' to rebuild it."
+        )
+    if spec_r.model_config:
+        name = _register_config(name, spec_r.model_config)
+    elif name not in open_clip.list_models():
+        raise RefineClipError(
+            f"Unknown model '{name}': not an open_clip architecture (see open_clip.list_models()) and no "
+            "--model-config given."
+        )
+    if spec_r.precision not in _DTYPES:
+        raise RefineClipError(f"Unknown precision '{spec_r.precision}'; use one of {sorted(_DTYPES)}.")
+    if spec_r.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RefineClipError(f"Device '{spec_r.device}' was asked for but no CUDA GPU is available here; use --device cpu.")
+    if spec_r.pretrained and spec_r.checkpoint:
+        raise RefineClipError("Give either a pretrained tag or a checkpoint file, not both.")
+
+    pretrained = spec_r.pretrained
+    if pretrained and os.path.isfile(pretrained):
+        spec_r = ModelSpec(name, checkpoint=pretrained, device=spec_r.device, precision=spec_r.precision,
+                           model_config=spec_r.model_config)
+        pretrained = None
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, device="cpu", weights_only=True)
+    except Exception as exc:
+        if pretrained:
+            raise RefineClipError(
+                f"Could not load weights '{pretrained}' for model '{name}' ({_short(exc)}). This machine may be "
+                f"offline: download them where you have internet and pass the file with --checkpoint, or check the "
+                f"tag with open_clip.list_pretrained_tags_by_model('{name}')."
+            ) from exc
+        raise RefineClipError(f"Could not build model '{name}' ({_short(exc)}).") from exc
+    if spec_r.checkpoint:
+        load_state_dict_checked(model, read_state_dict(spec_r.checkpoint), spec_r.checkpoint, name)
+    dtype = _DTYPES[spec_r.precision]
+    model = model.to(device=spec_r.device, dtype=dtype).eval().requires_grad_(False)
+    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    tokenizer = open_clip.get_tokenizer(name)
+    return LoadedModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, model_name=name)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

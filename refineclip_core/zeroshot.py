@@ -1,0 +1,89 @@
+"""Zero-shot classification: class names and prompt templates to text embeddings.
+
+``E_text(y)`` (paper §2.1) is the L2-normalised mean of the normalised embeddings of the
+class name put into each template. Predictions use cosine similarity times the model's
+``logit_scale.exp()`` (the softmax temperature CLIP was trained with).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import RefineClipError
+from .models import LoadedModel
+
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a photo of a small {}.",
+)
+
+
+def read_templates(path: str | Path) -> list[str]:
+    """One template per line; blank lines and ``#`` comments ignored; each needs ``{}``."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RefineClipError(f"Cannot read templates file '{path}' ({exc}).") from exc
+    return validate_templates([l.strip() for l in lines if l.strip() and not l.strip().startswith("#")])
+
+
+def validate_templates(templates: Sequence[str]) -> list[str]:
+    templates = [t for t in templates if t.strip()]
+    if not templates:
+        raise RefineClipError("Give at least one prompt template, e.g. 'a photo of a {}.'.")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise RefineClipError(f"Each template needs exactly one '{{}}' for the class name; check {bad[0]!r}.")
+    return list(templates)
+
+
+@torch.inference_mode()
+def encode_texts(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Normalised text embeddings ``(len(texts), d)`` in float32 on the CPU."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = loaded.tokenizer(list(texts[start:start + batch_size])).to(loaded.device)
+        emb = loaded.model.encode_text(tokens).float()
+        out.append(torch.nn.functional.normalize(emb, dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def class_text_embeddings(loaded: LoadedModel, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """``E_text(y)`` for every class: mean over templates, renormalised. ``(C, d)`` float32."""
+    templates = validate_templates(templates)
+    if not classes:
+        raise RefineClipError("No class names to build a zero-shot classifier from.")
+    prompts = [t.format(c) for c in classes for t in templates]
+    emb = encode_texts(loaded, prompts).view(len(classes), len(templates), -1).mean(1)
+    return torch.nn.functional.normalize(emb, dim=-1).numpy().astype(np.float32)
+
+
+def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, np.finfo(np.float32).tiny)
+
+
+def cosine_logits(embeddings: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """``sim(E, t_y)`` for all images and classes: ``(N, C)``."""
+    return normalize(np.asarray(embeddings, dtype=np.float64)) @ np.asarray(text, dtype=np.float64).T
+
+
+def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def predict(embeddings: np.ndarray, text: np.ndarray, logit_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class and class probabilities (softmax of ``logit_scale * cos``)."""
+    logits = cosine_logits(embeddings, text)
+    return logits.argmax(1), softmax(logit_scale * logits)

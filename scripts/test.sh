@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up (first run only) and run the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# Browser end-to-end tests drive Debian's Chromium; install it where we can (root + apt).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[test] installing chromium for the browser tests" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+    || echo "[test] could not install chromium; browser tests will report why they cannot run" >&2
+fi
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "[test] pytest collected no tests: treating as failure" >&2
+  exit 1
+fi
+exit "$rc"

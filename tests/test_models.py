@@ -1,0 +1,122 @@
+"""Model loading: checkpoints of every accepted form, and clear refusals."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from refineclip_core.errors import CheckpointError, RefineClipError
+from refineclip_core.models import ModelSpec, load_model, read_state_dict
+
+from .conftest import tiny_config, write_config
+
+
+def _spec(files, **kw):
+    return ModelSpec(files["name"], model_config=str(files["config"]), **kw)
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_checkpoint_forms_round_trip(tiny_model_files, tmp_path):
+    ref = load_model(_spec(tiny_model_files, checkpoint=str(tiny_model_files["checkpoint"])))
+    state = torch.load(tiny_model_files["checkpoint"], weights_only=True)
+    forms = {
+        "train.pt": {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}},
+        "plain.bin": state,
+    }
+    for name, obj in forms.items():
+        torch.save(obj, tmp_path / name)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    for name in ("train.pt", "plain.bin", "w.safetensors"):
+        other = load_model(_spec(tiny_model_files, checkpoint=str(tmp_path / name)))
+        assert _same_weights(ref.model, other.model), name
+    # pretrained= with a file path behaves like --checkpoint
+    via_pretrained = load_model(_spec(tiny_model_files, pretrained=str(tmp_path / "w.safetensors")))
+    assert _same_weights(ref.model, via_pretrained.model)
+    assert abs(ref.logit_scale - 50.0) < 1e-3
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_malicious_pickle_is_refused_and_never_runs(tiny_model_files, tmp_path, protocol):
+    marker = tmp_path / "pwned.txt"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"state_dict": Evil()}, fh, protocol=protocol)
+    with pytest.raises(CheckpointError, match="could run code" if protocol == 2 else "safe .weights-only. loader"):
+        load_model(_spec(tiny_model_files, checkpoint=str(path)))
+    assert not marker.exists()
+
+
+def test_wrong_architecture_names_the_keys(tiny_model_files, tmp_path):
+    other_cfg = write_config(tmp_path, "other-vit", tiny_config(width=96, head_width=32, layers=2))
+    with pytest.raises(CheckpointError) as info:
+        load_model(ModelSpec("other-vit", model_config=str(other_cfg), checkpoint=str(tiny_model_files["checkpoint"])))
+    msg = str(info.value)
+    assert "does not fit architecture 'other-vit'" in msg and "shape mismatches" in msg and "visual." in msg
+    assert "unexpected keys" in msg and "ls_1.gamma" in msg
+
+
+@pytest.mark.parametrize("content,match", [(b"", "could not be read"), (b"not a checkpoint at all", "could not be read")])
+def test_garbage_checkpoints(tiny_model_files, tmp_path, content, match):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(_spec(tiny_model_files, checkpoint=str(path)))
+
+
+def test_missing_checkpoint_and_bad_safetensors(tiny_model_files, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_state_dict(tmp_path / "nope.pt")
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match="safetensors"):
+        read_state_dict(bad)
+
+
+def test_unknown_model_and_bad_config(tmp_path):
+    with pytest.raises(RefineClipError, match="Unknown model 'NoSuchNet'"):
+        load_model(ModelSpec("NoSuchNet"))
+    cfg = tmp_path / "c.json"
+    cfg.write_text("{not json")
+    with pytest.raises(RefineClipError, match="not valid JSON"):
+        load_model(ModelSpec("c", model_config=str(cfg)))
+    cfg.write_text('{"embed_dim": 3}')
+    with pytest.raises(RefineClipError, match="vision_cfg"):
+        load_model(ModelSpec("c", model_config=str(cfg)))
+
+
+def test_offline_pretrained_tag_gives_one_clear_sentence(monkeypatch):
+    """The real-weight path up to the download call: the download fails (as offline) and the
+    user gets the model, the tag and the fix in one sentence."""
+    import open_clip.factory
+
+    def offline(*_a, **_k):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
+    with pytest.raises(RefineClipError) as info:
+        load_model(ModelSpec("ViT-B-32", pretrained="openai"))
+    msg = str(info.value)
+    assert "'openai'" in msg and "ViT-B-32" in msg and "--checkpoint" in msg and "\n" not in msg
+
+
+def test_fingerprint_tracks_weights(tiny_model_files, tmp_path):
+    a = _spec(tiny_model_files, checkpoint=str(tiny_model_files["checkpoint"]))
+    state = torch.load(tiny_model_files["checkpoint"], weights_only=True)
+    state["visual.proj"] = state["visual.proj"] * 2
+    torch.save(state, tmp_path / "b.pt")
+    b = _spec(tiny_model_files, checkpoint=str(tmp_path / "b.pt"))
+    assert a.fingerprint() == _spec(tiny_model_files, checkpoint=str(tiny_model_files["checkpoint"])).fingerprint()
+    assert a.fingerprint() != b.fingerprint()
