@@ -267,6 +267,26 @@ class FeatureCache:
     def head_ids(self) -> list[HeadId]:
         return self.manifest.head_ids()
 
+    def restrict_layers(self, layers: list[int]) -> None:
+        """Keep only ``layers`` in :attr:`heads` (e.g. the last 4 of an all-layer cache).
+
+        The dropped heads' contributions move into one extra remainder row, so
+        :meth:`reconstruct` still equals :attr:`embeddings`.
+        """
+        cached = list(self.manifest.layers)
+        missing = [l for l in layers if l not in cached]
+        if missing:
+            raise CacheError(f"Layers {missing} are not in the cache (it holds {cached}); re-extract with more layers.")
+        keep = [cached.index(l) for l in layers]
+        drop = [i for i in range(len(cached)) if i not in keep]
+        heads = np.asarray(self.heads)
+        if drop:
+            dropped = heads[:, drop].sum(axis=(1, 2))[:, None, :]
+            self.__dict__["remainders"] = np.concatenate([np.asarray(self.remainders), dropped], axis=1)
+            self.manifest.remainder_names = [*self.manifest.remainder_names, "heads_outside_scope"]
+        self.__dict__["heads"] = heads[:, keep]
+        self.manifest.layers = list(layers)
+
     def reconstruct(self) -> np.ndarray:
         """Sum of all cached parts (Eq. 4); equals :attr:`embeddings` to float precision."""
         return self.heads.sum(axis=(1, 2)) + self.remainders.sum(axis=1)

@@ -1,0 +1,44 @@
+"""``refineclip eval``: accuracy of a (possibly edited) checkpoint on a labelled folder."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from ..data import load_dataset
+from ..evaluation import accuracy_report
+from ..extraction import ExtractionConfig, extract
+from ..models import load_model
+from ..zeroshot import predict
+from .common import add_model_args, add_template_args, model_spec, positive_int, progress_bar, templates, write_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="zero-shot accuracy of a model/checkpoint on a labelled image folder",
+                       description="Run the model on the images and report accuracy overall, per class, per "
+                                   "group, average-group and worst-group.")
+    add_model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", help="only this split")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--cache-dir", help="keep the feature cache here (default: a temporary folder)")
+    add_template_args(p)
+    p.add_argument("--json", help="write the result here (default: print)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = load_model(model_spec(args))
+    dataset = load_dataset(args.data, split=args.split)
+    if args.class_names:
+        dataset = dataset.renamed(args.class_names.split(","))
+    cfg = ExtractionConfig(layers=1, batch_size=args.batch_size, templates=templates(args))
+    with tempfile.TemporaryDirectory(prefix="refineclip-eval-") as tmp:
+        cache = extract(loaded, dataset, args.cache_dir or tmp, cfg, progress=progress_bar("eval"))
+        pred, _ = predict(cache.embeddings, cache.text, cache.logit_scale)
+        rep = accuracy_report(pred, cache.labels, cache.classes, cache.groups, cache.group_names)
+        n_skipped = len(cache.skipped)
+    write_json(args.json, {**rep.to_dict(), "n_skipped": n_skipped, "classes": dataset.classes,
+                           "config": {"model": loaded.spec.to_dict(), "data": str(args.data), "split": args.split,
+                                      "templates": list(cfg.templates)}})
+    return 0

@@ -1,0 +1,234 @@
+"""Phase 2: refine CLIP through representation adapting (paper §3.3, Eq. 11-13).
+
+A map ``f`` of the image embedding is learned on cached embeddings only:
+
+* ``diag`` (the paper's ``diag(θ)``, θ ∈ R^d initialised to ones),
+* ``full`` (a d×d matrix initialised to the identity),
+* ``lora`` (identity + B·A of rank r, B initialised to zero).
+
+With ``g(v) = softmax(logit_scale · normalise(v) · Tᵀ)``:
+
+    L_success  = mean_{x∈W}     KL( g(E_abl(x)) ‖ g(f(E(x))) )                    (Eq. 11)
+    L_locality = mean_{x∈C∪A}   KL( g(E(x))     ‖ g(f(E(x))) )                    (Eq. 12)
+    L_CE       = mean_{x∈W∪C∪A} CE( g(f(E(x))), y_x )
+    θ* = argmin α·L_success + β·L_locality + L_CE                                  (Eq. 13)
+
+``standard_finetune`` is the paper's baseline: the same parameters and samples, CE only.
+
+Merging (:func:`merge_into_projection`): ``f(E) = E ⊙ θ`` becomes ``P' = P·diag(θ)`` in
+open_clip's ``visual.proj`` (width × embed_dim, columns scaled); a matrix ``M`` becomes
+``P' = P·Mᵀ``. :func:`export_checkpoint` writes a checkpoint that plain
+``open_clip.create_model(name, pretrained=FILE)`` loads and that reproduces ``f(E)``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cache import atomic_write_bytes
+from .errors import RefineClipError
+from .models import read_state_dict
+
+Strategy = Literal["diag", "full", "lora"]
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Hyper-parameters of Eq. (13) and the optimiser (paper App. B: α, β in 1e3..1e4)."""
+
+    strategy: Strategy = "diag"
+    alpha: float = 1e4
+    beta: float = 1e2
+    steps: int = 500
+    lr: float = 1e-2
+    seed: int = 0
+    rank: int = 4
+    weight_ce: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RefinedMap:
+    """The learned map of the image embedding: ``theta`` (diag) or ``matrix`` (full/LoRA)."""
+
+    strategy: str
+    theta: np.ndarray | None = None
+    matrix: np.ndarray | None = None
+
+    def apply(self, embeddings: np.ndarray) -> np.ndarray:
+        """``f(E)`` for rows of ``embeddings``."""
+        E = np.asarray(embeddings, dtype=np.float64)
+        if self.theta is not None:
+            return E * self.theta[None, :].astype(np.float64)
+        return E @ self.matrix.astype(np.float64).T
+
+
+@dataclass
+class RefinementResult:
+    refined: RefinedMap
+    history: dict[str, list[float]] = field(default_factory=dict)   # total, success, locality, ce
+    config: RefineConfig = RefineConfig()
+
+
+class _Map(torch.nn.Module):
+    def __init__(self, d: int, strategy: Strategy, rank: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.strategy = strategy
+        if strategy == "diag":
+            self.theta = torch.nn.Parameter(torch.ones(d, dtype=torch.float64))
+        elif strategy == "full":
+            self.M = torch.nn.Parameter(torch.eye(d, dtype=torch.float64))
+        elif strategy == "lora":
+            self.A = torch.nn.Parameter(torch.randn(rank, d, generator=generator, dtype=torch.float64) / np.sqrt(d))
+            self.B = torch.nn.Parameter(torch.zeros(d, rank, dtype=torch.float64))
+        else:
+            raise RefineClipError(f"Unknown strategy '{strategy}'; use diag, full or lora.")
+
+    def matrix(self) -> torch.Tensor:
+        if self.strategy == "full":
+            return self.M
+        return torch.eye(self.A.shape[1], dtype=torch.float64) + self.B @ self.A
+
+    def forward(self, E: torch.Tensor) -> torch.Tensor:
+        if self.strategy == "diag":
+            return E * self.theta
+        return E @ self.matrix().T
+
+    def export(self) -> RefinedMap:
+        with torch.no_grad():
+            if self.strategy == "diag":
+                return RefinedMap("diag", theta=self.theta.detach().numpy().copy())
+            return RefinedMap(self.strategy, matrix=self.matrix().detach().numpy().copy())
+
+
+def _log_probs(v: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    return F.log_softmax(logit_scale * F.normalize(v, dim=-1) @ text.T, dim=-1)
+
+
+def _kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p_teacher ‖ p_student)."""
+    if teacher_logp.shape[0] == 0:
+        return teacher_logp.new_zeros(())
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
+
+
+def refine(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    text: np.ndarray,
+    logit_scale: float,
+    W: np.ndarray,
+    locality_rows: np.ndarray,
+    ablated_W: np.ndarray,
+    cfg: RefineConfig = RefineConfig(),
+    train_rows: np.ndarray | None = None,
+    progress=None,
+) -> RefinementResult:
+    """Learn ``f`` by minimising Eq. (13) with Adam.
+
+    Args:
+        embeddings: ``(N, d)`` E; labels ``(N,)``; text ``(C, d)`` normalised; ``logit_scale``: the
+            model's ``logit_scale.exp()``.
+        W: rows of the misclassified samples; ``ablated_W``: their ``E_abl`` (teacher of Eq. 11).
+        locality_rows: rows of C ∪ A (teacher: the original model, Eq. 12).
+        train_rows: rows for L_CE (default W ∪ C ∪ A).
+        progress: ``progress(step, steps, losses_dict)`` called every few steps.
+    """
+    W = np.asarray(W, dtype=np.int64)
+    locality_rows = np.asarray(locality_rows, dtype=np.int64)
+    if train_rows is None:
+        train_rows = np.unique(np.concatenate([W, locality_rows]))
+    if len(train_rows) == 0:
+        raise RefineClipError("No training samples: the error pair has no images in W, C or A.")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    E = torch.as_tensor(np.asarray(embeddings, dtype=np.float64))
+    T = torch.as_tensor(np.asarray(text, dtype=np.float64))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    fmap = _Map(E.shape[1], cfg.strategy, cfg.rank, gen)
+    opt = torch.optim.Adam(fmap.parameters(), lr=cfg.lr)
+    with torch.no_grad():
+        teacher_success = _log_probs(torch.as_tensor(np.asarray(ablated_W, dtype=np.float64)), T, logit_scale)
+        teacher_local = _log_probs(E[locality_rows], T, logit_scale)
+    tr = torch.as_tensor(train_rows)
+    history: dict[str, list[float]] = {"total": [], "success": [], "locality": [], "ce": []}
+    # W and C ∪ A are rows of the cache; find them inside the training batch (E_tr = E[train_rows])
+    pos = {int(r): i for i, r in enumerate(train_rows)}
+    extra = [int(r) for r in np.concatenate([W, locality_rows]) if int(r) not in pos]
+    if extra:
+        raise RefineClipError("W and C ∪ A must be among the training rows.")
+    idx_W = torch.as_tensor([pos[int(r)] for r in W], dtype=torch.long)
+    idx_L = torch.as_tensor([pos[int(r)] for r in locality_rows], dtype=torch.long)
+    E_tr, y_tr = E[tr], y[tr]
+    for step in range(cfg.steps):
+        opt.zero_grad()
+        logp = _log_probs(fmap(E_tr), T, logit_scale)
+        l_s = _kl(teacher_success, logp[idx_W]) if len(W) else logp.new_zeros(())
+        l_l = _kl(teacher_local, logp[idx_L]) if len(locality_rows) else logp.new_zeros(())
+        l_ce = F.nll_loss(logp, y_tr)
+        loss = cfg.alpha * l_s + cfg.beta * l_l + cfg.weight_ce * l_ce
+        loss.backward()
+        opt.step()
+        for k, v in (("total", loss), ("success", l_s), ("locality", l_l), ("ce", l_ce)):
+            history[k].append(float(v.detach()))
+        if progress is not None and (step % 10 == 0 or step == cfg.steps - 1):
+            progress(step + 1, cfg.steps, {k: v[-1] for k, v in history.items()})
+    if not all(np.isfinite(history["total"])):
+        raise RefineClipError("Refinement diverged (loss became NaN/inf); lower the learning rate or α/β.")
+    return RefinementResult(fmap.export(), history, cfg)
+
+
+def standard_finetune(embeddings, labels, text, logit_scale, train_rows, cfg: RefineConfig = RefineConfig(),
+                      progress=None) -> RefinementResult:
+    """The paper's baseline: the same parameters and samples, cross-entropy only."""
+    ce_only = RefineConfig(**{**cfg.to_dict(), "alpha": 0.0, "beta": 0.0})
+    empty = np.zeros(0, dtype=np.int64)
+    d = np.asarray(embeddings).shape[1]
+    return refine(embeddings, labels, text, logit_scale, empty, empty, np.zeros((0, d)), ce_only,
+                  train_rows=np.asarray(train_rows), progress=progress)
+
+
+def merge_into_projection(proj: torch.Tensor, refined: RefinedMap) -> torch.Tensor:
+    """``P'`` such that ``pooled @ P' == f(pooled @ P)``: columns scaled by θ, or ``P Mᵀ``."""
+    if refined.theta is not None:
+        return proj * torch.as_tensor(refined.theta, dtype=proj.dtype)[None, :]
+    return proj @ torch.as_tensor(refined.matrix, dtype=proj.dtype).T
+
+
+def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.nn.Module, refined: RefinedMap,
+                      out_path: str | os.PathLike) -> Path:
+    """Write the edited model's weights (``visual.proj`` merged) atomically.
+
+    ``.safetensors`` or a torch state dict (``.pt``/``.bin``) depending on ``out_path``'s
+    suffix. Weights come from ``source_checkpoint`` when given (keeping its dtype), else from
+    ``model``'s current state dict.
+    """
+    out_path = Path(out_path)
+    state = read_state_dict(source_checkpoint) if source_checkpoint else {
+        k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if "visual.proj" not in state:
+        raise RefineClipError("The model has no 'visual.proj' to merge the refinement into.")
+    proj = state["visual.proj"]
+    merged = merge_into_projection(proj.double(), refined).to(proj.dtype)
+    state = {k: v.contiguous() for k, v in state.items()}
+    state["visual.proj"] = merged.contiguous()
+    if out_path.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        data = save(state)
+    else:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    atomic_write_bytes(out_path, data)
+    return out_path

@@ -1,0 +1,269 @@
+"""The RefineCLIP method (paper Eq. 5-13) against independent computations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from refineclip_core.ablation import AblationEngine, verify_ablation
+from refineclip_core.baselines import TipAdapter
+from refineclip_core.cache import FeatureCache
+from refineclip_core.cli import main
+from refineclip_core.data import load_image
+from refineclip_core.decomposition import HeadId, direct_ablation_forward
+from refineclip_core.errorsets import ErrorSets, error_pairs, pair_error_sets, sample_per_class
+from refineclip_core.extraction import ExtractionConfig, extract, load_batch
+from refineclip_core.data import load_dataset
+from refineclip_core.models import ModelSpec, load_model
+from refineclip_core.pipeline import ProtocolConfig, identify, parse_heads, run_refinement
+from refineclip_core.refinement import RefineConfig, RefinedMap, export_checkpoint, refine
+from refineclip_core.scores import compute_scores
+from refineclip_core.selection import select_heads
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_files):
+    return load_model(ModelSpec(tiny_model_files["name"], model_config=str(tiny_model_files["config"]),
+                                checkpoint=str(tiny_model_files["checkpoint"])))
+
+
+@pytest.fixture(scope="module")
+def cache(loaded, image_folder, tmp_path_factory):
+    """A cache of the tiny random model whose class texts are replaced by noisy class means of
+    the image embeddings (first seed that gives a pair with W, C and A all non-empty), so
+    that the random model makes a realistic mix of right and wrong predictions."""
+    from refineclip_core.cache import atomic_write_bytes, npy_bytes
+
+    out = tmp_path_factory.mktemp("method-cache")
+    c = extract(loaded, load_dataset(image_folder), out, ExtractionConfig(layers="all", batch_size=6))
+    E = c.embeddings / np.linalg.norm(c.embeddings, axis=1, keepdims=True)
+    means = np.stack([E[c.labels == k].mean(0) for k in range(len(c.classes))])
+    for seed in range(200):
+        noise = np.random.default_rng(seed).normal(size=means.shape) * np.linalg.norm(means, axis=1).mean()
+        text = means + 0.8 * noise
+        text = (text / np.linalg.norm(text, axis=1, keepdims=True)).astype(np.float32)
+        pred = (E @ text.T).argmax(1)
+        for p in error_pairs(pred, c.labels):
+            sets = pair_error_sets(pred, c.labels, p.true, p.pred)
+            if len(sets.W) >= 2 and len(sets.C) >= 2 and len(sets.A) >= 2:
+                atomic_write_bytes(out / "text.npy", npy_bytes(text))
+                return FeatureCache(out)
+    pytest.fail("no text perturbation gave a usable error pair")
+
+
+def _pred(cache):
+    return (cache.embeddings @ cache.text.T).argmax(1)
+
+
+def _a_pair_with_everything(cache):
+    pred, labels = _pred(cache), cache.labels
+    for p in error_pairs(pred, labels):
+        s = pair_error_sets(pred, labels, p.true, p.pred)
+        if len(s.W) and len(s.C) and len(s.A):
+            return s
+    pytest.fail("the tiny model's errors give no pair with W, C and A all non-empty")
+
+
+def _cos(a, b):
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_scores_match_brute_force_with_the_real_model(loaded, cache):
+    """Eq. 6-9 recomputed head by head with the real model: the head is removed inside the
+    model (direct path, Eq. 5) and the replacement mean added, then cosines taken explicitly."""
+    sets = _a_pair_with_everything(cache)
+    scores = compute_scores(cache.embeddings, cache.heads, cache.text, sets, cache.manifest.layers)
+    records = cache.records
+    batch, _, _ = load_batch(loaded, records, 0)
+    t = cache.text.astype(np.float64)
+    ye, yh = sets.y_true, sets.y_pred
+    E = loaded.model.encode_image(batch).double().numpy()
+    for hid in [HeadId(0, 1), HeadId(1, 3), HeadId(2, 0), HeadId(2, 2)]:
+        li = cache.manifest.layers.index(hid.layer)
+        c = cache.heads[:, li, hid.head].astype(np.float64)
+        removed = direct_ablation_forward(loaded.visual, batch, [hid]).double().numpy()
+        mean = {k: c[getattr(sets, k)].mean(0) for k in "WCA"}
+
+        def delta(i, y, m):
+            return _cos(removed[i] + m, t[y]) - _cos(E[i], t[y])
+
+        brute = {
+            "DE_A": np.mean([delta(i, ye, mean["C"]) - delta(i, yh, mean["C"]) for i in sets.W]),
+            "DE_B": np.mean([delta(i, ye, mean["W"]) - delta(i, yh, mean["W"]) for i in sets.C]),
+            "DE_C": np.mean([delta(i, yh, mean["W"]) - delta(i, ye, mean["W"]) for i in sets.A]),
+            "DE_D": np.mean([delta(i, yh, mean["A"]) - delta(i, ye, mean["A"]) for i in sets.W]),
+        }
+        for name, value in brute.items():
+            assert scores[name].value(hid) == pytest.approx(value, abs=2e-5), (name, hid)
+
+
+def test_proposition_1_exact_with_dot_product_approximate_with_cosine(cache):
+    sets = _a_pair_with_everything(cache)
+    layers = cache.manifest.layers
+    dot = compute_scores(cache.embeddings, cache.heads, cache.text, sets, layers, similarity="dot")
+    np.testing.assert_allclose(dot["DE_A"].values, -dot["DE_B"].values, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dot["DE_C"].values, -dot["DE_D"].values, rtol=1e-9, atol=1e-12)
+    cos = compute_scores(cache.embeddings, cache.heads, cache.text, sets, layers, similarity="cosine")
+    for a, b in (("DE_A", "DE_B"), ("DE_C", "DE_D")):
+        x, y = cos[a].values.ravel(), -cos[b].values.ravel()
+        assert not np.allclose(x, y, rtol=1e-9, atol=1e-12)          # not exact under cosine...
+        assert np.corrcoef(x, y)[0, 1] > 0.8                          # ...but close
+        assert np.sign(x[np.abs(x) > np.abs(x).max() / 2]).tolist() == np.sign(
+            y[np.abs(x) > np.abs(x).max() / 2]).tolist()
+
+
+def test_empty_sets_make_scores_unavailable_not_zero(cache):
+    n = len(cache)
+    empty = np.zeros(0, dtype=np.int64)
+    some = np.arange(3)
+    sets = ErrorSets(0, 1, W=empty, C=some, A=some + 6, true_class=np.zeros(n, int), wrong_class=np.ones(n, int))
+    s = compute_scores(cache.embeddings, cache.heads, cache.text, sets, cache.manifest.layers)
+    assert s["DE_A"].values is None and s["DE_D"].values is None and "W is empty" in s["DE_A"].reason
+    assert s["DE_B"].available and "zero replacement" in s["DE_B"].reason
+    assert s["DE_A"].to_list() is None and s["DE_A"].ranking() == []
+
+
+def test_ablation_engine_matches_explicit_arithmetic(cache):
+    eng = AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
+    rng = np.random.default_rng(0)
+    ids = eng.head_ids()
+    E = cache.embeddings.astype(np.float64)
+    flat = cache.heads.reshape(len(cache), len(ids), -1).astype(np.float64)
+    m = flat.mean(0)
+    t = cache.text.astype(np.float64)
+    for size in (0, 1, 3, len(ids)):
+        pick = sorted(rng.choice(len(ids), size=size, replace=False).tolist())
+        heads = [ids[i] for i in pick]
+        zero = E - flat[:, pick].sum(1)
+        mean = zero + m[pick].sum(0)
+        for mode, ref in (("zero", zero), ("mean", mean)):
+            np.testing.assert_allclose(eng.embeddings(heads, mode), ref, rtol=1e-5, atol=1e-6)
+            cos = ref @ t.T / np.linalg.norm(ref, axis=1, keepdims=True)
+            np.testing.assert_allclose(eng.cosines(heads, mode), cos, rtol=1e-4, atol=1e-5)
+            np.testing.assert_array_equal(eng.predict(heads, mode), (ref @ t.T).argmax(1))
+    res = eng.ablate(ids[:2], cache.labels, cache.classes, cache.groups, cache.group_names)
+    base = eng.base_predictions
+    np.testing.assert_array_equal(res.flipped, np.flatnonzero(res.predictions != base))
+
+
+def test_verify_ablation_against_the_real_model(loaded, cache):
+    eng = AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
+    rows = np.arange(8)
+    batch, _, _ = load_batch(loaded, [cache.records[i] for i in rows], 0)
+    v = verify_ablation(loaded, batch, eng, rows, [HeadId(2, 1), HeadId(0, 2)])
+    assert v.n_images == 8 and v.max_rel_error < 1e-5 and v.predictions_agree
+
+
+def test_selection_matches_a_brute_force_algorithm_1(cache):
+    sets = _a_pair_with_everything(cache)
+    scores = compute_scores(cache.embeddings, cache.heads, cache.text, sets, cache.manifest.layers)
+    eng = AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
+    rows = sets.rows
+    sel = select_heads(eng, scores, rows, cache.labels, top_t=5)
+    E = cache.embeddings.astype(np.float64)
+    t = cache.text.astype(np.float64)
+    best = (-np.inf, None, None)
+    for name, s in scores.items():
+        flat_values = s.values.ravel()
+        order = np.argsort(-flat_values if s.descending else flat_values, kind="stable")[:5]
+        H = s.values.shape[1]
+        curve = []
+        for k in range(1, 6):
+            abl = E.copy()
+            for i in order[:k]:
+                abl -= cache.heads[:, i // H, i % H].astype(np.float64)
+            us = []
+            for x in rows:
+                sims = [_cos(abl[x], t[y]) for y in range(len(t))]
+                own = sims[cache.labels[x]]
+                us.append(own - (sum(sims) - own) / (len(t) - 1))
+            curve.append(np.mean(us))
+            if curve[-1] > best[0]:
+                best = (curve[-1], name, k)
+        np.testing.assert_allclose(sel.curves[name], curve, rtol=1e-5, atol=1e-6)
+    assert (sel.score, sel.t) == (best[1], best[2]) and sel.utility == pytest.approx(best[0], rel=1e-5)
+    assert len(sel.heads) == sel.t
+
+
+def test_top_t_larger_than_number_of_heads(cache):
+    sets = _a_pair_with_everything(cache)
+    scores = compute_scores(cache.embeddings, cache.heads, cache.text, sets, cache.manifest.layers)
+    eng = AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
+    sel = select_heads(eng, scores, sets.rows, cache.labels, top_t=1000)
+    assert all(len(c) == 12 for c in sel.curves.values())
+
+
+def test_sampling_is_seeded_and_per_class():
+    labels = np.array([0] * 30 + [1] * 5 + [2] * 20)
+    a = sample_per_class(labels, 10, seed=3)
+    assert np.array_equal(a, sample_per_class(labels, 10, seed=3))
+    assert not np.array_equal(a, sample_per_class(labels, 10, seed=4))
+    assert np.bincount(labels[a]).tolist() == [10, 5, 10]
+
+
+@pytest.mark.parametrize("strategy", ["diag", "full", "lora"])
+def test_refinement_export_reproduces_the_refined_embeddings(loaded, cache, tiny_model_files, tmp_path, strategy):
+    sets = _a_pair_with_everything(cache)
+    eng = AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
+    heads = [HeadId(2, 0), HeadId(2, 3)]
+    local = np.concatenate([sets.C, sets.A])
+    cfg = RefineConfig(strategy=strategy, steps=60, lr=5e-2, alpha=100.0, beta=10.0)
+    res = refine(cache.embeddings, cache.labels, cache.text, cache.logit_scale, sets.W, local,
+                 eng.embeddings(heads, "zero", sets.W), cfg)
+    h = res.history
+    assert set(h) == {"total", "success", "locality", "ce"} and len(h["total"]) == 60
+    assert h["total"][-1] < h["total"][0]
+    out = export_checkpoint(str(tiny_model_files["checkpoint"]), loaded.model, res.refined, tmp_path / "edited.safetensors")
+    open_clip.add_model_config(tiny_model_files["config"])
+    plain = open_clip.create_model(tiny_model_files["name"], pretrained=str(out)).eval()
+    batch, _, _ = load_batch(loaded, cache.records[:6], 0)
+    with torch.no_grad():
+        edited = plain.encode_image(batch).double().numpy()
+    expected = res.refined.apply(cache.embeddings[:6])
+    rel = np.linalg.norm(edited - expected, axis=1) / np.linalg.norm(expected, axis=1)
+    assert rel.max() < 1e-5
+    assert not np.allclose(expected, cache.embeddings[:6], rtol=1e-4)  # the edit did something
+
+
+def test_tip_adapter_formula():
+    rng = np.random.default_rng(0)
+    E, text = rng.normal(size=(6, 4)), rng.normal(size=(3, 4))
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    tip = TipAdapter.build(E, labels, text, logit_scale=10.0, alpha=2.0, beta=3.0)
+    x = rng.normal(size=(2, 4))
+    f = x / np.linalg.norm(x, axis=1, keepdims=True)
+    keys = E / np.linalg.norm(E, axis=1, keepdims=True)
+    expected = np.zeros((2, 3))
+    for i in range(2):
+        for j in range(6):
+            expected[i, labels[j]] += 2.0 * np.exp(-3.0 * (1 - f[i] @ keys[j]))
+        expected[i] += 10.0 * f[i] @ text.T
+    np.testing.assert_allclose(tip.logits(x), expected, rtol=1e-12)
+
+
+def test_pipeline_and_cli_score_refine(cache, tmp_path):
+    ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4))
+    assert set(np.unique(cache.labels[ident.sample_rows])) <= set(ident.pairs[0])
+    assert not np.intersect1d(ident.sample_rows, ident.eval_rows).size       # samples never evaluated
+    assert set(cache.splits[ident.eval_rows]) == {"test"}
+    outcome = run_refinement(cache, ident, RefineConfig(steps=20))
+    assert set(outcome.report.reports) == {"zero-shot", "ablated", "refineclip-diag", "standard-finetune",
+                                           "tip-adapter"}
+    assert main(["score", "--cache", str(cache.root), "--samples-per-class", "3", "--top-t", "4",
+                 "--json", str(tmp_path / "s.json")]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert set(s["scores"]) == {"DE_A", "DE_B", "DE_C", "DE_D"}
+    assert s["selected"]["heads"] and s["config"]["samples_per_class"] == 3
+    ckpt = tmp_path / "edited.pt"
+    assert main(["refine", "--cache", str(cache.root), "--samples-per-class", "3", "--steps", "20",
+                 "--strategy", "lora", "--out", str(ckpt), "--json", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["checkpoint"] == str(ckpt) and ckpt.exists() and r["config"]["strategy"] == "lora"
+    assert {"zero-shot", "ablated", "refineclip-lora"} <= set(r["metrics"])
+    assert main(["score", "--cache", str(cache.root), "--pair", "cat:cat"]) == 2
+    assert parse_heads("L2.H1, 0.3", [0, 1, 2], 4) == [HeadId(2, 1), HeadId(0, 3)]
