@@ -230,6 +230,13 @@ def _layer_scale(module: nn.Module) -> torch.Tensor | None:
 @torch.inference_mode()
 def decompose(visual: nn.Module, images: torch.Tensor, layers: int | str | Sequence[int] | None = 4) -> Decomposition:
     """Run the image tower once on ``images`` and return the exact decomposition (Eq. 3-4)."""
+    return decompose_differentiable(visual, images, layers)
+
+
+def decompose_differentiable(visual: nn.Module, images: torch.Tensor,
+                             layers: int | str | Sequence[int] | None = 4) -> Decomposition:
+    """:func:`decompose` under the caller's autograd mode: the parts stay in the graph, so
+    gradients flow from a head's contribution back to the images (Grad-CAM of a head set)."""
     info = architecture_info(visual)
     scope = resolve_layers(info.n_layers, layers)
     in_scope = set(scope)
@@ -238,9 +245,11 @@ def decompose(visual: nn.Module, images: torch.Tensor, layers: int | str | Seque
     head_parts: dict[int, torch.Tensor] = {}
 
     def keep_cls(name: str, pre: bool = False) -> Callable:
+        # copy the (B, D) CLS row: a view would keep the whole (B, N, D) activation alive
+        # until the end of the pass (2 per block), multiplying peak memory by the depth
         if pre:
-            return lambda _m, args: captured.__setitem__(name, args[0][:, 0])
-        return lambda _m, _args, out: captured.__setitem__(name, out[:, 0])
+            return lambda _m, args: captured.__setitem__(name, args[0][:, 0].clone())
+        return lambda _m, _args, out: captured.__setitem__(name, out[:, 0].clone())
 
     def per_head(layer: int) -> Callable:
         def hook(_m, _args, out):
