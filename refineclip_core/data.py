@@ -17,6 +17,7 @@ records it as skipped with the reason.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import warnings
@@ -34,6 +35,10 @@ WATERBIRDS_CLASSES = ("landbird", "waterbird")
 WATERBIRDS_PLACES = ("land", "water")
 WATERBIRDS_SPLITS = {"0": "train", "1": "val", "2": "test"}
 METADATA_NAME = "metadata.csv"
+#: Longest-to-shortest side ratio :func:`load_image` keeps. CLIP preprocessing (resize the shortest
+#: side, centre crop) only sees the central square, so a more extreme strip is centre-cropped to
+#: this ratio first; otherwise a few-hundred-byte 1 x 10^6 PNG is upscaled to gigabytes by the resize.
+MAX_ASPECT_RATIO = 20
 
 
 @dataclass(frozen=True)
@@ -89,18 +94,26 @@ class ImageDataset:
         """The same data with new class names (same order, same count)."""
         if len(names) != len(self.classes) or any(not n.strip() for n in names):
             raise DataError(f"Give {len(self.classes)} non-empty class names, got {list(names)}.")
+        if len({n.strip() for n in names}) != len(names):
+            raise DataError(f"Class names must be distinct (identical names get identical prompts), got {list(names)}.")
         return replace(self, classes=[n.strip() for n in names])
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode one image file into an RGB :class:`PIL.Image.Image`.
 
-    Applies the EXIF orientation, takes the first frame of animations, maps 16-bit and
-    other modes to 8-bit RGB and composites transparency on white. Raises
+    Applies the EXIF orientation, takes the first frame of animations, centre-crops extreme
+    strips to :data:`MAX_ASPECT_RATIO`, maps 16-bit and other modes to 8-bit RGB and
+    composites transparency on white. Raises
     :class:`ImageLoadError` with a specific reason for anything it cannot decode, including
     images over Pillow's decompression-bomb limit (the guard stays on).
     """
     path = str(path)
+    try:
+        if os.stat(path).st_size == 0:
+            raise ImageLoadError("empty file (0 bytes), not an image Pillow can identify")
+    except OSError:
+        pass  # a missing/unreadable/looping path gets its specific reason below
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -108,7 +121,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 img.seek(0)
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                return _to_rgb(_limit_aspect(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(f"image too large (decompression-bomb guard): {exc}") from exc
     except Image.UnidentifiedImageError as exc:
@@ -116,9 +129,28 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except PermissionError as exc:
         raise ImageLoadError("permission denied") from exc
     except FileNotFoundError as exc:
-        raise ImageLoadError("file not found") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageLoadError("file not found (or a dangling symbolic link)") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageLoadError("symbolic link loop") from exc
+        if exc.errno == errno.EISDIR:
+            raise ImageLoadError("is a folder, not a file") from exc
         raise ImageLoadError(f"corrupt or truncated image ({exc})") from exc
+    except (SyntaxError, ValueError, EOFError) as exc:
+        raise ImageLoadError(f"corrupt or truncated image ({exc})") from exc
+
+
+def _limit_aspect(img: Image.Image) -> Image.Image:
+    """Centre-crop the long side to at most :data:`MAX_ASPECT_RATIO` times the short side."""
+    w, h = img.size
+    limit = MAX_ASPECT_RATIO * max(1, min(w, h))
+    if w > limit:
+        left = (w - limit) // 2
+        return img.crop((left, 0, left + limit, h))
+    if h > limit:
+        top = (h - limit) // 2
+        return img.crop((0, top, w, top + limit))
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -191,10 +223,20 @@ def _walk_images(folder: Path, root: Path, skipped: list[SkippedFile]) -> list[P
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False, onerror=lambda e: skipped.append(
             SkippedFile(str(getattr(e, "filename", folder)), f"folder unreadable ({e.strerror or e})"))):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        kept = []
+        for d in sorted(dirnames):
+            sub = Path(dirpath) / d
+            if d.startswith("."):
+                skipped.append(SkippedFile(str(sub), "hidden folder (name starts with '.'), not searched"))
+            elif sub.is_symlink():
+                skipped.append(SkippedFile(str(sub), "symbolic link to a folder, not followed"))
+            else:
+                kept.append(d)
+        dirnames[:] = kept
         for name in sorted(filenames):
             full = Path(dirpath) / name
             if name.startswith("."):
+                skipped.append(SkippedFile(str(full), "hidden file (name starts with '.')"))
                 continue
             if not _is_image_name(name):
                 if name != METADATA_NAME:
@@ -214,6 +256,11 @@ def _load_folder(root: Path) -> ImageDataset:
     records: list[ImageRecord] = []
     classes: list[str] = []
     for class_dir in class_dirs:
+        if class_dir.is_symlink():
+            target = class_dir.resolve()
+            if target == root or target in root.parents:
+                skipped.append(SkippedFile(str(class_dir), "class folder is a symbolic link to the data folder or above it (loop)"))
+                continue
         files = _walk_images(class_dir, root, skipped)
         if not files:
             skipped.append(SkippedFile(str(class_dir), "class folder contains no images"))
@@ -242,8 +289,11 @@ def parse_metadata(text: str, root: Path, waterbirds: bool = False, source: str 
     Rows whose path escapes ``root``, is missing or has an empty label are skipped with a
     reason; a header without the needed columns raises :class:`DataError`.
     """
-    reader = csv.DictReader(io.StringIO(text))
-    header = [h.strip() for h in (reader.fieldnames or [])]
+    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
+    try:
+        header = [h.strip() for h in (reader.fieldnames or [])]
+    except csv.Error as exc:
+        raise DataError(f"'{source}' is not valid CSV ({exc}).") from exc
     reader.fieldnames = header
     need = ("img_filename", "y", "place") if waterbirds else ("path", "label")
     if not set(need) <= set(header):
@@ -251,7 +301,7 @@ def parse_metadata(text: str, root: Path, waterbirds: bool = False, source: str 
     rows: list[tuple[str, str, str | None, str | None]] = []
     skipped: list[SkippedFile] = []
     root_resolved = root.resolve()
-    for i, row in enumerate(reader, start=2):
+    for i, row in enumerate(_csv_rows(reader, source), start=2):
         try:
             if waterbirds:
                 rel = (row.get("img_filename") or "").strip()
@@ -277,13 +327,17 @@ def parse_metadata(text: str, root: Path, waterbirds: bool = False, source: str 
         full = (root / rel)
         try:
             resolved = full.resolve()
-        except (OSError, RuntimeError):
-            skipped.append(SkippedFile(str(full), "path cannot be resolved (symlink loop?)"))
+        except (OSError, RuntimeError, ValueError):  # symlink loop, NUL byte, name too long
+            skipped.append(SkippedFile(str(full), "path cannot be resolved (symlink loop, NUL byte or too long)"))
             continue
         if root_resolved not in resolved.parents:
             skipped.append(SkippedFile(rel, "path points outside the data folder"))
             continue
-        if not resolved.is_file():
+        try:
+            is_file = resolved.is_file()
+        except (OSError, ValueError):
+            is_file = False
+        if not is_file:
             skipped.append(SkippedFile(str(full), "file listed in the CSV does not exist"))
             continue
         rows.append((str(full), label, group, split))
@@ -294,6 +348,14 @@ def parse_metadata(text: str, root: Path, waterbirds: bool = False, source: str 
     index = {c: i for i, c in enumerate(classes)}
     records = [ImageRecord(p, index[l], g, s) for p, l, g, s in rows]
     return ImageDataset(str(root), records, classes, "waterbirds" if waterbirds else "csv", skipped)
+
+
+def _csv_rows(reader: csv.DictReader, source: str) -> Iterable[dict]:
+    """The reader's rows, with CSV syntax errors (e.g. an over-long field) as :class:`DataError`."""
+    try:
+        yield from reader
+    except csv.Error as exc:
+        raise DataError(f"'{source}' is not valid CSV (line {reader.line_num}: {exc}).") from exc
 
 
 def group_labels(records: Iterable[ImageRecord]) -> tuple[np.ndarray, list[str]]:
