@@ -192,8 +192,13 @@ def _read_csv_header(path: Path) -> list[str]:
         return [h.strip() for h in next(csv.reader(fh), [])]
 
 
-def load_dataset(path: str | os.PathLike, layout: str = "auto", split: str | None = None) -> ImageDataset:
-    """Build the list of labelled images under ``path`` (see the module docstring)."""
+def load_dataset(path: str | os.PathLike, layout: str = "auto", split: str | None = None,
+                 columns: dict[str, str | None] | None = None) -> ImageDataset:
+    """Build the list of labelled images under ``path`` (see the module docstring).
+
+    ``columns`` renames the CSV columns read by the ``csv`` layout, e.g.
+    ``{"label": "Young", "group": "Male"}`` for a CelebA-style ``metadata.csv``.
+    """
     root = Path(path).expanduser()
     if root.is_file() and root.name.endswith(".csv"):
         meta_override, root = root, root.parent
@@ -209,7 +214,8 @@ def load_dataset(path: str | os.PathLike, layout: str = "auto", split: str | Non
     if layout == "folder":
         ds = _load_folder(root)
     elif layout in ("csv", "waterbirds"):
-        ds = _load_csv(root, meta_override or root / METADATA_NAME, waterbirds=layout == "waterbirds")
+        ds = _load_csv(root, meta_override or root / METADATA_NAME, waterbirds=layout == "waterbirds",
+                       columns=columns)
     else:
         raise DataError(f"Unknown layout '{layout}'; use auto, folder, csv or waterbirds.")
     if not ds.records:
@@ -273,29 +279,33 @@ def _load_folder(root: Path) -> ImageDataset:
     return ImageDataset(str(root), records, classes, "folder", skipped)
 
 
-def _load_csv(root: Path, meta: Path, waterbirds: bool) -> ImageDataset:
+def _load_csv(root: Path, meta: Path, waterbirds: bool, columns: dict[str, str | None] | None = None) -> ImageDataset:
     try:
         text = meta.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"'{meta}' is not UTF-8 text ({exc}).") from exc
     except OSError as exc:
         raise DataError(f"Cannot read '{meta}' ({exc.strerror or exc}).") from exc
-    return parse_metadata(text, root, waterbirds=waterbirds, source=str(meta))
+    return parse_metadata(text, root, waterbirds=waterbirds, source=str(meta), columns=columns)
 
 
-def parse_metadata(text: str, root: Path, waterbirds: bool = False, source: str = METADATA_NAME) -> ImageDataset:
+def parse_metadata(text: str, root: Path, waterbirds: bool = False, source: str = METADATA_NAME,
+                   columns: dict[str, str | None] | None = None) -> ImageDataset:
     """Parse ``metadata.csv`` text into a dataset (paths resolved below ``root``).
 
     Rows whose path escapes ``root``, is missing or has an empty label are skipped with a
-    reason; a header without the needed columns raises :class:`DataError`.
+    reason; a header without the needed columns raises :class:`DataError`. ``columns`` maps
+    ``path``/``label``/``group``/``split`` to other column names (``None`` drops one).
     """
+    col = {"path": "path", "label": "label", "group": "group", "split": "split"}
+    col.update({k: v for k, v in (columns or {}).items() if k in col})
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
     try:
         header = [h.strip() for h in (reader.fieldnames or [])]
     except csv.Error as exc:
         raise DataError(f"'{source}' is not valid CSV ({exc}).") from exc
     reader.fieldnames = header
-    need = ("img_filename", "y", "place") if waterbirds else ("path", "label")
+    need = ("img_filename", "y", "place") if waterbirds else (col["path"], col["label"])
     if not set(need) <= set(header):
         raise DataError(f"'{source}' needs columns {', '.join(need)}; found {', '.join(header) or 'no header'}.")
     rows: list[tuple[str, str, str | None, str | None]] = []
@@ -314,10 +324,10 @@ def parse_metadata(text: str, root: Path, waterbirds: bool = False, source: str 
                 sp = (row.get("split") or "").strip()
                 split = WATERBIRDS_SPLITS.get(sp, sp or None)
             else:
-                rel = (row.get("path") or "").strip()
-                label = (row.get("label") or "").strip()
-                group = (row.get("group") or "").strip() or None
-                split = (row.get("split") or "").strip() or None
+                rel = (row.get(col["path"]) or "").strip()
+                label = (row.get(col["label"]) or "").strip()
+                group = (row.get(col["group"]) or "").strip() or None if col["group"] else None
+                split = (row.get(col["split"]) or "").strip() or None if col["split"] else None
         except AttributeError:  # malformed row (extra columns collapse into a list)
             skipped.append(SkippedFile(f"{source}:{i}", "malformed CSV row"))
             continue

@@ -77,27 +77,33 @@ def _split_rows(cache: FeatureCache, split: str | None, prefer: Sequence[str]) -
 
 
 def resolve_pairs(spec: str, pairs_ranked: list[ErrorPair], classes: list[str]) -> list[tuple[int, int]]:
-    """Turn ``auto`` / ``both`` / ``TRUE:PRED`` (names or indices) into class-index pairs."""
+    """``auto`` (largest pair), ``both`` (it and its reverse) or ``TRUE:PRED[,TRUE:PRED...]``
+    (class names or indices) into class-index pairs."""
     if spec in ("auto", "both"):
         if not pairs_ranked:
             raise RefineClipError("The model makes no errors on these images: there is no error pair to explain.")
         top = pairs_ranked[0]
         return [(top.true, top.pred)] + ([(top.pred, top.true)] if spec == "both" else [])
-    if ":" not in spec:
-        raise RefineClipError(f"--pair takes TRUE:PRED (class names or indices), 'auto' or 'both'; got {spec!r}.")
-    a, b = spec.split(":", 1)
 
     def idx(x: str) -> int:
+        x = x.strip()
         if x in classes:
             return classes.index(x)
         if x.isdigit() and int(x) < len(classes):
             return int(x)
         raise RefineClipError(f"Unknown class {x!r}; classes are {', '.join(classes)}.")
 
-    ia, ib = idx(a.strip()), idx(b.strip())
-    if ia == ib:
-        raise RefineClipError("An error pair needs two different classes.")
-    return [(ia, ib)]
+    out = []
+    for item in spec.split(","):
+        if ":" not in item:
+            raise RefineClipError(f"--pair takes TRUE:PRED (class names or indices), 'auto' or 'both'; got {spec!r}.")
+        a, b = item.split(":", 1)
+        ia, ib = idx(a), idx(b)
+        if ia == ib:
+            raise RefineClipError("An error pair needs two different classes.")
+        if (ia, ib) not in out:
+            out.append((ia, ib))
+    return out
 
 
 def make_engine(cache: FeatureCache) -> AblationEngine:
@@ -142,13 +148,15 @@ def identify(cache: FeatureCache, cfg: ProtocolConfig = ProtocolConfig(), engine
 class MethodReport:
     """Accuracies on the evaluation rows for every method compared (paper Tables 1-3, Fig. 2)."""
 
-    reports: dict[str, AccuracyReport]
-    locality: dict[str, float | None]        # accuracy on classes outside the edited pair(s)
+    reports: dict[str, AccuracyReport]        # all evaluation rows
+    target_reports: dict[str, AccuracyReport]  # only images of the edited classes (their groups: Tables 1-3)
+    locality: dict[str, float | None]         # accuracy on classes outside the edited pair(s) (Fig. 2)
     target_accuracy: dict[str, float | None]
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"reports": {k: v.to_dict() for k, v in self.reports.items()},
+                "target_reports": {k: v.to_dict() for k, v in self.target_reports.items()},
                 "locality": self.locality, "target_accuracy": self.target_accuracy}
 
 
@@ -160,12 +168,14 @@ def evaluate_methods(cache: FeatureCache, ident: Identification, predictions: di
     targets = sorted({c for p in ident.pairs for c in p})
     target_mask = mask & np.isin(labels, targets)
     other_mask = mask & ~np.isin(labels, targets)
-    reports, locality, target_acc = {}, {}, {}
+    reports, target_reports, locality, target_acc = {}, {}, {}, {}
     for name, pred in predictions.items():
         reports[name] = accuracy_report(pred, labels, cache.classes, cache.groups, cache.group_names, mask)
+        target_reports[name] = accuracy_report(pred, labels, cache.classes, cache.groups, cache.group_names,
+                                               target_mask)
         locality[name] = float((pred[other_mask] == labels[other_mask]).mean()) if other_mask.any() else None
         target_acc[name] = float((pred[target_mask] == labels[target_mask]).mean()) if target_mask.any() else None
-    return MethodReport(reports, locality, target_acc, predictions)
+    return MethodReport(reports, target_reports, locality, target_acc, predictions)
 
 
 @dataclass

@@ -14,6 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+# Tests use tiny models: one thread avoids oversubscribing small shared machines (CI has 2 cores),
+# where several threads per tiny matmul are many times slower than one.
+torch.set_num_threads(1)
+
 
 def tiny_config(width: int = 64, layers: int = 3, head_width: int = 16, patch: int = 8, image: int = 32,
                 ls: float | None = None, quick_gelu: bool = False, embed_dim: int = 32, **vision_extra) -> dict:

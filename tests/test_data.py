@@ -101,3 +101,13 @@ def test_image_loader_reasons(tmp_path):
             load_image(tmp_path / name)
     with pytest.raises(ImageLoadError, match="not found"):
         load_image(tmp_path / "missing.png")
+
+
+def test_csv_column_mapping(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "metadata.csv").write_text("file,Young,Male\na.png,young,1\nb.png,old,0\n")
+    ds = load_dataset(tmp_path, layout="csv", columns={"path": "file", "label": "Young", "group": "Male"})
+    assert ds.classes == ["old", "young"] and [r.group for r in ds.records] == ["1", "0"]
+    with pytest.raises(DataError, match="needs columns file, Age"):
+        load_dataset(tmp_path, layout="csv", columns={"path": "file", "label": "Age"})

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         "heads": [h.as_list() for h in heads],
         "selected": ident.selection.to_dict()["selected"],
         "metrics": reports["reports"],
+        "target_metrics": reports["target_reports"],
         "locality": reports["locality"],
         "target_accuracy": reports["target_accuracy"],
         "history": outcome.refinement.history,
