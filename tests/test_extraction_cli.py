@@ -145,3 +145,14 @@ def test_every_command_has_help():
     assert len(sub.choices) == len(COMMANDS)
     for name, p in sub.choices.items():
         assert p.format_help().startswith("usage: refineclip " + name)
+
+
+def test_cli_reference_is_in_sync():
+    """docs/CLI.md is generated from --help; regenerate with
+    `python -m refineclip_core.cli.reference > docs/CLI.md`."""
+    from pathlib import Path
+
+    from refineclip_core.cli.reference import render
+
+    committed = (Path(__file__).resolve().parent.parent / "docs" / "CLI.md").read_text()
+    assert committed == render()
