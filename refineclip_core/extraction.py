@@ -5,7 +5,22 @@ on the cached arrays. It streams the dataset in shards of consecutive records, w
 shard atomically, skips shards that are already on disk (so an interrupted run resumes), and
 under ``torchrun`` each rank processes the shards ``i % world_size == rank`` and rank 0 marks
 the cache complete. Shard contents do not depend on the number of processes, so a
-data-parallel cache equals a single-process one.
+data-parallel cache equals a single-process one (``tests/test_distributed.py``).
+
+Distributed protocol (rank 0's steps end in a broadcast of their outcome, so an error on
+rank 0 reaches every rank instead of leaving them at a barrier; an error on another rank
+ends that process, and ``torchrun`` then stops the others):
+
+1. rank 0 validates or (re)creates the manifest, ``records.json`` and ``text.npy``; its
+   outcome (or its error message) is broadcast, which also serves as the barrier after which
+   the other ranks read the manifest;
+2. every rank writes only its own shards (atomically);
+3. barrier; rank 0 checks that all shards exist and marks the manifest complete; its outcome
+   is broadcast again, and every rank returns the same :class:`FeatureCache` or raises the
+   same error.
+
+The output folder must be on a file system that every rank sees (on several machines: a
+shared mount at the same path), and so must the images.
 """
 
 from __future__ import annotations
@@ -96,6 +111,34 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _on_rank0_then_share(rank: int, world: int, step: Callable[[], None]) -> None:
+    """Run ``step`` on rank 0 only and make every rank share its outcome.
+
+    Rank 0's error message is broadcast, so the other ranks raise a :class:`CacheError` with
+    the same message instead of waiting forever at a barrier rank 0 never reaches. The
+    broadcast also orders the ranks: the others return only after rank 0 finished ``step``.
+    """
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            step()
+        except Exception as exc:  # shared below, then re-raised unchanged on rank 0
+            error = exc
+    if world > 1:
+        message = [None if error is None else (str(error) or type(error).__name__)]
+        torch.distributed.broadcast_object_list(message, src=0)
+        if rank != 0 and message[0] is not None:
+            raise CacheError(f"Rank 0 failed: {message[0]}")
+    if error is not None:
+        raise error
+
+
+def _to_numpy(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """A CPU array in the storage dtype (bf16/fp16 tensors widen exactly to float32 first;
+    numpy has no bfloat16)."""
+    return t.detach().to(device="cpu", dtype=torch.float64 if dtype == np.float64 else torch.float32).numpy()
+
+
 def storage_dtype(model_dtype: torch.dtype) -> np.dtype:
     return np.dtype(np.float64) if model_dtype == torch.float64 else np.dtype(np.float32)
 
@@ -132,8 +175,9 @@ def extract(
     root = Path(out_dir)
     rank, world = _dist_info()
     fingerprint = cache_fingerprint(loaded, dataset, scope, cfg)
-    manifest = read_manifest(root)
-    if rank == 0:
+
+    def prepare() -> None:  # rank 0 only
+        manifest = read_manifest(root)
         if manifest is not None and manifest.fingerprint != fingerprint:
             # model, checkpoint, preprocessing, scope or files changed: the cache is stale
             shutil.rmtree(root / "shards", ignore_errors=True)
@@ -165,16 +209,24 @@ def extract(
             atomic_write_bytes(root / "text.npy", npy_bytes(text))
             atomic_write_json(root / "records.json", records_to_json(dataset.records, dataset.skipped))
             atomic_write_json(root / "manifest.json", asdict(manifest))
-    _barrier()
+
+    _on_rank0_then_share(rank, world, prepare)
     manifest = read_manifest(root)
     if manifest is None:
         raise CacheError(f"Could not read the manifest in '{root}'.")
     if manifest.complete:
         return FeatureCache(root)
 
-    todo = [i for i in range(manifest.n_shards) if i % world == rank and not shard_is_valid(root, i, verify=True)]
-    total = len(dataset.records)
-    done_images = total - sum(min(manifest.shard_size, total - i * manifest.shard_size) for i in todo) if world == 1 else 0
+    # progress counts this rank's share of the records (all of them in a single process)
+    n_records = len(dataset.records)
+    mine = [i for i in range(manifest.n_shards) if i % world == rank]
+    todo = [i for i in mine if not shard_is_valid(root, i, verify=True)]
+
+    def shard_len(i: int) -> int:
+        return min(manifest.shard_size, n_records - i * manifest.shard_size)
+
+    total = sum(shard_len(i) for i in mine)
+    done_images = total - sum(shard_len(i) for i in todo)
     np_dtype = storage_dtype(loaded.dtype)
     remainder_names: list[str] | None = None
     for i in todo:
@@ -192,9 +244,9 @@ def extract(
             if batch is not None:
                 dec = decompose(loaded.visual, batch, scope)
                 remainder_names = dec.remainder_names
-                chunks["embedding"].append(dec.embedding.cpu().numpy().astype(np_dtype))
-                chunks["heads"].append(dec.heads.cpu().numpy().astype(np_dtype))
-                chunks["remainders"].append(dec.remainders.cpu().numpy().astype(np_dtype))
+                chunks["embedding"].append(_to_numpy(dec.embedding, np_dtype))
+                chunks["heads"].append(_to_numpy(dec.heads, np_dtype))
+                chunks["remainders"].append(_to_numpy(dec.remainders, np_dtype))
                 chunks["index"].append(np.asarray(keep, dtype=np.int64))
             done_images += min(cfg.batch_size, len(shard_records) - b)
             if progress is not None:
@@ -202,17 +254,19 @@ def extract(
         arrays = {k: _stack(v, k, manifest, np_dtype) for k, v in chunks.items()}
         write_shard(root, i, arrays, skipped)
 
-    _barrier()
-    if rank == 0:
-        names = remainder_names or _remainder_names_from_model(loaded, scope)
-        manifest = read_manifest(root)
-        missing = [i for i in range(manifest.n_shards) if not shard_is_valid(root, i)]
+    def finalise() -> None:  # rank 0 only, after every rank wrote its shards
+        final = read_manifest(root)
+        if final is None:
+            raise CacheError(f"The manifest in '{root}' disappeared during extraction; re-run to complete.")
+        missing = [i for i in range(final.n_shards) if not shard_is_valid(root, i)]
         if missing:
             raise CacheError(f"Shards {missing[:5]} of '{root}' are missing after extraction; re-run to complete.")
-        manifest.remainder_names = names
-        manifest.complete = True
-        atomic_write_json(root / "manifest.json", asdict(manifest))
+        final.remainder_names = remainder_names or _remainder_names_from_model(loaded, scope)
+        final.complete = True
+        atomic_write_json(root / "manifest.json", asdict(final))
+
     _barrier()
+    _on_rank0_then_share(rank, world, finalise)
     return FeatureCache(root)
 
 
@@ -257,10 +311,18 @@ def check_decomposition(loaded: LoadedModel, cache: FeatureCache, max_images: in
 
 
 def init_distributed_from_env() -> bool:
-    """Join the process group ``torchrun`` describes in the environment (gloo on CPU, nccl on GPU)."""
+    """Join the process group ``torchrun`` describes in the environment.
+
+    The ranks only synchronise (barriers and one small broadcast; no tensors are reduced), so
+    the process group always uses the ``gloo`` backend, on CPU and GPU machines alike. On a
+    GPU machine each rank's default CUDA device becomes ``cuda:LOCAL_RANK``, so ``--device
+    cuda`` puts rank ``r`` of a node on its ``r``-th GPU (an explicit ``cuda:K`` is kept).
+    Returns whether a process group with more than one rank is in use.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0 and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("REFINECLIP_DEVICE", "").startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend=backend)
+        torch.distributed.init_process_group(backend="gloo")
     return True
