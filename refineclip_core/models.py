@@ -247,7 +247,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         )
     if spec_r.model_config:
         name = _register_config(name, spec_r.model_config)
-    elif name not in open_clip.list_models():
+    elif not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
         raise RefineClipError(
             f"Unknown model '{name}': not an open_clip architecture (see open_clip.list_models()) and no "
             "--model-config given."
