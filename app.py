@@ -1,0 +1,32 @@
+"""RefineCLIP Studio: find the attention heads behind CLIP's errors and edit them away.
+
+Run with ``bash scripts/dashboard.sh`` (= ``streamlit run app.py``). With no configuration
+the first screen prepares the embedded demo model on a held-out sample of its images and
+shows the findings; the Load page switches to any open_clip model and image folder.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from studio_ui.shell import app_icon, ensure_source, sidebar
+from studio_ui.widgets import show_exception
+
+st.set_page_config(page_title="RefineCLIP Studio", page_icon=app_icon(), layout="wide")
+
+PAGES = [
+    st.Page("pages/load.py", title="Load", icon=":material/upload_file:", default=True),
+    st.Page("pages/errors.py", title="Errors", icon=":material/error:"),
+    st.Page("pages/heads.py", title="Heads", icon=":material/psychology:"),
+    st.Page("pages/inspector.py", title="Head inspector", icon=":material/search:"),
+    st.Page("pages/ablate.py", title="Ablate", icon=":material/content_cut:"),
+    st.Page("pages/refine.py", title="Refine", icon=":material/build:"),
+]
+
+page = st.navigation(PAGES)
+sidebar()
+ensure_source()
+try:
+    page.run()
+except Exception as exc:  # last resort: a short message, never a traceback
+    show_exception(exc, f"The {page.title} page")

@@ -1,0 +1,155 @@
+"""Ablate: switch any heads off and see accuracies change instantly (paper Eq. 5, no forward pass)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from refineclip_core.ablation import verify_ablation
+from refineclip_core.decomposition import HeadId
+from refineclip_core.evaluation import accuracy_report
+from studio_ui.state import ablate_heads
+from studio_ui.widgets import PAGES, delta_pts, guard, image_grid, pct, require_ready, show_exception
+
+st.title("Switch heads off")
+st.caption("Removing a head subtracts its direct contribution from the image embedding, E − Σ c_h (paper Eq. 5): "
+           "new predictions are arithmetic on the cached features, so every toggle updates at once.")
+ready = require_ready()
+cache, eng = ready.cache, ready.engine
+ident = ready.ident()
+layers, H = list(cache.manifest.layers), cache.manifest.n_heads
+classes, labels = cache.classes, cache.labels
+handed = ablate_heads()
+suggested = handed if handed is not None else ident.heads
+
+
+def _set(heads) -> None:
+    chosen = {(h.layer, h.head) for h in heads}
+    for l in layers:
+        for h in range(H):
+            st.session_state[f"abl_{l}_{h}"] = (l, h) in chosen
+
+
+if f"abl_{layers[0]}_0" not in st.session_state:  # first visit, or widgets dropped while on another page
+    kept = st.session_state.get("abl_current")
+    _set(suggested if kept is None else [HeadId(*h) for h in kept])
+
+
+@st.fragment
+def panel() -> None:
+    # a fragment reruns on its own, outside the app's page-level error handler
+    try:
+        _panel()
+    except Exception as exc:
+        show_exception(exc, "The ablation panel")
+
+
+def _panel() -> None:
+    c = st.columns([2, 2, 4])
+    mode = c[0].radio("Replace a removed head by", ["zero", "mean"], horizontal=True, key="abl_mode",
+                      format_func=lambda m: {"zero": "zero", "mean": "its mean over all images"}[m])
+    scope = c[1].radio("Measure on", ["held-out images", "all images"], horizontal=True, key="abl_scope",
+                       help="Held-out: every image except the labelled samples used to choose the heads.")
+    with c[2]:
+        b = st.columns([3, 2, 1.3])
+        b[0].button("Apply the selected set", key="abl_apply", on_click=_set, args=(suggested,),
+                    help="The set from the Heads page, or Alg. 1's choice: " + ", ".join(map(str, suggested)))
+        b[1].button("Alg. 1's choice", key="abl_alg1", on_click=_set, args=(ident.heads,))
+        b[2].button("Clear", key="abl_clear", on_click=_set, args=([],))
+
+    st.markdown("**Heads** (layer × head; ticked = removed)")
+    for l in layers:
+        cols = st.columns([1.2] + [1] * H)
+        cols[0].markdown(f"**L{l}**")
+        for h in range(H):
+            cols[h + 1].checkbox(f"H{h}", key=f"abl_{l}_{h}")
+    heads = [HeadId(l, h) for l in layers for h in range(H) if st.session_state.get(f"abl_{l}_{h}")]
+    st.session_state["abl_current"] = [h.as_list() for h in heads]
+
+    mask = np.ones(len(labels), dtype=bool)
+    if scope == "held-out images":
+        mask[:] = False
+        mask[ident.eval_rows] = True
+    base = accuracy_report(eng.base_predictions, labels, classes, cache.groups, cache.group_names, mask)
+    res = eng.ablate(heads, labels, classes, cache.groups, cache.group_names, mode=mode, mask=mask)
+    rep = res.report
+
+    st.markdown(f"Removed: **{', '.join(map(str, heads)) or 'nothing'}** · {rep.n_images} images")
+    m = st.columns(4)
+    m[0].metric("Accuracy", pct(rep.accuracy), delta_pts(rep.accuracy, base.accuracy))
+    if rep.worst_group is not None:
+        m[1].metric("Worst group", pct(rep.worst_group), delta_pts(rep.worst_group, base.worst_group),
+                    help=f"now: {rep.worst_group_name}; zero-shot: {base.worst_group_name}")
+        m[1].caption(rep.worst_group_name)
+        m[2].metric("Average group", pct(rep.average_group), delta_pts(rep.average_group, base.average_group))
+    m[3].metric("Predictions changed", f"{len(res.flipped)}", help="fixed = became correct, broken = became wrong")
+    m[3].caption(f"{len(res.fixed)} fixed · {len(res.broken)} broken")
+
+    t = st.columns(2)
+    acc = st.column_config.NumberColumn(format="percent")
+    if rep.per_group:
+        t[0].markdown("**Per group**")
+        t[0].dataframe(pd.DataFrame({
+            "group": list(base.per_group), "zero-shot": list(base.per_group.values()),
+            "ablated": [rep.per_group.get(g) for g in base.per_group],
+            "change (pts)": [100 * (rep.per_group.get(g, 0) - v) for g, v in base.per_group.items()]}),
+            hide_index=True, column_config={"zero-shot": acc, "ablated": acc,
+                                            "change (pts)": st.column_config.NumberColumn(format="%+.1f")})
+    t[1].markdown("**Per class**")
+    t[1].dataframe(pd.DataFrame({
+        "class": list(base.per_class), "zero-shot": list(base.per_class.values()),
+        "ablated": [rep.per_class.get(k) for k in base.per_class],
+        "change (pts)": [100 * (rep.per_class.get(k, 0) - v) for k, v in base.per_class.items()]}),
+        hide_index=True, column_config={"zero-shot": acc, "ablated": acc,
+                                        "change (pts)": st.column_config.NumberColumn(format="%+.1f")})
+
+    st.markdown(f"**Images whose prediction flipped** ({len(res.flipped)})")
+    if len(res.flipped):
+        base_pred, new_pred = eng.base_predictions, res.predictions
+        fixed = set(res.fixed.tolist())
+        df = pd.DataFrame({
+            "image": [cache.records[i].path.rsplit("/", 1)[-1] for i in res.flipped],
+            "group": [cache.records[i].group or "" for i in res.flipped],
+            "true": [classes[labels[i]] for i in res.flipped],
+            "before": [classes[base_pred[i]] for i in res.flipped],
+            "after": [classes[new_pred[i]] for i in res.flipped],
+            "effect": ["fixed" if i in fixed else ("broken" if i in set(res.broken.tolist()) else "still wrong")
+                       for i in res.flipped]})
+        st.dataframe(df, hide_index=True, height=min(38 * (len(df) + 1), 280))
+        show = list(res.fixed[:6]) + list(res.broken[:6])
+        image_grid([(cache.records[i].path, f"{'fixed' if i in fixed else 'broken'}: {classes[base_pred[i]]} → "
+                     f"{classes[new_pred[i]]}") for i in show])
+    else:
+        st.caption("No prediction changed.")
+
+    st.markdown("**Check against the real model**")
+    st.caption("Runs the model itself with these heads' direct paths removed (hooks, no cached numbers) on a few "
+               "images and compares with the arithmetic above (zero ablation).")
+    if st.button("Verify with a real forward pass", key="abl_verify"):
+        from refineclip_core.extraction import load_batch
+
+        pool = np.concatenate([res.flipped, np.flatnonzero(mask)])
+        rows = list(dict.fromkeys(pool.tolist()))[:8]
+        with st.spinner("Running the model on 8 images…"), guard("The verification"):
+            loaded = ready.loaded()
+            batch, keep, bad = load_batch(loaded, [cache.records[r] for r in rows], 0)
+            if batch is None:
+                st.error("None of the images could be read again; they may have moved since extraction.")
+            else:
+                kept = np.asarray([rows[k] for k in keep])
+                v = verify_ablation(loaded, batch, eng, kept, heads)
+                st.session_state["verify"] = {"heads": [h.as_list() for h in heads], "n": v.n_images,
+                                              "err": v.max_rel_error, "agree": v.predictions_agree}
+    v = st.session_state.get("verify")
+    if v and v["heads"] == [h.as_list() for h in heads]:
+        ok = v["agree"] and v["err"] < 1e-3
+        msg = (f"Real forward pass on {v['n']} images: largest relative difference from the cached arithmetic "
+               f"{v['err']:.1e}; predictions {'agree on every image' if v['agree'] else 'DIFFER'}.")
+        (st.success if ok else st.error)(msg, icon=":material/check_circle:" if ok else ":material/dangerous:")
+        if mode == "mean":
+            st.caption("The check uses zero ablation (the model has no notion of a head's mean).")
+
+
+panel()
+st.page_link(PAGES["refine"], label="Make the fix permanent with a refined model → Refine", icon=":material/build:")

@@ -1,0 +1,114 @@
+"""Errors: zero-shot accuracy overall, per class and per group, the confusions, and the images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from refineclip_core.errors import RefineClipError
+from refineclip_core.errorsets import error_pairs
+from refineclip_core.evaluation import accuracy_report, confusion_matrix
+from refineclip_core.pipeline import resolve_pairs
+from refineclip_core.report import confusion_figure
+from studio_ui import resources
+from studio_ui.state import pair_spec, protocol, set_protocol
+from studio_ui.widgets import PAGES, image_grid, pct, require_ready
+
+st.title("Where does the model go wrong?")
+ready = require_ready()
+src, cache = ready.source, ready.cache
+pred, probs = resources.zero_shot(src, cache)
+labels, classes = cache.labels, cache.classes
+
+splits = sorted(set(cache.splits.tolist()) - {""})
+options = ["all images"] + [f"{s} split" for s in splits]
+default = options.index("test split") if "test split" in options else 0
+scope = st.selectbox("Images to analyse", options, index=default, key="err_scope",
+                     help="Zero-shot predictions need no training, so every labelled image can be analysed.")
+mask = np.ones(len(labels), dtype=bool) if scope == "all images" else cache.splits == scope.removesuffix(" split")
+rows = np.flatnonzero(mask)
+rep = accuracy_report(pred, labels, classes, cache.groups, cache.group_names, mask)
+
+c = st.columns(4)
+c[0].metric("Images", f"{rep.n_images}")
+c[1].metric("Zero-shot accuracy", pct(rep.accuracy))
+if rep.worst_group is not None:
+    c[2].metric("Average-group accuracy", pct(rep.average_group))
+    c[3].metric("Worst group", pct(rep.worst_group), help=rep.worst_group_name)
+    c[3].caption(rep.worst_group_name)
+else:
+    c[2].metric("Classes", f"{len(rep.per_class)}")
+    c[3].caption("No group labels: add a 'group' column to metadata.csv for per-group accuracy.")
+
+left, right = st.columns(2)
+acc_col = st.column_config.ProgressColumn("accuracy", format="percent", min_value=0.0, max_value=1.0)
+with left:
+    st.markdown("**Per class**")
+    st.dataframe(pd.DataFrame({"class": list(rep.per_class), "accuracy": list(rep.per_class.values()),
+                               "images": [rep.counts[k] for k in rep.per_class]}),
+                 hide_index=True, column_config={"accuracy": acc_col})
+with right:
+    if rep.per_group:
+        st.markdown("**Per group**")
+        gdf = pd.DataFrame({"group": list(rep.per_group), "accuracy": list(rep.per_group.values()),
+                            "images": [rep.counts[f"group:{k}"] for k in rep.per_group]})
+        st.dataframe(gdf.sort_values("accuracy"), hide_index=True, column_config={"accuracy": acc_col})
+
+st.plotly_chart(confusion_figure(confusion_matrix(pred, labels, len(classes), mask), classes), key="err_confusion")
+
+st.subheader("Error pairs")
+pairs = error_pairs(pred, labels, rows)
+if not pairs:
+    st.success("No misclassified images here: there is no error to explain.")
+    st.stop()
+class_counts = np.bincount(labels[rows], minlength=len(classes))
+st.dataframe(pd.DataFrame({
+    "true class": [classes[p.true] for p in pairs], "predicted as": [classes[p.pred] for p in pairs],
+    "images": [p.count for p in pairs],
+    "share of the class": [p.count / max(class_counts[p.true], 1) for p in pairs]}),
+    hide_index=True, height=min(38 * (len(pairs) + 1), 300),
+    column_config={"share of the class": st.column_config.NumberColumn(format="percent")})
+
+labels_of = [f"{p.label(classes)}  ({p.count} images)" for p in pairs]
+current = None
+try:
+    current = resolve_pairs(protocol().pair, pairs, classes)[0] if protocol().pair not in ("auto", "both") else None
+except RefineClipError:
+    current = None
+if current is None and protocol().pair in ("auto", "both"):
+    try:
+        current = resources.identification(src, cache, ready.engine, protocol()).pairs[0]
+    except RefineClipError:
+        current = None
+index = next((i for i, p in enumerate(pairs) if (p.true, p.pred) == current), 0)
+
+
+def _choose_pair() -> None:
+    i = labels_of.index(st.session_state["err_pair"])
+    set_protocol(pair=pair_spec(pairs[i].true, pairs[i].pred, classes))
+    st.session_state.pop("ablate_heads", None)
+
+
+choice = st.selectbox("Error pair to explain on the next pages", labels_of, index=index, key="err_pair",
+             on_change=_choose_pair,
+             help="The Heads, Head inspector, Ablate and Refine pages work on this pair (true → predicted).")
+chosen = pairs[labels_of.index(choice)]
+if protocol().pair in ("auto", "both") and st.button("Use this pair", key="err_use_pair"):
+    _choose_pair()
+    st.rerun()
+st.page_link(PAGES["heads"], label=f"Which heads cause {chosen.label(classes)}? → Heads", icon=":material/psychology:")
+
+st.subheader("Misclassified images")
+c = st.columns([2, 1])
+only_pair = c[0].checkbox(f"Only {chosen.label(classes)}", value=True, key="err_only_pair")
+limit = c[1].slider("Show at most", 6, 96, 24, step=6, key="err_limit")
+wrong = rows[pred[rows] != labels[rows]]
+if only_pair:
+    wrong = wrong[(labels[wrong] == chosen.true) & (pred[wrong] == chosen.pred)]
+conf = probs[wrong, pred[wrong]]
+order = wrong[np.argsort(-conf, kind="stable")][:limit]
+st.caption(f"{len(wrong)} images, most confident mistakes first (confidence = softmax of logit-scaled cosine).")
+image_grid([(cache.records[i].path,
+             f"{classes[labels[i]]} → {classes[pred[i]]} ({probs[i, pred[i]]:.0%})"
+             + (f" · {cache.records[i].group}" if cache.records[i].group else "")) for i in order])

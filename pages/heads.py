@@ -1,0 +1,130 @@
+"""Heads: direct-effect scores DE_A..DE_D per head (paper Eq. 6-9) and Alg. 1's choice (Eq. 10)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from refineclip_core.decomposition import HeadId
+from refineclip_core.errorsets import error_pairs
+from refineclip_core.report import score_grid_figure, utility_figure
+from refineclip_core.scores import SCORE_SPECS
+from studio_ui.state import (ablate_heads, inspect_head, pair_spec, protocol, set_ablate_heads, set_inspect_head,
+                             set_protocol)
+from studio_ui.widgets import PAGES, require_ready
+
+st.title("Which heads push the model toward the wrong class?")
+st.caption("For an error pair (true y → predicted ŷ), each head's direct effect compares how much replacing its "
+           "contribution moves images toward y versus ŷ (paper Eq. 6–9). DE_A and DE_C: highest = most "
+           "suspicious; DE_B and DE_D: lowest. Click a square to inspect that head.")
+ready = require_ready()
+cache, eng = ready.cache, ready.engine
+classes = cache.classes
+proto = protocol()
+
+# --- controls ---------------------------------------------------------------------------------
+pairs = error_pairs(eng.base_predictions, cache.labels)
+pair_options = {"auto": "largest error pair (auto)", "both": "largest pair, both directions"}
+for p in pairs:
+    pair_options[pair_spec(p.true, p.pred, classes)] = f"{p.label(classes)} ({p.count} images)"
+if proto.pair not in pair_options:
+    pair_options[proto.pair] = proto.pair.replace(":", " → ")
+n_heads_total = len(cache.manifest.layers) * cache.manifest.n_heads
+with st.form("heads_controls"):
+    c = st.columns([3, 1, 1, 1, 1])
+    pair = c[0].selectbox("Error pair", list(pair_options), format_func=pair_options.get,
+                          index=list(pair_options).index(proto.pair), key="heads_pair")
+    n = c[1].number_input("Samples per class", 1, 10_000, proto.samples_per_class or 10, key="heads_n",
+                          help="Labelled images drawn per class of the pair (paper: 10), from the val split if "
+                               "there is one, else train, else all images.")
+    seed = c[2].number_input("Seed", 0, 1_000_000, proto.seed, key="heads_seed")
+    top_t = c[3].number_input("Top-T", 1, n_heads_total, min(proto.top_t, n_heads_total), key="heads_top_t",
+                              help="Length of each score's candidate list in Alg. 1.")
+    sim = c[4].selectbox("Similarity", ["cosine", "dot"], index=["cosine", "dot"].index(proto.similarity),
+                         key="heads_sim", help="With 'dot', DE_A = −DE_B and DE_C = −DE_D exactly (Proposition 1).")
+    if st.form_submit_button("Score the heads", type="primary"):
+        set_protocol(pair=pair, samples_per_class=int(n), seed=int(seed), top_t=int(top_t), similarity=sim)
+        st.session_state.pop("ablate_heads", None)
+        st.rerun()
+
+ident = ready.ident()
+sel = ident.selection
+set_text = "; ".join(f"{k}: W={s.sizes()['W']}, C={s.sizes()['C']}, A={s.sizes()['A']}" for k, s in ident.sets.items())
+st.caption(f"{len(ident.sample_rows)} labelled samples · {set_text} · W = misclassified as ŷ, C = correct images "
+           f"of y, A = correct images of ŷ.")
+
+# --- score maps --------------------------------------------------------------------------------
+selected = inspect_head()
+
+
+def _on_click(key: str) -> None:
+    state = st.session_state.get(key)
+    points = (state or {}).get("selection", {}).get("points", []) if state else []
+    if points:
+        p = points[0]
+        set_inspect_head(HeadId(int(p["y"]), int(p["x"])))
+
+
+names = list(ident.scores)
+for start in range(0, len(names), 2):
+    cols = st.columns(2)
+    for col, name in zip(cols, names[start:start + 2]):
+        s = ident.scores[name]
+        with col:
+            if not s.available:
+                st.markdown(f"**{name}**")
+                outer = SCORE_SPECS[name.split('[')[0]][0]
+                st.info(f"{name} is unavailable: {s.reason or f'set {outer} is empty'}. It averages over set "
+                        f"{outer}; draw more samples or pick another pair to fill it.", icon=":material/info:")
+                continue
+            key = f"grid_{names.index(name)}"
+            fig = score_grid_figure(s.values, s.layers, name, s.descending, chosen=ident.heads, selected=selected,
+                                    n_heads=cache.manifest.n_heads)
+            st.plotly_chart(fig, key=key, on_select=lambda key=key: _on_click(key), selection_mode="points",
+                            width="content", theme=None, config={"displayModeBar": False})
+            if s.reason:
+                st.caption(s.reason)
+
+st.caption("White dot: chosen by Alg. 1 · gold border: the head selected for the inspector · hover for values.")
+if selected is not None and selected.layer in cache.manifest.layers:
+    vals = {name: s.value(selected) for name, s in ident.scores.items() if s.available}
+    ranks = {name: s.ranking().index(selected) + 1 for name, s in ident.scores.items() if s.available}
+    st.markdown(f"**Selected head {selected}** — " + " · ".join(
+        f"{k} = {v:.4g} (rank {ranks[k]})" for k, v in vals.items()))
+    st.page_link(PAGES["inspector"], label=f"Inspect {selected} →", icon=":material/search:")
+
+# --- Alg. 1 -------------------------------------------------------------------------------------
+st.subheader("Choosing the heads (Alg. 1)")
+if not sel.curves:
+    st.warning("No score is available for this pair, so Alg. 1 has nothing to choose from.")
+    st.stop()
+st.plotly_chart(utility_figure(sel.curves, sel.baseline_utility, sel.score, sel.t, sel.candidates),
+                key="heads_utility")
+if sel.score:
+    st.markdown(f"Alg. 1 picks the first **{sel.t}** heads of **{sel.score}**: "
+                f"**{', '.join(str(h) for h in sel.heads)}** (utility {sel.utility:.4f} vs. "
+                f"{sel.baseline_utility:.4f} with no head removed).")
+st.markdown("**Top-T candidate lists**")
+st.dataframe(pd.DataFrame({name: [str(h) for h in lst] + [""] * (max(map(len, sel.candidates.values())) - len(lst))
+                           for name, lst in sel.candidates.items()}).rename_axis("rank").rename(lambda i: i + 1),
+             height=min(38 * (len(next(iter(sel.candidates.values()))) + 1), 300))
+
+c = st.columns([1, 2, 2])
+avail = list(sel.candidates)
+score_choice = c[0].selectbox("Set from score", avail, index=avail.index(sel.score) if sel.score in avail else 0,
+                              key="heads_set_score")
+cands = sel.candidates[score_choice]
+t_default = sel.t if score_choice == sel.score else 1
+t_choice = c[1].slider("Number of heads t", 1, len(cands), min(t_default, len(cands)), key="heads_set_t")
+chosen = cands[:t_choice]
+c[2].markdown(f"Set: **{', '.join(str(h) for h in chosen)}**")
+if st.button("Use this set", type="primary", key="heads_use_set"):
+    set_ablate_heads(chosen)
+    for k in list(st.session_state.keys()):
+        if str(k).startswith("abl_"):
+            del st.session_state[k]
+    st.session_state.pop("refine", None)
+current = ablate_heads()
+if current is not None:
+    st.success(f"Head set for Ablate and Refine: {', '.join(str(h) for h in current) or 'none'}", icon=":material/check_circle:")
+    st.page_link(PAGES["ablate"], label="Try it on the Ablate page →", icon=":material/content_cut:")

@@ -1,0 +1,132 @@
+"""Shared, read-only resources behind ``st.cache_resource``: loaded models, opened feature
+caches, ablation engines, identifications and text-pool embeddings.
+
+Everything is keyed by strings (a model spec's JSON, a cache folder and its fingerprint, a
+:class:`~studio_ui.state.Source` key), so reruns, page switches and other browser sessions
+on the same data reuse the same objects. Arguments starting with ``_`` are not hashed.
+Nothing returned here may be mutated by a page.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from refineclip_core.ablation import AblationEngine
+from refineclip_core.cache import FeatureCache, read_manifest
+from refineclip_core.demo_session import studio_home, with_prompts
+from refineclip_core.errors import CacheError
+from refineclip_core.models import LoadedModel, ModelSpec, load_model
+from refineclip_core.pipeline import Identification, ProtocolConfig, identify, make_engine
+from refineclip_core.zeroshot import predict
+
+from .state import Source
+
+TEXT_POOL = Path(__file__).resolve().parent.parent / "assets" / "text_pool.txt"
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def model(spec_json: str) -> LoadedModel:
+    return load_model(ModelSpec(**json.loads(spec_json)))
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _feature_cache(cache_dir: str, fingerprint: str, spec_json: str, classes: tuple | None,
+                   templates: tuple | None) -> FeatureCache:
+    cache = FeatureCache(cache_dir)
+    needs_text = (classes is not None and list(classes) != cache.classes) or (
+        templates is not None and list(templates) != list(cache.manifest.templates))
+    loaded = model(spec_json) if needs_text else None
+    return with_prompts(cache, loaded, classes, templates)
+
+
+def feature_cache(source: Source) -> FeatureCache:
+    """The source's cache with its prompts (re-opened when the folder is re-extracted)."""
+    man = read_manifest(source.cache_dir)
+    if man is None or not man.complete:
+        raise CacheError(f"The feature cache '{source.cache_dir}' is missing or incomplete; load the images again.")
+    return _feature_cache(source.cache_dir, man.fingerprint, source.spec_json, source.classes, source.templates)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _engine(key: str, _cache: FeatureCache) -> AblationEngine:
+    return make_engine(_cache)
+
+
+def engine(source: Source, cache: FeatureCache) -> AblationEngine:
+    """One :class:`AblationEngine` per cache and prompts (built once, shared read-only)."""
+    return _engine(source.key + read_manifest(source.cache_dir).fingerprint, cache)
+
+
+@st.cache_resource(show_spinner="Scoring every head (DE_A..DE_D) and running Alg. 1…", max_entries=64)
+def _identification(key: str, protocol_json: str, _cache: FeatureCache, _engine: AblationEngine) -> Identification:
+    return identify(_cache, ProtocolConfig(**json.loads(protocol_json)), _engine)
+
+
+def identification(source: Source, cache: FeatureCache, eng: AblationEngine, cfg: ProtocolConfig) -> Identification:
+    key = source.key + read_manifest(source.cache_dir).fingerprint
+    return _identification(key, json.dumps(cfg.to_dict(), sort_keys=True), cache, eng)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _zero_shot(key: str, _cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
+    return predict(np.asarray(_cache.embeddings), _cache.text, _cache.logit_scale)
+
+
+def zero_shot(source: Source, cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-shot predictions and class probabilities (softmax of logit_scale·cos) per image."""
+    return _zero_shot(source.key + read_manifest(source.cache_dir).fingerprint, cache)
+
+
+@st.cache_resource(show_spinner="Embedding the description pool for TextSpan…", max_entries=4)
+def text_pool(spec_json: str, pool_path: str = str(TEXT_POOL)) -> tuple[list[str], np.ndarray]:
+    from refineclip_core.textspan import encode_text_pool, load_text_pool
+
+    texts = load_text_pool(pool_path)
+    emb = encode_text_pool(model(spec_json), texts, cache_path=studio_home() / "text-pools")
+    return texts, emb
+
+
+@st.cache_resource(show_spinner=False, max_entries=1)
+def open_clip_models() -> list[str]:
+    import open_clip
+
+    return sorted(open_clip.list_models())
+
+
+@st.cache_data(show_spinner=False, max_entries=2000)
+def thumbnail(path: str, size: int = 144) -> bytes | None:
+    """A PNG thumbnail (nearest-neighbour upscaled for tiny images), or None if unreadable."""
+    import io
+
+    from PIL import Image
+
+    from refineclip_core.data import load_image
+    from refineclip_core.errors import ImageLoadError
+
+    try:
+        img = load_image(path)
+    except (ImageLoadError, OSError):
+        return None
+    scale = size / max(img.size)
+    resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _findings(key: str, protocol_json: str, _cache: FeatureCache, _ident: Identification, _engine: AblationEngine):
+    from refineclip_core.report import findings
+
+    return findings(_cache, _ident, _engine)
+
+
+def findings(source: Source, cache: FeatureCache, eng: AblationEngine, ident: Identification):
+    """The headline numbers of :func:`refineclip_core.report.findings` (computed once)."""
+    key = source.key + read_manifest(source.cache_dir).fingerprint
+    return _findings(key, json.dumps(ident.config.to_dict(), sort_keys=True), cache, ident, eng)

@@ -1,0 +1,125 @@
+"""What every page shares: the sidebar summary and the automatic demo on first visit."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import streamlit as st
+
+from refineclip_core.extraction import ExtractionCancelled
+from refineclip_core.models import ModelSpec
+
+from .jobs import start_job
+from .state import Source, get_source, inspect_head, protocol, set_source
+from .widgets import follow_job, show_exception
+
+
+DEMO_DIR_ENV = "REFINECLIP_DEMO_MODEL_DIR"
+#: Images per bird group (and per other class) in each split of the held-out demo sample.
+DEMO_N_ENV = "REFINECLIP_DEMO_N"
+
+
+def app_icon():
+    """A small favicon drawn locally (a material-symbol icon would be fetched from the internet)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    d = ImageDraw.Draw(img)
+    d.rounded_rectangle((2, 2, 62, 62), radius=14, fill=(255, 75, 75, 255))
+    for i, x in enumerate((14, 32, 50)):
+        for j, y in enumerate((14, 32, 50)):
+            d.rectangle((x - 7, y - 7, x + 7, y + 7), fill=(255, 255, 255, 255 if (i + j) % 2 else 150))
+    return img
+
+
+def demo_spec() -> ModelSpec:
+    """The embedded demo model: ``assets/demo``, or the folder named by ``$REFINECLIP_DEMO_MODEL_DIR``
+    (a retrained demo), or a stand-in spec a test put in ``session_state['demo_spec']``."""
+    if st.session_state.get("demo_spec") is not None:
+        return st.session_state["demo_spec"]
+    folder = os.environ.get(DEMO_DIR_ENV)
+    if folder:
+        from refineclip_core.models import DEMO_MODEL_NAME
+
+        return ModelSpec("demo", checkpoint=str(Path(folder) / f"{DEMO_MODEL_NAME}.safetensors"),
+                         model_config=str(Path(folder) / f"{DEMO_MODEL_NAME}.json"))
+    return ModelSpec("demo")
+
+
+def demo_available(spec: ModelSpec) -> bool:
+    r = spec.resolved()
+    return bool(r.checkpoint and Path(r.checkpoint).is_file() and (not r.model_config or Path(r.model_config).is_file()))
+
+
+def start_demo_job() -> None:
+    """Prepare the demo (images once, then extraction, resumable) in the background."""
+    from refineclip_core.demo_session import DEMO_N_PER_GROUP, prepare_demo
+
+    from . import resources
+
+    spec = demo_spec()
+    loaded = resources.model(json.dumps(asdict(spec), sort_keys=True))
+    n = int(st.session_state.get("demo_n_per_group") or os.environ.get(DEMO_N_ENV) or DEMO_N_PER_GROUP)
+    st.session_state["demo_job"] = start_job(
+        "Preparing the embedded demo",
+        lambda progress, cancelled: prepare_demo(loaded=loaded, progress=progress, cancel=cancelled, spec=spec,
+                                                 n_per_group=n))
+
+
+def ensure_source() -> None:
+    """With nothing loaded, open on the embedded demo (prepared automatically, with progress)."""
+    if get_source() is not None:
+        return
+    job = st.session_state.get("demo_job")
+    if job is None:
+        spec = demo_spec()
+        if not demo_available(spec):
+            st.warning("The embedded demo model is not installed (assets/demo is missing), so nothing is loaded "
+                       "yet. Choose a model and images on the Load page.", icon=":material/inventory_2:")
+            return
+        try:
+            start_demo_job()
+        except Exception as exc:
+            st.session_state["demo_job_failed"] = True
+            show_exception(exc, "Loading the demo model")
+            return
+        job = st.session_state["demo_job"]
+    if job.handled:
+        return
+    st.markdown("#### Welcome to RefineCLIP Studio")
+    st.caption("First visit: drawing a held-out sample of the demo world and extracting every attention head's "
+               "contribution (this happens once; later visits reuse the cache).")
+    follow_job(job, "Preparing the embedded demo model and its held-out images", cancel_key="demo_cancel")
+    job.handled = True
+    if job.error is not None:
+        if isinstance(job.error, ExtractionCancelled):
+            st.info(f"{job.error} Open the Load page to prepare the demo again or to choose other data.")
+        else:
+            show_exception(job.error, "Preparing the demo")
+        return
+    prepared = job.result
+    set_source(Source(spec=prepared.spec, data_root=str(prepared.data_dir), cache_dir=str(prepared.cache_dir),
+                      label=prepared.label, is_demo=True))
+    st.rerun()
+
+
+def sidebar() -> None:
+    src = get_source()
+    with st.sidebar:
+        st.markdown("### RefineCLIP Studio")
+        if src is None:
+            st.caption("Nothing loaded yet.")
+            return
+        st.caption(src.label)
+        proto = protocol()
+        if proto.pair not in ("auto", "both"):
+            st.caption(f"Error pair: **{proto.pair.replace(':', ' → ')}**")
+        head = inspect_head()
+        if head is not None:
+            st.caption(f"Inspecting head **{head}**")
+        heads = st.session_state.get("ablate_heads")
+        if heads:
+            st.caption("Head set: " + ", ".join(f"L{l}.H{h}" for l, h in heads))

@@ -1,0 +1,158 @@
+"""Small widgets shared by the pages: readable errors, job progress, the context banner and
+image galleries."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import streamlit as st
+
+from refineclip_core.ablation import AblationEngine
+from refineclip_core.cache import FeatureCache
+from refineclip_core.errors import RefineClipError
+from refineclip_core.extraction import ExtractionCancelled
+from refineclip_core.models import LoadedModel
+from refineclip_core.pipeline import Identification
+
+from . import resources
+from .jobs import Job, format_seconds
+from .state import Source, get_source, protocol
+
+log = logging.getLogger("refineclip.studio")
+
+PAGES = {
+    "load": "pages/load.py",
+    "errors": "pages/errors.py",
+    "heads": "pages/heads.py",
+    "inspector": "pages/inspector.py",
+    "ablate": "pages/ablate.py",
+    "refine": "pages/refine.py",
+}
+
+
+def short_error(exc: BaseException) -> str:
+    """One readable line for an unexpected exception (the traceback goes to the server log)."""
+    text = str(exc).strip().splitlines()
+    msg = text[0][:240] if text else ""
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def show_exception(exc: BaseException, what: str = "This step") -> None:
+    if isinstance(exc, RefineClipError):
+        st.error(str(exc), icon=":material/warning:")
+        return
+    log.error("%s failed", what, exc_info=exc)
+    st.error(f"{what} failed unexpectedly ({short_error(exc)}). The details are in the server log.", icon=":material/dangerous:")
+
+
+@contextlib.contextmanager
+def guard(what: str = "This step", stop: bool = False) -> Iterator[None]:
+    """Show any error raised inside as an ``st.error`` line (never a traceback); with
+    ``stop`` the page ends there."""
+    try:
+        yield
+    except Exception as exc:  # Streamlit's rerun/stop signals are BaseExceptions and pass through
+        show_exception(exc, what)
+        if stop:
+            st.stop()
+
+
+def call(fn: Callable[..., Any], *args, what: str = "This step", **kwargs) -> Any:
+    """``fn(*args, **kwargs)``, or an error message and the end of the page."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        show_exception(exc, what)
+        st.stop()
+
+
+@dataclass
+class Ready:
+    """What every analysis page needs: the source, its cache and the ablation engine."""
+
+    source: Source
+    cache: FeatureCache
+    engine: AblationEngine
+
+    def ident(self, cfg=None) -> Identification:
+        return call(resources.identification, self.source, self.cache, self.engine, cfg or protocol(),
+                    what="Scoring the heads")
+
+    def loaded(self) -> LoadedModel:
+        return call(resources.model, self.source.spec_json, what="Loading the model")
+
+
+def require_ready() -> Ready:
+    """The session's loaded data, or a pointer to the Load page and the end of this page."""
+    source = get_source()
+    if source is None:
+        st.info("No model and images are loaded yet. Choose them on the Load page.")
+        st.page_link(PAGES["load"], label="Go to Load", icon=":material/upload_file:")
+        st.stop()
+    cache = call(resources.feature_cache, source, what="Opening the feature cache")
+    eng = call(resources.engine, source, cache, what="Preparing the ablation engine")
+    return Ready(source, cache, eng)
+
+
+def follow_job(job: Job, title: str, cancel_key: str = "job_cancel") -> None:
+    """Draw a running job's progress (stage, bar, counts, ETA) until it finishes.
+
+    The Cancel button is drawn first so it can be clicked while the loop runs: the click
+    reruns the page, which calls ``job.cancel()`` here and keeps following until the
+    worker has stopped at its next batch.
+    """
+    slot = st.empty()
+    if not job.finished and not job.cancel_requested:
+        if slot.button("Cancel", key=cancel_key, icon=":material/close:"):
+            job.cancel()
+    state_label = "Cancelling…" if job.cancel_requested else title
+    with st.status(state_label, expanded=True) as status:
+        line = st.empty()
+        bar = st.progress(0.0)
+        while True:
+            finished = job.finished
+            eta = job.eta_seconds()
+            counts = f"{job.done} / {job.total}" if job.total else ""
+            extra = "" if finished else f" · about {format_seconds(eta)} left"
+            line.markdown(f"**{job.stage}** {counts}{extra} · elapsed {format_seconds(job.elapsed())}")
+            bar.progress(job.fraction if not finished or job.error else 1.0)
+            if finished:
+                break
+            time.sleep(0.25)
+        slot.empty()
+        if isinstance(job.error, ExtractionCancelled):
+            status.update(label=f"{job.name}: cancelled (finished parts are kept)", state="complete", expanded=True)
+        elif job.error is not None:
+            status.update(label=f"{job.name}: stopped", state="error", expanded=True)
+        else:
+            status.update(label=f"{job.name}: done in {format_seconds(job.elapsed())}", state="complete",
+                          expanded=False)
+
+
+def image_grid(items: Sequence[tuple[str, str]], columns: int = 6, size: int = 144) -> None:
+    """Thumbnails with captions, ``columns`` per row; unreadable files show a note."""
+    if not items:
+        return
+    for start in range(0, len(items), columns):
+        cols = st.columns(columns)
+        for col, (path, caption) in zip(cols, items[start:start + columns]):
+            data = resources.thumbnail(path, size)
+            with col:
+                if data is None:
+                    st.caption(f"(unreadable) {caption}")
+                else:
+                    st.image(data, caption=caption, width=size)
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def delta_pts(new: float | None, old: float | None) -> str | None:
+    if new is None or old is None:
+        return None
+    return f"{100 * (new - old):+.1f} pts"

@@ -1,0 +1,456 @@
+"""The dashboard, page by page, with ``streamlit.testing`` (no browser), plus its core helpers
+(:mod:`refineclip_core.report`, :mod:`refineclip_core.demo_session`).
+
+Every page runs on the embedded demo when its checkpoint is installed, otherwise on a stand-in
+built in seconds by the demo trainer's ``--quick`` mode; either way the held-out demo sample
+is kept small (4 images per group and split) and lives in a temporary ``REFINECLIP_HOME``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from refineclip_core.cache import FeatureCache
+from refineclip_core.decomposition import HeadId
+from refineclip_core.errors import DataError
+from refineclip_core.models import DEMO_DIR, DEMO_MODEL_NAME, ModelSpec
+
+from .conftest import make_image
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+N_PER_GROUP = 4
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A private studio home (``REFINECLIP_HOME``) and allowed roots for typed server paths."""
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("studio-home")
+    mp.setenv("REFINECLIP_HOME", str(path))
+    mp.setenv("REFINECLIP_ALLOWED_ROOTS", str(tmp_path_factory.getbasetemp()))
+    mp.delenv("REFINECLIP_DEMO_MODEL_DIR", raising=False)
+    mp.delenv("REFINECLIP_DEMO_N", raising=False)
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def demo_spec(tmp_path_factory) -> ModelSpec:
+    """The embedded demo model, or a quick stand-in of the same family when it is not installed."""
+    if (DEMO_DIR / f"{DEMO_MODEL_NAME}.safetensors").is_file() and (DEMO_DIR / f"{DEMO_MODEL_NAME}.json").is_file():
+        return ModelSpec("demo")
+    from refineclip_core.demo.train import main
+
+    out = tmp_path_factory.mktemp("demo-standin")
+    main(["--out", str(out), "--quick", "--threads", "1"])
+    return ModelSpec("demo", checkpoint=str(out / f"{DEMO_MODEL_NAME}.safetensors"),
+                     model_config=str(out / f"{DEMO_MODEL_NAME}.json"))
+
+
+def fresh_app(spec: ModelSpec) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["demo_spec"] = spec
+    at.session_state["demo_n_per_group"] = N_PER_GROUP
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+@pytest.fixture(scope="module")
+def app(home, demo_spec) -> AppTest:
+    """One browser session that opened on the demo (shared by the page tests, in order)."""
+    at = fresh_app(demo_spec)
+    at.run()
+    return at
+
+
+def open_page(at: AppTest, name: str) -> AppTest:
+    at.switch_page(f"pages/{name}.py")
+    at.run()
+    assert_clean(at)
+    return at
+
+
+def cache_and_ident(at: AppTest):
+    from refineclip_core.pipeline import ProtocolConfig, identify
+
+    src = at.session_state["source"]
+    cache = FeatureCache(src.cache_dir)
+    proto = at.session_state["protocol"] if "protocol" in at.session_state else None
+    return cache, identify(cache, ProtocolConfig(**proto) if proto else ProtocolConfig())
+
+
+# ------------------------------------------------------------------------------------------------
+# First visit and pages
+
+def test_first_visit_opens_on_the_demo_with_findings(app):
+    assert_clean(app)
+    src = app.session_state["source"]
+    assert src.is_demo and Path(src.cache_dir, "manifest.json").is_file()
+    cache = FeatureCache(src.cache_dir)
+    # a balanced held-out sample: val and test, 4 per bird group and per other class
+    assert sorted(set(cache.splits.tolist())) == ["test", "val"]
+    assert len(cache) == 2 * N_PER_GROUP * (4 + 6)
+    assert "Findings at a glance" in [h.value for h in app.subheader]
+    labels = [m.label for m in app.metric]
+    assert "Zero-shot accuracy" in labels
+    # the headline accuracy equals the cached zero-shot accuracy on the held-out rows
+    _, ident = cache_and_ident(app)
+    pred = (np.asarray(cache.embeddings, dtype=np.float64) @ cache.text.T).argmax(1)
+    acc = (pred[ident.eval_rows] == cache.labels[ident.eval_rows]).mean()
+    shown = next(m.value for m in app.metric if m.label == "Zero-shot accuracy")
+    assert shown == f"{100 * acc:.1f}%"
+
+
+def test_second_session_reuses_the_prepared_demo(home, demo_spec, app):
+    at = fresh_app(demo_spec)
+    at.run()
+    assert_clean(at)
+    assert at.session_state["source"].cache_dir == app.session_state["source"].cache_dir
+
+
+def test_errors_page_and_choosing_a_pair(app):
+    at = open_page(app, "errors")
+    assert at.title[0].value.startswith("Where does the model go wrong")
+    assert at.get("plotly_chart"), "confusion matrix missing"
+    pair_box = at.selectbox(key="err_pair")
+    assert len(pair_box.options) >= 1
+    choice = pair_box.options[-1]
+    pair_box.set_value(choice).run()
+    assert_clean(at)
+    cache = FeatureCache(at.session_state["source"].cache_dir)
+    true_name, pred_name = choice.split("  (")[0].split(" → ")
+    stored = at.session_state["protocol"]["pair"]
+    assert stored.replace(":", " → ") == f"{true_name} → {pred_name}" or stored == \
+        f"{cache.classes.index(true_name)}:{cache.classes.index(pred_name)}"
+    at.checkbox(key="err_only_pair").uncheck().run()
+    assert_clean(at)
+    assert at.image, "no misclassified images shown"
+
+
+def test_heads_page_scores_sets_and_handoff(app):
+    at = open_page(app, "heads")
+    cache, ident = cache_and_ident(at)
+    available = [n for n, s in ident.scores.items() if s.available]
+    unavailable = [n for n, s in ident.scores.items() if not s.available]
+    assert len(at.get("plotly_chart")) == len(available) + 1  # one map per score + the utility curves
+    infos = " ".join(i.value for i in at.info)
+    for name in unavailable:
+        assert f"{name} is unavailable" in infos
+    # recompute with another seed through the form
+    at.number_input(key="heads_seed").set_value(3)
+    at.button[0].click().run()  # the form's submit button comes first
+    assert_clean(at)
+    assert at.session_state["protocol"]["seed"] == 3
+    _, ident = cache_and_ident(at)
+    # hand a set to the Ablate page
+    score = at.selectbox(key="heads_set_score").value
+    t = at.slider(key="heads_set_t").value
+    at.button(key="heads_use_set").click().run()
+    assert_clean(at)
+    assert at.session_state["ablate_heads"] == [(h.layer, h.head) for h in ident.selection.candidates[score][:t]]
+
+
+def test_head_inspector_textspan_and_gradcam(app):
+    at = open_page(app, "inspector")
+    assert at.title[0].value == "Head inspector"
+    head = HeadId(*at.session_state["inspect_head"])
+    cache = FeatureCache(at.session_state["source"].cache_dir)
+    assert head.layer in cache.manifest.layers
+    assert len(at.dataframe) >= 1, "TextSpan table missing"
+    # pick another head with the pickers
+    other = (head.head + 1) % cache.manifest.n_heads
+    at.selectbox(key="insp_head").set_value(other).run()
+    assert_clean(at)
+    assert tuple(at.session_state["inspect_head"]) == (head.layer, other)
+    open_page(at, "errors")
+    open_page(at, "inspector")  # coming back keeps the head (widget state is dropped while away)
+    assert at.selectbox(key="insp_head").value == other and at.selectbox(key="insp_layer").value == head.layer
+    n_imgs_before = len(at.image)
+    at.button(key="insp_cam_btn").click().run()
+    assert_clean(at)
+    chosen = at.multiselect(key="insp_cam_rows").value
+    assert len(at.image) == n_imgs_before + 3 * len(chosen)
+
+
+def test_ablate_page_toggles_match_independent_arithmetic(app):
+    at = open_page(app, "ablate")
+    cache, ident = cache_and_ident(at)
+    layers, H = list(cache.manifest.layers), cache.manifest.n_heads
+    suggested = {tuple(h) for h in at.session_state["ablate_heads"]} if "ablate_heads" in at.session_state \
+        else {(h.layer, h.head) for h in ident.heads}
+    ticked = {(l, h) for l in layers for h in range(H) if at.checkbox(key=f"abl_{l}_{h}").value}
+    assert ticked == suggested
+    at.button(key="abl_clear").click().run()
+    assert_clean(at)
+    assert not any(at.checkbox(key=f"abl_{l}_{h}").value for l in layers for h in range(H))
+    assert next(m.value for m in at.metric if m.label == "Predictions changed") == "0"
+    # tick one head: the shown accuracy equals E − c_h computed here from the raw arrays
+    target = HeadId(layers[-1], H - 1)
+    at.checkbox(key=f"abl_{target.layer}_{target.head}").check().run()
+    assert_clean(at)
+    E = np.asarray(cache.embeddings, dtype=np.float64) - np.asarray(cache.heads, dtype=np.float64)[:, -1, H - 1]
+    pred = (E @ cache.text.T.astype(np.float64)).argmax(1)
+    rows = ident.eval_rows
+    expected = (pred[rows] == cache.labels[rows]).mean()
+    assert next(m.value for m in at.metric if m.label == "Accuracy") == f"{100 * expected:.1f}%"
+    at.button(key="abl_verify").click().run()
+    assert_clean(at)
+    assert any("predictions agree on every image" in s.value for s in at.success)
+
+
+def test_refine_page_runs_compares_and_offers_downloads(app):
+    at = open_page(app, "refine")
+    at.number_input(key="ref_steps").set_value(30)
+    at.button[0].click().run()  # "Run refinement" (the form's submit button)
+    assert_clean(at)
+    res = at.session_state["refine"]
+    methods = res["outcome"].report.reports
+    assert {"zero-shot", "ablated", "refineclip-diag", "standard-finetune", "tip-adapter"} <= set(methods)
+    assert len(res["outcome"].refinement.history["total"]) == 30
+    assert len(at.get("download_button")) == 3
+    ckpt = Path(res["checkpoint"])
+    assert ckpt.is_file() and ckpt.stat().st_size > 0
+    report = res["report"]
+    json.loads(json.dumps(report, allow_nan=False))
+    assert report["heads"] == [h.as_list() for h in res["outcome"].heads]
+
+
+def test_pages_without_data_point_to_load(home):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["demo_spec"] = ModelSpec("demo", checkpoint=str(home / "missing.safetensors"),
+                                              model_config=str(home / "missing.json"))
+    at.run()
+    assert not at.exception
+    assert any("demo model is not installed" in w.value for w in at.warning)
+    at.switch_page("pages/heads.py").run()
+    assert not at.exception
+    assert any("No model and images are loaded" in i.value for i in at.info)
+
+
+# ------------------------------------------------------------------------------------------------
+# Load page
+
+def _choose_checkpoint_paths(at: AppTest, tiny_model_files) -> None:
+    at.radio(key="load_model_kind").set_value("Local checkpoint").run()
+    at.radio(key="load_ckpt_where").set_value("Path on the server").run()
+    at.text_input(key="load_ckpt_path").input(str(tiny_model_files["checkpoint"])).run()
+    at.selectbox(key="load_ckpt_arch").set_value("(custom config JSON)").run()
+    at.radio(key="load_cfg_where").set_value("Path on the server").run()
+    at.text_input(key="load_cfg_path").input(str(tiny_model_files["config"])).run()
+
+
+def test_load_folder_with_local_checkpoint_extracts_and_switches(home, demo_spec, tiny_model_files, image_folder):
+    at = fresh_app(demo_spec)
+    at.run()
+    _choose_checkpoint_paths(at, tiny_model_files)
+    at.radio(key="load_data_kind").set_value("Folder on the server").run()
+    at.text_input(key="load_folder").input(str(image_folder)).run()
+    assert_clean(at)
+    at.button(key="load_scan_btn").click().run()
+    assert_clean(at)
+    assert at.session_state["load_scan"]["dataset"].classes == ["cat", "dog", "fish"]
+    at.text_area(key="load_templates").input("a photo of a {}.\na blurry photo of a {}.").run()
+    at.button(key="load_extract_btn").click().run()
+    assert_clean(at)
+    src = at.session_state["source"]
+    assert not src.is_demo and src.templates == ("a photo of a {}.", "a blurry photo of a {}.")
+    assert "tiny-vit" in src.label
+    cache = FeatureCache(src.cache_dir)
+    assert len(cache) == 18 and cache.group_names
+    # the prompts were re-embedded for the chosen templates
+    from refineclip_core.models import load_model
+    from refineclip_core.zeroshot import class_text_embeddings
+    from studio_ui import resources
+
+    opened = resources.feature_cache(src)
+    expected = class_text_embeddings(load_model(src.spec), ["cat", "dog", "fish"], list(src.templates))
+    np.testing.assert_allclose(opened.text, expected, atol=1e-6)
+    open_page(at, "errors")
+
+
+def test_load_refuses_folders_outside_the_allowed_roots(home, demo_spec):
+    at = fresh_app(demo_spec)
+    at.run()
+    at.radio(key="load_data_kind").set_value("Folder on the server").run()
+    at.text_input(key="load_folder").input("/etc").run()
+    # the demo model is chosen by default, so the scan button is there
+    at.button(key="load_scan_btn").click().run()
+    assert not at.exception
+    assert any("outside the folders this dashboard may read" in e.value for e in at.error)
+    assert "load_scan" not in at.session_state
+
+
+def test_load_zip_upload_scans_and_refuses_unsafe_zips(home, demo_spec, tmp_path):
+    at = fresh_app(demo_spec)
+    at.run()
+    at.radio(key="load_data_kind").set_value("Zip upload").run()
+    buf = io.BytesIO()
+    rng = np.random.default_rng(1)
+    with zipfile.ZipFile(buf, "w") as zf:
+        for cls, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+            for i in range(3):
+                img = io.BytesIO()
+                make_image(rng, colour).save(img, format="PNG")
+                zf.writestr(f"shapes/{cls}/{i}.png", img.getvalue())
+        zf.writestr("__MACOSX/shapes/._red", b"junk")
+    at.file_uploader(key="load_zip").upload("shapes.zip", buf.getvalue(), "application/zip").run()
+    at.button(key="load_scan_btn").click().run()
+    assert_clean(at)
+    scanned = at.session_state["load_scan"]
+    assert scanned["dataset"].classes == ["blue", "red"] and len(scanned["dataset"]) == 6
+    assert any("macOS" in reason for _, reason in scanned["extra_skipped"])
+
+    bad = io.BytesIO()
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("../escape.png", b"x")
+    at2 = fresh_app(demo_spec)
+    at2.run()
+    at2.radio(key="load_data_kind").set_value("Zip upload").run()
+    at2.file_uploader(key="load_zip").upload("bad.zip", bad.getvalue(), "application/zip").run()
+    at2.button(key="load_scan_btn").click().run()
+    assert not at2.exception
+    assert any("outside the upload folder" in e.value for e in at2.error)
+
+
+# ------------------------------------------------------------------------------------------------
+# Core helpers behind the pages
+
+def test_write_demo_data_is_balanced_and_idempotent(tmp_path):
+    from refineclip_core.data import load_dataset
+    from refineclip_core.demo_session import write_demo_data
+
+    out = write_demo_data(tmp_path / "demo", seed=7, n_per_group=2)
+    ds = load_dataset(out)
+    assert len(ds) == 2 * 2 * 10
+    counts = {}
+    for r in ds.records:
+        counts[(r.group, r.split)] = counts.get((r.group, r.split), 0) + 1
+    assert set(counts.values()) == {2} and len(counts) == 2 * 10
+    stamp = (out / "metadata.csv").stat().st_mtime_ns
+    assert write_demo_data(out, seed=7, n_per_group=2) == out
+    assert (out / "metadata.csv").stat().st_mtime_ns == stamp
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_with_prompts_reembeds_text_only(tiny_model_files, image_folder, tmp_path):
+    from refineclip_core.data import load_dataset
+    from refineclip_core.demo_session import with_prompts
+    from refineclip_core.extraction import ExtractionConfig, extract
+    from refineclip_core.models import load_model
+    from refineclip_core.zeroshot import class_text_embeddings
+
+    loaded = load_model(ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
+                                  model_config=str(tiny_model_files["config"])))
+    cache = extract(loaded, load_dataset(image_folder), tmp_path / "c", ExtractionConfig(layers=2, batch_size=8))
+    assert with_prompts(cache, loaded) is cache
+    names = ["kitten", "puppy", "goldfish"]
+    new = with_prompts(cache, loaded, names, ["a drawing of a {}."])
+    assert new.classes == names and cache.classes == ["cat", "dog", "fish"]
+    np.testing.assert_allclose(new.text, class_text_embeddings(loaded, names, ["a drawing of a {}."]), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(new.embeddings), np.asarray(cache.embeddings))
+    with pytest.raises(DataError):
+        with_prompts(cache, loaded, ["a", "a", "b"])
+    with pytest.raises(DataError):
+        with_prompts(cache, loaded, ["a", "b"])
+
+
+def test_score_grid_points_carry_heads_and_values():
+    from refineclip_core.report import score_grid_figure
+
+    values = np.arange(12, dtype=float).reshape(3, 4) - 5
+    fig = score_grid_figure(values, [9, 10, 11], "DE_A", True, chosen=[HeadId(10, 2)], selected=HeadId(9, 0))
+    grid = fig.data[0]
+    assert len(grid.x) == 12
+    for x, y, c, v in zip(grid.x, grid.y, grid.customdata, grid.marker.color):
+        assert (c[0], c[1]) == (y, x)
+        assert v == values[[9, 10, 11].index(y), x]
+    # rank 1 is the highest value for a "highest first" score
+    assert [c for c in grid.customdata if c[2] == 1][0][:2] == [11, 3]
+    assert list(fig.data[1].x) == [2] and list(fig.data[1].y) == [10]  # the chosen-head marker
+    assert grid.marker.cmid == 0
+
+
+def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
+    from refineclip_core.data import load_dataset
+    from refineclip_core.extraction import ExtractionConfig, extract
+    from refineclip_core.models import load_model
+    from refineclip_core.pipeline import identify, run_refinement
+    from refineclip_core.refinement import RefineConfig
+    from refineclip_core.report import findings, method_summary, render_html, write_report
+
+    loaded = load_model(ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
+                                  model_config=str(tiny_model_files["config"])))
+    cache = extract(loaded, load_dataset(image_folder), tmp_path / "c", ExtractionConfig(layers=2, batch_size=8))
+    from refineclip_core.pipeline import ProtocolConfig
+
+    ident = identify(cache, ProtocolConfig(samples_per_class=None))
+    outcome = run_refinement(cache, ident, RefineConfig(steps=20), baselines=True)
+    from refineclip_core.report import build_run_report
+
+    report = build_run_report(cache, ident, outcome, checkpoint={"file": "x.safetensors"})
+    text = json.dumps(report, allow_nan=False)
+    back = json.loads(text)
+    summary = method_summary(back["methods"])
+    assert summary["zero-shot"]["overall"] == pytest.approx(outcome.report.reports["zero-shot"].accuracy)
+    f = findings(cache, ident)
+    labels = cache.labels
+    expected = (np.asarray(cache.embeddings, dtype=np.float64) @ cache.text.T).argmax(1)
+    assert f.accuracy == pytest.approx((expected[ident.eval_rows] == labels[ident.eval_rows]).mean())
+    page = render_html(back)
+    assert "Plotly.newPlot" in page and "plotly.js" in page  # the library is inlined: readable offline
+    assert 'src="https://' not in page
+    assert "Per class" in page and "refineclip-diag" in page and "x.safetensors" in page
+    json_path, html_path = write_report(back, tmp_path / "out")
+    assert json.loads(json_path.read_text()) == back
+    assert "refineclip-diag" in html_path.read_text()
+
+
+def test_cancelled_extraction_job_keeps_shards_and_resumes(tiny_model_files, image_folder, tmp_path):
+    from refineclip_core.cache import read_manifest, shard_is_valid
+    from refineclip_core.data import load_dataset
+    from refineclip_core.demo_session import extract_locked
+    from refineclip_core.extraction import ExtractionCancelled, ExtractionConfig
+    from refineclip_core.models import load_model
+    from studio_ui.jobs import start_job
+
+    loaded = load_model(ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
+                                  model_config=str(tiny_model_files["config"])))
+    dataset = load_dataset(image_folder)
+    cfg = ExtractionConfig(layers=2, batch_size=2, shard_batches=1)   # 9 shards of 2 images
+    out = tmp_path / "cache"
+    seen = []
+
+    def work(progress, cancelled):
+        def cancel_after_two_shards():
+            return len(seen) >= 2 and cancelled()
+
+        def record(stage, done, total):
+            seen.append((stage, done, total))
+            progress(stage, done, total)
+        return extract_locked(loaded, dataset, out, cfg, record, cancel_after_two_shards)
+
+    job = start_job("extract", work)
+    job.cancel()
+    job.wait(60)
+    assert job.finished and isinstance(job.error, ExtractionCancelled)
+    assert job.total == len(dataset) and 0 < job.done < len(dataset)
+    man = read_manifest(out)
+    kept = [i for i in range(man.n_shards) if shard_is_valid(out, i)]
+    assert not man.complete and len(kept) == 2
+    again = start_job("extract", lambda progress, cancelled: extract_locked(loaded, dataset, out, cfg, progress,
+                                                                            cancelled))
+    again.wait(60)
+    assert again.error is None and len(again.result) == len(dataset)
