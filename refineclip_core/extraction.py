@@ -209,6 +209,12 @@ def extract(
             atomic_write_bytes(root / "text.npy", npy_bytes(text))
             atomic_write_json(root / "records.json", records_to_json(dataset.records, dataset.skipped))
             atomic_write_json(root / "manifest.json", asdict(manifest))
+        elif manifest.classes != list(dataset.classes) or manifest.templates != list(cfg.templates):
+            # image features are still valid; only the class prompts changed: refresh the texts
+            atomic_write_bytes(root / "text.npy", npy_bytes(class_text_embeddings(loaded, dataset.classes,
+                                                                                 cfg.templates)))
+            manifest.classes, manifest.templates = list(dataset.classes), list(cfg.templates)
+            atomic_write_json(root / "manifest.json", asdict(manifest))
 
     _on_rank0_then_share(rank, world, prepare)
     manifest = read_manifest(root)

@@ -156,3 +156,17 @@ def test_cli_reference_is_in_sync():
 
     committed = (Path(__file__).resolve().parent.parent / "docs" / "CLI.md").read_text()
     assert committed == render()
+
+
+def test_new_class_names_or_templates_refresh_the_texts_of_a_complete_cache(tiny_model_files, image_folder, tmp_path):
+    out = tmp_path / "cache"
+    flags = [*_model_flags(tiny_model_files), "--data", image_folder, "--out", out]
+    assert _run(["extract", *flags]) == 0
+    before = FeatureCache(out)
+    heads_before = np.array(before.heads)
+    text_before = np.array(before.text)
+    assert _run(["extract", *flags, "--class-names", "kitten,puppy,goldfish", "--template", "a drawing of a {}."]) == 0
+    after = FeatureCache(out)
+    assert after.classes == ["kitten", "puppy", "goldfish"] and after.manifest.templates == ["a drawing of a {}."]
+    assert not np.allclose(after.text, text_before)
+    np.testing.assert_array_equal(np.array(after.heads), heads_before)  # image features reused, not recomputed
