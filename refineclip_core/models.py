@@ -12,8 +12,10 @@ architecture is refused with the mismatching keys named.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import pickle
 import tempfile
@@ -265,7 +267,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
                            model_config=spec_r.model_config)
         pretrained = None
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, device="cpu", weights_only=True)
+        # open_clip warns "initialized randomly" when no tag is given; our checkpoint is loaded next
+        quiet = _quiet_root_logger() if spec_r.checkpoint else contextlib.nullcontext()
+        with quiet:
+            model = open_clip.create_model(name, pretrained=pretrained, device="cpu", weights_only=True)
     except Exception as exc:
         if pretrained:
             raise RefineClipError(
@@ -281,6 +286,18 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
     tokenizer = open_clip.get_tokenizer(name)
     return LoadedModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, model_name=name)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """Silence open_clip's root-logger warnings for the duration (it logs on the root logger)."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _short(exc: BaseException) -> str:
