@@ -17,8 +17,10 @@ The checkpoint loads with plain open_clip::
     model = open_clip.create_model("refineclip-demo", pretrained="assets/demo/refineclip-demo.safetensors")
 
 Training is standard CLIP contrastive learning with one twist: captions are short and
-repeat ("a photo of a waterbird."), so rows of a batch that share a caption are all
-positives of each other (soft targets), instead of being pushed apart as negatives.
+repeat ("a photo of a waterbird.", "a water scene"), so a caption drawn for one image is
+often true of other images in the batch too. Duplicate captions, and more generally every
+caption that is true of an image (the world knows all of them), count as positives of that
+image (soft targets) instead of being pushed apart as false negatives.
 ``--quick`` trains a tiny architecture for a few steps (a smoke test, seconds).
 """
 
@@ -31,6 +33,7 @@ import platform
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,7 +49,7 @@ from .world import (
     UNRELATED_CLASSES,
     WorldConfig,
     WorldSample,
-    captions,
+    caption_families,
     group_name,
     sample_world,
 )
@@ -81,12 +84,18 @@ def default_model_config(quick: bool = False) -> dict[str, Any]:
     }
 
 
+DEFAULT_CAPTION_WEIGHTS: dict[str, float] = {
+    "class_background": 0.25, "class": 0.25, "background": 0.2, "attributes": 0.15, "detail": 0.15,
+}
+"""How often each caption family is drawn (renormalised over the families an image has)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides the trained weights (recorded in ``metadata.json``)."""
 
     seed: int = 0
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -99,6 +108,7 @@ class TrainConfig:
     val_per_group: int = 50
     test_per_group: int = 250
     test_seed_offset: int = 1000
+    caption_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_CAPTION_WEIGHTS))
     world: WorldConfig = field(default_factory=WorldConfig)
     model_config: dict[str, Any] = field(default_factory=default_model_config)
 
@@ -112,51 +122,108 @@ class TrainConfig:
 # Data
 
 
-def images_to_tensor(images: Sequence[Any], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Stack PIL images (already at the model's input size) into a normalised float tensor."""
+def images_to_uint8(images: Sequence[Any]) -> torch.Tensor:
+    """Stack PIL images (already at the model's input size) into a uint8 N×3×H×W tensor."""
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 N×3×H×W → float, scaled to [0, 1] and normalised like open_clip's preprocess."""
+    x = x.float().div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - m) / s
 
 
+def images_to_tensor(images: Sequence[Any], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Stack PIL images (already at the model's input size) into a normalised float tensor."""
+    return normalise(images_to_uint8(images), mean, std)
+
+
 @dataclass
 class CaptionPool:
-    """Unique captions (tokenised once) and, per image, the ids of its candidate captions."""
+    """Unique captions (tokenised once); per image its caption ids by family and the set of
+    all its true captions (used to mark positives across the batch)."""
 
     texts: list[str]
     tokens: torch.Tensor
-    candidates: list[list[int]]
+    candidates: list[dict[str, list[int]]]
+    valid: list[frozenset[int]]
+    weights: dict[str, float]
 
     @classmethod
-    def build(cls, samples: Sequence[WorldSample], tokenizer: Callable, seed: int) -> "CaptionPool":
-        rng = np.random.default_rng([seed, 7])
+    def build(cls, samples: Sequence[WorldSample], tokenizer: Callable, weights: dict[str, float]) -> "CaptionPool":
         index: dict[str, int] = {}
-        candidates = []
+        candidates, valid = [], []
         for sample in samples:
-            ids = []
-            for text in captions(sample, rng):
-                ids.append(index.setdefault(text, len(index)))
-            candidates.append(ids)
+            fams = {f: [index.setdefault(t, len(index)) for t in texts]
+                    for f, texts in caption_families(sample).items()}
+            valid.append(frozenset(i for ids in fams.values() for i in ids))
+            candidates.append({f: ids for f, ids in fams.items() if weights.get(f, 0.0) > 0 and ids})
         texts = list(index)
-        return cls(texts=texts, tokens=tokenizer(texts), candidates=candidates)
+        return cls(texts=texts, tokens=tokenizer(texts), candidates=candidates, valid=valid, weights=dict(weights))
+
+    def positives(self, rows: np.ndarray, caption_ids: np.ndarray) -> torch.Tensor:
+        """``M[i, j] = 1`` when the caption drawn for row ``j`` is true of the image of row ``i``."""
+        return torch.tensor([[float(int(c) in self.valid[int(r)]) for c in caption_ids] for r in rows])
 
     def draw(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One caption id per image row, uniformly among that image's candidates."""
-        return np.array([self.candidates[r][int(rng.integers(len(self.candidates[r])))] for r in rows])
+        """One caption id per image row: a family by weight, then a caption uniformly."""
+        out = np.empty(len(rows), dtype=np.int64)
+        for k, r in enumerate(rows):
+            fams = self.candidates[int(r)]
+            names = list(fams)
+            w = np.array([self.weights[f] for f in names])
+            ids = fams[names[int(rng.choice(len(names), p=w / w.sum()))]]
+            out[k] = ids[int(rng.integers(len(ids)))]
+        return out
+
+
+class CompactTokenEmbedding(torch.nn.Module):
+    """Training stand-in for the text token table: only the rows of tokens that occur.
+
+    The 49,408 × width table dominates the parameter count, but the world's captions use a
+    few hundred tokens. Optimising only those rows gives the same updates (rows of tokens
+    that never occur get no gradient, and embeddings get no weight decay) for a fraction of
+    the optimiser's time. :meth:`write_back` copies the trained rows into the full table.
+    """
+
+    def __init__(self, full: torch.nn.Embedding, used_ids: torch.Tensor) -> None:
+        super().__init__()
+        used = torch.unique(used_ids)
+        remap = torch.zeros(full.num_embeddings, dtype=torch.long)
+        remap[used] = torch.arange(len(used))
+        self.register_buffer("used", used, persistent=False)
+        self.register_buffer("remap", remap, persistent=False)
+        self.weight = torch.nn.Parameter(full.weight.detach()[used].clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(self.remap[ids], self.weight)
+
+    @torch.no_grad()
+    def write_back(self, full: torch.nn.Embedding) -> torch.nn.Embedding:
+        full.weight[self.used] = self.weight.detach()
+        return full
 
 
 def clip_loss_with_duplicates(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                              caption_ids: torch.Tensor) -> torch.Tensor:
-    """Symmetric CLIP loss where rows sharing a caption id are all positives (soft targets)."""
+                              positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP loss with several positives per row (soft targets).
+
+    ``positives[i, j]`` is 1 when text ``j`` describes image ``i``: at least the diagonal and
+    every duplicate caption; here every caption that is true of the image (the same class,
+    the same background kind, ...). Image→text targets spread evenly over a row's positives,
+    text→image targets over a column's.
+    """
     image_emb = F.normalize(image_emb, dim=-1)
     text_emb = F.normalize(text_emb, dim=-1)
     logits = logit_scale * image_emb @ text_emb.t()
-    positives = (caption_ids[:, None] == caption_ids[None, :]).float()
-    targets = positives / positives.sum(dim=1, keepdim=True)
-    loss_i = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
-    loss_t = -(targets * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
+    positives = positives.float()
+    t_img = positives / positives.sum(dim=1, keepdim=True)
+    t_txt = positives.t() / positives.t().sum(dim=1, keepdim=True)
+    loss_i = -(t_img * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t = -(t_txt * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
     return 0.5 * (loss_i + loss_t)
 
 
@@ -261,14 +328,17 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
 
     t0 = time.time()
     pool = sample_world("train", cfg.seed, cfg.pool_per_group, cfg.world, n_unrelated=cfg.pool_unrelated)
-    pool_x = images_to_tensor([s.image for s in pool], mean, std)
-    caps = CaptionPool.build(pool, tokenizer, cfg.seed)
+    pool_u8 = images_to_uint8([s.image for s in pool])
+    caps = CaptionPool.build(pool, tokenizer, cfg.caption_weights)
     val = sample_world("val", cfg.seed, cfg.val_per_group, cfg.world)
     val_x = images_to_tensor([s.image for s in val], mean, std)
-    n_groups = {g: sum(s.group == g for s in pool) for g in TARGET_GROUPS}
+    n_groups = dict(sorted(Counter(s.group for s in pool if s.label in TARGET_CLASSES).items()))
     log(f"train pool: {len(pool)} images ({n_groups}), {len(caps.texts)} distinct captions, "
         f"{time.time() - t0:.1f}s")
 
+    full_table = model.token_embedding
+    prompts = tokenizer([t.format(c) for c in CLASSES for t in ZERO_SHOT_TEMPLATES])
+    model.token_embedding = CompactTokenEmbedding(full_table, torch.cat([caps.tokens.flatten(), prompts.flatten()]))
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=max(cfg.steps, 1), pct_start=cfg.warmup_frac,
@@ -280,12 +350,12 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
         model.train()
         rows = rng.choice(len(pool), size=cfg.batch_size, replace=False)
         cap_ids = caps.draw(rows, rng)
-        images = pool_x[torch.from_numpy(rows)]
-        tokens = caps.tokens[torch.from_numpy(cap_ids)]
+        images = normalise(pool_u8[torch.from_numpy(rows)], mean, std)
+        unique_ids, inverse = np.unique(cap_ids, return_inverse=True)
         img_emb = model.encode_image(images)
-        txt_emb = model.encode_text(tokens)
+        txt_emb = model.encode_text(caps.tokens[torch.from_numpy(unique_ids)])[torch.from_numpy(inverse)]
         scale = model.logit_scale.exp().clamp(max=100.0)
-        loss = clip_loss_with_duplicates(img_emb, txt_emb, scale, torch.from_numpy(cap_ids))
+        loss = clip_loss_with_duplicates(img_emb, txt_emb, scale, caps.positives(rows, cap_ids))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -303,6 +373,7 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
             log(f"step {step}/{cfg.steps} loss {running / n:.3f} ({point['elapsed_s']}s) val: {format_metrics(m)}")
             running = 0.0
     train_s = time.time() - t_train
+    model.token_embedding = model.token_embedding.write_back(full_table)
 
     # save in float16 (keeps the 49,408-token text table small), then evaluate what was saved
     ckpt = out / f"{MODEL_NAME}.safetensors"
@@ -352,11 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m refineclip_core.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (e.g. assets/demo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 1500; 3 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 2000; 3 with --quick)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bias", type=float, default=None, help="training background bias (default 0.95)")
+    p.add_argument("--neutral-frac", type=float, default=None,
+                   help="fraction of training birds on neutral backgrounds (default 0.2)")
     p.add_argument("--detail-scale", type=float, default=None, help="size of the bill/legs cue (default 1.0)")
     p.add_argument("--pool-per-group", type=int, default=None, help="train pool: 2×N images per bird class")
     p.add_argument("--pool-unrelated", type=int, default=None, help="train pool: images per unrelated class")
@@ -371,6 +444,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     world_kw: dict[str, Any] = {}
     if args.bias is not None:
         world_kw["bias"] = args.bias
+    if args.neutral_frac is not None:
+        world_kw["neutral_frac"] = args.neutral_frac
     if args.detail_scale is not None:
         world_kw["detail_scale"] = args.detail_scale
     cfg = TrainConfig(seed=args.seed, lr=args.lr, threads=args.threads, world=WorldConfig(**world_kw))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -124,7 +124,9 @@ SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 class WorldConfig:
     """Knobs of the world. The defaults are the ones the embedded demo model was trained on.
 
-    ``bias``: fraction of training birds on their home background. ``detail_scale``:
+    ``bias``: among training birds on water or land, the fraction on their home background.
+    ``neutral_frac``: fraction of training birds drawn on a neutral background (sky, sand,
+    indoor), where only the bill and legs tell the classes apart. ``detail_scale``:
     multiplies the size of the class cues (bill, legs, feet); 1.0 is the shipped world.
     ``noise``: maximum standard deviation of the Gaussian pixel noise (0–255 scale).
     ``scale_range``: object size multipliers. ``image_size``: output side in pixels.
@@ -132,6 +134,7 @@ class WorldConfig:
 
     image_size: int = 48
     bias: float = 0.95
+    neutral_frac: float = 0.2
     detail_scale: float = 1.0
     noise: float = 8.0
     scale_range: tuple[float, float] = (0.8, 1.2)
@@ -139,6 +142,8 @@ class WorldConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.bias <= 1.0:
             raise ValueError(f"bias must be in [0, 1], got {self.bias}")
+        if not 0.0 <= self.neutral_frac < 1.0:
+            raise ValueError(f"neutral_frac must be in [0, 1), got {self.neutral_frac}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be at least 8, got {self.image_size}")
         if self.detail_scale <= 0:
@@ -170,7 +175,10 @@ class WorldSample:
 
 
 def group_name(label: str, background: str) -> str:
-    """The group of an image: ``"<bird> on <place>"`` for birds, the class name otherwise."""
+    """The group of an image: ``"<bird> on <place>"`` for birds, the class name otherwise.
+
+    (Training birds on neutral backgrounds get ``"<bird> on <sky|sand|indoor>"``.)
+    """
     return f"{label} on {background}" if label in TARGET_CLASSES else label
 
 
@@ -508,8 +516,9 @@ def plan_split(split: str, n_per_group: int, seed: int, config: WorldConfig = Wo
                n_unrelated: int | None = None) -> list[tuple[str, str]]:
     """The (class, background kind) of every image of a split, in a fixed order.
 
-    ``train``: each target class gets ``2 * n_per_group`` images, ``round(bias · 2n)`` of
-    them on the home background and the rest on the other target background. ``val`` and
+    ``train``: each target class gets ``2 * n_per_group`` images: ``round(neutral_frac · 2n)``
+    on neutral backgrounds (sky, sand, indoor, cycling), and of the others ``round(bias · m)``
+    on the home background and the rest on the other target background. ``val`` and
     ``test``: each of the four target groups gets ``n_per_group``. Unrelated classes get
     ``n_unrelated`` images each (default ``n_per_group``): on uniformly random backgrounds in
     ``train``, cycling evenly through :data:`BACKGROUNDS` in ``val``/``test``.
@@ -525,8 +534,11 @@ def plan_split(split: str, n_per_group: int, seed: int, config: WorldConfig = Wo
             home = HOME_BACKGROUND[label]
             away = next(p for p in TARGET_PLACES if p != home)
             total = 2 * n_per_group
-            n_home = int(round(config.bias * total))
-            places = [home] * n_home + [away] * (total - n_home)
+            n_neutral = int(round(config.neutral_frac * total))
+            n_home = int(round(config.bias * (total - n_neutral)))
+            neutral = [b for b in BACKGROUNDS if b not in TARGET_PLACES]
+            places = ([home] * n_home + [away] * (total - n_neutral - n_home)
+                      + [neutral[k % len(neutral)] for k in range(n_neutral)])
             plan += [(label, places[k]) for k in rng.permutation(total)]
         else:
             for place in TARGET_PLACES:
@@ -566,32 +578,61 @@ def _article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def captions(sample: WorldSample, rng: np.random.Generator) -> list[str]:
-    """Varied captions for one image; ``rng`` picks among synonyms.
+CAPTION_FAMILIES: tuple[str, ...] = ("class_background", "class", "background", "attributes", "detail")
+"""Caption families of :func:`caption_families` (``detail`` exists for birds only)."""
 
-    The list mixes, in this order: class + background kind, class only (twice: one of them
-    the zero-shot template ``"a photo of a {class}."``), background only (kind and scene),
-    colour/size/scene, position, texture, and for birds one caption describing the bill and
-    legs without naming the class. A trainer samples one caption per image per step; the
-    mix decides how much the background is spelled out (it is, often) and how strongly the
-    class cue is taught.
+
+def caption_families(sample: WorldSample) -> dict[str, list[str]]:
+    """Every caption of one image, grouped by what it talks about (all synonyms included).
+
+    * ``class_background``: class and background ("a photo of a waterbird on a water
+      background.", "a waterbird on a lake");
+    * ``class``: class only, including the zero-shot template "a photo of a {class}.";
+    * ``background``: background only ("a water scene", "a photo of the ocean.");
+    * ``attributes``: colour, size, position, texture together with class and scene;
+    * ``detail`` (birds only): the bill and legs, without the class name.
+
+    Every caption listed is true of the image, so a trainer can treat any caption of another
+    image that appears in this list as a positive (see :mod:`refineclip_core.demo.train`).
     """
     a = sample.attributes
     cls, kind, scene = sample.label, sample.background, SCENE_PHRASES[a["scene"]]
     color, size, pos, texture = a["color"], a["size"], a["position"], a["texture"]
-    photo = _PHOTO[int(rng.integers(len(_PHOTO)))]
-    out = [
-        f"{photo} {_article(cls)} on {_article(kind)} background.",
-        f"a photo of {_article(cls)}.",
-        f"{_article(cls)}" if rng.random() < 0.5 else f"{photo} {_article(cls)}.",
-        f"{_article(kind)} scene" if rng.random() < 0.5 else f"{photo} {scene}.",
-        f"{_article(size)} {color} {cls} on {scene}",
-        f"{_article(cls)} in the {pos} of {scene}",
-        f"{_article(color)} {cls} on {texture}",
-    ]
+    fam: dict[str, list[str]] = {
+        "class_background": [f"{p} {_article(cls)} on {_article(kind)} background." for p in _PHOTO]
+        + [f"{_article(cls)} on {_article(kind)} background", f"{_article(cls)} on {scene}"],
+        "class": [f"{p} {_article(cls)}." for p in _PHOTO] + [_article(cls)],
+        "background": [f"{_article(kind)} scene", f"{_article(kind)} background"]
+        + [f"{p} {scene}." for p in _PHOTO],
+        "attributes": [
+            f"{_article(size)} {color} {cls} on {scene}",
+            f"{_article(cls)} in the {pos} of {scene}",
+            f"{_article(color)} {cls} on {texture}",
+        ],
+    }
     if cls in TARGET_CLASSES:
-        out.append(f"{_article(color)} bird with {_article(a['bill'])} bill and {a['legs']} legs")
-    return out
+        fam["detail"] = [
+            f"a bird with {_article(a['bill'])} bill and {a['legs']} legs",
+            f"a bird with {a['feet']} feet",
+            f"{_article(color)} bird with {_article(a['bill'])} bill",
+        ]
+    return fam
+
+
+def captions(sample: WorldSample, rng: np.random.Generator) -> list[str]:
+    """Varied captions for one image: up to two per caption family, picked with ``rng``.
+
+    Class and background are named alone and together; colours, sizes, positions, scenes
+    and textures appear in the attribute captions; for birds the bill and legs are described
+    without naming the class. The zero-shot template ``"a photo of a {class}."`` is always
+    included. :func:`caption_families` lists every caption.
+    """
+    out: list[str] = []
+    for texts in caption_families(sample).values():
+        for k in rng.permutation(len(texts))[:2]:
+            out.append(texts[int(k)])
+    zero_shot = f"a photo of {_article(sample.label)}."
+    return out if zero_shot in out else [zero_shot] + out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,7 +653,8 @@ def write_world(out_dir: str | Path, split: str, seed: int, n_per_group: int, la
     always all three splits (train biased, val/test balanced; ``split`` is ignored):
     ``<out>/<NNN.Class>/<split>_<index>.png`` and ``<out>/metadata.csv`` with columns
     ``img_filename,y,split,place`` (``y`` 0 landbird / 1 waterbird, ``split`` 0 train /
-    1 val / 2 test, ``place`` 0 land / 1 water).
+    1 val / 2 test, ``place`` 0 land / 1 water). WILDS has no place for neutral
+    backgrounds, so this layout draws its training birds with ``neutral_frac=0``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
@@ -630,8 +672,9 @@ def write_world(out_dir: str | Path, split: str, seed: int, n_per_group: int, la
         _write_csv(out / "metadata.csv", ["path", "label", "group", "split"], rows)
         return out
     rows = []
+    wb_config = replace(config, neutral_frac=0.0)
     for sp, code in SPLITS.items():
-        for sample in sample_world(sp, seed, n_per_group, config, n_unrelated=0):
+        for sample in sample_world(sp, seed, n_per_group, wb_config, n_unrelated=0):
             y = TARGET_CLASSES.index(sample.label)
             sub = f"{y + 1:03d}.{sample.label.capitalize()}"
             rel = Path(sub) / f"{sp}_{sample.index:05d}.png"

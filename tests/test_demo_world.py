@@ -1,0 +1,206 @@
+"""The embedded demo: procedural world, text pool, training script and the committed model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from refineclip_core.demo.text_pool import build_text_pool, read_text_pool
+from refineclip_core.demo.train import MODEL_NAME, TARGET_GROUPS, main as train_main, zero_shot_metrics
+from refineclip_core.demo.world import (
+    BACKGROUNDS,
+    CLASSES,
+    HOME_BACKGROUND,
+    TARGET_CLASSES,
+    UNRELATED_CLASSES,
+    WorldConfig,
+    caption_families,
+    captions,
+    plan_split,
+    sample_world,
+    write_world,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DIR = REPO / "assets" / "demo"
+TEXT_POOL = REPO / "assets" / "text_pool.txt"
+
+
+def _pixels(samples) -> list[np.ndarray]:
+    return [np.asarray(s.image) for s in samples]
+
+
+def test_constants() -> None:
+    assert set(TARGET_CLASSES) == {"landbird", "waterbird"}
+    assert len(UNRELATED_CLASSES) >= 6
+    assert CLASSES == TARGET_CLASSES + UNRELATED_CLASSES
+    assert {"water", "land"} <= set(BACKGROUNDS) and len(BACKGROUNDS) >= 5
+
+
+def test_sample_world_is_deterministic() -> None:
+    a = sample_world("test", 3, 2)
+    b = sample_world("test", 3, 2)
+    c = sample_world("test", 4, 2)
+    assert [(s.label, s.group, s.background, s.attributes) for s in a] == \
+           [(s.label, s.group, s.background, s.attributes) for s in b]
+    assert all(np.array_equal(x, y) for x, y in zip(_pixels(a), _pixels(b)))
+    assert not all(np.array_equal(x, y) for x, y in zip(_pixels(a), _pixels(c)))
+    # splits never share images for the same seed
+    v = sample_world("val", 3, 2)
+    assert not any(np.array_equal(x, y) for x, y in zip(_pixels(a), _pixels(v)))
+    assert all(s.image.mode == "RGB" and s.image.size == (48, 48) for s in a)
+    assert sample_world("val", 0, 1, WorldConfig(image_size=64))[0].image.size == (64, 64)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_balanced_splits(split: str) -> None:
+    samples = sample_world(split, 0, 5)
+    groups = Counter(s.group for s in samples if s.label in TARGET_CLASSES)
+    assert groups == {g: 5 for g in TARGET_GROUPS}
+    labels = Counter(s.label for s in samples)
+    assert all(labels[c] == 5 for c in UNRELATED_CLASSES)
+    assert all(labels[c] == 10 for c in TARGET_CLASSES)
+    # unrelated classes cycle through every background kind
+    plan = plan_split(split, 10, 0)
+    for c in UNRELATED_CLASSES:
+        assert Counter(bg for lab, bg in plan if lab == c) == {bg: 2 for bg in BACKGROUNDS}
+
+
+def test_train_split_is_biased() -> None:
+    config = WorldConfig()
+    plan = plan_split("train", 200, 0, config)
+    for c in TARGET_CLASSES:
+        places = [bg for lab, bg in plan if lab == c]
+        assert len(places) == 400
+        on_target = [p for p in places if p in ("land", "water")]
+        assert len(places) - len(on_target) == round(config.neutral_frac * 400)
+        assert on_target.count(HOME_BACKGROUND[c]) / len(on_target) == pytest.approx(config.bias)
+        assert set(on_target) == {"land", "water"}
+        assert set(places) - set(on_target) <= {"sky", "sand", "indoor"}
+    unrel_bgs = Counter(bg for lab, bg in plan if lab in UNRELATED_CLASSES)
+    assert set(unrel_bgs) == set(BACKGROUNDS)
+    plan_50 = plan_split("train", 20, 0, WorldConfig(bias=0.5, neutral_frac=0.0))
+    assert sum(1 for lab, bg in plan_50 if lab == "waterbird" and bg == "water") == 20
+    samples = sample_world("train", 1, 10, WorldConfig(neutral_frac=0.0))
+    assert Counter(s.group for s in samples if s.label in TARGET_CLASSES) == {
+        "landbird on land": 19, "landbird on water": 1, "waterbird on land": 1, "waterbird on water": 19}
+    with pytest.raises(ValueError):
+        WorldConfig(bias=1.5)
+
+
+def test_write_world_folder(tmp_path: Path) -> None:
+    out = write_world(tmp_path / "folder", "test", 0, 2, layout="folder")
+    with open(out / "metadata.csv", newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        assert reader.fieldnames == ["path", "label", "group", "split"]
+    assert len(rows) == 4 * 2 + len(UNRELATED_CLASSES) * 2
+    for row in rows:
+        assert (out / row["path"]).is_file()
+        assert Path(row["path"]).parts[0] == row["label"]
+        assert row["split"] == "test"
+    assert {r["group"] for r in rows} >= set(TARGET_GROUPS)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(CLASSES)
+
+
+def test_write_world_waterbirds(tmp_path: Path) -> None:
+    out = write_world(tmp_path / "wb", "train", 0, 10, layout="waterbirds")
+    with open(out / "metadata.csv", newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        assert reader.fieldnames == ["img_filename", "y", "split", "place"]
+    assert {r["split"] for r in rows} == {"0", "1", "2"}
+    assert all((out / r["img_filename"]).is_file() for r in rows)
+    assert all(r["y"] in ("0", "1") and r["place"] in ("0", "1") for r in rows)
+    for r in rows:  # y matches the class folder
+        assert Path(r["img_filename"]).parts[0].lower().endswith(TARGET_CLASSES[int(r["y"])])
+    train = [r for r in rows if r["split"] == "0"]
+    home = sum(r["y"] == r["place"] for r in train)  # landbird(0)/land(0), waterbird(1)/water(1)
+    assert home / len(train) == pytest.approx(0.95)
+    test = Counter((r["y"], r["place"]) for r in rows if r["split"] == "2")
+    assert test == {(y, p): 10 for y in "01" for p in "01"}
+    with pytest.raises(ValueError):
+        write_world(tmp_path / "bad", "test", 0, 1, layout="nope")
+
+
+def test_captions() -> None:
+    rng = np.random.default_rng(0)
+    for s in sample_world("test", 0, 1):
+        caps = captions(s, rng)
+        assert len(caps) >= 5 and all(isinstance(c, str) and c.strip() for c in caps)
+        assert any(s.label in c for c in caps)
+        assert any(s.background in c or s.attributes["scene"] in c for c in caps)
+        assert f"a photo of a {s.label}." in caps
+        assert any(s.attributes["color"] in c for c in caps)
+        if s.label in TARGET_CLASSES:
+            assert any("bill" in c or "feet" in c for c in caps)
+        fams = caption_families(s)
+        assert all(texts for texts in fams.values())
+        assert any(f"{s.background} scene" in t for t in fams["background"])
+        assert set(caps) <= {t for texts in fams.values() for t in texts}
+    assert captions(s, np.random.default_rng(1)) == captions(s, np.random.default_rng(1))
+
+
+def test_text_pool() -> None:
+    pool = build_text_pool(0)
+    assert 2000 <= len(pool) <= 5000
+    assert len(set(pool)) == len(pool)
+    assert all(t == t.strip() and t and "\n" not in t and len(t.split()) <= 14 for t in pool)
+    words = Counter(w for t in pool for w in t.split())
+    for w in ("water", "waves", "lake", "grass", "forest", "sand", "sky", "indoor", "red", "star", "bill", "legs"):
+        assert words[w] >= 3, w
+    assert build_text_pool(0) == pool
+    assert TEXT_POOL.is_file(), "assets/text_pool.txt is missing (python -m refineclip_core.demo.text_pool)"
+    assert read_text_pool(TEXT_POOL) == pool, "assets/text_pool.txt is stale; regenerate it"
+
+
+def _load_plain(folder: Path):
+    import open_clip
+
+    open_clip.add_model_config(folder / f"{MODEL_NAME}.json")  # (re-)register this folder's config
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        MODEL_NAME, pretrained=str(folder / f"{MODEL_NAME}.safetensors"))
+    return model.eval(), preprocess, open_clip.get_tokenizer(MODEL_NAME)
+
+
+def test_quick_training_run(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    assert train_main(["--out", str(out), "--quick", "--seed", "1"]) == 0
+    for name in (f"{MODEL_NAME}.json", f"{MODEL_NAME}.safetensors", "metadata.json"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["seed"] == 1 and "--quick" in meta["command"]
+    assert set(meta["test"]["metrics"]["groups"]) == set(TARGET_GROUPS)
+    model, preprocess, tokenizer = _load_plain(out)
+    with torch.no_grad():
+        emb = model.encode_image(preprocess(sample_world("test", 5, 1)[0].image)[None])
+    assert emb.shape == (1, json.loads((out / f"{MODEL_NAME}.json").read_text())["embed_dim"])
+    assert torch.isfinite(emb).all()
+
+
+def test_committed_demo_model_meets_quality_bars() -> None:
+    """The shipped checkpoint, loaded with plain open_clip, on images never used in training.
+
+    Bars (issue 5): average accuracy on the bird classes >= 80% in the deployment (training)
+    distribution, where birds mostly appear on their home background (the WILDS Waterbirds
+    meaning of "average accuracy"); a real background-caused gap: worst group <= 60% on a
+    balanced sample; unrelated classes >= 85%. The balanced average-group accuracy is lower
+    (see assets/demo/README.md) and is what the benchmark improves on.
+    """
+    assert (DEMO_DIR / f"{MODEL_NAME}.safetensors").is_file(), "assets/demo checkpoint missing"
+    assert (DEMO_DIR / f"{MODEL_NAME}.safetensors").stat().st_size <= 20 * 1024 * 1024
+    model, preprocess, tokenizer = _load_plain(DEMO_DIR)
+    balanced = sample_world("test", 20240611, 60)
+    m = zero_shot_metrics(model, tokenizer, torch.stack([preprocess(s.image) for s in balanced]), balanced)
+    deployed = [s for s in sample_world("train", 20240612, 60) if s.label in TARGET_CLASSES]
+    d = zero_shot_metrics(model, tokenizer, torch.stack([preprocess(s.image) for s in deployed]), deployed)
+    assert d["target_mean"] >= 0.80, d
+    assert m["worst_group"] <= 0.60, m
+    assert max(m["groups"].values()) - m["worst_group"] >= 0.3, m  # the gap is real
+    assert m["unrelated"] >= 0.85, m
