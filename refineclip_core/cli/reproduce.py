@@ -51,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.set_defaults(func=run)
 
 
+def _weights(loaded) -> str:
+    spec = loaded.spec.resolved()
+    return spec.pretrained or spec.checkpoint or "random weights"
+
+
 def run(args: argparse.Namespace) -> int:
     init_distributed_from_env()
     out = Path(args.out or f"runs/reproduce-{args.protocol}")
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarise(rows)
     paper = PAPER_WATERBIRDS.get(loaded.model_name) if args.protocol == "waterbirds" else None
     header = (f"# RefineCLIP reproduction: {args.protocol}\n\nModel `{loaded.model_name}` "
-              f"({args.pretrained or args.checkpoint or 'random weights'}), data `{args.data}`, "
+              f"({_weights(loaded)}), data `{args.data}`, "
               f"{len(cache)} images ({len(cache.skipped)} skipped), seeds {args.seeds}, layers {cache.manifest.layers}, "
               f"evaluated on held-out images (split 'test' when present). Accuracies in %, mean ± std over seeds; "
               f"group metrics over the edited classes' groups.\n\n")
