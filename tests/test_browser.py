@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
@@ -469,20 +468,13 @@ _FINDINGS_SHOWN = """() => {
 
 
 def machine_info(browser) -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     import streamlit
 
-    return (f"{cpu}, {usable} usable of {os.cpu_count()} CPUs, load average {load}; Chromium {browser.version} "
-            f"(headless), Streamlit {streamlit.__version__}, Python {platform.python_version()}")
+    from benchmarks.run import machine_info as bench_machine_info
+
+    info = bench_machine_info()
+    return (f"{info['cpu']}, {info['usable_cpus']} usable of {info['cpu_count']} CPUs, load average {info['loadavg']}; "
+            f"Chromium {browser.version} (headless), Streamlit {streamlit.__version__}, Python {info['python']}")
 
 
 def write_results(section: str) -> None:
