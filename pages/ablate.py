@@ -87,22 +87,11 @@ def _panel() -> None:
     m[3].caption(f"{len(res.fixed)} fixed · {len(res.broken)} broken")
 
     t = st.columns(2)
-    acc = st.column_config.NumberColumn(format="percent")
     if rep.per_group:
         t[0].markdown("**Per group**")
-        t[0].dataframe(pd.DataFrame({
-            "group": list(base.per_group), "zero-shot": list(base.per_group.values()),
-            "ablated": [rep.per_group.get(g) for g in base.per_group],
-            "change (pts)": [100 * (rep.per_group.get(g, 0) - v) for g, v in base.per_group.items()]}),
-            hide_index=True, column_config={"zero-shot": acc, "ablated": acc,
-                                            "change (pts)": st.column_config.NumberColumn(format="%+.1f")})
+        _comparison(t[0], "group", base.per_group, rep.per_group)
     t[1].markdown("**Per class**")
-    t[1].dataframe(pd.DataFrame({
-        "class": list(base.per_class), "zero-shot": list(base.per_class.values()),
-        "ablated": [rep.per_class.get(k) for k in base.per_class],
-        "change (pts)": [100 * (rep.per_class.get(k, 0) - v) for k, v in base.per_class.items()]}),
-        hide_index=True, column_config={"zero-shot": acc, "ablated": acc,
-                                        "change (pts)": st.column_config.NumberColumn(format="%+.1f")})
+    _comparison(t[1], "class", base.per_class, rep.per_class)
 
     st.markdown(f"**Images whose prediction flipped** ({len(res.flipped)})")
     if len(res.flipped):
@@ -149,6 +138,16 @@ def _panel() -> None:
         (st.success if ok else st.error)(msg, icon=":material/check_circle:" if ok else ":material/dangerous:")
         if mode == "mean":
             st.caption("The check uses zero ablation (the model has no notion of a head's mean).")
+
+
+def _comparison(where, key: str, before: dict[str, float], after: dict[str, float]) -> None:
+    """Zero-shot vs ablated accuracy per group or class, with the change in points."""
+    acc = st.column_config.NumberColumn(format="percent")
+    where.dataframe(pd.DataFrame({
+        key: list(before), "zero-shot": list(before.values()), "ablated": [after.get(k) for k in before],
+        "change (pts)": [100 * (after.get(k, 0) - v) for k, v in before.items()]}),
+        hide_index=True, column_config={"zero-shot": acc, "ablated": acc,
+                                        "change (pts)": st.column_config.NumberColumn(format="%+.1f")})
 
 
 panel()
