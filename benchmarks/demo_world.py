@@ -17,11 +17,17 @@ Results go to ``benchmarks/RESULTS.md`` between the ``demo:start``/``demo:end`` 
 written by this script only.
 
     python benchmarks/demo_world.py [--seeds 0 1 2] [--n-per-group 100] [--out benchmarks/RESULTS.md]
+                                    [--model-dir assets/demo]
+
+``--model-dir`` evaluates another training run of the demo model (a folder written by
+``python -m refineclip_core.demo.train``); the world is generated with the parameters recorded
+in that folder's ``metadata.json``, so a model is always tested on its own world.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import re
 import sys
@@ -37,10 +43,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from refineclip_core.data import load_dataset  # noqa: E402
-from refineclip_core.demo.world import TARGET_CLASSES, write_world  # noqa: E402
+from refineclip_core.demo.train import MODEL_NAME  # noqa: E402
+from refineclip_core.demo.world import TARGET_CLASSES, WorldConfig, write_world  # noqa: E402
 from refineclip_core.evaluation import accuracy_report  # noqa: E402
 from refineclip_core.extraction import ExtractionConfig, extract  # noqa: E402
-from refineclip_core.models import ModelSpec, load_model  # noqa: E402
+from refineclip_core.models import DEMO_DIR, ModelSpec, load_model  # noqa: E402
 from refineclip_core.pipeline import ProtocolConfig, identify, make_engine, run_refinement  # noqa: E402
 from refineclip_core.refinement import RefineConfig  # noqa: E402
 from refineclip_core.scores import SCORE_NAMES  # noqa: E402
@@ -76,23 +83,27 @@ def fmt(values) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--n-per-group", type=int, default=100, help="test/val images per bird group and per other class")
     ap.add_argument("--data-seed", type=int, default=2026)
     ap.add_argument("--samples-per-class", type=int, default=10)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--workdir", help="keep generated data and caches here (default: a temp folder)")
+    ap.add_argument("--model-dir", default=str(DEMO_DIR),
+                    help="folder with refineclip-demo.{json,safetensors} and metadata.json (default: the embedded model)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
+    model_dir = Path(args.model_dir)
+    world = WorldConfig.from_dict(json.loads((model_dir / "metadata.json").read_text())["train_config"]["world"])
     work = Path(args.workdir or tempfile.mkdtemp(prefix="refineclip-demo-bench-"))
     data = work / "data"
     if not (data / "metadata.csv").exists():
         # one folder with a balanced val split (to sample from) and a balanced test split (to report on)
         tmp_val, tmp_test = work / "val", work / "test"
-        write_world(tmp_val, "val", args.data_seed, args.n_per_group)
-        write_world(tmp_test, "test", args.data_seed, args.n_per_group)
+        write_world(tmp_val, "val", args.data_seed, args.n_per_group, config=world)
+        write_world(tmp_test, "test", args.data_seed, args.n_per_group, config=world)
         data.mkdir(parents=True, exist_ok=True)
         lines = ["path,label,group,split"]
         for part in (tmp_val, tmp_test):
@@ -104,7 +115,8 @@ def main() -> int:
                 (part / rel).replace(target)
                 lines.append(f"{part.name}/{row}")
         (data / "metadata.csv").write_text("\n".join(lines) + "\n")
-    loaded = load_model(ModelSpec("demo"))
+    loaded = load_model(ModelSpec(MODEL_NAME, checkpoint=str(model_dir / f"{MODEL_NAME}.safetensors"),
+                                  model_config=str(model_dir / f"{MODEL_NAME}.json")))
     cache = extract(loaded, load_dataset(data), work / "cache", ExtractionConfig(layers=4, batch_size=64))
     engine = make_engine(cache)
     targets = [cache.classes.index(c) for c in TARGET_CLASSES]
@@ -166,11 +178,13 @@ def main() -> int:
              "ablate: Alg. 1 (all scores)", "ablate: TextSpan background heads (known attribute)",
              "Tip-Adapter (training-free)", "standard fine-tune (CE only)", "RefineCLIP phase 2 (diag)",
              "RefineCLIP phase 2 (full)", "RefineCLIP phase 2 (lora)"]
+    is_default = model_dir.resolve() == DEMO_DIR.resolve()
+    model_label = "Embedded demo model" if is_default else f"Model in `{model_dir}`"
     lines = [
         "## Demo world: the paper's claims in miniature",
         "",
         f"Written by `python benchmarks/demo_world.py` on {time.strftime('%Y-%m-%d')} ({platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}); {time.time() - t0:.0f} s. Embedded demo model, fresh world sample (data seed "
+        f"torch {torch.__version__}); {time.time() - t0:.0f} s. {model_label}, fresh world sample (data seed "
         f"{args.data_seed}): {len(val_rows)} val images to sample from, {len(test)} held-out test images "
         f"({int(target_mask.sum())} birds, {int(other_mask.sum())} other objects). {args.samples_per_class} samples per "
         f"bird class per seed, seeds {args.seeds}; mean ± std over seeds, accuracies in %.",

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from refineclip_core.demo.text_pool import build_text_pool, read_text_pool
-from refineclip_core.demo.train import MODEL_NAME, TARGET_GROUPS, main as train_main, zero_shot_metrics
+from refineclip_core.demo.train import (ClsMlpShare, MODEL_NAME, TARGET_GROUPS, TrainConfig, main as train_main,
+                                        zero_shot_metrics)
 from refineclip_core.demo.world import (
     BACKGROUNDS,
     CLASSES,
@@ -182,6 +183,61 @@ def test_quick_training_run(tmp_path: Path) -> None:
         emb = model.encode_image(preprocess(sample_world("test", 5, 1)[0].image)[None])
     assert emb.shape == (1, json.loads((out / f"{MODEL_NAME}.json").read_text())["embed_dim"])
     assert torch.isfinite(emb).all()
+
+
+def test_cls_mlp_share_matches_a_manual_forward_pass(tiny_model_files) -> None:
+    """The training penalty equals Σ_l ‖MLP_l[CLS]‖² / ‖residual[CLS]‖² from a hand-written forward."""
+    import open_clip
+
+    open_clip.add_model_config(tiny_model_files["config"])
+    model = open_clip.create_model(tiny_model_files["name"], pretrained=str(tiny_model_files["checkpoint"])).eval()
+    visual = model.visual
+    x = torch.randn(3, 3, visual.image_size[0], visual.image_size[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), ClsMlpShare(visual) as share:
+        visual(x)
+    got = share.penalty()
+    # independent: the tower's own pieces, called one by one (no hooks)
+    with torch.no_grad():
+        z = visual.conv1(x).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.expand(len(x), 1, -1)
+        z = visual.ln_pre(visual.patch_dropout(torch.cat([cls, z], 1) + visual.positional_embedding))
+        mlp_sq = torch.zeros(len(x))
+        for block in visual.transformer.resblocks:
+            h = block.ln_1(z)
+            z = z + block.ls_1(block.attn(h, h, h, need_weights=False)[0])
+            m = block.ls_2(block.mlp(block.ln_2(z)))
+            mlp_sq += m[:, 0].pow(2).sum(-1)
+            z = z + m
+        # the residual really is what the tower projects (sanity of the manual pass)
+        torch.testing.assert_close(visual.ln_post(z)[:, 0] @ visual.proj, visual(x), atol=1e-5, rtol=1e-5)
+        expected = (mlp_sq / z[:, 0].pow(2).sum(-1)).mean()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert not any(b.ls_2._forward_hooks for b in visual.transformer.resblocks)  # hooks released on exit
+    with pytest.raises(RuntimeError, match="forward pass"):
+        share.penalty()  # consumed
+
+
+def test_world_config_round_trips_through_metadata() -> None:
+    cfg = WorldConfig(detail_scale=1.3, bird_scale=0.9, scale_range=(0.7, 1.1))
+    assert WorldConfig.from_dict(json.loads(json.dumps(TrainConfig(world=cfg).to_dict()["world"]))) == cfg
+    with pytest.raises(ValueError, match="unknown world parameters: colour"):
+        WorldConfig.from_dict({"colour": 1})
+    with pytest.raises(ValueError, match="bird_scale"):
+        WorldConfig(bird_scale=0)
+
+
+def test_committed_demo_model_was_trained_with_the_default_recipe() -> None:
+    """``python -m refineclip_core.demo.train --out DIR --seed 0`` retrains the committed model:
+    the defaults (world, architecture, optimisation, penalty) equal what its metadata records,
+    and the dashboard/benchmark generate data from the world it was trained on."""
+    meta = json.loads((DEMO_DIR / "metadata.json").read_text())
+    recorded = meta["train_config"]
+    assert WorldConfig.from_dict(recorded["world"]) == WorldConfig()
+    defaults = TrainConfig().to_dict()
+    for key in ("threads",):  # how many CPU threads ran it does not define the recipe
+        recorded.pop(key), defaults.pop(key)
+    assert recorded == defaults
+    assert meta["seed"] == 0
 
 
 def test_committed_demo_model_meets_quality_bars() -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -127,7 +127,8 @@ class WorldConfig:
     ``bias``: among training birds on water or land, the fraction on their home background.
     ``neutral_frac``: fraction of training birds drawn on a neutral background (sky, sand,
     indoor), where only the bill and legs tell the classes apart. ``detail_scale``:
-    multiplies the size of the class cues (bill, legs, feet); 1.0 is the shipped world.
+    multiplies the size of the class cues (bill, legs, feet). ``bird_scale``: multiplies the
+    size of the whole bird (birds only).
     ``noise``: maximum standard deviation of the Gaussian pixel noise (0–255 scale).
     ``scale_range``: object size multipliers. ``image_size``: output side in pixels.
     """
@@ -135,7 +136,8 @@ class WorldConfig:
     image_size: int = 48
     bias: float = 0.95
     neutral_frac: float = 0.2
-    detail_scale: float = 1.0
+    detail_scale: float = 1.5
+    bird_scale: float = 1.15
     noise: float = 8.0
     scale_range: tuple[float, float] = (0.8, 1.2)
 
@@ -148,6 +150,20 @@ class WorldConfig:
             raise ValueError(f"image_size must be at least 8, got {self.image_size}")
         if self.detail_scale <= 0:
             raise ValueError(f"detail_scale must be positive, got {self.detail_scale}")
+        if self.bird_scale <= 0:
+            raise ValueError(f"bird_scale must be positive, got {self.bird_scale}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WorldConfig":
+        """The inverse of ``dataclasses.asdict`` (as stored in a model's ``metadata.json``)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown world parameters: {', '.join(unknown)}")
+        kw = dict(data)
+        if "scale_range" in kw:
+            kw["scale_range"] = tuple(kw["scale_range"])
+        return cls(**kw)
 
 
 @dataclass
@@ -327,8 +343,12 @@ def _ellipse(draw: ImageDraw.ImageDraw, cx: float, cy: float, rx: float, ry: flo
 
 def _draw_bird(draw: ImageDraw.ImageDraw, label: str, cx: float, cy: float, s: float, facing: int,
                body: tuple[int, int, int], detail: tuple[int, int, int], d: float) -> None:
-    """One bird; ``label`` only changes the bill, the legs and the feet (scaled by ``d``)."""
+    """One bird; ``label`` only changes the bill, the legs and the feet (scaled by ``d``).
+
+    ``(cx, cy)`` is roughly the centre of the whole drawing (tail to bill, head to feet).
+    """
     f = facing
+    cx, cy = cx - f * 4 * s, cy - 4 * s
     # legs first (behind the body)
     leg_top = cy + 5 * s
     for dx in (-3 * s, 2 * s):
@@ -470,7 +490,8 @@ def render(label: str, background: str, rng: np.random.Generator, config: WorldC
     bg = _BACKGROUND_DRAWERS[background](rng, scene, n)
     lo, hi = config.scale_range
     scale = float(rng.uniform(lo, hi))
-    margin = 20 * scale
+    draw_scale = scale * (config.bird_scale if label in TARGET_CLASSES else 1.0)
+    margin = min((21 if label in TARGET_CLASSES else 20) * draw_scale, n / 2 - 1)
     cx = float(rng.uniform(margin, n - margin))
     cy = float(rng.uniform(margin, n - margin))
     avoid = bg.reshape(-1, 3).mean(0)
@@ -490,7 +511,7 @@ def render(label: str, background: str, rng: np.random.Generator, config: WorldC
         color = _pick_color(rng, body_names, avoid)
         detail_name = _pick_color(rng, [c for c in DETAIL_COLORS if c != color], avoid)
         facing = 1 if rng.random() < 0.5 else -1
-        _draw_bird(draw, label, cx, cy, scale, facing, COLORS[color], COLORS[detail_name], config.detail_scale)
+        _draw_bird(draw, label, cx, cy, draw_scale, facing, COLORS[color], COLORS[detail_name], config.detail_scale)
         water = label == "waterbird"
         attrs.update(color=color, detail_color=detail_name, facing="right" if facing > 0 else "left",
                      bill="flat" if water else "pointed", legs="short" if water else "long",
