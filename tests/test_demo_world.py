@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from refineclip_core.demo.text_pool import build_text_pool, read_text_pool
 from refineclip_core.demo.train import (ClsMlpShare, MODEL_NAME, TARGET_GROUPS, TrainConfig, main as train_main,
@@ -260,3 +261,35 @@ def test_committed_demo_model_meets_quality_bars() -> None:
     assert m["worst_group"] <= 0.60, m
     assert max(m["groups"].values()) - m["worst_group"] >= 0.3, m  # the gap is real
     assert m["unrelated"] >= 0.85, m
+
+
+def test_demo_benchmark_runs_on_a_retrained_model(tmp_path: Path) -> None:
+    """benchmarks/demo_world.py --model-dir: the reproduction path end to end, on a quick model
+    trained on a non-default world (the benchmark must generate data from *that* world)."""
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "model"
+    assert train_main(["--out", str(model_dir), "--quick", "--seed", "2", "--detail-scale", "1.2"]) == 0
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmarks\n\nkept text\n")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "demo_world.py"), "--model-dir", str(model_dir), "--seeds", "0",
+         "--n-per-group", "6", "--steps", "5", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nkept text\n")
+    assert "<!-- demo:start -->" in text and "<!-- demo:end -->" in text
+    assert f"Model in `{model_dir}`" in text
+    for row in ("zero-shot", "ablate: Alg. 1 (all scores)", "Tip-Adapter (training-free)",
+                "standard fine-tune (CE only)", "RefineCLIP phase 2 (diag)", "RefineCLIP phase 2 (lora)"):
+        assert f"| {row} |" in text, row
+    # the data was drawn from the model's world, not the default one
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    assert meta["train_config"]["world"]["detail_scale"] == 1.2
+    expected = next(s for s in sample_world("test", 2026, 6, WorldConfig(detail_scale=1.2)) if s.label == "waterbird")
+    written = tmp_path / "work" / "data" / "test" / "waterbird" / f"test_{expected.index:05d}.png"
+    assert np.array_equal(np.asarray(Image.open(written).convert("RGB")), np.asarray(expected.image))
+    default = next(s for s in sample_world("test", 2026, 6) if s.index == expected.index)
+    assert not np.array_equal(np.asarray(default.image), np.asarray(expected.image))
