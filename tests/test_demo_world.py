@@ -282,6 +282,8 @@ def test_demo_benchmark_runs_on_a_retrained_model(tmp_path: Path) -> None:
     assert text.startswith("# Benchmarks\n\nkept text\n")
     assert "<!-- demo:start -->" in text and "<!-- demo:end -->" in text
     assert f"Model in `{model_dir}`" in text
+    svg = (tmp_path / "demo_locality.svg").read_text()  # the locality figure, next to --out
+    assert svg.startswith("<svg") and svg.count("<polyline") == 4
     for row in ("zero-shot", "ablate: Alg. 1 (all scores)", "Tip-Adapter (training-free)",
                 "standard fine-tune (CE only)", "RefineCLIP phase 2 (diag)", "RefineCLIP phase 2 (lora)"):
         assert f"| {row} |" in text, row
