@@ -211,11 +211,10 @@ def main() -> int:
         # locality figure: Adam from the same start is deterministic, so a run of s steps is the
         # first s steps of the full run; re-running per checkpoint keeps the library untouched
         for s in checkpoints:
-            cfg = RefineConfig(strategy="diag", seed=seed, steps=s, alpha=1e4, beta=1e2, lr=1e-2)
             if s == 0:
-                p = run_refinement(cache, ident, cfg, engine=engine, baselines=False).report.predictions
-                preds = {"refineclip-diag": p["zero-shot"], "standard-finetune": p["zero-shot"]}
+                preds = {"refineclip-diag": engine.base_predictions, "standard-finetune": engine.base_predictions}
             else:
+                cfg = RefineConfig(strategy="diag", seed=seed, steps=s, alpha=1e4, beta=1e2, lr=1e-2)
                 preds = run_refinement(cache, ident, cfg, engine=engine, baselines=True).report.predictions
             for method in ("refineclip-diag", "standard-finetune"):
                 _, worst, other = metrics(preds[method])

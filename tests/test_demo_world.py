@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from refineclip_core.demo.text_pool import build_text_pool, read_text_pool
-from refineclip_core.demo.train import (ClsMlpShare, MODEL_NAME, TARGET_GROUPS, TrainConfig, main as train_main,
-                                        zero_shot_metrics)
+from refineclip_core.demo.train import (ClsMlpShare, MODEL_NAME, TARGET_GROUPS, TrainConfig, build_parser,
+                                        config_from_args, main as train_main, zero_shot_metrics)
 from refineclip_core.demo.world import (
     BACKGROUNDS,
     CLASSES,
@@ -216,6 +216,18 @@ def test_cls_mlp_share_matches_a_manual_forward_pass(tiny_model_files) -> None:
     assert not any(b.ls_2._forward_hooks for b in visual.transformer.resblocks)  # hooks released on exit
     with pytest.raises(RuntimeError, match="forward pass"):
         share.penalty()  # consumed
+
+
+def test_training_flags_set_the_recipe() -> None:
+    args = build_parser().parse_args(["--out", "x", "--detail-scale", "2", "--bird-scale", "0.9", "--cls-mlp-penalty",
+                                      "0", "--caption-weights", "class=1, detail = 3"])
+    cfg = config_from_args(args)
+    assert (cfg.world.detail_scale, cfg.world.bird_scale, cfg.cls_mlp_penalty) == (2.0, 0.9, 0.0)
+    assert cfg.caption_weights == {"class": 1.0, "detail": 3.0}
+    assert config_from_args(build_parser().parse_args(["--out", "x"])) == TrainConfig()
+    for bad, message in (("colour=1", "unknown caption family 'colour'"), ("class=lots", "must be a number")):
+        with pytest.raises(SystemExit, match=message):
+            config_from_args(build_parser().parse_args(["--out", "x", "--caption-weights", bad]))
 
 
 def test_world_config_round_trips_through_metadata() -> None:

@@ -30,6 +30,7 @@ Eq. 4) carry the prediction.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -398,7 +399,7 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
         cap_ids = caps.draw(rows, rng)
         images = normalise(pool_u8[torch.from_numpy(rows)], mean, std)
         unique_ids, inverse = np.unique(cap_ids, return_inverse=True)
-        with ClsMlpShare(model.visual) as share:
+        with ClsMlpShare(model.visual) if cfg.cls_mlp_penalty > 0 else contextlib.nullcontext() as share:
             img_emb = model.encode_image(images)
         txt_emb = model.encode_text(caps.tokens[torch.from_numpy(unique_ids)])[torch.from_numpy(inverse)]
         scale = model.logit_scale.exp().clamp(max=100.0)
@@ -521,10 +522,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.caption_weights:
         weights = {}
         for item in args.caption_weights.split(","):
-            name, _, value = item.partition("=")
-            if name.strip() not in CAPTION_FAMILIES:
-                raise SystemExit(f"unknown caption family {name.strip()!r}; families: {', '.join(CAPTION_FAMILIES)}")
-            weights[name.strip()] = float(value)
+            name, _, value = (part.strip() for part in item.partition("="))
+            if name not in CAPTION_FAMILIES:
+                raise SystemExit(f"unknown caption family {name!r}; families: {', '.join(CAPTION_FAMILIES)}")
+            try:
+                weights[name] = float(value)
+            except ValueError:
+                raise SystemExit(f"caption weight for {name!r} must be a number, got {value!r}") from None
         cfg.caption_weights = weights
     if args.model_config:
         cfg.model_config = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
