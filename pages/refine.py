@@ -156,13 +156,14 @@ d = st.columns(3)
 if ckpt.is_file():
     d[0].download_button("Merged checkpoint (.safetensors)", data=lambda p=ckpt: p.read_bytes(), file_name=ckpt.name,
                          mime="application/octet-stream", key="ref_dl_ckpt", icon=":material/download:",
+                         on_click="ignore",  # a download needs no rerun (and a rerun can race the deferred data)
                          help="open_clip.create_model(name, pretrained=<this file>) loads the edited model.")
 else:
     d[0].caption("The exported checkpoint is gone (temporary files were cleaned); run the refinement again.")
 d[1].download_button("Run report (JSON)", data=report_json(report), file_name="refineclip-report.json",
-                     mime="application/json", key="ref_dl_json", icon=":material/data_object:")
+                     mime="application/json", key="ref_dl_json", icon=":material/data_object:", on_click="ignore")
 d[2].download_button("Run report (HTML)", data=lambda rep=report: render_html(rep), file_name="refineclip-report.html",
-                     mime="text/html", key="ref_dl_html", icon=":material/bar_chart:")
+                     mime="text/html", key="ref_dl_html", icon=":material/bar_chart:", on_click="ignore")
 st.caption(f"The checkpoint has `visual.proj` replaced by P·diag(θ) (or P·Mᵀ); everything else is the original "
            f"model. Load it with the same architecture ({cache.manifest.model_name}).")
 st.page_link(PAGES["errors"], label="Back to the errors", icon=":material/error:")
