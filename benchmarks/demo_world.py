@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -198,11 +199,15 @@ def main() -> int:
         if len(lists) == 4:
             overlaps.append(len(set.intersection(*lists.values())))
         results["ablate: TextSpan background heads (known attribute)"].append(metrics(engine.predict(textspan_heads)))
+        base_cfg = RefineConfig(strategy="diag", seed=seed, steps=args.steps, alpha=1e4, beta=1e2, lr=1e-2)
+        by_steps: dict[int, dict[str, np.ndarray]] = {0: {"refineclip-diag": engine.base_predictions,
+                                                          "standard-finetune": engine.base_predictions}}
         for k, strategy in enumerate(("diag", "full", "lora")):
-            cfg = RefineConfig(strategy=strategy, seed=seed, steps=args.steps, alpha=1e4, beta=1e2, lr=1e-2)
-            out = run_refinement(cache, ident, cfg, engine=engine, baselines=(k == 0))
+            out = run_refinement(cache, ident, replace(base_cfg, strategy=strategy), engine=engine,
+                                 baselines=(k == 0))
             preds = out.report.predictions
             if k == 0:
+                by_steps[args.steps] = preds
                 results["zero-shot"].append(metrics(preds["zero-shot"]))
                 results["ablate: Alg. 1 (all scores)"].append(metrics(preds["ablated"]))
                 results["Tip-Adapter (training-free)"].append(metrics(preds["tip-adapter"]))
@@ -211,13 +216,11 @@ def main() -> int:
         # locality figure: Adam from the same start is deterministic, so a run of s steps is the
         # first s steps of the full run; re-running per checkpoint keeps the library untouched
         for s in checkpoints:
-            if s == 0:
-                preds = {"refineclip-diag": engine.base_predictions, "standard-finetune": engine.base_predictions}
-            else:
-                cfg = RefineConfig(strategy="diag", seed=seed, steps=s, alpha=1e4, beta=1e2, lr=1e-2)
-                preds = run_refinement(cache, ident, cfg, engine=engine, baselines=True).report.predictions
+            if s not in by_steps:
+                by_steps[s] = run_refinement(cache, ident, replace(base_cfg, steps=s), engine=engine,
+                                             baselines=True).report.predictions
             for method in ("refineclip-diag", "standard-finetune"):
-                _, worst, other = metrics(preds[method])
+                _, worst, other = metrics(by_steps[s][method])
                 curves[method][s].append((worst, other))
         print(f"seed {seed}: Alg.1 chose {chosen[seed]}", file=sys.stderr)
 

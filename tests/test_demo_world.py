@@ -250,8 +250,7 @@ def test_committed_demo_model_was_trained_with_the_default_recipe() -> None:
     recorded = meta["train_config"]
     assert WorldConfig.from_dict(recorded["world"]) == WorldConfig()
     defaults = TrainConfig().to_dict()
-    for key in ("threads",):  # how many CPU threads ran it does not define the recipe
-        recorded.pop(key), defaults.pop(key)
+    recorded.pop("threads"), defaults.pop("threads")  # how many CPU threads ran it does not define the recipe
     assert recorded == defaults
     assert meta["seed"] == 0
 
