@@ -46,16 +46,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from refineclip_core.data import load_dataset  # noqa: E402
 from refineclip_core.demo.train import MODEL_NAME  # noqa: E402
 from refineclip_core.demo.world import TARGET_CLASSES, WorldConfig, write_world  # noqa: E402
-from refineclip_core.evaluation import accuracy_report  # noqa: E402
-from refineclip_core.extraction import ExtractionConfig, extract  # noqa: E402
-from refineclip_core.models import DEMO_DIR, ModelSpec, load_model  # noqa: E402
-from refineclip_core.pipeline import ProtocolConfig, identify, make_engine, run_refinement  # noqa: E402
-from refineclip_core.refinement import RefineConfig  # noqa: E402
-from refineclip_core.scores import SCORE_NAMES  # noqa: E402
-from refineclip_core.textspan import describe_heads, encode_text_pool, load_text_pool  # noqa: E402
+from refineclip_core.features.extraction import ExtractionConfig, extract  # noqa: E402
+from refineclip_core.inspection.textspan import describe_heads, encode_text_pool, load_text_pool  # noqa: E402
+from refineclip_core.loading.data import load_dataset  # noqa: E402
+from refineclip_core.loading.models import DEMO_DIR, ModelSpec, load_model  # noqa: E402
+from refineclip_core.method.evaluation import accuracy_report  # noqa: E402
+from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine, run_refinement  # noqa: E402
+from refineclip_core.method.refinement import RefineConfig  # noqa: E402
+from refineclip_core.method.scores import SCORE_NAMES  # noqa: E402
 
 BACKGROUND_WORDS = ("water", "lake", "sea", "ocean", "wave", "river", "pond", "shore", "beach", "grass", "forest",
                     "land", "field", "meadow", "tree", "leaf", "leaves", "sand", "desert", "dune", "sky", "cloud",

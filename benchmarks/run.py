@@ -200,7 +200,7 @@ def _rel_err(parts_sum: torch.Tensor, reference: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 def bench_extraction(ctx: Ctx) -> Table:
     """``decompose`` (hooks + per-head CLS rows + Eq. 3 linearisation) vs plain ``encode_image``."""
-    from refineclip_core.decomposition import decompose
+    from refineclip_core.features.decomposition import decompose
 
     # (model, batch, repetitions)
     configs = [("ViT-B-32", 16, 3)] if ctx.quick else [
@@ -290,9 +290,9 @@ TINY_CFG = {
 
 
 def bench_memory(ctx: Ctx) -> Table:
-    from refineclip_core.data import load_dataset
-    from refineclip_core.extraction import ExtractionConfig, extract
-    from refineclip_core.models import ModelSpec, load_model
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.models import ModelSpec, load_model
 
     rows: list[list[Any]] = []
     # -- bytes per image: a real (small) ViT-B-16 extraction per scope, checked against the formula
@@ -380,9 +380,9 @@ def bench_memory(ctx: Ctx) -> Table:
 
 def _rss_child(args: dict[str, str]) -> None:
     """Runs in a subprocess: load the tiny model and the images, extract, print RSS as JSON."""
-    from refineclip_core.data import load_dataset
-    from refineclip_core.extraction import ExtractionConfig, extract
-    from refineclip_core.models import ModelSpec, load_model
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.models import ModelSpec, load_model
 
     torch.set_num_threads(1)  # a tiny model: more threads only add synchronisation on a busy machine
     torch.manual_seed(0)
@@ -425,8 +425,8 @@ def _reset_peak_rss() -> bool:
 # --------------------------------------------------------------------------------------------
 def bench_precision(ctx: Ctx) -> Table:
     """Max relative decomposition error per dtype, on CPU (the same code runs on CUDA)."""
-    from refineclip_core.decomposition import decompose
-    from refineclip_core.models import _DTYPES
+    from refineclip_core.features.decomposition import decompose
+    from refineclip_core.loading.models import _DTYPES
 
     batch = 4 if ctx.quick else 8
     base = _random_clip("ViT-B-32").visual
@@ -486,12 +486,12 @@ def _synthetic_cache(n: int, layers: int, heads: int, d: int, classes: int, seed
 
 def bench_method(ctx: Ctx) -> Table:
     """Live ablation at 10k images, DE_A..D + Alg. 1 at 1k, and refinement: all on cached arrays."""
-    from refineclip_core.ablation import AblationEngine
-    from refineclip_core.decomposition import HeadId
-    from refineclip_core.errorsets import error_pairs, pair_error_sets
-    from refineclip_core.refinement import RefineConfig, refine
-    from refineclip_core.scores import compute_scores
-    from refineclip_core.selection import select_heads
+    from refineclip_core.features.decomposition import HeadId
+    from refineclip_core.method.ablation import AblationEngine
+    from refineclip_core.method.errorsets import error_pairs, pair_error_sets
+    from refineclip_core.method.refinement import RefineConfig, refine
+    from refineclip_core.method.scores import compute_scores
+    from refineclip_core.method.selection import select_heads
 
     n_live = 2_000 if ctx.quick else 10_000
     L, H, d, C = 4, 12, 512, 10

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from refineclip_core.ablation import verify_ablation
-from refineclip_core.decomposition import HeadId
-from refineclip_core.evaluation import accuracy_report
+from refineclip_core.features.decomposition import HeadId
+from refineclip_core.method.ablation import verify_ablation
+from refineclip_core.method.evaluation import accuracy_report
 from studio_ui.state import ablate_heads
 from studio_ui.widgets import PAGES, delta_pts, guard, image_grid, pct, require_ready, show_exception
 
@@ -116,7 +116,7 @@ def _panel() -> None:
     st.caption("Runs the model itself with these heads' direct paths removed (hooks, no cached numbers) on a few "
                "images and compares with the arithmetic above (zero ablation).")
     if st.button("Verify with a real forward pass", key="abl_verify"):
-        from refineclip_core.extraction import load_batch
+        from refineclip_core.features.extraction import load_batch
 
         pool = np.concatenate([res.flipped, np.flatnonzero(mask)])
         rows = list(dict.fromkeys(pool.tolist()))[:8]

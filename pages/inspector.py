@@ -9,8 +9,8 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from refineclip_core.decomposition import HeadId
-from refineclip_core.scores import delta
+from refineclip_core.features.decomposition import HeadId
+from refineclip_core.method.scores import delta
 from studio_ui import resources
 from studio_ui.state import inspect_head, set_inspect_head
 from studio_ui.widgets import PAGES, guard, image_grid, require_ready, show_exception
@@ -63,7 +63,7 @@ st.caption("TextSpan (Gandelsman et al.): greedily picks the descriptions whose 
 
 @st.cache_resource(show_spinner="Describing the head…", max_entries=256)
 def _describe(key: str, layer: int, h: int, k: int, _cache, _texts, _emb):
-    from refineclip_core.textspan import describe_heads
+    from refineclip_core.inspection.textspan import describe_heads
 
     return describe_heads(_cache, [HeadId(layer, h)], _texts, _emb, k=k)[0]
 
@@ -128,8 +128,8 @@ target = c[1].selectbox("Explain the logit of", list(range(len(classes))), index
                         key="insp_cam_class")
 cam_key = (src.key, head.layer, head.head, tuple(chosen), int(target))
 if st.button("Compute Grad-CAM", type="primary", key="insp_cam_btn", disabled=not chosen):
-    from refineclip_core.extraction import load_batch
-    from refineclip_core.gradcam import gradcam_maps, model_input_image, overlay
+    from refineclip_core.features.extraction import load_batch
+    from refineclip_core.inspection.gradcam import gradcam_maps, model_input_image, overlay
 
     loaded = ready.loaded()
     with st.spinner("Running Grad-CAM (whole model, then this head only)…"), guard("Grad-CAM"):

@@ -10,13 +10,13 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from refineclip_core.data import load_dataset, parse_metadata
-from refineclip_core.demo_session import cache_dir_for, demo_data_dir, extract_locked, write_demo_data
 from refineclip_core.errors import DataError, RefineClipError
-from refineclip_core.extraction import ExtractionCancelled, ExtractionConfig
-from refineclip_core.models import ModelSpec
-from refineclip_core.uploads import allowed_path, default_allowed_roots, extract_zip
-from refineclip_core.zeroshot import DEFAULT_TEMPLATES, validate_templates
+from refineclip_core.features.extraction import ExtractionCancelled, ExtractionConfig
+from refineclip_core.features.zeroshot import DEFAULT_TEMPLATES, validate_templates
+from refineclip_core.loading.data import load_dataset, parse_metadata
+from refineclip_core.loading.models import ModelSpec
+from refineclip_core.loading.uploads import allowed_path, default_allowed_roots, extract_zip
+from refineclip_core.studio.session import cache_dir_for, demo_data_dir, extract_locked, write_demo_data
 from studio_ui import resources
 from studio_ui.jobs import start_job
 from studio_ui.state import Source, get_source, protocol, session_dir, set_source

@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from refineclip_core.decomposition import HeadId
-from refineclip_core.pipeline import run_refinement
-from refineclip_core.refinement import RefineConfig, export_checkpoint
-from refineclip_core.report import (accuracy_bars_figure, build_run_report, loss_figure, method_summary,
+from refineclip_core.features.decomposition import HeadId
+from refineclip_core.method.protocol import run_refinement
+from refineclip_core.method.refinement import RefineConfig, export_checkpoint
+from refineclip_core.reporting.report import (accuracy_bars_figure, build_run_report, loss_figure, method_summary,
                                     per_key_table, render_html, report_json)
 from studio_ui.state import ablate_heads, protocol, session_dir
 from studio_ui.widgets import PAGES, pct, require_ready, show_exception

@@ -1,9 +1,11 @@
 """RefineCLIP: find the attention heads behind CLIP's errors and edit the model to fix them.
 
-The library behind RefineCLIP Studio. Modules follow the paper's pipeline:
-``models`` → ``data`` → ``decomposition`` (Eq. 3-4) → ``extraction``/``cache`` →
-``errorsets`` → ``scores`` (Eq. 6-9) → ``selection`` (Alg. 1, Eq. 10) → ``ablation`` (Eq. 5)
-→ ``refinement`` (Eq. 11-13) → ``evaluation``. No module imports Streamlit.
+The library behind RefineCLIP Studio. Its sub-packages follow the paper's pipeline:
+``loading`` (model and images) → ``features`` (exact per-head decomposition, Eq. 3-4, and the
+feature cache) → ``method`` (error sets, DE_A..DE_D of Eq. 6-9, Alg. 1 with Eq. 10, ablation
+Eq. 5, refinement Eq. 11-13, evaluation, the protocol) → ``inspection`` (TextSpan, Grad-CAM)
+→ ``reporting`` (findings, figures, run reports); ``studio`` keeps an interactive session's
+data and caches, ``cli`` and ``demo`` sit on top. No module imports Streamlit.
 """
 
 __version__ = "0.1.0"

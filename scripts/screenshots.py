@@ -61,7 +61,7 @@ def free_port() -> int:
 
 def installed_demo_dir() -> Path | None:
     """``assets/demo`` when its checkpoint and config are both there."""
-    from refineclip_core.models import DEMO_DIR, DEMO_MODEL_NAME
+    from refineclip_core.loading.models import DEMO_DIR, DEMO_MODEL_NAME
 
     ok = (DEMO_DIR / f"{DEMO_MODEL_NAME}.safetensors").is_file() and (DEMO_DIR / f"{DEMO_MODEL_NAME}.json").is_file()
     return DEMO_DIR if ok else None

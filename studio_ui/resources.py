@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from refineclip_core.ablation import AblationEngine
-from refineclip_core.cache import FeatureCache, read_manifest
-from refineclip_core.demo_session import studio_home, with_prompts
 from refineclip_core.errors import CacheError
-from refineclip_core.models import LoadedModel, ModelSpec, load_model
-from refineclip_core.pipeline import Identification, ProtocolConfig, identify, make_engine
-from refineclip_core.zeroshot import predict
+from refineclip_core.features.cache import FeatureCache, read_manifest
+from refineclip_core.features.zeroshot import predict
+from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
+from refineclip_core.method.ablation import AblationEngine
+from refineclip_core.method.protocol import Identification, ProtocolConfig, identify, make_engine
+from refineclip_core.studio.session import studio_home, with_prompts
 
 from .state import Source
 
@@ -83,7 +83,7 @@ def zero_shot(source: Source, cache: FeatureCache) -> tuple[np.ndarray, np.ndarr
 
 @st.cache_resource(show_spinner="Embedding the description pool for TextSpan…", max_entries=4)
 def text_pool(spec_json: str, pool_path: str = str(TEXT_POOL)) -> tuple[list[str], np.ndarray]:
-    from refineclip_core.textspan import encode_text_pool, load_text_pool
+    from refineclip_core.inspection.textspan import encode_text_pool, load_text_pool
 
     texts = load_text_pool(pool_path)
     emb = encode_text_pool(model(spec_json), texts, cache_path=studio_home() / "text-pools")
@@ -104,8 +104,8 @@ def thumbnail(path: str, size: int = 144) -> bytes | None:
 
     from PIL import Image
 
-    from refineclip_core.data import load_image
     from refineclip_core.errors import ImageLoadError
+    from refineclip_core.loading.data import load_image
 
     try:
         img = load_image(path)
@@ -121,12 +121,12 @@ def thumbnail(path: str, size: int = 144) -> bytes | None:
 
 @st.cache_resource(show_spinner=False, max_entries=32)
 def _findings(key: str, protocol_json: str, _cache: FeatureCache, _ident: Identification, _engine: AblationEngine):
-    from refineclip_core.report import findings
+    from refineclip_core.reporting.report import findings
 
     return findings(_cache, _ident, _engine)
 
 
 def findings(source: Source, cache: FeatureCache, eng: AblationEngine, ident: Identification):
-    """The headline numbers of :func:`refineclip_core.report.findings` (computed once)."""
+    """The headline numbers of :func:`refineclip_core.reporting.report.findings` (computed once)."""
     key = source.key + read_manifest(source.cache_dir).fingerprint
     return _findings(key, json.dumps(ident.config.to_dict(), sort_keys=True), cache, ident, eng)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from refineclip_core.extraction import ExtractionCancelled
-from refineclip_core.models import ModelSpec
+from refineclip_core.features.extraction import ExtractionCancelled
+from refineclip_core.loading.models import ModelSpec
 
 from .jobs import start_job
 from .state import Source, get_source, inspect_head, protocol, set_source
@@ -42,7 +42,7 @@ def demo_spec() -> ModelSpec:
         return st.session_state["demo_spec"]
     folder = os.environ.get(DEMO_DIR_ENV)
     if folder:
-        from refineclip_core.models import DEMO_MODEL_NAME
+        from refineclip_core.loading.models import DEMO_MODEL_NAME
 
         return ModelSpec("demo", checkpoint=str(Path(folder) / f"{DEMO_MODEL_NAME}.safetensors"),
                          model_config=str(Path(folder) / f"{DEMO_MODEL_NAME}.json"))
@@ -56,7 +56,7 @@ def demo_available(spec: ModelSpec) -> bool:
 
 def start_demo_job() -> None:
     """Prepare the demo (images once, then extraction, resumable) in the background."""
-    from refineclip_core.demo_session import DEMO_N_PER_GROUP, prepare_demo
+    from refineclip_core.studio.session import DEMO_N_PER_GROUP, prepare_demo
 
     from . import resources
 

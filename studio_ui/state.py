@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 
 import streamlit as st
 
-from refineclip_core.decomposition import HeadId
-from refineclip_core.models import ModelSpec
-from refineclip_core.pipeline import ProtocolConfig
+from refineclip_core.features.decomposition import HeadId
+from refineclip_core.loading.models import ModelSpec
+from refineclip_core.method.protocol import ProtocolConfig
 
 #: Session keys that depend on the source; dropped when the source changes.
 DERIVED_KEYS = ("protocol", "inspect_head", "ablate_heads", "refine", "verify", "scan", "gradcam")
@@ -78,7 +78,7 @@ def set_protocol(**changes) -> None:
 
 
 def pair_spec(true: int, pred: int, classes: list[str]) -> str:
-    """A ``TRUE:PRED`` string that :func:`refineclip_core.pipeline.resolve_pairs` reads back
+    """A ``TRUE:PRED`` string that :func:`refineclip_core.method.protocol.resolve_pairs` reads back
     unambiguously (indices when a name contains ':' or looks like an index)."""
     a, b = classes[true], classes[pred]
     if any(":" in n or n.isdigit() for n in (a, b)):
@@ -111,7 +111,7 @@ class _SessionFolder:
     def __init__(self) -> None:
         import weakref
 
-        from refineclip_core.uploads import cleanup_upload_dir, session_upload_dir
+        from refineclip_core.loading.uploads import cleanup_upload_dir, session_upload_dir
 
         self.path = session_upload_dir()
         weakref.finalize(self, cleanup_upload_dir, str(self.path))

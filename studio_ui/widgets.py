@@ -11,12 +11,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import streamlit as st
 
-from refineclip_core.ablation import AblationEngine
-from refineclip_core.cache import FeatureCache
 from refineclip_core.errors import RefineClipError
-from refineclip_core.extraction import ExtractionCancelled
-from refineclip_core.models import LoadedModel
-from refineclip_core.pipeline import Identification
+from refineclip_core.features.cache import FeatureCache
+from refineclip_core.features.extraction import ExtractionCancelled
+from refineclip_core.loading.models import LoadedModel
+from refineclip_core.method.ablation import AblationEngine
+from refineclip_core.method.protocol import Identification
 
 from . import resources
 from .jobs import Job, format_seconds

@@ -1,5 +1,5 @@
 """The dashboard, page by page, with ``streamlit.testing`` (no browser), plus its core helpers
-(:mod:`refineclip_core.report`, :mod:`refineclip_core.demo_session`).
+(:mod:`refineclip_core.reporting.report`, :mod:`refineclip_core.studio.session`).
 
 Every page runs on the embedded demo when its checkpoint is installed, otherwise on a stand-in
 built in seconds by the demo trainer's ``--quick`` mode; either way the held-out demo sample
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from refineclip_core.cache import FeatureCache
-from refineclip_core.decomposition import HeadId
 from refineclip_core.errors import DataError
-from refineclip_core.models import DEMO_DIR, DEMO_MODEL_NAME, ModelSpec
+from refineclip_core.features.cache import FeatureCache
+from refineclip_core.features.decomposition import HeadId
+from refineclip_core.loading.models import DEMO_DIR, DEMO_MODEL_NAME, ModelSpec
 
 from .conftest import make_image
 
@@ -84,7 +84,7 @@ def open_page(at: AppTest, name: str) -> AppTest:
 
 
 def cache_and_ident(at: AppTest):
-    from refineclip_core.pipeline import ProtocolConfig, identify
+    from refineclip_core.method.protocol import ProtocolConfig, identify
 
     src = at.session_state["source"]
     cache = FeatureCache(src.cache_dir)
@@ -271,8 +271,8 @@ def test_load_folder_with_local_checkpoint_extracts_and_switches(home, demo_spec
     cache = FeatureCache(src.cache_dir)
     assert len(cache) == 18 and cache.group_names
     # the prompts were re-embedded for the chosen templates
-    from refineclip_core.models import load_model
-    from refineclip_core.zeroshot import class_text_embeddings
+    from refineclip_core.features.zeroshot import class_text_embeddings
+    from refineclip_core.loading.models import load_model
     from studio_ui import resources
 
     opened = resources.feature_cache(src)
@@ -329,8 +329,8 @@ def test_load_zip_upload_scans_and_refuses_unsafe_zips(home, demo_spec, tmp_path
 # Core helpers behind the pages
 
 def test_write_demo_data_is_balanced_and_idempotent(tmp_path):
-    from refineclip_core.data import load_dataset
-    from refineclip_core.demo_session import write_demo_data
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.studio.session import write_demo_data
 
     out = write_demo_data(tmp_path / "demo", seed=7, n_per_group=2)
     ds = load_dataset(out)
@@ -346,11 +346,11 @@ def test_write_demo_data_is_balanced_and_idempotent(tmp_path):
 
 
 def test_with_prompts_reembeds_text_only(tiny_model_files, image_folder, tmp_path):
-    from refineclip_core.data import load_dataset
-    from refineclip_core.demo_session import with_prompts
-    from refineclip_core.extraction import ExtractionConfig, extract
-    from refineclip_core.models import load_model
-    from refineclip_core.zeroshot import class_text_embeddings
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.features.zeroshot import class_text_embeddings
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.models import load_model
+    from refineclip_core.studio.session import with_prompts
 
     loaded = load_model(ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
                                   model_config=str(tiny_model_files["config"])))
@@ -368,7 +368,7 @@ def test_with_prompts_reembeds_text_only(tiny_model_files, image_folder, tmp_pat
 
 
 def test_score_grid_points_carry_heads_and_values():
-    from refineclip_core.report import score_grid_figure
+    from refineclip_core.reporting.report import score_grid_figure
 
     values = np.arange(12, dtype=float).reshape(3, 4) - 5
     fig = score_grid_figure(values, [9, 10, 11], "DE_A", True, chosen=[HeadId(10, 2)], selected=HeadId(9, 0))
@@ -384,21 +384,21 @@ def test_score_grid_points_carry_heads_and_values():
 
 
 def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
-    from refineclip_core.data import load_dataset
-    from refineclip_core.extraction import ExtractionConfig, extract
-    from refineclip_core.models import load_model
-    from refineclip_core.pipeline import identify, run_refinement
-    from refineclip_core.refinement import RefineConfig
-    from refineclip_core.report import findings, method_summary, render_html, write_report
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.models import load_model
+    from refineclip_core.method.protocol import identify, run_refinement
+    from refineclip_core.method.refinement import RefineConfig
+    from refineclip_core.reporting.report import findings, method_summary, render_html, write_report
 
     loaded = load_model(ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
                                   model_config=str(tiny_model_files["config"])))
     cache = extract(loaded, load_dataset(image_folder), tmp_path / "c", ExtractionConfig(layers=2, batch_size=8))
-    from refineclip_core.pipeline import ProtocolConfig
+    from refineclip_core.method.protocol import ProtocolConfig
 
     ident = identify(cache, ProtocolConfig(samples_per_class=None))
     outcome = run_refinement(cache, ident, RefineConfig(steps=20), baselines=True)
-    from refineclip_core.report import build_run_report
+    from refineclip_core.reporting.report import build_run_report
 
     report = build_run_report(cache, ident, outcome, checkpoint={"file": "x.safetensors"})
     text = json.dumps(report, allow_nan=False)
@@ -419,11 +419,11 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
 
 
 def test_cancelled_extraction_job_keeps_shards_and_resumes(tiny_model_files, image_folder, tmp_path):
-    from refineclip_core.cache import read_manifest, shard_is_valid
-    from refineclip_core.data import load_dataset
-    from refineclip_core.demo_session import extract_locked
-    from refineclip_core.extraction import ExtractionCancelled, ExtractionConfig
-    from refineclip_core.models import load_model
+    from refineclip_core.features.cache import read_manifest, shard_is_valid
+    from refineclip_core.features.extraction import ExtractionCancelled, ExtractionConfig
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.models import load_model
+    from refineclip_core.studio.session import extract_locked
     from studio_ui.jobs import start_job
 
     loaded = load_model(ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),

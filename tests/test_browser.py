@@ -125,7 +125,7 @@ class Arrays:
     """The extracted demo cache, read directly from disk (independent of the app's code paths)."""
 
     def __init__(self, home: Path):
-        from refineclip_core.cache import FeatureCache, read_manifest
+        from refineclip_core.features.cache import FeatureCache, read_manifest
 
         dirs = [d for d in (home / "caches").iterdir() if d.is_dir() and (m := read_manifest(d)) and m.complete]
         assert len(dirs) == 1, f"expected one complete demo cache in {home / 'caches'}, found {dirs}"
@@ -237,7 +237,7 @@ def test_first_visit_prepares_the_demo_and_shows_findings(story, arrays, perf):
     assert n == 2 * N_PER_GROUP * 10  # val + test, 4 bird groups + 6 other classes
     assert page.get_by_text(f"Embedded demo model on {n} held-out demo images").first.is_visible()
     # the headline accuracy is the zero-shot accuracy on the held-out rows
-    from refineclip_core.pipeline import ProtocolConfig, identify
+    from refineclip_core.method.protocol import ProtocolConfig, identify
 
     ident = identify(arrays.cache, ProtocolConfig())
     assert shots.metric_value(page, "Zero-shot accuracy") == pct(arrays.accuracy(rows=ident.eval_rows))
@@ -309,7 +309,7 @@ def test_ablate_toggles_change_the_accuracy_shown(story, arrays):
 
 
 def _original_checkpoint(server) -> Path:
-    from refineclip_core.models import DEMO_DIR, DEMO_MODEL_NAME
+    from refineclip_core.loading.models import DEMO_DIR, DEMO_MODEL_NAME
 
     folder = server.model_dir if server.model_dir is not None else DEMO_DIR
     return Path(folder) / f"{DEMO_MODEL_NAME}.safetensors"
@@ -318,7 +318,7 @@ def _original_checkpoint(server) -> Path:
 def test_refine_runs_compares_and_downloads_a_loadable_checkpoint(story, server, tmp_path):
     import torch
 
-    from refineclip_core.models import read_state_dict
+    from refineclip_core.loading.models import read_state_dict
 
     page = story
     shots.goto(page, "refine")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refineclip_core.data import load_dataset, load_image, parse_metadata
 from refineclip_core.errors import DataError, ImageLoadError
+from refineclip_core.loading.data import load_dataset, load_image, parse_metadata
 
 
 def test_class_folder_layout(class_folder):

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from refineclip_core.decomposition import (
+from refineclip_core.errors import UnsupportedModelError
+from refineclip_core.features.decomposition import (
     HeadId,
     architecture_info,
     decompose,
@@ -16,8 +17,7 @@ from refineclip_core.decomposition import (
     heads_zeroed,
     resolve_layers,
 )
-from refineclip_core.errors import UnsupportedModelError
-from refineclip_core.models import ModelSpec, load_model
+from refineclip_core.loading.models import ModelSpec, load_model
 
 from .conftest import tiny_config, write_config
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refineclip_core.cache import FeatureCache
-from refineclip_core.data import load_dataset
-from refineclip_core.extraction import ExtractionConfig, check_decomposition, extract, load_batch
-from refineclip_core.models import ModelSpec, load_model
+from refineclip_core.features.cache import FeatureCache
+from refineclip_core.features.extraction import ExtractionConfig, check_decomposition, extract, load_batch
+from refineclip_core.loading.data import load_dataset
+from refineclip_core.loading.models import ModelSpec, load_model
 
 REPO = Path(__file__).resolve().parent.parent
 ARRAYS = ("embeddings", "heads", "remainders", "index")

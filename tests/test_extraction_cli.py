@@ -12,11 +12,11 @@ import open_clip
 import pytest
 import torch
 
-from refineclip_core.cache import FeatureCache, shard_dir
 from refineclip_core.cli import main
-from refineclip_core.data import load_dataset, load_image
-from refineclip_core.extraction import ExtractionConfig, extract
-from refineclip_core.models import ModelSpec, load_model
+from refineclip_core.features.cache import FeatureCache, shard_dir
+from refineclip_core.features.extraction import ExtractionConfig, extract
+from refineclip_core.loading.data import load_dataset, load_image
+from refineclip_core.loading.models import ModelSpec, load_model
 
 
 def _model_flags(files):
@@ -49,7 +49,7 @@ def test_extract_check_and_zero_shot_cli(tiny_model_files, image_folder, tmp_pat
     tok = open_clip.get_tokenizer(tiny_model_files["name"])
     ds = load_dataset(image_folder)
     with torch.no_grad():
-        from refineclip_core.zeroshot import DEFAULT_TEMPLATES
+        from refineclip_core.features.zeroshot import DEFAULT_TEMPLATES
         text = []
         for c in ds.classes:
             t = model.encode_text(tok([tp.format(c) for tp in DEFAULT_TEMPLATES]))

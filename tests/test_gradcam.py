@@ -7,16 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from refineclip_core.decomposition import HeadId, decompose
 from refineclip_core.errors import RefineClipError
-from refineclip_core.gradcam import (
+from refineclip_core.features.decomposition import HeadId, decompose
+from refineclip_core.inspection.gradcam import (
     ZeroShotClassifierModule,
     gradcam_maps,
     model_input_image,
     overlay,
     vit_reshape_transform,
 )
-from refineclip_core.models import ModelSpec, load_model
+from refineclip_core.loading.models import ModelSpec, load_model
 
 HEAD_SETS = [
     [HeadId(2, 1)],

@@ -9,20 +9,20 @@ import open_clip
 import pytest
 import torch
 
-from refineclip_core.ablation import AblationEngine, verify_ablation
-from refineclip_core.baselines import TipAdapter
-from refineclip_core.cache import FeatureCache
 from refineclip_core.cli import main
-from refineclip_core.data import load_image
-from refineclip_core.decomposition import HeadId, direct_ablation_forward
-from refineclip_core.errorsets import ErrorSets, error_pairs, pair_error_sets, sample_per_class
-from refineclip_core.extraction import ExtractionConfig, extract, load_batch
-from refineclip_core.data import load_dataset
-from refineclip_core.models import ModelSpec, load_model
-from refineclip_core.pipeline import ProtocolConfig, identify, parse_heads, run_refinement
-from refineclip_core.refinement import RefineConfig, RefinedMap, export_checkpoint, refine
-from refineclip_core.scores import compute_scores
-from refineclip_core.selection import select_heads
+from refineclip_core.features.cache import FeatureCache
+from refineclip_core.features.decomposition import HeadId, direct_ablation_forward
+from refineclip_core.features.extraction import ExtractionConfig, extract, load_batch
+from refineclip_core.loading.data import load_image
+from refineclip_core.loading.data import load_dataset
+from refineclip_core.loading.models import ModelSpec, load_model
+from refineclip_core.method.ablation import AblationEngine, verify_ablation
+from refineclip_core.method.baselines import TipAdapter
+from refineclip_core.method.errorsets import ErrorSets, error_pairs, pair_error_sets, sample_per_class
+from refineclip_core.method.protocol import ProtocolConfig, identify, parse_heads, run_refinement
+from refineclip_core.method.refinement import RefineConfig, RefinedMap, export_checkpoint, refine
+from refineclip_core.method.scores import compute_scores
+from refineclip_core.method.selection import select_heads
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def cache(loaded, image_folder, tmp_path_factory):
     """A cache of the tiny random model whose class texts are replaced by noisy class means of
     the image embeddings (first seed that gives a pair with W, C and A all non-empty), so
     that the random model makes a realistic mix of right and wrong predictions."""
-    from refineclip_core.cache import atomic_write_bytes, npy_bytes
+    from refineclip_core.features.cache import atomic_write_bytes, npy_bytes
 
     out = tmp_path_factory.mktemp("method-cache")
     c = extract(loaded, load_dataset(image_folder), out, ExtractionConfig(layers="all", batch_size=6))

@@ -32,12 +32,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from refineclip_core.cache import FeatureCache
 from refineclip_core.cli import build_parser, main
-from refineclip_core.data import MAX_ASPECT_RATIO, load_dataset, load_image, parse_metadata
 from refineclip_core.errors import CacheError, CheckpointError, DataError, ImageLoadError
-from refineclip_core.models import ModelSpec, load_model
-from refineclip_core.uploads import (
+from refineclip_core.features.cache import FeatureCache
+from refineclip_core.loading.data import MAX_ASPECT_RATIO, load_dataset, load_image, parse_metadata
+from refineclip_core.loading.models import ModelSpec, load_model
+from refineclip_core.loading.uploads import (
     ALLOWED_ROOTS_ENV,
     UPLOAD_PREFIX,
     allowed_path,
@@ -488,7 +488,7 @@ def test_allowed_path(tmp_path, monkeypatch):
         allowed_path("   ", [root])
     # defaults: the studio home (demo data), the demo assets and the working directory;
     # the variable replaces them
-    from refineclip_core.models import ASSETS_DIR
+    from refineclip_core.loading.models import ASSETS_DIR
 
     monkeypatch.delenv(ALLOWED_ROOTS_ENV, raising=False)
     monkeypatch.setenv("REFINECLIP_HOME", str(tmp_path / "home"))
@@ -516,7 +516,7 @@ def _shard_files(shards: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_sigkill_mid_extraction_resumes_to_an_identical_cache(tiny_model_files, tmp_path, monkeypatch):
-    import refineclip_core.extraction as extraction
+    import refineclip_core.features.extraction as extraction
 
     rng = np.random.default_rng(1)
     data = tmp_path / "data"

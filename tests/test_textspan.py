@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from refineclip_core.decomposition import HeadId
 from refineclip_core.errors import DataError, RefineClipError
-from refineclip_core.models import ModelSpec, load_model
-from refineclip_core.textspan import (
+from refineclip_core.features.decomposition import HeadId
+from refineclip_core.inspection.textspan import (
     MIN_RESIDUAL,
     RESIDUAL_STOP,
     HeadDescription,
@@ -22,6 +21,7 @@ from refineclip_core.textspan import (
     load_text_pool,
     text_pool_cache_file,
 )
+from refineclip_core.loading.models import ModelSpec, load_model
 
 
 def unit_rows(rng: np.random.Generator, m: int, d: int) -> np.ndarray:
@@ -221,7 +221,7 @@ def test_load_text_pool(tmp_path):
 
 
 def test_encode_text_pool_caches_by_model_and_pool(tiny_model_files, tmp_path, monkeypatch):
-    import refineclip_core.zeroshot as zeroshot
+    import refineclip_core.features.zeroshot as zeroshot
 
     spec = ModelSpec(tiny_model_files["name"], checkpoint=str(tiny_model_files["checkpoint"]),
                      model_config=str(tiny_model_files["config"]))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..cache import FeatureCache
-from ..data import load_dataset
 from ..errors import RefineClipError
-from ..extraction import check_decomposition, load_batch
-from ..decomposition import decompose
-from ..models import ModelSpec, load_model
+from ..features.cache import FeatureCache
+from ..features.decomposition import decompose
+from ..features.extraction import check_decomposition, load_batch
+from ..loading.data import load_dataset
+from ..loading.models import ModelSpec, load_model
 from .common import add_model_args, layers_arg, model_spec, positive_int, write_json
 
 

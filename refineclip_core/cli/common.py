@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cache import atomic_write_json
-from ..models import DEMO_MODEL, ModelSpec
-from ..zeroshot import DEFAULT_TEMPLATES, read_templates, validate_templates
+from ..features.cache import atomic_write_json
+from ..features.zeroshot import DEFAULT_TEMPLATES, read_templates, validate_templates
+from ..loading.models import DEMO_MODEL, ModelSpec
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:

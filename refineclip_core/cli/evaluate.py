@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from ..data import load_dataset
-from ..evaluation import accuracy_report
-from ..extraction import ExtractionConfig, extract
-from ..models import load_model
-from ..zeroshot import predict
+from ..features.extraction import ExtractionConfig, extract
+from ..features.zeroshot import predict
+from ..loading.data import load_dataset
+from ..loading.models import load_model
+from ..method.evaluation import accuracy_report
 from .common import add_model_args, add_template_args, model_spec, positive_int, progress_bar, templates, write_json
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..data import load_dataset
-from ..extraction import ExtractionConfig, extract, init_distributed_from_env
-from ..models import load_model
+from ..features.extraction import ExtractionConfig, extract, init_distributed_from_env
+from ..loading.data import load_dataset
+from ..loading.models import load_model
 from .common import add_model_args, add_template_args, layers_arg, model_spec, positive_int, progress_bar, templates
 
 

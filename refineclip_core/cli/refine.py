@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..models import ModelSpec, load_model
-from ..pipeline import identify, parse_heads, run_refinement
-from ..refinement import RefineConfig, export_checkpoint
+from ..loading.models import ModelSpec, load_model
+from ..method.protocol import identify, parse_heads, run_refinement
+from ..method.refinement import RefineConfig, export_checkpoint
 from .common import positive_int, write_json
 from .score import add_protocol_args, open_cache, protocol
 

@@ -7,13 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from ..cache import atomic_write_bytes, atomic_write_json
-from ..data import load_dataset
 from ..errors import RefineClipError
-from ..extraction import ExtractionConfig, extract, init_distributed_from_env
-from ..models import load_model
-from ..refinement import RefineConfig
-from ..reproduce import PAPER_WATERBIRDS, markdown_table, rows_csv, run_protocol, summarise
+from ..features.cache import atomic_write_bytes, atomic_write_json
+from ..features.extraction import ExtractionConfig, extract, init_distributed_from_env
+from ..loading.data import load_dataset
+from ..loading.models import load_model
+from ..method.refinement import RefineConfig
+from ..method.reproduce import PAPER_WATERBIRDS, markdown_table, rows_csv, run_protocol, summarise
 from .common import add_model_args, add_template_args, model_spec, positive_int, progress_bar, templates
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..cache import FeatureCache
 from ..errors import RefineClipError
-from ..pipeline import ProtocolConfig, identify
+from ..features.cache import FeatureCache
+from ..method.protocol import ProtocolConfig, identify
 from .common import positive_int, write_json
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..cache import FeatureCache
-from ..evaluation import accuracy_report
-from ..zeroshot import predict
+from ..features.cache import FeatureCache
+from ..features.zeroshot import predict
+from ..method.evaluation import accuracy_report
 from .common import write_json
 
 

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..decomposition import HookSet, hook_modules
+from ..features.decomposition import HookSet, hook_modules
 from .world import (
     CLASSES,
     TARGET_CLASSES,

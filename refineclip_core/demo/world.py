@@ -172,7 +172,7 @@ class WorldSample:
 
     ``label`` is the class name, ``background`` the background kind (one of
     :data:`BACKGROUNDS`), ``group`` ``"<bird> on <land|water>"`` for target classes (the
-    naming of :mod:`refineclip_core.data`'s Waterbirds loader) and the class name for
+    naming of :mod:`refineclip_core.loading.data`'s Waterbirds loader) and the class name for
     unrelated classes. ``attributes`` holds what the captions talk about (colour, size,
     position, scene, texture, and for birds the bill/legs/feet shapes).
     """

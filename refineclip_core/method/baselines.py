@@ -8,7 +8,7 @@ their one-hot labels ``L`` (n×C), and
 
 with ``f`` the normalised feature of ``x`` (``a`` = residual ratio, ``b`` = sharpness; the
 Tip-Adapter paper's defaults are a = 1, b = 5.5). The standard fine-tuning baseline lives in
-:func:`refineclip_core.refinement.standard_finetune`.
+:func:`refineclip_core.method.refinement.standard_finetune`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .zeroshot import normalize
+from ..features.zeroshot import normalize
 
 
 @dataclass

@@ -36,6 +36,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..errors import CacheError, ImageLoadError, RefineClipError
+from ..loading.data import ImageDataset, ImageRecord, SkippedFile, load_image
+from ..loading.models import LoadedModel
 from .cache import (
     CacheManifest,
     FeatureCache,
@@ -48,10 +51,7 @@ from .cache import (
     shard_is_valid,
     write_shard,
 )
-from .data import ImageDataset, ImageRecord, SkippedFile, load_image
 from .decomposition import architecture_info, decompose, resolve_layers
-from .errors import CacheError, ImageLoadError, RefineClipError
-from .models import LoadedModel
 from .zeroshot import DEFAULT_TEMPLATES, class_text_embeddings
 
 #: ``progress(done, total)`` is called after every batch; ``cancel()`` is polled between batches.

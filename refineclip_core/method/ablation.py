@@ -8,7 +8,7 @@ additionally use the per-image Gram matrix of the head parts.
 
 :func:`verify_ablation` checks the cached arithmetic against the real model, which runs with
 the heads' output columns zeroed and the direct path isolated
-(:func:`~refineclip_core.decomposition.direct_ablation_forward`).
+(:func:`~refineclip_core.features.decomposition.direct_ablation_forward`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from .decomposition import HeadId, direct_ablation_forward
+from ..features.decomposition import HeadId, direct_ablation_forward
 from .evaluation import AccuracyReport, accuracy_report
 
 Mode = Literal["zero", "mean"]

@@ -8,7 +8,7 @@ classifier; the zero-shot classifier is (paper §2.1)
 
 with ``E'`` either the ordinary image embedding ``E`` (whole-model map) or the direct
 contribution of a head set ``S``, ``E' = sum_{h in S} c[h]`` (paper Eq. 4, ``P h^{l,h}``).
-The head part is computed by :func:`refineclip_core.decomposition.decompose_differentiable`,
+The head part is computed by :func:`refineclip_core.features.decomposition.decompose_differentiable`,
 the same code as the cached decomposition, so its logits equal those from the feature cache.
 
 ``c[h]`` divides by the per-image standard deviation of ``ln_post``'s input (Eq. 3). That is a
@@ -35,8 +35,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .decomposition import HeadId, architecture_info, decompose_differentiable
-from .errors import RefineClipError
+from ..errors import RefineClipError
+from ..features.decomposition import HeadId, architecture_info, decompose_differentiable
 
 HeadLike = HeadId | tuple[int, int] | Sequence[int]
 
@@ -56,7 +56,7 @@ class ZeroShotClassifierModule(nn.Module):
     """``images -> logit_scale * cos(E', t_y)`` for every class ``y``: a classifier for Grad-CAM.
 
     Args:
-        loaded_model: a :class:`~refineclip_core.models.LoadedModel`.
+        loaded_model: a :class:`~refineclip_core.loading.models.LoadedModel`.
         text_embeddings: ``(C, d)`` class text embeddings (normalised here again).
         head_mask: ``None`` for the whole model (``E' = E``), or the heads ``S`` whose direct
             contributions make ``E' = sum_{h in S} c[h]`` (paper Eq. 4).
@@ -184,7 +184,7 @@ def gradcam_maps(loaded, images: torch.Tensor, target_class: int | Sequence[int]
     """Grad-CAM maps ``(B, H, W)`` in ``[0, 1]`` of the zero-shot logit of ``target_class``.
 
     Args:
-        loaded: the :class:`~refineclip_core.models.LoadedModel`.
+        loaded: the :class:`~refineclip_core.loading.models.LoadedModel`.
         images: ``(B, 3, H, W)`` preprocessed images (``loaded.preprocess`` output, stacked).
         target_class: one class index for all images, or one per image.
         text: ``(C, d)`` class text embeddings (e.g. ``FeatureCache.text``).

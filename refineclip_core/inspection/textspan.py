@@ -35,8 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .decomposition import HeadId
-from .errors import DataError, RefineClipError
+from ..errors import DataError, RefineClipError
+from ..features.decomposition import HeadId
 
 #: A text whose residual norm falls below this fraction of its centred norm is considered
 #: already spanned by the chosen directions and is not picked again (its direction would be
@@ -237,7 +237,7 @@ def describe_heads(cache_heads_array: Any, head_ids: Sequence[HeadId], pool_text
 
     Args:
         cache_heads_array: ``(N, L_s, H, d)`` per-head contributions (``FeatureCache.heads``),
-            or a :class:`~refineclip_core.cache.FeatureCache` (its heads and layer scope are used).
+            or a :class:`~refineclip_core.features.cache.FeatureCache` (its heads and layer scope are used).
         head_ids: the heads to describe (absolute layer indices, as in ``FeatureCache.head_ids()``).
         pool_texts, pool_emb: the text pool and its normalised embeddings ``(M, d)``.
         k: texts per head (paper Table 5: 5).
@@ -338,8 +338,8 @@ def encode_text_pool(loaded: Any, texts: Sequence[str], cache_path: str | os.Pat
     the texts, written atomically, so a pool or model change never reads stale embeddings and
     an interrupted write never leaves a half file.
     """
-    from .cache import atomic_write_bytes, npy_bytes
-    from .zeroshot import encode_texts
+    from ..features.cache import atomic_write_bytes, npy_bytes
+    from ..features.zeroshot import encode_texts
 
     texts = list(texts)
     if not texts:

@@ -17,11 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import RefineClipError
+from ..features.cache import FeatureCache
+from ..features.decomposition import HeadId
 from .ablation import AblationEngine
 from .baselines import TipAdapter
-from .cache import FeatureCache
-from .decomposition import HeadId
-from .errors import RefineClipError
 from .errorsets import ErrorPair, ErrorSets, error_pairs, pair_error_sets, sample_per_class
 from .evaluation import AccuracyReport, accuracy_report
 from .refinement import RefineConfig, RefinementResult, refine, standard_finetune

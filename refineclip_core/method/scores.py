@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 
-from .decomposition import HeadId
+from ..features.decomposition import HeadId
 from .errorsets import ErrorSets
 
 Similarity = Literal["cosine", "dot"]

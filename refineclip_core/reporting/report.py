@@ -29,11 +29,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from .ablation import AblationEngine
-from .cache import FeatureCache, atomic_write_bytes
-from .decomposition import HeadId
-from .evaluation import accuracy_report
-from .scores import HeadScores
+from ..features.cache import FeatureCache, atomic_write_bytes
+from ..features.decomposition import HeadId
+from ..method.ablation import AblationEngine
+from ..method.evaluation import accuracy_report
+from ..method.scores import HeadScores
 
 #: Method names in the order tables and charts show them.
 METHOD_ORDER = ("zero-shot", "ablated", "refineclip-diag", "refineclip-full", "refineclip-lora",
@@ -111,7 +111,7 @@ class Findings:
 
 def findings(cache: FeatureCache, ident, engine: AblationEngine | None = None) -> Findings:
     """Zero-shot vs. ablating Alg. 1's heads on the identification's evaluation rows."""
-    from .errorsets import error_pairs
+    from ..method.errorsets import error_pairs
 
     engine = engine or AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
     labels = cache.labels
@@ -275,7 +275,7 @@ def accuracy_bars_figure(rows: Mapping[str, Mapping[str, float | None]], title: 
 
 def method_summary(methods: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
     """``{method: {overall, average group, worst group, error-pair classes, worst group of the pair's
-    classes, other classes}}`` from a :class:`~refineclip_core.pipeline.MethodReport`'s ``to_dict()``."""
+    classes, other classes}}`` from a :class:`~refineclip_core.method.protocol.MethodReport`'s ``to_dict()``."""
     reports, locality, target = methods["reports"], methods.get("locality", {}), methods.get("target_accuracy", {})
     targets = methods.get("target_reports") or {}
     out = {}
@@ -330,7 +330,7 @@ def build_run_report(cache: FeatureCache, ident, outcome=None, *, model: Mapping
     scores and curves behind the choice, the refinement and every method's accuracies."""
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     try:
         import open_clip

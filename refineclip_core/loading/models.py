@@ -25,10 +25,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .errors import CheckpointError, RefineClipError
+from ..errors import CheckpointError, RefineClipError
 
 DEMO_MODEL = "demo"
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 DEMO_DIR = ASSETS_DIR / "demo"
 DEMO_MODEL_NAME = "refineclip-demo"
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..features.decomposition import HeadId
 from .ablation import AblationEngine
-from .decomposition import HeadId
 from .scores import HeadScores
 
 

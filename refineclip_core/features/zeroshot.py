@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import RefineClipError
-from .models import LoadedModel
+from ..errors import RefineClipError
+from ..loading.models import LoadedModel
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",

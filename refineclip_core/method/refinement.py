@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache import atomic_write_bytes
-from .errors import RefineClipError
-from .models import read_state_dict
+from ..errors import RefineClipError
+from ..features.cache import atomic_write_bytes
+from ..loading.models import read_state_dict
 
 Strategy = Literal["diag", "full", "lora"]
 

@@ -32,11 +32,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .cache import FeatureCache
-from .data import ImageDataset, load_dataset
-from .errors import DataError, RefineClipError
-from .extraction import ExtractionCancelled, ExtractionConfig, extract
-from .models import ModelSpec
+from ..errors import DataError, RefineClipError
+from ..features.cache import FeatureCache
+from ..features.extraction import ExtractionCancelled, ExtractionConfig, extract
+from ..loading.data import ImageDataset, load_dataset
+from ..loading.models import ModelSpec
 
 HOME_ENV = "REFINECLIP_HOME"
 #: Seed of the held-out demo sample. Training used seed 0 (train and val) and 1000 (test).
@@ -120,7 +120,7 @@ def write_demo_data(out_dir: str | os.PathLike, seed: int = DEMO_SEED, n_per_gro
     (``path,label,group,split``). Written into a temporary sibling folder and renamed into
     place, so a half-written folder is never used; an existing complete folder is kept.
     """
-    from .demo.world import write_world
+    from ..demo.world import write_world
 
     out = Path(out_dir)
     if (out / "metadata.csv").is_file():
@@ -154,7 +154,7 @@ def write_demo_data(out_dir: str | os.PathLike, seed: int = DEMO_SEED, n_per_gro
 
 def extract_locked(loaded, dataset: ImageDataset, cache_dir: str | os.PathLike, cfg: ExtractionConfig,
                    progress: StageProgress | None = None, cancel: Callable[[], bool] | None = None) -> FeatureCache:
-    """:func:`~refineclip_core.extraction.extract` under :func:`folder_lock`, with stage progress."""
+    """:func:`~refineclip_core.features.extraction.extract` under :func:`folder_lock`, with stage progress."""
     cache_dir = Path(cache_dir)
     total = len(dataset.records)
 
@@ -178,7 +178,7 @@ def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progr
     ``loaded`` may pass the already loaded demo model (the dashboard caches it); otherwise it
     is loaded here. ``spec`` replaces the demo model (tests use a tiny stand-in).
     """
-    from .models import load_model
+    from ..loading.models import load_model
 
     spec = spec or ModelSpec("demo")
     data = write_demo_data(demo_data_dir(cache_root, seed, n_per_group), seed, n_per_group, progress)
@@ -201,7 +201,7 @@ def with_prompts(cache: FeatureCache, loaded, classes: Sequence[str] | None = No
     ``(C, d)`` text matrix changes. Returns ``cache`` itself when nothing changes, otherwise
     a separate :class:`FeatureCache` object over the same folder.
     """
-    from .zeroshot import class_text_embeddings, validate_templates
+    from ..features.zeroshot import class_text_embeddings, validate_templates
 
     new_classes = [c.strip() for c in classes] if classes is not None else list(cache.classes)
     new_templates = validate_templates(templates) if templates is not None else list(cache.manifest.templates)

@@ -39,7 +39,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 #: Named hook points, one per place the decomposition reads the model.
 HOOK_POINTS = (

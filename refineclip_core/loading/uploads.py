@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable, Sequence
 
+from ..errors import DataError
 from .data import METADATA_NAME, SkippedFile
-from .errors import DataError
 
 #: Prefix of every per-session upload folder (``tempfile.mkdtemp(prefix=...)``).
 UPLOAD_PREFIX = "refineclip-uploads-"
@@ -46,7 +46,7 @@ _CHUNK = 1 << 20
 class ExtractedUpload:
     """Result of :func:`extract_zip`.
 
-    ``root`` is the dataset folder to hand to :func:`refineclip_core.data.load_dataset`: the
+    ``root`` is the dataset folder to hand to :func:`refineclip_core.loading.data.load_dataset`: the
     extraction folder, or the single top-level folder the zip wraps everything in (zipping a
     folder ``birds/`` gives entries ``birds/<class>/...``). ``skipped`` lists entries that
     were left out on purpose (macOS metadata, hidden files), with the reason.
@@ -335,14 +335,14 @@ def default_allowed_roots() -> list[Path]:
 
     ``REFINECLIP_ALLOWED_ROOTS`` (``os.pathsep``-separated) replaces the defaults when set.
     Otherwise: the studio home holding the generated demo data and caches
-    (:func:`refineclip_core.demo_session.studio_home`, ``$REFINECLIP_HOME``), the repository's
+    (:func:`refineclip_core.studio.session.studio_home`, ``$REFINECLIP_HOME``), the repository's
     ``assets`` folder (embedded demo model) and the current working directory.
     """
     env = os.environ.get(ALLOWED_ROOTS_ENV, "")
     roots = [Path(r).expanduser() for r in env.split(os.pathsep) if r.strip()]
     if roots:
         return roots
-    from .demo_session import studio_home  # imported here: it pulls in torch
+    from ..studio.session import studio_home  # imported here: it pulls in torch
     from .models import ASSETS_DIR
 
     return [studio_home(), ASSETS_DIR, Path.cwd()]

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .cache import FeatureCache
-from .pipeline import ProtocolConfig, identify, make_engine, run_refinement
+from ..features.cache import FeatureCache
+from .protocol import ProtocolConfig, identify, make_engine, run_refinement
 from .refinement import RefineConfig
 
 #: Paper Table 1 (average-group / worst-group accuracy, %, Waterbirds, 10 samples per class).

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import DataError, ImageLoadError
+from ..errors import DataError, ImageLoadError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 WATERBIRDS_CLASSES = ("landbird", "waterbird")

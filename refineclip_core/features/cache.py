@@ -33,9 +33,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .data import ImageRecord, SkippedFile
+from ..errors import CacheError
+from ..loading.data import ImageRecord, SkippedFile
 from .decomposition import HeadId
-from .errors import CacheError
 
 FORMAT_VERSION = 1
 ARRAYS = ("embedding", "heads", "remainders", "index")

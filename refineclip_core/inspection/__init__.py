@@ -1,0 +1,5 @@
+"""Inspection: what a head encodes and where it looks (paper §5.1, Appendix A.1).
+
+``textspan`` describes a head by the texts spanning its outputs (Table 5); ``gradcam`` draws
+Grad-CAM maps of the zero-shot logit for the whole model or one head set (Fig. 3).
+"""
