@@ -10,7 +10,7 @@ from refineclip_core.errors import RefineClipError
 from refineclip_core.method.errorsets import error_pairs
 from refineclip_core.method.evaluation import accuracy_report, confusion_matrix
 from refineclip_core.method.protocol import resolve_pairs
-from refineclip_core.reporting.report import confusion_figure
+from refineclip_core.reporting.figures import confusion_figure
 from studio_ui import resources
 from studio_ui.state import pair_spec, protocol, set_protocol
 from studio_ui.widgets import PAGES, image_grid, pct, require_ready

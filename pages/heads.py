@@ -8,7 +8,7 @@ import streamlit as st
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.method.errorsets import error_pairs
 from refineclip_core.method.scores import SCORE_SPECS
-from refineclip_core.reporting.report import score_grid_figure, utility_figure
+from refineclip_core.reporting.figures import score_grid_figure, utility_figure
 from studio_ui.state import (ablate_heads, inspect_head, pair_spec, protocol, set_ablate_heads, set_inspect_head,
                              set_protocol)
 from studio_ui.widgets import PAGES, require_ready

@@ -16,7 +16,9 @@ from refineclip_core.features.zeroshot import DEFAULT_TEMPLATES, validate_templa
 from refineclip_core.loading.data import load_dataset, parse_metadata
 from refineclip_core.loading.models import ModelSpec
 from refineclip_core.loading.uploads import allowed_path, default_allowed_roots, extract_zip
-from refineclip_core.studio.session import cache_dir_for, demo_data_dir, extract_locked, write_demo_data
+from refineclip_core.studio.caches import cache_dir_for
+from refineclip_core.studio.demo import demo_data_dir, write_demo_data
+from refineclip_core.studio.locking import extract_locked
 from studio_ui import resources
 from studio_ui.jobs import start_job
 from studio_ui.state import Source, get_source, protocol, session_dir, set_source

@@ -12,8 +12,9 @@ import streamlit as st
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.method.protocol import run_refinement
 from refineclip_core.method.refinement import RefineConfig, export_checkpoint
-from refineclip_core.reporting.report import (accuracy_bars_figure, build_run_report, loss_figure, method_summary,
-                                    per_key_table, render_html, report_json)
+from refineclip_core.reporting.figures import accuracy_bars_figure, loss_figure
+from refineclip_core.reporting.findings import method_summary, per_key_table
+from refineclip_core.reporting.run_report import build_run_report, render_html, report_json
 from studio_ui.state import ablate_heads, protocol, session_dir
 from studio_ui.widgets import PAGES, pct, require_ready, show_exception
 

@@ -21,7 +21,8 @@ from refineclip_core.features.zeroshot import predict
 from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.protocol import Identification, ProtocolConfig, identify, make_engine
-from refineclip_core.studio.session import studio_home, with_prompts
+from refineclip_core.studio.caches import with_prompts
+from refineclip_core.studio.home import studio_home
 
 from .state import Source
 
@@ -121,12 +122,12 @@ def thumbnail(path: str, size: int = 144) -> bytes | None:
 
 @st.cache_resource(show_spinner=False, max_entries=32)
 def _findings(key: str, protocol_json: str, _cache: FeatureCache, _ident: Identification, _engine: AblationEngine):
-    from refineclip_core.reporting.report import findings
+    from refineclip_core.reporting.findings import findings
 
     return findings(_cache, _ident, _engine)
 
 
 def findings(source: Source, cache: FeatureCache, eng: AblationEngine, ident: Identification):
-    """The headline numbers of :func:`refineclip_core.reporting.report.findings` (computed once)."""
+    """The headline numbers of :func:`refineclip_core.reporting.findings.findings` (computed once)."""
     key = source.key + read_manifest(source.cache_dir).fingerprint
     return _findings(key, json.dumps(ident.config.to_dict(), sort_keys=True), cache, ident, eng)

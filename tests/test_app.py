@@ -1,5 +1,5 @@
 """The dashboard, page by page, with ``streamlit.testing`` (no browser), plus its core helpers
-(:mod:`refineclip_core.reporting.report`, :mod:`refineclip_core.studio.session`).
+(:mod:`refineclip_core.reporting`, :mod:`refineclip_core.studio`).
 
 Every page runs on the embedded demo when its checkpoint is installed, otherwise on a stand-in
 built in seconds by the demo trainer's ``--quick`` mode; either way the held-out demo sample
@@ -330,7 +330,7 @@ def test_load_zip_upload_scans_and_refuses_unsafe_zips(home, demo_spec, tmp_path
 
 def test_write_demo_data_is_balanced_and_idempotent(tmp_path):
     from refineclip_core.loading.data import load_dataset
-    from refineclip_core.studio.session import write_demo_data
+    from refineclip_core.studio.demo import write_demo_data
 
     out = write_demo_data(tmp_path / "demo", seed=7, n_per_group=2)
     ds = load_dataset(out)
@@ -350,7 +350,7 @@ def test_with_prompts_reembeds_text_only(tiny_model_files, image_folder, tmp_pat
     from refineclip_core.features.zeroshot import class_text_embeddings
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
-    from refineclip_core.studio.session import with_prompts
+    from refineclip_core.studio.caches import with_prompts
 
     loaded = load_model(ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
                                   model_config=str(tiny_model_files["config"])))
@@ -368,7 +368,7 @@ def test_with_prompts_reembeds_text_only(tiny_model_files, image_folder, tmp_pat
 
 
 def test_score_grid_points_carry_heads_and_values():
-    from refineclip_core.reporting.report import score_grid_figure
+    from refineclip_core.reporting.figures import score_grid_figure
 
     values = np.arange(12, dtype=float).reshape(3, 4) - 5
     fig = score_grid_figure(values, [9, 10, 11], "DE_A", True, chosen=[HeadId(10, 2)], selected=HeadId(9, 0))
@@ -389,7 +389,8 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     from refineclip_core.loading.models import load_model
     from refineclip_core.method.protocol import identify, run_refinement
     from refineclip_core.method.refinement import RefineConfig
-    from refineclip_core.reporting.report import findings, method_summary, render_html, write_report
+    from refineclip_core.reporting.findings import findings, method_summary
+    from refineclip_core.reporting.run_report import render_html, write_report
 
     loaded = load_model(ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
                                   model_config=str(tiny_model_files["config"])))
@@ -398,7 +399,7 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
 
     ident = identify(cache, ProtocolConfig(samples_per_class=None))
     outcome = run_refinement(cache, ident, RefineConfig(steps=20), baselines=True)
-    from refineclip_core.reporting.report import build_run_report
+    from refineclip_core.reporting.run_report import build_run_report
 
     report = build_run_report(cache, ident, outcome, checkpoint={"file": "x.safetensors"})
     text = json.dumps(report, allow_nan=False)
@@ -423,7 +424,7 @@ def test_cancelled_extraction_job_keeps_shards_and_resumes(tiny_model_files, ima
     from refineclip_core.features.extraction import ExtractionCancelled, ExtractionConfig
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
-    from refineclip_core.studio.session import extract_locked
+    from refineclip_core.studio.locking import extract_locked
     from studio_ui.jobs import start_job
 
     loaded = load_model(ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),

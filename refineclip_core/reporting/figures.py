@@ -1,0 +1,178 @@
+"""Plotly figures of a RefineCLIP session, shared by the dashboard and the HTML run report.
+
+Per-head score maps (DE_A..DE_D, paper Eq. 6-9, as a layer × head grid of square markers,
+one point per head so that clicking a head can be read back), Alg. 1 utility curves (Eq. 10),
+the confusion matrix, method comparisons (Tables 1-3) and refinement loss curves (Eq. 11-13).
+They take plain numbers (lists, dicts, arrays), so the HTML report can be rebuilt from its JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from ..features.decomposition import HeadId
+
+METHOD_COLORS = {
+    "zero-shot": "#7f7f7f", "ablated": "#ff7f0e", "refineclip-diag": "#2ca02c", "refineclip-full": "#2ca02c",
+    "refineclip-lora": "#2ca02c", "standard-finetune": "#1f77b4", "tip-adapter": "#9467bd",
+}
+
+#: Diverging colour scale of the score maps: blue (negative) – white (0) – red (positive).
+DIVERGING = "RdBu_r"
+
+
+def _head(h: HeadId | Sequence[int]) -> tuple[int, int]:
+    return (h.layer, h.head) if isinstance(h, HeadId) else (int(h[0]), int(h[1]))
+
+
+def _base_layout(fig: go.Figure, title: str | None = None, **kw) -> go.Figure:
+    fig.update_layout(template="plotly_white", title=title, margin=dict(l=50, r=20, t=50 if title else 20, b=40), **kw)
+    return fig
+
+
+def grid_cell_size(n_heads: int, max_width: int = 560) -> int:
+    """Side in pixels of one head's square in :func:`score_grid_figure`."""
+    return int(max(14, min(44, (max_width - 140) / max(n_heads, 1))))
+
+
+def score_grid_figure(values: np.ndarray | Sequence[Sequence[float]] | None, layers: Sequence[int], name: str,
+                      descending: bool = True, chosen: Iterable = (), selected=None, n_heads: int | None = None,
+                      max_width: int = 560) -> go.Figure:
+    """A layer × head map of one score drawn as a scatter grid of square markers.
+
+    One point per head (x = head, y = layer, colour = score on a diverging scale centred at
+    0), so a click selects a point whose ``customdata`` is ``[layer, head]``. Heads in
+    ``chosen`` get a thick black outline, ``selected`` a gold one. ``values`` ``(L_s, H)``.
+    """
+    layers = [int(l) for l in layers]
+    if values is None:
+        raise ValueError("score_grid_figure needs values; show the reason the score is unavailable instead")
+    v = np.asarray(values, dtype=np.float64)
+    L, H = v.shape
+    cell = grid_cell_size(H if n_heads is None else n_heads, max_width)
+    flat = v.reshape(-1)
+    order = np.argsort(-flat if descending else flat, kind="stable")
+    rank = np.empty(len(flat), dtype=np.int64)
+    rank[order] = np.arange(1, len(flat) + 1)
+    xs, ys, custom = [], [], []
+    for i, l in enumerate(layers):
+        for h in range(H):
+            xs.append(h)
+            ys.append(l)
+            custom.append([l, h, int(rank[i * H + h])])
+    chosen_set = {_head(h) for h in chosen}
+    sel = _head(selected) if selected is not None else None
+    line_w = [4 if (c[0], c[1]) == sel else 0.5 for c in custom]
+    line_c = ["#e6a800" if (c[0], c[1]) == sel else "#dddddd" for c in custom]
+    lim = float(np.nanmax(np.abs(flat))) if np.isfinite(flat).any() else 1.0
+    lim = lim if lim > 0 else 1.0
+    fig = go.Figure(go.Scatter(
+        x=xs, y=ys, mode="markers", customdata=custom,
+        marker=dict(symbol="square", size=cell - 3, color=flat, colorscale=DIVERGING, cmin=-lim, cmax=lim, cmid=0,
+                    line=dict(width=line_w, color=line_c),
+                    colorbar=dict(title=dict(text=name, side="right"), thickness=12, len=0.9)),
+        hovertemplate=(f"<b>L%{{customdata[0]}}.H%{{customdata[1]}}</b><br>{name} = %{{marker.color:.4g}}"
+                       f"<br>rank %{{customdata[2]}} of {len(flat)} ({'highest' if descending else 'lowest'} first)"
+                       "<extra></extra>"),
+    ))
+    marked = [c for c in custom if (c[0], c[1]) in chosen_set]
+    if marked:  # a white dot with a black ring on the chosen heads, visible on any colour
+        fig.add_trace(go.Scatter(
+            x=[c[1] for c in marked], y=[c[0] for c in marked], mode="markers", customdata=marked,
+            marker=dict(symbol="circle", size=max(6, cell // 4), color="white", line=dict(width=2, color="black")),
+            hovertemplate="<b>L%{customdata[0]}.H%{customdata[1]}</b> (chosen by Alg. 1)<extra></extra>"))
+    width = 120 + cell * H
+    height = 70 + cell * L
+    fig.update_layout(
+        template="plotly_white", width=width, height=max(height, 160), margin=dict(l=60, r=20, t=30, b=40),
+        title=dict(text=f"{name} ({'highest' if descending else 'lowest'} = most suspicious)", font=dict(size=13)),
+        xaxis=dict(title="head", tickmode="array", tickvals=list(range(H)), range=[-0.5, H - 0.5], showgrid=False,
+                   zeroline=False, fixedrange=True),
+        yaxis=dict(title="layer", tickmode="array", tickvals=layers, ticktext=[str(l) for l in layers],
+                   range=[layers[0] - 0.5, layers[-1] + 0.5] if layers == list(range(layers[0], layers[-1] + 1))
+                   else None, showgrid=False, zeroline=False, fixedrange=True),
+        clickmode="event+select", dragmode=False, showlegend=False,
+    )
+    return fig
+
+
+def utility_figure(curves: Mapping[str, Sequence[float]], baseline: float | None = None, chosen_score: str | None = None,
+                   chosen_t: int = 0, candidates: Mapping[str, Sequence] | None = None) -> go.Figure:
+    """Alg. 1's utility U(S_t) (Eq. 10) against t for every score's top-T list."""
+    fig = go.Figure()
+    palette = {"DE_A": "#d62728", "DE_B": "#1f77b4", "DE_C": "#ff7f0e", "DE_D": "#2ca02c"}
+    for name, curve in curves.items():
+        t = list(range(1, len(curve) + 1))
+        heads = [str(HeadId(*_head(h))) for h in (candidates or {}).get(name, [])]
+        text = [", ".join(heads[:k]) if heads else "" for k in t]
+        base = name.split("[")[0]
+        fig.add_trace(go.Scatter(x=t, y=list(curve), mode="lines+markers", name=name, text=text,
+                                 line=dict(color=palette.get(base)),
+                                 hovertemplate=f"{name}: t=%{{x}}, U=%{{y:.4f}}<br>%{{text}}<extra></extra>"))
+    if chosen_score and chosen_score in curves and 0 < chosen_t <= len(curves[chosen_score]):
+        fig.add_trace(go.Scatter(x=[chosen_t], y=[curves[chosen_score][chosen_t - 1]], mode="markers",
+                                 name="chosen set", marker=dict(symbol="star", size=18, color="gold",
+                                                                line=dict(color="black", width=1)),
+                                 hovertemplate="chosen: %{x} heads of " + chosen_score + "<extra></extra>"))
+    if baseline is not None and math.isfinite(baseline):
+        fig.add_hline(y=baseline, line_dash="dash", line_color="#888",
+                      annotation_text="no head removed", annotation_position="bottom right")
+    _base_layout(fig, "Alg. 1 utility of removing the top-t heads", height=360,
+                 xaxis_title="t (heads removed, in ranking order)", yaxis_title="utility U(S_t)  (Eq. 10)")
+    return fig
+
+
+def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> go.Figure:
+    """Counts ``M[true, predicted]`` as an annotated heatmap (diagonal = correct)."""
+    m = np.asarray(matrix)
+    row = m.sum(1, keepdims=True)
+    frac = np.divide(m, np.maximum(row, 1))
+    fig = go.Figure(go.Heatmap(
+        z=frac, x=list(classes), y=list(classes), text=m, texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1,
+        colorbar=dict(title="row share"),
+        hovertemplate="true %{y} → predicted %{x}<br>%{text} images (%{z:.0%} of the class)<extra></extra>"))
+    n = len(classes)
+    _base_layout(fig, "Confusion matrix (zero-shot)", height=max(320, 60 + 34 * n),
+                 xaxis_title="predicted", yaxis_title="true")
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def accuracy_bars_figure(rows: Mapping[str, Mapping[str, float | None]], title: str, y_title: str = "accuracy"
+                         ) -> go.Figure:
+    """Grouped bars: ``rows[method][category] = accuracy`` (categories share the x axis)."""
+    fig = go.Figure()
+    n_bars = sum(len(v) for v in rows.values())
+    for method, values in rows.items():
+        cats = list(values)
+        ys = [None if values[c] is None else 100 * values[c] for c in cats]
+        fig.add_trace(go.Bar(name=method, x=cats, y=ys, marker_color=METHOD_COLORS.get(method),
+                             text=[("–" if y is None else f"{y:.0f}") for y in ys] if n_bars <= 36 else None,
+                             textposition="outside",
+                             hovertemplate=f"{method}<br>%{{x}}: %{{y:.1f}}%<extra></extra>"))
+    n_cats = max((len(v) for v in rows.values()), default=0)
+    _base_layout(fig, title, barmode="group", height=400, yaxis=dict(title=y_title + " (%)", range=[0, 109]),
+                 legend=dict(orientation="h", yanchor="top", y=-0.25 if n_cats > 6 else -0.15))
+    fig.update_xaxes(automargin=True, tickangle=-30 if n_cats > 6 else 0)
+    return fig
+
+
+def loss_figure(history: Mapping[str, Sequence[float]], weights: Mapping[str, float] | None = None) -> go.Figure:
+    """Refinement losses per step (log scale): L_success (Eq. 11), L_locality (Eq. 12), L_CE."""
+    fig = go.Figure()
+    names = {"success": "L_success (Eq. 11)", "locality": "L_locality (Eq. 12)", "ce": "L_CE", "total": "total (Eq. 13)"}
+    colors = {"success": "#d62728", "locality": "#1f77b4", "ce": "#2ca02c", "total": "#555"}
+    for key in ("success", "locality", "ce", "total"):
+        ys = list(history.get(key, []))
+        if not ys:
+            continue
+        ys = [y if (y is not None and y > 0) else None for y in ys]
+        fig.add_trace(go.Scatter(x=list(range(1, len(ys) + 1)), y=ys, mode="lines", name=names[key],
+                                 line=dict(color=colors[key], dash="dot" if key == "total" else None)))
+    _base_layout(fig, "Refinement losses", height=340, xaxis_title="step", yaxis=dict(title="loss", type="log"),
+                 legend=dict(orientation="h", y=-0.25))
+    return fig

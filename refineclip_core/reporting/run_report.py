@@ -1,0 +1,214 @@
+"""The run report: one run as JSON-safe data, and as a self-contained HTML page.
+
+:func:`build_run_report` gathers one run (model, data, protocol, scores, selection, refinement
+config and history, every method's accuracies) into a JSON-safe dict; :func:`render_html`
+turns it into one HTML file with the Plotly library inlined (``to_html(include_plotlyjs=True)``
+for the first chart), readable offline; :func:`write_report` writes both atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from ..features.cache import FeatureCache, atomic_write_bytes
+from ..features.decomposition import HeadId
+from ..method.scores import HeadScores
+from .figures import accuracy_bars_figure, loss_figure, score_grid_figure, utility_figure
+from .findings import findings, json_safe, method_summary, per_key_table
+
+
+def _fmt(x: float | None, pct: bool = True) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{100 * x:.1f}%" if pct else f"{x:.4g}"
+
+
+def scores_to_dict(scores: Mapping[str, HeadScores]) -> dict[str, dict]:
+    return {name: {"values": None if s.values is None else np.asarray(s.values).tolist(), "layers": list(s.layers),
+                   "descending": bool(s.descending), "available": s.available, "reason": s.reason}
+            for name, s in scores.items()}
+
+
+def build_run_report(cache: FeatureCache, ident, outcome=None, *, model: Mapping[str, Any] | None = None,
+                     data_root: str | None = None, refine_config=None, heads: Sequence[HeadId] | None = None,
+                     checkpoint: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+    """Everything about one run, JSON-safe: what was loaded, which rows, which heads, the
+    scores and curves behind the choice, the refinement and every method's accuracies."""
+    import torch
+
+    from .. import __version__
+
+    try:
+        import open_clip
+        oc_version = getattr(open_clip, "__version__", "?")
+    except Exception:  # pragma: no cover - open_clip is a dependency
+        oc_version = "?"
+    man = cache.manifest
+    heads = list(outcome.heads if (heads is None and outcome is not None) else (heads or ident.heads))
+    report: dict[str, Any] = {
+        "title": "RefineCLIP run report",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"refineclip_core": __version__, "torch": torch.__version__, "open_clip": oc_version},
+        "model": dict(model) if model is not None else dict(man.model),
+        "model_name": man.model_name,
+        "data": {"root": data_root or man.data_root, "cache": str(cache.root), "n_images": len(cache),
+                 "classes": list(cache.classes), "groups": list(cache.group_names), "templates": list(man.templates),
+                 "layers": list(man.layers), "n_heads": man.n_heads, "n_skipped": len(cache.skipped)},
+        "protocol": ident.config.to_dict(),
+        "pairs": [[cache.classes[a], cache.classes[b]] for a, b in ident.pairs],
+        "sets": {k: s.sizes() for k, s in ident.sets.items()},
+        "n_samples": int(len(ident.sample_rows)),
+        "n_eval": int(len(ident.eval_rows)),
+        "sample_rows": ident.sample_rows.tolist(),
+        "scores": scores_to_dict(ident.scores),
+        "selection": ident.selection.to_dict(),
+        "heads": [h.as_list() for h in heads],
+        "findings": findings(cache, ident).to_dict(),
+    }
+    if outcome is not None:
+        cfg = refine_config if refine_config is not None else outcome.refinement.config
+        report["refine_config"] = cfg.to_dict()
+        report["history"] = outcome.refinement.history
+        report["methods"] = outcome.report.to_dict()
+    if checkpoint:
+        report["checkpoint"] = dict(checkpoint)
+    if extra:
+        report["extra"] = dict(extra)
+    return json_safe(report)
+
+
+def report_json(report: Mapping[str, Any]) -> str:
+    return json.dumps(json_safe(report), indent=1, sort_keys=False, allow_nan=False)
+
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;
+color:#222;padding:0 1rem}
+h1{margin-bottom:.2rem} h2{margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
+table{border-collapse:collapse;margin:.6rem 0 1rem} td,th{border:1px solid #ddd;padding:.3rem .6rem;text-align:right}
+th{background:#f5f5f5} td:first-child,th:first-child{text-align:left}
+.muted{color:#666;font-size:.9rem} .grid{display:flex;flex-wrap:wrap;gap:1rem}
+.card{border:1px solid #e3e3e3;border-radius:8px;padding:.6rem 1rem;min-width:150px}
+.card b{display:block;font-size:1.4rem} pre{background:#f7f7f7;padding:.8rem;overflow:auto;font-size:.8rem}
+"""
+
+
+def _table(rows: Mapping[str, Mapping[str, Any]], first: str = "method", pct: bool = True) -> str:
+    cols: list[str] = []
+    for r in rows.values():
+        for c in r:
+            if c not in cols:
+                cols.append(c)
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [first, *cols])
+    body = "".join(
+        "<tr><td>" + html.escape(str(name)) + "</td>" +
+        "".join(f"<td>{html.escape(_fmt(r.get(c), pct) if isinstance(r.get(c), (int, float)) or r.get(c) is None else str(r.get(c)))}</td>"
+                for c in cols) + "</tr>"
+        for name, r in rows.items())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _transpose(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for method, values in rows.items():
+        for key, v in values.items():
+            out.setdefault(key, {})[method] = v
+    return out
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """One self-contained HTML page for a :func:`build_run_report` dict (Plotly inlined once)."""
+    figs: list[tuple[str, go.Figure]] = []
+    methods = report.get("methods")
+    if methods:
+        summary = method_summary(methods)
+        figs.append(("Methods compared on held-out images",
+                     accuracy_bars_figure(summary, "Accuracy by method (held-out images)")))
+        groups = per_key_table(methods, "per_group")
+        if any(groups.values()):
+            figs.append(("Per group", accuracy_bars_figure(groups, "Accuracy per group")))
+        figs.append(("Per class", accuracy_bars_figure(per_key_table(methods, "per_class"), "Accuracy per class")))
+    if report.get("history"):
+        figs.append(("Refinement", loss_figure(report["history"])))
+    sel = report.get("selection", {})
+    if sel.get("curves"):
+        figs.append(("Head selection (Alg. 1)", utility_figure(
+            sel["curves"], sel.get("baseline_utility"), sel.get("selected", {}).get("score"),
+            sel.get("selected", {}).get("t", 0), sel.get("candidates"))))
+    heads = report.get("heads", [])
+    for name, s in (report.get("scores") or {}).items():
+        if s.get("available") and s.get("values") is not None:
+            figs.append((f"Score map {name}", score_grid_figure(s["values"], s["layers"], name, s["descending"],
+                                                                chosen=heads)))
+
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(report.get('title', 'Report'))}"
+             f"</title><style>{_CSS}</style></head><body>"]
+    parts.append(f"<h1>{html.escape(report.get('title', 'RefineCLIP run report'))}</h1>")
+    parts.append(f"<p class='muted'>Created {html.escape(str(report.get('created', '')))} · model "
+                 f"{html.escape(str(report.get('model_name', '')))} · "
+                 + html.escape(", ".join(f"{k} {v}" for k, v in (report.get("versions") or {}).items())) + "</p>")
+    f = report.get("findings") or {}
+    pairs = ", ".join(f"{a} → {b}" for a, b in report.get("pairs", []))
+    head_list = ", ".join(str(HeadId(*h)) for h in heads) or "none"
+    cards = [("Error pair", pairs or "–"), ("Heads removed", head_list),
+             ("Zero-shot worst group", f"{_fmt(f.get('worst_group'))} ({f.get('worst_group_name') or '–'})"),
+             ("Ablated worst group", _fmt(f.get("ablated_worst_group")))]
+    if methods:
+        summary = method_summary(methods)
+        refined = next((k for k in summary if k.startswith("refineclip")), None)
+        if refined:
+            cards.append(("Refined worst group", _fmt(summary[refined]["worst group"])))
+            cards.append(("Refined other classes", _fmt(summary[refined]["other classes (locality)"])))
+    parts.append("<div class='grid'>" + "".join(
+        f"<div class='card'><span class='muted'>{html.escape(k)}</span><b>{html.escape(v)}</b></div>"
+        for k, v in cards) + "</div>")
+    data = report.get("data", {})
+    sets_text = "; ".join(f"{k}: " + ", ".join(f"{n} = {v}" for n, v in sizes.items())
+                          for k, sizes in (report.get("sets") or {}).items())
+    parts.append(f"<p>{data.get('n_images', '?')} images, {len(data.get('classes', []))} classes, "
+                 f"{len(data.get('groups', []))} groups; heads of layers {data.get('layers')} "
+                 f"({data.get('n_heads')} per layer). Heads chosen on {report.get('n_samples', '?')} labelled samples "
+                 f"({html.escape(sets_text)}); accuracies on {report.get('n_eval', '?')} held-out images.</p>")
+    if methods:
+        parts.append("<h2>Results</h2>" + _table(method_summary(methods)))
+        groups = per_key_table(methods, "per_group")
+        if any(groups.values()):
+            parts.append("<h3>Per group</h3>" + _table(_transpose(groups), first="group"))
+        parts.append("<h3>Per class</h3>" + _table(_transpose(per_key_table(methods, "per_class")), first="class"))
+    first = True
+    in_maps = False
+    for title, fig in figs:
+        is_map = title.startswith("Score map")
+        if is_map and not in_maps:
+            parts.append("<h2>Per-head scores (paper Eq. 6-9)</h2><p class='muted'>White dot: heads removed.</p>"
+                         "<div class='grid'>")
+            in_maps = True
+        if not is_map:
+            parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=True if first else False,
+                                 config={"displaylogo": False}))
+        first = False
+    if in_maps:
+        parts.append("</div>")
+    config = {k: report.get(k) for k in ("model", "data", "protocol", "refine_config", "checkpoint", "versions")
+              if report.get(k) is not None}
+    parts.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps(config, indent=1, ensure_ascii=False)) + "</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path, stem: str = "refineclip-report") -> tuple[Path, Path]:
+    """Write ``<stem>.json`` and ``<stem>.html`` atomically into ``out_dir``."""
+    out = Path(out_dir)
+    json_path, html_path = out / f"{stem}.json", out / f"{stem}.html"
+    atomic_write_bytes(json_path, report_json(report).encode())
+    atomic_write_bytes(html_path, render_html(report).encode())
+    return json_path, html_path

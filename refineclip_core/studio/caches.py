@@ -1,0 +1,64 @@
+"""The caches of an interactive session: one folder per (model, data, layer scope), and prompt edits.
+
+:func:`cache_dir_for` names the cache folder of a combination inside the studio home;
+:func:`with_prompts` re-embeds the class texts of an opened cache for edited class names or
+prompt templates without touching the image features (the expensive part, paper Eq. 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import DataError, RefineClipError
+from ..features.cache import FeatureCache
+from ..loading.models import ModelSpec
+from .home import studio_home
+
+def _short_hash(*parts: object) -> str:
+    h = hashlib.sha256(json.dumps([str(p) for p in parts]).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir_for(spec: ModelSpec, data_key: str, layers: int | str | Sequence[int],
+                  cache_root: str | os.PathLike | None = None) -> Path:
+    """The cache folder for a model, a dataset (``data_key``: its root plus anything that
+    changes its labels, e.g. a metadata CSV's hash) and a layer scope.
+
+    The extraction itself also checks a fingerprint of model, files and scope and rebuilds a
+    stale cache; this key only keeps different combinations in different folders.
+    """
+    key = _short_hash(spec.fingerprint(), data_key, layers if isinstance(layers, (int, str)) else list(layers))
+    return studio_home(cache_root) / "caches" / key
+
+
+def with_prompts(cache: FeatureCache, loaded, classes: Sequence[str] | None = None,
+                 templates: Sequence[str] | None = None) -> FeatureCache:
+    """``cache`` with its class texts ``t_y`` re-embedded for new class names and/or templates.
+
+    The image features (E and every c[l, h]) do not depend on the prompts, so only the
+    ``(C, d)`` text matrix changes. Returns ``cache`` itself when nothing changes, otherwise
+    a separate :class:`FeatureCache` object over the same folder.
+    """
+    from ..features.zeroshot import class_text_embeddings, validate_templates
+
+    new_classes = [c.strip() for c in classes] if classes is not None else list(cache.classes)
+    new_templates = validate_templates(templates) if templates is not None else list(cache.manifest.templates)
+    if len(new_classes) != len(cache.classes):
+        raise DataError(f"Give {len(cache.classes)} class names (one per class, in order), got {len(new_classes)}.")
+    if any(not c for c in new_classes):
+        raise DataError("Class names cannot be empty.")
+    if len(set(new_classes)) != len(new_classes):
+        raise DataError("Class names must be distinct (identical names get identical prompts).")
+    if new_classes == list(cache.classes) and new_templates == list(cache.manifest.templates):
+        return cache
+    if loaded is None:
+        raise RefineClipError("Changing class names or templates needs the model to embed the new prompts.")
+    fresh = FeatureCache(cache.root)
+    fresh.manifest = replace(fresh.manifest, classes=new_classes, templates=new_templates)
+    fresh.__dict__["text"] = class_text_embeddings(loaded, new_classes, new_templates)
+    return fresh

@@ -1,0 +1,110 @@
+"""The embedded demo, prepared for an interactive session on a held-out sample of its world.
+
+The dashboard (and anything else that wants a ready-to-use feature cache without choosing
+folders) calls :func:`prepare_demo`: it writes a *held-out*, group-balanced sample of the
+procedural demo world (:mod:`refineclip_core.demo.world`, ``val`` and ``test`` splits drawn
+with :data:`DEMO_SEED`, a seed the demo model never saw in training) into the studio home
+folder once, and extracts its decomposed features (paper Eq. 4) into a cache next to it. Both
+steps are resumable and idempotent: the second call costs a directory listing.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..features.extraction import ExtractionConfig
+from ..loading.data import load_dataset
+from ..loading.models import ModelSpec
+from .caches import cache_dir_for
+from .home import studio_home
+from .locking import StageProgress, extract_locked
+
+#: Seed of the held-out demo sample. Training used seed 0 (train and val) and 1000 (test).
+DEMO_SEED = 2025
+#: Images per bird group and per unrelated class in each of the val and test splits.
+DEMO_N_PER_GROUP = 40
+DEMO_SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A model, an image folder and the feature cache extracted from them."""
+
+    spec: ModelSpec
+    data_dir: Path
+    cache_dir: Path
+    label: str = ""
+
+
+def demo_data_dir(cache_root: str | os.PathLike | None = None, seed: int = DEMO_SEED,
+                  n_per_group: int = DEMO_N_PER_GROUP) -> Path:
+    return studio_home(cache_root) / f"demo-data-s{seed}-n{n_per_group}"
+
+
+def write_demo_data(out_dir: str | os.PathLike, seed: int = DEMO_SEED, n_per_group: int = DEMO_N_PER_GROUP,
+                    progress: StageProgress | None = None) -> Path:
+    """Write the balanced ``val`` and ``test`` splits of the demo world into one folder.
+
+    Layout: ``<out>/<split>/<class>/<split>_<index>.png`` and one ``<out>/metadata.csv``
+    (``path,label,group,split``). Written into a temporary sibling folder and renamed into
+    place, so a half-written folder is never used; an existing complete folder is kept.
+    """
+    from ..demo.world import write_world
+
+    out = Path(out_dir)
+    if (out / "metadata.csv").is_file():
+        return out
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        rows: list[dict[str, str]] = []
+        for i, split in enumerate(DEMO_SPLITS):
+            if progress is not None:
+                progress(f"Drawing the held-out demo images ({split} split)", i, len(DEMO_SPLITS))
+            sub = write_world(tmp / split, split, seed, n_per_group, layout="folder")
+            with open(sub / "metadata.csv", newline="", encoding="utf-8") as fh:
+                for row in csv.DictReader(fh):
+                    rows.append({**row, "path": f"{split}/{row['path']}"})
+            (sub / "metadata.csv").unlink()
+        with open(tmp / "metadata.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["path", "label", "group", "split"])
+            writer.writeheader()
+            writer.writerows(rows)
+        if progress is not None:
+            progress("Drawing the held-out demo images", len(DEMO_SPLITS), len(DEMO_SPLITS))
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "metadata.csv").is_file():  # lost a race against a complete folder: fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progress: StageProgress | None = None,
+                 cancel: Callable[[], bool] | None = None, spec: ModelSpec | None = None, seed: int = DEMO_SEED,
+                 n_per_group: int = DEMO_N_PER_GROUP, layers: int | str = 4) -> PreparedData:
+    """The embedded demo model on a held-out sample of its world, extracted and ready.
+
+    ``loaded`` may pass the already loaded demo model (the dashboard caches it); otherwise it
+    is loaded here. ``spec`` replaces the demo model (tests use a tiny stand-in).
+    """
+    from ..loading.models import load_model
+
+    spec = spec or ModelSpec("demo")
+    data = write_demo_data(demo_data_dir(cache_root, seed, n_per_group), seed, n_per_group, progress)
+    if loaded is None:
+        if progress is not None:
+            progress("Loading the demo model", 0, 1)
+        loaded = load_model(spec)
+    dataset = load_dataset(data)
+    cache_dir = cache_dir_for(spec, str(data), layers, cache_root)
+    extract_locked(loaded, dataset, cache_dir, ExtractionConfig(layers=layers), progress, cancel)
+    label = f"Embedded demo model on {len(dataset)} held-out demo images (seed {seed})"
+    return PreparedData(spec, data, cache_dir, label)
