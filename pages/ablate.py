@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from refineclip_core.features.decomposition import HeadId
+from refineclip_core.features.decomposition import HeadId, parse_heads
 from refineclip_core.method.ablation import verify_ablation
 from refineclip_core.method.evaluation import accuracy_report
 from studio_ui.state import ablate_heads
@@ -33,7 +33,7 @@ def _set(heads) -> None:
 
 if f"abl_{layers[0]}_0" not in st.session_state:  # first visit, or widgets dropped while on another page
     kept = st.session_state.get("abl_current")
-    _set(suggested if kept is None else [HeadId(*h) for h in kept])
+    _set(suggested if kept is None else parse_heads(kept))
 
 
 @st.fragment

@@ -62,7 +62,7 @@ def _on_click(key: str) -> None:
     points = (state or {}).get("selection", {}).get("points", []) if state else []
     if points:
         p = points[0]
-        set_inspect_head(HeadId(int(p["y"]), int(p["x"])))
+        set_inspect_head(HeadId.of((p["y"], p["x"])))  # x = head, y = layer
 
 
 names = list(ident.scores)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from refineclip_core.features.decomposition import HeadId
+from refineclip_core.features.decomposition import HeadId, parse_heads
 from refineclip_core.method.protocol import run_refinement
 from refineclip_core.method.refinement import RefineConfig, export_checkpoint
 from refineclip_core.reporting.figures import accuracy_bars_figure, loss_figure
@@ -34,7 +34,7 @@ options: dict[str, list[HeadId]] = {"Alg. 1's choice": list(ident.heads)}
 if ablate_heads() is not None:
     options["Set from the Heads page"] = ablate_heads()
 if st.session_state.get("abl_current") is not None:
-    options["Ticked on the Ablate page"] = [HeadId(*h) for h in st.session_state["abl_current"]]
+    options["Ticked on the Ablate page"] = parse_heads(st.session_state["abl_current"])
 labels = {k: f"{k}: {', '.join(map(str, v)) or 'none'}" for k, v in options.items()}
 choice = st.radio("Heads removed in the teacher E_abl", list(options), format_func=labels.get, key="ref_heads",
                   index=len(options) - 1 if "Set from the Heads page" in options else 0)

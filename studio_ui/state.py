@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import streamlit as st
 
-from refineclip_core.features.decomposition import HeadId
+from refineclip_core.features.decomposition import HeadId, parse_heads
 from refineclip_core.loading.models import ModelSpec
 from refineclip_core.method.protocol import ProtocolConfig
 
@@ -88,7 +88,7 @@ def pair_spec(true: int, pred: int, classes: list[str]) -> str:
 
 def inspect_head() -> HeadId | None:
     h = st.session_state.get("inspect_head")
-    return HeadId(*h) if h else None
+    return HeadId.of(h) if h else None
 
 
 def set_inspect_head(head: HeadId) -> None:
@@ -97,7 +97,7 @@ def set_inspect_head(head: HeadId) -> None:
 
 def ablate_heads() -> list[HeadId] | None:
     heads = st.session_state.get("ablate_heads")
-    return None if heads is None else [HeadId(*h) for h in heads]
+    return None if heads is None else parse_heads(heads)
 
 
 def set_ablate_heads(heads) -> None:

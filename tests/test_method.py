@@ -11,15 +11,14 @@ import torch
 
 from refineclip_core.cli import main
 from refineclip_core.features.cache import FeatureCache
-from refineclip_core.features.decomposition import HeadId, direct_ablation_forward
+from refineclip_core.features.decomposition import HeadId, direct_ablation_forward, parse_heads
 from refineclip_core.features.extraction import ExtractionConfig, extract, load_batch
-from refineclip_core.loading.data import load_image
-from refineclip_core.loading.data import load_dataset
+from refineclip_core.loading.data import load_dataset, load_image
 from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine, verify_ablation
 from refineclip_core.method.baselines import TipAdapter
 from refineclip_core.method.errorsets import ErrorSets, error_pairs, pair_error_sets, sample_per_class
-from refineclip_core.method.protocol import ProtocolConfig, identify, parse_heads, run_refinement
+from refineclip_core.method.protocol import ProtocolConfig, identify, run_refinement
 from refineclip_core.method.refinement import RefineConfig, RefinedMap, export_checkpoint, refine
 from refineclip_core.method.scores import compute_scores
 from refineclip_core.method.selection import select_heads
@@ -267,3 +266,16 @@ def test_pipeline_and_cli_score_refine(cache, tmp_path):
     assert {"zero-shot", "ablated", "refineclip-lora"} <= set(r["metrics"])
     assert main(["score", "--cache", str(cache.root), "--pair", "cat:cat"]) == 2
     assert parse_heads("L2.H1, 0.3", [0, 1, 2], 4) == [HeadId(2, 1), HeadId(0, 3)]
+
+
+def test_head_ids_parse_one_way():
+    from refineclip_core.errors import RefineClipError
+
+    assert HeadId.parse(" l22.h0 ") == HeadId.parse("22.0") == HeadId.of([22, 0]) == HeadId.of(HeadId(22, 0))
+    assert str(HeadId.of((3, 1))) == "L3.H1" and HeadId.of("L3.H1").as_list() == [3, 1]
+    assert parse_heads("L2.H1, 2.1, 0.3") == [HeadId(2, 1), HeadId(0, 3)]      # a set: duplicates dropped
+    assert parse_heads([(0, 3), [2, 1]], [0, 1, 2], 4) == [HeadId(0, 3), HeadId(2, 1)]
+    with pytest.raises(RefineClipError, match="LAYER.HEAD"):
+        HeadId.parse("eleven")
+    with pytest.raises(RefineClipError, match="outside the cached scope"):
+        parse_heads("5.0", [0, 1, 2], 4)

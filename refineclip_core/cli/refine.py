@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..features.decomposition import parse_heads
 from ..loading.models import ModelSpec, load_model
-from ..method.protocol import identify, parse_heads, run_refinement
+from ..method.protocol import identify, run_refinement
 from ..method.refinement import RefineConfig, export_checkpoint
 from .common import positive_int, write_json
 from .score import add_protocol_args, open_cache, protocol

@@ -33,27 +33,36 @@ a context manager (:class:`HookSet`) and always removed, even on error.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import RefineClipError, UnsupportedModelError
 
 #: Named hook points, one per place the decomposition reads the model.
 HOOK_POINTS = (
     "embed",              # input of the transformer (after ln_pre): the embedding term
     "blocks.{l}.ln_1",    # attention input of block l: the per-head computation reads it
     "blocks.{l}.attn_out",  # attention output of block l, after layer scale
+    "blocks.{l}.ln_2",    # MLP input of block l: Eq. 5's direct path reads it clean
     "blocks.{l}.mlp_out",   # MLP output of block l, after layer scale
     "ln_post.in",         # residual stream entering ln_post: its CLS row gives mean and sigma
 )
 
 
+#: What :meth:`HeadId.of` accepts: a head id, a ``(layer, head)`` pair, or text like ``L22.H0``.
+HeadLike = Union["HeadId", Sequence[int], str]
+
+
 @dataclass(frozen=True)
 class HeadId:
-    """A head named ``[layer, head]`` with 0-based absolute indices (paper: (L22,H0))."""
+    """A head named ``[layer, head]`` with 0-based absolute indices (paper: (L22,H0)).
+
+    The one head-id type: pages, reports, the CLI and session state convert through
+    :meth:`of` / :meth:`parse` and :meth:`as_list`, and :func:`parse_heads` reads a head set.
+    """
 
     layer: int
     head: int
@@ -63,6 +72,41 @@ class HeadId:
 
     def as_list(self) -> list[int]:
         return [self.layer, self.head]
+
+    @classmethod
+    def parse(cls, text: str) -> "HeadId":
+        """``"L22.H0"``, ``"22.0"`` (any case, surrounding spaces ignored) into a head id."""
+        cleaned = text.strip().upper().replace("L", "").replace("H", "")
+        try:
+            layer, head = (int(x) for x in cleaned.split("."))
+        except ValueError as exc:
+            raise RefineClipError(f"Head {text.strip()!r} is not LAYER.HEAD (e.g. 11.3 or L11.H3).") from exc
+        return cls(layer, head)
+
+    @classmethod
+    def of(cls, value: HeadLike) -> "HeadId":
+        """A head id from a :class:`HeadId`, a ``(layer, head)`` pair (a list from JSON, a
+        point's ``customdata``) or text (:meth:`parse`)."""
+        if isinstance(value, HeadId):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        layer, head = value
+        return cls(int(layer), int(head))
+
+
+def parse_heads(heads: str | Iterable[HeadLike], layers: Sequence[int] | None = None,
+                n_heads: int | None = None) -> list[HeadId]:
+    """A head set from ``"L.H,L.H"`` text (also ``L22.H0`` style) or any iterable of
+    :data:`HeadLike`, duplicates dropped (first kept). With ``layers`` and ``n_heads``, every
+    head must lie within that scope (the cache's), else :class:`RefineClipError`."""
+    items = [t for t in heads.split(",") if t.strip()] if isinstance(heads, str) else list(heads)
+    out = list(dict.fromkeys(HeadId.of(h) for h in items))
+    if layers is not None and n_heads is not None:
+        for h in out:
+            if h.layer not in layers or not 0 <= h.head < n_heads:
+                raise RefineClipError(f"Head {h} is outside the cached scope (layers {list(layers)}, {n_heads} heads).")
+    return out
 
 
 @dataclass(frozen=True)
@@ -195,6 +239,7 @@ def hook_modules(visual: nn.Module, layer: int | None = None) -> dict[str, nn.Mo
         block = visual.transformer.resblocks[layer]
         out[f"blocks.{layer}.ln_1"] = block.ln_1
         out[f"blocks.{layer}.attn_out"] = block.ls_1
+        out[f"blocks.{layer}.ln_2"] = block.ln_2
         out[f"blocks.{layer}.mlp_out"] = block.ls_2
     return out
 
@@ -257,13 +302,15 @@ def decompose_differentiable(visual: nn.Module, images: torch.Tensor,
         return hook
 
     with HookSet() as hooks:
-        hooks.forward_pre(visual.transformer, keep_cls("embed", pre=True))
-        hooks.forward_pre(visual.ln_post, keep_cls("ln_post.in", pre=True))
-        for l, block in enumerate(blocks):
-            hooks.forward(block.ls_1, keep_cls(f"blocks.{l}.attn_out"))
-            hooks.forward(block.ls_2, keep_cls(f"blocks.{l}.mlp_out"))
+        top = hook_modules(visual)
+        hooks.forward_pre(top["embed"], keep_cls("embed", pre=True))
+        hooks.forward_pre(top["ln_post.in"], keep_cls("ln_post.in", pre=True))
+        for l in range(len(blocks)):
+            points = hook_modules(visual, l)
+            for name in (f"blocks.{l}.attn_out", f"blocks.{l}.mlp_out"):
+                hooks.forward(points[name], keep_cls(name))
             if l in in_scope:
-                hooks.forward(block.ln_1, per_head(l))
+                hooks.forward(points[f"blocks.{l}.ln_1"], per_head(l))
         embedding = visual(images)
 
     return assemble(visual, captured, head_parts, scope, embedding)
@@ -354,11 +401,12 @@ def direct_ablation_forward(visual: nn.Module, images: torch.Tensor, heads: Sequ
     """
     blocks = visual.transformer.resblocks
     clean: dict[str, torch.Tensor] = {}
+    points = {l: hook_modules(visual, l) for l in range(len(blocks))}
     with HookSet() as hooks:
-        for l, block in enumerate(blocks):
-            hooks.forward(block.ln_1, lambda _m, _a, out, l=l: clean.__setitem__(f"{l}.ln_1", out))
-            hooks.forward(block.ln_2, lambda _m, _a, out, l=l: clean.__setitem__(f"{l}.ln_2", out))
-        hooks.forward_pre(visual.ln_post, lambda _m, args: clean.__setitem__("ln_post.in", args[0]))
+        for l, modules in points.items():
+            for name in (f"blocks.{l}.ln_1", f"blocks.{l}.ln_2"):
+                hooks.forward(modules[name], lambda _m, _a, out, name=name: clean.__setitem__(name, out))
+        hooks.forward_pre(points[0]["ln_post.in"], lambda _m, args: clean.__setitem__("ln_post.in", args[0]))
         visual(images)
     resid = clean["ln_post.in"]
     var = resid.var(-1, unbiased=False, keepdim=True)
@@ -372,10 +420,12 @@ def direct_ablation_forward(visual: nn.Module, images: torch.Tensor, heads: Sequ
         return y * ln.weight + ln.bias if ln.weight is not None else y
 
     with heads_zeroed(visual, heads), HookSet() as hooks:
-        for l, block in enumerate(blocks):
+        for l, modules in points.items():
             if l > first:  # later sub-layers read the clean stream: no indirect effects
-                hooks.forward(block.ln_1, lambda _m, _a, _o, l=l: clean[f"{l}.ln_1"])
+                name = f"blocks.{l}.ln_1"
+                hooks.forward(modules[name], lambda _m, _a, _o, name=name: clean[name])
             if l >= first:
-                hooks.forward(block.ln_2, lambda _m, _a, _o, l=l: clean[f"{l}.ln_2"])
+                name = f"blocks.{l}.ln_2"
+                hooks.forward(modules[name], lambda _m, _a, _o, name=name: clean[name])
         hooks.forward(ln, frozen_ln_post)
         return visual(images)

@@ -36,21 +36,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import RefineClipError
-from ..features.decomposition import HeadId, architecture_info, decompose_differentiable
-
-HeadLike = HeadId | tuple[int, int] | Sequence[int]
-
-
-def _as_head_ids(heads: Sequence[HeadLike]) -> tuple[HeadId, ...]:
-    out = []
-    for h in heads:
-        if isinstance(h, HeadId):
-            out.append(h)
-        else:
-            layer, head = h
-            out.append(HeadId(int(layer), int(head)))
-    return tuple(dict.fromkeys(out))  # unique, order kept
-
+from ..features.decomposition import HeadId, HeadLike, architecture_info, decompose_differentiable, parse_heads
 
 class ZeroShotClassifierModule(nn.Module):
     """``images -> logit_scale * cos(E', t_y)`` for every class ``y``: a classifier for Grad-CAM.
@@ -86,7 +72,7 @@ class ZeroShotClassifierModule(nn.Module):
         self.heads: tuple[HeadId, ...] | None = None
         self.head_layers: tuple[int, ...] = ()
         if head_mask is not None:
-            heads = _as_head_ids(head_mask)
+            heads = tuple(parse_heads(head_mask))
             if not heads:
                 raise RefineClipError("The head set is empty; pick at least one head or use the whole model.")
             for h in heads:
@@ -175,7 +161,7 @@ def target_layers_for(visual: nn.Module, heads: Sequence[HeadLike] | None = None
             raise RefineClipError(f"Layer {layer} does not exist; this model has layers 0..{n - 1}.")
         return [blocks[int(layer)].ln_1]
     if heads:
-        return [blocks[l].ln_1 for l in sorted({h.layer for h in _as_head_ids(heads)})]
+        return [blocks[l].ln_1 for l in sorted({h.layer for h in parse_heads(heads)})]
     return [blocks[-1].ln_1]
 
 

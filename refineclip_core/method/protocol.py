@@ -215,17 +215,3 @@ def run_refinement(cache: FeatureCache, ident: Identification, cfg: RefineConfig
         preds["tip-adapter"] = tip.predict(cache.embeddings)
     return RefineOutcome(ident, result, finetune, evaluate_methods(cache, ident, preds), list(heads))
 
-
-def parse_heads(text: str, layers: Sequence[int], n_heads: int) -> list[HeadId]:
-    """``"L.H,L.H"`` (also ``L22.H0`` style) into head ids within the cache's scope."""
-    out = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        cleaned = item.upper().replace("L", "").replace("H", "")
-        try:
-            l, h = (int(x) for x in cleaned.split("."))
-        except ValueError as exc:
-            raise RefineClipError(f"Head {item!r} is not LAYER.HEAD (e.g. 11.3).") from exc
-        if l not in layers or not 0 <= h < n_heads:
-            raise RefineClipError(f"Head {item!r} is outside the cached scope (layers {list(layers)}, {n_heads} heads).")
-        out.append(HeadId(l, h))
-    return out

@@ -25,10 +25,6 @@ METHOD_COLORS = {
 DIVERGING = "RdBu_r"
 
 
-def _head(h: HeadId | Sequence[int]) -> tuple[int, int]:
-    return (h.layer, h.head) if isinstance(h, HeadId) else (int(h[0]), int(h[1]))
-
-
 def _base_layout(fig: go.Figure, title: str | None = None, **kw) -> go.Figure:
     fig.update_layout(template="plotly_white", title=title, margin=dict(l=50, r=20, t=50 if title else 20, b=40), **kw)
     return fig
@@ -64,10 +60,10 @@ def score_grid_figure(values: np.ndarray | Sequence[Sequence[float]] | None, lay
             xs.append(h)
             ys.append(l)
             custom.append([l, h, int(rank[i * H + h])])
-    chosen_set = {_head(h) for h in chosen}
-    sel = _head(selected) if selected is not None else None
-    line_w = [4 if (c[0], c[1]) == sel else 0.5 for c in custom]
-    line_c = ["#e6a800" if (c[0], c[1]) == sel else "#dddddd" for c in custom]
+    chosen_set = {HeadId.of(h) for h in chosen}
+    sel = HeadId.of(selected) if selected is not None else None
+    line_w = [4 if HeadId.of(c[:2]) == sel else 0.5 for c in custom]
+    line_c = ["#e6a800" if HeadId.of(c[:2]) == sel else "#dddddd" for c in custom]
     lim = float(np.nanmax(np.abs(flat))) if np.isfinite(flat).any() else 1.0
     lim = lim if lim > 0 else 1.0
     fig = go.Figure(go.Scatter(
@@ -79,7 +75,7 @@ def score_grid_figure(values: np.ndarray | Sequence[Sequence[float]] | None, lay
                        f"<br>rank %{{customdata[2]}} of {len(flat)} ({'highest' if descending else 'lowest'} first)"
                        "<extra></extra>"),
     ))
-    marked = [c for c in custom if (c[0], c[1]) in chosen_set]
+    marked = [c for c in custom if HeadId.of(c[:2]) in chosen_set]
     if marked:  # a white dot with a black ring on the chosen heads, visible on any colour
         fig.add_trace(go.Scatter(
             x=[c[1] for c in marked], y=[c[0] for c in marked], mode="markers", customdata=marked,
@@ -107,7 +103,7 @@ def utility_figure(curves: Mapping[str, Sequence[float]], baseline: float | None
     palette = {"DE_A": "#d62728", "DE_B": "#1f77b4", "DE_C": "#ff7f0e", "DE_D": "#2ca02c"}
     for name, curve in curves.items():
         t = list(range(1, len(curve) + 1))
-        heads = [str(HeadId(*_head(h))) for h in (candidates or {}).get(name, [])]
+        heads = [str(HeadId.of(h)) for h in (candidates or {}).get(name, [])]
         text = [", ".join(heads[:k]) if heads else "" for k in t]
         base = name.split("[")[0]
         fig.add_trace(go.Scatter(x=t, y=list(curve), mode="lines+markers", name=name, text=text,

@@ -157,7 +157,7 @@ def render_html(report: Mapping[str, Any]) -> str:
                  + html.escape(", ".join(f"{k} {v}" for k, v in (report.get("versions") or {}).items())) + "</p>")
     f = report.get("findings") or {}
     pairs = ", ".join(f"{a} → {b}" for a, b in report.get("pairs", []))
-    head_list = ", ".join(str(HeadId(*h)) for h in heads) or "none"
+    head_list = ", ".join(str(HeadId.of(h)) for h in heads) or "none"
     cards = [("Error pair", pairs or "–"), ("Heads removed", head_list),
              ("Zero-shot worst group", f"{_fmt(f.get('worst_group'))} ({f.get('worst_group_name') or '–'})"),
              ("Ablated worst group", _fmt(f.get("ablated_worst_group")))]
