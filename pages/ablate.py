@@ -8,7 +8,7 @@ import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId, parse_heads
 from refineclip_core.method.ablation import verify_ablation
-from refineclip_core.method.evaluation import accuracy_report
+from refineclip_core.method.evaluation import accuracy_report, rows_mask
 from studio_ui.state import ablate_heads
 from studio_ui.widgets import PAGES, delta_pts, guard, image_grid, pct, require_ready, show_exception
 
@@ -67,10 +67,7 @@ def _panel() -> None:
     heads = [HeadId(l, h) for l in layers for h in range(H) if st.session_state.get(f"abl_{l}_{h}")]
     st.session_state["abl_current"] = [h.as_list() for h in heads]
 
-    mask = np.ones(len(labels), dtype=bool)
-    if scope == "held-out images":
-        mask[:] = False
-        mask[ident.eval_rows] = True
+    mask = ident.eval_mask if scope == "held-out images" else rows_mask(len(labels))
     base = accuracy_report(eng.base_predictions, labels, classes, cache.groups, cache.group_names, mask)
     res = eng.ablate(heads, labels, classes, cache.groups, cache.group_names, mode=mode, mask=mask)
     rep = res.report

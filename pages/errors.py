@@ -8,7 +8,7 @@ import streamlit as st
 
 from refineclip_core.errors import RefineClipError
 from refineclip_core.method.errorsets import error_pairs
-from refineclip_core.method.evaluation import accuracy_report, confusion_matrix
+from refineclip_core.method.evaluation import accuracy_report, confusion_matrix, rows_mask
 from refineclip_core.method.protocol import resolve_pairs
 from refineclip_core.reporting.figures import confusion_figure
 from studio_ui import resources
@@ -26,7 +26,7 @@ options = ["all images"] + [f"{s} split" for s in splits]
 default = options.index("test split") if "test split" in options else 0
 scope = st.selectbox("Images to analyse", options, index=default, key="err_scope",
                      help="Zero-shot predictions need no training, so every labelled image can be analysed.")
-mask = np.ones(len(labels), dtype=bool) if scope == "all images" else cache.splits == scope.removesuffix(" split")
+mask = rows_mask(len(labels)) if scope == "all images" else cache.splits == scope.removesuffix(" split")
 rows = np.flatnonzero(mask)
 rep = accuracy_report(pred, labels, classes, cache.groups, cache.group_names, mask)
 

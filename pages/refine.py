@@ -91,7 +91,7 @@ if run:
             loaded = ready.loaded()
             out = session_dir() / f"refineclip-{cfg.strategy}.safetensors"
             export_checkpoint(src.spec.resolved().checkpoint, loaded.model, outcome.refinement.refined, out)
-            report = build_run_report(cache, ident, outcome, model=src.spec.to_dict(), data_root=src.data_root,
+            report = build_run_report(cache, ident, eng, outcome, model=src.spec.to_dict(), data_root=src.data_root,
                                       refine_config=cfg, heads=heads,
                                       checkpoint={"file": out.name, "bytes": out.stat().st_size,
                                                   "merged_into": "visual.proj"})

@@ -387,7 +387,7 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     from refineclip_core.features.extraction import ExtractionConfig, extract
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
-    from refineclip_core.method.protocol import identify, run_refinement
+    from refineclip_core.method.protocol import identify, make_engine, run_refinement
     from refineclip_core.method.refinement import RefineConfig
     from refineclip_core.reporting.findings import findings, method_summary
     from refineclip_core.reporting.run_report import render_html, write_report
@@ -401,12 +401,12 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     outcome = run_refinement(cache, ident, RefineConfig(steps=20), baselines=True)
     from refineclip_core.reporting.run_report import build_run_report
 
-    report = build_run_report(cache, ident, outcome, checkpoint={"file": "x.safetensors"})
+    report = build_run_report(cache, ident, make_engine(cache), outcome, checkpoint={"file": "x.safetensors"})
     text = json.dumps(report, allow_nan=False)
     back = json.loads(text)
     summary = method_summary(back["methods"])
     assert summary["zero-shot"]["overall"] == pytest.approx(outcome.report.reports["zero-shot"].accuracy)
-    f = findings(cache, ident)
+    f = findings(cache, ident, make_engine(cache))
     labels = cache.labels
     expected = (np.asarray(cache.embeddings, dtype=np.float64) @ cache.text.T).argmax(1)
     assert f.accuracy == pytest.approx((expected[ident.eval_rows] == labels[ident.eval_rows]).mean())

@@ -279,3 +279,13 @@ def test_head_ids_parse_one_way():
         HeadId.parse("eleven")
     with pytest.raises(RefineClipError, match="outside the cached scope"):
         parse_heads("5.0", [0, 1, 2], 4)
+
+
+def test_evaluation_mask_helper(cache):
+    from refineclip_core.method.evaluation import rows_mask
+
+    np.testing.assert_array_equal(rows_mask(5, [1, 3]), [False, True, False, True, False])
+    assert rows_mask(3).all() and not rows_mask(3, []).any()
+    ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4))
+    np.testing.assert_array_equal(np.flatnonzero(ident.eval_mask), ident.eval_rows)
+    assert ident.target_classes == sorted(set(ident.pairs[0]))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..features.decomposition import HeadId, direct_ablation_forward
-from .evaluation import AccuracyReport, accuracy_report
+from .evaluation import AccuracyReport, accuracy_report, rows_mask
 
 Mode = Literal["zero", "mean"]
 
@@ -135,7 +135,7 @@ class AblationEngine:
         """Predictions and accuracies for all cached images after removing ``heads``."""
         pred = self.predict(heads, mode)
         base = self.base_predictions
-        sel = np.ones(len(pred), dtype=bool) if mask is None else mask
+        sel = rows_mask(len(pred)) if mask is None else mask
         changed = (pred != base) & sel
         return AblationResult(
             heads=list(heads),

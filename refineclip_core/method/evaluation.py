@@ -29,6 +29,15 @@ class AccuracyReport:
         return asdict(self)
 
 
+def rows_mask(n: int, rows: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
+    """The boolean mask of length ``n`` that selects ``rows`` (every row when ``rows`` is None):
+    the one way to turn a row list (e.g. an identification's evaluation rows) into a ``mask``."""
+    mask = np.zeros(n, dtype=bool) if rows is not None else np.ones(n, dtype=bool)
+    if rows is not None:
+        mask[np.asarray(rows, dtype=np.int64)] = True
+    return mask
+
+
 def accuracy_report(
     predictions: np.ndarray,
     labels: np.ndarray,
@@ -45,7 +54,7 @@ def accuracy_report(
     predictions = np.asarray(predictions)
     labels = np.asarray(labels)
     if mask is None:
-        mask = np.ones(len(labels), dtype=bool)
+        mask = rows_mask(len(labels))
     correct = (predictions == labels) & mask
     n = int(mask.sum())
     per_class: dict[str, float] = {}

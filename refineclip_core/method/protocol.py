@@ -23,7 +23,7 @@ from ..features.decomposition import HeadId
 from .ablation import AblationEngine
 from .baselines import TipAdapter
 from .errorsets import ErrorPair, ErrorSets, error_pairs, pair_error_sets, sample_per_class
-from .evaluation import AccuracyReport, accuracy_report
+from .evaluation import AccuracyReport, accuracy_report, rows_mask
 from .refinement import RefineConfig, RefinementResult, refine, standard_finetune
 from .scores import SCORE_NAMES, HeadScores, Similarity, compute_scores
 from .selection import Selection, select_heads
@@ -62,6 +62,21 @@ class Identification:
     @property
     def heads(self) -> list[HeadId]:
         return self.selection.heads
+
+    @property
+    def eval_mask(self) -> np.ndarray:
+        """The evaluation rows as a mask over every cached row."""
+        return rows_mask(len(self.base_predictions), self.eval_rows)
+
+    @property
+    def target_classes(self) -> list[int]:
+        """The classes of the error pair(s): the edited classes (Tables 1-3), the rest is locality (Fig. 2)."""
+        return pair_classes(self.pairs)
+
+
+def pair_classes(pairs: Sequence[tuple[int, int]]) -> list[int]:
+    """The classes the error pair(s) involve, sorted."""
+    return sorted({c for p in pairs for c in p})
 
 
 def _split_rows(cache: FeatureCache, split: str | None, prefer: Sequence[str]) -> np.ndarray | None:
@@ -119,7 +134,7 @@ def identify(cache: FeatureCache, cfg: ProtocolConfig = ProtocolConfig(), engine
     fit = _split_rows(cache, cfg.fit_split, ("val", "train"))
     fit = np.arange(len(labels)) if fit is None else fit
     pairs = resolve_pairs(cfg.pair, error_pairs(pred, labels, fit), cache.classes)
-    classes_needed = sorted({c for p in pairs for c in p})
+    classes_needed = pair_classes(pairs)
     if cfg.samples_per_class is None:
         samples = fit[np.isin(labels[fit], classes_needed)]
     else:
@@ -163,11 +178,9 @@ class MethodReport:
 def evaluate_methods(cache: FeatureCache, ident: Identification, predictions: dict[str, np.ndarray]) -> MethodReport:
     """Accuracy reports of several prediction vectors over ``ident.eval_rows``."""
     labels = cache.labels
-    mask = np.zeros(len(labels), dtype=bool)
-    mask[ident.eval_rows] = True
-    targets = sorted({c for p in ident.pairs for c in p})
-    target_mask = mask & np.isin(labels, targets)
-    other_mask = mask & ~np.isin(labels, targets)
+    mask = ident.eval_mask
+    target_mask = mask & np.isin(labels, ident.target_classes)
+    other_mask = mask & ~np.isin(labels, ident.target_classes)
     reports, target_reports, locality, target_acc = {}, {}, {}, {}
     for name, pred in predictions.items():
         reports[name] = accuracy_report(pred, labels, cache.classes, cache.groups, cache.group_names, mask)

@@ -20,7 +20,8 @@ import numpy as np
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
 from ..method.ablation import AblationEngine
-from ..method.evaluation import accuracy_report
+from ..method.errorsets import error_pairs
+from ..method.protocol import Identification, evaluate_methods
 
 
 def json_safe(obj: Any) -> Any:
@@ -76,32 +77,22 @@ class Findings:
         return json_safe(self.__dict__)
 
 
-def findings(cache: FeatureCache, ident, engine: AblationEngine | None = None) -> Findings:
-    """Zero-shot vs. ablating Alg. 1's heads on the identification's evaluation rows."""
-    from ..method.errorsets import error_pairs
-
-    engine = engine or AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
-    labels = cache.labels
-    mask = np.zeros(len(labels), dtype=bool)
-    mask[ident.eval_rows] = True
-    base = engine.base_predictions
-    zs = accuracy_report(base, labels, cache.classes, cache.groups, cache.group_names, mask)
-    abl_pred = engine.predict(ident.heads, "zero")
-    ab = accuracy_report(abl_pred, labels, cache.classes, cache.groups, cache.group_names, mask)
-    pairs = error_pairs(base, labels, ident.eval_rows)
+def findings(cache: FeatureCache, ident: Identification, engine: AblationEngine) -> Findings:
+    """Zero-shot vs. ablating Alg. 1's heads (Eq. 5) on the identification's evaluation rows."""
+    labels, base = cache.labels, engine.base_predictions
+    methods = evaluate_methods(cache, ident, {"zero-shot": base, "ablated": engine.predict(ident.heads, "zero")})
+    zs, ab = methods.reports["zero-shot"], methods.reports["ablated"]
     a, b = ident.pairs[0]
-    count = next((p.count for p in pairs if (p.true, p.pred) == (a, b)), 0)
-    targets = np.isin(labels, sorted({c for p in ident.pairs for c in p})) & mask
-    tgt = float((base[targets] == labels[targets]).mean()) if targets.any() else None
-    tgt_ab = float((abl_pred[targets] == labels[targets]).mean()) if targets.any() else None
+    count = next((p.count for p in error_pairs(base, labels, ident.eval_rows) if (p.true, p.pred) == (a, b)), 0)
     notes = [f"{k}: {v}" for k, v in ident.selection.unavailable.items()]
     return Findings(
-        n_images=len(labels), n_eval=int(mask.sum()), accuracy=zs.accuracy, worst_group=zs.worst_group,
+        n_images=len(labels), n_eval=zs.n_images, accuracy=zs.accuracy, worst_group=zs.worst_group,
         worst_group_name=zs.worst_group_name, average_group=zs.average_group,
         pair=f"{cache.classes[a]} → {cache.classes[b]}", pair_count=count,
         heads=[str(h) for h in ident.heads], score=ident.selection.score,
         ablated_accuracy=ab.accuracy, ablated_worst_group=ab.worst_group, ablated_worst_group_name=ab.worst_group_name,
-        ablated_target_accuracy=tgt_ab, target_accuracy=tgt, notes=notes,
+        ablated_target_accuracy=methods.target_accuracy["ablated"], target_accuracy=methods.target_accuracy["zero-shot"],
+        notes=notes,
     )
 
 

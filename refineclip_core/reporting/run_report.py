@@ -20,6 +20,8 @@ import plotly.graph_objects as go
 
 from ..features.cache import FeatureCache, atomic_write_bytes
 from ..features.decomposition import HeadId
+from ..method.ablation import AblationEngine
+from ..method.protocol import Identification
 from ..method.scores import HeadScores
 from .figures import accuracy_bars_figure, loss_figure, score_grid_figure, utility_figure
 from .findings import findings, json_safe, method_summary, per_key_table
@@ -37,7 +39,7 @@ def scores_to_dict(scores: Mapping[str, HeadScores]) -> dict[str, dict]:
             for name, s in scores.items()}
 
 
-def build_run_report(cache: FeatureCache, ident, outcome=None, *, model: Mapping[str, Any] | None = None,
+def build_run_report(cache: FeatureCache, ident: Identification, engine: AblationEngine, outcome=None, *, model: Mapping[str, Any] | None = None,
                      data_root: str | None = None, refine_config=None, heads: Sequence[HeadId] | None = None,
                      checkpoint: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
     """Everything about one run, JSON-safe: what was loaded, which rows, which heads, the
@@ -71,7 +73,7 @@ def build_run_report(cache: FeatureCache, ident, outcome=None, *, model: Mapping
         "scores": scores_to_dict(ident.scores),
         "selection": ident.selection.to_dict(),
         "heads": [h.as_list() for h in heads],
-        "findings": findings(cache, ident).to_dict(),
+        "findings": findings(cache, ident, engine).to_dict(),
     }
     if outcome is not None:
         cfg = refine_config if refine_config is not None else outcome.refinement.config
