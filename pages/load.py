@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from refineclip_core.errors import DataError, RefineClipError
-from refineclip_core.features.extraction import ExtractionCancelled, ExtractionConfig
+from refineclip_core.errors import Cancelled, DataError, RefineClipError
+from refineclip_core.features.extraction import ExtractionConfig
 from refineclip_core.features.zeroshot import DEFAULT_TEMPLATES, validate_templates
 from refineclip_core.loading.data import load_dataset, parse_metadata
 from refineclip_core.loading.models import ModelSpec
@@ -325,7 +325,7 @@ def follow_load_job() -> None:
     follow_job(job, "Extracting per-head features (one forward pass per image)", cancel_key="load_cancel")
     job.handled = True
     if job.error is not None:
-        if isinstance(job.error, ExtractionCancelled):
+        if isinstance(job.error, Cancelled):
             st.warning(f"{job.error} Click 'Extract features' again to resume.", icon=":material/pause_circle:")
         else:
             show_exception(job.error, "Extraction")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from refineclip_core.features.extraction import ExtractionCancelled
+from refineclip_core.errors import Cancelled
 from refineclip_core.loading.models import ModelSpec
 
 from .jobs import start_job
@@ -95,7 +95,7 @@ def ensure_source() -> None:
     follow_job(job, "Preparing the embedded demo model and its held-out images", cancel_key="demo_cancel")
     job.handled = True
     if job.error is not None:
-        if isinstance(job.error, ExtractionCancelled):
+        if isinstance(job.error, Cancelled):
             st.info(f"{job.error} Open the Load page to prepare the demo again or to choose other data.")
         else:
             show_exception(job.error, "Preparing the demo")
