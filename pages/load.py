@@ -19,9 +19,10 @@ from refineclip_core.loading.uploads import allowed_path, default_allowed_roots,
 from refineclip_core.studio.caches import cache_dir_for
 from refineclip_core.studio.demo import demo_data_dir, write_demo_data
 from refineclip_core.studio.locking import extract_locked
+from refineclip_core.studio.source import Source
 from studio_ui import resources
 from studio_ui.jobs import start_job
-from studio_ui.state import Source, get_source, protocol, session_dir, set_source
+from studio_ui.state import get_source, protocol, session_dir, set_source
 from studio_ui.widgets import PAGES, delta_pts, follow_job, guard, pct, require_ready, show_exception
 
 MODEL_KINDS = ("Embedded demo model", "open_clip architecture + pretrained tag", "Local checkpoint")

@@ -13,7 +13,7 @@ from refineclip_core.errors import Cancelled
 from refineclip_core.loading.models import ModelSpec
 
 from .jobs import start_job
-from .state import Source, get_source, inspect_head, protocol, set_source
+from .state import get_source, inspect_head, protocol, set_source
 from .widgets import follow_job, show_exception
 
 
@@ -100,9 +100,7 @@ def ensure_source() -> None:
         else:
             show_exception(job.error, "Preparing the demo")
         return
-    prepared = job.result
-    set_source(Source(spec=prepared.spec, data_root=str(prepared.data_dir), cache_dir=str(prepared.cache_dir),
-                      label=prepared.label, is_demo=True))
+    set_source(job.result)
     st.rerun()
 
 

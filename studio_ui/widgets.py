@@ -16,10 +16,11 @@ from refineclip_core.features.cache import FeatureCache
 from refineclip_core.loading.models import LoadedModel
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.protocol import Identification
+from refineclip_core.studio.source import Source
 
 from . import resources
 from .jobs import Job, format_seconds
-from .state import Source, get_source, protocol
+from .state import get_source, protocol
 
 log = logging.getLogger("refineclip.studio")
 

@@ -14,7 +14,6 @@ import csv
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..features.extraction import ExtractionConfig
@@ -24,22 +23,13 @@ from ..progress import CancelFn, Progress, silent
 from .caches import cache_dir_for
 from .home import studio_home
 from .locking import extract_locked
+from .source import Source
 
 #: Seed of the held-out demo sample. Training used seed 0 (train and val) and 1000 (test).
 DEMO_SEED = 2025
 #: Images per bird group and per unrelated class in each of the val and test splits.
 DEMO_N_PER_GROUP = 40
 DEMO_SPLITS = ("val", "test")
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """A model, an image folder and the feature cache extracted from them."""
-
-    spec: ModelSpec
-    data_dir: Path
-    cache_dir: Path
-    label: str = ""
 
 
 def demo_data_dir(cache_root: str | os.PathLike | None = None, seed: int = DEMO_SEED,
@@ -87,7 +77,7 @@ def write_demo_data(out_dir: str | os.PathLike, seed: int = DEMO_SEED, n_per_gro
 
 def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progress: Progress | None = None,
                  cancel: CancelFn | None = None, spec: ModelSpec | None = None, seed: int = DEMO_SEED,
-                 n_per_group: int = DEMO_N_PER_GROUP, layers: int | str = 4) -> PreparedData:
+                 n_per_group: int = DEMO_N_PER_GROUP, layers: int | str = 4) -> Source:
     """The embedded demo model on a held-out sample of its world, extracted and ready.
 
     ``loaded`` may pass the already loaded demo model (the dashboard caches it); otherwise it
@@ -104,4 +94,4 @@ def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progr
     cache_dir = cache_dir_for(spec, str(data), layers, cache_root)
     extract_locked(loaded, dataset, cache_dir, ExtractionConfig(layers=layers), progress, cancel)
     label = f"Embedded demo model on {len(dataset)} held-out demo images (seed {seed})"
-    return PreparedData(spec, data, cache_dir, label)
+    return Source(spec=spec, data_root=str(data), cache_dir=str(cache_dir), label=label, is_demo=True)
