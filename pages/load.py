@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from refineclip_core.errors import DataError, RefineClipError
-from refineclip_core.features.extraction import ExtractionCancelled, ExtractionConfig
+from refineclip_core.errors import Cancelled, DataError, RefineClipError
+from refineclip_core.features.extraction import ExtractionConfig
 from refineclip_core.features.zeroshot import DEFAULT_TEMPLATES, validate_templates
 from refineclip_core.loading.data import load_dataset, parse_metadata
 from refineclip_core.loading.models import ModelSpec
@@ -19,9 +19,10 @@ from refineclip_core.loading.uploads import allowed_path, default_allowed_roots,
 from refineclip_core.studio.caches import cache_dir_for
 from refineclip_core.studio.demo import demo_data_dir, write_demo_data
 from refineclip_core.studio.locking import extract_locked
+from refineclip_core.studio.source import Source
 from studio_ui import resources
 from studio_ui.jobs import start_job
-from studio_ui.state import Source, get_source, protocol, session_dir, set_source
+from studio_ui.state import get_source, protocol, session_dir, set_source
 from studio_ui.widgets import PAGES, delta_pts, follow_job, guard, pct, require_ready, show_exception
 
 MODEL_KINDS = ("Embedded demo model", "open_clip architecture + pretrained tag", "Local checkpoint")
@@ -325,7 +326,7 @@ def follow_load_job() -> None:
     follow_job(job, "Extracting per-head features (one forward pass per image)", cancel_key="load_cancel")
     job.handled = True
     if job.error is not None:
-        if isinstance(job.error, ExtractionCancelled):
+        if isinstance(job.error, Cancelled):
             st.warning(f"{job.error} Click 'Extract features' again to resume.", icon=":material/pause_circle:")
         else:
             show_exception(job.error, "Extraction")

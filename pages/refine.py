@@ -73,7 +73,9 @@ if run:
         live: dict[str, list[float]] = {"success": [], "locality": [], "ce": [], "total": []}
         t0 = time.monotonic()
 
-        def progress(step: int, total: int, losses: dict) -> None:
+        def progress(stage: str, step: int, total: int, losses: dict | None = None) -> None:
+            if not stage.startswith("RefineCLIP"):
+                return
             for k in live:
                 live[k].append(losses.get(k))
             bar.progress(step / total)

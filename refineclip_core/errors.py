@@ -31,3 +31,7 @@ class ImageLoadError(RefineClipError):
 
 class CacheError(RefineClipError):
     """A feature cache is missing, incomplete or belongs to another model/data."""
+
+
+class Cancelled(RefineClipError):
+    """The user cancelled a long step (see :mod:`refineclip_core.progress`); finished work is kept."""

@@ -1,10 +1,11 @@
-"""Long steps (feature extraction) in a background thread of one browser session.
+"""Long steps (extraction, demo preparation, refinement) in a background thread of one browser session.
 
 The page script starts a :class:`Job`, keeps it in ``st.session_state`` and *follows* it:
-a loop redraws the progress bar (with ETA) a few times a second. A click on "Cancel"
-interrupts that loop with a rerun; the rerun sets the job's cancel flag, which the core
-polls between batches (``extract(..., cancel=job.cancelled)``), so finished shards stay on
-disk and the next run resumes. The thread never calls Streamlit.
+a loop redraws the progress bar (with ETA, and live curves of any ``values`` the step reports)
+a few times a second. A click on "Cancel" interrupts that loop with a rerun; the rerun sets the
+job's cancel flag, which the core polls between units of work (``job.progress`` and
+``job.cancelled`` are the :mod:`refineclip_core.progress` callbacks), so finished work is kept
+(extraction shards stay on disk and the next run resumes). The thread never calls Streamlit.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-JobFn = Callable[[Callable[[str, int, int], None], Callable[[], bool]], Any]
+from refineclip_core.progress import CancelFn, Progress
+
+#: ``fn(progress, cancelled)``: the work of a job, given the two callbacks of the progress protocol.
+JobFn = Callable[[Progress, CancelFn], Any]
 
 
 @dataclass
@@ -35,12 +39,19 @@ class Job:
     _cancel: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     meta: dict = field(default_factory=dict)
+    #: every ``values`` reported, per stage: ``{stage: {"done": [...], name: [...]}}`` (live curves)
+    series: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     # -- called from the worker thread ---------------------------------------------------------
-    def progress(self, stage: str, done: int, total: int) -> None:
+    def progress(self, stage: str, done: int, total: int, values: Mapping[str, float] | None = None) -> None:
         if stage != self.stage:
             self.stage, self.stage_started, self.stage_done0 = stage, time.monotonic(), done
         self.done, self.total = int(done), int(total)
+        if values:
+            curves = self.series.setdefault(stage, {"done": []})
+            curves["done"].append(int(done))
+            for name, value in values.items():
+                curves.setdefault(name, []).append(float(value))
 
     def cancelled(self) -> bool:
         return self._cancel.is_set()

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from refineclip_core.errors import CacheError
-from refineclip_core.features.cache import FeatureCache, read_manifest
+from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.zeroshot import predict
 from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
@@ -24,7 +23,7 @@ from refineclip_core.method.protocol import Identification, ProtocolConfig, iden
 from refineclip_core.studio.caches import with_prompts
 from refineclip_core.studio.home import studio_home
 
-from .state import Source
+from refineclip_core.studio.source import Source
 
 TEXT_POOL = Path(__file__).resolve().parent.parent / "assets" / "text_pool.txt"
 
@@ -46,10 +45,7 @@ def _feature_cache(cache_dir: str, fingerprint: str, spec_json: str, classes: tu
 
 def feature_cache(source: Source) -> FeatureCache:
     """The source's cache with its prompts (re-opened when the folder is re-extracted)."""
-    man = read_manifest(source.cache_dir)
-    if man is None or not man.complete:
-        raise CacheError(f"The feature cache '{source.cache_dir}' is missing or incomplete; load the images again.")
-    return _feature_cache(source.cache_dir, man.fingerprint, source.spec_json, source.classes, source.templates)
+    return _feature_cache(source.cache_dir, source.fingerprint(), source.spec_json, source.classes, source.templates)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -59,7 +55,7 @@ def _engine(key: str, _cache: FeatureCache) -> AblationEngine:
 
 def engine(source: Source, cache: FeatureCache) -> AblationEngine:
     """One :class:`AblationEngine` per cache and prompts (built once, shared read-only)."""
-    return _engine(source.key + read_manifest(source.cache_dir).fingerprint, cache)
+    return _engine(source.resource_key(), cache)
 
 
 @st.cache_resource(show_spinner="Scoring every head (DE_A..DE_D) and running Alg. 1…", max_entries=64)
@@ -68,8 +64,7 @@ def _identification(key: str, protocol_json: str, _cache: FeatureCache, _engine:
 
 
 def identification(source: Source, cache: FeatureCache, eng: AblationEngine, cfg: ProtocolConfig) -> Identification:
-    key = source.key + read_manifest(source.cache_dir).fingerprint
-    return _identification(key, json.dumps(cfg.to_dict(), sort_keys=True), cache, eng)
+    return _identification(source.resource_key(), json.dumps(cfg.to_dict(), sort_keys=True), cache, eng)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -79,7 +74,7 @@ def _zero_shot(key: str, _cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
 
 def zero_shot(source: Source, cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
     """Zero-shot predictions and class probabilities (softmax of logit_scale·cos) per image."""
-    return _zero_shot(source.key + read_manifest(source.cache_dir).fingerprint, cache)
+    return _zero_shot(source.resource_key(), cache)
 
 
 @st.cache_resource(show_spinner="Embedding the description pool for TextSpan…", max_entries=4)
@@ -129,5 +124,4 @@ def _findings(key: str, protocol_json: str, _cache: FeatureCache, _ident: Identi
 
 def findings(source: Source, cache: FeatureCache, eng: AblationEngine, ident: Identification):
     """The headline numbers of :func:`refineclip_core.reporting.findings.findings` (computed once)."""
-    key = source.key + read_manifest(source.cache_dir).fingerprint
-    return _findings(key, json.dumps(ident.config.to_dict(), sort_keys=True), cache, ident, eng)
+    return _findings(source.resource_key(), json.dumps(ident.config.to_dict(), sort_keys=True), cache, ident, eng)

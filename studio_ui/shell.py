@@ -9,11 +9,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from refineclip_core.features.extraction import ExtractionCancelled
+from refineclip_core.errors import Cancelled
 from refineclip_core.loading.models import ModelSpec
 
 from .jobs import start_job
-from .state import Source, get_source, inspect_head, protocol, set_source
+from .state import get_source, inspect_head, protocol, set_source
 from .widgets import follow_job, show_exception
 
 
@@ -95,14 +95,12 @@ def ensure_source() -> None:
     follow_job(job, "Preparing the embedded demo model and its held-out images", cancel_key="demo_cancel")
     job.handled = True
     if job.error is not None:
-        if isinstance(job.error, ExtractionCancelled):
+        if isinstance(job.error, Cancelled):
             st.info(f"{job.error} Open the Load page to prepare the demo again or to choose other data.")
         else:
             show_exception(job.error, "Preparing the demo")
         return
-    prepared = job.result
-    set_source(Source(spec=prepared.spec, data_root=str(prepared.data_dir), cache_dir=str(prepared.cache_dir),
-                      label=prepared.label, is_demo=True))
+    set_source(job.result)
     st.rerun()
 
 

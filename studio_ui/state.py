@@ -12,43 +12,15 @@ Keys used across pages:
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
-
 import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId, parse_heads
-from refineclip_core.loading.models import ModelSpec
 from refineclip_core.method.protocol import ProtocolConfig
+from refineclip_core.studio.source import Source
 
 #: Session keys that depend on the source; dropped when the source changes.
 DERIVED_KEYS = ("protocol", "inspect_head", "ablate_heads", "refine", "verify", "scan", "gradcam")
 DERIVED_PREFIXES = ("abl_", "grid_", "insp_", "err_", "heads_", "ref_")
-
-
-@dataclass(frozen=True)
-class Source:
-    """A model, its images and their feature cache, plus the prompts the user chose."""
-
-    spec: ModelSpec
-    data_root: str
-    cache_dir: str
-    label: str
-    classes: tuple[str, ...] | None = None      # display names replacing the cached ones
-    templates: tuple[str, ...] | None = None    # prompt templates replacing the cached ones
-    is_demo: bool = False
-    skipped_extra: tuple = field(default=())     # (path, reason) skipped before extraction (e.g. zip junk)
-
-    @property
-    def spec_json(self) -> str:
-        return json.dumps(asdict(self.spec), sort_keys=True)
-
-    @property
-    def key(self) -> str:
-        """Identifies the cache *and* the prompts (two sources with equal keys share resources)."""
-        payload = [self.spec_json, self.cache_dir, list(self.classes or []), list(self.templates or [])]
-        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
 def get_source() -> Source | None:

@@ -11,16 +11,16 @@ from typing import Any, Callable, Iterator, Sequence
 
 import streamlit as st
 
-from refineclip_core.errors import RefineClipError
+from refineclip_core.errors import Cancelled, RefineClipError
 from refineclip_core.features.cache import FeatureCache
-from refineclip_core.features.extraction import ExtractionCancelled
 from refineclip_core.loading.models import LoadedModel
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.protocol import Identification
+from refineclip_core.studio.source import Source
 
 from . import resources
 from .jobs import Job, format_seconds
-from .state import Source, get_source, protocol
+from .state import get_source, protocol
 
 log = logging.getLogger("refineclip.studio")
 
@@ -98,12 +98,14 @@ def require_ready() -> Ready:
     return Ready(source, cache, eng)
 
 
-def follow_job(job: Job, title: str, cancel_key: str = "job_cancel") -> None:
+def follow_job(job: Job, title: str, cancel_key: str = "job_cancel",
+               live: Callable[[Job], Any] | None = None) -> None:
     """Draw a running job's progress (stage, bar, counts, ETA) until it finishes.
 
     The Cancel button is drawn first so it can be clicked while the loop runs: the click
     reruns the page, which calls ``job.cancel()`` here and keeps following until the
-    worker has stopped at its next batch.
+    worker has stopped at its next unit of work. ``live(job)`` returns a Plotly figure of the
+    job's :attr:`~studio_ui.jobs.Job.series` (or None), redrawn whenever new values arrive.
     """
     slot = st.empty()
     if not job.finished and not job.cancel_requested:
@@ -113,6 +115,7 @@ def follow_job(job: Job, title: str, cancel_key: str = "job_cancel") -> None:
     with st.status(state_label, expanded=True) as status:
         line = st.empty()
         bar = st.progress(0.0)
+        chart, drawn = st.empty(), -1
         while True:
             finished = job.finished
             eta = job.eta_seconds()
@@ -120,11 +123,17 @@ def follow_job(job: Job, title: str, cancel_key: str = "job_cancel") -> None:
             extra = "" if finished else f" · about {format_seconds(eta)} left"
             line.markdown(f"**{job.stage}** {counts}{extra} · elapsed {format_seconds(job.elapsed())}")
             bar.progress(job.fraction if not finished or job.error else 1.0)
+            n_values = sum(len(s["done"]) for s in job.series.values())
+            if live is not None and n_values != drawn:
+                fig = live(job)
+                if fig is not None:
+                    chart.plotly_chart(fig, key=f"{cancel_key}_live_{n_values}")
+                drawn = n_values
             if finished:
                 break
             time.sleep(0.25)
         slot.empty()
-        if isinstance(job.error, ExtractionCancelled):
+        if isinstance(job.error, Cancelled):
             status.update(label=f"{job.name}: cancelled (finished parts are kept)", state="complete", expanded=True)
         elif job.error is not None:
             status.update(label=f"{job.name}: stopped", state="error", expanded=True)

@@ -97,7 +97,7 @@ def test_resume_after_lost_shard_and_invalidation(tiny_model_files, image_folder
     with pytest.raises(Exception, match="incomplete"):
         FeatureCache(root)
     calls = []
-    resumed = extract(loaded, ds, root, cfg, progress=lambda d, t: calls.append(d))
+    resumed = extract(loaded, ds, root, cfg, progress=lambda stage, d, t, values=None: calls.append(d))
     assert len(calls) == 2  # only the two batches of the lost shard were recomputed
     for k, v in ref.items():
         np.testing.assert_array_equal(np.array(getattr(resumed, k)), v)

@@ -289,3 +289,27 @@ def test_evaluation_mask_helper(cache):
     ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4))
     np.testing.assert_array_equal(np.flatnonzero(ident.eval_mask), ident.eval_rows)
     assert ident.target_classes == sorted(set(ident.pairs[0]))
+
+
+def test_refinement_reports_progress_cancels_and_leaves_the_global_rng_alone(cache):
+    from refineclip_core.errors import Cancelled
+
+    sets = _a_pair_with_everything(cache)
+    eng = AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
+    local = np.concatenate([sets.C, sets.A])
+    args = (cache.embeddings, cache.labels, cache.text, cache.logit_scale, sets.W, local,
+            eng.embeddings([HeadId(2, 0)], "zero", sets.W))
+    cfg = RefineConfig(strategy="lora", steps=25)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    calls = []
+    first = refine(*args, cfg, progress=lambda stage, done, total, values=None: calls.append((stage, done, total, values)))
+    np.testing.assert_array_equal(torch.rand(3), expected_next)  # torch's global RNG was not touched
+    again = refine(*args, cfg)                                     # the local generator alone seeds LoRA
+    np.testing.assert_array_equal(first.refined.matrix, again.refined.matrix)
+    assert [c[1] for c in calls] == [1, 11, 21, 25] and {c[2] for c in calls} == {25}
+    assert calls[0][0] == "RefineCLIP (lora)" and set(calls[-1][3]) == {"total", "success", "locality", "ce"}
+    seen = []
+    with pytest.raises(Cancelled, match="cancelled after 3 of 25 steps"):
+        refine(*args, cfg, cancel=lambda: seen.append(1) or len(seen) > 3)

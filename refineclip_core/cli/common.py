@@ -6,11 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ..features.cache import atomic_write_json
+from ..features.extraction import EXTRACT_STAGE
 from ..features.zeroshot import DEFAULT_TEMPLATES, read_templates, validate_templates
 from ..loading.models import DEMO_MODEL, ModelSpec
+from ..progress import Progress
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -77,17 +79,23 @@ def write_json(path: str | None, obj: dict[str, Any]) -> None:
         print()
 
 
-def progress_bar(desc: str):
-    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr."""
+def progress_bar(desc: str, unit: str = "img") -> Progress:
+    """A :class:`~refineclip_core.progress.Progress` drawing one tqdm bar per stage on stderr."""
     from tqdm import tqdm
 
     state: dict[str, Any] = {}
 
-    def update(done: int, total: int) -> None:
+    def update(stage: str, done: int, total: int, values: Mapping[str, float] | None = None) -> None:
         bar = state.get("bar")
-        if bar is None:
-            bar = state["bar"] = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, initial=0)
+        if bar is None or state.get("stage") != stage:
+            if bar is not None:
+                bar.close()
+            label = desc if stage == EXTRACT_STAGE else f"{desc}: {stage}"
+            bar = state["bar"] = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, initial=0)
+            state["stage"] = stage
         bar.update(done - bar.n)
+        if values:
+            bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
         if done >= total:
             bar.close()
 

@@ -36,9 +36,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..errors import CacheError, ImageLoadError, RefineClipError
+from ..errors import CacheError, Cancelled, ImageLoadError
 from ..loading.data import ImageDataset, ImageRecord, SkippedFile, load_image
 from ..loading.models import LoadedModel
+from ..progress import CancelFn, Progress, never, silent
 from .cache import (
     CacheManifest,
     FeatureCache,
@@ -47,15 +48,14 @@ from .cache import (
     npy_bytes,
     read_manifest,
     records_to_json,
-    shard_dir,
     shard_is_valid,
     write_shard,
 )
 from .decomposition import architecture_info, decompose, resolve_layers
 from .zeroshot import DEFAULT_TEMPLATES, class_text_embeddings
 
-#: ``progress(done, total)`` is called after every batch; ``cancel()`` is polled between batches.
-ProgressFn = Callable[[int, int], None]
+#: The stage :func:`extract` reports (``progress(EXTRACT_STAGE, done, total)`` after every batch).
+EXTRACT_STAGE = "Extracting per-head features"
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class ExtractionConfig:
         return self.batch_size * self.shard_batches
 
 
-class ExtractionCancelled(RefineClipError):
-    """The user cancelled; finished shards stay on disk and the next run resumes from them."""
+class ExtractionCancelled(Cancelled):
+    """The user cancelled an extraction; finished shards stay on disk and the next run resumes from them."""
 
 
 def data_fingerprint(records: Sequence[ImageRecord]) -> str:
@@ -166,10 +166,15 @@ def extract(
     dataset: ImageDataset,
     out_dir: str | os.PathLike,
     cfg: ExtractionConfig = ExtractionConfig(),
-    progress: ProgressFn | None = None,
-    cancel: Callable[[], bool] | None = None,
+    progress: Progress | None = None,
+    cancel: CancelFn | None = None,
 ) -> FeatureCache:
-    """Extract (or resume extracting) the decomposed features of ``dataset`` into ``out_dir``."""
+    """Extract (or resume extracting) the decomposed features of ``dataset`` into ``out_dir``.
+
+    ``progress`` and ``cancel`` follow :mod:`refineclip_core.progress`: one call per batch of
+    this rank's images, cancellation between batches (:class:`ExtractionCancelled`).
+    """
+    progress, cancel = progress or silent, cancel or never
     info = architecture_info(loaded.visual)
     scope = resolve_layers(info.n_layers, cfg.layers)
     root = Path(out_dir)
@@ -241,7 +246,7 @@ def extract(
         chunks: dict[str, list[np.ndarray]] = {"embedding": [], "heads": [], "remainders": [], "index": []}
         skipped: list[SkippedFile] = []
         for b in range(0, len(shard_records), cfg.batch_size):
-            if cancel is not None and cancel():
+            if cancel():
                 raise ExtractionCancelled(
                     f"Extraction cancelled after {done_images} of {total} images; finished shards are kept in '{root}'."
                 )
@@ -255,8 +260,7 @@ def extract(
                 chunks["remainders"].append(_to_numpy(dec.remainders, np_dtype))
                 chunks["index"].append(np.asarray(keep, dtype=np.int64))
             done_images += min(cfg.batch_size, len(shard_records) - b)
-            if progress is not None:
-                progress(done_images, total)
+            progress(EXTRACT_STAGE, done_images, total)
         arrays = {k: _stack(v, k, manifest, np_dtype) for k, v in chunks.items()}
         write_shard(root, i, arrays, skipped)
 

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
+from ..progress import CancelFn, Progress
 from .ablation import AblationEngine
 from .baselines import TipAdapter
 from .errorsets import ErrorPair, ErrorSets, error_pairs, pair_error_sets, sample_per_class
@@ -202,7 +203,8 @@ class RefineOutcome:
 
 def run_refinement(cache: FeatureCache, ident: Identification, cfg: RefineConfig = RefineConfig(),
                    heads: list[HeadId] | None = None, engine: AblationEngine | None = None,
-                   baselines: bool = True, progress=None) -> RefineOutcome:
+                   baselines: bool = True, progress: Progress | None = None,
+                   cancel: CancelFn | None = None) -> RefineOutcome:
     """Phase 2 (Eq. 11-13) with the chosen heads, and every comparison on the evaluation rows."""
     engine = engine or make_engine(cache)
     heads = ident.heads if heads is None else heads
@@ -212,7 +214,7 @@ def run_refinement(cache: FeatureCache, ident: Identification, cfg: RefineConfig
     local = np.setdiff1d(local, W)
     ablated_W = engine.embeddings(heads, "zero", W)
     result = refine(cache.embeddings, labels, cache.text, cache.logit_scale, W, local, ablated_W, cfg,
-                    train_rows=ident.sample_rows, progress=progress)
+                    train_rows=ident.sample_rows, progress=progress, cancel=cancel)
     text = cache.text.astype(np.float64)
     preds = {
         "zero-shot": engine.base_predictions,
@@ -221,7 +223,8 @@ def run_refinement(cache: FeatureCache, ident: Identification, cfg: RefineConfig
     }
     finetune = None
     if baselines:
-        finetune = standard_finetune(cache.embeddings, labels, cache.text, cache.logit_scale, ident.sample_rows, cfg)
+        finetune = standard_finetune(cache.embeddings, labels, cache.text, cache.logit_scale, ident.sample_rows, cfg,
+                                     progress=progress, cancel=cancel)
         preds["standard-finetune"] = (finetune.refined.apply(cache.embeddings) @ text.T).argmax(1)
         tip = TipAdapter.build(cache.embeddings[ident.sample_rows], labels[ident.sample_rows], cache.text,
                                cache.logit_scale)

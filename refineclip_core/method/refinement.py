@@ -33,9 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import RefineClipError
+from ..errors import Cancelled, RefineClipError
 from ..features.cache import atomic_write_bytes
 from ..loading.models import read_state_dict
+from ..progress import CancelFn, Progress, never, silent
 
 Strategy = Literal["diag", "full", "lora"]
 
@@ -132,7 +133,9 @@ def refine(
     ablated_W: np.ndarray,
     cfg: RefineConfig = RefineConfig(),
     train_rows: np.ndarray | None = None,
-    progress=None,
+    progress: Progress | None = None,
+    cancel: CancelFn | None = None,
+    stage: str | None = None,
 ) -> RefinementResult:
     """Learn ``f`` by minimising Eq. (13) with Adam.
 
@@ -142,16 +145,19 @@ def refine(
         W: rows of the misclassified samples; ``ablated_W``: their ``E_abl`` (teacher of Eq. 11).
         locality_rows: rows of C ∪ A (teacher: the original model, Eq. 12).
         train_rows: rows for L_CE (default W ∪ C ∪ A).
-        progress: ``progress(step, steps, losses_dict)`` called every few steps.
+        progress, cancel: :mod:`refineclip_core.progress`; ``progress(stage, step, steps, losses)``
+            every 10 steps (``stage`` defaults to "RefineCLIP (<strategy>)"), ``cancel`` polled every
+            step (:class:`~refineclip_core.errors.Cancelled`; nothing is returned).
     """
+    progress, cancel = progress or silent, cancel or never
+    stage = stage or f"RefineCLIP ({cfg.strategy})"
     W = np.asarray(W, dtype=np.int64)
     locality_rows = np.asarray(locality_rows, dtype=np.int64)
     if train_rows is None:
         train_rows = np.unique(np.concatenate([W, locality_rows]))
     if len(train_rows) == 0:
         raise RefineClipError("No training samples: the error pair has no images in W, C or A.")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the only randomness (LoRA's A); torch's global RNG is left alone
     E = torch.as_tensor(np.asarray(embeddings, dtype=np.float64))
     T = torch.as_tensor(np.asarray(text, dtype=np.float64))
     y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
@@ -171,6 +177,8 @@ def refine(
     idx_L = torch.as_tensor([pos[int(r)] for r in locality_rows], dtype=torch.long)
     E_tr, y_tr = E[tr], y[tr]
     for step in range(cfg.steps):
+        if cancel():
+            raise Cancelled(f"{stage}: cancelled after {step} of {cfg.steps} steps.")
         opt.zero_grad()
         logp = _log_probs(fmap(E_tr), T, logit_scale)
         l_s = _kl(teacher_success, logp[idx_W]) if len(W) else logp.new_zeros(())
@@ -181,21 +189,22 @@ def refine(
         opt.step()
         for k, v in (("total", loss), ("success", l_s), ("locality", l_l), ("ce", l_ce)):
             history[k].append(float(v.detach()))
-        if progress is not None and (step % 10 == 0 or step == cfg.steps - 1):
-            progress(step + 1, cfg.steps, {k: v[-1] for k, v in history.items()})
+        if step % 10 == 0 or step == cfg.steps - 1:
+            progress(stage, step + 1, cfg.steps, {k: v[-1] for k, v in history.items()})
     if not all(np.isfinite(history["total"])):
         raise RefineClipError("Refinement diverged (loss became NaN/inf); lower the learning rate or α/β.")
     return RefinementResult(fmap.export(), history, cfg)
 
 
 def standard_finetune(embeddings, labels, text, logit_scale, train_rows, cfg: RefineConfig = RefineConfig(),
-                      progress=None) -> RefinementResult:
+                      progress: Progress | None = None, cancel: CancelFn | None = None) -> RefinementResult:
     """The paper's baseline: the same parameters and samples, cross-entropy only."""
     ce_only = RefineConfig(**{**cfg.to_dict(), "alpha": 0.0, "beta": 0.0})
     empty = np.zeros(0, dtype=np.int64)
     d = np.asarray(embeddings).shape[1]
     return refine(embeddings, labels, text, logit_scale, empty, empty, np.zeros((0, d)), ce_only,
-                  train_rows=np.asarray(train_rows), progress=progress)
+                  train_rows=np.asarray(train_rows), progress=progress, cancel=cancel,
+                  stage="Standard fine-tuning (baseline, L_CE only)")
 
 
 def merge_into_projection(proj: torch.Tensor, refined: RefinedMap) -> torch.Tensor:

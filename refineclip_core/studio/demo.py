@@ -14,16 +14,16 @@ import csv
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..features.extraction import ExtractionConfig
 from ..loading.data import load_dataset
 from ..loading.models import ModelSpec
+from ..progress import CancelFn, Progress, silent
 from .caches import cache_dir_for
 from .home import studio_home
-from .locking import StageProgress, extract_locked
+from .locking import extract_locked
+from .source import Source
 
 #: Seed of the held-out demo sample. Training used seed 0 (train and val) and 1000 (test).
 DEMO_SEED = 2025
@@ -32,23 +32,13 @@ DEMO_N_PER_GROUP = 40
 DEMO_SPLITS = ("val", "test")
 
 
-@dataclass(frozen=True)
-class PreparedData:
-    """A model, an image folder and the feature cache extracted from them."""
-
-    spec: ModelSpec
-    data_dir: Path
-    cache_dir: Path
-    label: str = ""
-
-
 def demo_data_dir(cache_root: str | os.PathLike | None = None, seed: int = DEMO_SEED,
                   n_per_group: int = DEMO_N_PER_GROUP) -> Path:
     return studio_home(cache_root) / f"demo-data-s{seed}-n{n_per_group}"
 
 
 def write_demo_data(out_dir: str | os.PathLike, seed: int = DEMO_SEED, n_per_group: int = DEMO_N_PER_GROUP,
-                    progress: StageProgress | None = None) -> Path:
+                    progress: Progress | None = None) -> Path:
     """Write the balanced ``val`` and ``test`` splits of the demo world into one folder.
 
     Layout: ``<out>/<split>/<class>/<split>_<index>.png`` and one ``<out>/metadata.csv``
@@ -57,15 +47,14 @@ def write_demo_data(out_dir: str | os.PathLike, seed: int = DEMO_SEED, n_per_gro
     """
     from ..demo.world import write_world
 
-    out = Path(out_dir)
+    out, progress = Path(out_dir), progress or silent
     if (out / "metadata.csv").is_file():
         return out
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         rows: list[dict[str, str]] = []
         for i, split in enumerate(DEMO_SPLITS):
-            if progress is not None:
-                progress(f"Drawing the held-out demo images ({split} split)", i, len(DEMO_SPLITS))
+            progress(f"Drawing the held-out demo images ({split} split)", i, len(DEMO_SPLITS))
             sub = write_world(tmp / split, split, seed, n_per_group, layout="folder")
             with open(sub / "metadata.csv", newline="", encoding="utf-8") as fh:
                 for row in csv.DictReader(fh):
@@ -75,8 +64,7 @@ def write_demo_data(out_dir: str | os.PathLike, seed: int = DEMO_SEED, n_per_gro
             writer = csv.DictWriter(fh, fieldnames=["path", "label", "group", "split"])
             writer.writeheader()
             writer.writerows(rows)
-        if progress is not None:
-            progress("Drawing the held-out demo images", len(DEMO_SPLITS), len(DEMO_SPLITS))
+        progress("Drawing the held-out demo images", len(DEMO_SPLITS), len(DEMO_SPLITS))
         try:
             os.replace(tmp, out)
         except OSError:
@@ -87,9 +75,9 @@ def write_demo_data(out_dir: str | os.PathLike, seed: int = DEMO_SEED, n_per_gro
     return out
 
 
-def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progress: StageProgress | None = None,
-                 cancel: Callable[[], bool] | None = None, spec: ModelSpec | None = None, seed: int = DEMO_SEED,
-                 n_per_group: int = DEMO_N_PER_GROUP, layers: int | str = 4) -> PreparedData:
+def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progress: Progress | None = None,
+                 cancel: CancelFn | None = None, spec: ModelSpec | None = None, seed: int = DEMO_SEED,
+                 n_per_group: int = DEMO_N_PER_GROUP, layers: int | str = 4) -> Source:
     """The embedded demo model on a held-out sample of its world, extracted and ready.
 
     ``loaded`` may pass the already loaded demo model (the dashboard caches it); otherwise it
@@ -100,11 +88,10 @@ def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progr
     spec = spec or ModelSpec("demo")
     data = write_demo_data(demo_data_dir(cache_root, seed, n_per_group), seed, n_per_group, progress)
     if loaded is None:
-        if progress is not None:
-            progress("Loading the demo model", 0, 1)
+        (progress or silent)("Loading the demo model", 0, 1)
         loaded = load_model(spec)
     dataset = load_dataset(data)
     cache_dir = cache_dir_for(spec, str(data), layers, cache_root)
     extract_locked(loaded, dataset, cache_dir, ExtractionConfig(layers=layers), progress, cancel)
     label = f"Embedded demo model on {len(dataset)} held-out demo images (seed {seed})"
-    return PreparedData(spec, data, cache_dir, label)
+    return Source(spec=spec, data_root=str(data), cache_dir=str(cache_dir), label=label, is_demo=True)

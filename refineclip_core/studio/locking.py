@@ -17,13 +17,11 @@ from typing import Callable, Iterator
 from ..features.cache import FeatureCache
 from ..features.extraction import ExtractionCancelled, ExtractionConfig, extract
 from ..loading.data import ImageDataset
-
-#: ``progress(stage, done, total)``: a one-line stage description and a counter.
-StageProgress = Callable[[str, int, int], None]
+from ..progress import CancelFn, Progress, never, silent
 
 
 @contextlib.contextmanager
-def folder_lock(path: Path, cancel: Callable[[], bool] | None = None,
+def folder_lock(path: Path, cancel: CancelFn | None = None,
                 waiting: Callable[[], None] | None = None) -> Iterator[None]:
     """An exclusive advisory lock on ``path/.lock`` (two sessions never extract into one folder
     at once). While another process holds it, ``waiting()`` is called and ``cancel()`` polled."""
@@ -46,18 +44,13 @@ def folder_lock(path: Path, cancel: Callable[[], bool] | None = None,
 
 
 def extract_locked(loaded, dataset: ImageDataset, cache_dir: str | os.PathLike, cfg: ExtractionConfig,
-                   progress: StageProgress | None = None, cancel: Callable[[], bool] | None = None) -> FeatureCache:
-    """:func:`~refineclip_core.features.extraction.extract` under :func:`folder_lock`, with stage progress."""
+                   progress: Progress | None = None, cancel: CancelFn | None = None) -> FeatureCache:
+    """:func:`~refineclip_core.features.extraction.extract` under :func:`folder_lock`."""
     cache_dir = Path(cache_dir)
-    total = len(dataset.records)
+    progress, cancel = progress or silent, cancel or never
 
     def waiting() -> None:
-        if progress is not None:
-            progress("Waiting for another session that is extracting the same images", 0, total)
-
-    def step(done: int, n: int) -> None:
-        if progress is not None:
-            progress("Extracting per-head features", done, n)
+        progress("Waiting for another session that is extracting the same images", 0, len(dataset.records))
 
     with folder_lock(cache_dir, cancel, waiting):
-        return extract(loaded, dataset, cache_dir, cfg, progress=step, cancel=cancel)
+        return extract(loaded, dataset, cache_dir, cfg, progress=progress, cancel=cancel)
