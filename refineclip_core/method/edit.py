@@ -39,9 +39,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import RefineClipError
+from ..errors import Cancelled, RefineClipError
 from ..progress import CancelFn, Progress, never, silent
-from ..errors import Cancelled
 from .ablation import AblationEngine, Mode
 from .refinement import RefinedMap, RefinementResult, kl_divergence, log_probs
 
@@ -86,21 +85,23 @@ def least_squares_map(E: np.ndarray, teacher: np.ndarray, ridge: float) -> np.nd
 
 
 def fit_ablation(embeddings: np.ndarray, text: np.ndarray, logit_scale: float, teacher: np.ndarray,
-                 in_success: np.ndarray, cfg: FitConfig = FitConfig(), progress: Progress = silent,
-                 cancel: CancelFn = never) -> RefinementResult:
+                 in_success: np.ndarray, cfg: FitConfig = FitConfig(), progress: Progress | None = None,
+                 cancel: CancelFn | None = None) -> RefinementResult:
     """Learn ``B`` so that ``g(E·B)`` follows ``g(teacher)`` on the adaptation images.
 
     Args:
         embeddings: ``(n, d)`` E of the adaptation images; ``teacher``: their teachers ``(n, d)``
             and ``in_success``: ``(n,)`` which of them are in Ŵ (see :func:`teacher_embeddings`).
         text: ``(C, d)`` normalised class texts; ``logit_scale``: the model's ``logit_scale.exp()``.
+        progress, cancel: :mod:`refineclip_core.progress` (losses reported as values every 10 steps).
     """
+    progress, cancel = progress or silent, cancel or never
     E = np.asarray(embeddings, dtype=np.float64)
     teacher = np.asarray(teacher, dtype=np.float64)
     in_success = np.asarray(in_success, dtype=bool)
     if len(E) == 0:
         raise RefineClipError("No images to fit the edit on: the adaptation set is empty.")
-    progress("least-squares start", 0, cfg.steps + 1)
+    progress("RefineCLIP-fit: least-squares start", 0, cfg.steps)
     B0 = least_squares_map(E, teacher, cfg.ridge)
     history: dict[str, list[float]] = {"total": [], "success": [], "locality": []}
     rows = np.arange(len(E))
@@ -116,7 +117,7 @@ def fit_ablation(embeddings: np.ndarray, text: np.ndarray, logit_scale: float, t
     n = len(rows)
     for step in range(cfg.steps):
         if cancel():
-            raise Cancelled("Fitting the edit was cancelled.")
+            raise Cancelled(f"RefineCLIP-fit: cancelled after {step} of {cfg.steps} steps.")
         opt.zero_grad()
         logp = log_probs(X @ B, T, logit_scale)
         l_s = kl_divergence(target[succ], logp[succ])
@@ -128,7 +129,7 @@ def fit_ablation(embeddings: np.ndarray, text: np.ndarray, logit_scale: float, t
         for k, v in (("total", loss), ("success", l_s), ("locality", l_l)):
             history[k].append(float(v.detach()))
         if step % 10 == 0 or step == cfg.steps - 1:
-            progress("distilling the ablated model", step + 1, cfg.steps, {k: v[-1] for k, v in history.items()})
+            progress("RefineCLIP-fit: distilling the ablated model", step + 1, cfg.steps, {k: v[-1] for k, v in history.items()})
     if history["total"] and not np.all(np.isfinite(history["total"])):
         raise RefineClipError("Fitting the edit diverged (loss became NaN/inf); lower the learning rate.")
     M = B.detach().numpy().T.copy()            # f(E) = E·B = (Bᵀ E)ᵀ: RefinedMap's matrix is Bᵀ

@@ -46,18 +46,25 @@ class Estimate:
                 f"{scale * self.high:.{digits}f}] (n={self.n})")
 
 
-def binomial_interval(k: int, n: int, level: float = LEVEL) -> tuple[float, float]:
-    """Clopper–Pearson interval for ``k`` successes in ``n`` trials (``(0, 1)`` when ``n == 0``)."""
+def binomial_intervals(k: np.ndarray, n: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Clopper–Pearson intervals for arrays of ``k`` successes in ``n`` trials (vectorised;
+    ``(0, 1)`` where ``n == 0``)."""
     from scipy.stats import beta
 
-    if n < 0 or not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    if n == 0:
-        return 0.0, 1.0
+    k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    if np.any(n < 0) or np.any(k < 0) or np.any(k > n):
+        raise ValueError("need 0 <= k <= n")
     a = (1.0 - level) / 2.0
-    low = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
-    high = 1.0 if k == n else float(beta.ppf(1.0 - a, k + 1, n - k))
-    return low, high
+    with np.errstate(invalid="ignore", divide="ignore"):
+        low = np.where(k == 0, 0.0, beta.ppf(a, np.maximum(k, 1), n - k + 1))
+        high = np.where(k == n, 1.0, beta.ppf(1.0 - a, k + 1, np.maximum(n - k, 1)))
+    return low.astype(np.float64), high.astype(np.float64)
+
+
+def binomial_interval(k: int, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """Clopper–Pearson interval for ``k`` successes in ``n`` trials (``(0, 1)`` when ``n == 0``)."""
+    low, high = binomial_intervals(np.array([k]), np.array([n]), level)
+    return float(low[0]), float(high[0])
 
 
 def accuracy_estimate(correct: np.ndarray, level: float = LEVEL) -> Estimate:
