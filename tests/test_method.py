@@ -262,8 +262,9 @@ def test_pipeline_and_cli_score_refine(cache, tmp_path):
     assert main(["refine", "--cache", str(cache.root), "--samples-per-class", "3", "--steps", "20",
                  "--strategy", "lora", "--out", str(ckpt), "--json", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["checkpoint"] == str(ckpt) and ckpt.exists() and r["config"]["strategy"] == "lora"
-    assert {"zero-shot", "ablated", "refineclip-lora"} <= set(r["metrics"])
+    assert r["checkpoint"]["file"] == ckpt.name and ckpt.exists() and r["refine_config"]["strategy"] == "lora"
+    assert {"zero-shot", "ablated", "refineclip-lora"} <= set(r["methods"]["reports"])
+    assert r["exported"] == "refineclip-lora" and r["extra"]["heads_arg"] == "auto"
     assert main(["score", "--cache", str(cache.root), "--pair", "cat:cat"]) == 2
     assert parse_heads("L2.H1, 0.3", [0, 1, 2], 4) == [HeadId(2, 1), HeadId(0, 3)]
 
@@ -304,7 +305,8 @@ def test_refinement_reports_progress_cancels_and_leaves_the_global_rng_alone(cac
     expected_next = torch.rand(3)
     torch.manual_seed(123)
     calls = []
-    first = refine(*args, cfg, progress=lambda stage, done, total, values=None: calls.append((stage, done, total, values)))
+    first = refine(*args, cfg, progress=lambda stage, done, total, values=None: calls.append((stage, done, total,
+                                                                                             values)))
     np.testing.assert_array_equal(torch.rand(3), expected_next)  # torch's global RNG was not touched
     again = refine(*args, cfg)                                     # the local generator alone seeds LoRA
     np.testing.assert_array_equal(first.refined.matrix, again.refined.matrix)

@@ -122,6 +122,15 @@ def resolve_pairs(spec: str, pairs_ranked: list[ErrorPair], classes: list[str]) 
     return out
 
 
+def pair_spec(true: int, pred: int, classes: list[str]) -> str:
+    """The ``TRUE:PRED`` text of one pair that :func:`resolve_pairs` reads back unambiguously
+    (class names, or indices when a name contains ':' or looks like an index)."""
+    a, b = classes[true], classes[pred]
+    if any(":" in n or n.isdigit() for n in (a, b)):
+        return f"{true}:{pred}"
+    return f"{a}:{b}"
+
+
 def make_engine(cache: FeatureCache) -> AblationEngine:
     return AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
 
@@ -194,11 +203,16 @@ def evaluate_methods(cache: FeatureCache, ident: Identification, predictions: di
 
 @dataclass
 class RefineOutcome:
+    """Phase 2's outcome: the learned map, and every compared method as data (``report``:
+    name → predictions and accuracies). ``exported`` names the method whose map
+    (``refinement.refined``) an exported checkpoint carries."""
+
     identification: Identification
     refinement: RefinementResult
     finetune: RefinementResult | None
     report: MethodReport
     heads: list[HeadId]
+    exported: str
 
 
 def run_refinement(cache: FeatureCache, ident: Identification, cfg: RefineConfig = RefineConfig(),
@@ -216,10 +230,11 @@ def run_refinement(cache: FeatureCache, ident: Identification, cfg: RefineConfig
     result = refine(cache.embeddings, labels, cache.text, cache.logit_scale, W, local, ablated_W, cfg,
                     train_rows=ident.sample_rows, progress=progress, cancel=cancel)
     text = cache.text.astype(np.float64)
+    exported = f"refineclip-{cfg.strategy}"
     preds = {
         "zero-shot": engine.base_predictions,
         "ablated": engine.predict(heads, "zero"),
-        f"refineclip-{cfg.strategy}": (result.refined.apply(cache.embeddings) @ text.T).argmax(1),
+        exported: (result.refined.apply(cache.embeddings) @ text.T).argmax(1),
     }
     finetune = None
     if baselines:
@@ -229,5 +244,5 @@ def run_refinement(cache: FeatureCache, ident: Identification, cfg: RefineConfig
         tip = TipAdapter.build(cache.embeddings[ident.sample_rows], labels[ident.sample_rows], cache.text,
                                cache.logit_scale)
         preds["tip-adapter"] = tip.predict(cache.embeddings)
-    return RefineOutcome(ident, result, finetune, evaluate_methods(cache, ident, preds), list(heads))
+    return RefineOutcome(ident, result, finetune, evaluate_methods(cache, ident, preds), list(heads), exported)
 

@@ -138,6 +138,21 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> go.Figure:
     return fig
 
 
+def push_figure(push: Sequence[float], groups: Sequence[str], wrong_class: str) -> go.Figure:
+    """One head's push toward ``wrong_class`` per image (:func:`~refineclip_core.method.scores.head_push`),
+    a box of points per group."""
+    push = np.asarray(push, dtype=np.float64)
+    fig = go.Figure()
+    for g in sorted(set(groups)):
+        sel = [i for i, x in enumerate(groups) if x == g]
+        fig.add_trace(go.Box(y=push[sel], name=g, boxpoints="all", jitter=0.4, pointpos=0, marker_size=4,
+                             hovertemplate=f"{g}<br>push %{{y:.4f}}<extra></extra>"))
+    fig.add_hline(y=0, line_color="#999")
+    fig.update_layout(template="plotly_white", height=320, showlegend=False, margin=dict(l=50, r=20, t=20, b=40),
+                      yaxis_title=f"push toward {wrong_class}")
+    return fig
+
+
 def accuracy_bars_figure(rows: Mapping[str, Mapping[str, float | None]], title: str, y_title: str = "accuracy"
                          ) -> go.Figure:
     """Grouped bars: ``rows[method][category] = accuracy`` (categories share the x axis)."""
@@ -157,8 +172,11 @@ def accuracy_bars_figure(rows: Mapping[str, Mapping[str, float | None]], title: 
     return fig
 
 
-def loss_figure(history: Mapping[str, Sequence[float]], weights: Mapping[str, float] | None = None) -> go.Figure:
-    """Refinement losses per step (log scale): L_success (Eq. 11), L_locality (Eq. 12), L_CE."""
+def loss_figure(history: Mapping[str, Sequence[float]], steps: Sequence[int] | None = None) -> go.Figure:
+    """Refinement losses per step (log scale): L_success (Eq. 11), L_locality (Eq. 12), L_CE.
+
+    ``steps`` are the steps the values were taken at (a live run reports every 10th); every
+    step from 1 by default."""
     fig = go.Figure()
     names = {"success": "L_success (Eq. 11)", "locality": "L_locality (Eq. 12)", "ce": "L_CE", "total": "total (Eq. 13)"}
     colors = {"success": "#d62728", "locality": "#1f77b4", "ce": "#2ca02c", "total": "#555"}
@@ -167,7 +185,8 @@ def loss_figure(history: Mapping[str, Sequence[float]], weights: Mapping[str, fl
         if not ys:
             continue
         ys = [y if (y is not None and y > 0) else None for y in ys]
-        fig.add_trace(go.Scatter(x=list(range(1, len(ys) + 1)), y=ys, mode="lines", name=names[key],
+        fig.add_trace(go.Scatter(x=list(steps) if steps is not None else list(range(1, len(ys) + 1)), y=ys,
+                                 mode="lines", name=names[key],
                                  line=dict(color=colors[key], dash="dot" if key == "total" else None)))
     _base_layout(fig, "Refinement losses", height=340, xaxis_title="step", yaxis=dict(title="loss", type="log"),
                  legend=dict(orientation="h", y=-0.25))

@@ -12,6 +12,8 @@ import datetime as _dt
 import html
 import json
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,9 +22,12 @@ import plotly.graph_objects as go
 
 from ..features.cache import FeatureCache, atomic_write_bytes
 from ..features.decomposition import HeadId
+from ..loading.models import LoadedModel, ModelSpec, load_model
 from ..method.ablation import AblationEngine
-from ..method.protocol import Identification
+from ..method.protocol import Identification, RefineOutcome, run_refinement
+from ..method.refinement import RefineConfig, export_checkpoint
 from ..method.scores import HeadScores
+from ..progress import CancelFn, Progress, silent
 from .figures import accuracy_bars_figure, loss_figure, score_grid_figure, utility_figure
 from .findings import findings, json_safe, method_summary, per_key_table
 
@@ -39,11 +44,14 @@ def scores_to_dict(scores: Mapping[str, HeadScores]) -> dict[str, dict]:
             for name, s in scores.items()}
 
 
-def build_run_report(cache: FeatureCache, ident: Identification, engine: AblationEngine, outcome=None, *, model: Mapping[str, Any] | None = None,
-                     data_root: str | None = None, refine_config=None, heads: Sequence[HeadId] | None = None,
-                     checkpoint: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+def build_run_report(cache: FeatureCache, ident: Identification, engine: AblationEngine,
+                     outcome: RefineOutcome | None = None, *, model: Mapping[str, Any] | None = None,
+                     data_root: str | None = None, checkpoint: Path | None = None,
+                     extra: Mapping[str, Any] | None = None) -> dict:
     """Everything about one run, JSON-safe: what was loaded, which rows, which heads, the
-    scores and curves behind the choice, the refinement and every method's accuracies."""
+    scores and curves behind the choice (Eq. 6-10), the refinement (Eq. 11-13), every compared
+    method's accuracies (``methods``, name → report) and which of them was ``exported`` to
+    ``checkpoint``."""
     import torch
 
     from .. import __version__
@@ -54,7 +62,7 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
     except Exception:  # pragma: no cover - open_clip is a dependency
         oc_version = "?"
     man = cache.manifest
-    heads = list(outcome.heads if (heads is None and outcome is not None) else (heads or ident.heads))
+    heads = outcome.heads if outcome is not None else ident.heads
     report: dict[str, Any] = {
         "title": "RefineCLIP run report",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -76,15 +84,48 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         "findings": findings(cache, ident, engine).to_dict(),
     }
     if outcome is not None:
-        cfg = refine_config if refine_config is not None else outcome.refinement.config
-        report["refine_config"] = cfg.to_dict()
+        report["refine_config"] = outcome.refinement.config.to_dict()
         report["history"] = outcome.refinement.history
         report["methods"] = outcome.report.to_dict()
-    if checkpoint:
-        report["checkpoint"] = dict(checkpoint)
+        report["exported"] = outcome.exported
+    if checkpoint is not None:
+        report["checkpoint"] = {"file": Path(checkpoint).name, "bytes": Path(checkpoint).stat().st_size,
+                                "merged_into": "visual.proj"}
     if extra:
         report["extra"] = dict(extra)
     return json_safe(report)
+
+
+@dataclass
+class EditRun:
+    """One phase-2 run as the Refine page and ``refineclip refine`` both make it: the outcome
+    (every compared method, the exported one named), the merged checkpoint when one was
+    written, and the run report built from them."""
+
+    outcome: RefineOutcome
+    checkpoint: Path | None
+    report: dict
+
+
+def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine, cfg: RefineConfig,
+             heads: Sequence[HeadId], *, spec: ModelSpec, export_to: str | os.PathLike | None = None,
+             loaded: LoadedModel | None = None, data_root: str | None = None, baselines: bool = True,
+             progress: Progress | None = None, cancel: CancelFn | None = None,
+             extra: Mapping[str, Any] | None = None) -> EditRun:
+    """Refine with ``heads`` removed in the teacher (Eq. 11-13), compare every method on the
+    evaluation rows, export the edit merged into ``visual.proj`` to ``export_to`` (when given;
+    the model is loaded from ``spec`` unless ``loaded`` is passed) and build the run report."""
+    outcome = run_refinement(cache, ident, cfg, list(heads), engine, baselines=baselines, progress=progress,
+                             cancel=cancel)
+    checkpoint = None
+    if export_to is not None:
+        (progress or silent)("Exporting the merged checkpoint", 0, 1)
+        loaded = loaded or load_model(spec)
+        checkpoint = export_checkpoint(spec.resolved().checkpoint, loaded.model, outcome.refinement.refined,
+                                       export_to)
+    report = build_run_report(cache, ident, engine, outcome, model=spec.to_dict(), data_root=data_root,
+                              checkpoint=checkpoint, extra=extra)
+    return EditRun(outcome, checkpoint, report)
 
 
 def report_json(report: Mapping[str, Any]) -> str:
@@ -165,8 +206,8 @@ def render_html(report: Mapping[str, Any]) -> str:
              ("Ablated worst group", _fmt(f.get("ablated_worst_group")))]
     if methods:
         summary = method_summary(methods)
-        refined = next((k for k in summary if k.startswith("refineclip")), None)
-        if refined:
+        refined = report.get("exported")
+        if refined in summary:
             cards.append(("Refined worst group", _fmt(summary[refined]["worst group"])))
             cards.append(("Refined other classes", _fmt(summary[refined]["other classes (locality)"])))
     parts.append("<div class='grid'>" + "".join(
