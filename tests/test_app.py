@@ -509,3 +509,22 @@ def test_uploads_are_kept_once_by_content(tmp_path):
     again = unpack_upload(buf.getvalue(), tmp_path)  # the same bytes: the same folder, not unpacked again
     assert again.root == first.root and again.skipped == first.skipped and first.skipped
     assert (again.root / "red" / "0.png").stat().st_mtime_ns == stamp
+
+
+def test_browser_latency_results_never_rewrite_a_tracked_file(monkeypatch, tmp_path):
+    """tests/test_browser.py writes its latency section under test-artifacts/ (ignored by git) unless
+    REFINECLIP_BROWSER_RESULTS names another file; the committed benchmarks/RESULTS.md stays as it is."""
+    import subprocess
+
+    from . import test_browser
+
+    monkeypatch.delenv(test_browser.RESULTS_ENV, raising=False)
+    default = test_browser.results_path()
+    assert default.is_relative_to(ROOT / "test-artifacts")
+    assert subprocess.run(["git", "check-ignore", "-q", str(default)], cwd=ROOT).returncode == 0
+    committed = (ROOT / "benchmarks" / "RESULTS.md").read_bytes()
+    target = tmp_path / "latency.md"
+    monkeypatch.setenv(test_browser.RESULTS_ENV, str(target))
+    assert test_browser.write_results("## Browser latency\n\nnumbers\n") == target.resolve()
+    assert "numbers" in target.read_text() and test_browser.MARK_START in target.read_text()
+    assert (ROOT / "benchmarks" / "RESULTS.md").read_bytes() == committed
