@@ -9,21 +9,13 @@ from __future__ import annotations
 
 import streamlit as st
 
+from studio_ui.registry import DEFAULT_PAGE, PAGES
 from studio_ui.shell import app_icon, ensure_source, sidebar
 from studio_ui.widgets import show_exception
 
 st.set_page_config(page_title="RefineCLIP Studio", page_icon=app_icon(), layout="wide")
 
-PAGES = [
-    st.Page("pages/load.py", title="Load", icon=":material/upload_file:", default=True),
-    st.Page("pages/errors.py", title="Errors", icon=":material/error:"),
-    st.Page("pages/heads.py", title="Heads", icon=":material/psychology:"),
-    st.Page("pages/inspector.py", title="Head inspector", icon=":material/search:"),
-    st.Page("pages/ablate.py", title="Ablate", icon=":material/content_cut:"),
-    st.Page("pages/refine.py", title="Refine", icon=":material/build:"),
-]
-
-page = st.navigation(PAGES)
+page = st.navigation([st.Page(p.path, title=p.title, icon=p.icon, default=p.name == DEFAULT_PAGE) for p in PAGES])
 sidebar()
 ensure_source()
 try:

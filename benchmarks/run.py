@@ -50,8 +50,6 @@ DEFAULT_OUT = REPO / "benchmarks" / "RESULTS.md"
 SECTION_START, SECTION_END = "<!-- perf:start -->", "<!-- perf:end -->"
 TARGET_RATIO = 1.15
 
-logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights on every model
-
 
 # --------------------------------------------------------------------------------------------
 # plumbing: context, tables, timing
@@ -619,6 +617,9 @@ def _bench_name(fn: Callable) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # open_clip warns about random weights on every model; quieted for this run only, never at import
+    # (tests import machine_info from here)
+    logging.getLogger().setLevel(logging.ERROR)
     if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--rss-child":
         _rss_child(json.loads(sys.argv[2]))
         return 0

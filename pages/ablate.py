@@ -6,34 +6,32 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from refineclip_core.features.decomposition import HeadId, parse_heads
-from refineclip_core.method.ablation import verify_ablation
+from refineclip_core.features.decomposition import HeadId
+from refineclip_core.method.ablation import verify_on_images
 from refineclip_core.method.evaluation import accuracy_report, rows_mask
-from studio_ui.state import ablate_heads
-from studio_ui.widgets import PAGES, delta_pts, guard, image_grid, pct, require_ready, show_exception
+from studio_ui.registry import page
+from studio_ui.state import Key, ablate_heads, get, put, set_ticked_heads, ticked_heads
+from studio_ui.widgets import delta_pts, guard, image_grid, link, pct, require_ready, show_exception
 
-st.title("Switch heads off")
+st.title(page("ablate").heading)
 st.caption("Removing a head subtracts its direct contribution from the image embedding, E − Σ c_h (paper Eq. 5): "
            "new predictions are arithmetic on the cached features, so every toggle updates at once.")
 ready = require_ready()
 cache, eng = ready.cache, ready.engine
 ident = ready.ident()
-layers, H = list(cache.manifest.layers), cache.manifest.n_heads
 classes, labels = cache.classes, cache.labels
-handed = ablate_heads()
-suggested = handed if handed is not None else ident.heads
+all_heads = cache.head_ids()
+suggested = ablate_heads() if ablate_heads() is not None else ident.heads
 
 
 def _set(heads) -> None:
-    chosen = {(h.layer, h.head) for h in heads}
-    for l in layers:
-        for h in range(H):
-            st.session_state[f"abl_{l}_{h}"] = (l, h) in chosen
+    chosen = set(heads)
+    for h in all_heads:
+        put(Key.toggle(h), h in chosen)
 
 
-if f"abl_{layers[0]}_0" not in st.session_state:  # first visit, or widgets dropped while on another page
-    kept = st.session_state.get("abl_current")
-    _set(suggested if kept is None else parse_heads(kept))
+if get(Key.toggle(all_heads[0])) is None:  # first visit, or widgets dropped while on another page
+    _set(ticked_heads() if ticked_heads() is not None else suggested)
 
 
 @st.fragment
@@ -59,13 +57,13 @@ def _panel() -> None:
         b[2].button("Clear", key="abl_clear", on_click=_set, args=([],))
 
     st.markdown("**Heads** (layer × head; ticked = removed)")
-    for l in layers:
-        cols = st.columns([1.2] + [1] * H)
-        cols[0].markdown(f"**L{l}**")
-        for h in range(H):
-            cols[h + 1].checkbox(f"H{h}", key=f"abl_{l}_{h}")
-    heads = [HeadId(l, h) for l in layers for h in range(H) if st.session_state.get(f"abl_{l}_{h}")]
-    st.session_state["abl_current"] = [h.as_list() for h in heads]
+    for layer in cache.manifest.layers:
+        cols = st.columns([1.2] + [1] * cache.manifest.n_heads)
+        cols[0].markdown(f"**L{layer}**")
+        for h in range(cache.manifest.n_heads):
+            cols[h + 1].checkbox(f"H{h}", key=Key.toggle(HeadId(layer, h)))
+    heads = [h for h in all_heads if get(Key.toggle(h))]
+    set_ticked_heads(heads)
 
     mask = ident.eval_mask if scope == "held-out images" else rows_mask(len(labels))
     base = accuracy_report(eng.base_predictions, labels, classes, cache.groups, cache.group_names, mask)
@@ -93,19 +91,16 @@ def _panel() -> None:
     st.markdown(f"**Images whose prediction flipped** ({len(res.flipped)})")
     if len(res.flipped):
         base_pred, new_pred = eng.base_predictions, res.predictions
-        fixed = set(res.fixed.tolist())
-        df = pd.DataFrame({
-            "image": [cache.records[i].path.rsplit("/", 1)[-1] for i in res.flipped],
-            "group": [cache.records[i].group or "" for i in res.flipped],
-            "true": [classes[labels[i]] for i in res.flipped],
-            "before": [classes[base_pred[i]] for i in res.flipped],
+        effect = {**{i: "fixed" for i in res.fixed.tolist()}, **{i: "broken" for i in res.broken.tolist()}}
+        recs = [cache.records[i] for i in res.flipped]
+        st.dataframe(pd.DataFrame({
+            "image": [r.path.rsplit("/", 1)[-1] for r in recs], "group": [r.group or "" for r in recs],
+            "true": [classes[labels[i]] for i in res.flipped], "before": [classes[base_pred[i]] for i in res.flipped],
             "after": [classes[new_pred[i]] for i in res.flipped],
-            "effect": ["fixed" if i in fixed else ("broken" if i in set(res.broken.tolist()) else "still wrong")
-                       for i in res.flipped]})
-        st.dataframe(df, hide_index=True, height=min(38 * (len(df) + 1), 280))
-        show = list(res.fixed[:6]) + list(res.broken[:6])
-        image_grid([(cache.records[i].path, f"{'fixed' if i in fixed else 'broken'}: {classes[base_pred[i]]} → "
-                     f"{classes[new_pred[i]]}") for i in show])
+            "effect": [effect.get(i, "still wrong") for i in res.flipped.tolist()]}),
+            hide_index=True, height=min(38 * (len(res.flipped) + 1), 280))
+        image_grid([(cache.records[i].path, f"{effect[i]}: {classes[base_pred[i]]} → {classes[new_pred[i]]}")
+                    for i in list(res.fixed[:6]) + list(res.broken[:6])])
     else:
         st.caption("No prediction changed.")
 
@@ -113,25 +108,18 @@ def _panel() -> None:
     st.caption("Runs the model itself with these heads' direct paths removed (hooks, no cached numbers) on a few "
                "images and compares with the arithmetic above (zero ablation).")
     if st.button("Verify with a real forward pass", key="abl_verify"):
-        from refineclip_core.features.extraction import load_batch
-
-        pool = np.concatenate([res.flipped, np.flatnonzero(mask)])
-        rows = list(dict.fromkeys(pool.tolist()))[:8]
         with st.spinner("Running the model on 8 images…"), guard("The verification"):
-            loaded = ready.loaded()
-            batch, keep, bad = load_batch(loaded, [cache.records[r] for r in rows], 0)
-            if batch is None:
+            pool = np.concatenate([res.flipped, np.flatnonzero(mask)])  # changed images first
+            v = verify_on_images(ready.loaded(), cache.records, eng, pool, heads)
+            if v is None:
                 st.error("None of the images could be read again; they may have moved since extraction.")
-            else:
-                kept = np.asarray([rows[k] for k in keep])
-                v = verify_ablation(loaded, batch, eng, kept, heads)
-                st.session_state["verify"] = {"heads": [h.as_list() for h in heads], "n": v.n_images,
-                                              "err": v.max_rel_error, "agree": v.predictions_agree}
-    v = st.session_state.get("verify")
-    if v and v["heads"] == [h.as_list() for h in heads]:
-        ok = v["agree"] and v["err"] < 1e-3
-        msg = (f"Real forward pass on {v['n']} images: largest relative difference from the cached arithmetic "
-               f"{v['err']:.1e}; predictions {'agree on every image' if v['agree'] else 'DIFFER'}.")
+            put(Key.VERIFIED, None if v is None else (heads, v))
+    checked = get(Key.VERIFIED)
+    if checked and checked[0] == heads:
+        v = checked[1]
+        ok = v.predictions_agree and v.max_rel_error < 1e-3
+        msg = (f"Real forward pass on {v.n_images} images: largest relative difference from the cached arithmetic "
+               f"{v.max_rel_error:.1e}; predictions {'agree on every image' if v.predictions_agree else 'DIFFER'}.")
         (st.success if ok else st.error)(msg, icon=":material/check_circle:" if ok else ":material/dangerous:")
         if mode == "mean":
             st.caption("The check uses zero ablation (the model has no notion of a head's mean).")
@@ -148,4 +136,4 @@ def _comparison(where, key: str, before: dict[str, float], after: dict[str, floa
 
 
 panel()
-st.page_link(PAGES["refine"], label="Make the fix permanent with a refined model → Refine", icon=":material/build:")
+link("refine", "Make the fix permanent with a refined model → Refine")

@@ -9,13 +9,14 @@ import streamlit as st
 from refineclip_core.errors import RefineClipError
 from refineclip_core.method.errorsets import error_pairs
 from refineclip_core.method.evaluation import accuracy_report, confusion_matrix, rows_mask
-from refineclip_core.method.protocol import resolve_pairs
+from refineclip_core.method.protocol import pair_spec, resolve_pairs
 from refineclip_core.reporting.figures import confusion_figure
 from studio_ui import resources
-from studio_ui.state import pair_spec, protocol, set_protocol
-from studio_ui.widgets import PAGES, image_grid, pct, require_ready
+from studio_ui.registry import page
+from studio_ui.state import Key, get, protocol, set_protocol
+from studio_ui.widgets import image_grid, link, pct, require_ready
 
-st.title("Where does the model go wrong?")
+st.title(page("errors").heading)
 ready = require_ready()
 src, cache = ready.source, ready.cache
 pred, probs = resources.zero_shot(src, cache)
@@ -85,19 +86,18 @@ index = next((i for i, p in enumerate(pairs) if (p.true, p.pred) == current), 0)
 
 
 def _choose_pair() -> None:
-    i = labels_of.index(st.session_state["err_pair"])
+    i = labels_of.index(get(Key.ERROR_PAIR))
     set_protocol(pair=pair_spec(pairs[i].true, pairs[i].pred, classes))
-    st.session_state.pop("ablate_heads", None)
 
 
-choice = st.selectbox("Error pair to explain on the next pages", labels_of, index=index, key="err_pair",
+choice = st.selectbox("Error pair to explain on the next pages", labels_of, index=index, key=Key.ERROR_PAIR,
              on_change=_choose_pair,
              help="The Heads, Head inspector, Ablate and Refine pages work on this pair (true → predicted).")
 chosen = pairs[labels_of.index(choice)]
 if protocol().pair in ("auto", "both") and st.button("Use this pair", key="err_use_pair"):
     _choose_pair()
     st.rerun()
-st.page_link(PAGES["heads"], label=f"Which heads cause {chosen.label(classes)}? → Heads", icon=":material/psychology:")
+link("heads", f"Which heads cause {chosen.label(classes)}? → Heads")
 
 st.subheader("Misclassified images")
 c = st.columns([2, 1])

@@ -7,13 +7,15 @@ import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.method.errorsets import error_pairs
+from refineclip_core.method.protocol import pair_spec
 from refineclip_core.method.scores import SCORE_SPECS
 from refineclip_core.reporting.figures import score_grid_figure, utility_figure
-from studio_ui.state import (ablate_heads, inspect_head, pair_spec, protocol, set_ablate_heads, set_inspect_head,
+from studio_ui.registry import page
+from studio_ui.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
                              set_protocol)
-from studio_ui.widgets import PAGES, require_ready
+from studio_ui.widgets import link, require_ready
 
-st.title("Which heads push the model toward the wrong class?")
+st.title(page("heads").heading)
 st.caption("For an error pair (true y → predicted ŷ), each head's direct effect compares how much replacing its "
            "contribution moves images toward y versus ŷ (paper Eq. 6–9). DE_A and DE_C: highest = most "
            "suspicious; DE_B and DE_D: lowest. Click a square to inspect that head.")
@@ -44,7 +46,6 @@ with st.form("heads_controls"):
                          key="heads_sim", help="With 'dot', DE_A = −DE_B and DE_C = −DE_D exactly (Proposition 1).")
     if st.form_submit_button("Score the heads", type="primary"):
         set_protocol(pair=pair, samples_per_class=int(n), seed=int(seed), top_t=int(top_t), similarity=sim)
-        st.session_state.pop("ablate_heads", None)
         st.rerun()
 
 ident = ready.ident()
@@ -58,7 +59,7 @@ selected = inspect_head()
 
 
 def _on_click(key: str) -> None:
-    state = st.session_state.get(key)
+    state = get(key)
     points = (state or {}).get("selection", {}).get("points", []) if state else []
     if points:
         p = points[0]
@@ -77,7 +78,7 @@ for start in range(0, len(names), 2):
                 st.info(f"{name} is unavailable: {s.reason or f'set {outer} is empty'}. It averages over set "
                         f"{outer}; draw more samples or pick another pair to fill it.", icon=":material/info:")
                 continue
-            key = f"grid_{names.index(name)}"
+            key = Key.score_map(names.index(name))
             fig = score_grid_figure(s.values, s.layers, name, s.descending, chosen=ident.heads, selected=selected,
                                     n_heads=cache.manifest.n_heads)
             st.plotly_chart(fig, key=key, on_select=lambda key=key: _on_click(key), selection_mode="points",
@@ -91,7 +92,7 @@ if selected is not None and selected.layer in cache.manifest.layers:
     ranks = {name: s.ranking().index(selected) + 1 for name, s in ident.scores.items() if s.available}
     st.markdown(f"**Selected head {selected}** — " + " · ".join(
         f"{k} = {v:.4g} (rank {ranks[k]})" for k, v in vals.items()))
-    st.page_link(PAGES["inspector"], label=f"Inspect {selected} →", icon=":material/search:")
+    link("inspector", f"Inspect {selected} →")
 
 # --- Alg. 1 -------------------------------------------------------------------------------------
 st.subheader("Choosing the heads (Alg. 1)")
@@ -120,11 +121,8 @@ chosen = cands[:t_choice]
 c[2].markdown(f"Set: **{', '.join(str(h) for h in chosen)}**")
 if st.button("Use this set", type="primary", key="heads_use_set"):
     set_ablate_heads(chosen)
-    for k in list(st.session_state.keys()):
-        if str(k).startswith("abl_"):
-            del st.session_state[k]
-    st.session_state.pop("refine", None)
 current = ablate_heads()
 if current is not None:
-    st.success(f"Head set for Ablate and Refine: {', '.join(str(h) for h in current) or 'none'}", icon=":material/check_circle:")
-    st.page_link(PAGES["ablate"], label="Try it on the Ablate page →", icon=":material/content_cut:")
+    st.success(f"Head set for Ablate and Refine: {', '.join(str(h) for h in current) or 'none'}",
+               icon=":material/check_circle:")
+    link("ablate", "Try it on the Ablate page →")

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the dashboard's page registry (studio_ui.registry: plain data)
+from studio_ui.registry import PAGES  # noqa: E402
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
@@ -41,13 +43,10 @@ INSTALL_HINT = ("Debian's Chromium is needed at /usr/bin/chromium: install it wi
                 "(scripts/test.sh does this when it runs as root).")
 WIDTH = 1400
 MAX_PNG_BYTES = 400_000
-SHOTS = ("load", "errors", "heads", "inspector", "ablate", "refine")
+SHOTS = tuple(p.name for p in PAGES)
 DEMO_READY_TEXT = "Findings at a glance"
-NAV_TITLES = {"load": "Load", "errors": "Errors", "heads": "Heads", "inspector": "Head inspector",
-              "ablate": "Ablate", "refine": "Refine"}
-PAGE_TITLES = {"load": "RefineCLIP Studio", "errors": "Where does the model go wrong?",
-               "heads": "Which heads push the model toward the wrong class?", "inspector": "Head inspector",
-               "ablate": "Switch heads off", "refine": "Refine the model"}
+NAV_TITLES = {p.name: p.title for p in PAGES}
+PAGE_TITLES = {p.name: p.heading for p in PAGES}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Shared, read-only resources behind ``st.cache_resource``: loaded models, opened feature
-caches, ablation engines, identifications and text-pool embeddings.
+caches, ablation engines, identifications, findings, text-pool embeddings and head descriptions.
 
 Everything is keyed by strings (a model spec's JSON, a cache folder and its fingerprint, a
-:class:`~studio_ui.state.Source` key), so reruns, page switches and other browser sessions
+:class:`~refineclip_core.studio.source.Source` key), so reruns, page switches and other browser sessions
 on the same data reuse the same objects. Arguments starting with ``_`` are not hashed.
 Nothing returned here may be mutated by a page.
 """
@@ -16,6 +16,8 @@ import numpy as np
 import streamlit as st
 
 from refineclip_core.features.cache import FeatureCache
+from refineclip_core.features.decomposition import HeadId
+from refineclip_core.inspection.textspan import HeadDescription, describe_heads, encode_text_pool, load_text_pool
 from refineclip_core.features.zeroshot import predict
 from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
@@ -79,11 +81,21 @@ def zero_shot(source: Source, cache: FeatureCache) -> tuple[np.ndarray, np.ndarr
 
 @st.cache_resource(show_spinner="Embedding the description pool for TextSpan…", max_entries=4)
 def text_pool(spec_json: str, pool_path: str = str(TEXT_POOL)) -> tuple[list[str], np.ndarray]:
-    from refineclip_core.inspection.textspan import encode_text_pool, load_text_pool
-
     texts = load_text_pool(pool_path)
     emb = encode_text_pool(model(spec_json), texts, cache_path=studio_home() / "text-pools")
     return texts, emb
+
+
+@st.cache_resource(show_spinner="Describing the head…", max_entries=256)
+def _description(key: str, layer: int, head: int, k: int, spec_json: str, _cache: FeatureCache) -> HeadDescription:
+    texts, emb = text_pool(spec_json)
+    return describe_heads(_cache, [HeadId(layer, head)], texts, emb, k=k)[0]
+
+
+def head_description(source: Source, cache: FeatureCache, head: HeadId, k: int) -> HeadDescription:
+    """The TextSpan description of ``head`` over every cached image (keyed by the cache's current
+    fingerprint: re-extracting the folder in place never shows a stale description)."""
+    return _description(source.resource_key(), head.layer, head.head, int(k), source.spec_json, cache)
 
 
 @st.cache_resource(show_spinner=False, max_entries=1)

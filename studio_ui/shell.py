@@ -13,7 +13,7 @@ from refineclip_core.errors import Cancelled
 from refineclip_core.loading.models import ModelSpec
 
 from .jobs import start_job
-from .state import get_source, inspect_head, protocol, set_source
+from .state import Key, ablate_heads, get, get_source, inspect_head, protocol, put, set_source
 from .widgets import follow_job, show_exception
 
 
@@ -37,9 +37,9 @@ def app_icon():
 
 def demo_spec() -> ModelSpec:
     """The embedded demo model: ``assets/demo``, or the folder named by ``$REFINECLIP_DEMO_MODEL_DIR``
-    (a retrained demo), or a stand-in spec a test put in ``session_state['demo_spec']``."""
-    if st.session_state.get("demo_spec") is not None:
-        return st.session_state["demo_spec"]
+    (a retrained demo), or a stand-in spec a test put in the session (:attr:`Key.DEMO_SPEC`)."""
+    if get(Key.DEMO_SPEC) is not None:
+        return get(Key.DEMO_SPEC)
     folder = os.environ.get(DEMO_DIR_ENV)
     if folder:
         from refineclip_core.loading.models import DEMO_MODEL_NAME
@@ -62,18 +62,18 @@ def start_demo_job() -> None:
 
     spec = demo_spec()
     loaded = resources.model(json.dumps(asdict(spec), sort_keys=True))
-    n = int(st.session_state.get("demo_n_per_group") or os.environ.get(DEMO_N_ENV) or DEMO_N_PER_GROUP)
-    st.session_state["demo_job"] = start_job(
+    n = int(get(Key.DEMO_N) or os.environ.get(DEMO_N_ENV) or DEMO_N_PER_GROUP)
+    put(Key.DEMO_JOB, start_job(
         "Preparing the embedded demo",
         lambda progress, cancelled: prepare_demo(loaded=loaded, progress=progress, cancel=cancelled, spec=spec,
-                                                 n_per_group=n))
+                                                 n_per_group=n)))
 
 
 def ensure_source() -> None:
     """With nothing loaded, open on the embedded demo (prepared automatically, with progress)."""
     if get_source() is not None:
         return
-    job = st.session_state.get("demo_job")
+    job = get(Key.DEMO_JOB)
     if job is None:
         spec = demo_spec()
         if not demo_available(spec):
@@ -83,10 +83,9 @@ def ensure_source() -> None:
         try:
             start_demo_job()
         except Exception as exc:
-            st.session_state["demo_job_failed"] = True
             show_exception(exc, "Loading the demo model")
             return
-        job = st.session_state["demo_job"]
+        job = get(Key.DEMO_JOB)
     if job.handled:
         return
     st.markdown("#### Welcome to RefineCLIP Studio")
@@ -118,6 +117,6 @@ def sidebar() -> None:
         head = inspect_head()
         if head is not None:
             st.caption(f"Inspecting head **{head}**")
-        heads = st.session_state.get("ablate_heads")
+        heads = ablate_heads()
         if heads:
-            st.caption("Head set: " + ", ".join(f"L{l}.H{h}" for l, h in heads))
+            st.caption("Head set: " + ", ".join(map(str, heads)))

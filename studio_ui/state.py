@@ -1,79 +1,136 @@
 """Per-browser-session state, kept only in ``st.session_state`` (never in module globals).
 
-Keys used across pages:
-
-* ``source``        the :class:`Source` every page works on (model + images + cache);
-* ``protocol``      the identification settings (pair, samples per class, seed, top-T);
-* ``inspect_head``  ``(layer, head)`` chosen on the Heads page for the Head inspector;
-* ``ablate_heads``  the head set handed from the Heads page to Ablate and Refine;
-* ``refine``        the last refinement outcome of this session;
-* ``job``           a running background job (extraction) of this session.
+Every key that code reads or writes is a :class:`Key` constant defined here, next to what it
+holds; pages go through the accessors below and never spell a key. A widget's own ``key=``
+stays with the widget unless other code reads it, in which case it is a :class:`Key` too.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Iterable
+
 import streamlit as st
 
-from refineclip_core.features.decomposition import HeadId, parse_heads
+from refineclip_core.features.decomposition import HeadId, HeadLike, parse_heads
 from refineclip_core.method.protocol import ProtocolConfig
 from refineclip_core.studio.source import Source
 
-#: Session keys that depend on the source; dropped when the source changes.
-DERIVED_KEYS = ("protocol", "inspect_head", "ablate_heads", "refine", "verify", "scan", "gradcam")
+
+class Key:
+    """Session-state keys, each defined once."""
+
+    SOURCE = "source"                     # the Source every page works on (model + images + cache)
+    PROTOCOL = "protocol"                 # the identification settings (a ProtocolConfig as a dict)
+    INSPECT_HEAD = "inspect_head"         # (layer, head) chosen on the Heads page for the Head inspector
+    ABLATE_HEADS = "ablate_heads"         # the head set handed from the Heads page to Ablate and Refine
+    TICKED = "abl_current"                # the heads ticked on the Ablate page ([layer, head] lists)
+    VERIFIED = "abl_verified"             # the last real-forward-pass check on the Ablate page
+    ERROR_PAIR = "err_pair"               # widget: the Errors page's pair choice
+    INSPECT_LAYER = "insp_layer"          # widget: the Head inspector's layer picker
+    INSPECT_PICK = "insp_head"            # widget: the Head inspector's head picker
+    INSPECT_SYNCED = "insp_synced"        # the head the inspector's pickers were last set to
+    GRADCAM = "insp_gradcam"              # the last Grad-CAM panels of the Head inspector
+    REFINE = "refine"                     # the last refinement run of this session (an EditRun)
+    REFINE_JOB = "ref_job"                # a running refinement (a Job)
+    DEMO_JOB = "demo_job"                 # the demo being prepared on the first visit (a Job)
+    LOAD_JOB = "load_job"                 # an extraction started on the Load page (a Job)
+    LOAD_SCAN = "load_scan"               # the images listed on the Load page (a ScannedImages)
+    LOAD_FRESH = "load_just_extracted"    # the Load page opens its data summary once after an extraction
+    DEMO_SPEC = "demo_spec"               # tests: a stand-in demo model (ModelSpec)
+    DEMO_N = "demo_n_per_group"           # tests: a smaller held-out demo sample
+    SESSION_FOLDER = "_session_folder"    # owner of this session's private temporary folder
+
+    @staticmethod
+    def toggle(head: HeadId) -> str:
+        """The Ablate page's checkbox of ``head``."""
+        return f"abl_{head.layer}_{head.head}"
+
+    @staticmethod
+    def score_map(index: int) -> str:
+        """The Heads page's score map number ``index`` (its click selection)."""
+        return f"grid_{index}"
+
+
+#: Keys that depend on the source; dropped when the source changes, with every key of the pages'
+#: widget namespaces below.
+DERIVED_KEYS = (Key.PROTOCOL, Key.INSPECT_HEAD, Key.ABLATE_HEADS, Key.REFINE)
 DERIVED_PREFIXES = ("abl_", "grid_", "insp_", "err_", "heads_", "ref_")
 
 
+def get(key: str, default: Any = None) -> Any:
+    return st.session_state.get(key, default)
+
+
+def put(key: str, value: Any) -> None:
+    st.session_state[key] = value
+
+
+def drop(*keys: str) -> None:
+    for key in keys:
+        st.session_state.pop(key, None)
+
+
+def drop_prefix(prefix: str) -> None:
+    for key in [k for k in st.session_state.keys() if str(k).startswith(prefix)]:
+        del st.session_state[key]
+
+
 def get_source() -> Source | None:
-    return st.session_state.get("source")
+    return get(Key.SOURCE)
 
 
 def set_source(source: Source) -> None:
     """Make ``source`` current and forget everything computed for the previous one."""
-    old = st.session_state.get("source")
-    st.session_state["source"] = source
+    old = get_source()
+    put(Key.SOURCE, source)
     if old is None or old.key != source.key:
-        for k in list(st.session_state.keys()):
-            if k in DERIVED_KEYS or any(str(k).startswith(p) for p in DERIVED_PREFIXES):
-                del st.session_state[k]
+        drop(*DERIVED_KEYS)
+        for prefix in DERIVED_PREFIXES:
+            drop_prefix(prefix)
 
 
 def protocol() -> ProtocolConfig:
     """The identification settings of this session (paper defaults until changed)."""
-    d = st.session_state.get("protocol")
+    d = get(Key.PROTOCOL)
     return ProtocolConfig(**d) if d else ProtocolConfig()
 
 
 def set_protocol(**changes) -> None:
-    current = protocol().to_dict()
-    current.update(changes)
-    st.session_state["protocol"] = current
-
-
-def pair_spec(true: int, pred: int, classes: list[str]) -> str:
-    """A ``TRUE:PRED`` string that :func:`refineclip_core.method.protocol.resolve_pairs` reads back
-    unambiguously (indices when a name contains ':' or looks like an index)."""
-    a, b = classes[true], classes[pred]
-    if any(":" in n or n.isdigit() for n in (a, b)):
-        return f"{true}:{pred}"
-    return f"{a}:{b}"
+    """Change the identification settings; a head set handed on for the old ones is dropped."""
+    put(Key.PROTOCOL, {**protocol().to_dict(), **changes})
+    drop(Key.ABLATE_HEADS)
 
 
 def inspect_head() -> HeadId | None:
-    h = st.session_state.get("inspect_head")
+    h = get(Key.INSPECT_HEAD)
     return HeadId.of(h) if h else None
 
 
 def set_inspect_head(head: HeadId) -> None:
-    st.session_state["inspect_head"] = (head.layer, head.head)
+    put(Key.INSPECT_HEAD, (head.layer, head.head))
 
 
 def ablate_heads() -> list[HeadId] | None:
-    heads = st.session_state.get("ablate_heads")
+    heads = get(Key.ABLATE_HEADS)
     return None if heads is None else parse_heads(heads)
 
 
-def set_ablate_heads(heads) -> None:
-    st.session_state["ablate_heads"] = [(h.layer, h.head) for h in heads]
+def set_ablate_heads(heads: Iterable[HeadLike]) -> None:
+    """Hand ``heads`` to Ablate and Refine: the Ablate page's ticks and the last refinement are reset."""
+    put(Key.ABLATE_HEADS, [(h.layer, h.head) for h in parse_heads(heads)])
+    drop_prefix("abl_")
+    drop(Key.REFINE)
+
+
+def ticked_heads() -> list[HeadId] | None:
+    """The heads last ticked on the Ablate page (None before its first visit)."""
+    heads = get(Key.TICKED)
+    return None if heads is None else parse_heads(heads)
+
+
+def set_ticked_heads(heads: Iterable[HeadId]) -> None:
+    put(Key.TICKED, [h.as_list() for h in heads])
 
 
 class _SessionFolder:
@@ -89,12 +146,10 @@ class _SessionFolder:
         weakref.finalize(self, cleanup_upload_dir, str(self.path))
 
 
-def session_dir():
+def session_dir() -> Path:
     """This browser session's private temporary folder (uploads, exported checkpoints)."""
-    from pathlib import Path
-
-    owner = st.session_state.get("_session_folder")
+    owner = get(Key.SESSION_FOLDER)
     if owner is None or not Path(owner.path).is_dir():
         owner = _SessionFolder()
-        st.session_state["_session_folder"] = owner
+        put(Key.SESSION_FOLDER, owner)
     return Path(owner.path)

@@ -20,19 +20,10 @@ from refineclip_core.studio.source import Source
 
 from . import resources
 from .jobs import Job, format_seconds
+from .registry import page
 from .state import get_source, protocol
 
 log = logging.getLogger("refineclip.studio")
-
-PAGES = {
-    "load": "pages/load.py",
-    "errors": "pages/errors.py",
-    "heads": "pages/heads.py",
-    "inspector": "pages/inspector.py",
-    "ablate": "pages/ablate.py",
-    "refine": "pages/refine.py",
-}
-
 
 def short_error(exc: BaseException) -> str:
     """One readable line for an unexpected exception (the traceback goes to the server log)."""
@@ -91,7 +82,7 @@ def require_ready() -> Ready:
     source = get_source()
     if source is None:
         st.info("No model and images are loaded yet. Choose them on the Load page.")
-        st.page_link(PAGES["load"], label="Go to Load", icon=":material/upload_file:")
+        link("load", "Go to Load")
         st.stop()
     cache = call(resources.feature_cache, source, what="Opening the feature cache")
     eng = call(resources.engine, source, cache, what="Preparing the ablation engine")
@@ -140,6 +131,12 @@ def follow_job(job: Job, title: str, cancel_key: str = "job_cancel",
         else:
             status.update(label=f"{job.name}: done in {format_seconds(job.elapsed())}", state="complete",
                           expanded=False)
+
+
+def link(name: str, label: str | None = None, where: Any = st) -> None:
+    """A link to page ``name`` of the registry (its title unless ``label`` is given)."""
+    p = page(name)
+    where.page_link(p.path, label=label or p.title, icon=p.icon)
 
 
 def image_grid(items: Sequence[tuple[str, str]], columns: int = 6, size: int = 144) -> None:

@@ -217,15 +217,16 @@ def test_refine_page_runs_compares_and_offers_downloads(app):
     at.button[0].click().run()  # "Run refinement" (the form's submit button)
     assert_clean(at)
     res = at.session_state["refine"]
-    methods = res["outcome"].report.reports
+    methods = res.outcome.report.reports
     assert {"zero-shot", "ablated", "refineclip-diag", "standard-finetune", "tip-adapter"} <= set(methods)
-    assert len(res["outcome"].refinement.history["total"]) == 30
+    assert len(res.outcome.refinement.history["total"]) == 30
     assert len(at.get("download_button")) == 3
-    ckpt = Path(res["checkpoint"])
+    ckpt = Path(res.checkpoint)
     assert ckpt.is_file() and ckpt.stat().st_size > 0
-    report = res["report"]
+    report = res.report
     json.loads(json.dumps(report, allow_nan=False))
-    assert report["heads"] == [h.as_list() for h in res["outcome"].heads]
+    assert report["heads"] == [h.as_list() for h in res.outcome.heads]
+    assert report["exported"] == "refineclip-diag" and report["checkpoint"]["file"] == ckpt.name
 
 
 def test_pages_without_data_point_to_load(home):
@@ -261,7 +262,7 @@ def test_load_folder_with_local_checkpoint_extracts_and_switches(home, demo_spec
     assert_clean(at)
     at.button(key="load_scan_btn").click().run()
     assert_clean(at)
-    assert at.session_state["load_scan"]["dataset"].classes == ["cat", "dog", "fish"]
+    assert at.session_state["load_scan"].dataset.classes == ["cat", "dog", "fish"]
     at.text_area(key="load_templates").input("a photo of a {}.\na blurry photo of a {}.").run()
     at.button(key="load_extract_btn").click().run()
     assert_clean(at)
@@ -310,8 +311,8 @@ def test_load_zip_upload_scans_and_refuses_unsafe_zips(home, demo_spec, tmp_path
     at.button(key="load_scan_btn").click().run()
     assert_clean(at)
     scanned = at.session_state["load_scan"]
-    assert scanned["dataset"].classes == ["blue", "red"] and len(scanned["dataset"]) == 6
-    assert any("macOS" in reason for _, reason in scanned["extra_skipped"])
+    assert scanned.dataset.classes == ["blue", "red"] and len(scanned.dataset) == 6
+    assert any("macOS" in reason for _, reason in scanned.extra_skipped)
 
     bad = io.BytesIO()
     with zipfile.ZipFile(bad, "w") as zf:
@@ -401,7 +402,8 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     outcome = run_refinement(cache, ident, RefineConfig(steps=20), baselines=True)
     from refineclip_core.reporting.run_report import build_run_report
 
-    report = build_run_report(cache, ident, make_engine(cache), outcome, checkpoint={"file": "x.safetensors"})
+    (tmp_path / "x.safetensors").write_bytes(b"weights")
+    report = build_run_report(cache, ident, make_engine(cache), outcome, checkpoint=tmp_path / "x.safetensors")
     text = json.dumps(report, allow_nan=False)
     back = json.loads(text)
     summary = method_summary(back["methods"])
@@ -455,3 +457,74 @@ def test_cancelled_extraction_job_keeps_shards_and_resumes(tiny_model_files, ima
                                                                             cancelled))
     again.wait(60)
     assert again.error is None and len(again.result) == len(dataset)
+
+
+def test_head_descriptions_follow_a_re_extraction_in_place(home, tiny_model_files, image_folder, tmp_path):
+    """The inspector's description cache is keyed by the cache's fingerprint: extracting other
+    images into the same folder shows the new images' description, never the old one."""
+    from dataclasses import replace
+
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.inspection.textspan import describe_heads
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.models import load_model
+    from refineclip_core.studio.source import Source
+    from studio_ui import resources
+
+    spec = ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
+                     model_config=str(tiny_model_files["config"]))
+    loaded, dataset, out = load_model(spec), load_dataset(image_folder), tmp_path / "cache"
+    cfg = ExtractionConfig(layers=2, batch_size=8)
+    extract(loaded, dataset, out, cfg)
+    src = Source(spec=spec, data_root=str(image_folder), cache_dir=str(out), label="tiny")
+    head = HeadId(2, 1)
+    first = resources.head_description(src, resources.feature_cache(src), head, 3)
+    extract(loaded, replace(dataset, records=dataset.records[::2]), out, cfg)  # same folder, other images
+    cache = resources.feature_cache(src)
+    assert len(cache) == len(dataset.records[::2])
+    second = resources.head_description(src, cache, head, 3)
+    texts, emb = resources.text_pool(src.spec_json)
+    expected = describe_heads(cache, [head], texts, emb, k=3)[0]
+    assert second.texts == expected.texts
+    assert second.total_variance == pytest.approx(expected.total_variance)
+    assert second.total_variance != pytest.approx(first.total_variance)
+
+
+def test_uploads_are_kept_once_by_content(tmp_path):
+    from refineclip_core.loading.uploads import save_upload, unpack_upload
+
+    a = save_upload(b"weights", "my model.pt", "ckpt", tmp_path)
+    assert a.read_bytes() == b"weights" and " " not in a.name
+    assert save_upload(b"weights", "my model.pt", "ckpt", tmp_path) == a
+    assert save_upload(b"other", "my model.pt", "ckpt", tmp_path) != a
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for cls in ("red", "blue"):
+            img = io.BytesIO()
+            make_image(np.random.default_rng(0), (200, 30, 30)).save(img, format="PNG")
+            zf.writestr(f"shapes/{cls}/0.png", img.getvalue())
+        zf.writestr("__MACOSX/shapes/._red", b"junk")
+    first = unpack_upload(buf.getvalue(), tmp_path)
+    stamp = (first.root / "red" / "0.png").stat().st_mtime_ns
+    again = unpack_upload(buf.getvalue(), tmp_path)  # the same bytes: the same folder, not unpacked again
+    assert again.root == first.root and again.skipped == first.skipped and first.skipped
+    assert (again.root / "red" / "0.png").stat().st_mtime_ns == stamp
+
+
+def test_browser_latency_results_never_rewrite_a_tracked_file(monkeypatch, tmp_path):
+    """tests/test_browser.py writes its latency section under test-artifacts/ (ignored by git) unless
+    REFINECLIP_BROWSER_RESULTS names another file; the committed benchmarks/RESULTS.md stays as it is."""
+    import subprocess
+
+    from . import test_browser
+
+    monkeypatch.delenv(test_browser.RESULTS_ENV, raising=False)
+    default = test_browser.results_path()
+    assert default.is_relative_to(ROOT / "test-artifacts")
+    assert subprocess.run(["git", "check-ignore", "-q", str(default)], cwd=ROOT).returncode == 0
+    committed = (ROOT / "benchmarks" / "RESULTS.md").read_bytes()
+    target = tmp_path / "latency.md"
+    monkeypatch.setenv(test_browser.RESULTS_ENV, str(target))
+    assert test_browser.write_results("## Browser latency\n\nnumbers\n") == target.resolve()
+    assert "numbers" in target.read_text() and test_browser.MARK_START in target.read_text()
+    assert (ROOT / "benchmarks" / "RESULTS.md").read_bytes() == committed

@@ -6,7 +6,9 @@ page, a click on a Heads score map that the Head inspector follows, head toggles
 page, a refinement run with its comparison and the merged-checkpoint download. Also: two
 browser sessions never see each other's head toggles, the server's memory stays flat over
 many Ablate reruns, and the latency of a head toggle and of a warm first load is measured and
-written to ``benchmarks/RESULTS.md`` (section ``browser``).
+written as a ``browser`` section to ``test-artifacts/browser/RESULTS.md``, or to the file named by
+``$REFINECLIP_BROWSER_RESULTS`` (``REFINECLIP_BROWSER_RESULTS=benchmarks/RESULTS.md pytest -m browser``
+refreshes the committed benchmark page; a plain test run never rewrites a tracked file).
 
 The demo model is the one in ``$REFINECLIP_DEMO_MODEL_DIR`` when set (a retrained demo), else
 the embedded ``assets/demo``, else the same quick stand-in as ``tests/test_app.py``; the held-out demo sample is small (4 images per group and
@@ -32,7 +34,8 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 ART = ROOT / "test-artifacts" / "browser"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+#: Where the latency section goes: ``test-artifacts/browser/RESULTS.md`` (ignored by git) unless this is set.
+RESULTS_ENV = "REFINECLIP_BROWSER_RESULTS"
 MARK_START, MARK_END = "<!-- browser:start -->", "<!-- browser:end -->"
 N_PER_GROUP = 4
 N_TOGGLES = 10
@@ -477,18 +480,26 @@ def machine_info(browser) -> str:
             f"Chromium {browser.version} (headless), Streamlit {streamlit.__version__}, Python {info['python']}")
 
 
-def write_results(section: str) -> None:
-    """Replace only the browser section of benchmarks/RESULTS.md (appended when missing)."""
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# RefineCLIP Studio benchmark results\n"
+def results_path() -> Path:
+    """The Markdown file the latency section is written to (see :data:`RESULTS_ENV`)."""
+    return Path(os.environ.get(RESULTS_ENV) or ART / "RESULTS.md").resolve()
+
+
+def write_results(section: str, path: Path | None = None) -> Path:
+    """Replace only the browser section of ``path`` (default :func:`results_path`; appended when missing)."""
+    path = path or results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# RefineCLIP Studio benchmark results\n"
     block = f"{MARK_START}\n{section.rstrip()}\n{MARK_END}"
     if MARK_START in text and MARK_END in text and text.index(MARK_START) < text.index(MARK_END):
         head, rest = text.split(MARK_START, 1)
         text = head + block + rest.split(MARK_END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = RESULTS.with_name(f".{RESULTS.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, path)
+    return path
 
 
 def _stats(xs: list[float]) -> tuple[float, float, float]:
@@ -549,7 +560,7 @@ def test_latency_toggle_and_warm_first_load(browser, server, arrays, story, perf
     section = f"""
 ## Browser latency (end to end)
 
-Written by `tests/test_browser.py::test_latency_toggle_and_warm_first_load` (`pytest -m browser`); do not edit by hand.
+Written by `tests/test_browser.py::test_latency_toggle_and_warm_first_load` (`REFINECLIP_BROWSER_RESULTS=benchmarks/RESULTS.md pytest -m browser`); do not edit by hand.
 
 _{now}; {machine_info(browser)}; {model}, {n} held-out demo images, {len(arrays.all_heads())} heads in scope_
 
@@ -569,7 +580,7 @@ _{now}; {machine_info(browser)}; {model}, {n} held-out demo images, {len(arrays.
   the demo cache is on disk and the server's resources are cached; timed to the first frame where "Findings at a
   glance" is visible (`performance.now()`, i.e. from navigation start).
 """
-    write_results(section)
+    print(f"latency section written to {write_results(section)}")
     print(section)
     # report-only targets; only very generous sanity bounds are asserted
     assert tog[0] < 5000, f"a head toggle took {tog[0]:.0f} ms (median) to show"

@@ -41,6 +41,10 @@ def test_waterbirds_layout(tmp_path):
     assert [r.group for r in ds.records] == ["landbird on land", "landbird on water", "waterbird on water",
                                              "waterbird on land"]
     assert [r.split for r in ds.records] == ["train", "test", "test", "val"]
+    # an uploaded CSV's layout is read from its header, as load_dataset does for metadata.csv
+    parsed = parse_metadata((tmp_path / "metadata.csv").read_text(), tmp_path)
+    assert parsed.layout == "waterbirds" and parsed.records == ds.records
+    assert parse_metadata("path,label\n001.Bird/0.jpg,x\n", tmp_path).layout == "csv"
 
 
 def test_csv_rows_escaping_the_root_or_missing_are_skipped(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from refineclip_core.demo.text_pool import build_text_pool, read_text_pool
+from refineclip_core.demo.text_pool import build_text_pool
 from refineclip_core.demo.train import (ClsMlpShare, MODEL_NAME, TARGET_GROUPS, TrainConfig, build_parser,
                                         config_from_args, main as train_main, zero_shot_metrics)
 from refineclip_core.demo.world import (
@@ -28,6 +28,7 @@ from refineclip_core.demo.world import (
     sample_world,
     write_world,
 )
+from refineclip_core.inspection.textspan import load_text_pool
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO / "assets" / "demo"
@@ -162,7 +163,7 @@ def test_text_pool() -> None:
         assert words[w] >= 3, w
     assert build_text_pool(0) == pool
     assert TEXT_POOL.is_file(), "assets/text_pool.txt is missing (python -m refineclip_core.demo.text_pool)"
-    assert read_text_pool(TEXT_POOL) == pool, "assets/text_pool.txt is stale; regenerate it"
+    assert load_text_pool(TEXT_POOL) == pool, "assets/text_pool.txt is stale; regenerate it"
 
 
 def _load_plain(folder: Path):

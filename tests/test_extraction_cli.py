@@ -158,6 +158,22 @@ def test_cli_reference_is_in_sync():
     assert committed == render()
 
 
+def test_documentation_links_stay_inside_the_repository():
+    """Every relative link and backticked path in the README and CONTRIBUTING names a file of this
+    repository (a fresh clone has nothing next to it)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for doc in ("README.md", "CONTRIBUTING.md"):
+        text = (root / doc).read_text()
+        targets = re.findall(r"\]\(([^)#:]+)\)", text)
+        for target in targets:
+            path = (root / target).resolve()
+            assert path.is_relative_to(root) and path.exists(), f"{doc} links to {target}"
+        assert "../" not in "".join(re.findall(r"`([^`]*)`", text)), f"{doc} names a path outside the repository"
+
+
 def test_new_class_names_or_templates_refresh_the_texts_of_a_complete_cache(tiny_model_files, image_folder, tmp_path):
     out = tmp_path / "cache"
     flags = [*_model_flags(tiny_model_files), "--data", image_folder, "--out", out]

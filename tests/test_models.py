@@ -120,3 +120,22 @@ def test_fingerprint_tracks_weights(tiny_model_files, tmp_path):
     b = _spec(tiny_model_files, checkpoint=str(tmp_path / "b.pt"))
     assert a.fingerprint() == _spec(tiny_model_files, checkpoint=str(tiny_model_files["checkpoint"])).fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_uploaded_configs_with_the_same_file_name_never_replace_each_other(tmp_path):
+    """open_clip's config registry is process-wide (every dashboard session shares it): two
+    users' different ``config.json`` files are registered under different names, so a model
+    built from the first one never gets the second one's architecture."""
+    from refineclip_core.loading.models import _register_config
+
+    narrow = write_config(tmp_path / "alice", "config", tiny_config(width=32, head_width=16))
+    wide = write_config(tmp_path / "bob", "config", tiny_config(width=64, head_width=16))
+    a = _register_config("config", str(narrow))
+    b = _register_config("config", str(wide))       # a second session registers before the first builds
+    assert a != b and a.startswith("config-") and _register_config("config", str(narrow)) == a
+    import open_clip
+
+    assert open_clip.create_model(a).visual.transformer.width == 32
+    assert open_clip.create_model(b).visual.transformer.width == 64
+    loaded = load_model(ModelSpec("config", model_config=str(narrow)))
+    assert loaded.visual.transformer.width == 32 and loaded.model_name == "config"

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..inspection.textspan import load_text_pool
+
 OBJECTS: tuple[str, ...] = (
     # the demo world
     "waterbird", "landbird", "bird", "star", "house", "car", "fish", "tree", "cup",
@@ -221,19 +223,13 @@ def write_text_pool(path: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def read_text_pool(path: str | Path) -> list[str]:
-    """Read a pool file: one description per line, blank lines and duplicates dropped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return list(dict.fromkeys(line.strip() for line in lines if line.strip()))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m refineclip_core.demo.text_pool", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="assets/text_pool.txt")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     out = write_text_pool(args.out, args.seed)
-    print(f"wrote {len(read_text_pool(out))} descriptions to {out}")
+    print(f"wrote {len(load_text_pool(out))} descriptions to {out}")
     return 0
 
 

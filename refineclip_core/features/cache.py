@@ -20,6 +20,7 @@ Arrays are memory-mapped on read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -53,7 +54,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
@@ -67,14 +68,6 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
 
 
 def array_digest(arr: np.ndarray) -> str:

@@ -27,6 +27,7 @@ their ``requires_grad`` flags and gradients, and its outputs are unchanged.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Sequence
 
@@ -37,6 +38,8 @@ from torch import nn
 
 from ..errors import RefineClipError
 from ..features.decomposition import HeadId, HeadLike, architecture_info, decompose_differentiable, parse_heads
+from ..features.extraction import load_batch
+from ..loading.data import ImageRecord, SkippedFile
 
 class ZeroShotClassifierModule(nn.Module):
     """``images -> logit_scale * cos(E', t_y)`` for every class ``y``: a classifier for Grad-CAM.
@@ -244,3 +247,36 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = 0.5) -> Image.Im
     base = np.asarray(rgb, dtype=np.float32) / 255.0
     out = show_cam_on_image(base, cam, use_rgb=True, image_weight=1.0 - float(alpha))
     return Image.fromarray(out, mode="RGB")
+
+
+@dataclass
+class GradcamPanel:
+    """One image of the head inspector's Grad-CAM comparison (paper Fig. 3)."""
+
+    row: int                 # the image's cache row
+    image: Image.Image       # the model input, enlarged
+    whole: Image.Image       # overlay: the whole model's map
+    head: Image.Image        # overlay: the head set's own map
+    whole_max: float         # largest value of each map (0: no region raises the logit)
+    head_max: float
+
+
+def gradcam_panels(loaded, records: Sequence[ImageRecord], rows: Sequence[int], target_class: int,
+                   text: np.ndarray, heads: Sequence[HeadLike], size: int = 192
+                   ) -> tuple[list[GradcamPanel], list[SkippedFile]]:
+    """Grad-CAM of ``target_class`` for the whole model and for ``heads`` alone on the images of
+    cache ``rows`` (``records`` are the cache's), decoded again from disk; images that cannot
+    be read any more are returned as skipped."""
+    batch, keep, skipped = load_batch(loaded, [records[r] for r in rows], 0)
+    if batch is None:
+        return [], skipped
+    whole = gradcam_maps(loaded, batch, int(target_class), text)
+    only = gradcam_maps(loaded, batch, int(target_class), text, heads=heads)
+    panels = []
+    for i in range(batch.shape[0]):
+        img = model_input_image(loaded, batch[i])
+        scale = max(1, size // img.width)
+        big = img.resize((img.width * scale, img.height * scale), Image.Resampling.BICUBIC)
+        panels.append(GradcamPanel(int(rows[keep[i]]), big, overlay(big, whole[i]), overlay(big, only[i]),
+                                   float(whole[i].max()), float(only[i].max())))
+    return panels, skipped

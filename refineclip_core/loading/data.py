@@ -180,11 +180,13 @@ def _is_image_name(name: str) -> bool:
 def detect_layout(root: Path) -> str:
     meta = root / METADATA_NAME
     if meta.is_file():
-        header = _read_csv_header(meta)
-        if {"img_filename", "y", "place"} <= set(header):
-            return "waterbirds"
-        return "csv"
+        return csv_layout(_read_csv_header(meta))
     return "folder"
+
+
+def csv_layout(header: Sequence[str]) -> str:
+    """``waterbirds`` for a WILDS header (``img_filename,y,split,place``), else ``csv``."""
+    return "waterbirds" if {"img_filename", "y", "place"} <= {h.strip() for h in header} else "csv"
 
 
 def _read_csv_header(path: Path) -> list[str]:
@@ -289,13 +291,14 @@ def _load_csv(root: Path, meta: Path, waterbirds: bool, columns: dict[str, str |
     return parse_metadata(text, root, waterbirds=waterbirds, source=str(meta), columns=columns)
 
 
-def parse_metadata(text: str, root: Path, waterbirds: bool = False, source: str = METADATA_NAME,
+def parse_metadata(text: str, root: Path, waterbirds: bool | None = None, source: str = METADATA_NAME,
                    columns: dict[str, str | None] | None = None) -> ImageDataset:
     """Parse ``metadata.csv`` text into a dataset (paths resolved below ``root``).
 
     Rows whose path escapes ``root``, is missing or has an empty label are skipped with a
     reason; a header without the needed columns raises :class:`DataError`. ``columns`` maps
     ``path``/``label``/``group``/``split`` to other column names (``None`` drops one).
+    ``waterbirds=None`` reads the layout from the header (:func:`csv_layout`).
     """
     col = {"path": "path", "label": "label", "group": "group", "split": "split"}
     col.update({k: v for k, v in (columns or {}).items() if k in col})
@@ -305,6 +308,8 @@ def parse_metadata(text: str, root: Path, waterbirds: bool = False, source: str 
     except csv.Error as exc:
         raise DataError(f"'{source}' is not valid CSV ({exc}).") from exc
     reader.fieldnames = header
+    if waterbirds is None:
+        waterbirds = csv_layout(header) == "waterbirds"
     need = ("img_filename", "y", "place") if waterbirds else (col["path"], col["label"])
     if not set(need) <= set(header):
         raise DataError(f"'{source}' needs columns {', '.join(need)}; found {', '.join(header) or 'no header'}.")

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -129,7 +130,11 @@ class LoadedModel:
 
 
 def _register_config(name: str, config_path: str) -> str:
-    """Make a config JSON known to open_clip under ``name`` and return that name."""
+    """Make a config JSON known to open_clip and return the name it is registered under.
+
+    open_clip's registry is shared by the whole process (every dashboard session), so the
+    name is ``<name>-<hash of the config>``: two different configs uploaded under the same file
+    name never replace each other, and the same config is registered once."""
     import open_clip
 
     path = Path(config_path)
@@ -145,16 +150,17 @@ def _register_config(name: str, config_path: str) -> str:
         )
     if "model_cfg" in cfg:  # hub-style open_clip_config.json
         cfg = cfg["model_cfg"]
+    text = json.dumps(cfg, indent=1, sort_keys=True)
+    registered = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
     registry_dir = Path(tempfile.gettempdir()) / "refineclip-model-configs"
     registry_dir.mkdir(parents=True, exist_ok=True)
-    target = registry_dir / f"{name}.json"
-    text = json.dumps(cfg, indent=1, sort_keys=True)
+    target = registry_dir / f"{registered}.json"  # open_clip registers a file under its stem
     if not target.exists() or target.read_text() != text:
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        with tempfile.NamedTemporaryFile("w", dir=registry_dir, suffix=".tmp", delete=False) as fh:
+            fh.write(text)
+        os.replace(fh.name, target)
     open_clip.add_model_config(target)
-    return name
+    return registered
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -241,14 +247,14 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     spec_r = spec.resolved()
-    name = spec_r.name
+    name = arch = spec_r.name  # arch: the name open_clip knows the architecture by
     if spec.name == DEMO_MODEL and not Path(spec_r.checkpoint).exists():
         raise CheckpointError(
             f"The embedded demo checkpoint '{spec_r.checkpoint}' is missing; run "
             "'python -m refineclip_core.demo.train --out assets/demo' to rebuild it."
         )
     if spec_r.model_config:
-        name = _register_config(name, spec_r.model_config)
+        arch = _register_config(name, spec_r.model_config)
     elif not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
         raise RefineClipError(
             f"Unknown model '{name}': not an open_clip architecture (see open_clip.list_models()) and no "
@@ -270,7 +276,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         # open_clip warns "initialized randomly" when no tag is given; our checkpoint is loaded next
         quiet = _quiet_root_logger() if spec_r.checkpoint else contextlib.nullcontext()
         with quiet:
-            model = open_clip.create_model(name, pretrained=pretrained, device="cpu", weights_only=True)
+            model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", weights_only=True)
     except Exception as exc:
         if pretrained:
             raise RefineClipError(
@@ -284,7 +290,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     dtype = _DTYPES[spec_r.precision]
     model = model.to(device=spec_r.device, dtype=dtype).eval().requires_grad_(False)
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = open_clip.get_tokenizer(arch)
     return LoadedModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, model_name=name)
 
 

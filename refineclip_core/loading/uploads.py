@@ -17,7 +17,9 @@ Nothing here imports Streamlit; the dashboard calls these functions.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -376,3 +378,31 @@ def allowed_path(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | N
     if not resolved.exists():
         raise DataError(f"'{text}' does not exist.")
     return resolved
+
+
+def save_upload(data: bytes, name: str, prefix: str, folder: str | os.PathLike) -> Path:
+    """Keep an uploaded file's bytes in ``folder`` under a content-addressed name
+    (``<prefix>-<sha256>-<name>``; the same upload is written once, atomically)."""
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    path = Path(folder) / f"{prefix}-{digest}-{Path(name).name.replace(' ', '_') or 'upload'}"
+    if not path.exists():
+        tmp = path.with_suffix(path.suffix + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
+
+
+def unpack_upload(data: bytes, folder: str | os.PathLike) -> ExtractedUpload:
+    """:func:`extract_zip` of an uploaded zip into ``folder/zip-<sha256>``, once: the same bytes
+    uploaded again reuse the folder (its outcome is remembered in ``zip-<sha256>.json``)."""
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    dest, record = Path(folder) / f"zip-{digest}", Path(folder) / f"zip-{digest}.json"
+    if record.is_file() and dest.is_dir():
+        info = json.loads(record.read_text())
+        return ExtractedUpload(Path(info["root"]), info["n_files"], [SkippedFile(**s) for s in info["skipped"]],
+                               info["total_bytes"], dest)
+    shutil.rmtree(dest, ignore_errors=True)  # an extraction that never recorded its outcome
+    res = extract_zip(data, dest)
+    record.write_text(json.dumps({"root": str(res.root), "n_files": res.n_files, "total_bytes": res.total_bytes,
+                                  "skipped": [{"path": s.path, "reason": s.reason} for s in res.skipped]}))
+    return res

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from ..features.decomposition import HeadId, direct_ablation_forward
+from ..features.extraction import load_batch
+from ..loading.data import ImageRecord
 from .evaluation import AccuracyReport, accuracy_report, rows_mask
 
 Mode = Literal["zero", "mean"]
@@ -176,3 +178,14 @@ def verify_ablation(loaded, images: torch.Tensor, engine: AblationEngine, rows: 
     rel = np.linalg.norm(real - cached, axis=1) / np.maximum(np.linalg.norm(real, axis=1), 1e-30)
     agree = bool(np.array_equal((real @ engine.text.T).argmax(1), engine.predict(heads, "zero", rows)))
     return VerificationResult(len(rows), float(rel.max()), agree)
+
+
+def verify_on_images(loaded, records: Sequence[ImageRecord], engine: AblationEngine, rows: Sequence[int],
+                     heads: Sequence[HeadId], max_images: int = 8) -> VerificationResult | None:
+    """:func:`verify_ablation` on the first ``max_images`` of ``rows`` (cache rows; ``records``
+    are the cache's), decoded again from disk; None when none of them can be read any more."""
+    rows = list(dict.fromkeys(int(r) for r in rows))[:max_images]
+    batch, keep, _ = load_batch(loaded, [records[r] for r in rows], 0)
+    if batch is None:
+        return None
+    return verify_ablation(loaded, batch, engine, np.asarray([rows[k] for k in keep]), heads)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .intervals import Estimate, binomial_interval, binomial_intervals
+from .intervals import Estimate, binomial_intervals, stratified_estimate
 
 
 @dataclass
@@ -30,6 +30,7 @@ class AccuracyReport:
     #: 95% interval of each per-class / per-group accuracy, keyed like ``counts``
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     accuracy_interval: tuple[float, float] | None = None
+    average_group_interval: tuple[float, float] | None = None   # stratified bootstrap over groups
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +46,13 @@ class AccuracyReport:
 
     def of_group(self, name: str) -> Estimate | None:
         return self._estimate(self.per_group.get(name), f"group:{name}")
+
+    def average(self) -> Estimate | None:
+        """Average-group accuracy (unweighted mean over groups) with its bootstrap interval."""
+        if self.average_group is None or self.average_group_interval is None:
+            return None
+        n = sum(v for k, v in self.counts.items() if k.startswith("group:"))
+        return Estimate(self.average_group, *self.average_group_interval, n)
 
     def worst(self) -> Estimate | None:
         """The worst group's accuracy (the interval is that group's own)."""
@@ -94,6 +102,7 @@ def accuracy_report(
             counts[name] = int(sel.sum())
             hits[name] = int(correct[sel].sum())
     per_group: dict[str, float] = {}
+    average_interval = None
     if groups is not None:
         groups = np.asarray(groups)
         for g, name in enumerate(group_names):
@@ -102,9 +111,14 @@ def accuracy_report(
                 per_group[name] = float(correct[sel].mean())
                 counts[f"group:{name}"] = int(sel.sum())
                 hits[f"group:{name}"] = int(correct[sel].sum())
+        in_group = mask & (groups >= 0)
+        if per_group:
+            avg = stratified_estimate(correct[in_group], groups[in_group], "average")
+            average_interval = (avg.low, avg.high)
     worst_name = min(per_group, key=per_group.get) if per_group else None
-    keys = list(hits)
-    low, high = binomial_intervals(np.array([hits[k] for k in keys]), np.array([counts[k] for k in keys]))
+    keys = list(hits)   # one vectorised call: every class, every group, then the overall accuracy
+    low, high = binomial_intervals(np.array([hits[k] for k in keys] + [int(correct.sum())]),
+                                   np.array([counts[k] for k in keys] + [n]))
     intervals = {k: (float(lo), float(hi)) for k, lo, hi in zip(keys, low, high)}
     return AccuracyReport(
         n_images=n,
@@ -116,7 +130,8 @@ def accuracy_report(
         worst_group_name=worst_name,
         counts=counts,
         intervals=intervals,
-        accuracy_interval=binomial_interval(int(correct.sum()), n) if n else None,
+        accuracy_interval=(float(low[-1]), float(high[-1])) if n else None,
+        average_group_interval=average_interval,
     )
 
 

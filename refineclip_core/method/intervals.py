@@ -24,7 +24,7 @@ import numpy as np
 LEVEL = 0.95
 """Confidence level of every interval the project reports."""
 
-Statistic = Literal["accuracy", "worst"]
+Statistic = Literal["accuracy", "worst", "average"]
 
 
 @dataclass(frozen=True)
@@ -76,10 +76,33 @@ def accuracy_estimate(correct: np.ndarray, level: float = LEVEL) -> Estimate:
 
 
 def _stat(per_stratum_acc: np.ndarray, sizes: np.ndarray, statistic: Statistic) -> np.ndarray:
-    """``(..., S)`` per-stratum accuracies -> the statistic over strata ``(...)``."""
+    """``(..., S)`` per-stratum accuracies -> the statistic over strata ``(...)``: the lowest
+    (``worst``), the unweighted mean (``average``, e.g. average-group accuracy) or the
+    image-weighted mean (``accuracy``)."""
     if statistic == "worst":
         return per_stratum_acc.min(-1)
+    if statistic == "average":
+        return per_stratum_acc.mean(-1)
     return (per_stratum_acc * sizes).sum(-1) / sizes.sum()
+
+
+def stratified_estimate(correct: np.ndarray, strata: np.ndarray, statistic: Statistic = "average",
+                        n_boot: int = 2000, seed: int = 0, level: float = LEVEL) -> Estimate:
+    """A statistic of one model's per-stratum accuracies (e.g. average-group accuracy) with a
+    percentile interval from a stratified bootstrap (a resampled stratum's accuracy is
+    Binomial(n_s, acc_s) / n_s)."""
+    correct, strata = np.asarray(correct, dtype=bool), np.asarray(strata)
+    if correct.size == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    members = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    sizes = np.array([len(m) for m in members], dtype=np.float64)
+    acc = np.array([correct[m].mean() for m in members])
+    rng = np.random.default_rng(seed)
+    boot = rng.binomial(sizes.astype(np.int64)[None, :], acc[None, :], size=(n_boot, len(members))) / sizes
+    stats = _stat(boot, sizes, statistic)
+    a = (1.0 - level) / 2.0
+    low, high = np.quantile(stats, [a, 1.0 - a])
+    return Estimate(float(_stat(acc, sizes, statistic)), float(low), float(high), int(correct.size))
 
 
 def paired_change(before: np.ndarray, after: np.ndarray, strata: np.ndarray | None = None,

@@ -159,6 +159,15 @@ def resolve_pairs(spec: str, pairs_ranked: list[ErrorPair], classes: list[str]) 
     return out
 
 
+def pair_spec(true: int, pred: int, classes: list[str]) -> str:
+    """The ``TRUE:PRED`` text of one pair that :func:`resolve_pairs` reads back unambiguously
+    (class names, or indices when a name contains ':' or looks like an index)."""
+    a, b = classes[true], classes[pred]
+    if any(":" in n or n.isdigit() for n in (a, b)):
+        return f"{true}:{pred}"
+    return f"{a}:{b}"
+
+
 def make_engine(cache: FeatureCache) -> AblationEngine:
     return AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
 
@@ -362,7 +371,9 @@ def assess_edit(cache: FeatureCache, ident: Identification, before: np.ndarray, 
 
 @dataclass
 class RefineOutcome:
-    """Phase 2's outcome: every fitted map by method name, which one is exported, and the comparison."""
+    """Phase 2's outcome: every fitted map by method name (``results``), every compared method as
+    data (``report``: name → predictions and accuracies), which one an exported checkpoint carries
+    (``exported``; its map is ``refinement.refined``) and the guard's ``verdict`` on it."""
 
     identification: Identification
     results: dict[str, RefinementResult]     # method name -> fitted map (exported, paper phase 2, fine-tune)
@@ -370,6 +381,7 @@ class RefineOutcome:
     report: MethodReport
     heads: list[HeadId]
     verdict: EditVerdict
+    config: EditConfig = DEFAULT_EDIT
 
     @property
     def refinement(self) -> RefinementResult:
@@ -426,5 +438,5 @@ def run_refinement(cache: FeatureCache, ident: Identification, cfg: EditConfig =
         preds["tip-adapter"] = tip.predict(cache.embeddings)
     exported = cfg.exported
     verdict = assess_edit(cache, ident, preds["zero-shot"], preds[exported], exported, seed=ident.config.seed)
-    return RefineOutcome(ident, results, exported, evaluate_methods(cache, ident, preds), heads, verdict)
+    return RefineOutcome(ident, results, exported, evaluate_methods(cache, ident, preds), heads, verdict, cfg)
 

@@ -151,3 +151,22 @@ def compute_scores(
         note = "" if len(sets_rows[repl]) else f"set {repl} is empty: zero replacement feature used"
         out[name] = HeadScores(name, values.reshape(Ls, H), layers, desc, reason=note)
     return out
+
+
+def head_push(embeddings: np.ndarray, head_outputs: np.ndarray, text: np.ndarray, true: int, wrong: int,
+              similarity: Similarity = "cosine") -> np.ndarray:
+    """How hard one head pushes each image toward ``wrong`` rather than ``true``:
+    ``Δ(x, y_true, 0) − Δ(x, y_wrong, 0)`` of Eq. (6) with a zero replacement, i.e. how much
+    removing the head (Eq. 5) moves ``x`` toward ``true`` rather than ``wrong``. Positive: the
+    head pushes toward ``wrong``.
+
+    Args:
+        embeddings: ``(n, d)`` E of the images; head_outputs: ``(n, d)`` the head's ``c_h``;
+        text: ``(C, d)`` normalised class texts. Returns ``(n,)``.
+    """
+    c = np.asarray(head_outputs)[:, None, :]
+    E = np.asarray(embeddings)
+    zero = np.zeros((1, c.shape[-1]))
+    t_true = np.repeat(np.asarray(text)[true][None], len(E), 0).astype(np.float64)
+    t_wrong = np.repeat(np.asarray(text)[wrong][None], len(E), 0).astype(np.float64)
+    return (delta(E, c, zero, t_true, similarity) - delta(E, c, zero, t_wrong, similarity))[:, 0]

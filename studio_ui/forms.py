@@ -1,0 +1,112 @@
+"""The Load page's input forms: which model (a ModelSpec and a layer scope) and which images.
+
+Widgets only: uploads are kept by :func:`refineclip_core.loading.uploads.save_upload` in the
+session's private folder, typed paths are checked by :func:`~refineclip_core.loading.uploads.allowed_path`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from refineclip_core.loading.models import ModelSpec
+from refineclip_core.loading.uploads import allowed_path, default_allowed_roots, save_upload
+from refineclip_core.studio.images import ImagesKind
+
+from . import resources
+from .state import session_dir
+
+MODEL_KINDS = ("Embedded demo model", "open_clip architecture + pretrained tag", "Local checkpoint")
+DATA_KINDS = ("Held-out demo images", "Folder on the server", "Zip upload")
+CUSTOM_CONFIG = "(custom config JSON)"
+
+
+@dataclass(frozen=True)
+class ImagesChoice:
+    """What the images form asks :func:`refineclip_core.studio.images.scan_images` for."""
+
+    kind: ImagesKind
+    folder: str | None = None
+    zip_data: bytes | None = None
+    zip_name: str = "upload.zip"
+    metadata: tuple[str, bytes] | None = None
+
+
+def _kept(upload, prefix: str) -> str | None:
+    return None if upload is None else str(save_upload(upload.getvalue(), upload.name, prefix, session_dir()))
+
+
+def model_form() -> tuple[ModelSpec | None, str | int]:
+    """The chosen model (None until complete) and the layer scope of the scored heads."""
+    kind = st.radio("Model", MODEL_KINDS, key="load_model_kind", horizontal=True)
+    with st.expander("Precision, device and layers", expanded=False):
+        c = st.columns(3)
+        precision = c[0].selectbox("Precision", ["fp32", "fp64"], key="load_precision",
+                                   help="fp32 keeps the decomposition exact to ~1e-6; fp64 to ~1e-12 (slower).")
+        import torch
+
+        device = c[1].selectbox("Device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []), key="load_device")
+        all_layers = c[2].checkbox("Score heads of all layers", key="load_all_layers",
+                                   help="The paper scores the heads of the last 4 layers.")
+        k = c[2].number_input("…or of the last K layers", 1, 64, 4, key="load_layers", disabled=all_layers)
+    layers: str | int = "all" if all_layers else int(k)
+    if kind == MODEL_KINDS[0]:
+        return ModelSpec("demo", device=device, precision=precision), layers
+    archs = resources.open_clip_models()
+    default = archs.index("ViT-B-16") if "ViT-B-16" in archs else 0
+    if kind == MODEL_KINDS[1]:
+        c = st.columns(2)
+        name = c[0].selectbox("open_clip architecture", archs, key="load_arch", index=default)
+        tag = c[1].text_input("Pretrained tag", "openai", key="load_tag",
+                              help="open_clip downloads these weights on first use (needs internet access).")
+        return ModelSpec(name, pretrained=tag.strip() or None, device=device, precision=precision), layers
+    c = st.columns(2)
+    with c[0]:
+        if st.radio("Checkpoint", ["Upload", "Path on the server"], key="load_ckpt_where", horizontal=True) == "Upload":
+            ckpt = _kept(st.file_uploader("Checkpoint (.pt, .bin, .safetensors)", key="load_ckpt_upload",
+                                          type=["pt", "pth", "bin", "safetensors"]), "ckpt")
+        else:
+            text = st.text_input("Checkpoint path", key="load_ckpt_path")
+            ckpt = str(allowed_path(text)) if text.strip() else None
+    with c[1]:
+        arch = st.selectbox("Architecture", [CUSTOM_CONFIG, *archs], key="load_ckpt_arch",
+                            index=1 + default if "ViT-B-16" in archs else 0)
+        config, name = None, arch
+        if arch == CUSTOM_CONFIG:
+            where = st.radio("Config JSON", ["Upload", "Path on the server"], key="load_cfg_where", horizontal=True)
+            if where == "Upload":
+                up = st.file_uploader("open_clip model config (.json)", type=["json"], key="load_cfg_upload")
+                config, name = _kept(up, "config"), Path(up.name).stem if up is not None else ""
+            else:
+                text = st.text_input("Config path", key="load_cfg_path")
+                config = str(allowed_path(text)) if text.strip() else None
+                name = Path(text).stem if text.strip() else ""
+    if not ckpt:
+        st.info("Give a checkpoint file to continue.")
+        return None, layers
+    if arch == CUSTOM_CONFIG and not config:
+        st.info("Give the model's config JSON (or pick an open_clip architecture).")
+        return None, layers
+    return ModelSpec(name, checkpoint=ckpt, model_config=config, device=device, precision=precision), layers
+
+
+def images_form() -> ImagesChoice | None:
+    """The chosen images (None until complete)."""
+    kind = st.radio("Images", DATA_KINDS, key="load_data_kind", horizontal=True)
+    if kind == DATA_KINDS[0]:
+        return ImagesChoice("demo")
+    if kind == DATA_KINDS[1]:
+        roots = ", ".join(str(r) for r in default_allowed_roots())
+        folder = st.text_input("Folder with class sub-folders or a metadata.csv", key="load_folder",
+                               help=f"Must lie below one of: {roots} (set REFINECLIP_ALLOWED_ROOTS to change).")
+        choice = ImagesChoice("folder", folder=folder) if folder.strip() else None
+    else:
+        up = st.file_uploader("Zip of class folders or of images + metadata.csv", type=["zip"], key="load_zip")
+        choice = ImagesChoice("zip", zip_data=up.getvalue(), zip_name=up.name) if up is not None else None
+    meta = st.file_uploader("Optional metadata CSV (path,label[,group,split] or WILDS img_filename,y,split,place; "
+                            "paths relative to the folder)", type=["csv"], key="load_meta")
+    if choice is not None and meta is not None:
+        return ImagesChoice(choice.kind, choice.folder, choice.zip_data, choice.zip_name, (meta.name, meta.getvalue()))
+    return choice
