@@ -74,7 +74,8 @@ def live_losses(job: Job):
 
 job = get(Key.REFINE_JOB)
 if job is not None and not job.handled:
-    follow_job(job, "Refining on the cached embeddings", cancel_key="ref_cancel", live=live_losses)
+    follow_job(job, "Refining on the cached embeddings", cancel_key="ref_cancel", live=live_losses,
+               done="Refined in {elapsed}")
     job.handled = True
     if isinstance(job.error, Cancelled):
         st.info(f"{job.error} Nothing was exported; run it again when ready.")

@@ -90,13 +90,14 @@ def require_ready() -> Ready:
 
 
 def follow_job(job: Job, title: str, cancel_key: str = "job_cancel",
-               live: Callable[[Job], Any] | None = None) -> None:
+               live: Callable[[Job], Any] | None = None, done: str | None = None) -> None:
     """Draw a running job's progress (stage, bar, counts, ETA) until it finishes.
 
     The Cancel button is drawn first so it can be clicked while the loop runs: the click
     reruns the page, which calls ``job.cancel()`` here and keeps following until the
     worker has stopped at its next unit of work. ``live(job)`` returns a Plotly figure of the
-    job's :attr:`~studio_ui.jobs.Job.series` (or None), redrawn whenever new values arrive.
+    job's :attr:`~studio_ui.jobs.Job.series` (or None), redrawn whenever new values arrive;
+    ``done`` labels the finished job (``{elapsed}`` is filled in).
     """
     slot = st.empty()
     if not job.finished and not job.cancel_requested:
@@ -129,8 +130,9 @@ def follow_job(job: Job, title: str, cancel_key: str = "job_cancel",
         elif job.error is not None:
             status.update(label=f"{job.name}: stopped", state="error", expanded=True)
         else:
-            status.update(label=f"{job.name}: done in {format_seconds(job.elapsed())}", state="complete",
-                          expanded=False)
+            elapsed = format_seconds(job.elapsed())
+            status.update(label=done.format(elapsed=elapsed) if done else f"{job.name}: done in {elapsed}",
+                          state="complete", expanded=False)
 
 
 def link(name: str, label: str | None = None, where: Any = st) -> None:
