@@ -124,18 +124,22 @@ def consensus_ranking(scores: dict[str, HeadScores]) -> list[HeadId]:
 def select_consensus(engine: AblationEngine, scores: dict[str, HeadScores], rows: np.ndarray, labels: np.ndarray,
                      top_t: int = 15) -> Selection:
     """The consensus ranking's best prefix (up to ``top_t`` heads) by utility over ``rows``; no head
-    when no prefix has a larger utility than removing nothing."""
+    when no prefix has a larger utility than removing nothing. The returned curves and candidate
+    lists hold every score's own (as Alg. 1 would see them) besides the consensus one."""
+    per_score = select_heads(engine, scores, rows, labels, top_t)
     rows = np.asarray(rows, dtype=np.int64)
     engine, labels, rows = engine.subset(rows), np.asarray(labels)[rows], np.arange(len(rows))
-    unavailable = {name: s.reason for name, s in scores.items() if not s.available}
     ranked = consensus_ranking(scores)[: max(1, top_t)]
-    base = utility(engine, [], rows, labels)
+    base = per_score.baseline_utility
     curve = [utility(engine, ranked[:t], rows, labels) for t in range(1, len(ranked) + 1)]
     best_t, best_u = 0, base
     for t, u in enumerate(curve, start=1):
         if np.isfinite(u) and u > best_u:
             best_t, best_u = t, u
-    curves, candidates = ({CONSENSUS: curve}, {CONSENSUS: ranked}) if ranked else ({}, {})
+    curves, candidates = dict(per_score.curves), dict(per_score.candidates)
+    if ranked:
+        curves, candidates = {CONSENSUS: curve, **curves}, {CONSENSUS: ranked, **candidates}
     if best_t == 0:
-        return Selection(curves, candidates, base, None, 0, [], base, unavailable)
-    return Selection(curves, candidates, base, CONSENSUS, best_t, ranked[:best_t], float(best_u), unavailable)
+        return Selection(curves, candidates, base, None, 0, [], base, per_score.unavailable)
+    return Selection(curves, candidates, base, CONSENSUS, best_t, ranked[:best_t], float(best_u),
+                     per_score.unavailable)

@@ -22,6 +22,7 @@ from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
 from ..method.ablation import AblationEngine
 from ..method.errorsets import error_pairs
+from ..method.evaluation import AccuracyReport
 from ..method.intervals import Estimate
 from ..method.protocol import Identification, evaluate_methods
 
@@ -152,6 +153,18 @@ def per_key_table(methods: Mapping[str, Any], key: str) -> dict[str, dict[str, d
     return out
 
 
+def accuracy_rows(report: AccuracyReport, by: str) -> list[dict]:
+    """One row per class (``by="class"``) or group (``"group"``) of a report: ``{name, value, low,
+    high, n}`` — the accuracy with its 95% interval and image count."""
+    names = report.per_class if by == "class" else report.per_group
+    out = []
+    for name in names:
+        est = report.of_class(name) if by == "class" else report.of_group(name)
+        if est is not None:
+            out.append({"name": name, **est.to_dict()})
+    return out
+
+
 def cell_value(cell: Cell | float | None) -> float | None:
     """The accuracy of a cell (or a plain number)."""
     if cell is None or isinstance(cell, (int, float)):
@@ -159,8 +172,14 @@ def cell_value(cell: Cell | float | None) -> float | None:
     return cell.get("value")
 
 
+def cell_estimate(cell: Cell | None) -> Estimate | None:
+    """A cell back as an :class:`~refineclip_core.method.intervals.Estimate` (None when missing)."""
+    if cell is None or cell.get("value") is None:
+        return None
+    return Estimate(**{k: cell[k] for k in ("value", "low", "high", "n")})
+
+
 def format_cell(cell: Cell | None, digits: int = 1) -> str:
     """``"67.2% [61.0, 73.0] (n=250)"``, or ``"–"`` for a missing accuracy."""
-    if cell is None or cell.get("value") is None:
-        return "–"
-    return Estimate(**{k: cell[k] for k in ("value", "low", "high", "n")}).format(digits=digits)
+    est = cell_estimate(cell)
+    return "–" if est is None else est.format(digits=digits)
