@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = load_text_pool(ROOT / "assets" / "text_pool.txt")
         pool_emb = encode_text_pool(loaded, pool, work)
     draws: list[Draw] = []
+    used: dict[str, dict] = {}        # the protocol and edit the draws really ran (seed aside), for the record
     extras: dict[str, list[tuple]] = defaultdict(list)
     overlaps: list[int] = []
     steps = sorted(set(args.figure_steps))
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             ident = identify(cache, replace(DEFAULT_PROTOCOL, seed=s), engine)
             edit = replace(DEFAULT_EDIT, fit=replace(DEFAULT_EDIT.fit, seed=s), paper=replace(DEFAULT_EDIT.paper, seed=s))
             out = run_refinement(cache, ident, edit, engine=engine, baselines=True)
+            used = {"protocol": {**ident.config.to_dict(), "seed": None}, "edit": out.config.to_dict()}
+            for part in ("fit", "paper"):
+                used["edit"][part]["seed"] = None
             metrics = metrics_fn(cache, ident)
             m = {k: metrics(p) for k, p in out.report.predictions.items()}
             paper_ident = identify(cache, replace(PAPER_PROTOCOL, seed=s), engine)
@@ -214,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"exported {100 * m[EXPORTED][0]:.1f}; heads {', '.join(draws[-1].heads['default'])}",
                   file=sys.stderr, flush=True)
     body = report(args, draws, extras, overlaps, sizes, model_dir, time.time() - t0)
+    body += ("\n<details><summary>Settings every draw used (the shared defaults; seeds vary)</summary>\n\n"
+             f"```json\n{json.dumps(used, indent=1)}\n```\n</details>\n")
     if not args.no_extras:
         figure = Path(args.out).with_name("demo_locality.svg")
         figure.write_text(locality_svg(steps, curves, len(args.sample_seeds)))

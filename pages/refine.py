@@ -6,12 +6,10 @@ import pandas as pd
 import streamlit as st
 
 from refineclip_core.errors import Cancelled
-from refineclip_core.method.edit import FitConfig
-from refineclip_core.method.protocol import DEFAULT_EDIT, EditConfig
-from refineclip_core.method.refinement import RefineConfig
 from refineclip_core.reporting.figures import accuracy_bars_figure, loss_figure
 from refineclip_core.reporting.findings import cell_estimate, format_cell, method_summary, per_key_table
 from refineclip_core.reporting.run_report import EditRun, render_html, report_json, run_edit
+from studio_ui.forms import edit_form
 from studio_ui.jobs import Job, start_job
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, ticked_heads
@@ -28,6 +26,11 @@ ready = require_ready()
 src, cache, eng = ready.source, ready.cache, ready.engine
 ident = ready.ident()
 classes = cache.classes
+last: EditRun | None = get(Key.REFINE)
+if last is not None:  # the guard first: is the last edit better than zero-shot on held-out images?
+    v = last.outcome.verdict
+    (st.success if v.ok and not v.cautions else st.warning if v.ok else st.error)(
+        f"**{last.outcome.exported}** — {v.summary()}", icon=":material/verified:" if v.ok else ":material/dangerous:")
 
 # --- which heads -----------------------------------------------------------------------------------
 options = {"The protocol's choice": list(ident.heads), "Set from the Heads page": ablate_heads(),
@@ -47,30 +50,9 @@ if not heads:
                "Ablate page.")
 
 # --- settings and the run (a background job: live loss curves, cancellable) ------------------------
-fit_d, paper_d = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper
-with st.form("ref_form"):
-    method = st.radio("Exported edit", ["fit", "paper"], horizontal=True, key="ref_method",
-                      index=["fit", "paper"].index(DEFAULT_EDIT.method),
-                      format_func=lambda m: {"fit": "RefineCLIP-fit (default)", "paper": "the paper's phase 2"}[m])
-    c = st.columns(4)
-    ridge = c[0].number_input("Ridge (fit)", 0.0, 10.0, fit_d.ridge, format="%g", key="ref_ridge")
-    fit_steps = c[0].number_input("KL steps (fit)", 0, 20_000, fit_d.steps, step=50, key="ref_fit_steps")
-    strategy = c[1].radio("Map (paper)", ["diag", "full", "lora"], key="ref_strategy", horizontal=True,
-                          help="diag: θ ∈ R^d (the paper); full: a d×d matrix; lora: identity + rank-r update.")
-    rank = c[1].number_input("LoRA rank", 1, 256, paper_d.rank, key="ref_rank")
-    alpha = c[2].number_input("α (paper)", 0.0, 1e7, paper_d.alpha, step=1000.0, format="%g", key="ref_alpha")
-    beta = c[2].number_input("β (paper)", 0.0, 1e7, paper_d.beta, step=10.0, format="%g", key="ref_beta")
-    steps = c[2].number_input("Steps (paper)", 1, 20_000, paper_d.steps, step=100, key="ref_steps")
-    seed = c[3].number_input("Seed", 0, 1_000_000, protocol().seed, key="ref_seed")
-    baselines = c[3].checkbox("Baselines", True, key="ref_baselines",
-                              help="Also run the other kind of edit, standard fine-tuning (cross-entropy only) and "
-                                   "a Tip-Adapter cache, for comparison.")
-    run = st.form_submit_button("Run phase 2", type="primary", disabled=not heads)
-
-if run:
-    cfg = EditConfig(method, FitConfig(ridge=float(ridge), steps=int(fit_steps), lr=fit_d.lr, seed=int(seed)),
-                     RefineConfig(strategy=strategy, alpha=float(alpha), beta=float(beta), steps=int(steps),
-                                  lr=paper_d.lr, seed=int(seed), rank=int(rank)))
+submitted = edit_form(seed=protocol().seed, disabled=not heads)
+if submitted is not None:
+    cfg, baselines = submitted
     loaded, out = ready.loaded(), session_dir() / f"{cfg.exported}.safetensors"
     put(Key.REFINE_JOB, start_job(f"Fitting {cfg.exported}", lambda progress, cancelled: run_edit(
         cache, ident, eng, cfg, heads, spec=src.spec, export_to=out, loaded=loaded, data_root=src.data_root,
@@ -94,6 +76,7 @@ if job is not None and not job.handled:
         show_exception(job.error, "Refinement")
     else:
         put(Key.REFINE, job.result)
+        st.rerun()  # draw the new verdict at the top of the page
 
 res: EditRun | None = get(Key.REFINE)
 if res is None:
@@ -104,11 +87,8 @@ if res.outcome.identification.config != ident.config or res.outcome.heads != hea
     st.warning("These results were computed for another pair, sample or head set; run the refinement again to "
                "update them.")
 
-# --- results: the guard first, then every compared method with its 95% interval ----------------------
+# --- results: every compared method with its 95% interval (the guard's verdict is at the top) --------
 verdict = res.outcome.verdict
-(st.success if verdict.ok and not verdict.cautions else st.warning if verdict.ok else st.error)(
-    f"**{res.outcome.exported}** — {verdict.summary()}",
-    icon=":material/verified:" if verdict.ok else ":material/dangerous:")
 methods = res.outcome.report.to_dict()
 summary = method_summary(methods)
 st.subheader("Results on held-out images")

@@ -248,6 +248,24 @@ def test_refine_page_runs_compares_and_offers_downloads(app):
     assert report["verdict"]["summary"] == verdict.summary() and n_eval == report["n_eval"]
 
 
+def test_dashboard_uses_the_shared_defaults(app):
+    """One set of defaults: the session's protocol and the Refine form start at DEFAULT_PROTOCOL and
+    DEFAULT_EDIT (the CLI's and the benchmark's are checked in test_edit / test_demo_world)."""
+    from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL
+
+    at = open_page(app, "refine")
+    proto = at.session_state["protocol"] if "protocol" in at.session_state else None
+    assert proto is None or proto == DEFAULT_PROTOCOL.to_dict()
+    fit, paper = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper
+    assert at.radio(key="ref_method").value == DEFAULT_EDIT.method
+    assert at.number_input(key="ref_ridge").value == fit.ridge
+    assert at.number_input(key="ref_fit_steps").value == fit.steps
+    assert at.radio(key="ref_strategy").value == paper.strategy
+    assert (at.number_input(key="ref_alpha").value, at.number_input(key="ref_beta").value,
+            at.number_input(key="ref_steps").value, at.number_input(key="ref_rank").value) == \
+        (paper.alpha, paper.beta, paper.steps, paper.rank)
+
+
 def test_pages_without_data_point_to_load(home):
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.session_state["demo_spec"] = ModelSpec("demo", checkpoint=str(home / "missing.safetensors"),

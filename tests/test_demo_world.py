@@ -305,6 +305,14 @@ def test_demo_benchmark_runs_on_a_retrained_model(tmp_path: Path) -> None:
                 "standard fine-tuning (CE only)", "paper-faithful: Alg. 1 + zero ablation + diag θ (Eq. 13)",
                 "ablate: DE_A alone (zero)"):
         assert f"| {row} |" in text, row
+    # one set of defaults: the settings the benchmark ran are exactly the CLI's and the dashboard's
+    from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL
+    used = json.loads(text.split("```json\n", 1)[1].split("\n```", 1)[0])
+    assert used["protocol"] == {**DEFAULT_PROTOCOL.to_dict(), "seed": None}
+    expected_edit = DEFAULT_EDIT.to_dict()
+    for part in ("fit", "paper"):
+        expected_edit[part]["seed"] = None
+    assert used["edit"] == expected_edit
     # every headline row's numbers are computed: parse the exported row and check its ranges
     row = next(line for line in text.splitlines() if line.startswith("| **RefineCLIP-fit"))
     cells = [c.strip() for c in row.strip("|").split("|")]

@@ -220,7 +220,9 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
 
     ``.safetensors`` or a torch state dict (``.pt``/``.bin``) depending on ``out_path``'s
     suffix. Weights come from ``source_checkpoint`` when given (keeping its dtype), else from
-    ``model``'s current state dict.
+    ``model``'s current state dict. The merged ``visual.proj`` is kept in float32 when the
+    checkpoint is in a lower precision (e.g. float16), so that the edited model reproduces the
+    evaluated edit exactly instead of up to a rounding that can flip borderline predictions.
     """
     out_path = Path(out_path)
     state = read_state_dict(source_checkpoint) if source_checkpoint else {
@@ -228,7 +230,8 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
     if "visual.proj" not in state:
         raise RefineClipError("The model has no 'visual.proj' to merge the refinement into.")
     proj = state["visual.proj"]
-    merged = merge_into_projection(proj.double(), refined).to(proj.dtype)
+    keep = proj.dtype if proj.dtype in (torch.float32, torch.float64) else torch.float32
+    merged = merge_into_projection(proj.double(), refined).to(keep)
     state = {k: v.contiguous() for k, v in state.items()}
     state["visual.proj"] = merged.contiguous()
     if out_path.suffix == ".safetensors":
