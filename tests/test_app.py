@@ -248,14 +248,15 @@ def test_refine_page_runs_compares_and_offers_downloads(app):
     assert report["verdict"]["summary"] == verdict.summary() and n_eval == report["n_eval"]
 
 
-def test_dashboard_uses_the_shared_defaults(app):
-    """One set of defaults: the session's protocol and the Refine form start at DEFAULT_PROTOCOL and
-    DEFAULT_EDIT (the CLI's and the benchmark's are checked in test_edit / test_demo_world)."""
+def test_dashboard_uses_the_shared_defaults(home, demo_spec):
+    """One set of defaults: a new session's protocol and the Refine form start at DEFAULT_PROTOCOL
+    and DEFAULT_EDIT (the CLI's and the benchmark's are checked in test_edit / test_demo_world)."""
     from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL
 
-    at = open_page(app, "refine")
-    proto = at.session_state["protocol"] if "protocol" in at.session_state else None
-    assert proto is None or proto == DEFAULT_PROTOCOL.to_dict()
+    at = fresh_app(demo_spec)
+    at.run()
+    at = open_page(at, "refine")
+    assert "protocol" not in at.session_state           # nothing changed yet: the session runs on the defaults
     fit, paper = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper
     assert at.radio(key="ref_method").value == DEFAULT_EDIT.method
     assert at.number_input(key="ref_ridge").value == fit.ridge
@@ -264,6 +265,12 @@ def test_dashboard_uses_the_shared_defaults(app):
     assert (at.number_input(key="ref_alpha").value, at.number_input(key="ref_beta").value,
             at.number_input(key="ref_steps").value, at.number_input(key="ref_rank").value) == \
         (paper.alpha, paper.beta, paper.steps, paper.rank)
+    at = open_page(at, "heads")
+    assert (at.selectbox(key="heads_pair").value, at.selectbox(key="heads_rule").value,
+            at.selectbox(key="heads_ablation").value, at.number_input(key="heads_n").value,
+            at.number_input(key="heads_top_t").value, at.selectbox(key="heads_sim").value) == \
+        (DEFAULT_PROTOCOL.pair, DEFAULT_PROTOCOL.selection, DEFAULT_PROTOCOL.ablation,
+         DEFAULT_PROTOCOL.samples_per_class, DEFAULT_PROTOCOL.top_t, DEFAULT_PROTOCOL.similarity)
 
 
 def test_pages_without_data_point_to_load(home):
