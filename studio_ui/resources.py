@@ -17,13 +17,13 @@ import streamlit as st
 
 from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
-from refineclip_core.inspection.textspan import HeadDescription, describe_heads, encode_text_pool, load_text_pool
 from refineclip_core.features.zeroshot import predict
+from refineclip_core.home import studio_home
+from refineclip_core.inspection.textspan import HeadDescription, describe_heads, encode_text_pool, load_text_pool
 from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.protocol import Identification, ProtocolConfig, identify, make_engine
 from refineclip_core.studio.caches import with_prompts
-from refineclip_core.studio.home import studio_home
 
 from refineclip_core.studio.source import Source
 

@@ -337,14 +337,14 @@ def default_allowed_roots() -> list[Path]:
 
     ``REFINECLIP_ALLOWED_ROOTS`` (``os.pathsep``-separated) replaces the defaults when set.
     Otherwise: the studio home holding the generated demo data and caches
-    (:func:`refineclip_core.studio.home.studio_home`, ``$REFINECLIP_HOME``), the repository's
+    (:func:`refineclip_core.home.studio_home`, ``$REFINECLIP_HOME``), the repository's
     ``assets`` folder (embedded demo model) and the current working directory.
     """
     env = os.environ.get(ALLOWED_ROOTS_ENV, "")
     roots = [Path(r).expanduser() for r in env.split(os.pathsep) if r.strip()]
     if roots:
         return roots
-    from ..studio.home import studio_home  # imported here: the studio layer sits above loading
+    from ..home import studio_home
     from .models import ASSETS_DIR
 
     return [studio_home(), ASSETS_DIR, Path.cwd()]

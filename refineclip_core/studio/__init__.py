@@ -1,6 +1,8 @@
-"""The studio session: where an interactive user's data, caches and demo live (no Streamlit).
+"""The studio session: what an interactive user works on, and where its data lives (no Streamlit).
 
-The studio home folder, per-folder locking so two sessions never extract into one cache,
-the cache folder of each (model, data, scope) and prompt edits on an opened cache, and the
-embedded demo prepared on a held-out sample of its world (features: §2.1, Eq. 4).
+``source`` (a model, its images and their feature cache: the unit every page works on),
+``images`` (list a folder, a zip or the demo sample and plan its extraction, §2.1 Eq. 4),
+``caches`` (one cache folder per model, data and layer scope; prompt edits), ``locking`` (one
+extraction per cache folder at a time) and ``demo`` (the embedded demo prepared on a held-out
+sample of its world), all inside the studio home (:mod:`refineclip_core.home`).
 """

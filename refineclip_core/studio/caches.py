@@ -16,8 +16,8 @@ from typing import Sequence
 
 from ..errors import DataError, RefineClipError
 from ..features.cache import FeatureCache
+from ..home import studio_home
 from ..loading.models import ModelSpec
-from .home import studio_home
 
 def _short_hash(*parts: object) -> str:
     h = hashlib.sha256(json.dumps([str(p) for p in parts]).encode())

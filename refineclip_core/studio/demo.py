@@ -17,11 +17,11 @@ import uuid
 from pathlib import Path
 
 from ..features.extraction import ExtractionConfig
+from ..home import studio_home
 from ..loading.data import load_dataset
 from ..loading.models import ModelSpec
 from ..progress import CancelFn, Progress, silent
 from .caches import cache_dir_for
-from .home import studio_home
 from .locking import extract_locked
 from .source import Source
 
