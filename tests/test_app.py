@@ -591,7 +591,7 @@ def test_refinement_job_reports_live_losses_and_cancels(tiny_model_files, image_
     from refineclip_core.features.extraction import ExtractionConfig, extract
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
-    from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
+    from refineclip_core.method.protocol import EditConfig, ProtocolConfig, identify, make_engine
     from refineclip_core.method.refinement import RefineConfig
     from refineclip_core.reporting.run_report import run_edit
     from studio_ui.jobs import start_job
@@ -602,9 +602,9 @@ def test_refinement_job_reports_live_losses_and_cancels(tiny_model_files, image_
     engine = make_engine(cache)
     ident = identify(cache, ProtocolConfig(samples_per_class=None), engine)
     out = tmp_path / "edit.safetensors"
+    cfg = EditConfig(method="paper", paper=RefineConfig(steps=200_000))
     job = start_job("Refining", lambda progress, cancelled: run_edit(
-        cache, ident, engine, RefineConfig(steps=200_000), ident.heads, spec=spec, export_to=out, progress=progress,
-        cancel=cancelled))
+        cache, ident, engine, cfg, ident.heads, spec=spec, export_to=out, progress=progress, cancel=cancelled))
     deadline = time.monotonic() + 60
     while not job.series and time.monotonic() < deadline:
         time.sleep(0.05)
