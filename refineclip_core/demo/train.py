@@ -126,7 +126,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["world"]["scale_range"] = list(self.world.scale_range)
+        d["world"] = self.world.to_dict()
         return d
 
 
@@ -291,10 +291,12 @@ def class_text_embeddings(model: torch.nn.Module, tokenizer: Callable, classes: 
 
 @torch.no_grad()
 def zero_shot_metrics(model: torch.nn.Module, tokenizer: Callable, images: torch.Tensor,
-                      samples: Sequence[WorldSample], batch_size: int = 256) -> dict[str, Any]:
+                      samples: Sequence[WorldSample], batch_size: int = 256,
+                      target_groups: Sequence[str] = TARGET_GROUPS) -> dict[str, Any]:
     """Zero-shot accuracy over all :data:`CLASSES` (normalised image/text embeddings).
 
-    ``images`` are the preprocessed images of ``samples``. Returns per-class and per-group
+    ``images`` are the preprocessed images of ``samples``; ``target_groups`` the world's four
+    target groups (``WorldConfig.target_groups``). Returns per-class and per-group
     accuracies, the four target groups (``groups``), ``avg_group`` (mean of the four),
     ``worst_group``, ``target_mean`` (over all target images), ``unrelated`` (over all
     unrelated images) and ``overall``.
@@ -308,7 +310,7 @@ def zero_shot_metrics(model: torch.nn.Module, tokenizer: Callable, images: torch
     correct = pred == labels
     groups = np.array([s.group for s in samples])
     is_target = np.array([s.label in TARGET_CLASSES for s in samples])
-    per_group = {g: float(correct[groups == g].mean()) for g in TARGET_GROUPS if (groups == g).any()}
+    per_group = {g: float(correct[groups == g].mean()) for g in target_groups if (groups == g).any()}
     per_class = {c: float(correct[labels == i].mean()) for i, c in enumerate(CLASSES) if (labels == i).any()}
     confusion = {c: {CLASSES[j]: int(((labels == i) & (pred == j)).sum()) for j in range(len(CLASSES))
                      if ((labels == i) & (pred == j)).any()} for i, c in enumerate(TARGET_CLASSES)}
@@ -326,7 +328,7 @@ def zero_shot_metrics(model: torch.nn.Module, tokenizer: Callable, images: torch
 
 
 def format_metrics(m: dict[str, Any]) -> str:
-    g = " / ".join(f"{m['groups'].get(k, float('nan')):.3f}" for k in TARGET_GROUPS)
+    g = " / ".join(f"{v:.3f}" for v in m["groups"].values())
     return (f"groups {g} | avg-group {m['avg_group']:.3f} worst {m['worst_group']:.3f} "
             f"target {m['target_mean']:.3f} | unrelated {m['unrelated']:.3f}")
 
@@ -418,7 +420,7 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
         running += loss.item()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             n = cfg.eval_every if step % cfg.eval_every == 0 else step % cfg.eval_every
-            m = zero_shot_metrics(model, tokenizer, val_x, val)
+            m = zero_shot_metrics(model, tokenizer, val_x, val, target_groups=cfg.world.target_groups)
             point = {"step": step, "loss": running / n, "cls_mlp_share": running_share / n,
                      "elapsed_s": round(time.time() - t_train, 1),
                      "val": {k: m[k] for k in ("groups", "avg_group", "worst_group", "target_mean", "unrelated")}}
@@ -439,7 +441,7 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
     test_seed = cfg.seed + cfg.test_seed_offset
     test = sample_world("test", test_seed, cfg.test_per_group, cfg.world)
     test_x = torch.stack([preprocess(s.image) for s in test])
-    metrics = zero_shot_metrics(loaded, tokenizer, test_x, test)
+    metrics = zero_shot_metrics(loaded, tokenizer, test_x, test, target_groups=cfg.world.target_groups)
     log(f"test (saved checkpoint, seed {test_seed}, {len(test)} images): {format_metrics(metrics)}")
 
     meta = {
@@ -490,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cls-mlp-penalty", type=float, default=None,
                    help="weight of the penalty on the MLPs' share of the CLS embedding (default 1; 0 = plain CLIP)")
     p.add_argument("--detail-scale", type=float, default=None, help="size of the bill/legs cue (default 1.5)")
+    p.add_argument("--cue", choices=["background", "color"], default=None,
+                   help="the shortcut planted in the training split (default background; color: body colour)")
     p.add_argument("--pool-per-group", type=int, default=None, help="train pool: 2×N images per bird class")
     p.add_argument("--pool-unrelated", type=int, default=None, help="train pool: images per unrelated class")
     p.add_argument("--eval-every", type=int, default=None)
@@ -509,6 +513,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         world_kw["bird_scale"] = args.bird_scale
     if args.detail_scale is not None:
         world_kw["detail_scale"] = args.detail_scale
+    if args.cue is not None:
+        world_kw["cue"] = args.cue
     cfg = TrainConfig(seed=args.seed, lr=args.lr, threads=args.threads, world=WorldConfig(**world_kw))
     if args.quick:
         cfg.steps, cfg.batch_size, cfg.pool_per_group, cfg.pool_unrelated = 3, 16, 8, 4

@@ -50,6 +50,18 @@ TARGET_PLACES: tuple[str, ...] = ("land", "water")
 HOME_BACKGROUND: dict[str, str] = {"landbird": "land", "waterbird": "water"}
 """The background each target class co-occurs with in the biased training split."""
 
+CUES: tuple[str, ...] = ("background", "color")
+"""What the biased training split correlates with the bird class (:attr:`WorldConfig.cue`)."""
+
+HOME_COLOR: dict[str, str] = {"landbird": "brown", "waterbird": "white"}
+"""With ``cue="color"``: the body colour each target class co-occurs with in training."""
+
+TARGET_COLORS: tuple[str, ...] = ("brown", "white")
+"""With ``cue="color"``: the body colours of the target groups (landbird's home colour first)."""
+
+NEUTRAL_COLORS: tuple[str, ...] = ("grey", "black", "yellow", "blue", "red")
+"""With ``cue="color"``: the body colours of the training birds that carry no cue (``neutral_frac``)."""
+
 SCENES: dict[str, tuple[str, ...]] = {
     "water": ("lake", "ocean", "river"),
     "land": ("grass", "forest", "field"),
@@ -131,6 +143,13 @@ class WorldConfig:
     size of the whole bird (birds only).
     ``noise``: maximum standard deviation of the Gaussian pixel noise (0–255 scale).
     ``scale_range``: object size multipliers. ``image_size``: output side in pixels.
+    ``cue``: the planted shortcut. ``"background"`` (the default, Waterbirds): training birds
+    sit on their home background (:data:`HOME_BACKGROUND`). ``"color"``: training birds have
+    their home body colour (:data:`HOME_COLOR`) with probability ``bias`` and sit on water or
+    land at random, so the background carries no class information; ``neutral_frac`` of them
+    get a colour that is no cue (:data:`NEUTRAL_COLORS`); the balanced splits' four groups are
+    class × body colour (``"waterbird in brown"``). A test of whether an explanation follows the
+    cue that was planted (issue 17).
     """
 
     image_size: int = 48
@@ -140,8 +159,11 @@ class WorldConfig:
     bird_scale: float = 1.15
     noise: float = 8.0
     scale_range: tuple[float, float] = (0.8, 1.2)
+    cue: str = "background"
 
     def __post_init__(self) -> None:
+        if self.cue not in CUES:
+            raise ValueError(f"cue must be one of {', '.join(CUES)}, got {self.cue!r}")
         if not 0.0 <= self.bias <= 1.0:
             raise ValueError(f"bias must be in [0, 1], got {self.bias}")
         if not 0.0 <= self.neutral_frac < 1.0:
@@ -164,6 +186,23 @@ class WorldConfig:
         if "scale_range" in kw:
             kw["scale_range"] = tuple(kw["scale_range"])
         return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The knobs as JSON-safe data (the inverse of :meth:`from_dict`). ``cue`` is written only
+        when it is not ``"background"``: it came after the committed demo model, whose metadata
+        records the world without it, and must keep recording today's defaults."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["scale_range"] = list(self.scale_range)
+        if d["cue"] == "background":
+            del d["cue"]
+        return d
+
+    @property
+    def target_groups(self) -> tuple[str, ...]:
+        """The four target groups of the balanced splits, in WILDS order (landbird first, the
+        landbird's home cue first)."""
+        values = TARGET_PLACES if self.cue == "background" else TARGET_COLORS
+        return tuple(group_name(c, v, self.cue) for c in TARGET_CLASSES for v in values)
 
 
 @dataclass
@@ -190,12 +229,15 @@ class WorldSample:
         return self.label in TARGET_CLASSES
 
 
-def group_name(label: str, background: str) -> str:
-    """The group of an image: ``"<bird> on <place>"`` for birds, the class name otherwise.
+def group_name(label: str, value: str, cue: str = "background") -> str:
+    """The group of an image: ``"<bird> on <place>"`` for birds (``"<bird> in <colour>"`` when the
+    world's cue is the body colour), the class name otherwise.
 
     (Training birds on neutral backgrounds get ``"<bird> on <sky|sand|indoor>"``.)
     """
-    return f"{label} on {background}" if label in TARGET_CLASSES else label
+    if label not in TARGET_CLASSES:
+        return label
+    return f"{label} on {value}" if cue == "background" else f"{label} in {value}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,10 +517,11 @@ def _position_name(cx: float, cy: float, n: int) -> str:
     return POSITIONS[row][col]
 
 
-def render(label: str, background: str, rng: np.random.Generator, config: WorldConfig = WorldConfig()
-           ) -> tuple[Image.Image, dict[str, Any]]:
+def render(label: str, background: str, rng: np.random.Generator, config: WorldConfig = WorldConfig(),
+           color: str | None = None) -> tuple[Image.Image, dict[str, Any]]:
     """Draw one image of class ``label`` on background kind ``background``.
 
+    ``color``: the body colour of a bird (default: one that stands out from the background).
     Returns the RGB image (``config.image_size`` square) and its caption attributes.
     """
     if label not in CLASSES:
@@ -508,7 +551,9 @@ def render(label: str, background: str, rng: np.random.Generator, config: WorldC
     }
     if label in TARGET_CLASSES:
         body_names = ("white", "black", "grey", "brown", "red", "orange", "yellow", "blue", "pink", "purple", "green")
-        color = _pick_color(rng, body_names, avoid)
+        color = _pick_color(rng, body_names, avoid) if color is None else color
+        if color not in COLORS:
+            raise ValueError(f"unknown colour {color!r}; colours are {', '.join(COLORS)}")
         detail_name = _pick_color(rng, [c for c in DETAIL_COLORS if c != color], avoid)
         facing = 1 if rng.random() < 0.5 else -1
         _draw_bird(draw, label, cx, cy, draw_scale, facing, COLORS[color], COLORS[detail_name], config.detail_scale)
@@ -543,32 +588,50 @@ def plan_split(split: str, n_per_group: int, seed: int, config: WorldConfig = Wo
     ``test``: each of the four target groups gets ``n_per_group``. Unrelated classes get
     ``n_unrelated`` images each (default ``n_per_group``): on uniformly random backgrounds in
     ``train``, cycling evenly through :data:`BACKGROUNDS` in ``val``/``test``.
+
+    With ``config.cue == "color"`` the same counts hold for body colours instead of backgrounds
+    (:data:`HOME_COLOR`, :data:`NEUTRAL_COLORS`; ``val``/``test``: ``n_per_group`` per class ×
+    colour), and every bird sits on water or land, half and half, whatever its class.
     """
+    return [(label, background) for label, background, _ in _plan(split, n_per_group, seed, config, n_unrelated)]
+
+
+def _plan(split: str, n_per_group: int, seed: int, config: WorldConfig,
+          n_unrelated: int | None) -> list[tuple[str, str, str | None]]:
     code = _split_code(split)
     if n_per_group < 0:
         raise ValueError("n_per_group must be >= 0")
     n_unrel = n_per_group if n_unrelated is None else n_unrelated
     rng = np.random.default_rng([seed, code, 1_000_003])
-    plan: list[tuple[str, str]] = []
+    by_color = config.cue == "color"
+    plan: list[tuple[str, str, str | None]] = []
     for label in TARGET_CLASSES:
+        homes, neutral = ((HOME_COLOR, list(NEUTRAL_COLORS)) if by_color else
+                          (HOME_BACKGROUND, [b for b in BACKGROUNDS if b not in TARGET_PLACES]))
+        values = TARGET_COLORS if by_color else TARGET_PLACES
         if split == "train":
-            home = HOME_BACKGROUND[label]
-            away = next(p for p in TARGET_PLACES if p != home)
+            home = homes[label]
+            away = next(v for v in values if v != home)
             total = 2 * n_per_group
             n_neutral = int(round(config.neutral_frac * total))
             n_home = int(round(config.bias * (total - n_neutral)))
-            neutral = [b for b in BACKGROUNDS if b not in TARGET_PLACES]
-            places = ([home] * n_home + [away] * (total - n_neutral - n_home)
-                      + [neutral[k % len(neutral)] for k in range(n_neutral)])
-            plan += [(label, places[k]) for k in rng.permutation(total)]
+            cues = ([home] * n_home + [away] * (total - n_neutral - n_home)
+                    + [neutral[k % len(neutral)] for k in range(n_neutral)])
+            order = rng.permutation(total)
+            if by_color:
+                places = [TARGET_PLACES[k % 2] for k in rng.permutation(total)]
+                plan += [(label, places[i], cues[k]) for i, k in enumerate(order)]
+            else:
+                plan += [(label, cues[k], None) for k in order]
         else:
-            for place in TARGET_PLACES:
-                plan += [(label, place)] * n_per_group
+            for value in values:
+                plan += ([(label, TARGET_PLACES[k % 2], value) for k in range(n_per_group)] if by_color
+                         else [(label, value, None)] * n_per_group)
     for label in UNRELATED_CLASSES:
         if split == "train":
-            plan += [(label, BACKGROUNDS[int(k)]) for k in rng.integers(0, len(BACKGROUNDS), n_unrel)]
+            plan += [(label, BACKGROUNDS[int(k)], None) for k in rng.integers(0, len(BACKGROUNDS), n_unrel)]
         else:
-            plan += [(label, BACKGROUNDS[k % len(BACKGROUNDS)]) for k in range(n_unrel)]
+            plan += [(label, BACKGROUNDS[k % len(BACKGROUNDS)], None) for k in range(n_unrel)]
     return plan
 
 
@@ -581,10 +644,11 @@ def sample_world(split: str, seed: int, n_per_group: int, config: WorldConfig = 
     """
     code = _split_code(split)
     samples: list[WorldSample] = []
-    for index, (label, background) in enumerate(plan_split(split, n_per_group, seed, config, n_unrelated)):
+    for index, (label, background, color) in enumerate(_plan(split, n_per_group, seed, config, n_unrelated)):
         rng = np.random.default_rng([seed, code, index])
-        image, attrs = render(label, background, rng, config)
-        samples.append(WorldSample(image=image, label=label, group=group_name(label, background),
+        image, attrs = render(label, background, rng, config, color)
+        group = group_name(label, background) if color is None else group_name(label, color, "color")
+        samples.append(WorldSample(image=image, label=label, group=group,
                                    background=background, split=split, index=index, attributes=attrs))
     return samples
 
