@@ -96,6 +96,21 @@ def select_heads(engine: AblationEngine, scores: dict[str, HeadScores], rows: np
     return Selection(curves, candidates, base, name, t, list(heads), float(u), unavailable)
 
 
+def best_prefix(engine: AblationEngine, ranked: list[HeadId], rows: np.ndarray, labels: np.ndarray
+                ) -> tuple[int, float, list[float], float]:
+    """The prefix of ``ranked`` with the largest utility U (Eq. 10, zero ablation) over ``rows``:
+    ``(t, U(S_t), [U(S_1), ..., U(S_T)], U(∅))``; ``t = 0`` when no prefix beats removing nothing."""
+    rows = np.asarray(rows, dtype=np.int64)
+    engine, labels, rows = engine.subset(rows), np.asarray(labels)[rows], np.arange(len(rows))
+    base = utility(engine, [], rows, labels)
+    curve = [utility(engine, ranked[:t], rows, labels) for t in range(1, len(ranked) + 1)]
+    best_t, best_u = 0, base
+    for t, u in enumerate(curve, start=1):
+        if np.isfinite(u) and u > best_u:
+            best_t, best_u = t, u
+    return best_t, best_u, curve, base
+
+
 CONSENSUS = "consensus"
 """Name of the consensus ranking in :class:`Selection` curves and candidates."""
 
@@ -127,15 +142,8 @@ def select_consensus(engine: AblationEngine, scores: dict[str, HeadScores], rows
     when no prefix has a larger utility than removing nothing. The returned curves and candidate
     lists hold every score's own (as Alg. 1 would see them) besides the consensus one."""
     per_score = select_heads(engine, scores, rows, labels, top_t)
-    rows = np.asarray(rows, dtype=np.int64)
-    engine, labels, rows = engine.subset(rows), np.asarray(labels)[rows], np.arange(len(rows))
     ranked = consensus_ranking(scores)[: max(1, top_t)]
-    base = per_score.baseline_utility
-    curve = [utility(engine, ranked[:t], rows, labels) for t in range(1, len(ranked) + 1)]
-    best_t, best_u = 0, base
-    for t, u in enumerate(curve, start=1):
-        if np.isfinite(u) and u > best_u:
-            best_t, best_u = t, u
+    best_t, best_u, curve, base = best_prefix(engine, ranked, rows, labels)
     curves, candidates = dict(per_score.curves), dict(per_score.candidates)
     if ranked:
         curves, candidates = {CONSENSUS: curve, **curves}, {CONSENSUS: ranked, **candidates}

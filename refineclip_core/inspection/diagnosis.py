@@ -1,0 +1,619 @@
+"""Say why in words: which concepts the removed part of the embedding carries (issue 17).
+
+The paper answers its first question (§5.1, Tables 4-5, Fig. 3) by reading TextSpan
+descriptions of the blamed heads and their Grad-CAM maps by hand. This module turns that reading
+into a computation with a checkable answer: for an error pair ``y → ŷ`` and a head set ``S`` (by
+default the protocol's choice), it names the concepts carried by what ablation removes,
+
+    r(x) = Σ_{h∈S} c[h](x)        (Eq. 5; mean ablation removes r(x) − Σ m_h, the same up to a constant)
+
+and ranks them by their share of the removed part's variance, next to the heads that write each.
+
+**Concepts.** A text pool's single descriptions are noisy directions (a description mixes an
+object, a scene and a style: "a goose on a lake"), so descriptions are grouped first: every
+content word that at least ``min_texts`` descriptions mention is a *concept*, whose direction is
+the mean of those descriptions' (pool-centred, unit) text directions. Near-duplicates are merged
+before anything is measured: plural forms ("star", "stars") and words whose descriptions are
+nearly the same ones ("clip" and "art" from "clip art"). A concept's mean direction is
+shorter the more its descriptions disagree; that length (its *coherence*) weighs how strongly it
+is picked, so a word used in descriptions of everything ("small", "robin" in a pool the model
+never learned) does not outrank a word whose descriptions agree ("water").
+
+**Ranking (TextSpan over concepts).** Over the images the error pair concerns (the protocol's
+labelled samples and the unlabelled adaptation images predicted as either class; never the
+evaluation images), centre ``r``: ``R`` ``(N, d)``. Then, greedily (Gandelsman et al.'s TextSpan
+with concepts instead of single descriptions): pick the concept whose direction, orthogonalised
+against the earlier picks, carries the most coherence-weighted variance of ``R``; credit it with
+the variance of ``R`` along that orthogonalised direction (its *share*: the shares of all picks
+add up to at most 1); attach to it every remaining concept whose activation over the images is
+nearly collinear with the pick's (|correlation| ≥ ``tau``: the same axis, named twice) with the
+sign of that correlation, so an axis has two poles ("land / grass" ↔ "water / lake"); project
+the pick's direction out of ``R`` and out of every remaining concept. The heads carrying a
+pick are an exact split of its variance: ``Cov(c̃_h·u, r̃·u) / Var(r̃·u)`` sums to 1 over ``S``.
+
+**Orientation (W vs C).** Which pole the errors carry: the standardised difference of a pick's
+activation between ``W`` (images of ``y`` predicted ``ŷ``) and ``C`` (images of ``y`` predicted
+correctly) among the labelled samples. When ``W`` or ``C`` is empty, the correlation of the
+activation with the removed part's push toward ``ŷ`` (``r·(t_ŷ − t_y)``) orients it instead.
+
+**What tells the classes apart.** The concepts best aligned, in text space, with the difference
+of the two class prompts ``t_y − t_ŷ`` (words naming a class left out) name what *should*
+separate them; their share of the removed variance beyond the diagnosed concepts (TextSpan's
+residual) tells whether the heads carry that too ("not flat / webbed: 2%").
+
+**Limits.** The answer is only as good as the text pool and the model's text tower: a concept
+missing from the pool cannot be named (the nearest words are, and their share is low), and a
+text tower that learned the shortcut itself (the demo's "webbed" is partly "water") blurs the
+two poles; the shares are in the image embedding's geometry, not causal effects (the ablation
+and its accuracy change are that); with a handful of ``W`` images the orientation is a small-sample
+estimate. ``diagnose`` states what it measured (images, set sizes, fallback orientation) in
+:attr:`PairDiagnosis.notes`.
+
+:func:`attribute_heads` is the known-attribute mode (the paper's "TextSpan *" baseline made
+usable): the user types contrasting phrases and heads are ranked by the share of that text
+direction's variance they write into the embedding.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import RefineClipError
+from ..features.decomposition import HeadId
+from ..method.ablation import AblationEngine
+from ..method.errorsets import ErrorSets
+from ..method.protocol import Identification, make_engine
+from ..method.selection import best_prefix
+from .textspan import MIN_RESIDUAL
+
+#: Words that name no concept: articles, prepositions, counts and the pool's photo templates.
+STOPWORDS = frozenset("""
+a an the of on in at to by for from with without and or but near front behind top bottom left right middle center
+centre edge corner foreground background inside outside only some many few several two three four pair group lot
+photo photograph picture image images pic view close up close-up shot this that it its is are there one ones
+""".split())
+
+TAU = 0.9
+"""Concepts whose activations over the images correlate at least this much (in absolute value)
+with an earlier pick's are the same axis: they join that pick's group instead of being picked."""
+
+MERGE_OVERLAP = 0.8
+"""Two words whose sets of descriptions overlap this much (Jaccard index) are one concept: words
+that nearly always come together ("clip art"). A modifier that always comes with a more common
+noun ("flat" in "flat bill") stays a concept of its own."""
+
+CONTRAST_MIN = 0.5
+"""A concept counts as differing between the misclassified and the correct images when its
+activation differs by at least this many standard deviations."""
+
+HEAD_MIN_SHARE = 0.1
+"""A head is listed as carrying a concept when it writes at least this share of its variance."""
+
+
+# -- concepts from a text pool ------------------------------------------------------------------
+
+def content_words(text: str) -> list[str]:
+    """Lower-case words of ``text`` that can name a concept (no stop words, no one-letter words)."""
+    return [w for w in re.findall(r"[a-z][a-z'-]*[a-z]", text.lower()) if w not in STOPWORDS]
+
+
+@dataclass
+class ConceptVocabulary:
+    """Word concepts of a text pool. ``directions[k]`` is the mean of the pool-centred unit text
+    directions of the descriptions in ``members[k]`` (its length is the concept's coherence)."""
+
+    labels: list[str]                # the concept's most frequent word
+    words: list[list[str]]           # every word merged into it ("star", "stars", "five-pointed")
+    members: list[np.ndarray]        # pool indices of the descriptions mentioning the concept
+    directions: np.ndarray           # (K, d)
+    texts: list[str]                 # the pool
+    units: np.ndarray                # (M, d) pool-centred unit directions of the descriptions
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def coherence(self) -> np.ndarray:
+        return np.linalg.norm(self.directions, axis=1)
+
+    def index(self, word: str) -> int:
+        """The concept naming ``word`` (a word merged into another concept finds that one)."""
+        for k, words in enumerate(self.words):
+            if word in words:
+                return k
+        raise KeyError(word)
+
+
+def pool_units(pool_emb: np.ndarray) -> np.ndarray:
+    """Pool-centred unit directions of the descriptions (TextSpan's text directions)."""
+    emb = np.asarray(pool_emb, dtype=np.float64)
+    centred = emb - emb.mean(0, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    return np.divide(centred, norms, out=np.zeros_like(centred), where=norms > 0)
+
+
+def concept_vocabulary(texts: Sequence[str], pool_emb: np.ndarray, min_texts: int = 3,
+                       merge_overlap: float = MERGE_OVERLAP) -> ConceptVocabulary:
+    """Group a pool's descriptions into word concepts (see the module docstring)."""
+    texts = list(texts)
+    emb = np.asarray(pool_emb)
+    if emb.ndim != 2 or emb.shape[0] != len(texts):
+        raise RefineClipError(f"The text pool has {len(texts)} texts but embeddings of shape {emb.shape}; "
+                              "embed the same list you pass.")
+    units = pool_units(emb)
+    index: dict[str, set[int]] = {}
+    for j, t in enumerate(texts):
+        for w in set(content_words(t)):
+            index.setdefault(w, set()).add(j)
+    forms: dict[str, list[str]] = {w: [w] for w in index}
+    for w in sorted(index, key=len, reverse=True):   # plural forms join their singular: stars -> star
+        stem = next((x for x in ((w[:-1], w[:-2]) if w.endswith("s") else ()) if x in index and x != w), None)
+        if stem is not None:
+            index[stem] |= index.pop(w)
+            forms[stem] += forms.pop(w)
+    words = sorted((w for w in index if len(index[w]) >= min_texts), key=lambda w: (-len(index[w]), w))
+    groups: list[list[str]] = []
+    sets: list[set[int]] = []
+    for w in words:                                   # most frequent first: a word joins a larger one
+        s = index[w]
+        for g, gs in zip(groups, sets):
+            if len(s & gs) >= merge_overlap * len(s | gs):
+                g.extend(forms[w])
+                gs |= s
+                break
+        else:
+            groups.append(list(forms[w]))
+            sets.append(set(s))
+    members = [np.array(sorted(s), dtype=np.int64) for s in sets]
+    directions = np.stack([units[m].mean(0) for m in members]) if members else np.zeros((0, emb.shape[1]))
+    return ConceptVocabulary([g[0] for g in groups], groups, members, directions, texts, units)
+
+
+# -- the greedy span over concepts ----------------------------------------------------------------
+
+@dataclass
+class SpanPick:
+    """One step of :func:`concept_span`: an axis of the removed part, named by concepts.
+
+    ``members`` lists ``(concept, sign)``: the pick itself first (+1), then the concepts that
+    joined it (``sign`` is that of their activation's correlation with the pick's)."""
+
+    concept: int
+    share: float
+    direction: np.ndarray          # (d,) unit, orthogonal to the earlier picks' directions
+    members: list[tuple[int, int]]
+
+
+def concept_span(removed: np.ndarray, directions: np.ndarray, k: int = 8, tau: float = TAU
+                 ) -> tuple[list[SpanPick], float]:
+    """TextSpan over concept directions on the centred ``removed`` ``(N, d)`` (module docstring).
+
+    Returns the picks and the removed part's total variance (``Σ ||r_i − r̄||² / N``)."""
+    X = np.asarray(removed, dtype=np.float64)
+    X = X - X.mean(0, keepdims=True)
+    total = float((X * X).sum())
+    D = np.asarray(directions, dtype=np.float64)
+    coh2 = (D * D).sum(1)
+    U = np.divide(D, np.sqrt(coh2)[:, None], out=np.zeros_like(D), where=coh2[:, None] > 0)
+    alive = coh2 > 0
+    picks: list[SpanPick] = []
+    explained = 0.0
+    if total <= 0 or not len(D):
+        return picks, 0.0
+    for _ in range(k):
+        if total - explained <= 1e-9 * total:
+            break
+        n2 = (U * U).sum(1)
+        alive &= n2 > MIN_RESIDUAL ** 2
+        if not alive.any():
+            break
+        P = X @ U.T                                    # (N, K): residual data on residual directions
+        var = np.where(alive, (P * P).sum(0) / np.maximum(n2, 1e-300), 0.0)
+        score = np.where(alive, coh2 * var, -np.inf)
+        p = int(np.argmax(score))
+        u = U[p] / np.sqrt(n2[p])
+        a = X @ u
+        share = float(a @ a) / total
+        explained += float(a @ a)
+        pn = np.sqrt((P * P).sum(0))
+        corr = np.divide(P.T @ a, pn * np.sqrt(a @ a), out=np.zeros(len(D)), where=pn > 0)
+        joined = np.flatnonzero(alive & (np.abs(corr) >= tau) & (np.arange(len(D)) != p))
+        joined = joined[np.argsort(-score[joined], kind="stable")]
+        picks.append(SpanPick(p, share, u, [(p, 1)] + [(int(j), 1 if corr[j] > 0 else -1) for j in joined]))
+        alive[p] = False
+        alive[joined] = False
+        X -= np.outer(a, u)
+        U -= np.outer(U @ u, u)
+    return picks, total / len(X)
+
+
+def head_shares(contributions: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """The split of the variance along ``direction`` of ``Σ_h contributions[:, h]`` over the heads:
+    ``Cov(c_h·u, r·u) / Var(r·u)`` for each head (sums to 1; 0 everywhere when nothing varies)."""
+    c = np.asarray(contributions, dtype=np.float64) @ np.asarray(direction, dtype=np.float64)   # (N, S)
+    c = c - c.mean(0, keepdims=True)
+    a = c.sum(1)
+    var = float(a @ a)
+    return (c.T @ a) / var if var > 0 else np.zeros(c.shape[1])
+
+
+def standardised_difference(values: np.ndarray, first: np.ndarray, second: np.ndarray) -> float | None:
+    """``(mean(values[first]) − mean(values[second])) / std(values)``; None when a set is empty."""
+    if not len(first) or not len(second):
+        return None
+    sd = float(np.std(values))
+    return 0.0 if sd == 0 else float((values[first].mean() - values[second].mean()) / sd)
+
+
+def correlation(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    d = float(np.sqrt((x @ x) * (y @ y)))
+    return float(x @ y) / d if d > 0 else 0.0
+
+
+# -- the diagnosis of an error pair ---------------------------------------------------------------
+
+@dataclass
+class Concept:
+    """One diagnosed concept: an axis of the removed part, oriented toward what the errors carry.
+
+    ``text`` names the pole the misclassified images carry more of (or, unoriented, the pick's
+    own pole), ``opposite`` the other pole; ``share`` is its share of the removed variance
+    (additive over concepts); ``contrast`` the standardised difference of its activation between
+    W and C (toward ``text``; None without both sets); ``push`` its correlation with the removed
+    part's push toward the wrong class; ``heads`` the heads writing at least
+    :data:`HEAD_MIN_SHARE` of it (``head_shares``: every head's split, summing to 1);
+    ``coverage`` the set's part of the concept's variance when the split is over all ``n_scope``
+    heads in scope (a random set of k heads covers about k / n_scope of a concept spread evenly)."""
+
+    text: str
+    opposite: str
+    share: float
+    heads: list[str]
+    head_shares: dict[str, float]
+    contrast: float | None
+    push: float
+    coverage: float | None = None    # the set's part of this concept among every head in scope
+    n_scope: int = 0
+    words: list[str] = field(default_factory=list)
+    opposite_words: list[str] = field(default_factory=list)
+    descriptions: list[str] = field(default_factory=list)
+    direction: np.ndarray | None = field(default=None, repr=False)   # (d,) unit, toward ``text``
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "opposite": self.opposite, "share": self.share, "heads": list(self.heads),
+                "head_shares": dict(self.head_shares), "contrast": self.contrast, "push": self.push,
+                "coverage": self.coverage, "n_scope": self.n_scope,
+                "words": list(self.words), "opposite_words": list(self.opposite_words),
+                "descriptions": list(self.descriptions)}
+
+
+@dataclass
+class PairDiagnosis:
+    """The diagnosis of one error pair ``true → wrong`` for one head set."""
+
+    true: str
+    wrong: str
+    sentence: str
+    concepts: list[Concept]
+    lead: list[int]                  # the concepts the sentence names
+    class_concept: str               # what tells the classes apart in text space
+    class_share: float               # its share of the removed variance beyond the lead concepts
+    class_share_alone: float         # its share on its own
+    unexplained: float               # 1 − Σ shares of the concepts listed
+    sets: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"true": self.true, "wrong": self.wrong, "sentence": self.sentence,
+                "concepts": [c.to_dict() for c in self.concepts], "lead": list(self.lead),
+                "class_concept": self.class_concept, "class_share": self.class_share,
+                "class_share_alone": self.class_share_alone, "unexplained": self.unexplained,
+                "sets": dict(self.sets), "notes": list(self.notes)}
+
+
+@dataclass
+class Diagnosis:
+    """:func:`diagnose`'s answer for every error pair of an identification (first pair first)."""
+
+    heads: list[HeadId]
+    pairs: list[PairDiagnosis]
+    n_images: int
+    total_variance: float
+
+    @property
+    def sentence(self) -> str:
+        return " ".join(p.sentence for p in self.pairs)
+
+    @property
+    def concepts(self) -> list[Concept]:
+        return self.pairs[0].concepts if self.pairs else []
+
+    def concept_of(self, head: HeadId) -> tuple[Concept, float] | None:
+        """The diagnosed concept (first pair) ``head`` writes the largest share of, and that share."""
+        best = None
+        for c in self.concepts:
+            s = c.head_shares.get(str(head))
+            if s is not None and (best is None or s * c.share > best[1] * best[0].share):
+                best = (c, s)
+        return best
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sentence": self.sentence, "concepts": [c.to_dict() for c in self.concepts],
+                "heads": [str(h) for h in self.heads], "n_images": self.n_images,
+                "total_variance": self.total_variance, "pairs": [p.to_dict() for p in self.pairs]}
+
+
+def _pole(vocab: ConceptVocabulary, members: list[tuple[int, int]], sign: int, n: int = 3) -> list[str]:
+    return [vocab.labels[k] for k, s in members if s == sign][:n]
+
+
+def _descriptions(vocab: ConceptVocabulary, members: list[tuple[int, int]], sign: int, direction: np.ndarray,
+                  n: int = 3) -> list[str]:
+    """The descriptions of the pole's leading concept best aligned with the pole's direction."""
+    first = next((k for k, s in members if s == sign), None)
+    if first is None:
+        return []
+    rows = vocab.members[first]
+    order = rows[np.argsort(-(vocab.units[rows] @ direction), kind="stable")]
+    return [vocab.texts[j] for j in order[:n]]
+
+
+def class_concepts(vocab: ConceptVocabulary, text: np.ndarray, true: int, wrong: int, classes: Sequence[str],
+                   n: int = 3) -> list[int]:
+    """The concepts best aligned, in text space, with ``t_true − t_wrong`` (coherence-weighted), leaving
+    out words that name a class: what the text tower says separates the two classes."""
+    delta = np.asarray(text[true], dtype=np.float64) - np.asarray(text[wrong], dtype=np.float64)
+    norm = np.linalg.norm(delta)
+    if norm == 0 or not len(vocab):
+        return []
+    names = {w for c in classes for w in content_words(c)}   # every class: names are labels, not attributes
+    align = vocab.directions @ (delta / norm)
+    order = [int(k) for k in np.argsort(-align, kind="stable") if align[k] > 0
+             and not any(w in names or any(w.startswith(x) or x.startswith(w) for x in names)
+                         for w in vocab.words[k])]
+    return order[:n]
+
+
+def _residual_share(X: np.ndarray, total: float, direction: np.ndarray, basis: list[np.ndarray]) -> float:
+    v = np.asarray(direction, dtype=np.float64).copy()
+    for u in basis:
+        v -= (v @ u) * u
+    n = np.linalg.norm(v)
+    if n <= MIN_RESIDUAL * np.linalg.norm(direction) or total <= 0:
+        return 0.0
+    a = X @ (v / n)
+    return float(a @ a) / (total * len(X))
+
+
+def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequence[HeadId],
+                     vocab: ConceptVocabulary, text: np.ndarray, classes: Sequence[str],
+                     pairs: Sequence[tuple[int, int, np.ndarray, np.ndarray]], k: int = 8, tau: float = TAU,
+                     scope: np.ndarray | None = None, in_scope: np.ndarray | None = None
+                     ) -> tuple[list[PairDiagnosis], float]:
+    """The diagnosis from arrays: ``removed`` ``(N, d)`` the removed part on the images,
+    ``contributions`` ``(N, |S|, d)`` each head's part of it, ``pairs`` ``(true, wrong, W, C)``
+    with ``W``/``C`` positions in those ``N`` rows; ``scope`` ``(N, K, d)`` every head in scope and
+    ``in_scope`` the set's positions among them (for the coverage). :func:`diagnose` is the
+    cache-level entry point."""
+    X = np.asarray(removed, dtype=np.float64)
+    X = X - X.mean(0, keepdims=True)
+    picks, total = concept_span(X, vocab.directions, k, tau)
+    shares_by_pick = [head_shares(contributions, p.direction) for p in picks]
+    coverage = [None if scope is None else float(head_shares(scope, p.direction)[in_scope].sum()) for p in picks]
+    out = []
+    for true, wrong, W, C in pairs:
+        push_dir = np.asarray(text[wrong], dtype=np.float64) - np.asarray(text[true], dtype=np.float64)
+        push = X @ push_dir
+        concepts: list[Concept] = []
+        for p, hs, cov in zip(picks, shares_by_pick, coverage):
+            a = X @ p.direction
+            contrast = standardised_difference(a, np.asarray(W), np.asarray(C))
+            pc = correlation(a, push)
+            sign = (1 if contrast > 0 else -1) if contrast else (1 if pc >= 0 else -1)
+            pole, other = _pole(vocab, p.members, sign), _pole(vocab, p.members, -sign)
+            text_label = " / ".join(pole) if pole else "less " + " / ".join(other)
+            order = np.argsort(-hs, kind="stable")
+            carriers = [str(heads[i]) for i in order if hs[i] >= HEAD_MIN_SHARE] or [str(heads[order[0]])]
+            concepts.append(Concept(
+                text=text_label, opposite=" / ".join(other) if pole else "", share=p.share, heads=carriers,
+                head_shares={str(heads[i]): float(hs[i]) for i in order},
+                contrast=None if contrast is None else sign * contrast, push=sign * pc, coverage=cov,
+                n_scope=0 if scope is None else scope.shape[1],
+                words=pole, opposite_words=other, descriptions=_descriptions(vocab, p.members, sign, sign * p.direction),
+                direction=sign * p.direction))
+        out.append(_pair_diagnosis(X, total, concepts, vocab, text, classes, true, wrong, len(W), len(C)))
+    return out, total
+
+
+def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab: ConceptVocabulary,
+                    text: np.ndarray, classes: Sequence[str], true: int, wrong: int, n_w: int, n_c: int
+                    ) -> PairDiagnosis:
+    y, yhat = classes[true], classes[wrong]
+    notes = []
+    oriented = n_w > 0 and n_c > 0
+    if not oriented:
+        notes.append(f"W has {n_w} and C {n_c} images among the labelled samples: the concepts are oriented by "
+                     f"their push toward {yhat} instead of by the errors.")
+    top = concepts[:3]
+    lead = [i for i, c in enumerate(top) if ((c.contrast or 0) if oriented else c.push) >= CONTRAST_MIN][:1]
+    cls = class_concepts(vocab, text, true, wrong, classes)
+    cls_label = " / ".join(vocab.labels[k] for k in cls)
+    cls_alone = cls_resid = 0.0
+    if cls:
+        d = vocab.directions[cls].sum(0)
+        cls_alone = _residual_share(X, total, d, [])
+        cls_resid = _residual_share(X, total, d, [concepts[i].direction for i in lead])
+    unexplained = 1.0 - sum(c.share for c in concepts)
+    if not concepts:
+        sentence = f"{y} → {yhat}: the removed heads do not vary over these images, so there is nothing to name."
+    elif lead:
+        c = concepts[lead[0]]
+        why = (f"more in the misclassified {y} images than in the correct ones" if oriented
+               else f"pushing {y} images toward {yhat}")
+        sentence = f"{y} → {yhat}: the removed heads carry {c.text} ({c.share:.0%} of the removed variance, {why})"
+        if cls_label:
+            sentence += (f", not {cls_label} ({cls_resid:.0%})." if cls_resid < 0.5 * c.share
+                         else f", and also {cls_label} ({cls_resid:.0%}), which tells the classes apart.")
+        else:
+            sentence += "."
+    else:
+        c = concepts[0]
+        sentence = (f"{y} → {yhat}: the removed heads carry mostly {c.text} ({c.share:.0%} of the removed variance), "
+                    f"which does not set the misclassified {y} images apart: no clear shortcut in these heads.")
+    return PairDiagnosis(y, yhat, sentence, concepts, lead, cls_label, cls_resid, cls_alone, unexplained,
+                         {"W": n_w, "C": n_c}, notes)
+
+
+def diagnosis_rows(cache: Any, ident: Identification, engine: AblationEngine) -> np.ndarray:
+    """The images a diagnosis looks at: the labelled samples of the pair's classes and the unlabelled
+    adaptation images predicted as one of them (never the evaluation images)."""
+    classes = ident.target_classes
+    samples = ident.sample_rows[np.isin(cache.labels[ident.sample_rows], classes)]
+    adapt = ident.adapt_rows[np.isin(engine.base_predictions[ident.adapt_rows], classes)]
+    return np.union1d(samples, adapt)
+
+
+def diagnose(cache: Any, ident: Identification, vocab: ConceptVocabulary, heads: Sequence[HeadId] | None = None,
+             engine: AblationEngine | None = None, k: int = 8, tau: float = TAU) -> Diagnosis:
+    """Name what removing ``heads`` (default: the identification's) takes out of the embedding,
+    for every error pair of ``ident`` (see the module docstring)."""
+    engine = engine or make_engine(cache)
+    heads = list(ident.heads if heads is None else heads)
+    rows = diagnosis_rows(cache, ident, engine)
+    if not heads or not len(rows):
+        why = "no heads are removed, so there is nothing to explain" if not heads else "no images to look at"
+        pairs = [PairDiagnosis(cache.classes[a], cache.classes[b], f"{cache.classes[a]} → {cache.classes[b]}: {why}.",
+                               [], [], "", 0.0, 0.0, 1.0, ident.sets[_key(cache, a, b)].sizes())
+                 for a, b in ident.pairs]
+        return Diagnosis(heads, pairs, len(rows), 0.0)
+    scope = engine.c[rows]
+    in_scope = engine.flat_index(heads)
+    contributions = scope[:, in_scope]
+    removed = contributions.sum(1, dtype=np.float64)
+    position = {int(r): i for i, r in enumerate(rows)}
+    pair_sets = []
+    for a, b in ident.pairs:
+        s: ErrorSets = ident.sets[_key(cache, a, b)]
+        pair_sets.append((a, b, np.array([position[int(r)] for r in s.W], dtype=np.int64),
+                          np.array([position[int(r)] for r in s.C], dtype=np.int64)))
+    pairs, total = diagnose_removed(removed, contributions, heads, vocab, cache.text, cache.classes, pair_sets, k, tau,
+                                    scope, in_scope)
+    for p in pairs:
+        p.notes.append(f"Measured on {len(rows)} images (labelled samples and unlabelled adaptation images of the "
+                       f"pair's classes; no evaluation image).")
+    return Diagnosis(heads, pairs, len(rows), total)
+
+
+def _key(cache: Any, a: int, b: int) -> str:
+    return f"{cache.classes[a]}→{cache.classes[b]}"
+
+
+# -- known-attribute mode (the paper's "TextSpan *" made usable) ----------------------------------
+
+def phrase_direction(emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
+    """The unit text direction from the phrases ``b`` to the phrases ``a`` ("on water" vs "on land"):
+    the difference of their mean normalised embeddings."""
+    a, b = np.atleast_2d(np.asarray(emb_a, dtype=np.float64)), np.atleast_2d(np.asarray(emb_b, dtype=np.float64))
+    if not len(a) or not len(b):
+        raise RefineClipError("Give at least one phrase on each side (e.g. 'on water' and 'on land').")
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)   # noqa: E731
+    d = unit(a).mean(0) - unit(b).mean(0)
+    n = np.linalg.norm(d)
+    if n <= 1e-6:
+        raise RefineClipError("The two sides' phrases embed to the same direction; make them differ "
+                              "(e.g. 'a photo on water' vs 'a photo on land').")
+    return d / n
+
+
+@dataclass
+class AttributeHeads:
+    """Heads ranked by how much of a typed attribute direction they write (known-attribute mode).
+
+    ``shares[h]`` is head ``h``'s part of the embedding's variance along the direction,
+    ``Cov(c_h·u, E·u) / Var(E·u)`` over the images (the heads in scope and the rest of Eq. 4 add
+    up to 1); ``heads`` is the prefix of the ranking with the largest utility U (Eq. 10) on the
+    labelled samples, as the consensus chooses its prefix, so the set goes to Ablate and Refine
+    like the protocol's choice."""
+
+    side_a: list[str]
+    side_b: list[str]
+    ranking: list[HeadId]
+    shares: dict[str, float]
+    heads: list[HeadId]
+    curve: list[float]
+    baseline_utility: float
+    n_images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"side_a": list(self.side_a), "side_b": list(self.side_b), "ranking": [str(h) for h in self.ranking],
+                "shares": dict(self.shares), "heads": [str(h) for h in self.heads], "curve": list(self.curve),
+                "baseline_utility": self.baseline_utility, "n_images": self.n_images}
+
+
+def attribute_shares(engine: AblationEngine, direction: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Each head's share of the variance of ``E·u`` over ``rows`` (flat head order of ``engine``)."""
+    u = np.asarray(direction, dtype=np.float64)
+    e = engine.E[rows].astype(np.float64) @ u
+    e -= e.mean()
+    var = float(e @ e)
+    if var <= 0:
+        return np.zeros(engine.c.shape[1])
+    c = engine.c[rows].astype(np.float64) @ u
+    c -= c.mean(0, keepdims=True)
+    return (c.T @ e) / var
+
+
+def attribute_heads(cache: Any, ident: Identification, side_a: Sequence[str], side_b: Sequence[str],
+                    direction: np.ndarray, engine: AblationEngine | None = None, top_t: int | None = None
+                    ) -> AttributeHeads:
+    """Rank every head in scope by its share of the typed attribute ``direction``
+    (:func:`phrase_direction`) over the identification's non-evaluation images, and choose the
+    prefix (up to ``top_t``, default the protocol's T) by utility on the labelled samples."""
+    engine = engine or make_engine(cache)
+    rows = np.union1d(ident.sample_rows, ident.adapt_rows)
+    shares = attribute_shares(engine, direction, rows)
+    ids = engine.head_ids()
+    order = np.argsort(-shares, kind="stable")
+    ranking = [ids[i] for i in order]
+    t_max = max(1, min(top_t or ident.config.top_t, len(ranking)))
+    t, _, curve, base = best_prefix(engine, ranking[:t_max], ident.sample_rows, cache.labels)
+    return AttributeHeads(list(side_a), list(side_b), ranking, {str(ids[i]): float(shares[i]) for i in order},
+                          ranking[:t], [float(x) for x in curve], float(base), len(rows))
+
+
+# -- evidence for a head and for a known truth ----------------------------------------------------
+
+def group_profile(values: np.ndarray, groups: Sequence[str]) -> dict[str, tuple[float, float, int]]:
+    """``{group: (mean, standard deviation, count)}`` of ``values`` (groups in first-seen order)."""
+    values = np.asarray(values, dtype=np.float64)
+    out: dict[str, tuple[float, float, int]] = {}
+    for g in dict.fromkeys(groups):
+        v = values[[i for i, x in enumerate(groups) if x == g]]
+        out[g] = (float(v.mean()), float(v.std()), int(len(v)))
+    return out
+
+
+def separation_auc(values: np.ndarray, positive: np.ndarray) -> float:
+    """How well ``values`` separate two kinds of images, direction-free: max(AUC, 1 − AUC) of
+    the Mann-Whitney statistic (0.5 = no separation, 1 = perfect); NaN without both kinds."""
+    values, positive = np.asarray(values, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    if not n1 or not n0:
+        return float("nan")
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    sorted_v = values[order]
+    i = 0
+    while i < len(values):                               # average ranks over ties
+        j = i
+        while j + 1 < len(values) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    auc = (ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return float(max(auc, 1 - auc))
