@@ -16,7 +16,7 @@ from typing import Sequence
 from ..errors import RefineClipError
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = ("extract", "check_decomposition", "zero_shot", "score", "refine", "evaluate", "demo_data", "reproduce")
+COMMANDS = ("extract", "check_decomposition", "zero_shot", "score", "explain", "refine", "evaluate", "demo_data", "reproduce")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..features.cache import atomic_write_bytes
 from ..features.decomposition import parse_heads
-from ..loading.models import ModelSpec
+from ..inspection.diagnosis import diagnose, load_vocabulary
+from ..loading.models import ModelSpec, load_model
 from ..method.edit import FitConfig
 from ..method.protocol import DEFAULT_EDIT, EditConfig, identify, make_engine
 from ..method.refinement import RefineConfig
@@ -50,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fail-if-worse", action="store_true",
                    help="exit with status 3 (after writing everything) when the exported edit made the worst group, "
                         "the edited classes or the other classes significantly worse on held-out images")
+    p.add_argument("--no-diagnosis", action="store_true",
+                   help="skip the diagnosis that leads the run report (it loads the model to embed the text pool)")
+    p.add_argument("--text-pool", help="descriptions for the diagnosis, one per line (default: the shipped pool)")
     p.add_argument("--out", help="write the merged checkpoint here (.safetensors or .pt)")
     p.add_argument("--json", help="write the run report (metrics and run configuration) here (default: print)")
     p.add_argument("--html", help="also write the run report as a self-contained HTML page here")
@@ -70,9 +74,16 @@ def run(args: argparse.Namespace) -> int:
     engine = make_engine(cache)
     ident = identify(cache, protocol(args), engine)
     heads = None if args.heads == "auto" else parse_heads(args.heads, cache.manifest.layers, cache.manifest.n_heads)
-    edit = run_edit(cache, ident, engine, edit_config(args), heads, spec=ModelSpec(**cache.manifest.model),
+    spec = ModelSpec(**cache.manifest.model)
+    loaded = diagnosis = None
+    if not args.no_diagnosis:
+        loaded = load_model(spec)
+        diagnosis = diagnose(cache, ident, load_vocabulary(loaded, args.text_pool), heads, engine)
+        print(f"why: {diagnosis.sentence}", file=sys.stderr)
+    edit = run_edit(cache, ident, engine, edit_config(args), heads, spec=spec, loaded=loaded,
                     export_to=args.out, baselines=not args.no_baselines,
-                    progress=progress_bar("refine", unit="step"), extra={"heads_arg": args.heads})
+                    progress=progress_bar("refine", unit="step"), extra={"heads_arg": args.heads},
+                    diagnosis=diagnosis)
     if edit.checkpoint is not None:
         print(f"wrote {edit.checkpoint}", file=sys.stderr)
     print(f"{edit.outcome.exported}: {edit.outcome.verdict.summary()}", file=sys.stderr)

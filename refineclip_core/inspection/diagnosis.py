@@ -617,3 +617,45 @@ def separation_auc(values: np.ndarray, positive: np.ndarray) -> float:
         i = j + 1
     auc = (ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
     return float(max(auc, 1 - auc))
+
+
+# -- one call for the CLI, the report and notebooks -------------------------------------------------
+
+def load_vocabulary(loaded: Any, pool_path: Any = None, cache_path: Any = None) -> ConceptVocabulary:
+    """The concept vocabulary of a text pool (default: the shipped one) embedded by ``loaded``;
+    the pool's embeddings are cached in ``cache_path`` (default: the studio home's ``text-pools``)."""
+    from ..home import studio_home
+    from .textspan import DEFAULT_TEXT_POOL, encode_text_pool, load_text_pool
+
+    texts = load_text_pool(pool_path or DEFAULT_TEXT_POOL)
+    emb = encode_text_pool(loaded, texts, cache_path or studio_home() / "text-pools")
+    return concept_vocabulary(texts, emb)
+
+
+def attribute_direction(loaded: Any, side_a: Sequence[str], side_b: Sequence[str]) -> np.ndarray:
+    """:func:`phrase_direction` of two lists of typed phrases, embedded by ``loaded``."""
+    from ..features.zeroshot import encode_texts
+
+    a, b = [p.strip() for p in side_a if p.strip()], [p.strip() for p in side_b if p.strip()]
+    if not a or not b:
+        raise RefineClipError("Give at least one phrase on each side (e.g. 'on water' and 'on land').")
+    return phrase_direction(encode_texts(loaded, a).numpy(), encode_texts(loaded, b).numpy())
+
+
+def summary_lines(diagnosis: Diagnosis, n_concepts: int = 5) -> list[str]:
+    """The diagnosis for people: each pair's sentence, then its ranked concepts (share of the removed
+    variance, W-vs-C contrast, coverage, carrying heads)."""
+    lines = []
+    for p in diagnosis.pairs:
+        lines.append(p.sentence)
+        for i, c in enumerate(p.concepts[:n_concepts], start=1):
+            contrast = "–" if c.contrast is None else f"{c.contrast:+.2f} sd"
+            cover = "" if c.coverage is None else f", {c.coverage:.0%} of it in scope"
+            other = f" (vs {c.opposite})" if c.opposite else ""
+            lines.append(f"  {i}. {c.text}{other}: {c.share:.0%} of the removed variance, errors vs correct "
+                         f"{contrast}{cover}; heads {', '.join(c.heads)}")
+        if p.class_concept:
+            lines.append(f"  What tells {p.true} from {p.wrong} in text: {p.class_concept} "
+                         f"({p.class_share_alone:.0%} of the removed variance alone, {p.class_share:.0%} beyond "
+                         f"the lead concept)")
+    return lines

@@ -43,6 +43,9 @@ from ..features.decomposition import HeadId
 #: rounding noise).
 MIN_RESIDUAL = 1e-3
 
+#: The text pool shipped with the project (``python -m refineclip_core.demo.text_pool`` writes it).
+DEFAULT_TEXT_POOL = Path(__file__).resolve().parents[2] / "assets" / "text_pool.txt"
+
 #: Relative threshold under which a head's total variance counts as zero.
 ZERO_VARIANCE_RTOL = 1e-12
 

@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 
 from ..features.cache import FeatureCache, atomic_write_bytes
 from ..features.decomposition import HeadId
+from ..inspection.diagnosis import Diagnosis
 from ..loading.models import LoadedModel, ModelSpec, load_model
 from ..method.ablation import AblationEngine
 from ..method.protocol import DEFAULT_EDIT, EditConfig, Identification, RefineOutcome, run_refinement
@@ -40,11 +41,12 @@ def scores_to_dict(scores: Mapping[str, HeadScores]) -> dict[str, dict]:
 def build_run_report(cache: FeatureCache, ident: Identification, engine: AblationEngine,
                      outcome: RefineOutcome | None = None, *, model: Mapping[str, Any] | None = None,
                      data_root: str | None = None, checkpoint: Path | None = None,
-                     extra: Mapping[str, Any] | None = None) -> dict:
+                     extra: Mapping[str, Any] | None = None, diagnosis: Diagnosis | None = None) -> dict:
     """Everything about one run, JSON-safe: what was loaded, which rows, which heads, the
-    scores and curves behind the choice (Eq. 6-10), the refinement (Eq. 11-13), every compared
-    method's accuracies (``methods``, name → report) and which of them was ``exported`` to
-    ``checkpoint``."""
+    scores and curves behind the choice (Eq. 6-10), the diagnosis of what removing the heads
+    takes out (:mod:`~refineclip_core.inspection.diagnosis`, when given), the refinement (Eq. 11-13),
+    every compared method's accuracies (``methods``, name → report) and which of them was
+    ``exported`` to ``checkpoint``."""
     import torch
 
     from .. import __version__
@@ -76,6 +78,8 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         "heads": [h.as_list() for h in heads],
         "findings": findings(cache, ident, engine).to_dict(),
     }
+    if diagnosis is not None:
+        report["diagnosis"] = diagnosis.to_dict()
     if outcome is not None:
         report["refine_config"] = outcome.config.to_dict()
         report["history"] = outcome.refinement.history
@@ -106,11 +110,11 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
              heads: Sequence[HeadId] | None = None, *, spec: ModelSpec, export_to: str | os.PathLike | None = None,
              loaded: LoadedModel | None = None, data_root: str | None = None, baselines: bool = True,
              progress: Progress | None = None, cancel: CancelFn | None = None,
-             extra: Mapping[str, Any] | None = None) -> EditRun:
+             extra: Mapping[str, Any] | None = None, diagnosis: Diagnosis | None = None) -> EditRun:
     """Fit the edit ``cfg`` with ``heads`` (default: the identification's) removed in the teacher,
     compare every method on the evaluation rows (the guard's verdict included), export the edit
     merged into ``visual.proj`` to ``export_to`` (when given; the model is loaded from ``spec``
-    unless ``loaded`` is passed) and build the run report."""
+    unless ``loaded`` is passed) and build the run report (led by ``diagnosis`` when given)."""
     outcome = run_refinement(cache, ident, cfg, None if heads is None else list(heads), engine,
                              baselines=baselines, progress=progress, cancel=cancel)
     checkpoint = None
@@ -120,7 +124,7 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
         checkpoint = export_checkpoint(spec.resolved().checkpoint, loaded.model, outcome.refinement.refined,
                                        export_to)
     report = build_run_report(cache, ident, engine, outcome, model=spec.to_dict(), data_root=data_root,
-                              checkpoint=checkpoint, extra=extra)
+                              checkpoint=checkpoint, extra=extra, diagnosis=diagnosis)
     return EditRun(outcome, checkpoint, report)
 
 
@@ -153,6 +157,28 @@ def _table(rows: Mapping[str, Mapping[str, Any]], first: str = "method") -> str:
         "".join(f"<td>{html.escape(format_cell(r.get(c)) if isinstance(r.get(c), Mapping) or r.get(c) is None else str(r.get(c)))}</td>"
                 for c in cols) + "</tr>"
         for name, r in rows.items())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def diagnosis_rows(diagnosis: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The diagnosed concepts (first error pair) as table rows of plain strings."""
+    rows = []
+    for c in diagnosis.get("concepts") or []:
+        contrast, coverage = c.get("contrast"), c.get("coverage")
+        rows.append({"concept": c["text"], "versus": c.get("opposite") or "–", "share": f"{c['share']:.0%}",
+                     "contrast": "–" if contrast is None else f"{contrast:+.2f}",
+                     "coverage": "–" if coverage is None else f"{coverage:.0%}", "heads": ", ".join(c["heads"]),
+                     "examples": "; ".join(c.get("descriptions") or [])})
+    return rows
+
+
+def _text_table(rows: Sequence[Mapping[str, str]]) -> str:
+    """An HTML table of plain strings, every one escaped."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -192,6 +218,10 @@ def render_html(report: Mapping[str, Any]) -> str:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(report.get('title', 'Report'))}"
              f"</title><style>{_CSS}</style></head><body>"]
     parts.append(f"<h1>{html.escape(report.get('title', 'RefineCLIP run report'))}</h1>")
+    diagnosis = report.get("diagnosis")
+    if diagnosis and diagnosis.get("sentence"):
+        parts.append("<p style='font-size:1.15rem;background:#f3f6fb;border-left:4px solid #3b6fb6;padding:.6rem 1rem'>"
+                     f"<b>Why:</b> {html.escape(diagnosis['sentence'])}</p>")
     parts.append(f"<p class='muted'>Created {html.escape(str(report.get('created', '')))} · model "
                  f"{html.escape(str(report.get('model_name', '')))} · "
                  + html.escape(", ".join(f"{k} {v}" for k, v in (report.get("versions") or {}).items())) + "</p>")
@@ -231,6 +261,12 @@ def render_html(report: Mapping[str, Any]) -> str:
                  f"({html.escape(sets_text)}); the edit adapted on {report.get('n_adapt', '?')} unlabelled images; "
                  f"accuracies on {report.get('n_eval', '?')} held-out images, each with its 95% interval "
                  f"[low, high] and image count n.</p>")
+    if diagnosis and diagnosis.get("concepts"):
+        parts.append("<h2>What the removed heads carry</h2><p class='muted'>Concepts of the text pool, ranked by their "
+                     "share of the variance of what removing the heads takes out of the embedding; contrast: how much "
+                     "more the misclassified images carry it than the correct ones (standard deviations); coverage: "
+                     "the removed heads' part of that concept among all heads in scope.</p>"
+                     + _text_table(diagnosis_rows(diagnosis)))
     if methods:
         parts.append("<h2>Results</h2>" + _table(method_summary(methods)))
         groups = per_key_table(methods, "per_group")
