@@ -13,6 +13,7 @@ from refineclip_core.reporting.figures import score_grid_figure, utility_figure
 from studio_ui.registry import page
 from studio_ui.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
                              set_protocol)
+from studio_ui.panels import attribute_panel
 from studio_ui.widgets import link, require_ready
 
 st.title(page("heads").heading)
@@ -130,6 +131,7 @@ chosen = cands[:t_choice]
 c[2].markdown(f"Set: **{', '.join(str(h) for h in chosen)}**")
 if st.button("Use this set", type="primary", key="heads_use_set"):
     set_ablate_heads(chosen)
+attribute_panel(ready, ident)
 current = ablate_heads()
 if current is not None:
     st.success(f"Head set for Ablate and Refine: {', '.join(str(h) for h in current) or 'none'}",

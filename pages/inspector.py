@@ -13,6 +13,7 @@ from refineclip_core.method.scores import head_push
 from refineclip_core.reporting.figures import push_figure
 from studio_ui import resources
 from studio_ui.registry import page
+from studio_ui.panels import head_concept_panel
 from studio_ui.state import Key, get, inspect_head, put, set_inspect_head
 from studio_ui.widgets import guard, image_grid, link, require_ready, show_exception
 
@@ -78,6 +79,9 @@ elif desc is not None:
     st.caption(f"Text pool: {len(resources.text_pool(src.spec_json)[0])} descriptions (assets/text_pool.txt); total "
                f"variance of the head {desc.total_variance:.4g}.")
 
+st.markdown("**Which diagnosed concept it carries**")
+head_concept_panel(ready, ident, head)
+
 # --- 2. Push toward the wrong class ---------------------------------------------------------------
 st.subheader(f"Where it pushes toward “{classes[b]}”")
 st.caption(f"For each image of {classes[a]}: how much removing this head (Eq. 5) moves it toward {classes[a]} "
@@ -104,23 +108,28 @@ chosen = c[0].multiselect("Images", options, default=options[:3], format_func=na
                           key="insp_cam_rows")
 target = c[1].selectbox("Explain the logit of", list(range(len(classes))), index=b, format_func=lambda i: classes[i],
                         key="insp_cam_class")
-cam_key = (src.resource_key(), head, tuple(chosen), int(target))
-if st.button("Compute Grad-CAM", type="primary", key="insp_cam_btn", disabled=not chosen):
-    with st.spinner("Running Grad-CAM (whole model, then this head only)…"), guard("Grad-CAM"):
-        panels, skipped = gradcam_panels(ready.loaded(), cache.records, chosen, target, cache.text, [head])
+c = st.columns([1, 1, 2])
+scopes = {"insp_cam_btn": ([head], f"{head} only"), "insp_cam_set": (ident.heads, f"the {len(ident.heads)} blamed heads")}
+clicked = [k for k, col in zip(scopes, c) if col.button(f"Grad-CAM: {scopes[k][1]}", key=k, type="primary",
+                                                        disabled=not chosen or not scopes[k][0])]
+if clicked:
+    cam_heads, cam_name = scopes[clicked[0]]
+    with st.spinner(f"Running Grad-CAM (whole model, then {cam_name})…"), guard("Grad-CAM"):
+        panels, skipped = gradcam_panels(ready.loaded(), cache.records, chosen, target, cache.text, cam_heads)
         for s in skipped:
             st.warning(f"{s.path}: {s.reason}")
-        put(Key.GRADCAM, (cam_key, panels))
+        put(Key.GRADCAM, ((src.resource_key(), head, tuple(chosen), int(target)), cam_name, panels))
 cam = get(Key.GRADCAM)
-if cam and cam[0] == cam_key:
-    for p in cam[1]:
+if cam and cam[0] == (src.resource_key(), head, tuple(chosen), int(target)):
+    cam_name = cam[1]
+    for p in cam[2]:
         cols = st.columns([1, 1, 1, 2])
         cols[0].image(p.image, caption=f"{name_of.get(p.row, p.row)} (model input)")
         cols[1].image(p.whole, caption=f"whole model → {classes[target]}")
-        cols[2].image(p.head, caption=f"{head} only → {classes[target]}")
-        flat = [n for n, mx in (("whole model", p.whole_max), (str(head), p.head_max)) if mx <= 1e-6]
+        cols[2].image(p.head, caption=f"{cam_name} → {classes[target]}")
+        flat = [n for n, mx in (("whole model", p.whole_max), (cam_name, p.head_max)) if mx <= 1e-6]
         if flat:
             cols[3].caption(f"{' and '.join(flat)}: the map is zero everywhere — no region of this image raises the "
                             f"'{classes[target]}' logit through that path (Grad-CAM keeps positive evidence only).")
 elif chosen:
-    st.caption("Pick images and click 'Compute Grad-CAM' to compare the whole model with this head alone.")
+    st.caption("Pick images and click 'Compute Grad-CAM' to compare the whole model with this head or the blamed set.")

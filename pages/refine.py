@@ -11,6 +11,7 @@ from refineclip_core.reporting.findings import cell_estimate, format_cell, metho
 from refineclip_core.reporting.run_report import EditRun, render_html, report_json, run_edit
 from studio_ui.forms import edit_form
 from studio_ui.jobs import Job, start_job
+from studio_ui.panels import diagnosis_of
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, ticked_heads
 from studio_ui.widgets import follow_job, link, metric_ci, require_ready, show_exception
@@ -54,9 +55,10 @@ submitted = edit_form(seed=protocol().seed, disabled=not heads)
 if submitted is not None:
     cfg, baselines = submitted
     loaded, out = ready.loaded(), session_dir() / f"{cfg.exported}.safetensors"
+    diag = diagnosis_of(ready, ident, heads)      # leads the run report
     put(Key.REFINE_JOB, start_job(f"Fitting {cfg.exported}", lambda progress, cancelled: run_edit(
         cache, ident, eng, cfg, heads, spec=src.spec, export_to=out, loaded=loaded, data_root=src.data_root,
-        baselines=baselines, progress=progress, cancel=cancelled)))
+        baselines=baselines, progress=progress, cancel=cancelled, diagnosis=diag)))
 
 
 def live_losses(job: Job):

@@ -1,4 +1,5 @@
-"""The Load page's read-outs: the findings at a glance, and what the loaded data holds."""
+"""Read-outs shared by pages: the findings at a glance (led by the diagnosis), what the loaded data
+holds, what one head has to do with the diagnosis, and the known-attribute head ranking."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import streamlit as st
 
 from refineclip_core.errors import RefineClipError
 from refineclip_core.features.cache import FeatureCache
+from refineclip_core.features.decomposition import HeadId
+from refineclip_core.inspection.diagnosis import Diagnosis, attribute_direction, attribute_heads, head_evidence
+from refineclip_core.method.protocol import Identification
+from refineclip_core.reporting.figures import group_profile_figure
 from refineclip_core.loading.data import ImageDataset
 from refineclip_core.studio.source import Source
 
 from . import resources
 from .registry import PAGES
-from .state import Key, get, protocol, put
-from .widgets import Ready, link, metric_ci
+from .state import Key, ablate_heads, get, protocol, put, set_ablate_heads
+from .widgets import Ready, guard, link, metric_ci
 
 
 def findings_panel(ready: Ready) -> None:
@@ -27,6 +32,7 @@ def findings_panel(ready: Ready) -> None:
         return
     f = resources.findings(src, cache, ready.engine, ident)
     st.subheader("Findings at a glance")
+    diagnosis_lead(ready, ident)
     st.caption(f"Measured on {f.n_eval} held-out images (the {len(ident.sample_rows)} labelled samples used to "
                f"choose the heads are excluded) — the same images and numbers as the Ablate and Refine pages. "
                f"Each accuracy comes with its 95% interval and the number of images behind it.")
@@ -58,6 +64,90 @@ def findings_panel(ready: Ready) -> None:
     for col, name in zip(st.columns(len(others)), others):
         link(name, where=col)
     data_summary(src, cache)
+
+
+def diagnosis_of(ready: Ready, ident: Identification, heads: list[HeadId] | None = None) -> Diagnosis | None:
+    """The (cached) diagnosis of ``heads``, or None (with the reason shown) when it cannot be made."""
+    with guard("Naming what the removed heads carry"):
+        return resources.diagnosis(ready.source, ready.cache, ready.engine, ident, heads)
+    return None
+
+
+def diagnosis_lead(ready: Ready, ident: Identification, heads: list[HeadId] | None = None) -> Diagnosis | None:
+    """The diagnosis sentence in a box, its ranked concepts one click away (class names and typed
+    phrases are data: shown as plain text and in tables, never as Markdown)."""
+    diag = diagnosis_of(ready, ident, heads)
+    if diag is None:
+        return None
+    with st.container(border=True):
+        st.caption("Why, in words (what removing the blamed heads takes out of the embedding, named by the "
+                   "text pool's concepts; checked on the demo world where the cue is known):")
+        for pair in diag.pairs:
+            st.text(pair.sentence)
+        with st.expander(f"The ranked concepts ({len(diag.concepts)}) and the heads that carry them"):
+            st.dataframe(pd.DataFrame([{
+                "concept": c.text, "versus": c.opposite or "–", "share of removed variance": c.share,
+                "errors vs correct (sd)": c.contrast, "coverage in scope": c.coverage,
+                "heads": ", ".join(c.heads), "examples": "; ".join(c.descriptions)} for c in diag.concepts]),
+                hide_index=True, column_config={
+                    "share of removed variance": st.column_config.NumberColumn(format="percent"),
+                    "coverage in scope": st.column_config.NumberColumn(format="percent"),
+                    "errors vs correct (sd)": st.column_config.NumberColumn(format="%+.2f")})
+            for pair in diag.pairs:
+                for note in pair.notes:
+                    st.caption(note)
+    return diag
+    return None
+
+
+def head_concept_panel(ready: Ready, ident: Identification, head: HeadId) -> None:
+    """Which diagnosed concept ``head`` carries, and its contribution along it per image group."""
+    with guard("Relating the head to the diagnosis"):
+        diag = resources.diagnosis(ready.source, ready.cache, ready.engine, ident)
+        ev = head_evidence(ready.cache, diag, ready.engine, head, ident.target_classes)
+        if ev.concept is None:
+            st.caption("No diagnosis to relate this head to (no head is blamed for this pair).")
+            return
+        role = "one of the blamed heads" if ev.in_set else "not among the blamed heads"
+        st.text(f"{head} ({role}) writes {ev.share:.0%} of the diagnosed concept “{ev.concept.text}” among all "
+                f"{ev.concept.n_scope} heads in scope (that concept is {ev.concept.share:.0%} of what removing the "
+                f"blamed heads takes out).")
+        st.plotly_chart(group_profile_figure(ev.profile, ev.concept.text), key="insp_profile")
+        st.caption("Its contribution along that concept (mean ± sd per group, every image of the pair's classes): "
+                   "a head that carries the cue separates the groups by the cue, not by the class.")
+
+
+def attribute_panel(ready: Ready, ident: Identification) -> None:
+    """Known-attribute mode (the paper's TextSpan*): rank heads by a typed cue, hand the set on."""
+    with st.expander("Suspect a cue? Rank the heads by it (known-attribute mode)"):
+        with st.form("heads_attr_form"):
+            c = st.columns(2)
+            a = c[0].text_input("Phrases for the cue (comma-separated)", "a water background, on water",
+                                key="heads_attr_a")
+            b = c[1].text_input("Contrasting phrases", "a land background, on land", key="heads_attr_b")
+            go = st.form_submit_button("Rank the heads by this cue")
+        if go:
+            with guard("Ranking the heads by the typed cue"):
+                side_a, side_b = [x for x in a.split(",") if x.strip()], [x for x in b.split(",") if x.strip()]
+                u = attribute_direction(ready.loaded(), side_a, side_b)
+                put(Key.ATTRIBUTE, attribute_heads(ready.cache, ident, side_a, side_b, u,
+                                                   ident.ablation_engine(ready.engine)))
+        res = get(Key.ATTRIBUTE)
+        if res is None:
+            st.caption("Heads are ranked by their share of the embedding's variance along the direction from the "
+                       "contrasting phrases to the cue's; the best-utility prefix (Eq. 10) becomes the set.")
+            return
+        st.dataframe(pd.DataFrame({"head": [str(h) for h in res.ranking[:15]],
+                                   "share of the cue direction": [res.shares[str(h)] for h in res.ranking[:15]],
+                                   "in the set": [h in res.heads for h in res.ranking[:15]]}),
+                     hide_index=True, column_config={"share of the cue direction":
+                                                     st.column_config.NumberColumn(format="percent")})
+        st.text(f"Cue: {' / '.join(res.side_a)}  versus  {' / '.join(res.side_b)} · set: "
+                f"{', '.join(str(h) for h in res.heads) or 'none'}")
+        if st.button("Use the cue's set for Ablate and Refine", key="heads_attr_use", disabled=not res.heads):
+            set_ablate_heads(res.heads)
+        if ablate_heads() == res.heads:
+            st.success("The cue's heads are the set for Ablate and Refine.", icon=":material/check_circle:")
 
 
 def data_summary(src: Source, cache: FeatureCache) -> None:

@@ -18,6 +18,7 @@ from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.features.zeroshot import predict
 from refineclip_core.home import studio_home
+from refineclip_core.inspection.diagnosis import ConceptVocabulary, Diagnosis, concept_vocabulary, diagnose
 from refineclip_core.inspection.textspan import (DEFAULT_TEXT_POOL, HeadDescription, describe_heads, encode_text_pool,
                                                  load_text_pool)
 from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
@@ -84,6 +85,27 @@ def text_pool(spec_json: str, pool_path: str = str(TEXT_POOL)) -> tuple[list[str
     texts = load_text_pool(pool_path)
     emb = encode_text_pool(model(spec_json), texts, cache_path=studio_home() / "text-pools")
     return texts, emb
+
+
+@st.cache_resource(show_spinner="Grouping the description pool into concepts…", max_entries=4)
+def vocabulary(spec_json: str) -> ConceptVocabulary:
+    """The text pool's word concepts (:func:`~refineclip_core.inspection.diagnosis.concept_vocabulary`)."""
+    texts, emb = text_pool(spec_json)
+    return concept_vocabulary(texts, emb)
+
+
+@st.cache_resource(show_spinner="Naming what the removed heads carry…", max_entries=64)
+def _diagnosis(key: str, protocol_json: str, heads: tuple, spec_json: str, _cache: FeatureCache,
+               _ident: Identification, _engine: AblationEngine) -> Diagnosis:
+    return diagnose(_cache, _ident, vocabulary(spec_json), [HeadId(*h) for h in heads], _engine)
+
+
+def diagnosis(source: Source, cache: FeatureCache, eng: AblationEngine, ident: Identification,
+              heads: list[HeadId] | None = None) -> Diagnosis:
+    """The diagnosis of ``heads`` (default: the identification's) for the identification's pairs."""
+    hs = tuple((h.layer, h.head) for h in (ident.heads if heads is None else heads))
+    return _diagnosis(source.resource_key(), json.dumps(ident.config.to_dict(), sort_keys=True), hs,
+                      source.spec_json, cache, ident, eng)
 
 
 @st.cache_resource(show_spinner="Describing the head…", max_entries=256)

@@ -31,6 +31,7 @@ class Key:
     INSPECT_PICK = "insp_head"            # widget: the Head inspector's head picker
     INSPECT_SYNCED = "insp_synced"        # the head the inspector's pickers were last set to
     GRADCAM = "insp_gradcam"              # the last Grad-CAM panels of the Head inspector
+    ATTRIBUTE = "heads_attribute"         # the last known-attribute head ranking (an AttributeHeads)
     REFINE = "refine"                     # the last refinement run of this session (an EditRun)
     REFINE_JOB = "ref_job"                # a running refinement (a Job)
     DEMO_JOB = "demo_job"                 # the demo being prepared on the first visit (a Job)
@@ -99,7 +100,7 @@ def protocol() -> ProtocolConfig:
 def set_protocol(**changes) -> None:
     """Change the identification settings; a head set handed on for the old ones is dropped."""
     put(Key.PROTOCOL, {**protocol().to_dict(), **changes})
-    drop(Key.ABLATE_HEADS)
+    drop(Key.ABLATE_HEADS, Key.ATTRIBUTE)
 
 
 def inspect_head() -> HeadId | None:

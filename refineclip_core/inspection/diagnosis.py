@@ -324,6 +324,7 @@ class Diagnosis:
     pairs: list[PairDiagnosis]
     n_images: int
     total_variance: float
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
 
     @property
     def sentence(self) -> str:
@@ -490,7 +491,7 @@ def diagnose(cache: Any, ident: Identification, vocab: ConceptVocabulary, heads:
         pairs = [PairDiagnosis(cache.classes[a], cache.classes[b], f"{cache.classes[a]} → {cache.classes[b]}: {why}.",
                                [], [], "", 0.0, 0.0, 1.0, ident.sets[_key(cache, a, b)].sizes())
                  for a, b in ident.pairs]
-        return Diagnosis(heads, pairs, len(rows), 0.0)
+        return Diagnosis(heads, pairs, len(rows), 0.0, rows)
     scope = engine.c[rows]
     in_scope = engine.flat_index(heads)
     contributions = scope[:, in_scope]
@@ -506,7 +507,7 @@ def diagnose(cache: Any, ident: Identification, vocab: ConceptVocabulary, heads:
     for p in pairs:
         p.notes.append(f"Measured on {len(rows)} images (labelled samples and unlabelled adaptation images of the "
                        f"pair's classes; no evaluation image).")
-    return Diagnosis(heads, pairs, len(rows), total)
+    return Diagnosis(heads, pairs, len(rows), total, rows)
 
 
 def _key(cache: Any, a: int, b: int) -> str:
@@ -587,6 +588,39 @@ def attribute_heads(cache: Any, ident: Identification, side_a: Sequence[str], si
 
 
 # -- evidence for a head and for a known truth ----------------------------------------------------
+
+@dataclass
+class HeadEvidence:
+    """What one head has to do with a diagnosis: its share of each diagnosed concept among every
+    head in scope (``shares``, the first pair's concepts in order), the concept it writes most of
+    (``concept``), and its contribution along that concept per image group (``profile``:
+    ``{group: (mean, sd, n)}`` over every cached image of the pair's classes)."""
+
+    head: HeadId
+    in_set: bool
+    shares: list[float]
+    concept: Concept | None
+    share: float
+    profile: dict[str, tuple[float, float, int]]
+
+
+def head_evidence(cache: Any, diagnosis: Diagnosis, engine: AblationEngine, head: HeadId,
+                  classes: Sequence[int]) -> HeadEvidence:
+    """:class:`HeadEvidence` of ``head`` for ``diagnosis`` (computed on the diagnosis' images; the
+    profile on every image of ``classes``)."""
+    concepts = diagnosis.concepts
+    k = int(engine.flat_index([head])[0])
+    scope = engine.c[diagnosis.rows]
+    shares = [float(head_shares(scope, c.direction)[k]) for c in concepts] if len(diagnosis.rows) else []
+    if not shares:
+        return HeadEvidence(head, head in diagnosis.heads, [], None, 0.0, {})
+    best = int(np.argmax(np.asarray(shares) * np.asarray([c.share for c in concepts])))
+    rows = np.flatnonzero(np.isin(cache.labels, list(classes)))
+    values = engine.c[rows, k].astype(np.float64) @ concepts[best].direction
+    groups = [cache.records[r].group or cache.classes[cache.labels[r]] for r in rows]
+    return HeadEvidence(head, head in diagnosis.heads, shares, concepts[best], shares[best],
+                        group_profile(values, groups))
+
 
 def group_profile(values: np.ndarray, groups: Sequence[str]) -> dict[str, tuple[float, float, int]]:
     """``{group: (mean, standard deviation, count)}`` of ``values`` (groups in first-seen order)."""

@@ -8,6 +8,7 @@ They take plain numbers (lists, dicts, arrays), so the HTML report can be rebuil
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -150,6 +151,22 @@ def push_figure(push: Sequence[float], groups: Sequence[str], wrong_class: str) 
     fig.add_hline(y=0, line_color="#999")
     fig.update_layout(template="plotly_white", height=320, showlegend=False, margin=dict(l=50, r=20, t=20, b=40),
                       yaxis_title=f"push toward {wrong_class}")
+    return fig
+
+
+def group_profile_figure(profile: Mapping[str, Sequence[float]], concept: str) -> go.Figure:
+    """A head's contribution along a diagnosed concept per image group: mean ± standard deviation
+    (``profile``: ``{group: (mean, sd, n)}``, :func:`~refineclip_core.inspection.diagnosis.group_profile`)."""
+    names = list(profile)
+    mean = [float(profile[g][0]) for g in names]
+    labels = [html.escape(str(g)) for g in names]        # group names are data: never markup
+    sd = [float(profile[g][1]) for g in names]
+    n = [int(profile[g][2]) for g in names]
+    fig = go.Figure(go.Bar(x=labels, y=mean, error_y=dict(type="data", array=sd, visible=True), marker_color="#3b6fb6",
+                           customdata=n, hovertemplate="%{x}<br>mean %{y:.4f} (n=%{customdata})<extra></extra>"))
+    fig.add_hline(y=0, line_color="#999")
+    fig.update_layout(template="plotly_white", height=260, showlegend=False, margin=dict(l=50, r=20, t=10, b=40),
+                      yaxis_title=html.escape(f"along {concept}"[:60]))
     return fig
 
 
