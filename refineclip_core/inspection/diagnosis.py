@@ -86,6 +86,11 @@ MERGE_OVERLAP = 0.8
 that nearly always come together ("clip art"). A modifier that always comes with a more common
 noun ("flat" in "flat bill") stays a concept of its own."""
 
+ENRICHMENT_MIN = 1.5
+"""The lead concept is pinned on the removed heads when they hold at least this many times the part
+of it that as many heads drawn at random would (capped halfway to the most a set of their size can
+hold, ``(1 + n_scope / |S|) / 2``)."""
+
 CONTRAST_MIN = 0.5
 """A concept counts as differing between the misclassified and the correct images when its
 activation differs by at least this many standard deviations."""
@@ -268,7 +273,9 @@ class Concept:
     part's push toward the wrong class; ``heads`` the heads writing at least
     :data:`HEAD_MIN_SHARE` of it (``head_shares``: every head's split, summing to 1);
     ``coverage`` the set's part of the concept's variance when the split is over all ``n_scope``
-    heads in scope (a random set of k heads covers about k / n_scope of a concept spread evenly)."""
+    heads in scope, and ``enrichment`` that coverage over the set's share of the heads: the split
+    sums to 1 over the heads in scope, so a set of k heads drawn at random holds k / n_scope of any
+    fixed concept on average (enrichment 1)."""
 
     text: str
     opposite: str
@@ -279,6 +286,7 @@ class Concept:
     push: float
     coverage: float | None = None    # the set's part of this concept among every head in scope
     n_scope: int = 0
+    enrichment: float | None = None  # coverage / (|S| / n_scope)
     words: list[str] = field(default_factory=list)
     opposite_words: list[str] = field(default_factory=list)
     descriptions: list[str] = field(default_factory=list)
@@ -287,7 +295,7 @@ class Concept:
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "opposite": self.opposite, "share": self.share, "heads": list(self.heads),
                 "head_shares": dict(self.head_shares), "contrast": self.contrast, "push": self.push,
-                "coverage": self.coverage, "n_scope": self.n_scope,
+                "coverage": self.coverage, "n_scope": self.n_scope, "enrichment": self.enrichment,
                 "words": list(self.words), "opposite_words": list(self.opposite_words),
                 "descriptions": list(self.descriptions)}
 
@@ -307,9 +315,10 @@ class PairDiagnosis:
     unexplained: float               # 1 − Σ shares of the concepts listed
     sets: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    verdict: str = "none"            # "shortcut" (a lead concept the heads concentrate), "diffuse", "none"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"true": self.true, "wrong": self.wrong, "sentence": self.sentence,
+        return {"true": self.true, "wrong": self.wrong, "sentence": self.sentence, "verdict": self.verdict,
                 "concepts": [c.to_dict() for c in self.concepts], "lead": list(self.lead),
                 "class_concept": self.class_concept, "class_share": self.class_share,
                 "class_share_alone": self.class_share_alone, "unexplained": self.unexplained,
@@ -425,6 +434,7 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
                 head_shares={str(heads[i]): float(hs[i]) for i in order},
                 contrast=None if contrast is None else sign * contrast, push=sign * pc, coverage=cov,
                 n_scope=0 if scope is None else scope.shape[1],
+                enrichment=None if cov is None else cov * scope.shape[1] / len(heads),
                 words=pole, opposite_words=other, descriptions=_descriptions(vocab, p.members, sign, sign * p.direction),
                 direction=sign * p.direction))
         out.append(_pair_diagnosis(X, total, concepts, vocab, text, classes, true, wrong, len(W), len(C)))
@@ -450,14 +460,21 @@ def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab:
         cls_alone = _residual_share(X, total, d, [])
         cls_resid = _residual_share(X, total, d, [concepts[i].direction for i in lead])
     unexplained = 1.0 - sum(c.share for c in concepts)
+    verdict = "none"
     if not concepts:
         sentence = f"{y} → {yhat}: the removed heads do not vary over these images, so there is nothing to name."
     elif lead:
         c = concepts[lead[0]]
         why = (f"more in the misclassified {y} images than in the correct ones" if oriented
                else f"pushing {y} images toward {yhat}")
-        sentence = f"{y} → {yhat}: the removed heads carry {c.text} ({c.share:.0%} of the removed variance, {why})"
-        if cls_label:
+        k = round(c.n_scope * c.coverage / c.enrichment) if c.enrichment else 0
+        pinned = c.enrichment is None or c.enrichment >= min(ENRICHMENT_MIN, (1 + c.n_scope / max(k, 1)) / 2)
+        verdict = "shortcut" if pinned else "diffuse"
+        held = "" if c.enrichment is None else f"; {c.enrichment:.1f}× what {k} heads at random would hold"
+        sentence = f"{y} → {yhat}: the removed heads carry {c.text} ({c.share:.0%} of the removed variance, {why}{held})"
+        if not pinned:
+            sentence += ", but not more of it than their number: the set does not pin the shortcut down."
+        elif cls_label:
             sentence += (f", not {cls_label} ({cls_resid:.0%})." if cls_resid < 0.5 * c.share
                          else f", and also {cls_label} ({cls_resid:.0%}), which tells the classes apart.")
         else:
@@ -467,7 +484,7 @@ def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab:
         sentence = (f"{y} → {yhat}: the removed heads carry mostly {c.text} ({c.share:.0%} of the removed variance), "
                     f"which does not set the misclassified {y} images apart: no clear shortcut in these heads.")
     return PairDiagnosis(y, yhat, sentence, concepts, lead, cls_label, cls_resid, cls_alone, unexplained,
-                         {"W": n_w, "C": n_c}, notes)
+                         {"W": n_w, "C": n_c}, notes, verdict)
 
 
 def diagnosis_rows(cache: Any, ident: Identification, engine: AblationEngine) -> np.ndarray:
