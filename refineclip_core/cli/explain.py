@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..errors import RefineClipError
 from ..features.decomposition import parse_heads
 from ..inspection.diagnosis import attribute_direction, attribute_heads, diagnose, load_vocabulary, summary_lines
 from ..loading.models import ModelSpec, load_model
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if bool(args.attribute) != bool(args.versus):
-        raise SystemExit("refineclip explain: give --attribute and --versus together (the two sides of the cue).")
+        raise RefineClipError("Give --attribute and --versus together: the cue's phrases and the contrasting ones.")
     cache = open_cache(args)
     engine = make_engine(cache)
     ident = identify(cache, protocol(args), engine)

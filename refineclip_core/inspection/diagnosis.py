@@ -68,7 +68,7 @@ from ..method.ablation import AblationEngine
 from ..method.errorsets import ErrorSets
 from ..method.protocol import Identification, make_engine
 from ..method.selection import best_prefix
-from .textspan import MIN_RESIDUAL
+from .textspan import MIN_RESIDUAL, ZERO_VARIANCE_RTOL
 
 #: Words that name no concept: articles, prepositions, counts and the pool's photo templates.
 STOPWORDS = frozenset("""
@@ -90,6 +90,9 @@ ENRICHMENT_MIN = 1.5
 """The lead concept is pinned on the removed heads when they hold at least this many times the part
 of it that as many heads drawn at random would (capped halfway to the most a set of their size can
 hold, ``(1 + n_scope / |S|) / 2``)."""
+
+LEAD_FROM = 5
+"""The sentence names one of the first this many concepts (by share of the removed variance)."""
 
 CONTRAST_MIN = 0.5
 """A concept counts as differing between the misclassified and the correct images when its
@@ -240,10 +243,11 @@ def head_shares(contributions: np.ndarray, direction: np.ndarray) -> np.ndarray:
     """The split of the variance along ``direction`` of ``Σ_h contributions[:, h]`` over the heads:
     ``Cov(c_h·u, r·u) / Var(r·u)`` for each head (sums to 1; 0 everywhere when nothing varies)."""
     c = np.asarray(contributions, dtype=np.float64) @ np.asarray(direction, dtype=np.float64)   # (N, S)
+    scale = float((c.sum(1) ** 2).sum())
     c = c - c.mean(0, keepdims=True)
     a = c.sum(1)
     var = float(a @ a)
-    return (c.T @ a) / var if var > 0 else np.zeros(c.shape[1])
+    return (c.T @ a) / var if var > ZERO_VARIANCE_RTOL * scale else np.zeros(c.shape[1])
 
 
 def standardised_difference(values: np.ndarray, first: np.ndarray, second: np.ndarray) -> float | None:
@@ -275,7 +279,9 @@ class Concept:
     ``coverage`` the set's part of the concept's variance when the split is over all ``n_scope``
     heads in scope, and ``enrichment`` that coverage over the set's share of the heads: the split
     sums to 1 over the heads in scope, so a set of k heads drawn at random holds k / n_scope of any
-    fixed concept on average (enrichment 1)."""
+    fixed concept on average (enrichment 1). ``difference`` is the cosine between the concept's
+    direction and the gap ``mean_W r − mean_C r`` (the covariance with the push when W or C is empty):
+    its square is the concept's share of that gap (additive over concepts)."""
 
     text: str
     opposite: str
@@ -287,6 +293,7 @@ class Concept:
     coverage: float | None = None    # the set's part of this concept among every head in scope
     n_scope: int = 0
     enrichment: float | None = None  # coverage / (|S| / n_scope)
+    difference: float = 0.0          # (gap · u) / ||gap||: its part of the W − C gap (squares add up to ≤ 1)
     words: list[str] = field(default_factory=list)
     opposite_words: list[str] = field(default_factory=list)
     descriptions: list[str] = field(default_factory=list)
@@ -296,6 +303,7 @@ class Concept:
         return {"text": self.text, "opposite": self.opposite, "share": self.share, "heads": list(self.heads),
                 "head_shares": dict(self.head_shares), "contrast": self.contrast, "push": self.push,
                 "coverage": self.coverage, "n_scope": self.n_scope, "enrichment": self.enrichment,
+                "difference": self.difference,
                 "words": list(self.words), "opposite_words": list(self.opposite_words),
                 "descriptions": list(self.descriptions)}
 
@@ -375,8 +383,9 @@ def _descriptions(vocab: ConceptVocabulary, members: list[tuple[int, int]], sign
 
 def class_concepts(vocab: ConceptVocabulary, text: np.ndarray, true: int, wrong: int, classes: Sequence[str],
                    n: int = 3) -> list[int]:
-    """The concepts best aligned, in text space, with ``t_true − t_wrong`` (coherence-weighted), leaving
-    out words that name a class: what the text tower says separates the two classes."""
+    """The concepts best aligned, in text space, with ``t_true − t_wrong`` (coherence-weighted; at most
+    ``n``, each at least half as aligned as the first), leaving out words that name a class: what the
+    text tower says separates the two classes."""
     delta = np.asarray(text[true], dtype=np.float64) - np.asarray(text[wrong], dtype=np.float64)
     norm = np.linalg.norm(delta)
     if norm == 0 or not len(vocab):
@@ -386,7 +395,7 @@ def class_concepts(vocab: ConceptVocabulary, text: np.ndarray, true: int, wrong:
     order = [int(k) for k in np.argsort(-align, kind="stable") if align[k] > 0
              and not any(w in names or any(w.startswith(x) or x.startswith(w) for x in names)
                          for w in vocab.words[k])]
-    return order[:n]
+    return [k for k in order[:n] if align[k] >= 0.5 * align[order[0]]]
 
 
 def _residual_share(X: np.ndarray, total: float, direction: np.ndarray, basis: list[np.ndarray]) -> float:
@@ -419,10 +428,14 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
     for true, wrong, W, C in pairs:
         push_dir = np.asarray(text[wrong], dtype=np.float64) - np.asarray(text[true], dtype=np.float64)
         push = X @ push_dir
+        W, C = np.asarray(W, dtype=np.int64), np.asarray(C, dtype=np.int64)
+        # what separates the errors from the correct images in the removed part (else: what pushes to ŷ)
+        gap = X[W].mean(0) - X[C].mean(0) if len(W) and len(C) else X.T @ (push - push.mean()) / len(X)
+        gap_norm = float(np.linalg.norm(gap))
         concepts: list[Concept] = []
         for p, hs, cov in zip(picks, shares_by_pick, coverage):
             a = X @ p.direction
-            contrast = standardised_difference(a, np.asarray(W), np.asarray(C))
+            contrast = standardised_difference(a, W, C)
             pc = correlation(a, push)
             sign = (1 if contrast > 0 else -1) if contrast else (1 if pc >= 0 else -1)
             pole, other = _pole(vocab, p.members, sign), _pole(vocab, p.members, -sign)
@@ -435,6 +448,7 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
                 contrast=None if contrast is None else sign * contrast, push=sign * pc, coverage=cov,
                 n_scope=0 if scope is None else scope.shape[1],
                 enrichment=None if cov is None else cov * scope.shape[1] / len(heads),
+                difference=float(sign * p.direction @ gap) / gap_norm if gap_norm > 0 else 0.0,
                 words=pole, opposite_words=other, descriptions=_descriptions(vocab, p.members, sign, sign * p.direction),
                 direction=sign * p.direction))
         out.append(_pair_diagnosis(X, total, concepts, vocab, text, classes, true, wrong, len(W), len(C)))
@@ -450,8 +464,12 @@ def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab:
     if not oriented:
         notes.append(f"W has {n_w} and C {n_c} images among the labelled samples: the concepts are oriented by "
                      f"their push toward {yhat} instead of by the errors.")
-    top = concepts[:3]
-    lead = [i for i, c in enumerate(top) if ((c.contrast or 0) if oriented else c.push) >= CONTRAST_MIN][:1]
+    # the lead: the most prominent of the top concepts that differ between errors and correct images
+    # (by CONTRAST_MIN standard deviations) and carry at least half as much of that gap (difference²) as any
+    top = concepts[:LEAD_FROM]
+    best = max((c.difference for c in top), default=0.0)
+    lead = [i for i, c in enumerate(top) if ((c.contrast or 0) if oriented else c.push) >= CONTRAST_MIN
+            and c.difference > 0 and c.difference ** 2 >= 0.5 * best ** 2][:1]
     cls = class_concepts(vocab, text, true, wrong, classes)
     cls_label = " / ".join(vocab.labels[k] for k in cls)
     cls_alone = cls_resid = 0.0
@@ -577,9 +595,10 @@ def attribute_shares(engine: AblationEngine, direction: np.ndarray, rows: np.nda
     """Each head's share of the variance of ``E·u`` over ``rows`` (flat head order of ``engine``)."""
     u = np.asarray(direction, dtype=np.float64)
     e = engine.E[rows].astype(np.float64) @ u
+    scale = float(e @ e)
     e -= e.mean()
     var = float(e @ e)
-    if var <= 0:
+    if var <= ZERO_VARIANCE_RTOL * scale:
         return np.zeros(engine.c.shape[1])
     c = engine.c[rows].astype(np.float64) @ u
     c -= c.mean(0, keepdims=True)

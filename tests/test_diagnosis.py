@@ -1,0 +1,335 @@
+"""The diagnosis in words (issue 17): concepts, the greedy span, head splits, the planted cue,
+the known-attribute mode, LTC, the CLI and the report; checked against brute force and, on the
+committed demo model, against the demo world's known backgrounds."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from refineclip_core.cli import main
+from refineclip_core.errors import RefineClipError
+from refineclip_core.features.decomposition import HeadId
+from refineclip_core.features.zeroshot import encode_texts
+from refineclip_core.inspection.diagnosis import (MIN_RESIDUAL, STOPWORDS, ConceptVocabulary, attribute_heads,
+                                                  attribute_shares, concept_span, concept_vocabulary, diagnose,
+                                                  diagnose_removed, diagnosis_rows, group_profile, head_evidence,
+                                                  head_shares, phrase_direction, pool_units, separation_auc,
+                                                  summary_lines)
+from refineclip_core.method.baselines import LocateThenCorrect
+from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
+from refineclip_core.reporting.run_report import build_run_report, render_html
+
+from .test_method import _a_pair_with_everything, cache, loaded  # noqa: F401  (the tiny model and its cache)
+
+TINY_POOL = [f"{art} {colour} {thing}" for art in ("a", "a photo of a", "a drawing of a")
+             for colour in ("red", "green", "blue") for thing in ("cat", "dog", "fish")] + \
+            ["cats and dogs", "a big cat", "a big dog", "a big fish", "red and blue"]
+
+
+# -- brute-force references ---------------------------------------------------------------------
+
+def brute_vocabulary(texts, emb, min_texts=3, merge=0.8):
+    """Word concepts by the definition, with loops."""
+    emb = np.asarray(emb, dtype=np.float64)
+    mean = sum(emb) / len(emb)
+    units = []
+    for e in emb:
+        c = e - mean
+        units.append(c / np.sqrt(c @ c))
+    words = {}
+    for j, t in enumerate(texts):
+        for w in re.findall(r"[a-z][a-z'-]*[a-z]", t.lower()):
+            if w not in STOPWORDS:
+                words.setdefault(w, set()).add(j)
+    forms = {w: [w] for w in words}
+    for w in sorted(list(words), key=len, reverse=True):
+        if w.endswith("s"):
+            for stem in (w[:-1], w[:-2]):
+                if stem in words and stem != w:
+                    words[stem] = words[stem] | words.pop(w)
+                    forms[stem] = forms[stem] + forms.pop(w)
+                    break
+    order = sorted([w for w in words if len(words[w]) >= min_texts], key=lambda w: (-len(words[w]), w))
+    groups, sets = [], []
+    for w in order:
+        for i in range(len(groups)):
+            if len(words[w] & sets[i]) >= merge * len(words[w] | sets[i]):
+                groups[i] += forms[w]
+                sets[i] = sets[i] | words[w]
+                break
+        else:
+            groups.append(list(forms[w]))
+            sets.append(set(words[w]))
+    directions = [sum(units[j] for j in sorted(s)) / len(s) for s in sets]
+    return groups, [sorted(s) for s in sets], np.array(directions)
+
+
+def brute_span(R, D, k, tau):
+    """TextSpan over concept directions, by the definition: explicit Gram-Schmidt and residuals."""
+    X = np.array(R, dtype=np.float64)
+    X = X - X.mean(0)
+    total = float((X * X).sum())
+    basis, used, picks = [], set(), []
+    for _ in range(k):
+        Xr = X - sum(np.outer(X @ u, u) for u in basis) if basis else X.copy()
+        best = None
+        residual_dirs = {}
+        for j in range(len(D)):
+            if j in used or D[j] @ D[j] == 0:
+                continue
+            v = D[j] / np.sqrt(D[j] @ D[j])
+            for u in basis:
+                v = v - (v @ u) * u
+            if np.sqrt(v @ v) <= MIN_RESIDUAL:
+                continue
+            residual_dirs[j] = v
+            var = sum(float(x @ (v / np.sqrt(v @ v))) ** 2 for x in Xr)
+            score = float(D[j] @ D[j]) * var
+            if best is None or score > best[0]:
+                best = (score, j)
+        if best is None:
+            break
+        p = best[1]
+        u = residual_dirs[p] / np.sqrt(residual_dirs[p] @ residual_dirs[p])
+        a = Xr @ u
+        joined = []
+        for j, v in residual_dirs.items():
+            if j == p:
+                continue
+            prof = Xr @ v
+            r = float(prof @ a) / np.sqrt(float(prof @ prof) * float(a @ a))
+            if abs(r) >= tau:
+                var = sum(float(x @ (v / np.sqrt(v @ v))) ** 2 for x in Xr)
+                joined.append((-float(D[j] @ D[j]) * var, j, 1 if r > 0 else -1))
+        joined.sort()
+        picks.append((p, float(a @ a) / total, [(p, 1)] + [(j, s) for _, j, s in joined]))
+        used |= {p} | {j for _, j, _ in joined}
+        basis.append(u)
+    return picks
+
+
+# -- concepts, span, splits -----------------------------------------------------------------------
+
+def test_concept_vocabulary_matches_brute_force():
+    rng = np.random.default_rng(0)
+    texts = TINY_POOL + ["small cats", "a small cat", "a small dog", "two fish", "red fish"]
+    emb = rng.standard_normal((len(texts), 12))
+    vocab = concept_vocabulary(texts, emb)
+    groups, members, directions = brute_vocabulary(texts, emb)
+    assert vocab.words == groups and [m.tolist() for m in vocab.members] == members
+    np.testing.assert_allclose(vocab.directions, directions, rtol=1e-10, atol=1e-12)
+    assert "cat" in vocab.words[vocab.index("cats")] and "small" in vocab.labels    # plural merged, 3 texts kept
+    assert "photo" not in vocab.labels and "a" not in vocab.labels                   # stop words name nothing
+    np.testing.assert_allclose(np.linalg.norm(pool_units(emb), axis=1), 1.0)
+    with pytest.raises(RefineClipError, match="embed the same list"):
+        concept_vocabulary(texts[:-1], emb)
+
+
+def test_near_duplicate_words_merge_and_modifiers_stay():
+    texts = ["clip art of a cat", "clip art of a dog", "clip art of a fish", "a flat bill", "a bird with a flat bill",
+             "a big flat bill", "a pointed bill", "a long pointed bill", "a pointed bill on a bird"]
+    vocab = concept_vocabulary(texts, np.random.default_rng(1).standard_normal((len(texts), 8)))
+    assert ["clip", "art"] in vocab.words or ["art", "clip"] in vocab.words             # always together: one concept
+    assert {"flat", "pointed", "bill"} <= set(vocab.labels)                            # a modifier keeps its meaning
+
+
+@pytest.mark.parametrize("seed,n,k_concepts,d,tau", [(0, 40, 12, 10, 0.9), (1, 25, 20, 8, 0.7), (2, 60, 6, 16, 0.95)])
+def test_concept_span_matches_brute_force(seed, n, k_concepts, d, tau):
+    rng = np.random.default_rng(seed)
+    R = rng.standard_normal((n, 3)) @ rng.standard_normal((3, d)) * 3 + 0.3 * rng.standard_normal((n, d))
+    D = rng.standard_normal((k_concepts, d)) * rng.uniform(0.3, 1.0, (k_concepts, 1))
+    picks, total = concept_span(R, D, k=5, tau=tau)
+    ref = brute_span(R, D, 5, tau)
+    assert [p.concept for p in picks] == [r[0] for r in ref]
+    np.testing.assert_allclose([p.share for p in picks], [r[1] for r in ref], rtol=1e-9)
+    assert [p.members for p in picks] == [r[2] for r in ref]
+    assert sum(p.share for p in picks) <= 1 + 1e-12
+    X = R - R.mean(0)
+    assert total == pytest.approx(float((X * X).sum()) / n)
+    B = np.stack([p.direction for p in picks])
+    np.testing.assert_allclose(B @ B.T, np.eye(len(picks)), atol=1e-10)       # orthonormal picks
+
+
+def test_head_shares_split_the_variance_exactly():
+    rng = np.random.default_rng(3)
+    c = rng.standard_normal((30, 4, 6))
+    u = rng.standard_normal(6)
+    u /= np.linalg.norm(u)
+    shares = head_shares(c, u)
+    total = c.sum(1) @ u
+    total = total - total.mean()
+    for h in range(4):
+        x = c[:, h] @ u
+        assert shares[h] == pytest.approx(sum((x - x.mean()) * total) / sum(total * total), rel=1e-10)
+    assert shares.sum() == pytest.approx(1.0)
+    assert not head_shares(np.ones((5, 2, 6)), u).any()
+
+
+def test_separation_auc_and_group_profile_by_counting():
+    rng = np.random.default_rng(4)
+    v = np.round(rng.standard_normal(40), 1)                         # ties included
+    pos = rng.random(40) < 0.4
+    pairs = [(a, b) for a in v[pos] for b in v[~pos]]
+    auc = (sum(a > b for a, b in pairs) + 0.5 * sum(a == b for a, b in pairs)) / len(pairs)
+    assert separation_auc(v, pos) == pytest.approx(max(auc, 1 - auc))
+    assert separation_auc(v, np.zeros(40, bool)) != separation_auc(v, np.zeros(40, bool))     # NaN
+    prof = group_profile(np.array([1.0, 3.0, 5.0]), ["a", "b", "a"])
+    assert prof == {"a": (3.0, 2.0, 2), "b": (3.0, 0.0, 1)}
+
+
+# -- the planted cue --------------------------------------------------------------------------------
+
+def _planted_world(cue: str, seed: int = 0):
+    """A text pool whose words are orthogonal atoms, two classes, and removed parts in which the
+    errors differ from the correct images by ``cue`` (background or colour) while the other
+    attribute varies as much but at random."""
+    rng = np.random.default_rng(seed)
+    atoms = ["water", "land", "white", "brown", "webbed", "pointed", "bird", "star", "small"]
+    basis = dict(zip(atoms, np.linalg.qr(rng.standard_normal((24, 24)))[0][: len(atoms)]))
+    texts = []
+    for place in ("water", "land"):
+        for colour in ("white", "brown"):
+            texts += [f"a {colour} bird on {place}", f"a small {colour} star on {place}"]
+        texts += [f"a {place} scene", f"a {place} background"]
+    for colour in ("white", "brown"):
+        texts += [f"a {colour} star", f"a {colour} object"]
+    for part in ("webbed", "pointed"):
+        texts += [f"a bird with {part} feet", f"{part} toes", f"a small bird, {part}"]
+    emb = np.stack([sum(basis[w] for w in re.findall(r"[a-z]+", t) if w in basis) + 0.05 * rng.standard_normal(24)
+                    for t in texts])
+    vocab = concept_vocabulary(texts, emb)
+    text = np.stack([basis["webbed"] + basis["bird"], basis["pointed"] + basis["bird"]])   # waterbird, landbird
+    n = 80
+    place, colour = rng.choice([-1, 1], n), rng.choice([-1, 1], n)
+    error = (place if cue == "background" else colour) > 0                     # errors: on land / brown
+    removed = (place[:, None] * (basis["land"] - basis["water"]) + colour[:, None] * (basis["brown"] - basis["white"])
+               ) * 2 + 0.1 * rng.standard_normal((n, 24))
+    heads = rng.dirichlet(np.ones(3), n)[:, :, None] * removed[:, None, :]     # three heads share the removed part
+    W, C = np.flatnonzero(error)[:10], np.flatnonzero(~error)[:10]
+    return vocab, text, removed, heads, W, C
+
+
+@pytest.mark.parametrize("cue,expected,other", [("background", "land", ("water", "white", "brown")),
+                                                ("color", "brown", ("land", "water", "white"))])
+def test_the_sentence_follows_the_planted_cue(cue, expected, other):
+    vocab, text, removed, heads, W, C = _planted_world(cue)
+    (pair,), _ = diagnose_removed(removed, heads, [HeadId(5, h) for h in range(3)], vocab, text,
+                                  ["waterbird", "landbird"], [(0, 1, W, C)])
+    lead = pair.concepts[pair.lead[0]]
+    assert lead.words[0] == expected and not set(lead.words) & set(other[2:] if cue == "color" else ())
+    assert f"carry {lead.text}" in pair.sentence and pair.sentence.startswith("waterbird → landbird:")
+    assert lead.contrast > 1 and lead.share > 0.3
+    assert pair.verdict == "shortcut"                  # no scope given: nothing to compare the set with
+    assert "webbed" in pair.class_concept and "not webbed" in pair.sentence
+    # the other attribute varies as much but carries far less of the gap between errors and correct images
+    assert sum(c.difference ** 2 for c in pair.concepts) <= 1 + 1e-9
+    others = [c for i, c in enumerate(pair.concepts) if i != pair.lead[0] and c.share > 0.3]
+    assert others and all(c.difference ** 2 < 0.5 * lead.difference ** 2 for c in others)
+
+
+# -- on the tiny model: the removed part, the shares, the CLI, the report ----------------------------
+
+@pytest.fixture(scope="module")
+def tiny_vocab(loaded):  # noqa: F811
+    return concept_vocabulary(TINY_POOL, encode_texts(loaded, TINY_POOL).numpy())
+
+
+def test_diagnosis_on_a_tiny_model_against_brute_force(cache, tiny_vocab):  # noqa: F811
+    engine = make_engine(cache)
+    ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4, pair="both"), engine)
+    heads = [HeadId(l, h) for l, h in [(2, 0), (1, 3), (0, 1)]]
+    diag = diagnose(cache, ident, tiny_vocab, heads, engine)
+    rows = diagnosis_rows(cache, ident, engine)
+    assert np.array_equal(diag.rows, rows)
+    assert not np.intersect1d(rows, ident.eval_rows).size
+    # the removed part is what zero ablation removes (Eq. 5)
+    removed = engine.E[rows].astype(np.float64) - engine.embeddings(heads, "zero", rows)
+    layers = list(cache.manifest.layers)
+    explicit = sum(np.asarray(cache.heads[rows, layers.index(h.layer), h.head], dtype=np.float64) for h in heads)
+    np.testing.assert_allclose(removed, explicit, rtol=1e-5, atol=1e-6)
+    # each concept's share is the removed variance along its Gram-Schmidt direction, computed here
+    ref = brute_span(explicit, tiny_vocab.directions, 8, 0.9)
+    assert [c.share for c in diag.concepts] == pytest.approx([r[1] for r in ref], rel=1e-4)
+    X = explicit - explicit.mean(0)
+    for c in diag.concepts:
+        assert sum(c.head_shares.values()) == pytest.approx(1.0)
+        a = X @ c.direction
+        for h in heads:
+            x = np.asarray(cache.heads[rows, layers.index(h.layer), h.head], dtype=np.float64) @ c.direction
+            assert c.head_shares[str(h)] == pytest.approx(float((x - x.mean()) @ a) / float(a @ a), abs=1e-6)
+        assert 0 <= c.n_scope * c.coverage / c.enrichment - len(heads) < 1e-6
+    assert len(diag.pairs) == 2 and diag.sentence.count("→") == 2
+    ev = head_evidence(cache, diag, engine, heads[0], ident.target_classes)
+    assert ev.in_set and ev.concept is not None and set(ev.profile) and len(ev.shares) == len(diag.concepts)
+    lines = summary_lines(diag)
+    assert lines[0] == diag.pairs[0].sentence and len(lines) <= 2 * (1 + 5 + 1)
+    none = diagnose(cache, ident, tiny_vocab, [], engine)
+    assert "no heads are removed" in none.sentence and none.concepts == []
+
+
+def test_attribute_mode_and_ltc_against_brute_force(cache, loaded):  # noqa: F811
+    engine = make_engine(cache)
+    ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4), engine)
+    u = phrase_direction(encode_texts(loaded, ["a red cat"]).numpy(), encode_texts(loaded, ["a blue dog"]).numpy())
+    assert np.linalg.norm(u) == pytest.approx(1.0)
+    rows = np.union1d(ident.sample_rows, ident.adapt_rows)
+    shares = attribute_shares(engine, u, rows)
+    e = engine.E[rows].astype(np.float64) @ u
+    for k in (0, 5, len(shares) - 1):
+        x = engine.c[rows, k].astype(np.float64) @ u
+        assert shares[k] == pytest.approx(float((x - x.mean()) @ (e - e.mean())) / float((e - e.mean()) @ (e - e.mean())))
+    res = attribute_heads(cache, ident, ["a red cat"], ["a blue dog"], u, engine, top_t=4)
+    assert [res.shares[str(h)] for h in res.ranking] == sorted(res.shares.values(), reverse=True)
+    assert res.heads == res.ranking[: len(res.heads)] and len(res.heads) <= 4 and len(res.curve) == 4
+    with pytest.raises(RefineClipError, match="same direction"):
+        phrase_direction(np.ones((1, 4)), np.ones((2, 4)))
+    # LTC: scores by the definition; the corrected embedding has nothing left along u
+    s = _a_pair_with_everything(cache)
+    a, b = s.y_true, s.y_pred
+    ltc = LocateThenCorrect.fit(engine, [(a, b, s.W, s.C)], cache.labels, u, s.rows, top_t=4)
+    def v(r):
+        x = np.array([engine.c[r, k].astype(np.float64) @ (cache.text[a] - cache.text[b]) for k in range(engine.c.shape[1])])
+        return x / np.abs(x).sum()
+    ref = np.mean([v(r) for r in s.C], 0) - np.mean([v(r) for r in s.W], 0)
+    ids = engine.head_ids()
+    assert [ltc.spurious_scores[str(h)] for h in ids] == pytest.approx(ref.tolist(), rel=1e-4, abs=1e-7)
+    assert all(ltc.spurious_scores[str(h)] > 0 for h in ltc.spurious) and len(ltc.spurious) <= 4
+    np.testing.assert_allclose(ltc.embeddings() @ u, 0, atol=1e-8)
+    assert ltc.predict().shape == cache.labels.shape
+
+
+def test_explain_cli_prints_a_summary_and_writes_the_record(cache, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv("REFINECLIP_HOME", str(tmp_path / "home"))
+    pool = tmp_path / "pool.txt"
+    pool.write_text("\n".join(TINY_POOL) + "\n")
+    base = ["explain", "--cache", str(cache.root), "--samples-per-class", "3", "--top-t", "4", "--text-pool", str(pool)]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("Removed heads (the protocol's choice)") and "→" in out
+    assert main(base + ["--json", "-"]) == 0
+    record = json.loads(capsys.readouterr().out)              # nothing but the record on stdout
+    assert isinstance(record["sentence"], str) and record["sentence"]
+    assert record["config"]["samples_per_class"] == 3 and record["config"]["seed"] == 0
+    for c in record["concepts"]:
+        assert isinstance(c["text"], str) and 0 <= c["share"] <= 1 and c["heads"]
+    assert main(base + ["--attribute", "a red cat", "--versus", "a blue dog", "--json", str(tmp_path / "e.json")]) == 0
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["attribute"]["side_a"] == ["a red cat"] and saved["heads"] == saved["attribute"]["heads"]
+    assert "wrote" in capsys.readouterr().out
+    assert main(base + ["--attribute", "a red cat"]) == 2                       # --versus is required with it
+    assert "--versus" in capsys.readouterr().err
+
+
+def test_the_report_leads_with_the_escaped_sentence(cache, tiny_vocab):  # noqa: F811
+    engine = make_engine(cache)
+    ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4), engine)
+    diag = diagnose(cache, ident, tiny_vocab, [HeadId(2, 0), HeadId(1, 1)], engine)
+    diag.pairs[0].sentence = "<script>alert(1)</script> " + diag.pairs[0].sentence
+    diag.pairs[0].concepts[0].text = "<b>bold</b>"
+    page = render_html(build_run_report(cache, ident, engine, diagnosis=diag))
+    assert "<script>alert" not in page and "&lt;script&gt;" in page and "<b>bold</b>" not in page
+    assert page.index("Why:") < page.index("What the removed heads carry") < page.index("Configuration")
