@@ -88,10 +88,12 @@ def diagnosis_lead(ready: Ready, ident: Identification, heads: list[HeadId] | No
             st.dataframe(pd.DataFrame([{
                 "concept": c.text, "versus": c.opposite or "–", "share of removed variance": c.share,
                 "errors vs correct (sd)": c.contrast, "coverage in scope": c.coverage,
+                "random sets holding as much": c.p_random,
                 "heads": ", ".join(c.heads), "examples": "; ".join(c.descriptions)} for c in diag.concepts]),
                 hide_index=True, column_config={
                     "share of removed variance": st.column_config.NumberColumn(format="percent"),
                     "coverage in scope": st.column_config.NumberColumn(format="percent"),
+                    "random sets holding as much": st.column_config.NumberColumn(format="percent"),
                     "errors vs correct (sd)": st.column_config.NumberColumn(format="%+.2f")})
             for pair in diag.pairs:
                 for note in pair.notes:

@@ -262,6 +262,11 @@ def test_diagnosis_on_a_tiny_model_against_brute_force(cache, tiny_vocab):  # no
             x = np.asarray(cache.heads[rows, layers.index(h.layer), h.head], dtype=np.float64) @ c.direction
             assert c.head_shares[str(h)] == pytest.approx(float((x - x.mean()) @ a) / float(a @ a), abs=1e-6)
         assert 0 <= c.n_scope * c.coverage / c.enrichment - len(heads) < 1e-6
+        # the share of random sets holding as much: by brute force over every set of that size
+        from itertools import combinations
+        split = head_shares(engine.c[rows], c.direction)
+        sums = [split[list(s)].sum() for s in combinations(range(len(split)), len(heads))]
+        assert c.p_random == pytest.approx(np.mean(np.array(sums) >= c.coverage - 1e-12), abs=0.03)
     assert len(diag.pairs) == 2 and diag.sentence.count("→") == 2
     ev = head_evidence(cache, diag, engine, heads[0], ident.target_classes)
     assert ev.in_set and ev.concept is not None and set(ev.profile) and len(ev.shares) == len(diag.concepts)
@@ -333,3 +338,56 @@ def test_the_report_leads_with_the_escaped_sentence(cache, tiny_vocab):  # noqa:
     page = render_html(build_run_report(cache, ident, engine, diagnosis=diag))
     assert "<script>alert" not in page and "&lt;script&gt;" in page and "<b>bold</b>" not in page
     assert page.index("Why:") < page.index("What the removed heads carry") < page.index("Configuration")
+
+
+# -- where the truth is known: the committed demo model on a fresh sample of its world ---------------
+
+@pytest.fixture(scope="module")
+def demo_world(tmp_path_factory):
+    """The embedded demo model on a fresh world sample (seed never used in development)."""
+    from refineclip_core.demo.world import write_world
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.models import DEMO_DIR, DEMO_MODEL_NAME, ModelSpec, load_model
+
+    if not (DEMO_DIR / f"{DEMO_MODEL_NAME}.safetensors").is_file():
+        pytest.skip("the embedded demo checkpoint is not installed")
+    work = tmp_path_factory.mktemp("demo-world")
+    data = write_world(work / "data", "all", 31337, {"train": 0, "val": 40, "test": 40})
+    loaded = load_model(ModelSpec("demo"))
+    cache = extract(loaded, load_dataset(data), work / "cache", ExtractionConfig(layers=4, batch_size=64))
+    from refineclip_core.inspection.diagnosis import load_vocabulary
+
+    return cache, load_vocabulary(loaded, cache_path=work)
+
+
+def test_demo_world_diagnosis_names_the_background_and_a_random_set_does_not(demo_world):
+    from refineclip_core.demo.world import BIRD_PART_WORDS, CUE_WORDS, names_cue
+
+    cache, vocab = demo_world
+    engine = make_engine(cache)
+    rng = np.random.default_rng(0)
+    same_for_random = []
+    for seed in (0, 1, 2):
+        ident = identify(cache, ProtocolConfig(seed=seed), engine)
+        diag = diagnose(cache, ident, vocab, None, engine)
+        pair = diag.pairs[0]
+        lead = pair.concepts[pair.lead[0]]
+        assert pair.verdict == "shortcut", pair.sentence
+        assert names_cue(lead.words[:1], CUE_WORDS["background"]) and not names_cue(lead.words, BIRD_PART_WORDS)
+        # on held-out bird images, the blamed heads' part along the concept separates backgrounds, not birds
+        test = ident.eval_rows[np.isin(cache.labels[ident.eval_rows], ident.target_classes)]
+        values = engine.c[test][:, engine.flat_index(ident.heads)].sum(1, dtype=np.float64) @ lead.direction
+        groups = [cache.records[r].group for r in test]
+        on_water = np.array([g.endswith("on water") for g in groups])
+        waterbird = np.array([g.startswith("waterbird") for g in groups])
+        auc_bg, auc_bird = separation_auc(values, on_water), separation_auc(values, waterbird)
+        assert auc_bg >= 0.9 and auc_bird <= auc_bg - 0.2, (auc_bg, auc_bird)
+        # the control: random sets of the same size rarely get the same diagnosis
+        ids = engine.head_ids()
+        for _ in range(4):
+            heads = [ids[i] for i in rng.choice(len(ids), len(ident.heads), replace=False)]
+            p = diagnose(cache, ident, vocab, heads, engine).pairs[0]
+            same_for_random.append(p.verdict == "shortcut" and bool(p.lead) and
+                                   names_cue(p.concepts[p.lead[0]].words[:1], CUE_WORDS["background"]))
+    assert np.mean(same_for_random) <= 1 / 3, same_for_random

@@ -128,6 +128,26 @@ POSITIONS: tuple[tuple[str, ...], ...] = (
 )
 """Position names on a 3×3 grid (row, column)."""
 
+CUE_WORDS: dict[str, tuple[str, ...]] = {
+    "background": ("water", "land", "lake", "ocean", "sea", "river", "pond", "wave", "ripple", "rippl", "grass",
+                   "blade", "forest", "trunk", "tree", "field", "furrow", "ground", "dirt", "mud", "meadow", "lawn",
+                   "swamp", "harbour", "shore", "beach", "sand", "desert", "dune", "sky", "cloud", "scene",
+                   "background", "landscape", "outdoor", "open"),
+    "color": tuple(COLORS) + ("gray", "colour", "color", "light", "dark", "beige", "teal"),
+}
+"""Word stems that name each cue (a concept "names the cue" when one of its words starts with one):
+what an explanation of the demo world's errors should say. Checks only; nothing is trained on them."""
+
+BIRD_PART_WORDS: tuple[str, ...] = ("bill", "beak", "flat", "pointed", "broad", "webbed", "feet", "foot", "leg",
+                                    "toe", "thin", "long", "short", "wing", "tail", "neck", "crest")
+"""Word stems that name the causal cue, the birds' parts (what an explanation of a shortcut should not say)."""
+
+
+def names_cue(words: Sequence[str], stems: Sequence[str]) -> bool:
+    """Whether any of ``words`` starts with one of ``stems`` (:data:`CUE_WORDS`, :data:`BIRD_PART_WORDS`)."""
+    return any(w.lower().startswith(s) for w in words for s in stems)
+
+
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 """Split names and their WILDS codes (also mixed into the per-image seeds)."""
 

@@ -86,10 +86,12 @@ MERGE_OVERLAP = 0.8
 that nearly always come together ("clip art"). A modifier that always comes with a more common
 noun ("flat" in "flat bill") stays a concept of its own."""
 
-ENRICHMENT_MIN = 1.5
-"""The lead concept is pinned on the removed heads when they hold at least this many times the part
-of it that as many heads drawn at random would (capped halfway to the most a set of their size can
-hold, ``(1 + n_scope / |S|) / 2``)."""
+P_RANDOM_MAX = 0.05
+"""The lead concept is pinned on the removed heads when at most this share of random head sets of
+the same size (from the heads in scope) hold as much of it: the control built into the verdict."""
+
+N_RANDOM_SETS = 2000
+"""Random head sets drawn (with a fixed seed) to estimate that share."""
 
 LEAD_FROM = 5
 """The sentence names one of the first this many concepts (by share of the removed variance)."""
@@ -250,6 +252,14 @@ def head_shares(contributions: np.ndarray, direction: np.ndarray) -> np.ndarray:
     return (c.T @ a) / var if var > ZERO_VARIANCE_RTOL * scale else np.zeros(c.shape[1])
 
 
+def random_set_p(shares: np.ndarray, k: int, observed: float, n: int = N_RANDOM_SETS, seed: int = 0) -> float:
+    """The share of ``n`` random sets of ``k`` of the heads (``shares``: every head's split of a concept)
+    whose summed share is at least ``observed``."""
+    rng = np.random.default_rng(seed)
+    draws = np.argsort(rng.random((n, len(shares))), axis=1)[:, :k]     # k distinct heads per draw
+    return float((np.asarray(shares)[draws].sum(1) >= observed - 1e-12).mean())
+
+
 def standardised_difference(values: np.ndarray, first: np.ndarray, second: np.ndarray) -> float | None:
     """``(mean(values[first]) − mean(values[second])) / std(values)``; None when a set is empty."""
     if not len(first) or not len(second):
@@ -279,7 +289,8 @@ class Concept:
     ``coverage`` the set's part of the concept's variance when the split is over all ``n_scope``
     heads in scope, and ``enrichment`` that coverage over the set's share of the heads: the split
     sums to 1 over the heads in scope, so a set of k heads drawn at random holds k / n_scope of any
-    fixed concept on average (enrichment 1). ``difference`` is the cosine between the concept's
+    fixed concept on average (enrichment 1); ``p_random`` is the share of random sets of k heads in
+    scope that hold at least as much of it (:data:`N_RANDOM_SETS` draws, a fixed seed). ``difference`` is the cosine between the concept's
     direction and the gap ``mean_W r − mean_C r`` (the covariance with the push when W or C is empty):
     its square is the concept's share of that gap (additive over concepts)."""
 
@@ -293,6 +304,7 @@ class Concept:
     coverage: float | None = None    # the set's part of this concept among every head in scope
     n_scope: int = 0
     enrichment: float | None = None  # coverage / (|S| / n_scope)
+    p_random: float | None = None    # share of random sets of |S| heads in scope with at least this coverage
     difference: float = 0.0          # (gap · u) / ||gap||: its part of the W − C gap (squares add up to ≤ 1)
     words: list[str] = field(default_factory=list)
     opposite_words: list[str] = field(default_factory=list)
@@ -303,6 +315,7 @@ class Concept:
         return {"text": self.text, "opposite": self.opposite, "share": self.share, "heads": list(self.heads),
                 "head_shares": dict(self.head_shares), "contrast": self.contrast, "push": self.push,
                 "coverage": self.coverage, "n_scope": self.n_scope, "enrichment": self.enrichment,
+                "p_random": self.p_random,
                 "difference": self.difference,
                 "words": list(self.words), "opposite_words": list(self.opposite_words),
                 "descriptions": list(self.descriptions)}
@@ -423,7 +436,9 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
     X = X - X.mean(0, keepdims=True)
     picks, total = concept_span(X, vocab.directions, k, tau)
     shares_by_pick = [head_shares(contributions, p.direction) for p in picks]
-    coverage = [None if scope is None else float(head_shares(scope, p.direction)[in_scope].sum()) for p in picks]
+    splits = [None if scope is None else head_shares(scope, p.direction) for p in picks]
+    coverage = [None if sp is None else float(sp[in_scope].sum()) for sp in splits]
+    p_random = [None if sp is None else random_set_p(sp, len(in_scope), cov) for sp, cov in zip(splits, coverage)]
     out = []
     for true, wrong, W, C in pairs:
         push_dir = np.asarray(text[wrong], dtype=np.float64) - np.asarray(text[true], dtype=np.float64)
@@ -433,7 +448,7 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
         gap = X[W].mean(0) - X[C].mean(0) if len(W) and len(C) else X.T @ (push - push.mean()) / len(X)
         gap_norm = float(np.linalg.norm(gap))
         concepts: list[Concept] = []
-        for p, hs, cov in zip(picks, shares_by_pick, coverage):
+        for p, hs, cov, p_rand in zip(picks, shares_by_pick, coverage, p_random):
             a = X @ p.direction
             contrast = standardised_difference(a, W, C)
             pc = correlation(a, push)
@@ -447,12 +462,16 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
                 head_shares={str(heads[i]): float(hs[i]) for i in order},
                 contrast=None if contrast is None else sign * contrast, push=sign * pc, coverage=cov,
                 n_scope=0 if scope is None else scope.shape[1],
-                enrichment=None if cov is None else cov * scope.shape[1] / len(heads),
+                enrichment=None if cov is None else cov * scope.shape[1] / len(heads), p_random=p_rand,
                 difference=float(sign * p.direction @ gap) / gap_norm if gap_norm > 0 else 0.0,
                 words=pole, opposite_words=other, descriptions=_descriptions(vocab, p.members, sign, sign * p.direction),
                 direction=sign * p.direction))
         out.append(_pair_diagnosis(X, total, concepts, vocab, text, classes, true, wrong, len(W), len(C)))
     return out, total
+
+
+def _share_text(p: float) -> str:
+    return f"none of {N_RANDOM_SETS}" if p == 0 else f"{p:.1%}" if p < 0.01 else f"{p:.0%}"
 
 
 def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab: ConceptVocabulary,
@@ -486,12 +505,13 @@ def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab:
         why = (f"more in the misclassified {y} images than in the correct ones" if oriented
                else f"pushing {y} images toward {yhat}")
         k = round(c.n_scope * c.coverage / c.enrichment) if c.enrichment else 0
-        pinned = c.enrichment is None or c.enrichment >= min(ENRICHMENT_MIN, (1 + c.n_scope / max(k, 1)) / 2)
+        pinned = c.p_random is None or c.p_random <= P_RANDOM_MAX
         verdict = "shortcut" if pinned else "diffuse"
-        held = "" if c.enrichment is None else f"; {c.enrichment:.1f}× what {k} heads at random would hold"
+        held = "" if c.p_random is None else (f"; {'only ' if pinned else ''}{_share_text(c.p_random)} of random "
+                                              f"sets of {k} heads hold as much of it")
         sentence = f"{y} → {yhat}: the removed heads carry {c.text} ({c.share:.0%} of the removed variance, {why}{held})"
         if not pinned:
-            sentence += ", but not more of it than their number: the set does not pin the shortcut down."
+            sentence += ": the set does not pin the shortcut down."
         elif cls_label:
             sentence += (f", not {cls_label} ({cls_resid:.0%})." if cls_resid < 0.5 * c.share
                          else f", and also {cls_label} ({cls_resid:.0%}), which tells the classes apart.")
@@ -720,7 +740,8 @@ def summary_lines(diagnosis: Diagnosis, n_concepts: int = 5) -> list[str]:
         lines.append(p.sentence)
         for i, c in enumerate(p.concepts[:n_concepts], start=1):
             contrast = "–" if c.contrast is None else f"{c.contrast:+.2f} sd"
-            cover = "" if c.coverage is None else f", {c.coverage:.0%} of it in scope"
+            cover = "" if c.coverage is None else (f", {c.coverage:.0%} of it in scope ({_share_text(c.p_random)} of "
+                                                   f"random sets hold as much)")
             other = f" (vs {c.opposite})" if c.opposite else ""
             lines.append(f"  {i}. {c.text}{other}: {c.share:.0%} of the removed variance, errors vs correct "
                          f"{contrast}{cover}; heads {', '.join(c.heads)}")

@@ -164,10 +164,11 @@ def diagnosis_rows(diagnosis: Mapping[str, Any]) -> list[dict[str, str]]:
     """The diagnosed concepts (first error pair) as table rows of plain strings."""
     rows = []
     for c in diagnosis.get("concepts") or []:
-        contrast, coverage = c.get("contrast"), c.get("coverage")
+        contrast, coverage, p = c.get("contrast"), c.get("coverage"), c.get("p_random")
         rows.append({"concept": c["text"], "versus": c.get("opposite") or "–", "share": f"{c['share']:.0%}",
                      "contrast": "–" if contrast is None else f"{contrast:+.2f}",
-                     "coverage": "–" if coverage is None else f"{coverage:.0%}", "heads": ", ".join(c["heads"]),
+                     "coverage": "–" if coverage is None else f"{coverage:.0%}",
+                     "random sets holding as much": "–" if p is None else f"{p:.1%}", "heads": ", ".join(c["heads"]),
                      "examples": "; ".join(c.get("descriptions") or [])})
     return rows
 
@@ -265,7 +266,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         parts.append("<h2>What the removed heads carry</h2><p class='muted'>Concepts of the text pool, ranked by their "
                      "share of the variance of what removing the heads takes out of the embedding; contrast: how much "
                      "more the misclassified images carry it than the correct ones (standard deviations); coverage: "
-                     "the removed heads' part of that concept among all heads in scope.</p>"
+                     "the removed heads' part of that concept among all heads in scope, and how often random sets of as many "
+                     "heads hold as much.</p>"
                      + _text_table(diagnosis_rows(diagnosis)))
     if methods:
         parts.append("<h2>Results</h2>" + _table(method_summary(methods)))
