@@ -104,6 +104,9 @@ def test_first_visit_opens_on_the_demo_with_findings(app):
     assert sorted(set(cache.splits.tolist())) == ["test", "val"]
     assert len(cache) == 2 * N_PER_GROUP * (4 + 6)
     assert "Findings at a glance" in [h.value for h in app.subheader]
+    # the diagnosis leads the findings, as plain text (class names are data)
+    sentences = [t.value for t in app.text if "→" in t.value]
+    assert sentences and all(("the removed heads" in x or "no heads are removed" in x) for x in sentences)
     labels = [m.label for m in app.metric]
     assert "Zero-shot accuracy" in labels
     # the headline accuracy equals the cached zero-shot accuracy on the held-out rows
@@ -183,6 +186,31 @@ def test_head_inspector_textspan_and_gradcam(app):
     assert_clean(at)
     chosen = at.multiselect(key="insp_cam_rows").value
     assert len(at.image) == n_imgs_before + 3 * len(chosen)
+    # the diagnosed concept the head carries, per group; Grad-CAM through the whole blamed set in one click
+    _, ident = cache_and_ident(at)
+    if not ident.heads:
+        assert any(c.value.startswith("No diagnosis to relate this head to") for c in at.caption)
+    else:
+        assert any(t.value.startswith(f"L{head.layer}.H{other} (") for t in at.text)
+        at.button(key="insp_cam_set").click().run()
+        assert_clean(at)
+        assert len(at.image) == n_imgs_before + 3 * len(chosen)
+        assert any(f"the {len(ident.heads)} blamed heads →" in (i.caption or "") for i in at.image)
+
+
+def test_known_attribute_mode_ranks_heads_and_hands_the_set_on(app):
+    at = open_page(app, "heads")
+    at.text_input(key="heads_attr_a").set_value("on water, a water scene")
+    at.text_input(key="heads_attr_b").set_value("on land")
+    next(b for b in at.button if b.label == "Rank the heads by this cue").click().run()
+    assert_clean(at)
+    res = at.session_state["heads_attribute"]
+    assert res.side_a == ["on water", " a water scene"] and res.side_b == ["on land"]
+    assert any(t.value.startswith("Cue: on water") for t in at.text)
+    if res.heads:
+        at.button(key="heads_attr_use").click().run()
+        assert_clean(at)
+        assert at.session_state["ablate_heads"] == [(h.layer, h.head) for h in res.heads]
 
 
 def test_ablate_page_toggles_match_independent_arithmetic(app):

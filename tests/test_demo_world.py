@@ -325,3 +325,36 @@ def test_demo_benchmark_runs_on_a_retrained_model(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(Image.open(written).convert("RGB")), np.asarray(expected.image))
     default = next(s for s in sample_world("test", 31, 6) if s.index == expected.index)
     assert not np.array_equal(np.asarray(default.image), np.asarray(expected.image))
+
+
+def test_a_colour_cue_world_plants_the_body_colour_instead_of_the_background() -> None:
+    from refineclip_core.demo.world import HOME_COLOR, NEUTRAL_COLORS, TARGET_COLORS
+
+    config = WorldConfig(cue="color", neutral_frac=0.2)
+    train = [s for s in sample_world("train", 3, 20, config) if s.label in TARGET_CLASSES]
+    for c in TARGET_CLASSES:
+        colours = [s.attributes["color"] for s in train if s.label == c]
+        cued = [x for x in colours if x in TARGET_COLORS]
+        assert len(colours) == 40 and len(colours) - len(cued) == round(0.2 * 40)
+        assert set(colours) - set(cued) <= set(NEUTRAL_COLORS)
+        assert cued.count(HOME_COLOR[c]) == round(config.bias * len(cued))
+        # the background carries no class information: half water, half land, whatever the colour
+        assert Counter(s.background for s in train if s.label == c) == {"water": 20, "land": 20}
+    assert {s.group for s in train} >= {f"{c} in {HOME_COLOR[c]}" for c in TARGET_CLASSES}
+    test = sample_world("test", 3, 4, config)
+    assert Counter(s.group for s in test if s.label in TARGET_CLASSES) == {g: 4 for g in config.target_groups}
+    assert config.target_groups == ("landbird in brown", "landbird in white", "waterbird in brown",
+                                    "waterbird in white")
+    assert all(s.attributes["color"] == s.group.split(" in ")[1] for s in test if s.label in TARGET_CLASSES)
+    assert WorldConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert "cue" not in WorldConfig().to_dict()            # the committed metadata keeps recording the defaults
+    # the background world is drawn pixel for pixel as before the option existed (digest taken then)
+    import hashlib
+
+    digest = hashlib.sha256()
+    for s in sample_world("train", 5, 3) + sample_world("val", 5, 2):
+        digest.update(s.image.tobytes())
+        digest.update(s.group.encode())
+    assert digest.hexdigest()[:16] == "115b86dcc90b8c2d"
+    with pytest.raises(ValueError, match="cue"):
+        WorldConfig(cue="texture")
