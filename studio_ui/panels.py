@@ -86,7 +86,7 @@ def diagnosis_lead(ready: Ready, ident: Identification, heads: list[HeadId] | No
             st.text(pair.sentence)
         with st.expander(f"The ranked concepts ({len(diag.concepts)}) and the heads that carry them"):
             st.dataframe(pd.DataFrame([{
-                "concept": c.text, "versus": c.opposite or "–", "share of removed variance": c.share,
+                "concept": c.text, "errors carry": "more" if c.side == "errors" else "less", "share of removed variance": c.share,
                 "errors vs correct (sd)": c.contrast, "coverage in scope": c.coverage,
                 "random sets holding as much": c.p_random,
                 "heads": ", ".join(c.heads), "examples": "; ".join(c.descriptions)} for c in diag.concepts]),

@@ -87,8 +87,10 @@ that nearly always come together ("clip art"). A modifier that always comes with
 noun ("flat" in "flat bill") stays a concept of its own."""
 
 P_RANDOM_MAX = 0.05
-"""The lead concept is pinned on the removed heads when at most this share of random head sets of
-the same size (from the heads in scope) hold as much of it: the control built into the verdict."""
+"""The shortcut is pinned on the removed heads when at most this share of random head sets of the
+same size (from the heads in scope) hold as much of the gap between the misclassified and the
+correct images: the control built into the verdict. The gap is measured in the sum of every head
+in scope, so its direction does not depend on the set being tested."""
 
 N_RANDOM_SETS = 2000
 """Random head sets drawn (with a fixed seed) to estimate that share."""
@@ -99,6 +101,9 @@ LEAD_FROM = 5
 CONTRAST_MIN = 0.5
 """A concept counts as differing between the misclassified and the correct images when its
 activation differs by at least this many standard deviations."""
+
+NAME_MIN = 0.5
+"""A concept joined to a pick names it only when its direction's cosine with the pick's is at least this."""
 
 HEAD_MIN_SHARE = 0.1
 """A head is listed as carrying a concept when it writes at least this share of its variance."""
@@ -187,15 +192,17 @@ def concept_vocabulary(texts: Sequence[str], pool_emb: np.ndarray, min_texts: in
 
 @dataclass
 class SpanPick:
-    """One step of :func:`concept_span`: an axis of the removed part, named by concepts.
+    """One step of :func:`concept_span`: a direction of the removed part, named by concepts.
 
-    ``members`` lists ``(concept, sign)``: the pick itself first (+1), then the concepts that
-    joined it (``sign`` is that of their activation's correlation with the pick's)."""
+    ``members`` lists ``(concept, +1)``: the pick itself first, then the near-duplicates that joined
+    it (their activations correlate with the pick's by at least ``tau`` and their directions point
+    its way, cosine at least :data:`NAME_MIN`)."""
 
     concept: int
     share: float
     direction: np.ndarray          # (d,) unit, orthogonal to the earlier picks' directions
     members: list[tuple[int, int]]
+    alignment: dict[int, float] = field(default_factory=dict)   # member -> cos(its direction, ``direction``)
 
 
 def concept_span(removed: np.ndarray, directions: np.ndarray, k: int = 8, tau: float = TAU
@@ -209,6 +216,7 @@ def concept_span(removed: np.ndarray, directions: np.ndarray, k: int = 8, tau: f
     D = np.asarray(directions, dtype=np.float64)
     coh2 = (D * D).sum(1)
     U = np.divide(D, np.sqrt(coh2)[:, None], out=np.zeros_like(D), where=coh2[:, None] > 0)
+    units = U.copy()
     alive = coh2 > 0
     picks: list[SpanPick] = []
     explained = 0.0
@@ -231,9 +239,11 @@ def concept_span(removed: np.ndarray, directions: np.ndarray, k: int = 8, tau: f
         explained += float(a @ a)
         pn = np.sqrt((P * P).sum(0))
         corr = np.divide(P.T @ a, pn * np.sqrt(a @ a), out=np.zeros(len(D)), where=pn > 0)
-        joined = np.flatnonzero(alive & (np.abs(corr) >= tau) & (np.arange(len(D)) != p))
+        align = units @ u
+        joined = np.flatnonzero(alive & (corr >= tau) & (align >= NAME_MIN) & (np.arange(len(D)) != p))
         joined = joined[np.argsort(-score[joined], kind="stable")]
-        picks.append(SpanPick(p, share, u, [(p, 1)] + [(int(j), 1 if corr[j] > 0 else -1) for j in joined]))
+        members = [(p, 1)] + [(int(j), 1) for j in joined]
+        picks.append(SpanPick(p, share, u, members, {k: float(align[k]) for k, _ in members}))
         alive[p] = False
         alive[joined] = False
         X -= np.outer(a, u)
@@ -278,13 +288,12 @@ def correlation(x: np.ndarray, y: np.ndarray) -> float:
 
 @dataclass
 class Concept:
-    """One diagnosed concept: an axis of the removed part, oriented toward what the errors carry.
+    """One diagnosed concept: a direction of the removed part, named by the pool's words.
 
-    ``text`` names the pole the misclassified images carry more of (or, unoriented, the pick's
-    own pole), ``opposite`` the other pole; ``share`` is its share of the removed variance
+    ``text`` names it (its word and near-duplicates); ``share`` is its share of the removed variance
     (additive over concepts); ``contrast`` the standardised difference of its activation between
-    W and C (toward ``text``; None without both sets); ``push`` its correlation with the removed
-    part's push toward the wrong class; ``heads`` the heads writing at least
+    W and C (positive: the misclassified images carry more of it; None without both sets); ``push``
+    its correlation with the removed part's push toward the wrong class; ``heads`` the heads writing at least
     :data:`HEAD_MIN_SHARE` of it (``head_shares``: every head's split, summing to 1);
     ``coverage`` the set's part of the concept's variance when the split is over all ``n_scope``
     heads in scope, and ``enrichment`` that coverage over the set's share of the heads: the split
@@ -295,7 +304,6 @@ class Concept:
     its square is the concept's share of that gap (additive over concepts)."""
 
     text: str
-    opposite: str
     share: float
     heads: list[str]
     head_shares: dict[str, float]
@@ -307,18 +315,21 @@ class Concept:
     p_random: float | None = None    # share of random sets of |S| heads in scope with at least this coverage
     difference: float = 0.0          # (gap · u) / ||gap||: its part of the W − C gap (squares add up to ≤ 1)
     words: list[str] = field(default_factory=list)
-    opposite_words: list[str] = field(default_factory=list)
     descriptions: list[str] = field(default_factory=list)
-    direction: np.ndarray | None = field(default=None, repr=False)   # (d,) unit, toward ``text``
+    direction: np.ndarray | None = field(default=None, repr=False)   # (d,) unit
+
+    @property
+    def side(self) -> str:
+        """``"errors"`` when the misclassified images carry more of it (else ``"correct"``)."""
+        return "errors" if (self.contrast if self.contrast is not None else self.push) >= 0 else "correct"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "opposite": self.opposite, "share": self.share, "heads": list(self.heads),
+        return {"text": self.text, "side": self.side, "share": self.share, "heads": list(self.heads),
                 "head_shares": dict(self.head_shares), "contrast": self.contrast, "push": self.push,
                 "coverage": self.coverage, "n_scope": self.n_scope, "enrichment": self.enrichment,
                 "p_random": self.p_random,
                 "difference": self.difference,
-                "words": list(self.words), "opposite_words": list(self.opposite_words),
-                "descriptions": list(self.descriptions)}
+                "words": list(self.words), "descriptions": list(self.descriptions)}
 
 
 @dataclass
@@ -336,10 +347,21 @@ class PairDiagnosis:
     unexplained: float               # 1 − Σ shares of the concepts listed
     sets: dict[str, int]
     notes: list[str] = field(default_factory=list)
-    verdict: str = "none"            # "shortcut" (a lead concept the heads concentrate), "diffuse", "none"
+    verdict: str = "none"            # "shortcut" (named, and the set holds the gap), "diffuse", "none"
+    gap_coverage: float | None = None  # the set's part of the W − C gap among every head in scope
+    gap_p_random: float | None = None  # share of random sets of as many heads holding as much of it
+    n_scope: int = 0
+    instead: int | None = None       # when the lead is what the errors lack: the concept they show instead
+
+    @property
+    def named(self) -> list[Concept]:
+        """The concepts the sentence names (the lead, and what the errors show instead)."""
+        return [self.concepts[i] for i in self.lead + ([self.instead] if self.instead is not None else [])]
 
     def to_dict(self) -> dict[str, Any]:
         return {"true": self.true, "wrong": self.wrong, "sentence": self.sentence, "verdict": self.verdict,
+                "gap_coverage": self.gap_coverage, "gap_p_random": self.gap_p_random, "n_scope": self.n_scope,
+                "instead": self.instead,
                 "concepts": [c.to_dict() for c in self.concepts], "lead": list(self.lead),
                 "class_concept": self.class_concept, "class_share": self.class_share,
                 "class_share_alone": self.class_share_alone, "unexplained": self.unexplained,
@@ -379,17 +401,16 @@ class Diagnosis:
                 "total_variance": self.total_variance, "pairs": [p.to_dict() for p in self.pairs]}
 
 
-def _pole(vocab: ConceptVocabulary, members: list[tuple[int, int]], sign: int, n: int = 3) -> list[str]:
-    return [vocab.labels[k] for k, s in members if s == sign][:n]
+def _names(vocab: ConceptVocabulary, pick: SpanPick, n: int = 3) -> list[str]:
+    """The pick's name: its own word and its near-duplicates, most prominent first."""
+    return [vocab.labels[k] for k, _ in pick.members][:n]
 
 
-def _descriptions(vocab: ConceptVocabulary, members: list[tuple[int, int]], sign: int, direction: np.ndarray,
-                  n: int = 3) -> list[str]:
+def _descriptions(vocab: ConceptVocabulary, pole: list[str], direction: np.ndarray, n: int = 3) -> list[str]:
     """The descriptions of the pole's leading concept best aligned with the pole's direction."""
-    first = next((k for k, s in members if s == sign), None)
-    if first is None:
+    if not pole:
         return []
-    rows = vocab.members[first]
+    rows = vocab.members[vocab.labels.index(pole[0])]
     order = rows[np.argsort(-(vocab.units[rows] @ direction), kind="stable")]
     return [vocab.texts[j] for j in order[:n]]
 
@@ -434,13 +455,14 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
     cache-level entry point."""
     X = np.asarray(removed, dtype=np.float64)
     X = X - X.mean(0, keepdims=True)
-    picks, total = concept_span(X, vocab.directions, k, tau)
-    shares_by_pick = [head_shares(contributions, p.direction) for p in picks]
-    splits = [None if scope is None else head_shares(scope, p.direction) for p in picks]
-    coverage = [None if sp is None else float(sp[in_scope].sum()) for sp in splits]
-    p_random = [None if sp is None else random_set_p(sp, len(in_scope), cov) for sp, cov in zip(splits, coverage)]
+    total = float((X * X).sum()) / max(len(X), 1)
+    spans: dict[tuple[int, int], tuple] = {}
     out = []
     for true, wrong, W, C in pairs:
+        key = (min(true, wrong), max(true, wrong))
+        if key not in spans:            # the pair's class direction is projected out of the concepts first
+            spans[key] = _span_beyond_classes(X, contributions, vocab, text, true, wrong, k, tau, scope, in_scope)
+        picks, shares_by_pick, coverage, p_random = spans[key]
         push_dir = np.asarray(text[wrong], dtype=np.float64) - np.asarray(text[true], dtype=np.float64)
         push = X @ push_dir
         W, C = np.asarray(W, dtype=np.int64), np.asarray(C, dtype=np.int64)
@@ -450,24 +472,47 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
         concepts: list[Concept] = []
         for p, hs, cov, p_rand in zip(picks, shares_by_pick, coverage, p_random):
             a = X @ p.direction
-            contrast = standardised_difference(a, W, C)
-            pc = correlation(a, push)
-            sign = (1 if contrast > 0 else -1) if contrast else (1 if pc >= 0 else -1)
-            pole, other = _pole(vocab, p.members, sign), _pole(vocab, p.members, -sign)
-            text_label = " / ".join(pole) if pole else "less " + " / ".join(other)
+            names = _names(vocab, p)
             order = np.argsort(-hs, kind="stable")
             carriers = [str(heads[i]) for i in order if hs[i] >= HEAD_MIN_SHARE] or [str(heads[order[0]])]
             concepts.append(Concept(
-                text=text_label, opposite=" / ".join(other) if pole else "", share=p.share, heads=carriers,
+                text=" / ".join(names), share=p.share, heads=carriers,
                 head_shares={str(heads[i]): float(hs[i]) for i in order},
-                contrast=None if contrast is None else sign * contrast, push=sign * pc, coverage=cov,
+                contrast=standardised_difference(a, W, C), push=correlation(a, push), coverage=cov,
                 n_scope=0 if scope is None else scope.shape[1],
                 enrichment=None if cov is None else cov * scope.shape[1] / len(heads), p_random=p_rand,
-                difference=float(sign * p.direction @ gap) / gap_norm if gap_norm > 0 else 0.0,
-                words=pole, opposite_words=other, descriptions=_descriptions(vocab, p.members, sign, sign * p.direction),
-                direction=sign * p.direction))
-        out.append(_pair_diagnosis(X, total, concepts, vocab, text, classes, true, wrong, len(W), len(C)))
+                difference=float(p.direction @ gap) / gap_norm if gap_norm > 0 else 0.0,
+                words=names, descriptions=_descriptions(vocab, names, p.direction), direction=p.direction))
+        held = None
+        if scope is not None:           # the control: the same gap in every head of the scope, split over heads
+            Xs = scope.sum(1, dtype=np.float64)
+            Xs -= Xs.mean(0, keepdims=True)
+            push_s = Xs @ push_dir
+            gap_s = Xs[W].mean(0) - Xs[C].mean(0) if len(W) and len(C) else Xs.T @ (push_s - push_s.mean())
+            if np.linalg.norm(gap_s) > 0:
+                split = head_shares(scope, gap_s / np.linalg.norm(gap_s))
+                cov = float(split[in_scope].sum())
+                held = (cov, random_set_p(split, len(in_scope), cov), scope.shape[1], len(in_scope))
+        out.append(_pair_diagnosis(X, total, concepts, vocab, text, classes, true, wrong, len(W), len(C), held))
     return out, total
+
+
+def _span_beyond_classes(X: np.ndarray, contributions: np.ndarray, vocab: ConceptVocabulary, text: np.ndarray,
+                         true: int, wrong: int, k: int, tau: float, scope: np.ndarray | None,
+                         in_scope: np.ndarray | None) -> tuple:
+    """:func:`concept_span` over the concept directions with the classes' text difference projected
+    out, each pick's split over the set's heads, its coverage in scope and ``p_random``."""
+    delta = np.asarray(text[true], dtype=np.float64) - np.asarray(text[wrong], dtype=np.float64)
+    D = np.asarray(vocab.directions, dtype=np.float64)
+    if np.linalg.norm(delta) > 0:
+        delta /= np.linalg.norm(delta)
+        D = D - np.outer(D @ delta, delta)
+    picks, _ = concept_span(X, D, k, tau)
+    shares_by_pick = [head_shares(contributions, p.direction) for p in picks]
+    splits = [None if scope is None else head_shares(scope, p.direction) for p in picks]
+    coverage = [None if sp is None else float(sp[in_scope].sum()) for sp in splits]
+    p_random = [None if sp is None else random_set_p(sp, len(in_scope), cov) for sp, cov in zip(splits, coverage)]
+    return picks, shares_by_pick, coverage, p_random
 
 
 def _share_text(p: float) -> str:
@@ -475,8 +520,8 @@ def _share_text(p: float) -> str:
 
 
 def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab: ConceptVocabulary,
-                    text: np.ndarray, classes: Sequence[str], true: int, wrong: int, n_w: int, n_c: int
-                    ) -> PairDiagnosis:
+                    text: np.ndarray, classes: Sequence[str], true: int, wrong: int, n_w: int, n_c: int,
+                    held: tuple[float, float, int, int] | None = None) -> PairDiagnosis:
     y, yhat = classes[true], classes[wrong]
     notes = []
     oriented = n_w > 0 and n_c > 0
@@ -484,11 +529,14 @@ def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab:
         notes.append(f"W has {n_w} and C {n_c} images among the labelled samples: the concepts are oriented by "
                      f"their push toward {yhat} instead of by the errors.")
     # the lead: the most prominent of the top concepts that differ between errors and correct images
-    # (by CONTRAST_MIN standard deviations) and carry at least half as much of that gap (difference²) as any
+    # (by CONTRAST_MIN standard deviations, the same way as their part of the gap) and carry at least
+    # half as much of that gap (difference²) as any; one the errors carry more of comes first
     top = concepts[:LEAD_FROM]
-    best = max((c.difference for c in top), default=0.0)
-    lead = [i for i, c in enumerate(top) if ((c.contrast or 0) if oriented else c.push) >= CONTRAST_MIN
-            and c.difference > 0 and c.difference ** 2 >= 0.5 * best ** 2][:1]
+    best = max((abs(c.difference) for c in top), default=0.0)
+    measure = (lambda c: c.contrast or 0.0) if oriented else (lambda c: c.push)   # noqa: E731
+    lead = [i for i, c in enumerate(top) if abs(measure(c)) >= CONTRAST_MIN and measure(c) * c.difference > 0
+            and c.difference ** 2 >= 0.5 * best ** 2 > 0]
+    lead = ([i for i in lead if measure(concepts[i]) > 0] or lead)[:1]
     cls = class_concepts(vocab, text, true, wrong, classes)
     cls_label = " / ".join(vocab.labels[k] for k in cls)
     cls_alone = cls_resid = 0.0
@@ -497,32 +545,43 @@ def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab:
         cls_alone = _residual_share(X, total, d, [])
         cls_resid = _residual_share(X, total, d, [concepts[i].direction for i in lead])
     unexplained = 1.0 - sum(c.share for c in concepts)
-    verdict = "none"
+    verdict, instead = "none", None
     if not concepts:
         sentence = f"{y} → {yhat}: the removed heads do not vary over these images, so there is nothing to name."
     elif lead:
         c = concepts[lead[0]]
-        why = (f"more in the misclassified {y} images than in the correct ones" if oriented
-               else f"pushing {y} images toward {yhat}")
-        k = round(c.n_scope * c.coverage / c.enrichment) if c.enrichment else 0
-        pinned = c.p_random is None or c.p_random <= P_RANDOM_MAX
-        verdict = "shortcut" if pinned else "diffuse"
-        held = "" if c.p_random is None else (f"; {'only ' if pinned else ''}{_share_text(c.p_random)} of random "
-                                              f"sets of {k} heads hold as much of it")
-        sentence = f"{y} → {yhat}: the removed heads carry {c.text} ({c.share:.0%} of the removed variance, {why}{held})"
-        if not pinned:
-            sentence += ": the set does not pin the shortcut down."
-        elif cls_label:
+        more = measure(c) > 0
+        if not more:                    # what the errors show instead: the concept most on their side
+            side = [i for i, x in enumerate(concepts) if measure(x) >= CONTRAST_MIN and x.difference > 0]
+            instead = max(side, key=lambda i: concepts[i].difference, default=None)
+        why = ((f"more in the misclassified {y} images than in the correct ones" if more
+                else f"less in the misclassified {y} images than in the correct ones") if oriented
+               else f"pushing {y} images toward {yhat}" if more else f"pushing {y} images away from {yhat}")
+        if instead is not None:
+            why += f", which show {concepts[instead].text} instead"
+        sentence = f"{y} → {yhat}: the removed heads carry {c.text} ({c.share:.0%} of the removed variance, {why})"
+        if cls_label:
             sentence += (f", not {cls_label} ({cls_resid:.0%})." if cls_resid < 0.5 * c.share
                          else f", and also {cls_label} ({cls_resid:.0%}), which tells the classes apart.")
         else:
             sentence += "."
+        verdict = "shortcut"
+        if held is not None:
+            cov, p, n_scope, k = held
+            pinned = p <= P_RANDOM_MAX
+            verdict = "shortcut" if pinned else "diffuse"
+            what = "separates those images" if oriented else f"pushes {y} images toward {yhat}"
+            sentence += (f" Of what {what} in the {n_scope} heads in scope, these {k} hold {cov:.0%}; "
+                         + (f"only {_share_text(p)} of random sets of {k} heads hold as much."
+                            if pinned else f"{_share_text(p)} of random sets of {k} heads hold as much: the set "
+                                           f"does not pin the shortcut down."))
     else:
         c = concepts[0]
         sentence = (f"{y} → {yhat}: the removed heads carry mostly {c.text} ({c.share:.0%} of the removed variance), "
                     f"which does not set the misclassified {y} images apart: no clear shortcut in these heads.")
     return PairDiagnosis(y, yhat, sentence, concepts, lead, cls_label, cls_resid, cls_alone, unexplained,
-                         {"W": n_w, "C": n_c}, notes, verdict)
+                         {"W": n_w, "C": n_c}, notes, verdict, None if held is None else held[0],
+                         None if held is None else held[1], 0 if held is None else held[2], instead)
 
 
 def diagnosis_rows(cache: Any, ident: Identification, engine: AblationEngine) -> np.ndarray:
@@ -742,8 +801,7 @@ def summary_lines(diagnosis: Diagnosis, n_concepts: int = 5) -> list[str]:
             contrast = "–" if c.contrast is None else f"{c.contrast:+.2f} sd"
             cover = "" if c.coverage is None else (f", {c.coverage:.0%} of it in scope ({_share_text(c.p_random)} of "
                                                    f"random sets hold as much)")
-            other = f" (vs {c.opposite})" if c.opposite else ""
-            lines.append(f"  {i}. {c.text}{other}: {c.share:.0%} of the removed variance, errors vs correct "
+            lines.append(f"  {i}. {c.text}: {c.share:.0%} of the removed variance, errors vs correct "
                          f"{contrast}{cover}; heads {', '.join(c.heads)}")
         if p.class_concept:
             lines.append(f"  What tells {p.true} from {p.wrong} in text: {p.class_concept} "

@@ -165,7 +165,7 @@ def diagnosis_rows(diagnosis: Mapping[str, Any]) -> list[dict[str, str]]:
     rows = []
     for c in diagnosis.get("concepts") or []:
         contrast, coverage, p = c.get("contrast"), c.get("coverage"), c.get("p_random")
-        rows.append({"concept": c["text"], "versus": c.get("opposite") or "–", "share": f"{c['share']:.0%}",
+        rows.append({"concept": c["text"], "errors carry": "more" if c.get("side", "errors") == "errors" else "less", "share": f"{c['share']:.0%}",
                      "contrast": "–" if contrast is None else f"{contrast:+.2f}",
                      "coverage": "–" if coverage is None else f"{coverage:.0%}",
                      "random sets holding as much": "–" if p is None else f"{p:.1%}", "heads": ", ".join(c["heads"]),
