@@ -17,8 +17,9 @@ compares, on the test split (never seen by any method):
 The headline table reports, over all world × sample draws, the worst-group change from
 zero-shot (mean, std, worst draw, share of draws that got worse) and the change on the
 unrelated classes. A second table checks the paper's other claims in miniature (each score
-alone, a known-attribute TextSpan selection, the overlap of the four scores' top-15 lists,
-paper Table 4), and the locality figure (paper Fig. 2) plots worst group and unrelated classes
+alone, a known-attribute TextSpan selection, the known-attribute mode with the world's cue typed
+as phrases, LTC, the nearest published peer, and the overlap of the four scores' top-15 lists,
+paper Table 4) and whether the diagnosis names the planted cue, and the locality figure (paper Fig. 2) plots worst group and unrelated classes
 against optimisation steps on the first world. Results go to ``benchmarks/RESULTS.md`` between
 the ``demo:start``/``demo:end`` markers, written by this script only.
 
@@ -54,7 +55,12 @@ from refineclip_core.demo.train import MODEL_NAME  # noqa: E402
 from refineclip_core.demo.world import TARGET_CLASSES, WorldConfig, write_world  # noqa: E402
 from refineclip_core.features.cache import FeatureCache  # noqa: E402
 from refineclip_core.features.extraction import ExtractionConfig, extract  # noqa: E402
+from refineclip_core.demo.world import CUE_WORDS, names_cue  # noqa: E402
+from refineclip_core.errors import RefineClipError  # noqa: E402
+from refineclip_core.inspection.diagnosis import (attribute_direction, attribute_heads, concept_vocabulary,  # noqa: E402
+                                                  diagnose)
 from refineclip_core.inspection.textspan import describe_heads, encode_text_pool, load_text_pool  # noqa: E402
+from refineclip_core.method.baselines import LocateThenCorrect  # noqa: E402
 from refineclip_core.loading.data import load_dataset  # noqa: E402
 from refineclip_core.loading.models import DEMO_DIR, ModelSpec, load_model  # noqa: E402
 from refineclip_core.method.evaluation import accuracy_report  # noqa: E402
@@ -77,6 +83,11 @@ HEADLINE = [  # (row label, method key)
     ("Tip-Adapter (training-free)", "tip-adapter"),
 ]
 EXPORTED = DEFAULT_EDIT.exported
+
+CUE_PHRASES = {  # what a user who suspects the planted cue types (known-attribute mode, LTC's spurious direction)
+    "background": (["a water background", "a water scene"], ["a land background", "a land scene"]),
+    "color": (["a white bird", "a white object"], ["a brown bird", "a brown object"]),
+}
 
 
 def is_background_text(text: str) -> bool:
@@ -156,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="refineclip-demo-bench-"))
     loaded = load_model(ModelSpec(MODEL_NAME, checkpoint=str(model_dir / f"{MODEL_NAME}.safetensors"),
                                   model_config=str(model_dir / f"{MODEL_NAME}.json")))
-    pool = pool_emb = None
+    pool = pool_emb = vocab = cue_dir = None
+    diagnoses: list[tuple[bool, str, str]] = []   # (names the planted cue, verdict, sentence) per draw
     if not args.no_extras:
         pool = load_text_pool(ROOT / "assets" / "text_pool.txt")
         pool_emb = encode_text_pool(loaded, pool, work)
+        vocab = concept_vocabulary(pool, pool_emb)
+        cue_sides = CUE_PHRASES[world.cue]
+        cue_dir = attribute_direction(loaded, *cue_sides)
     draws: list[Draw] = []
     used: dict[str, dict] = {}        # the protocol and edit the draws really ran (seed aside), for the record
     extras: dict[str, list[tuple]] = defaultdict(list)
@@ -203,6 +218,21 @@ def main(argv: list[str] | None = None) -> int:
                             (m["zero-shot"], metrics(p_engine.predict(paper_ident.selection.candidates[base][:t], "zero"))))
                 extras["ablate: TextSpan background heads (known attribute, zero)"].append(
                     (m["zero-shot"], metrics(engine.predict(textspan_heads, "zero"))))
+                attr = attribute_heads(cache, ident, *cue_sides, cue_dir, ident.ablation_engine(engine))
+                extras["ablate: known-attribute mode, the cue typed (best-utility prefix, zero)"].append(
+                    (m["zero-shot"], metrics(engine.predict(attr.heads, "zero"))))
+                try:                          # LTC needs wrong and right samples of a class among the labelled ones
+                    ltc = LocateThenCorrect.fit(ident.ablation_engine(engine), [
+                        (a, b, ident.sets[f"{cache.classes[a]}→{cache.classes[b]}"].W,
+                         ident.sets[f"{cache.classes[a]}→{cache.classes[b]}"].C) for a, b in ident.pairs],
+                        cache.labels, cue_dir, ident.sample_rows)
+                    extras["LTC (Yeo et al. 2025): spurious heads mean-ablated, projected off the typed cue"].append(
+                        (m["zero-shot"], metrics(ltc.predict())))
+                except RefineClipError:
+                    pass
+                pair = diagnose(cache, ident, vocab, None, engine).pairs[0]
+                diagnoses.append((names_cue([c.words[0] for c in pair.named if c.words], CUE_WORDS[world.cue]),
+                                  pair.verdict, pair.sentence))
                 lists = [set(sc.top(15)) for sc in paper_ident.scores.values() if sc.available]
                 if len(lists) == 4:
                     overlaps.append(len(set.intersection(*lists)))
@@ -217,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"world {w_seed} seed {s}: worst group zero-shot {100 * m['zero-shot'][0]:.1f}, "
                   f"exported {100 * m[EXPORTED][0]:.1f}; heads {', '.join(draws[-1].heads['default'])}",
                   file=sys.stderr, flush=True)
-    body = report(args, draws, extras, overlaps, sizes, model_dir, time.time() - t0)
+    body = report(args, draws, extras, overlaps, sizes, model_dir, time.time() - t0, diagnoses, world.cue)
     body += ("\n<details><summary>Settings every draw used (the shared defaults; seeds vary)</summary>\n\n"
              f"```json\n{json.dumps(used, indent=1)}\n```\n</details>\n")
     if not args.no_extras:
@@ -232,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, seconds: float) -> str:
+def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, seconds: float,
+           diagnoses: list[tuple[bool, str, str]] = (), cue: str = "background") -> str:
     is_default = model_dir.resolve() == DEMO_DIR.resolve()
     model_label = "the embedded demo model" if is_default else f"the model in `{model_dir}`"
     n_samples, n_eval, n_adapt = sizes
@@ -275,10 +306,19 @@ def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, se
             zs, v = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
             g = 100 * (v[:, 0] - zs[:, 0])
             o = 100 * (v[:, 2] - zs[:, 2])
-            lines.append(f"| {name} | {g.mean():+.1f} ± {g.std(ddof=1) if len(g) > 1 else 0:.1f} | {o.mean():+.1f} |")
+            n = f" ({len(pairs)} of {len(draws)} draws)" if len(pairs) < len(draws) else ""
+            lines.append(f"| {name}{n} | {g.mean():+.1f} ± {g.std(ddof=1) if len(g) > 1 else 0:.1f} | {o.mean():+.1f} |")
+        if diagnoses:
+            named = sum(d[0] for d in diagnoses)
+            pinned = sum(d[1] == "shortcut" for d in diagnoses)
+            lines.append(f"| diagnosis (issue 17): the sentence names the planted {cue} cue | {named}/{len(diagnoses)} "
+                         f"draws, verdict *shortcut* in {pinned}/{len(diagnoses)} | |")
         lines.append("")
         lines.append(f"- Heads shared by all four scores' top-15 lists: {', '.join(map(str, overlaps)) or 'n/a'} "
                      "of 15 per draw (paper Table 4: 8 of 15).")
+    if diagnoses:
+        lines.append(f"- Diagnosis of the first draw: “{diagnoses[0][2]}” (`benchmarks/diagnosis.py` checks it "
+                     f"against random head sets and a colour-cue world).")
     chosen = defaultdict(int)
     for d in draws:
         for h in d.heads["default"]:
