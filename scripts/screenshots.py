@@ -328,7 +328,7 @@ def walk(page, url: str, out: Path, refine_steps: int | None = None) -> list[Pat
         box = page.locator(".st-key-ref_steps input")
         box.fill(str(refine_steps))
         box.press("Tab")
-    page.get_by_role("button", name="Run refinement").click()
+    page.get_by_role("button", name="Run phase 2").click()
     page.get_by_text("Results on held-out images").wait_for(timeout=300_000)
     settle(page, timeout=300)
     take("refine", 1800)
