@@ -21,33 +21,44 @@ never learned) does not outrank a word whose descriptions agree ("water").
 
 **Ranking (TextSpan over concepts).** Over the images the error pair concerns (the protocol's
 labelled samples and the unlabelled adaptation images predicted as either class; never the
-evaluation images), centre ``r``: ``R`` ``(N, d)``. Then, greedily (Gandelsman et al.'s TextSpan
-with concepts instead of single descriptions): pick the concept whose direction, orthogonalised
-against the earlier picks, carries the most coherence-weighted variance of ``R``; credit it with
-the variance of ``R`` along that orthogonalised direction (its *share*: the shares of all picks
-add up to at most 1); attach to it every remaining concept whose activation over the images is
-nearly collinear with the pick's (|correlation| ≥ ``tau``: the same axis, named twice) with the
-sign of that correlation, so an axis has two poles ("land / grass" ↔ "water / lake"); project
-the pick's direction out of ``R`` and out of every remaining concept. The heads carrying a
-pick are an exact split of its variance: ``Cov(c̃_h·u, r̃·u) / Var(r̃·u)`` sums to 1 over ``S``.
+evaluation images), centre ``r``: ``R`` ``(N, d)``. The text difference of the two classes'
+prompts, ``t_y − t_ŷ``, is projected out of every concept first: a head that carries a shortcut
+writes toward the wrong class by construction, so words the text tower places near a class
+("pointed" near "landbird") would otherwise name every direction the prompts lean on. Then,
+greedily (Gandelsman et al.'s TextSpan with concepts instead of single descriptions): pick the
+concept whose direction, orthogonalised against the earlier picks, carries the most
+coherence-weighted variance of ``R``; credit it with the variance of ``R`` along that direction
+(its *share*: the shares of all picks add up to at most 1); attach to it the near-duplicates,
+concepts whose activation over the images correlates with the pick's by at least ``tau`` and
+whose direction points its way (cosine at least :data:`NAME_MIN`): "land / grassland / ground"
+is one concept; project the pick's direction out of ``R`` and out of every remaining concept.
+The heads carrying a pick are an exact split of its variance: ``Cov(c̃_h·u, r̃·u) / Var(r̃·u)``
+sums to 1 over ``S``.
 
-**Orientation (W vs C).** Which pole the errors carry: the standardised difference of a pick's
-activation between ``W`` (images of ``y`` predicted ``ŷ``) and ``C`` (images of ``y`` predicted
-correctly) among the labelled samples. When ``W`` or ``C`` is empty, the correlation of the
-activation with the removed part's push toward ``ŷ`` (``r·(t_ŷ − t_y)``) orients it instead.
+**W vs C.** Whether the errors carry a concept: the standardised difference of its activation
+between ``W`` (images of ``y`` predicted ``ŷ``) and ``C`` (images of ``y`` predicted correctly)
+among the labelled samples, and its part of that gap (the cosine of its direction with
+``mean_W r − mean_C r``, whose squares add up over concepts). When ``W`` or ``C`` is empty, the
+removed part's push toward ``ŷ`` (``r·(t_ŷ − t_y)``) takes the gap's place. The sentence names
+the most prominent concept that differs and carries at least half as much of the gap as any
+(one the errors carry more of first; else one they lack, with what they show instead).
 
-**What tells the classes apart.** The concepts best aligned, in text space, with the difference
-of the two class prompts ``t_y − t_ŷ`` (words naming a class left out) name what *should*
-separate them; their share of the removed variance beyond the diagnosed concepts (TextSpan's
-residual) tells whether the heads carry that too ("not flat / webbed: 2%").
+**What tells the classes apart.** The concepts best aligned, in text space, with ``t_y − t_ŷ``
+(words naming a class left out) name what *should* separate them; their share of the removed
+variance beyond the named concept (TextSpan's residual) decides "not flat / webbed (2%)".
+
+**The control.** Every head in scope is split the same way along the gap between ``W`` and ``C``
+measured in the sum of all of them (a direction that does not depend on the set): the verdict is
+*shortcut* when at most :data:`P_RANDOM_MAX` of random sets of as many heads hold as much of it.
 
 **Limits.** The answer is only as good as the text pool and the model's text tower: a concept
 missing from the pool cannot be named (the nearest words are, and their share is low), and a
 text tower that learned the shortcut itself (the demo's "webbed" is partly "water") blurs the
-two poles; the shares are in the image embedding's geometry, not causal effects (the ablation
-and its accuracy change are that); with a handful of ``W`` images the orientation is a small-sample
-estimate. ``diagnose`` states what it measured (images, set sizes, fallback orientation) in
-:attr:`PairDiagnosis.notes`.
+names; the shares are in the image embedding's geometry, not causal effects (the ablation and its
+accuracy change are that); with a handful of ``W`` images the contrast is a small-sample
+estimate, and the control uses the samples that chose the heads. ``diagnose`` states what it
+measured (images, set sizes, fallback orientation) in :attr:`PairDiagnosis.notes`.
+docs/DIAGNOSIS.md says the same for users, next to the paper's TextSpan.
 
 :func:`attribute_heads` is the known-attribute mode (the paper's "TextSpan *" baseline made
 usable): the user types contrasting phrases and heads are ranked by the share of that text
@@ -78,8 +89,8 @@ photo photograph picture image images pic view close up close-up shot this that 
 """.split())
 
 TAU = 0.9
-"""Concepts whose activations over the images correlate at least this much (in absolute value)
-with an earlier pick's are the same axis: they join that pick's group instead of being picked."""
+"""Concepts whose activations over the images correlate at least this much with an earlier pick's
+(and point its way, :data:`NAME_MIN`) are near-duplicates: they join the pick instead of being picked."""
 
 MERGE_OVERLAP = 0.8
 """Two words whose sets of descriptions overlap this much (Jaccard index) are one concept: words
@@ -103,7 +114,7 @@ CONTRAST_MIN = 0.5
 activation differs by at least this many standard deviations."""
 
 NAME_MIN = 0.5
-"""A concept joined to a pick names it only when its direction's cosine with the pick's is at least this."""
+"""A concept joins a pick (and names it) only when its direction's cosine with the pick's is at least this."""
 
 HEAD_MIN_SHARE = 0.1
 """A head is listed as carrying a concept when it writes at least this share of its variance."""
