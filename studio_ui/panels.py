@@ -111,10 +111,9 @@ def head_concept_panel(ready: Ready, ident: Identification, head: HeadId) -> Non
         if ev.concept is None:
             st.caption("No diagnosis to relate this head to (no head is blamed for this pair).")
             return
-        role = "one of the blamed heads" if ev.in_set else "not among the blamed heads"
+        role = "in the set the diagnosis explains" if ev.in_set else "not in the set the diagnosis explains"
         st.text(f"{head} ({role}) writes {ev.share:.0%} of the diagnosed concept “{ev.concept.text}” among all "
-                f"{ev.concept.n_scope} heads in scope (that concept is {ev.concept.share:.0%} of what removing the "
-                f"blamed heads takes out).")
+                f"{ev.concept.n_scope} heads in scope (that concept is {ev.concept.share:.0%} of the set's variance).")
         st.plotly_chart(group_profile_figure(ev.profile, ev.concept.text), key="insp_profile")
         st.caption("Its contribution along that concept (mean ± sd per group, every image of the pair's classes): "
                    "a head that carries the cue separates the groups by the cue, not by the class.")

@@ -69,13 +69,15 @@ def brute_vocabulary(texts, emb, min_texts=3, merge=0.8):
     return groups, [sorted(s) for s in sets], np.array(directions)
 
 
-def brute_span(R, D, k, tau):
-    """TextSpan over concept directions, by the definition: explicit Gram-Schmidt and residuals."""
+def brute_span(R, D, k, tau, target=None):
+    """TextSpan over concept directions, by the definition: explicit Gram-Schmidt and residuals;
+    with ``target`` g, a concept's score is its coherence² times (its residual direction · g)²."""
     X = np.array(R, dtype=np.float64)
     X = X - X.mean(0)
     total = float((X * X).sum())
     basis, used, picks = [], set(), []
     for _ in range(k):
+        g = None if target is None else target - sum((target @ u) * u for u in basis) if basis else target
         Xr = X - sum(np.outer(X @ u, u) for u in basis) if basis else X.copy()
         best = None
         residual_dirs = {}
@@ -89,6 +91,8 @@ def brute_span(R, D, k, tau):
                 continue
             residual_dirs[j] = v
             var = sum(float(x @ (v / np.sqrt(v @ v))) ** 2 for x in Xr)
+            if g is not None:
+                var = float(g @ (v / np.sqrt(v @ v))) ** 2
             score = float(D[j] @ D[j]) * var
             if best is None or score > best[0]:
                 best = (score, j)
@@ -105,9 +109,12 @@ def brute_span(R, D, k, tau):
             r = float(prof @ a) / np.sqrt(float(prof @ prof) * float(a @ a))
             if r >= tau and float(D[j] @ u) / np.sqrt(D[j] @ D[j]) >= NAME_MIN:    # same way, a near-duplicate
                 var = sum(float(x @ (v / np.sqrt(v @ v))) ** 2 for x in Xr)
+                if g is not None:
+                    var = float(g @ (v / np.sqrt(v @ v))) ** 2
                 joined.append((-float(D[j] @ D[j]) * var, j, 1))
         joined.sort()
-        picks.append((p, float(a @ a) / total, [(p, 1)] + [(j, s) for _, j, s in joined]))
+        target_share = None if g is None else float(g @ u) ** 2 / float(target @ target)
+        picks.append((p, float(a @ a) / total, [(p, 1)] + [(j, s) for _, j, s in joined], target_share))
         used |= {p} | {j for _, j, _ in joined}
         basis.append(u)
     return picks
@@ -140,15 +147,21 @@ def test_near_duplicate_words_merge_and_modifiers_stay():
 
 @pytest.mark.parametrize("seed,n,k_concepts,d,tau", [(0, 40, 12, 10, 0.9), (1, 25, 20, 8, 0.7), (2, 60, 6, 16, 0.95),
                                                       (3, 50, 30, 6, 0.5)])
-def test_concept_span_matches_brute_force(seed, n, k_concepts, d, tau):
+@pytest.mark.parametrize("with_target", [False, True])
+def test_concept_span_matches_brute_force(seed, n, k_concepts, d, tau, with_target):
     rng = np.random.default_rng(seed)
     R = rng.standard_normal((n, 3)) @ rng.standard_normal((3, d)) * 3 + 0.3 * rng.standard_normal((n, d))
     D = rng.standard_normal((k_concepts, d)) * rng.uniform(0.3, 1.0, (k_concepts, 1))
-    picks, total = concept_span(R, D, k=5, tau=tau)
-    ref = brute_span(R, D, 5, tau)
+    push = (R - R.mean(0)) @ rng.standard_normal(d)
+    g = (R - R.mean(0)).T @ (push - push.mean()) / n if with_target else None
+    picks, total = concept_span(R, D, k=5, tau=tau, target=g)
+    ref = brute_span(R, D, 5, tau, g)
     assert [p.concept for p in picks] == [r[0] for r in ref]
     np.testing.assert_allclose([p.share for p in picks], [r[1] for r in ref], rtol=1e-9)
     assert [p.members for p in picks] == [r[2] for r in ref]
+    if with_target:
+        np.testing.assert_allclose([p.target_share for p in picks], [r[3] for r in ref], rtol=1e-9)
+        assert sum(p.target_share for p in picks) <= 1 + 1e-12
     assert sum(p.share for p in picks) <= 1 + 1e-12
     X = R - R.mean(0)
     assert total == pytest.approx(float((X * X).sum()) / n)
@@ -186,9 +199,9 @@ def test_separation_auc_and_group_profile_by_counting():
 # -- the planted cue --------------------------------------------------------------------------------
 
 def _planted_world(cue: str, seed: int = 0):
-    """A text pool whose words are orthogonal atoms, two classes, and removed parts in which the
-    errors differ from the correct images by ``cue`` (background or colour) while the other
-    attribute varies as much but at random."""
+    """A text pool whose words are orthogonal atoms, two classes, and removed parts in which ``cue``
+    (background or colour) pushes toward the wrong class and separates the errors from the correct
+    images, while the other attribute varies as much but does neither."""
     rng = np.random.default_rng(seed)
     atoms = ["water", "land", "white", "brown", "webbed", "pointed", "bird", "star", "small"]
     basis = dict(zip(atoms, np.linalg.qr(rng.standard_normal((24, 24)))[0][: len(atoms)]))
@@ -207,9 +220,11 @@ def _planted_world(cue: str, seed: int = 0):
     text = np.stack([basis["webbed"] + basis["bird"], basis["pointed"] + basis["bird"]])   # waterbird, landbird
     n = 80
     place, colour = rng.choice([-1, 1], n), rng.choice([-1, 1], n)
-    error = (place if cue == "background" else colour) > 0                     # errors: on land / brown
+    planted = place if cue == "background" else colour
+    error = planted > 0                                                         # errors: on land / brown
+    # both attributes vary as much; only the planted one also writes toward the wrong class (landbird)
     removed = (place[:, None] * (basis["land"] - basis["water"]) + colour[:, None] * (basis["brown"] - basis["white"])
-               ) * 2 + 0.1 * rng.standard_normal((n, 24))
+               + planted[:, None] * (basis["pointed"] - basis["webbed"])) * 2 + 0.1 * rng.standard_normal((n, 24))
     heads = rng.dirichlet(np.ones(3), n)[:, :, None] * removed[:, None, :]     # three heads share the removed part
     W, C = np.flatnonzero(error)[:10], np.flatnonzero(~error)[:10]
     return vocab, text, removed, heads, W, C
@@ -224,16 +239,16 @@ def test_the_sentence_follows_the_planted_cue(cue, expected, other):
     named = {w for c in pair.named for w in c.words}
     assert expected in named and not named & set(other)               # the planted cue, not the other one
     lead = pair.concepts[pair.lead[0]]
-    errors_side = next(c for c in pair.named if c.side == "errors")
-    assert expected in errors_side.words and errors_side.contrast > 0.5 and f"{errors_side.text}" in pair.sentence
+    toward = next(c for c in pair.named if c.push > 0)                  # what pushes toward the wrong class
+    assert expected in toward.words and toward.contrast > 0.5 and toward.text in pair.sentence
     assert pair.sentence.startswith("waterbird → landbird: the removed heads carry ")
-    assert abs(lead.contrast) > 1 and lead.share > 0.3
+    assert abs(lead.contrast) > 1 and lead.share > 0.2 and lead.push_share > 0.3
     assert pair.verdict == "shortcut"                  # no scope given: nothing to compare the set with
-    assert "webbed" in pair.class_concept and "not webbed" in pair.sentence
-    # the other attribute varies as much but carries far less of the gap between errors and correct images
-    assert sum(c.difference ** 2 for c in pair.concepts) <= 1 + 1e-9
-    others = [c for i, c in enumerate(pair.concepts) if i != pair.lead[0] and c.share > 0.3]
-    assert others and all(c.difference ** 2 < 0.5 * lead.difference ** 2 for c in others)
+    assert "webbed" in pair.class_concept and "webbed" in pair.sentence
+    # the other attribute varies as much but neither pushes nor separates the errors
+    assert sum(c.push_share for c in pair.concepts) <= 1 + 1e-9
+    others = [c for c in pair.concepts if set(c.words) & set(other)]
+    assert all(c.push_share < 0.05 for c in others) and max(c.share for c in others) > 0.2
 
 
 # -- on the tiny model: the removed part, the shares, the CLI, the report ----------------------------
@@ -257,10 +272,13 @@ def test_diagnosis_on_a_tiny_model_against_brute_force(cache, tiny_vocab):  # no
     explicit = sum(np.asarray(cache.heads[rows, layers.index(h.layer), h.head], dtype=np.float64) for h in heads)
     np.testing.assert_allclose(removed, explicit, rtol=1e-5, atol=1e-6)
     # each concept's share is the removed variance along its Gram-Schmidt direction, computed here
-    a, b = ident.pairs[0]
+    a, b = sorted(ident.pairs[0])
     delta = cache.text[a].astype(np.float64) - cache.text[b]
     delta /= np.sqrt(delta @ delta)                       # the classes' text difference is projected out first
-    ref = brute_span(explicit, np.array([d - (d @ delta) * delta for d in tiny_vocab.directions]), 8, 0.9)
+    X0 = explicit - explicit.mean(0)
+    push = X0 @ -delta                                    # ranked by the push toward the pair's other class
+    target = X0.T @ (push - push.mean()) / len(X0)
+    ref = brute_span(explicit, np.array([d - (d @ delta) * delta for d in tiny_vocab.directions]), 8, 0.9, target)
     assert [c.share for c in diag.concepts] == pytest.approx([r[1] for r in ref], rel=1e-4)
     X = explicit - explicit.mean(0)
     for c in diag.concepts:

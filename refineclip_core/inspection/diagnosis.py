@@ -107,11 +107,15 @@ N_RANDOM_SETS = 2000
 """Random head sets drawn (with a fixed seed) to estimate that share."""
 
 LEAD_FROM = 5
-"""The sentence names one of the first this many concepts (by share of the removed variance)."""
+"""The sentence names one of the first this many concepts (by their share of the push)."""
 
 CONTRAST_MIN = 0.5
-"""A concept counts as differing between the misclassified and the correct images when its
-activation differs by at least this many standard deviations."""
+"""The sentence says the misclassified images carry more (or less) of a concept than the correct ones
+when its activation differs by at least this many standard deviations."""
+
+PUSH_MIN = 0.3
+"""A concept can lead the sentence when its activation correlates with the removed part's push
+toward the wrong class at least this much (in absolute value)."""
 
 NAME_MIN = 0.5
 """A concept joins a pick (and names it) only when its direction's cosine with the pick's is at least this."""
@@ -214,13 +218,19 @@ class SpanPick:
     direction: np.ndarray          # (d,) unit, orthogonal to the earlier picks' directions
     members: list[tuple[int, int]]
     alignment: dict[int, float] = field(default_factory=dict)   # member -> cos(its direction, ``direction``)
+    target_share: float | None = None                            # (u·g)² / ||g||² when spanning a target g
 
 
-def concept_span(removed: np.ndarray, directions: np.ndarray, k: int = 8, tau: float = TAU
-                 ) -> tuple[list[SpanPick], float]:
+def concept_span(removed: np.ndarray, directions: np.ndarray, k: int = 8, tau: float = TAU,
+                 target: np.ndarray | None = None) -> tuple[list[SpanPick], float]:
     """TextSpan over concept directions on the centred ``removed`` ``(N, d)`` (module docstring).
 
-    Returns the picks and the removed part's total variance (``Σ ||r_i − r̄||² / N``)."""
+    Without ``target`` a pick is the concept carrying the most (coherence-weighted) variance, as in
+    TextSpan. With ``target`` ``g`` (a ``(d,)`` covariance vector, e.g. the removed part's covariance
+    with its push toward the wrong class) it is the concept carrying the most of ``g``:
+    ``coherence² · (û·g)²`` on the residuals, and :attr:`SpanPick.target_share` is ``(u·g)² / ||g||²``
+    (additive over picks). Returns the picks and the removed part's total variance
+    (``Σ ||r_i − r̄||² / N``)."""
     X = np.asarray(removed, dtype=np.float64)
     X = X - X.mean(0, keepdims=True)
     total = float((X * X).sum())
@@ -231,10 +241,12 @@ def concept_span(removed: np.ndarray, directions: np.ndarray, k: int = 8, tau: f
     alive = coh2 > 0
     picks: list[SpanPick] = []
     explained = 0.0
-    if total <= 0 or not len(D):
-        return picks, 0.0
+    g = None if target is None else np.asarray(target, dtype=np.float64).copy()
+    g_total = 0.0 if g is None else float(g @ g)
+    if total <= 0 or not len(D) or (g is not None and g_total <= 0):
+        return picks, 0.0 if total <= 0 else total / len(X)
     for _ in range(k):
-        if total - explained <= 1e-9 * total:
+        if total - explained <= 1e-9 * total or (g is not None and g @ g <= 1e-12 * g_total):
             break
         n2 = (U * U).sum(1)
         alive &= n2 > MIN_RESIDUAL ** 2
@@ -242,6 +254,8 @@ def concept_span(removed: np.ndarray, directions: np.ndarray, k: int = 8, tau: f
             break
         P = X @ U.T                                    # (N, K): residual data on residual directions
         var = np.where(alive, (P * P).sum(0) / np.maximum(n2, 1e-300), 0.0)
+        if g is not None:
+            var = np.where(alive, (U @ g) ** 2 / np.maximum(n2, 1e-300), 0.0)
         score = np.where(alive, coh2 * var, -np.inf)
         p = int(np.argmax(score))
         u = U[p] / np.sqrt(n2[p])
@@ -254,11 +268,15 @@ def concept_span(removed: np.ndarray, directions: np.ndarray, k: int = 8, tau: f
         joined = np.flatnonzero(alive & (corr >= tau) & (align >= NAME_MIN) & (np.arange(len(D)) != p))
         joined = joined[np.argsort(-score[joined], kind="stable")]
         members = [(p, 1)] + [(int(j), 1) for j in joined]
-        picks.append(SpanPick(p, share, u, members, {k: float(align[k]) for k, _ in members}))
+        along = None if g is None else float(g @ u)
+        picks.append(SpanPick(p, share, u, members, {k: float(align[k]) for k, _ in members},
+                              None if g is None else along ** 2 / g_total))
         alive[p] = False
         alive[joined] = False
         X -= np.outer(a, u)
         U -= np.outer(U @ u, u)
+        if g is not None:
+            g -= along * u
     return picks, total / len(X)
 
 
@@ -325,6 +343,7 @@ class Concept:
     enrichment: float | None = None  # coverage / (|S| / n_scope)
     p_random: float | None = None    # share of random sets of |S| heads in scope with at least this coverage
     difference: float = 0.0          # (gap · u) / ||gap||: its part of the W − C gap (squares add up to ≤ 1)
+    push_share: float = 0.0          # its share of the removed part's covariance with the push (additive)
     words: list[str] = field(default_factory=list)
     descriptions: list[str] = field(default_factory=list)
     direction: np.ndarray | None = field(default=None, repr=False)   # (d,) unit
@@ -339,7 +358,7 @@ class Concept:
                 "head_shares": dict(self.head_shares), "contrast": self.contrast, "push": self.push,
                 "coverage": self.coverage, "n_scope": self.n_scope, "enrichment": self.enrichment,
                 "p_random": self.p_random,
-                "difference": self.difference,
+                "difference": self.difference, "push_share": self.push_share,
                 "words": list(self.words), "descriptions": list(self.descriptions)}
 
 
@@ -457,8 +476,8 @@ def _residual_share(X: np.ndarray, total: float, direction: np.ndarray, basis: l
 def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequence[HeadId],
                      vocab: ConceptVocabulary, text: np.ndarray, classes: Sequence[str],
                      pairs: Sequence[tuple[int, int, np.ndarray, np.ndarray]], k: int = 8, tau: float = TAU,
-                     scope: np.ndarray | None = None, in_scope: np.ndarray | None = None
-                     ) -> tuple[list[PairDiagnosis], float]:
+                     scope: np.ndarray | None = None, in_scope: np.ndarray | None = None,
+                     subject: str = "the removed heads") -> tuple[list[PairDiagnosis], float]:
     """The diagnosis from arrays: ``removed`` ``(N, d)`` the removed part on the images,
     ``contributions`` ``(N, |S|, d)`` each head's part of it, ``pairs`` ``(true, wrong, W, C)``
     with ``W``/``C`` positions in those ``N`` rows; ``scope`` ``(N, K, d)`` every head in scope and
@@ -472,7 +491,7 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
     for true, wrong, W, C in pairs:
         key = (min(true, wrong), max(true, wrong))
         if key not in spans:            # the pair's class direction is projected out of the concepts first
-            spans[key] = _span_beyond_classes(X, contributions, vocab, text, true, wrong, k, tau, scope, in_scope)
+            spans[key] = _span_beyond_classes(X, contributions, vocab, text, key[0], key[1], k, tau, scope, in_scope)
         picks, shares_by_pick, coverage, p_random = spans[key]
         push_dir = np.asarray(text[wrong], dtype=np.float64) - np.asarray(text[true], dtype=np.float64)
         push = X @ push_dir
@@ -493,6 +512,7 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
                 n_scope=0 if scope is None else scope.shape[1],
                 enrichment=None if cov is None else cov * scope.shape[1] / len(heads), p_random=p_rand,
                 difference=float(p.direction @ gap) / gap_norm if gap_norm > 0 else 0.0,
+                push_share=p.target_share or 0.0,
                 words=names, descriptions=_descriptions(vocab, names, p.direction), direction=p.direction))
         held = None
         if scope is not None:           # the control: the same gap in every head of the scope, split over heads
@@ -504,7 +524,8 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
                 split = head_shares(scope, gap_s / np.linalg.norm(gap_s))
                 cov = float(split[in_scope].sum())
                 held = (cov, random_set_p(split, len(in_scope), cov), scope.shape[1], len(in_scope))
-        out.append(_pair_diagnosis(X, total, concepts, vocab, text, classes, true, wrong, len(W), len(C), held))
+        out.append(_pair_diagnosis(X, total, concepts, vocab, text, classes, true, wrong, len(W), len(C), held,
+                                   subject))
     return out, total
 
 
@@ -518,7 +539,8 @@ def _span_beyond_classes(X: np.ndarray, contributions: np.ndarray, vocab: Concep
     if np.linalg.norm(delta) > 0:
         delta /= np.linalg.norm(delta)
         D = D - np.outer(D @ delta, delta)
-    picks, _ = concept_span(X, D, k, tau)
+    push = X @ -delta if np.linalg.norm(delta) > 0 else X[:, 0] * 0   # the removed part's push toward ``wrong``
+    picks, _ = concept_span(X, D, k, tau, target=X.T @ (push - push.mean()) / len(X))
     shares_by_pick = [head_shares(contributions, p.direction) for p in picks]
     splits = [None if scope is None else head_shares(scope, p.direction) for p in picks]
     coverage = [None if sp is None else float(sp[in_scope].sum()) for sp in splits]
@@ -532,22 +554,24 @@ def _share_text(p: float) -> str:
 
 def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab: ConceptVocabulary,
                     text: np.ndarray, classes: Sequence[str], true: int, wrong: int, n_w: int, n_c: int,
-                    held: tuple[float, float, int, int] | None = None) -> PairDiagnosis:
+                    held: tuple[float, float, int, int] | None = None, subject: str = "the removed heads"
+                    ) -> PairDiagnosis:
     y, yhat = classes[true], classes[wrong]
     notes = []
     oriented = n_w > 0 and n_c > 0
     if not oriented:
-        notes.append(f"W has {n_w} and C {n_c} images among the labelled samples: the concepts are oriented by "
-                     f"their push toward {yhat} instead of by the errors.")
-    # the lead: the most prominent of the top concepts that differ between errors and correct images
-    # (by CONTRAST_MIN standard deviations, the same way as their part of the gap) and carry at least
-    # half as much of that gap (difference²) as any; one the errors carry more of comes first
-    top = concepts[:LEAD_FROM]
-    best = max((abs(c.difference) for c in top), default=0.0)
-    measure = (lambda c: c.contrast or 0.0) if oriented else (lambda c: c.push)   # noqa: E731
-    lead = [i for i, c in enumerate(top) if abs(measure(c)) >= CONTRAST_MIN and measure(c) * c.difference > 0
-            and c.difference ** 2 >= 0.5 * best ** 2 > 0]
-    lead = ([i for i in lead if measure(concepts[i]) > 0] or lead)[:1]
+        notes.append(f"W has {n_w} and C {n_c} images among the labelled samples: no contrast between the "
+                     f"misclassified and the correct images; the concepts stand on their push toward {yhat} alone.")
+    # the lead: of the first concepts (ranked by their share of the push toward ŷ), one that goes with
+    # that push (correlation at least PUSH_MIN) and carries at least half the push of any such concept;
+    # else the strongest one going against it (the errors lack it), with what goes with the push instead
+    top = [(i, c) for i, c in enumerate(concepts[:LEAD_FROM]) if abs(c.push) >= PUSH_MIN]
+    best = max((c.push_share for _, c in top), default=0.0)
+    toward = [i for i, c in top if c.push > 0 and c.push_share >= 0.5 * best]
+    lead = (toward or [i for i, _ in top])[:1]
+    instead = None
+    if lead and concepts[lead[0]].push < 0:
+        instead = next((i for i, c in enumerate(concepts) if c.push >= PUSH_MIN), None)
     cls = class_concepts(vocab, text, true, wrong, classes)
     cls_label = " / ".join(vocab.labels[k] for k in cls)
     cls_alone = cls_resid = 0.0
@@ -556,21 +580,20 @@ def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab:
         cls_alone = _residual_share(X, total, d, [])
         cls_resid = _residual_share(X, total, d, [concepts[i].direction for i in lead])
     unexplained = 1.0 - sum(c.share for c in concepts)
-    verdict, instead = "none", None
+    verdict = "none"
     if not concepts:
-        sentence = f"{y} → {yhat}: the removed heads do not vary over these images, so there is nothing to name."
+        sentence = f"{y} → {yhat}: {subject} do not vary over these images, so there is nothing to name."
     elif lead:
         c = concepts[lead[0]]
-        more = measure(c) > 0
-        if not more:                    # what the errors show instead: the concept most on their side
-            side = [i for i, x in enumerate(concepts) if measure(x) >= CONTRAST_MIN and x.difference > 0]
-            instead = max(side, key=lambda i: concepts[i].difference, default=None)
-        why = ((f"more in the misclassified {y} images than in the correct ones" if more
-                else f"less in the misclassified {y} images than in the correct ones") if oriented
-               else f"pushing {y} images toward {yhat}" if more else f"pushing {y} images away from {yhat}")
+        toward_wrong = c.push > 0
+        why = (f"{c.push_share:.0%} of what pushes {y} images toward {yhat}" if toward_wrong else
+               f"{c.push_share:.0%} of the push, away from {yhat}")
+        if c.contrast is not None and abs(c.contrast) >= CONTRAST_MIN:
+            why += (f"; the misclassified {y} images carry {'more' if c.contrast > 0 else 'less'} of it than the "
+                    f"correct ones")
         if instead is not None:
-            why += f", which show {concepts[instead].text} instead"
-        sentence = f"{y} → {yhat}: the removed heads carry {c.text} ({c.share:.0%} of the removed variance, {why})"
+            why += f"; what pushes them toward {yhat} is {concepts[instead].text}"
+        sentence = f"{y} → {yhat}: {subject} carry {c.text} ({c.share:.0%} of their variance, {why})"
         if cls_label:
             sentence += (f", not {cls_label} ({cls_resid:.0%})." if cls_resid < 0.5 * c.share
                          else f", and also {cls_label} ({cls_resid:.0%}), which tells the classes apart.")
@@ -581,15 +604,16 @@ def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab:
             cov, p, n_scope, k = held
             pinned = p <= P_RANDOM_MAX
             verdict = "shortcut" if pinned else "diffuse"
-            what = "separates those images" if oriented else f"pushes {y} images toward {yhat}"
+            what = "separates the misclassified images from the correct ones" if oriented else \
+                f"pushes {y} images toward {yhat}"
             sentence += (f" Of what {what} in the {n_scope} heads in scope, these {k} hold {cov:.0%}; "
                          + (f"only {_share_text(p)} of random sets of {k} heads hold as much."
                             if pinned else f"{_share_text(p)} of random sets of {k} heads hold as much: the set "
                                            f"does not pin the shortcut down."))
     else:
         c = concepts[0]
-        sentence = (f"{y} → {yhat}: the removed heads carry mostly {c.text} ({c.share:.0%} of the removed variance), "
-                    f"which does not set the misclassified {y} images apart: no clear shortcut in these heads.")
+        sentence = (f"{y} → {yhat}: {subject} carry mostly {c.text} ({c.share:.0%} of their variance), "
+                    f"which hardly goes with their push toward {yhat}: no clear shortcut in these heads.")
     return PairDiagnosis(y, yhat, sentence, concepts, lead, cls_label, cls_resid, cls_alone, unexplained,
                          {"W": n_w, "C": n_c}, notes, verdict, None if held is None else held[0],
                          None if held is None else held[1], 0 if held is None else held[2], instead)
@@ -609,6 +633,15 @@ def diagnose(cache: Any, ident: Identification, vocab: ConceptVocabulary, heads:
     """Name what removing ``heads`` (default: the identification's) takes out of the embedding,
     for every error pair of ``ident`` (see the module docstring)."""
     engine = engine or make_engine(cache)
+    subject, fallback = "the removed heads", None
+    if heads is None and not ident.heads:     # no prefix beat removing nothing: explain the most suspected heads
+        ranked = ident.selection.candidates.get(ident.selection.score or "") or next(
+            iter(ident.selection.candidates.values()), [])
+        heads = list(ranked[: ident.config.top_t])
+        if heads:
+            subject = f"the {len(heads)} top-ranked heads"
+            fallback = (f"No head set beat removing nothing on the labelled samples, so none is removed; this explains "
+                        f"the {len(heads)} heads the ranking suspects most instead.")
     heads = list(ident.heads if heads is None else heads)
     rows = diagnosis_rows(cache, ident, engine)
     if not heads or not len(rows):
@@ -628,8 +661,10 @@ def diagnose(cache: Any, ident: Identification, vocab: ConceptVocabulary, heads:
         pair_sets.append((a, b, np.array([position[int(r)] for r in s.W], dtype=np.int64),
                           np.array([position[int(r)] for r in s.C], dtype=np.int64)))
     pairs, total = diagnose_removed(removed, contributions, heads, vocab, cache.text, cache.classes, pair_sets, k, tau,
-                                    scope, in_scope)
+                                    scope, in_scope, subject)
     for p in pairs:
+        if fallback:
+            p.notes.insert(0, fallback)
         p.notes.append(f"Measured on {len(rows)} images (labelled samples and unlabelled adaptation images of the "
                        f"pair's classes; no evaluation image).")
     return Diagnosis(heads, pairs, len(rows), total, rows)
