@@ -116,12 +116,15 @@ class Draw:
     heads: dict[str, list[str]]
 
 
-def world_cache(work: Path, world: WorldConfig, seed: int, n_fit: int, n_test: int, loaded) -> FeatureCache:
-    """A fresh sample of the world (train/val at ``n_fit``, test at ``n_test``) and its features."""
+def world_cache(work: Path, world: WorldConfig, seed: int, n_fit: int, n_test: int, loaded,
+                layers: int | str = 4) -> FeatureCache:
+    """A fresh sample of the world (train/val at ``n_fit``, test at ``n_test``) and its features
+    (heads of the last ``layers`` layers)."""
     data = work / f"world{seed}" / "data"
     if not (data / "metadata.csv").exists():
         write_world(data, "all", seed, {"train": n_fit, "val": n_fit, "test": n_test}, config=world)
-    return extract(loaded, load_dataset(data), work / f"world{seed}" / "cache", ExtractionConfig(layers=4, batch_size=64))
+    return extract(loaded, load_dataset(data), work / f"world{seed}" / f"cache-{layers}",
+                   ExtractionConfig(layers=layers, batch_size=64))
 
 
 def metrics_fn(cache: FeatureCache, ident: Identification):

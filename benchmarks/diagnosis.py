@@ -68,8 +68,9 @@ class Row:
 
 
 def named_words(pair) -> list[str]:
-    """The words of the concepts the sentence names (the lead, and what the errors show instead)."""
-    return [c.words[0] for c in pair.named if c.words]
+    """The words of the concepts the sentence names (the lead, and what pushes toward the wrong class
+    instead when the lead goes against it)."""
+    return [w for c in pair.named for w in c.words]
 
 
 def same_diagnosis(pair, cue: str) -> bool:
@@ -86,7 +87,7 @@ def separations(cache, engine, ident, heads, direction, world: WorldConfig) -> t
     return separation_auc(values, cue), separation_auc(values, bird)
 
 
-def run_model(label: str, model_dir: Path, args, work: Path) -> Row:
+def run_model(label: str, model_dir: Path, args, work: Path, layers: int | str = 4) -> Row:
     world = WorldConfig.from_dict(json.loads((model_dir / "metadata.json").read_text())["train_config"]["world"])
     loaded = load_model(ModelSpec(MODEL_NAME, checkpoint=str(model_dir / f"{MODEL_NAME}.safetensors"),
                                   model_config=str(model_dir / f"{MODEL_NAME}.json")))
@@ -95,12 +96,13 @@ def run_model(label: str, model_dir: Path, args, work: Path) -> Row:
     row = Row(label, world.cue)
     rng = np.random.default_rng(0)
     for w_seed in args.world_seeds:
-        cache = world_cache(work / label, world, w_seed, args.n_fit, args.n_test, loaded)
+        cache = world_cache(work / label, world, w_seed, args.n_fit, args.n_test, loaded, layers)
         engine = make_engine(cache)
         ids = engine.head_ids()
         for s in args.sample_seeds:
             ident = identify(cache, replace(DEFAULT_PROTOCOL, seed=s, pair=args.pair), engine)
-            pair = diagnose(cache, ident, vocab, None, engine).pairs[0]
+            diag = diagnose(cache, ident, vocab, None, engine)
+            pair, heads = diag.pairs[0], diag.heads          # the protocol's set, or its top-ranked heads
             row.draws += 1
             if len(row.examples) < 2 and s == args.sample_seeds[0]:
                 row.examples.append(pair.sentence)
@@ -110,24 +112,24 @@ def run_model(label: str, model_dir: Path, args, work: Path) -> Row:
             words = named_words(pair)
             row.names_cue += names_cue(words, CUE_WORDS[world.cue])
             row.names_other_cue += names_cue(words, CUE_WORDS[other])
-            row.names_parts += names_cue([w for c in pair.named for w in c.words], BIRD_PART_WORDS)
+            row.names_parts += names_cue(words, BIRD_PART_WORDS)
             row.shortcut += pair.verdict == "shortcut"
             row.shares.append(lead.share)
             row.p_random.append(pair.gap_p_random)
-            a_cue, a_bird = separations(cache, engine, ident, ident.heads, lead.direction, world)
+            a_cue, a_bird = separations(cache, engine, ident, heads, lead.direction, world)
             row.auc_cue.append(a_cue)
             row.auc_bird.append(a_bird)
-            rest = [h for h in ids if h not in ident.heads]
+            rest = [h for h in ids if h not in heads]
             for _ in range(args.random_sets):
-                heads = [ids[i] for i in rng.choice(len(ids), len(ident.heads), replace=False)]
-                p = diagnose(cache, ident, vocab, heads, engine).pairs[0]
+                others = [ids[i] for i in rng.choice(len(ids), len(heads), replace=False)]
+                p = diagnose(cache, ident, vocab, others, engine).pairs[0]
                 row.random_same.append(same_diagnosis(p, world.cue))
                 if p.lead:
-                    row.random_auc_cue.append(separations(cache, engine, ident, heads,
+                    row.random_auc_cue.append(separations(cache, engine, ident, others,
                                                           p.concepts[p.lead[0]].direction, world)[0])
-                if len(rest) >= len(ident.heads):
-                    heads = [rest[i] for i in rng.choice(len(rest), len(ident.heads), replace=False)]
-                    row.disjoint_same.append(same_diagnosis(diagnose(cache, ident, vocab, heads, engine).pairs[0],
+                if len(rest) >= len(heads):
+                    others = [rest[i] for i in rng.choice(len(rest), len(heads), replace=False)]
+                    row.disjoint_same.append(same_diagnosis(diagnose(cache, ident, vocab, others, engine).pairs[0],
                                                             world.cue))
             print(f"{label} world {w_seed} seed {s}: {pair.sentence}", file=sys.stderr, flush=True)
     return row
@@ -145,7 +147,8 @@ def report(rows: list[Row], args, seconds: float) -> str:
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}) in {seconds:.0f} s. Per model: "
         f"world seeds {args.world_seeds} × sample seeds {args.sample_seeds} (fresh samples of the model's own world, "
         f"{args.n_fit} val images per group to draw 10 labelled samples per bird class from, {args.n_test} test "
-        f"images per group held out); heads: the protocol's choice (`DEFAULT_PROTOCOL`, pair {args.pair}); the "
+        f"images per group held out); heads: the protocol's choice (`DEFAULT_PROTOCOL`, pair {args.pair}; its "
+        f"top-ranked heads when no set beats removing nothing); the "
         f"concept is the one the sentence names (first error pair). AUCs on held-out bird images, the blamed heads' "
         f"part along that concept (0.5 = no separation). Control: {args.random_sets} random head sets of the same "
         f"size per draw, from every head in scope and from the heads not blamed; \"same diagnosis\" = verdict "
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--random-sets", type=int, default=4, help="random head sets per draw and kind")
     ap.add_argument("--model-dir", default=str(DEMO_DIR), help="the background-cue model (default: the embedded one)")
     ap.add_argument("--color-model-dir", help="a model trained with --cue color (skipped when not given)")
+    ap.add_argument("--color-layers", default="all",
+                    help="heads of the last K layers for the colour-cue model ('all', the default: its shortcut is "
+                         "written early; the background model uses the protocol's 4)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--workdir", help="keep generated data and caches here (default: a temp folder)")
     args = ap.parse_args(argv)
@@ -188,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="refineclip-diagnosis-bench-"))
     rows = [run_model("embedded demo model", Path(args.model_dir), args, work)]
     if args.color_model_dir:
-        rows.append(run_model("colour-cue model", Path(args.color_model_dir), args, work))
+        layers = args.color_layers if args.color_layers == "all" else int(args.color_layers)
+        rows.append(run_model(f"colour-cue model (heads of {layers} layers)", Path(args.color_model_dir), args, work,
+                              layers))
     body = report(rows, args, time.time() - t0)
     print(body)
     replace_section(Path(args.out), "diagnosis", body)
