@@ -19,37 +19,42 @@ shorter the more its descriptions disagree; that length (its *coherence*) weighs
 is picked, so a word used in descriptions of everything ("small", "robin" in a pool the model
 never learned) does not outrank a word whose descriptions agree ("water").
 
-**Ranking (TextSpan over concepts).** Over the images the error pair concerns (the protocol's
-labelled samples and the unlabelled adaptation images predicted as either class; never the
-evaluation images), centre ``r``: ``R`` ``(N, d)``. The text difference of the two classes'
-prompts, ``t_y − t_ŷ``, is projected out of every concept first: a head that carries a shortcut
+**Ranking (TextSpan over concepts, on the push).** Over the images the error pair concerns (the
+protocol's labelled samples and the unlabelled adaptation images predicted as either class; never
+the evaluation images), centre ``r``: ``R`` ``(N, d)``. What makes the error is the removed part's
+*push* toward the wrong class, ``p = R·(t_ŷ − t_y)``, the logit gap that ablation closes; the
+concepts are ranked by how much of that push they carry. The text difference of the two classes'
+prompts, ``t_y − t_ŷ``, is projected out of every concept first: a head carrying a shortcut
 writes toward the wrong class by construction, so words the text tower places near a class
 ("pointed" near "landbird") would otherwise name every direction the prompts lean on. Then,
-greedily (Gandelsman et al.'s TextSpan with concepts instead of single descriptions): pick the
-concept whose direction, orthogonalised against the earlier picks, carries the most
-coherence-weighted variance of ``R``; credit it with the variance of ``R`` along that direction
-(its *share*: the shares of all picks add up to at most 1); attach to it the near-duplicates,
-concepts whose activation over the images correlates with the pick's by at least ``tau`` and
-whose direction points its way (cosine at least :data:`NAME_MIN`): "land / grassland / ground"
-is one concept; project the pick's direction out of ``R`` and out of every remaining concept.
-The heads carrying a pick are an exact split of its variance: ``Cov(c̃_h·u, r̃·u) / Var(r̃·u)``
-sums to 1 over ``S``.
+greedily (Gandelsman et al.'s TextSpan with concepts instead of single descriptions and the push
+covariance ``g = Rᵀ(p − p̄)/N`` as the target): pick the concept whose direction, orthogonalised
+against the earlier picks, carries the most of ``g`` (weighted by coherence); credit it with its
+*push share* ``(u·g)²/||g||²`` and its *share* of the removed variance ``||R u||²/||R||²`` (each
+adds up to at most 1 over the picks); attach to it the near-duplicates, concepts whose activation
+over the images correlates with the pick's by at least ``tau`` and whose direction points its way
+(cosine at least :data:`NAME_MIN`): "land / grassland / ground" is one concept; project the
+pick's direction out of ``R``, ``g`` and every remaining concept. The heads carrying a pick are
+an exact split of its variance: ``Cov(c̃_h·u, r̃·u) / Var(r̃·u)`` sums to 1 over ``S``.
 
-**W vs C.** Whether the errors carry a concept: the standardised difference of its activation
-between ``W`` (images of ``y`` predicted ``ŷ``) and ``C`` (images of ``y`` predicted correctly)
-among the labelled samples, and its part of that gap (the cosine of its direction with
-``mean_W r − mean_C r``, whose squares add up over concepts). When ``W`` or ``C`` is empty, the
-removed part's push toward ``ŷ`` (``r·(t_ŷ − t_y)``) takes the gap's place. The sentence names
-the most prominent concept that differs and carries at least half as much of the gap as any
-(one the errors carry more of first; else one they lack, with what they show instead).
+**The sentence.** It names the first concept (by push share) whose activation goes with the push
+toward ``ŷ`` (correlation at least :data:`PUSH_MIN`) and carries at least half as much of it as
+any; when the strongest concepts go against the push (the errors lack them: "water" for waterbirds
+misread as landbirds), the strongest of them, and what pushes toward ``ŷ`` instead. It adds whether
+the misclassified images of ``W`` carry more or less of it than the correctly classified ``C``
+(standardised difference of the activation among the labelled samples, shown when at least
+:data:`CONTRAST_MIN`).
 
 **What tells the classes apart.** The concepts best aligned, in text space, with ``t_y − t_ŷ``
 (words naming a class left out) name what *should* separate them; their share of the removed
 variance beyond the named concept (TextSpan's residual) decides "not flat / webbed (2%)".
 
 **The control.** Every head in scope is split the same way along the gap between ``W`` and ``C``
-measured in the sum of all of them (a direction that does not depend on the set): the verdict is
-*shortcut* when at most :data:`P_RANDOM_MAX` of random sets of as many heads hold as much of it.
+measured in the sum of all of them (a direction that does not depend on the set; the push when
+``W`` or ``C`` is empty): the verdict is *shortcut* when at most :data:`P_RANDOM_MAX` of random
+sets of as many heads hold as much of it. When the protocol removes no head (no prefix beat
+removing nothing), the diagnosis explains the ``top_t`` heads its ranking suspects most instead,
+and says so.
 
 **Limits.** The answer is only as good as the text pool and the model's text tower: a concept
 missing from the pool cannot be named (the nearest words are, and their share is low), and a
