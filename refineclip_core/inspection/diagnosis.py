@@ -612,7 +612,8 @@ def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab:
             what = "separates the misclassified images from the correct ones" if oriented else \
                 f"pushes {y} images toward {yhat}"
             sentence += (f" Of what {what} in the {n_scope} heads in scope, these {k} hold {cov:.0%}; "
-                         + (f"only {_share_text(p)} of random sets of {k} heads hold as much."
+                         + ((f"none of {N_RANDOM_SETS} random sets of {k} heads holds as much." if p == 0 else
+                             f"only {_share_text(p)} of random sets of {k} heads hold as much.")
                             if pinned else f"{_share_text(p)} of random sets of {k} heads hold as much: the set "
                                            f"does not pin the shortcut down."))
     else:
