@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import CheckpointError, RefineClipError
+from . import hf_clip
 
 DEMO_MODEL = "demo"
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
@@ -74,10 +75,19 @@ class ModelSpec:
         spec = self.resolved()
         h = hashlib.sha256()
         h.update(json.dumps({k: v for k, v in asdict(spec).items() if k != "device"}, sort_keys=True).encode())
-        for path in (spec.checkpoint, spec.model_config):
+        for path in (*_checkpoint_files(spec.checkpoint), spec.model_config):
             if path and os.path.isfile(path):
                 h.update(file_digest(path).encode())
         return h.hexdigest()[:16]
+
+
+def _checkpoint_files(checkpoint: str | None) -> tuple[str | Path | None, ...]:
+    """The files behind ``checkpoint``: itself, or a transformers folder's config and weights."""
+    try:
+        hf = hf_clip.find_hf_checkpoint(checkpoint)
+    except CheckpointError:  # a broken transformers folder: loading it says what is wrong
+        hf = None
+    return hf.files() if hf else (checkpoint,)
 
 
 def _demo_checkpoint() -> Path:
@@ -130,13 +140,8 @@ class LoadedModel:
 
 
 def _register_config(name: str, config_path: str) -> str:
-    """Make a config JSON known to open_clip and return the name it is registered under.
-
-    open_clip's registry is shared by the whole process (every dashboard session), so the
-    name is ``<name>-<hash of the config>``: two different configs uploaded under the same file
-    name never replace each other, and the same config is registered once."""
-    import open_clip
-
+    """Make a config JSON known to open_clip and return the name it is registered under
+    (see :func:`register_config_dict`)."""
     path = Path(config_path)
     if not path.is_file():
         raise RefineClipError(f"Model config '{config_path}' does not exist; pass an open_clip config JSON file.")
@@ -150,6 +155,17 @@ def _register_config(name: str, config_path: str) -> str:
         )
     if "model_cfg" in cfg:  # hub-style open_clip_config.json
         cfg = cfg["model_cfg"]
+    return register_config_dict(name, cfg)
+
+
+def register_config_dict(name: str, cfg: Mapping[str, Any]) -> str:
+    """Make an open_clip model config known to open_clip and return the name it is registered under.
+
+    open_clip's registry is shared by the whole process (every dashboard session), so the
+    name is ``<name>-<hash of the config>``: two different configs uploaded under the same file
+    name never replace each other, and the same config is registered once."""
+    import open_clip
+
     text = json.dumps(cfg, indent=1, sort_keys=True)
     registered = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
     registry_dir = Path(tempfile.gettempdir()) / "refineclip-model-configs"
@@ -236,7 +252,7 @@ def load_state_dict_checked(model: torch.nn.Module, state: Mapping[str, torch.Te
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(repr(k) for k in unexpected[:3])})")
         raise CheckpointError(
             f"Checkpoint '{source}' does not fit architecture '{model_name}': {'; '.join(parts)}. "
-            "Pass the --model (or --model-config) the checkpoint was trained with."
+            "Pass the --model (or --model-config) the checkpoint was trained with." + hf_clip.hf_key_hint(unexpected)
         )
     model.load_state_dict(state, strict=True)
 
@@ -244,6 +260,7 @@ def load_state_dict_checked(model: torch.nn.Module, state: Mapping[str, torch.Te
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Build the open_clip model described by ``spec`` (eval mode, on ``spec.device``)."""
     import open_clip
+    from open_clip.model import set_model_preprocess_cfg
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     spec_r = spec.resolved()
@@ -253,7 +270,14 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             f"The embedded demo checkpoint '{spec_r.checkpoint}' is missing; run "
             "'python -m refineclip_core.demo.train --out assets/demo' to rebuild it."
         )
-    if spec_r.model_config:
+    hf = hf_clip.find_hf_checkpoint(spec_r.checkpoint)  # a transformers CLIP: converted (loading/hf_clip.py)
+    converted = hf_clip.read_hf_checkpoint(hf) if hf else None
+    if converted is not None:
+        if spec_r.model_config or spec_r.pretrained:
+            raise RefineClipError(f"'{spec_r.checkpoint}' is a Hugging Face CLIP checkpoint with its own config.json; "
+                                  "drop --model-config and --pretrained.")
+        arch = register_config_dict(f"hf-{converted.label}", converted.config)
+    elif spec_r.model_config:
         arch = _register_config(name, spec_r.model_config)
     elif not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
         raise RefineClipError(
@@ -285,7 +309,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
                 f"tag with open_clip.list_pretrained_tags_by_model('{name}')."
             ) from exc
         raise RefineClipError(f"Could not build model '{name}' ({_short(exc)}).") from exc
-    if spec_r.checkpoint:
+    if converted is not None:
+        load_state_dict_checked(model, converted.state_dict, spec_r.checkpoint, arch)
+        set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **converted.preprocess})
+    elif spec_r.checkpoint:
         load_state_dict_checked(model, read_state_dict(spec_r.checkpoint), spec_r.checkpoint, name)
     dtype = _DTYPES[spec_r.precision]
     model = model.to(device=spec_r.device, dtype=dtype).eval().requires_grad_(False)
