@@ -12,6 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from refineclip_core.loading.hf_clip import find_hf_checkpoint
 from refineclip_core.loading.models import ModelSpec
 from refineclip_core.method.edit import FitConfig
 from refineclip_core.method.protocol import DEFAULT_EDIT, EditConfig
@@ -72,8 +73,15 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
             ckpt = _kept(st.file_uploader("Checkpoint (.pt, .bin, .safetensors)", key="load_ckpt_upload",
                                           type=["pt", "pth", "bin", "safetensors"]), "ckpt")
         else:
-            text = st.text_input("Checkpoint path", key="load_ckpt_path")
+            text = st.text_input("Checkpoint path", key="load_ckpt_path",
+                                 help="A weights file, or a Hugging Face transformers CLIP folder (what "
+                                      "CLIPModel.save_pretrained writes: config.json + model.safetensors).")
             ckpt = str(allowed_path(text)) if text.strip() else None
+    hf = find_hf_checkpoint(ckpt) if ckpt else None
+    if hf is not None:  # its config.json is the architecture
+        c[1].caption("A Hugging Face transformers CLIP: its config.json gives the architecture, converted exactly "
+                     "into open_clip's; the edit can be downloaded in the same format.")
+        return ModelSpec(hf.label, checkpoint=ckpt, device=device, precision=precision), layers
     with c[1]:
         arch = st.selectbox("Architecture", [CUSTOM_CONFIG, *archs], key="load_ckpt_arch",
                             index=1 + default if "ViT-B-16" in archs else 0)

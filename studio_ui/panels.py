@@ -1,6 +1,8 @@
-"""The Load page's read-outs: the findings at a glance, and what the loaded data holds."""
+"""Read-outs: the Load page's findings at a glance and what the loaded data holds; the Refine page's checkpoint download."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -8,6 +10,7 @@ import streamlit as st
 from refineclip_core.errors import RefineClipError
 from refineclip_core.features.cache import FeatureCache
 from refineclip_core.loading.data import ImageDataset
+from refineclip_core.loading.hf_clip import zip_folder
 from refineclip_core.studio.source import Source
 
 from . import resources
@@ -97,3 +100,22 @@ def scan_summary(dataset: ImageDataset) -> None:
                 f"{len(dataset.groups)} groups, splits: {', '.join(dataset.splits) or 'none'}; "
                 f"{len(dataset.skipped)} files skipped.")
     st.dataframe(pd.crosstab(df["class"], df["split"]), height=min(36 * (len(dataset.classes) + 1) + 4, 300))
+
+
+def checkpoint_download(col, checkpoint: Path | None, exported: str, ok: bool) -> None:
+    """The merged checkpoint's download button: the open_clip file, or the transformers folder zipped."""
+    worse = "" if ok else " — it made the model worse"
+    if checkpoint is not None and checkpoint.is_dir():
+        col.download_button(f"Merged checkpoint of {exported} (Hugging Face folder, .zip){worse}",
+                            data=lambda p=checkpoint: zip_folder(p), file_name=f"{checkpoint.name}.zip",
+                            mime="application/zip", key="ref_dl_ckpt", icon=":material/download:", on_click="ignore",
+                            help="Unzip it: transformers' CLIPModel.from_pretrained(<folder>) loads the edited model, "
+                                 "and so does this dashboard's 'Local checkpoint'.")
+    elif checkpoint is not None and checkpoint.is_file():
+        col.download_button(f"Merged checkpoint of {exported} (.safetensors){worse}",
+                            data=lambda p=checkpoint: p.read_bytes(), file_name=checkpoint.name,
+                            mime="application/octet-stream", key="ref_dl_ckpt", icon=":material/download:",
+                            on_click="ignore",  # a download needs no rerun (and a rerun can race the deferred data)
+                            help="open_clip.create_model(name, pretrained=<this file>) loads the edited model.")
+    else:
+        col.caption("The exported checkpoint is gone (temporary files were cleaned); run the refinement again.")

@@ -11,16 +11,22 @@ from typing import Any, Mapping
 from ..features.cache import atomic_write_json
 from ..features.extraction import EXTRACT_STAGE
 from ..features.zeroshot import DEFAULT_TEMPLATES, read_templates, validate_templates
+from ..errors import RefineClipError
+from ..loading.hf_clip import find_hf_checkpoint
 from ..loading.models import DEMO_MODEL, ModelSpec
 from ..progress import Progress
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=required, default=None if required else DEMO_MODEL,
-                   help="open_clip architecture name (e.g. ViT-B-16), or 'demo' for the embedded demo model")
+    g.add_argument("--model", default=None if required else DEMO_MODEL,
+                   help="open_clip architecture name (e.g. ViT-B-16), or 'demo' for the embedded demo model"
+                        + ("; required unless --checkpoint is a Hugging Face CLIP, whose config.json names the "
+                           "architecture" if required else ""))
     g.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai); downloads where possible")
-    g.add_argument("--checkpoint", help="local weights: .pt/.bin/.safetensors state dict or open_clip checkpoint")
+    g.add_argument("--checkpoint", help="local weights: .pt/.bin/.safetensors state dict or open_clip checkpoint, or "
+                                        "a Hugging Face transformers CLIP (the CLIPModel.save_pretrained folder, or "
+                                        "its weights file with config.json beside it)")
     g.add_argument("--model-config", help="open_clip model config JSON for a custom architecture")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp64", "fp16", "bf16"],
@@ -28,7 +34,14 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
-    return ModelSpec(name=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+    name = args.model
+    if name is None:
+        hf = find_hf_checkpoint(args.checkpoint)
+        if hf is None:
+            raise RefineClipError("--model is required (an open_clip architecture such as ViT-B-16, or 'demo') "
+                                  "unless --checkpoint is a Hugging Face CLIP folder.")
+        name = hf.label
+    return ModelSpec(name=name, pretrained=args.pretrained, checkpoint=args.checkpoint,
                      model_config=args.model_config, device=args.device, precision=args.precision)
 
 

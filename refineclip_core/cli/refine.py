@@ -11,7 +11,7 @@ from ..features.decomposition import parse_heads
 from ..loading.models import ModelSpec
 from ..method.edit import FitConfig
 from ..method.protocol import DEFAULT_EDIT, EditConfig, identify, make_engine
-from ..method.refinement import RefineConfig
+from ..method.refinement import EXPORT_FORMATS, RefineConfig
 from ..reporting.run_report import render_html, run_edit
 from .common import positive_int, progress_bar, write_json
 from .score import add_protocol_args, open_cache, protocol
@@ -50,7 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fail-if-worse", action="store_true",
                    help="exit with status 3 (after writing everything) when the exported edit made the worst group, "
                         "the edited classes or the other classes significantly worse on held-out images")
-    p.add_argument("--out", help="write the merged checkpoint here (.safetensors or .pt)")
+    p.add_argument("--out", help="write the merged checkpoint here: a .safetensors/.pt file (open_clip format) or a "
+                                 "folder (Hugging Face format)")
+    p.add_argument("--format", default="auto", choices=list(EXPORT_FORMATS),
+                   help="format of --out: 'auto' (default) keeps the model's own, i.e. a Hugging Face transformers "
+                        "folder (config.json + model.safetensors, loads with CLIPModel.from_pretrained) for a model "
+                        "loaded from one, else an open_clip state dict; 'hf' writes a transformers folder for any "
+                        "plain CLIP ViT; 'open_clip' writes a state dict (from a transformers model, with its "
+                        "open_clip config JSON beside it for --model-config)")
     p.add_argument("--json", help="write the run report (metrics and run configuration) here (default: print)")
     p.add_argument("--html", help="also write the run report as a self-contained HTML page here")
     p.set_defaults(func=run)
@@ -71,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     ident = identify(cache, protocol(args), engine)
     heads = None if args.heads == "auto" else parse_heads(args.heads, cache.manifest.layers, cache.manifest.n_heads)
     edit = run_edit(cache, ident, engine, edit_config(args), heads, spec=ModelSpec(**cache.manifest.model),
-                    export_to=args.out, baselines=not args.no_baselines,
+                    export_to=args.out, export_format=args.format, baselines=not args.no_baselines,
                     progress=progress_bar("refine", unit="step"), extra={"heads_arg": args.heads})
     if edit.checkpoint is not None:
         print(f"wrote {edit.checkpoint}", file=sys.stderr)

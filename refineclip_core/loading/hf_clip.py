@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -540,8 +542,6 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Te
     """
     from safetensors.torch import save
 
-    from ..features.cache import atomic_write_bytes
-
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     files: dict[str, bytes] = {}
@@ -561,10 +561,29 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Te
         files[PREPROCESSOR_FILE] = json.dumps(_preprocessor_config(model), indent=2).encode()
     hf_state = open_clip_to_hf({k: v.detach().cpu() for k, v in state.items()}, n_vision, n_text)
     files[WEIGHTS_FILE] = save(hf_state, metadata={"format": "pt"})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        atomic_write_bytes(out_dir / name, data)
+    _write_folder(out_dir, files)
     return out_dir
+
+
+def _write_folder(out_dir: Path, files: Mapping[str, bytes]) -> None:
+    """Write ``files`` into ``out_dir``: into a temporary sibling first, then renamed into place
+    (the whole folder at once when it is new, file by file when it exists)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would be kept by the rename
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+            return
+        for name in files:
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def zip_folder(folder: str | os.PathLike) -> bytes:

@@ -7,7 +7,10 @@ configuration of every JSON output); :func:`load_model` turns it into a :class:`
 Checkpoints are read with ``torch.load(..., weights_only=True)`` or safetensors only: a
 pickle that tries to run code is refused. ``module.`` prefixes (DDP) and open_clip training
 checkpoints (``{"state_dict": ..., "epoch": ...}``) are accepted. A checkpoint for another
-architecture is refused with the mismatching keys named.
+architecture is refused with the mismatching keys named. A Hugging Face ``transformers`` CLIP
+(a ``save_pretrained`` folder, or its weights with ``config.json`` beside them) is converted into
+the equivalent open_clip model by :mod:`~refineclip_core.loading.hf_clip`; its config names the
+architecture.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ class ModelSpec:
     ``name`` is an open_clip architecture name (``ViT-B-16``), ``"demo"`` for the embedded
     demonstration model, or any name when ``model_config`` points at a config JSON (the schema
     of open_clip's ``model_configs``). Weights come from ``pretrained`` (an open_clip tag,
-    downloaded on machines that can) or ``checkpoint`` (a local file); with neither, the
+    downloaded on machines that can) or ``checkpoint`` (a local file, or a Hugging Face
+    ``transformers`` CLIP folder — then ``name`` only labels the model); with neither, the
     weights are random (useful for tests and timing only).
     """
 
