@@ -12,12 +12,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from refineclip_core.loading.hf_clip import find_hf_checkpoint
+from refineclip_core.loading.hf_clip import find_hf_checkpoint, hf_folder_in
 from refineclip_core.loading.models import ModelSpec
 from refineclip_core.method.edit import FitConfig
 from refineclip_core.method.protocol import DEFAULT_EDIT, EditConfig
 from refineclip_core.method.refinement import RefineConfig
-from refineclip_core.loading.uploads import allowed_path, default_allowed_roots, save_upload
+from refineclip_core.loading.uploads import allowed_path, default_allowed_roots, save_upload, unpack_upload
 from refineclip_core.studio.images import ImagesKind
 
 from . import resources
@@ -70,8 +70,12 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
     c = st.columns(2)
     with c[0]:
         if st.radio("Checkpoint", ["Upload", "Path on the server"], key="load_ckpt_where", horizontal=True) == "Upload":
-            ckpt = _kept(st.file_uploader("Checkpoint (.pt, .bin, .safetensors)", key="load_ckpt_upload",
-                                          type=["pt", "pth", "bin", "safetensors"]), "ckpt")
+            up = st.file_uploader("Checkpoint (.pt, .bin, .safetensors; a Hugging Face CLIP folder as .zip)",
+                                  key="load_ckpt_upload", type=["pt", "pth", "bin", "safetensors", "zip"])
+            if up is not None and up.name.lower().endswith(".zip"):  # a zipped save_pretrained folder
+                ckpt = str(hf_folder_in(unpack_upload(up.getvalue(), session_dir()).dest))
+            else:
+                ckpt = _kept(up, "ckpt")
         else:
             text = st.text_input("Checkpoint path", key="load_ckpt_path",
                                  help="A weights file, or a Hugging Face transformers CLIP folder (what "

@@ -8,6 +8,7 @@ open_clip's bundled CLIP tokenizer. Nothing is downloaded.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 
@@ -338,6 +339,10 @@ def test_weights_that_do_not_fit_are_refused(tmp_path, tiny_model_files):
     shutil.copy(folder / "config.json", empty)
     with pytest.raises(CheckpointError, match="no weights"):
         load_model(ModelSpec("x", checkpoint=str(empty)))
+    with pytest.raises(CheckpointError, match="no config.json"):  # a zip upload without one
+        hf_clip.hf_folder_in(lonely.parent)
+    with pytest.raises(CheckpointError, match="2 config.json files"):
+        hf_clip.hf_folder_in(tmp_path)
     save_file(state, folder / "model.safetensors")
     with pytest.raises(RefineClipError, match="drop --model-config"):
         load_model(ModelSpec("x", checkpoint=str(folder), model_config=str(tiny_model_files["config"])))
@@ -348,3 +353,71 @@ def test_missing_transformers_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
     with pytest.raises(RefineClipError, match=r"optional 'transformers' package.*pip install"):
         load_model(ModelSpec("x", checkpoint=str(folder)))
+
+
+def test_dashboard_loads_a_transformers_folder_and_downloads_the_edit_in_its_format(tmp_path, image_folder,
+                                                                                    monkeypatch):
+    """The Load page takes the folder as a server path (no architecture asked), extraction
+    matches transformers' embeddings, and the Refine page exports and zips a folder that
+    ``CLIPModel.from_pretrained`` loads with the edit merged."""
+    import io
+    import zipfile
+
+    from streamlit.testing.v1 import AppTest
+
+    from refineclip_core.features.cache import FeatureCache
+    from refineclip_core.features.extraction import load_batch
+
+    from .test_app import APP, TIMEOUT, assert_clean
+
+    monkeypatch.setenv("REFINECLIP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("REFINECLIP_ALLOWED_ROOTS", os.pathsep.join([str(tmp_path), str(image_folder)]))
+    hf, folder = _save(tmp_path, "quick-gelu")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.session_state["demo_n_per_group"] = 2
+    at.session_state["protocol"] = {"samples_per_class": 2, "holdout": 0.5, "selection": "alg1", "ablation": "zero"}
+    at.run()
+    at.radio(key="load_model_kind").set_value("Local checkpoint").run()
+    at.radio(key="load_ckpt_where").set_value("Path on the server").run()
+    at.text_input(key="load_ckpt_path").input(str(folder)).run()
+    assert_clean(at)
+    assert not [s for s in at.selectbox if s.key == "load_ckpt_arch"]  # the config.json is the architecture
+    assert any("Hugging Face transformers CLIP" in c.value for c in at.caption)
+    # the folder zipped and uploaded is recognised the same way
+    up = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    up.run()
+    up.radio(key="load_model_kind").set_value("Local checkpoint").run()
+    up.file_uploader(key="load_ckpt_upload").upload("clip.zip", hf_clip.zip_folder(folder), "application/zip").run()
+    assert_clean(up)
+    assert any("Hugging Face transformers CLIP" in c.value for c in up.caption)
+
+    at.radio(key="load_data_kind").set_value("Folder on the server").run()
+    at.text_input(key="load_folder").input(str(image_folder)).run()
+    at.button(key="load_scan_btn").click().run()
+    at.button(key="load_extract_btn").click().run()
+    assert_clean(at)
+    src = at.session_state["source"]
+    assert src.spec.checkpoint == str(folder) and folder.name in src.label
+    cache = FeatureCache(src.cache_dir)
+    loaded = load_model(src.spec)
+    batch, _, _ = load_batch(loaded, cache.records[:6], 0)
+    with torch.no_grad():
+        reference = _features(hf.get_image_features(pixel_values=batch)).double()
+    assert _rel(torch.tensor(cache.embeddings[:6]), reference) <= 1e-5
+
+    at.session_state["ablate_heads"] = [(1, 0), (1, 1)]
+    at.switch_page("pages/refine.py").run()
+    at.number_input(key="ref_fit_steps").set_value(5)
+    at.button[0].click().run()
+    assert_clean(at)
+    res = at.session_state["refine"]
+    assert res.checkpoint.is_dir() and res.report["checkpoint"]["format"] == "hf"
+    buttons = at.get("download_button")
+    assert any("Hugging Face folder, .zip" in b.proto.label for b in buttons)
+    unzipped = tmp_path / "unzipped"
+    zipfile.ZipFile(io.BytesIO(hf_clip.zip_folder(res.checkpoint))).extractall(unzipped)
+    edited = CLIPModel.from_pretrained(unzipped / res.checkpoint.name).eval()
+    with torch.no_grad():
+        after = _features(edited.get_image_features(pixel_values=batch)).double()
+    expected = torch.from_numpy(res.outcome.refinement.refined.apply(reference.numpy()))
+    assert _rel(after, expected) <= 1e-5 and _rel(reference, expected) > 1e-4

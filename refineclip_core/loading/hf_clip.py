@@ -166,6 +166,18 @@ def find_hf_checkpoint(path: str | os.PathLike | None) -> HFCheckpoint | None:
     return HFCheckpoint(folder=folder, config=config, weights=shards, preprocessor=pre if pre.is_file() else None)
 
 
+def hf_folder_in(root: str | os.PathLike) -> Path:
+    """The ``save_pretrained`` folder inside an unpacked zip: ``root`` itself, or the one folder
+    below it (at any depth) that holds a ``config.json``."""
+    root = Path(root)
+    found = sorted(p.parent for p in root.rglob(CONFIG_FILE) if "__MACOSX" not in p.parts)
+    if not found:
+        raise CheckpointError("The zip holds no config.json: zip the folder CLIPModel.save_pretrained wrote.")
+    if len(found) > 1:
+        raise CheckpointError(f"The zip holds {len(found)} config.json files; zip one save_pretrained folder.")
+    return found[0]
+
+
 def is_hf_checkpoint(path: str | os.PathLike | None) -> bool:
     """Whether ``path`` is a transformers checkpoint (see :func:`find_hf_checkpoint`)."""
     try:
