@@ -212,6 +212,9 @@ def test_export_of_a_transformers_model_reloads_with_from_pretrained(tmp_path, v
         again = load_model(ModelSpec("x", checkpoint=str(out)))
         with torch.no_grad():
             assert _rel(again.model.encode_image(images).double(), expected) <= 1e-5
+    for wrong, match in ((tmp_path / "e.safetensors", "names a file"), (folder, "loaded from")):
+        with pytest.raises(RefineClipError, match=match):
+            export_checkpoint(str(folder), loaded.model, _edits(hf.config.projection_dim)[0], wrong)
     # the same edit as an open_clip state dict, with the open_clip config beside it
     oc = export_checkpoint(str(folder), loaded.model, _edits(hf.config.projection_dim)[0], tmp_path / "e.safetensors",
                            "open_clip")
@@ -421,3 +424,47 @@ def test_dashboard_loads_a_transformers_folder_and_downloads_the_edit_in_its_for
         after = _features(edited.get_image_features(pixel_values=batch)).double()
     expected = torch.from_numpy(res.outcome.refinement.refined.apply(reference.numpy()))
     assert _rel(after, expected) <= 1e-5 and _rel(reference, expected) > 1e-4
+
+
+def _legacy_tower(model_type: str, **values) -> dict:
+    """A sub-config as transformers 4.x wrote it: every generation default spelled out."""
+    generation = {"add_cross_attention": False, "architectures": None, "bad_words_ids": None,
+                  "chunk_size_feed_forward": 0, "diversity_penalty": 0.0, "do_sample": False, "dropout": 0.0,
+                  "early_stopping": False, "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "initializer_factor": 1.0,
+                  "initializer_range": 0.02, "is_decoder": False, "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+                  "layer_norm_eps": 0.00001, "max_length": 20, "num_beams": 1, "pruned_heads": {},
+                  "return_dict": True, "temperature": 1.0, "tie_word_embeddings": True, "top_k": 50, "top_p": 1.0,
+                  "torch_dtype": None, "torchscript": False, "use_bfloat16": False, "hidden_act": "quick_gelu"}
+    return {**generation, "model_type": model_type, **values}
+
+
+def test_a_transformers_4_config_with_config_dicts_loads(tmp_path):
+    """Old checkpoints (e.g. openai/clip-vit-*) carry ``text_config_dict``/``vision_config_dict``
+    that override ``text_config``/``vision_config``, a legacy ``eos_token_id`` of 2 and
+    ``torch_dtype``: the conversion reads them as transformers does."""
+    raw = {
+        "initializer_factor": 1.0, "logit_scale_init_value": 2.6592, "model_type": "clip", "projection_dim": 12,
+        "torch_dtype": "float32", "transformers_version": None,
+        "text_config": _legacy_tower("clip_text_model", bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                                     hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                     num_hidden_layers=12, max_position_embeddings=10, vocab_size=49408),
+        "text_config_dict": {"hidden_size": 16, "intermediate_size": 40, "num_attention_heads": 2,
+                             "num_hidden_layers": 1},
+        "vision_config": _legacy_tower("clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                                       num_attention_heads=16, num_hidden_layers=24, image_size=16, patch_size=14,
+                                       num_channels=3),
+        "vision_config_dict": {"hidden_size": 24, "intermediate_size": 48, "num_attention_heads": 3,
+                               "num_hidden_layers": 2, "patch_size": 8, "image_size": 16},
+    }
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(raw))
+    hf = _random_clip(CLIPConfig.from_dict(raw), seed=3)
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, folder / "model.safetensors")
+    loaded = load_model(ModelSpec("x", checkpoint=str(folder)))
+    assert loaded.model.visual.proj.shape == (24, 12) and len(loaded.model.transformer.resblocks) == 1
+    assert loaded.model.context_length == 77  # the *_config_dict wins, defaults included, as in transformers
+    images, tokens = _images(16), loaded.tokenizer(PROMPTS)
+    with torch.no_grad():
+        assert _rel(loaded.model.encode_image(images), _features(hf.get_image_features(pixel_values=images))) <= 1e-5
+        assert _rel(loaded.model.encode_text(tokens), _features(hf.get_text_features(input_ids=tokens))) <= 1e-5

@@ -217,7 +217,8 @@ def _clip_config(raw: Mapping[str, Any], source: str):
     try:
         return transformers.CLIPConfig.from_dict(dict(raw))
     except Exception as exc:  # transformers validates configs with its own error types
-        raise CheckpointError(f"'{source}' is not a valid transformers CLIP config ({exc}).") from exc
+        reason = " ".join(str(exc).split())  # transformers' validation messages span several lines
+        raise CheckpointError(f"'{source}' is not a valid transformers CLIP config ({reason}).") from exc
 
 
 def _activation(tower: Any, which: str, source: str) -> tuple[bool, dict | None]:
@@ -532,9 +533,12 @@ def _preprocessor_config(model: torch.nn.Module) -> dict:
             "image_std": list(pp.get("std", (0.26862954, 0.26130258, 0.27577711))), "do_convert_rgb": True}
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RefineClipError(f"'{out_dir}' is a file; a transformers checkpoint is a folder, so give a folder path.")
+def _check_out_dir(out_dir: Path, source: HFCheckpoint | None) -> None:
+    if out_dir.name.endswith(_WEIGHT_SUFFIXES) or (out_dir.exists() and not out_dir.is_dir()):
+        raise RefineClipError(f"'{out_dir}' names a file, but a transformers checkpoint is a folder: give a folder "
+                              "path (or ask for the open_clip format to get one weights file).")
+    if source is not None and out_dir.resolve() == source.folder.resolve():
+        raise RefineClipError(f"'{out_dir}' is the folder the model was loaded from; write the edit to another one.")
     if out_dir.is_dir():
         foreign = sorted(p.name for p in out_dir.iterdir()
                          if p.name != WEIGHTS_FILE and p.name.endswith(_WEIGHT_SUFFIXES))
@@ -555,7 +559,7 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Te
     from safetensors.torch import save
 
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    _check_out_dir(out_dir, source)
     files: dict[str, bytes] = {}
     if source is not None:
         raw = _read_json(source.config)
@@ -571,7 +575,11 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Te
         config = _transformers().CLIPConfig.from_dict({**cfg, "dtype": dtype})
         files[CONFIG_FILE] = config.to_json_string().encode()
         files[PREPROCESSOR_FILE] = json.dumps(_preprocessor_config(model), indent=2).encode()
-    hf_state = open_clip_to_hf({k: v.detach().cpu() for k, v in state.items()}, n_vision, n_text)
+    try:
+        hf_state = open_clip_to_hf({k: v.detach().cpu() for k, v in state.items()}, n_vision, n_text)
+    except KeyError as exc:
+        raise RefineClipError(f"The weights lack {exc}, which a transformers CLIPModel needs; export them in "
+                              "open_clip format instead.") from exc
     files[WEIGHTS_FILE] = save(hf_state, metadata={"format": "pt"})
     _write_folder(out_dir, files)
     return out_dir
