@@ -10,7 +10,7 @@ from refineclip_core.features.decomposition import HeadId
 from refineclip_core.method.ablation import verify_on_images
 from refineclip_core.method.evaluation import accuracy_report, rows_mask
 from studio_ui.registry import page
-from studio_ui.state import Key, ablate_heads, get, put, set_ticked_heads, ticked_heads
+from studio_ui.state import Key, ablate_heads, get, put, read_roots, set_ticked_heads, ticked_heads
 from studio_ui.widgets import delta_pts, guard, image_grid, link, pct, require_ready, show_exception
 
 st.title(page("ablate").heading)
@@ -110,7 +110,7 @@ def _panel() -> None:
     if st.button("Verify with a real forward pass", key="abl_verify"):
         with st.spinner("Running the model on 8 images…"), guard("The verification"):
             pool = np.concatenate([res.flipped, np.flatnonzero(mask)])  # changed images first
-            v = verify_on_images(ready.loaded(), cache.records, eng, pool, heads)
+            v = verify_on_images(ready.loaded(), cache.records, eng, pool, heads, roots=read_roots())
             if v is None:
                 st.error("None of the images could be read again; they may have moved since extraction.")
             put(Key.VERIFIED, None if v is None else (heads, v))

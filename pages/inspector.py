@@ -13,7 +13,7 @@ from refineclip_core.method.scores import head_push
 from refineclip_core.reporting.figures import push_figure
 from studio_ui import resources
 from studio_ui.registry import page
-from studio_ui.state import Key, get, inspect_head, put, set_inspect_head
+from studio_ui.state import Key, get, inspect_head, put, read_roots, set_inspect_head
 from studio_ui.widgets import guard, image_grid, link, require_ready, show_exception
 
 st.title(page("inspector").heading)
@@ -107,7 +107,8 @@ target = c[1].selectbox("Explain the logit of", list(range(len(classes))), index
 cam_key = (src.resource_key(), head, tuple(chosen), int(target))
 if st.button("Compute Grad-CAM", type="primary", key="insp_cam_btn", disabled=not chosen):
     with st.spinner("Running Grad-CAM (whole model, then this head only)…"), guard("Grad-CAM"):
-        panels, skipped = gradcam_panels(ready.loaded(), cache.records, chosen, target, cache.text, [head])
+        panels, skipped = gradcam_panels(ready.loaded(), cache.records, chosen, target, cache.text, [head],
+                                         roots=read_roots())
         for s in skipped:
             st.warning(f"{s.path}: {s.reason}")
         put(Key.GRADCAM, (cam_key, panels))

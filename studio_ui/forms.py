@@ -12,7 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 from refineclip_core.loading.models import ModelSpec
-from refineclip_core.loading.uploads import allowed_path, default_allowed_roots, save_upload
+from refineclip_core.loading.uploads import allowed_path, default_allowed_roots, read_roots, save_upload
 from refineclip_core.studio.images import ImagesKind
 
 from . import resources
@@ -61,10 +61,13 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
         name = c[0].selectbox("open_clip architecture", archs, key="load_arch", index=default)
         tag = c[1].text_input("Pretrained tag", "openai", key="load_tag",
                               help="open_clip downloads these weights on first use (needs internet access).")
-        return ModelSpec(name, pretrained=tag.strip() or None, device=device, precision=precision), layers
+        return ModelSpec(name, pretrained=tag.strip() or None, device=device, precision=precision,
+                         roots=read_roots()), layers
     c = st.columns(2)
     with c[0]:
-        if st.radio("Checkpoint", ["Upload", "Path on the server"], key="load_ckpt_where", horizontal=True) == "Upload":
+        where = st.radio("Checkpoint", ["Upload", "Path on the server"], key="load_ckpt_where", horizontal=True)
+        uploaded = where == "Upload"
+        if uploaded:
             ckpt = _kept(st.file_uploader("Checkpoint (.pt, .bin, .safetensors)", key="load_ckpt_upload",
                                           type=["pt", "pth", "bin", "safetensors"]), "ckpt")
         else:
@@ -76,6 +79,7 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
         config, name = None, arch
         if arch == CUSTOM_CONFIG:
             where = st.radio("Config JSON", ["Upload", "Path on the server"], key="load_cfg_where", horizontal=True)
+            uploaded = uploaded or where == "Upload"
             if where == "Upload":
                 up = st.file_uploader("open_clip model config (.json)", type=["json"], key="load_cfg_upload")
                 config, name = _kept(up, "config"), Path(up.name).stem if up is not None else ""
@@ -89,7 +93,10 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
     if arch == CUSTOM_CONFIG and not config:
         st.info("Give the model's config JSON (or pick an open_clip architecture).")
         return None, layers
-    return ModelSpec(name, checkpoint=ckpt, model_config=config, device=device, precision=precision), layers
+    # the files are read only inside the allowed folders (plus this session's uploads), checked when opened
+    roots = read_roots(session_dir()) if uploaded else read_roots()
+    return ModelSpec(name, checkpoint=ckpt, model_config=config, device=device, precision=precision,
+                     roots=roots), layers
 
 
 def images_form() -> ImagesChoice | None:

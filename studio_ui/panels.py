@@ -90,3 +90,7 @@ def scan_summary(dataset: ImageDataset) -> None:
                 f"{len(dataset.groups)} groups, splits: {', '.join(dataset.splits) or 'none'}; "
                 f"{len(dataset.skipped)} files skipped.")
     st.dataframe(pd.crosstab(df["class"], df["split"]), height=min(36 * (len(dataset.classes) + 1) + 4, 300))
+    if dataset.skipped:
+        with st.expander(f"Skipped files ({len(dataset.skipped)})"):
+            st.dataframe(pd.DataFrame([(s.path, s.reason) for s in dataset.skipped], columns=["file", "reason"]),
+                         hide_index=True)

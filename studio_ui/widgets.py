@@ -21,7 +21,7 @@ from refineclip_core.studio.source import Source
 from . import resources
 from .jobs import Job, format_seconds
 from .registry import page
-from .state import get_source, protocol
+from .state import get_source, protocol, read_roots
 
 log = logging.getLogger("refineclip.studio")
 
@@ -145,10 +145,11 @@ def image_grid(items: Sequence[tuple[str, str]], columns: int = 6, size: int = 1
     """Thumbnails with captions, ``columns`` per row; unreadable files show a note."""
     if not items:
         return
+    roots = read_roots()
     for start in range(0, len(items), columns):
         cols = st.columns(columns)
         for col, (path, caption) in zip(cols, items[start:start + columns]):
-            data = resources.thumbnail(path, size)
+            data = resources.thumbnail(path, size, roots)
             with col:
                 if data is None:
                     st.caption(f"(unreadable) {caption}")

@@ -177,7 +177,8 @@ def _vit(v: Mapping[str, Any], embed_dim: int, batch: int) -> tuple[int, int]:
     if v.get("attentional_pool"):
         queries = _num(v, "attn_pooler_queries", 256, "vision_cfg")
         pool = embed_dim
-        params += queries * embed_dim + 4 * w + 2 * embed_dim + 4 * embed_dim * embed_dim + 4 * embed_dim
+        e = embed_dim  # AttentionalPooler: queries, q/k/v/out projections (k and v from width w), two norms
+        params += queries * e + 2 * e * e + 2 * e * w + 4 * e + 2 * e + 2 * w
     params += 2 * pool + pool * embed_dim
     heads = max(1, w // head_width)
     mlp = int(w * mlp_ratio)
@@ -221,7 +222,7 @@ def _text(t: Mapping[str, Any], embed_dim: int, batch: int) -> tuple[int, int, i
     heads = _num(t, "heads", 8, "text_cfg")
     mlp_ratio = _num(t, "mlp_ratio", 4.0, "text_cfg", cast=float, minimum=0)
     positions = ctx + (1 if t.get("embed_cls") else 0)
-    params = vocab * w + positions * w + (w if t.get("embed_cls") else 0) + 2 * w
+    params = vocab * w + positions * w + 2 * w  # (CLIP drops an embed_cls vector; CustomTextCLIP keeps w more)
     params += _blocks(w, layers, mlp_ratio, t.get("ls_init_value") is not None)
     if t.get("proj_type", "linear") != "none" and embed_dim:
         params += w * embed_dim + (embed_dim if t.get("proj_bias") else 0)
