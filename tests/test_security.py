@@ -264,10 +264,12 @@ def test_hostile_templates_through_the_cli(tiny_model_files, image_folder, tmp_p
 _TEXT = st.one_of(st.text(max_size=40),
                   st.lists(st.sampled_from(["{}", "{", "}", "{0}", "{.x}", "{!r}", "%s", "a", " ", "\x00", "\ud800",
                                             "é", "\n", "[x](y)", "**", "$", "`"]), max_size=8).map("".join))
+#: Templates: arbitrary text, and text around one ``{}`` (so that many pass validation).
+_TEMPLATE = st.one_of(_TEXT, st.tuples(_TEXT, _TEXT).map(lambda p: p[0] + "{}" + p[1]))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(templates=st.lists(_TEXT, max_size=4), names=_TEXT)
+@given(templates=st.lists(_TEMPLATE, max_size=4), names=_TEXT)
 def test_cli_validation_path_only_raises_refineclip_errors(templates, names):
     args = argparse.Namespace(templates=[f"{t}" for t in templates] or None, templates_file=None)
     try:
@@ -288,7 +290,7 @@ def test_cli_validation_path_only_raises_refineclip_errors(templates, names):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lines=st.lists(_TEXT, max_size=5))
+@given(lines=st.lists(_TEMPLATE, max_size=5))
 def test_templates_files_only_raise_refineclip_errors(tmp_path_factory, lines):
     path = tmp_path_factory.mktemp("tpl") / "templates.txt"
     path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass"))
@@ -307,7 +309,7 @@ def tiny_loaded(tiny_model_files):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
-@given(classes=st.lists(_TEXT, max_size=3), templates=st.lists(_TEXT, max_size=3))
+@given(classes=st.lists(_TEXT, max_size=3), templates=st.lists(_TEMPLATE, max_size=3))
 def test_text_embedding_path_only_raises_refineclip_errors(tiny_loaded, classes, templates):
     try:
         text = class_text_embeddings(tiny_loaded, classes, templates)
