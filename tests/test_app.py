@@ -528,3 +528,37 @@ def test_browser_latency_results_never_rewrite_a_tracked_file(monkeypatch, tmp_p
     assert test_browser.write_results("## Browser latency\n\nnumbers\n") == target.resolve()
     assert "numbers" in target.read_text() and test_browser.MARK_START in target.read_text()
     assert (ROOT / "benchmarks" / "RESULTS.md").read_bytes() == committed
+
+
+def test_refinement_job_reports_live_losses_and_cancels(tiny_model_files, image_folder, tmp_path):
+    """The Refine page's job: run_edit in a background thread, its losses arriving as live series,
+    stopped by Cancel (nothing exported)."""
+    import time
+
+    from refineclip_core.errors import Cancelled
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.models import load_model
+    from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
+    from refineclip_core.method.refinement import RefineConfig
+    from refineclip_core.reporting.run_report import run_edit
+    from studio_ui.jobs import start_job
+
+    spec = ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
+                     model_config=str(tiny_model_files["config"]))
+    cache = extract(load_model(spec), load_dataset(image_folder), tmp_path / "c", ExtractionConfig(layers=2))
+    engine = make_engine(cache)
+    ident = identify(cache, ProtocolConfig(samples_per_class=None), engine)
+    out = tmp_path / "edit.safetensors"
+    job = start_job("Refining", lambda progress, cancelled: run_edit(
+        cache, ident, engine, RefineConfig(steps=200_000), ident.heads, spec=spec, export_to=out, progress=progress,
+        cancel=cancelled))
+    deadline = time.monotonic() + 60
+    while not job.series and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    job.wait(60)
+    assert job.finished and isinstance(job.error, Cancelled) and not out.exists()
+    (stage, curves), = job.series.items()
+    assert stage == "RefineCLIP (diag)" and job.total == 200_000
+    assert {"done", "total", "success", "locality", "ce"} <= set(curves) and curves["done"][0] == 1

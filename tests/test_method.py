@@ -260,7 +260,10 @@ def test_pipeline_and_cli_score_refine(cache, tmp_path):
     assert s["selected"]["heads"] and s["config"]["samples_per_class"] == 3
     ckpt = tmp_path / "edited.pt"
     assert main(["refine", "--cache", str(cache.root), "--samples-per-class", "3", "--steps", "20",
-                 "--strategy", "lora", "--out", str(ckpt), "--json", str(tmp_path / "r.json")]) == 0
+                 "--strategy", "lora", "--out", str(ckpt), "--json", str(tmp_path / "r.json"),
+                 "--html", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "Plotly.newPlot" in page and "refineclip-lora" in page  # the same report the Refine page offers
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["checkpoint"]["file"] == ckpt.name and ckpt.exists() and r["refine_config"]["strategy"] == "lora"
     assert {"zero-shot", "ablated", "refineclip-lora"} <= set(r["methods"]["reports"])
