@@ -11,7 +11,7 @@ from refineclip_core.method.ablation import verify_on_images
 from refineclip_core.method.evaluation import accuracy_report, rows_mask
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, put, read_roots, set_ticked_heads, ticked_heads
-from studio_ui.widgets import delta_pts, guard, image_grid, link, pct, require_ready, show_exception
+from studio_ui.widgets import delta_pts, guard, image_grid, link, pct, plain, require_ready, show_exception
 
 st.title(page("ablate").heading)
 st.caption("Removing a head subtracts its direct contribution from the image embedding, E − Σ c_h (paper Eq. 5): "
@@ -75,8 +75,8 @@ def _panel() -> None:
     m[0].metric("Accuracy", pct(rep.accuracy), delta_pts(rep.accuracy, base.accuracy))
     if rep.worst_group is not None:
         m[1].metric("Worst group", pct(rep.worst_group), delta_pts(rep.worst_group, base.worst_group),
-                    help=f"now: {rep.worst_group_name}; zero-shot: {base.worst_group_name}")
-        m[1].caption(rep.worst_group_name)
+                    help=plain(f"now: {rep.worst_group_name}; zero-shot: {base.worst_group_name}"))
+        m[1].caption(plain(rep.worst_group_name))
         m[2].metric("Average group", pct(rep.average_group), delta_pts(rep.average_group, base.average_group))
     m[3].metric("Predictions changed", f"{len(res.flipped)}", help="fixed = became correct, broken = became wrong")
     m[3].caption(f"{len(res.fixed)} fixed · {len(res.broken)} broken")

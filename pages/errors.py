@@ -14,7 +14,7 @@ from refineclip_core.reporting.figures import confusion_figure
 from studio_ui import resources
 from studio_ui.registry import page
 from studio_ui.state import Key, get, protocol, set_protocol
-from studio_ui.widgets import image_grid, link, pct, require_ready
+from studio_ui.widgets import image_grid, link, pct, plain, require_ready
 
 st.title(page("errors").heading)
 ready = require_ready()
@@ -36,8 +36,8 @@ c[0].metric("Images", f"{rep.n_images}")
 c[1].metric("Zero-shot accuracy", pct(rep.accuracy))
 if rep.worst_group is not None:
     c[2].metric("Average-group accuracy", pct(rep.average_group))
-    c[3].metric("Worst group", pct(rep.worst_group), help=rep.worst_group_name)
-    c[3].caption(rep.worst_group_name)
+    c[3].metric("Worst group", pct(rep.worst_group), help=plain(rep.worst_group_name))
+    c[3].caption(plain(rep.worst_group_name))
 else:
     c[2].metric("Classes", f"{len(rep.per_class)}")
     c[3].caption("No group labels: add a 'group' column to metadata.csv for per-group accuracy.")
@@ -97,11 +97,11 @@ chosen = pairs[labels_of.index(choice)]
 if protocol().pair in ("auto", "both") and st.button("Use this pair", key="err_use_pair"):
     _choose_pair()
     st.rerun()
-link("heads", f"Which heads cause {chosen.label(classes)}? → Heads")
+link("heads", f"Which heads cause {plain(chosen.label(classes))}? → Heads")
 
 st.subheader("Misclassified images")
 c = st.columns([2, 1])
-only_pair = c[0].checkbox(f"Only {chosen.label(classes)}", value=True, key="err_only_pair")
+only_pair = c[0].checkbox(f"Only {plain(chosen.label(classes))}", value=True, key="err_only_pair")
 limit = c[1].slider("Show at most", 6, 96, 24, step=6, key="err_limit")
 wrong = rows[pred[rows] != labels[rows]]
 if only_pair:

@@ -13,7 +13,7 @@ from refineclip_core.reporting.figures import score_grid_figure, utility_figure
 from studio_ui.registry import page
 from studio_ui.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
                              set_protocol)
-from studio_ui.widgets import link, require_ready
+from studio_ui.widgets import link, plain, require_ready
 
 st.title(page("heads").heading)
 st.caption("For an error pair (true y → predicted ŷ), each head's direct effect compares how much replacing its "
@@ -51,8 +51,8 @@ with st.form("heads_controls"):
 ident = ready.ident()
 sel = ident.selection
 set_text = "; ".join(f"{k}: W={s.sizes()['W']}, C={s.sizes()['C']}, A={s.sizes()['A']}" for k, s in ident.sets.items())
-st.caption(f"{len(ident.sample_rows)} labelled samples · {set_text} · W = misclassified as ŷ, C = correct images "
-           f"of y, A = correct images of ŷ.")
+st.caption(f"{len(ident.sample_rows)} labelled samples · {plain(set_text)} · W = misclassified as ŷ, C = correct "
+           f"images of y, A = correct images of ŷ.")
 
 # --- score maps --------------------------------------------------------------------------------
 selected = inspect_head()
@@ -75,7 +75,7 @@ for start in range(0, len(names), 2):
             if not s.available:
                 st.markdown(f"**{name}**")
                 outer = SCORE_SPECS[name.split('[')[0]][0]
-                st.info(f"{name} is unavailable: {s.reason or f'set {outer} is empty'}. It averages over set "
+                st.info(f"{name} is unavailable: {plain(s.reason or f'set {outer} is empty')}. It averages over set "
                         f"{outer}; draw more samples or pick another pair to fill it.", icon=":material/info:")
                 continue
             key = Key.score_map(names.index(name))
@@ -84,7 +84,7 @@ for start in range(0, len(names), 2):
             st.plotly_chart(fig, key=key, on_select=lambda key=key: _on_click(key), selection_mode="points",
                             width="content", theme=None, config={"displayModeBar": False})
             if s.reason:
-                st.caption(s.reason)
+                st.caption(plain(s.reason))
 
 st.caption("White dot: chosen by Alg. 1 · gold border: the head selected for the inspector · hover for values.")
 if selected is not None and selected.layer in cache.manifest.layers:

@@ -13,7 +13,7 @@ from refineclip_core.reporting.run_report import EditRun, render_html, report_js
 from studio_ui.jobs import Job, start_job
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, ticked_heads
-from studio_ui.widgets import delta_pts, follow_job, link, pct, require_ready, show_exception
+from studio_ui.widgets import delta_pts, follow_job, link, pct, plain, require_ready, show_exception
 
 st.title(page("refine").heading)
 st.caption("RefineCLIP learns a map of the image embedding — diag(θ) by default — so that images the model got "
@@ -34,8 +34,8 @@ choice = st.radio("Heads removed in the teacher E_abl", list(options), key="ref_
                   index=list(options).index("Set from the Heads page") if "Set from the Heads page" in options else 0)
 heads = options[choice]
 set_sizes = "; ".join(f"{k}: " + ", ".join(f"{n}={v}" for n, v in s.sizes().items()) for k, s in ident.sets.items())
-st.caption(f"Error pair {', '.join(f'{classes[a]} → {classes[b]}' for a, b in ident.pairs)} · "
-           f"{len(ident.sample_rows)} labelled samples ({set_sizes}) · accuracies on {len(ident.eval_rows)} held-out "
+st.caption(f"Error pair {', '.join(f'{plain(classes[a])} → {plain(classes[b])}' for a, b in ident.pairs)} · "
+           f"{len(ident.sample_rows)} labelled samples ({plain(set_sizes)}) · accuracies on {len(ident.eval_rows)} held-out "
            "images.")
 if not heads:
     st.warning("No heads chosen: the success loss would copy the unedited model. Pick heads on the Heads or "

@@ -13,40 +13,40 @@ from refineclip_core.studio.source import Source
 from . import resources
 from .registry import PAGES
 from .state import Key, get, protocol, put
-from .widgets import Ready, delta_pts, link, pct
+from .widgets import Ready, delta_pts, link, pct, plain
 
 
 def findings_panel(ready: Ready) -> None:
     """The loaded source, and :func:`~refineclip_core.reporting.findings.findings` on it."""
     src, cache = ready.source, ready.cache
-    st.success(src.label, icon=":material/check_circle:")
+    st.success(plain(src.label), icon=":material/check_circle:")
     try:
         ident = resources.identification(src, cache, ready.engine, protocol())
     except RefineClipError as exc:
-        st.info(f"No findings to show: {exc}")
+        st.info(f"No findings to show: {plain(exc)}")
         return
     f = resources.findings(src, cache, ready.engine, ident)
     st.subheader("Findings at a glance")
     st.caption(f"Measured on {f.n_eval} held-out images (the {len(ident.sample_rows)} labelled samples used to "
                f"choose the heads are excluded).")
-    st.markdown(f"The model confuses **{f.pair}** most often ({f.pair_count} held-out images). Alg. 1 blames "
+    st.markdown(f"The model confuses **{plain(f.pair)}** most often ({f.pair_count} held-out images). Alg. 1 blames "
                 f"**{', '.join(f.heads) or 'no head'}**" + (f" (ranked by {f.score})" if f.score else "") +
                 "; switching them off needs no retraining (Eq. 5):")
     c = st.columns(4)
     c[0].metric("Zero-shot accuracy", pct(f.accuracy))
     c[1].metric("… with those heads off", pct(f.ablated_accuracy), delta_pts(f.ablated_accuracy, f.accuracy))
     if f.worst_group is not None:
-        c[2].metric("Zero-shot worst group", pct(f.worst_group), help=f.worst_group_name)
-        c[2].caption(f.worst_group_name)
+        c[2].metric("Zero-shot worst group", pct(f.worst_group), help=plain(f.worst_group_name))
+        c[2].caption(plain(f.worst_group_name))
         c[3].metric("… with those heads off", pct(f.ablated_worst_group),
-                    delta_pts(f.ablated_worst_group, f.worst_group), help=f.ablated_worst_group_name)
-        c[3].caption(f.ablated_worst_group_name)
+                    delta_pts(f.ablated_worst_group, f.worst_group), help=plain(f.ablated_worst_group_name))
+        c[3].caption(plain(f.ablated_worst_group_name))
     elif f.target_accuracy is not None:
         c[2].metric("Error-pair classes", pct(f.target_accuracy))
         c[3].metric("… with those heads off", pct(f.ablated_target_accuracy),
                     delta_pts(f.ablated_target_accuracy, f.target_accuracy))
     for note in f.notes:
-        st.caption(f"Unavailable score — {note}")
+        st.caption(f"Unavailable score — {plain(note)}")
     others = [p.name for p in PAGES[1:]]
     for col, name in zip(st.columns(len(others)), others):
         link(name, where=col)
@@ -74,8 +74,8 @@ def data_summary(src: Source, cache: FeatureCache) -> None:
             else:
                 st.caption("No group labels (add a 'group' column to metadata.csv to get per-group accuracies).")
         man = cache.manifest
-        st.caption(f"Model {man.model_name} · heads of layers {man.layers} ({man.n_heads} per layer) · embedding "
-                   f"dim {man.embed_dim} · prompts: " + " | ".join(list(man.templates)[:6]))
+        st.caption(f"Model {plain(man.model_name)} · heads of layers {man.layers} ({man.n_heads} per layer) · "
+                   f"embedding dim {man.embed_dim} · prompts: " + " | ".join(map(plain, list(man.templates)[:6])))
         skipped = [(s.path, s.reason) for s in cache.skipped] + list(src.skipped_extra)
         if skipped:
             st.markdown("**Skipped files**")
@@ -87,7 +87,7 @@ def scan_summary(dataset: ImageDataset) -> None:
     df = pd.DataFrame({"class": [dataset.classes[r.label] for r in dataset.records],
                        "split": [r.split or "–" for r in dataset.records]})
     st.markdown(f"**{len(dataset)} images**, {len(dataset.classes)} classes ({dataset.layout} layout), "
-                f"{len(dataset.groups)} groups, splits: {', '.join(dataset.splits) or 'none'}; "
+                f"{len(dataset.groups)} groups, splits: {plain(', '.join(dataset.splits) or 'none')}; "
                 f"{len(dataset.skipped)} files skipped.")
     st.dataframe(pd.crosstab(df["class"], df["split"]), height=min(36 * (len(dataset.classes) + 1) + 4, 300))
     if dataset.skipped:

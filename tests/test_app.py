@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -562,3 +563,100 @@ def test_refinement_job_reports_live_losses_and_cancels(tiny_model_files, image_
     (stage, curves), = job.series.items()
     assert stage == "RefineCLIP (diag)" and job.total == 200_000
     assert {"done", "total", "success", "locality", "ce"} <= set(curves) and curves["done"][0] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Names from users are plain text (issue 16)
+
+HOSTILE_CLASSES = ("[x](http://evil) **bold** A", "<img src=x onerror=alert(1)> $x^2$ `t` B")
+HOSTILE_GROUPS = ("~~strike~~ :red[g1] | c |", ":material/home: <b>g2</b> www.evil.com")
+#: Fragments that would become a link, emphasis, HTML, math, code, colour, an icon or a table if rendered.
+RAW_MARKUP = ("](http", "**bold**", "<img", "$x^2$", "`t`", ":red[", ":material/home:", "~~strike~~", "<b>",
+              "www.evil.com", "| c |")
+
+
+def _markdown_texts(at: AppTest) -> list[str]:
+    """Every string on the page that Streamlit renders as Markdown."""
+    out: list[str] = []
+    for kind in ("markdown", "caption", "success", "info", "warning", "error", "title", "subheader", "header"):
+        out += [e.value for e in getattr(at, kind)]
+    out += [m.label for m in at.metric] + [m.help or "" for m in at.metric]
+    out += [c.label for c in at.checkbox] + [e.label for e in at.expander] + [t.label for t in at.tabs]
+    out += [b.label for b in at.button] + [p.proto.label for p in at.get("page_link")]
+    out += [cap for img in at.get("image") for cap in img.captions]
+    return out
+
+
+@pytest.fixture()
+def hostile_folder(tmp_path):
+    """A metadata.csv dataset whose labels, groups and file names are Markdown and HTML, plus a link
+    that leaves the allowed folders (basetemp): it must be skipped with its reason."""
+    import tempfile
+
+    root = tmp_path / "hostile"
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    rows = ["path,label,group"]
+    for c, (label, colour) in enumerate(zip(HOSTILE_CLASSES, [(200, 40, 40), (40, 40, 200)])):
+        for i in range(14):  # 10 labelled samples per class (the protocol's default) + 4 held out
+            name = f"**f{c}{i}** <b>x [y](z) $w$.png"  # no "/" in a file name
+            make_image(rng, colour, size=48).save(root / name)
+            rows.append(f'"{name}","{label}","{HOSTILE_GROUPS[i % 2]}"')
+    outside = Path(tempfile.mkdtemp(prefix="refineclip-outside-"))
+    make_image(rng, (0, 0, 0), size=48).save(outside / "secret.png")
+    (root / "zz_link.png").symlink_to(outside / "secret.png")
+    rows.append(f'zz_link.png,"{HOSTILE_CLASSES[0]}","{HOSTILE_GROUPS[0]}"')
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    yield root
+    import shutil
+
+    shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_user_names_render_as_plain_text_on_every_page(home, demo_spec, hostile_folder):
+    from refineclip_core.loading.confine import OUTSIDE_REASON
+    from refineclip_core.reporting.figures import plot_text
+    from studio_ui.widgets import plain
+
+    at = fresh_app(demo_spec)
+    at.run()
+    at.radio(key="load_data_kind").set_value("Folder on the server").run()
+    at.text_input(key="load_folder").input(str(hostile_folder)).run()
+    at.button(key="load_scan_btn").click().run()
+    assert_clean(at)
+    scanned = at.session_state["load_scan"].dataset
+    assert sorted(scanned.classes) == sorted(HOSTILE_CLASSES) and len(scanned) == 28
+    skipped = [df.value for df in at.dataframe if "reason" in df.value.columns]
+    assert any((d["reason"] == OUTSIDE_REASON).any() for d in skipped), "the link leaving the roots is not listed"
+    at.button(key="load_extract_btn").click().run()
+    assert_clean(at)
+    assert not at.session_state["source"].is_demo
+    seen: list[str] = []
+    for name in ("load", "errors", "heads", "inspector", "ablate", "refine"):
+        page = open_page(at, name)
+        if name == "ablate":  # flip some predictions so the gallery and per-group numbers show names
+            page.button(key="abl_clear").click().run()
+            for box in page.checkbox[:6]:
+                box.check()
+            page.run()
+        if name == "refine":
+            page.number_input(key="ref_steps").set_value(10)
+            page.button[0].click().run()
+        assert_clean(page)
+        texts = _markdown_texts(page)
+        # a backslash-escaped character is shown as itself: drop those, any markup left came unescaped
+        leaks = [(name, raw, t) for t in texts for raw in RAW_MARKUP if raw in re.sub(r"\\.", "", t)]
+        assert not leaks, leaks
+        seen += texts
+        for chart in page.get("plotly_chart"):  # Plotly labels: HTML escaped, no raw tags or math
+            spec = json.loads(chart.proto.spec)
+            for trace in spec["data"]:
+                for axis in ("x", "name"):
+                    values = trace.get(axis) if isinstance(trace.get(axis), list) else [trace.get(axis)]
+                    for v in values:
+                        assert not (isinstance(v, str) and ("<img" in v or "<b>" in v or "$x^2$" in v)), (name, v)
+                if trace.get("type") == "heatmap":
+                    assert sorted(trace["x"]) == sorted(plot_text(c) for c in HOSTILE_CLASSES)
+    joined = "\n".join(seen)
+    for label in HOSTILE_CLASSES + HOSTILE_GROUPS:  # the names are shown, escaped, not dropped
+        assert plain(label) in joined, label

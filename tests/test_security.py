@@ -463,3 +463,46 @@ def test_config_files_are_read_with_a_size_limit(tmp_path):
     deep.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(RefineClipError, match="not valid JSON"):
         load_model(ModelSpec("deep", model_config=str(deep)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Names from users stay text in figures and in the HTML report
+# ---------------------------------------------------------------------------------------------
+
+EVIL = ("</script><script>alert(1)</script> [x](http://evil) A", "<img src=x onerror=alert(2)> $x^2$ %{y} B")
+
+
+def test_plot_text_keeps_names_literal():
+    from refineclip_core.reporting.figures import confusion_figure, plot_text, push_figure
+
+    assert plot_text("<b>x</b> $m$ %{y} & co") == "&lt;b&gt;x&lt;/b&gt; &#36;m&#36; &#37;{y} &amp; co"
+    fig = confusion_figure(np.eye(2, dtype=int), list(EVIL))
+    assert list(fig.data[0].x) == [plot_text(c) for c in EVIL]
+    push = push_figure([0.1, 0.2], list(EVIL), EVIL[1])
+    assert all("%{y}" not in t.hovertemplate.split("<br>")[0] for t in push.data)  # only the template's own field
+    assert "<img" not in push.layout.yaxis.title.text
+
+
+def test_html_report_escapes_hostile_names(tiny_model_files, tmp_path):
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine, run_refinement
+    from refineclip_core.method.refinement import RefineConfig
+    from refineclip_core.reporting.run_report import build_run_report, render_html
+
+    rng = np.random.default_rng(1)
+    rows = ["path,label,group"]
+    for c, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        for i in range(6):
+            make_image(rng, colour).save(tmp_path / f"{c}_{i}.png")
+            rows.append(f'{c}_{i}.png,"{EVIL[c]}","<b>g{i % 2}</b> **bold**"')
+    (tmp_path / "metadata.csv").write_text("\n".join(rows) + "\n")
+    loaded = load_model(ModelSpec(tiny_model_files["name"], model_config=str(tiny_model_files["config"]),
+                                  checkpoint=str(tiny_model_files["checkpoint"])))
+    cache = extract(loaded, load_dataset(tmp_path), tmp_path / "cache",
+                    ExtractionConfig(layers=1, templates=("a {} <script>x</script>",)))
+    ident = identify(cache, ProtocolConfig(samples_per_class=None))
+    outcome = run_refinement(cache, ident, RefineConfig(steps=5), baselines=False)
+    page = render_html(build_run_report(cache, ident, make_engine(cache), outcome))
+    for raw in ("<script>alert(1)", "<img src=x", "<b>g0", "<script>x</script>"):
+        assert raw not in page, raw
+    assert "&lt;img src=x onerror=alert(2)&gt;" in page  # shown, escaped

@@ -4,10 +4,13 @@ Per-head score maps (DE_A..DE_D, paper Eq. 6-9, as a layer × head grid of squar
 one point per head so that clicking a head can be read back), Alg. 1 utility curves (Eq. 10),
 the confusion matrix, method comparisons (Tables 1-3) and refinement loss curves (Eq. 11-13).
 They take plain numbers (lists, dicts, arrays), so the HTML report can be rebuilt from its JSON.
+Names from users (classes, groups) go through :func:`plot_text`: Plotly renders a subset of HTML,
+``$…$`` and ``%{…}`` in its labels, and a name must show as written.
 """
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Iterable, Mapping, Sequence
 
@@ -23,6 +26,12 @@ METHOD_COLORS = {
 
 #: Diverging colour scale of the score maps: blue (negative) – white (0) – red (positive).
 DIVERGING = "RdBu_r"
+
+
+def plot_text(name: object) -> str:
+    """``name`` as Plotly shows it literally: HTML escaped (``<b>``, ``<a href>`` stay text), ``$``
+    (LaTeX) and ``%`` (hover-template fields) as character references."""
+    return html.escape(str(name), quote=False).replace("$", "&#36;").replace("%", "&#37;")
 
 
 def _base_layout(fig: go.Figure, title: str | None = None, **kw) -> go.Figure:
@@ -127,8 +136,9 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> go.Figure:
     m = np.asarray(matrix)
     row = m.sum(1, keepdims=True)
     frac = np.divide(m, np.maximum(row, 1))
+    labels = [plot_text(c) for c in classes]
     fig = go.Figure(go.Heatmap(
-        z=frac, x=list(classes), y=list(classes), text=m, texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1,
+        z=frac, x=labels, y=labels, text=m, texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1,
         colorbar=dict(title="row share"),
         hovertemplate="true %{y} → predicted %{x}<br>%{text} images (%{z:.0%} of the class)<extra></extra>"))
     n = len(classes)
@@ -145,11 +155,11 @@ def push_figure(push: Sequence[float], groups: Sequence[str], wrong_class: str) 
     fig = go.Figure()
     for g in sorted(set(groups)):
         sel = [i for i, x in enumerate(groups) if x == g]
-        fig.add_trace(go.Box(y=push[sel], name=g, boxpoints="all", jitter=0.4, pointpos=0, marker_size=4,
-                             hovertemplate=f"{g}<br>push %{{y:.4f}}<extra></extra>"))
+        fig.add_trace(go.Box(y=push[sel], name=plot_text(g), boxpoints="all", jitter=0.4, pointpos=0, marker_size=4,
+                             hovertemplate=f"{plot_text(g)}<br>push %{{y:.4f}}<extra></extra>"))
     fig.add_hline(y=0, line_color="#999")
     fig.update_layout(template="plotly_white", height=320, showlegend=False, margin=dict(l=50, r=20, t=20, b=40),
-                      yaxis_title=f"push toward {wrong_class}")
+                      yaxis_title=f"push toward {plot_text(wrong_class)}")
     return fig
 
 
@@ -161,7 +171,7 @@ def accuracy_bars_figure(rows: Mapping[str, Mapping[str, float | None]], title: 
     for method, values in rows.items():
         cats = list(values)
         ys = [None if values[c] is None else 100 * values[c] for c in cats]
-        fig.add_trace(go.Bar(name=method, x=cats, y=ys, marker_color=METHOD_COLORS.get(method),
+        fig.add_trace(go.Bar(name=method, x=[plot_text(c) for c in cats], y=ys, marker_color=METHOD_COLORS.get(method),
                              text=[("–" if y is None else f"{y:.0f}") for y in ys] if n_bars <= 36 else None,
                              textposition="outside",
                              hovertemplate=f"{method}<br>%{{x}}: %{{y:.1f}}%<extra></extra>"))
