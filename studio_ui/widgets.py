@@ -28,15 +28,20 @@ log = logging.getLogger("refineclip.studio")
 
 _PUNCTUATION = re.compile(r"([!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~])")
 _BREAKS = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+#: Where GitHub-flavoured Markdown would autolink (``www.``, ``http://``, ``a@b.c``) even with the
+#: punctuation escaped: a zero-width space goes in between.
+_AUTOLINK = re.compile(r"(?i)(www|https?|ftp|mailto|xmpp)(?=\\[.:])|(?=\\@)")
 
 
 def plain(text: object) -> str:
     """``text`` for a place where Streamlit renders Markdown (markdown, captions, alerts, labels,
     tooltips, image captions) so that it shows exactly as written: every ASCII punctuation mark is
     backslash-escaped (no links, emphasis, HTML, math, ``:material/…:`` icons or ``:red[…]``
-    colours) and line breaks become spaces. Names from users (class folders, CSV labels, groups,
-    file names, templates, paths) always go through it."""
-    return _PUNCTUATION.sub(r"\\\1", _BREAKS.sub(" ", str(text)))
+    colours), a zero-width space keeps ``www.``/``http://``/``@`` from becoming links, and line
+    breaks become spaces. Names from users (class folders, CSV labels, groups, file names,
+    templates, paths) always go through it."""
+    escaped = _PUNCTUATION.sub(r"\\\1", _BREAKS.sub(" ", str(text)))
+    return _AUTOLINK.sub(lambda m: (m.group(1) or "") + "\u200b", escaped)
 
 
 def short_error(exc: BaseException) -> str:

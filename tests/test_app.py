@@ -23,7 +23,7 @@ from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.loading.models import DEMO_DIR, DEMO_MODEL_NAME, ModelSpec
 
-from .conftest import make_image
+from .conftest import AUTOLINKS, HOSTILE_CLASSES, HOSTILE_GROUPS, RAW_MARKUP, make_image, write_hostile_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -568,13 +568,6 @@ def test_refinement_job_reports_live_losses_and_cancels(tiny_model_files, image_
 # ------------------------------------------------------------------------------------------------
 # Names from users are plain text (issue 16)
 
-HOSTILE_CLASSES = ("[x](http://evil) **bold** A", "<img src=x onerror=alert(1)> $x^2$ `t` B")
-HOSTILE_GROUPS = ("~~strike~~ :red[g1] | c |", ":material/home: <b>g2</b> www.evil.com")
-#: Fragments that would become a link, emphasis, HTML, math, code, colour, an icon or a table if rendered.
-RAW_MARKUP = ("](http", "**bold**", "<img", "$x^2$", "`t`", ":red[", ":material/home:", "~~strike~~", "<b>",
-              "www.evil.com", "| c |")
-
-
 def _markdown_texts(at: AppTest) -> list[str]:
     """Every string on the page that Streamlit renders as Markdown."""
     out: list[str] = []
@@ -589,27 +582,11 @@ def _markdown_texts(at: AppTest) -> list[str]:
 
 @pytest.fixture()
 def hostile_folder(tmp_path):
-    """A metadata.csv dataset whose labels, groups and file names are Markdown and HTML, plus a link
-    that leaves the allowed folders (basetemp): it must be skipped with its reason."""
+    import shutil
     import tempfile
 
-    root = tmp_path / "hostile"
-    root.mkdir()
-    rng = np.random.default_rng(3)
-    rows = ["path,label,group"]
-    for c, (label, colour) in enumerate(zip(HOSTILE_CLASSES, [(200, 40, 40), (40, 40, 200)])):
-        for i in range(14):  # 10 labelled samples per class (the protocol's default) + 4 held out
-            name = f"**f{c}{i}** <b>x [y](z) $w$.png"  # no "/" in a file name
-            make_image(rng, colour, size=48).save(root / name)
-            rows.append(f'"{name}","{label}","{HOSTILE_GROUPS[i % 2]}"')
-    outside = Path(tempfile.mkdtemp(prefix="refineclip-outside-"))
-    make_image(rng, (0, 0, 0), size=48).save(outside / "secret.png")
-    (root / "zz_link.png").symlink_to(outside / "secret.png")
-    rows.append(f'zz_link.png,"{HOSTILE_CLASSES[0]}","{HOSTILE_GROUPS[0]}"')
-    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
-    yield root
-    import shutil
-
+    outside = Path(tempfile.mkdtemp(prefix="refineclip-outside-"))  # outside the allowed roots (basetemp)
+    yield write_hostile_dataset(tmp_path / "hostile", outside)
     shutil.rmtree(outside, ignore_errors=True)
 
 
@@ -646,6 +623,8 @@ def test_user_names_render_as_plain_text_on_every_page(home, demo_spec, hostile_
         texts = _markdown_texts(page)
         # a backslash-escaped character is shown as itself: drop those, any markup left came unescaped
         leaks = [(name, raw, t) for t in texts for raw in RAW_MARKUP if raw in re.sub(r"\\.", "", t)]
+        # autolinks form on the text as shown (escapes resolved)
+        leaks += [(name, raw, t) for t in texts for raw in AUTOLINKS if raw in re.sub(r"\\(.)", r"\1", t)]
         assert not leaks, leaks
         seen += texts
         for chart in page.get("plotly_chart"):  # Plotly labels: HTML escaped, no raw tags or math
