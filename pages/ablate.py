@@ -8,10 +8,11 @@ import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.method.ablation import verify_on_images
-from refineclip_core.method.evaluation import accuracy_report, rows_mask
+from refineclip_core.method.evaluation import AccuracyReport, accuracy_report, rows_mask
+from refineclip_core.reporting.findings import accuracy_rows
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, put, read_roots, set_ticked_heads, ticked_heads
-from studio_ui.widgets import delta_pts, guard, image_grid, link, pct, plain, require_ready, show_exception
+from studio_ui.widgets import guard, image_grid, link, metric_ci, plain, require_ready, show_exception
 
 st.title(page("ablate").heading)
 st.caption("Removing a head subtracts its direct contribution from the image embedding, E − Σ c_h (paper Eq. 5): "
@@ -45,15 +46,19 @@ def panel() -> None:
 
 def _panel() -> None:
     c = st.columns([2, 2, 4])
-    mode = c[0].radio("Replace a removed head by", ["zero", "mean"], horizontal=True, key="abl_mode",
-                      format_func=lambda m: {"zero": "zero", "mean": "its mean over all images"}[m])
+    mode = c[0].radio("Replace a removed head by", ["mean", "zero"], horizontal=True, key="abl_mode",
+                      index=["mean", "zero"].index(ident.config.ablation),
+                      format_func=lambda m: {"zero": "zero (Eq. 5)", "mean": "its mean"}[m],
+                      help="mean: the head's average contribution over the unlabelled adaptation images (the "
+                           "default, what the exported edit learns from); zero: the paper's zero ablation.")
     scope = c[1].radio("Measure on", ["held-out images", "all images"], horizontal=True, key="abl_scope",
                        help="Held-out: every image except the labelled samples used to choose the heads.")
     with c[2]:
         b = st.columns([3, 2, 1.3])
         b[0].button("Apply the selected set", key="abl_apply", on_click=_set, args=(suggested,),
-                    help="The set from the Heads page, or Alg. 1's choice: " + ", ".join(map(str, suggested)))
-        b[1].button("Alg. 1's choice", key="abl_alg1", on_click=_set, args=(ident.heads,))
+                    help="The set from the Heads page, or the protocol's choice: " + ", ".join(map(str, suggested)))
+        b[1].button("The protocol's choice", key="abl_alg1", on_click=_set, args=(ident.heads,),
+                    help=f"Chosen by {ident.config.selection} on the labelled samples.")
         b[2].button("Clear", key="abl_clear", on_click=_set, args=([],))
 
     st.markdown("**Heads** (layer × head; ticked = removed)")
@@ -67,26 +72,27 @@ def _panel() -> None:
 
     mask = ident.eval_mask if scope == "held-out images" else rows_mask(len(labels))
     base = accuracy_report(eng.base_predictions, labels, classes, cache.groups, cache.group_names, mask)
-    res = eng.ablate(heads, labels, classes, cache.groups, cache.group_names, mode=mode, mask=mask)
+    res = ident.ablation_engine(eng).ablate(heads, labels, classes, cache.groups, cache.group_names, mode=mode,
+                                           mask=mask)
     rep = res.report
 
     st.markdown(f"Removed: **{', '.join(map(str, heads)) or 'nothing'}** · {rep.n_images} images")
     m = st.columns(4)
-    m[0].metric("Accuracy", pct(rep.accuracy), delta_pts(rep.accuracy, base.accuracy))
+    metric_ci(m[0], "Accuracy", rep.overall(), base.overall())
     if rep.worst_group is not None:
-        m[1].metric("Worst group", pct(rep.worst_group), delta_pts(rep.worst_group, base.worst_group),
-                    help=plain(f"now: {rep.worst_group_name}; zero-shot: {base.worst_group_name}"))
+        metric_ci(m[1], "Worst group", rep.worst(), base.worst(),
+                  help=plain(f"now: {rep.worst_group_name}; zero-shot: {base.worst_group_name}"))
         m[1].caption(plain(rep.worst_group_name))
-        m[2].metric("Average group", pct(rep.average_group), delta_pts(rep.average_group, base.average_group))
+        metric_ci(m[2], "Average group", rep.average(), base.average())
     m[3].metric("Predictions changed", f"{len(res.flipped)}", help="fixed = became correct, broken = became wrong")
     m[3].caption(f"{len(res.fixed)} fixed · {len(res.broken)} broken")
 
     t = st.columns(2)
     if rep.per_group:
         t[0].markdown("**Per group**")
-        _comparison(t[0], "group", base.per_group, rep.per_group)
+        _comparison(t[0], "group", base, rep)
     t[1].markdown("**Per class**")
-    _comparison(t[1], "class", base.per_class, rep.per_class)
+    _comparison(t[1], "class", base, rep)
 
     st.markdown(f"**Images whose prediction flipped** ({len(res.flipped)})")
     if len(res.flipped):
@@ -125,12 +131,14 @@ def _panel() -> None:
             st.caption("The check uses zero ablation (the model has no notion of a head's mean).")
 
 
-def _comparison(where, key: str, before: dict[str, float], after: dict[str, float]) -> None:
-    """Zero-shot vs ablated accuracy per group or class, with the change in points."""
+def _comparison(where, by: str, before: AccuracyReport, after: AccuracyReport) -> None:
+    """Zero-shot vs ablated accuracy per group or class (each with its 95% interval), and the change."""
     acc = st.column_config.NumberColumn(format="percent")
+    b, a = accuracy_rows(before, by), {r["name"]: r for r in accuracy_rows(after, by)}
     where.dataframe(pd.DataFrame({
-        key: list(before), "zero-shot": list(before.values()), "ablated": [after.get(k) for k in before],
-        "change (pts)": [100 * (after.get(k, 0) - v) for k, v in before.items()]}),
+        by: [r["name"] for r in b], "zero-shot": [r["value"] for r in b], "ablated": [a[r["name"]]["value"] for r in b],
+        "ablated 95% CI": [f"{100 * a[r['name']]['low']:.1f}–{100 * a[r['name']]['high']:.1f}%" for r in b],
+        "change (pts)": [100 * (a[r["name"]]["value"] - r["value"]) for r in b], "images": [r["n"] for r in b]}),
         hide_index=True, column_config={"zero-shot": acc, "ablated": acc,
                                         "change (pts)": st.column_config.NumberColumn(format="%+.1f")})
 

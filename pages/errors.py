@@ -11,10 +11,11 @@ from refineclip_core.method.errorsets import error_pairs
 from refineclip_core.method.evaluation import accuracy_report, confusion_matrix, rows_mask
 from refineclip_core.method.protocol import pair_spec, resolve_pairs
 from refineclip_core.reporting.figures import confusion_figure
+from refineclip_core.reporting.findings import accuracy_rows
 from studio_ui import resources
 from studio_ui.registry import page
 from studio_ui.state import Key, get, protocol, set_protocol
-from studio_ui.widgets import image_grid, link, pct, plain, require_ready
+from studio_ui.widgets import accuracy_frame, image_grid, link, metric_ci, plain, require_ready
 
 st.title(page("errors").heading)
 ready = require_ready()
@@ -33,10 +34,10 @@ rep = accuracy_report(pred, labels, classes, cache.groups, cache.group_names, ma
 
 c = st.columns(4)
 c[0].metric("Images", f"{rep.n_images}")
-c[1].metric("Zero-shot accuracy", pct(rep.accuracy))
+metric_ci(c[1], "Zero-shot accuracy", rep.overall())
 if rep.worst_group is not None:
-    c[2].metric("Average-group accuracy", pct(rep.average_group))
-    c[3].metric("Worst group", pct(rep.worst_group), help=plain(rep.worst_group_name))
+    metric_ci(c[2], "Average-group accuracy", rep.average())
+    metric_ci(c[3], "Worst group", rep.worst(), help=plain(rep.worst_group_name))
     c[3].caption(plain(rep.worst_group_name))
 else:
     c[2].metric("Classes", f"{len(rep.per_class)}")
@@ -46,14 +47,12 @@ left, right = st.columns(2)
 acc_col = st.column_config.ProgressColumn("accuracy", format="percent", min_value=0.0, max_value=1.0)
 with left:
     st.markdown("**Per class**")
-    st.dataframe(pd.DataFrame({"class": list(rep.per_class), "accuracy": list(rep.per_class.values()),
-                               "images": [rep.counts[k] for k in rep.per_class]}),
-                 hide_index=True, column_config={"accuracy": acc_col})
+    st.dataframe(accuracy_frame(accuracy_rows(rep, "class"), "class"), hide_index=True,
+                 column_config={"accuracy": acc_col})
 with right:
     if rep.per_group:
         st.markdown("**Per group**")
-        gdf = pd.DataFrame({"group": list(rep.per_group), "accuracy": list(rep.per_group.values()),
-                            "images": [rep.counts[f"group:{k}"] for k in rep.per_group]})
+        gdf = accuracy_frame(accuracy_rows(rep, "group"), "group")
         st.dataframe(gdf.sort_values("accuracy"), hide_index=True, column_config={"accuracy": acc_col})
 
 st.plotly_chart(confusion_figure(confusion_matrix(pred, labels, len(classes), mask), classes), key="err_confusion")
@@ -86,8 +85,11 @@ index = next((i for i, p in enumerate(pairs) if (p.true, p.pred) == current), 0)
 
 
 def _choose_pair() -> None:
+    """Explain the chosen pair; in both directions while the protocol uses both (its default)."""
     i = labels_of.index(get(Key.ERROR_PAIR))
-    set_protocol(pair=pair_spec(pairs[i].true, pairs[i].pred, classes))
+    a, b = pairs[i].true, pairs[i].pred
+    both = protocol().pair == "both" or "," in protocol().pair
+    set_protocol(pair=pair_spec(a, b, classes) + (f",{pair_spec(b, a, classes)}" if both else ""))
 
 
 choice = st.selectbox("Error pair to explain on the next pages", labels_of, index=index, key=Key.ERROR_PAIR,

@@ -1,4 +1,4 @@
-"""Heads: direct-effect scores DE_A..DE_D per head (paper Eq. 6-9) and Alg. 1's choice (Eq. 10)."""
+"""Heads: direct-effect scores DE_A..DE_D per head (paper Eq. 6-9) and the choice of heads (Alg. 1, Eq. 10)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ if proto.pair not in pair_options:
     pair_options[proto.pair] = proto.pair.replace(":", " → ")
 n_heads_total = len(cache.manifest.layers) * cache.manifest.n_heads
 with st.form("heads_controls"):
-    c = st.columns([3, 1, 1, 1, 1])
+    c = st.columns([3, 1, 1, 1, 1, 1, 1])
     pair = c[0].selectbox("Error pair", list(pair_options), format_func=pair_options.get,
                           index=list(pair_options).index(proto.pair), key="heads_pair")
     n = c[1].number_input("Samples per class", 1, 10_000, proto.samples_per_class or 10, key="heads_n",
@@ -44,8 +44,15 @@ with st.form("heads_controls"):
                               help="Length of each score's candidate list in Alg. 1.")
     sim = c[4].selectbox("Similarity", ["cosine", "dot"], index=["cosine", "dot"].index(proto.similarity),
                          key="heads_sim", help="With 'dot', DE_A = −DE_B and DE_C = −DE_D exactly (Proposition 1).")
+    rule = c[5].selectbox("Selection", ["consensus", "alg1"], index=["consensus", "alg1"].index(proto.selection),
+                          key="heads_rule", help="consensus (default): one ranking from all four scores, best prefix "
+                                                 "by utility; alg1: the paper's Algorithm 1 (best of each list).")
+    removal = c[6].selectbox("Ablation", ["mean", "zero"], index=["mean", "zero"].index(proto.ablation),
+                             key="heads_ablation", help="How removed heads are replaced: their mean (default) or "
+                                                        "zero (the paper's Eq. 5).")
     if st.form_submit_button("Score the heads", type="primary"):
-        set_protocol(pair=pair, samples_per_class=int(n), seed=int(seed), top_t=int(top_t), similarity=sim)
+        set_protocol(pair=pair, samples_per_class=int(n), seed=int(seed), top_t=int(top_t), similarity=sim,
+                     selection=rule, ablation=removal)
         st.rerun()
 
 ident = ready.ident()
@@ -86,7 +93,7 @@ for start in range(0, len(names), 2):
             if s.reason:
                 st.caption(plain(s.reason))
 
-st.caption("White dot: chosen by Alg. 1 · gold border: the head selected for the inspector · hover for values.")
+st.caption("White dot: chosen heads · gold border: the head selected for the inspector · hover for values.")
 if selected is not None and selected.layer in cache.manifest.layers:
     vals = {name: s.value(selected) for name, s in ident.scores.items() if s.available}
     ranks = {name: s.ranking().index(selected) + 1 for name, s in ident.scores.items() if s.available}
@@ -95,16 +102,18 @@ if selected is not None and selected.layer in cache.manifest.layers:
     link("inspector", f"Inspect {selected} →")
 
 # --- Alg. 1 -------------------------------------------------------------------------------------
-st.subheader("Choosing the heads (Alg. 1)")
+st.subheader("Choosing the heads (consensus or Alg. 1, utility of Eq. 10)")
 if not sel.curves:
-    st.warning("No score is available for this pair, so Alg. 1 has nothing to choose from.")
+    st.warning("No score is available for this pair, so there is nothing to choose from.")
     st.stop()
 st.plotly_chart(utility_figure(sel.curves, sel.baseline_utility, sel.score, sel.t, sel.candidates),
                 key="heads_utility")
 if sel.score:
-    st.markdown(f"Alg. 1 picks the first **{sel.t}** heads of **{sel.score}**: "
-                f"**{', '.join(str(h) for h in sel.heads)}** (utility {sel.utility:.4f} vs. "
-                f"{sel.baseline_utility:.4f} with no head removed).")
+    st.markdown(f"{'The consensus ranking' if sel.score == 'consensus' else 'Alg. 1'} picks the first **{sel.t}** "
+                f"heads of **{sel.score}**: **{', '.join(str(h) for h in sel.heads)}** (utility {sel.utility:.4f} "
+                f"vs. {sel.baseline_utility:.4f} with no head removed).")
+else:
+    st.info("No prefix of the ranking beats removing nothing on the labelled samples: no head is chosen.")
 st.markdown("**Top-T candidate lists**")
 st.dataframe(pd.DataFrame({name: [str(h) for h in lst] + [""] * (max(map(len, sel.candidates.values())) - len(lst))
                            for name, lst in sel.candidates.items()}).rename_axis("rank").rename(lambda i: i + 1),

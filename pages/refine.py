@@ -1,4 +1,4 @@
-"""Refine: learn diag(θ) (or full / LoRA) on the image embedding so the fix lasts (paper §3.3, Eq. 11-13)."""
+"""Refine: turn the head removal into an ordinary checkpoint, checked on held-out images (paper §3.3)."""
 
 from __future__ import annotations
 
@@ -6,27 +6,34 @@ import pandas as pd
 import streamlit as st
 
 from refineclip_core.errors import Cancelled
-from refineclip_core.method.refinement import RefineConfig
 from refineclip_core.reporting.figures import accuracy_bars_figure, loss_figure
-from refineclip_core.reporting.findings import method_summary, per_key_table
+from refineclip_core.reporting.findings import cell_estimate, format_cell, method_summary, per_key_table
 from refineclip_core.reporting.run_report import EditRun, render_html, report_json, run_edit
+from studio_ui.forms import edit_form
 from studio_ui.jobs import Job, start_job
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, ticked_heads
-from studio_ui.widgets import delta_pts, follow_job, link, pct, plain, require_ready, show_exception
+from studio_ui.widgets import follow_job, link, metric_ci, plain, require_ready, show_exception
 
 st.title(page("refine").heading)
-st.caption("RefineCLIP learns a map of the image embedding — diag(θ) by default — so that images the model got "
-           "wrong behave as if the heads were removed (L_success, Eq. 11) while everything else stays as it was "
-           "(L_locality, Eq. 12), with a cross-entropy term on the labelled samples (Eq. 13). It trains on cached "
-           "embeddings in seconds and merges into the projection, so the edited model is an ordinary checkpoint.")
+st.caption("Phase 2 learns a linear map of the image embedding that behaves like the model with the heads removed "
+           "on images of the edited classes (L_success, Eq. 11) and like the original everywhere else "
+           "(L_locality, Eq. 12), and merges it into the projection: the edited model is an ordinary checkpoint. "
+           "RefineCLIP-fit (default) learns it from every unlabelled adaptation image; the paper's phase 2 learns "
+           "diag(θ) from the labelled samples with a cross-entropy term (Eq. 13). Before you download anything, "
+           "the edit is checked against zero-shot on held-out images.")
 ready = require_ready()
 src, cache, eng = ready.source, ready.cache, ready.engine
 ident = ready.ident()
 classes = cache.classes
+last: EditRun | None = get(Key.REFINE)
+if last is not None:  # the guard first: is the last edit better than zero-shot on held-out images?
+    v = last.outcome.verdict
+    (st.success if v.ok and not v.cautions else st.warning if v.ok else st.error)(
+        f"**{last.outcome.exported}** — {v.summary()}", icon=":material/verified:" if v.ok else ":material/dangerous:")
 
 # --- which heads -----------------------------------------------------------------------------------
-options = {"Alg. 1's choice": list(ident.heads), "Set from the Heads page": ablate_heads(),
+options = {"The protocol's choice": list(ident.heads), "Set from the Heads page": ablate_heads(),
            "Ticked on the Ablate page": ticked_heads()}
 options = {k: v for k, v in options.items() if v is not None}
 choice = st.radio("Heads removed in the teacher E_abl", list(options), key="ref_heads",
@@ -35,39 +42,25 @@ choice = st.radio("Heads removed in the teacher E_abl", list(options), key="ref_
 heads = options[choice]
 set_sizes = "; ".join(f"{k}: " + ", ".join(f"{n}={v}" for n, v in s.sizes().items()) for k, s in ident.sets.items())
 st.caption(f"Error pair {', '.join(f'{plain(classes[a])} → {plain(classes[b])}' for a, b in ident.pairs)} · "
-           f"{len(ident.sample_rows)} labelled samples ({plain(set_sizes)}) · accuracies on {len(ident.eval_rows)} held-out "
-           "images.")
+           f"{len(ident.sample_rows)} labelled samples ({plain(set_sizes)}) · {len(ident.adapt_rows)} unlabelled adaptation "
+           f"images · accuracies on {len(ident.eval_rows)} held-out images · heads removed by "
+           f"{ident.config.ablation} ablation.")
 if not heads:
     st.warning("No heads chosen: the success loss would copy the unedited model. Pick heads on the Heads or "
                "Ablate page.")
 
 # --- settings and the run (a background job: live loss curves, cancellable) ------------------------
-with st.form("ref_form"):
-    c = st.columns(4)
-    strategy = c[0].radio("Strategy", ["diag", "full", "lora"], key="ref_strategy", horizontal=True,
-                          help="diag: θ ∈ R^d (the paper); full: a d×d matrix; lora: identity + rank-r update.")
-    rank = c[0].number_input("LoRA rank", 1, 256, 4, key="ref_rank")
-    alpha = c[1].number_input("α (success weight)", 0.0, 1e7, 1e4, step=1000.0, format="%g", key="ref_alpha")
-    beta = c[1].number_input("β (locality weight)", 0.0, 1e7, 1e2, step=10.0, format="%g", key="ref_beta")
-    steps = c[2].number_input("Steps", 1, 20_000, 500, step=100, key="ref_steps")
-    lr = c[2].number_input("Learning rate", 1e-6, 10.0, 1e-2, format="%g", key="ref_lr")
-    seed = c[3].number_input("Seed", 0, 1_000_000, protocol().seed, key="ref_seed")
-    baselines = c[3].checkbox("Baselines", True, key="ref_baselines",
-                              help="Also run standard fine-tuning (same θ and samples, cross-entropy only) and a "
-                                   "Tip-Adapter cache, for comparison.")
-    run = st.form_submit_button("Run refinement", type="primary", disabled=not heads)
-
-if run:
-    cfg = RefineConfig(strategy=strategy, alpha=float(alpha), beta=float(beta), steps=int(steps), lr=float(lr),
-                       seed=int(seed), rank=int(rank))
-    loaded, out = ready.loaded(), session_dir() / f"refineclip-{cfg.strategy}.safetensors"
-    put(Key.REFINE_JOB, start_job(f"Refining ({cfg.strategy}, {cfg.steps} steps)", lambda progress, cancelled: run_edit(
+submitted = edit_form(seed=protocol().seed, disabled=not heads)
+if submitted is not None:
+    cfg, baselines = submitted
+    loaded, out = ready.loaded(), session_dir() / f"{cfg.exported}.safetensors"
+    put(Key.REFINE_JOB, start_job(f"Fitting {cfg.exported}", lambda progress, cancelled: run_edit(
         cache, ident, eng, cfg, heads, spec=src.spec, export_to=out, loaded=loaded, data_root=src.data_root,
         baselines=baselines, progress=progress, cancel=cancelled)))
 
 
 def live_losses(job: Job):
-    """The first stage that reports losses is RefineCLIP's own run (the baselines come after)."""
+    """The first stage that reports losses is the exported edit's own run (the baselines come after)."""
     series = next(iter(job.series.values()), None)
     return None if series is None else loss_figure(series, steps=series["done"])
 
@@ -83,17 +76,19 @@ if job is not None and not job.handled:
         show_exception(job.error, "Refinement")
     else:
         put(Key.REFINE, job.result)
+        st.rerun()  # draw the new verdict at the top of the page
 
 res: EditRun | None = get(Key.REFINE)
 if res is None:
-    st.info("Set the hyper-parameters and click 'Run refinement'. Defaults follow the paper (α = 1e4, β = 1e2, "
-            "500 Adam steps).")
+    st.info("Click 'Run phase 2'. The defaults are the multi-draw benchmark's winner (RefineCLIP-fit; "
+            "benchmarks/RESULTS.md); the paper's phase 2 keeps its published settings (α = 1e4, β = 1e2, 500 steps).")
     st.stop()
 if res.outcome.identification.config != ident.config or res.outcome.heads != heads:
     st.warning("These results were computed for another pair, sample or head set; run the refinement again to "
                "update them.")
 
-# --- results: every compared method, the exported one first in the headline --------------------------
+# --- results: every compared method with its 95% interval (the guard's verdict is at the top) --------
+verdict = res.outcome.verdict
 methods = res.outcome.report.to_dict()
 summary = method_summary(methods)
 st.subheader("Results on held-out images")
@@ -101,19 +96,17 @@ r, z = summary.get(res.outcome.exported, {}), summary.get("zero-shot", {})
 m = st.columns(4)
 for col, (label, column) in zip(m, [("Worst group", "worst group"), ("Error-pair classes", "error-pair classes"),
                                     ("Other classes (locality)", "other classes (locality)"), ("Overall", "overall")]):
-    d = delta_pts(r.get(column), z.get(column))
-    col.metric(label, pct(r.get(column)), None if d is None else f"{d} vs zero-shot")
-pct_col = st.column_config.NumberColumn(format="percent")
-sdf = pd.DataFrame(summary).T.rename_axis("method").reset_index()
-st.dataframe(sdf, hide_index=True, column_config={c: pct_col for c in sdf.columns if c != "method"})
+    metric_ci(col, label, cell_estimate(r.get(column)), cell_estimate(z.get(column)))
+st.dataframe(pd.DataFrame({k: {c: format_cell(v) for c, v in row.items()} for k, row in summary.items()}).T
+             .rename_axis("method").reset_index(), hide_index=True)
 st.plotly_chart(accuracy_bars_figure(summary, "Methods compared"), key="ref_summary_fig")
 groups = per_key_table(methods, "per_group")
 tab_g, tab_c = st.tabs(["Per group", "Per class"])
 for tab, key, table in ((tab_g, "group", groups), (tab_c, "class", per_key_table(methods, "per_class"))):
     with tab:
         if any(table.values()):
-            df = pd.DataFrame(table).rename_axis(key).reset_index()
-            st.dataframe(df, hide_index=True, column_config={c: pct_col for c in df.columns if c != key})
+            df = pd.DataFrame({k: {c: format_cell(v) for c, v in row.items()} for k, row in table.items()})
+            st.dataframe(df.rename_axis(key).reset_index(), hide_index=True)
         else:
             st.caption(f"No {key} labels in these images.")
 if any(groups.values()):
@@ -124,7 +117,8 @@ st.subheader("Downloads")
 d = st.columns(3)
 ckpt = res.checkpoint
 if ckpt is not None and ckpt.is_file():
-    d[0].download_button(f"Merged checkpoint of {res.outcome.exported} (.safetensors)",
+    d[0].download_button(f"Merged checkpoint of {res.outcome.exported} (.safetensors)"
+                         + ("" if verdict.ok else " — it made the model worse"),
                          data=lambda p=ckpt: p.read_bytes(), file_name=ckpt.name, mime="application/octet-stream",
                          key="ref_dl_ckpt", icon=":material/download:",
                          on_click="ignore",  # a download needs no rerun (and a rerun can race the deferred data)
@@ -136,7 +130,8 @@ d[1].download_button("Run report (JSON)", data=report_json(res.report), file_nam
 d[2].download_button("Run report (HTML)", data=lambda rep=res.report: render_html(rep),
                      file_name="refineclip-report.html", mime="text/html", key="ref_dl_html",
                      icon=":material/bar_chart:", on_click="ignore")
-st.caption(f"The checkpoint has `visual.proj` replaced by P·diag(θ) (or P·Mᵀ); everything else is the original "
+st.caption(f"The checkpoint has `visual.proj` replaced by P·B (RefineCLIP-fit) or P·diag(θ) (paper); everything "
+           f"else is the original "
            f"model. Load it with the same architecture ({cache.manifest.model_name}). The same run from the command "
            "line: `refineclip refine --cache … --out … --json … --html …`.")
 link("errors", "Back to the errors")

@@ -1,4 +1,5 @@
-"""The Load page's input forms: which model (a ModelSpec and a layer scope) and which images.
+"""Input forms: the Load page's (which model — a ModelSpec and a layer scope — and which images)
+and the Refine page's (which edit: an EditConfig).
 
 Widgets only: uploads are kept by :func:`refineclip_core.loading.uploads.save_upload` in the
 session's private folder, typed paths are checked by :func:`~refineclip_core.loading.uploads.allowed_path`.
@@ -12,6 +13,9 @@ from pathlib import Path
 import streamlit as st
 
 from refineclip_core.loading.models import ModelSpec
+from refineclip_core.method.edit import FitConfig
+from refineclip_core.method.protocol import DEFAULT_EDIT, EditConfig
+from refineclip_core.method.refinement import RefineConfig
 from refineclip_core.loading.uploads import allowed_path, default_allowed_roots, read_roots, save_upload
 from refineclip_core.studio.images import ImagesKind
 
@@ -117,3 +121,33 @@ def images_form() -> ImagesChoice | None:
     if choice is not None and meta is not None:
         return ImagesChoice(choice.kind, choice.folder, choice.zip_data, choice.zip_name, (meta.name, meta.getvalue()))
     return choice
+
+
+def edit_form(seed: int, disabled: bool) -> tuple[EditConfig, bool] | None:
+    """The Refine page's settings (defaults: :data:`DEFAULT_EDIT`); ``(config, baselines)`` once submitted."""
+    fit_d, paper_d = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper
+    with st.form("ref_form"):
+        method = st.radio("Exported edit", ["fit", "paper"], horizontal=True, key="ref_method",
+                          index=["fit", "paper"].index(DEFAULT_EDIT.method),
+                          format_func=lambda m: {"fit": "RefineCLIP-fit (default)", "paper": "the paper's phase 2"}[m])
+        c = st.columns(4)
+        ridge = c[0].number_input("Ridge (fit)", 0.0, 10.0, fit_d.ridge, format="%g", key="ref_ridge")
+        fit_steps = c[0].number_input("KL steps (fit)", 0, 20_000, fit_d.steps, step=50, key="ref_fit_steps")
+        strategy = c[1].radio("Map (paper)", ["diag", "full", "lora"], key="ref_strategy", horizontal=True,
+                              index=["diag", "full", "lora"].index(paper_d.strategy),
+                              help="diag: θ ∈ R^d (the paper); full: a d×d matrix; lora: identity + rank-r update.")
+        rank = c[1].number_input("LoRA rank", 1, 256, paper_d.rank, key="ref_rank")
+        alpha = c[2].number_input("α (paper)", 0.0, 1e7, paper_d.alpha, step=1000.0, format="%g", key="ref_alpha")
+        beta = c[2].number_input("β (paper)", 0.0, 1e7, paper_d.beta, step=10.0, format="%g", key="ref_beta")
+        steps = c[2].number_input("Steps (paper)", 1, 20_000, paper_d.steps, step=100, key="ref_steps")
+        seed = c[3].number_input("Seed", 0, 1_000_000, seed, key="ref_seed")
+        baselines = c[3].checkbox("Baselines", True, key="ref_baselines",
+                                  help="Also run the other kind of edit, standard fine-tuning (cross-entropy only) "
+                                       "and a Tip-Adapter cache, for comparison.")
+        if not st.form_submit_button("Run phase 2", type="primary", disabled=disabled):
+            return None
+    cfg = EditConfig(method, FitConfig(ridge=float(ridge), steps=int(fit_steps), lr=fit_d.lr,
+                                       max_rows=fit_d.max_rows, seed=int(seed)),
+                     RefineConfig(strategy=strategy, alpha=float(alpha), beta=float(beta), steps=int(steps),
+                                  lr=paper_d.lr, seed=int(seed), rank=int(rank), weight_ce=paper_d.weight_ce))
+    return cfg, bool(baselines)

@@ -13,7 +13,7 @@ from refineclip_core.studio.source import Source
 from . import resources
 from .registry import PAGES
 from .state import Key, get, protocol, put
-from .widgets import Ready, delta_pts, link, pct, plain
+from .widgets import Ready, link, metric_ci, plain
 
 
 def findings_panel(ready: Ready) -> None:
@@ -28,23 +28,31 @@ def findings_panel(ready: Ready) -> None:
     f = resources.findings(src, cache, ready.engine, ident)
     st.subheader("Findings at a glance")
     st.caption(f"Measured on {f.n_eval} held-out images (the {len(ident.sample_rows)} labelled samples used to "
-               f"choose the heads are excluded).")
-    st.markdown(f"The model confuses **{plain(f.pair)}** most often ({f.pair_count} held-out images). Alg. 1 blames "
-                f"**{', '.join(f.heads) or 'no head'}**" + (f" (ranked by {f.score})" if f.score else "") +
-                "; switching them off needs no retraining (Eq. 5):")
+               f"choose the heads are excluded) — the same images and numbers as the Ablate and Refine pages. "
+               f"Each accuracy comes with its 95% interval and the number of images behind it.")
+    rule = "the consensus of DE_A..DE_D" if f.score == "consensus" else (f"Alg. 1 ({f.score})" if f.score else None)
+    removal = "replacing them by their mean" if f.ablation == "mean" else "zeroing them"
+    blame = (f"The heads to blame, by {rule}, are **{', '.join(f.heads)}**; {removal} needs no retraining (Eq. 5):"
+             if f.heads else "No set of heads beats removing nothing on the labelled samples (pick heads on the "
+                             "Heads page, or draw more samples):")
+    st.markdown(f"The model confuses **{plain(f.pair)}** most often ({f.pair_count} held-out images). {blame}")
     c = st.columns(4)
-    c[0].metric("Zero-shot accuracy", pct(f.accuracy))
-    c[1].metric("… with those heads off", pct(f.ablated_accuracy), delta_pts(f.ablated_accuracy, f.accuracy))
+    metric_ci(c[0], "Zero-shot accuracy", f.accuracy)
+    metric_ci(c[1], "… with those heads removed", f.ablated_accuracy, f.accuracy)
     if f.worst_group is not None:
-        c[2].metric("Zero-shot worst group", pct(f.worst_group), help=plain(f.worst_group_name))
+        metric_ci(c[2], "Zero-shot worst group", f.worst_group)
         c[2].caption(plain(f.worst_group_name))
-        c[3].metric("… with those heads off", pct(f.ablated_worst_group),
-                    delta_pts(f.ablated_worst_group, f.worst_group), help=plain(f.ablated_worst_group_name))
+        metric_ci(c[3], "… with those heads removed", f.ablated_worst_group, f.worst_group)
         c[3].caption(plain(f.ablated_worst_group_name))
     elif f.target_accuracy is not None:
-        c[2].metric("Error-pair classes", pct(f.target_accuracy))
-        c[3].metric("… with those heads off", pct(f.ablated_target_accuracy),
-                    delta_pts(f.ablated_target_accuracy, f.target_accuracy))
+        metric_ci(c[2], "Error-pair classes", f.target_accuracy)
+        metric_ci(c[3], "… with those heads removed", f.ablated_target_accuracy, f.target_accuracy)
+    run = get(Key.REFINE)
+    if run is not None and run.outcome.identification.config == ident.config:
+        verdict = run.outcome.verdict
+        (st.warning if not verdict.ok else st.info)(
+            f"The last edit ({run.outcome.exported}): {verdict.summary()}",
+            icon=":material/warning:" if not verdict.ok else ":material/build:")
     for note in f.notes:
         st.caption(f"Unavailable score — {plain(note)}")
     others = [p.name for p in PAGES[1:]]

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId, HeadLike, parse_heads
-from refineclip_core.method.protocol import ProtocolConfig
+from refineclip_core.method.protocol import DEFAULT_PROTOCOL, ProtocolConfig
 from refineclip_core.studio.source import Source
 
 
@@ -91,9 +91,9 @@ def set_source(source: Source) -> None:
 
 
 def protocol() -> ProtocolConfig:
-    """The identification settings of this session (paper defaults until changed)."""
+    """The identification settings of this session (:data:`DEFAULT_PROTOCOL` until changed)."""
     d = get(Key.PROTOCOL)
-    return ProtocolConfig(**d) if d else ProtocolConfig()
+    return ProtocolConfig(**d) if d else DEFAULT_PROTOCOL
 
 
 def set_protocol(**changes) -> None:

@@ -10,12 +10,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+import pandas as pd
 import streamlit as st
 
 from refineclip_core.errors import Cancelled, RefineClipError
 from refineclip_core.features.cache import FeatureCache
 from refineclip_core.loading.models import LoadedModel
 from refineclip_core.method.ablation import AblationEngine
+from refineclip_core.method.intervals import Estimate
 from refineclip_core.method.protocol import Identification
 from refineclip_core.studio.source import Source
 
@@ -179,6 +181,28 @@ def image_grid(items: Sequence[tuple[str, str]], columns: int = 6, size: int = 1
 
 def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def ci_text(est: Estimate | None) -> str:
+    """``"95% CI 55.1–68.4% · n = 200"`` (how every accuracy's uncertainty is shown)."""
+    return "" if est is None else f"95% CI {100 * est.low:.1f}–{100 * est.high:.1f}% · n = {est.n}"
+
+
+def metric_ci(where: Any, label: str, est: Estimate | None, base: Estimate | None = None,
+              help: str | None = None) -> None:
+    """An accuracy as a metric (with its change from ``base`` in points) and, underneath, its 95%
+    interval and the number of images behind it."""
+    value = None if est is None else est.value
+    where.metric(label, pct(value), delta_pts(value, None if base is None else base.value), help=help)
+    if est is not None:
+        where.caption(ci_text(est))
+
+
+def accuracy_frame(rows: list[dict], first: str) -> pd.DataFrame:
+    """A table of :func:`~refineclip_core.reporting.findings.accuracy_rows` (accuracy, 95% CI, images)."""
+    return pd.DataFrame({first: [r["name"] for r in rows], "accuracy": [r["value"] for r in rows],
+                         "95% CI": [f"{100 * r['low']:.1f}–{100 * r['high']:.1f}%" for r in rows],
+                         "images": [r["n"] for r in rows]})
 
 
 def delta_pts(new: float | None, old: float | None) -> str | None:

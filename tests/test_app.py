@@ -133,9 +133,9 @@ def test_errors_page_and_choosing_a_pair(app):
     assert_clean(at)
     cache = FeatureCache(at.session_state["source"].cache_dir)
     true_name, pred_name = choice.split("  (")[0].split(" → ")
-    stored = at.session_state["protocol"]["pair"]
-    assert stored.replace(":", " → ") == f"{true_name} → {pred_name}" or stored == \
-        f"{cache.classes.index(true_name)}:{cache.classes.index(pred_name)}"
+    stored = at.session_state["protocol"]["pair"]          # the default protocol explains both directions
+    a, b = cache.classes.index(true_name), cache.classes.index(pred_name)
+    assert stored in (f"{true_name}:{pred_name},{pred_name}:{true_name}", f"{a}:{b},{b}:{a}")
     at.checkbox(key="err_only_pair").uncheck().run()
     assert_clean(at)
     assert at.image, "no misclassified images shown"
@@ -198,36 +198,80 @@ def test_ablate_page_toggles_match_independent_arithmetic(app):
     assert_clean(at)
     assert not any(at.checkbox(key=f"abl_{l}_{h}").value for l in layers for h in range(H))
     assert next(m.value for m in at.metric if m.label == "Predictions changed") == "0"
-    # tick one head: the shown accuracy equals E − c_h computed here from the raw arrays
+    # tick one head: the shown accuracy equals E − c_h + m_h (mean ablation, the default: m_h is the
+    # head's mean over the adaptation images) computed here from the raw arrays; then zero ablation
     target = HeadId(layers[-1], H - 1)
     at.checkbox(key=f"abl_{target.layer}_{target.head}").check().run()
     assert_clean(at)
-    E = np.asarray(cache.embeddings, dtype=np.float64) - np.asarray(cache.heads, dtype=np.float64)[:, -1, H - 1]
-    pred = (E @ cache.text.T.astype(np.float64)).argmax(1)
+    c = np.asarray(cache.heads, dtype=np.float64)[:, -1, H - 1]
     rows = ident.eval_rows
-    expected = (pred[rows] == cache.labels[rows]).mean()
-    assert next(m.value for m in at.metric if m.label == "Accuracy") == f"{100 * expected:.1f}%"
+    for mode, E in (("mean", cache.embeddings - c + c[ident.adapt_rows].mean(0)), ("zero", cache.embeddings - c)):
+        if mode == "zero":
+            at.radio(key="abl_mode").set_value("zero").run()
+            assert_clean(at)
+        pred = (np.asarray(E, dtype=np.float64) @ cache.text.T.astype(np.float64)).argmax(1)
+        expected = (pred[rows] == cache.labels[rows]).mean()
+        assert next(m.value for m in at.metric if m.label == "Accuracy") == f"{100 * expected:.1f}%", mode
+    assert any(cap.value.startswith("95% CI") and f"n = {len(rows)}" in cap.value for cap in at.caption)
     at.button(key="abl_verify").click().run()
     assert_clean(at)
     assert any("predictions agree on every image" in s.value for s in at.success)
 
 
 def test_refine_page_runs_compares_and_offers_downloads(app):
-    at = open_page(app, "refine")
+    at = open_page(app, "heads")
+    cache, ident = cache_and_ident(at)
+    if not ident.heads:  # the small test sample may not convince the consensus: hand a set over
+        at.session_state["ablate_heads"] = [(cache.manifest.layers[-1], 0), (cache.manifest.layers[-1], 1)]
+    at = open_page(at, "refine")
+    at.number_input(key="ref_fit_steps").set_value(30)
     at.number_input(key="ref_steps").set_value(30)
-    at.button[0].click().run()  # "Run refinement" (the form's submit button)
+    at.button[0].click().run()  # "Run phase 2" (the form's submit button)
     assert_clean(at)
     res = at.session_state["refine"]
     methods = res.outcome.report.reports
-    assert {"zero-shot", "ablated", "refineclip-diag", "standard-finetune", "tip-adapter"} <= set(methods)
+    assert {"zero-shot", "ablated", "refineclip-fit", "refineclip-diag", "standard-finetune", "tip-adapter"} \
+        <= set(methods)
     assert len(res.outcome.refinement.history["total"]) == 30
+    # the guard leads the results, and every accuracy shown carries its interval and image count
+    verdict = res.outcome.verdict
+    shown = [e.value for e in (*at.success, *at.warning, *at.error)]
+    assert any(verdict.summary() in text for text in shown)
+    n_eval = int(res.outcome.identification.eval_mask.sum())
+    assert sum(cap.value.startswith("95% CI") for cap in at.caption) >= 4
     assert len(at.get("download_button")) == 3
     ckpt = Path(res.checkpoint)
     assert ckpt.is_file() and ckpt.stat().st_size > 0
     report = res.report
     json.loads(json.dumps(report, allow_nan=False))
     assert report["heads"] == [h.as_list() for h in res.outcome.heads]
-    assert report["exported"] == "refineclip-diag" and report["checkpoint"]["file"] == ckpt.name
+    assert report["exported"] == "refineclip-fit" and report["checkpoint"]["file"] == ckpt.name
+    assert report["verdict"]["summary"] == verdict.summary() and n_eval == report["n_eval"]
+
+
+def test_dashboard_uses_the_shared_defaults(home, demo_spec):
+    """One set of defaults: a new session's protocol and the Refine form start at DEFAULT_PROTOCOL
+    and DEFAULT_EDIT (the CLI's and the benchmark's are checked in test_edit / test_demo_world)."""
+    from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL
+
+    at = fresh_app(demo_spec)
+    at.run()
+    at = open_page(at, "refine")
+    assert "protocol" not in at.session_state           # nothing changed yet: the session runs on the defaults
+    fit, paper = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper
+    assert at.radio(key="ref_method").value == DEFAULT_EDIT.method
+    assert at.number_input(key="ref_ridge").value == fit.ridge
+    assert at.number_input(key="ref_fit_steps").value == fit.steps
+    assert at.radio(key="ref_strategy").value == paper.strategy
+    assert (at.number_input(key="ref_alpha").value, at.number_input(key="ref_beta").value,
+            at.number_input(key="ref_steps").value, at.number_input(key="ref_rank").value) == \
+        (paper.alpha, paper.beta, paper.steps, paper.rank)
+    at = open_page(at, "heads")
+    assert (at.selectbox(key="heads_pair").value, at.selectbox(key="heads_rule").value,
+            at.selectbox(key="heads_ablation").value, at.number_input(key="heads_n").value,
+            at.number_input(key="heads_top_t").value, at.selectbox(key="heads_sim").value) == \
+        (DEFAULT_PROTOCOL.pair, DEFAULT_PROTOCOL.selection, DEFAULT_PROTOCOL.ablation,
+         DEFAULT_PROTOCOL.samples_per_class, DEFAULT_PROTOCOL.top_t, DEFAULT_PROTOCOL.similarity)
 
 
 def test_pages_without_data_point_to_load(home):
@@ -389,7 +433,9 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     from refineclip_core.features.extraction import ExtractionConfig, extract
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
-    from refineclip_core.method.protocol import identify, make_engine, run_refinement
+    from refineclip_core.method.edit import FitConfig
+    from refineclip_core.method.intervals import binomial_interval
+    from refineclip_core.method.protocol import EditConfig, identify, make_engine, run_refinement
     from refineclip_core.method.refinement import RefineConfig
     from refineclip_core.reporting.findings import findings, method_summary
     from refineclip_core.reporting.run_report import render_html, write_report
@@ -400,7 +446,8 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     from refineclip_core.method.protocol import ProtocolConfig
 
     ident = identify(cache, ProtocolConfig(samples_per_class=None))
-    outcome = run_refinement(cache, ident, RefineConfig(steps=20), baselines=True)
+    outcome = run_refinement(cache, ident, EditConfig(fit=FitConfig(steps=10), paper=RefineConfig(steps=20)),
+                             baselines=True)
     from refineclip_core.reporting.run_report import build_run_report
 
     (tmp_path / "x.safetensors").write_bytes(b"weights")
@@ -408,15 +455,20 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     text = json.dumps(report, allow_nan=False)
     back = json.loads(text)
     summary = method_summary(back["methods"])
-    assert summary["zero-shot"]["overall"] == pytest.approx(outcome.report.reports["zero-shot"].accuracy)
+    assert summary["zero-shot"]["overall"]["value"] == pytest.approx(outcome.report.reports["zero-shot"].accuracy)
+    assert summary["zero-shot"]["overall"]["n"] == len(ident.eval_rows)
     f = findings(cache, ident, make_engine(cache))
     labels = cache.labels
     expected = (np.asarray(cache.embeddings, dtype=np.float64) @ cache.text.T).argmax(1)
-    assert f.accuracy == pytest.approx((expected[ident.eval_rows] == labels[ident.eval_rows]).mean())
+    correct = expected[ident.eval_rows] == labels[ident.eval_rows]
+    assert f.accuracy.value == pytest.approx(correct.mean()) and f.accuracy.n == len(ident.eval_rows)
+    low, high = binomial_interval(int(correct.sum()), len(correct))
+    assert (f.accuracy.low, f.accuracy.high) == pytest.approx((low, high))
     page = render_html(back)
     assert "Plotly.newPlot" in page and "plotly.js" in page  # the library is inlined: readable offline
     assert 'src="https://' not in page
     assert "Per class" in page and "refineclip-diag" in page and "x.safetensors" in page
+    assert f"(n={len(ident.eval_rows)})" in page and outcome.verdict.summary().split(" [")[0] in page
     json_path, html_path = write_report(back, tmp_path / "out")
     assert json.loads(json_path.read_text()) == back
     assert "refineclip-diag" in html_path.read_text()
@@ -540,7 +592,7 @@ def test_refinement_job_reports_live_losses_and_cancels(tiny_model_files, image_
     from refineclip_core.features.extraction import ExtractionConfig, extract
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
-    from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
+    from refineclip_core.method.protocol import EditConfig, ProtocolConfig, identify, make_engine
     from refineclip_core.method.refinement import RefineConfig
     from refineclip_core.reporting.run_report import run_edit
     from studio_ui.jobs import start_job
@@ -551,9 +603,9 @@ def test_refinement_job_reports_live_losses_and_cancels(tiny_model_files, image_
     engine = make_engine(cache)
     ident = identify(cache, ProtocolConfig(samples_per_class=None), engine)
     out = tmp_path / "edit.safetensors"
+    cfg = EditConfig(method="paper", paper=RefineConfig(steps=200_000))
     job = start_job("Refining", lambda progress, cancelled: run_edit(
-        cache, ident, engine, RefineConfig(steps=200_000), ident.heads, spec=spec, export_to=out, progress=progress,
-        cancel=cancelled))
+        cache, ident, engine, cfg, ident.heads, spec=spec, export_to=out, progress=progress, cancel=cancelled))
     deadline = time.monotonic() + 60
     while not job.series and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -279,8 +279,9 @@ def test_committed_demo_model_meets_quality_bars() -> None:
 
 
 def test_demo_benchmark_runs_on_a_retrained_model(tmp_path: Path) -> None:
-    """benchmarks/demo_world.py --model-dir: the reproduction path end to end, on a quick model
-    trained on a non-default world (the benchmark must generate data from *that* world)."""
+    """benchmarks/demo_world.py --model-dir: a small multi-draw run (2 world seeds × 2 sample seeds)
+    end to end, on a quick model trained on a non-default world (the benchmark must generate data
+    from *that* world)."""
     import subprocess
     import sys
 
@@ -289,24 +290,38 @@ def test_demo_benchmark_runs_on_a_retrained_model(tmp_path: Path) -> None:
     out = tmp_path / "RESULTS.md"
     out.write_text("# Benchmarks\n\nkept text\n")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "demo_world.py"), "--model-dir", str(model_dir), "--seeds", "0",
-         "--n-per-group", "6", "--steps", "5", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        [sys.executable, str(REPO / "benchmarks" / "demo_world.py"), "--model-dir", str(model_dir),
+         "--world-seeds", "31", "32", "--sample-seeds", "0", "1", "--n-fit", "8", "--n-test", "6",
+         "--figure-steps", "0", "5", "--out", str(out), "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\nkept text\n")
     assert "<!-- demo:start -->" in text and "<!-- demo:end -->" in text
-    assert f"Model in `{model_dir}`" in text
+    assert f"the model in `{model_dir}`" in text and "4 draws: world seeds [31, 32] × sample seeds [0, 1]" in text
     svg = (tmp_path / "demo_locality.svg").read_text()  # the locality figure, next to --out
-    assert svg.startswith("<svg") and svg.count("<polyline") == 4
-    for row in ("zero-shot", "ablate: Alg. 1 (all scores)", "Tip-Adapter (training-free)",
-                "standard fine-tune (CE only)", "RefineCLIP phase 2 (diag)", "RefineCLIP phase 2 (lora)"):
+    assert svg.startswith("<svg") and svg.count("<polyline") == 6
+    for row in ("zero-shot", "**RefineCLIP-fit: the exported edit (default)**", "Tip-Adapter (training-free)",
+                "standard fine-tuning (CE only)", "paper-faithful: Alg. 1 + zero ablation + diag θ (Eq. 13)",
+                "ablate: DE_A alone (zero)"):
         assert f"| {row} |" in text, row
+    # one set of defaults: the settings the benchmark ran are exactly the CLI's and the dashboard's
+    from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL
+    used = json.loads(text.split("```json\n", 1)[1].split("\n```", 1)[0])
+    assert used["protocol"] == {**DEFAULT_PROTOCOL.to_dict(), "seed": None}
+    expected_edit = DEFAULT_EDIT.to_dict()
+    for part in ("fit", "paper"):
+        expected_edit[part]["seed"] = None
+    assert used["edit"] == expected_edit
+    # every headline row's numbers are computed: parse the exported row and check its ranges
+    row = next(line for line in text.splitlines() if line.startswith("| **RefineCLIP-fit"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert 0.0 <= float(cells[1]) <= 100.0 and cells[2].count("±") == 1 and cells[4].endswith("%")
     # the data was drawn from the model's world, not the default one
     meta = json.loads((model_dir / "metadata.json").read_text())
     assert meta["train_config"]["world"]["detail_scale"] == 1.2
-    expected = next(s for s in sample_world("test", 2026, 6, WorldConfig(detail_scale=1.2)) if s.label == "waterbird")
-    written = tmp_path / "work" / "data" / "test" / "waterbird" / f"test_{expected.index:05d}.png"
+    expected = next(s for s in sample_world("test", 31, 6, WorldConfig(detail_scale=1.2)) if s.label == "waterbird")
+    written = tmp_path / "work" / "world31" / "data" / "waterbird" / f"test_{expected.index:05d}.png"
     assert np.array_equal(np.asarray(Image.open(written).convert("RGB")), np.asarray(expected.image))
-    default = next(s for s in sample_world("test", 2026, 6) if s.index == expected.index)
+    default = next(s for s in sample_world("test", 31, 6) if s.index == expected.index)
     assert not np.array_equal(np.asarray(default.image), np.asarray(expected.image))

@@ -18,7 +18,8 @@ from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine, verify_ablation
 from refineclip_core.method.baselines import TipAdapter
 from refineclip_core.method.errorsets import ErrorSets, error_pairs, pair_error_sets, sample_per_class
-from refineclip_core.method.protocol import ProtocolConfig, identify, run_refinement
+from refineclip_core.method.edit import FitConfig
+from refineclip_core.method.protocol import EditConfig, ProtocolConfig, identify, run_refinement
 from refineclip_core.method.refinement import RefineConfig, RefinedMap, export_checkpoint, refine
 from refineclip_core.method.scores import compute_scores
 from refineclip_core.method.selection import select_heads
@@ -250,24 +251,26 @@ def test_pipeline_and_cli_score_refine(cache, tmp_path):
     assert set(np.unique(cache.labels[ident.sample_rows])) <= set(ident.pairs[0])
     assert not np.intersect1d(ident.sample_rows, ident.eval_rows).size       # samples never evaluated
     assert set(cache.splits[ident.eval_rows]) == {"test"}
-    outcome = run_refinement(cache, ident, RefineConfig(steps=20))
-    assert set(outcome.report.reports) == {"zero-shot", "ablated", "refineclip-diag", "standard-finetune",
-                                           "tip-adapter"}
-    assert main(["score", "--cache", str(cache.root), "--samples-per-class", "3", "--top-t", "4",
-                 "--json", str(tmp_path / "s.json")]) == 0
+    outcome = run_refinement(cache, ident, EditConfig(fit=FitConfig(steps=10), paper=RefineConfig(steps=20)))
+    assert set(outcome.report.reports) == {"zero-shot", "ablated", "refineclip-fit", "refineclip-diag",
+                                           "standard-finetune", "tip-adapter"}
+    assert outcome.exported == "refineclip-fit" and outcome.refinement is outcome.results["refineclip-fit"]
+    assert main(["score", "--cache", str(cache.root), "--samples-per-class", "3", "--top-t", "4", "--pair", "auto",
+                 "--selection", "alg1", "--json", str(tmp_path / "s.json")]) == 0
     s = json.loads((tmp_path / "s.json").read_text())
     assert set(s["scores"]) == {"DE_A", "DE_B", "DE_C", "DE_D"}
     assert s["selected"]["heads"] and s["config"]["samples_per_class"] == 3
     ckpt = tmp_path / "edited.pt"
-    assert main(["refine", "--cache", str(cache.root), "--samples-per-class", "3", "--steps", "20",
+    assert main(["refine", "--cache", str(cache.root), "--samples-per-class", "3", "--steps", "20", "--method", "paper",
                  "--strategy", "lora", "--out", str(ckpt), "--json", str(tmp_path / "r.json"),
                  "--html", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "Plotly.newPlot" in page and "refineclip-lora" in page  # the same report the Refine page offers
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["checkpoint"]["file"] == ckpt.name and ckpt.exists() and r["refine_config"]["strategy"] == "lora"
-    assert {"zero-shot", "ablated", "refineclip-lora"} <= set(r["methods"]["reports"])
+    assert r["checkpoint"]["file"] == ckpt.name and ckpt.exists() and r["refine_config"]["paper"]["strategy"] == "lora"
+    assert {"zero-shot", "ablated", "refineclip-lora", "refineclip-fit"} <= set(r["methods"]["reports"])
     assert r["exported"] == "refineclip-lora" and r["extra"]["heads_arg"] == "auto"
+    assert r["verdict"]["method"] == "refineclip-lora" and isinstance(r["verdict"]["ok"], bool)
     assert main(["score", "--cache", str(cache.root), "--pair", "cat:cat"]) == 2
     assert parse_heads("L2.H1, 0.3", [0, 1, 2], 4) == [HeadId(2, 1), HeadId(0, 3)]
 

@@ -18,7 +18,8 @@ def test_reproduce_waterbirds_on_demo_world(tmp_path):
     assert main(["reproduce", "waterbirds", "--data", str(data), "--model", "demo", "--seeds", "0", "1",
                  "--samples-per-class", "4", "--steps", "30", "--out", str(out)]) == 0
     table = (out / "table.md").read_text()
-    for label in ("Base (zero-shot)", "Tip-Adapter", "identify-then-ablate", "phase 2 (diag)", "Standard fine-tune"):
+    for label in ("Base (zero-shot)", "Tip-Adapter", "identify-then-ablate", "phase 2 (diag)", "Standard fine-tune",
+                  "RefineCLIP-fit, the exported edit", "Paper: RefineCLIP phase 2 (diag)"):
         assert label in table
     rows = list(csv.DictReader((out / "rows.csv").open()))
     assert {r["seed"] for r in rows} == {"0", "1"}

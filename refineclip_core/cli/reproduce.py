@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import RefineClipError
 from ..features.cache import atomic_write_bytes, atomic_write_json
 from ..features.extraction import ExtractionConfig, extract, init_distributed_from_env
-from ..method.refinement import RefineConfig
+from ..method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL
 from ..method.reproduce import PAPER_WATERBIRDS, markdown_table, rows_csv, run_protocol, summarise
 from .common import (add_link_arg, add_model_args, add_template_args, dataset as load_data, load, positive_int,
                      progress_bar, templates)
@@ -36,12 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--samples-per-class", type=positive_int, nargs="+",
                        default=[4, 10] if q is loc else [10, 20, 30])
         q.add_argument("--layers", type=positive_int, default=4, help="heads of the last K layers (paper: 4)")
-        q.add_argument("--top-t", type=positive_int, default=15)
-        q.add_argument("--strategies", nargs="+", default=["diag"], choices=["diag", "full", "lora"])
-        q.add_argument("--alpha", type=float, default=1e4)
-        q.add_argument("--beta", type=float, default=1e2)
-        q.add_argument("--steps", type=positive_int, default=500)
-        q.add_argument("--lr", type=float, default=1e-2)
+        q.add_argument("--top-t", type=positive_int, default=DEFAULT_PROTOCOL.top_t)
+        q.add_argument("--strategies", nargs="+", default=["diag"], choices=["diag", "full", "lora"],
+                       help="the paper-faithful phase 2's maps")
+        q.add_argument("--alpha", type=float, default=DEFAULT_EDIT.paper.alpha, help="paper phase 2: weight of Eq. 11")
+        q.add_argument("--beta", type=float, default=DEFAULT_EDIT.paper.beta, help="paper phase 2: weight of Eq. 12")
+        q.add_argument("--steps", type=positive_int, default=DEFAULT_EDIT.paper.steps, help="paper phase 2: Adam steps")
+        q.add_argument("--lr", type=float, default=DEFAULT_EDIT.paper.lr, help="paper phase 2: learning rate")
         q.add_argument("--batch-size", type=positive_int, default=64)
     csvp.add_argument("--target-column", required=True, help="CSV column with the class label")
     csvp.add_argument("--group-column", help="CSV column with the group (e.g. a spurious attribute)")
@@ -78,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
     cache = extract(loaded, dataset, out / "cache",
                     ExtractionConfig(layers=args.layers, batch_size=args.batch_size, templates=templates(args)),
                     progress=progress_bar("extract"))
-    cfg = RefineConfig(alpha=args.alpha, beta=args.beta, steps=args.steps, lr=args.lr)
-    rows = run_protocol(cache, args.samples_per_class, args.seeds, pair, cfg, args.strategies, args.top_t,
-                        log=lambda m: print(m, file=sys.stderr))
+    edit = replace(DEFAULT_EDIT, paper=replace(DEFAULT_EDIT.paper, alpha=args.alpha, beta=args.beta,
+                                               steps=args.steps, lr=args.lr))
+    rows = run_protocol(cache, args.samples_per_class, args.seeds, pair, edit, args.strategies,
+                        replace(DEFAULT_PROTOCOL, top_t=args.top_t), log=lambda m: print(m, file=sys.stderr))
     summary = summarise(rows)
     paper = PAPER_WATERBIRDS.get(loaded.model_name) if args.protocol == "waterbirds" else None
     header = (f"# RefineCLIP reproduction: {args.protocol}\n\nModel `{loaded.model_name}` "

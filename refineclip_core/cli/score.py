@@ -6,30 +6,43 @@ import argparse
 
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache
-from ..method.protocol import ProtocolConfig, identify
+from ..method.protocol import DEFAULT_PROTOCOL, ProtocolConfig, identify
 from .common import positive_int, write_json
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """The protocol's options; every default is :data:`DEFAULT_PROTOCOL`'s (one set of defaults)."""
+    d = DEFAULT_PROTOCOL
     p.add_argument("--cache", required=True, help="feature cache folder")
-    p.add_argument("--pair", default="auto",
-                   help="error pair TRUE:PRED (class names or indices), 'auto' (largest) or 'both' (and its reverse)")
-    p.add_argument("--samples-per-class", type=positive_int, default=10,
-                   help="labelled samples drawn per class of the pair (paper: 10)")
+    p.add_argument("--pair", default=d.pair,
+                   help="error pair TRUE:PRED (class names or indices), 'auto' (largest) or 'both' (it and its "
+                        f"reverse; default {d.pair})")
+    p.add_argument("--samples-per-class", type=positive_int, default=d.samples_per_class,
+                   help=f"labelled samples drawn per class of the pair (paper: 10; default {d.samples_per_class})")
     p.add_argument("--all-samples", action="store_true", help="use every fitting image instead of sampling")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample draw (and of refinement)")
-    p.add_argument("--top-t", type=positive_int, default=15, help="length T of each candidate list (Alg. 1)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the sample draw (and of the edit)")
+    p.add_argument("--top-t", type=positive_int, default=d.top_t, help="length T of each candidate list (Alg. 1)")
+    p.add_argument("--selection", default=d.selection, choices=["consensus", "alg1"],
+                   help="how heads are chosen: 'consensus' (one ranking from all four scores, best prefix by the "
+                        "utility U; the default) or 'alg1' (the paper's Algorithm 1)")
+    p.add_argument("--ablation", default=d.ablation, choices=["mean", "zero"],
+                   help="how the chosen heads are removed: replaced by their mean over the adaptation images "
+                        "('mean', the default) or zeroed (the paper's Eq. 5)")
     p.add_argument("--layers", type=positive_int,
                    help="only heads of the last K cached layers (default: every cached layer)")
-    p.add_argument("--fit-split", default="auto", help="split to sample from (auto: val, else train, else all)")
-    p.add_argument("--eval-split", default="auto", help="split to evaluate on (auto: test, else the rest)")
+    p.add_argument("--fit-split", default=d.fit_split, help="split to sample from (auto: val, else train, else all)")
+    p.add_argument("--eval-split", default=d.eval_split,
+                   help="split to evaluate on (auto: test, else a held-out share of the rest)")
+    p.add_argument("--holdout", type=float, default=d.holdout,
+                   help="without a test split: the share of unsampled images held out for evaluation "
+                        f"(default {d.holdout}; the rest adapt the edit, unlabelled)")
 
 
 def protocol(args: argparse.Namespace) -> ProtocolConfig:
     return ProtocolConfig(pair=args.pair, samples_per_class=None if args.all_samples else args.samples_per_class,
-                          seed=args.seed, top_t=args.top_t,
+                          seed=args.seed, top_t=args.top_t, selection=args.selection, ablation=args.ablation,
                           fit_split=None if args.fit_split == "none" else args.fit_split,
-                          eval_split=None if args.eval_split == "none" else args.eval_split)
+                          eval_split=None if args.eval_split == "none" else args.eval_split, holdout=args.holdout)
 
 
 def open_cache(args: argparse.Namespace) -> FeatureCache:

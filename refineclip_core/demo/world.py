@@ -24,7 +24,7 @@ import csv
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -662,13 +662,14 @@ def captions(sample: WorldSample, rng: np.random.Generator) -> list[str]:
 LAYOUTS = ("folder", "waterbirds")
 
 
-def write_world(out_dir: str | Path, split: str, seed: int, n_per_group: int, layout: str = "folder",
-                config: WorldConfig = WorldConfig()) -> Path:
+def write_world(out_dir: str | Path, split: str, seed: int, n_per_group: int | Mapping[str, int],
+                layout: str = "folder", config: WorldConfig = WorldConfig()) -> Path:
     """Write a split of the world as PNG files plus ``metadata.csv``; returns ``out_dir``.
 
     ``layout="folder"``: ``<out>/<class>/<split>_<index>.png`` for every class and
     ``<out>/metadata.csv`` with columns ``path,label,group,split`` (``path`` relative to
-    ``out``). ``split`` may also be ``"all"`` (train, val and test into one folder).
+    ``out``). ``split`` may also be ``"all"`` (train, val and test into one folder);
+    ``n_per_group`` may then be a mapping split -> size (e.g. a larger test split).
 
     ``layout="waterbirds"``: the WILDS Waterbirds layout for the two target classes only,
     always all three splits (train biased, val/test balanced; ``split`` is ignored):
@@ -685,13 +686,16 @@ def write_world(out_dir: str | Path, split: str, seed: int, n_per_group: int, la
         splits = list(SPLITS) if split == "all" else [split]
         rows: list[dict[str, str]] = []
         for sp in splits:
-            for sample in sample_world(sp, seed, n_per_group, config):
+            n = n_per_group[sp] if isinstance(n_per_group, Mapping) else n_per_group
+            for sample in sample_world(sp, seed, n, config):
                 rel = Path(sample.label) / f"{sp}_{sample.index:05d}.png"
                 (out / rel.parent).mkdir(exist_ok=True)
                 sample.image.save(out / rel)
                 rows.append({"path": rel.as_posix(), "label": sample.label, "group": sample.group, "split": sp})
         _write_csv(out / "metadata.csv", ["path", "label", "group", "split"], rows)
         return out
+    if isinstance(n_per_group, Mapping):
+        raise ValueError("the waterbirds layout takes one n_per_group for all splits")
     rows = []
     wb_config = replace(config, neutral_frac=0.0)
     for sp, code in SPLITS.items():

@@ -61,6 +61,16 @@ class AblationEngine:
         self.mt = self.m @ self.text.T                                   # (K, C)
         self.base_predictions = self.Et.argmax(1)
 
+    def with_mean_rows(self, rows: np.ndarray) -> "AblationEngine":
+        """The same engine (arrays shared, nothing recomputed but the means) whose mean-ablation
+        features ``m_h`` are the means over ``rows`` (e.g. the protocol's adaptation images)."""
+        other = object.__new__(AblationEngine)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_gram"})
+        rows = np.asarray(rows, dtype=np.int64)
+        other.m = self.c[rows].mean(0) if len(rows) else np.zeros_like(self.c[0])
+        other.mt = other.m @ self.text.T
+        return other
+
     def subset(self, rows: np.ndarray) -> "AblationEngine":
         """An engine over ``rows`` only, with the same mean-ablation features."""
         Ls = len(self.layers)

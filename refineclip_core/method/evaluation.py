@@ -1,7 +1,8 @@
 """Accuracy reports: overall, per class, per group, average-group and worst-group (paper Tables 1-3).
 
 All accuracies are fractions in [0, 1]. A class or group with no images is absent from the
-report rather than reported as 0 or NaN.
+report rather than reported as 0 or NaN. Every accuracy carries its exact 95% interval
+(Clopper–Pearson, :mod:`~refineclip_core.method.intervals`) and its number of images.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
+
+from .intervals import Estimate, binomial_intervals, stratified_estimate
 
 
 @dataclass
@@ -24,9 +27,41 @@ class AccuracyReport:
     worst_group: float | None
     worst_group_name: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    #: 95% interval of each per-class / per-group accuracy, keyed like ``counts``
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    accuracy_interval: tuple[float, float] | None = None
+    average_group_interval: tuple[float, float] | None = None   # stratified bootstrap over groups
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def overall(self) -> Estimate | None:
+        """Overall accuracy with its interval and image count."""
+        if self.accuracy is None or self.accuracy_interval is None:
+            return None
+        return Estimate(self.accuracy, *self.accuracy_interval, self.n_images)
+
+    def of_class(self, name: str) -> Estimate | None:
+        return self._estimate(self.per_class.get(name), name)
+
+    def of_group(self, name: str) -> Estimate | None:
+        return self._estimate(self.per_group.get(name), f"group:{name}")
+
+    def average(self) -> Estimate | None:
+        """Average-group accuracy (unweighted mean over groups) with its bootstrap interval."""
+        if self.average_group is None or self.average_group_interval is None:
+            return None
+        n = sum(v for k, v in self.counts.items() if k.startswith("group:"))
+        return Estimate(self.average_group, *self.average_group_interval, n)
+
+    def worst(self) -> Estimate | None:
+        """The worst group's accuracy (the interval is that group's own)."""
+        return self.of_group(self.worst_group_name) if self.worst_group_name else None
+
+    def _estimate(self, value: float | None, key: str) -> Estimate | None:
+        if value is None or key not in self.intervals:
+            return None
+        return Estimate(value, *self.intervals[key], self.counts[key])
 
 
 def rows_mask(n: int, rows: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
@@ -59,12 +94,15 @@ def accuracy_report(
     n = int(mask.sum())
     per_class: dict[str, float] = {}
     counts: dict[str, int] = {}
+    hits: dict[str, int] = {}
     for c, name in enumerate(classes):
         sel = mask & (labels == c)
         if sel.any():
             per_class[name] = float(correct[sel].mean())
             counts[name] = int(sel.sum())
+            hits[name] = int(correct[sel].sum())
     per_group: dict[str, float] = {}
+    average_interval = None
     if groups is not None:
         groups = np.asarray(groups)
         for g, name in enumerate(group_names):
@@ -72,7 +110,16 @@ def accuracy_report(
             if sel.any():
                 per_group[name] = float(correct[sel].mean())
                 counts[f"group:{name}"] = int(sel.sum())
+                hits[f"group:{name}"] = int(correct[sel].sum())
+        in_group = mask & (groups >= 0)
+        if per_group:
+            avg = stratified_estimate(correct[in_group], groups[in_group], "average")
+            average_interval = (avg.low, avg.high)
     worst_name = min(per_group, key=per_group.get) if per_group else None
+    keys = list(hits)   # one vectorised call: every class, every group, then the overall accuracy
+    low, high = binomial_intervals(np.array([hits[k] for k in keys] + [int(correct.sum())]),
+                                   np.array([counts[k] for k in keys] + [n]))
+    intervals = {k: (float(lo), float(hi)) for k, lo, hi in zip(keys, low, high)}
     return AccuracyReport(
         n_images=n,
         accuracy=float(correct.sum() / n) if n else None,
@@ -82,6 +129,9 @@ def accuracy_report(
         worst_group=per_group[worst_name] if worst_name else None,
         worst_group_name=worst_name,
         counts=counts,
+        intervals=intervals,
+        accuracy_interval=(float(low[-1]), float(high[-1])) if n else None,
+        average_group_interval=average_interval,
     )
 
 

@@ -6,14 +6,25 @@ the benchmark and the reproduction harness all follow the same protocol:
 * **fit rows**: where the few labelled samples are drawn from (split ``val``, else ``train``,
   else every row); ``samples_per_class`` rows of each class of the error pair(s) are drawn
   with ``seed`` (the paper uses 10); ``None`` uses all fit rows of those classes.
-* **evaluation rows**: split ``test`` if present, else every row not sampled. Images used to
-  choose heads or fit θ are never in the reported accuracies unless asked for.
+* **evaluation rows**: split ``test`` if present; else a seeded, class-stratified ``holdout``
+  share of the rows not sampled. Images used to choose heads or fit an edit are never in the
+  reported accuracies.
+* **adaptation rows**: every other row (the samples included). RefineCLIP-fit
+  (:mod:`~refineclip_core.method.edit`) learns the deployable edit on them *without their
+  labels*, and mean ablation uses their mean head contributions.
+
+The defaults (:data:`DEFAULT_PROTOCOL`, :data:`DEFAULT_EDIT`) are what the CLI, the dashboard,
+the benchmark and the reproduction harness use; they were chosen by the multi-draw benchmark
+on the demo world (``benchmarks/demo_world.py``): both directions of the error pair, the
+consensus head ranking, mean ablation and RefineCLIP-fit. The paper's own choices stay one
+setting away (:data:`PAPER_PROTOCOL`, :data:`PAPER_EDIT`: the largest pair, Algorithm 1, zero
+ablation, diag(θ) by Eq. 13).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -21,30 +32,51 @@ from ..errors import RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
 from ..progress import CancelFn, Progress
-from .ablation import AblationEngine
+from .ablation import AblationEngine, Mode
 from .baselines import TipAdapter
+from .edit import FitConfig, fit_ablation, teacher_embeddings
 from .errorsets import ErrorPair, ErrorSets, error_pairs, pair_error_sets, sample_per_class
 from .evaluation import AccuracyReport, accuracy_report, rows_mask
+from .intervals import Estimate, accuracy_estimate, paired_change
 from .refinement import RefineConfig, RefinementResult, refine, standard_finetune
 from .scores import SCORE_NAMES, HeadScores, Similarity, compute_scores
-from .selection import Selection, select_heads
+from .selection import Selection, select_consensus, select_heads
+
+SelectionRule = Literal["consensus", "alg1"]
 
 
 @dataclass(frozen=True)
 class ProtocolConfig:
-    """Which rows and which error pair(s); see the module docstring."""
+    """Which rows, which error pair(s), how heads are chosen and removed; see the module docstring."""
 
-    pair: str = "auto"                 # "auto" (largest), "both" (auto pair and its reverse), "TRUE:PRED"
+    pair: str = "both"                 # "auto" (largest), "both" (auto pair and its reverse), "TRUE:PRED"
     samples_per_class: int | None = 10
     seed: int = 0
     top_t: int = 15
     similarity: Similarity = "cosine"
+    selection: SelectionRule = "consensus"   # "consensus" (selection.select_consensus) or "alg1" (paper)
+    ablation: Mode = "mean"            # how the chosen heads are removed: "mean" or "zero" (paper Eq. 5)
     fit_split: str | None = "auto"     # "auto": val, else train, else all rows
-    eval_split: str | None = "auto"    # "auto": test, else rows not sampled
-    include_samples_in_eval: bool = False
+    eval_split: str | None = "auto"    # "auto": test, else a held-out share of the rows not sampled
+    holdout: float = 0.5               # that share (no test split); the rest adapts the edit, unlabelled
+
+    def __post_init__(self) -> None:
+        if self.selection not in ("consensus", "alg1"):
+            raise RefineClipError(f"Unknown head selection {self.selection!r}; use consensus or alg1.")
+        if self.ablation not in ("mean", "zero"):
+            raise RefineClipError(f"Unknown ablation {self.ablation!r}; use mean or zero.")
+        if not 0.0 < self.holdout < 1.0:
+            raise RefineClipError(f"holdout must be between 0 and 1 (exclusive), got {self.holdout}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+DEFAULT_PROTOCOL = ProtocolConfig()
+"""The protocol every entry point uses unless told otherwise (see the module docstring)."""
+
+PAPER_PROTOCOL = ProtocolConfig(pair="auto", selection="alg1", ablation="zero")
+"""The paper's choices: the largest error pair, Algorithm 1, zero ablation (Eq. 5)."""
 
 
 @dataclass
@@ -59,10 +91,15 @@ class Identification:
     scores: dict[str, HeadScores]         # "DE_A" (single pair) or "DE_A[a→b]"
     selection: Selection
     base_predictions: np.ndarray
+    adapt_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def heads(self) -> list[HeadId]:
         return self.selection.heads
+
+    def ablation_engine(self, engine: AblationEngine) -> AblationEngine:
+        """``engine`` with its mean-ablation features taken over the adaptation rows."""
+        return engine.with_mean_rows(self.adapt_rows)
 
     @property
     def eval_mask(self) -> np.ndarray:
@@ -135,9 +172,9 @@ def make_engine(cache: FeatureCache) -> AblationEngine:
     return AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
 
 
-def identify(cache: FeatureCache, cfg: ProtocolConfig = ProtocolConfig(), engine: AblationEngine | None = None
+def identify(cache: FeatureCache, cfg: ProtocolConfig = DEFAULT_PROTOCOL, engine: AblationEngine | None = None
              ) -> Identification:
-    """Phase 1: sample, build W/C/A, score every head (Eq. 6-9) and pick heads (Alg. 1)."""
+    """Phase 1: sample, build W/C/A, score every head (Eq. 6-9) and pick heads (consensus or Alg. 1)."""
     engine = engine or make_engine(cache)
     labels = cache.labels
     pred = engine.base_predictions
@@ -151,11 +188,7 @@ def identify(cache: FeatureCache, cfg: ProtocolConfig = ProtocolConfig(), engine
         samples = sample_per_class(labels, cfg.samples_per_class, cfg.seed, fit, classes_needed)
     if not len(samples):
         raise RefineClipError("No labelled samples of the error pair's classes among the fitting images.")
-    ev = _split_rows(cache, cfg.eval_split, ("test",)) if cfg.eval_split else None
-    if ev is None:
-        ev = np.arange(len(labels)) if cfg.include_samples_in_eval else np.setdiff1d(np.arange(len(labels)), samples)
-    elif not cfg.include_samples_in_eval:
-        ev = np.setdiff1d(ev, samples)
+    ev, adapt = evaluation_and_adaptation_rows(cache, cfg, samples)
     sets: dict[str, ErrorSets] = {}
     scores: dict[str, HeadScores] = {}
     for a, b in pairs:
@@ -165,8 +198,29 @@ def identify(cache: FeatureCache, cfg: ProtocolConfig = ProtocolConfig(), engine
         for name, hs in compute_scores(cache.embeddings, cache.heads, cache.text, s, cache.manifest.layers,
                                        cfg.similarity, SCORE_NAMES).items():
             scores[name if len(pairs) == 1 else f"{name}[{key}]"] = hs
-    selection = select_heads(engine, scores, samples, labels, cfg.top_t)
-    return Identification(cfg, pairs, samples, ev, sets, scores, selection, pred)
+    select = select_consensus if cfg.selection == "consensus" else select_heads
+    selection = select(engine, scores, samples, labels, cfg.top_t)
+    return Identification(cfg, pairs, samples, ev, sets, scores, selection, pred, adapt)
+
+
+def evaluation_and_adaptation_rows(cache: FeatureCache, cfg: ProtocolConfig, samples: np.ndarray
+                                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(evaluation rows, adaptation rows)``: disjoint, and no sample is evaluated (module docstring).
+
+    A split that holds every image (e.g. a folder written as one ``test`` split) leaves nothing to
+    adapt on, so it is treated like no split: a held-out share of the unsampled rows is evaluated.
+    """
+    everything = np.arange(len(cache.labels))
+    ev = _split_rows(cache, cfg.eval_split, ("test",)) if cfg.eval_split else None
+    if ev is not None and len(ev) < len(everything):     # a split to evaluate on, and rows besides it
+        ev = np.setdiff1d(ev, samples)
+        return ev, np.setdiff1d(everything, ev)
+    rest = np.setdiff1d(everything, samples)
+    rng = np.random.default_rng([cfg.seed, 2_000_003])
+    held = [rng.permutation(members)[: int(round(cfg.holdout * len(members)))]
+            for members in (rest[cache.labels[rest] == c] for c in np.unique(cache.labels[rest]))]
+    ev = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    return ev, np.setdiff1d(everything, ev)
 
 
 @dataclass
@@ -175,14 +229,18 @@ class MethodReport:
 
     reports: dict[str, AccuracyReport]        # all evaluation rows
     target_reports: dict[str, AccuracyReport]  # only images of the edited classes (their groups: Tables 1-3)
-    locality: dict[str, float | None]         # accuracy on classes outside the edited pair(s) (Fig. 2)
-    target_accuracy: dict[str, float | None]
+    locality: dict[str, Estimate | None]      # accuracy on classes outside the edited pair(s) (Fig. 2)
+    target_accuracy: dict[str, Estimate | None]
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        def est(e: Estimate | None) -> dict | None:
+            return None if e is None else e.to_dict()
+
         return {"reports": {k: v.to_dict() for k, v in self.reports.items()},
                 "target_reports": {k: v.to_dict() for k, v in self.target_reports.items()},
-                "locality": self.locality, "target_accuracy": self.target_accuracy}
+                "locality": {k: est(v) for k, v in self.locality.items()},
+                "target_accuracy": {k: est(v) for k, v in self.target_accuracy.items()}}
 
 
 def evaluate_methods(cache: FeatureCache, ident: Identification, predictions: dict[str, np.ndarray]) -> MethodReport:
@@ -193,56 +251,192 @@ def evaluate_methods(cache: FeatureCache, ident: Identification, predictions: di
     other_mask = mask & ~np.isin(labels, ident.target_classes)
     reports, target_reports, locality, target_acc = {}, {}, {}, {}
     for name, pred in predictions.items():
+        correct = pred == labels
         reports[name] = accuracy_report(pred, labels, cache.classes, cache.groups, cache.group_names, mask)
         target_reports[name] = accuracy_report(pred, labels, cache.classes, cache.groups, cache.group_names,
                                                target_mask)
-        locality[name] = float((pred[other_mask] == labels[other_mask]).mean()) if other_mask.any() else None
-        target_acc[name] = float((pred[target_mask] == labels[target_mask]).mean()) if target_mask.any() else None
+        locality[name] = accuracy_estimate(correct[other_mask]) if other_mask.any() else None
+        target_acc[name] = accuracy_estimate(correct[target_mask]) if target_mask.any() else None
     return MethodReport(reports, target_reports, locality, target_acc, predictions)
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Which deployable edit phase 2 exports (``method``), and the settings of each kind.
+
+    ``fit``: RefineCLIP-fit (:mod:`~refineclip_core.method.edit`), the default. ``paper``: the
+    paper's phase 2 (Eq. 11-13 on the labelled samples) with ``paper.strategy`` diag/full/LoRA.
+    """
+
+    method: Literal["fit", "paper"] = "fit"
+    fit: FitConfig = FitConfig()
+    paper: RefineConfig = RefineConfig()
+
+    def __post_init__(self) -> None:
+        if self.method not in ("fit", "paper"):
+            raise RefineClipError(f"Unknown edit method {self.method!r}; use fit or paper.")
+
+    @property
+    def exported(self) -> str:
+        """The method name the exported checkpoint is reported under."""
+        return "refineclip-fit" if self.method == "fit" else f"refineclip-{self.paper.strategy}"
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "exported": self.exported, "fit": self.fit.to_dict(),
+                "paper": self.paper.to_dict()}
+
+
+DEFAULT_EDIT = EditConfig()
+"""The edit every entry point exports unless told otherwise: RefineCLIP-fit."""
+
+PAPER_EDIT = EditConfig(method="paper")
+"""The paper's phase 2: diag(θ) learned by Eq. 13 on the labelled samples."""
+
+
+@dataclass
+class EditVerdict:
+    """Is the exported edit better than zero-shot on held-out images? The guard shown before export.
+
+    Each change is ``edit − zero-shot`` on the same held-out images with a 95% paired-bootstrap
+    interval (:func:`~refineclip_core.method.intervals.paired_change`). A change whose whole
+    interval lies below zero *harmed* the model; one at least a point worse whose interval still
+    reaches zero is a *caution* (too few images to tell).
+    """
+
+    method: str
+    worst_group: Estimate | None       # worst-group accuracy of the edited classes (worst class without groups)
+    edited: Estimate | None            # accuracy on the edited classes
+    unrelated: Estimate | None         # accuracy on every other class (locality)
+    harmed: list[str] = field(default_factory=list)
+    cautions: list[str] = field(default_factory=list)
+    strata: str = "group"              # what "worst" is taken over: "group" or "class"
+
+    @property
+    def ok(self) -> bool:
+        return not self.harmed
+
+    def summary(self) -> str:
+        """One paragraph in plain words (what the CLI prints and the pages show at the top)."""
+        if self.harmed:
+            return "Warning: this edit made the model worse on held-out images. " + " ".join(self.harmed)
+        parts = []
+        if self.worst_group is not None:
+            parts.append(f"worst-{self.strata} accuracy of the edited classes changed by "
+                         f"{self.worst_group.format(unit=' pts', signed=True)}")
+        if self.unrelated is not None:
+            parts.append(f"the other classes by {self.unrelated.format(unit=' pts', signed=True)}")
+        text = f"On held-out images, {'; '.join(parts)}." if parts else "No held-out images to evaluate on."
+        return text + (" " + " ".join(self.cautions) if self.cautions else "")
+
+    def to_dict(self) -> dict:
+        def est(e: Estimate | None) -> dict | None:
+            return None if e is None else e.to_dict()
+
+        return {"method": self.method, "ok": self.ok, "worst_group": est(self.worst_group),
+                "edited": est(self.edited), "unrelated": est(self.unrelated), "strata": self.strata,
+                "harmed": self.harmed, "cautions": self.cautions, "summary": self.summary()}
+
+
+CAUTION_POINTS = 0.01
+"""A change at least this much below zero earns a caution even when its interval reaches zero."""
+
+
+def assess_edit(cache: FeatureCache, ident: Identification, before: np.ndarray, after: np.ndarray,
+                method: str, seed: int = 0) -> EditVerdict:
+    """Compare an edit's predictions (``after``) with zero-shot (``before``) on the evaluation rows."""
+    labels = cache.labels
+    mask = ident.eval_mask
+    tmask = mask & np.isin(labels, ident.target_classes)
+    omask = mask & ~np.isin(labels, ident.target_classes)
+    ok_b, ok_a = before == labels, after == labels
+    strata_name = "class"
+    strata = labels
+    if cache.groups is not None and tmask.any() and np.all(np.asarray(cache.groups)[tmask] >= 0):
+        strata, strata_name = np.asarray(cache.groups), "group"
+    worst = paired_change(ok_b[tmask], ok_a[tmask], strata[tmask], "worst", seed=seed) if tmask.any() else None
+    edited = paired_change(ok_b[tmask], ok_a[tmask], labels[tmask], "accuracy", seed=seed) if tmask.any() else None
+    other = paired_change(ok_b[omask], ok_a[omask], labels[omask], "accuracy", seed=seed) if omask.any() else None
+    harmed, cautions = [], []
+    for label, e in ((f"Worst-{strata_name} accuracy of the edited classes", worst),
+                     ("Accuracy on the edited classes", edited), ("Accuracy on the other classes", other)):
+        if e is None:
+            continue
+        change = e.format(unit=" pts", signed=True)
+        if e.high < 0:
+            harmed.append(f"{label} got worse: {change} held-out images.")
+        elif e.value <= -CAUTION_POINTS:
+            cautions.append(f"{label} may be worse ({change}); too few held-out images to tell.")
+    return EditVerdict(method, worst, edited, other, harmed, cautions, strata_name)
 
 
 @dataclass
 class RefineOutcome:
-    """Phase 2's outcome: the learned map, and every compared method as data (``report``:
-    name → predictions and accuracies). ``exported`` names the method whose map
-    (``refinement.refined``) an exported checkpoint carries."""
+    """Phase 2's outcome: every fitted map by method name (``results``), every compared method as
+    data (``report``: name → predictions and accuracies), which one an exported checkpoint carries
+    (``exported``; its map is ``refinement.refined``) and the guard's ``verdict`` on it."""
 
     identification: Identification
-    refinement: RefinementResult
-    finetune: RefinementResult | None
+    results: dict[str, RefinementResult]     # method name -> fitted map (exported, paper phase 2, fine-tune)
+    exported: str
     report: MethodReport
     heads: list[HeadId]
-    exported: str
+    verdict: EditVerdict
+    config: EditConfig = DEFAULT_EDIT
+
+    @property
+    def refinement(self) -> RefinementResult:
+        """The exported edit's fitted map."""
+        return self.results[self.exported]
+
+    @property
+    def finetune(self) -> RefinementResult | None:
+        return self.results.get("standard-finetune")
 
 
-def run_refinement(cache: FeatureCache, ident: Identification, cfg: RefineConfig = RefineConfig(),
+def predictions_of(cache: FeatureCache, result: RefinementResult) -> np.ndarray:
+    """Class predictions of every cached image under a fitted map."""
+    return (result.refined.apply(cache.embeddings) @ cache.text.astype(np.float64).T).argmax(1)
+
+
+def run_refinement(cache: FeatureCache, ident: Identification, cfg: EditConfig = DEFAULT_EDIT,
                    heads: list[HeadId] | None = None, engine: AblationEngine | None = None,
                    baselines: bool = True, progress: Progress | None = None,
                    cancel: CancelFn | None = None) -> RefineOutcome:
-    """Phase 2 (Eq. 11-13) with the chosen heads, and every comparison on the evaluation rows."""
-    engine = engine or make_engine(cache)
-    heads = ident.heads if heads is None else heads
+    """Phase 2 with the chosen heads: fit the exported edit (``cfg.method``), with ``baselines``
+    also the other kind of edit, standard fine-tuning and Tip-Adapter, and compare them all with
+    zero-shot and the ablated model on the evaluation rows."""
+    engine = ident.ablation_engine(engine or make_engine(cache))
+    heads = ident.heads if heads is None else list(heads)
+    mode = ident.config.ablation
     labels = cache.labels
-    W = np.unique(np.concatenate([s.W for s in ident.sets.values()]))
-    local = np.unique(np.concatenate([np.concatenate([s.C, s.A]) for s in ident.sets.values()]))
-    local = np.setdiff1d(local, W)
-    ablated_W = engine.embeddings(heads, "zero", W)
-    result = refine(cache.embeddings, labels, cache.text, cache.logit_scale, W, local, ablated_W, cfg,
-                    train_rows=ident.sample_rows, progress=progress, cancel=cancel)
-    text = cache.text.astype(np.float64)
-    exported = f"refineclip-{cfg.strategy}"
-    preds = {
-        "zero-shot": engine.base_predictions,
-        "ablated": engine.predict(heads, "zero"),
-        exported: (result.refined.apply(cache.embeddings) @ text.T).argmax(1),
-    }
-    finetune = None
+    preds = {"zero-shot": engine.base_predictions, "ablated": engine.predict(heads, mode)}
+    results: dict[str, RefinementResult] = {}
+    kinds = ["fit", "paper"] if cfg.method == "fit" else ["paper", "fit"]
+    for kind in kinds if baselines else kinds[:1]:
+        if kind == "fit":
+            teacher, in_success = teacher_embeddings(engine, heads, mode, ident.adapt_rows, ident.target_classes)
+            result = fit_ablation(cache.embeddings[ident.adapt_rows], cache.text, cache.logit_scale, teacher,
+                                  in_success, cfg.fit, progress=progress, cancel=cancel)
+            name = "refineclip-fit"
+        else:
+            W = np.unique(np.concatenate([s.W for s in ident.sets.values()]))
+            local = np.unique(np.concatenate([np.concatenate([s.C, s.A]) for s in ident.sets.values()]))
+            local = np.setdiff1d(local, W)
+            result = refine(cache.embeddings, labels, cache.text, cache.logit_scale, W, local,
+                            engine.embeddings(heads, mode, W), cfg.paper, train_rows=ident.sample_rows,
+                            progress=progress, cancel=cancel)
+            name = f"refineclip-{cfg.paper.strategy}"
+        results[name] = result
+        preds[name] = predictions_of(cache, result)
     if baselines:
-        finetune = standard_finetune(cache.embeddings, labels, cache.text, cache.logit_scale, ident.sample_rows, cfg,
-                                     progress=progress, cancel=cancel)
-        preds["standard-finetune"] = (finetune.refined.apply(cache.embeddings) @ text.T).argmax(1)
+        results["standard-finetune"] = standard_finetune(cache.embeddings, labels, cache.text, cache.logit_scale,
+                                                         ident.sample_rows, cfg.paper, progress=progress,
+                                                         cancel=cancel)
+        preds["standard-finetune"] = predictions_of(cache, results["standard-finetune"])
         tip = TipAdapter.build(cache.embeddings[ident.sample_rows], labels[ident.sample_rows], cache.text,
                                cache.logit_scale)
         preds["tip-adapter"] = tip.predict(cache.embeddings)
-    return RefineOutcome(ident, result, finetune, evaluate_methods(cache, ident, preds), list(heads), exported)
+    exported = cfg.exported
+    verdict = assess_edit(cache, ident, preds["zero-shot"], preds[exported], exported, seed=ident.config.seed)
+    return RefineOutcome(ident, results, exported, evaluate_methods(cache, ident, preds), heads, verdict, cfg)
 

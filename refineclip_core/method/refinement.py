@@ -78,7 +78,7 @@ class RefinedMap:
 class RefinementResult:
     refined: RefinedMap
     history: dict[str, list[float]] = field(default_factory=dict)   # total, success, locality, ce
-    config: RefineConfig = RefineConfig()
+    config: "RefineConfig | FitConfig" = RefineConfig()   # FitConfig for RefineCLIP-fit (method.edit)
 
 
 class _Map(torch.nn.Module):
@@ -112,11 +112,11 @@ class _Map(torch.nn.Module):
             return RefinedMap(self.strategy, matrix=self.matrix().detach().numpy().copy())
 
 
-def _log_probs(v: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
+def log_probs(v: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
     return F.log_softmax(logit_scale * F.normalize(v, dim=-1) @ text.T, dim=-1)
 
 
-def _kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+def kl_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     """Mean over rows of KL(p_teacher ‖ p_student)."""
     if teacher_logp.shape[0] == 0:
         return teacher_logp.new_zeros(())
@@ -164,8 +164,8 @@ def refine(
     fmap = _Map(E.shape[1], cfg.strategy, cfg.rank, gen)
     opt = torch.optim.Adam(fmap.parameters(), lr=cfg.lr)
     with torch.no_grad():
-        teacher_success = _log_probs(torch.as_tensor(np.asarray(ablated_W, dtype=np.float64)), T, logit_scale)
-        teacher_local = _log_probs(E[locality_rows], T, logit_scale)
+        teacher_success = log_probs(torch.as_tensor(np.asarray(ablated_W, dtype=np.float64)), T, logit_scale)
+        teacher_local = log_probs(E[locality_rows], T, logit_scale)
     tr = torch.as_tensor(train_rows)
     history: dict[str, list[float]] = {"total": [], "success": [], "locality": [], "ce": []}
     # W and C ∪ A are rows of the cache; find them inside the training batch (E_tr = E[train_rows])
@@ -180,9 +180,9 @@ def refine(
         if cancel():
             raise Cancelled(f"{stage}: cancelled after {step} of {cfg.steps} steps.")
         opt.zero_grad()
-        logp = _log_probs(fmap(E_tr), T, logit_scale)
-        l_s = _kl(teacher_success, logp[idx_W]) if len(W) else logp.new_zeros(())
-        l_l = _kl(teacher_local, logp[idx_L]) if len(locality_rows) else logp.new_zeros(())
+        logp = log_probs(fmap(E_tr), T, logit_scale)
+        l_s = kl_divergence(teacher_success, logp[idx_W]) if len(W) else logp.new_zeros(())
+        l_l = kl_divergence(teacher_local, logp[idx_L]) if len(locality_rows) else logp.new_zeros(())
         l_ce = F.nll_loss(logp, y_tr)
         loss = cfg.alpha * l_s + cfg.beta * l_l + cfg.weight_ce * l_ce
         loss.backward()
@@ -220,7 +220,9 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
 
     ``.safetensors`` or a torch state dict (``.pt``/``.bin``) depending on ``out_path``'s
     suffix. Weights come from ``source_checkpoint`` when given (keeping its dtype), else from
-    ``model``'s current state dict.
+    ``model``'s current state dict. The merged ``visual.proj`` is kept in float32 when the
+    checkpoint is in a lower precision (e.g. float16), so that the edited model reproduces the
+    evaluated edit exactly instead of up to a rounding that can flip borderline predictions.
     """
     out_path = Path(out_path)
     state = read_state_dict(source_checkpoint) if source_checkpoint else {
@@ -228,7 +230,8 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
     if "visual.proj" not in state:
         raise RefineClipError("The model has no 'visual.proj' to merge the refinement into.")
     proj = state["visual.proj"]
-    merged = merge_into_projection(proj.double(), refined).to(proj.dtype)
+    keep = proj.dtype if proj.dtype in (torch.float32, torch.float64) else torch.float32
+    merged = merge_into_projection(proj.double(), refined).to(keep)
     state = {k: v.contiguous() for k, v in state.items()}
     state["visual.proj"] = merged.contiguous()
     if out_path.suffix == ".safetensors":

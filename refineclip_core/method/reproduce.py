@@ -1,24 +1,27 @@
 """Reproduction harness for the paper's tables (Tables 1-3, Fig. 2) on any cached dataset.
 
 :func:`run_protocol` repeats the RefineCLIP protocol over sample sizes and seeds on one
-feature cache: draw ``n`` samples per class of the error pair(s), identify heads (Alg. 1),
-refine (Eq. 13), and evaluate zero-shot, identify-then-ablate, phase 2, standard
-fine-tuning and the Tip-Adapter cache on the held-out rows. :func:`summarise` turns the rows
-into mean ± std tables; :func:`markdown_table` prints them next to the paper's numbers.
+feature cache: draw ``n`` samples per class of the error pair(s), identify heads, edit, and
+evaluate on the held-out rows, twice: with the project's defaults (``DEFAULT_PROTOCOL`` and
+``DEFAULT_EDIT``: consensus heads, mean ablation and the exported RefineCLIP-fit, next to the
+paper's phase 2 with the same heads, standard fine-tuning and the Tip-Adapter cache) and the
+paper-faithful way (``PAPER_PROTOCOL``: Alg. 1, zero ablation, phase 2 by Eq. 13, rows named
+``paper:...``). :func:`summarise` turns the rows into mean ± std tables; :func:`markdown_table`
+prints them next to the paper's numbers.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..features.cache import FeatureCache
-from .protocol import ProtocolConfig, identify, make_engine, run_refinement
-from .refinement import RefineConfig
+from .protocol import (DEFAULT_EDIT, DEFAULT_PROTOCOL, PAPER_PROTOCOL, EditConfig, ProtocolConfig, identify,
+                       make_engine, run_refinement)
 
 #: Paper Table 1 (average-group / worst-group accuracy, %, Waterbirds, 10 samples per class).
 PAPER_WATERBIRDS = {
@@ -32,11 +35,17 @@ METHOD_LABELS = {
     "zero-shot": "Base (zero-shot)",
     "tip-adapter": "Tip-Adapter (training-free)",
     "standard-finetune": "Standard fine-tune (CE only)",
-    "ablated": "Ours: identify-then-ablate",
-    "refineclip-diag": "Ours: RefineCLIP phase 2 (diag)",
-    "refineclip-full": "Ours: RefineCLIP phase 2 (full)",
-    "refineclip-lora": "Ours: RefineCLIP phase 2 (LoRA)",
+    "ablated": "Ours (defaults): identify-then-ablate",
+    "refineclip-fit": "Ours (defaults): RefineCLIP-fit, the exported edit",
+    "refineclip-diag": "Ours (defaults): paper phase 2 (diag)",
+    "paper:ablated": "Paper: identify-then-ablate (Alg. 1, zero)",
+    "paper:refineclip-diag": "Paper: RefineCLIP phase 2 (diag)",
+    "paper:refineclip-full": "Paper: RefineCLIP phase 2 (full)",
+    "paper:refineclip-lora": "Paper: RefineCLIP phase 2 (LoRA)",
 }
+
+#: Paper Table 1's rows under this harness's method names.
+PAPER_NAMES = {"zero-shot": "zero-shot", "tip-adapter": "tip-adapter", "paper:ablated": "ablated"}
 
 
 @dataclass
@@ -54,28 +63,40 @@ class ProtocolRow:
     score: str | None
 
 
-def run_protocol(cache: FeatureCache, samples: Sequence[int], seeds: Sequence[int], pair: str = "both",
-                 refine_cfg: RefineConfig = RefineConfig(), strategies: Sequence[str] = ("diag",),
-                 top_t: int = 15, log: Callable[[str], None] | None = None) -> list[ProtocolRow]:
-    """The paper's protocol over ``samples`` × ``seeds`` (accuracies as fractions)."""
+def run_protocol(cache: FeatureCache, samples: Sequence[int], seeds: Sequence[int], pair: str | None = None,
+                 edit: EditConfig = DEFAULT_EDIT, strategies: Sequence[str] = ("diag",),
+                 protocol: ProtocolConfig = DEFAULT_PROTOCOL,
+                 log: Callable[[str], None] | None = None) -> list[ProtocolRow]:
+    """The protocol over ``samples`` × ``seeds`` (accuracies as fractions): the defaults, then the
+    paper-faithful pipeline with each of ``strategies`` (``pair`` overrides both protocols' pair)."""
     engine = make_engine(cache)
     rows: list[ProtocolRow] = []
+
+    def add(n: int, seed: int, outcome, ident, prefix: str = "", only: Callable[[str], bool] = lambda m: True):
+        rep = outcome.report
+        heads = ", ".join(str(h) for h in ident.heads)
+        for method, r in rep.target_reports.items():
+            if not only(method):
+                continue
+            acc, loc = rep.target_accuracy[method], rep.locality[method]
+            rows.append(ProtocolRow(n, seed, prefix + method, r.average_group, r.worst_group,
+                                    None if acc is None else acc.value, None if loc is None else loc.value, heads,
+                                    ident.selection.score))
+
     for n in samples:
         for seed in seeds:
-            ident = identify(cache, ProtocolConfig(pair=pair, samples_per_class=n, seed=seed, top_t=top_t), engine)
-            heads = ", ".join(str(h) for h in ident.heads)
+            over = {"samples_per_class": n, "seed": seed, **({"pair": pair} if pair else {})}
+            seeded = replace(edit, fit=replace(edit.fit, seed=seed), paper=replace(edit.paper, seed=seed))
+            ident = identify(cache, replace(protocol, **over), engine)
+            add(n, seed, run_refinement(cache, ident, seeded, engine=engine, baselines=True), ident)
+            paper_ident = identify(cache, replace(PAPER_PROTOCOL, top_t=protocol.top_t, **over), engine)
             for k, strategy in enumerate(strategies):
-                cfg = RefineConfig(**{**refine_cfg.to_dict(), "strategy": strategy, "seed": seed})
-                outcome = run_refinement(cache, ident, cfg, engine=engine, baselines=(k == 0))
-                rep = outcome.report
-                for method, r in rep.target_reports.items():
-                    if k > 0 and not method.startswith("refineclip"):
-                        continue
-                    rows.append(ProtocolRow(n, seed, method, r.average_group, r.worst_group,
-                                            rep.target_accuracy[method], rep.locality[method], heads,
-                                            ident.selection.score))
+                cfg = EditConfig(method="paper", paper=replace(seeded.paper, strategy=strategy))
+                add(n, seed, run_refinement(cache, paper_ident, cfg, engine=engine, baselines=False), paper_ident,
+                    "paper:", lambda m: m.startswith("refineclip") or (k == 0 and m == "ablated"))
             if log:
-                log(f"n={n} seed={seed}: heads [{heads}] via {ident.selection.score}")
+                log(f"n={n} seed={seed}: heads [{', '.join(map(str, ident.heads))}] (defaults), "
+                    f"[{', '.join(map(str, paper_ident.heads))}] (paper, {paper_ident.selection.score})")
     return rows
 
 
@@ -109,7 +130,7 @@ def markdown_table(summary: Sequence[dict], paper: dict | None = None) -> str:
     head = "| n/class | method | seeds | avg-group % | worst-group % | target-class acc % | other classes % | paper avg / worst |"
     lines = [head, "|" + "---|" * 8]
     for s in summary:
-        ref = (paper or {}).get(s["method"])
+        ref = (paper or {}).get(PAPER_NAMES.get(s["method"], ""))
         ref_txt = f"{ref[0]:.1f} / {ref[1]:.1f}" if ref else ""
         lines.append(f"| {s['samples_per_class']} | {METHOD_LABELS.get(s['method'], s['method'])} | {s['n_seeds']} | "
                      f"{s['average_group']} | {s['worst_group']} | {s['target_accuracy']} | {s['other_classes']} | "

@@ -7,6 +7,18 @@ first ``t`` heads ``S_t`` are zero-ablated and scored by the utility
 
 over the labelled images ``x`` (the sampled W ∪ C ∪ A). The set with the largest utility over
 all lists wins. The whole curves are returned: users trust what they can see.
+
+:func:`select_consensus` is the project's default, a variance-reduced variant of Alg. 1. With
+~20 labelled images each score's ranking is noisy, and taking the best of 4 × T prefixes picks
+whichever list the noise favoured (measured on the demo world: the chosen set ranged from 1 to
+15 heads and sometimes made the worst group worse). The consensus ranks heads once, by the sum
+over every available score (all four, for each error pair) of its standardised value, signed so
+that larger means more suspicious::
+
+    z(h) = Σ_scores ± (DE(h) − mean_h' DE(h')) / std_h' DE(h')      (+ for DE_A/DE_C, − for DE_B/DE_D)
+
+then takes the prefix of that one list with the largest utility U (Eq. 10), or no head at all
+when no prefix beats U(∅).
 """
 
 from __future__ import annotations
@@ -82,3 +94,52 @@ def select_heads(engine: AblationEngine, scores: dict[str, HeadScores], rows: np
     if name is None:
         return Selection(curves, candidates, base, None, 0, [], base, unavailable)
     return Selection(curves, candidates, base, name, t, list(heads), float(u), unavailable)
+
+
+CONSENSUS = "consensus"
+"""Name of the consensus ranking in :class:`Selection` curves and candidates."""
+
+
+def consensus_ranking(scores: dict[str, HeadScores]) -> list[HeadId]:
+    """Every head, ranked by the summed standardised scores (most suspicious first); see the module
+    docstring. Scores that are unavailable or constant over heads do not vote."""
+    total, ids = None, None
+    for s in scores.values():
+        if not s.available:
+            continue
+        v = s.values.reshape(-1).astype(np.float64)
+        sd = v.std()
+        if not np.isfinite(sd) or sd == 0:
+            continue
+        z = (v - v.mean()) / sd
+        total = (0.0 if total is None else total) + (z if s.descending else -z)
+        if ids is None:
+            H = s.values.shape[1]
+            ids = [HeadId(s.layers[i // H], int(i % H)) for i in range(v.size)]
+    if total is None:
+        return []
+    return [ids[i] for i in np.argsort(-total, kind="stable")]
+
+
+def select_consensus(engine: AblationEngine, scores: dict[str, HeadScores], rows: np.ndarray, labels: np.ndarray,
+                     top_t: int = 15) -> Selection:
+    """The consensus ranking's best prefix (up to ``top_t`` heads) by utility over ``rows``; no head
+    when no prefix has a larger utility than removing nothing. The returned curves and candidate
+    lists hold every score's own (as Alg. 1 would see them) besides the consensus one."""
+    per_score = select_heads(engine, scores, rows, labels, top_t)
+    rows = np.asarray(rows, dtype=np.int64)
+    engine, labels, rows = engine.subset(rows), np.asarray(labels)[rows], np.arange(len(rows))
+    ranked = consensus_ranking(scores)[: max(1, top_t)]
+    base = per_score.baseline_utility
+    curve = [utility(engine, ranked[:t], rows, labels) for t in range(1, len(ranked) + 1)]
+    best_t, best_u = 0, base
+    for t, u in enumerate(curve, start=1):
+        if np.isfinite(u) and u > best_u:
+            best_t, best_u = t, u
+    curves, candidates = dict(per_score.curves), dict(per_score.candidates)
+    if ranked:
+        curves, candidates = {CONSENSUS: curve, **curves}, {CONSENSUS: ranked, **candidates}
+    if best_t == 0:
+        return Selection(curves, candidates, base, None, 0, [], base, per_score.unavailable)
+    return Selection(curves, candidates, base, CONSENSUS, best_t, ranked[:best_t], float(best_u),
+                     per_score.unavailable)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -20,8 +20,8 @@ import plotly.graph_objects as go
 from ..features.decomposition import HeadId
 
 METHOD_COLORS = {
-    "zero-shot": "#7f7f7f", "ablated": "#ff7f0e", "refineclip-diag": "#2ca02c", "refineclip-full": "#2ca02c",
-    "refineclip-lora": "#2ca02c", "standard-finetune": "#1f77b4", "tip-adapter": "#9467bd",
+    "zero-shot": "#7f7f7f", "ablated": "#ff7f0e", "refineclip-fit": "#2e7d32", "refineclip-diag": "#c2185b",
+    "refineclip-full": "#c2185b", "refineclip-lora": "#c2185b", "standard-finetune": "#1f77b4", "tip-adapter": "#9467bd",
 }
 
 #: Diverging colour scale of the score maps: blue (negative) – white (0) – red (positive).
@@ -163,20 +163,33 @@ def push_figure(push: Sequence[float], groups: Sequence[str], wrong_class: str) 
     return fig
 
 
-def accuracy_bars_figure(rows: Mapping[str, Mapping[str, float | None]], title: str, y_title: str = "accuracy"
+def accuracy_bars_figure(rows: Mapping[str, Mapping[str, Any]], title: str, y_title: str = "accuracy"
                          ) -> go.Figure:
-    """Grouped bars: ``rows[method][category] = accuracy`` (categories share the x axis)."""
+    """Grouped bars: ``rows[method][category]`` is an accuracy cell ``{value, low, high, n}`` (drawn
+    with its 95% interval as an error bar) or a plain fraction; categories share the x axis."""
     fig = go.Figure()
     n_bars = sum(len(v) for v in rows.values())
     for method, values in rows.items():
         cats = list(values)
-        ys = [None if values[c] is None else 100 * values[c] for c in cats]
-        fig.add_trace(go.Bar(name=method, x=[plot_text(c) for c in cats], y=ys, marker_color=METHOD_COLORS.get(method),
-                             text=[("–" if y is None else f"{y:.0f}") for y in ys] if n_bars <= 36 else None,
-                             textposition="outside",
-                             hovertemplate=f"{method}<br>%{{x}}: %{{y:.1f}}%<extra></extra>"))
+        cells = [values[c] if isinstance(values[c], Mapping) else None for c in cats]
+        ys = [None if values[c] is None else 100 * (cell["value"] if cell else values[c])
+              for c, cell in zip(cats, cells)]
+        up = [None if cell is None else 100 * (cell["high"] - cell["value"]) for cell in cells]
+        down = [None if cell is None else 100 * (cell["value"] - cell["low"]) for cell in cells]
+        ns = [cell["n"] if cell else None for cell in cells]
+        fig.add_trace(go.Bar(
+            name=method, x=[plot_text(c) for c in cats], y=ys, marker_color=METHOD_COLORS.get(method),
+            error_y=dict(type="data", array=up, arrayminus=down, visible=any(u is not None for u in up),
+                         thickness=1.2, width=3),
+            customdata=[[100 * c["low"], 100 * c["high"], c["n"]] if c else [None, None, None] for c in cells],
+            text=[("–" if y is None else f"{y:.0f}") for y in ys] if n_bars <= 36 else None,
+            textposition="outside",
+            hovertemplate=(f"{method}<br>%{{x}}: %{{y:.1f}}%"
+                           + ("<br>95% CI %{customdata[0]:.1f}–%{customdata[1]:.1f}%, n=%{customdata[2]}"
+                              if any(n is not None for n in ns) else "") + "<extra></extra>")))
     n_cats = max((len(v) for v in rows.values()), default=0)
-    _base_layout(fig, title, barmode="group", height=400, yaxis=dict(title=y_title + " (%)", range=[0, 109]),
+    _base_layout(fig, title, barmode="group", height=400, yaxis=dict(title=y_title + " (%, 95% interval)",
+                                                                    range=[0, 112]),
                  legend=dict(orientation="h", yanchor="top", y=-0.25 if n_cats > 6 else -0.15))
     fig.update_xaxes(automargin=True, tickangle=-30 if n_cats > 6 else 0)
     return fig

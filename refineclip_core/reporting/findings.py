@@ -2,7 +2,8 @@
 
 :func:`findings` condenses a cache and an identification (paper §3.2, Alg. 1) into the few
 numbers a stakeholder wants first: zero-shot accuracy and worst group, the largest error pair,
-the heads Alg. 1 picks and what removing them (Eq. 5) does on held-out images.
+the heads the protocol picks and what removing them (Eq. 5) does on held-out images, every
+accuracy with its 95% interval and image count.
 :func:`method_summary` and :func:`per_key_table` turn a
 :class:`~refineclip_core.method.protocol.MethodReport` into ``{method: {column: accuracy}}`` rows
 for the dashboard's tables, the figures and the HTML report.
@@ -21,6 +22,8 @@ from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
 from ..method.ablation import AblationEngine
 from ..method.errorsets import error_pairs
+from ..method.evaluation import AccuracyReport
+from ..method.intervals import Estimate
 from ..method.protocol import Identification, evaluate_methods
 
 
@@ -47,30 +50,31 @@ def json_safe(obj: Any) -> Any:
 
 
 #: Method names in the order tables and charts show them.
-METHOD_ORDER = ("zero-shot", "ablated", "refineclip-diag", "refineclip-full", "refineclip-lora",
+METHOD_ORDER = ("zero-shot", "ablated", "refineclip-fit", "refineclip-diag", "refineclip-full", "refineclip-lora",
                 "standard-finetune", "tip-adapter")
 
 
 @dataclass
-
 class Findings:
-    """The headline of a session (all accuracies are fractions, over ``n_eval`` held-out images)."""
+    """The headline of a session: accuracies (with their 95% intervals and image counts) over the
+    ``n_eval`` held-out images, zero-shot and with the chosen heads removed."""
 
     n_images: int
     n_eval: int
-    accuracy: float | None
-    worst_group: float | None
+    accuracy: Estimate | None
+    worst_group: Estimate | None
     worst_group_name: str | None
-    average_group: float | None
+    average_group: Estimate | None
     pair: str | None
     pair_count: int
     heads: list[str]
     score: str | None
-    ablated_accuracy: float | None
-    ablated_worst_group: float | None
+    ablation: str
+    ablated_accuracy: Estimate | None
+    ablated_worst_group: Estimate | None
     ablated_worst_group_name: str | None
-    ablated_target_accuracy: float | None = None
-    target_accuracy: float | None = None
+    ablated_target_accuracy: Estimate | None = None
+    target_accuracy: Estimate | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -78,43 +82,104 @@ class Findings:
 
 
 def findings(cache: FeatureCache, ident: Identification, engine: AblationEngine) -> Findings:
-    """Zero-shot vs. ablating Alg. 1's heads (Eq. 5) on the identification's evaluation rows."""
+    """Zero-shot vs. removing the chosen heads (the protocol's ablation, Eq. 5) on the
+    identification's evaluation rows: the same rows and ablation the Refine page reports."""
     labels, base = cache.labels, engine.base_predictions
-    methods = evaluate_methods(cache, ident, {"zero-shot": base, "ablated": engine.predict(ident.heads, "zero")})
+    ablated = ident.ablation_engine(engine).predict(ident.heads, ident.config.ablation)
+    methods = evaluate_methods(cache, ident, {"zero-shot": base, "ablated": ablated})
     zs, ab = methods.reports["zero-shot"], methods.reports["ablated"]
     a, b = ident.pairs[0]
     count = next((p.count for p in error_pairs(base, labels, ident.eval_rows) if (p.true, p.pred) == (a, b)), 0)
     notes = [f"{k}: {v}" for k, v in ident.selection.unavailable.items()]
     return Findings(
-        n_images=len(labels), n_eval=zs.n_images, accuracy=zs.accuracy, worst_group=zs.worst_group,
-        worst_group_name=zs.worst_group_name, average_group=zs.average_group,
+        n_images=len(labels), n_eval=zs.n_images, accuracy=zs.overall(), worst_group=zs.worst(),
+        worst_group_name=zs.worst_group_name, average_group=zs.average(),
         pair=f"{cache.classes[a]} → {cache.classes[b]}", pair_count=count,
-        heads=[str(h) for h in ident.heads], score=ident.selection.score,
-        ablated_accuracy=ab.accuracy, ablated_worst_group=ab.worst_group, ablated_worst_group_name=ab.worst_group_name,
+        heads=[str(h) for h in ident.heads], score=ident.selection.score, ablation=ident.config.ablation,
+        ablated_accuracy=ab.overall(), ablated_worst_group=ab.worst(), ablated_worst_group_name=ab.worst_group_name,
         ablated_target_accuracy=methods.target_accuracy["ablated"], target_accuracy=methods.target_accuracy["zero-shot"],
         notes=notes,
     )
 
 
-def method_summary(methods: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+Cell = Mapping[str, Any]
+"""An accuracy as JSON-safe data: ``{"value", "low", "high", "n"}`` (an Estimate's ``to_dict``)."""
+
+
+def _cell(value: float | None, interval: Any, n: int | None) -> dict | None:
+    if value is None or interval is None or not n:
+        return None
+    return Estimate(value, float(interval[0]), float(interval[1]), int(n)).to_dict()
+
+
+def _report_cells(r: Mapping[str, Any]) -> dict[str, dict | None]:
+    """Overall, average-group and worst-group cells of an AccuracyReport's ``to_dict()``."""
+    worst = r.get("worst_group_name")
+    key = f"group:{worst}" if worst is not None else None
+    n_groups = sum(v for k, v in (r.get("counts") or {}).items() if k.startswith("group:"))
+    return {"overall": _cell(r.get("accuracy"), r.get("accuracy_interval"), r.get("n_images")),
+            "average group": _cell(r.get("average_group"), r.get("average_group_interval"), n_groups),
+            "worst group": _cell(r.get("worst_group"), (r.get("intervals") or {}).get(key),
+                                 (r.get("counts") or {}).get(key))}
+
+
+def method_summary(methods: Mapping[str, Any]) -> dict[str, dict[str, dict | None]]:
     """``{method: {overall, average group, worst group, error-pair classes, worst group of the pair's
-    classes, other classes}}`` from a :class:`~refineclip_core.method.protocol.MethodReport`'s ``to_dict()``."""
+    classes, other classes}}`` — each cell an accuracy with its interval and image count
+    (:data:`Cell`) — from a :class:`~refineclip_core.method.protocol.MethodReport`'s ``to_dict()``."""
     reports, locality, target = methods["reports"], methods.get("locality", {}), methods.get("target_accuracy", {})
     targets = methods.get("target_reports") or {}
     out = {}
     for name in sorted(reports, key=lambda n: (METHOD_ORDER.index(n) if n in METHOD_ORDER else 99, n)):
-        r = reports[name]
-        row = {"overall": r.get("accuracy"), "average group": r.get("average_group"),
-               "worst group": r.get("worst_group"), "error-pair classes": target.get(name)}
+        cells = _report_cells(reports[name])
+        row = {**cells, "error-pair classes": target.get(name)}
         if name in targets:
-            row["worst group (pair classes)"] = targets[name].get("worst_group")
+            row["worst group (pair classes)"] = _report_cells(targets[name])["worst group"]
         row["other classes (locality)"] = locality.get(name)
         out[name] = row
     return out
 
 
-def per_key_table(methods: Mapping[str, Any], key: str) -> dict[str, dict[str, float]]:
-    """``{method: {class or group: accuracy}}`` (``key`` = ``per_class`` or ``per_group``)."""
+def per_key_table(methods: Mapping[str, Any], key: str) -> dict[str, dict[str, dict | None]]:
+    """``{method: {class or group: cell}}`` (``key`` = ``per_class`` or ``per_group``)."""
     reports = methods["reports"]
     order = sorted(reports, key=lambda n: (METHOD_ORDER.index(n) if n in METHOD_ORDER else 99, n))
-    return {name: dict(reports[name].get(key) or {}) for name in order}
+    prefix = "group:" if key == "per_group" else ""
+    out = {}
+    for name in order:
+        r = reports[name]
+        out[name] = {k: _cell(v, (r.get("intervals") or {}).get(prefix + k), (r.get("counts") or {}).get(prefix + k))
+                     for k, v in (r.get(key) or {}).items()}
+    return out
+
+
+def accuracy_rows(report: AccuracyReport, by: str) -> list[dict]:
+    """One row per class (``by="class"``) or group (``"group"``) of a report: ``{name, value, low,
+    high, n}`` — the accuracy with its 95% interval and image count."""
+    names = report.per_class if by == "class" else report.per_group
+    out = []
+    for name in names:
+        est = report.of_class(name) if by == "class" else report.of_group(name)
+        if est is not None:
+            out.append({"name": name, **est.to_dict()})
+    return out
+
+
+def cell_value(cell: Cell | float | None) -> float | None:
+    """The accuracy of a cell (or a plain number)."""
+    if cell is None or isinstance(cell, (int, float)):
+        return cell
+    return cell.get("value")
+
+
+def cell_estimate(cell: Cell | None) -> Estimate | None:
+    """A cell back as an :class:`~refineclip_core.method.intervals.Estimate` (None when missing)."""
+    if cell is None or cell.get("value") is None:
+        return None
+    return Estimate(**{k: cell[k] for k in ("value", "low", "high", "n")})
+
+
+def format_cell(cell: Cell | None, digits: int = 1) -> str:
+    """``"67.2% [61.0, 73.0] (n=250)"``, or ``"–"`` for a missing accuracy."""
+    est = cell_estimate(cell)
+    return "–" if est is None else est.format(digits=digits)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +23,12 @@ from ..features.cache import FeatureCache, atomic_write_bytes
 from ..features.decomposition import HeadId
 from ..loading.models import LoadedModel, ModelSpec, load_model
 from ..method.ablation import AblationEngine
-from ..method.protocol import Identification, RefineOutcome, run_refinement
-from ..method.refinement import RefineConfig, export_checkpoint
+from ..method.protocol import DEFAULT_EDIT, EditConfig, Identification, RefineOutcome, run_refinement
+from ..method.refinement import export_checkpoint
 from ..method.scores import HeadScores
 from ..progress import CancelFn, Progress, silent
 from .figures import accuracy_bars_figure, loss_figure, score_grid_figure, utility_figure
-from .findings import findings, json_safe, method_summary, per_key_table
-
-
-def _fmt(x: float | None, pct: bool = True) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    return f"{100 * x:.1f}%" if pct else f"{x:.4g}"
+from .findings import findings, format_cell, json_safe, method_summary, per_key_table
 
 
 def scores_to_dict(scores: Mapping[str, HeadScores]) -> dict[str, dict]:
@@ -84,10 +77,12 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         "findings": findings(cache, ident, engine).to_dict(),
     }
     if outcome is not None:
-        report["refine_config"] = outcome.refinement.config.to_dict()
+        report["refine_config"] = outcome.config.to_dict()
         report["history"] = outcome.refinement.history
         report["methods"] = outcome.report.to_dict()
         report["exported"] = outcome.exported
+        report["verdict"] = outcome.verdict.to_dict()
+        report["n_adapt"] = int(len(ident.adapt_rows))
     if checkpoint is not None:
         report["checkpoint"] = {"file": Path(checkpoint).name, "bytes": Path(checkpoint).stat().st_size,
                                 "merged_into": "visual.proj"}
@@ -107,16 +102,17 @@ class EditRun:
     report: dict
 
 
-def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine, cfg: RefineConfig,
-             heads: Sequence[HeadId], *, spec: ModelSpec, export_to: str | os.PathLike | None = None,
+def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine, cfg: EditConfig = DEFAULT_EDIT,
+             heads: Sequence[HeadId] | None = None, *, spec: ModelSpec, export_to: str | os.PathLike | None = None,
              loaded: LoadedModel | None = None, data_root: str | None = None, baselines: bool = True,
              progress: Progress | None = None, cancel: CancelFn | None = None,
              extra: Mapping[str, Any] | None = None) -> EditRun:
-    """Refine with ``heads`` removed in the teacher (Eq. 11-13), compare every method on the
-    evaluation rows, export the edit merged into ``visual.proj`` to ``export_to`` (when given;
-    the model is loaded from ``spec`` unless ``loaded`` is passed) and build the run report."""
-    outcome = run_refinement(cache, ident, cfg, list(heads), engine, baselines=baselines, progress=progress,
-                             cancel=cancel)
+    """Fit the edit ``cfg`` with ``heads`` (default: the identification's) removed in the teacher,
+    compare every method on the evaluation rows (the guard's verdict included), export the edit
+    merged into ``visual.proj`` to ``export_to`` (when given; the model is loaded from ``spec``
+    unless ``loaded`` is passed) and build the run report."""
+    outcome = run_refinement(cache, ident, cfg, None if heads is None else list(heads), engine,
+                             baselines=baselines, progress=progress, cancel=cancel)
     checkpoint = None
     if export_to is not None:
         (progress or silent)("Exporting the merged checkpoint", 0, 1)
@@ -144,7 +140,8 @@ th{background:#f5f5f5} td:first-child,th:first-child{text-align:left}
 """
 
 
-def _table(rows: Mapping[str, Mapping[str, Any]], first: str = "method", pct: bool = True) -> str:
+def _table(rows: Mapping[str, Mapping[str, Any]], first: str = "method") -> str:
+    """An HTML table of accuracy cells (value, 95% interval, image count), every string escaped."""
     cols: list[str] = []
     for r in rows.values():
         for c in r:
@@ -153,7 +150,7 @@ def _table(rows: Mapping[str, Mapping[str, Any]], first: str = "method", pct: bo
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [first, *cols])
     body = "".join(
         "<tr><td>" + html.escape(str(name)) + "</td>" +
-        "".join(f"<td>{html.escape(_fmt(r.get(c), pct) if isinstance(r.get(c), (int, float)) or r.get(c) is None else str(r.get(c)))}</td>"
+        "".join(f"<td>{html.escape(format_cell(r.get(c)) if isinstance(r.get(c), Mapping) or r.get(c) is None else str(r.get(c)))}</td>"
                 for c in cols) + "</tr>"
         for name, r in rows.items())
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -201,25 +198,42 @@ def render_html(report: Mapping[str, Any]) -> str:
     f = report.get("findings") or {}
     pairs = ", ".join(f"{a} → {b}" for a, b in report.get("pairs", []))
     head_list = ", ".join(str(HeadId.of(h)) for h in heads) or "none"
-    cards = [("Error pair", pairs or "–"), ("Heads removed", head_list),
-             ("Zero-shot worst group", f"{_fmt(f.get('worst_group'))} ({f.get('worst_group_name') or '–'})"),
-             ("Ablated worst group", _fmt(f.get("ablated_worst_group")))]
+    verdict = report.get("verdict")
+    if verdict:
+        colour = "#fdecea;border:1px solid #e57373" if not verdict.get("ok") else "#e8f5e9;border:1px solid #81c784"
+        parts.append(f"<p style='background:{colour};padding:.6rem 1rem;border-radius:6px'>"
+                     f"<b>{html.escape(str(report.get('exported', '')))}:</b> {html.escape(str(verdict.get('summary')))}"
+                     "</p>")
+    def acc(cell, note: str = "") -> tuple[str, str]:
+        """An accuracy card: the value large, its interval, image count and ``note`` small."""
+        big, _, rest = format_cell(cell).partition(" ")
+        return big, " ".join(x for x in (rest, note) if x)
+
+    cards = [("Error pair", pairs or "–", ""), ("Heads removed", head_list, f.get("score") or ""),
+             ("Zero-shot worst group", *acc(f.get("worst_group"), f.get("worst_group_name") or "")),
+             (f"Ablated worst group ({f.get('ablation', 'zero')})",
+              *acc(f.get("ablated_worst_group"), f.get("ablated_worst_group_name") or ""))]
     if methods:
         summary = method_summary(methods)
         refined = report.get("exported")
         if refined in summary:
-            cards.append(("Refined worst group", _fmt(summary[refined]["worst group"])))
-            cards.append(("Refined other classes", _fmt(summary[refined]["other classes (locality)"])))
-    parts.append("<div class='grid'>" + "".join(
-        f"<div class='card'><span class='muted'>{html.escape(k)}</span><b>{html.escape(v)}</b></div>"
-        for k, v in cards) + "</div>")
+            cards.append((f"Edited worst group ({refined})", *acc(summary[refined]["worst group"])))
+            cards.append(("Edited: other classes", *acc(summary[refined]["other classes (locality)"])))
+
+    def card(label: str, big: str, small: str) -> str:
+        return (f"<div class='card'><span class='muted'>{html.escape(label)}</span><b>{html.escape(big)}</b>"
+                f"<span class='muted'>{html.escape(small)}</span></div>")
+
+    parts.append("<div class='grid'>" + "".join(card(*c) for c in cards) + "</div>")
     data = report.get("data", {})
     sets_text = "; ".join(f"{k}: " + ", ".join(f"{n} = {v}" for n, v in sizes.items())
                           for k, sizes in (report.get("sets") or {}).items())
     parts.append(f"<p>{data.get('n_images', '?')} images, {len(data.get('classes', []))} classes, "
                  f"{len(data.get('groups', []))} groups; heads of layers {data.get('layers')} "
                  f"({data.get('n_heads')} per layer). Heads chosen on {report.get('n_samples', '?')} labelled samples "
-                 f"({html.escape(sets_text)}); accuracies on {report.get('n_eval', '?')} held-out images.</p>")
+                 f"({html.escape(sets_text)}); the edit adapted on {report.get('n_adapt', '?')} unlabelled images; "
+                 f"accuracies on {report.get('n_eval', '?')} held-out images, each with its 95% interval "
+                 f"[low, high] and image count n.</p>")
     if methods:
         parts.append("<h2>Results</h2>" + _table(method_summary(methods)))
         groups = per_key_table(methods, "per_group")

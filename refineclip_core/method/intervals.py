@@ -1,0 +1,146 @@
+"""How sure a measured accuracy is: 95% intervals for accuracies and for changes of accuracy.
+
+Every accuracy shown to a person comes with its interval and the number of images behind it.
+
+* :func:`binomial_interval` — the exact (Clopper–Pearson) interval of a proportion ``k / n``:
+  the set of ``p`` for which observing ``k`` (or something more extreme) has probability at
+  least ``(1 − level) / 2`` on each side. It never has less than the nominal coverage.
+* :func:`paired_change` — the change of a statistic (overall or worst-group accuracy) between
+  two models evaluated on the *same* images, with a percentile interval from a stratified
+  paired bootstrap: images are resampled with replacement within each stratum (group or
+  class), keeping every stratum's size, and both models are scored on the same resample, so
+  the interval reflects how much the change depends on which held-out images happened to be
+  drawn. (Drawn exactly, without materialising index arrays: within a stratum a resample is
+  a multinomial draw over the four kinds of image — right/wrong before × right/wrong after.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+
+LEVEL = 0.95
+"""Confidence level of every interval the project reports."""
+
+Statistic = Literal["accuracy", "worst", "average"]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A measured value with its 95% interval and the number of images behind it."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self, scale: float = 100.0, digits: int = 1, unit: str = "%", signed: bool = False) -> str:
+        """``"62.0% [55.1, 68.4] (n=200)"`` (``signed``: ``"+4.0 pts [...]"`` for changes)."""
+        f = f"{{:{'+' if signed else ''}.{digits}f}}"
+        return (f"{f.format(scale * self.value)}{unit} [{scale * self.low:.{digits}f}, "
+                f"{scale * self.high:.{digits}f}] (n={self.n})")
+
+
+def binomial_intervals(k: np.ndarray, n: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Clopper–Pearson intervals for arrays of ``k`` successes in ``n`` trials (vectorised;
+    ``(0, 1)`` where ``n == 0``)."""
+    from scipy.stats import beta
+
+    k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    if np.any(n < 0) or np.any(k < 0) or np.any(k > n):
+        raise ValueError("need 0 <= k <= n")
+    a = (1.0 - level) / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        low = np.where(k == 0, 0.0, beta.ppf(a, np.maximum(k, 1), n - k + 1))
+        high = np.where(k == n, 1.0, beta.ppf(1.0 - a, k + 1, np.maximum(n - k, 1)))
+    return low.astype(np.float64), high.astype(np.float64)
+
+
+def binomial_interval(k: int, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """Clopper–Pearson interval for ``k`` successes in ``n`` trials (``(0, 1)`` when ``n == 0``)."""
+    low, high = binomial_intervals(np.array([k]), np.array([n]), level)
+    return float(low[0]), float(high[0])
+
+
+def accuracy_estimate(correct: np.ndarray, level: float = LEVEL) -> Estimate:
+    """Accuracy of a boolean vector with its exact binomial interval."""
+    correct = np.asarray(correct, dtype=bool)
+    n, k = int(correct.size), int(correct.sum())
+    low, high = binomial_interval(k, n, level)
+    return Estimate(k / n if n else float("nan"), low, high, n)
+
+
+def _stat(per_stratum_acc: np.ndarray, sizes: np.ndarray, statistic: Statistic) -> np.ndarray:
+    """``(..., S)`` per-stratum accuracies -> the statistic over strata ``(...)``: the lowest
+    (``worst``), the unweighted mean (``average``, e.g. average-group accuracy) or the
+    image-weighted mean (``accuracy``)."""
+    if statistic == "worst":
+        return per_stratum_acc.min(-1)
+    if statistic == "average":
+        return per_stratum_acc.mean(-1)
+    return (per_stratum_acc * sizes).sum(-1) / sizes.sum()
+
+
+def stratified_estimate(correct: np.ndarray, strata: np.ndarray, statistic: Statistic = "average",
+                        n_boot: int = 2000, seed: int = 0, level: float = LEVEL) -> Estimate:
+    """A statistic of one model's per-stratum accuracies (e.g. average-group accuracy) with a
+    percentile interval from a stratified bootstrap (a resampled stratum's accuracy is
+    Binomial(n_s, acc_s) / n_s)."""
+    correct, strata = np.asarray(correct, dtype=bool), np.asarray(strata)
+    if correct.size == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    members = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    sizes = np.array([len(m) for m in members], dtype=np.float64)
+    acc = np.array([correct[m].mean() for m in members])
+    rng = np.random.default_rng(seed)
+    boot = rng.binomial(sizes.astype(np.int64)[None, :], acc[None, :], size=(n_boot, len(members))) / sizes
+    stats = _stat(boot, sizes, statistic)
+    a = (1.0 - level) / 2.0
+    low, high = np.quantile(stats, [a, 1.0 - a])
+    return Estimate(float(_stat(acc, sizes, statistic)), float(low), float(high), int(correct.size))
+
+
+def paired_change(before: np.ndarray, after: np.ndarray, strata: np.ndarray | None = None,
+                  statistic: Statistic = "accuracy", n_boot: int = 2000, seed: int = 0,
+                  level: float = LEVEL) -> Estimate:
+    """Change ``stat(after) − stat(before)`` of two models' correctness on the same images.
+
+    Args:
+        before, after: boolean ``(n,)`` — was each image classified correctly.
+        strata: integer ``(n,)`` stratum of each image (e.g. its group); ``None``: one stratum.
+        statistic: ``"accuracy"`` (all images) or ``"worst"`` (the lowest stratum accuracy,
+            i.e. worst-group accuracy; the worst stratum is found anew in every resample).
+    """
+    before, after = np.asarray(before, dtype=bool), np.asarray(after, dtype=bool)
+    if before.shape != after.shape:
+        raise ValueError("before and after must describe the same images")
+    n = before.size
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    strata = np.zeros(n, dtype=np.int64) if strata is None else np.asarray(strata)
+    keys = np.unique(strata)
+    members = [np.flatnonzero(strata == s) for s in keys]
+    sizes = np.array([len(m) for m in members], dtype=np.float64)
+    acc_b = np.array([before[m].mean() for m in members])
+    acc_a = np.array([after[m].mean() for m in members])
+    value = float(_stat(acc_a, sizes, statistic) - _stat(acc_b, sizes, statistic))
+    # Resampling a stratum's images with replacement only matters through how many images of
+    # each kind (correct before?, correct after?) are drawn: a multinomial over 4 cells.
+    rng = np.random.default_rng(seed)
+    boot_b = np.empty((n_boot, len(members)))
+    boot_a = np.empty((n_boot, len(members)))
+    for j, m in enumerate(members):
+        cell = 2 * before[m].astype(np.int64) + after[m].astype(np.int64)   # 0..3
+        p = np.bincount(cell, minlength=4) / len(m)
+        draws = rng.multinomial(len(m), p, size=n_boot)                      # (n_boot, 4)
+        boot_b[:, j] = (draws[:, 2] + draws[:, 3]) / len(m)
+        boot_a[:, j] = (draws[:, 1] + draws[:, 3]) / len(m)
+    diffs = _stat(boot_a, sizes, statistic) - _stat(boot_b, sizes, statistic)
+    a = (1.0 - level) / 2.0
+    low, high = np.quantile(diffs, [a, 1.0 - a])
+    return Estimate(value, float(low), float(high), int(n))

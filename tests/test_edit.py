@@ -1,0 +1,240 @@
+"""The trustworthy edit (issue 14): intervals, consensus selection, RefineCLIP-fit, the guard and
+the protocol's rows, each against an independent computation."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from refineclip_core.demo.world import write_world
+from refineclip_core.features.cache import FeatureCache
+from refineclip_core.features.decomposition import HeadId
+from refineclip_core.features.extraction import ExtractionConfig, extract, load_batch
+from refineclip_core.loading.data import load_dataset
+from refineclip_core.loading.models import DEMO_DIR, ModelSpec, load_model
+from refineclip_core.method.edit import FitConfig, fit_ablation, least_squares_map, teacher_embeddings
+from refineclip_core.method.intervals import binomial_interval, binomial_intervals, paired_change
+from refineclip_core.method.protocol import (DEFAULT_EDIT, DEFAULT_PROTOCOL, EditConfig, ProtocolConfig,
+                                             assess_edit, identify, make_engine, run_refinement)
+from refineclip_core.method.refinement import RefinedMap, export_checkpoint
+from refineclip_core.method.scores import HeadScores
+from refineclip_core.method.selection import consensus_ranking, select_consensus, utility
+
+
+# -- intervals ------------------------------------------------------------------------------------
+def _binom_tail_ge(k: int, n: int, p: Fraction) -> Fraction:
+    return sum(Fraction(math.comb(n, j)) * p ** j * (1 - p) ** (n - j) for j in range(k, n + 1))
+
+
+def _clopper_pearson_by_bisection(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The definition, solved by bisection with exact rational tail sums: low is the p with
+    P(X >= k | p) = a/2, high the p with P(X <= k | p) = a/2."""
+    a = Fraction(1 - level).limit_denominator(10 ** 6) / 2
+
+    def solve(f, lo=Fraction(0), hi=Fraction(1)):   # f increasing in p
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+        return float((lo + hi) / 2)
+
+    low = 0.0 if k == 0 else solve(lambda p: _binom_tail_ge(k, n, p) - a)
+    high = 1.0 if k == n else solve(lambda p: a - (1 - _binom_tail_ge(k + 1, n, p)))   # a/2 − P(X <= k | p)
+    return low, high
+
+
+@pytest.mark.parametrize("k,n", [(0, 7), (3, 7), (7, 7), (1, 12), (11, 20)])
+def test_binomial_interval_is_clopper_pearson(k, n):
+    assert binomial_interval(k, n) == pytest.approx(_clopper_pearson_by_bisection(k, n), abs=1e-7)
+
+
+def test_binomial_interval_covers_at_least_95_percent():
+    n = 25
+    for p in (0.05, 0.3, 0.5, 0.8):
+        low, high = binomial_intervals(np.arange(n + 1), np.full(n + 1, n))
+        inside = (low <= p) & (p <= high)
+        coverage = sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(n + 1) if inside[k])
+        assert coverage >= 0.95
+
+
+def test_paired_change_matches_a_brute_force_bootstrap():
+    """The multinomial shortcut draws exactly what resampling images does: compare with a
+    bootstrap that materialises index arrays (different random numbers, same distribution)."""
+    rng = np.random.default_rng(0)
+    n = 400
+    strata = rng.integers(0, 3, n)
+    before = rng.random(n) < np.array([0.4, 0.7, 0.9])[strata]
+    after = np.where(rng.random(n) < 0.8, before, rng.random(n) < 0.75)
+    for statistic in ("accuracy", "worst"):
+        est = paired_change(before, after, strata, statistic, n_boot=20000, seed=1)
+        diffs = []
+        members = [np.flatnonzero(strata == s) for s in range(3)]
+        for _ in range(4000):
+            idx = [m[rng.integers(0, len(m), len(m))] for m in members]
+            acc_b = np.array([before[i].mean() for i in idx])
+            acc_a = np.array([after[i].mean() for i in idx])
+            sizes = np.array([len(m) for m in members])
+            stat = (lambda acc: acc.min()) if statistic == "worst" else (lambda acc: (acc * sizes).sum() / sizes.sum())
+            diffs.append(stat(acc_a) - stat(acc_b))
+        lo, hi = np.quantile(diffs, [0.025, 0.975])
+        acc = lambda c: np.array([c[m].mean() for m in members])                                   # noqa: E731
+        sizes = np.array([len(m) for m in members])
+        value = (acc(after).min() - acc(before).min() if statistic == "worst"
+                 else (acc(after) * sizes).sum() / n - (acc(before) * sizes).sum() / n)
+        assert est.value == pytest.approx(value, abs=1e-12)
+        assert est.low == pytest.approx(lo, abs=0.012) and est.high == pytest.approx(hi, abs=0.012)
+        assert est.n == n
+
+
+# -- consensus selection --------------------------------------------------------------------------
+def test_consensus_ranking_matches_a_loop_over_heads():
+    rng = np.random.default_rng(3)
+    layers = (4, 5)
+    scores = {name: HeadScores(name, rng.normal(size=(2, 3)), layers, desc)
+              for name, desc in (("DE_A", True), ("DE_B", False), ("DE_C", True), ("DE_D[x]", False))}
+    scores["DE_E"] = HeadScores("DE_E", None, layers, True, "no W")              # unavailable: no vote
+    scores["DE_F"] = HeadScores("DE_F", np.ones((2, 3)), layers, True)          # constant: no vote
+    total = {}
+    for l_i, layer in enumerate(layers):
+        for h in range(3):
+            z = 0.0
+            for s in list(scores.values())[:4]:
+                v = s.values
+                z += (1 if s.descending else -1) * (v[l_i, h] - v.mean()) / v.std()
+            total[HeadId(layer, h)] = z
+    expected = sorted(total, key=lambda k: -total[k])
+    assert consensus_ranking(scores) == expected
+
+
+def test_select_consensus_takes_the_best_prefix_or_nothing(demo):
+    cache, engine, ident = demo["cache"], demo["engine"], demo["ident"]
+    sel = select_consensus(engine, ident.scores, ident.sample_rows, cache.labels, top_t=15)
+    ranked = consensus_ranking(ident.scores)[:15]
+    curve = [utility(engine, ranked[:t], ident.sample_rows, cache.labels) for t in range(1, 16)]
+    np.testing.assert_allclose(sel.curves["consensus"], curve, rtol=1e-6)   # float32 engine arithmetic
+    base = utility(engine, [], ident.sample_rows, cache.labels)
+    t = int(np.argmax(curve)) + 1
+    assert sel.heads == (ranked[:t] if max(curve) > base else [])
+    assert ident.heads == sel.heads and ident.selection.score == "consensus"
+
+
+# -- RefineCLIP-fit ---------------------------------------------------------------------------------
+def test_least_squares_start_solves_the_ridge_problem():
+    rng = np.random.default_rng(0)
+    E, T = rng.normal(size=(50, 6)), rng.normal(size=(50, 6))
+    ridge = 0.1
+    lam = ridge * np.trace(E.T @ E) / 6
+    # [E; √λ I] B = [T; √λ I] in the least-squares sense, by an independent solver
+    A = np.vstack([E, np.sqrt(lam) * np.eye(6)])
+    Y = np.vstack([T, np.sqrt(lam) * np.eye(6)])
+    expected = np.linalg.lstsq(A, Y, rcond=None)[0]
+    np.testing.assert_allclose(least_squares_map(E, T, ridge), expected, atol=1e-10)
+
+
+def test_fit_distils_the_teacher_and_exports_through_plain_open_clip(demo, tmp_path):
+    """The merged checkpoint equals the fitted map: plain open_clip loads it and reproduces E·B."""
+    cache, ident = demo["cache"], demo["ident"]
+    engine = ident.ablation_engine(demo["engine"])
+    teacher, succ = teacher_embeddings(engine, ident.heads, "mean", ident.adapt_rows, ident.target_classes)
+    assert succ.any() and (~succ).any()
+    np.testing.assert_array_equal(teacher[~succ], cache.embeddings[ident.adapt_rows][~succ])
+    np.testing.assert_allclose(teacher[succ], engine.embeddings(ident.heads, "mean", ident.adapt_rows[succ]))
+    res = fit_ablation(cache.embeddings[ident.adapt_rows], cache.text, cache.logit_scale, teacher, succ,
+                       FitConfig(steps=30))
+    h = res.history
+    assert len(h["total"]) == 30 and h["total"][-1] < h["total"][0]
+    assert res.refined.strategy == "fit" and res.refined.matrix.shape == (cache.embeddings.shape[1],) * 2
+    loaded = demo["loaded"]
+    src = loaded.spec.resolved().checkpoint
+    out = export_checkpoint(src, loaded.model, res.refined, tmp_path / "fit.safetensors")
+    open_clip.add_model_config(DEMO_DIR / "refineclip-demo.json")
+    plain = open_clip.create_model("refineclip-demo", pretrained=str(out)).eval()
+    batch, _, _ = load_batch(loaded, cache.records[:8], 0)
+    with torch.no_grad():
+        edited = plain.encode_image(batch).double().numpy()
+    expected = res.refined.apply(cache.embeddings[:8])
+    rel = np.linalg.norm(edited - expected, axis=1) / np.linalg.norm(expected, axis=1)
+    assert rel.max() < 1e-5        # float16 checkpoint, but the merged projection is stored in float32
+    assert not np.allclose(expected, cache.embeddings[:8], rtol=1e-3)
+
+
+# -- the guard --------------------------------------------------------------------------------------
+def test_guard_fires_on_a_harmful_edit_and_stays_quiet_on_the_default(demo):
+    cache, ident = demo["cache"], demo["ident"]
+    outcome = run_refinement(cache, ident, DEFAULT_EDIT, engine=demo["engine"], baselines=False)
+    assert outcome.exported == "refineclip-fit" and outcome.verdict.ok, outcome.verdict.summary()
+    assert outcome.verdict.worst_group.value > 0
+    # a deliberately harmful edit: swap the two bird classes' text directions in the embedding
+    a, b = ident.target_classes
+    T = cache.text.astype(np.float64)
+    swap = np.eye(T.shape[1]) - np.outer(T[a] - T[b], T[a] - T[b]) / ((T[a] - T[b]) @ (T[a] - T[b]))
+    harmful = (cache.embeddings @ swap.T @ T.T).argmax(1)
+    verdict = assess_edit(cache, ident, outcome.report.predictions["zero-shot"], harmful, "harmful")
+    assert not verdict.ok and verdict.summary().startswith("Warning")
+    assert any("worse" in s for s in verdict.harmed)
+
+
+# -- protocol rows and defaults ---------------------------------------------------------------------
+def test_protocol_rows_are_disjoint_and_hold_out_without_a_test_split(demo):
+    cache, ident = demo["cache"], demo["ident"]
+    everything = np.arange(len(cache))
+    assert not np.intersect1d(ident.eval_rows, ident.adapt_rows).size
+    assert not np.intersect1d(ident.eval_rows, ident.sample_rows).size
+    np.testing.assert_array_equal(np.union1d(ident.eval_rows, ident.adapt_rows), everything)
+    assert set(cache.splits[ident.eval_rows]) == {"test"}
+    # a folder written as a single split: half of the unsampled images of every class are evaluated
+    one = FeatureCache(cache.root)
+    one.splits = np.full(len(one), "test", dtype=object)
+    i2 = identify(one, ProtocolConfig(seed=3))
+    rest = np.setdiff1d(everything, i2.sample_rows)
+    assert not np.intersect1d(i2.eval_rows, i2.adapt_rows).size
+    assert set(i2.sample_rows) <= set(i2.adapt_rows)
+    for c in np.unique(one.labels):
+        n_rest = int((one.labels[rest] == c).sum())
+        assert int((one.labels[i2.eval_rows] == c).sum()) == round(0.5 * n_rest)
+
+
+def test_defaults_are_the_multi_draw_winner():
+    assert (DEFAULT_PROTOCOL.pair, DEFAULT_PROTOCOL.selection, DEFAULT_PROTOCOL.ablation) == ("both", "consensus",
+                                                                                           "mean")
+    assert DEFAULT_EDIT.method == "fit" and DEFAULT_EDIT.exported == "refineclip-fit"
+    assert EditConfig(method="paper").exported == "refineclip-diag"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A small fresh sample of the demo world (train/val/test), extracted with the demo model."""
+    root = tmp_path_factory.mktemp("demo-edit")
+    data = write_world(root / "data", "all", seed=424242, n_per_group=25)
+    loaded = load_model(ModelSpec("demo"))
+    cache = extract(loaded, load_dataset(data), root / "cache", ExtractionConfig(layers=4, batch_size=64))
+    engine = make_engine(cache)
+    ident = identify(cache, ProtocolConfig(seed=0), engine)
+    return {"cache": cache, "engine": engine, "ident": ident, "loaded": loaded}
+
+
+def test_one_set_of_defaults_for_cli_and_reproduction():
+    """The CLI's options and the reproduction harness read their defaults from DEFAULT_PROTOCOL and
+    DEFAULT_EDIT (the dashboard's and the benchmark's are checked in test_app / test_demo_world)."""
+    import inspect
+
+    from refineclip_core.cli import build_parser
+    from refineclip_core.cli.refine import edit_config
+    from refineclip_core.cli.score import protocol
+    from refineclip_core.method.reproduce import run_protocol
+
+    args = build_parser().parse_args(["refine", "--cache", "somewhere"])
+    assert protocol(args) == DEFAULT_PROTOCOL
+    assert edit_config(args) == DEFAULT_EDIT
+    args = build_parser().parse_args(["score", "--cache", "somewhere"])
+    assert protocol(args) == DEFAULT_PROTOCOL
+    rep = build_parser().parse_args(["reproduce", "waterbirds", "--data", "x", "--model", "demo"])
+    paper = DEFAULT_EDIT.paper
+    assert (rep.alpha, rep.beta, rep.steps, rep.lr, rep.top_t) == (paper.alpha, paper.beta, paper.steps, paper.lr,
+                                                                   DEFAULT_PROTOCOL.top_t)
+    params = inspect.signature(run_protocol).parameters
+    assert params["edit"].default is DEFAULT_EDIT and params["protocol"].default is DEFAULT_PROTOCOL
