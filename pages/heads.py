@@ -80,9 +80,9 @@ for start in range(0, len(names), 2):
         s = ident.scores[name]
         with col:
             if not s.available:
-                st.markdown(f"**{name}**")
+                st.markdown(f"**{plain(name)}**")  # score names carry the pair's class names
                 outer = SCORE_SPECS[name.split('[')[0]][0]
-                st.info(f"{name} is unavailable: {plain(s.reason or f'set {outer} is empty')}. It averages over set "
+                st.info(f"{plain(name)} is unavailable: {plain(s.reason or f'set {outer} is empty')}. It averages over set "
                         f"{outer}; draw more samples or pick another pair to fill it.", icon=":material/info:")
                 continue
             key = Key.score_map(names.index(name))
@@ -98,7 +98,7 @@ if selected is not None and selected.layer in cache.manifest.layers:
     vals = {name: s.value(selected) for name, s in ident.scores.items() if s.available}
     ranks = {name: s.ranking().index(selected) + 1 for name, s in ident.scores.items() if s.available}
     st.markdown(f"**Selected head {selected}** — " + " · ".join(
-        f"{k} = {v:.4g} (rank {ranks[k]})" for k, v in vals.items()))
+        f"{plain(k)} = {v:.4g} (rank {ranks[k]})" for k, v in vals.items()))
     link("inspector", f"Inspect {selected} →")
 
 # --- Alg. 1 -------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ st.plotly_chart(utility_figure(sel.curves, sel.baseline_utility, sel.score, sel.
                 key="heads_utility")
 if sel.score:
     st.markdown(f"{'The consensus ranking' if sel.score == 'consensus' else 'Alg. 1'} picks the first **{sel.t}** "
-                f"heads of **{sel.score}**: **{', '.join(str(h) for h in sel.heads)}** (utility {sel.utility:.4f} "
+                f"heads of **{plain(sel.score)}**: **{', '.join(str(h) for h in sel.heads)}** (utility {sel.utility:.4f} "
                 f"vs. {sel.baseline_utility:.4f} with no head removed).")
 else:
     st.info("No prefix of the ranking beats removing nothing on the labelled samples: no head is chosen.")

@@ -51,7 +51,7 @@ with c[2]:
     avail = {n: s for n, s in ident.scores.items() if s.available}
     if avail:
         st.markdown(f"**{head}** for {plain(classes[a])} → {plain(classes[b])}: " + " · ".join(
-            f"{n} = {s.value(head):.4g} (rank {s.ranking().index(head) + 1}/{len(layers) * H})"
+            f"{plain(n)} = {s.value(head):.4g} (rank {s.ranking().index(head) + 1}/{len(layers) * H})"
             for n, s in avail.items()))
     if head in ident.heads:
         st.caption("One of the heads Alg. 1 chose.")

@@ -632,6 +632,17 @@ def _markdown_texts(at: AppTest) -> list[str]:
     return out
 
 
+def _strings(obj) -> list[str]:
+    """Every string inside a JSON value."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
 @pytest.fixture()
 def hostile_folder(tmp_path):
     import shutil
@@ -681,11 +692,9 @@ def test_user_names_render_as_plain_text_on_every_page(home, demo_spec, hostile_
         seen += texts
         for chart in page.get("plotly_chart"):  # Plotly labels: HTML escaped, no raw tags or math
             spec = json.loads(chart.proto.spec)
+            for v in _strings(spec):
+                assert not ("<img" in v or "<b>g2" in v or "$x^2$" in v), (name, v)
             for trace in spec["data"]:
-                for axis in ("x", "name"):
-                    values = trace.get(axis) if isinstance(trace.get(axis), list) else [trace.get(axis)]
-                    for v in values:
-                        assert not (isinstance(v, str) and ("<img" in v or "<b>" in v or "$x^2$" in v)), (name, v)
                 if trace.get("type") == "heatmap":
                     assert sorted(trace["x"]) == sorted(plot_text(c) for c in HOSTILE_CLASSES)
     joined = "\n".join(seen)

@@ -75,6 +75,7 @@ def score_grid_figure(values: np.ndarray | Sequence[Sequence[float]] | None, lay
     line_c = ["#e6a800" if HeadId.of(c[:2]) == sel else "#dddddd" for c in custom]
     lim = float(np.nanmax(np.abs(flat))) if np.isfinite(flat).any() else 1.0
     lim = lim if lim > 0 else 1.0
+    name = plot_text(name)  # a score's name carries the pair's class names
     fig = go.Figure(go.Scatter(
         x=xs, y=ys, mode="markers", customdata=custom,
         marker=dict(symbol="square", size=cell - 3, color=flat, colorscale=DIVERGING, cmin=-lim, cmax=lim, cmid=0,
@@ -114,15 +115,15 @@ def utility_figure(curves: Mapping[str, Sequence[float]], baseline: float | None
         t = list(range(1, len(curve) + 1))
         heads = [str(HeadId.of(h)) for h in (candidates or {}).get(name, [])]
         text = [", ".join(heads[:k]) if heads else "" for k in t]
-        base = name.split("[")[0]
-        fig.add_trace(go.Scatter(x=t, y=list(curve), mode="lines+markers", name=name, text=text,
+        base, shown = name.split("[")[0], plot_text(name)
+        fig.add_trace(go.Scatter(x=t, y=list(curve), mode="lines+markers", name=shown, text=text,
                                  line=dict(color=palette.get(base)),
-                                 hovertemplate=f"{name}: t=%{{x}}, U=%{{y:.4f}}<br>%{{text}}<extra></extra>"))
+                                 hovertemplate=f"{shown}: t=%{{x}}, U=%{{y:.4f}}<br>%{{text}}<extra></extra>"))
     if chosen_score and chosen_score in curves and 0 < chosen_t <= len(curves[chosen_score]):
         fig.add_trace(go.Scatter(x=[chosen_t], y=[curves[chosen_score][chosen_t - 1]], mode="markers",
                                  name="chosen set", marker=dict(symbol="star", size=18, color="gold",
                                                                 line=dict(color="black", width=1)),
-                                 hovertemplate="chosen: %{x} heads of " + chosen_score + "<extra></extra>"))
+                                 hovertemplate="chosen: %{x} heads of " + plot_text(chosen_score) + "<extra></extra>"))
     if baseline is not None and math.isfinite(baseline):
         fig.add_hline(y=baseline, line_dash="dash", line_color="#888",
                       annotation_text="no head removed", annotation_position="bottom right")
