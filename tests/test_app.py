@@ -147,9 +147,11 @@ def test_heads_page_scores_sets_and_handoff(app):
     available = [n for n, s in ident.scores.items() if s.available]
     unavailable = [n for n, s in ident.scores.items() if not s.available]
     assert len(at.get("plotly_chart")) == len(available) + 1  # one map per score + the utility curves
+    from studio_ui.widgets import plain
+
     infos = " ".join(i.value for i in at.info)
-    for name in unavailable:
-        assert f"{name} is unavailable" in infos
+    for name in unavailable:  # a score's name carries class names: shown as plain text
+        assert f"{plain(name)} is unavailable" in infos
     # recompute with another seed through the form
     at.number_input(key="heads_seed").set_value(3)
     at.button[0].click().run()  # the form's submit button comes first
