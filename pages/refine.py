@@ -14,7 +14,7 @@ from studio_ui.jobs import Job, start_job
 from studio_ui.panels import checkpoint_download
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, ticked_heads
-from studio_ui.widgets import follow_job, link, metric_ci, require_ready, show_exception
+from studio_ui.widgets import follow_job, link, metric_ci, plain, require_ready, show_exception
 
 st.title(page("refine").heading)
 st.caption("Phase 2 learns a linear map of the image embedding that behaves like the model with the heads removed "
@@ -42,8 +42,8 @@ choice = st.radio("Heads removed in the teacher E_abl", list(options), key="ref_
                   index=list(options).index("Set from the Heads page") if "Set from the Heads page" in options else 0)
 heads = options[choice]
 set_sizes = "; ".join(f"{k}: " + ", ".join(f"{n}={v}" for n, v in s.sizes().items()) for k, s in ident.sets.items())
-st.caption(f"Error pair {', '.join(f'{classes[a]} → {classes[b]}' for a, b in ident.pairs)} · "
-           f"{len(ident.sample_rows)} labelled samples ({set_sizes}) · {len(ident.adapt_rows)} unlabelled adaptation "
+st.caption(f"Error pair {', '.join(f'{plain(classes[a])} → {plain(classes[b])}' for a, b in ident.pairs)} · "
+           f"{len(ident.sample_rows)} labelled samples ({plain(set_sizes)}) · {len(ident.adapt_rows)} unlabelled adaptation "
            f"images · accuracies on {len(ident.eval_rows)} held-out images · heads removed by "
            f"{ident.config.ablation} ablation.")
 if not heads:

@@ -12,8 +12,10 @@ from ..features.cache import atomic_write_json
 from ..features.extraction import EXTRACT_STAGE
 from ..features.zeroshot import DEFAULT_TEMPLATES, read_templates, validate_templates
 from ..errors import RefineClipError
+from ..loading.budget import BUDGET_ENV
+from ..loading.data import ImageDataset, load_dataset
 from ..loading.hf_clip import find_hf_checkpoint
-from ..loading.models import DEMO_MODEL, ModelSpec
+from ..loading.models import DEMO_MODEL, LoadedModel, ModelSpec, load_model
 from ..progress import Progress
 
 
@@ -31,6 +33,9 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp64", "fp16", "bf16"],
                    help="model precision; fp32 (default) keeps the decomposition exact to ~1e-6")
+    g.add_argument("--memory-budget", metavar="SIZE",
+                   help=f"refuse, before loading, a model estimated to need more memory than SIZE (e.g. 16GB); "
+                        f"default: ${BUDGET_ENV}, else 75%% of the memory available")
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -43,6 +48,26 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         name = hf.label
     return ModelSpec(name=name, pretrained=args.pretrained, checkpoint=args.checkpoint,
                      model_config=args.model_config, device=args.device, precision=args.precision)
+
+
+def load(args: argparse.Namespace, spec: ModelSpec | None = None) -> LoadedModel:
+    """The model of the ``--model`` flags (or ``spec``), within ``--memory-budget``."""
+    return load_model(spec or model_spec(args), getattr(args, "memory_budget", None))
+
+
+def add_link_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-follow-links", action="store_true",
+                   help="read only images and metadata that resolve inside the --data folder, as the dashboard "
+                        "does; by default symbolic links are followed wherever they point")
+
+
+def dataset(args: argparse.Namespace, **kwargs) -> ImageDataset:
+    """``load_dataset(args.data, ...)``, confined to the data folder with ``--no-follow-links``."""
+    roots = None
+    if getattr(args, "no_follow_links", False):
+        data = Path(args.data).expanduser()
+        roots = [data.parent if data.is_file() else data]
+    return load_dataset(args.data, roots=roots, **kwargs)
 
 
 def add_template_args(p: argparse.ArgumentParser) -> None:

@@ -7,10 +7,9 @@ import tempfile
 
 from ..features.extraction import ExtractionConfig, extract
 from ..features.zeroshot import predict
-from ..loading.data import load_dataset
-from ..loading.models import load_model
 from ..method.evaluation import accuracy_report
-from .common import add_model_args, add_template_args, model_spec, positive_int, progress_bar, templates, write_json
+from .common import (add_link_arg, add_model_args, add_template_args, dataset as load_data, load, positive_int,
+                     progress_bar, templates, write_json)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,14 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="only this split")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--cache-dir", help="keep the feature cache here (default: a temporary folder)")
+    add_link_arg(p)
     add_template_args(p)
     p.add_argument("--json", help="write the result here (default: print)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded = load_model(model_spec(args))
-    dataset = load_dataset(args.data, split=args.split)
+    loaded = load(args)
+    dataset = load_data(args, split=args.split)
     if args.class_names:
         dataset = dataset.renamed(args.class_names.split(","))
     cfg = ExtractionConfig(layers=1, batch_size=args.batch_size, templates=templates(args))

@@ -6,9 +6,8 @@ import argparse
 import sys
 
 from ..features.extraction import ExtractionConfig, extract, init_distributed_from_env
-from ..loading.data import load_dataset
-from ..loading.models import load_model
-from .common import add_model_args, add_template_args, layers_arg, model_spec, positive_int, progress_bar, templates
+from .common import (add_link_arg, add_model_args, add_template_args, dataset as load_data, layers_arg, load,
+                     positive_int, progress_bar, templates)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,14 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="cache folder (created; resumed if interrupted)")
     p.add_argument("--layers", type=layers_arg, default=4, help="heads of the last K layers (default 4) or 'all'")
     p.add_argument("--batch-size", type=positive_int, default=32)
+    add_link_arg(p)
     add_template_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     distributed = init_distributed_from_env()
-    loaded = load_model(model_spec(args))
-    dataset = load_dataset(args.data, layout=args.layout, split=args.split)
+    loaded = load(args)
+    dataset = load_data(args, layout=args.layout, split=args.split)
     if args.class_names:
         dataset = dataset.renamed(args.class_names.split(","))
     cfg = ExtractionConfig(layers=args.layers, batch_size=args.batch_size, templates=templates(args))

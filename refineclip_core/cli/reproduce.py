@@ -11,11 +11,10 @@ from pathlib import Path
 from ..errors import RefineClipError
 from ..features.cache import atomic_write_bytes, atomic_write_json
 from ..features.extraction import ExtractionConfig, extract, init_distributed_from_env
-from ..loading.data import load_dataset
-from ..loading.models import load_model
 from ..method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL
 from ..method.reproduce import PAPER_WATERBIRDS, markdown_table, rows_csv, run_protocol, summarise
-from .common import add_model_args, add_template_args, model_spec, positive_int, progress_bar, templates
+from .common import (add_link_arg, add_model_args, add_template_args, dataset as load_data, load, positive_int,
+                     progress_bar, templates)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_model_args(q)
         add_template_args(q)
         q.add_argument("--data", required=True, help="dataset folder")
+        add_link_arg(q)
         q.add_argument("--out", help="output folder (default runs/reproduce-<protocol>)")
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
         q.add_argument("--samples-per-class", type=positive_int, nargs="+",
@@ -61,16 +61,16 @@ def _weights(loaded) -> str:
 def run(args: argparse.Namespace) -> int:
     init_distributed_from_env()
     out = Path(args.out or f"runs/reproduce-{args.protocol}")
-    loaded = load_model(model_spec(args))
+    loaded = load(args)
     if args.protocol == "waterbirds":
-        dataset = load_dataset(args.data, layout="waterbirds")
+        dataset = load_data(args, layout="waterbirds")
         pair = "both"
     elif args.protocol == "csv":
-        dataset = load_dataset(args.data, layout="csv", columns={"path": args.path_column, "label": args.target_column,
+        dataset = load_data(args, layout="csv", columns={"path": args.path_column, "label": args.target_column,
                                                                   "group": args.group_column})
         pair = "both"
     else:
-        dataset = load_dataset(args.data)
+        dataset = load_data(args)
         names = [t.strip() for t in args.targets.split(",")]
         if len(names) != 2:
             raise RefineClipError("--targets takes exactly two class names, e.g. --targets waterbird,landbird")

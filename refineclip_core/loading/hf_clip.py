@@ -50,13 +50,14 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from ..errors import CheckpointError, RefineClipError
+from .confine import read_bytes, resolve_roots
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -115,34 +116,43 @@ class ConvertedCLIP:
 # --- finding and reading ---------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Any:
+#: Largest JSON file of a checkpoint folder read (configs and shard indexes are a few kB to a few MB).
+MAX_JSON_BYTES = 16_000_000
+
+
+def _read_json(path: Path, roots=None) -> Any:
+    """A JSON file's content, read only inside ``roots`` when given (see loading/confine.py)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = read_bytes(path, resolve_roots(roots), limit=MAX_JSON_BYTES)
+        if len(data) > MAX_JSON_BYTES:
+            raise CheckpointError(f"'{path}' is larger than {MAX_JSON_BYTES // 1_000_000} MB; not a checkpoint's JSON.")
+        return json.loads(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"'{path}' is not readable JSON ({exc}).") from exc
 
 
-def _is_hf_config(path: Path) -> bool:
+def _is_hf_config(path: Path, roots=None) -> bool:
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        cfg = _read_json(path, roots)
+    except RefineClipError:
         return False
     return isinstance(cfg, dict) and "model_type" in cfg
 
 
-def _shards(index: Path) -> tuple[Path, ...]:
-    data = _read_json(index)
+def _shards(index: Path, roots=None) -> tuple[Path, ...]:
+    data = _read_json(index, roots)
     names = sorted(set((data.get("weight_map") or {}).values())) if isinstance(data, dict) else []
     if not names:
         raise CheckpointError(f"The shard index '{index}' names no weight files.")
     return tuple(index.parent / n for n in names)
 
 
-def find_hf_checkpoint(path: str | os.PathLike | None) -> HFCheckpoint | None:
+def find_hf_checkpoint(path: str | os.PathLike | None, roots=None) -> HFCheckpoint | None:
     """The transformers checkpoint at ``path``, or None when ``path`` is not one.
 
     ``path`` is a ``save_pretrained`` folder, or a weight file (``.safetensors``, ``.bin``, a
     shard index) with a transformers ``config.json`` (one with a ``model_type``) beside it.
+    With ``roots`` every file read is checked against them when opened (loading/confine.py).
     """
     if not path:
         return None
@@ -157,11 +167,11 @@ def find_hf_checkpoint(path: str | os.PathLike | None) -> HFCheckpoint | None:
                 f"The folder '{p}' has a config.json but no weights ({', '.join(WEIGHT_FILES)}); pass the folder "
                 "CLIPModel.save_pretrained wrote.")
         folder = p
-    elif p.is_file() and (p.parent / CONFIG_FILE).is_file() and _is_hf_config(p.parent / CONFIG_FILE):
+    elif p.is_file() and (p.parent / CONFIG_FILE).is_file() and _is_hf_config(p.parent / CONFIG_FILE, roots):
         config, weights, folder = p.parent / CONFIG_FILE, p, p.parent
     else:
         return None
-    shards = _shards(weights) if weights.name.endswith(".index.json") else (weights,)
+    shards = _shards(weights, roots) if weights.name.endswith(".index.json") else (weights,)
     pre = folder / PREPROCESSOR_FILE
     return HFCheckpoint(folder=folder, config=config, weights=shards, preprocessor=pre if pre.is_file() else None)
 
@@ -379,20 +389,20 @@ def open_clip_to_hf(state: Mapping[str, torch.Tensor], n_vision: int, n_text: in
     return out
 
 
-def _read_weights(ckpt: HFCheckpoint) -> dict[str, torch.Tensor]:
+def _read_weights(ckpt: HFCheckpoint, roots=None) -> dict[str, torch.Tensor]:
     from .models import read_state_dict
 
     state: dict[str, torch.Tensor] = {}
     for path in ckpt.weights:
-        state.update(read_state_dict(path))
+        state.update(read_state_dict(path, roots))
     return state
 
 
-def _preprocess(ckpt: HFCheckpoint) -> dict:
+def _preprocess(ckpt: HFCheckpoint, roots=None) -> dict:
     """Normalisation and interpolation from ``preprocessor_config.json`` (when present)."""
     if ckpt.preprocessor is None:
         return {}
-    raw = _read_json(ckpt.preprocessor)
+    raw = _read_json(ckpt.preprocessor, roots)
     out: dict[str, Any] = {}
     if not isinstance(raw, dict):
         return out
@@ -405,15 +415,27 @@ def _preprocess(ckpt: HFCheckpoint) -> dict:
     return out
 
 
-def read_hf_checkpoint(ckpt: HFCheckpoint) -> ConvertedCLIP:
-    """Convert a transformers CLIP checkpoint into an open_clip config and state dict."""
-    raw = _read_json(ckpt.config)
+def read_hf_config(ckpt: HFCheckpoint, roots=None) -> ConvertedCLIP:
+    """The open_clip config and preprocessing of a transformers CLIP checkpoint, without its weights
+    (so a model's size can be checked before anything large is read; ``state_dict`` is empty)."""
+    raw = _read_json(ckpt.config, roots)
     if not isinstance(raw, dict):
         raise CheckpointError(f"'{ckpt.config}' is not a transformers config (a JSON object).")
-    config = open_clip_config(raw, str(ckpt.config))
-    state = hf_to_open_clip(_read_weights(ckpt), config["vision_cfg"]["layers"], config["text_cfg"]["layers"],
-                            str(ckpt.folder))
-    return ConvertedCLIP(label=ckpt.label, config=config, state_dict=state, preprocess=_preprocess(ckpt))
+    return ConvertedCLIP(label=ckpt.label, config=open_clip_config(raw, str(ckpt.config)), state_dict={},
+                         preprocess=_preprocess(ckpt, roots))
+
+
+def read_hf_state_dict(ckpt: HFCheckpoint, converted: ConvertedCLIP, roots=None) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights under open_clip's names (for the config :func:`read_hf_config` gave)."""
+    config = converted.config
+    return hf_to_open_clip(_read_weights(ckpt, roots), config["vision_cfg"]["layers"], config["text_cfg"]["layers"],
+                           str(ckpt.folder))
+
+
+def read_hf_checkpoint(ckpt: HFCheckpoint, roots=None) -> ConvertedCLIP:
+    """Convert a transformers CLIP checkpoint into an open_clip config and state dict."""
+    converted = read_hf_config(ckpt, roots)
+    return replace(converted, state_dict=read_hf_state_dict(ckpt, converted, roots))
 
 
 # --- writing ---------------------------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def resolve_export_format(source_checkpoint: str | os.PathLike | None, fmt: str 
 
 
 def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.nn.Module, refined: RefinedMap,
-                      out_path: str | os.PathLike, fmt: ExportFormat = "auto") -> Path:
+                      out_path: str | os.PathLike, fmt: ExportFormat = "auto", roots=None) -> Path:
     """Write the edited model's weights (``visual.proj`` merged) atomically.
 
     ``fmt`` (see :func:`resolve_export_format`): ``open_clip`` writes ``.safetensors`` or a torch
@@ -243,16 +243,17 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
     checkpoint is converted first), else from ``model``'s current state dict. The merged
     ``visual.proj`` is kept in float32 when the checkpoint is in a lower precision (e.g. float16),
     so that the edited model reproduces the evaluated edit exactly instead of up to a rounding
-    that can flip borderline predictions.
+    that can flip borderline predictions. With ``roots`` (a dashboard model's) the source is read
+    only inside those folders (loading/confine.py).
     """
     out_path = Path(out_path)
     fmt = resolve_export_format(source_checkpoint, fmt)
-    hf_source = hf_clip.find_hf_checkpoint(source_checkpoint)
-    converted = hf_clip.read_hf_checkpoint(hf_source) if hf_source is not None else None
+    hf_source = hf_clip.find_hf_checkpoint(source_checkpoint, roots)
+    converted = hf_clip.read_hf_checkpoint(hf_source, roots) if hf_source is not None else None
     if converted is not None:
         state = converted.state_dict
     elif source_checkpoint:
-        state = read_state_dict(source_checkpoint)
+        state = read_state_dict(source_checkpoint, roots)
     else:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if "visual.proj" not in state:

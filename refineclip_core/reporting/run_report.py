@@ -124,7 +124,7 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
         (progress or silent)("Exporting the merged checkpoint", 0, 1)
         loaded = loaded or load_model(spec)
         checkpoint = export_checkpoint(spec.resolved().checkpoint, loaded.model, outcome.refinement.refined,
-                                       export_to, export_format)
+                                       export_to, export_format, roots=spec.roots)
     report = build_run_report(cache, ident, engine, outcome, model=spec.to_dict(), data_root=data_root,
                               checkpoint=checkpoint, extra=extra)
     return EditRun(outcome, checkpoint, report)
