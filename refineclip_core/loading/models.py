@@ -27,9 +27,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import CheckpointError, RefineClipError
+from ..home import APP_DIR
 
 DEMO_MODEL = "demo"
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
+ASSETS_DIR = APP_DIR / "assets"
 DEMO_DIR = ASSETS_DIR / "demo"
 DEMO_MODEL_NAME = "refineclip-demo"
 
