@@ -32,9 +32,10 @@ def findings_panel(ready: Ready) -> None:
                f"Each accuracy comes with its 95% interval and the number of images behind it.")
     rule = "the consensus of DE_A..DE_D" if f.score == "consensus" else (f"Alg. 1 ({f.score})" if f.score else None)
     removal = "replacing them by their mean" if f.ablation == "mean" else "zeroing them"
-    st.markdown(f"The model confuses **{f.pair}** most often ({f.pair_count} held-out "
-                f"images). The heads to blame" + (f", by {rule}," if rule else "") +
-                f" are **{', '.join(f.heads) or 'none'}**; {removal} needs no retraining (Eq. 5):")
+    blame = (f"The heads to blame, by {rule}, are **{', '.join(f.heads)}**; {removal} needs no retraining (Eq. 5):"
+             if f.heads else "No set of heads beats removing nothing on the labelled samples (pick heads on the "
+                             "Heads page, or draw more samples):")
+    st.markdown(f"The model confuses **{f.pair}** most often ({f.pair_count} held-out images). {blame}")
     c = st.columns(4)
     metric_ci(c[0], "Zero-shot accuracy", f.accuracy)
     metric_ci(c[1], "… with those heads removed", f.ablated_accuracy, f.accuracy)

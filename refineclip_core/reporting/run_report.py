@@ -204,22 +204,25 @@ def render_html(report: Mapping[str, Any]) -> str:
         parts.append(f"<p style='background:{colour};padding:.6rem 1rem;border-radius:6px'>"
                      f"<b>{html.escape(str(report.get('exported', '')))}:</b> {html.escape(str(verdict.get('summary')))}"
                      "</p>")
+    def acc(cell, note: str = "") -> tuple[str, str]:
+        """An accuracy card: the value large, its interval, image count and ``note`` small."""
+        big, _, rest = format_cell(cell).partition(" ")
+        return big, " ".join(x for x in (rest, note) if x)
+
     cards = [("Error pair", pairs or "–", ""), ("Heads removed", head_list, f.get("score") or ""),
-             ("Zero-shot worst group", format_cell(f.get("worst_group")), f.get("worst_group_name") or ""),
-             (f"Ablated worst group ({f.get('ablation', 'zero')})", format_cell(f.get("ablated_worst_group")),
-              f.get("ablated_worst_group_name") or "")]
+             ("Zero-shot worst group", *acc(f.get("worst_group"), f.get("worst_group_name") or "")),
+             (f"Ablated worst group ({f.get('ablation', 'zero')})",
+              *acc(f.get("ablated_worst_group"), f.get("ablated_worst_group_name") or ""))]
     if methods:
         summary = method_summary(methods)
         refined = report.get("exported")
         if refined in summary:
-            cards.append((f"Edited worst group ({refined})", format_cell(summary[refined]["worst group"]), ""))
-            cards.append(("Edited: other classes", format_cell(summary[refined]["other classes (locality)"]), ""))
+            cards.append((f"Edited worst group ({refined})", *acc(summary[refined]["worst group"])))
+            cards.append(("Edited: other classes", *acc(summary[refined]["other classes (locality)"])))
 
-    def card(label: str, value: str, note: str) -> str:
-        big, _, rest = value.partition(" ")
-        sub = " ".join(x for x in (rest, note) if x)
+    def card(label: str, big: str, small: str) -> str:
         return (f"<div class='card'><span class='muted'>{html.escape(label)}</span><b>{html.escape(big)}</b>"
-                f"<span class='muted'>{html.escape(sub)}</span></div>")
+                f"<span class='muted'>{html.escape(small)}</span></div>")
 
     parts.append("<div class='grid'>" + "".join(card(*c) for c in cards) + "</div>")
     data = report.get("data", {})
