@@ -19,10 +19,9 @@ from ..home import APP_DIR
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("app", help="start the dashboard (RefineCLIP Studio); extra arguments go to Streamlit",
                        description="Serve the RefineCLIP Studio dashboard on http://127.0.0.1:8501 (the embedded demo "
-                                   "opens first). Works from any folder: relative paths typed in the dashboard are "
-                                   "read from the current one. Every further argument goes to 'streamlit run', e.g. "
-                                   "'refineclip app --server.port 8600' or '--server.address 0.0.0.0' (behind an "
-                                   "authenticating proxy only).",
+                                   "opens first) from any folder; relative paths typed in the dashboard are read from "
+                                   "the current one. Every further argument goes to 'streamlit run', for example "
+                                   "a port: refineclip app --server.port 8600",
                        usage="refineclip app [-h] [STREAMLIT_OPTION ...]", allow_abbrev=False)
     p.set_defaults(func=run, pass_through=True)
 
