@@ -10,7 +10,6 @@ Nothing returned here may be mutated by a page.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import streamlit as st
@@ -20,14 +19,14 @@ from refineclip_core.features.decomposition import HeadId
 from refineclip_core.features.zeroshot import predict
 from refineclip_core.home import studio_home
 from refineclip_core.inspection.textspan import HeadDescription, describe_heads, encode_text_pool, load_text_pool
-from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
+from refineclip_core.loading.models import ASSETS_DIR, LoadedModel, ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.protocol import Identification, ProtocolConfig, identify, make_engine
 from refineclip_core.studio.caches import with_prompts
 
 from refineclip_core.studio.source import Source
 
-TEXT_POOL = Path(__file__).resolve().parent.parent / "assets" / "text_pool.txt"
+TEXT_POOL = ASSETS_DIR / "text_pool.txt"
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)

@@ -9,7 +9,6 @@ keeps every other brace as written. Predictions use cosine similarity times the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 

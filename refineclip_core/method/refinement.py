@@ -29,7 +29,7 @@ import io
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from ..features.cache import atomic_write_bytes, atomic_write_json
 from ..loading import hf_clip
 from ..loading.models import read_state_dict
 from ..progress import CancelFn, Progress, never, silent
+
+if TYPE_CHECKING:  # edit.py imports this module
+    from .edit import FitConfig
 
 Strategy = Literal["diag", "full", "lora"]
 
