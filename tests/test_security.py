@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -23,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refineclip_core.cli import main
 from refineclip_core.cli.common import templates as cli_templates
-from refineclip_core.errors import CheckpointError, ImageLoadError, OutsideRootsError, RefineClipError
+from refineclip_core.errors import ImageLoadError, OutsideRootsError, RefineClipError
 from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.extraction import load_batch
 from refineclip_core.features.zeroshot import class_text_embeddings, fill_template, read_templates, validate_templates
