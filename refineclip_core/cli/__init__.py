@@ -37,7 +37,7 @@ EXIT_CODES = f"""exit status:
 
 output: every command prints a short summary (at most 40 lines) on stdout; --json PATH writes the
 full record, --json - prints the record alone on stdout for piping. Progress bars go to stderr and
-only when it is a terminal."""
+only when it is a terminal (REFINECLIP_PROGRESS=always puts them into logs too, =never hides them)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -231,10 +231,17 @@ def cells_table(rows: Mapping[str, Mapping[str, Any]], columns: Mapping[str, str
     return table(header, body)
 
 
+#: ``auto`` (default): progress bars only when stderr is a terminal; ``always``: also into logs and
+#: pipes (e.g. each torchrun rank's share); ``never``.
+PROGRESS_ENV = "REFINECLIP_PROGRESS"
+
+
 def progress_bar(desc: str, unit: str = "img") -> Progress:
     """A :class:`~refineclip_core.progress.Progress` drawing one tqdm bar per stage on stderr, or
-    nothing when stderr is not a terminal (a log file or a pipe gets no progress noise)."""
-    if not sys.stderr.isatty():
+    nothing when stderr is not a terminal (a log file or a pipe gets no progress noise) unless
+    :data:`PROGRESS_ENV` says ``always``."""
+    mode = os.environ.get(PROGRESS_ENV, "auto")
+    if mode == "never" or (mode != "always" and not sys.stderr.isatty()):
         return silent
     from tqdm import tqdm
 
@@ -246,7 +253,8 @@ def progress_bar(desc: str, unit: str = "img") -> Progress:
             if bar is not None:
                 bar.close()
             label = desc if stage == EXTRACT_STAGE else f"{desc}: {stage}"
-            bar = state["bar"] = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, initial=0, leave=False)
+            bar = state["bar"] = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, initial=0,
+                                      leave=not sys.stderr.isatty())  # a log keeps each stage's final count
             state["stage"] = stage
         bar.update(done - bar.n)
         if values:
