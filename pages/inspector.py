@@ -14,8 +14,8 @@ from refineclip_core.reporting.figures import push_figure
 from studio_ui import resources
 from studio_ui.registry import page
 from studio_ui.panels import head_concept_panel
-from studio_ui.state import Key, get, inspect_head, put, set_inspect_head
-from studio_ui.widgets import guard, image_grid, link, require_ready, show_exception
+from studio_ui.state import Key, get, inspect_head, put, read_roots, set_inspect_head
+from studio_ui.widgets import guard, image_grid, link, plain, require_ready, show_exception
 
 st.title(page("inspector").heading)
 ready = require_ready()
@@ -51,8 +51,8 @@ a, b = ident.pairs[0]
 with c[2]:
     avail = {n: s for n, s in ident.scores.items() if s.available}
     if avail:
-        st.markdown(f"**{head}** for {classes[a]} → {classes[b]}: " + " · ".join(
-            f"{n} = {s.value(head):.4g} (rank {s.ranking().index(head) + 1}/{len(layers) * H})"
+        st.markdown(f"**{head}** for {plain(classes[a])} → {plain(classes[b])}: " + " · ".join(
+            f"{plain(n)} = {s.value(head):.4g} (rank {s.ranking().index(head) + 1}/{len(layers) * H})"
             for n, s in avail.items()))
     if head in ident.heads:
         st.caption("One of the heads Alg. 1 chose.")
@@ -83,10 +83,11 @@ st.markdown("**Which diagnosed concept it carries**")
 head_concept_panel(ready, ident, head)
 
 # --- 2. Push toward the wrong class ---------------------------------------------------------------
-st.subheader(f"Where it pushes toward “{classes[b]}”")
-st.caption(f"For each image of {classes[a]}: how much removing this head (Eq. 5) moves it toward {classes[a]} "
-           f"rather than {classes[b]}, i.e. Δ(x, {classes[a]}) − Δ(x, {classes[b]}) of Eq. 6 with a zero "
-           f"replacement. Positive = the head pushes toward {classes[b]}.")
+name_a, name_b = plain(classes[a]), plain(classes[b])
+st.subheader(f"Where it pushes toward “{name_b}”")
+st.caption(f"For each image of {name_a}: how much removing this head (Eq. 5) moves it toward {name_a} "
+           f"rather than {name_b}, i.e. Δ(x, {name_a}) − Δ(x, {name_b}) of Eq. 6 with a zero "
+           f"replacement. Positive = the head pushes toward {name_b}.")
 rows = np.flatnonzero(cache.labels == a)
 c_h = np.asarray(cache.heads[:, layers.index(head.layer), head.head])[rows]  # one head: never load all heads
 push = head_push(np.asarray(cache.embeddings[rows]), c_h, cache.text, a, b)
@@ -115,21 +116,22 @@ clicked = [k for k, col in zip(scopes, c) if col.button(f"Grad-CAM: {scopes[k][1
 if clicked:
     cam_heads, cam_name = scopes[clicked[0]]
     with st.spinner(f"Running Grad-CAM (whole model, then {cam_name})…"), guard("Grad-CAM"):
-        panels, skipped = gradcam_panels(ready.loaded(), cache.records, chosen, target, cache.text, cam_heads)
+        panels, skipped = gradcam_panels(ready.loaded(), cache.records, chosen, target, cache.text, cam_heads,
+                                         roots=read_roots())
         for s in skipped:
-            st.warning(f"{s.path}: {s.reason}")
+            st.warning(plain(f"{s.path}: {s.reason}"))
         put(Key.GRADCAM, ((src.resource_key(), head, tuple(chosen), int(target)), cam_name, panels))
 cam = get(Key.GRADCAM)
 if cam and cam[0] == (src.resource_key(), head, tuple(chosen), int(target)):
     cam_name = cam[1]
     for p in cam[2]:
         cols = st.columns([1, 1, 1, 2])
-        cols[0].image(p.image, caption=f"{name_of.get(p.row, p.row)} (model input)")
-        cols[1].image(p.whole, caption=f"whole model → {classes[target]}")
-        cols[2].image(p.head, caption=f"{cam_name} → {classes[target]}")
+        cols[0].image(p.image, caption=f"{plain(name_of.get(p.row, p.row))} (model input)")
+        cols[1].image(p.whole, caption=f"whole model → {plain(classes[target])}")
+        cols[2].image(p.head, caption=f"{cam_name} → {plain(classes[target])}")
         flat = [n for n, mx in (("whole model", p.whole_max), (cam_name, p.head_max)) if mx <= 1e-6]
         if flat:
             cols[3].caption(f"{' and '.join(flat)}: the map is zero everywhere — no region of this image raises the "
-                            f"'{classes[target]}' logit through that path (Grad-CAM keeps positive evidence only).")
+                            f"'{plain(classes[target])}' logit through that path (Grad-CAM keeps positive evidence only).")
 elif chosen:
     st.caption("Pick images and click 'Compute Grad-CAM' to compare the whole model with this head or the blamed set.")

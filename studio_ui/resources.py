@@ -128,8 +128,9 @@ def open_clip_models() -> list[str]:
 
 
 @st.cache_data(show_spinner=False, max_entries=2000)
-def thumbnail(path: str, size: int = 144) -> bytes | None:
-    """A PNG thumbnail (nearest-neighbour upscaled for tiny images), or None if unreadable."""
+def thumbnail(path: str, size: int = 144, roots: tuple[str, ...] | None = None) -> bytes | None:
+    """A PNG thumbnail (nearest-neighbour upscaled for tiny images), or None if unreadable
+    (or, with ``roots``, if the file opened lies outside those folders)."""
     import io
 
     from PIL import Image
@@ -138,7 +139,7 @@ def thumbnail(path: str, size: int = 144) -> bytes | None:
     from refineclip_core.loading.data import load_image
 
     try:
-        img = load_image(path)
+        img = load_image(path, roots)
     except (ImageLoadError, OSError):
         return None
     scale = size / max(img.size)

@@ -15,7 +15,7 @@ from refineclip_core.cli import main
 from refineclip_core.errors import RefineClipError
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.features.zeroshot import encode_texts
-from refineclip_core.inspection.diagnosis import (MIN_RESIDUAL, NAME_MIN, STOPWORDS, ConceptVocabulary, attribute_heads,
+from refineclip_core.inspection.diagnosis import (MIN_RESIDUAL, NAME_MIN, STOPWORDS, attribute_heads,
                                                   attribute_shares, concept_span, concept_vocabulary, diagnose,
                                                   diagnose_removed, diagnosis_rows, group_profile, head_evidence,
                                                   head_shares, phrase_direction, pool_units, separation_auc,

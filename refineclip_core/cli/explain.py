@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from ..errors import RefineClipError
 from ..features.decomposition import parse_heads
 from ..inspection.diagnosis import attribute_direction, attribute_heads, diagnose, load_vocabulary, summary_lines
 from ..loading.models import ModelSpec, load_model
 from ..method.protocol import identify, make_engine
-from ..reporting.findings import json_safe
-from .common import positive_int, write_json
+from .common import add_json_arg, emit, positive_int
 from .score import add_protocol_args, open_cache, protocol
 
 
@@ -33,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--versus", action="append", metavar="PHRASE", help="the contrasting phrase(s), e.g. 'on land'")
     p.add_argument("--text-pool", help="descriptions, one per line (default: the shipped assets/text_pool.txt)")
     p.add_argument("--concepts", type=positive_int, default=8, help="concepts to rank (default 8)")
-    p.add_argument("--json", help="write the record here ('-' prints it alone on stdout)")
+    add_json_arg(p, "the diagnosis (sentence, ranked concepts with their shares and heads, the control, the settings)")
     p.set_defaults(func=run)
 
 
@@ -58,17 +55,9 @@ def run(args: argparse.Namespace) -> int:
               "config": {"cache": str(args.cache), **ident.config.to_dict(), "heads_arg": args.heads,
                          "text_pool": args.text_pool or "assets/text_pool.txt", "model": cache.manifest.model,
                          "sample_rows": ident.sample_rows.tolist()}}
-    if args.json == "-":
-        json.dump(json_safe(record), sys.stdout, indent=1)
-        print()
-        return 0
     source = ("the typed attribute " + " / ".join(args.attribute) + " vs " + " / ".join(args.versus)
               if attribute is not None and args.heads == "auto" else
               "the protocol's choice" if args.heads == "auto" else "--heads")
-    print(f"Removed heads ({source}): {', '.join(str(h) for h in diagnosis.heads) or 'none'}")
-    for line in summary_lines(diagnosis):
-        print(line)
-    if args.json:
-        write_json(args.json, json_safe(record))
-        print(f"wrote {args.json}")
+    emit(args, record, [f"Removed heads ({source}): {', '.join(str(h) for h in diagnosis.heads) or 'none'}",
+                        *summary_lines(diagnosis)])
     return 0

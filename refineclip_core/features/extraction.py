@@ -143,12 +143,14 @@ def storage_dtype(model_dtype: torch.dtype) -> np.dtype:
     return np.dtype(np.float64) if model_dtype == torch.float64 else np.dtype(np.float32)
 
 
-def load_batch(loaded: LoadedModel, records: Sequence[ImageRecord], start: int) -> tuple[torch.Tensor | None, list[int], list[SkippedFile]]:
-    """Decode and preprocess records; returns the tensor, their record indices and skips."""
+def load_batch(loaded: LoadedModel, records: Sequence[ImageRecord], start: int,
+               roots: Sequence[str] | None = None) -> tuple[torch.Tensor | None, list[int], list[SkippedFile]]:
+    """Decode and preprocess records; returns the tensor, their record indices and skips.
+    ``roots`` confines every read (:mod:`refineclip_core.loading.confine`)."""
     tensors, keep, skipped = [], [], []
     for offset, rec in enumerate(records):
         try:
-            img = load_image(rec.path)
+            img = load_image(rec.path, roots)
             tensors.append(loaded.preprocess(img))
             keep.append(start + offset)
         except ImageLoadError as exc:
@@ -250,7 +252,7 @@ def extract(
                 raise ExtractionCancelled(
                     f"Extraction cancelled after {done_images} of {total} images; finished shards are kept in '{root}'."
                 )
-            batch, keep, bad = load_batch(loaded, shard_records[b:b + cfg.batch_size], start + b)
+            batch, keep, bad = load_batch(loaded, shard_records[b:b + cfg.batch_size], start + b, dataset.roots)
             skipped.extend(bad)
             if batch is not None:
                 dec = decompose(loaded.visual, batch, scope)

@@ -181,11 +181,13 @@ def verify_ablation(loaded, images: torch.Tensor, engine: AblationEngine, rows: 
 
 
 def verify_on_images(loaded, records: Sequence[ImageRecord], engine: AblationEngine, rows: Sequence[int],
-                     heads: Sequence[HeadId], max_images: int = 8) -> VerificationResult | None:
+                     heads: Sequence[HeadId], max_images: int = 8,
+                     roots: Sequence[str] | None = None) -> VerificationResult | None:
     """:func:`verify_ablation` on the first ``max_images`` of ``rows`` (cache rows; ``records``
-    are the cache's), decoded again from disk; None when none of them can be read any more."""
+    are the cache's), decoded again from disk (reads confined to ``roots``); None when none of
+    them can be read any more."""
     rows = list(dict.fromkeys(int(r) for r in rows))[:max_images]
-    batch, keep, _ = load_batch(loaded, [records[r] for r in rows], 0)
+    batch, keep, _ = load_batch(loaded, [records[r] for r in rows], 0, roots)
     if batch is None:
         return None
     return verify_ablation(loaded, batch, engine, np.asarray([rows[k] for k in keep]), heads)
