@@ -2,9 +2,14 @@
 
 Zero ablation removes a head set ``S``: ``E_abl = E − Σ_{h∈S} c_h``; mean ablation replaces
 each head by its mean ``m_h``: ``E_abl = E − Σ_{h∈S} (c_h − m_h)``. No forward pass is
-needed. :class:`AblationEngine` precomputes every head's projection on the class texts, so
-predictions for any set cost ``O(N·|S|·C)``; cosine similarities (for the utility, Eq. 10)
-additionally use the per-image Gram matrix of the head parts.
+needed. :class:`AblationEngine` projects every head on the class texts once (``c_h·t_y``,
+``N·K·C`` values), so predictions for any set cost ``O(N·|S|·C)``; cosine similarities (for the
+utility, Eq. 10) additionally use the per-image Gram matrix of the head parts.
+
+At scale the engine holds only what toggles need: E ``(N, d)``, ``E·t`` ``(N, C)`` and the head
+projections (computed on first use, in one pass over the cache's head contributions, which stay
+on disk). When the projections would exceed :data:`PROJECTION_BUDGET` bytes (many images × heads ×
+classes), predictions compute ``(Σ_S c_h)·tᵀ`` from the chosen heads' contributions instead.
 
 :func:`verify_ablation` checks the cached arithmetic against the real model, which runs with
 the heads' output columns zeroed and the direct path isolated
@@ -13,19 +18,26 @@ the heads' output columns zeroed and the direct path isolated
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
 
+from ..features.cache import ShardedArray, row_blocks
 from ..features.decomposition import HeadId, direct_ablation_forward
 from ..features.extraction import load_batch
 from ..loading.data import ImageRecord
 from .evaluation import AccuracyReport, accuracy_report, rows_mask
 
 Mode = Literal["zero", "mean"]
+
+#: Largest size in bytes of the head·text projections ``(N, K, C)`` float32 an engine keeps in memory
+#: (e.g. 50,000 images × 64 heads × 80 classes); above it predictions use the head contributions directly.
+PROJECTION_BUDGET = 1 << 30
 
 
 @dataclass
@@ -41,41 +53,128 @@ class AblationResult:
     broken: np.ndarray             # rows that became wrong
 
 
-class AblationEngine:
-    """Ablation arithmetic over a cache's ``E`` ``(N, d)``, ``c`` ``(N, L_s, H, d)`` and texts."""
+class _Arrays:
+    """What the engines over one cache share: E, the heads (on disk or in memory), texts and projections."""
 
-    def __init__(self, embeddings: np.ndarray, heads: np.ndarray, text: np.ndarray, layers: Sequence[int],
-                 mean_rows: np.ndarray | None = None, mean: np.ndarray | None = None) -> None:
+    def __init__(self, embeddings: np.ndarray, heads: np.ndarray | ShardedArray, text: np.ndarray,
+                 budget: int) -> None:
         N, Ls, H, d = heads.shape
-        self.layers = tuple(layers)
-        self.n_heads = H
         self.E = np.asarray(embeddings, dtype=np.float32)
-        self.c = np.asarray(heads, dtype=np.float32).reshape(N, Ls * H, d)
+        self.c = heads                                                   # (N, L_s, H, d), read on demand
         self.text = np.asarray(text, dtype=np.float32)
         self.Et = self.E @ self.text.T                                   # (N, C)
-        self.ct = np.einsum("nkd,cd->nkc", self.c, self.text)            # (N, K, C)
-        if mean is None:
-            rows = np.arange(N) if mean_rows is None else np.asarray(mean_rows)
-            mean = self.c[rows].mean(0) if len(rows) else np.zeros_like(self.c[0])
-        self.m = np.asarray(mean, dtype=np.float32).reshape(Ls * H, d)   # (K, d) mean-ablation feature
-        self.mt = self.m @ self.text.T                                   # (K, C)
-        self.base_predictions = self.Et.argmax(1)
+        self.K = Ls * H
+        self.project = N * self.K * self.text.shape[0] * 4 <= budget
+        self._lock = threading.Lock()
+        self._ct: np.ndarray | None = None
+        self._means: dict[str, np.ndarray] = {}
+
+    def rows_of(self, rows: np.ndarray | slice | None) -> np.ndarray:
+        return np.arange(len(self.E)) if rows is None or isinstance(rows, slice) else np.asarray(rows, np.int64)
+
+    def ct(self) -> np.ndarray:
+        """``c_h·t_y`` ``(N, K, C)`` float32, computed once (one pass over the head contributions)."""
+        with self._lock:
+            if self._ct is None:
+                N, C = len(self.E), self.text.shape[0]
+                ct = np.empty((N, self.K, C), dtype=np.float32)
+                for pos, block in row_blocks(self.c):
+                    ct[pos] = np.einsum("nkd,cd->nkc", block.reshape(len(pos), self.K, -1).astype(np.float32),
+                                        self.text)
+                self._ct = ct
+            return self._ct
+
+    def mean(self, rows: np.ndarray) -> np.ndarray:
+        """``m_h`` over ``rows`` ``(K, d)`` float32 (zero for no rows), computed once per row set."""
+        key = hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
+        with self._lock:
+            if key not in self._means:
+                total = np.zeros((self.K, self.c.shape[-1]))
+                for _, block in row_blocks(self.c, rows):
+                    total += block.reshape(len(block), self.K, -1).sum(0, dtype=np.float64)
+                self._means[key] = (total / max(len(rows), 1)).astype(np.float32)
+            return self._means[key]
+
+    def gather(self, rows: np.ndarray, idx: np.ndarray, H: int) -> np.ndarray:
+        """``c`` of heads ``idx`` (flat) for ``rows``: ``(n, |S|, d)`` float32."""
+        out = np.empty((len(rows), len(idx), self.c.shape[-1]), dtype=np.float32)
+        whole = isinstance(rows, np.ndarray) and len(rows) == len(self.E) and np.array_equal(rows, np.arange(len(rows)))
+        for j, k in enumerate(idx.tolist()):
+            out[:, j] = self.c[(slice(None) if whole else rows), k // H, k % H]
+        return out
+
+
+class AblationEngine:
+    """Ablation arithmetic over a cache's ``E`` ``(N, d)``, ``c`` ``(N, L_s, H, d)`` and texts.
+
+    ``heads`` may be an in-memory array or the cache's on-disk :class:`ShardedArray`; it is
+    never loaded whole. ``mean_rows`` (or an explicit ``mean``) defines the mean-ablation
+    features ``m_h`` (default: the mean over every row), computed on first use.
+    """
+
+    def __init__(self, embeddings: np.ndarray, heads: np.ndarray | ShardedArray, text: np.ndarray,
+                 layers: Sequence[int], mean_rows: np.ndarray | None = None, mean: np.ndarray | None = None,
+                 projection_budget: int = PROJECTION_BUDGET) -> None:
+        self._a = _Arrays(embeddings, heads, text, projection_budget)
+        self.layers = tuple(layers)
+        self.n_heads = heads.shape[2]
+        self._mean_rows = None if mean_rows is None else np.asarray(mean_rows, dtype=np.int64)
+        given = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(self._a.K, -1)
+        self._mean_source: Callable[[], np.ndarray] | None = None if given is None else (lambda: given)
+        self.base_predictions = self._a.Et.argmax(1)
+        self._variants: dict[str, AblationEngine] = {}
+
+    # -- the shared arrays -----------------------------------------------------------------------
+    @property
+    def E(self) -> np.ndarray:
+        return self._a.E
+
+    @property
+    def text(self) -> np.ndarray:
+        return self._a.text
+
+    @property
+    def Et(self) -> np.ndarray:
+        return self._a.Et
+
+    @property
+    def projected(self) -> bool:
+        """Whether toggles use the precomputed head·text projections (see :data:`PROJECTION_BUDGET`)."""
+        return self._a.project
+
+    @cached_property
+    def m(self) -> np.ndarray:
+        """``(K, d)`` mean-ablation features."""
+        if self._mean_source is not None:
+            return self._mean_source()
+        rows = self._a.rows_of(None) if self._mean_rows is None else self._mean_rows
+        return self._a.mean(rows)
+
+    @cached_property
+    def mt(self) -> np.ndarray:
+        return self.m @ self.text.T                                      # (K, C)
 
     def with_mean_rows(self, rows: np.ndarray) -> "AblationEngine":
-        """The same engine (arrays shared, nothing recomputed but the means) whose mean-ablation
-        features ``m_h`` are the means over ``rows`` (e.g. the protocol's adaptation images)."""
-        other = object.__new__(AblationEngine)
-        other.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_gram"})
+        """The same engine (arrays shared, nothing recomputed but the means, and those once per row
+        set) whose mean-ablation features ``m_h`` are the means over ``rows`` (e.g. the protocol's
+        adaptation images)."""
         rows = np.asarray(rows, dtype=np.int64)
-        other.m = self.c[rows].mean(0) if len(rows) else np.zeros_like(self.c[0])
-        other.mt = other.m @ self.text.T
+        key = hashlib.sha1(rows.tobytes()).hexdigest()
+        other = self._variants.get(key)
+        if other is None:
+            other = object.__new__(AblationEngine)
+            other.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_gram", "m", "mt")})
+            other._mean_rows, other._mean_source, other._variants = rows, None, {}
+            self._variants[key] = other
         return other
 
     def subset(self, rows: np.ndarray) -> "AblationEngine":
-        """An engine over ``rows`` only, with the same mean-ablation features."""
-        Ls = len(self.layers)
-        heads = self.c[rows].reshape(len(rows), Ls, self.n_heads, -1)
-        return AblationEngine(self.E[rows], heads, self.text, self.layers, mean=self.m)
+        """An engine over ``rows`` only (their head contributions in memory), with the same
+        mean-ablation features (computed only if the subset uses them)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        sub = AblationEngine(self.E[rows], np.asarray(self._a.c[rows]), self.text, self.layers)
+        sub._mean_source = lambda: self.m
+        return sub
 
     # -- indexing ------------------------------------------------------------------------
     def flat_index(self, heads: Sequence[HeadId]) -> np.ndarray:
@@ -91,7 +190,11 @@ class AblationEngine:
         r = slice(None) if rows is None else rows
         out = self.Et[r].astype(np.float64)
         if len(idx):
-            out = out - self.ct[r][:, idx].sum(1)
+            if self.projected:
+                out = out - self._a.ct()[r][:, idx].sum(1)
+            else:
+                removed = self._a.gather(self._a.rows_of(rows), idx, self.n_heads).sum(1)
+                out = out - removed @ self.text.T
             if mode == "mean":
                 out = out + self.mt[idx].sum(0)[None]
         return out
@@ -99,14 +202,17 @@ class AblationEngine:
     @cached_property
     def _gram(self) -> dict[str, np.ndarray]:
         """Per-image inner products among E, c_h and m_h (for norms of ablated embeddings)."""
-        return {
-            "EE": np.einsum("nd,nd->n", self.E, self.E).astype(np.float64),
-            "Ec": np.einsum("nd,nkd->nk", self.E, self.c).astype(np.float64),
-            "cc": np.einsum("nkd,njd->nkj", self.c, self.c).astype(np.float64),
-            "Em": (self.E @ self.m.T).astype(np.float64),
-            "cm": np.einsum("nkd,jd->nkj", self.c, self.m).astype(np.float64),
-            "mm": (self.m @ self.m.T).astype(np.float64),
-        }
+        N, K = len(self.E), self._a.K
+        m = self.m
+        g = {"EE": np.einsum("nd,nd->n", self.E, self.E).astype(np.float64), "Ec": np.empty((N, K)),
+             "cc": np.empty((N, K, K)), "Em": (self.E @ m.T).astype(np.float64), "cm": np.empty((N, K, K)),
+             "mm": (m @ m.T).astype(np.float64)}
+        for pos, block in row_blocks(self._a.c):
+            c = block.reshape(len(pos), K, -1).astype(np.float32)
+            g["Ec"][pos] = np.einsum("nd,nkd->nk", self.E[pos], c)
+            g["cc"][pos] = np.einsum("nkd,njd->nkj", c, c)
+            g["cm"][pos] = np.einsum("nkd,jd->nkj", c, m)
+        return g
 
     def norms(self, heads: Sequence[HeadId], mode: Mode = "zero", rows: np.ndarray | None = None) -> np.ndarray:
         """``||E_abl||`` per row ``(n,)``."""
@@ -129,10 +235,12 @@ class AblationEngine:
     def embeddings(self, heads: Sequence[HeadId], mode: Mode = "zero", rows: np.ndarray | None = None) -> np.ndarray:
         """The ablated embeddings themselves ``(n, d)`` (Eq. 5)."""
         idx = self.flat_index(heads)
-        r = slice(None) if rows is None else rows
-        out = self.E[r].astype(np.float64)
+        rows = self._a.rows_of(rows)
+        out = self.E[rows].astype(np.float64)
         if len(idx):
-            out = out - self.c[r][:, idx].sum(1)
+            for start in range(0, len(rows), 4096):
+                part = rows[start:start + 4096]
+                out[start:start + len(part)] -= self._a.gather(part, idx, self.n_heads).sum(1)
             if mode == "mean":
                 out = out + self.m[idx].sum(0)
         return out
@@ -181,11 +289,13 @@ def verify_ablation(loaded, images: torch.Tensor, engine: AblationEngine, rows: 
 
 
 def verify_on_images(loaded, records: Sequence[ImageRecord], engine: AblationEngine, rows: Sequence[int],
-                     heads: Sequence[HeadId], max_images: int = 8) -> VerificationResult | None:
+                     heads: Sequence[HeadId], max_images: int = 8, *, min_side: int | None = None
+                     ) -> VerificationResult | None:
     """:func:`verify_ablation` on the first ``max_images`` of ``rows`` (cache rows; ``records``
-    are the cache's), decoded again from disk; None when none of them can be read any more."""
+    are the cache's), decoded again from disk as the cache decoded them (``min_side``: the cache's
+    ``manifest.decode_min_side``); None when none of them can be read any more."""
     rows = list(dict.fromkeys(int(r) for r in rows))[:max_images]
-    batch, keep, _ = load_batch(loaded, [records[r] for r in rows], 0)
+    batch, keep, _ = load_batch(loaded, [records[r] for r in rows], 0, min_side=min_side)
     if batch is None:
         return None
     return verify_ablation(loaded, batch, engine, np.asarray([rows[k] for k in keep]), heads)

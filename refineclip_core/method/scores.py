@@ -128,12 +128,15 @@ def compute_scores(
     similarity: Similarity = "cosine",
     names: tuple[str, ...] = SCORE_NAMES,
 ) -> dict[str, HeadScores]:
-    """DE_A..DE_D (Eq. 7-9) for all heads. ``heads`` is the cache's ``(N, L_s, H, d)`` array."""
+    """DE_A..DE_D (Eq. 7-9) for all heads. ``heads`` is the cache's ``(N, L_s, H, d)`` array (in
+    memory or on disk: only the rows of W ∪ C ∪ A are read)."""
     N, Ls, H, d = heads.shape
     layers = tuple(layers)
-    flat = heads.reshape(N, Ls * H, d)
+    needed = sets.rows                                     # sorted: W ∪ C ∪ A
+    flat = np.asarray(heads[needed]).reshape(len(needed), Ls * H, d)
     sets_rows = {"W": sets.W, "C": sets.C, "A": sets.A}
-    means = {k: mean_feature(flat, v) for k, v in sets_rows.items()}
+    at = {k: np.searchsorted(needed, v) for k, v in sets_rows.items()}   # positions in ``flat``
+    means = {k: mean_feature(flat, v) for k, v in at.items()}
     out: dict[str, HeadScores] = {}
     for name in names:
         outer, repl, sign, desc = SCORE_SPECS[name]
@@ -142,7 +145,7 @@ def compute_scores(
             out[name] = HeadScores(name, None, layers, desc, reason=f"set {outer} is empty for {sets.description}")
             continue
         E = embeddings[rows]
-        c = flat[rows]
+        c = flat[at[outer]]
         t_true = text[sets.true_class[rows]].astype(np.float64)
         t_wrong = text[sets.wrong_class[rows]].astype(np.float64)
         m = means[repl]
