@@ -474,21 +474,6 @@ def test_server_memory_stays_flat_over_ablate_reruns(story, server, arrays):
     assert growth < RSS_GROWTH_LIMIT_MIB, f"server memory grew by {growth:.0f} MiB over {N_RERUNS} reruns: {mib}"
 
 
-_CLICK_WATCH = """() => {
-  if (!window.__rcClickWatch) {
-    window.__rcClickWatch = true;
-    document.addEventListener('click', () => { if (window.__rcT.click === null) window.__rcT.click = performance.now(); },
-                              {capture: true});
-  }
-  window.__rcT = {click: null, done: null};
-}"""
-
-_SHOWN_WATCH = """([label, expected]) => {
-  const v = (%s)(label);
-  if (v === expected) { if (window.__rcT.done === null) window.__rcT.done = performance.now(); return true; }
-  return false;
-}"""
-
 _FINDINGS_SHOWN = """() => {
   const h = Array.from(document.querySelectorAll('h3')).find(e => e.innerText.includes('Findings at a glance'));
   if (h && h.offsetParent !== null) { window.__rcLoaded = window.__rcLoaded || performance.now(); return true; }
@@ -559,10 +544,10 @@ def test_latency_toggle_and_warm_first_load(browser, server, arrays, story, perf
         toggles_ms, toggles_wall_ms = [], []
         for i in range(N_TOGGLES):
             expected = pct(acc if i % 2 == 0 else base)
-            page.evaluate(_CLICK_WATCH)
+            page.evaluate(shots.CLICK_WATCH)
             t0 = time.perf_counter()
             box.click()
-            page.wait_for_function(_SHOWN_WATCH % shots.METRIC_JS, arg=["Accuracy", expected], timeout=30_000,
+            page.wait_for_function(shots.SHOWN_WATCH, arg=["Accuracy", expected], timeout=30_000,
                                    polling="raf")
             toggles_wall_ms.append(1000 * (time.perf_counter() - t0))
             t = page.evaluate("window.__rcT")

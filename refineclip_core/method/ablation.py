@@ -79,8 +79,8 @@ class _Arrays:
                 N, C = len(self.E), self.text.shape[0]
                 ct = np.empty((N, self.K, C), dtype=np.float32)
                 for pos, block in row_blocks(self.c):
-                    ct[pos] = np.einsum("nkd,cd->nkc", block.reshape(len(pos), self.K, -1).astype(np.float32),
-                                        self.text)
+                    flat = block.reshape(len(pos) * self.K, -1).astype(np.float32, copy=False)
+                    ct[pos] = (flat @ self.text.T).reshape(len(pos), self.K, C)
                 self._ct = ct
             return self._ct
 
@@ -104,6 +104,18 @@ class _Arrays:
         return out
 
 
+#: Engines derived from one engine (other mean rows, row subsets) that it keeps for reuse.
+KEEP_DERIVED = 8
+
+
+def _remember(memo: dict, key: str, value: object) -> None:
+    """``memo[key] = value``, dropping the oldest entries beyond :data:`KEEP_DERIVED` (a long-running
+    server changes protocols many times)."""
+    memo[key] = value
+    while len(memo) > KEEP_DERIVED:
+        memo.pop(next(iter(memo)), None)
+
+
 class AblationEngine:
     """Ablation arithmetic over a cache's ``E`` ``(N, d)``, ``c`` ``(N, L_s, H, d)`` and texts.
 
@@ -123,6 +135,7 @@ class AblationEngine:
         self._mean_source: Callable[[], np.ndarray] | None = None if given is None else (lambda: given)
         self.base_predictions = self._a.Et.argmax(1)
         self._variants: dict[str, AblationEngine] = {}
+        self._subsets: dict[str, AblationEngine] = {}
 
     # -- the shared arrays -----------------------------------------------------------------------
     @property
@@ -163,17 +176,22 @@ class AblationEngine:
         other = self._variants.get(key)
         if other is None:
             other = object.__new__(AblationEngine)
-            other.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_gram", "m", "mt")})
-            other._mean_rows, other._mean_source, other._variants = rows, None, {}
-            self._variants[key] = other
+            other.__dict__.update({k: v for k, v in self.__dict__.items()
+                                   if k not in ("_gram_mean", "m", "mt", "_variants", "_subsets")})
+            other._mean_rows, other._mean_source, other._variants, other._subsets = rows, None, {}, {}
+            _remember(self._variants, key, other)
         return other
 
     def subset(self, rows: np.ndarray) -> "AblationEngine":
-        """An engine over ``rows`` only (their head contributions in memory), with the same
-        mean-ablation features (computed only if the subset uses them)."""
+        """An engine over ``rows`` only (their head contributions in memory; one per row set), with
+        the same mean-ablation features (computed only if the subset uses them)."""
         rows = np.asarray(rows, dtype=np.int64)
-        sub = AblationEngine(self.E[rows], np.asarray(self._a.c[rows]), self.text, self.layers)
-        sub._mean_source = lambda: self.m
+        key = hashlib.sha1(rows.tobytes()).hexdigest()
+        sub = self._subsets.get(key)
+        if sub is None:
+            sub = AblationEngine(self.E[rows], np.asarray(self._a.c[rows]), self.text, self.layers)
+            sub._mean_source = lambda: self.m
+            _remember(self._subsets, key, sub)
         return sub
 
     # -- indexing ------------------------------------------------------------------------
@@ -201,17 +219,24 @@ class AblationEngine:
 
     @cached_property
     def _gram(self) -> dict[str, np.ndarray]:
-        """Per-image inner products among E, c_h and m_h (for norms of ablated embeddings)."""
+        """Per-image inner products among E and the c_h (for norms of ablated embeddings)."""
         N, K = len(self.E), self._a.K
-        m = self.m
         g = {"EE": np.einsum("nd,nd->n", self.E, self.E).astype(np.float64), "Ec": np.empty((N, K)),
-             "cc": np.empty((N, K, K)), "Em": (self.E @ m.T).astype(np.float64), "cm": np.empty((N, K, K)),
-             "mm": (m @ m.T).astype(np.float64)}
+             "cc": np.empty((N, K, K))}
         for pos, block in row_blocks(self._a.c):
             c = block.reshape(len(pos), K, -1).astype(np.float32)
-            g["Ec"][pos] = np.einsum("nd,nkd->nk", self.E[pos], c)
-            g["cc"][pos] = np.einsum("nkd,njd->nkj", c, c)
-            g["cm"][pos] = np.einsum("nkd,jd->nkj", c, m)
+            g["Ec"][pos] = np.matmul(c, self.E[pos][:, :, None])[:, :, 0]
+            g["cc"][pos] = np.matmul(c, c.transpose(0, 2, 1))
+        return g
+
+    @cached_property
+    def _gram_mean(self) -> dict[str, np.ndarray]:
+        """The inner products with the m_h that mean ablation adds (computed only when used)."""
+        m, K = self.m, self._a.K
+        g = {"Em": (self.E @ m.T).astype(np.float64), "cm": np.empty((len(self.E), K, K)),
+             "mm": (m @ m.T).astype(np.float64)}
+        for pos, block in row_blocks(self._a.c):
+            g["cm"][pos] = block.reshape(len(pos), K, -1).astype(np.float32) @ m.T
         return g
 
     def norms(self, heads: Sequence[HeadId], mode: Mode = "zero", rows: np.ndarray | None = None) -> np.ndarray:
@@ -223,8 +248,9 @@ class AblationEngine:
         if len(idx):
             n2 += -2 * g["Ec"][r][:, idx].sum(1) + g["cc"][r][:, idx][:, :, idx].sum((1, 2))
             if mode == "mean":
-                n2 += (2 * g["Em"][r][:, idx].sum(1) - 2 * g["cm"][r][:, idx][:, :, idx].sum((1, 2))
-                       + g["mm"][np.ix_(idx, idx)].sum())
+                gm = self._gram_mean
+                n2 += (2 * gm["Em"][r][:, idx].sum(1) - 2 * gm["cm"][r][:, idx][:, :, idx].sum((1, 2))
+                       + gm["mm"][np.ix_(idx, idx)].sum())
         return np.sqrt(np.maximum(n2, 0.0))
 
     def cosines(self, heads: Sequence[HeadId], mode: Mode = "zero", rows: np.ndarray | None = None) -> np.ndarray:
