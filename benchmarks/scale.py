@@ -241,8 +241,10 @@ def _rss() -> dict[str, float]:
             "file_mib": _status_kib("RssFile") / 1024, "peak_mib": _status_kib("VmHWM") / 1024}
 
 
-def measure_cache(folder: str, n_toggles: int = 30, pool_size: int = 4082, seed: int = 0) -> dict[str, Any]:
-    """Open ``folder`` and run every page's computation on it; a row per step with its time and memory."""
+def measure_cache(folder: str, n_toggles: int = 30, pool_size: int = 4082, seed: int = 0, refine: bool = True
+                  ) -> dict[str, Any]:
+    """Open ``folder`` and run every page's computation on it (``refine``: the Refine page's run and the
+    HTML report too); a row per step with its time and memory."""
     import plotly  # noqa: F401  (the server has these loaded before any cache is opened)
     import torch  # noqa: F401
 
@@ -272,27 +274,42 @@ def measure_cache(folder: str, n_toggles: int = 30, pool_size: int = 4082, seed:
     engine = make_engine(cache)
     ident = step("Heads page scoring: DE_A..DE_D + consensus selection", lambda: identify(cache, DEFAULT_PROTOCOL, engine))
     steps[-1]["size"] = f"{len(engine.head_ids())} heads, {len(ident.sample_rows)} labelled samples"
-    step("first ablation: head·text projections, adaptation means, findings", lambda: findings(cache, ident, engine),
-         "projected" if engine.projected else "direct (projections over budget)")
-    abl = ident.ablation_engine(engine)
     rng = np.random.default_rng(seed)
     ids = engine.head_ids()
-    times = []
-    current: list = []
-    for _ in range(n_toggles):           # a user ticking and unticking heads: one head changes per toggle
-        h = ids[int(rng.integers(len(ids)))]
-        current = [x for x in current if x != h] if h in current else (current + [h])[-8:]
+    chosen = list(dict.fromkeys(list(ident.heads) + [ids[int(i)] for i in rng.permutation(len(ids))]))[:8]
+    abl = ident.ablation_engine(engine)
+
+    def first():
+        findings(cache, ident, engine)
+        return abl.predict(chosen[:1], ident.config.ablation)
+
+    step("first ablation (Load page findings): head·text projections, adaptation means", first,
+         "every head's projections in one pass" if engine.projected else
+         f"projections per head on first use ({engine._a.capacity} of {len(ids)} heads fit the budget)")
+
+    def toggle(current: list) -> float:
         t0 = time.perf_counter()
         abl.ablate(current, cache.labels, cache.classes, cache.groups, cache.group_names,
                    mode=ident.config.ablation, mask=ident.eval_mask)
-        times.append(1000 * (time.perf_counter() - t0))
+        return 1000 * (time.perf_counter() - t0)
+
+    cold = [toggle(chosen[:i + 1]) for i in range(len(chosen))]   # each head's first use
+    times, current = [], []
+    for _ in range(n_toggles):           # a user ticking and unticking these heads: one head changes per toggle
+        h = chosen[int(rng.integers(len(chosen)))]
+        current = [x for x in current if x != h] if h in current else current + [h]
+        times.append(toggle(current))
+    if not engine.projected:
+        steps.append({"step": "head toggle, a head's first use (its projections computed)", "size": "",
+                      "seconds": statistics.median(cold) / 1000,
+                      "toggle_ms": [statistics.median(cold), min(cold), max(cold)], **_rss()})
     steps.append({"step": "head toggle → new predictions and accuracies (core)", "size": f"{int(ident.eval_mask.sum()):,}"
-                  f" held-out images, ≤ 8 heads", "seconds": statistics.median(times) / 1000,
+                  f" held-out images, {len(chosen)} heads ticked and unticked", "seconds": statistics.median(times) / 1000,
                   "toggle_ms": [statistics.median(times), min(times), max(times)], **_rss()})
     pool = np.random.default_rng([seed, 9]).normal(size=(pool_size, cache.manifest.embed_dim)).astype(np.float32)
     pool /= np.linalg.norm(pool, axis=1, keepdims=True)
     texts = [f"text {i}" for i in range(pool_size)]
-    head = ident.heads[0] if ident.heads else ids[-1]
+    head = chosen[0]
     a, b = ident.pairs[0]
 
     def inspect():
@@ -304,6 +321,9 @@ def measure_cache(folder: str, n_toggles: int = 30, pool_size: int = 4082, seed:
 
     step("Head inspector: TextSpan (k=5) over every image + push statistics", inspect,
          f"{n:,} images × {pool_size:,} pool texts")
+    if not refine:
+        return {"n": n, "classes": C, "baseline": base, "steps": steps, "projected": engine.projected,
+                "heads_dtype": str(cache.heads.dtype), "peak_mib": _rss()["peak_mib"]}
     outcome = step("refinement: RefineCLIP-fit + paper phase 2 + baselines (the Refine page's run)",
                    lambda: run_refinement(cache, ident, DEFAULT_EDIT, engine=engine, baselines=True),
                    f"{len(ident.adapt_rows):,} adaptation images (KL steps on ≤ {DEFAULT_EDIT.fit.max_rows:,})")
@@ -565,12 +585,15 @@ def bench_photos(ctx: Ctx) -> Table:
 # ------------------------------------------------------------------------------------------------
 # Caches at scale, measured like a server
 # ------------------------------------------------------------------------------------------------
-def cache_plan(quick: bool) -> list[tuple[str, int, list[tuple[int, int]], list[str]]]:
-    """``(shape, images in the base, [(images, classes), ...], storages)`` in the order they are built."""
+def cache_plan(quick: bool) -> list[tuple[str, int, list[tuple[int, int, bool]], list[str]]]:
+    """``(shape, images in the base, [(images, classes, with refinement), ...], storages)`` in the order
+    they are built (refinement, minutes at 50k, is measured where the goals are and once for ViT-B/16)."""
     if quick:
-        return [("ViT-B/16", 2000, [(1000, 2), (2000, 200)], ["float32"]), ("ViT-L/14", 1000, [(1000, 2)], ["float32", "float16"])]
-    return [("ViT-B/16", 50_000, [(10_000, 2), (50_000, 1000)], ["float32"]),
-            ("ViT-L/14", 50_000, [(10_000, 200), (50_000, 2), (50_000, 200), (50_000, 1000)], ["float32", "float16"])]
+        return [("ViT-B/16", 2000, [(1000, 2, True), (2000, 200, False)], ["float32"]),
+                ("ViT-L/14", 1000, [(1000, 2, True)], ["float32", "float16"])]
+    return [("ViT-B/16", 50_000, [(10_000, 2, True), (50_000, 1000, False)], ["float32"]),
+            ("ViT-L/14", 50_000, [(10_000, 200, False), (50_000, 2, True), (50_000, 200, True), (50_000, 1000, True)],
+             ["float32", "float16"])]
 
 
 def _goal(step: str, value: float, n: int, shape: str) -> str:
@@ -601,16 +624,16 @@ def bench_caches(ctx: Ctx, keep: Path | None = None, browser: Callable[[Path, Sh
             if store != "float32":
                 conv = ctx.workdir / f"base-{shape.embed_dim}-{store}"
                 convert_base(base, conv, n_base, store, ctx.log)
-                plan, src = [(n, c) for n, c in caches if n == n_base][:1], conv
+                plan, src = [(n, c, False) for n, c, _ in caches if n == n_base][:1], conv
             else:
                 plan, src = caches, base
-            for n, C in plan:
+            for n, C, refine in plan:
                 folder = make_cache(ctx.workdir / f"{shape.embed_dim}-{n}-{C}-{store}", src, shape, E, n, C, model, store)
                 size = cache_bytes(folder)
                 label = f"{shape_name}, {n:,} images, {C} classes, {store}"
                 ctx.log(f"caches: measuring {label}")
                 opened = open_seconds(folder)
-                res = run_child(folder)
+                res = run_child(folder, refine=refine)
                 rows.append([label, "cache on disk", f"{size / 2**30:.2f} GiB ({size / n / 1024:.0f} KiB/image)", "", "", ""])
                 rows.append([label, "open in a fresh process (manifest, records, E, texts)", "", f"{opened:.2f} s", "", ""])
                 for s in res["steps"]:
@@ -651,15 +674,16 @@ def bench_caches(ctx: Ctx, keep: Path | None = None, browser: Callable[[Path, Sh
             "Steps are the dashboard's: the Load page's findings need the Heads page scoring (identify with "
             "DEFAULT_PROTOCOL: both directions of the largest error pair, 10 samples per class, DE_A..DE_D, the "
             "consensus selection with the utility of Eq. 10) and the first ablation (head·text projections "
-            "c_h·t_y, computed once per cache when N·K·C·4 bytes ≤ 1 GiB, and the mean of every head over the "
+            "c_h·t_y of every head in one pass when N·K·C·4 bytes ≤ 768 MiB, with the mean of every head over the "
             "adaptation rows, once per row set); toggles are the Ablate page's (predictions and every accuracy "
             "with its interval, held-out rows, the protocol's mean ablation, one head ticked or unticked per "
             "toggle); the inspector's TextSpan runs over every image with a pool of 4,082 texts; refinement is "
             "the Refine page's run with its defaults (RefineCLIP-fit, the paper's phase 2, standard fine-tuning "
             "and Tip-Adapter), a background job in the dashboard.",
-            "Over the projection budget (200 and 1000 classes at 50k images × 64 heads) a toggle reads the chosen "
-            "heads' contributions from disk and multiplies them by the class texts: O(N·|S|·d + N·d·C) per toggle "
-            "instead of O(N·|S|·C), which is why those toggles miss the 50 ms goal on this machine.",
+            "Over the projection budget (200 and 1000 classes at 50k images × 64 heads) a head's projections are "
+            "computed when it is first toggled (its contributions read from disk, N·d·C multiply-adds) and the most "
+            "recently used heads' are kept (19 heads at 200 classes, 4 at 1000); a toggle then sums |S| arrays of "
+            "N·C values and takes the argmax over N·C scores: at 1000 classes that alone is more than 50 ms here.",
         ],
     )
     return table, browser_rows

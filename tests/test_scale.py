@@ -224,6 +224,27 @@ def test_engine_over_shards_matches_the_in_memory_engine(sharded):
     assert disk.subset(rows) is disk.subset(rows.copy())
 
 
+def test_predictions_equal_the_argmax_of_the_float64_scores_even_at_ties():
+    """predict() finds the argmax in float32 and rechecks close calls in float64: with duplicated and
+    nearly duplicated class texts (exact and 1e-7 ties everywhere) it must still equal argmax(dots)."""
+    rng = np.random.default_rng(5)
+    n, L, H, d = 300, 2, 3, 16
+    heads = rng.normal(size=(n, L, H, d)).astype(np.float32)
+    E = heads.sum((1, 2)) + rng.normal(size=(n, d)).astype(np.float32)
+    t = rng.normal(size=(4, d))
+    t = np.concatenate([t, t[:1], t[1:2] + 1e-7 * rng.normal(size=(1, d))])
+    text = (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32)
+    for budget in (1 << 30, 0):
+        eng = AblationEngine(E, heads, text, [0, 1], projection_budget=budget)
+        ids = eng.head_ids()
+        for pick in ([], [0], [2, 5], [0, 1, 2, 3, 4, 5]):
+            for mode in ("zero", "mean"):
+                chosen = [ids[i] for i in pick]
+                np.testing.assert_array_equal(eng.predict(chosen, mode), eng.dots(chosen, mode).argmax(1))
+                rows = np.array([7, 3, 299, 0, 3])
+                np.testing.assert_array_equal(eng.predict(chosen, mode, rows), eng.dots(chosen, mode, rows).argmax(1))
+
+
 def test_accuracy_report_counts_like_a_loop_over_classes():
     """The one-pass tally against the straightforward per-class and per-group loop."""
     rng = np.random.default_rng(0)

@@ -7,9 +7,12 @@ needed. :class:`AblationEngine` projects every head on the class texts once (``c
 utility, Eq. 10) additionally use the per-image Gram matrix of the head parts.
 
 At scale the engine holds only what toggles need: E ``(N, d)``, ``E·t`` ``(N, C)`` and the head
-projections (computed on first use, in one pass over the cache's head contributions, which stay
-on disk). When the projections would exceed :data:`PROJECTION_BUDGET` bytes (many images × heads ×
-classes), predictions compute ``(Σ_S c_h)·tᵀ`` from the chosen heads' contributions instead.
+projections; the head contributions stay on disk. The first ablation makes one pass over them that
+computes every head's projections and the mean-ablation features. When the projections of all heads
+would exceed :data:`PROJECTION_BUDGET` bytes (many images × heads × classes), a head's are computed
+when it is first toggled (one read of its contributions, a product with the texts) and the most
+recently used are kept. Predictions are assembled a block of rows at a time, so a toggle never holds
+an ``(N, C)`` float64 array.
 
 :func:`verify_ablation` checks the cached arithmetic against the real model, which runs with
 the heads' output columns zeroed and the direct path isolated
@@ -35,9 +38,10 @@ from .evaluation import AccuracyReport, accuracy_report, rows_mask
 
 Mode = Literal["zero", "mean"]
 
-#: Largest size in bytes of the head·text projections ``(N, K, C)`` float32 an engine keeps in memory
-#: (e.g. 50,000 images × 64 heads × 80 classes); above it predictions use the head contributions directly.
-PROJECTION_BUDGET = 1 << 30
+#: Largest size in bytes of the head·text projections ``c_h·t_y`` (float32, ``N·C`` per head) an engine
+#: keeps in memory: every head's for 50,000 images × 64 heads × up to 60 classes; beyond that the most
+#: recently used heads' (e.g. 19 heads at 200 classes, 4 at 1000).
+PROJECTION_BUDGET = 768 << 20
 
 
 @dataclass
@@ -63,37 +67,75 @@ class _Arrays:
         self.c = heads                                                   # (N, L_s, H, d), read on demand
         self.text = np.asarray(text, dtype=np.float32)
         self.Et = self.E @ self.text.T                                   # (N, C)
-        self.K = Ls * H
-        self.project = N * self.K * self.text.shape[0] * 4 <= budget
+        self.Et_max = _abs_max(self.Et)
+        self.K, self.H = Ls * H, H
+        self.capacity = budget // max(1, N * self.text.shape[0] * 4)   # heads whose projections fit the budget
         self._lock = threading.Lock()
-        self._ct: np.ndarray | None = None
+        self._ct: dict[int, np.ndarray] = {}                            # flat head -> c_h·t_y (N, C), oldest first
+        self.ct_max: dict[int, float] = {}                              # flat head -> max |c_h·t_y| (kept)
         self._means: dict[str, np.ndarray] = {}
 
     def rows_of(self, rows: np.ndarray | slice | None) -> np.ndarray:
         return np.arange(len(self.E)) if rows is None or isinstance(rows, slice) else np.asarray(rows, np.int64)
 
-    def ct(self) -> np.ndarray:
-        """``c_h·t_y`` ``(N, K, C)`` float32, computed once (one pass over the head contributions)."""
+    def first_pass(self, mean_rows: np.ndarray | None = None) -> None:
+        """One pass over the head contributions for what a first ablation needs: every head's
+        projections when they all fit the budget, and the means over ``mean_rows`` (if not known)."""
+        N, C = len(self.E), self.text.shape[0]
         with self._lock:
-            if self._ct is None:
-                N, C = len(self.E), self.text.shape[0]
-                ct = np.empty((N, self.K, C), dtype=np.float32)
-                for pos, block in row_blocks(self.c):
-                    flat = block.reshape(len(pos) * self.K, -1).astype(np.float32, copy=False)
-                    ct[pos] = (flat @ self.text.T).reshape(len(pos), self.K, C)
-                self._ct = ct
-            return self._ct
+            project = self.capacity >= self.K and len(self._ct) < self.K
+            key = None if mean_rows is None else _digest(mean_rows)
+            if not project and (key is None or key in self._means):
+                return
+            if not project:
+                self._means[key] = self._mean_over(mean_rows)
+                return
+            ct = np.empty((self.K, N, C), dtype=np.float32)
+            total = np.zeros((self.K, self.c.shape[-1]))
+            member = np.zeros(N, dtype=bool)
+            if key is not None:
+                member[mean_rows] = True
+            for pos, block in row_blocks(self.c):
+                flat = block.reshape(len(pos) * self.K, -1).astype(np.float32, copy=False)
+                ct[:, pos] = (flat @ self.text.T).reshape(len(pos), self.K, C).transpose(1, 0, 2)
+                if key is not None and key not in self._means:
+                    total += block[member[pos]].reshape(-1, self.K, total.shape[1]).sum(0, dtype=np.float64)
+            self._ct = {j: ct[j] for j in range(self.K)}
+            self.ct_max.update({j: _abs_max(ct[j]) for j in range(self.K)})
+            if key is not None and key not in self._means:
+                self._means[key] = (total / max(len(mean_rows), 1)).astype(np.float32)
+
+    def projection(self, k: int) -> np.ndarray:
+        """``c_h·t_y`` ``(N, C)`` float32 of flat head ``k``. When every head's fits the budget, all are
+        computed in one pass over the contributions on first use and kept (:meth:`first_pass`);
+        otherwise each is computed when first asked for (one read of the head's slab and a product
+        with the texts) and the least recently used beyond the budget are dropped."""
+        if k not in self._ct and self.capacity >= self.K:
+            self.first_pass()
+        with self._lock:
+            out = self._ct.pop(k, None)
+        if out is None:
+            out = self.c[:, k // self.H, k % self.H].astype(np.float32, copy=False) @ self.text.T
+            self.ct_max[k] = _abs_max(out)
+        with self._lock:
+            self._ct[k] = out                                            # the most recently used last
+            while len(self._ct) > max(self.capacity, 1):
+                self._ct.pop(next(iter(self._ct)), None)
+        return out
 
     def mean(self, rows: np.ndarray) -> np.ndarray:
         """``m_h`` over ``rows`` ``(K, d)`` float32 (zero for no rows), computed once per row set."""
-        key = hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
+        key = _digest(rows)
         with self._lock:
             if key not in self._means:
-                total = np.zeros((self.K, self.c.shape[-1]))
-                for _, block in row_blocks(self.c, rows):
-                    total += block.reshape(len(block), self.K, -1).sum(0, dtype=np.float64)
-                self._means[key] = (total / max(len(rows), 1)).astype(np.float32)
+                self._means[key] = self._mean_over(rows)
             return self._means[key]
+
+    def _mean_over(self, rows: np.ndarray) -> np.ndarray:
+        total = np.zeros((self.K, self.c.shape[-1]))
+        for _, block in row_blocks(self.c, rows):
+            total += block.reshape(len(block), self.K, -1).sum(0, dtype=np.float64)
+        return (total / max(len(rows), 1)).astype(np.float32)
 
     def gather(self, rows: np.ndarray, idx: np.ndarray, H: int) -> np.ndarray:
         """``c`` of heads ``idx`` (flat) for ``rows``: ``(n, |S|, d)`` float32."""
@@ -102,6 +144,16 @@ class _Arrays:
         for j, k in enumerate(idx.tolist()):
             out[:, j] = self.c[(slice(None) if whole else rows), k // H, k % H]
         return out
+
+
+def _abs_max(a: np.ndarray) -> float:
+    """``max |a|`` without an ``|a|`` temporary (a head's projections are 200 MB at 50,000 × 1000)."""
+    return float(max(a.max(), -a.min())) if a.size else 0.0
+
+
+def _digest(rows: np.ndarray) -> str:
+    """A key for a row set (the memos of means, variants and subsets)."""
+    return hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
 
 
 #: Engines derived from one engine (other mean rows, row subsets) that it keeps for reuse.
@@ -152,8 +204,9 @@ class AblationEngine:
 
     @property
     def projected(self) -> bool:
-        """Whether toggles use the precomputed head·text projections (see :data:`PROJECTION_BUDGET`)."""
-        return self._a.project
+        """Whether every head's head·text projections fit :data:`PROJECTION_BUDGET` (computed in one pass
+        and kept); otherwise the most recently used ones are kept."""
+        return self._a.capacity >= self._a.K
 
     @cached_property
     def m(self) -> np.ndarray:
@@ -172,7 +225,7 @@ class AblationEngine:
         set) whose mean-ablation features ``m_h`` are the means over ``rows`` (e.g. the protocol's
         adaptation images)."""
         rows = np.asarray(rows, dtype=np.int64)
-        key = hashlib.sha1(rows.tobytes()).hexdigest()
+        key = _digest(rows)
         other = self._variants.get(key)
         if other is None:
             other = object.__new__(AblationEngine)
@@ -186,7 +239,7 @@ class AblationEngine:
         """An engine over ``rows`` only (their head contributions in memory; one per row set), with
         the same mean-ablation features (computed only if the subset uses them)."""
         rows = np.asarray(rows, dtype=np.int64)
-        key = hashlib.sha1(rows.tobytes()).hexdigest()
+        key = _digest(rows)
         sub = self._subsets.get(key)
         if sub is None:
             sub = AblationEngine(self.E[rows], np.asarray(self._a.c[rows]), self.text, self.layers)
@@ -204,18 +257,39 @@ class AblationEngine:
     # -- dot products and norms ------------------------------------------------------------
     def dots(self, heads: Sequence[HeadId], mode: Mode = "zero", rows: np.ndarray | None = None) -> np.ndarray:
         """``E_abl · t_y`` for every row and class ``(n, C)``."""
+        return np.concatenate([d for _, d in self._dot_blocks(heads, mode, rows)], axis=0)
+
+    def _dot_blocks(self, heads: Sequence[HeadId], mode: Mode, rows: np.ndarray | None, block: int = 4096,
+                    dtype: type = np.float64):
+        """``(positions, E_abl·t_y)`` over ``rows`` (all by default) a block of rows at a time: a toggle on
+        50,000 images × 1000 classes never holds the whole ``(N, C)`` in float64. ``dtype=np.float32``
+        computes the same sums in float32 (see :meth:`predict`)."""
         idx = self.flat_index(heads)
-        r = slice(None) if rows is None else rows
-        out = self.Et[r].astype(np.float64)
-        if len(idx):
-            if self.projected:
-                out = out - self._a.ct()[r][:, idx].sum(1)
+        if len(idx) and mode == "mean" and "m" not in self.__dict__ and self._mean_source is None:
+            self._a.first_pass(self._a.rows_of(None) if self._mean_rows is None else self._mean_rows)
+        shift = self.mt[idx].sum(0)[None] if len(idx) and mode == "mean" else None
+        n = len(self.E) if rows is None else len(rows)
+        total = None
+        if len(idx) and not self.projected:   # one head's projections at a time (they may not all fit)
+            for k in idx.tolist():
+                part = self._a.projection(k) if rows is None else self._a.projection(k)[rows]
+                total = part.copy() if total is None else np.add(total, part, out=total)
+        parts = [self._a.projection(k) for k in idx.tolist()] if total is None else []
+        for start in range(0, max(n, 1), block):
+            r = slice(start, min(n, start + block)) if rows is None else np.asarray(rows)[start:start + block]
+            if len(idx):
+                if total is not None:
+                    removed = total[start:start + block]
+                else:
+                    removed = parts[0][r].copy()                        # Σ_S c_h·t_y, heads in order (float32)
+                    for part in parts[1:]:
+                        removed += part[r]
+                out = np.subtract(self.Et[r], removed, dtype=dtype)
+                if shift is not None:
+                    out += shift.astype(dtype, copy=False)
             else:
-                removed = self._a.gather(self._a.rows_of(rows), idx, self.n_heads).sum(1)
-                out = out - removed @ self.text.T
-            if mode == "mean":
-                out = out + self.mt[idx].sum(0)[None]
-        return out
+                out = self.Et[r].astype(dtype)
+            yield np.arange(start, start + len(out)), out
 
     @cached_property
     def _gram(self) -> dict[str, np.ndarray]:
@@ -272,8 +346,30 @@ class AblationEngine:
         return out
 
     def predict(self, heads: Sequence[HeadId], mode: Mode = "zero", rows: np.ndarray | None = None) -> np.ndarray:
-        """Predicted classes after ablation (the norm does not change the argmax)."""
-        return self.dots(heads, mode, rows).argmax(1)
+        """Predicted classes after ablation (the norm does not change the argmax): exactly the argmax of
+        :meth:`dots`, found in float32 and confirmed in float64 for the rows whose two best classes are
+        closer than float32 rounding could move them (half the memory traffic of a float64 pass).
+
+        The float32 scores differ from the float64 ones by at most ``2.01·2⁻²⁴·B`` (and those from exact
+        arithmetic by ``2⁻⁵²·B``), ``B = max|E·t| + Σ_S max|c_h·t| + max|Σ_S m_h·t|``; a row whose best
+        float32 score leads every other by more than ``8·2⁻²⁴·B`` has the same argmax in float64."""
+        idx = self.flat_index(heads)
+        rows_all = None if rows is None else np.asarray(rows)
+        shift = float(np.abs(self.mt[idx].sum(0)).max()) if len(idx) and mode == "mean" else 0.0
+        out = []
+        for pos, block in self._dot_blocks(heads, mode, rows, dtype=np.float32):
+            top = block.argmax(1)
+            if block.shape[1] > 1 and len(top):
+                bound = 8 * 2.0 ** -24 * (self._a.Et_max + sum(self._a.ct_max[k] for k in idx.tolist()) + shift)
+                at = np.arange(len(top))
+                best = block[at, top].copy()
+                block[at, top] = -np.inf
+                unsure = np.flatnonzero(~(best - block.max(1) > bound))        # NaN-safe: recheck those too
+                if len(unsure):
+                    where = pos[unsure] if rows_all is None else rows_all[pos[unsure]]
+                    top[unsure] = self.dots(heads, mode, where).argmax(1)
+            out.append(top)
+        return np.concatenate(out)
 
     def ablate(self, heads: Sequence[HeadId], labels: np.ndarray, classes: Sequence[str],
                groups: np.ndarray | None = None, group_names: Sequence[str] = (),

@@ -97,8 +97,8 @@ def delta(E: np.ndarray, c: np.ndarray, m: np.ndarray, t: np.ndarray, similarity
         m: ``(K, d)`` replacement per head; t: ``(n, d)`` normalised text of the class per image.
     Returns ``(n, K)``.
     """
-    E = E.astype(np.float64)
-    c = c.astype(np.float64)
+    E = np.asarray(E, dtype=np.float64)
+    c = np.asarray(c, dtype=np.float64)
     Et = np.einsum("nd,nd->n", E, t)
     ct = np.einsum("nkd,nd->nk", c, t)
     mt = np.einsum("kd,nd->nk", m, t)
@@ -167,9 +167,9 @@ def head_push(embeddings: np.ndarray, head_outputs: np.ndarray, text: np.ndarray
         embeddings: ``(n, d)`` E of the images; head_outputs: ``(n, d)`` the head's ``c_h``;
         text: ``(C, d)`` normalised class texts. Returns ``(n,)``.
     """
-    c = np.asarray(head_outputs)[:, None, :]
-    E = np.asarray(embeddings)
+    c = np.asarray(head_outputs, dtype=np.float64)[:, None, :]     # converted once for both Δ
+    E = np.asarray(embeddings, dtype=np.float64)
     zero = np.zeros((1, c.shape[-1]))
-    t_true = np.repeat(np.asarray(text)[true][None], len(E), 0).astype(np.float64)
-    t_wrong = np.repeat(np.asarray(text)[wrong][None], len(E), 0).astype(np.float64)
+    t_true = np.broadcast_to(np.asarray(text, dtype=np.float64)[true], E.shape)   # one row for every image
+    t_wrong = np.broadcast_to(np.asarray(text, dtype=np.float64)[wrong], E.shape)
     return (delta(E, c, zero, t_true, similarity) - delta(E, c, zero, t_wrong, similarity))[:, 0]
