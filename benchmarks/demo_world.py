@@ -284,7 +284,7 @@ def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, se
         for h in d.heads["default"]:
             chosen[h] += 1
     common = sorted(chosen, key=lambda h: -chosen[h])[:8]
-    lines.append(f"- Heads the default chose most often: "
+    lines.append("- Heads the default chose most often: "
                  + ", ".join(f"{h} ({chosen[h]}/{len(draws)})" for h in common) + ".")
     return "\n".join(lines) + "\n"
 

@@ -11,8 +11,8 @@ from refineclip_core.method.ablation import verify_on_images
 from refineclip_core.method.evaluation import AccuracyReport, accuracy_report, rows_mask
 from refineclip_core.reporting.findings import accuracy_rows
 from studio_ui.registry import page
-from studio_ui.state import Key, ablate_heads, get, put, set_ticked_heads, ticked_heads
-from studio_ui.widgets import guard, image_grid, link, metric_ci, require_ready, show_exception
+from studio_ui.state import Key, ablate_heads, get, put, read_roots, set_ticked_heads, ticked_heads
+from studio_ui.widgets import guard, image_grid, link, metric_ci, plain, require_ready, show_exception
 
 st.title(page("ablate").heading)
 st.caption("Removing a head subtracts its direct contribution from the image embedding, E − Σ c_h (paper Eq. 5): "
@@ -81,8 +81,8 @@ def _panel() -> None:
     metric_ci(m[0], "Accuracy", rep.overall(), base.overall())
     if rep.worst_group is not None:
         metric_ci(m[1], "Worst group", rep.worst(), base.worst(),
-                  help=f"now: {rep.worst_group_name}; zero-shot: {base.worst_group_name}")
-        m[1].caption(rep.worst_group_name)
+                  help=plain(f"now: {rep.worst_group_name}; zero-shot: {base.worst_group_name}"))
+        m[1].caption(plain(rep.worst_group_name))
         metric_ci(m[2], "Average group", rep.average(), base.average())
     m[3].metric("Predictions changed", f"{len(res.flipped)}", help="fixed = became correct, broken = became wrong")
     m[3].caption(f"{len(res.fixed)} fixed · {len(res.broken)} broken")
@@ -116,7 +116,7 @@ def _panel() -> None:
     if st.button("Verify with a real forward pass", key="abl_verify"):
         with st.spinner("Running the model on 8 images…"), guard("The verification"):
             pool = np.concatenate([res.flipped, np.flatnonzero(mask)])  # changed images first
-            v = verify_on_images(ready.loaded(), cache.records, eng, pool, heads,
+            v = verify_on_images(ready.loaded(), cache.records, eng, pool, heads, roots=read_roots(),
                                  min_side=cache.manifest.decode_min_side)
             if v is None:
                 st.error("None of the images could be read again; they may have moved since extraction.")

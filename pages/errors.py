@@ -15,7 +15,7 @@ from refineclip_core.reporting.findings import accuracy_rows
 from studio_ui import resources
 from studio_ui.registry import page
 from studio_ui.state import Key, get, protocol, set_protocol
-from studio_ui.widgets import accuracy_frame, image_grid, link, metric_ci, require_ready
+from studio_ui.widgets import accuracy_frame, image_grid, link, metric_ci, plain, require_ready
 
 st.title(page("errors").heading)
 ready = require_ready()
@@ -37,8 +37,8 @@ c[0].metric("Images", f"{rep.n_images}")
 metric_ci(c[1], "Zero-shot accuracy", rep.overall())
 if rep.worst_group is not None:
     metric_ci(c[2], "Average-group accuracy", rep.average())
-    metric_ci(c[3], "Worst group", rep.worst(), help=rep.worst_group_name)
-    c[3].caption(rep.worst_group_name)
+    metric_ci(c[3], "Worst group", rep.worst(), help=plain(rep.worst_group_name))
+    c[3].caption(plain(rep.worst_group_name))
 else:
     c[2].metric("Classes", f"{len(rep.per_class)}")
     c[3].caption("No group labels: add a 'group' column to metadata.csv for per-group accuracy.")
@@ -99,11 +99,11 @@ chosen = pairs[labels_of.index(choice)]
 if protocol().pair in ("auto", "both") and st.button("Use this pair", key="err_use_pair"):
     _choose_pair()
     st.rerun()
-link("heads", f"Which heads cause {chosen.label(classes)}? → Heads")
+link("heads", f"Which heads cause {plain(chosen.label(classes))}? → Heads")
 
 st.subheader("Misclassified images")
 c = st.columns([2, 1])
-only_pair = c[0].checkbox(f"Only {chosen.label(classes)}", value=True, key="err_only_pair")
+only_pair = c[0].checkbox(f"Only {plain(chosen.label(classes))}", value=True, key="err_only_pair")
 limit = c[1].slider("Show at most", 6, 96, 24, step=6, key="err_limit")
 wrong = rows[pred[rows] != labels[rows]]
 if only_pair:

@@ -13,7 +13,7 @@ from refineclip_core.reporting.figures import score_grid_figure, utility_figure
 from studio_ui.registry import page
 from studio_ui.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
                              set_protocol)
-from studio_ui.widgets import link, require_ready
+from studio_ui.widgets import link, plain, require_ready
 
 st.title(page("heads").heading)
 st.caption("For an error pair (true y → predicted ŷ), each head's direct effect compares how much replacing its "
@@ -58,8 +58,8 @@ with st.form("heads_controls"):
 ident = ready.ident()
 sel = ident.selection
 set_text = "; ".join(f"{k}: W={s.sizes()['W']}, C={s.sizes()['C']}, A={s.sizes()['A']}" for k, s in ident.sets.items())
-st.caption(f"{len(ident.sample_rows)} labelled samples · {set_text} · W = misclassified as ŷ, C = correct images "
-           f"of y, A = correct images of ŷ.")
+st.caption(f"{len(ident.sample_rows)} labelled samples · {plain(set_text)} · W = misclassified as ŷ, C = correct "
+           f"images of y, A = correct images of ŷ.")
 
 # --- score maps --------------------------------------------------------------------------------
 selected = inspect_head()
@@ -80,9 +80,9 @@ for start in range(0, len(names), 2):
         s = ident.scores[name]
         with col:
             if not s.available:
-                st.markdown(f"**{name}**")
+                st.markdown(f"**{plain(name)}**")  # score names carry the pair's class names
                 outer = SCORE_SPECS[name.split('[')[0]][0]
-                st.info(f"{name} is unavailable: {s.reason or f'set {outer} is empty'}. It averages over set "
+                st.info(f"{plain(name)} is unavailable: {plain(s.reason or f'set {outer} is empty')}. It averages over set "
                         f"{outer}; draw more samples or pick another pair to fill it.", icon=":material/info:")
                 continue
             key = Key.score_map(names.index(name))
@@ -91,14 +91,14 @@ for start in range(0, len(names), 2):
             st.plotly_chart(fig, key=key, on_select=lambda key=key: _on_click(key), selection_mode="points",
                             width="content", theme=None, config={"displayModeBar": False})
             if s.reason:
-                st.caption(s.reason)
+                st.caption(plain(s.reason))
 
 st.caption("White dot: chosen heads · gold border: the head selected for the inspector · hover for values.")
 if selected is not None and selected.layer in cache.manifest.layers:
     vals = {name: s.value(selected) for name, s in ident.scores.items() if s.available}
     ranks = {name: s.ranking().index(selected) + 1 for name, s in ident.scores.items() if s.available}
     st.markdown(f"**Selected head {selected}** — " + " · ".join(
-        f"{k} = {v:.4g} (rank {ranks[k]})" for k, v in vals.items()))
+        f"{plain(k)} = {v:.4g} (rank {ranks[k]})" for k, v in vals.items()))
     link("inspector", f"Inspect {selected} →")
 
 # --- Alg. 1 -------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ st.plotly_chart(utility_figure(sel.curves, sel.baseline_utility, sel.score, sel.
                 key="heads_utility")
 if sel.score:
     st.markdown(f"{'The consensus ranking' if sel.score == 'consensus' else 'Alg. 1'} picks the first **{sel.t}** "
-                f"heads of **{sel.score}**: **{', '.join(str(h) for h in sel.heads)}** (utility {sel.utility:.4f} "
+                f"heads of **{plain(sel.score)}**: **{', '.join(str(h) for h in sel.heads)}** (utility {sel.utility:.4f} "
                 f"vs. {sel.baseline_utility:.4f} with no head removed).")
 else:
     st.info("No prefix of the ranking beats removing nothing on the labelled samples: no head is chosen.")

@@ -12,8 +12,8 @@ from refineclip_core.inspection.gradcam import gradcam_panels
 from refineclip_core.reporting.figures import push_figure
 from studio_ui import resources
 from studio_ui.registry import page
-from studio_ui.state import Key, get, inspect_head, put, set_inspect_head
-from studio_ui.widgets import guard, image_grid, link, require_ready, show_exception
+from studio_ui.state import Key, get, inspect_head, put, read_roots, set_inspect_head
+from studio_ui.widgets import guard, image_grid, link, plain, require_ready, show_exception
 
 st.title(page("inspector").heading)
 ready = require_ready()
@@ -49,8 +49,8 @@ a, b = ident.pairs[0]
 with c[2]:
     avail = {n: s for n, s in ident.scores.items() if s.available}
     if avail:
-        st.markdown(f"**{head}** for {classes[a]} → {classes[b]}: " + " · ".join(
-            f"{n} = {s.value(head):.4g} (rank {s.ranking().index(head) + 1}/{len(layers) * H})"
+        st.markdown(f"**{head}** for {plain(classes[a])} → {plain(classes[b])}: " + " · ".join(
+            f"{plain(n)} = {s.value(head):.4g} (rank {s.ranking().index(head) + 1}/{len(layers) * H})"
             for n, s in avail.items()))
     if head in ident.heads:
         st.caption("One of the heads Alg. 1 chose.")
@@ -78,10 +78,11 @@ elif desc is not None:
                f"variance of the head {desc.total_variance:.4g}.")
 
 # --- 2. Push toward the wrong class ---------------------------------------------------------------
-st.subheader(f"Where it pushes toward “{classes[b]}”")
-st.caption(f"For each image of {classes[a]}: how much removing this head (Eq. 5) moves it toward {classes[a]} "
-           f"rather than {classes[b]}, i.e. Δ(x, {classes[a]}) − Δ(x, {classes[b]}) of Eq. 6 with a zero "
-           f"replacement. Positive = the head pushes toward {classes[b]}.")
+name_a, name_b = plain(classes[a]), plain(classes[b])
+st.subheader(f"Where it pushes toward “{name_b}”")
+st.caption(f"For each image of {name_a}: how much removing this head (Eq. 5) moves it toward {name_a} "
+           f"rather than {name_b}, i.e. Δ(x, {name_a}) − Δ(x, {name_b}) of Eq. 6 with a zero "
+           f"replacement. Positive = the head pushes toward {name_b}.")
 rows, push = resources.head_push_values(src, cache, head, a, b)
 pred = ready.engine.base_predictions
 groups = [cache.records[r].group or ("misclassified" if pred[r] != a else "correct") for r in rows]
@@ -104,20 +105,21 @@ target = c[1].selectbox("Explain the logit of", list(range(len(classes))), index
 cam_key = (src.resource_key(), head, tuple(chosen), int(target))
 if st.button("Compute Grad-CAM", type="primary", key="insp_cam_btn", disabled=not chosen):
     with st.spinner("Running Grad-CAM (whole model, then this head only)…"), guard("Grad-CAM"):
-        panels, skipped = gradcam_panels(ready.loaded(), cache.records, chosen, target, cache.text, [head])
+        panels, skipped = gradcam_panels(ready.loaded(), cache.records, chosen, target, cache.text, [head],
+                                         roots=read_roots())
         for s in skipped:
-            st.warning(f"{s.path}: {s.reason}")
+            st.warning(plain(f"{s.path}: {s.reason}"))
         put(Key.GRADCAM, (cam_key, panels))
 cam = get(Key.GRADCAM)
 if cam and cam[0] == cam_key:
     for p in cam[1]:
         cols = st.columns([1, 1, 1, 2])
-        cols[0].image(p.image, caption=f"{name_of.get(p.row, p.row)} (model input)")
-        cols[1].image(p.whole, caption=f"whole model → {classes[target]}")
-        cols[2].image(p.head, caption=f"{head} only → {classes[target]}")
+        cols[0].image(p.image, caption=f"{plain(name_of.get(p.row, p.row))} (model input)")
+        cols[1].image(p.whole, caption=f"whole model → {plain(classes[target])}")
+        cols[2].image(p.head, caption=f"{head} only → {plain(classes[target])}")
         flat = [n for n, mx in (("whole model", p.whole_max), (str(head), p.head_max)) if mx <= 1e-6]
         if flat:
             cols[3].caption(f"{' and '.join(flat)}: the map is zero everywhere — no region of this image raises the "
-                            f"'{classes[target]}' logit through that path (Grad-CAM keeps positive evidence only).")
+                            f"'{plain(classes[target])}' logit through that path (Grad-CAM keeps positive evidence only).")
 elif chosen:
     st.caption("Pick images and click 'Compute Grad-CAM' to compare the whole model with this head alone.")

@@ -18,8 +18,8 @@ from studio_ui.forms import cache_form, extraction_options, images_form, model_f
 from studio_ui.jobs import start_job
 from studio_ui.panels import findings_panel, scan_summary
 from studio_ui.registry import page
-from studio_ui.state import Key, drop, get, get_source, put, session_dir, set_source
-from studio_ui.widgets import follow_job, guard, require_ready, show_exception
+from studio_ui.state import Key, drop, get, get_source, put, read_roots, session_dir, set_source
+from studio_ui.widgets import follow_job, guard, plain, require_ready, show_exception
 
 st.title(page("load").heading)
 st.caption("Find the attention heads behind CLIP's mistakes, switch them off, and refine the model so the fix "
@@ -49,7 +49,7 @@ def load_panel() -> None:
             try:
                 put(Key.LOAD_SCAN, scan_images(images.kind, folder=images.folder, zip_data=images.zip_data,
                                                zip_name=images.zip_name, metadata=images.metadata,
-                                               upload_dir=session_dir()))
+                                               upload_dir=session_dir(), roots=read_roots()))
             except Exception as exc:
                 show_exception(exc, "Scanning the images")
                 return
@@ -86,7 +86,7 @@ def follow_load_job() -> None:
     follow_job(job, "Extracting per-head features (one forward pass per image)", cancel_key="load_cancel")
     job.handled = True
     if isinstance(job.error, Cancelled):
-        st.warning(f"{job.error} Click 'Extract features' again to resume.", icon=":material/pause_circle:")
+        st.warning(f"{plain(job.error)} Click 'Extract features' again to resume.", icon=":material/pause_circle:")
     elif job.error is not None:
         show_exception(job.error, "Extraction")
     else:

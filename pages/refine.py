@@ -8,12 +8,13 @@ import streamlit as st
 from refineclip_core.errors import Cancelled
 from refineclip_core.reporting.figures import accuracy_bars_figure, loss_figure
 from refineclip_core.reporting.findings import cell_estimate, format_cell, method_summary, per_key_table
-from refineclip_core.reporting.run_report import EditRun, render_html, report_json, run_edit
+from refineclip_core.reporting.run_report import EditRun, export_path, render_html, report_json, run_edit
 from studio_ui.forms import edit_form
 from studio_ui.jobs import Job, start_job
+from studio_ui.panels import checkpoint_download
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, ticked_heads
-from studio_ui.widgets import follow_job, link, metric_ci, require_ready, show_exception
+from studio_ui.widgets import follow_job, link, metric_ci, plain, require_ready, show_exception
 
 st.title(page("refine").heading)
 st.caption("Phase 2 learns a linear map of the image embedding that behaves like the model with the heads removed "
@@ -41,8 +42,8 @@ choice = st.radio("Heads removed in the teacher E_abl", list(options), key="ref_
                   index=list(options).index("Set from the Heads page") if "Set from the Heads page" in options else 0)
 heads = options[choice]
 set_sizes = "; ".join(f"{k}: " + ", ".join(f"{n}={v}" for n, v in s.sizes().items()) for k, s in ident.sets.items())
-st.caption(f"Error pair {', '.join(f'{classes[a]} → {classes[b]}' for a, b in ident.pairs)} · "
-           f"{len(ident.sample_rows)} labelled samples ({set_sizes}) · {len(ident.adapt_rows)} unlabelled adaptation "
+st.caption(f"Error pair {', '.join(f'{plain(classes[a])} → {plain(classes[b])}' for a, b in ident.pairs)} · "
+           f"{len(ident.sample_rows)} labelled samples ({plain(set_sizes)}) · {len(ident.adapt_rows)} unlabelled adaptation "
            f"images · accuracies on {len(ident.eval_rows)} held-out images · heads removed by "
            f"{ident.config.ablation} ablation.")
 if not heads:
@@ -53,7 +54,7 @@ if not heads:
 submitted = edit_form(seed=protocol().seed, disabled=not heads)
 if submitted is not None:
     cfg, baselines = submitted
-    loaded, out = ready.loaded(), session_dir() / f"{cfg.exported}.safetensors"
+    loaded, out = ready.loaded(), export_path(session_dir(), src.spec, cfg.exported)
     put(Key.REFINE_JOB, start_job(f"Fitting {cfg.exported}", lambda progress, cancelled: run_edit(
         cache, ident, eng, cfg, heads, spec=src.spec, export_to=out, loaded=loaded, data_root=src.data_root,
         baselines=baselines, progress=progress, cancel=cancelled)))
@@ -115,22 +116,14 @@ st.plotly_chart(loss_figure(res.outcome.refinement.history), key="ref_loss_fig")
 
 st.subheader("Downloads")
 d = st.columns(3)
-ckpt = res.checkpoint
-if ckpt is not None and ckpt.is_file():
-    d[0].download_button(f"Merged checkpoint of {res.outcome.exported} (.safetensors)"
-                         + ("" if verdict.ok else " — it made the model worse"),
-                         data=lambda p=ckpt: p.read_bytes(), file_name=ckpt.name, mime="application/octet-stream",
-                         key="ref_dl_ckpt", icon=":material/download:",
-                         on_click="ignore",  # a download needs no rerun (and a rerun can race the deferred data)
-                         help="open_clip.create_model(name, pretrained=<this file>) loads the edited model.")
-else:
-    d[0].caption("The exported checkpoint is gone (temporary files were cleaned); run the refinement again.")
+checkpoint_download(d[0], res.checkpoint, res.outcome.exported, verdict.ok)
 d[1].download_button("Run report (JSON)", data=report_json(res.report), file_name="refineclip-report.json",
                      mime="application/json", key="ref_dl_json", icon=":material/data_object:", on_click="ignore")
 d[2].download_button("Run report (HTML)", data=lambda rep=res.report: render_html(rep),
                      file_name="refineclip-report.html", mime="text/html", key="ref_dl_html",
                      icon=":material/bar_chart:", on_click="ignore")
-st.caption(f"The checkpoint has `visual.proj` replaced by P·B (RefineCLIP-fit) or P·diag(θ) (paper); everything "
+st.caption(f"The checkpoint has `visual.proj` (a Hugging Face folder's `visual_projection.weight`, transposed) "
+           f"replaced by P·B (RefineCLIP-fit) or P·diag(θ) (paper); everything "
            f"else is the original "
            f"model. Load it with the same architecture ({cache.manifest.model_name}). The same run from the command "
            "line: `refineclip refine --cache … --out … --json … --html …`.")

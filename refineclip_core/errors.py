@@ -25,6 +25,10 @@ class DataError(RefineClipError):
     """The image folder, CSV or zip cannot be used as a dataset."""
 
 
+class OutsideRootsError(DataError):
+    """A file resolves (through a symbolic link) outside the folders this process may read from."""
+
+
 class ImageLoadError(RefineClipError):
     """One image cannot be decoded; the dataset skips it and records the reason."""
 

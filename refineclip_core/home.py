@@ -1,6 +1,12 @@
-"""The studio home: the folder where an interactive session keeps generated data and caches.
+"""Where the studio's files live: the dashboard and assets it ships (:data:`APP_DIR`), and the
+studio home, where an interactive session keeps generated data and caches (:func:`studio_home`).
 
-``$REFINECLIP_HOME`` or ``~/.cache/refineclip-studio``. Inside it::
+:data:`APP_DIR` holds ``app.py``, ``pages/``, ``studio_ui/``, ``.streamlit/`` and ``assets/`` (the
+demo checkpoint, the text pool): the repository root in a clone (or an editable install), the
+``refineclip_studio`` package next to ``refineclip_core`` after ``pip install`` (the wheel maps the
+same files there, laid out as in the clone).
+
+The studio home is ``$REFINECLIP_HOME`` or ``~/.cache/refineclip-studio``. Inside it::
 
     demo-data-s<seed>-n<n>/         images (class folders) + metadata.csv (path,label,group,split)
     caches/<key>/                   feature caches, one per (model, data, layer scope)
@@ -13,6 +19,16 @@ import os
 from pathlib import Path
 
 HOME_ENV = "REFINECLIP_HOME"
+
+
+def _app_dir() -> Path:
+    above = Path(__file__).resolve().parent.parent     # a clone's root, or site-packages
+    installed = above / "refineclip_studio"
+    return installed if (installed / "app.py").is_file() else above
+
+
+APP_DIR = _app_dir()
+"""The folder holding the dashboard (``app.py``, ``pages/``, ``studio_ui/``) and ``assets/``."""
 
 
 def studio_home(cache_root: str | os.PathLike | None = None) -> Path:

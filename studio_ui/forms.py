@@ -12,11 +12,13 @@ from pathlib import Path
 
 import streamlit as st
 
+from refineclip_core.loading.hf_clip import find_hf_checkpoint, hf_folder_in
 from refineclip_core.loading.models import ModelSpec
 from refineclip_core.method.edit import FitConfig
 from refineclip_core.method.protocol import DEFAULT_EDIT, EditConfig
 from refineclip_core.method.refinement import RefineConfig
-from refineclip_core.loading.uploads import allowed_path, default_allowed_roots, save_upload
+from refineclip_core.loading.uploads import (allowed_path, default_allowed_roots, read_roots, save_upload,
+                                             unpack_upload)
 from refineclip_core.studio.images import ImagesKind
 
 from . import resources
@@ -65,21 +67,38 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
         name = c[0].selectbox("open_clip architecture", archs, key="load_arch", index=default)
         tag = c[1].text_input("Pretrained tag", "openai", key="load_tag",
                               help="open_clip downloads these weights on first use (needs internet access).")
-        return ModelSpec(name, pretrained=tag.strip() or None, device=device, precision=precision), layers
+        return ModelSpec(name, pretrained=tag.strip() or None, device=device, precision=precision,
+                         roots=read_roots()), layers
     c = st.columns(2)
     with c[0]:
-        if st.radio("Checkpoint", ["Upload", "Path on the server"], key="load_ckpt_where", horizontal=True) == "Upload":
-            ckpt = _kept(st.file_uploader("Checkpoint (.pt, .bin, .safetensors)", key="load_ckpt_upload",
-                                          type=["pt", "pth", "bin", "safetensors"]), "ckpt")
+        where = st.radio("Checkpoint", ["Upload", "Path on the server"], key="load_ckpt_where", horizontal=True)
+        uploaded = where == "Upload"
+        if uploaded:
+            up = st.file_uploader("Checkpoint (.pt, .bin, .safetensors; a Hugging Face CLIP folder as .zip)",
+                                  key="load_ckpt_upload", type=["pt", "pth", "bin", "safetensors", "zip"])
+            if up is not None and up.name.lower().endswith(".zip"):  # a zipped save_pretrained folder
+                ckpt = str(hf_folder_in(unpack_upload(up.getvalue(), session_dir()).dest))
+            else:
+                ckpt = _kept(up, "ckpt")
         else:
-            text = st.text_input("Checkpoint path", key="load_ckpt_path")
+            text = st.text_input("Checkpoint path", key="load_ckpt_path",
+                                 help="A weights file, or a Hugging Face transformers CLIP folder (what "
+                                      "CLIPModel.save_pretrained writes: config.json + model.safetensors).")
             ckpt = str(allowed_path(text)) if text.strip() else None
+    # the files are read only inside the allowed folders (plus this session's uploads), checked when opened
+    roots = read_roots(session_dir()) if uploaded else read_roots()
+    hf = find_hf_checkpoint(ckpt, roots) if ckpt else None
+    if hf is not None:  # its config.json is the architecture
+        c[1].caption("A Hugging Face transformers CLIP: its config.json gives the architecture, converted exactly "
+                     "into open_clip's; the edit can be downloaded in the same format.")
+        return ModelSpec(hf.label, checkpoint=ckpt, device=device, precision=precision, roots=roots), layers
     with c[1]:
         arch = st.selectbox("Architecture", [CUSTOM_CONFIG, *archs], key="load_ckpt_arch",
                             index=1 + default if "ViT-B-16" in archs else 0)
         config, name = None, arch
         if arch == CUSTOM_CONFIG:
             where = st.radio("Config JSON", ["Upload", "Path on the server"], key="load_cfg_where", horizontal=True)
+            uploaded = uploaded or where == "Upload"
             if where == "Upload":
                 up = st.file_uploader("open_clip model config (.json)", type=["json"], key="load_cfg_upload")
                 config, name = _kept(up, "config"), Path(up.name).stem if up is not None else ""
@@ -93,7 +112,9 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
     if arch == CUSTOM_CONFIG and not config:
         st.info("Give the model's config JSON (or pick an open_clip architecture).")
         return None, layers
-    return ModelSpec(name, checkpoint=ckpt, model_config=config, device=device, precision=precision), layers
+    roots = read_roots(session_dir()) if uploaded else read_roots()  # the config may be an upload too
+    return ModelSpec(name, checkpoint=ckpt, model_config=config, device=device, precision=precision,
+                     roots=roots), layers
 
 
 def images_form() -> ImagesChoice | None:

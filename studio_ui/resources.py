@@ -10,7 +10,6 @@ Nothing returned here may be mutated by a page.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import streamlit as st
@@ -20,7 +19,7 @@ from refineclip_core.features.decomposition import HeadId
 from refineclip_core.features.zeroshot import predict
 from refineclip_core.home import studio_home
 from refineclip_core.inspection.textspan import HeadDescription, describe_heads, encode_text_pool, load_text_pool
-from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
+from refineclip_core.loading.models import ASSETS_DIR, LoadedModel, ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.protocol import Identification, ProtocolConfig, identify, make_engine
 from refineclip_core.method.scores import head_push
@@ -28,7 +27,7 @@ from refineclip_core.studio.caches import with_prompts
 
 from refineclip_core.studio.source import Source
 
-TEXT_POOL = Path(__file__).resolve().parent.parent / "assets" / "text_pool.txt"
+TEXT_POOL = ASSETS_DIR / "text_pool.txt"
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
@@ -126,8 +125,9 @@ def open_clip_models() -> list[str]:
 
 
 @st.cache_data(show_spinner=False, max_entries=2000)
-def thumbnail(path: str, size: int = 144) -> bytes | None:
-    """A PNG thumbnail (nearest-neighbour upscaled for tiny images), or None if unreadable."""
+def thumbnail(path: str, size: int = 144, roots: tuple[str, ...] | None = None) -> bytes | None:
+    """A PNG thumbnail (nearest-neighbour upscaled for tiny images), or None if unreadable
+    (or, with ``roots``, if the file opened lies outside those folders)."""
     import io
 
     from PIL import Image
@@ -136,7 +136,7 @@ def thumbnail(path: str, size: int = 144) -> bytes | None:
     from refineclip_core.loading.data import load_image
 
     try:
-        img = load_image(path, min_side=size)  # a camera JPEG decodes at a reduced scale
+        img = load_image(path, roots, min_side=size)  # a camera JPEG decodes at a reduced scale
     except (ImageLoadError, OSError):
         return None
     scale = size / max(img.size)

@@ -14,7 +14,7 @@ from refineclip_core.loading.models import ModelSpec
 
 from .jobs import start_job
 from .state import Key, ablate_heads, get, get_source, inspect_head, protocol, put, set_source
-from .widgets import follow_job, show_exception
+from .widgets import follow_job, plain, show_exception
 
 
 DEMO_DIR_ENV = "REFINECLIP_DEMO_MODEL_DIR"
@@ -95,7 +95,7 @@ def ensure_source() -> None:
     job.handled = True
     if job.error is not None:
         if isinstance(job.error, Cancelled):
-            st.info(f"{job.error} Open the Load page to prepare the demo again or to choose other data.")
+            st.info(f"{plain(job.error)} Open the Load page to prepare the demo again or to choose other data.")
         else:
             show_exception(job.error, "Preparing the demo")
         return
@@ -110,10 +110,10 @@ def sidebar() -> None:
         if src is None:
             st.caption("Nothing loaded yet.")
             return
-        st.caption(src.label)
+        st.caption(plain(src.label))
         proto = protocol()
         if proto.pair not in ("auto", "both"):
-            st.caption(f"Error pair: **{proto.pair.replace(':', ' → ')}**")
+            st.caption(f"Error pair: **{plain(proto.pair.replace(':', ' → '))}**")
         head = inspect_head()
         if head is not None:
             st.caption(f"Inspecting head **{head}**")

@@ -153,3 +153,11 @@ def session_dir() -> Path:
         owner = _SessionFolder()
         put(Key.SESSION_FOLDER, owner)
     return Path(owner.path)
+
+
+def read_roots() -> tuple[str, ...]:
+    """The folders this session may read files from (checked when each file is opened): the
+    allowed roots, the studio home and the session's own upload folder."""
+    from refineclip_core.loading.uploads import read_roots as roots
+
+    return roots(session_dir())

@@ -1,10 +1,11 @@
 """Small widgets shared by the pages: readable errors, job progress, the context banner and
-image galleries."""
+image galleries, and :func:`plain` for every user-supplied name shown where Markdown renders."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -23,9 +24,27 @@ from refineclip_core.studio.source import Source
 from . import resources
 from .jobs import Job, format_seconds
 from .registry import page
-from .state import get_source, protocol
+from .state import get_source, protocol, read_roots
 
 log = logging.getLogger("refineclip.studio")
+
+_PUNCTUATION = re.compile(r"([!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~])")
+_BREAKS = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+#: Where GitHub-flavoured Markdown would autolink (``www.``, ``http://``, ``a@b.c``) even with the
+#: punctuation escaped: a zero-width space goes in between.
+_AUTOLINK = re.compile(r"(?i)(www|https?|ftp|mailto|xmpp)(?=\\[.:])|(?=\\@)")
+
+
+def plain(text: object) -> str:
+    """``text`` for a place where Streamlit renders Markdown (markdown, captions, alerts, labels,
+    tooltips, image captions) so that it shows exactly as written: every ASCII punctuation mark is
+    backslash-escaped (no links, emphasis, HTML, math, ``:material/…:`` icons or ``:red[…]``
+    colours), a zero-width space keeps ``www.``/``http://``/``@`` from becoming links, and line
+    breaks become spaces. Names from users (class folders, CSV labels, groups, file names,
+    templates, paths) always go through it."""
+    escaped = _PUNCTUATION.sub(r"\\\1", _BREAKS.sub(" ", str(text)))
+    return _AUTOLINK.sub(lambda m: (m.group(1) or "") + "\u200b", escaped)
+
 
 def short_error(exc: BaseException) -> str:
     """One readable line for an unexpected exception (the traceback goes to the server log)."""
@@ -35,11 +54,12 @@ def short_error(exc: BaseException) -> str:
 
 
 def show_exception(exc: BaseException, what: str = "This step") -> None:
-    if isinstance(exc, RefineClipError):
-        st.error(str(exc), icon=":material/warning:")
+    if isinstance(exc, RefineClipError):  # messages name paths and names the user typed: plain text
+        st.error(plain(exc), icon=":material/warning:")
         return
     log.error("%s failed", what, exc_info=exc)
-    st.error(f"{what} failed unexpectedly ({short_error(exc)}). The details are in the server log.", icon=":material/dangerous:")
+    st.error(f"{what} failed unexpectedly ({plain(short_error(exc))}). The details are in the server log.",
+             icon=":material/dangerous:")
 
 
 @contextlib.contextmanager
@@ -144,18 +164,19 @@ def link(name: str, label: str | None = None, where: Any = st) -> None:
 
 
 def image_grid(items: Sequence[tuple[str, str]], columns: int = 6, size: int = 144) -> None:
-    """Thumbnails with captions, ``columns`` per row; unreadable files show a note."""
+    """Thumbnails with captions (plain text), ``columns`` per row; unreadable files show a note."""
     if not items:
         return
+    roots = read_roots()
     for start in range(0, len(items), columns):
         cols = st.columns(columns)
         for col, (path, caption) in zip(cols, items[start:start + columns]):
-            data = resources.thumbnail(path, size)
+            data = resources.thumbnail(path, size, roots)
             with col:
                 if data is None:
-                    st.caption(f"(unreadable) {caption}")
+                    st.caption(f"(unreadable) {plain(caption)}")
                 else:
-                    st.image(data, caption=caption, width=size)
+                    st.image(data, caption=plain(caption), width=size)
 
 
 def pct(x: float | None) -> str:

@@ -91,3 +91,32 @@ def class_folder(image_folder, tmp_path_factory):
     for cls in ("cat", "dog", "fish"):
         shutil.copytree(image_folder / cls, root / cls)
     return root
+
+
+#: Class labels and groups that are Markdown and HTML (issue 16: names from users are plain text).
+HOSTILE_CLASSES = ("[x](http://evil.com) **bold** A", "<img src=x onerror=alert(1)> $x^2$ `t` B")
+HOSTILE_GROUPS = ("~~strike~~ :red[g1] | c |", ":material/home: <b>g2</b> www.evil.com a@evil.com")
+#: Fragments that would become a link, emphasis, HTML, math, code, colour, an icon or a table if rendered.
+RAW_MARKUP = ("](http", "**bold**", "<img", "$x^2$", "`t`", ":red[", ":material/home:", "~~strike~~", "<b>",
+              "| c |")
+#: Text that GitHub-flavoured Markdown turns into links even with every punctuation mark escaped.
+AUTOLINKS = ("www.evil.com", "http://evil.com", "a@evil.com")
+
+
+def write_hostile_dataset(root: Path, outside: Path, n_per_class: int = 14) -> Path:
+    """A ``metadata.csv`` dataset whose labels, groups and file names are Markdown and HTML, plus
+    ``zz_link.png``, a link to ``outside/secret.png`` (outside the allowed folders: to be skipped)."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    rows = ["path,label,group"]
+    for c, (label, colour) in enumerate(zip(HOSTILE_CLASSES, [(200, 40, 40), (40, 40, 200)])):
+        for i in range(n_per_class):
+            name = f"**f{c}{i}** <b>x [y](z) $w$.png"  # no "/" in a file name
+            make_image(rng, colour, size=48).save(root / name)
+            rows.append(f'"{name}","{label}","{HOSTILE_GROUPS[i % 2]}"')
+    outside.mkdir(parents=True, exist_ok=True)
+    make_image(rng, (0, 0, 0), size=48).save(outside / "secret.png")
+    (root / "zz_link.png").symlink_to(outside / "secret.png")
+    rows.append(f'zz_link.png,"{HOSTILE_CLASSES[0]}","{HOSTILE_GROUPS[0]}"')
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return root

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.loading.models import DEMO_DIR, DEMO_MODEL_NAME, ModelSpec
 
-from .conftest import make_image
+from .conftest import AUTOLINKS, HOSTILE_CLASSES, HOSTILE_GROUPS, RAW_MARKUP, make_image, write_hostile_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app.py")
@@ -146,9 +147,11 @@ def test_heads_page_scores_sets_and_handoff(app):
     available = [n for n, s in ident.scores.items() if s.available]
     unavailable = [n for n, s in ident.scores.items() if not s.available]
     assert len(at.get("plotly_chart")) == len(available) + 1  # one map per score + the utility curves
+    from studio_ui.widgets import plain
+
     infos = " ".join(i.value for i in at.info)
-    for name in unavailable:
-        assert f"{name} is unavailable" in infos
+    for name in unavailable:  # a score's name carries class names: shown as plain text
+        assert f"{plain(name)} is unavailable" in infos
     # recompute with another seed through the form
     at.number_input(key="heads_seed").set_value(3)
     at.button[0].click().run()  # the form's submit button comes first
@@ -614,3 +617,88 @@ def test_refinement_job_reports_live_losses_and_cancels(tiny_model_files, image_
     (stage, curves), = job.series.items()
     assert stage == "RefineCLIP (diag)" and job.total == 200_000
     assert {"done", "total", "success", "locality", "ce"} <= set(curves) and curves["done"][0] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Names from users are plain text (issue 16)
+
+def _markdown_texts(at: AppTest) -> list[str]:
+    """Every string on the page that Streamlit renders as Markdown."""
+    out: list[str] = []
+    for kind in ("markdown", "caption", "success", "info", "warning", "error", "title", "subheader", "header"):
+        out += [e.value for e in getattr(at, kind)]
+    out += [m.label for m in at.metric] + [m.help or "" for m in at.metric]
+    out += [c.label for c in at.checkbox] + [e.label for e in at.expander] + [t.label for t in at.tabs]
+    out += [b.label for b in at.button] + [p.proto.label for p in at.get("page_link")]
+    out += [cap for img in at.get("image") for cap in img.captions]
+    return out
+
+
+def _strings(obj) -> list[str]:
+    """Every string inside a JSON value."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+@pytest.fixture()
+def hostile_folder(tmp_path):
+    import shutil
+    import tempfile
+
+    outside = Path(tempfile.mkdtemp(prefix="refineclip-outside-"))  # outside the allowed roots (basetemp)
+    yield write_hostile_dataset(tmp_path / "hostile", outside)
+    shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_user_names_render_as_plain_text_on_every_page(home, demo_spec, hostile_folder):
+    from refineclip_core.loading.confine import OUTSIDE_REASON
+    from refineclip_core.reporting.figures import plot_text
+    from studio_ui.widgets import plain
+
+    at = fresh_app(demo_spec)
+    at.run()
+    at.radio(key="load_data_kind").set_value("Folder on the server").run()
+    at.text_input(key="load_folder").input(str(hostile_folder)).run()
+    at.button(key="load_scan_btn").click().run()
+    assert_clean(at)
+    scanned = at.session_state["load_scan"].dataset
+    assert sorted(scanned.classes) == sorted(HOSTILE_CLASSES) and len(scanned) == 28
+    skipped = [df.value for df in at.dataframe if "reason" in df.value.columns]
+    assert any((d["reason"] == OUTSIDE_REASON).any() for d in skipped), "the link leaving the roots is not listed"
+    at.button(key="load_extract_btn").click().run()
+    assert_clean(at)
+    assert not at.session_state["source"].is_demo
+    seen: list[str] = []
+    for name in ("load", "errors", "heads", "inspector", "ablate", "refine"):
+        page = open_page(at, name)
+        if name == "ablate":  # flip some predictions so the gallery and per-group numbers show names
+            page.button(key="abl_clear").click().run()
+            for box in page.checkbox[:6]:
+                box.check()
+            page.run()
+        if name == "refine":
+            page.number_input(key="ref_steps").set_value(10)
+            page.button[0].click().run()
+        assert_clean(page)
+        texts = _markdown_texts(page)
+        # a backslash-escaped character is shown as itself: drop those, any markup left came unescaped
+        leaks = [(name, raw, t) for t in texts for raw in RAW_MARKUP if raw in re.sub(r"\\.", "", t)]
+        # autolinks form on the text as shown (escapes resolved)
+        leaks += [(name, raw, t) for t in texts for raw in AUTOLINKS if raw in re.sub(r"\\(.)", r"\1", t)]
+        assert not leaks, leaks
+        seen += texts
+        for chart in page.get("plotly_chart"):  # Plotly labels: HTML escaped, no raw tags or math
+            spec = json.loads(chart.proto.spec)
+            for v in _strings(spec):
+                assert not ("<img" in v or "<b>g2" in v or "$x^2$" in v), (name, v)
+            for trace in spec["data"]:
+                if trace.get("type") == "heatmap":
+                    assert sorted(trace["x"]) == sorted(plot_text(c) for c in HOSTILE_CLASSES)
+    joined = "\n".join(seen)
+    for label in HOSTILE_CLASSES + HOSTILE_GROUPS:  # the names are shown, escaped, not dropped
+        assert plain(label) in joined, label

@@ -21,7 +21,7 @@ from refineclip_core.method.edit import FitConfig, fit_ablation, least_squares_m
 from refineclip_core.method.intervals import binomial_interval, binomial_intervals, paired_change
 from refineclip_core.method.protocol import (DEFAULT_EDIT, DEFAULT_PROTOCOL, EditConfig, ProtocolConfig,
                                              assess_edit, identify, make_engine, run_refinement)
-from refineclip_core.method.refinement import RefinedMap, export_checkpoint
+from refineclip_core.method.refinement import export_checkpoint
 from refineclip_core.method.scores import HeadScores
 from refineclip_core.method.selection import consensus_ranking, select_consensus, utility
 

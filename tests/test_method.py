@@ -13,14 +13,14 @@ from refineclip_core.cli import main
 from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId, direct_ablation_forward, parse_heads
 from refineclip_core.features.extraction import ExtractionConfig, extract, load_batch
-from refineclip_core.loading.data import load_dataset, load_image
+from refineclip_core.loading.data import load_dataset
 from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine, verify_ablation
 from refineclip_core.method.baselines import TipAdapter
 from refineclip_core.method.errorsets import ErrorSets, error_pairs, pair_error_sets, sample_per_class
 from refineclip_core.method.edit import FitConfig
 from refineclip_core.method.protocol import EditConfig, ProtocolConfig, identify, run_refinement
-from refineclip_core.method.refinement import RefineConfig, RefinedMap, export_checkpoint, refine
+from refineclip_core.method.refinement import RefineConfig, export_checkpoint, refine
 from refineclip_core.method.scores import compute_scores
 from refineclip_core.method.selection import select_heads
 

@@ -261,14 +261,14 @@ def test_permission_denied_has_its_own_reason(tmp_path, monkeypatch):
     # chmod 000 cannot be tested as root, so make the open itself fail the way the OS would
     path = tmp_path / "x.png"
     Image.new("RGB", (4, 4)).save(path)
-    real_open = Image.open
+    real_open = os.open  # load_image opens the file itself (then checks what it opened)
 
     def deny(fp, *args, **kwargs):
         if str(fp) == str(path):
             raise PermissionError(13, "Permission denied", str(fp))
         return real_open(fp, *args, **kwargs)
 
-    monkeypatch.setattr(Image, "open", deny)
+    monkeypatch.setattr(os, "open", deny)
     with pytest.raises(ImageLoadError, match="permission denied"):
         load_image(path)
 

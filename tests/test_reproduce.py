@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 
-import pytest
 
 from refineclip_core.cli import main
 from refineclip_core.demo.world import write_world

@@ -1,14 +1,17 @@
 """The ``refineclip`` command line: a thin shell over :mod:`refineclip_core`.
 
 Each sub-command lives in its own module exposing ``register(subparsers)``; the module sets
-``func`` on its parser. Every command exits non-zero with a one-line message on stderr when it
-cannot do its job (``--debug`` shows the traceback).
+``func`` on its parser. Every command prints a short human summary on stdout (``--json PATH``
+keeps the full record, ``--json -`` prints only the record) and exits with one of the statuses
+below, with a one-line message on stderr when it cannot do its job (``--debug`` shows the
+traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 from typing import Sequence
@@ -16,13 +19,32 @@ from typing import Sequence
 from ..errors import RefineClipError
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = ("extract", "check_decomposition", "zero_shot", "score", "refine", "evaluate", "demo_data", "reproduce")
+COMMANDS = ("extract", "check_decomposition", "zero_shot", "score", "refine", "evaluate", "demo_data", "reproduce",
+            "app")
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1     # a bug or an unforeseen failure (one line; --debug for the traceback)
+EXIT_USAGE = 2          # a user mistake: a wrong option, file, model or data (one sentence on stderr)
+EXIT_WORSE = 3          # refine --fail-if-worse: the exported edit made the model worse on held-out images
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+EXIT_CODES = f"""exit status:
+  {EXIT_OK}    success
+  {EXIT_UNEXPECTED}    unexpected error (a one-line message; --debug shows the traceback)
+  {EXIT_USAGE}    user error: a wrong option, file, model or dataset (one sentence says what and how to fix it)
+  {EXIT_WORSE}    refine --fail-if-worse: the exported edit made the model worse on held-out images
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); finished work such as cache shards is kept
+
+output: every command prints a short summary (at most 40 lines) on stdout; --json PATH writes the
+full record, --json - prints the record alone on stdout for piping. Progress bars go to stderr and
+only when it is a terminal (REFINECLIP_PROGRESS=always puts them into logs too, =never hides them)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refineclip",
         description="Find the attention heads behind CLIP's errors and edit the model to fix them (RefineCLIP).",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -34,24 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "pass_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "pass_through", False):
+        args.extra = extra
     try:
         result = args.func(args)
+        sys.stdout.flush()
         return int(result or 0)
     except KeyboardInterrupt:
         print("refineclip: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of a pipe (| head) went away: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except RefineClipError as exc:
         if args.debug:
             traceback.print_exc()
         print(f"refineclip: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - the CLI's promise: one line, no traceback
         if args.debug:
             traceback.print_exc()
         print(f"refineclip: unexpected error: {type(exc).__name__}: {exc} (run with --debug for details)",
               file=sys.stderr)
-        return 1
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":  # pragma: no cover

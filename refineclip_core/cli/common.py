@@ -1,35 +1,86 @@
-"""Arguments and helpers shared by several sub-commands."""
+"""Arguments and helpers shared by several sub-commands.
+
+How a command talks to people (one way for all of them): :func:`add_json_arg` gives it ``--json
+PATH`` (the full record as JSON; ``-`` prints the record alone on stdout, for piping), and
+:func:`emit` prints a short human summary on stdout (at most :data:`SUMMARY_LINES` lines: tables
+of accuracies with their 95% intervals and image counts, the chosen heads, where files were
+written) unless the record goes to stdout. Progress bars (:func:`progress_bar`) and notes
+(:func:`note`) go to stderr, and only when stderr is a terminal.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
-from ..features.cache import atomic_write_json
+from ..features.cache import atomic_write_bytes
 from ..features.extraction import EXTRACT_STAGE
 from ..features.zeroshot import DEFAULT_TEMPLATES, read_templates, validate_templates
-from ..loading.models import DEMO_MODEL, ModelSpec
-from ..progress import Progress
+from ..errors import RefineClipError
+from ..loading.budget import BUDGET_ENV
+from ..loading.data import ImageDataset, load_dataset
+from ..loading.hf_clip import find_hf_checkpoint
+from ..loading.models import DEMO_MODEL, LoadedModel, ModelSpec, load_model
+from ..method.errorsets import error_pairs
+from ..method.evaluation import AccuracyReport
+from ..method.intervals import Estimate
+from ..progress import Progress, silent
+from ..reporting.findings import accuracy_rows, cell_estimate, json_safe
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=required, default=None if required else DEMO_MODEL,
-                   help="open_clip architecture name (e.g. ViT-B-16), or 'demo' for the embedded demo model")
+    g.add_argument("--model", default=None if required else DEMO_MODEL,
+                   help="open_clip architecture name (e.g. ViT-B-16), or 'demo' for the embedded demo model"
+                        + ("; required unless --checkpoint is a Hugging Face CLIP, whose config.json names the "
+                           "architecture" if required else ""))
     g.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai); downloads where possible")
-    g.add_argument("--checkpoint", help="local weights: .pt/.bin/.safetensors state dict or open_clip checkpoint")
+    g.add_argument("--checkpoint", help="local weights: .pt/.bin/.safetensors state dict or open_clip checkpoint, or "
+                                        "a Hugging Face transformers CLIP (the CLIPModel.save_pretrained folder, or "
+                                        "its weights file with config.json beside it)")
     g.add_argument("--model-config", help="open_clip model config JSON for a custom architecture")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp64", "fp16", "bf16"],
                    help="model precision; fp32 (default) keeps the decomposition exact to ~1e-6")
+    g.add_argument("--memory-budget", metavar="SIZE",
+                   help=f"refuse, before loading, a model estimated to need more memory than SIZE (e.g. 16GB); "
+                        f"default: ${BUDGET_ENV}, else 75%% of the memory available")
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
-    return ModelSpec(name=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+    name = args.model
+    if name is None:
+        hf = find_hf_checkpoint(args.checkpoint)
+        if hf is None:
+            raise RefineClipError("--model is required (an open_clip architecture such as ViT-B-16, or 'demo') "
+                                  "unless --checkpoint is a Hugging Face CLIP folder.")
+        name = hf.label
+    return ModelSpec(name=name, pretrained=args.pretrained, checkpoint=args.checkpoint,
                      model_config=args.model_config, device=args.device, precision=args.precision)
+
+
+def load(args: argparse.Namespace, spec: ModelSpec | None = None) -> LoadedModel:
+    """The model of the ``--model`` flags (or ``spec``), within ``--memory-budget``."""
+    return load_model(spec or model_spec(args), getattr(args, "memory_budget", None))
+
+
+def add_link_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-follow-links", action="store_true",
+                   help="read only images and metadata that resolve inside the --data folder, as the dashboard "
+                        "does; by default symbolic links are followed wherever they point")
+
+
+def dataset(args: argparse.Namespace, **kwargs) -> ImageDataset:
+    """``load_dataset(args.data, ...)``, confined to the data folder with ``--no-follow-links``."""
+    roots = None
+    if getattr(args, "no_follow_links", False):
+        data = Path(args.data).expanduser()
+        roots = [data.parent if data.is_file() else data]
+    return load_dataset(args.data, roots=roots, **kwargs)
 
 
 def add_template_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +100,7 @@ def templates(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def layers_arg(value: str) -> int | str:
+    """``--layers``: a positive K (the last K layers) or ``all``."""
     if value == "all":
         return "all"
     try:
@@ -70,17 +122,127 @@ def positive_int(value: str) -> int:
     return k
 
 
-def write_json(path: str | None, obj: dict[str, Any]) -> None:
-    """Write ``obj`` atomically to ``path`` (or print it when no path is given)."""
-    if path:
-        atomic_write_json(Path(path), obj)
-    else:
-        json.dump(obj, sys.stdout, indent=1, default=str)
-        print()
+SUMMARY_LINES = 40
+"""The most lines of a command's human summary; the full record is one ``--json`` away."""
+
+
+def add_json_arg(p: argparse.ArgumentParser, what: str = "the full record") -> None:
+    p.add_argument("--json", metavar="PATH",
+                   help=f"write {what} as JSON to PATH; '-' prints it alone on stdout (no summary), for piping")
+
+
+def record_json(record: Mapping[str, Any]) -> str:
+    """A command's record as JSON text (NaN and infinities as null)."""
+    return json.dumps(json_safe(record), indent=1, default=str, allow_nan=False) + "\n"
+
+
+def emit(args: argparse.Namespace, record: Mapping[str, Any], summary: Iterable[str],
+         written: Sequence[tuple[str, str | os.PathLike | None]] = ()) -> None:
+    """Report a command's result: the full ``record`` to ``--json PATH``, or alone on stdout with
+    ``--json -``; otherwise the human ``summary`` on stdout, cut to :data:`SUMMARY_LINES` lines,
+    then one line per file written (``written``: ``(what, path)``; the JSON file is added)."""
+    target = getattr(args, "json", None)
+    if target == "-":
+        sys.stdout.write(record_json(record))
+        return
+    files = [(what, path) for what, path in written if path is not None]
+    if target:
+        atomic_write_bytes(Path(target), record_json(record).encode())
+        files.append(("full record (JSON)", target))
+    tail = [f"wrote {what}: {path}" for what, path in files]
+    lines = list(summary)
+    room = SUMMARY_LINES - len(tail)
+    if len(lines) > room:
+        lines = lines[:room - 1] + [f"... {len(lines) - room + 1} more lines: --json PATH keeps everything"]
+    print("\n".join(lines + tail))
+
+
+def note(message: str) -> None:
+    """A progress note on stderr, shown only when stderr is a terminal (like the progress bars)."""
+    if sys.stderr.isatty():
+        print(message, file=sys.stderr)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], indent: str = "  ", align: str = "") -> list[str]:
+    """Aligned text columns; ``align`` has one ``l``/``r`` per column (default: the first left, the
+    rest right). A row with a single cell is a section title spanning the table."""
+    body = [[str(c) for c in r] for r in rows]
+    cols = list(zip(*([list(header)] + [r for r in body if len(r) > 1])))
+    widths = [max(len(c) for c in col) for col in cols]
+    align = align or "l" + "r" * (len(widths) - 1)
+
+    def line(cells: Sequence[str]) -> str:
+        if len(cells) == 1 and len(widths) > 1:
+            return indent + cells[0]
+        return indent + "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align))
+
+    return [line(header).rstrip()] + [line(r).rstrip() for r in body]
+
+
+def estimate_cells(est: Estimate | None) -> list[str]:
+    """An accuracy as three table cells: ``62.0%``, ``[55.1, 68.4]`` (95% interval), ``200`` (images)."""
+    if est is None:
+        return ["–", "", "0"]
+    return [f"{100 * est.value:.1f}%", f"[{100 * est.low:.1f}, {100 * est.high:.1f}]", str(est.n)]
+
+
+ACCURACY_HEADER = ("accuracy", "95% interval", "images")
+
+
+def accuracy_lines(rep: AccuracyReport, limit: int = 6, predictions: Any = None, labels: Any = None,
+                   classes: Sequence[str] = (), rows: Any = None) -> list[str]:
+    """An :class:`AccuracyReport` for people: overall, average-group and worst-group accuracy, then
+    the ``limit`` lowest classes and groups (each with its 95% interval and image count) and, with
+    ``predictions``/``labels``, the largest error pairs among ``rows``."""
+    body = [["overall", *estimate_cells(rep.overall())]]
+    if rep.per_group:
+        body.append(["average group", *estimate_cells(rep.average())])
+        body.append([f"worst group: {rep.worst_group_name}", *estimate_cells(rep.worst())])
+    for by in ("class", "group"):
+        found = sorted(accuracy_rows(rep, by), key=lambda r: (r["value"], r["name"]))
+        if found:
+            shown = found[:limit]
+            body.append([f"per {by}" + (f" (lowest {len(shown)} of {len(found)})" if len(found) > len(shown) else "")
+                         + ":"])
+            body += [[f"  {r['name']}", *estimate_cells(Estimate(r["value"], r["low"], r["high"], r["n"]))]
+                     for r in shown]
+    out = table(("", *ACCURACY_HEADER), body)
+    if predictions is not None:
+        pairs = error_pairs(predictions, labels, rows)[:3]
+        if pairs:
+            out.append("Largest error pairs (true → predicted: images): "
+                       + "; ".join(f"{p.label(list(classes))}: {p.count}" for p in pairs))
+    return out
+
+
+def cells_table(rows: Mapping[str, Mapping[str, Any]], columns: Mapping[str, str], first: str = "") -> list[str]:
+    """A table of accuracy cells (:data:`~refineclip_core.reporting.findings.Cell`, e.g. the rows of
+    :func:`~refineclip_core.reporting.findings.method_summary`; ``columns``: key → heading), each
+    with its 95% interval, and its image count in the heading when the whole column shares it
+    (else in the cell)."""
+    ests = {name: {c: cell_estimate(r.get(c)) for c in columns} for name, r in rows.items()}
+    header, shared = [first], {}
+    for c, label in columns.items():
+        ns = {e.n for r in ests.values() if (e := r[c]) is not None}
+        shared[c] = len(ns) == 1
+        header.append(f"{label} (n={ns.pop()})" if shared[c] else label)
+    body = [[name, *("–" if (e := r[c]) is None else e.format(count=not shared[c]) for c in columns)]
+            for name, r in ests.items()]
+    return table(header, body)
+
+
+#: ``auto`` (default): progress bars only when stderr is a terminal; ``always``: also into logs and
+#: pipes (e.g. each torchrun rank's share); ``never``.
+PROGRESS_ENV = "REFINECLIP_PROGRESS"
 
 
 def progress_bar(desc: str, unit: str = "img") -> Progress:
-    """A :class:`~refineclip_core.progress.Progress` drawing one tqdm bar per stage on stderr."""
+    """A :class:`~refineclip_core.progress.Progress` drawing one tqdm bar per stage on stderr, or
+    nothing when stderr is not a terminal (a log file or a pipe gets no progress noise) unless
+    :data:`PROGRESS_ENV` says ``always``."""
+    mode = os.environ.get(PROGRESS_ENV, "auto")
+    if mode == "never" or (mode != "always" and not sys.stderr.isatty()):
+        return silent
     from tqdm import tqdm
 
     state: dict[str, Any] = {}
@@ -91,7 +253,8 @@ def progress_bar(desc: str, unit: str = "img") -> Progress:
             if bar is not None:
                 bar.close()
             label = desc if stage == EXTRACT_STAGE else f"{desc}: {stage}"
-            bar = state["bar"] = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, initial=0)
+            bar = state["bar"] = tqdm(total=total, desc=label, unit=unit, file=sys.stderr, initial=0,
+                                      leave=not sys.stderr.isatty())  # a log keeps each stage's final count
             state["stage"] = stage
         bar.update(done - bar.n)
         if values:

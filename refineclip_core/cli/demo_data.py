@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .common import positive_int
+from .common import add_json_arg, emit, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,12 +18,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train is biased (95%% home background); val/test are group-balanced")
     p.add_argument("--n-per-group", type=positive_int, default=50, help="images per bird group and per other class")
     p.add_argument("--layout", default="folder", choices=["folder", "waterbirds"])
+    add_json_arg(p, "what was written (folder, images per class and group)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..demo.world import write_world
+    from ..loading.data import load_dataset
 
     out = write_world(args.out, args.split, args.seed, args.n_per_group, args.layout)
-    print(f"wrote demo-world {args.layout} data ({args.split}, seed {args.seed}) to {out}", file=sys.stderr)
+    ds = load_dataset(out)
+    per_class = {c: sum(r.label == i for r in ds.records) for i, c in enumerate(ds.classes)}
+    record = {"out": str(out), "layout": args.layout, "split": args.split, "seed": args.seed,
+              "n_per_group": args.n_per_group, "n_images": len(ds), "per_class": per_class, "groups": ds.groups}
+    lines = [f"Demo-world images ({args.layout} layout, split {args.split}, seed {args.seed}): {len(ds)} images of "
+             f"{len(ds.classes)} classes in {len(ds.groups)} groups.",
+             "  " + ", ".join(f"{c} {n}" for c, n in per_class.items()),
+             f"Next: refineclip extract --model demo --data {out} --out CACHE"]
+    emit(args, record, lines, [("images and metadata.csv", out)])
     return 0

@@ -7,38 +7,41 @@ import tempfile
 
 from ..features.extraction import ExtractionConfig, extract
 from ..features.zeroshot import predict
-from ..loading.data import load_dataset
-from ..loading.models import load_model
-from ..method.evaluation import accuracy_report
-from .common import add_model_args, add_template_args, model_spec, positive_int, progress_bar, templates, write_json
+from ..method.evaluation import cache_report
+from .common import (accuracy_lines, add_json_arg, add_link_arg, add_model_args, add_template_args, dataset as load_data,
+                     emit, load, positive_int, progress_bar, templates)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="zero-shot accuracy of a model/checkpoint on a labelled image folder",
                        description="Run the model on the images and report accuracy overall, per class, per "
-                                   "group, average-group and worst-group.")
+                                   "group, average-group and worst-group, each with its 95% interval and image count.")
     add_model_args(p)
     p.add_argument("--data", required=True)
     p.add_argument("--split", help="only this split")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--cache-dir", help="keep the feature cache here (default: a temporary folder)")
+    add_link_arg(p)
     add_template_args(p)
-    p.add_argument("--json", help="write the result here (default: print)")
+    add_json_arg(p, "every accuracy, interval and count")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded = load_model(model_spec(args))
-    dataset = load_dataset(args.data, split=args.split)
+    loaded = load(args)
+    dataset = load_data(args, split=args.split)
     if args.class_names:
         dataset = dataset.renamed(args.class_names.split(","))
     cfg = ExtractionConfig(layers=1, batch_size=args.batch_size, templates=templates(args))
     with tempfile.TemporaryDirectory(prefix="refineclip-eval-") as tmp:
         cache = extract(loaded, dataset, args.cache_dir or tmp, cfg, progress=progress_bar("eval"))
         pred, _ = predict(cache.embeddings, cache.text, cache.logit_scale)
-        rep = accuracy_report(pred, cache.labels, cache.classes, cache.groups, cache.group_names)
+        rep = cache_report(cache, pred)
+        lines = [f"Zero-shot accuracy of {loaded.model_name} on {rep.n_images} images of {args.data}"
+                 + (f" (split '{args.split}')" if args.split else "") + f", {len(cache.skipped)} skipped:",
+                 *accuracy_lines(rep, predictions=pred, labels=cache.labels, classes=cache.classes)]
         n_skipped = len(cache.skipped)
-    write_json(args.json, {**rep.to_dict(), "n_skipped": n_skipped, "classes": dataset.classes,
-                           "config": {"model": loaded.spec.to_dict(), "data": str(args.data), "split": args.split,
-                                      "templates": list(cfg.templates)}})
+    emit(args, {**rep.to_dict(), "n_skipped": n_skipped, "classes": dataset.classes,
+                "config": {"model": loaded.spec.to_dict(), "data": str(args.data), "split": args.split,
+                           "templates": list(cfg.templates)}}, lines)
     return 0

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 
+from ..features.cache import FeatureCache
 from ..features.extraction import STORES, ExtractionConfig, extract, init_distributed_from_env
 from ..loading.batches import DRAFT_FACTOR, DecodeConfig
-from ..loading.data import load_dataset
-from ..loading.models import load_model
-from .common import add_model_args, add_template_args, layers_arg, model_spec, positive_int, progress_bar, templates
+from .common import (add_json_arg, add_link_arg, add_model_args, add_template_args, dataset as load_data, emit,
+                     layers_arg, load, positive_int, progress_bar, templates)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,21 +35,43 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="storage of head contributions and remainders: auto (float32; float64 for fp64 models), "
                         "fp32 or fp16 (half the disk; the decomposition error it adds is what check-decomposition "
                         "reports as stored_max_rel_error)")
+    add_link_arg(p)
     add_template_args(p)
+    add_json_arg(p, "what was cached (images, skipped files with reasons, classes, layers, model)")
     p.set_defaults(func=run)
+
+
+def cache_summary(cache: FeatureCache, out: str) -> list[str]:
+    """What a cache holds, in a few lines (the skipped files first few, with their reasons)."""
+    man = cache.manifest
+    layers = f"{man.layers[0]}-{man.layers[-1]}" if list(man.layers) == list(range(man.layers[0], man.layers[-1] + 1)) \
+        else ", ".join(map(str, man.layers))
+    lines = [f"Cached {len(cache)} images of {len(cache.classes)} classes"
+             + (f" in {len(cache.group_names)} groups" if cache.group_names else "")
+             + f": heads of layers {layers} ({man.n_heads} per layer), model {man.model_name}.",
+             f"Skipped {len(cache.skipped)} files" + (":" if cache.skipped else ".")]
+    lines += [f"  {s.path}: {s.reason}" for s in cache.skipped[:5]]
+    if len(cache.skipped) > 5:
+        lines.append(f"  ... and {len(cache.skipped) - 5} more (--json PATH lists them all)")
+    lines.append(f"Next: refineclip zero-shot --cache {out}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
     distributed = init_distributed_from_env()
-    loaded = load_model(model_spec(args))
-    dataset = load_dataset(args.data, layout=args.layout, split=args.split)
+    loaded = load(args)
+    dataset = load_data(args, layout=args.layout, split=args.split)
     if args.class_names:
         dataset = dataset.renamed(args.class_names.split(","))
     decode = DecodeConfig(exact=args.exact_decode, workers=args.decode_workers, kind=args.decode_with)
     cfg = ExtractionConfig(layers=args.layers, batch_size=args.batch_size, templates=templates(args), decode=decode,
                            store=args.store)
     cache = extract(loaded, dataset, args.out, cfg, progress=progress_bar("extract"))
-    if not distributed or int(__import__("os").environ.get("RANK", "0")) == 0:
-        print(f"cached {len(cache)} images ({len(cache.skipped)} skipped), {len(cache.classes)} classes, "
-              f"layers {cache.manifest.layers} x {cache.manifest.n_heads} heads -> {args.out}", file=sys.stderr)
+    if not distributed or int(os.environ.get("RANK", "0")) == 0:
+        man = cache.manifest
+        record = {"cache": str(args.out), "n_images": len(cache), "n_skipped": len(cache.skipped),
+                  "skipped": [{"path": s.path, "reason": s.reason} for s in cache.skipped],
+                  "classes": cache.classes, "groups": cache.group_names, "layers": list(man.layers),
+                  "n_heads": man.n_heads, "model": man.model, "templates": man.templates}
+        emit(args, record, cache_summary(cache, args.out), [("feature cache", args.out)])
     return 0

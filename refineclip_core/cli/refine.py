@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..features.cache import atomic_write_bytes
@@ -11,10 +10,12 @@ from ..features.decomposition import parse_heads
 from ..loading.models import ModelSpec
 from ..method.edit import FitConfig
 from ..method.protocol import DEFAULT_EDIT, EditConfig, identify, make_engine
-from ..method.refinement import RefineConfig
-from ..reporting.run_report import render_html, run_edit
-from .common import positive_int, progress_bar, write_json
-from .score import add_protocol_args, open_cache, protocol
+from ..method.refinement import EXPORT_FORMATS, RefineConfig
+from ..reporting.findings import method_summary
+from ..reporting.run_report import EditRun, render_html, run_edit
+from . import EXIT_WORSE
+from .common import add_json_arg, cells_table, emit, positive_int, progress_bar
+from .score import add_protocol_args, heads_text, open_cache, protocol
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     fit, paper = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper
     p.add_argument("--heads", default="auto", help="'auto' (the protocol's choice) or a list like 11.3,10.7")
     p.add_argument("--method", default=DEFAULT_EDIT.method, choices=["fit", "paper"],
-                   help=f"the exported edit: 'fit' (RefineCLIP-fit, the default) or 'paper' (Eq. 13)")
+                   help="the exported edit: 'fit' (RefineCLIP-fit, the default) or 'paper' (Eq. 13)")
     g = p.add_argument_group("RefineCLIP-fit (--method fit)")
     g.add_argument("--ridge", type=float, default=fit.ridge, help="ridge of the least-squares start (relative)")
     g.add_argument("--fit-steps", type=int, default=fit.steps, help="Adam steps of the KL distillation (0: none)")
@@ -50,8 +51,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fail-if-worse", action="store_true",
                    help="exit with status 3 (after writing everything) when the exported edit made the worst group, "
                         "the edited classes or the other classes significantly worse on held-out images")
-    p.add_argument("--out", help="write the merged checkpoint here (.safetensors or .pt)")
-    p.add_argument("--json", help="write the run report (metrics and run configuration) here (default: print)")
+    p.add_argument("--out", help="write the merged checkpoint here: a .safetensors/.pt file (open_clip format) or a "
+                                 "folder (Hugging Face format)")
+    p.add_argument("--format", default="auto", choices=list(EXPORT_FORMATS),
+                   help="format of --out: 'auto' (default) keeps the model's own, i.e. a Hugging Face transformers "
+                        "folder (config.json + model.safetensors, loads with CLIPModel.from_pretrained) for a model "
+                        "loaded from one, else an open_clip state dict; 'hf' writes a transformers folder for any "
+                        "plain CLIP ViT; 'open_clip' writes a state dict (from a transformers model, with its "
+                        "open_clip config JSON beside it for --model-config)")
+    add_json_arg(p, "the run report (every method's accuracies, the scores, the selection, the configuration)")
     p.add_argument("--html", help="also write the run report as a self-contained HTML page here")
     p.set_defaults(func=run)
 
@@ -65,18 +73,33 @@ def edit_config(args: argparse.Namespace) -> EditConfig:
                            seed=args.seed, rank=args.rank))
 
 
+#: The columns of the methods table the summary prints (the rest is in the run report).
+SUMMARY_COLUMNS = {"overall": "overall", "worst group": "worst group", "error-pair classes": "pair classes",
+                   "other classes (locality)": "other classes"}
+
+
+def edit_lines(edit: EditRun) -> list[str]:
+    """One phase-2 run for people: the pairs and heads, every method on held-out images, the guard."""
+    out, rep = edit.outcome, edit.report
+    lines = [f"Error pair(s): {', '.join(f'{a} → {b}' for a, b in rep['pairs'])}; heads removed: "
+             f"{heads_text(out.heads)} ({out.identification.config.ablation} ablation).",
+             f"Accuracy on {rep['n_eval']} held-out images (edit fitted on {rep['n_adapt']} unlabelled, heads chosen on "
+             f"{rep['n_samples']} labelled; 95% intervals):"]
+    lines += cells_table(method_summary(out.report.to_dict()), SUMMARY_COLUMNS, "method")
+    lines.append(f"{out.exported} (exported): {out.verdict.summary()}")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     cache = open_cache(args)
     engine = make_engine(cache)
     ident = identify(cache, protocol(args), engine)
     heads = None if args.heads == "auto" else parse_heads(args.heads, cache.manifest.layers, cache.manifest.n_heads)
     edit = run_edit(cache, ident, engine, edit_config(args), heads, spec=ModelSpec(**cache.manifest.model),
-                    export_to=args.out, baselines=not args.no_baselines,
+                    export_to=args.out, export_format=args.format, baselines=not args.no_baselines,
                     progress=progress_bar("refine", unit="step"), extra={"heads_arg": args.heads})
-    if edit.checkpoint is not None:
-        print(f"wrote {edit.checkpoint}", file=sys.stderr)
-    print(f"{edit.outcome.exported}: {edit.outcome.verdict.summary()}", file=sys.stderr)
-    write_json(args.json, edit.report)
     if args.html:
         atomic_write_bytes(Path(args.html), render_html(edit.report).encode())
-    return 3 if args.fail_if_worse and not edit.outcome.verdict.ok else 0
+    emit(args, edit.report, edit_lines(edit),
+         [("merged checkpoint (visual.proj)", edit.checkpoint), ("HTML run report", args.html)])
+    return EXIT_WORSE if args.fail_if_worse and not edit.outcome.verdict.ok else 0

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 from ..errors import RefineClipError
 from ..features.cache import atomic_write_bytes, atomic_write_json
 from ..features.extraction import ExtractionConfig, extract, init_distributed_from_env
-from ..loading.data import load_dataset
-from ..loading.models import load_model
 from ..method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL
 from ..method.reproduce import PAPER_WATERBIRDS, markdown_table, rows_csv, run_protocol, summarise
-from .common import add_model_args, add_template_args, model_spec, positive_int, progress_bar, templates
+from .common import (add_json_arg, add_link_arg, add_model_args, add_template_args, dataset as load_data, emit,
+                     layers_arg, load, note, positive_int, progress_bar, templates)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,11 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_model_args(q)
         add_template_args(q)
         q.add_argument("--data", required=True, help="dataset folder")
+        add_link_arg(q)
         q.add_argument("--out", help="output folder (default runs/reproduce-<protocol>)")
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
         q.add_argument("--samples-per-class", type=positive_int, nargs="+",
                        default=[4, 10] if q is loc else [10, 20, 30])
-        q.add_argument("--layers", type=positive_int, default=4, help="heads of the last K layers (paper: 4)")
+        q.add_argument("--layers", type=layers_arg, default=4, help="heads of the last K layers (paper: 4) or 'all'")
         q.add_argument("--top-t", type=positive_int, default=DEFAULT_PROTOCOL.top_t)
         q.add_argument("--strategies", nargs="+", default=["diag"], choices=["diag", "full", "lora"],
                        help="the paper-faithful phase 2's maps")
@@ -45,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--steps", type=positive_int, default=DEFAULT_EDIT.paper.steps, help="paper phase 2: Adam steps")
         q.add_argument("--lr", type=float, default=DEFAULT_EDIT.paper.lr, help="paper phase 2: learning rate")
         q.add_argument("--batch-size", type=positive_int, default=64)
+        add_json_arg(q, "the summary (every method, sample size and seed aggregated) and the configuration")
     csvp.add_argument("--target-column", required=True, help="CSV column with the class label")
     csvp.add_argument("--group-column", help="CSV column with the group (e.g. a spurious attribute)")
     csvp.add_argument("--path-column", default="path", help="CSV column with the image path")
@@ -61,16 +60,16 @@ def _weights(loaded) -> str:
 def run(args: argparse.Namespace) -> int:
     init_distributed_from_env()
     out = Path(args.out or f"runs/reproduce-{args.protocol}")
-    loaded = load_model(model_spec(args))
+    loaded = load(args)
     if args.protocol == "waterbirds":
-        dataset = load_dataset(args.data, layout="waterbirds")
+        dataset = load_data(args, layout="waterbirds")
         pair = "both"
     elif args.protocol == "csv":
-        dataset = load_dataset(args.data, layout="csv", columns={"path": args.path_column, "label": args.target_column,
+        dataset = load_data(args, layout="csv", columns={"path": args.path_column, "label": args.target_column,
                                                                   "group": args.group_column})
         pair = "both"
     else:
-        dataset = load_dataset(args.data)
+        dataset = load_data(args)
         names = [t.strip() for t in args.targets.split(",")]
         if len(names) != 2:
             raise RefineClipError("--targets takes exactly two class names, e.g. --targets waterbird,landbird")
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     edit = replace(DEFAULT_EDIT, paper=replace(DEFAULT_EDIT.paper, alpha=args.alpha, beta=args.beta,
                                                steps=args.steps, lr=args.lr))
     rows = run_protocol(cache, args.samples_per_class, args.seeds, pair, edit, args.strategies,
-                        replace(DEFAULT_PROTOCOL, top_t=args.top_t), log=lambda m: print(m, file=sys.stderr))
+                        replace(DEFAULT_PROTOCOL, top_t=args.top_t), log=note)
     summary = summarise(rows)
     paper = PAPER_WATERBIRDS.get(loaded.model_name) if args.protocol == "waterbirds" else None
     header = (f"# RefineCLIP reproduction: {args.protocol}\n\nModel `{loaded.model_name}` "
@@ -94,8 +93,10 @@ def run(args: argparse.Namespace) -> int:
     if paper is None and args.protocol == "waterbirds":
         header += "(No published numbers for this model in the paper's Table 1.)\n\n"
     table = header + markdown_table(summary, paper)
+    record = {"summary": summary, "config": {k: v for k, v in vars(args).items() if k != "func"}}
     atomic_write_bytes(out / "table.md", table.encode())
     atomic_write_bytes(out / "rows.csv", rows_csv(rows).encode())
-    atomic_write_json(out / "summary.json", {"summary": summary, "config": {**vars(args), "func": None}})
-    print(table)
+    atomic_write_json(out / "summary.json", record)
+    emit(args, record, table.rstrip("\n").split("\n"),
+         [("table", out / "table.md"), ("one row per run", out / "rows.csv"), ("summary", out / "summary.json")])
     return 0

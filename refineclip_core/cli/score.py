@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache
-from ..method.protocol import DEFAULT_PROTOCOL, ProtocolConfig, identify
-from .common import positive_int, write_json
+from ..features.decomposition import HeadId
+from ..method.protocol import DEFAULT_PROTOCOL, Identification, ProtocolConfig, identify, make_engine
+from ..reporting.findings import Findings, findings
+from .common import add_json_arg, emit, layers_arg, positive_int, table
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
@@ -28,8 +32,8 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", default=d.ablation, choices=["mean", "zero"],
                    help="how the chosen heads are removed: replaced by their mean over the adaptation images "
                         "('mean', the default) or zeroed (the paper's Eq. 5)")
-    p.add_argument("--layers", type=positive_int,
-                   help="only heads of the last K cached layers (default: every cached layer)")
+    p.add_argument("--layers", type=layers_arg, default="all",
+                   help="only heads of the last K cached layers, or 'all' (the default: every cached layer)")
     p.add_argument("--fit-split", default=d.fit_split, help="split to sample from (auto: val, else train, else all)")
     p.add_argument("--eval-split", default=d.eval_split,
                    help="split to evaluate on (auto: test, else a held-out share of the rest)")
@@ -47,7 +51,7 @@ def protocol(args: argparse.Namespace) -> ProtocolConfig:
 
 def open_cache(args: argparse.Namespace) -> FeatureCache:
     cache = FeatureCache(args.cache)
-    if getattr(args, "layers", None):
+    if getattr(args, "layers", "all") != "all":
         layers = cache.manifest.layers
         if args.layers > len(layers):
             raise RefineClipError(f"The cache holds {len(layers)} layers; re-extract with --layers {args.layers}.")
@@ -60,17 +64,63 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="For an error pair, build W/C/A from a seeded sample, compute DE_A..DE_D "
                                    "(paper Eq. 6-9) for every cached head and run Algorithm 1 (Eq. 10).")
     add_protocol_args(p)
-    p.add_argument("--json", help="write the result here (default: print)")
+    add_json_arg(p, "every score of every head, the utility curves, the choice and the rows used")
     p.set_defaults(func=run)
+
+
+def heads_text(heads: list[HeadId]) -> str:
+    return ", ".join(map(str, heads)) if heads else "none"
+
+
+def identification_lines(cache: FeatureCache, ident: Identification, top: int = 3) -> list[str]:
+    """The error pair(s) with their sets, the chosen heads and why, and each score's strongest heads."""
+    out = [f"Error pair {key}: W {s['W']}, C {s['C']}, A {s['A']} among the {len(ident.sample_rows)} labelled "
+           f"samples" for key, s in ((k, v.sizes()) for k, v in ident.sets.items())]
+    sel = ident.selection
+    if sel.heads:
+        out.append(f"Heads chosen ({sel.score}, first {sel.t} of its ranking): {heads_text(sel.heads)} - utility U "
+                   f"{sel.utility:.4f} vs {sel.baseline_utility:.4f} with no head removed (Eq. 10).")
+    else:
+        out.append(f"No head chosen: no prefix of the rankings beats the utility of removing nothing "
+                   f"({sel.baseline_utility:.4f}, Eq. 10).")
+    rows = []
+    for name, hs in ident.scores.items():
+        if not hs.available:
+            rows.append([name, f"unavailable: {hs.reason}"])
+            continue
+        flat = np.asarray(hs.values, dtype=np.float64).reshape(-1)
+        order = np.argsort(-flat if hs.descending else flat, kind="stable")[:top]
+        H = hs.values.shape[1]
+        rows.append([name, "  ".join(f"{HeadId(hs.layers[i // H], int(i % H))} {flat[i]:+.3g}" for i in order)])
+    out.append(f"Most suspicious heads of each score (top {top}; highest DE_A/DE_C, lowest DE_B/DE_D):")
+    out += table(("", ""), rows, align="ll")[1:]
+    return out
+
+
+def findings_lines(f: Findings) -> list[str]:
+    """Zero-shot vs the chosen heads removed, on the held-out images (each accuracy with its 95%
+    interval and image count)."""
+    rows = [["overall", f.accuracy, f.ablated_accuracy],
+            [f"worst group ({f.worst_group_name})" if f.worst_group_name else "worst group", f.worst_group,
+             f.ablated_worst_group],
+            ["error-pair classes", f.target_accuracy, f.ablated_target_accuracy]]
+    body = [[r[0], *("–" if e is None else e.format() for e in r[1:])] for r in rows if r[1] is not None]
+    out = [f"Removing them ({f.ablation} ablation, Eq. 5) on {f.n_eval} held-out images:"]
+    out += table(("", "zero-shot", "heads removed"), body)
+    if f.ablated_worst_group_name and f.ablated_worst_group_name != f.worst_group_name:
+        out.append(f"  (with the heads removed the worst group is {f.ablated_worst_group_name})")
+    return out + [f"  note: {n}" for n in f.notes]
 
 
 def run(args: argparse.Namespace) -> int:
     cache = open_cache(args)
-    ident = identify(cache, protocol(args))
+    engine = make_engine(cache)
+    ident = identify(cache, protocol(args), engine)
+    found = findings(cache, ident, engine)
     sel = ident.selection.to_dict()
     pairs = [{"true": cache.classes[a], "pred": cache.classes[b], "true_index": a, "pred_index": b}
              for a, b in ident.pairs]
-    write_json(args.json, {
+    record = {
         "pair": pairs[0] if len(pairs) == 1 else pairs,
         "sets": {k: s.sizes() for k, s in ident.sets.items()},
         "scores": {k: s.to_list() for k, s in ident.scores.items()},
@@ -79,7 +129,9 @@ def run(args: argparse.Namespace) -> int:
         "candidates": sel["candidates"],
         "baseline_utility": sel["baseline_utility"],
         "selected": sel["selected"],
+        "findings": found.to_dict(),
         "config": {"cache": str(args.cache), **ident.config.to_dict(), "layers": cache.manifest.layers,
                    "model": cache.manifest.model, "sample_rows": ident.sample_rows.tolist()},
-    })
+    }
+    emit(args, record, identification_lines(cache, ident) + findings_lines(found))
     return 0

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..features.decomposition import HookSet, hook_modules
+from ..features.zeroshot import fill_template
 from .world import (
     CLASSES,
     TARGET_CLASSES,
@@ -284,7 +285,7 @@ def class_text_embeddings(model: torch.nn.Module, tokenizer: Callable, classes: 
     """L2-normalised class embeddings, averaged over ``templates`` (classes × embed_dim)."""
     rows = []
     for c in classes:
-        emb = F.normalize(model.encode_text(tokenizer([t.format(c) for t in templates])).float(), dim=-1)
+        emb = F.normalize(model.encode_text(tokenizer([fill_template(t, c) for t in templates])).float(), dim=-1)
         rows.append(F.normalize(emb.mean(0), dim=-1))
     return torch.stack(rows)
 
@@ -384,7 +385,7 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
         f"{time.time() - t0:.1f}s")
 
     full_table = model.token_embedding
-    prompts = tokenizer([t.format(c) for c in CLASSES for t in ZERO_SHOT_TEMPLATES])
+    prompts = tokenizer([fill_template(t, c) for c in CLASSES for t in ZERO_SHOT_TEMPLATES])
     model.token_embedding = CompactTokenEmbedding(full_table, torch.cat([caps.tokens.flatten(), prompts.flatten()]))
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(

@@ -326,7 +326,6 @@ def assemble(
     """Map residual-stream parts through the frozen ``ln_post`` and ``P`` (Eq. 3)."""
     ln = visual.ln_post
     resid = captured["ln_post.in"]                                      # (B, D) CLS row
-    mean = resid.mean(-1, keepdim=True)
     sigma = (resid.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
     gamma = ln.weight if ln.weight is not None else torch.ones_like(resid[0])
     proj = visual.proj

@@ -165,11 +165,13 @@ def parts_dtype(model_dtype: torch.dtype, store: Store) -> np.dtype:
     return {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}.get(store, storage_dtype(model_dtype))
 
 
-def load_batch(loaded: LoadedModel, records: Sequence[ImageRecord], start: int, *, min_side: int | None = None
+def load_batch(loaded: LoadedModel, records: Sequence[ImageRecord], start: int,
+               roots: Sequence[str] | None = None, *, min_side: int | None = None
                ) -> tuple[torch.Tensor | None, list[int], list[SkippedFile]]:
-    """Decode and preprocess records in the calling thread (reduced JPEG decoding with ``min_side``,
-    e.g. a cache's ``manifest.decode_min_side``); returns the tensor, their record indices and skips."""
-    batch = decode_batch(records, start, loaded.preprocess, min_side)
+    """Decode and preprocess records in the calling thread; returns the tensor, their record indices
+    and skips. ``roots`` confines every read (:mod:`refineclip_core.loading.confine`); ``min_side``
+    decodes JPEGs at a reduced scale (e.g. a cache's ``manifest.decode_min_side``)."""
+    batch = decode_batch(records, start, loaded.preprocess, min_side, roots)
     return batch.to(loaded.device, loaded.dtype), batch.keep, batch.skipped
 
 
@@ -259,7 +261,8 @@ def extract(
     spans = [(i, b, min(b + cfg.batch_size, i * manifest.shard_size + shard_len(i)))
              for i in todo for b in range(i * manifest.shard_size, i * manifest.shard_size + shard_len(i), cfg.batch_size)]
     batches = iter_batches(dataset.records, [(a, b) for _, a, b in spans], loaded.preprocess,
-                           manifest.decode_min_side, cfg.decode, pin=loaded.device.type == "cuda")
+                           manifest.decode_min_side, cfg.decode, pin=loaded.device.type == "cuda",
+                           roots=dataset.roots)
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("embedding", "heads", "remainders", "index")}
     skipped: list[SkippedFile] = []
     try:

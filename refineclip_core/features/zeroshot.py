@@ -1,13 +1,14 @@
 """Zero-shot classification: class names and prompt templates to text embeddings.
 
 ``E_text(y)`` (paper §2.1) is the L2-normalised mean of the normalised embeddings of the
-class name put into each template. Predictions use cosine similarity times the model's
+class name put into each template. Templates and class names are data, never format strings:
+:func:`fill_template` puts the name in place of the template's one ``{}``, literally, and
+keeps every other brace as written. Predictions use cosine similarity times the model's
 ``logit_scale.exp()`` (the softmax temperature CLIP was trained with).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -37,13 +38,26 @@ def read_templates(path: str | Path) -> list[str]:
 
 
 def validate_templates(templates: Sequence[str]) -> list[str]:
+    """The non-blank templates, each with exactly one ``{}`` (other braces are kept as written)."""
+    if isinstance(templates, str) or any(not isinstance(t, str) for t in templates):
+        raise RefineClipError("Give the prompt templates as a list of strings, e.g. ['a photo of a {}.'].")
     templates = [t for t in templates if t.strip()]
     if not templates:
         raise RefineClipError("Give at least one prompt template, e.g. 'a photo of a {}.'.")
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
-        raise RefineClipError(f"Each template needs exactly one '{{}}' for the class name; check {bad[0]!r}.")
+        shown = bad[0] if len(bad[0]) <= 80 else bad[0][:60] + "..."
+        raise RefineClipError(f"Each template needs exactly one '{{}}' for the class name; check {shown!r}.")
     return list(templates)
+
+
+def fill_template(template: str, name: str) -> str:
+    """The prompt for class ``name``: ``template`` with its first ``{}`` replaced by ``name``
+    literally (no ``str.format``: ``'a {} {0}'`` gives ``'a cat {0}'``, a name ``'{}'`` stays ``'{}'``)."""
+    head, found, tail = template.partition("{}")
+    if not found:
+        raise RefineClipError(f"The template {template[:80]!r} has no '{{}}' for the class name.")
+    return head + name + tail
 
 
 @torch.inference_mode()
@@ -62,7 +76,7 @@ def class_text_embeddings(loaded: LoadedModel, classes: Sequence[str], templates
     templates = validate_templates(templates)
     if not classes:
         raise RefineClipError("No class names to build a zero-shot classifier from.")
-    prompts = [t.format(c) for c in classes for t in templates]
+    prompts = [fill_template(t, str(c)) for c in classes for t in templates]
     emb = encode_texts(loaded, prompts).view(len(classes), len(templates), -1).mean(1)
     return torch.nn.functional.normalize(emb, dim=-1).numpy().astype(np.float32)
 

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 
 from ..errors import ImageLoadError, RefineClipError
+from .confine import Roots
 from .data import ImageRecord, SkippedFile, load_image
 
 #: Reduced JPEG decoding keeps both sides at least this many times the model's input size.
@@ -64,24 +65,25 @@ class DecodeConfig:
         return max(1, min(8, usable))
 
 
-def input_size(loaded) -> int:
-    """The model's input side in pixels (the larger one for a non-square input)."""
+def input_size(loaded) -> int | None:
+    """The model's input side in pixels (the larger one for a non-square input; None if unknown)."""
     size = getattr(loaded.visual, "image_size", None)
     if isinstance(size, (tuple, list)):
         return int(max(size))
-    if isinstance(size, int):
-        return size
-    raise RefineClipError("Cannot tell the model's input size (its visual tower has no image_size).")
+    return int(size) if isinstance(size, int) else None
 
 
 def decode_min_side(loaded, exact: bool) -> int | None:
-    """The ``min_side`` that reduced decoding uses for ``loaded`` (None: exact decoding)."""
-    return None if exact else DRAFT_FACTOR * input_size(loaded)
+    """The ``min_side`` that reduced decoding uses for ``loaded`` (None: exact decoding, also when the
+    model's input size is unknown)."""
+    size = input_size(loaded)
+    return None if exact or size is None else DRAFT_FACTOR * size
 
 
-def prepare_image(path: str, preprocess: Callable, min_side: int | None) -> torch.Tensor:
-    """One image as the model's input tensor: decode (reduced when ``min_side``), then the exact transform."""
-    return preprocess(load_image(path, min_side=min_side))
+def prepare_image(path: str, preprocess: Callable, min_side: int | None, roots: Roots = None) -> torch.Tensor:
+    """One image as the model's input tensor: decode (reduced when ``min_side``; reads confined to
+    ``roots``), then the exact transform."""
+    return preprocess(load_image(path, roots, min_side=min_side))
 
 
 @dataclass
@@ -104,9 +106,9 @@ class Batch:
         return self.images.to(device=device, dtype=dtype, non_blocking=self.images.is_pinned())
 
 
-def _one(path: str, preprocess: Callable, min_side: int | None) -> torch.Tensor | SkippedFile:
+def _one(path: str, preprocess: Callable, min_side: int | None, roots: Roots) -> torch.Tensor | SkippedFile:
     try:
-        return prepare_image(path, preprocess, min_side)
+        return prepare_image(path, preprocess, min_side, roots)
     except ImageLoadError as exc:
         return SkippedFile(path, str(exc))
     except Exception as exc:  # a preprocessing failure on an odd image must not stop the run
@@ -125,24 +127,25 @@ def _collate(start: int, outputs: Sequence[torch.Tensor | SkippedFile]) -> Batch
 
 
 def decode_batch(records: Sequence[ImageRecord], start: int, preprocess: Callable,
-                 min_side: int | None) -> Batch:
+                 min_side: int | None, roots: Roots = None) -> Batch:
     """Decode and transform ``records`` in the calling thread (record ``i`` has index ``start + i``)."""
-    return _collate(start, [_one(r.path, preprocess, min_side) for r in records])
+    return _collate(start, [_one(r.path, preprocess, min_side, roots) for r in records])
 
 
 class _Spans(torch.utils.data.Dataset):
     """Worker-process side: item ``i`` is the whole batch ``spans[i]`` (a picklable dataset)."""
 
     def __init__(self, paths: Sequence[str], spans: Sequence[tuple[int, int]], preprocess: Callable,
-                 min_side: int | None) -> None:
+                 min_side: int | None, roots: Roots) -> None:
         self.paths, self.spans, self.preprocess, self.min_side = list(paths), list(spans), preprocess, min_side
+        self.roots = None if roots is None else tuple(map(str, roots))
 
     def __len__(self) -> int:
         return len(self.spans)
 
     def __getitem__(self, i: int) -> Batch:
         a, b = self.spans[i]
-        return _collate(a, [_one(p, self.preprocess, self.min_side) for p in self.paths[a:b]])
+        return _collate(a, [_one(p, self.preprocess, self.min_side, self.roots) for p in self.paths[a:b]])
 
 
 def _first(items: list) -> object:
@@ -150,19 +153,21 @@ def _first(items: list) -> object:
 
 
 def iter_batches(records: Sequence[ImageRecord], spans: Sequence[tuple[int, int]], preprocess: Callable,
-                 min_side: int | None, cfg: DecodeConfig = DecodeConfig(), pin: bool = False) -> Iterator[Batch]:
+                 min_side: int | None, cfg: DecodeConfig = DecodeConfig(), pin: bool = False,
+                 roots: Roots = None) -> Iterator[Batch]:
     """The batches ``records[a:b]`` for each ``(a, b)`` of ``spans``, in order, decoded by ``cfg``'s
-    workers up to ``cfg.prefetch`` batches ahead; ``pin`` puts them in page-locked memory (CUDA)."""
+    workers up to ``cfg.prefetch`` batches ahead (reads confined to ``roots``); ``pin`` puts them in
+    page-locked memory (CUDA)."""
     workers = cfg.n_workers()
     paths = [r.path for r in records]
     if workers == 0 or len(spans) == 0:
         for a, b in spans:
-            batch = decode_batch(records[a:b], a, preprocess, min_side)
+            batch = decode_batch(records[a:b], a, preprocess, min_side, roots)
             yield batch.pin_memory() if pin else batch
         return
     if cfg.kind == "process":
         loader = torch.utils.data.DataLoader(
-            _Spans(paths, spans, preprocess, min_side), batch_size=1, shuffle=False, num_workers=workers,
+            _Spans(paths, spans, preprocess, min_side, roots), batch_size=1, shuffle=False, num_workers=workers,
             collate_fn=_first, pin_memory=pin, prefetch_factor=max(1, -(-cfg.prefetch // workers)))
         yield from loader
         return
@@ -174,7 +179,7 @@ def iter_batches(records: Sequence[ImageRecord], spans: Sequence[tuple[int, int]
             span = next(upcoming, None)
             if span is not None:
                 a, b = span
-                pending.append((a, [pool.submit(_one, p, preprocess, min_side) for p in paths[a:b]]))
+                pending.append((a, [pool.submit(_one, p, preprocess, min_side, roots) for p in paths[a:b]]))
 
         for _ in range(cfg.prefetch + 1):
             submit()

@@ -12,6 +12,13 @@ left out with a reason (:class:`SkippedFile`). Layouts:
 Images are decoded by :func:`load_image` (Pillow, EXIF orientation applied, any mode to RGB,
 decompression-bomb guard on). A file that cannot be decoded never stops a run: extraction
 records it as skipped with the reason.
+
+Symbolic links: class folders and the folders below them are treated alike. A folder link is
+followed unless it points at the data folder, above it or at a folder already listed (a loop).
+With ``roots`` (the dashboard, see :mod:`refineclip_core.loading.confine`) files and folders
+whose links leave those folders are skipped with :data:`~refineclip_core.loading.confine.OUTSIDE_REASON`,
+and every read checks the file actually opened again; without ``roots`` (the CLI) links are
+followed wherever they point.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import DataError, ImageLoadError
+from ..errors import DataError, ImageLoadError, OutsideRootsError
+from .confine import OUTSIDE_REASON, Roots, SpecialFileError, is_inside, leaves_roots, open_confined, resolve_roots
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 WATERBIRDS_CLASSES = ("landbird", "waterbird")
@@ -68,6 +76,7 @@ class ImageDataset:
     classes: list[str]
     layout: str
     skipped: list[SkippedFile] = field(default_factory=list)
+    roots: tuple[str, ...] | None = None   # folders every image must be read from (None: follow links)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -99,7 +108,7 @@ class ImageDataset:
         return replace(self, classes=[n.strip() for n in names])
 
 
-def load_image(path: str | os.PathLike, *, min_side: int | None = None) -> Image.Image:
+def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | None = None) -> Image.Image:
     """Decode one image file into an RGB :class:`PIL.Image.Image`.
 
     Applies the EXIF orientation, takes the first frame of animations, centre-crops extreme
@@ -107,23 +116,25 @@ def load_image(path: str | os.PathLike, *, min_side: int | None = None) -> Image
     composites transparency on white. With ``min_side``, a JPEG is decoded at a reduced
     scale whose sides are still at least ``min_side`` (:func:`reduce_on_decode`). Raises
     :class:`ImageLoadError` with a specific reason for anything it cannot decode, including
-    images over Pillow's decompression-bomb limit (the guard stays on).
+    images over Pillow's decompression-bomb limit (the guard stays on), devices and pipes, and
+    (with ``roots``) files that resolve outside those folders when opened.
     """
     path = str(path)
     try:
-        if os.stat(path).st_size == 0:
-            raise ImageLoadError("empty file (0 bytes), not an image Pillow can identify")
-    except OSError:
-        pass  # a missing/unreadable/looping path gets its specific reason below
-    try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_confined(path, resolve_roots(roots)) as fh:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise ImageLoadError("empty file (0 bytes), not an image Pillow can identify")
+            with Image.open(fh) as img:
                 img.seek(0)
                 reduce_on_decode(img, min_side)
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(_limit_aspect(img))
+    except OutsideRootsError as exc:
+        raise ImageLoadError(OUTSIDE_REASON) from exc
+    except SpecialFileError as exc:
+        raise ImageLoadError("not a regular file (a device, pipe or socket)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(f"image too large (decompression-bomb guard): {exc}") from exc
     except Image.UnidentifiedImageError as exc:
@@ -188,10 +199,10 @@ def _is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def detect_layout(root: Path) -> str:
+def detect_layout(root: Path, roots: Roots = None) -> str:
     meta = root / METADATA_NAME
     if meta.is_file():
-        return csv_layout(_read_csv_header(meta))
+        return csv_layout(_read_csv_header(meta, roots))
     return "folder"
 
 
@@ -200,18 +211,22 @@ def csv_layout(header: Sequence[str]) -> str:
     return "waterbirds" if {"img_filename", "y", "place"} <= {h.strip() for h in header} else "csv"
 
 
-def _read_csv_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
-        return [h.strip() for h in next(csv.reader(fh), [])]
+def _read_csv_header(path: Path, roots: Roots = None) -> list[str]:
+    with open_confined(path, resolve_roots(roots)) as fh:
+        text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="replace", newline="")
+        return [h.strip() for h in next(csv.reader(text), [])]
 
 
 def load_dataset(path: str | os.PathLike, layout: str = "auto", split: str | None = None,
-                 columns: dict[str, str | None] | None = None) -> ImageDataset:
+                 columns: dict[str, str | None] | None = None, roots: Roots = None) -> ImageDataset:
     """Build the list of labelled images under ``path`` (see the module docstring).
 
     ``columns`` renames the CSV columns read by the ``csv`` layout, e.g.
-    ``{"label": "Young", "group": "Male"}`` for a CelebA-style ``metadata.csv``.
+    ``{"label": "Young", "group": "Male"}`` for a CelebA-style ``metadata.csv``. ``roots``
+    confines every file read (now and when the images are decoded) to those folders; links
+    leaving them are skipped with the reason :data:`~refineclip_core.loading.confine.OUTSIDE_REASON`.
     """
+    resolved_roots = resolve_roots(roots)
     root = Path(path).expanduser()
     if root.is_file() and root.name.endswith(".csv"):
         meta_override, root = root, root.parent
@@ -222,50 +237,88 @@ def load_dataset(path: str | os.PathLike, layout: str = "auto", split: str | Non
     if not root.is_dir():
         raise DataError(f"Data path '{path}' is not a folder (give a folder of class sub-folders or with metadata.csv).")
     root = root.resolve()
+    if resolved_roots is not None and not is_inside(root, resolved_roots):
+        raise OutsideRootsError(f"Data path '{path}' is outside the allowed folders "
+                                f"({', '.join(map(str, resolved_roots))}); move the data below one of them.")
     if layout == "auto":
-        layout = "csv" if meta_override else detect_layout(root)
+        layout = "csv" if meta_override else detect_layout(root, resolved_roots)
     if layout == "folder":
-        ds = _load_folder(root)
+        ds = _load_folder(root, resolved_roots)
     elif layout in ("csv", "waterbirds"):
         ds = _load_csv(root, meta_override or root / METADATA_NAME, waterbirds=layout == "waterbirds",
-                       columns=columns)
+                       columns=columns, roots=resolved_roots)
     else:
         raise DataError(f"Unknown layout '{layout}'; use auto, folder, csv or waterbirds.")
+    if resolved_roots is not None:
+        ds.roots = tuple(map(str, resolved_roots))
     if not ds.records:
         reasons = f" ({len(ds.skipped)} files skipped, e.g. {ds.skipped[0].reason})" if ds.skipped else ""
         raise DataError(f"No usable images found in '{path}'{reasons}.")
     return ds.subset(split)
 
 
-def _walk_images(folder: Path, root: Path, skipped: list[SkippedFile]) -> list[Path]:
-    """Image files below ``folder``, sorted, following no symlinked folders and no hidden files."""
+def _folder_link_refusal(link: Path, root: Path, visited: set[Path], roots: Sequence[Path] | None) -> str | None:
+    """Why the folder link ``link`` is not followed (None: follow it): it leaves ``roots``, or
+    points at the data folder, above it or at a folder already listed (a loop)."""
+    if leaves_roots(link, roots):
+        return OUTSIDE_REASON
+    try:
+        target = link.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return "symbolic link loop, not followed"
+    if target == root or target in root.parents or target in visited:
+        return "symbolic link to the data folder, above it or to a folder already listed (loop), not followed"
+    return None
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop: listed as a file, whose read then reports the loop
+        return False
+
+
+def _walk_images(folder: Path, root: Path, skipped: list[SkippedFile], roots: Sequence[Path] | None = None) -> list[Path]:
+    """Image files below ``folder``, sorted, without hidden files; folder links are followed
+    unless :func:`_folder_link_refusal` says why not, file links leaving ``roots`` are skipped."""
     out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False, onerror=lambda e: skipped.append(
-            SkippedFile(str(getattr(e, "filename", folder)), f"folder unreadable ({e.strerror or e})"))):
-        kept = []
-        for d in sorted(dirnames):
-            sub = Path(dirpath) / d
-            if d.startswith("."):
-                skipped.append(SkippedFile(str(sub), "hidden folder (name starts with '.'), not searched"))
-            elif sub.is_symlink():
-                skipped.append(SkippedFile(str(sub), "symbolic link to a folder, not followed"))
-            else:
-                kept.append(d)
-        dirnames[:] = kept
-        for name in sorted(filenames):
-            full = Path(dirpath) / name
-            if name.startswith("."):
+    visited = {folder.resolve()}
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append(SkippedFile(str(current), f"folder unreadable ({exc.strerror or exc})"))
+            continue
+        subdirs: list[Path] = []
+        for entry in entries:
+            full = Path(current) / entry.name
+            if _is_dir(entry):  # follows links; a loop or a dangling link is not a folder
+                if entry.name.startswith("."):
+                    skipped.append(SkippedFile(str(full), "hidden folder (name starts with '.'), not searched"))
+                    continue
+                why = _folder_link_refusal(full, root, visited, roots) if entry.is_symlink() else None
+                if why:
+                    skipped.append(SkippedFile(str(full), why))
+                    continue
+                visited.add(full.resolve())
+                subdirs.append(full)
+            elif entry.name.startswith("."):
                 skipped.append(SkippedFile(str(full), "hidden file (name starts with '.')"))
-                continue
-            if not _is_image_name(name):
-                if name != METADATA_NAME:
+            elif not _is_image_name(entry.name):
+                if entry.name != METADATA_NAME:
                     skipped.append(SkippedFile(str(full), "not an image file extension"))
-                continue
-            out.append(full)
+            elif entry.is_symlink() and leaves_roots(full, roots):
+                skipped.append(SkippedFile(str(full), OUTSIDE_REASON))
+            else:
+                out.append(full)
+        stack.extend(reversed(subdirs))  # depth first, in name order
     return out
 
 
-def _load_folder(root: Path) -> ImageDataset:
+def _load_folder(root: Path, roots: Sequence[Path] | None = None) -> ImageDataset:
     skipped: list[SkippedFile] = []
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
@@ -275,12 +328,11 @@ def _load_folder(root: Path) -> ImageDataset:
     records: list[ImageRecord] = []
     classes: list[str] = []
     for class_dir in class_dirs:
-        if class_dir.is_symlink():
-            target = class_dir.resolve()
-            if target == root or target in root.parents:
-                skipped.append(SkippedFile(str(class_dir), "class folder is a symbolic link to the data folder or above it (loop)"))
-                continue
-        files = _walk_images(class_dir, root, skipped)
+        why = _folder_link_refusal(class_dir, root, set(), roots) if class_dir.is_symlink() else None
+        if why:
+            skipped.append(SkippedFile(str(class_dir), "class folder: " + why))
+            continue
+        files = _walk_images(class_dir, root, skipped, roots)
         if not files:
             skipped.append(SkippedFile(str(class_dir), "class folder contains no images"))
             continue
@@ -292,25 +344,29 @@ def _load_folder(root: Path) -> ImageDataset:
     return ImageDataset(str(root), records, classes, "folder", skipped)
 
 
-def _load_csv(root: Path, meta: Path, waterbirds: bool, columns: dict[str, str | None] | None = None) -> ImageDataset:
+def _load_csv(root: Path, meta: Path, waterbirds: bool, columns: dict[str, str | None] | None = None,
+              roots: Sequence[Path] | None = None) -> ImageDataset:
     try:
-        text = meta.read_bytes().decode("utf-8-sig")
+        with open_confined(meta, roots) as fh:
+            text = fh.read().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"'{meta}' is not UTF-8 text ({exc}).") from exc
-    except OSError as exc:
-        raise DataError(f"Cannot read '{meta}' ({exc.strerror or exc}).") from exc
-    return parse_metadata(text, root, waterbirds=waterbirds, source=str(meta), columns=columns)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"Cannot read '{meta}' ({getattr(exc, 'strerror', None) or exc}).") from exc
+    return parse_metadata(text, root, waterbirds=waterbirds, source=str(meta), columns=columns, roots=roots)
 
 
 def parse_metadata(text: str, root: Path, waterbirds: bool | None = None, source: str = METADATA_NAME,
-                   columns: dict[str, str | None] | None = None) -> ImageDataset:
+                   columns: dict[str, str | None] | None = None, roots: Roots = None) -> ImageDataset:
     """Parse ``metadata.csv`` text into a dataset (paths resolved below ``root``).
 
     Rows whose path escapes ``root``, is missing or has an empty label are skipped with a
     reason; a header without the needed columns raises :class:`DataError`. ``columns`` maps
     ``path``/``label``/``group``/``split`` to other column names (``None`` drops one).
-    ``waterbirds=None`` reads the layout from the header (:func:`csv_layout`).
+    ``waterbirds=None`` reads the layout from the header (:func:`csv_layout`). ``roots``
+    confines the images' reads as in :func:`load_dataset`.
     """
+    resolved_roots = resolve_roots(roots)
     col = {"path": "path", "label": "label", "group": "group", "split": "split"}
     col.update({k: v for k, v in (columns or {}).items() if k in col})
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
@@ -357,7 +413,9 @@ def parse_metadata(text: str, root: Path, waterbirds: bool | None = None, source
             skipped.append(SkippedFile(str(full), "path cannot be resolved (symlink loop, NUL byte or too long)"))
             continue
         if root_resolved not in resolved.parents:
-            skipped.append(SkippedFile(rel, "path points outside the data folder"))
+            linked = root_resolved in Path(os.path.normpath(root_resolved / rel)).parents  # named inside, resolves outside
+            outside = linked and resolved_roots is not None and not is_inside(resolved, resolved_roots)
+            skipped.append(SkippedFile(rel, OUTSIDE_REASON if outside else "path points outside the data folder"))
             continue
         try:
             is_file = resolved.is_file()
@@ -373,7 +431,8 @@ def parse_metadata(text: str, root: Path, waterbirds: bool | None = None, source
         classes = sorted({r[1] for r in rows})
     index = {c: i for i, c in enumerate(classes)}
     records = [ImageRecord(p, index[l], g, s) for p, l, g, s in rows]
-    return ImageDataset(str(root), records, classes, "waterbirds" if waterbirds else "csv", skipped)
+    return ImageDataset(str(root), records, classes, "waterbirds" if waterbirds else "csv", skipped,
+                        None if resolved_roots is None else tuple(map(str, resolved_roots)))
 
 
 def _csv_rows(reader: csv.DictReader, source: str) -> Iterable[dict]:

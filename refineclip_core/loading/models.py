@@ -7,7 +7,15 @@ configuration of every JSON output); :func:`load_model` turns it into a :class:`
 Checkpoints are read with ``torch.load(..., weights_only=True)`` or safetensors only: a
 pickle that tries to run code is refused. ``module.`` prefixes (DDP) and open_clip training
 checkpoints (``{"state_dict": ..., "epoch": ...}``) are accepted. A checkpoint for another
-architecture is refused with the mismatching keys named.
+architecture is refused with the mismatching keys named. A Hugging Face ``transformers`` CLIP
+(a ``save_pretrained`` folder, or its weights with ``config.json`` beside them) is converted into
+the equivalent open_clip model by :mod:`~refineclip_core.loading.hf_clip`; its config names the
+architecture.
+
+Before ``open_clip`` allocates anything, the architecture's config is sized
+(:mod:`refineclip_core.loading.budget`) and a model over the memory budget is refused. A spec
+with ``roots`` (the dashboard's) reads its checkpoint and config only if the files actually
+opened lie inside those folders (:mod:`refineclip_core.loading.confine`).
 """
 
 from __future__ import annotations
@@ -20,16 +28,20 @@ import os
 import pickle
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from ..errors import CheckpointError, RefineClipError
+from ..home import APP_DIR
+from . import hf_clip
+from .budget import check_model_budget
+from .confine import confined_path, open_confined, read_bytes, resolve_roots
 
 DEMO_MODEL = "demo"
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
+ASSETS_DIR = APP_DIR / "assets"
 DEMO_DIR = ASSETS_DIR / "demo"
 DEMO_MODEL_NAME = "refineclip-demo"
 
@@ -43,8 +55,10 @@ class ModelSpec:
     ``name`` is an open_clip architecture name (``ViT-B-16``), ``"demo"`` for the embedded
     demonstration model, or any name when ``model_config`` points at a config JSON (the schema
     of open_clip's ``model_configs``). Weights come from ``pretrained`` (an open_clip tag,
-    downloaded on machines that can) or ``checkpoint`` (a local file); with neither, the
-    weights are random (useful for tests and timing only).
+    downloaded on machines that can) or ``checkpoint`` (a local file, or a Hugging Face
+    ``transformers`` CLIP folder — then ``name`` only labels the model); with neither, the
+    weights are random (useful for tests and timing only). ``roots`` (the dashboard sets it)
+    confines reading the checkpoint and config to those folders; None follows links anywhere.
     """
 
     name: str
@@ -53,17 +67,21 @@ class ModelSpec:
     model_config: str | None = None
     device: str = "cpu"
     precision: str = "fp32"
+    roots: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.roots is not None and not isinstance(self.roots, tuple):  # e.g. a list from JSON
+            object.__setattr__(self, "roots", tuple(str(r) for r in self.roots))
 
     def resolved(self) -> "ModelSpec":
         """The demo shorthand expanded into its committed config and checkpoint."""
         if self.name != DEMO_MODEL:
             return self
-        return ModelSpec(
+        return replace(
+            self,
             name=DEMO_MODEL_NAME,
             checkpoint=self.checkpoint or str(_demo_checkpoint()),
             model_config=self.model_config or str(DEMO_DIR / f"{DEMO_MODEL_NAME}.json"),
-            device=self.device,
-            precision=self.precision,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,11 +91,21 @@ class ModelSpec:
         """A hash that changes when the architecture, the weights or the precision change."""
         spec = self.resolved()
         h = hashlib.sha256()
-        h.update(json.dumps({k: v for k, v in asdict(spec).items() if k != "device"}, sort_keys=True).encode())
-        for path in (spec.checkpoint, spec.model_config):
+        h.update(json.dumps({k: v for k, v in asdict(spec).items() if k not in ("device", "roots")},
+                            sort_keys=True).encode())
+        for path in (*_checkpoint_files(spec.checkpoint, spec.roots), spec.model_config):
             if path and os.path.isfile(path):
-                h.update(file_digest(path).encode())
+                h.update(file_digest(path, spec.roots).encode())
         return h.hexdigest()[:16]
+
+
+def _checkpoint_files(checkpoint: str | None, roots=None) -> tuple[str | Path | None, ...]:
+    """The files behind ``checkpoint``: itself, or a transformers folder's config and weights."""
+    try:
+        hf = hf_clip.find_hf_checkpoint(checkpoint, roots)
+    except CheckpointError:  # a broken transformers folder: loading it says what is wrong
+        hf = None
+    return hf.files() if hf else (checkpoint,)
 
 
 def _demo_checkpoint() -> Path:
@@ -88,10 +116,10 @@ def _demo_checkpoint() -> Path:
     return DEMO_DIR / f"{DEMO_MODEL_NAME}.safetensors"
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes (streamed)."""
+def file_digest(path: str | os.PathLike, roots=None, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (streamed; read only inside ``roots`` when given)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_confined(path, resolve_roots(roots)) as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -129,27 +157,45 @@ class LoadedModel:
         return repr(self.preprocess)
 
 
-def _register_config(name: str, config_path: str) -> str:
-    """Make a config JSON known to open_clip and return the name it is registered under.
+#: Largest model config JSON read (open_clip's are 1-2 kB).
+MAX_CONFIG_BYTES = 1_000_000
+
+
+def _register_config(name: str, config_path: str, roots=None) -> str:
+    """Make a config JSON known to open_clip and return the name it is registered under (see
+    :func:`register_config_dict`). The file is read only inside ``roots`` when given, and only up
+    to :data:`MAX_CONFIG_BYTES`."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise RefineClipError(f"Model config '{config_path}' does not exist; pass an open_clip config JSON file.")
+    try:
+        data = read_bytes(path, resolve_roots(roots), limit=MAX_CONFIG_BYTES)
+    except OSError as exc:
+        raise RefineClipError(f"Model config '{config_path}' cannot be read ({exc.strerror or exc}).") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise RefineClipError(f"Model config '{config_path}' is larger than {MAX_CONFIG_BYTES // 1000} kB; an open_clip "
+                              "config JSON is a few kB, so this is not one.")
+    try:
+        cfg = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise RefineClipError(f"Model config '{config_path}' is not valid JSON ({str(exc)[:200]}).") from exc
+    if isinstance(cfg, dict) and isinstance(cfg.get("model_cfg"), dict):  # hub-style open_clip_config.json
+        cfg = cfg["model_cfg"]
+    if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
+        raise RefineClipError(
+            f"Model config '{config_path}' lacks 'vision_cfg'/'text_cfg'; use open_clip's model config schema."
+        )
+    return register_config_dict(name, cfg)
+
+
+def register_config_dict(name: str, cfg: Mapping[str, Any]) -> str:
+    """Make an open_clip model config known to open_clip and return the name it is registered under.
 
     open_clip's registry is shared by the whole process (every dashboard session), so the
     name is ``<name>-<hash of the config>``: two different configs uploaded under the same file
     name never replace each other, and the same config is registered once."""
     import open_clip
 
-    path = Path(config_path)
-    if not path.is_file():
-        raise RefineClipError(f"Model config '{config_path}' does not exist; pass an open_clip config JSON file.")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RefineClipError(f"Model config '{config_path}' is not valid JSON ({exc}).") from exc
-    if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
-        raise RefineClipError(
-            f"Model config '{config_path}' lacks 'vision_cfg'/'text_cfg'; use open_clip's model config schema."
-        )
-    if "model_cfg" in cfg:  # hub-style open_clip_config.json
-        cfg = cfg["model_cfg"]
     text = json.dumps(cfg, indent=1, sort_keys=True)
     registered = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
     registry_dir = Path(tempfile.gettempdir()) / "refineclip-model-configs"
@@ -163,37 +209,21 @@ def _register_config(name: str, config_path: str) -> str:
     return registered
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, roots=None) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely and return a plain ``name -> tensor`` state dict.
 
     Accepts safetensors, and torch files holding a state dict or a training checkpoint with a
-    ``state_dict`` entry; strips ``module.`` prefixes. Never unpickles arbitrary objects.
+    ``state_dict`` entry; strips ``module.`` prefixes. Never unpickles arbitrary objects. With
+    ``roots`` the file actually opened must lie inside those folders.
     """
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint '{path}' does not exist.")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-
-            state = load_file(path, device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"Checkpoint '{path}' is not a readable safetensors file ({exc}).") from exc
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "global" not in str(exc).lower():
-                raise CheckpointError(
-                    f"Checkpoint '{path}' could not be read: the safe (weights-only) loader rejected it as not a "
-                    "plain tensor checkpoint. Re-save it as a state dict or as .safetensors."
-                ) from exc
-            raise CheckpointError(
-                f"Checkpoint '{path}' was refused: it contains Python objects other than tensors and loading it "
-                "could run code. Re-save it as a plain state dict or as .safetensors."
-            ) from exc
-        except Exception as exc:
-            raise CheckpointError(f"Checkpoint '{path}' could not be read as a torch file ({exc}).") from exc
+    try:
+        with confined_path(path, resolve_roots(roots)) as name:
+            state = _read_state(path, name)
+    except OSError as exc:
+        raise CheckpointError(f"Checkpoint '{path}' cannot be read ({exc.strerror or exc}).") from exc
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not state:
@@ -209,6 +239,33 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not out:
         raise CheckpointError(f"Checkpoint '{path}' contains no tensors.")
     return out
+
+
+def _read_state(path: str, name: str) -> Any:
+    """The object stored in checkpoint ``path``, read from ``name`` (the same file, see ``confined_path``)."""
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+
+            state = load_file(name, device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"Checkpoint '{path}' is not a readable safetensors file ({exc}).") from exc
+    else:
+        try:
+            state = torch.load(name, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "global" not in str(exc).lower():
+                raise CheckpointError(
+                    f"Checkpoint '{path}' could not be read: the safe (weights-only) loader rejected it as not a "
+                    "plain tensor checkpoint. Re-save it as a state dict or as .safetensors."
+                ) from exc
+            raise CheckpointError(
+                f"Checkpoint '{path}' was refused: it contains Python objects other than tensors and loading it "
+                "could run code. Re-save it as a plain state dict or as .safetensors."
+            ) from exc
+        except Exception as exc:
+            raise CheckpointError(f"Checkpoint '{path}' could not be read as a torch file ({exc}).") from exc
+    return state
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
@@ -236,14 +293,18 @@ def load_state_dict_checked(model: torch.nn.Module, state: Mapping[str, torch.Te
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(repr(k) for k in unexpected[:3])})")
         raise CheckpointError(
             f"Checkpoint '{source}' does not fit architecture '{model_name}': {'; '.join(parts)}. "
-            "Pass the --model (or --model-config) the checkpoint was trained with."
+            "Pass the --model (or --model-config) the checkpoint was trained with." + hf_clip.hf_key_hint(unexpected)
         )
     model.load_state_dict(state, strict=True)
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
-    """Build the open_clip model described by ``spec`` (eval mode, on ``spec.device``)."""
+def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) -> LoadedModel:
+    """Build the open_clip model described by ``spec`` (eval mode, on ``spec.device``).
+
+    The architecture's config is sized first and refused above ``memory_budget`` (bytes or a
+    size like ``"16GB"``; default :func:`refineclip_core.loading.budget.memory_budget`)."""
     import open_clip
+    from open_clip.model import set_model_preprocess_cfg
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     spec_r = spec.resolved()
@@ -253,8 +314,15 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             f"The embedded demo checkpoint '{spec_r.checkpoint}' is missing; run "
             "'python -m refineclip_core.demo.train --out assets/demo' to rebuild it."
         )
-    if spec_r.model_config:
-        arch = _register_config(name, spec_r.model_config)
+    hf = hf_clip.find_hf_checkpoint(spec_r.checkpoint, spec_r.roots)  # a transformers CLIP (loading/hf_clip.py)
+    hf_model = hf_clip.read_hf_config(hf, spec_r.roots) if hf else None
+    if hf_model is not None:
+        if spec_r.model_config or spec_r.pretrained:
+            raise RefineClipError(f"'{spec_r.checkpoint}' is a Hugging Face CLIP checkpoint with its own config.json; "
+                                  "drop --model-config and --pretrained.")
+        arch = register_config_dict(f"hf-{hf_model.label}", hf_model.config)
+    elif spec_r.model_config:
+        arch = _register_config(name, spec_r.model_config, spec_r.roots)
     elif not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
         raise RefineClipError(
             f"Unknown model '{name}': not an open_clip architecture (see open_clip.list_models()) and no "
@@ -269,9 +337,12 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
     pretrained = spec_r.pretrained
     if pretrained and os.path.isfile(pretrained):
-        spec_r = ModelSpec(name, checkpoint=pretrained, device=spec_r.device, precision=spec_r.precision,
-                           model_config=spec_r.model_config)
+        spec_r = replace(spec_r, checkpoint=pretrained, pretrained=None)
         pretrained = None
+    cfg = open_clip.get_model_config(arch)
+    if cfg is not None:  # None: a hub model whose config open_clip fetches itself
+        ckpt_bytes = None if pretrained else os.path.getsize(spec_r.checkpoint) if spec_r.checkpoint else 0
+        check_model_budget(name, cfg, spec_r.precision, ckpt_bytes, memory_budget)
     try:
         # open_clip warns "initialized randomly" when no tag is given; our checkpoint is loaded next
         quiet = _quiet_root_logger() if spec_r.checkpoint else contextlib.nullcontext()
@@ -285,8 +356,12 @@ def load_model(spec: ModelSpec) -> LoadedModel:
                 f"tag with open_clip.list_pretrained_tags_by_model('{name}')."
             ) from exc
         raise RefineClipError(f"Could not build model '{name}' ({_short(exc)}).") from exc
-    if spec_r.checkpoint:
-        load_state_dict_checked(model, read_state_dict(spec_r.checkpoint), spec_r.checkpoint, name)
+    if hf_model is not None:  # weights read only now: after the size check above
+        state = hf_clip.read_hf_state_dict(hf, hf_model, spec_r.roots)
+        load_state_dict_checked(model, state, spec_r.checkpoint, arch)
+        set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **hf_model.preprocess})
+    elif spec_r.checkpoint:
+        load_state_dict_checked(model, read_state_dict(spec_r.checkpoint, spec_r.roots), spec_r.checkpoint, name)
     dtype = _DTYPES[spec_r.precision]
     model = model.to(device=spec_r.device, dtype=dtype).eval().requires_grad_(False)
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)

@@ -11,6 +11,8 @@
 * :func:`allowed_path` resolves a folder typed into the dashboard and refuses anything that
   is not below one of the allowed roots (the demo data folder, the demo model's assets and
   the working directory by default, or the ``REFINECLIP_ALLOWED_ROOTS`` environment variable).
+  :func:`read_roots` adds a session's upload folder: the folders every file the dashboard
+  then reads must lie in when it is opened (:mod:`refineclip_core.loading.confine`).
 
 Nothing here imports Streamlit; the dashboard calls these functions.
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Sequence
 
 from ..errors import DataError
+from .confine import is_inside
 from .data import METADATA_NAME, SkippedFile
 
 #: Prefix of every per-session upload folder (``tempfile.mkdtemp(prefix=...)``).
@@ -350,6 +353,15 @@ def default_allowed_roots() -> list[Path]:
     return [studio_home(), ASSETS_DIR, Path.cwd()]
 
 
+def read_roots(*extra: str | os.PathLike) -> tuple[str, ...]:
+    """The folders a dashboard session reads files from: :func:`default_allowed_roots`, the
+    studio home (the demo data it generates) and ``extra`` (the session's upload folder)."""
+    from ..home import studio_home
+
+    folders = [*default_allowed_roots(), studio_home(), *extra]
+    return tuple(dict.fromkeys(str(Path(f).expanduser().resolve()) for f in folders))
+
+
 def allowed_path(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> Path:
     """Resolve a user-typed server path; refuse it unless it lies at or below an allowed root.
 
@@ -369,7 +381,7 @@ def allowed_path(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | N
         resolved_roots = [Path(r).expanduser().resolve() for r in root_list]
     except (OSError, RuntimeError, ValueError) as exc:
         raise DataError(f"The path {text!r} cannot be resolved ({exc}).") from exc
-    if not any(resolved == r or r in resolved.parents for r in resolved_roots):
+    if not is_inside(resolved, resolved_roots):
         shown = ", ".join(str(r) for r in resolved_roots) or "none configured"
         raise DataError(
             f"'{text}' is outside the folders this dashboard may read ({shown}); move the data below one of them "

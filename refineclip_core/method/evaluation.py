@@ -8,11 +8,15 @@ report rather than reported as 0 or NaN. Every accuracy carries its exact 95% in
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from ..features.zeroshot import predict
 from .intervals import Estimate, binomial_intervals, stratified_estimate
+
+if TYPE_CHECKING:
+    from ..features.cache import FeatureCache
 
 
 @dataclass
@@ -133,6 +137,16 @@ def accuracy_report(
         accuracy_interval=(float(low[-1]), float(high[-1])) if n else None,
         average_group_interval=average_interval,
     )
+
+
+def cache_report(cache: "FeatureCache", predictions: np.ndarray | None = None,
+                 mask: np.ndarray | None = None) -> AccuracyReport:
+    """The :func:`accuracy_report` of a feature cache's images: of ``predictions`` (one class per
+    cached row; by default the zero-shot ones, cosine similarity to the class prompts, paper Eq. 2)
+    over the rows in ``mask`` (e.g. ``Identification.eval_mask``; every row by default)."""
+    if predictions is None:
+        predictions, _ = predict(cache.embeddings, cache.text, cache.logit_scale)
+    return accuracy_report(predictions, cache.labels, cache.classes, cache.groups, cache.group_names, mask)
 
 
 def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, n_classes: int, mask: np.ndarray | None = None) -> np.ndarray:

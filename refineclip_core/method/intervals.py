@@ -39,11 +39,13 @@ class Estimate:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def format(self, scale: float = 100.0, digits: int = 1, unit: str = "%", signed: bool = False) -> str:
-        """``"62.0% [55.1, 68.4] (n=200)"`` (``signed``: ``"+4.0 pts [...]"`` for changes)."""
+    def format(self, scale: float = 100.0, digits: int = 1, unit: str = "%", signed: bool = False,
+               count: bool = True) -> str:
+        """``"62.0% [55.1, 68.4] (n=200)"`` (``signed``: ``"+4.0 pts [...]"`` for changes; ``count=False``
+        leaves out ``(n=...)`` where a table names the image count once, in its header)."""
         f = f"{{:{'+' if signed else ''}.{digits}f}}"
         return (f"{f.format(scale * self.value)}{unit} [{scale * self.low:.{digits}f}, "
-                f"{scale * self.high:.{digits}f}] (n={self.n})")
+                f"{scale * self.high:.{digits}f}]" + (f" (n={self.n})" if count else ""))
 
 
 def binomial_intervals(k: np.ndarray, n: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:

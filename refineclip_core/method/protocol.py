@@ -316,9 +316,8 @@ class EditVerdict:
         return not self.harmed
 
     def summary(self) -> str:
-        """One paragraph in plain words (what the CLI prints and the pages show at the top)."""
-        if self.harmed:
-            return "Warning: this edit made the model worse on held-out images. " + " ".join(self.harmed)
+        """One paragraph in plain words (what the CLI prints and the pages show at the top): any harm
+        first, then the changes of the worst group and of the other classes, then the cautions."""
         parts = []
         if self.worst_group is not None:
             parts.append(f"worst-{self.strata} accuracy of the edited classes changed by "
@@ -326,6 +325,8 @@ class EditVerdict:
         if self.unrelated is not None:
             parts.append(f"the other classes by {self.unrelated.format(unit=' pts', signed=True)}")
         text = f"On held-out images, {'; '.join(parts)}." if parts else "No held-out images to evaluate on."
+        if self.harmed:
+            text = "Warning: this edit made the model worse on held-out images. " + " ".join(self.harmed) + " " + text
         return text + (" " + " ".join(self.cautions) if self.cautions else "")
 
     def to_dict(self) -> dict:

@@ -18,7 +18,9 @@ With ``g(v) = softmax(logit_scale · normalise(v) · Tᵀ)``:
 Merging (:func:`merge_into_projection`): ``f(E) = E ⊙ θ`` becomes ``P' = P·diag(θ)`` in
 open_clip's ``visual.proj`` (width × embed_dim, columns scaled); a matrix ``M`` becomes
 ``P' = P·Mᵀ``. :func:`export_checkpoint` writes a checkpoint that plain
-``open_clip.create_model(name, pretrained=FILE)`` loads and that reproduces ``f(E)``.
+``open_clip.create_model(name, pretrained=FILE)`` loads and that reproduces ``f(E)`` — or, for a
+model read from a Hugging Face ``transformers`` folder (or on request), a folder that
+``CLIPModel.from_pretrained`` loads, with ``visual_projection.weight = P'ᵀ``.
 """
 
 from __future__ import annotations
@@ -27,16 +29,20 @@ import io
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import Cancelled, RefineClipError
-from ..features.cache import atomic_write_bytes
+from ..features.cache import atomic_write_bytes, atomic_write_json
+from ..loading import hf_clip
 from ..loading.models import read_state_dict
 from ..progress import CancelFn, Progress, never, silent
+
+if TYPE_CHECKING:  # edit.py imports this module
+    from .edit import FitConfig
 
 Strategy = Literal["diag", "full", "lora"]
 
@@ -214,19 +220,45 @@ def merge_into_projection(proj: torch.Tensor, refined: RefinedMap) -> torch.Tens
     return proj @ torch.as_tensor(refined.matrix, dtype=proj.dtype).T
 
 
+ExportFormat = Literal["auto", "open_clip", "hf"]
+EXPORT_FORMATS: tuple[str, ...] = ("auto", "open_clip", "hf")
+
+
+def resolve_export_format(source_checkpoint: str | os.PathLike | None, fmt: str = "auto") -> str:
+    """``"hf"`` or ``"open_clip"``: ``auto`` keeps the source's format (a transformers folder
+    stays one; everything else is written as an open_clip state dict)."""
+    if fmt not in EXPORT_FORMATS:
+        raise RefineClipError(f"Unknown export format '{fmt}'; use one of {', '.join(EXPORT_FORMATS)}.")
+    if fmt != "auto":
+        return fmt
+    return "hf" if hf_clip.is_hf_checkpoint(source_checkpoint) else "open_clip"
+
+
 def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.nn.Module, refined: RefinedMap,
-                      out_path: str | os.PathLike) -> Path:
+                      out_path: str | os.PathLike, fmt: ExportFormat = "auto", roots=None) -> Path:
     """Write the edited model's weights (``visual.proj`` merged) atomically.
 
-    ``.safetensors`` or a torch state dict (``.pt``/``.bin``) depending on ``out_path``'s
-    suffix. Weights come from ``source_checkpoint`` when given (keeping its dtype), else from
-    ``model``'s current state dict. The merged ``visual.proj`` is kept in float32 when the
-    checkpoint is in a lower precision (e.g. float16), so that the edited model reproduces the
-    evaluated edit exactly instead of up to a rounding that can flip borderline predictions.
+    ``fmt`` (see :func:`resolve_export_format`): ``open_clip`` writes ``.safetensors`` or a torch
+    state dict (``.pt``/``.bin``) depending on ``out_path``'s suffix; ``hf`` writes a transformers
+    folder (``config.json`` + ``model.safetensors``, ``visual_projection.weight`` merged) that
+    ``CLIPModel.from_pretrained(out_path)`` loads (:func:`~refineclip_core.loading.hf_clip.write_hf_checkpoint`).
+    Weights come from ``source_checkpoint`` when given (keeping its dtype; a transformers
+    checkpoint is converted first), else from ``model``'s current state dict. The merged
+    ``visual.proj`` is kept in float32 when the checkpoint is in a lower precision (e.g. float16),
+    so that the edited model reproduces the evaluated edit exactly instead of up to a rounding
+    that can flip borderline predictions. With ``roots`` (a dashboard model's) the source is read
+    only inside those folders (loading/confine.py).
     """
     out_path = Path(out_path)
-    state = read_state_dict(source_checkpoint) if source_checkpoint else {
-        k: v.detach().cpu() for k, v in model.state_dict().items()}
+    fmt = resolve_export_format(source_checkpoint, fmt)
+    hf_source = hf_clip.find_hf_checkpoint(source_checkpoint, roots)
+    converted = hf_clip.read_hf_checkpoint(hf_source, roots) if hf_source is not None else None
+    if converted is not None:
+        state = converted.state_dict
+    elif source_checkpoint:
+        state = read_state_dict(source_checkpoint, roots)
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if "visual.proj" not in state:
         raise RefineClipError("The model has no 'visual.proj' to merge the refinement into.")
     proj = state["visual.proj"]
@@ -234,6 +266,8 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
     merged = merge_into_projection(proj.double(), refined).to(keep)
     state = {k: v.contiguous() for k, v in state.items()}
     state["visual.proj"] = merged.contiguous()
+    if fmt == "hf":
+        return hf_clip.write_hf_checkpoint(out_path, state, model, hf_source)
     if out_path.suffix == ".safetensors":
         from safetensors.torch import save
 
@@ -243,4 +277,6 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
         torch.save(state, buf)
         data = buf.getvalue()
     atomic_write_bytes(out_path, data)
+    if converted is not None:  # open_clip needs the architecture too: the converted config, beside the weights
+        atomic_write_json(out_path.with_suffix(".json"), converted.config)
     return out_path

@@ -4,10 +4,13 @@ Per-head score maps (DE_A..DE_D, paper Eq. 6-9, as a layer × head grid of squar
 one point per head so that clicking a head can be read back), Alg. 1 utility curves (Eq. 10),
 the confusion matrix, method comparisons (Tables 1-3) and refinement loss curves (Eq. 11-13).
 They take plain numbers (lists, dicts, arrays), so the HTML report can be rebuilt from its JSON.
+Names from users (classes, groups) go through :func:`plot_text`: Plotly renders a subset of HTML,
+``$…$`` and ``%{…}`` in its labels, and a name must show as written.
 """
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -23,6 +26,12 @@ METHOD_COLORS = {
 
 #: Diverging colour scale of the score maps: blue (negative) – white (0) – red (positive).
 DIVERGING = "RdBu_r"
+
+
+def plot_text(name: object) -> str:
+    """``name`` as Plotly shows it literally: HTML escaped (``<b>``, ``<a href>`` stay text), ``$``
+    (LaTeX) and ``%`` (hover-template fields) as character references."""
+    return html.escape(str(name), quote=False).replace("$", "&#36;").replace("%", "&#37;")
 
 
 def _base_layout(fig: go.Figure, title: str | None = None, **kw) -> go.Figure:
@@ -66,6 +75,7 @@ def score_grid_figure(values: np.ndarray | Sequence[Sequence[float]] | None, lay
     line_c = ["#e6a800" if HeadId.of(c[:2]) == sel else "#dddddd" for c in custom]
     lim = float(np.nanmax(np.abs(flat))) if np.isfinite(flat).any() else 1.0
     lim = lim if lim > 0 else 1.0
+    name = plot_text(name)  # a score's name carries the pair's class names
     fig = go.Figure(go.Scatter(
         x=xs, y=ys, mode="markers", customdata=custom,
         marker=dict(symbol="square", size=cell - 3, color=flat, colorscale=DIVERGING, cmin=-lim, cmax=lim, cmid=0,
@@ -105,15 +115,15 @@ def utility_figure(curves: Mapping[str, Sequence[float]], baseline: float | None
         t = list(range(1, len(curve) + 1))
         heads = [str(HeadId.of(h)) for h in (candidates or {}).get(name, [])]
         text = [", ".join(heads[:k]) if heads else "" for k in t]
-        base = name.split("[")[0]
-        fig.add_trace(go.Scatter(x=t, y=list(curve), mode="lines+markers", name=name, text=text,
+        base, shown = name.split("[")[0], plot_text(name)
+        fig.add_trace(go.Scatter(x=t, y=list(curve), mode="lines+markers", name=shown, text=text,
                                  line=dict(color=palette.get(base)),
-                                 hovertemplate=f"{name}: t=%{{x}}, U=%{{y:.4f}}<br>%{{text}}<extra></extra>"))
+                                 hovertemplate=f"{shown}: t=%{{x}}, U=%{{y:.4f}}<br>%{{text}}<extra></extra>"))
     if chosen_score and chosen_score in curves and 0 < chosen_t <= len(curves[chosen_score]):
         fig.add_trace(go.Scatter(x=[chosen_t], y=[curves[chosen_score][chosen_t - 1]], mode="markers",
                                  name="chosen set", marker=dict(symbol="star", size=18, color="gold",
                                                                 line=dict(color="black", width=1)),
-                                 hovertemplate="chosen: %{x} heads of " + chosen_score + "<extra></extra>"))
+                                 hovertemplate="chosen: %{x} heads of " + plot_text(chosen_score) + "<extra></extra>"))
     if baseline is not None and math.isfinite(baseline):
         fig.add_hline(y=baseline, line_dash="dash", line_color="#888",
                       annotation_text="no head removed", annotation_position="bottom right")
@@ -127,8 +137,9 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> go.Figure:
     m = np.asarray(matrix)
     row = m.sum(1, keepdims=True)
     frac = np.divide(m, np.maximum(row, 1))
+    labels = [plot_text(c) for c in classes]
     fig = go.Figure(go.Heatmap(
-        z=frac, x=list(classes), y=list(classes), text=m, texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1,
+        z=frac, x=labels, y=labels, text=m, texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1,
         colorbar=dict(title="row share"),
         hovertemplate="true %{y} → predicted %{x}<br>%{text} images (%{z:.0%} of the class)<extra></extra>"))
     n = len(classes)
@@ -145,11 +156,11 @@ def push_figure(push: Sequence[float], groups: Sequence[str], wrong_class: str) 
     fig = go.Figure()
     for g in sorted(set(groups)):
         sel = [i for i, x in enumerate(groups) if x == g]
-        fig.add_trace(go.Box(y=push[sel], name=g, boxpoints="all", jitter=0.4, pointpos=0, marker_size=4,
-                             hovertemplate=f"{g}<br>push %{{y:.4f}}<extra></extra>"))
+        fig.add_trace(go.Box(y=push[sel], name=plot_text(g), boxpoints="all", jitter=0.4, pointpos=0, marker_size=4,
+                             hovertemplate=f"{plot_text(g)}<br>push %{{y:.4f}}<extra></extra>"))
     fig.add_hline(y=0, line_color="#999")
     fig.update_layout(template="plotly_white", height=320, showlegend=False, margin=dict(l=50, r=20, t=20, b=40),
-                      yaxis_title=f"push toward {wrong_class}")
+                      yaxis_title=f"push toward {plot_text(wrong_class)}")
     return fig
 
 
@@ -168,7 +179,7 @@ def accuracy_bars_figure(rows: Mapping[str, Mapping[str, Any]], title: str, y_ti
         down = [None if cell is None else 100 * (cell["value"] - cell["low"]) for cell in cells]
         ns = [cell["n"] if cell else None for cell in cells]
         fig.add_trace(go.Bar(
-            name=method, x=cats, y=ys, marker_color=METHOD_COLORS.get(method),
+            name=method, x=[plot_text(c) for c in cats], y=ys, marker_color=METHOD_COLORS.get(method),
             error_y=dict(type="data", array=up, arrayminus=down, visible=any(u is not None for u in up),
                          thickness=1.2, width=3),
             customdata=[[100 * c["low"], 100 * c["high"], c["n"]] if c else [None, None, None] for c in cells],

@@ -24,7 +24,7 @@ from ..features.decomposition import HeadId
 from ..loading.models import LoadedModel, ModelSpec, load_model
 from ..method.ablation import AblationEngine
 from ..method.protocol import DEFAULT_EDIT, EditConfig, Identification, RefineOutcome, run_refinement
-from ..method.refinement import export_checkpoint
+from ..method.refinement import ExportFormat, export_checkpoint, resolve_export_format
 from ..method.scores import HeadScores
 from ..progress import CancelFn, Progress, silent
 from .figures import accuracy_bars_figure, loss_figure, score_grid_figure, utility_figure
@@ -84,8 +84,12 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         report["verdict"] = outcome.verdict.to_dict()
         report["n_adapt"] = int(len(ident.adapt_rows))
     if checkpoint is not None:
-        report["checkpoint"] = {"file": Path(checkpoint).name, "bytes": Path(checkpoint).stat().st_size,
-                                "merged_into": "visual.proj"}
+        ckpt = Path(checkpoint)
+        folder = ckpt.is_dir()  # a transformers folder (config.json + model.safetensors)
+        report["checkpoint"] = {"file": ckpt.name, "format": "hf" if folder else "open_clip",
+                                "bytes": sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file()) if folder
+                                else ckpt.stat().st_size,
+                                "merged_into": "visual_projection.weight" if folder else "visual.proj"}
     if extra:
         report["extra"] = dict(extra)
     return json_safe(report)
@@ -104,13 +108,15 @@ class EditRun:
 
 def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine, cfg: EditConfig = DEFAULT_EDIT,
              heads: Sequence[HeadId] | None = None, *, spec: ModelSpec, export_to: str | os.PathLike | None = None,
-             loaded: LoadedModel | None = None, data_root: str | None = None, baselines: bool = True,
+             export_format: ExportFormat = "auto", loaded: LoadedModel | None = None,
+             data_root: str | None = None, baselines: bool = True,
              progress: Progress | None = None, cancel: CancelFn | None = None,
              extra: Mapping[str, Any] | None = None) -> EditRun:
     """Fit the edit ``cfg`` with ``heads`` (default: the identification's) removed in the teacher,
     compare every method on the evaluation rows (the guard's verdict included), export the edit
-    merged into ``visual.proj`` to ``export_to`` (when given; the model is loaded from ``spec``
-    unless ``loaded`` is passed) and build the run report."""
+    merged into ``visual.proj`` to ``export_to`` (when given, in ``export_format``, see
+    :func:`~refineclip_core.method.refinement.export_checkpoint`; the model is loaded from
+    ``spec`` unless ``loaded`` is passed) and build the run report."""
     outcome = run_refinement(cache, ident, cfg, None if heads is None else list(heads), engine,
                              baselines=baselines, progress=progress, cancel=cancel)
     checkpoint = None
@@ -118,10 +124,17 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
         (progress or silent)("Exporting the merged checkpoint", 0, 1)
         loaded = loaded or load_model(spec)
         checkpoint = export_checkpoint(spec.resolved().checkpoint, loaded.model, outcome.refinement.refined,
-                                       export_to)
+                                       export_to, export_format, roots=spec.roots)
     report = build_run_report(cache, ident, engine, outcome, model=spec.to_dict(), data_root=data_root,
                               checkpoint=checkpoint, extra=extra)
     return EditRun(outcome, checkpoint, report)
+
+
+def export_path(folder: str | os.PathLike, spec: ModelSpec, stem: str) -> Path:
+    """Where to export an edit of ``spec``'s model in its own format: ``<stem>-hf/`` (a
+    transformers folder) for a Hugging Face checkpoint, else ``<stem>.safetensors``."""
+    hf = resolve_export_format(spec.resolved().checkpoint) == "hf"
+    return Path(folder) / (f"{stem}-hf" if hf else f"{stem}.safetensors")
 
 
 def report_json(report: Mapping[str, Any]) -> str:
@@ -204,22 +217,25 @@ def render_html(report: Mapping[str, Any]) -> str:
         parts.append(f"<p style='background:{colour};padding:.6rem 1rem;border-radius:6px'>"
                      f"<b>{html.escape(str(report.get('exported', '')))}:</b> {html.escape(str(verdict.get('summary')))}"
                      "</p>")
+    def acc(cell, note: str = "") -> tuple[str, str]:
+        """An accuracy card: the value large, its interval, image count and ``note`` small."""
+        big, _, rest = format_cell(cell).partition(" ")
+        return big, " ".join(x for x in (rest, note) if x)
+
     cards = [("Error pair", pairs or "–", ""), ("Heads removed", head_list, f.get("score") or ""),
-             ("Zero-shot worst group", format_cell(f.get("worst_group")), f.get("worst_group_name") or ""),
-             (f"Ablated worst group ({f.get('ablation', 'zero')})", format_cell(f.get("ablated_worst_group")),
-              f.get("ablated_worst_group_name") or "")]
+             ("Zero-shot worst group", *acc(f.get("worst_group"), f.get("worst_group_name") or "")),
+             (f"Ablated worst group ({f.get('ablation', 'zero')})",
+              *acc(f.get("ablated_worst_group"), f.get("ablated_worst_group_name") or ""))]
     if methods:
         summary = method_summary(methods)
         refined = report.get("exported")
         if refined in summary:
-            cards.append((f"Edited worst group ({refined})", format_cell(summary[refined]["worst group"]), ""))
-            cards.append(("Edited: other classes", format_cell(summary[refined]["other classes (locality)"]), ""))
+            cards.append((f"Edited worst group ({refined})", *acc(summary[refined]["worst group"])))
+            cards.append(("Edited: other classes", *acc(summary[refined]["other classes (locality)"])))
 
-    def card(label: str, value: str, note: str) -> str:
-        big, _, rest = value.partition(" ")
-        sub = " ".join(x for x in (rest, note) if x)
+    def card(label: str, big: str, small: str) -> str:
         return (f"<div class='card'><span class='muted'>{html.escape(label)}</span><b>{html.escape(big)}</b>"
-                f"<span class='muted'>{html.escape(sub)}</span></div>")
+                f"<span class='muted'>{html.escape(small)}</span></div>")
 
     parts.append("<div class='grid'>" + "".join(card(*c) for c in cards) + "</div>")
     data = report.get("data", {})

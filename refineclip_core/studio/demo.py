@@ -90,7 +90,7 @@ def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progr
     if loaded is None:
         (progress or silent)("Loading the demo model", 0, 1)
         loaded = load_model(spec)
-    dataset = load_dataset(data)
+    dataset = load_dataset(data, roots=[data])  # generated here: nothing may lead out of it
     cache_dir = cache_dir_for(spec, str(data), layers, cache_root)
     extract_locked(loaded, dataset, cache_dir, ExtractionConfig(layers=layers), progress, cancel)
     label = f"Embedded demo model on {len(dataset)} held-out demo images (seed {seed})"

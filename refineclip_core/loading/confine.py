@@ -1,0 +1,131 @@
+"""Reading files only from allowed folders, checked at the moment each file is opened.
+
+The dashboard runs as the server's user, so a symbolic link placed in a folder it may read
+(``a/zz_link.jpg -> /elsewhere/secret.jpg``, a class folder ``c -> /elsewhere``) would make
+it read, and show, files its users must not see. Every reader of a user-named file (images,
+``metadata.csv``, checkpoints, model configs) therefore takes ``roots``:
+
+* ``roots=None`` (the library's and the CLI's default): links are followed wherever they
+  point; a shell user can read those files anyway.
+* ``roots=[folders]`` (what the dashboard passes, :func:`refineclip_core.loading.uploads.read_roots`):
+  the file is opened first and the path of *the file actually opened* (``/proc/self/fd``) must
+  lie at or below one of the folders; otherwise :class:`~refineclip_core.errors.OutsideRootsError`
+  is raised and nothing is read. Checking the opened file, not a name listed earlier, means a
+  link swapped in after a folder was listed is still refused.
+
+Listing (:func:`refineclip_core.loading.data.load_dataset`) applies the same rule early, so
+such files are skipped with the reason :data:`OUTSIDE_REASON` before any work is planned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
+
+from ..errors import OutsideRootsError
+
+#: Why a file or folder reached through a link that leaves the allowed folders is skipped.
+OUTSIDE_REASON = "symbolic link outside the allowed folders"
+
+Roots = Sequence[str | os.PathLike] | None
+
+
+class SpecialFileError(OSError):
+    """The path is a device, pipe or socket, not a regular file (reading it could block forever)."""
+
+
+def resolve_roots(roots: Roots) -> tuple[Path, ...] | None:
+    """The folders as absolute paths with every link resolved (None stays None: no confinement)."""
+    if roots is None:
+        return None
+    return tuple(dict.fromkeys(Path(r).expanduser().resolve() for r in roots))
+
+
+def is_inside(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether the resolved ``path`` is one of the resolved ``roots`` or below one."""
+    return any(path == r or r in path.parents for r in roots)
+
+
+def leaves_roots(path: str | os.PathLike, roots: Sequence[Path] | None) -> bool:
+    """For listings: True when ``path`` resolves outside the resolved ``roots``.
+
+    A path that cannot be resolved (a link loop) counts as inside: opening it fails anyway and
+    the reader reports the specific reason."""
+    if roots is None:
+        return False
+    try:
+        real = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return not is_inside(real, roots)
+
+
+def _opened_path(fd: int, path: str) -> Path:
+    """The absolute path of the file open on ``fd`` (Linux: the kernel's own answer)."""
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+        if link.startswith("/") and not link.endswith(" (deleted)"):
+            return Path(link)
+    except OSError:
+        pass
+    # no /proc: resolve the name again and make sure it still names the file that was opened
+    real = Path(path).resolve(strict=True)
+    if not os.path.samestat(os.fstat(fd), os.stat(real)):
+        raise OutsideRootsError(f"'{path}' changed while it was being opened; it was not read.")
+    return real
+
+
+def _refuse(path: str | os.PathLike, roots: Sequence[Path]) -> OutsideRootsError:
+    shown = ", ".join(str(r) for r in roots) or "none configured"
+    return OutsideRootsError(f"'{path}' is a {OUTSIDE_REASON} ({shown}); it was not read.")
+
+
+@contextlib.contextmanager
+def open_confined(path: str | os.PathLike, roots: Sequence[Path] | None = None) -> Iterator[BinaryIO]:
+    """Open a regular file for binary reading; with ``roots`` (resolved, see
+    :func:`resolve_roots`) refuse it unless the file actually opened lies inside them.
+
+    Raises :class:`OutsideRootsError`, :class:`SpecialFileError`, or the ``OSError`` of the
+    open itself (``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``, ``ELOOP``)."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)  # O_NONBLOCK: opening a FIFO must not hang; regular files ignore it
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise SpecialFileError(errno.EINVAL, "not a regular file (a device, pipe or socket)", str(path))
+        if roots is not None and not is_inside(_opened_path(fd, str(path)), roots):
+            raise _refuse(path, roots)
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        yield fh
+
+
+@contextlib.contextmanager
+def confined_path(path: str | os.PathLike, roots: Sequence[Path] | None = None) -> Iterator[str]:
+    """A name for path-based readers (safetensors, torch) that refers to the checked file.
+
+    Without ``roots`` this is ``path`` itself. With ``roots`` the file is opened and checked as
+    in :func:`open_confined` and, while the block runs, the name is ``/proc/self/fd/<fd>``: the
+    very file that was checked, whatever happens to ``path`` meanwhile (elsewhere the resolved path)."""
+    if roots is None:
+        yield os.fspath(path)
+        return
+    with open_confined(path, roots) as fh:
+        proc = f"/proc/self/fd/{fh.fileno()}"
+        yield proc if os.path.exists(proc) else str(Path(path).resolve())
+
+
+def read_bytes(path: str | os.PathLike, roots: Sequence[Path] | None = None, limit: int | None = None) -> bytes:
+    """The bytes of a regular file read through :func:`open_confined` (at most ``limit + 1``
+    bytes when ``limit`` is given, so callers can refuse oversized files without reading them)."""
+    with open_confined(path, roots) as fh:
+        return fh.read() if limit is None else fh.read(limit + 1)
