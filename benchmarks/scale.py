@@ -245,8 +245,10 @@ def measure_cache(folder: str, n_toggles: int = 30, pool_size: int = 4082, seed:
                   ) -> dict[str, Any]:
     """Open ``folder`` and run every page's computation on it (``refine``: the Refine page's run and the
     HTML report too); a row per step with its time and memory."""
-    import plotly  # noqa: F401  (the server has these loaded before any cache is opened)
-    import torch  # noqa: F401
+    import importlib
+
+    for module in ("torch", "plotly.graph_objects", "scipy.stats"):   # what a server has loaded before any cache
+        importlib.import_module(module)
 
     from refineclip_core.features.cache import FeatureCache
     from refineclip_core.inspection.textspan import describe_heads
@@ -566,9 +568,9 @@ def bench_photos(ctx: Ctx) -> Table:
             f"**{100 * agree[2]:.1f}%** (goal ≥ 99%). ViT-B-16 (random weights, {n_b16} photos): cosine min "
             f"{agree_b16[0]:.5f}, median {agree_b16[1]:.6f}. The cache records the decode size, so checks that "
             "decode again (check-decomposition, the Ablate page's real forward pass) decode the same way.",
-            f"Threads or processes: see the rows; threads are the default (Pillow's decoder and resize and torch "
-            f"release the GIL; no process start-up, no copies between processes). CUDA: batches are pinned and "
-            f"copied with non_blocking=True while the next ones decode (not measured: no GPU here).",
+            "Threads or processes: see the rows; threads are the default (Pillow's decoder and resize and torch "
+            "release the GIL; no process start-up, no copies between processes). CUDA: batches are pinned and "
+            "copied with non_blocking=True while the next ones decode (not measured: no GPU here).",
             f"`--store fp16` (demo model, {n_all} photos): cache {stored['fp16']['bytes'] / 2**20:.1f} MiB vs "
             f"{stored['auto']['bytes'] / 2**20:.1f} MiB; Σ stored parts vs stored E (check-decomposition's "
             f"stored_max_rel_error) {stored['fp16']['stored_max_rel_error']:.1e} vs "

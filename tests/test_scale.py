@@ -20,7 +20,6 @@ from PIL import Image
 
 from refineclip_core.errors import CacheError, RefineClipError
 from refineclip_core.features.cache import FeatureCache, ShardedArray, row_blocks
-from refineclip_core.features.decomposition import HeadId
 from refineclip_core.features.extraction import ExtractionConfig, check_decomposition, extract, load_batch
 from refineclip_core.features.zeroshot import normalize
 from refineclip_core.loading.batches import DRAFT_FACTOR, DecodeConfig, decode_min_side, iter_batches
@@ -28,7 +27,7 @@ from refineclip_core.loading.data import load_dataset, load_image
 from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.evaluation import accuracy_report
-from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL, identify, make_engine, run_refinement
+from refineclip_core.method.protocol import DEFAULT_PROTOCOL, identify, make_engine
 from refineclip_core.studio.caches import cache_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,7 +312,7 @@ def no_writes(event, args):
 sys.addaudithook(no_writes)
 import numpy as np
 from refineclip_core.features.cache import FeatureCache
-from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL, identify, make_engine, run_refinement
+from refineclip_core.method.protocol import DEFAULT_PROTOCOL, identify, make_engine
 from refineclip_core.reporting.run_report import build_run_report, render_html
 from refineclip_core.studio.caches import cache_source
 cache = FeatureCache(sys.argv[1])
