@@ -312,7 +312,7 @@ def no_writes(event, args):
 sys.addaudithook(no_writes)
 import numpy as np
 from refineclip_core.features.cache import FeatureCache
-from refineclip_core.method.protocol import DEFAULT_PROTOCOL, identify, make_engine
+from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL, identify, make_engine, run_refinement
 from refineclip_core.reporting.run_report import build_run_report, render_html
 from refineclip_core.studio.caches import cache_source
 cache = FeatureCache(sys.argv[1])
