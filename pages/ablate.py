@@ -116,7 +116,8 @@ def _panel() -> None:
     if st.button("Verify with a real forward pass", key="abl_verify"):
         with st.spinner("Running the model on 8 images…"), guard("The verification"):
             pool = np.concatenate([res.flipped, np.flatnonzero(mask)])  # changed images first
-            v = verify_on_images(ready.loaded(), cache.records, eng, pool, heads, roots=read_roots())
+            v = verify_on_images(ready.loaded(), cache.records, eng, pool, heads, roots=read_roots(),
+                                 min_side=cache.manifest.decode_min_side)
             if v is None:
                 st.error("None of the images could be read again; they may have moved since extraction.")
             put(Key.VERIFIED, None if v is None else (heads, v))

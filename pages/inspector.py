@@ -9,7 +9,6 @@ import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.inspection.gradcam import gradcam_panels
-from refineclip_core.method.scores import head_push
 from refineclip_core.reporting.figures import push_figure
 from studio_ui import resources
 from studio_ui.registry import page
@@ -88,9 +87,7 @@ st.subheader(f"Where it pushes toward “{name_b}”")
 st.caption(f"For each image of {name_a}: how much removing this head (Eq. 5) moves it toward {name_a} "
            f"rather than {name_b}, i.e. Δ(x, {name_a}) − Δ(x, {name_b}) of Eq. 6 with a zero "
            f"replacement. Positive = the head pushes toward {name_b}.")
-rows = np.flatnonzero(cache.labels == a)
-c_h = np.asarray(cache.heads[:, layers.index(head.layer), head.head])[rows]  # one head: never load all heads
-push = head_push(np.asarray(cache.embeddings[rows]), c_h, cache.text, a, b)
+rows, push = resources.head_push_values(src, cache, head, a, b)
 pred = ready.engine.base_predictions
 groups = [cache.records[r].group or ("misclassified" if pred[r] != a else "correct") for r in rows]
 st.plotly_chart(push_figure(push, groups, classes[b]), key="insp_push")

@@ -10,10 +10,11 @@ import streamlit as st
 
 from refineclip_core.errors import Cancelled
 from refineclip_core.features.zeroshot import DEFAULT_TEMPLATES
+from refineclip_core.studio.caches import cache_source
 from refineclip_core.studio.images import ScannedImages, plan_source, scan_images
 from refineclip_core.studio.locking import extract_locked
 from studio_ui import resources
-from studio_ui.forms import images_form, model_form
+from studio_ui.forms import cache_form, extraction_options, images_form, model_form
 from studio_ui.jobs import start_job
 from studio_ui.panels import findings_panel, scan_summary
 from studio_ui.registry import page
@@ -64,11 +65,12 @@ def load_panel() -> None:
                            height=min(36 * (len(classes) + 1) + 4, 320))
     templates = st.text_area("Prompt templates (one per line, '{}' is the class name)", "\n".join(DEFAULT_TEMPLATES),
                              key="load_templates", height=140)
+    exact, store = extraction_options()
     if st.button("Extract features", type="primary", key="load_extract_btn"):
         try:
             loaded = resources.model(json.dumps(asdict(spec), sort_keys=True))
             source, cfg = plan_source(scanned, spec, loaded.model_name, layers, names["class name"].tolist(),
-                                      templates.splitlines())
+                                      templates.splitlines(), exact, store)
         except Exception as exc:
             show_exception(exc, "Preparing the extraction")
             return
@@ -105,3 +107,11 @@ st.divider()
 st.subheader("Load another model or images" if get_source() is not None else "Load a model and images")
 follow_load_job()
 load_panel()
+with st.expander("…or open a feature cache extracted before (`refineclip extract`, a shared folder)"):
+    folder = None
+    with guard("Reading the cache folder"):
+        folder = cache_form()
+    if folder is not None and st.button("Open the cache", key="load_cache_btn"):
+        with guard("Opening the feature cache"):
+            set_source(cache_source(folder))
+            st.rerun()

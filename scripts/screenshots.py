@@ -210,6 +210,25 @@ METRIC_JS = """(label) => {
 }"""
 
 
+#: Resets ``window.__rcT`` and records the next click's time in ``window.__rcT.click`` (browser clock).
+CLICK_WATCH = """() => {
+  if (!window.__rcClickWatch) {
+    window.__rcClickWatch = true;
+    document.addEventListener('click', () => { if (window.__rcT.click === null) window.__rcT.click = performance.now(); },
+                              {capture: true});
+  }
+  window.__rcT = {click: null, done: null};
+}"""
+
+#: ``([label, expected])``: true once the metric ``label`` shows ``expected``, whose first moment it records in
+#: ``window.__rcT.done`` (poll with ``polling="raf"``: a click-to-screen latency is ``done - click``).
+SHOWN_WATCH = """([label, expected]) => {
+  const v = (%s)(label);
+  if (v === expected) { if (window.__rcT.done === null) window.__rcT.done = performance.now(); return true; }
+  return false;
+}""" % METRIC_JS
+
+
 def metric_value(page, label: str) -> str | None:
     """The shown value of the ``st.metric`` with this label (None if there is none)."""
     return page.evaluate(METRIC_JS, label)

@@ -137,6 +137,28 @@ def images_form() -> ImagesChoice | None:
     return choice
 
 
+def extraction_options() -> tuple[bool, str]:
+    """``(exact decoding, storage)`` of an extraction (``refineclip extract --exact-decode --store``)."""
+    c = st.columns(2)
+    exact = c[0].checkbox("Decode every JPEG pixel", key="load_exact_decode",
+                          help="Off (default): camera-sized JPEGs decode at a reduced scale, still at least twice the "
+                               "model's input size, before the model's own resize and crop; several times faster, "
+                               "embeddings agree to a cosine of ~0.999 (benchmarks/RESULTS.md).")
+    store = c[1].selectbox("Store head contributions as", ["auto", "fp16"], key="load_store",
+                           format_func={"auto": "float32 (exact)", "fp16": "float16 (half the disk)"}.get,
+                           help="float16 halves the cache; the decomposition then holds to ~1e-3 instead of ~1e-6.")
+    return exact, store
+
+
+def cache_form() -> str | None:
+    """A feature cache folder on the server (checked to lie below an allowed root), or None."""
+    roots = ", ".join(str(r) for r in default_allowed_roots())
+    folder = st.text_input("Feature cache folder (it holds manifest.json; opened read-only)", key="load_cache_folder",
+                           help=f"Must lie below one of: {roots} (set REFINECLIP_ALLOWED_ROOTS to change). Several "
+                                f"servers can open the same folder at once; nothing is written into it.")
+    return str(allowed_path(folder)) if folder.strip() else None
+
+
 def edit_form(seed: int, disabled: bool) -> tuple[EditConfig, bool] | None:
     """The Refine page's settings (defaults: :data:`DEFAULT_EDIT`); ``(config, baselines)`` once submitted."""
     fit_d, paper_d = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper

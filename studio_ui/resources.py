@@ -24,6 +24,7 @@ from refineclip_core.inspection.textspan import (DEFAULT_TEXT_POOL, HeadDescript
 from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.protocol import Identification, ProtocolConfig, identify, make_engine
+from refineclip_core.method.scores import head_push
 from refineclip_core.studio.caches import with_prompts
 
 from refineclip_core.studio.source import Source
@@ -72,7 +73,12 @@ def identification(source: Source, cache: FeatureCache, eng: AblationEngine, cfg
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _zero_shot(key: str, _cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
-    return predict(np.asarray(_cache.embeddings), _cache.text, _cache.logit_scale)
+    E, n = np.asarray(_cache.embeddings), len(_cache)
+    pred, probs = np.empty(n, dtype=np.int64), np.empty((n, len(_cache.classes)), dtype=np.float32)
+    for start in range(0, n, 4096):   # row by row arithmetic: blocks keep the float64 temporaries small
+        pred[start:start + 4096], probs[start:start + 4096] = predict(E[start:start + 4096], _cache.text,
+                                                                      _cache.logit_scale)
+    return pred, probs                 # (N, C) kept for the server's lifetime: float32 halves it
 
 
 def zero_shot(source: Source, cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
@@ -120,6 +126,20 @@ def head_description(source: Source, cache: FeatureCache, head: HeadId, k: int) 
     return _description(source.resource_key(), head.layer, head.head, int(k), source.spec_json, cache)
 
 
+@st.cache_resource(show_spinner="Measuring where the head pushes…", max_entries=64)
+def _push(key: str, layer: int, head: int, true: int, wrong: int, _cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.flatnonzero(_cache.labels == true)
+    c_h = _cache.heads[rows, _cache.manifest.layers.index(layer), head]   # one head's slab: never all heads
+    return rows, head_push(_cache.embeddings[rows], c_h, _cache.text, true, wrong)
+
+
+def head_push_values(source: Source, cache: FeatureCache, head: HeadId, true: int, wrong: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The images of class ``true`` and how hard ``head`` pushes each toward ``wrong``
+    (:func:`~refineclip_core.method.scores.head_push`), computed once per head and pair."""
+    return _push(source.resource_key(), head.layer, head.head, int(true), int(wrong), cache)
+
+
 @st.cache_resource(show_spinner=False, max_entries=1)
 def open_clip_models() -> list[str]:
     import open_clip
@@ -139,7 +159,7 @@ def thumbnail(path: str, size: int = 144, roots: tuple[str, ...] | None = None) 
     from refineclip_core.loading.data import load_image
 
     try:
-        img = load_image(path, roots)
+        img = load_image(path, roots, min_side=size)  # a camera JPEG decodes at a reduced scale
     except (ImageLoadError, OSError):
         return None
     scale = size / max(img.size)

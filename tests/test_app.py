@@ -368,6 +368,36 @@ def test_load_refuses_folders_outside_the_allowed_roots(home, demo_spec):
     assert "load_scan" not in at.session_state
 
 
+def test_load_opens_an_extracted_cache_folder(home, demo_spec, tiny_model_files, image_folder, tmp_path_factory):
+    """A cache made by ``refineclip extract`` (e.g. in a shared folder) opens on the Load page without a
+    new extraction; a folder outside the allowed roots and a folder that is no cache say so in one line."""
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.models import load_model
+
+    out = tmp_path_factory.mktemp("shared-caches") / "tiny"
+    spec = ModelSpec(tiny_model_files["name"], model_config=str(tiny_model_files["config"]),
+                     checkpoint=str(tiny_model_files["checkpoint"]))
+    made = extract(load_model(spec), load_dataset(image_folder), out, ExtractionConfig(layers=2))
+    at = fresh_app(demo_spec)
+    at.run()
+    at.text_input(key="load_cache_folder").input(str(out)).run()
+    at.button(key="load_cache_btn").click().run()
+    assert_clean(at)
+    src = at.session_state["source"]
+    assert src.cache_dir == str(out) and not src.is_demo and "tiny-vit" in src.label
+    assert src.fingerprint() == made.manifest.fingerprint
+    for name in ("errors", "heads", "ablate"):
+        open_page(at, name)
+    open_page(at, "load")
+    at.text_input(key="load_cache_folder").input("/etc").run()
+    assert not at.exception and any("outside the folders this dashboard may read" in e.value for e in at.error)
+    at.text_input(key="load_cache_folder").input(str(image_folder)).run()
+    at.button(key="load_cache_btn").click().run()
+    assert not at.exception and any("not a complete feature cache" in e.value for e in at.error)
+    assert at.session_state["source"].cache_dir == str(out)
+
+
 def test_load_zip_upload_scans_and_refuses_unsafe_zips(home, demo_spec, tmp_path):
     at = fresh_app(demo_spec)
     at.run()

@@ -479,21 +479,6 @@ def test_server_memory_stays_flat_over_ablate_reruns(story, server, arrays):
     assert growth < RSS_GROWTH_LIMIT_MIB, f"server memory grew by {growth:.0f} MiB over {N_RERUNS} reruns: {mib}"
 
 
-_CLICK_WATCH = """() => {
-  if (!window.__rcClickWatch) {
-    window.__rcClickWatch = true;
-    document.addEventListener('click', () => { if (window.__rcT.click === null) window.__rcT.click = performance.now(); },
-                              {capture: true});
-  }
-  window.__rcT = {click: null, done: null};
-}"""
-
-_SHOWN_WATCH = """([label, expected]) => {
-  const v = (%s)(label);
-  if (v === expected) { if (window.__rcT.done === null) window.__rcT.done = performance.now(); return true; }
-  return false;
-}"""
-
 _FINDINGS_SHOWN = """() => {
   const h = Array.from(document.querySelectorAll('h3')).find(e => e.innerText.includes('Findings at a glance'));
   if (h && h.offsetParent !== null) { window.__rcLoaded = window.__rcLoaded || performance.now(); return true; }
@@ -543,10 +528,10 @@ def timed_toggles(page, box, values: tuple[str, str], n: int, between=None) -> t
     ``between()`` runs after each toggle (outside the timing)."""
     browser_ms, wall_ms = [], []
     for i in range(n):
-        page.evaluate(_CLICK_WATCH)
+        page.evaluate(shots.CLICK_WATCH)
         t0 = time.perf_counter()
         box.click()
-        page.wait_for_function(_SHOWN_WATCH % shots.METRIC_JS, arg=["Accuracy", values[i % 2]], timeout=60_000,
+        page.wait_for_function(shots.SHOWN_WATCH, arg=["Accuracy", values[i % 2]], timeout=60_000,
                                polling="raf")
         wall_ms.append(1000 * (time.perf_counter() - t0))
         t = page.evaluate("window.__rcT")

@@ -6,7 +6,8 @@ import argparse
 import os
 
 from ..features.cache import FeatureCache
-from ..features.extraction import ExtractionConfig, extract, init_distributed_from_env
+from ..features.extraction import STORES, ExtractionConfig, extract, init_distributed_from_env
+from ..loading.batches import DRAFT_FACTOR, DecodeConfig
 from .common import (add_json_arg, add_link_arg, add_model_args, add_template_args, dataset as load_data, emit,
                      layers_arg, load, positive_int, progress_bar, templates)
 
@@ -23,6 +24,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="cache folder (created; resumed if interrupted)")
     p.add_argument("--layers", type=layers_arg, default=4, help="heads of the last K layers (default 4) or 'all'")
     p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--exact-decode", action="store_true",
+                   help=f"decode every JPEG pixel (default: JPEGs decode at a reduced scale, at least {DRAFT_FACTOR}x the "
+                        "model's input size, before the model's exact resize and crop)")
+    p.add_argument("--decode-workers", type=int, metavar="N",
+                   help="parallel image decoders (default: one per usable CPU, at most 8; 0: none)")
+    p.add_argument("--decode-with", choices=["thread", "process"], default="thread",
+                   help="decode in threads (default) or worker processes")
+    p.add_argument("--store", choices=STORES, default="auto",
+                   help="storage of head contributions and remainders: auto (float32; float64 for fp64 models), "
+                        "fp32 or fp16 (half the disk; the decomposition error it adds is what check-decomposition "
+                        "reports as stored_max_rel_error)")
     add_link_arg(p)
     add_template_args(p)
     add_json_arg(p, "what was cached (images, skipped files with reasons, classes, layers, model)")
@@ -51,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_data(args, layout=args.layout, split=args.split)
     if args.class_names:
         dataset = dataset.renamed(args.class_names.split(","))
-    cfg = ExtractionConfig(layers=args.layers, batch_size=args.batch_size, templates=templates(args))
+    decode = DecodeConfig(exact=args.exact_decode, workers=args.decode_workers, kind=args.decode_with)
+    cfg = ExtractionConfig(layers=args.layers, batch_size=args.batch_size, templates=templates(args), decode=decode,
+                           store=args.store)
     cache = extract(loaded, dataset, args.out, cfg, progress=progress_bar("extract"))
     if not distributed or int(os.environ.get("RANK", "0")) == 0:
         man = cache.manifest

@@ -15,7 +15,14 @@ Layout of a cache folder::
 A shard is written into a temporary folder and renamed into place, so a reader (or a resumed
 extraction after a crash) sees whole shards or none. A cache whose fingerprint differs from
 the current model, checkpoint, preprocessing, scope or file list is invalid and is rebuilt.
-Arrays are memory-mapped on read.
+
+Reading never writes: a complete cache can be opened from a read-only shared folder by several
+processes at once. E and the record list are read into memory (``4·d`` bytes per image); the head
+contributions and remainders (``L_s·H·d`` and ``R·d`` values per image, 200 KB and 150 KB per
+image for a ViT-L/14) stay on disk as :class:`ShardedArray` s, of which each read maps only the
+shards it needs and keeps nothing, so a server's resident memory does not grow with the cache.
+They are stored in float32 (float64 for fp64 models) or, with ``--store fp16``, in float16
+(``manifest.parts_dtype``); every consumer computes in float32 or float64.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -97,6 +104,8 @@ class CacheManifest:
     complete: bool = False
     format: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    parts_dtype: str | None = None        # dtype of heads/remainders (None: ``dtype``); float16 with --store fp16
+    decode_min_side: int | None = None    # reduced JPEG decoding to at least this side (None: exact decoding)
 
     @property
     def n_shards(self) -> int:
@@ -160,8 +169,149 @@ def read_manifest(root: str | os.PathLike) -> CacheManifest | None:
         return None
 
 
+class ShardedArray:
+    """A read-only ``(N, ...)`` array stored as consecutive ``.npy`` files (the cache's shards).
+
+    Supports what the method needs without loading the whole array: ``shape``/``dtype``/``len``,
+    ``a[rows, *rest]`` with ``rows`` an int, slice, index array or mask and ``rest`` basic indices
+    (ints, slices; e.g. ``heads[:, layer, head]`` reads one head's slab), :func:`row_blocks`
+    for passes over many rows, and ``np.asarray(a)`` (everything, in memory: small caches, tests).
+    Each read maps the shards it touches and drops the mapping before returning a copy.
+    """
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = list(paths)
+        self._layout = []
+        for path in self.paths:
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(fh)
+                self._layout.append((fh.tell(), tuple(shape)))
+            if fortran:
+                raise CacheError(f"'{path}' is stored in Fortran order; re-extract the cache.")
+            self.dtype = np.dtype(dtype)
+        if not self.paths:
+            raise CacheError("A sharded array needs at least one shard.")
+        tails = {shape[1:] for _, shape in self._layout}
+        if len(tails) != 1:
+            raise CacheError(f"The shards of '{self.paths[0].parent.parent}' disagree in shape; re-extract.")
+        lengths = [shape[0] for _, shape in self._layout]
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.shape = (int(self.offsets[-1]), *tails.pop())
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _map(self, i: int) -> np.ndarray:
+        offset, shape = self._layout[i]
+        if shape[0] == 0:
+            return np.zeros(shape, dtype=self.dtype)
+        return np.memmap(self.paths[i], dtype=self.dtype, mode="r", offset=offset, shape=shape)
+
+    def read_shard(self, i: int) -> np.ndarray:
+        """Shard ``i`` whole, in memory (a plain read: nothing stays mapped)."""
+        return np.load(self.paths[i])
+
+    def _rows(self, rows: Any) -> np.ndarray | slice:
+        if isinstance(rows, slice):
+            return rows
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if rows.shape != (len(self),):
+                raise IndexError(f"boolean row mask of shape {rows.shape} for {len(self)} rows")
+            return np.flatnonzero(rows)
+        rows = rows.astype(np.int64, copy=False)
+        return np.where(rows < 0, rows + len(self), rows)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        rows, rest = key[0], key[1:]
+        if any(not isinstance(k, (int, np.integer, slice)) and k is not Ellipsis for k in rest):
+            raise TypeError("ShardedArray takes an index array for rows only; index further axes with ints/slices")
+        if isinstance(rows, (int, np.integer)):
+            r = int(rows) + (len(self) if rows < 0 else 0)
+            if not 0 <= r < len(self):
+                raise IndexError(f"row {rows} out of range for {len(self)} rows")
+            i = int(np.searchsorted(self.offsets, r, side="right") - 1)
+            return np.array(self._map(i)[(r - self.offsets[i], *rest)])
+        rows = self._rows(rows)
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(len(self))
+            if step != 1:
+                rows = np.arange(start, stop, step)
+            else:
+                return self._contiguous(start, stop, rest)
+        probe = np.zeros((1, *self.shape[1:]), dtype=self.dtype)[(slice(None), *rest)]
+        out = np.empty((len(rows), *probe.shape[1:]), dtype=self.dtype)
+        if len(rows) == 0:
+            return out
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        for i in np.unique(shard):
+            sel = np.flatnonzero(shard == i)
+            out[sel] = self._map(int(i))[(rows[sel] - self.offsets[i], *rest)]
+        return out
+
+    def _contiguous(self, start: int, stop: int, rest: tuple) -> np.ndarray:
+        probe = np.zeros((1, *self.shape[1:]), dtype=self.dtype)[(slice(None), *rest)]
+        out = np.empty((max(0, stop - start), *probe.shape[1:]), dtype=self.dtype)
+        for i in range(len(self.paths)):
+            a, b = max(start, self.offsets[i]), min(stop, self.offsets[i + 1])
+            if a < b:
+                out[a - start:b - start] = self._map(i)[(slice(a - self.offsets[i], b - self.offsets[i]), *rest)]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        out = np.concatenate([self.read_shard(i) for i in range(len(self.paths))], axis=0)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def astype(self, dtype: Any) -> np.ndarray:
+        """Everything, in memory, as ``dtype`` (like ``ndarray.astype``)."""
+        return np.asarray(self, dtype=dtype)
+
+    def reshape(self, *shape: Any) -> np.ndarray:
+        """Everything, in memory, reshaped (like ``ndarray.reshape``)."""
+        return np.asarray(self).reshape(*shape)
+
+
+def row_blocks(arr: np.ndarray | ShardedArray, rows: np.ndarray | None = None, block: int = 2048
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(positions, arr[rows[positions]])`` over ``rows`` (every row by default) in blocks: a pass over
+    many rows of a cache array that holds one block in memory at a time (one shard of a
+    :class:`ShardedArray`)."""
+    n = len(arr)
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    if isinstance(arr, ShardedArray):
+        shard = np.searchsorted(arr.offsets, rows, side="right") - 1
+        for i in np.unique(shard):
+            pos = np.flatnonzero(shard == i)
+            local = rows[pos] - arr.offsets[i]
+            part_len = arr.offsets[i + 1] - arr.offsets[i]
+            if len(local) == part_len and np.array_equal(local, np.arange(part_len)):
+                yield pos, arr.read_shard(int(i))
+            elif 2 * len(local) >= part_len:
+                yield pos, arr.read_shard(int(i))[local]
+            else:
+                yield pos, arr[rows[pos]]
+        return
+    for start in range(0, len(rows), block):
+        pos = np.arange(start, min(len(rows), start + block))
+        yield pos, np.asarray(arr[rows[pos]])
+
+
 class FeatureCache:
-    """A complete cache opened for reading (arrays concatenated over shards on first use)."""
+    """A complete cache opened for reading (nothing is written; see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -178,16 +328,15 @@ class FeatureCache:
         self._scan_skipped = [SkippedFile(**s) for s in info["skipped"]]
 
     # -- arrays ----------------------------------------------------------------------------
-    def _concat(self, name: str) -> np.ndarray:
-        parts = []
-        for i in range(self.manifest.n_shards):
-            path = shard_dir(self.root, i) / f"{name}.npy"
+    def _paths(self, name: str) -> list[Path]:
+        paths = [shard_dir(self.root, i) / f"{name}.npy" for i in range(self.manifest.n_shards)]
+        for i, path in enumerate(paths):
             if not path.exists():
                 raise CacheError(f"Cache '{self.root}' lacks shard {i}; re-run 'refineclip extract' to complete it.")
-            parts.append(np.load(path, mmap_mode="r"))
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts, axis=0)
+        return paths
+
+    def _concat(self, name: str) -> np.ndarray:
+        return np.asarray(ShardedArray(self._paths(name)))
 
     @cached_property
     def index(self) -> np.ndarray:
@@ -196,17 +345,18 @@ class FeatureCache:
 
     @cached_property
     def embeddings(self) -> np.ndarray:
-        """``(N, d)`` unnormalised image embeddings E."""
+        """``(N, d)`` unnormalised image embeddings E (in memory)."""
         return self._concat("embedding")
 
     @cached_property
-    def heads(self) -> np.ndarray:
-        """``(N, L_s, H, d)`` per-head direct contributions c[l, h]."""
-        return self._concat("heads")
+    def heads(self) -> ShardedArray | np.ndarray:
+        """``(N, L_s, H, d)`` per-head direct contributions c[l, h] (read from disk on demand)."""
+        return ShardedArray(self._paths("heads"))
 
     @cached_property
-    def remainders(self) -> np.ndarray:
-        return self._concat("remainders")
+    def remainders(self) -> ShardedArray | np.ndarray:
+        """``(N, R, d)`` the other parts of Eq. (4) (read from disk on demand)."""
+        return ShardedArray(self._paths("remainders"))
 
     @cached_property
     def text(self) -> np.ndarray:
@@ -272,7 +422,7 @@ class FeatureCache:
             raise CacheError(f"Layers {missing} are not in the cache (it holds {cached}); re-extract with more layers.")
         keep = [cached.index(l) for l in layers]
         drop = [i for i in range(len(cached)) if i not in keep]
-        heads = np.asarray(self.heads)
+        heads = np.asarray(self.heads)   # in memory from here on (the CLI's scoring of a sub-scope)
         if drop:
             dropped = heads[:, drop].sum(axis=(1, 2))[:, None, :]
             self.__dict__["remainders"] = np.concatenate([np.asarray(self.remainders), dropped], axis=1)
@@ -280,9 +430,15 @@ class FeatureCache:
         self.__dict__["heads"] = heads[:, keep]
         self.manifest.layers = list(layers)
 
-    def reconstruct(self) -> np.ndarray:
-        """Sum of all cached parts (Eq. 4); equals :attr:`embeddings` to float precision."""
-        return self.heads.sum(axis=(1, 2)) + self.remainders.sum(axis=1)
+    def reconstruct(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Sum of all cached parts (Eq. 4) in float64, for ``rows`` (all by default); equals
+        :attr:`embeddings` to the storage precision."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows, dtype=np.int64)
+        out = np.zeros((len(rows), self.manifest.embed_dim))
+        for arr, axes in ((self.heads, (1, 2)), (self.remainders, (1,))):
+            for pos, block in row_blocks(arr, rows):
+                out[pos] += block.astype(np.float64).sum(axis=axes)
+        return out
 
 
 def records_to_json(records: Iterable[ImageRecord], skipped: Iterable[SkippedFile]) -> dict[str, Any]:

@@ -31,13 +31,14 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import CacheError, Cancelled, ImageLoadError
-from ..loading.data import ImageDataset, ImageRecord, SkippedFile, load_image
+from ..errors import CacheError, Cancelled, RefineClipError
+from ..loading.batches import DecodeConfig, decode_batch, decode_min_side, iter_batches
+from ..loading.data import ImageDataset, ImageRecord, SkippedFile
 from ..loading.models import LoadedModel
 from ..progress import CancelFn, Progress, never, silent
 from .cache import (
@@ -58,12 +59,25 @@ from .zeroshot import DEFAULT_TEMPLATES, class_text_embeddings
 EXTRACT_STAGE = "Extracting per-head features"
 
 
+#: How head contributions and remainders are stored: ``auto`` in the storage dtype of E (float32,
+#: float64 for fp64 models), or ``fp32`` / ``fp16`` (half the bytes; the decomposition error it costs
+#: is what ``refineclip check-decomposition`` reports, ~1e-3 relative). E itself is never rounded.
+Store = Literal["auto", "fp32", "fp16"]
+STORES: tuple[str, ...] = ("auto", "fp32", "fp16")
+
+
 @dataclass(frozen=True)
 class ExtractionConfig:
     layers: int | str | tuple[int, ...] = 4
     batch_size: int = 32
     shard_batches: int = 8
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    decode: DecodeConfig = DecodeConfig()    # reduced JPEG decoding, parallel workers (loading.batches)
+    store: Store = "auto"
+
+    def __post_init__(self) -> None:
+        if self.store not in STORES:
+            raise RefineClipError(f"Unknown storage {self.store!r}; use {', '.join(STORES)}.")
 
     @property
     def shard_size(self) -> int:
@@ -91,7 +105,9 @@ def cache_fingerprint(loaded: LoadedModel, dataset: ImageDataset, scope: tuple[i
     parts = {
         "model": loaded.spec.fingerprint(),
         "preprocess": loaded.preprocess_signature(),
+        "decode_min_side": decode_min_side(loaded, cfg.decode.exact),
         "dtype": str(loaded.dtype),
+        "parts_dtype": str(parts_dtype(loaded.dtype, cfg.store)),
         "layers": list(scope),
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
@@ -135,32 +151,28 @@ def _on_rank0_then_share(rank: int, world: int, step: Callable[[], None]) -> Non
 
 def _to_numpy(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
     """A CPU array in the storage dtype (bf16/fp16 tensors widen exactly to float32 first;
-    numpy has no bfloat16)."""
-    return t.detach().to(device="cpu", dtype=torch.float64 if dtype == np.float64 else torch.float32).numpy()
+    numpy has no bfloat16; ``float16`` storage rounds from there)."""
+    arr = t.detach().to(device="cpu", dtype=torch.float64 if dtype == np.float64 else torch.float32).numpy()
+    return arr.astype(dtype, copy=False)
 
 
 def storage_dtype(model_dtype: torch.dtype) -> np.dtype:
     return np.dtype(np.float64) if model_dtype == torch.float64 else np.dtype(np.float32)
 
 
+def parts_dtype(model_dtype: torch.dtype, store: Store) -> np.dtype:
+    """The dtype of the cached head contributions and remainders (see :data:`Store`)."""
+    return {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}.get(store, storage_dtype(model_dtype))
+
+
 def load_batch(loaded: LoadedModel, records: Sequence[ImageRecord], start: int,
-               roots: Sequence[str] | None = None) -> tuple[torch.Tensor | None, list[int], list[SkippedFile]]:
-    """Decode and preprocess records; returns the tensor, their record indices and skips.
-    ``roots`` confines every read (:mod:`refineclip_core.loading.confine`)."""
-    tensors, keep, skipped = [], [], []
-    for offset, rec in enumerate(records):
-        try:
-            img = load_image(rec.path, roots)
-            tensors.append(loaded.preprocess(img))
-            keep.append(start + offset)
-        except ImageLoadError as exc:
-            skipped.append(SkippedFile(rec.path, str(exc)))
-        except Exception as exc:  # a preprocessing failure on an odd image must not stop the run
-            skipped.append(SkippedFile(rec.path, f"preprocessing failed ({type(exc).__name__}: {exc})"))
-    if not tensors:
-        return None, keep, skipped
-    batch = torch.stack(tensors).to(device=loaded.device, dtype=loaded.dtype)
-    return batch, keep, skipped
+               roots: Sequence[str] | None = None, *, min_side: int | None = None
+               ) -> tuple[torch.Tensor | None, list[int], list[SkippedFile]]:
+    """Decode and preprocess records in the calling thread; returns the tensor, their record indices
+    and skips. ``roots`` confines every read (:mod:`refineclip_core.loading.confine`); ``min_side``
+    decodes JPEGs at a reduced scale (e.g. a cache's ``manifest.decode_min_side``)."""
+    batch = decode_batch(records, start, loaded.preprocess, min_side, roots)
+    return batch.to(loaded.device, loaded.dtype), batch.keep, batch.skipped
 
 
 def extract(
@@ -207,6 +219,8 @@ def extract(
                 templates=list(cfg.templates),
                 logit_scale=loaded.logit_scale,
                 dtype=str(storage_dtype(loaded.dtype)),
+                parts_dtype=str(parts_dtype(loaded.dtype, cfg.store)),
+                decode_min_side=decode_min_side(loaded, cfg.decode.exact),
                 data_root=dataset.root,
                 layout=dataset.layout,
                 n_records=len(dataset.records),
@@ -240,31 +254,38 @@ def extract(
 
     total = sum(shard_len(i) for i in mine)
     done_images = total - sum(shard_len(i) for i in todo)
-    np_dtype = storage_dtype(loaded.dtype)
+    dtypes = {"embedding": storage_dtype(loaded.dtype), "heads": np.dtype(manifest.parts_dtype or manifest.dtype)}
+    dtypes["remainders"] = dtypes["heads"]
     remainder_names: list[str] | None = None
-    for i in todo:
-        start = i * manifest.shard_size
-        shard_records = dataset.records[start:start + manifest.shard_size]
-        chunks: dict[str, list[np.ndarray]] = {"embedding": [], "heads": [], "remainders": [], "index": []}
-        skipped: list[SkippedFile] = []
-        for b in range(0, len(shard_records), cfg.batch_size):
+    # every batch of every shard still to do, in order: the decoders work ahead across shard boundaries
+    spans = [(i, b, min(b + cfg.batch_size, i * manifest.shard_size + shard_len(i)))
+             for i in todo for b in range(i * manifest.shard_size, i * manifest.shard_size + shard_len(i), cfg.batch_size)]
+    batches = iter_batches(dataset.records, [(a, b) for _, a, b in spans], loaded.preprocess,
+                           manifest.decode_min_side, cfg.decode, pin=loaded.device.type == "cuda",
+                           roots=dataset.roots)
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("embedding", "heads", "remainders", "index")}
+    skipped: list[SkippedFile] = []
+    try:
+        for n, ((i, a, b), batch) in enumerate(zip(spans, batches)):
             if cancel():
                 raise ExtractionCancelled(
                     f"Extraction cancelled after {done_images} of {total} images; finished shards are kept in '{root}'."
                 )
-            batch, keep, bad = load_batch(loaded, shard_records[b:b + cfg.batch_size], start + b, dataset.roots)
-            skipped.extend(bad)
-            if batch is not None:
-                dec = decompose(loaded.visual, batch, scope)
+            skipped.extend(batch.skipped)
+            images = batch.to(loaded.device, loaded.dtype)
+            if images is not None:
+                dec = decompose(loaded.visual, images, scope)
                 remainder_names = dec.remainder_names
-                chunks["embedding"].append(_to_numpy(dec.embedding, np_dtype))
-                chunks["heads"].append(_to_numpy(dec.heads, np_dtype))
-                chunks["remainders"].append(_to_numpy(dec.remainders, np_dtype))
-                chunks["index"].append(np.asarray(keep, dtype=np.int64))
-            done_images += min(cfg.batch_size, len(shard_records) - b)
+                for k in ("embedding", "heads", "remainders"):
+                    chunks[k].append(_to_numpy(getattr(dec, k), dtypes[k]))
+                chunks["index"].append(np.asarray(batch.keep, dtype=np.int64))
+            done_images += b - a
             progress(EXTRACT_STAGE, done_images, total)
-        arrays = {k: _stack(v, k, manifest, np_dtype) for k, v in chunks.items()}
-        write_shard(root, i, arrays, skipped)
+            if n + 1 == len(spans) or spans[n + 1][0] != i:     # the shard's last batch: write it whole
+                write_shard(root, i, {k: _stack(v, k, manifest, dtypes.get(k)) for k, v in chunks.items()}, skipped)
+                chunks, skipped = {k: [] for k in chunks}, []
+    finally:
+        batches.close()
 
     def finalise() -> None:  # rank 0 only, after every rank wrote its shards
         final = read_manifest(root)
@@ -290,7 +311,7 @@ def _remainder_names_from_model(loaded: LoadedModel, scope: tuple[int, ...]) -> 
     return names + ["ln_post_bias"]
 
 
-def _stack(parts: list[np.ndarray], name: str, manifest: CacheManifest, dtype: np.dtype) -> np.ndarray:
+def _stack(parts: list[np.ndarray], name: str, manifest: CacheManifest, dtype: np.dtype | None) -> np.ndarray:
     if parts:
         return np.concatenate(parts, axis=0)
     d = manifest.embed_dim
@@ -303,23 +324,31 @@ def _stack(parts: list[np.ndarray], name: str, manifest: CacheManifest, dtype: n
 @torch.inference_mode()
 def check_decomposition(loaded: LoadedModel, cache: FeatureCache, max_images: int | None = None,
                         batch_size: int = 32) -> dict:
-    """Re-run ``encode_image`` on cached images and compare with the cached sum of parts."""
+    """Re-run ``encode_image`` on cached images (decoded as they were for the cache) and compare
+    with the cached sum of parts (Eq. 4): ``max_rel_error``. ``stored_max_rel_error`` compares the
+    sum of the stored parts with the stored E, i.e. what the storage (e.g. ``--store fp16``) costs."""
     n = len(cache) if max_images is None else min(len(cache), max_images)
     if n == 0:
         raise CacheError("The cache holds no images to check.")
-    recon = cache.reconstruct()
-    worst = 0.0
+    worst, stored = 0.0, 0.0
     for start in range(0, n, batch_size):
-        rows = list(range(start, min(n, start + batch_size)))
+        rows = np.arange(start, min(n, start + batch_size))
         recs = [cache.records[r] for r in rows]
-        batch, keep, bad = load_batch(loaded, recs, 0)
+        batch, keep, bad = load_batch(loaded, recs, 0, min_side=cache.manifest.decode_min_side)
         if bad:
             raise CacheError(f"Image '{bad[0].path}' changed since extraction ({bad[0].reason}); re-extract.")
         e = loaded.model.encode_image(batch).double().cpu().numpy()
-        r = recon[rows].astype(np.float64)
-        rel = np.linalg.norm(r - e, axis=1) / np.maximum(np.linalg.norm(e, axis=1), 1e-300)
-        worst = max(worst, float(rel.max()))
-    return {"n_images": n, "dtype": str(loaded.dtype).replace("torch.", ""), "max_rel_error": worst}
+        r = cache.reconstruct(rows)
+        worst = max(worst, float(relative_error(r, e).max()))
+        stored = max(stored, float(relative_error(r, cache.embeddings[rows]).max()))
+    return {"n_images": n, "dtype": str(loaded.dtype).replace("torch.", ""), "parts_dtype": str(cache.heads.dtype),
+            "max_rel_error": worst, "stored_max_rel_error": stored}
+
+
+def relative_error(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """``||approx − exact|| / ||exact||`` per row, in float64."""
+    a, e = np.asarray(approx, dtype=np.float64), np.asarray(exact, dtype=np.float64)
+    return np.linalg.norm(a - e, axis=1) / np.maximum(np.linalg.norm(e, axis=1), 1e-300)
 
 
 def init_distributed_from_env() -> bool:

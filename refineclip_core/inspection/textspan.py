@@ -122,6 +122,12 @@ def _prepare_pool(pool_emb: np.ndarray, n_texts: int | None = None, dtype: np.dt
     return _Pool(centred=centred, norms_sq=np.einsum("md,md->m", centred, centred))
 
 
+def _sum_of_squares(A: np.ndarray, block: int = 8192) -> float:
+    """``Σ_i ||a_i||²`` with each row's in float64, a block of rows at a time (no float64 copy of ``A``)."""
+    return float(sum(np.einsum("nd,nd->n", A[i:i + block], A[i:i + block], dtype=np.float64).sum()
+                     for i in range(0, len(A), block)))
+
+
 def greedy_text_span(head_outputs: np.ndarray, pool: _Pool | np.ndarray, k: int = 5,
                      method: str = "auto") -> tuple[list[int], list[float], float]:
     """The TextSpan greedy selection for one head (see the module docstring).
@@ -160,9 +166,8 @@ def greedy_text_span(head_outputs: np.ndarray, pool: _Pool | np.ndarray, k: int 
 
     C = X.astype(dtype, copy=True)
     C -= C.mean(axis=0, keepdims=True)
-    row_sq = np.einsum("nd,nd->n", C, C, dtype=np.float64)
-    total = float(row_sq.sum())
-    scale = float(np.einsum("nd,nd->n", X, X, dtype=np.float64).sum())
+    total = _sum_of_squares(C)
+    scale = _sum_of_squares(X)
     if total == 0.0 or total <= ZERO_VARIANCE_RTOL * scale:
         return [], [], 0.0                  # a constant head (or one image): nothing varies
 

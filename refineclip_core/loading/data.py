@@ -108,12 +108,13 @@ class ImageDataset:
         return replace(self, classes=[n.strip() for n in names])
 
 
-def load_image(path: str | os.PathLike, roots: Roots = None) -> Image.Image:
+def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | None = None) -> Image.Image:
     """Decode one image file into an RGB :class:`PIL.Image.Image`.
 
     Applies the EXIF orientation, takes the first frame of animations, centre-crops extreme
     strips to :data:`MAX_ASPECT_RATIO`, maps 16-bit and other modes to 8-bit RGB and
-    composites transparency on white. Raises
+    composites transparency on white. With ``min_side``, a JPEG is decoded at a reduced
+    scale whose sides are still at least ``min_side`` (:func:`reduce_on_decode`). Raises
     :class:`ImageLoadError` with a specific reason for anything it cannot decode, including
     images over Pillow's decompression-bomb limit (the guard stays on), devices and pipes, and
     (with ``roots``) files that resolve outside those folders when opened.
@@ -126,6 +127,7 @@ def load_image(path: str | os.PathLike, roots: Roots = None) -> Image.Image:
                 raise ImageLoadError("empty file (0 bytes), not an image Pillow can identify")
             with Image.open(fh) as img:
                 img.seek(0)
+                reduce_on_decode(img, min_side)
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(_limit_aspect(img))
@@ -149,6 +151,15 @@ def load_image(path: str | os.PathLike, roots: Roots = None) -> Image.Image:
         raise ImageLoadError(f"corrupt or truncated image ({exc})") from exc
     except (SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(f"corrupt or truncated image ({exc})") from exc
+
+
+def reduce_on_decode(img: Image.Image, min_side: int | None) -> None:
+    """Ask the decoder of an opened, not yet loaded ``img`` for a smaller picture: JPEGs decode
+    at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's ``draft``), the largest reduction that
+    keeps both sides at least ``min_side``. Other formats, small images and ``min_side=None``
+    are left alone. The exact model transform (resize, centre crop) still runs afterwards."""
+    if min_side and img.format in ("JPEG", "MPO") and min(img.size) >= 2 * min_side:
+        img.draft(None, (min_side, min_side))
 
 
 def _limit_aspect(img: Image.Image) -> Image.Image:

@@ -97,8 +97,8 @@ def delta(E: np.ndarray, c: np.ndarray, m: np.ndarray, t: np.ndarray, similarity
         m: ``(K, d)`` replacement per head; t: ``(n, d)`` normalised text of the class per image.
     Returns ``(n, K)``.
     """
-    E = E.astype(np.float64)
-    c = c.astype(np.float64)
+    E = np.asarray(E, dtype=np.float64)
+    c = np.asarray(c, dtype=np.float64)
     Et = np.einsum("nd,nd->n", E, t)
     ct = np.einsum("nkd,nd->nk", c, t)
     mt = np.einsum("kd,nd->nk", m, t)
@@ -128,12 +128,15 @@ def compute_scores(
     similarity: Similarity = "cosine",
     names: tuple[str, ...] = SCORE_NAMES,
 ) -> dict[str, HeadScores]:
-    """DE_A..DE_D (Eq. 7-9) for all heads. ``heads`` is the cache's ``(N, L_s, H, d)`` array."""
+    """DE_A..DE_D (Eq. 7-9) for all heads. ``heads`` is the cache's ``(N, L_s, H, d)`` array (in
+    memory or on disk: only the rows of W ∪ C ∪ A are read)."""
     N, Ls, H, d = heads.shape
     layers = tuple(layers)
-    flat = heads.reshape(N, Ls * H, d)
+    needed = sets.rows                                     # sorted: W ∪ C ∪ A
+    flat = np.asarray(heads[needed]).reshape(len(needed), Ls * H, d)
     sets_rows = {"W": sets.W, "C": sets.C, "A": sets.A}
-    means = {k: mean_feature(flat, v) for k, v in sets_rows.items()}
+    at = {k: np.searchsorted(needed, v) for k, v in sets_rows.items()}   # positions in ``flat``
+    means = {k: mean_feature(flat, v) for k, v in at.items()}
     out: dict[str, HeadScores] = {}
     for name in names:
         outer, repl, sign, desc = SCORE_SPECS[name]
@@ -142,7 +145,7 @@ def compute_scores(
             out[name] = HeadScores(name, None, layers, desc, reason=f"set {outer} is empty for {sets.description}")
             continue
         E = embeddings[rows]
-        c = flat[rows]
+        c = flat[at[outer]]
         t_true = text[sets.true_class[rows]].astype(np.float64)
         t_wrong = text[sets.wrong_class[rows]].astype(np.float64)
         m = means[repl]
@@ -164,9 +167,9 @@ def head_push(embeddings: np.ndarray, head_outputs: np.ndarray, text: np.ndarray
         embeddings: ``(n, d)`` E of the images; head_outputs: ``(n, d)`` the head's ``c_h``;
         text: ``(C, d)`` normalised class texts. Returns ``(n,)``.
     """
-    c = np.asarray(head_outputs)[:, None, :]
-    E = np.asarray(embeddings)
+    c = np.asarray(head_outputs, dtype=np.float64)[:, None, :]     # converted once for both Δ
+    E = np.asarray(embeddings, dtype=np.float64)
     zero = np.zeros((1, c.shape[-1]))
-    t_true = np.repeat(np.asarray(text)[true][None], len(E), 0).astype(np.float64)
-    t_wrong = np.repeat(np.asarray(text)[wrong][None], len(E), 0).astype(np.float64)
+    t_true = np.broadcast_to(np.asarray(text, dtype=np.float64)[true], E.shape)   # one row for every image
+    t_wrong = np.broadcast_to(np.asarray(text, dtype=np.float64)[wrong], E.shape)
     return (delta(E, c, zero, t_true, similarity) - delta(E, c, zero, t_wrong, similarity))[:, 0]

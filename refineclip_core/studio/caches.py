@@ -1,7 +1,8 @@
 """The caches of an interactive session: one folder per (model, data, layer scope), and prompt edits.
 
 :func:`cache_dir_for` names the cache folder of a combination inside the studio home;
-:func:`with_prompts` re-embeds the class texts of an opened cache for edited class names or
+:func:`cache_source` opens a cache extracted elsewhere (``refineclip extract``, a shared folder;
+read-only, so several servers can open the same folder at once); :func:`with_prompts` re-embeds the class texts of an opened cache for edited class names or
 prompt templates without touching the image features (the expensive part, paper Eq. 4).
 """
 
@@ -14,10 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import DataError, RefineClipError
-from ..features.cache import FeatureCache
+from ..errors import CacheError, DataError, RefineClipError
+from ..features.cache import FeatureCache, read_manifest
 from ..home import studio_home
 from ..loading.models import ModelSpec
+from .source import Source
 
 def _short_hash(*parts: object) -> str:
     h = hashlib.sha256(json.dumps([str(p) for p in parts]).encode())
@@ -34,6 +36,17 @@ def cache_dir_for(spec: ModelSpec, data_key: str, layers: int | str | Sequence[i
     """
     key = _short_hash(spec.fingerprint(), data_key, layers if isinstance(layers, (int, str)) else list(layers))
     return studio_home(cache_root) / "caches" / key
+
+
+def cache_source(folder: str | os.PathLike) -> Source:
+    """The :class:`Source` of a complete cache folder made by ``refineclip extract`` (its model from
+    the manifest, loaded only when a page needs it). Nothing is written into the folder."""
+    manifest = read_manifest(folder)
+    if manifest is None or not manifest.complete:
+        raise CacheError(f"'{folder}' is not a complete feature cache (no finished manifest.json); "
+                         "run 'refineclip extract --out' on it first.")
+    return Source(spec=ModelSpec(**manifest.model), data_root=manifest.data_root, cache_dir=str(Path(folder)),
+                  label=f"{manifest.model_name} on the cache {Path(folder).name} ({manifest.n_records} images)")
 
 
 def with_prompts(cache: FeatureCache, loaded, classes: Sequence[str] | None = None,

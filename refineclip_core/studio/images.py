@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from ..errors import DataError
-from ..features.extraction import ExtractionConfig
+from ..features.extraction import ExtractionConfig, Store
 from ..features.zeroshot import validate_templates
+from ..loading.batches import DecodeConfig
 from ..loading.data import ImageDataset, load_dataset, parse_metadata
 from ..loading.models import ModelSpec
 from ..loading.uploads import allowed_path, unpack_upload
@@ -75,10 +76,12 @@ def scan_images(kind: ImagesKind, *, folder: str | None = None, zip_data: bytes 
 
 
 def plan_source(scanned: ScannedImages, spec: ModelSpec, model_name: str, layers: int | str,
-                class_names: Sequence[str], templates: Sequence[str]) -> tuple[Source, ExtractionConfig]:
+                class_names: Sequence[str], templates: Sequence[str], exact_decode: bool = False,
+                store: Store = "auto") -> tuple[Source, ExtractionConfig]:
     """The :class:`Source` the scanned images become under ``spec`` (its cache folder in the
     studio home, the display class names and prompt templates, checked here) and the extraction
-    configuration that fills the cache."""
+    configuration that fills the cache (``exact_decode``, ``store``: as ``refineclip extract``'s
+    ``--exact-decode`` and ``--store``)."""
     names = [str(n).strip() for n in class_names]
     templates = tuple(validate_templates([t.strip() for t in templates if t.strip()]))
     scanned.dataset.renamed(names)  # validates: count, non-empty, distinct
@@ -86,4 +89,5 @@ def plan_source(scanned: ScannedImages, spec: ModelSpec, model_name: str, layers
     label = f"{model_name} on {scanned.label} ({len(scanned.dataset)} images)"
     source = Source(spec=spec, data_root=str(scanned.dataset.root), cache_dir=str(cache_dir), label=label,
                     classes=tuple(names), templates=templates, skipped_extra=scanned.extra_skipped)
-    return source, ExtractionConfig(layers=layers, templates=templates)
+    return source, ExtractionConfig(layers=layers, templates=templates, decode=DecodeConfig(exact=exact_decode),
+                                    store=store)
