@@ -80,7 +80,7 @@ def same_diagnosis(pair, cue: str) -> bool:
 def separations(cache, engine, ident, heads, direction, world: WorldConfig) -> tuple[float, float]:
     """AUC of the heads' part along ``direction`` on held-out bird images: planted cue, bird type."""
     rows = ident.eval_rows[np.isin(cache.labels[ident.eval_rows], ident.target_classes)]
-    values = engine.c[rows][:, engine.flat_index(heads)].sum(1, dtype=np.float64) @ direction
+    values = engine.contributions(rows, heads).sum(1, dtype=np.float64) @ direction
     groups = [cache.records[r].group for r in rows]
     cue = np.array([g.endswith("on water") if world.cue == "background" else g.endswith("in white") for g in groups])
     bird = np.array([g.startswith("waterbird") for g in groups])

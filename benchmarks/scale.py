@@ -251,7 +251,8 @@ def measure_cache(folder: str, n_toggles: int = 30, pool_size: int = 4082, seed:
         importlib.import_module(module)
 
     from refineclip_core.features.cache import FeatureCache
-    from refineclip_core.inspection.textspan import describe_heads
+    from refineclip_core.inspection.diagnosis import MAX_ROWS, concept_vocabulary, diagnose
+    from refineclip_core.inspection.textspan import DEFAULT_TEXT_POOL, describe_heads, load_text_pool
     from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL, identify, make_engine, run_refinement
     from refineclip_core.method.scores import head_push
     from refineclip_core.reporting.findings import findings
@@ -323,6 +324,11 @@ def measure_cache(folder: str, n_toggles: int = 30, pool_size: int = 4082, seed:
 
     step("Head inspector: TextSpan (k=5) over every image + push statistics", inspect,
          f"{n:,} images × {pool_size:,} pool texts")
+    words = load_text_pool(DEFAULT_TEXT_POOL)
+    vocab = concept_vocabulary(words, np.resize(pool, (len(words), pool.shape[1])))   # the shipped pool's words
+    diag = step("diagnosis (leads the findings panel and the run report): concepts, control", lambda: diagnose(
+        cache, ident, vocab, None, engine))
+    steps[-1]["size"] = f"{diag.n_images:,} images (at most {MAX_ROWS:,}), {len(diag.heads)} heads, {len(vocab):,} concepts"
     if not refine:
         return {"n": n, "classes": C, "baseline": base, "steps": steps, "projected": engine.projected,
                 "heads_dtype": str(cache.heads.dtype), "peak_mib": _rss()["peak_mib"]}
@@ -679,7 +685,10 @@ def bench_caches(ctx: Ctx, keep: Path | None = None, browser: Callable[[Path, Sh
             "c_h·t_y of every head in one pass when N·K·C·4 bytes ≤ 768 MiB, with the mean of every head over the "
             "adaptation rows, once per row set); toggles are the Ablate page's (predictions and every accuracy "
             "with its interval, held-out rows, the protocol's mean ablation, one head ticked or unticked per "
-            "toggle); the inspector's TextSpan runs over every image with a pool of 4,082 texts; refinement is "
+            "toggle); the inspector's TextSpan runs over every image with a pool of 4,082 texts; the diagnosis (the "
+            "findings panel's lead) reads every head's contribution for at most 2,048 images of the pair's classes "
+            "(the shipped pool's words as concepts, random text directions: the time and memory are a real pool's, "
+            "the named concepts mean nothing here); refinement is "
             "the Refine page's run with its defaults (RefineCLIP-fit, the paper's phase 2, standard fine-tuning "
             "and Tip-Adapter), a background job in the dashboard.",
             "Over the projection budget (200 and 1000 classes at 50k images × 64 heads) a head's projections are "

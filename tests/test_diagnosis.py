@@ -33,6 +33,12 @@ TINY_POOL = [f"{art} {colour} {thing}" for art in ("a", "a photo of a", "a drawi
 
 # -- brute-force references ---------------------------------------------------------------------
 
+def flat_heads(cache, rows) -> np.ndarray:
+    """Head contributions ``(n, L_s·H, d)`` of ``rows`` read straight from the cache (not through the engine)."""
+    c = np.asarray(cache.heads)[np.asarray(rows, dtype=np.int64)]
+    return c.reshape(len(c), -1, c.shape[-1])
+
+
 def brute_vocabulary(texts, emb, min_texts=3, merge=0.8):
     """Word concepts by the definition, with loops."""
     emb = np.asarray(emb, dtype=np.float64)
@@ -289,13 +295,13 @@ def test_diagnosis_on_a_tiny_model_against_brute_force(cache, tiny_vocab):  # no
             assert c.head_shares[str(h)] == pytest.approx(float((x - x.mean()) @ a) / float(a @ a), abs=1e-6)
         assert 0 <= c.n_scope * c.coverage / c.enrichment - len(heads) < 1e-6
         # the share of random sets holding as much: by brute force over every set of that size
-        split = head_shares(engine.c[rows], c.direction)
+        split = head_shares(flat_heads(cache, rows), c.direction)
         sums = [split[list(s)].sum() for s in combinations(range(len(split)), len(heads))]
         assert c.p_random == pytest.approx(np.mean(np.array(sums) >= c.coverage - 1e-12), abs=0.03)
     assert len(diag.pairs) == 2 and diag.sentence.count("→") == 2
     # the control: the set's part of the W − C gap of every head in scope, against all sets of its size
     pair = diag.pairs[0]
-    scope = engine.c[rows].astype(np.float64)
+    scope = flat_heads(cache, rows).astype(np.float64)
     position = {int(r): i for i, r in enumerate(rows)}
     s = ident.sets[next(iter(ident.sets))]
     total_scope = scope.sum(1)
@@ -323,7 +329,7 @@ def test_attribute_mode_and_ltc_against_brute_force(cache, loaded):  # noqa: F81
     shares = attribute_shares(engine, u, rows)
     e = engine.E[rows].astype(np.float64) @ u
     for k in (0, 5, len(shares) - 1):
-        x = engine.c[rows, k].astype(np.float64) @ u
+        x = flat_heads(cache, rows)[:, k].astype(np.float64) @ u
         assert shares[k] == pytest.approx(float((x - x.mean()) @ (e - e.mean())) / float((e - e.mean()) @ (e - e.mean())))
     res = attribute_heads(cache, ident, ["a red cat"], ["a blue dog"], u, engine, top_t=4)
     assert [res.shares[str(h)] for h in res.ranking] == sorted(res.shares.values(), reverse=True)
@@ -335,7 +341,8 @@ def test_attribute_mode_and_ltc_against_brute_force(cache, loaded):  # noqa: F81
     a, b = s.y_true, s.y_pred
     ltc = LocateThenCorrect.fit(engine, [(a, b, s.W, s.C)], cache.labels, u, s.rows, top_t=4)
     def v(r):
-        x = np.array([engine.c[r, k].astype(np.float64) @ (cache.text[a] - cache.text[b]) for k in range(engine.c.shape[1])])
+        c_r = flat_heads(cache, [r])[0].astype(np.float64)
+        x = c_r @ (cache.text[a] - cache.text[b])
         return x / np.abs(x).sum()
     ref = np.mean([v(r) for r in s.C], 0) - np.mean([v(r) for r in s.W], 0)
     ids = engine.head_ids()
@@ -416,7 +423,7 @@ def test_demo_world_diagnosis_names_the_background_and_a_random_set_does_not(dem
         assert names_cue(named, CUE_WORDS["background"]) and not names_cue(named, BIRD_PART_WORDS), pair.sentence
         # on held-out bird images, the blamed heads' part along the concept separates backgrounds, not birds
         test = ident.eval_rows[np.isin(cache.labels[ident.eval_rows], ident.target_classes)]
-        values = engine.c[test][:, engine.flat_index(ident.heads)].sum(1, dtype=np.float64) @ lead.direction
+        values = flat_heads(cache, test)[:, engine.flat_index(ident.heads)].sum(1, dtype=np.float64) @ lead.direction
         groups = [cache.records[r].group for r in test]
         on_water = np.array([g.endswith("on water") for g in groups])
         waterbird = np.array([g.startswith("waterbird") for g in groups])

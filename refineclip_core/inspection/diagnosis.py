@@ -111,6 +111,14 @@ in scope, so its direction does not depend on the set being tested."""
 N_RANDOM_SETS = 2000
 """Random head sets drawn (with a fixed seed) to estimate that share."""
 
+MAX_ROWS = 2048
+"""The most images a diagnosis reads: every labelled sample of the pair's classes, and a seeded random
+subset of the unlabelled images predicted as them when there are more (every head's contribution is
+read for these images: 2,048 × 64 heads × 768 floats is 400 MB for a ViT-L/14's last 4 layers)."""
+
+ROW_BLOCK = 512
+"""Images per block when contributions are projected in float64 (the float64 copy stays small)."""
+
 LEAD_FROM = 5
 """The sentence names one of the first this many concepts (by their share of the push)."""
 
@@ -288,7 +296,10 @@ def concept_span(removed: np.ndarray, directions: np.ndarray, k: int = 8, tau: f
 def head_shares(contributions: np.ndarray, direction: np.ndarray) -> np.ndarray:
     """The split of the variance along ``direction`` of ``Σ_h contributions[:, h]`` over the heads:
     ``Cov(c_h·u, r·u) / Var(r·u)`` for each head (sums to 1; 0 everywhere when nothing varies)."""
-    c = np.asarray(contributions, dtype=np.float64) @ np.asarray(direction, dtype=np.float64)   # (N, S)
+    u = np.asarray(direction, dtype=np.float64)
+    c = np.concatenate([np.asarray(contributions[i:i + ROW_BLOCK], dtype=np.float64) @ u       # (N, S), in blocks
+                        for i in range(0, len(contributions), ROW_BLOCK)]) if len(contributions) else \
+        np.zeros((0, contributions.shape[1]))
     scale = float((c.sum(1) ** 2).sum())
     c = c - c.mean(0, keepdims=True)
     a = c.sum(1)
@@ -625,13 +636,30 @@ def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab:
                          None if held is None else held[1], 0 if held is None else held[2], instead)
 
 
-def diagnosis_rows(cache: Any, ident: Identification, engine: AblationEngine) -> np.ndarray:
+def diagnosis_rows(cache: Any, ident: Identification, engine: AblationEngine, max_rows: int = MAX_ROWS
+                   ) -> np.ndarray:
     """The images a diagnosis looks at: the labelled samples of the pair's classes and the unlabelled
-    adaptation images predicted as one of them (never the evaluation images)."""
+    adaptation images predicted as one of them (never the evaluation images); beyond ``max_rows``,
+    a random subset of the unlabelled ones (seeded by the protocol's seed)."""
     classes = ident.target_classes
     samples = ident.sample_rows[np.isin(cache.labels[ident.sample_rows], classes)]
-    adapt = ident.adapt_rows[np.isin(engine.base_predictions[ident.adapt_rows], classes)]
+    adapt = np.setdiff1d(ident.adapt_rows[np.isin(engine.base_predictions[ident.adapt_rows], classes)], samples)
+    room = max(max_rows - len(samples), 0)
+    if len(adapt) > room:
+        adapt = np.random.default_rng(ident.config.seed).choice(adapt, room, replace=False)
     return np.union1d(samples, adapt)
+
+
+def project_rows(engine: AblationEngine, rows: np.ndarray, direction: np.ndarray,
+                 heads: Sequence[HeadId] | None = None, block: int = ROW_BLOCK) -> np.ndarray:
+    """``c_h(x)·u`` in float64 for ``rows`` and ``heads`` (default every head in scope): ``(n, |heads|)``,
+    read and projected a block of images at a time (memory stays at one block's contributions)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    u = np.asarray(direction, dtype=np.float64)
+    out = np.empty((len(rows), engine.n_flat if heads is None else len(heads)))
+    for i in range(0, len(rows), block):
+        out[i:i + block] = engine.contributions(rows[i:i + block], heads).astype(np.float64) @ u
+    return out
 
 
 def diagnose(cache: Any, ident: Identification, vocab: ConceptVocabulary, heads: Sequence[HeadId] | None = None,
@@ -656,7 +684,7 @@ def diagnose(cache: Any, ident: Identification, vocab: ConceptVocabulary, heads:
                                [], [], "", 0.0, 0.0, 1.0, ident.sets[_key(cache, a, b)].sizes())
                  for a, b in ident.pairs]
         return Diagnosis(heads, pairs, len(rows), 0.0, rows)
-    scope = engine.c[rows]
+    scope = engine.contributions(rows)
     in_scope = engine.flat_index(heads)
     contributions = scope[:, in_scope]
     removed = contributions.sum(1, dtype=np.float64)
@@ -730,8 +758,8 @@ def attribute_shares(engine: AblationEngine, direction: np.ndarray, rows: np.nda
     e -= e.mean()
     var = float(e @ e)
     if var <= ZERO_VARIANCE_RTOL * scale:
-        return np.zeros(engine.c.shape[1])
-    c = engine.c[rows].astype(np.float64) @ u
+        return np.zeros(engine.n_flat)
+    c = project_rows(engine, rows, u)
     c -= c.mean(0, keepdims=True)
     return (c.T @ e) / var
 
@@ -777,13 +805,13 @@ def head_evidence(cache: Any, diagnosis: Diagnosis, engine: AblationEngine, head
     profile on every image of ``classes``)."""
     concepts = diagnosis.concepts
     k = int(engine.flat_index([head])[0])
-    scope = engine.c[diagnosis.rows]
+    scope = engine.contributions(diagnosis.rows)
     shares = [float(head_shares(scope, c.direction)[k]) for c in concepts] if len(diagnosis.rows) else []
     if not shares:
         return HeadEvidence(head, head in diagnosis.heads, [], None, 0.0, {})
     best = int(np.argmax(np.asarray(shares) * np.asarray([c.share for c in concepts])))
     rows = np.flatnonzero(np.isin(cache.labels, list(classes)))
-    values = engine.c[rows, k].astype(np.float64) @ concepts[best].direction
+    values = project_rows(engine, rows, concepts[best].direction, [head])[:, 0]
     groups = [cache.records[r].group or cache.classes[cache.labels[r]] for r in rows]
     return HeadEvidence(head, head in diagnosis.heads, shares, concepts[best], shares[best],
                         group_profile(values, groups))

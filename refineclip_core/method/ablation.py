@@ -247,6 +247,26 @@ class AblationEngine:
             _remember(self._subsets, key, sub)
         return sub
 
+    # -- per-image views (what the diagnosis and the baselines read) -----------------------------
+    @property
+    def n_flat(self) -> int:
+        """``K = L_s · H``: the heads in scope, in flat order (:meth:`head_ids`)."""
+        return self._a.K
+
+    def contributions(self, rows: np.ndarray, heads: Sequence[HeadId] | None = None) -> np.ndarray:
+        """``c_h`` (Eq. 4) of ``heads`` (default: every head in scope, flat order) for ``rows``:
+        ``(n, |heads|, d)`` float32, read from the cache for these rows only."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if heads is None:
+            return np.asarray(self._a.c[rows], dtype=np.float32).reshape(len(rows), self._a.K, -1)
+        return self._a.gather(rows, self.flat_index(heads), self.n_heads)
+
+    def projections(self, rows: np.ndarray) -> np.ndarray:
+        """``c_h·t_y`` of every head in scope for ``rows``: ``(n, K, C)`` float32 (the kept or lazily
+        computed per-head projections, :meth:`_Arrays.projection`)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return np.stack([self._a.projection(k)[rows] for k in range(self._a.K)], axis=1)
+
     # -- indexing ------------------------------------------------------------------------
     def flat_index(self, heads: Sequence[HeadId]) -> np.ndarray:
         return np.array([self.layers.index(h.layer) * self.n_heads + h.head for h in heads], dtype=np.int64)

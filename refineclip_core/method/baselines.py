@@ -86,7 +86,8 @@ class LocateThenCorrect:
         for y, other, W, C in pairs:
             for rows, out in ((np.asarray(W, dtype=np.int64), wrong), (np.asarray(C, dtype=np.int64), right)):
                 if len(rows):
-                    v = engine.ct[rows][:, :, y] - engine.ct[rows][:, :, other]          # (n, K)
+                    ct = engine.projections(rows)                                          # (n, K, C)
+                    v = ct[:, :, y] - ct[:, :, other]
                     out.append(v / np.maximum(np.abs(v).sum(1, keepdims=True), 1e-30))
         if not wrong or not right:
             raise RefineClipError("LTC contrasts wrongly and correctly classified samples of the same class; "
