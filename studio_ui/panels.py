@@ -102,7 +102,7 @@ def diagnosis_lead(ready: Ready, ident: Identification, heads: list[HeadId] | No
                     "errors vs correct (sd)": st.column_config.NumberColumn(format="%+.2f")})
             for pair in diag.pairs:
                 for note in pair.notes:
-                    st.caption(note)
+                    st.caption(plain(note))
     return diag
     return None
 

@@ -169,14 +169,14 @@ def group_profile_figure(profile: Mapping[str, Sequence[float]], concept: str) -
     (``profile``: ``{group: (mean, sd, n)}``, :func:`~refineclip_core.inspection.diagnosis.group_profile`)."""
     names = list(profile)
     mean = [float(profile[g][0]) for g in names]
-    labels = [html.escape(str(g)) for g in names]        # group names are data: never markup
+    labels = [plot_text(g) for g in names]               # group names are data: never markup
     sd = [float(profile[g][1]) for g in names]
     n = [int(profile[g][2]) for g in names]
     fig = go.Figure(go.Bar(x=labels, y=mean, error_y=dict(type="data", array=sd, visible=True), marker_color="#3b6fb6",
                            customdata=n, hovertemplate="%{x}<br>mean %{y:.4f} (n=%{customdata})<extra></extra>"))
     fig.add_hline(y=0, line_color="#999")
     fig.update_layout(template="plotly_white", height=260, showlegend=False, margin=dict(l=50, r=20, t=10, b=40),
-                      yaxis_title=html.escape(f"along {concept}"[:60]))
+                      yaxis_title=plot_text(f"along {concept}"[:60]))
     return fig
 
 
