@@ -167,6 +167,12 @@ def report(rows: list[Row], args, seconds: float) -> str:
             f"({len(r.random_same)} sets) | {_mean(r.random_auc_cue)} | "
             f"{100 * np.mean(r.disjoint_same) if r.disjoint_same else float('nan'):.0f}% ({len(r.disjoint_same)} sets) |")
     lines.append("")
+    if args.color_model_dir:
+        meta = json.loads((Path(args.color_model_dir) / "metadata.json").read_text())
+        lines.append(f"- The colour-cue model is not shipped (16 MB): `python -m refineclip_core.demo.train --out DIR "
+                     f"--cue color` trains it (the embedded model's recipe with body colour as the shortcut; seed "
+                     f"{meta['train_config'].get('seed', 0)}, about an hour on 2 cores), then "
+                     f"`python benchmarks/diagnosis.py --color-model-dir DIR`.")
     for r in rows:
         for e in r.examples:
             lines.append(f"- {r.label}: “{e}”")
