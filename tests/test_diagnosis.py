@@ -18,7 +18,7 @@ from refineclip_core.features.zeroshot import encode_texts
 from refineclip_core.inspection.diagnosis import (MIN_RESIDUAL, NAME_MIN, STOPWORDS, attribute_heads,
                                                   attribute_shares, concept_span, concept_vocabulary, diagnose,
                                                   diagnose_removed, diagnosis_rows, group_profile, head_evidence,
-                                                  head_shares, phrase_direction, pool_units, separation_auc,
+                                                  head_shares, phrase_direction, pool_units, project_rows, separation_auc,
                                                   summary_lines)
 from refineclip_core.method.baselines import LocateThenCorrect
 from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
@@ -318,6 +318,24 @@ def test_diagnosis_on_a_tiny_model_against_brute_force(cache, tiny_vocab):  # no
     assert lines[0] == diag.pairs[0].sentence and len(lines) <= 2 * (1 + 5 + 1)
     none = diagnose(cache, ident, tiny_vocab, [], engine)
     assert "no heads are removed" in none.sentence and none.concepts == []
+
+
+def test_diagnosis_rows_are_capped_keeping_every_labelled_sample(cache):  # noqa: F811
+    """Beyond ``max_rows`` the diagnosis reads every labelled sample of the pair's classes and a seeded
+    subset of the unlabelled images predicted as them; the block-wise projection equals one product."""
+    engine = make_engine(cache)
+    ident = identify(cache, ProtocolConfig(samples_per_class=1, seed=1, top_t=4, pair="both"), engine)
+    every = diagnosis_rows(cache, ident, engine)
+    samples = ident.sample_rows[np.isin(cache.labels[ident.sample_rows], ident.target_classes)]
+    assert len(every) - len(samples) >= 2
+    cap = len(samples) + (len(every) - len(samples)) // 2
+    capped = diagnosis_rows(cache, ident, engine, max_rows=cap)
+    assert len(capped) == cap and set(samples) <= set(capped) and set(capped) <= set(every)
+    assert np.array_equal(capped, diagnosis_rows(cache, ident, engine, max_rows=cap))     # seeded
+    u = np.random.default_rng(0).normal(size=cache.manifest.embed_dim)
+    heads = engine.head_ids()[:3]
+    np.testing.assert_allclose(project_rows(engine, every, u, heads, block=2),
+                               flat_heads(cache, every)[:, engine.flat_index(heads)].astype(np.float64) @ u, rtol=1e-12)
 
 
 def test_attribute_mode_and_ltc_against_brute_force(cache, loaded):  # noqa: F811
