@@ -12,7 +12,7 @@ import streamlit as st
 from refineclip_core.errors import RefineClipError
 from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
-from refineclip_core.inspection.diagnosis import Diagnosis, attribute_direction, attribute_heads, head_evidence
+from refineclip_core.inspection.diagnosis import Diagnosis, attribute_direction, attribute_heads
 from refineclip_core.method.protocol import Identification
 from refineclip_core.reporting.figures import group_profile_figure
 from refineclip_core.loading.data import ImageDataset
@@ -110,8 +110,7 @@ def diagnosis_lead(ready: Ready, ident: Identification, heads: list[HeadId] | No
 def head_concept_panel(ready: Ready, ident: Identification, head: HeadId) -> None:
     """Which diagnosed concept ``head`` carries, and its contribution along it per image group."""
     with guard("Relating the head to the diagnosis"):
-        diag = resources.diagnosis(ready.source, ready.cache, ready.engine, ident)
-        ev = head_evidence(ready.cache, diag, ready.engine, head, ident.target_classes)
+        ev = resources.evidence(ready.source, ready.cache, ready.engine, ident, head)
         if ev.concept is None:
             st.caption("No diagnosis to relate this head to (no head is blamed for this pair).")
             return

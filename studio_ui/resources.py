@@ -18,7 +18,8 @@ from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.features.zeroshot import predict
 from refineclip_core.home import studio_home
-from refineclip_core.inspection.diagnosis import ConceptVocabulary, Diagnosis, concept_vocabulary, diagnose
+from refineclip_core.inspection.diagnosis import (ConceptVocabulary, Diagnosis, HeadEvidence, concept_vocabulary,
+                                                  diagnose, head_evidence)
 from refineclip_core.inspection.textspan import (DEFAULT_TEXT_POOL, HeadDescription, describe_heads, encode_text_pool,
                                                  load_text_pool)
 from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
@@ -101,17 +102,33 @@ def vocabulary(spec_json: str) -> ConceptVocabulary:
 
 
 @st.cache_resource(show_spinner="Naming what the removed heads carry…", max_entries=64)
-def _diagnosis(key: str, protocol_json: str, heads: tuple, spec_json: str, _cache: FeatureCache,
+def _diagnosis(key: str, protocol_json: str, heads: tuple | None, spec_json: str, _cache: FeatureCache,
                _ident: Identification, _engine: AblationEngine) -> Diagnosis:
-    return diagnose(_cache, _ident, vocabulary(spec_json), [HeadId(*h) for h in heads], _engine)
+    return diagnose(_cache, _ident, vocabulary(spec_json), None if heads is None else [HeadId(*h) for h in heads],
+                    _engine)
 
 
 def diagnosis(source: Source, cache: FeatureCache, eng: AblationEngine, ident: Identification,
               heads: list[HeadId] | None = None) -> Diagnosis:
-    """The diagnosis of ``heads`` (default: the identification's) for the identification's pairs."""
-    hs = tuple((h.layer, h.head) for h in (ident.heads if heads is None else heads))
+    """The diagnosis of ``heads`` (default: the identification's, or the ranking's top heads when it
+    chose none, as ``refineclip explain`` does) for the identification's pairs."""
+    hs = None if heads is None else tuple((h.layer, h.head) for h in heads)
     return _diagnosis(source.resource_key(), json.dumps(ident.config.to_dict(), sort_keys=True), hs,
                       source.spec_json, cache, ident, eng)
+
+
+@st.cache_resource(show_spinner="Relating the head to the diagnosis…", max_entries=256)
+def _head_evidence(key: str, protocol_json: str, layer: int, head: int, spec_json: str, _cache: FeatureCache,
+                   _ident: Identification, _engine: AblationEngine) -> HeadEvidence:
+    diag = _diagnosis(key, protocol_json, None, spec_json, _cache, _ident, _engine)
+    return head_evidence(_cache, diag, _engine, HeadId(layer, head), _ident.target_classes)
+
+
+def evidence(source: Source, cache: FeatureCache, eng: AblationEngine, ident: Identification,
+             head: HeadId) -> HeadEvidence:
+    """What ``head`` has to do with the identification's diagnosis (computed once per head)."""
+    return _head_evidence(source.resource_key(), json.dumps(ident.config.to_dict(), sort_keys=True), head.layer,
+                          head.head, source.spec_json, cache, ident, eng)
 
 
 @st.cache_resource(show_spinner="Describing the head…", max_entries=256)

@@ -296,10 +296,22 @@ def concept_span(removed: np.ndarray, directions: np.ndarray, k: int = 8, tau: f
 def head_shares(contributions: np.ndarray, direction: np.ndarray) -> np.ndarray:
     """The split of the variance along ``direction`` of ``Σ_h contributions[:, h]`` over the heads:
     ``Cov(c_h·u, r·u) / Var(r·u)`` for each head (sums to 1; 0 everywhere when nothing varies)."""
-    u = np.asarray(direction, dtype=np.float64)
-    c = np.concatenate([np.asarray(contributions[i:i + ROW_BLOCK], dtype=np.float64) @ u       # (N, S), in blocks
+    return head_shares_along(contributions, np.asarray(direction)[None])[0]
+
+
+def head_shares_along(contributions: np.ndarray, directions: np.ndarray) -> list[np.ndarray]:
+    """:func:`head_shares` for each of ``directions`` ``(k, d)``, in one pass over ``contributions``
+    (a block of images at a time in float64)."""
+    U = np.asarray(directions, dtype=np.float64).T                                            # (d, k)
+    c = np.concatenate([np.asarray(contributions[i:i + ROW_BLOCK], dtype=np.float64) @ U      # (N, S, k)
                         for i in range(0, len(contributions), ROW_BLOCK)]) if len(contributions) else \
-        np.zeros((0, contributions.shape[1]))
+        np.zeros((0, contributions.shape[1], U.shape[1]))
+    return [variance_split(c[:, :, j]) for j in range(U.shape[1])]
+
+
+def variance_split(c: np.ndarray) -> np.ndarray:
+    """:func:`head_shares` from the heads' projections ``c`` ``(N, S)`` (``c[:, h] = c_h·u``)."""
+    c = np.asarray(c, dtype=np.float64)
     scale = float((c.sum(1) ** 2).sum())
     c = c - c.mean(0, keepdims=True)
     a = c.sum(1)
@@ -557,8 +569,9 @@ def _span_beyond_classes(X: np.ndarray, contributions: np.ndarray, vocab: Concep
         D = D - np.outer(D @ delta, delta)
     push = X @ -delta if np.linalg.norm(delta) > 0 else X[:, 0] * 0   # the removed part's push toward ``wrong``
     picks, _ = concept_span(X, D, k, tau, target=X.T @ (push - push.mean()) / len(X))
-    shares_by_pick = [head_shares(contributions, p.direction) for p in picks]
-    splits = [None if scope is None else head_shares(scope, p.direction) for p in picks]
+    directions = np.array([p.direction for p in picks]).reshape(len(picks), -1)
+    shares_by_pick = head_shares_along(contributions, directions) if picks else []
+    splits = head_shares_along(scope, directions) if picks and scope is not None else [None] * len(picks)
     coverage = [None if sp is None else float(sp[in_scope].sum()) for sp in splits]
     p_random = [None if sp is None else random_set_p(sp, len(in_scope), cov) for sp, cov in zip(splits, coverage)]
     return picks, shares_by_pick, coverage, p_random
@@ -653,12 +666,15 @@ def diagnosis_rows(cache: Any, ident: Identification, engine: AblationEngine, ma
 def project_rows(engine: AblationEngine, rows: np.ndarray, direction: np.ndarray,
                  heads: Sequence[HeadId] | None = None, block: int = ROW_BLOCK) -> np.ndarray:
     """``c_h(x)·u`` in float64 for ``rows`` and ``heads`` (default every head in scope): ``(n, |heads|)``,
-    read and projected a block of images at a time (memory stays at one block's contributions)."""
+    or ``(n, |heads|, k)`` for ``k`` directions ``(d, k)``; read and projected ``block`` images' worth of
+    every head's contributions at a time (fewer heads, more images per read)."""
     rows = np.asarray(rows, dtype=np.int64)
     u = np.asarray(direction, dtype=np.float64)
-    out = np.empty((len(rows), engine.n_flat if heads is None else len(heads)))
-    for i in range(0, len(rows), block):
-        out[i:i + block] = engine.contributions(rows[i:i + block], heads).astype(np.float64) @ u
+    n_heads = engine.n_flat if heads is None else len(heads)
+    step = max(block, block * engine.n_flat // max(n_heads, 1))
+    out = np.empty((len(rows), n_heads) + u.shape[1:])
+    for i in range(0, len(rows), step):
+        out[i:i + step] = engine.contributions(rows[i:i + step], heads).astype(np.float64) @ u
     return out
 
 
@@ -805,8 +821,10 @@ def head_evidence(cache: Any, diagnosis: Diagnosis, engine: AblationEngine, head
     profile on every image of ``classes``)."""
     concepts = diagnosis.concepts
     k = int(engine.flat_index([head])[0])
-    scope = engine.contributions(diagnosis.rows)
-    shares = [float(head_shares(scope, c.direction)[k]) for c in concepts] if len(diagnosis.rows) else []
+    shares: list[float] = []
+    if concepts and len(diagnosis.rows):       # every head along every concept in one read of the images
+        along = project_rows(engine, diagnosis.rows, np.stack([c.direction for c in concepts], axis=1))
+        shares = [float(variance_split(along[:, :, j])[k]) for j in range(len(concepts))]
     if not shares:
         return HeadEvidence(head, head in diagnosis.heads, [], None, 0.0, {})
     best = int(np.argmax(np.asarray(shares) * np.asarray([c.share for c in concepts])))
