@@ -8,7 +8,7 @@ report rather than reported as 0 or NaN. Every accuracy carries its exact 95% in
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -66,6 +66,19 @@ class AccuracyReport:
         if value is None or key not in self.intervals:
             return None
         return Estimate(value, *self.intervals[key], self.counts[key])
+
+
+PREDICT_BLOCK = 4096
+"""Images per block when predictions are made from scores: 4,096 × 1,000 classes is 32 MB in float64."""
+
+
+def block_argmax(scores: Callable[[np.ndarray], np.ndarray], X: np.ndarray, block: int = PREDICT_BLOCK) -> np.ndarray:
+    """``scores(X).argmax(1)`` computed a block of rows at a time (``scores`` maps rows of ``X`` to
+    their class scores): a 50,000-image, 1,000-class run never holds the whole score matrix."""
+    out = np.empty(len(X), dtype=np.int64)
+    for start in range(0, len(X), block):
+        out[start:start + block] = np.asarray(scores(X[start:start + block])).argmax(1)
+    return out
 
 
 def rows_mask(n: int, rows: np.ndarray | Sequence[int] | None = None) -> np.ndarray:

@@ -36,7 +36,7 @@ from .ablation import AblationEngine, Mode
 from .baselines import TipAdapter
 from .edit import FitConfig, fit_ablation, teacher_embeddings
 from .errorsets import ErrorPair, ErrorSets, error_pairs, pair_error_sets, sample_per_class
-from .evaluation import AccuracyReport, accuracy_report, rows_mask
+from .evaluation import AccuracyReport, accuracy_report, block_argmax, rows_mask
 from .intervals import Estimate, accuracy_estimate, paired_change
 from .refinement import RefineConfig, RefinementResult, refine, standard_finetune
 from .scores import SCORE_NAMES, HeadScores, Similarity, compute_scores
@@ -395,8 +395,9 @@ class RefineOutcome:
 
 
 def predictions_of(cache: FeatureCache, result: RefinementResult) -> np.ndarray:
-    """Class predictions of every cached image under a fitted map."""
-    return (result.refined.apply(cache.embeddings) @ cache.text.astype(np.float64).T).argmax(1)
+    """Class predictions of every cached image under a fitted map (a block of images at a time)."""
+    text = cache.text.astype(np.float64).T
+    return block_argmax(lambda x: result.refined.apply(x) @ text, cache.embeddings)
 
 
 def run_refinement(cache: FeatureCache, ident: Identification, cfg: EditConfig = DEFAULT_EDIT,
@@ -436,7 +437,7 @@ def run_refinement(cache: FeatureCache, ident: Identification, cfg: EditConfig =
         preds["standard-finetune"] = predictions_of(cache, results["standard-finetune"])
         tip = TipAdapter.build(cache.embeddings[ident.sample_rows], labels[ident.sample_rows], cache.text,
                                cache.logit_scale)
-        preds["tip-adapter"] = tip.predict(cache.embeddings)
+        preds["tip-adapter"] = block_argmax(tip.logits, cache.embeddings)
     exported = cfg.exported
     verdict = assess_edit(cache, ident, preds["zero-shot"], preds[exported], exported, seed=ident.config.seed)
     return RefineOutcome(ident, results, exported, evaluate_methods(cache, ident, preds), heads, verdict, cfg)
