@@ -9,7 +9,7 @@ import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.inspection.gradcam import gradcam_panels
-from refineclip_core.reporting.figures import push_figure
+from refineclip_core.reporting.figures import MAX_BOX_POINTS, push_figure
 from studio_ui import resources
 from studio_ui.registry import page
 from studio_ui.panels import head_concept_panel
@@ -91,6 +91,8 @@ rows, push = resources.head_push_values(src, cache, head, a, b)
 pred = ready.engine.base_predictions
 groups = [cache.records[r].group or ("misclassified" if pred[r] != a else "correct") for r in rows]
 st.plotly_chart(push_figure(push, groups, classes[b]), key="insp_push")
+if len(push) > MAX_BOX_POINTS:
+    st.caption(f"{len(push):,} images: the boxes show their outliers, not every image.")
 order = np.argsort(-push, kind="stable")
 st.markdown("**Images it pushes hardest toward the wrong class**")
 image_grid([(cache.records[rows[i]].path, f"push {push[i]:+.3f} · predicted {classes[pred[rows[i]]]}")

@@ -149,14 +149,21 @@ def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> go.Figure:
     return fig
 
 
+MAX_BOX_POINTS = 5000
+"""Above this many images a box plot shows its outliers only (every point of 50,000 images would take
+the browser seconds to draw)."""
+
+
 def push_figure(push: Sequence[float], groups: Sequence[str], wrong_class: str) -> go.Figure:
     """One head's push toward ``wrong_class`` per image (:func:`~refineclip_core.method.scores.head_push`),
-    a box of points per group."""
+    a box per group with every image as a point (the outliers only beyond :data:`MAX_BOX_POINTS` images)."""
     push = np.asarray(push, dtype=np.float64)
+    labels = np.asarray(list(groups), dtype=object)
+    points = "all" if len(push) <= MAX_BOX_POINTS else "outliers"
     fig = go.Figure()
     for g in sorted(set(groups)):
-        sel = [i for i, x in enumerate(groups) if x == g]
-        fig.add_trace(go.Box(y=push[sel], name=plot_text(g), boxpoints="all", jitter=0.4, pointpos=0, marker_size=4,
+        sel = labels == g
+        fig.add_trace(go.Box(y=push[sel], name=plot_text(g), boxpoints=points, jitter=0.4, pointpos=0, marker_size=4,
                              hovertemplate=f"{plot_text(g)}<br>push %{{y:.4f}}<extra></extra>"))
     fig.add_hline(y=0, line_color="#999")
     fig.update_layout(template="plotly_white", height=320, showlegend=False, margin=dict(l=50, r=20, t=20, b=40),
