@@ -56,13 +56,29 @@ TARGET_RATIO = 1.15
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Ctx:
-    """What a benchmark function gets: the mode and a scratch folder."""
+    """What a benchmark function gets: the mode, a scratch folder and a logger (``tag`` names the
+    benchmark in its log lines)."""
 
     quick: bool
     workdir: Path
+    tag: str = "bench"
 
     def log(self, msg: str) -> None:
-        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+        print(f"[{self.tag} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def screenshots_module():
+    """``scripts/screenshots.py``, imported once: it owns the helpers that start the app and drive
+    Chromium (the screenshots, the browser tests and the scale benchmark use them)."""
+    import importlib.util
+
+    if "refineclip_screenshots" in sys.modules:
+        return sys.modules["refineclip_screenshots"]
+    spec = importlib.util.spec_from_file_location("refineclip_screenshots", REPO / "scripts" / "screenshots.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["refineclip_screenshots"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass

@@ -21,17 +21,17 @@ split) and lives in a temporary ``REFINECLIP_HOME``. Screenshots of every page g
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from benchmarks.run import screenshots_module
 
 pytestmark = pytest.mark.browser
 
@@ -49,16 +49,7 @@ RSS_GROWTH_LIMIT_MIB = 150
 TOGGLE_TARGET_MS, LOAD_TARGET_S = 300, 3.0
 
 
-def _load_helpers():
-    """``scripts/screenshots.py`` (it owns the app/browser helpers the screenshots also use)."""
-    spec = importlib.util.spec_from_file_location("refineclip_screenshots", ROOT / "scripts" / "screenshots.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("refineclip_screenshots", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-shots = _load_helpers()
+shots = screenshots_module()
 
 
 # ------------------------------------------------------------------------------------------------
