@@ -54,7 +54,7 @@ with c[2]:
             f"{plain(n)} = {s.value(head):.4g} (rank {s.ranking().index(head) + 1}/{len(layers) * H})"
             for n, s in avail.items()))
     if head in ident.heads:
-        st.caption("One of the heads Alg. 1 chose.")
+        st.caption("One of the heads the protocol chose (the set Ablate and Refine start from).")
     link("heads", "Back to the score maps")
 
 # --- 1. TextSpan ----------------------------------------------------------------------------------
