@@ -34,7 +34,7 @@ if proto.pair not in pair_options:
     pair_options[proto.pair] = proto.pair.replace(":", " → ")
 n_heads_total = len(cache.manifest.layers) * cache.manifest.n_heads
 with st.form("heads_controls"):
-    c = st.columns([3, 1, 1, 1, 1, 1, 1])
+    c = st.columns([3, 1, 1, 1, 1, 1.4, 1])
     pair = c[0].selectbox("Error pair", list(pair_options), format_func=pair_options.get,
                           index=list(pair_options).index(proto.pair), key="heads_pair")
     n = c[1].number_input("Samples per class", 1, 10_000, proto.samples_per_class or 10, key="heads_n",
