@@ -300,13 +300,19 @@ def head_shares(contributions: np.ndarray, direction: np.ndarray) -> np.ndarray:
 
 
 def head_shares_along(contributions: np.ndarray, directions: np.ndarray) -> list[np.ndarray]:
-    """:func:`head_shares` for each of ``directions`` ``(k, d)``, in one pass over ``contributions``
-    (a block of images at a time in float64)."""
+    """:func:`head_shares` for each of ``directions`` ``(k, d)``, in one pass over ``contributions``."""
+    along = project_along(contributions, directions)
+    return [variance_split(along[:, :, j]) for j in range(along.shape[2])]
+
+
+def project_along(contributions: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """``contributions`` ``(N, S, d)`` projected on ``directions`` ``(k, d)``: ``(N, S, k)`` float64,
+    converted a block of images at a time."""
     U = np.asarray(directions, dtype=np.float64).T                                            # (d, k)
-    c = np.concatenate([np.asarray(contributions[i:i + ROW_BLOCK], dtype=np.float64) @ U      # (N, S, k)
-                        for i in range(0, len(contributions), ROW_BLOCK)]) if len(contributions) else \
-        np.zeros((0, contributions.shape[1], U.shape[1]))
-    return [variance_split(c[:, :, j]) for j in range(U.shape[1])]
+    if not len(contributions):
+        return np.zeros((0, contributions.shape[1], U.shape[1]))
+    return np.concatenate([np.asarray(contributions[i:i + ROW_BLOCK], dtype=np.float64) @ U
+                           for i in range(0, len(contributions), ROW_BLOCK)])
 
 
 def variance_split(c: np.ndarray) -> np.ndarray:
@@ -375,6 +381,7 @@ class Concept:
     words: list[str] = field(default_factory=list)
     descriptions: list[str] = field(default_factory=list)
     direction: np.ndarray | None = field(default=None, repr=False)   # (d,) unit
+    scope_split: np.ndarray | None = field(default=None, repr=False)  # (n_scope,) every head's split (coverage's)
 
     @property
     def side(self) -> str:
@@ -444,15 +451,6 @@ class Diagnosis:
     def concepts(self) -> list[Concept]:
         return self.pairs[0].concepts if self.pairs else []
 
-    def concept_of(self, head: HeadId) -> tuple[Concept, float] | None:
-        """The diagnosed concept (first pair) ``head`` writes the largest share of, and that share."""
-        best = None
-        for c in self.concepts:
-            s = c.head_shares.get(str(head))
-            if s is not None and (best is None or s * c.share > best[1] * best[0].share):
-                best = (c, s)
-        return best
-
     def to_dict(self) -> dict[str, Any]:
         return {"sentence": self.sentence, "concepts": [c.to_dict() for c in self.concepts],
                 "heads": [str(h) for h in self.heads], "n_images": self.n_images,
@@ -520,7 +518,7 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
         key = (min(true, wrong), max(true, wrong))
         if key not in spans:            # the pair's class direction is projected out of the concepts first
             spans[key] = _span_beyond_classes(X, contributions, vocab, text, key[0], key[1], k, tau, scope, in_scope)
-        picks, shares_by_pick, coverage, p_random = spans[key]
+        picks, shares_by_pick, splits, coverage, p_random = spans[key]
         push_dir = np.asarray(text[wrong], dtype=np.float64) - np.asarray(text[true], dtype=np.float64)
         push = X @ push_dir
         W, C = np.asarray(W, dtype=np.int64), np.asarray(C, dtype=np.int64)
@@ -528,7 +526,7 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
         gap = X[W].mean(0) - X[C].mean(0) if len(W) and len(C) else X.T @ (push - push.mean()) / len(X)
         gap_norm = float(np.linalg.norm(gap))
         concepts: list[Concept] = []
-        for p, hs, cov, p_rand in zip(picks, shares_by_pick, coverage, p_random):
+        for p, hs, split, cov, p_rand in zip(picks, shares_by_pick, splits, coverage, p_random):
             a = X @ p.direction
             names = _names(vocab, p)
             order = np.argsort(-hs, kind="stable")
@@ -541,7 +539,8 @@ def diagnose_removed(removed: np.ndarray, contributions: np.ndarray, heads: Sequ
                 enrichment=None if cov is None else cov * scope.shape[1] / len(heads), p_random=p_rand,
                 difference=float(p.direction @ gap) / gap_norm if gap_norm > 0 else 0.0,
                 push_share=p.target_share or 0.0,
-                words=names, descriptions=_descriptions(vocab, names, p.direction), direction=p.direction))
+                words=names, descriptions=_descriptions(vocab, names, p.direction), direction=p.direction,
+                scope_split=split))
         held = None
         if scope is not None:           # the control: the same gap in every head of the scope, split over heads
             Xs = scope.sum(1, dtype=np.float64)
@@ -561,7 +560,8 @@ def _span_beyond_classes(X: np.ndarray, contributions: np.ndarray, vocab: Concep
                          true: int, wrong: int, k: int, tau: float, scope: np.ndarray | None,
                          in_scope: np.ndarray | None) -> tuple:
     """:func:`concept_span` over the concept directions with the classes' text difference projected
-    out, each pick's split over the set's heads, its coverage in scope and ``p_random``."""
+    out, each pick's split over the set's heads and over every head in scope, its coverage in scope and
+    ``p_random``."""
     delta = np.asarray(text[true], dtype=np.float64) - np.asarray(text[wrong], dtype=np.float64)
     D = np.asarray(vocab.directions, dtype=np.float64)
     if np.linalg.norm(delta) > 0:
@@ -570,11 +570,15 @@ def _span_beyond_classes(X: np.ndarray, contributions: np.ndarray, vocab: Concep
     push = X @ -delta if np.linalg.norm(delta) > 0 else X[:, 0] * 0   # the removed part's push toward ``wrong``
     picks, _ = concept_span(X, D, k, tau, target=X.T @ (push - push.mean()) / len(X))
     directions = np.array([p.direction for p in picks]).reshape(len(picks), -1)
-    shares_by_pick = head_shares_along(contributions, directions) if picks else []
-    splits = head_shares_along(scope, directions) if picks and scope is not None else [None] * len(picks)
+    if scope is None:
+        shares_by_pick, splits = head_shares_along(contributions, directions), [None] * len(picks)
+    else:                               # one projection of every head in scope serves both splits
+        along = project_along(scope, directions)
+        splits = [variance_split(along[:, :, j]) for j in range(len(picks))]
+        shares_by_pick = [variance_split(along[:, in_scope, j]) for j in range(len(picks))]
     coverage = [None if sp is None else float(sp[in_scope].sum()) for sp in splits]
     p_random = [None if sp is None else random_set_p(sp, len(in_scope), cov) for sp, cov in zip(splits, coverage)]
-    return picks, shares_by_pick, coverage, p_random
+    return picks, shares_by_pick, splits, coverage, p_random
 
 
 def _share_text(p: float) -> str:
@@ -817,15 +821,12 @@ class HeadEvidence:
 
 def head_evidence(cache: Any, diagnosis: Diagnosis, engine: AblationEngine, head: HeadId,
                   classes: Sequence[int]) -> HeadEvidence:
-    """:class:`HeadEvidence` of ``head`` for ``diagnosis`` (computed on the diagnosis' images; the
-    profile on every image of ``classes``)."""
+    """:class:`HeadEvidence` of ``head`` for ``diagnosis`` (its shares are the concepts' splits over
+    every head in scope, kept by :func:`diagnose`; the profile on every image of ``classes``)."""
     concepts = diagnosis.concepts
     k = int(engine.flat_index([head])[0])
-    shares: list[float] = []
-    if concepts and len(diagnosis.rows):       # every head along every concept in one read of the images
-        along = project_rows(engine, diagnosis.rows, np.stack([c.direction for c in concepts], axis=1))
-        shares = [float(variance_split(along[:, :, j])[k]) for j in range(len(concepts))]
-    if not shares:
+    shares = [float(c.scope_split[k]) for c in concepts if c.scope_split is not None]
+    if not shares or len(shares) < len(concepts):
         return HeadEvidence(head, head in diagnosis.heads, [], None, 0.0, {})
     best = int(np.argmax(np.asarray(shares) * np.asarray([c.share for c in concepts])))
     rows = np.flatnonzero(np.isin(cache.labels, list(classes)))
