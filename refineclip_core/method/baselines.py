@@ -22,6 +22,7 @@ from ..errors import RefineClipError
 from ..features.decomposition import HeadId
 from ..features.zeroshot import normalize
 from .ablation import AblationEngine
+from .evaluation import block_argmax
 from .selection import best_prefix
 
 
@@ -47,7 +48,8 @@ class TipAdapter:
         return self.logit_scale * f @ self.text.T + self.alpha * np.exp(-self.beta * (1 - affinity)) @ self.values
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
-        return self.logits(embeddings).argmax(1)
+        """The predicted classes, a block of images at a time (no whole ``(N, C)`` logit matrix)."""
+        return block_argmax(self.logits, embeddings)
 
 
 @dataclass

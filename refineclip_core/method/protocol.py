@@ -437,7 +437,7 @@ def run_refinement(cache: FeatureCache, ident: Identification, cfg: EditConfig =
         preds["standard-finetune"] = predictions_of(cache, results["standard-finetune"])
         tip = TipAdapter.build(cache.embeddings[ident.sample_rows], labels[ident.sample_rows], cache.text,
                                cache.logit_scale)
-        preds["tip-adapter"] = block_argmax(tip.logits, cache.embeddings)
+        preds["tip-adapter"] = tip.predict(cache.embeddings)
     exported = cfg.exported
     verdict = assess_edit(cache, ident, preds["zero-shot"], preds[exported], exported, seed=ident.config.seed)
     return RefineOutcome(ident, results, exported, evaluate_methods(cache, ident, preds), heads, verdict, cfg)
