@@ -33,6 +33,11 @@ from refineclip_core.studio.source import Source
 TEXT_POOL = DEFAULT_TEXT_POOL
 
 
+def protocol_key(cfg: ProtocolConfig) -> str:
+    """A protocol as a cache key (the same settings give the same key)."""
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def model(spec_json: str) -> LoadedModel:
     return load_model(ModelSpec(**json.loads(spec_json)))
@@ -69,7 +74,7 @@ def _identification(key: str, protocol_json: str, _cache: FeatureCache, _engine:
 
 
 def identification(source: Source, cache: FeatureCache, eng: AblationEngine, cfg: ProtocolConfig) -> Identification:
-    return _identification(source.resource_key(), json.dumps(cfg.to_dict(), sort_keys=True), cache, eng)
+    return _identification(source.resource_key(), protocol_key(cfg), cache, eng)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -113,7 +118,7 @@ def diagnosis(source: Source, cache: FeatureCache, eng: AblationEngine, ident: I
     """The diagnosis of ``heads`` (default: the identification's, or the ranking's top heads when it
     chose none, as ``refineclip explain`` does) for the identification's pairs."""
     hs = None if heads is None else tuple((h.layer, h.head) for h in heads)
-    return _diagnosis(source.resource_key(), json.dumps(ident.config.to_dict(), sort_keys=True), hs,
+    return _diagnosis(source.resource_key(), protocol_key(ident.config), hs,
                       source.spec_json, cache, ident, eng)
 
 
@@ -127,7 +132,7 @@ def _head_evidence(key: str, protocol_json: str, layer: int, head: int, spec_jso
 def evidence(source: Source, cache: FeatureCache, eng: AblationEngine, ident: Identification,
              head: HeadId) -> HeadEvidence:
     """What ``head`` has to do with the identification's diagnosis (computed once per head)."""
-    return _head_evidence(source.resource_key(), json.dumps(ident.config.to_dict(), sort_keys=True), head.layer,
+    return _head_evidence(source.resource_key(), protocol_key(ident.config), head.layer,
                           head.head, source.spec_json, cache, ident, eng)
 
 
@@ -196,4 +201,4 @@ def _findings(key: str, protocol_json: str, _cache: FeatureCache, _ident: Identi
 
 def findings(source: Source, cache: FeatureCache, eng: AblationEngine, ident: Identification):
     """The headline numbers of :func:`refineclip_core.reporting.findings.findings` (computed once)."""
-    return _findings(source.resource_key(), json.dumps(ident.config.to_dict(), sort_keys=True), cache, ident, eng)
+    return _findings(source.resource_key(), protocol_key(ident.config), cache, ident, eng)
