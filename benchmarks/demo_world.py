@@ -42,6 +42,8 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -106,6 +108,17 @@ def replace_section(path: Path, marker: str, body: str) -> None:
     path.write_text(text)
 
 
+@contextmanager
+def workdir(given: str | None, prefix: str) -> Iterator[Path]:
+    """The benchmark's working folder: the one given is kept; otherwise a temporary folder that is removed when
+    the run ends, failed or not (a run generates hundreds of MB of worlds and caches)."""
+    if given:
+        yield Path(given)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
 @dataclass
 class Draw:
     """One (world seed, sample seed) draw: per method (worst group, average group, unrelated)."""
@@ -167,102 +180,102 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     model_dir = Path(args.model_dir)
     world = WorldConfig.from_dict(json.loads((model_dir / "metadata.json").read_text())["train_config"]["world"])
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="refineclip-demo-bench-"))
-    loaded = load_model(ModelSpec(MODEL_NAME, checkpoint=str(model_dir / f"{MODEL_NAME}.safetensors"),
-                                  model_config=str(model_dir / f"{MODEL_NAME}.json")))
-    pool = pool_emb = vocab = cue_dir = None
-    diagnoses: list[tuple[bool, str, str]] = []   # (names the planted cue, verdict, sentence) per draw
-    if not args.no_extras:
-        pool = load_text_pool(ROOT / "assets" / "text_pool.txt")
-        pool_emb = encode_text_pool(loaded, pool, work)
-        vocab = concept_vocabulary(pool, pool_emb)
-        cue_sides = CUE_PHRASES[world.cue]
-        cue_dir = attribute_direction(loaded, *cue_sides)
-    draws: list[Draw] = []
-    used: dict[str, dict] = {}        # the protocol and edit the draws really ran (seed aside), for the record
-    extras: dict[str, list[tuple]] = defaultdict(list)
-    overlaps: list[int] = []
-    steps = sorted(set(args.figure_steps))
-    curves: dict[str, dict[int, list[tuple]]] = defaultdict(lambda: defaultdict(list))
-    sizes = None
-    for w_i, w_seed in enumerate(args.world_seeds):
-        cache = world_cache(work, world, w_seed, args.n_fit, args.n_test, loaded)
-        engine = make_engine(cache)
-        textspan_heads = None
+    with workdir(args.workdir, "refineclip-demo-bench-") as work:
+        loaded = load_model(ModelSpec(MODEL_NAME, checkpoint=str(model_dir / f"{MODEL_NAME}.safetensors"),
+                                      model_config=str(model_dir / f"{MODEL_NAME}.json")))
+        pool = pool_emb = vocab = cue_dir = None
+        diagnoses: list[tuple[bool, str, str]] = []   # (names the planted cue, verdict, sentence) per draw
         if not args.no_extras:
-            val_rows = np.flatnonzero(cache.splits == "val")
-            descriptions = describe_heads(cache, cache.head_ids(), pool, pool_emb, k=5, rows=val_rows)
-            textspan_heads = [d.head for d in descriptions if sum(is_background_text(t) for t in d.texts) >= 3]
-        for s in args.sample_seeds:
-            ident = identify(cache, replace(DEFAULT_PROTOCOL, seed=s), engine)
-            edit = replace(DEFAULT_EDIT, fit=replace(DEFAULT_EDIT.fit, seed=s), paper=replace(DEFAULT_EDIT.paper, seed=s))
-            out = run_refinement(cache, ident, edit, engine=engine, baselines=True)
-            used = {"protocol": {**ident.config.to_dict(), "seed": None}, "edit": out.config.to_dict()}
-            for part in ("fit", "paper"):
-                used["edit"][part]["seed"] = None
-            metrics = metrics_fn(cache, ident)
-            m = {k: metrics(p) for k, p in out.report.predictions.items()}
-            paper_ident = identify(cache, replace(PAPER_PROTOCOL, seed=s), engine)
-            assert np.array_equal(paper_ident.eval_rows, ident.eval_rows)
-            paper_edit = replace(PAPER_EDIT, paper=replace(PAPER_EDIT.paper, seed=s))
-            paper = run_refinement(cache, paper_ident, paper_edit, engine=engine, baselines=False)
-            for k in ("ablated", "refineclip-diag"):
-                m[f"paper:{k}"] = metrics(paper.report.predictions[k])
-            draws.append(Draw(w_seed, s, m, {"default": [str(h) for h in ident.heads],
-                                             "alg1": [str(h) for h in paper_ident.heads]}))
-            sizes = (len(ident.sample_rows), int(ident.eval_mask.sum()), len(ident.adapt_rows))
+            pool = load_text_pool(ROOT / "assets" / "text_pool.txt")
+            pool_emb = encode_text_pool(loaded, pool, work)
+            vocab = concept_vocabulary(pool, pool_emb)
+            cue_sides = CUE_PHRASES[world.cue]
+            cue_dir = attribute_direction(loaded, *cue_sides)
+        draws: list[Draw] = []
+        used: dict[str, dict] = {}        # the protocol and edit the draws really ran (seed aside), for the record
+        extras: dict[str, list[tuple]] = defaultdict(list)
+        overlaps: list[int] = []
+        steps = sorted(set(args.figure_steps))
+        curves: dict[str, dict[int, list[tuple]]] = defaultdict(lambda: defaultdict(list))
+        sizes = None
+        for w_i, w_seed in enumerate(args.world_seeds):
+            cache = world_cache(work, world, w_seed, args.n_fit, args.n_test, loaded)
+            engine = make_engine(cache)
+            textspan_heads = None
             if not args.no_extras:
-                p_engine = paper_ident.ablation_engine(engine)
-                for base in SCORE_NAMES:      # each score alone: best prefix of its list (Alg. 1 curves)
-                    curve = paper_ident.selection.curves.get(base)
-                    if curve:
-                        t = int(np.argmax(curve)) + 1
-                        extras[f"ablate: {base} alone (zero)"].append(
-                            (m["zero-shot"], metrics(p_engine.predict(paper_ident.selection.candidates[base][:t], "zero"))))
-                extras["ablate: TextSpan background heads (known attribute, zero)"].append(
-                    (m["zero-shot"], metrics(engine.predict(textspan_heads, "zero"))))
-                attr = attribute_heads(cache, ident, *cue_sides, cue_dir, ident.ablation_engine(engine))
-                extras["ablate: known-attribute mode, the cue typed (best-utility prefix, zero)"].append(
-                    (m["zero-shot"], metrics(engine.predict(attr.heads, "zero"))))
-                try:                          # LTC needs wrong and right samples of a class among the labelled ones
-                    ltc = LocateThenCorrect.fit(ident.ablation_engine(engine), [
-                        (a, b, ident.sets[f"{cache.classes[a]}→{cache.classes[b]}"].W,
-                         ident.sets[f"{cache.classes[a]}→{cache.classes[b]}"].C) for a, b in ident.pairs],
-                        cache.labels, cue_dir, ident.sample_rows)
-                    extras["LTC (Yeo et al. 2025): spurious heads mean-ablated, projected off the typed cue"].append(
-                        (m["zero-shot"], metrics(ltc.predict())))
-                except RefineClipError:
-                    pass
-                pair = diagnose(cache, ident, vocab, None, engine).pairs[0]
-                diagnoses.append((names_cue([c.words[0] for c in pair.named if c.words], CUE_WORDS[world.cue]),
-                                  pair.verdict, pair.sentence))
-                lists = [set(sc.top(15)) for sc in paper_ident.scores.values() if sc.available]
-                if len(lists) == 4:
-                    overlaps.append(len(set.intersection(*lists)))
-                if w_i == 0:                  # locality figure (paper Fig. 2) on the first world
-                    for n_steps in steps:
-                        e = replace(edit, fit=replace(edit.fit, steps=min(n_steps, edit.fit.steps)),
-                                    paper=replace(edit.paper, steps=n_steps))
-                        o = run_refinement(cache, ident, e, engine=engine, baselines=True)
-                        for key in ("refineclip-fit", "refineclip-diag", "standard-finetune"):
-                            worst, _, other = metrics(o.report.predictions[key])
-                            curves[key][n_steps].append((worst, other))
-            print(f"world {w_seed} seed {s}: worst group zero-shot {100 * m['zero-shot'][0]:.1f}, "
-                  f"exported {100 * m[EXPORTED][0]:.1f}; heads {', '.join(draws[-1].heads['default'])}",
-                  file=sys.stderr, flush=True)
-    body = report(args, draws, extras, overlaps, sizes, model_dir, time.time() - t0, diagnoses, world.cue)
-    body += ("\n<details><summary>Settings every draw used (the shared defaults; seeds vary)</summary>\n\n"
-             f"```json\n{json.dumps(used, indent=1)}\n```\n</details>\n")
-    if not args.no_extras:
-        figure = Path(args.out).with_name("demo_locality.svg")
-        figure.write_text(locality_svg(steps, curves, len(args.sample_seeds)))
-        body += (f"\n- Locality over training (paper Fig. 2, world {args.world_seeds[0]}, mean of "
-                 f"{len(args.sample_seeds)} sample seeds): ![worst group and unrelated classes vs steps]"
-                 f"({figure.name}). RefineCLIP-fit starts from its least-squares map (step 0) and stops at "
-                 f"{DEFAULT_EDIT.fit.steps} steps.\n")
-    print(body)
-    replace_section(Path(args.out), "demo", body)
-    return 0
+                val_rows = np.flatnonzero(cache.splits == "val")
+                descriptions = describe_heads(cache, cache.head_ids(), pool, pool_emb, k=5, rows=val_rows)
+                textspan_heads = [d.head for d in descriptions if sum(is_background_text(t) for t in d.texts) >= 3]
+            for s in args.sample_seeds:
+                ident = identify(cache, replace(DEFAULT_PROTOCOL, seed=s), engine)
+                edit = replace(DEFAULT_EDIT, fit=replace(DEFAULT_EDIT.fit, seed=s), paper=replace(DEFAULT_EDIT.paper, seed=s))
+                out = run_refinement(cache, ident, edit, engine=engine, baselines=True)
+                used = {"protocol": {**ident.config.to_dict(), "seed": None}, "edit": out.config.to_dict()}
+                for part in ("fit", "paper"):
+                    used["edit"][part]["seed"] = None
+                metrics = metrics_fn(cache, ident)
+                m = {k: metrics(p) for k, p in out.report.predictions.items()}
+                paper_ident = identify(cache, replace(PAPER_PROTOCOL, seed=s), engine)
+                assert np.array_equal(paper_ident.eval_rows, ident.eval_rows)
+                paper_edit = replace(PAPER_EDIT, paper=replace(PAPER_EDIT.paper, seed=s))
+                paper = run_refinement(cache, paper_ident, paper_edit, engine=engine, baselines=False)
+                for k in ("ablated", "refineclip-diag"):
+                    m[f"paper:{k}"] = metrics(paper.report.predictions[k])
+                draws.append(Draw(w_seed, s, m, {"default": [str(h) for h in ident.heads],
+                                                 "alg1": [str(h) for h in paper_ident.heads]}))
+                sizes = (len(ident.sample_rows), int(ident.eval_mask.sum()), len(ident.adapt_rows))
+                if not args.no_extras:
+                    p_engine = paper_ident.ablation_engine(engine)
+                    for base in SCORE_NAMES:      # each score alone: best prefix of its list (Alg. 1 curves)
+                        curve = paper_ident.selection.curves.get(base)
+                        if curve:
+                            t = int(np.argmax(curve)) + 1
+                            extras[f"ablate: {base} alone (zero)"].append(
+                                (m["zero-shot"], metrics(p_engine.predict(paper_ident.selection.candidates[base][:t], "zero"))))
+                    extras["ablate: TextSpan background heads (known attribute, zero)"].append(
+                        (m["zero-shot"], metrics(engine.predict(textspan_heads, "zero"))))
+                    attr = attribute_heads(cache, ident, *cue_sides, cue_dir, ident.ablation_engine(engine))
+                    extras["ablate: known-attribute mode, the cue typed (best-utility prefix, zero)"].append(
+                        (m["zero-shot"], metrics(engine.predict(attr.heads, "zero"))))
+                    try:                          # LTC needs wrong and right samples of a class among the labelled ones
+                        ltc = LocateThenCorrect.fit(ident.ablation_engine(engine), [
+                            (a, b, ident.sets[f"{cache.classes[a]}→{cache.classes[b]}"].W,
+                             ident.sets[f"{cache.classes[a]}→{cache.classes[b]}"].C) for a, b in ident.pairs],
+                            cache.labels, cue_dir, ident.sample_rows)
+                        extras["LTC (Yeo et al. 2025): spurious heads mean-ablated, projected off the typed cue"].append(
+                            (m["zero-shot"], metrics(ltc.predict())))
+                    except RefineClipError:
+                        pass
+                    pair = diagnose(cache, ident, vocab, None, engine).pairs[0]
+                    diagnoses.append((names_cue([c.words[0] for c in pair.named if c.words], CUE_WORDS[world.cue]),
+                                      pair.verdict, pair.sentence))
+                    lists = [set(sc.top(15)) for sc in paper_ident.scores.values() if sc.available]
+                    if len(lists) == 4:
+                        overlaps.append(len(set.intersection(*lists)))
+                    if w_i == 0:                  # locality figure (paper Fig. 2) on the first world
+                        for n_steps in steps:
+                            e = replace(edit, fit=replace(edit.fit, steps=min(n_steps, edit.fit.steps)),
+                                        paper=replace(edit.paper, steps=n_steps))
+                            o = run_refinement(cache, ident, e, engine=engine, baselines=True)
+                            for key in ("refineclip-fit", "refineclip-diag", "standard-finetune"):
+                                worst, _, other = metrics(o.report.predictions[key])
+                                curves[key][n_steps].append((worst, other))
+                print(f"world {w_seed} seed {s}: worst group zero-shot {100 * m['zero-shot'][0]:.1f}, "
+                      f"exported {100 * m[EXPORTED][0]:.1f}; heads {', '.join(draws[-1].heads['default'])}",
+                      file=sys.stderr, flush=True)
+        body = report(args, draws, extras, overlaps, sizes, model_dir, time.time() - t0, diagnoses, world.cue)
+        body += ("\n<details><summary>Settings every draw used (the shared defaults; seeds vary)</summary>\n\n"
+                 f"```json\n{json.dumps(used, indent=1)}\n```\n</details>\n")
+        if not args.no_extras:
+            figure = Path(args.out).with_name("demo_locality.svg")
+            figure.write_text(locality_svg(steps, curves, len(args.sample_seeds)))
+            body += (f"\n- Locality over training (paper Fig. 2, world {args.world_seeds[0]}, mean of "
+                     f"{len(args.sample_seeds)} sample seeds): ![worst group and unrelated classes vs steps]"
+                     f"({figure.name}). RefineCLIP-fit starts from its least-squares map (step 0) and stops at "
+                     f"{DEFAULT_EDIT.fit.steps} steps.\n")
+        print(body)
+        replace_section(Path(args.out), "demo", body)
+        return 0
 
 
 def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, seconds: float,

@@ -27,7 +27,6 @@ import argparse
 import json
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.demo_world import replace_section, world_cache  # noqa: E402
+from benchmarks.demo_world import replace_section, workdir, world_cache  # noqa: E402
 from refineclip_core.demo.train import MODEL_NAME  # noqa: E402
 from refineclip_core.demo.world import BIRD_PART_WORDS, CUE_WORDS, WorldConfig, names_cue  # noqa: E402
 from refineclip_core.inspection.diagnosis import diagnose, load_vocabulary, separation_auc  # noqa: E402
@@ -197,16 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="refineclip-diagnosis-bench-"))
-    rows = [run_model("embedded demo model", Path(args.model_dir), args, work)]
-    if args.color_model_dir:
-        layers = args.color_layers if args.color_layers == "all" else int(args.color_layers)
-        rows.append(run_model(f"colour-cue model (heads of {layers} layers)", Path(args.color_model_dir), args, work,
-                              layers))
-    body = report(rows, args, time.time() - t0)
-    print(body)
-    replace_section(Path(args.out), "diagnosis", body)
-    return 0
+    with workdir(args.workdir, "refineclip-diagnosis-bench-") as work:
+        rows = [run_model("embedded demo model", Path(args.model_dir), args, work)]
+        if args.color_model_dir:
+            layers = args.color_layers if args.color_layers == "all" else int(args.color_layers)
+            rows.append(run_model(f"colour-cue model (heads of {layers} layers)", Path(args.color_model_dir), args, work,
+                                  layers))
+        body = report(rows, args, time.time() - t0)
+        print(body)
+        replace_section(Path(args.out), "diagnosis", body)
+        return 0
 
 
 if __name__ == "__main__":
