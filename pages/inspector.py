@@ -60,7 +60,7 @@ with c[2]:
 # --- 1. TextSpan ----------------------------------------------------------------------------------
 st.subheader("What it encodes")
 st.caption("TextSpan (Gandelsman et al.): greedily picks the descriptions whose directions explain the most "
-           "variance of this head's outputs over all images (paper Table 5).")
+           "variance of this head's outputs over the images (paper Table 5).")
 k = st.columns([1, 3])[0].slider("Descriptions", 3, 10, 5, key="insp_k")
 try:
     desc = resources.head_description(src, cache, head, k)
@@ -75,8 +75,10 @@ elif desc is not None:
                  column_config={"variance explained": st.column_config.ProgressColumn(format="percent", min_value=0.0,
                                                                                      max_value=1.0),
                                 "cumulative": st.column_config.NumberColumn(format="percent")})
-    st.caption(f"Text pool: {len(resources.text_pool(src.spec_json)[0])} descriptions (assets/text_pool.txt); total "
-               f"variance of the head {desc.total_variance:.4g}.")
+    over = (f"a seeded random sample of {desc.n_images:,} of the {desc.sampled_from:,} images (the covariance of "
+            "that many pins the top texts down)" if desc.sampled_from else f"all {desc.n_images:,} images")
+    st.caption(f"Text pool: {len(resources.text_pool(src.spec_json)[0])} descriptions (assets/text_pool.txt); computed "
+               f"over {over}; total variance of the head {desc.total_variance:.4g}.")
 
 st.markdown("**Which diagnosed concept it carries**")
 head_concept_panel(ready, ident, head)

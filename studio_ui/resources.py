@@ -143,7 +143,8 @@ def _description(key: str, layer: int, head: int, k: int, spec_json: str, _cache
 
 
 def head_description(source: Source, cache: FeatureCache, head: HeadId, k: int) -> HeadDescription:
-    """The TextSpan description of ``head`` over every cached image (keyed by the cache's current
+    """The TextSpan description of ``head`` over the cached images (a seeded sample of
+    :data:`~refineclip_core.inspection.textspan.MAX_IMAGES` beyond that many; keyed by the cache's current
     fingerprint: re-extracting the folder in place never shows a stale description)."""
     return _description(source.resource_key(), head.layer, head.head, int(k), source.spec_json, cache)
 

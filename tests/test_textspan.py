@@ -193,6 +193,35 @@ def test_describe_heads_maps_absolute_layers():
     assert out[0].to_dict()["head"] == [6, 1]
 
 
+
+def test_many_images_are_described_on_a_seeded_sample_that_keeps_the_top_texts():
+    """Past MAX_IMAGES rows a seeded random sample is described: exactly describe_head on those rows
+    (recomputed here from the same draw), the sample recorded on the description; and on heads whose
+    variance lies along a few texts, the sample finds the same texts in the same order as every image."""
+    rng = np.random.default_rng(12)
+    n, d, m = 6_000, 24, 40
+    pool = unit_rows(rng, m, d)
+    texts = [f"t{i}" for i in range(m)]
+    planted = [7, 21, 3]
+    coef = rng.standard_normal((n, 3)) * np.array([3.0, 2.0, 1.3])
+    arr = (coef @ pool[planted] + 0.3 * rng.standard_normal((n, d)))[:, None, None, :].astype(np.float32)
+    full = describe_heads(arr, [HeadId(0, 0)], texts, pool, k=3, max_images=None)[0]
+    assert full.n_images == n and full.sampled_from is None
+    sampled = describe_heads(arr, [HeadId(0, 0)], texts, pool, k=3, max_images=1_000, seed=5)[0]
+    assert sampled.n_images == 1_000 and sampled.sampled_from == n
+    rows = np.sort(np.random.default_rng(5).choice(np.arange(n), 1_000, replace=False))
+    assert sampled.indices == describe_head(arr[rows, 0, 0], texts, pool, k=3).indices
+    assert full.indices[:3] == sampled.indices[:3] == planted
+    assert abs(sampled.total_variance - full.total_variance) < 0.1 * full.total_variance
+    # a subset of rows is sampled within itself; few enough rows are all used
+    half = np.arange(0, n, 2)
+    sub = describe_heads(arr, [HeadId(0, 0)], texts, pool, k=3, rows=half, max_images=1_000, seed=5)[0]
+    picked = np.sort(np.random.default_rng(5).choice(half, 1_000, replace=False))
+    assert sub.sampled_from == len(half) and sub.indices == describe_head(arr[picked, 0, 0], texts, pool, k=3).indices
+    small = describe_heads(arr, [HeadId(0, 0)], texts, pool, k=3, rows=np.arange(500), max_images=1_000)[0]
+    assert small.sampled_from is None and small.n_images == 500
+    assert sampled.to_dict()["sampled_from"] == n
+
 def test_speed_at_full_size():
     """N=10000 images, M=5000 texts, d=1024 (ViT-L) must stay well under a few seconds; an
     implementation that loops over texts or forms C T^T for all texts takes far longer."""

@@ -23,6 +23,13 @@ score of a remaining text only needs the current residual texts ``T'`` and eithe
 (``t'^T S t'``, via ``G = T' S``, ``M x d``, when ``N`` is large). Both are updated by
 rank-one corrections after each pick, so ``k`` steps cost one large matrix product plus
 ``O(k . M . d)``: about 0.7 s for ``N = 10000, M = 5000, d = 1024`` in float32 on two CPU cores.
+
+Many images. The description depends on the images only through the mean and covariance of the
+head's outputs, so a uniform random sample of the images estimates it; past
+:data:`MAX_IMAGES` images :func:`describe_heads` describes a seeded random sample of that size
+(reading one head's outputs for 50,000 images from a ViT-L/14 cache on disk took most of the Head
+inspector's time) and records the sample size and the number it was drawn from on the
+:class:`HeadDescription`. ``max_images=None`` describes every image.
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ ZERO_VARIANCE_RTOL = 1e-12
 #: variance: further picks would explain only rounding noise and their order would be arbitrary.
 RESIDUAL_STOP = 1e-9
 
+#: Most images :func:`describe_heads` reads for one head by default; beyond it a seeded random sample
+#: of this many (the covariance of 10,000 images pins the top texts down: ``tests/test_textspan.py``).
+MAX_IMAGES = 10_000
+
 
 @dataclass
 class HeadDescription:
@@ -69,6 +80,9 @@ class HeadDescription:
         total_variance: ``sum_i ||c_i - mean(c)||^2 / N``: the trace of the covariance of the
             head's outputs over the images (0 for a constant head).
         indices: position of each chosen text in the pool.
+        n_images: how many images the description was computed over.
+        sampled_from: when those were a random sample (:data:`MAX_IMAGES`), how many images they were
+            drawn from; ``None`` when every image was used.
     """
 
     head: HeadId
@@ -76,6 +90,8 @@ class HeadDescription:
     variance_explained: list[float]
     total_variance: float
     indices: list[int] = field(default_factory=list)
+    n_images: int = 0
+    sampled_from: int | None = None
 
     @property
     def cumulative(self) -> list[float]:
@@ -91,6 +107,8 @@ class HeadDescription:
             "variance_explained": list(self.variance_explained),
             "cumulative": self.cumulative,
             "total_variance": self.total_variance,
+            "n_images": self.n_images,
+            "sampled_from": self.sampled_from,
         }
 
 
@@ -235,12 +253,14 @@ def describe_head(head_outputs: np.ndarray, pool_texts: Sequence[str], pool_emb:
         variance_explained=fractions,
         total_variance=float(total),
         indices=indices,
+        n_images=int(len(head_outputs)),
     )
 
 
 def describe_heads(cache_heads_array: Any, head_ids: Sequence[HeadId], pool_texts: Sequence[str],
                    pool_emb: np.ndarray, k: int = 5, layers: Sequence[int] | None = None,
-                   rows: np.ndarray | None = None) -> list[HeadDescription]:
+                   rows: np.ndarray | None = None, max_images: int | None = MAX_IMAGES,
+                   seed: int = 0) -> list[HeadDescription]:
     """TextSpan descriptions of several heads from a feature cache's head contributions.
 
     Args:
@@ -252,6 +272,8 @@ def describe_heads(cache_heads_array: Any, head_ids: Sequence[HeadId], pool_text
         layers: absolute layer index of each entry of axis 1 (``FeatureCache.manifest.layers``).
             ``None`` means axis 1 starts at layer 0 (a cache of all layers).
         rows: optional image rows to use (e.g. a split); all rows by default.
+        max_images: past this many rows, a random sample of this many (seeded by ``seed``, the same
+            for every head) is described; ``None`` describes every row (module docstring).
     """
     if hasattr(cache_heads_array, "manifest") and hasattr(cache_heads_array, "heads"):
         if layers is None:
@@ -266,6 +288,15 @@ def describe_heads(cache_heads_array: Any, head_ids: Sequence[HeadId], pool_text
         raise RefineClipError(f"'layers' names {len(layers)} layers but the head array holds {n_layers_in_cache}.")
     position = {l: i for i, l in enumerate(layers)}
     pool = _prepare_pool(pool_emb, n_texts=len(pool_texts))
+    n_all = heads.shape[0]
+    chosen = np.arange(n_all) if rows is None else np.asarray(rows)
+    if chosen.dtype == bool:
+        chosen = np.flatnonzero(chosen)
+    sampled_from = None
+    if max_images is not None and len(chosen) > max_images:
+        sampled_from = len(chosen)
+        chosen = np.sort(np.random.default_rng(seed).choice(chosen, int(max_images), replace=False))
+    whole = rows is None and sampled_from is None
     out = []
     for hid in head_ids:
         if hid.layer not in position:
@@ -274,10 +305,10 @@ def describe_heads(cache_heads_array: Any, head_ids: Sequence[HeadId], pool_text
             )
         if not 0 <= hid.head < n_heads:
             raise RefineClipError(f"Head {hid} does not exist: layers have {n_heads} heads.")
-        data = heads[:, position[hid.layer], hid.head]
-        if rows is not None:
-            data = data[np.asarray(rows)]
-        out.append(describe_head(np.asarray(data), pool_texts, pool, k=k, head=hid))
+        data = heads[(slice(None) if whole else chosen), position[hid.layer], hid.head]
+        desc = describe_head(np.asarray(data), pool_texts, pool, k=k, head=hid)
+        desc.sampled_from = sampled_from
+        out.append(desc)
     return out
 
 
