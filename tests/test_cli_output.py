@@ -44,6 +44,7 @@ def _commands(files, image_folder, cache, tmp_path):
         "check-decomposition": ["check-decomposition", "--cache", cache, "--max-images", "4"],
         "zero-shot": ["zero-shot", "--cache", cache],
         "score": ["score", "--cache", cache, *small],
+        "describe": ["describe", "--cache", cache, "--heads", "all", "--k", "3"],
         "refine": ["refine", "--cache", cache, *small, "--fit-steps", "5", "--steps", "10",
                    "--out", tmp_path / "edited.safetensors"],
         "eval": ["eval", *_model_flags(files), "--data", image_folder, "--cache-dir", tmp_path / "eval-cache"],

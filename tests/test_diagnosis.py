@@ -392,6 +392,39 @@ def test_explain_cli_prints_a_summary_and_writes_the_record(cache, tmp_path, mon
     assert "--versus" in capsys.readouterr().err
 
 
+
+def test_describe_cli_gives_the_inspectors_descriptions(cache, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """`refineclip describe` computes what the Head inspector shows through the same function
+    (describe_heads): same texts and shares, one summary line per head; a sample past --max-images."""
+    from refineclip_core.inspection.textspan import describe_heads, encode_text_pool, load_text_pool
+    from refineclip_core.loading.models import ModelSpec, load_model
+
+    monkeypatch.setenv("REFINECLIP_HOME", str(tmp_path / "home"))
+    pool = tmp_path / "pool.txt"
+    pool.write_text("\n".join(TINY_POOL) + "\n")
+    heads = [HeadId(2, 0), HeadId(1, 1)]
+    base = ["describe", "--cache", str(cache.root), "--text-pool", str(pool), "--k", "3"]
+    assert main(base + ["--heads", "2.0,1.1", "--json", "-"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    texts = load_text_pool(pool)
+    emb = encode_text_pool(load_model(ModelSpec(**cache.manifest.model)), texts)
+    direct = describe_heads(cache, heads, texts, emb, k=3)
+    assert [r["head"] for r in record["heads"]] == [[2, 0], [1, 1]]
+    for r, d in zip(record["heads"], direct):
+        assert r["texts"] == d.texts and r["variance_explained"] == pytest.approx(d.variance_explained)
+        assert r["n_images"] == len(cache.labels) and r["sampled_from"] is None
+    assert main(base + ["--heads", "2.0,1.1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("TextSpan descriptions of 2 head(s) (--heads), over all") and len(lines) == 3
+    assert lines[1].startswith("  L2.H0: ") and "%)" in lines[1]
+    assert main(base + ["--heads", "2.0", "--max-images", "5", "--json", "-"]) == 0
+    sampled = json.loads(capsys.readouterr().out)["heads"][0]
+    assert sampled["n_images"] == 5 and sampled["sampled_from"] == len(cache.labels)
+    assert main(base + ["--samples-per-class", "3", "--top-t", "4"]) == 0       # the protocol's heads
+    assert "(the protocol's choice)" in capsys.readouterr().out
+    assert main(base + ["--heads", "99.0"]) == 2
+    assert "outside the cached scope" in capsys.readouterr().err
+
 def test_the_report_leads_with_the_escaped_sentence(cache, tiny_vocab):  # noqa: F811
     engine = make_engine(cache)
     ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4), engine)

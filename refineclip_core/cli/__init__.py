@@ -19,7 +19,7 @@ from typing import Sequence
 from ..errors import RefineClipError
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMANDS = ("extract", "check_decomposition", "zero_shot", "score", "explain", "refine", "evaluate", "demo_data",
+COMMANDS = ("extract", "check_decomposition", "zero_shot", "score", "explain", "describe", "refine", "evaluate", "demo_data",
             "reproduce", "app")
 
 EXIT_OK = 0
