@@ -425,6 +425,14 @@ def test_describe_cli_gives_the_inspectors_descriptions(cache, tmp_path, monkeyp
     assert main(base + ["--heads", "99.0"]) == 2
     assert "outside the cached scope" in capsys.readouterr().err
 
+
+def test_a_one_head_set_is_said_in_the_singular(cache, tiny_vocab):  # noqa: F811
+    engine = make_engine(cache)
+    ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4), engine)
+    sentence = diagnose(cache, ident, tiny_vocab, [HeadId(2, 0)], engine).pairs[0].sentence
+    assert " in scope, this head holds " in sentence and "random single heads" in sentence, sentence
+    assert "these 1 " not in sentence and "sets of 1 heads" not in sentence
+
 def test_the_report_leads_with_the_escaped_sentence(cache, tiny_vocab):  # noqa: F811
     engine = make_engine(cache)
     ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4), engine)

@@ -119,7 +119,36 @@ def test_select_consensus_takes_the_best_prefix_or_nothing(demo):
     base = utility(engine, [], ident.sample_rows, cache.labels)
     t = int(np.argmax(curve)) + 1
     assert sel.heads == (ranked[:t] if max(curve) > base else [])
-    assert ident.heads == sel.heads and ident.selection.score == "consensus"
+    # the protocol mean-ablates, so its utility is the mean-ablated model's (means over the adaptation rows)
+    assert ident.config.ablation == "mean" and ident.selection.score == "consensus"
+    mean_engine = ident.ablation_engine(engine)
+    sel_mean = select_consensus(mean_engine, ident.scores, ident.sample_rows, cache.labels, top_t=ident.config.top_t, mode="mean")
+    assert ident.heads == sel_mean.heads
+    np.testing.assert_allclose(ident.selection.curves["consensus"], sel_mean.curves["consensus"], rtol=1e-6)
+
+
+def test_the_mean_ablation_utility_is_eq_10_on_the_mean_ablated_embeddings(demo):
+    """U(S) with mode="mean", against Eq. 10 computed by hand from E − Σ_S (c_h − m_h) (Eq. 5), the
+    means taken here over the adaptation rows from the cached contributions."""
+    cache, engine, ident = demo["cache"], demo["engine"], demo["ident"]
+    rows, labels = ident.sample_rows, cache.labels
+    heads = consensus_ranking(ident.scores)[:4]
+    layers = list(cache.manifest.layers)
+    idx = [layers.index(h.layer) for h in heads]
+    c = np.asarray(cache.heads[ident.adapt_rows], dtype=np.float64)
+    m = [c[:, i, h.head].mean(0) for i, h in zip(idx, heads)]
+    x = np.asarray(cache.heads[rows], dtype=np.float64)
+    emb = np.asarray(cache.embeddings[rows], dtype=np.float64)
+    for i, h, mh in zip(idx, heads, m):
+        emb = emb - x[:, i, h.head] + mh
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    text = np.asarray(cache.text, dtype=np.float64)
+    cos = emb @ (text / np.linalg.norm(text, axis=1, keepdims=True)).T
+    own = cos[np.arange(len(rows)), labels[rows]]
+    expected = float(np.mean(own - (cos.sum(1) - own) / (cos.shape[1] - 1)))
+    got = utility(ident.ablation_engine(engine), heads, rows, labels, "mean")
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert got != pytest.approx(utility(engine, heads, rows, labels), rel=1e-6)   # not the zero-ablation value
 
 
 # -- RefineCLIP-fit ---------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--samples-per-class", type=positive_int, nargs="+",
                        default=[4, 10] if q is loc else [10, 20, 30])
         q.add_argument("--layers", type=layers_arg, default=4, help="heads of the last K layers (paper: 4) or 'all'")
-        q.add_argument("--top-t", type=positive_int, default=DEFAULT_PROTOCOL.top_t)
+        q.add_argument("--top-t", type=positive_int, default=DEFAULT_PROTOCOL.top_t,
+                       help="T of the defaults' protocol (the paper-faithful rows keep the paper's T = 15)")
         q.add_argument("--strategies", nargs="+", default=["diag"], choices=["diag", "full", "lora"],
                        help="the paper-faithful phase 2's maps")
         q.add_argument("--alpha", type=float, default=DEFAULT_EDIT.paper.alpha, help="paper phase 2: weight of Eq. 11")

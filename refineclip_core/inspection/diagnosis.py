@@ -639,10 +639,12 @@ def _pair_diagnosis(X: np.ndarray, total: float, concepts: list[Concept], vocab:
             verdict = "shortcut" if pinned else "diffuse"
             what = "separates the misclassified images from the correct ones" if oriented else \
                 f"pushes {y} images toward {yhat}"
-            sentence += (f" Of what {what} in the {n_scope} heads in scope, these {k} hold {cov:.0%}; "
-                         + ((f"none of {N_RANDOM_SETS} random sets of {k} heads holds as much." if p == 0 else
-                             f"only {_share_text(p)} of random sets of {k} heads hold as much.")
-                            if pinned else f"{_share_text(p)} of random sets of {k} heads hold as much: the set "
+            these, sets = ("this head holds", "random single heads") if k == 1 else \
+                (f"these {k} hold", f"random sets of {k} heads")
+            sentence += (f" Of what {what} in the {n_scope} heads in scope, {these} {cov:.0%}; "
+                         + ((f"none of {N_RANDOM_SETS} {sets} holds as much." if p == 0 else
+                             f"only {_share_text(p)} of {sets} hold as much.")
+                            if pinned else f"{_share_text(p)} of {sets} hold as much: the set "
                                            f"does not pin the shortcut down."))
     else:
         c = concepts[0]

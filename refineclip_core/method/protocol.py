@@ -15,10 +15,11 @@ the benchmark and the reproduction harness all follow the same protocol:
 
 The defaults (:data:`DEFAULT_PROTOCOL`, :data:`DEFAULT_EDIT`) are what the CLI, the dashboard,
 the benchmark and the reproduction harness use; they were chosen by the multi-draw benchmark
-on the demo world (``benchmarks/demo_world.py``): both directions of the error pair, the
-consensus head ranking, mean ablation and RefineCLIP-fit. The paper's own choices stay one
-setting away (:data:`PAPER_PROTOCOL`, :data:`PAPER_EDIT`: the largest pair, Algorithm 1, zero
-ablation, diag(θ) by Eq. 13).
+on the demo world (development seeds of ``benchmarks/edit_variants.py``; ``docs/edit.md``): both
+directions of the error pair, the consensus head ranking (top 15) with its prefix chosen by the utility
+of the ablation that is applied (mean ablation), and RefineCLIP-fit. The
+paper's own choices stay one setting away (:data:`PAPER_PROTOCOL`, :data:`PAPER_EDIT`: the largest
+pair, Algorithm 1 over top-15 lists, zero ablation, diag(θ) by Eq. 13).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ProtocolConfig:
     pair: str = "both"                 # "auto" (largest), "both" (auto pair and its reverse), "TRUE:PRED"
     samples_per_class: int | None = 10
     seed: int = 0
-    top_t: int = 15
+    top_t: int = 15                    # longest head set considered (the paper's T)
     similarity: Similarity = "cosine"
     selection: SelectionRule = "consensus"   # "consensus" (selection.select_consensus) or "alg1" (paper)
     ablation: Mode = "mean"            # how the chosen heads are removed: "mean" or "zero" (paper Eq. 5)
@@ -75,8 +76,8 @@ class ProtocolConfig:
 DEFAULT_PROTOCOL = ProtocolConfig()
 """The protocol every entry point uses unless told otherwise (see the module docstring)."""
 
-PAPER_PROTOCOL = ProtocolConfig(pair="auto", selection="alg1", ablation="zero")
-"""The paper's choices: the largest error pair, Algorithm 1, zero ablation (Eq. 5)."""
+PAPER_PROTOCOL = ProtocolConfig(pair="auto", top_t=15, selection="alg1", ablation="zero")
+"""The paper's choices: the largest error pair, Algorithm 1 over top-15 lists (T = 15), zero ablation (Eq. 5)."""
 
 
 @dataclass
@@ -199,8 +200,25 @@ def identify(cache: FeatureCache, cfg: ProtocolConfig = DEFAULT_PROTOCOL, engine
                                        cfg.similarity, SCORE_NAMES).items():
             scores[name if len(pairs) == 1 else f"{name}[{key}]"] = hs
     select = select_consensus if cfg.selection == "consensus" else select_heads
-    selection = select(engine, scores, samples, labels, cfg.top_t)
+    # the utility (Eq. 10) measures the ablation the protocol applies: mean ablation with the means over
+    # the adaptation rows, as the Ablate page and the exported edit use them (Identification.ablation_engine)
+    judge = engine.with_mean_rows(selection_mean_rows(adapt, cfg.seed)) if cfg.ablation == "mean" else engine
+    selection = select(judge, scores, samples, labels, cfg.top_t, cfg.ablation)
     return Identification(cfg, pairs, samples, ev, sets, scores, selection, pred, adapt)
+
+
+#: The head selection's mean-ablation utility reads the heads' means over at most this many adaptation
+#: rows (a seeded sample beyond it): exact on small caches, and on 50,000 images it spares the scoring a
+#: pass over every head contribution (the first ablation makes that pass for the exact means anyway).
+SELECTION_MEAN_ROWS = 4096
+
+
+def selection_mean_rows(adapt: np.ndarray, seed: int) -> np.ndarray:
+    """The adaptation rows whose head means the selection's mean-ablation utility uses (all of them up to
+    :data:`SELECTION_MEAN_ROWS`, else a sample seeded by the protocol's seed)."""
+    if len(adapt) <= SELECTION_MEAN_ROWS:
+        return adapt
+    return np.sort(np.random.default_rng([seed, 4_096]).choice(adapt, SELECTION_MEAN_ROWS, replace=False))
 
 
 def evaluation_and_adaptation_rows(cache: FeatureCache, cfg: ProtocolConfig, samples: np.ndarray

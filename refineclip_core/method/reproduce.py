@@ -89,7 +89,7 @@ def run_protocol(cache: FeatureCache, samples: Sequence[int], seeds: Sequence[in
             seeded = replace(edit, fit=replace(edit.fit, seed=seed), paper=replace(edit.paper, seed=seed))
             ident = identify(cache, replace(protocol, **over), engine)
             add(n, seed, run_refinement(cache, ident, seeded, engine=engine, baselines=True), ident)
-            paper_ident = identify(cache, replace(PAPER_PROTOCOL, top_t=protocol.top_t, **over), engine)
+            paper_ident = identify(cache, replace(PAPER_PROTOCOL, **over), engine)   # the paper's T = 15
             for k, strategy in enumerate(strategies):
                 cfg = EditConfig(method="paper", paper=replace(seeded.paper, strategy=strategy))
                 add(n, seed, run_refinement(cache, paper_ident, cfg, engine=engine, baselines=False), paper_ident,
