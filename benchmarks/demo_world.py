@@ -119,6 +119,20 @@ def workdir(given: str | None, prefix: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def draw_parser(description: str | None, world_seeds: list[int], n_fit: int, n_test: int) -> argparse.ArgumentParser:
+    """The options every draw-based benchmark takes (world × sample seeds, sample sizes, where results and
+    scratch files go), with that benchmark's defaults; it adds its own options to the parser returned."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world-seeds", type=int, nargs="+", default=world_seeds, help="fresh worlds to sample")
+    ap.add_argument("--sample-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                    help="draws of the labelled images per world")
+    ap.add_argument("--n-fit", type=int, default=n_fit, help="train/val images per bird group and unrelated class")
+    ap.add_argument("--n-test", type=int, default=n_test, help="test images per bird group and unrelated class")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="Markdown file to update")
+    ap.add_argument("--workdir", help="keep generated data and caches here (default: a temp folder)")
+    return ap
+
+
 @dataclass
 class Draw:
     """One (world seed, sample seed) draw: per method (worst group, average group, unrelated)."""
@@ -163,13 +177,7 @@ def summarise(draws: list[Draw], key: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world-seeds", type=int, nargs="+", default=[131, 132, 133, 134])
-    ap.add_argument("--sample-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--n-fit", type=int, default=100, help="train/val images per bird group and unrelated class")
-    ap.add_argument("--n-test", type=int, default=250, help="test images per bird group and unrelated class")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    ap.add_argument("--workdir", help="keep generated data and caches here (default: a temp folder)")
+    ap = draw_parser(__doc__, [131, 132, 133, 134], n_fit=100, n_test=250)
     ap.add_argument("--model-dir", default=str(DEMO_DIR),
                     help="folder with refineclip-demo.{json,safetensors} and metadata.json (default: the embedded model)")
     ap.add_argument("--no-extras", action="store_true", help="only the headline table (no per-score rows, no figure)")

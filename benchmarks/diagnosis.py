@@ -23,7 +23,6 @@ Results go to ``--out`` between the ``diagnosis:start``/``diagnosis:end`` marker
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -37,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.demo_world import replace_section, workdir, world_cache  # noqa: E402
+from benchmarks.demo_world import draw_parser, replace_section, workdir, world_cache  # noqa: E402
 from refineclip_core.demo.train import MODEL_NAME  # noqa: E402
 from refineclip_core.demo.world import BIRD_PART_WORDS, CUE_WORDS, WorldConfig, names_cue  # noqa: E402
 from refineclip_core.inspection.diagnosis import diagnose, load_vocabulary, separation_auc  # noqa: E402
@@ -179,11 +178,7 @@ def report(rows: list[Row], args, seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world-seeds", type=int, nargs="+", default=[201, 202, 203])
-    ap.add_argument("--sample-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--n-fit", type=int, default=60, help="train/val images per bird group and unrelated class")
-    ap.add_argument("--n-test", type=int, default=100, help="test images per bird group and unrelated class")
+    ap = draw_parser(__doc__, [201, 202, 203], n_fit=60, n_test=100)
     ap.add_argument("--pair", default=DEFAULT_PROTOCOL.pair, help="error pair (default: the protocol's)")
     ap.add_argument("--random-sets", type=int, default=4, help="random head sets per draw and kind")
     ap.add_argument("--model-dir", default=str(DEMO_DIR), help="the background-cue model (default: the embedded one)")
@@ -191,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--color-layers", default="all",
                     help="heads of the last K layers for the colour-cue model ('all', the default: its shortcut is "
                          "written early; the background model uses the protocol's 4)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    ap.add_argument("--workdir", help="keep generated data and caches here (default: a temp folder)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()

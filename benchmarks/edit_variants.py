@@ -15,7 +15,6 @@ evidence is ``benchmarks/demo_world.py`` on seeds that were never used for choos
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import time
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from demo_world import metrics_fn, replace_section, workdir, world_cache  # noqa: E402
+from demo_world import draw_parser, metrics_fn, replace_section, workdir, world_cache  # noqa: E402
 from refineclip_core.demo.train import MODEL_NAME  # noqa: E402
 from refineclip_core.demo.world import WorldConfig  # noqa: E402
 from refineclip_core.loading.models import DEMO_DIR, ModelSpec, load_model  # noqa: E402
@@ -55,13 +54,7 @@ def edit_config(name: str, seed: int) -> EditConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world-seeds", type=int, nargs="+", default=[7011, 7012, 7013, 7014])
-    ap.add_argument("--sample-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--n-fit", type=int, default=100)
-    ap.add_argument("--n-test", type=int, default=250)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
-    ap.add_argument("--workdir", help="keep generated data and caches here (default: a temp folder)")
+    ap = draw_parser(__doc__, [7011, 7012, 7013, 7014], n_fit=100, n_test=250)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()
