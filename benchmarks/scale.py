@@ -707,7 +707,7 @@ def bench_browser(ctx: Ctx, folder: Path, shape: Shape, n_toggles: int = 10) -> 
     from playwright.sync_api import sync_playwright
 
     from refineclip_core.features.cache import FeatureCache
-    from refineclip_core.inspection.textspan import encode_text_pool, load_text_pool
+    from refineclip_core.inspection.textspan import embedded_text_pool
     from refineclip_core.loading.models import ModelSpec, load_model
     from refineclip_core.method.protocol import DEFAULT_PROTOCOL, identify, make_engine
 
@@ -722,8 +722,7 @@ def bench_browser(ctx: Ctx, folder: Path, shape: Shape, n_toggles: int = 10) -> 
     flips = {h: len(abl.ablate([h], cache.labels, cache.classes, cache.groups, cache.group_names,
                                mode=ident.config.ablation, mask=ident.eval_mask).flipped) for h in candidates}
     head = max(flips, key=flips.get)
-    encode_text_pool(load_model(ModelSpec(**cache.manifest.model)), load_text_pool(ROOT / "assets" / "text_pool.txt"),
-                     cache_path=home / "text-pools")
+    embedded_text_pool(load_model(ModelSpec(**cache.manifest.model)), cache_path=home / "text-pools")
     del engine, abl
     os.environ["REFINECLIP_ALLOWED_ROOTS"] = os.pathsep.join([str(folder.parent), str(home)])
     server = shots.start_app(home, None, 2, ctx.workdir / "streamlit.log")

@@ -17,11 +17,9 @@ import streamlit as st
 from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.features.zeroshot import predict
-from refineclip_core.home import studio_home
 from refineclip_core.inspection.diagnosis import (ConceptVocabulary, Diagnosis, HeadEvidence, concept_vocabulary,
                                                   diagnose, head_evidence)
-from refineclip_core.inspection.textspan import (DEFAULT_TEXT_POOL, HeadDescription, describe_heads, encode_text_pool,
-                                                 load_text_pool)
+from refineclip_core.inspection.textspan import DEFAULT_TEXT_POOL, HeadDescription, describe_heads, embedded_text_pool
 from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.protocol import Identification, ProtocolConfig, identify, make_engine
@@ -94,9 +92,7 @@ def zero_shot(source: Source, cache: FeatureCache) -> tuple[np.ndarray, np.ndarr
 
 @st.cache_resource(show_spinner="Embedding the description pool for TextSpan…", max_entries=4)
 def text_pool(spec_json: str, pool_path: str = str(TEXT_POOL)) -> tuple[list[str], np.ndarray]:
-    texts = load_text_pool(pool_path)
-    emb = encode_text_pool(model(spec_json), texts, cache_path=studio_home() / "text-pools")
-    return texts, emb
+    return embedded_text_pool(model(spec_json), pool_path)
 
 
 @st.cache_resource(show_spinner="Grouping the description pool into concepts…", max_entries=4)

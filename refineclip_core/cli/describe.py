@@ -6,8 +6,7 @@ import argparse
 
 from ..errors import RefineClipError
 from ..features.decomposition import parse_heads
-from ..home import studio_home
-from ..inspection.textspan import DEFAULT_TEXT_POOL, MAX_IMAGES, describe_heads, encode_text_pool, load_text_pool
+from ..inspection.textspan import MAX_IMAGES, describe_heads, embedded_text_pool
 from ..loading.models import ModelSpec, load_model
 from ..method.protocol import identify, make_engine
 from .common import add_json_arg, emit, positive_int
@@ -47,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         heads, source = parse_heads(args.heads, cache.manifest.layers, cache.manifest.n_heads), "--heads"
     loaded = load_model(ModelSpec(**cache.manifest.model))
-    pool_path = args.text_pool or DEFAULT_TEXT_POOL
-    texts = load_text_pool(pool_path)
-    emb = encode_text_pool(loaded, texts, studio_home() / "text-pools")
+    texts, emb = embedded_text_pool(loaded, args.text_pool)
     descriptions = describe_heads(cache, heads, texts, emb, k=args.k,
                                   max_images=None if args.all_images else args.max_images)
     record = {"heads": [d.to_dict() for d in descriptions],

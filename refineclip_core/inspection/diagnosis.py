@@ -874,12 +874,9 @@ def separation_auc(values: np.ndarray, positive: np.ndarray) -> float:
 def load_vocabulary(loaded: Any, pool_path: Any = None, cache_path: Any = None) -> ConceptVocabulary:
     """The concept vocabulary of a text pool (default: the shipped one) embedded by ``loaded``;
     the pool's embeddings are cached in ``cache_path`` (default: the studio home's ``text-pools``)."""
-    from ..home import studio_home
-    from .textspan import DEFAULT_TEXT_POOL, encode_text_pool, load_text_pool
+    from .textspan import embedded_text_pool
 
-    texts = load_text_pool(pool_path or DEFAULT_TEXT_POOL)
-    emb = encode_text_pool(loaded, texts, cache_path or studio_home() / "text-pools")
-    return concept_vocabulary(texts, emb)
+    return concept_vocabulary(*embedded_text_pool(loaded, pool_path, cache_path))
 
 
 def attribute_direction(loaded: Any, side_a: Sequence[str], side_b: Sequence[str]) -> np.ndarray:
