@@ -40,7 +40,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -847,6 +846,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--child":
         print(json.dumps(measure_cache(**json.loads(sys.argv[2]))))
         return 0
+    from benchmarks.demo_world import replace_section, workdir
+
     logging.getLogger().setLevel(logging.ERROR)   # open_clip's random-weights warnings, for this run only
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes; prints only unless --out is given")
@@ -858,10 +859,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = set(args.only or PARTS)
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     info = machine_info()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="refineclip-scale-"))
-    ctx = Ctx(args.quick, work, "scale")
     tables: list[Table] = []
-    try:
+    with workdir(args.workdir, "refineclip-scale-") as work:   # a temporary one is removed at the end
+        ctx = Ctx(args.quick, work, "scale")
         if "photos" in parts:
             t0 = time.perf_counter()
             table = bench_photos(ctx)
@@ -897,14 +897,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "The model behind the synthetic cache is a tiny stand-in with the same embedding width "
                            "(768), used to embed the TextSpan pool once (cached in the studio home before the run) "
                            "and for the merged checkpoint; the pages' work does not depend on it."]))
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
     for table in tables:
         print(table.markdown() + "\n", flush=True)
         if out is not None:
-            from benchmarks.demo_world import replace_section
-
             replace_section(out, f"scale-{table.name}", table.markdown())
     if out is not None:
         print(f"updated {out}", file=sys.stderr)
