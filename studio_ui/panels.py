@@ -104,7 +104,6 @@ def diagnosis_lead(ready: Ready, ident: Identification, heads: list[HeadId] | No
                 for note in pair.notes:
                     st.caption(plain(note))
     return diag
-    return None
 
 
 def head_concept_panel(ready: Ready, ident: Identification, head: HeadId) -> None:

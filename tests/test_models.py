@@ -139,3 +139,49 @@ def test_uploaded_configs_with_the_same_file_name_never_replace_each_other(tmp_p
     assert open_clip.create_model(b).visual.transformer.width == 64
     loaded = load_model(ModelSpec("config", model_config=str(narrow)))
     assert loaded.visual.transformer.width == 32 and loaded.model_name == "config"
+
+
+def test_loading_quiets_only_its_own_random_init_notice(tiny_model_files, caplog):
+    """A load with a checkpoint drops open_clip's "initialized randomly" notice in its own thread
+    only: the root logger's level never changes, and other threads' warnings (another session
+    loading at the same time) still reach the log (issue 25: no process-wide silencing)."""
+    import logging
+    import threading
+
+    from refineclip_core.loading import models
+
+    root = logging.getLogger()
+    seen_levels, other_thread = [], threading.Event()
+    notice = models._RandomInitNotice.NOTICE
+
+    def other_session():
+        logging.warning("%s 'x' from another session", notice)
+        logging.warning("another session's own warning")
+        other_thread.set()
+
+    import open_clip
+
+    real_create = open_clip.create_model
+
+    def create_and_meanwhile(*args, **kwargs):
+        seen_levels.append(root.level)
+        t = threading.Thread(target=other_session)
+        t.start()
+        t.join()
+        return real_create(*args, **kwargs)
+
+    with caplog.at_level(logging.WARNING):
+        open_clip.create_model = create_and_meanwhile
+        try:
+            load_model(_spec(tiny_model_files, checkpoint=str(tiny_model_files["checkpoint"])))
+        finally:
+            open_clip.create_model = real_create
+        messages = [r.getMessage() for r in caplog.records]
+        assert other_thread.is_set()
+        assert seen_levels == [logging.WARNING]  # caplog's level: untouched during the load
+        assert not any(m.startswith(notice) and "'tiny-vit'" in m for m in messages)  # ours dropped
+        assert any("from another session" in m for m in messages)  # the other thread's kept
+        assert "another session's own warning" in messages
+        # after the load, the same notice in this thread is logged as usual
+        logging.warning("%s 'y'", notice)
+        assert any(m.startswith(notice) and "'y'" in m for m in [r.getMessage() for r in caplog.records])

@@ -145,11 +145,6 @@ class Decomposition:
         """Sum of all parts; equals :attr:`embedding` up to float rounding."""
         return self.heads.sum(dim=(1, 2)) + self.remainders.sum(dim=1)
 
-    def max_relative_error(self) -> float:
-        """``max_i ||sum parts_i - E_i|| / ||E_i||`` over the batch."""
-        err = (self.reconstruct() - self.embedding).norm(dim=-1)
-        return float((err / self.embedding.norm(dim=-1).clamp_min(torch.finfo(err.dtype).tiny)).max())
-
 
 def architecture_info(visual: nn.Module) -> ArchitectureInfo:
     """Check that ``visual`` is an open_clip ViT whose embedding decomposes exactly.

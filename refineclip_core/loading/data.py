@@ -442,11 +442,3 @@ def _csv_rows(reader: csv.DictReader, source: str) -> Iterable[dict]:
     except csv.Error as exc:
         raise DataError(f"'{source}' is not valid CSV (line {reader.line_num}: {exc}).") from exc
 
-
-def group_labels(records: Iterable[ImageRecord]) -> tuple[np.ndarray, list[str]]:
-    """Group ids (``-1`` where a record has no group) and the sorted group names."""
-    records = list(records)
-    names = sorted({r.group for r in records if r.group is not None})
-    index = {g: i for i, g in enumerate(names)}
-    ids = np.array([index[r.group] if r.group is not None else -1 for r in records], dtype=np.int64)
-    return ids, names

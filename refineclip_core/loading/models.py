@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -345,7 +346,7 @@ def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) 
         check_model_budget(name, cfg, spec_r.precision, ckpt_bytes, memory_budget)
     try:
         # open_clip warns "initialized randomly" when no tag is given; our checkpoint is loaded next
-        quiet = _quiet_root_logger() if spec_r.checkpoint else contextlib.nullcontext()
+        quiet = _checkpoint_follows() if spec_r.checkpoint else contextlib.nullcontext()
         with quiet:
             model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", weights_only=True)
     except Exception as exc:
@@ -369,16 +370,37 @@ def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) 
     return LoadedModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, model_name=name)
 
 
+class _RandomInitNotice(logging.Filter):
+    """Drops open_clip's "initialized randomly" warning, and nothing else, while *this thread* builds
+    a model whose weights are read from a checkpoint right after (see :func:`_checkpoint_follows`).
+
+    Installed once on the root logger (open_clip logs there); it never changes a logger's level, so
+    other sessions' loads and every other message are untouched, even when loads overlap."""
+
+    NOTICE = "No pretrained weights loaded for model"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(self.active, "depth", 0) > 0 and str(record.msg).startswith(self.NOTICE))
+
+
+_RANDOM_INIT_NOTICE = _RandomInitNotice()
+logging.getLogger().addFilter(_RANDOM_INIT_NOTICE)
+
+
 @contextlib.contextmanager
-def _quiet_root_logger():
-    """Silence open_clip's root-logger warnings for the duration (it logs on the root logger)."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _checkpoint_follows():
+    """While open_clip builds a model in this thread, its weights come from our checkpoint next:
+    its "initialized randomly" notice is dropped (in this thread only)."""
+    active = _RANDOM_INIT_NOTICE.active
+    active.depth = getattr(active, "depth", 0) + 1
     try:
         yield
     finally:
-        logger.setLevel(level)
+        active.depth -= 1
 
 
 def _short(exc: BaseException) -> str:

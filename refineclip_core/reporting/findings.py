@@ -165,13 +165,6 @@ def accuracy_rows(report: AccuracyReport, by: str) -> list[dict]:
     return out
 
 
-def cell_value(cell: Cell | float | None) -> float | None:
-    """The accuracy of a cell (or a plain number)."""
-    if cell is None or isinstance(cell, (int, float)):
-        return cell
-    return cell.get("value")
-
-
 def cell_estimate(cell: Cell | None) -> Estimate | None:
     """A cell back as an :class:`~refineclip_core.method.intervals.Estimate` (None when missing)."""
     if cell is None or cell.get("value") is None:
