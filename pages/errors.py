@@ -9,7 +9,7 @@ import streamlit as st
 from refineclip_core.errors import RefineClipError
 from refineclip_core.method.errorsets import error_pairs
 from refineclip_core.method.evaluation import accuracy_report, confusion_matrix, rows_mask
-from refineclip_core.method.protocol import pair_spec, resolve_pairs
+from refineclip_core.method.protocol import PairSpec, pair_spec, resolve_pairs
 from refineclip_core.reporting.figures import confusion_figure
 from refineclip_core.reporting.findings import accuracy_rows
 from studio_ui import resources
@@ -72,11 +72,12 @@ st.dataframe(pd.DataFrame({
 
 labels_of = [f"{p.label(classes)}  ({p.count} images)" for p in pairs]
 current = None
+spec = PairSpec.parse(protocol().pair)
 try:
-    current = resolve_pairs(protocol().pair, pairs, classes)[0] if protocol().pair not in ("auto", "both") else None
+    current = None if spec.automatic else resolve_pairs(protocol().pair, pairs, classes)[0]
 except RefineClipError:
     current = None
-if current is None and protocol().pair in ("auto", "both"):
+if current is None and spec.automatic:
     try:
         current = resources.identification(src, cache, ready.engine, protocol()).pairs[0]
     except RefineClipError:
@@ -88,7 +89,7 @@ def _choose_pair() -> None:
     """Explain the chosen pair; in both directions while the protocol uses both (its default)."""
     i = labels_of.index(get(Key.ERROR_PAIR))
     a, b = pairs[i].true, pairs[i].pred
-    both = protocol().pair == "both" or "," in protocol().pair
+    both = PairSpec.parse(protocol().pair).both_directions
     set_protocol(pair=pair_spec(a, b, classes) + (f",{pair_spec(b, a, classes)}" if both else ""))
 
 
@@ -96,7 +97,7 @@ choice = st.selectbox("Error pair to explain on the next pages", labels_of, inde
              on_change=_choose_pair,
              help="The Heads, Head inspector, Ablate and Refine pages work on this pair (true → predicted).")
 chosen = pairs[labels_of.index(choice)]
-if protocol().pair in ("auto", "both") and st.button("Use this pair", key="err_use_pair"):
+if spec.automatic and st.button("Use this pair", key="err_use_pair"):
     _choose_pair()
     st.rerun()
 link("heads", f"Which heads cause {plain(chosen.label(classes))}? → Heads")

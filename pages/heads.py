@@ -7,7 +7,7 @@ import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.method.errorsets import error_pairs
-from refineclip_core.method.protocol import pair_spec
+from refineclip_core.method.protocol import PairSpec, pair_spec
 from refineclip_core.method.scores import SCORE_SPECS
 from refineclip_core.reporting.figures import score_grid_figure, utility_figure
 from studio_ui.registry import page
@@ -31,7 +31,7 @@ pair_options = {"auto": "largest error pair (auto)", "both": "largest pair, both
 for p in pairs:
     pair_options[pair_spec(p.true, p.pred, classes)] = f"{p.label(classes)} ({p.count} images)"
 if proto.pair not in pair_options:
-    pair_options[proto.pair] = proto.pair.replace(":", " → ")
+    pair_options[proto.pair] = PairSpec.parse(proto.pair).label()
 n_heads_total = len(cache.manifest.layers) * cache.manifest.n_heads
 with st.form("heads_controls"):
     c = st.columns([3, 1, 1, 1, 1, 1.4, 1])

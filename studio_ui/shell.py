@@ -11,6 +11,7 @@ import streamlit as st
 
 from refineclip_core.errors import Cancelled
 from refineclip_core.loading.models import ModelSpec
+from refineclip_core.method.protocol import PairSpec
 
 from .jobs import start_job
 from .state import Key, ablate_heads, get, get_source, inspect_head, protocol, put, set_source
@@ -111,9 +112,9 @@ def sidebar() -> None:
             st.caption("Nothing loaded yet.")
             return
         st.caption(plain(src.label))
-        proto = protocol()
-        if proto.pair not in ("auto", "both"):
-            st.caption(f"Error pair: **{plain(proto.pair.replace(':', ' → '))}**")
+        pair = PairSpec.parse(protocol().pair)
+        if not pair.automatic:
+            st.caption(f"Error pair: **{plain(pair.label())}**")
         head = inspect_head()
         if head is not None:
             st.caption(f"Inspecting head **{head}**")

@@ -321,3 +321,28 @@ def test_refinement_reports_progress_cancels_and_leaves_the_global_rng_alone(cac
     seen = []
     with pytest.raises(Cancelled, match="cancelled after 3 of 25 steps"):
         refine(*args, cfg, cancel=lambda: seen.append(1) or len(seen) > 3)
+
+
+def test_pair_grammar_is_read_in_one_place():
+    """PairSpec reads 'auto', 'both' and explicit pairs for the protocol and every page; pair_spec
+    writes a pair that reads back to the same classes, names with ':' or ',' included (issue 25)."""
+    from refineclip_core.errors import RefineClipError
+    from refineclip_core.method.errorsets import ErrorPair
+    from refineclip_core.method.protocol import PairSpec, pair_spec, resolve_pairs
+
+    assert PairSpec.parse("auto") == PairSpec(True, False, ())
+    assert PairSpec.parse("both") == PairSpec(True, True, ())
+    two = PairSpec.parse("a:b, b : a")
+    assert (two.automatic, two.both_directions, two.items) == (False, True, (("a", "b"), ("b", "a")))
+    assert two.label() == "a → b, b → a"
+    with pytest.raises(RefineClipError, match="TRUE:PRED"):
+        PairSpec.parse("a-b")
+    classes = ["cat, wild", "dog:x", "7", " fish", "bird"]
+    for t in range(len(classes)):
+        for p in range(len(classes)):
+            if t != p:
+                assert resolve_pairs(pair_spec(t, p, classes), [], classes) == [(t, p)]
+    ranked = [ErrorPair(true=4, pred=0, count=3)]
+    assert resolve_pairs("both", ranked, classes) == [(4, 0), (0, 4)]
+    with pytest.raises(RefineClipError, match="no errors"):
+        resolve_pairs("auto", [], classes)

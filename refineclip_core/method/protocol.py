@@ -130,17 +130,46 @@ def _split_rows(cache: FeatureCache, split: str | None, prefer: Sequence[str]) -
     return rows
 
 
+@dataclass(frozen=True)
+class PairSpec:
+    """The pair grammar, read in one place for the CLI, the protocol and every page: ``auto`` (the
+    largest error pair), ``both`` (it and its reverse) or ``TRUE:PRED[,TRUE:PRED...]`` (class names
+    or indices; :func:`pair_spec` writes one pair back)."""
+
+    automatic: bool                      # "auto" or "both": the pair follows the model's errors
+    both_directions: bool                # "both", or several explicit pairs (as the Errors page writes both)
+    items: tuple[tuple[str, str], ...]   # the explicit (true, predicted) texts; empty when automatic
+
+    @classmethod
+    def parse(cls, spec: str) -> "PairSpec":
+        if spec in ("auto", "both"):
+            return cls(True, spec == "both", ())
+        items = []
+        for item in spec.split(","):
+            if ":" not in item:
+                raise RefineClipError(
+                    f"--pair takes TRUE:PRED (class names or indices), 'auto' or 'both'; got {spec!r}.")
+            a, b = item.split(":", 1)
+            items.append((a.strip(), b.strip()))
+        return cls(False, len(items) > 1, tuple(items))
+
+    def label(self) -> str:
+        """``"waterbird → landbird, landbird → waterbird"`` (as typed; indices stay indices)."""
+        if self.automatic:
+            return "largest pair, both directions" if self.both_directions else "largest error pair"
+        return ", ".join(f"{a} → {b}" for a, b in self.items)
+
+
 def resolve_pairs(spec: str, pairs_ranked: list[ErrorPair], classes: list[str]) -> list[tuple[int, int]]:
-    """``auto`` (largest pair), ``both`` (it and its reverse) or ``TRUE:PRED[,TRUE:PRED...]``
-    (class names or indices) into class-index pairs."""
-    if spec in ("auto", "both"):
+    """A :class:`PairSpec` text into class-index pairs (``auto``/``both`` read ``pairs_ranked``)."""
+    parsed = PairSpec.parse(spec)
+    if parsed.automatic:
         if not pairs_ranked:
             raise RefineClipError("The model makes no errors on these images: there is no error pair to explain.")
         top = pairs_ranked[0]
-        return [(top.true, top.pred)] + ([(top.pred, top.true)] if spec == "both" else [])
+        return [(top.true, top.pred)] + ([(top.pred, top.true)] if parsed.both_directions else [])
 
     def idx(x: str) -> int:
-        x = x.strip()
         if x in classes:
             return classes.index(x)
         if x.isdigit() and int(x) < len(classes):
@@ -148,10 +177,7 @@ def resolve_pairs(spec: str, pairs_ranked: list[ErrorPair], classes: list[str]) 
         raise RefineClipError(f"Unknown class {x!r}; classes are {', '.join(classes)}.")
 
     out = []
-    for item in spec.split(","):
-        if ":" not in item:
-            raise RefineClipError(f"--pair takes TRUE:PRED (class names or indices), 'auto' or 'both'; got {spec!r}.")
-        a, b = item.split(":", 1)
+    for a, b in parsed.items:
         ia, ib = idx(a), idx(b)
         if ia == ib:
             raise RefineClipError("An error pair needs two different classes.")
@@ -162,9 +188,9 @@ def resolve_pairs(spec: str, pairs_ranked: list[ErrorPair], classes: list[str]) 
 
 def pair_spec(true: int, pred: int, classes: list[str]) -> str:
     """The ``TRUE:PRED`` text of one pair that :func:`resolve_pairs` reads back unambiguously
-    (class names, or indices when a name contains ':' or looks like an index)."""
+    (class names, or indices when a name contains ':' or ',', has outer spaces or looks like an index)."""
     a, b = classes[true], classes[pred]
-    if any(":" in n or n.isdigit() for n in (a, b)):
+    if any(":" in n or "," in n or n != n.strip() or n.isdigit() for n in (a, b)):
         return f"{true}:{pred}"
     return f"{a}:{b}"
 
