@@ -15,11 +15,12 @@ from refineclip_core.cli import main
 from refineclip_core.errors import RefineClipError
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.features.zeroshot import encode_texts
-from refineclip_core.inspection.diagnosis import (MIN_RESIDUAL, NAME_MIN, STOPWORDS, attribute_heads,
+from refineclip_core.inspection.diagnosis import (NAME_MIN, STOPWORDS, attribute_heads,
                                                   attribute_shares, concept_span, concept_vocabulary, diagnose,
                                                   diagnose_removed, diagnosis_rows, group_profile, head_evidence,
                                                   head_shares, phrase_direction, pool_units, project_rows, separation_auc,
                                                   summary_lines)
+from refineclip_core.inspection.textspan import MIN_RESIDUAL
 from refineclip_core.method.baselines import LocateThenCorrect
 from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
 from refineclip_core.reporting.run_report import build_run_report, render_html
