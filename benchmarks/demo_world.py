@@ -61,7 +61,7 @@ from refineclip_core.demo.world import CUE_WORDS, names_cue  # noqa: E402
 from refineclip_core.errors import RefineClipError  # noqa: E402
 from refineclip_core.inspection.diagnosis import (attribute_direction, attribute_heads, concept_vocabulary,  # noqa: E402
                                                   diagnose)
-from refineclip_core.inspection.textspan import describe_heads, encode_text_pool, load_text_pool  # noqa: E402
+from refineclip_core.inspection.textspan import DEFAULT_TEXT_POOL, describe_heads, encode_text_pool, load_text_pool  # noqa: E402
 from refineclip_core.method.baselines import LocateThenCorrect  # noqa: E402
 from refineclip_core.loading.data import load_dataset  # noqa: E402
 from refineclip_core.loading.models import DEMO_DIR, ModelSpec, load_model  # noqa: E402
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = pool_emb = vocab = cue_dir = None
         diagnoses: list[tuple[bool, str, str]] = []   # (names the planted cue, verdict, sentence) per draw
         if not args.no_extras:
-            pool = load_text_pool(ROOT / "assets" / "text_pool.txt")
+            pool = load_text_pool(DEFAULT_TEXT_POOL)
             pool_emb = encode_text_pool(loaded, pool, work)
             vocab = concept_vocabulary(pool, pool_emb)
             cue_sides = CUE_PHRASES[world.cue]

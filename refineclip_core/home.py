@@ -30,6 +30,15 @@ def _app_dir() -> Path:
 APP_DIR = _app_dir()
 """The folder holding the dashboard (``app.py``, ``pages/``, ``studio_ui/``) and ``assets/``."""
 
+ASSETS_DIR = APP_DIR / "assets"
+"""The data the studio ships (the demo checkpoint, the text pool), in a clone and when installed."""
+
+
+def asset(*parts: str) -> Path:
+    """The path of a file the studio ships, e.g. ``asset("text_pool.txt")``: the one way every module
+    (library, dashboard, benchmarks) finds the app's data, so an installed wheel finds it too."""
+    return ASSETS_DIR.joinpath(*parts)
+
 
 def studio_home(cache_root: str | os.PathLike | None = None) -> Path:
     """The folder where the studio keeps generated data and caches (created on demand)."""

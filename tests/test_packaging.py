@@ -6,6 +6,13 @@ The wheel is built once (pip, with build isolation, as ``pip install .`` does) f
 repository and installed with ``--target`` into a temporary folder that is put first on
 ``PYTHONPATH``: the heavy dependencies come from the test environment, everything of this project
 from the wheel (the clone is never importable from the folder the command runs in).
+
+End to end (issue 24): the same wheel installed into a fresh virtual environment (``pip install
+--no-deps`` of the wheel; torch and the other dependencies reach it through a ``.pth`` line naming
+the test environment's site-packages, whose own ``.pth`` files - an editable install of the clone
+among them - are not processed), run from a temporary folder with ``PYTHONPATH`` unset:
+``refineclip demo-data``, ``extract``, ``refine`` (diagnosis on), ``describe`` and ``explain`` on
+the demo, then ``refineclip app`` walked page by page in Chromium (``-m browser``).
 """
 
 from __future__ import annotations
@@ -47,6 +54,112 @@ def installed(wheel, tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target",
                     str(target), str(wheel)], check=True, capture_output=True)
     return target
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory) -> Path:
+    """A fresh virtual environment holding the wheel; the test environment's packages (torch...) reach
+    it through a ``.pth`` line, appended after its own site-packages, so the wheel's modules win."""
+    env_dir = tmp_path_factory.mktemp("venv") / "v"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, capture_output=True)
+    python = env_dir / "bin" / "python"
+    site_dir = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                   check=True, capture_output=True, text=True).stdout.strip())
+    shared = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site_dir / "_test_environment.pth").write_text("\n".join(shared) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+                           "--no-compile", "-q", str(wheel)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return env_dir
+
+
+def _venv_env(env_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "REFINECLIP_DEMO_MODEL_DIR", "VIRTUAL_ENV")}
+    return {**env, "REFINECLIP_HOME": str(env_dir.parent / "home"), "OMP_NUM_THREADS": "1",
+            "PATH": f"{env_dir / 'bin'}:{env.get('PATH', '')}", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+
+
+def _run(env_dir: Path, cwd: Path, *args: str) -> str:
+    proc = subprocess.run([str(env_dir / "bin" / "refineclip"), *args], cwd=cwd, env=_venv_env(env_dir),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"refineclip {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_the_installed_commands_run_the_demo_without_the_clone(venv, tmp_path):
+    """demo-data -> extract -> refine (with the diagnosis, which reads the shipped text pool) ->
+    describe -> explain, each from the wheel in a fresh virtual environment."""
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import refineclip_core, refineclip_core.inspection.textspan as t, sys;"
+                            "print(refineclip_core.__file__); print(t.DEFAULT_TEXT_POOL); print(sys.path)"],
+                           cwd=tmp_path, env=_venv_env(venv), capture_output=True, text=True, check=True).stdout
+    module, pool, path = probe.splitlines()
+    assert Path(module).is_relative_to(venv) and Path(pool).is_relative_to(venv) and Path(pool).is_file()
+    assert str(ROOT) not in path, "the clone is importable from the installed environment"
+    _run(venv, tmp_path, "demo-data", "--out", "data", "--n-per-group", "12")
+    _run(venv, tmp_path, "extract", "--model", "demo", "--data", "data", "--out", "cache")
+    out = _run(venv, tmp_path, "refine", "--cache", "cache", "--out", "edited", "--html", "run.html",
+               "--json", "run.json", "--no-baselines")
+    assert "Why:" in out and (tmp_path / "edited").is_file() and (tmp_path / "run.html").is_file()
+    import json
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record.get("diagnosis"), "refine ran without its diagnosis"
+    out = _run(venv, tmp_path, "describe", "--cache", "cache", "--heads", "auto")
+    assert "TextSpan descriptions" in out
+    out = _run(venv, tmp_path, "explain", "--cache", "cache")
+    assert "of the removed variance" in out
+
+
+@pytest.mark.browser
+def test_the_installed_app_shows_every_page_in_a_browser(venv, tmp_path):
+    """``refineclip app`` from the fresh environment, walked in Chromium along the demo story (every page,
+    Grad-CAM and TextSpan on the inspector, a refinement run): no page shows an error or exception."""
+    from benchmarks.run import screenshots_module
+    from playwright.sync_api import sync_playwright
+
+    shots = screenshots_module()
+    port = _free_port()
+    log = tmp_path / "app.log"
+    env = {**_venv_env(venv), "REFINECLIP_DEMO_N": "4"}
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([str(venv / "bin" / "refineclip"), "app", "--server.port", str(port),
+                                 "--server.headless", "true", "--server.address", "127.0.0.1"],
+                                cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.read() == b"ok":
+                        break
+            except OSError:
+                time.sleep(0.5)
+        assert proc.poll() is None, log.read_text(errors="replace")
+        seen = []
+        with sync_playwright() as pw:
+            browser = shots.launch_chromium(pw)
+            page = browser.new_page(viewport={"width": shots.WIDTH, "height": 1000})
+            shots.open_app(page, f"http://127.0.0.1:{port}")
+            for name in shots.SHOTS:
+                if name != "load":
+                    shots.goto(page, name)
+                if name == "inspector":   # Grad-CAM and the TextSpan panel (the shipped text pool)
+                    page.locator(".st-key-insp_cam_btn button").click()
+                    page.get_by_text("whole model →").first.wait_for(timeout=180_000)
+                    shots.settle(page)
+                problems = shots.error_messages(page)
+                assert not problems, f"the {name} page of the installed app shows errors: {problems}"
+                seen.append(name)
+            browser.close()
+        assert seen == list(shots.SHOTS)
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text, text[-4000:]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _env(target: Path) -> dict[str, str]:

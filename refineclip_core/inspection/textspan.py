@@ -44,6 +44,7 @@ import numpy as np
 
 from ..errors import DataError, RefineClipError
 from ..features.decomposition import HeadId
+from ..home import asset
 
 #: A text whose residual norm falls below this fraction of its centred norm is considered
 #: already spanned by the chosen directions and is not picked again (its direction would be
@@ -51,7 +52,7 @@ from ..features.decomposition import HeadId
 MIN_RESIDUAL = 1e-3
 
 #: The text pool shipped with the project (``python -m refineclip_core.demo.text_pool`` writes it).
-DEFAULT_TEXT_POOL = Path(__file__).resolve().parents[2] / "assets" / "text_pool.txt"
+DEFAULT_TEXT_POOL = asset("text_pool.txt")
 
 #: Relative threshold under which a head's total variance counts as zero.
 ZERO_VARIANCE_RTOL = 1e-12

@@ -36,13 +36,12 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..errors import CheckpointError, RefineClipError
-from ..home import APP_DIR
+from ..home import ASSETS_DIR
 from . import hf_clip
 from .budget import check_model_budget
 from .confine import confined_path, open_confined, read_bytes, resolve_roots
 
 DEMO_MODEL = "demo"
-ASSETS_DIR = APP_DIR / "assets"
 DEMO_DIR = ASSETS_DIR / "demo"
 DEMO_MODEL_NAME = "refineclip-demo"
 
