@@ -70,7 +70,7 @@ def load_panel() -> None:
         try:
             loaded = resources.model(json.dumps(asdict(spec), sort_keys=True))
             source, cfg = plan_source(scanned, spec, loaded.model_name, layers, names["class name"].tolist(),
-                                      templates.splitlines(), exact, store)
+                                      templates.splitlines(), exact, store, private_dir=session_dir())
         except Exception as exc:
             show_exception(exc, "Preparing the extraction")
             return
@@ -113,5 +113,5 @@ with st.expander("…or open a feature cache extracted before (`refineclip extra
         folder = cache_form()
     if folder is not None and st.button("Open the cache", key="load_cache_btn"):
         with guard("Opening the feature cache"):
-            set_source(cache_source(folder))
+            set_source(cache_source(folder, read_roots()))
             st.rerun()

@@ -123,20 +123,23 @@ def test_fingerprint_tracks_weights(tiny_model_files, tmp_path):
 
 
 def test_uploaded_configs_with_the_same_file_name_never_replace_each_other(tmp_path):
-    """open_clip's config registry is process-wide (every dashboard session shares it): two
-    users' different ``config.json`` files are registered under different names, so a model
-    built from the first one never gets the second one's architecture."""
-    from refineclip_core.loading.models import _register_config
+    """open_clip's config registry is process-wide (every dashboard session shares it): a user's
+    config is known to it only while one model is built, under a name of its own, so two users'
+    different ``config.json`` files never give each other their architecture, even while both
+    builds are in progress, and nothing stays registered afterwards."""
+    import open_clip
+
+    from refineclip_core.loading.models import config_known_to_open_clip, read_config
 
     narrow = write_config(tmp_path / "alice", "config", tiny_config(width=32, head_width=16))
     wide = write_config(tmp_path / "bob", "config", tiny_config(width=64, head_width=16))
-    a = _register_config("config", str(narrow))
-    b = _register_config("config", str(wide))       # a second session registers before the first builds
-    assert a != b and a.startswith("config-") and _register_config("config", str(narrow)) == a
-    import open_clip
-
-    assert open_clip.create_model(a).visual.transformer.width == 32
-    assert open_clip.create_model(b).visual.transformer.width == 64
+    before = set(open_clip.list_models())
+    with config_known_to_open_clip("config", read_config(narrow)) as a, \
+            config_known_to_open_clip("config", read_config(wide)) as b:  # a second session, before the first builds
+        assert a != b and a.startswith("config-") and b.startswith("config-")
+        assert open_clip.create_model(a).visual.transformer.width == 32
+        assert open_clip.create_model(b).visual.transformer.width == 64
+    assert set(open_clip.list_models()) == before
     loaded = load_model(ModelSpec("config", model_config=str(narrow)))
     assert loaded.visual.transformer.width == 32 and loaded.model_name == "config"
 

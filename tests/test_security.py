@@ -459,8 +459,12 @@ def test_config_files_are_read_with_a_size_limit(tmp_path):
         load_model(ModelSpec("big", model_config=str(path)))
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(RefineClipError, match="not valid JSON"):
+    with pytest.raises(RefineClipError, match="nests 100000 levels deep"):  # measured before parsing
         load_model(ModelSpec("deep", model_config=str(deep)))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"vision_cfg": {}, "text_cfg": {')
+    with pytest.raises(RefineClipError, match="not valid JSON"):
+        load_model(ModelSpec("broken", model_config=str(broken)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import json
 import os
+import re
 import stat
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
@@ -30,6 +34,8 @@ from ..errors import OutsideRootsError
 
 #: Why a file or folder reached through a link that leaves the allowed folders is skipped.
 OUTSIDE_REASON = "symbolic link outside the allowed folders"
+#: Why another session's own folder (uploads, private caches) is not listed.
+PRIVATE_REASON = "another session's private folder, not listed"
 
 Roots = Sequence[str | os.PathLike] | None
 
@@ -45,9 +51,35 @@ def resolve_roots(roots: Roots) -> tuple[Path, ...] | None:
     return tuple(dict.fromkeys(Path(r).expanduser().resolve() for r in roots))
 
 
+#: Prefix of every per-session folder (``<tmp>/refineclip-uploads-XXXXXXXX``): uploads, private caches, exports.
+UPLOAD_PREFIX = "refineclip-uploads-"
+
+
+@functools.lru_cache(maxsize=8)
+def _resolved_tmp(tmp: str) -> Path:
+    return Path(tmp).resolve()
+
+
+def session_folder_of(path: Path) -> Path | None:
+    """The per-session folder (:data:`UPLOAD_PREFIX` in the temporary directory) that the resolved
+    ``path`` lies in, or None."""
+    tmp = _resolved_tmp(tempfile.gettempdir())
+    for folder in (path, *path.parents):
+        if folder.parent == tmp and folder.name.startswith(UPLOAD_PREFIX):
+            return folder
+    return None
+
+
 def is_inside(path: Path, roots: Sequence[Path]) -> bool:
-    """Whether the resolved ``path`` is one of the resolved ``roots`` or below one."""
-    return any(path == r or r in path.parents for r in roots)
+    """Whether the resolved ``path`` is one of the resolved ``roots`` or below one.
+
+    A session's own folder belongs to that session only: a path inside one counts as inside
+    ``roots`` only through a root that is that folder (or lies in it), never through a root above
+    it (a server started in ``/tmp`` has ``/tmp`` among its roots; other sessions' folders are
+    still out of reach)."""
+    owner = session_folder_of(path)
+    return any((path == r or r in path.parents) and (owner is None or r == owner or owner in r.parents)
+               for r in roots)
 
 
 def leaves_roots(path: str | os.PathLike, roots: Sequence[Path] | None) -> bool:
@@ -129,3 +161,43 @@ def read_bytes(path: str | os.PathLike, roots: Sequence[Path] | None = None, lim
     bytes when ``limit`` is given, so callers can refuse oversized files without reading them)."""
     with open_confined(path, roots) as fh:
         return fh.read() if limit is None else fh.read(limit + 1)
+
+
+#: Deepest nesting of ``[``/``{`` accepted in a JSON file a user hands the server (model configs,
+#: a transformers ``config.json``, shard indexes). Real configs nest 3-4 levels; Python's own
+#: parsers (``json``, ``copy.deepcopy``, open_clip's config handling) recurse once per level and
+#: fail with ``RecursionError`` somewhere near 1,000, so the limit is far below that.
+MAX_JSON_DEPTH = 32
+_JSON_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(text: str) -> int:
+    """How deep ``[``/``{`` nest in the JSON ``text`` (brackets inside strings do not count);
+    computed without recursion, so any input is measured, however deep."""
+    depth = deepest = 0
+    for ch in _NOT_BRACKETS.sub("", _JSON_STRINGS.sub("", text)):
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def loads_json(data: bytes | str, what: str, error: type[Exception] = ValueError,
+               max_depth: int = MAX_JSON_DEPTH) -> object:
+    """Parse JSON handed in by a user: nesting deeper than ``max_depth`` is refused *before* the
+    parser runs (``error`` with one sentence naming ``what``), as is text that is not UTF-8 JSON."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} is not UTF-8 text ({exc.reason}).") from exc
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise error(f"{what} nests {depth} levels deep (at most {max_depth} are accepted); it is not a model's "
+                    "config and was not read.")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise error(f"{what} is not valid JSON ({str(exc)[:200]}).") from exc

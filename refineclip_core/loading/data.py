@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import DataError, ImageLoadError, OutsideRootsError
-from .confine import OUTSIDE_REASON, Roots, SpecialFileError, is_inside, leaves_roots, open_confined, resolve_roots
+from .confine import OUTSIDE_REASON, PRIVATE_REASON, Roots, SpecialFileError, is_inside, leaves_roots, open_confined, resolve_roots
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 WATERBIRDS_CLASSES = ("landbird", "waterbird")
@@ -257,6 +257,14 @@ def load_dataset(path: str | os.PathLike, layout: str = "auto", split: str | Non
     return ds.subset(split)
 
 
+def _folder_refusal(folder: Path, root: Path, visited: set[Path], roots: Sequence[Path] | None) -> str | None:
+    """Why ``folder`` is not listed (None: list it): a link, see :func:`_folder_link_refusal`; a
+    plain folder that is another session's own (a server folder holding the temporary directory)."""
+    if folder.is_symlink():
+        return _folder_link_refusal(folder, root, visited, roots)
+    return PRIVATE_REASON if leaves_roots(folder, roots) else None
+
+
 def _folder_link_refusal(link: Path, root: Path, visited: set[Path], roots: Sequence[Path] | None) -> str | None:
     """Why the folder link ``link`` is not followed (None: follow it): it leaves ``roots``, or
     points at the data folder, above it or at a folder already listed (a loop)."""
@@ -299,7 +307,7 @@ def _walk_images(folder: Path, root: Path, skipped: list[SkippedFile], roots: Se
                 if entry.name.startswith("."):
                     skipped.append(SkippedFile(str(full), "hidden folder (name starts with '.'), not searched"))
                     continue
-                why = _folder_link_refusal(full, root, visited, roots) if entry.is_symlink() else None
+                why = _folder_refusal(full, root, visited, roots)
                 if why:
                     skipped.append(SkippedFile(str(full), why))
                     continue
@@ -328,7 +336,7 @@ def _load_folder(root: Path, roots: Sequence[Path] | None = None) -> ImageDatase
     records: list[ImageRecord] = []
     classes: list[str] = []
     for class_dir in class_dirs:
-        why = _folder_link_refusal(class_dir, root, set(), roots) if class_dir.is_symlink() else None
+        why = _folder_refusal(class_dir, root, set(), roots)
         if why:
             skipped.append(SkippedFile(str(class_dir), "class folder: " + why))
             continue

@@ -56,16 +56,23 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import CheckpointError, RefineClipError
-from .confine import read_bytes, resolve_roots
+from ..errors import CheckpointError, OutsideRootsError, RefineClipError
+from .confine import OUTSIDE_REASON, loads_json, read_bytes, resolve_roots
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 WEIGHTS_FILE = "model.safetensors"
 #: Weight files of a ``save_pretrained`` folder, in the order transformers prefers them.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-#: Files of a source folder that are not copied into an export (the weights are rewritten).
+#: Weight-file endings: an export folder holding other weights than the one it writes is refused.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
+#: The only files of a source folder an export carries besides the weights it writes: the model's
+#: config and what ``CLIPProcessor.from_pretrained`` reads (image processor, tokenizer). Anything
+#: else in the folder (notes, caches, links to elsewhere) stays behind.
+EXPORT_FILES = (CONFIG_FILE, PREPROCESSOR_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "vocab.json", "merges.txt", "added_tokens.json")
+#: Largest file an export copies (a CLIP tokenizer.json is about 2 MB).
+MAX_EXPORT_FILE_BYTES = 64_000_000
 
 CLIP_VOCAB_SIZE = 49408  # CLIP's byte-pair vocabulary: what open_clip's SimpleTokenizer emits
 CLIP_EOT_ID = 49407      # <end_of_text>, the highest id of that vocabulary
@@ -121,14 +128,15 @@ MAX_JSON_BYTES = 16_000_000
 
 
 def _read_json(path: Path, roots=None) -> Any:
-    """A JSON file's content, read only inside ``roots`` when given (see loading/confine.py)."""
+    """A JSON file's content, read only inside ``roots`` when given (see loading/confine.py), its
+    size and nesting limited before it is parsed."""
     try:
         data = read_bytes(path, resolve_roots(roots), limit=MAX_JSON_BYTES)
-        if len(data) > MAX_JSON_BYTES:
-            raise CheckpointError(f"'{path}' is larger than {MAX_JSON_BYTES // 1_000_000} MB; not a checkpoint's JSON.")
-        return json.loads(data.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except OSError as exc:
         raise CheckpointError(f"'{path}' is not readable JSON ({exc}).") from exc
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(f"'{path}' is larger than {MAX_JSON_BYTES // 1_000_000} MB; not a checkpoint's JSON.")
+    return loads_json(data, f"'{path}'", CheckpointError)
 
 
 def _is_hf_config(path: Path, roots=None) -> bool:
@@ -569,14 +577,55 @@ def _check_out_dir(out_dir: Path, source: HFCheckpoint | None) -> None:
                                   "choose an empty or new folder.")
 
 
+def export_roots(source: HFCheckpoint, roots=None) -> tuple[Path, ...]:
+    """The folders an export of ``source`` may copy files from: ``roots`` (the dashboard's) when
+    given; otherwise (the CLI) the source folder itself, plus, for a Hugging Face hub snapshot
+    (``models--org--name/snapshots/<rev>/``, whose files link to ``../../blobs/``), its repository
+    folder. A file linking anywhere else is never copied."""
+    if roots is not None:
+        return resolve_roots(roots)
+    folder = source.folder.expanduser().resolve()
+    own = [folder]
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        own.append(folder.parent.parent)
+    return resolve_roots(own)
+
+
+def _export_files(source: HFCheckpoint, roots=None) -> dict[str, bytes]:
+    """The files of :data:`EXPORT_FILES` present in ``source``'s folder, each read through the
+    confined read (loading/confine.py) inside :func:`export_roots`: a link leaving them, a device
+    or pipe, or an oversized file refuses the export in one sentence; other names are not read."""
+    allowed = export_roots(source, roots)
+    files: dict[str, bytes] = {}
+    for name in EXPORT_FILES:
+        path = source.folder / name
+        if not os.path.lexists(path):
+            continue
+        try:
+            data = read_bytes(path, allowed, limit=MAX_EXPORT_FILE_BYTES)
+        except OutsideRootsError as exc:
+            raise RefineClipError(f"'{name}' in '{source.folder}' is a {OUTSIDE_REASON} of the model; the export was "
+                                  "not written (replace the link by the file itself).") from exc
+        except OSError as exc:
+            raise RefineClipError(f"'{name}' in '{source.folder}' cannot be copied into the export "
+                                  f"({exc.strerror or exc}); the export was not written.") from exc
+        if len(data) > MAX_EXPORT_FILE_BYTES:
+            raise RefineClipError(f"'{name}' in '{source.folder}' is larger than {MAX_EXPORT_FILE_BYTES // 1_000_000} "
+                                  "MB, too large for a config or tokenizer file; the export was not written.")
+        files[name] = data
+    return files
+
+
 def write_hf_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Tensor], model: torch.nn.Module,
-                        source: HFCheckpoint | None = None) -> Path:
+                        source: HFCheckpoint | None = None, roots=None) -> Path:
     """Write the open_clip ``state`` (e.g. with a merged ``visual.proj``) as a transformers folder.
 
-    ``config.json`` and the other non-weight files (preprocessor, tokenizer) are copied from
-    ``source`` when the model came from transformers; otherwise the config is built from
-    ``model`` (:func:`hf_config_dict`) with a matching ``preprocessor_config.json``. The weights
-    go to ``model.safetensors``; ``CLIPModel.from_pretrained(out_dir)`` loads the folder.
+    When the model came from transformers, ``config.json`` and the other files an export needs
+    (:data:`EXPORT_FILES`: preprocessor and tokenizer files, nothing else) are copied from
+    ``source``, each read like every other file (only inside :func:`export_roots`, links leaving
+    them refused); otherwise the config is built from ``model`` (:func:`hf_config_dict`) with a
+    matching ``preprocessor_config.json``. The weights go to ``model.safetensors``;
+    ``CLIPModel.from_pretrained(out_dir)`` loads the folder.
     """
     from safetensors.torch import save
 
@@ -584,11 +633,13 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Te
     _check_out_dir(out_dir, source)
     files: dict[str, bytes] = {}
     if source is not None:
-        raw = _read_json(source.config)
+        files = _export_files(source, roots)
+        if CONFIG_FILE not in files:
+            raise RefineClipError(f"'{source.config}' disappeared; the export was not written.")
+        raw = loads_json(files[CONFIG_FILE], f"'{source.config}'", CheckpointError)
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"'{source.config}' is not a transformers config (a JSON object).")
         n_vision, n_text = (open_clip_config(raw, str(source.config))[k]["layers"] for k in ("vision_cfg", "text_cfg"))
-        for path in sorted(source.folder.iterdir()):
-            if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and not path.name.startswith("."):
-                files[path.name] = path.read_bytes()
     else:
         cfg = hf_config_dict(model)
         n_vision, n_text = cfg["vision_config"]["num_hidden_layers"], cfg["text_config"]["num_hidden_layers"]
@@ -637,6 +688,6 @@ def zip_folder(folder: str | os.PathLike) -> bytes:
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         root = Path(folder)
         for path in sorted(root.iterdir()):
-            if path.is_file():
+            if path.is_file() and not path.is_symlink():  # the export writes plain files only
                 zf.write(path, arcname=f"{root.name}/{path.name}")
     return buf.getvalue()

@@ -21,17 +21,18 @@ opened lie inside those folders (:mod:`refineclip_core.loading.confine`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
 import os
 import pickle
 import re
-import tempfile
 import threading
+import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -39,7 +40,7 @@ from ..errors import CheckpointError, RefineClipError
 from ..home import ASSETS_DIR
 from . import hf_clip
 from .budget import check_model_budget
-from .confine import confined_path, open_confined, read_bytes, resolve_roots
+from .confine import confined_path, loads_json, open_confined, read_bytes, resolve_roots
 
 DEMO_MODEL = "demo"
 DEMO_DIR = ASSETS_DIR / "demo"
@@ -161,52 +162,50 @@ class LoadedModel:
 MAX_CONFIG_BYTES = 1_000_000
 
 
-def _register_config(name: str, config_path: str, roots=None) -> str:
-    """Make a config JSON known to open_clip and return the name it is registered under (see
-    :func:`register_config_dict`). The file is read only inside ``roots`` when given, and only up
-    to :data:`MAX_CONFIG_BYTES`."""
+def read_config(config_path: str | os.PathLike, roots=None) -> dict:
+    """An open_clip model config JSON as a dict, refused in one sentence unless it is one.
+
+    The file is read only inside ``roots`` when given, only up to :data:`MAX_CONFIG_BYTES`, and
+    its nesting is measured before it is parsed (:func:`~refineclip_core.loading.confine.loads_json`),
+    so a hostile file cannot exhaust the parser. Nothing is registered anywhere."""
     path = Path(config_path)
+    what = f"Model config '{config_path}'"
     if not path.is_file():
-        raise RefineClipError(f"Model config '{config_path}' does not exist; pass an open_clip config JSON file.")
+        raise RefineClipError(f"{what} does not exist; pass an open_clip config JSON file.")
     try:
         data = read_bytes(path, resolve_roots(roots), limit=MAX_CONFIG_BYTES)
     except OSError as exc:
-        raise RefineClipError(f"Model config '{config_path}' cannot be read ({exc.strerror or exc}).") from exc
+        raise RefineClipError(f"{what} cannot be read ({exc.strerror or exc}).") from exc
     if len(data) > MAX_CONFIG_BYTES:
-        raise RefineClipError(f"Model config '{config_path}' is larger than {MAX_CONFIG_BYTES // 1000} kB; an open_clip "
+        raise RefineClipError(f"{what} is larger than {MAX_CONFIG_BYTES // 1000} kB; an open_clip "
                               "config JSON is a few kB, so this is not one.")
-    try:
-        cfg = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise RefineClipError(f"Model config '{config_path}' is not valid JSON ({str(exc)[:200]}).") from exc
+    cfg = loads_json(data, what, RefineClipError)
     if isinstance(cfg, dict) and isinstance(cfg.get("model_cfg"), dict):  # hub-style open_clip_config.json
         cfg = cfg["model_cfg"]
-    if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
-        raise RefineClipError(
-            f"Model config '{config_path}' lacks 'vision_cfg'/'text_cfg'; use open_clip's model config schema."
-        )
-    return register_config_dict(name, cfg)
+    if (not isinstance(cfg, dict) or not isinstance(cfg.get("vision_cfg"), dict)
+            or not isinstance(cfg.get("text_cfg"), dict)):
+        raise RefineClipError(f"{what} lacks 'vision_cfg'/'text_cfg'; use open_clip's model config schema.")
+    return cfg
 
 
-def register_config_dict(name: str, cfg: Mapping[str, Any]) -> str:
-    """Make an open_clip model config known to open_clip and return the name it is registered under.
+@contextlib.contextmanager
+def config_known_to_open_clip(name: str, cfg: Mapping[str, Any]) -> Iterator[str]:
+    """While the block runs, ``cfg`` is known to open_clip (``create_model``, ``get_tokenizer``,
+    ``get_model_config``) under the name yielded; afterwards it is gone again.
 
-    open_clip's registry is shared by the whole process (every dashboard session), so the
-    name is ``<name>-<hash of the config>``: two different configs uploaded under the same file
-    name never replace each other, and the same config is registered once."""
-    import open_clip
+    open_clip's config registry is one dict for the whole process (every dashboard session). A
+    user's config enters it only for the duration of one model build, under a name no other
+    build uses (``<name>-<random>``), and is removed in a ``finally``: it never changes what
+    another session loads, and nothing is written to disk (``open_clip.add_model_config`` would
+    keep a file path that every later registration re-reads)."""
+    from open_clip import factory
 
-    text = json.dumps(cfg, indent=1, sort_keys=True)
-    registered = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
-    registry_dir = Path(tempfile.gettempdir()) / "refineclip-model-configs"
-    registry_dir.mkdir(parents=True, exist_ok=True)
-    target = registry_dir / f"{registered}.json"  # open_clip registers a file under its stem
-    if not target.exists() or target.read_text() != text:
-        with tempfile.NamedTemporaryFile("w", dir=registry_dir, suffix=".tmp", delete=False) as fh:
-            fh.write(text)
-        os.replace(fh.name, target)
-    open_clip.add_model_config(target)
-    return registered
+    registered = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:80]}-{uuid.uuid4().hex[:12]}"
+    factory._MODEL_CONFIGS[registered] = copy.deepcopy(dict(cfg))
+    try:
+        yield registered
+    finally:
+        factory._MODEL_CONFIGS.pop(registered, None)
 
 
 def read_state_dict(path: str | os.PathLike, roots=None) -> dict[str, torch.Tensor]:
@@ -316,13 +315,14 @@ def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) 
         )
     hf = hf_clip.find_hf_checkpoint(spec_r.checkpoint, spec_r.roots)  # a transformers CLIP (loading/hf_clip.py)
     hf_model = hf_clip.read_hf_config(hf, spec_r.roots) if hf else None
+    user_cfg: dict | None = None  # a config the user handed in: known to open_clip only while building
     if hf_model is not None:
         if spec_r.model_config or spec_r.pretrained:
             raise RefineClipError(f"'{spec_r.checkpoint}' is a Hugging Face CLIP checkpoint with its own config.json; "
                                   "drop --model-config and --pretrained.")
-        arch = register_config_dict(f"hf-{hf_model.label}", hf_model.config)
+        user_cfg, label = hf_model.config, f"hf-{hf_model.label}"
     elif spec_r.model_config:
-        arch = _register_config(name, spec_r.model_config, spec_r.roots)
+        user_cfg, label = read_config(spec_r.model_config, spec_r.roots), name
     elif not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
         raise RefineClipError(
             f"Unknown model '{name}': not an open_clip architecture (see open_clip.list_models()) and no "
@@ -339,33 +339,35 @@ def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) 
     if pretrained and os.path.isfile(pretrained):
         spec_r = replace(spec_r, checkpoint=pretrained, pretrained=None)
         pretrained = None
-    cfg = open_clip.get_model_config(arch)
+    cfg = user_cfg if user_cfg is not None else open_clip.get_model_config(arch)
     if cfg is not None:  # None: a hub model whose config open_clip fetches itself
         ckpt_bytes = None if pretrained else os.path.getsize(spec_r.checkpoint) if spec_r.checkpoint else 0
         check_model_budget(name, cfg, spec_r.precision, ckpt_bytes, memory_budget)
-    try:
-        # open_clip warns "initialized randomly" when no tag is given; our checkpoint is loaded next
-        quiet = _checkpoint_follows() if spec_r.checkpoint else contextlib.nullcontext()
-        with quiet:
-            model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", weights_only=True)
-    except Exception as exc:
-        if pretrained:
-            raise RefineClipError(
-                f"Could not load weights '{pretrained}' for model '{name}' ({_short(exc)}). This machine may be "
-                f"offline: download them where you have internet and pass the file with --checkpoint, or check the "
-                f"tag with open_clip.list_pretrained_tags_by_model('{name}')."
-            ) from exc
-        raise RefineClipError(f"Could not build model '{name}' ({_short(exc)}).") from exc
+    known = config_known_to_open_clip(label, user_cfg) if user_cfg is not None else contextlib.nullcontext(arch)
+    with known as arch:
+        try:
+            # open_clip warns "initialized randomly" when no tag is given; our checkpoint is loaded next
+            quiet = _checkpoint_follows() if spec_r.checkpoint else contextlib.nullcontext()
+            with quiet:
+                model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", weights_only=True)
+        except Exception as exc:
+            if pretrained:
+                raise RefineClipError(
+                    f"Could not load weights '{pretrained}' for model '{name}' ({_short(exc)}). This machine may be "
+                    f"offline: download them where you have internet and pass the file with --checkpoint, or check "
+                    f"the tag with open_clip.list_pretrained_tags_by_model('{name}')."
+                ) from exc
+            raise RefineClipError(f"Could not build model '{name}' ({_short(exc)}).") from exc
+        tokenizer = open_clip.get_tokenizer(arch)
     if hf_model is not None:  # weights read only now: after the size check above
         state = hf_clip.read_hf_state_dict(hf, hf_model, spec_r.roots)
-        load_state_dict_checked(model, state, spec_r.checkpoint, arch)
+        load_state_dict_checked(model, state, spec_r.checkpoint, name)
         set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **hf_model.preprocess})
     elif spec_r.checkpoint:
         load_state_dict_checked(model, read_state_dict(spec_r.checkpoint, spec_r.roots), spec_r.checkpoint, name)
     dtype = _DTYPES[spec_r.precision]
     model = model.to(device=spec_r.device, dtype=dtype).eval().requires_grad_(False)
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-    tokenizer = open_clip.get_tokenizer(arch)
     return LoadedModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, model_name=name)
 
 

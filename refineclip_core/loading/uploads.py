@@ -33,11 +33,9 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Sequence
 
 from ..errors import DataError
-from .confine import is_inside
+from .confine import UPLOAD_PREFIX, is_inside
 from .data import METADATA_NAME, SkippedFile
 
-#: Prefix of every per-session upload folder (``tempfile.mkdtemp(prefix=...)``).
-UPLOAD_PREFIX = "refineclip-uploads-"
 #: Environment variable listing the folders a typed server path may lie below (``os.pathsep``-separated).
 ALLOWED_ROOTS_ENV = "REFINECLIP_ALLOWED_ROOTS"
 

@@ -247,7 +247,9 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
     ``visual.proj`` is kept in float32 when the checkpoint is in a lower precision (e.g. float16),
     so that the edited model reproduces the evaluated edit exactly instead of up to a rounding
     that can flip borderline predictions. With ``roots`` (a dashboard model's) the source is read
-    only inside those folders (loading/confine.py).
+    only inside those folders (loading/confine.py); a transformers export copies only the config and
+    tokenizer files it needs, never through a link leaving ``roots`` (or, without ``roots``, the
+    source folder: :func:`~refineclip_core.loading.hf_clip.export_roots`).
     """
     out_path = Path(out_path)
     fmt = resolve_export_format(source_checkpoint, fmt)
@@ -267,7 +269,7 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
     state = {k: v.contiguous() for k, v in state.items()}
     state["visual.proj"] = merged.contiguous()
     if fmt == "hf":
-        return hf_clip.write_hf_checkpoint(out_path, state, model, hf_source)
+        return hf_clip.write_hf_checkpoint(out_path, state, model, hf_source, roots)
     if out_path.suffix == ".safetensors":
         from safetensors.torch import save
 

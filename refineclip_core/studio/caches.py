@@ -38,15 +38,60 @@ def cache_dir_for(spec: ModelSpec, data_key: str, layers: int | str | Sequence[i
     return studio_home(cache_root) / "caches" / key
 
 
-def cache_source(folder: str | os.PathLike) -> Source:
+def private_cache_root(spec: ModelSpec, data_root: str | os.PathLike, private_dir: str | os.PathLike | None) -> Path | None:
+    """Where a session's cache of ``spec`` on ``data_root`` must go: ``private_dir`` (the session's own
+    folder) when the model's files or the images lie in it (an upload), else None (the shared
+    studio home: the cache holds nothing another session could not compute from the same folders)."""
+    if private_dir is None:
+        return None
+    own = Path(private_dir).resolve()
+    paths = [data_root, spec.checkpoint, spec.model_config, spec.pretrained]
+    for path in filter(None, paths):
+        try:
+            real = Path(path).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError):
+            continue
+        if real == own or own in real.parents:
+            return own
+    return None
+
+
+def cache_source(folder: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> Source:
     """The :class:`Source` of a complete cache folder made by ``refineclip extract`` (its model from
-    the manifest, loaded only when a page needs it). Nothing is written into the folder."""
+    the manifest, loaded only when a page needs it). Nothing is written into the folder.
+
+    With ``roots`` (the opening session's, :func:`~refineclip_core.loading.uploads.read_roots`) the
+    folder and every model file the manifest names must lie inside them, and the model is read
+    with *those* roots: a manifest never widens what the opener may read (the roots recorded in it
+    are those of the session that made the cache, and are ignored)."""
+    if roots is not None:
+        folder = _inside(folder, roots, "The feature cache folder")
     manifest = read_manifest(folder)
     if manifest is None or not manifest.complete:
         raise CacheError(f"'{folder}' is not a complete feature cache (no finished manifest.json); "
                          "run 'refineclip extract --out' on it first.")
-    return Source(spec=ModelSpec(**manifest.model), data_root=manifest.data_root, cache_dir=str(Path(folder)),
+    try:
+        spec = ModelSpec(**manifest.model)
+    except TypeError as exc:
+        raise CacheError(f"The manifest of '{folder}' does not describe a model ({exc}).") from exc
+    if roots is not None:
+        for what, path in (("checkpoint", spec.checkpoint), ("model config", spec.model_config),
+                           ("pretrained file", spec.pretrained if spec.pretrained and os.sep in spec.pretrained else None)):
+            if path:
+                _inside(path, roots, f"The cache's {what}")
+        spec = replace(spec, roots=tuple(str(r) for r in roots))
+    return Source(spec=spec, data_root=manifest.data_root, cache_dir=str(Path(folder)),
                   label=f"{manifest.model_name} on the cache {Path(folder).name} ({manifest.n_records} images)")
+
+
+def _inside(path: str | os.PathLike, roots: Sequence[str | os.PathLike], what: str) -> Path:
+    from ..loading.uploads import allowed_path
+
+    try:
+        return allowed_path(path, roots)
+    except DataError as exc:
+        raise CacheError(f"{what} '{path}' is not one this session may read: it was made by another session or "
+                         "lies outside the allowed folders; extract the images again here.") from exc
 
 
 def with_prompts(cache: FeatureCache, loaded, classes: Sequence[str] | None = None,

@@ -21,7 +21,7 @@ from ..loading.batches import DecodeConfig
 from ..loading.data import ImageDataset, load_dataset, parse_metadata
 from ..loading.models import ModelSpec
 from ..loading.uploads import allowed_path, unpack_upload
-from .caches import cache_dir_for
+from .caches import cache_dir_for, private_cache_root
 from .demo import demo_data_dir, write_demo_data
 from .source import Source
 
@@ -77,15 +77,19 @@ def scan_images(kind: ImagesKind, *, folder: str | None = None, zip_data: bytes 
 
 def plan_source(scanned: ScannedImages, spec: ModelSpec, model_name: str, layers: int | str,
                 class_names: Sequence[str], templates: Sequence[str], exact_decode: bool = False,
-                store: Store = "auto") -> tuple[Source, ExtractionConfig]:
-    """The :class:`Source` the scanned images become under ``spec`` (its cache folder in the
-    studio home, the display class names and prompt templates, checked here) and the extraction
-    configuration that fills the cache (``exact_decode``, ``store``: as ``refineclip extract``'s
-    ``--exact-decode`` and ``--store``)."""
+                store: Store = "auto", private_dir: str | os.PathLike | None = None) -> tuple[Source, ExtractionConfig]:
+    """The :class:`Source` the scanned images become under ``spec`` (its cache folder, the display
+    class names and prompt templates, checked here) and the extraction configuration that fills the
+    cache (``exact_decode``, ``store``: as ``refineclip extract``'s ``--exact-decode`` and ``--store``).
+
+    The cache goes into the studio home, shared, unless the model or the images are the session's
+    own uploads (in ``private_dir``, the session's folder): then it goes into ``private_dir/caches``,
+    where no other session can list, open or rebuild from it (:func:`~refineclip_core.studio.caches.private_cache_root`)."""
     names = [str(n).strip() for n in class_names]
     templates = tuple(validate_templates([t.strip() for t in templates if t.strip()]))
     scanned.dataset.renamed(names)  # validates: count, non-empty, distinct
-    cache_dir = cache_dir_for(spec, scanned.data_key, layers)
+    cache_dir = cache_dir_for(spec, scanned.data_key, layers,
+                              private_cache_root(spec, scanned.dataset.root, private_dir))
     label = f"{model_name} on {scanned.label} ({len(scanned.dataset)} images)"
     source = Source(spec=spec, data_root=str(scanned.dataset.root), cache_dir=str(cache_dir), label=label,
                     classes=tuple(names), templates=templates, skipped_extra=scanned.extra_skipped)

@@ -1,0 +1,283 @@
+"""Confinement and isolation, round three (issue 26): each vector of the red-team pass as a test.
+
+* An export carries only the files it needs (config, preprocessor, tokenizer), each read through
+  the confined read; links leaving the allowed folders never leave with it (library and CLI).
+* A cache, upload or run belongs to the session that made it: another session can neither open
+  the cache nor rebuild the model from its manifest.
+* A deep or broken custom config is refused with a sentence before anything is registered, and
+  leaves nothing in open_clip's process-wide registry: other configs and the demo still load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from refineclip_core.cli import main
+from refineclip_core.errors import RefineClipError
+from refineclip_core.loading import hf_clip
+from refineclip_core.loading.models import ModelSpec, load_model
+from refineclip_core.method.refinement import RefinedMap, export_checkpoint
+
+from .conftest import tiny_config, write_config
+
+transformers = pytest.importorskip("transformers")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. exports carry nothing from outside
+# ---------------------------------------------------------------------------------------------
+
+SECRET = b"the outside file's secret bytes"
+
+
+def _hf_folder(root: Path) -> Path:
+    """A tiny CLIP folder written by transformers' ``save_pretrained`` inside ``root``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = CLIPConfig(text_config=dict(vocab_size=hf_clip.CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, image_size=32, patch_size=8),
+                     projection_dim=16)
+    torch.manual_seed(0)
+    folder = root / "hf-clip"
+    CLIPModel(cfg).eval().save_pretrained(folder)
+    (folder / "vocab.json").write_text('{"a": 0}')  # a real tokenizer file: carried
+    return folder
+
+
+@pytest.fixture()
+def hostile_hf(tmp_path):
+    """(allowed root, HF folder inside it, outside file): the folder links to the outside file and
+    to the server's environment under names an export must never carry."""
+    root, outside = tmp_path / "allowed", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(SECRET)
+    folder = _hf_folder(root)
+    (folder / "notes.txt").symlink_to(outside / "secret.txt")
+    (folder / "tokenizer_config.txt").symlink_to("/proc/self/environ")
+    (folder / "README.md").write_text("not needed by the export")
+    return root, folder, outside / "secret.txt"
+
+
+def _edit(d: int) -> RefinedMap:
+    return RefinedMap("diag", theta=np.random.default_rng(1).uniform(0.5, 1.5, d))
+
+
+def _assert_clean(out: Path) -> None:
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "model.safetensors", "vocab.json"], names
+    env = os.environb.get(b"PATH", b"/usr/bin")
+    for p in out.iterdir():
+        data = p.read_bytes()
+        assert SECRET not in data and env not in data and not p.is_symlink()
+    from transformers import CLIPModel
+
+    assert CLIPModel.from_pretrained(out) is not None
+
+
+@pytest.mark.parametrize("roots", ["dashboard", "library"])
+def test_an_hf_export_carries_only_the_files_it_needs(hostile_hf, tmp_path, roots):
+    root, folder, _ = hostile_hf
+    allowed = [str(root)] if roots == "dashboard" else None
+    loaded = load_model(ModelSpec("x", checkpoint=str(folder), roots=allowed and tuple(allowed)))
+    out = export_checkpoint(str(folder), loaded.model, _edit(16), tmp_path / "out" / "edited", "hf", roots=allowed)
+    _assert_clean(out)
+
+
+@pytest.mark.parametrize("roots", ["dashboard", "library"])
+def test_a_needed_file_linking_out_refuses_the_export(hostile_hf, tmp_path, roots):
+    root, folder, secret = hostile_hf
+    (folder / "special_tokens_map.json").symlink_to(secret)
+    allowed = (str(root),) if roots == "dashboard" else None
+    loaded = load_model(ModelSpec("x", checkpoint=str(folder), roots=allowed))
+    with pytest.raises(RefineClipError, match="special_tokens_map.json.*symbolic link outside.*not written"):
+        export_checkpoint(str(folder), loaded.model, _edit(16), tmp_path / "edited", "hf", roots=allowed)
+    assert not (tmp_path / "edited").exists()
+    # a link to the environment under a needed name is refused the same way
+    (folder / "special_tokens_map.json").unlink()
+    (folder / "merges.txt").symlink_to("/proc/self/environ")
+    with pytest.raises(RefineClipError, match="merges.txt"):
+        export_checkpoint(str(folder), loaded.model, _edit(16), tmp_path / "edited", "hf", roots=allowed)
+
+
+def test_a_hub_snapshot_exports_through_its_blob_links(tmp_path):
+    """Hugging Face's hub cache stores a snapshot's files as links to ``../../blobs``: those stay
+    inside the model's own repository folder and are carried (the CLI, without roots)."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    src = _hf_folder(tmp_path / "src")
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in src.iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", f.name))
+    loaded = load_model(ModelSpec("x", checkpoint=str(snap)))
+    out = export_checkpoint(str(snap), loaded.model, _edit(16), tmp_path / "edited", "hf")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+
+
+def test_cli_refine_format_hf_carries_nothing_from_outside(hostile_hf, image_folder, tmp_path):
+    _, folder, _ = hostile_hf
+    cache = tmp_path / "cache"
+    assert main(["extract", "--checkpoint", str(folder), "--data", str(image_folder), "--out", str(cache),
+                 "--layers", "1"]) == 0
+    out = tmp_path / "cli-out"
+    assert main(["refine", "--cache", str(cache), "--samples-per-class", "2", "--fit-steps", "3", "--no-baselines",
+                 "--out", str(out), "--format", "hf"]) == 0
+    _assert_clean(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. one deep or broken config cannot break loading for everyone
+# ---------------------------------------------------------------------------------------------
+
+def test_a_deep_config_is_refused_and_leaves_nothing_registered(tmp_path):
+    import open_clip
+    from open_clip import factory
+
+    before = set(factory._MODEL_CONFIGS)
+    paths_before = list(factory._MODEL_CONFIG_PATHS)
+    cfg = tiny_config(width=32, layers=1)
+    deep_path = tmp_path / "deep.json"
+    deep_path.write_text(json.dumps(cfg)[:-1] + ', "junk": ' + "[" * 975 + "]" * 975 + "}")  # 976 deep in all
+    for _ in range(2):  # the second try is refused the same way: nothing stuck anywhere
+        with pytest.raises(RefineClipError, match=r"nests 976 levels deep \(at most \d+"):
+            load_model(ModelSpec("deep", model_config=str(deep_path)))
+    assert set(factory._MODEL_CONFIGS) == before and factory._MODEL_CONFIG_PATHS == paths_before
+    # a custom config, a transformers folder and the demo model all still load
+    other = write_config(tmp_path, "other", tiny_config(width=48, layers=1))
+    assert load_model(ModelSpec("other", model_config=str(other))).visual.transformer.width == 48
+    assert load_model(ModelSpec("x", checkpoint=str(_hf_folder(tmp_path)))).visual.transformer.width == 32
+    assert load_model(ModelSpec("demo")).model_name == "refineclip-demo"
+    # and a config that is built stays out of the registry afterwards too
+    assert set(factory._MODEL_CONFIGS) == before and "other" not in " ".join(open_clip.list_models())
+
+
+def test_configs_that_open_clip_cannot_build_leave_nothing_registered(tmp_path):
+    from open_clip import factory
+
+    before = set(factory._MODEL_CONFIGS)
+    broken = write_config(tmp_path, "broken", {**tiny_config(), "vision_cfg": {"width": 32, "layers": 1,
+                                                                               "patch_size": 7, "image_size": 32,
+                                                                               "no_such_option": 1}})
+    with pytest.raises(RefineClipError, match="Could not build model 'broken'"):
+        load_model(ModelSpec("broken", model_config=str(broken)))
+    assert set(factory._MODEL_CONFIGS) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. a session's uploads, caches and runs are its own
+# ---------------------------------------------------------------------------------------------
+
+def _zip_of(folder: Path) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in sorted(folder.rglob("*.png")):
+            zf.write(p, p.relative_to(folder))
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def two_sessions(tmp_path, monkeypatch, tiny_model_files, class_folder):
+    """Session A uploads a checkpoint and an image zip and extracts; session B is a second
+    browser. The server runs in the temporary directory itself (so the working-directory root
+    holds every session's folder), the studio home is fresh."""
+    import tempfile
+
+    from refineclip_core.features.extraction import ExtractionConfig
+    from refineclip_core.loading.uploads import read_roots, save_upload, session_upload_dir
+    from refineclip_core.studio.images import plan_source, scan_images
+    from refineclip_core.studio.locking import extract_locked
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setenv("REFINECLIP_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("REFINECLIP_ALLOWED_ROOTS", raising=False)
+    monkeypatch.chdir(tmp)
+    a_dir, b_dir = session_upload_dir(), session_upload_dir()
+    a_roots = read_roots(a_dir)
+    ckpt = save_upload(Path(tiny_model_files["checkpoint"]).read_bytes(), "private.pt", "ckpt", a_dir)
+    cfg = save_upload(Path(tiny_model_files["config"]).read_bytes(), "tiny-vit.json", "cfg", a_dir)
+    spec = ModelSpec(tiny_model_files["name"], checkpoint=str(ckpt), model_config=str(cfg), roots=a_roots)
+    scanned = scan_images("zip", zip_data=_zip_of(class_folder), upload_dir=a_dir, roots=a_roots)
+    loaded = load_model(spec)
+    source, ecfg = plan_source(scanned, spec, loaded.model_name, 1, list(scanned.dataset.classes),
+                               ["a photo of a {}."], private_dir=a_dir)
+    extract_locked(loaded, scanned.dataset, source.cache_dir, ExtractionConfig(layers=1, templates=ecfg.templates))
+    return {"a_dir": a_dir, "b_dir": b_dir, "a_source": source, "b_roots": read_roots(b_dir), "tmp": tmp,
+            "home": tmp_path / "home"}
+
+
+def test_a_cache_of_uploads_lives_in_the_sessions_own_folder(two_sessions):
+    from refineclip_core.home import studio_home
+
+    cache = Path(two_sessions["a_source"].cache_dir).resolve()
+    assert two_sessions["a_dir"].resolve() in cache.parents and (cache / "manifest.json").is_file()
+    assert not (studio_home() / "caches").exists() or not any((studio_home() / "caches").iterdir())
+
+
+def test_another_session_cannot_open_list_or_rebuild_from_it(two_sessions):
+    from refineclip_core.errors import CacheError, DataError
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.uploads import allowed_path
+    from refineclip_core.studio.caches import cache_source
+
+    cache, b_roots = two_sessions["a_source"].cache_dir, two_sessions["b_roots"]
+    assert str(two_sessions["tmp"].resolve()) in b_roots  # the working directory: A's folder lies below it
+    with pytest.raises(CacheError, match="another session"):
+        cache_source(cache, b_roots)
+    with pytest.raises(DataError, match="outside the folders"):
+        allowed_path(two_sessions["a_dir"], b_roots)
+    from .conftest import make_image
+
+    (two_sessions["tmp"] / "public").mkdir()
+    make_image(np.random.default_rng(0), (10, 20, 30)).save(two_sessions["tmp"] / "public" / "p.png")
+    ds = load_dataset(two_sessions["tmp"], roots=b_roots)  # B lists the shared folder holding A's
+    assert ds.classes == ["public"] and not any(two_sessions["a_dir"].name in r.path for r in ds.records)
+    assert {s.reason for s in ds.skipped if two_sessions["a_dir"].name in s.path} == {
+        "class folder: another session's private folder, not listed"}
+    # A itself opens its cache, with its own roots
+    from refineclip_core.loading.uploads import read_roots
+
+    assert cache_source(cache, read_roots(two_sessions["a_dir"])).spec.checkpoint
+
+
+def test_a_shared_cache_naming_another_sessions_model_is_refused(two_sessions):
+    """A cache in the shared studio home (e.g. written before caches moved into the sessions'
+    folders) whose manifest names A's uploaded checkpoint and A's roots: B cannot rebuild the
+    model from it, and a manifest's roots never replace the opener's."""
+    import shutil
+
+    from refineclip_core.errors import CacheError, OutsideRootsError
+    from refineclip_core.studio.caches import cache_source
+
+    shared = two_sessions["home"] / "caches" / "copied"
+    shutil.copytree(two_sessions["a_source"].cache_dir, shared)
+    b_roots = two_sessions["b_roots"]
+    with pytest.raises(CacheError, match="The cache's checkpoint .* another session"):
+        cache_source(shared, b_roots)
+    # even a manifest naming a model B may read gets B's roots, not the recorded ones
+    manifest = json.loads((shared / "manifest.json").read_text())
+    spec = ModelSpec(**manifest["model"])
+    assert two_sessions["a_dir"].resolve().as_posix() in " ".join(spec.roots)
+    manifest["model"]["checkpoint"] = manifest["model"]["model_config"] = None
+    manifest["model"]["name"] = "demo"
+    (shared / "manifest.json").write_text(json.dumps(manifest))
+    opened = cache_source(shared, b_roots)
+    assert opened.spec.roots == tuple(b_roots)
+    # and the reader itself refuses A's checkpoint under B's roots
+    with pytest.raises(OutsideRootsError):
+        load_model(ModelSpec(two_sessions["a_source"].spec.name, checkpoint=two_sessions["a_source"].spec.checkpoint,
+                             model_config=two_sessions["a_source"].spec.model_config, roots=tuple(b_roots)))
