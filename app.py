@@ -14,6 +14,7 @@ from studio_ui.shell import app_icon, ensure_source, sidebar
 from studio_ui.widgets import show_exception
 
 st.set_page_config(page_title="RefineCLIP Studio", page_icon=app_icon(), layout="wide")
+st.set_option("client.disableDataExport", True)   # the tables' own CSV buttons escape formulas (widgets.table)
 
 page = st.navigation([st.Page(p.path, title=p.title, icon=p.icon, default=p.name == DEFAULT_PAGE) for p in PAGES])
 sidebar()

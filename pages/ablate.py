@@ -12,7 +12,7 @@ from refineclip_core.method.evaluation import AccuracyReport, accuracy_report, r
 from refineclip_core.reporting.findings import accuracy_rows
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, put, read_roots, set_ticked_heads, ticked_heads
-from studio_ui.widgets import guard, image_grid, link, metric_ci, plain, require_ready, show_exception
+from studio_ui.widgets import guard, image_grid, link, metric_ci, plain, require_ready, show_exception, table
 
 st.title(page("ablate").heading)
 st.caption("Removing a head subtracts its direct contribution from the image embedding, E − Σ c_h (paper Eq. 5): "
@@ -99,7 +99,7 @@ def _panel() -> None:
         base_pred, new_pred = eng.base_predictions, res.predictions
         effect = {**{i: "fixed" for i in res.fixed.tolist()}, **{i: "broken" for i in res.broken.tolist()}}
         recs = [cache.records[i] for i in res.flipped]
-        st.dataframe(pd.DataFrame({
+        table("changed-images", pd.DataFrame({
             "image": [r.path.rsplit("/", 1)[-1] for r in recs], "group": [r.group or "" for r in recs],
             "true": [classes[labels[i]] for i in res.flipped], "before": [classes[base_pred[i]] for i in res.flipped],
             "after": [classes[new_pred[i]] for i in res.flipped],

@@ -15,7 +15,7 @@ from refineclip_core.reporting.findings import accuracy_rows
 from studio_ui import resources
 from studio_ui.registry import page
 from studio_ui.state import Key, get, protocol, set_protocol
-from studio_ui.widgets import accuracy_frame, image_grid, link, metric_ci, plain, require_ready
+from studio_ui.widgets import accuracy_frame, image_grid, link, metric_ci, plain, require_ready, table
 
 st.title(page("errors").heading)
 ready = require_ready()
@@ -47,13 +47,13 @@ left, right = st.columns(2)
 acc_col = st.column_config.ProgressColumn("accuracy", format="percent", min_value=0.0, max_value=1.0)
 with left:
     st.markdown("**Per class**")
-    st.dataframe(accuracy_frame(accuracy_rows(rep, "class"), "class"), hide_index=True,
-                 column_config={"accuracy": acc_col})
+    table("accuracy-per-class", accuracy_frame(accuracy_rows(rep, "class"), "class"), hide_index=True,
+          column_config={"accuracy": acc_col})
 with right:
     if rep.per_group:
         st.markdown("**Per group**")
         gdf = accuracy_frame(accuracy_rows(rep, "group"), "group")
-        st.dataframe(gdf.sort_values("accuracy"), hide_index=True, column_config={"accuracy": acc_col})
+        table("accuracy-per-group", gdf.sort_values("accuracy"), hide_index=True, column_config={"accuracy": acc_col})
 
 st.plotly_chart(confusion_figure(confusion_matrix(pred, labels, len(classes), mask), classes), key="err_confusion")
 
@@ -63,7 +63,7 @@ if not pairs:
     st.success("No misclassified images here: there is no error to explain.")
     st.stop()
 class_counts = np.bincount(labels[rows], minlength=len(classes))
-st.dataframe(pd.DataFrame({
+table("error-pairs", pd.DataFrame({
     "true class": [classes[p.true] for p in pairs], "predicted as": [classes[p.pred] for p in pairs],
     "images": [p.count for p in pairs],
     "share of the class": [p.count / max(class_counts[p.true], 1) for p in pairs]}),

@@ -14,7 +14,7 @@ from studio_ui.registry import page
 from studio_ui.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
                              set_protocol)
 from studio_ui.panels import attribute_panel
-from studio_ui.widgets import link, plain, require_ready
+from studio_ui.widgets import link, plain, require_ready, table
 
 st.title(page("heads").heading)
 st.caption("For an error pair (true y → predicted ŷ), each head's direct effect compares how much replacing its "
@@ -116,7 +116,7 @@ if sel.score:
 else:
     st.info("No prefix of the ranking beats removing nothing on the labelled samples: no head is chosen.")
 st.markdown("**Top-T candidate lists**")
-st.dataframe(pd.DataFrame({name: [str(h) for h in lst] + [""] * (max(map(len, sel.candidates.values())) - len(lst))
+table("head-candidates", pd.DataFrame({name: [str(h) for h in lst] + [""] * (max(map(len, sel.candidates.values())) - len(lst))
                            for name, lst in sel.candidates.items()}).rename_axis("rank").rename(lambda i: i + 1),
              height=min(38 * (len(next(iter(sel.candidates.values()))) + 1), 300))
 

@@ -14,7 +14,7 @@ from studio_ui import resources
 from studio_ui.registry import page
 from studio_ui.panels import head_concept_panel
 from studio_ui.state import Key, get, inspect_head, put, read_roots, set_inspect_head
-from studio_ui.widgets import guard, image_grid, link, plain, require_ready, show_exception
+from studio_ui.widgets import guard, image_grid, link, plain, require_ready, show_exception, table
 
 st.title(page("inspector").heading)
 ready = require_ready()
@@ -70,7 +70,7 @@ except Exception as exc:
 if desc is not None and not desc.texts:
     st.info("This head's output does not vary over these images, so there is nothing to describe.")
 elif desc is not None:
-    st.dataframe(pd.DataFrame({"description": desc.texts, "variance explained": desc.variance_explained,
+    table("textspan", pd.DataFrame({"description": desc.texts, "variance explained": desc.variance_explained,
                                "cumulative": desc.cumulative}), hide_index=True,
                  column_config={"variance explained": st.column_config.ProgressColumn(format="percent", min_value=0.0,
                                                                                      max_value=1.0),

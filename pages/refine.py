@@ -8,13 +8,13 @@ import streamlit as st
 from refineclip_core.errors import Cancelled
 from refineclip_core.reporting.figures import accuracy_bars_figure, loss_figure
 from refineclip_core.reporting.findings import cell_estimate, format_cell, method_summary, per_key_table
-from refineclip_core.reporting.run_report import EditRun, export_path, render_html, report_json, run_edit
+from refineclip_core.reporting.run_report import EditRun, export_path, per_image_csv, render_html, report_json, run_edit
 from studio_ui.forms import edit_form
 from studio_ui.jobs import Job, start_job
 from studio_ui.panels import checkpoint_download, diagnosis_of
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, ticked_heads
-from studio_ui.widgets import follow_job, link, metric_ci, plain, require_ready, show_exception
+from studio_ui.widgets import follow_job, link, metric_ci, plain, require_ready, show_exception, table
 
 st.title(page("refine").heading)
 st.caption("Phase 2 learns a linear map of the image embedding that behaves like the model with the heads removed "
@@ -99,16 +99,16 @@ m = st.columns(4)
 for col, (label, column) in zip(m, [("Worst group", "worst group"), ("Error-pair classes", "error-pair classes"),
                                     ("Other classes (locality)", "other classes (locality)"), ("Overall", "overall")]):
     metric_ci(col, label, cell_estimate(r.get(column)), cell_estimate(z.get(column)))
-st.dataframe(pd.DataFrame({k: {c: format_cell(v) for c, v in row.items()} for k, row in summary.items()}).T
-             .rename_axis("method").reset_index(), hide_index=True)
+table("methods", pd.DataFrame({k: {c: format_cell(v) for c, v in row.items()} for k, row in summary.items()}).T
+      .rename_axis("method").reset_index(), hide_index=True)
 st.plotly_chart(accuracy_bars_figure(summary, "Methods compared"), key="ref_summary_fig")
 groups = per_key_table(methods, "per_group")
 tab_g, tab_c = st.tabs(["Per group", "Per class"])
-for tab, key, table in ((tab_g, "group", groups), (tab_c, "class", per_key_table(methods, "per_class"))):
+for tab, key, rows in ((tab_g, "group", groups), (tab_c, "class", per_key_table(methods, "per_class"))):
     with tab:
-        if any(table.values()):
-            df = pd.DataFrame({k: {c: format_cell(v) for c, v in row.items()} for k, row in table.items()})
-            st.dataframe(df.rename_axis(key).reset_index(), hide_index=True)
+        if any(rows.values()):
+            df = pd.DataFrame({k: {c: format_cell(v) for c, v in row.items()} for k, row in rows.items()})
+            table(f"accuracy-per-{key}", df.rename_axis(key).reset_index(), hide_index=True)
         else:
             st.caption(f"No {key} labels in these images.")
 if any(groups.values()):
@@ -116,16 +116,21 @@ if any(groups.values()):
 st.plotly_chart(loss_figure(res.outcome.refinement.history), key="ref_loss_fig")
 
 st.subheader("Downloads")
-d = st.columns(3)
+d = st.columns(4)
 checkpoint_download(d[0], res.checkpoint, res.outcome.exported, verdict.ok)
 d[1].download_button("Run report (JSON)", data=report_json(res.report), file_name="refineclip-report.json",
                      mime="application/json", key="ref_dl_json", icon=":material/data_object:", on_click="ignore")
 d[2].download_button("Run report (HTML)", data=lambda rep=res.report: render_html(rep),
                      file_name="refineclip-report.html", mime="text/html", key="ref_dl_html",
                      icon=":material/bar_chart:", on_click="ignore")
+d[3].download_button("Per-image predictions (CSV)", data=lambda rep=res.report: per_image_csv(rep),
+                     file_name="refineclip-per-image.csv", mime="text/csv", key="ref_dl_csv",
+                     icon=":material/table:", on_click="ignore",
+                     help="One row per image: file, true class, group, zero-shot prediction, edited prediction, "
+                          "whether each is correct, and whether the image was held out.")
 st.caption(f"The checkpoint has `visual.proj` (a Hugging Face folder's `visual_projection.weight`, transposed) "
            f"replaced by P·B (RefineCLIP-fit) or P·diag(θ) (paper); everything "
            f"else is the original "
            f"model. Load it with the same architecture ({cache.manifest.model_name}). The same run from the command "
-           "line: `refineclip refine --cache … --out … --json … --html …`.")
+           "line: `refineclip refine --cache … --out … --json … --html … --csv …`.")
 link("errors", "Back to the errors")

@@ -22,7 +22,7 @@ from refineclip_core.studio.source import Source
 from . import resources
 from .registry import PAGES
 from .state import Key, ablate_heads, get, protocol, put, set_ablate_heads
-from .widgets import Ready, guard, link, metric_ci, plain
+from .widgets import Ready, guard, link, metric_ci, plain, table
 
 
 def findings_panel(ready: Ready) -> None:
@@ -90,7 +90,7 @@ def diagnosis_lead(ready: Ready, ident: Identification, heads: list[HeadId] | No
         for pair in diag.pairs:
             st.text(pair.sentence)
         with st.expander(f"The ranked concepts ({len(diag.concepts)}) and the heads that carry them"):
-            st.dataframe(pd.DataFrame([{
+            table("concepts", pd.DataFrame([{
                 "concept": c.text, "errors carry": "more" if c.side == "errors" else "less", "share of removed variance": c.share,
                 "errors vs correct (sd)": c.contrast, "coverage in scope": c.coverage,
                 "random sets holding as much": c.p_random,
@@ -141,7 +141,7 @@ def attribute_panel(ready: Ready, ident: Identification) -> None:
             st.caption("Heads are ranked by their share of the embedding's variance along the direction from the "
                        "contrasting phrases to the cue's; the best-utility prefix (Eq. 10) becomes the set.")
             return
-        st.dataframe(pd.DataFrame({"head": [str(h) for h in res.ranking[:15]],
+        table("attribute-heads", pd.DataFrame({"head": [str(h) for h in res.ranking[:15]],
                                    "share of the cue direction": [res.shares[str(h)] for h in res.ranking[:15]],
                                    "in the set": [h in res.heads for h in res.ranking[:15]]}),
                      hide_index=True, column_config={"share of the cue direction":
@@ -167,11 +167,11 @@ def data_summary(src: Source, cache: FeatureCache) -> None:
         c1, c2 = st.columns(2)
         with c1:
             st.markdown("**Images per class and split**")
-            st.dataframe(pd.crosstab(df["class"], df["split"], margins=True, margins_name="total"))
+            table("images-per-class", pd.crosstab(df["class"], df["split"], margins=True, margins_name="total"))
         with c2:
             if cache.group_names:
                 st.markdown("**Images per group and split**")
-                st.dataframe(pd.crosstab(df["group"], df["split"], margins=True, margins_name="total"))
+                table("images-per-group", pd.crosstab(df["group"], df["split"], margins=True, margins_name="total"))
             else:
                 st.caption("No group labels (add a 'group' column to metadata.csv to get per-group accuracies).")
         man = cache.manifest
@@ -180,7 +180,7 @@ def data_summary(src: Source, cache: FeatureCache) -> None:
         skipped = [(s.path, s.reason) for s in cache.skipped] + list(src.skipped_extra)
         if skipped:
             st.markdown("**Skipped files**")
-            st.dataframe(pd.DataFrame(skipped, columns=["file", "reason"]), hide_index=True)
+            table("skipped-files", pd.DataFrame(skipped, columns=["file", "reason"]), hide_index=True)
 
 
 def scan_summary(dataset: ImageDataset) -> None:
@@ -190,11 +190,11 @@ def scan_summary(dataset: ImageDataset) -> None:
     st.markdown(f"**{len(dataset)} images**, {len(dataset.classes)} classes ({dataset.layout} layout), "
                 f"{len(dataset.groups)} groups, splits: {plain(', '.join(dataset.splits) or 'none')}; "
                 f"{len(dataset.skipped)} files skipped.")
-    st.dataframe(pd.crosstab(df["class"], df["split"]), height=min(36 * (len(dataset.classes) + 1) + 4, 300))
+    table("scan-per-class", pd.crosstab(df["class"], df["split"]), height=min(36 * (len(dataset.classes) + 1) + 4, 300))
     if dataset.skipped:
         with st.expander(f"Skipped files ({len(dataset.skipped)})"):
-            st.dataframe(pd.DataFrame([(s.path, s.reason) for s in dataset.skipped], columns=["file", "reason"]),
-                         hide_index=True)
+            table("scan-skipped", pd.DataFrame([(s.path, s.reason) for s in dataset.skipped], columns=["file", "reason"]),
+                  hide_index=True)
 
 
 def checkpoint_download(col, checkpoint: Path | None, exported: str, ok: bool) -> None:

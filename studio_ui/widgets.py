@@ -19,6 +19,7 @@ from refineclip_core.loading.models import LoadedModel
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.intervals import Estimate
 from refineclip_core.method.protocol import Identification
+from refineclip_core.reporting.tables import frame_csv
 from refineclip_core.studio.source import Source
 
 from . import resources
@@ -44,6 +45,16 @@ def plain(text: object) -> str:
     templates, paths) always go through it."""
     escaped = _PUNCTUATION.sub(r"\\\1", _BREAKS.sub(" ", str(text)))
     return _AUTOLINK.sub(lambda m: (m.group(1) or "") + "\u200b", escaped)
+
+
+def table(key: str, data: pd.DataFrame, **kwargs) -> None:
+    """``st.dataframe(data, **kwargs)`` with a "Download as CSV" button below it, written by the one CSV
+    writer (:func:`refineclip_core.reporting.tables.frame_csv`: cells a spreadsheet would run as
+    formulas are escaped). Streamlit's own table download, which writes names as they are, is
+    switched off (``client.disableDataExport``); every table of the dashboard goes through here."""
+    st.dataframe(data, **kwargs)
+    st.download_button("Download as CSV", data=lambda: frame_csv(data), file_name=f"{key}.csv", mime="text/csv",
+                       key=f"{key}_csv", icon=":material/download:", type="tertiary", on_click="ignore")
 
 
 def short_error(exc: BaseException) -> str:

@@ -268,7 +268,11 @@ def test_refine_page_runs_compares_and_offers_downloads(app):
     assert any(verdict.summary() in text for text in shown)
     n_eval = int(res.outcome.identification.eval_mask.sum())
     assert sum(cap.value.startswith("95% CI") for cap in at.caption) >= 4
-    assert len(at.get("download_button")) == 3
+    downloads = {b.key for b in at.get("download_button")}
+    assert {"ref_dl_json", "ref_dl_html", "ref_dl_csv"} <= downloads and any(k.startswith("ref_dl_ckpt") for k in downloads)
+    assert {"methods_csv", "accuracy-per-group_csv", "accuracy-per-class_csv"} <= downloads   # every table's own CSV
+    assert len(report_rows := res.report["per_image"]["rows"]) == len(res.outcome.identification.base_predictions)
+    assert sum(r[7] for r in report_rows) == int(res.outcome.identification.eval_mask.sum())   # "held out" column
     ckpt = Path(res.checkpoint)
     assert ckpt.is_file() and ckpt.stat().st_size > 0
     report = res.report

@@ -13,7 +13,7 @@ from ..method.edit import FitConfig
 from ..method.protocol import DEFAULT_EDIT, EditConfig, identify, make_engine
 from ..method.refinement import EXPORT_FORMATS, RefineConfig
 from ..reporting.findings import method_summary
-from ..reporting.run_report import EditRun, render_html, run_edit
+from ..reporting.run_report import EditRun, per_image_csv, render_html, run_edit
 from . import EXIT_WORSE
 from .common import add_json_arg, cells_table, emit, positive_int, progress_bar
 from .score import add_protocol_args, heads_text, open_cache, protocol
@@ -65,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "open_clip config JSON beside it for --model-config)")
     add_json_arg(p, "the run report (every method's accuracies, the scores, the selection, the configuration)")
     p.add_argument("--html", help="also write the run report as a self-contained HTML page here")
+    p.add_argument("--csv", metavar="PATH",
+                   help="also write the per-image predictions here (file, true class, group, zero-shot and edited "
+                        "prediction, held out or not); cells a spreadsheet would run as formulas are escaped")
     p.set_defaults(func=run)
 
 
@@ -111,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
                     diagnosis=diagnosis)
     if args.html:
         atomic_write_bytes(Path(args.html), render_html(edit.report).encode())
+    if args.csv:
+        atomic_write_bytes(Path(args.csv), per_image_csv(edit.report).encode())
     emit(args, edit.report, edit_lines(edit),
-         [("merged checkpoint (visual.proj)", edit.checkpoint), ("HTML run report", args.html)])
+         [("merged checkpoint (visual.proj)", edit.checkpoint), ("HTML run report", args.html),
+          ("per-image predictions (CSV)", args.csv)])
     return EXIT_WORSE if args.fail_if_worse and not edit.outcome.verdict.ok else 0

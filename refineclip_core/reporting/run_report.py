@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from urllib.parse import quote
 
 import numpy as np
 import plotly.graph_objects as go
@@ -30,6 +31,7 @@ from ..method.scores import HeadScores
 from ..progress import CancelFn, Progress, silent
 from .figures import accuracy_bars_figure, loss_figure, score_grid_figure, utility_figure
 from .findings import findings, format_cell, json_safe, method_summary, per_key_table
+from .tables import PER_IMAGE_COLUMNS, csv_text, per_image_rows
 
 
 def scores_to_dict(scores: Mapping[str, HeadScores]) -> dict[str, dict]:
@@ -87,6 +89,12 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         report["exported"] = outcome.exported
         report["verdict"] = outcome.verdict.to_dict()
         report["n_adapt"] = int(len(ident.adapt_rows))
+        preds = outcome.report.predictions
+        rows = per_image_rows(cache.records, cache.classes, preds["zero-shot"], preds[outcome.exported],
+                              ident.eval_rows, samples=ident.sample_rows, adapt=ident.adapt_rows,
+                              root=data_root or man.data_root)
+        report["per_image"] = {"columns": list(PER_IMAGE_COLUMNS),
+                               "rows": [[r[c] for c in PER_IMAGE_COLUMNS] for r in rows]}
     if checkpoint is not None:
         ckpt = Path(checkpoint)
         folder = ckpt.is_dir()  # a transformers folder (config.json + model.safetensors)
@@ -139,6 +147,13 @@ def export_path(folder: str | os.PathLike, spec: ModelSpec, stem: str) -> Path:
     transformers folder) for a Hugging Face checkpoint, else ``<stem>.safetensors``."""
     hf = resolve_export_format(spec.resolved().checkpoint) == "hf"
     return Path(folder) / (f"{stem}-hf" if hf else f"{stem}.safetensors")
+
+
+def per_image_csv(report: Mapping[str, Any]) -> str | None:
+    """The run's per-image predictions (file, true class, group, zero-shot and edited prediction,
+    held out or not) as safe CSV text; None for a report without a refinement."""
+    table = report.get("per_image")
+    return None if not table else csv_text(table["rows"], table["columns"])
 
 
 def report_json(report: Mapping[str, Any]) -> str:
@@ -291,6 +306,14 @@ def render_html(report: Mapping[str, Any]) -> str:
         if any(groups.values()):
             parts.append("<h3>Per group</h3>" + _table(_transpose(groups), first="group"))
         parts.append("<h3>Per class</h3>" + _table(_transpose(per_key_table(methods, "per_class")), first="class"))
+    csv_data = per_image_csv(report)
+    if csv_data is not None:
+        n = len(report["per_image"]["rows"])
+        parts.append("<h3>Per image</h3><p>"
+                     f"<a download='refineclip-per-image.csv' href='data:text/csv;charset=utf-8,{quote(csv_data)}'>"
+                     f"Download the per-image predictions (CSV, {n:,} images)</a>: file, true class, group, zero-shot "
+                     "prediction, edited prediction, whether each is correct, and whether the image was held out "
+                     "(the rows every accuracy above is computed on).</p>")
     first = True
     in_maps = False
     for title, fig in figs:

@@ -1,0 +1,99 @@
+"""Tables as CSV that a spreadsheet opens as data: the one CSV writer of the project.
+
+Every "Download as CSV" of the dashboard, the run report's per-image table and ``refineclip refine
+--csv`` go through :func:`csv_text`. Names come from users (class folders, CSV labels, groups, file
+names): a cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is read by
+spreadsheet programs as a formula (``=HYPERLINK(...)`` leaks data when clicked), so such text cells
+get a leading apostrophe (OWASP's advice for CSV injection); numbers stay numbers.
+
+:func:`per_image_rows` is the per-image table of a phase-2 run: each image's file, true class, group,
+zero-shot prediction, edited prediction and whether it was held out (the rows the guard judged on).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from numbers import Number
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+#: Characters that make a spreadsheet read a cell as a formula (or a command) when they lead it.
+FORMULA_LEAD = ("=", "+", "-", "@", "\t", "\r")
+
+#: The columns of :func:`per_image_rows`, in order.
+PER_IMAGE_COLUMNS = ("file", "true class", "group", "zero-shot prediction", "edited prediction",
+                     "zero-shot correct", "edited correct", "held out", "role")
+
+
+def safe_cell(value: Any) -> Any:
+    """``value`` as a CSV cell a spreadsheet cannot execute: text starting with a formula character
+    gets a leading ``'``; numbers (bool, int, finite float) and ``None`` (an empty cell) pass as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, Number) and not isinstance(value, complex):
+        v = float(value)
+        return value if math.isfinite(v) else str(value)
+    text = str(value)
+    return "'" + text if text.startswith(FORMULA_LEAD) else text
+
+
+def csv_text(rows: Iterable[Sequence[Any] | Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """``rows`` (sequences in ``columns`` order, or mappings keyed by them) as CSV text; every cell,
+    header included, through :func:`safe_cell`."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")   # RFC 4180; a cell holding \r or \n is quoted
+    writer.writerow([safe_cell(c) for c in columns])
+    for row in rows:
+        values = [row.get(c) for c in columns] if isinstance(row, Mapping) else list(row)
+        writer.writerow([safe_cell(v) for v in values])
+    return out.getvalue()
+
+
+def frame_csv(frame) -> str:
+    """A pandas DataFrame as safe CSV text (its index too when it is named or not a plain range)."""
+    import pandas as pd
+
+    if frame.index.name is not None or not isinstance(frame.index, pd.RangeIndex):
+        frame = frame.reset_index()
+    return csv_text(frame.itertuples(index=False, name=None), [str(c) for c in frame.columns])
+
+
+def _relative(path: str, root: str | None) -> str:
+    if root:
+        try:
+            return Path(os.path.relpath(path, root)).as_posix() if Path(path).is_relative_to(root) else Path(path).name
+        except ValueError:
+            return Path(path).name
+    return Path(path).name
+
+
+def per_image_rows(records: Sequence[Any], classes: Sequence[str], before: np.ndarray, after: np.ndarray,
+                   held_out: np.ndarray, *, samples: np.ndarray | None = None, adapt: np.ndarray | None = None,
+                   root: str | None = None) -> list[dict[str, Any]]:
+    """One row per image (``records``: objects with ``path``, ``label``, ``group``): its file (relative to
+    ``root``), true class, group, zero-shot (``before``) and edited (``after``) predictions, whether
+    each is correct, whether it is ``held_out`` (row indices) and its role in the run: ``held-out``,
+    ``labelled sample`` (``samples``: heads chosen on them), ``adaptation`` (``adapt``: the edit
+    fitted on them, unlabelled) or ``unused``."""
+    n = len(records)
+    role = np.full(n, "unused", dtype=object)
+    if adapt is not None:
+        role[np.asarray(adapt, dtype=np.int64)] = "adaptation"
+    if samples is not None:
+        role[np.asarray(samples, dtype=np.int64)] = "labelled sample"
+    role[np.asarray(held_out, dtype=np.int64)] = "held-out"
+    rows = []
+    for i, r in enumerate(records):
+        b, a = int(before[i]), int(after[i])
+        rows.append({"file": _relative(r.path, root), "true class": classes[r.label], "group": r.group or "",
+                     "zero-shot prediction": classes[b], "edited prediction": classes[a],
+                     "zero-shot correct": b == r.label, "edited correct": a == r.label,
+                     "held out": role[i] == "held-out", "role": role[i]})
+    return rows
