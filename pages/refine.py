@@ -11,9 +11,9 @@ from refineclip_core.reporting.findings import cell_estimate, format_cell, metho
 from refineclip_core.reporting.run_report import EditRun, export_path, per_image_csv, render_html, report_json, run_edit
 from studio_ui.forms import edit_form
 from studio_ui.jobs import Job, start_job
-from studio_ui.panels import checkpoint_download, diagnosis_of
+from studio_ui.panels import checkpoint_download, diagnosis_of, verdict_banner, verdict_table
 from studio_ui.registry import page
-from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, ticked_heads
+from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, set_refine, ticked_heads
 from studio_ui.widgets import follow_job, link, metric_ci, plain, require_ready, show_exception, table
 
 st.title(page("refine").heading)
@@ -28,10 +28,8 @@ src, cache, eng = ready.source, ready.cache, ready.engine
 ident = ready.ident()
 classes = cache.classes
 last: EditRun | None = get(Key.REFINE)
-if last is not None:  # the guard first: is the last edit better than zero-shot on held-out images?
-    v = last.outcome.verdict
-    (st.success if v.ok and not v.cautions else st.warning if v.ok else st.error)(
-        f"**{last.outcome.exported}** — {v.summary()}", icon=":material/verified:" if v.ok else ":material/dangerous:")
+if last is not None:  # the guard first: is the last edit verified better than zero-shot on held-out images?
+    verdict_banner(last.verdict, last.outcome.exported)
 
 # --- which heads -----------------------------------------------------------------------------------
 options = {"The protocol's choice": list(ident.heads), "Set from the Heads page": ablate_heads(),
@@ -77,7 +75,7 @@ if job is not None and not job.handled:
     elif job.error is not None:
         show_exception(job.error, "Refinement")
     else:
-        put(Key.REFINE, job.result)
+        set_refine(job.result)
         st.rerun()  # draw the new verdict at the top of the page
 
 res: EditRun | None = get(Key.REFINE)
@@ -89,8 +87,10 @@ if res.outcome.identification.config != ident.config or res.outcome.heads != hea
     st.warning("These results were computed for another pair, sample or head set; run the refinement again to "
                "update them.")
 
-# --- results: every compared method with its 95% interval (the guard's verdict is at the top) --------
-verdict = res.outcome.verdict
+# --- results: the guard's table, then every compared method with its 95% interval ------------------
+verdict = res.verdict
+st.subheader("The guard: every group and class on held-out images")
+verdict_table(verdict)
 methods = res.outcome.report.to_dict()
 summary = method_summary(methods)
 st.subheader("Results on held-out images")
@@ -117,7 +117,7 @@ st.plotly_chart(loss_figure(res.outcome.refinement.history), key="ref_loss_fig")
 
 st.subheader("Downloads")
 d = st.columns(4)
-checkpoint_download(d[0], res.checkpoint, res.outcome.exported, verdict.ok)
+checkpoint_download(d[0], res.checkpoint, res.outcome.exported, verdict)
 d[1].download_button("Run report (JSON)", data=report_json(res.report), file_name="refineclip-report.json",
                      mime="application/json", key="ref_dl_json", icon=":material/data_object:", on_click="ignore")
 d[2].download_button("Run report (HTML)", data=lambda rep=res.report: render_html(rep),

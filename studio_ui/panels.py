@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from refineclip_core.edit.guard import HARMFUL, VERIFIED, EditVerdict
 from refineclip_core.errors import RefineClipError
 from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
@@ -59,10 +60,7 @@ def findings_panel(ready: Ready) -> None:
         metric_ci(c[3], "… with those heads removed", f.ablated_target_accuracy, f.target_accuracy)
     run = get(Key.REFINE)
     if run is not None and run.outcome.identification.config == ident.config:
-        verdict = run.outcome.verdict
-        (st.warning if not verdict.ok else st.info)(
-            f"The last edit ({run.outcome.exported}): {verdict.summary()}",
-            icon=":material/warning:" if not verdict.ok else ":material/build:")
+        verdict_banner(run.verdict, f"The last edit ({run.outcome.exported})")
     for note in f.notes:
         st.caption(f"Unavailable score — {plain(note)}")
     others = [p.name for p in PAGES[1:]]
@@ -197,9 +195,29 @@ def scan_summary(dataset: ImageDataset) -> None:
                   hide_index=True)
 
 
-def checkpoint_download(col, checkpoint: Path | None, exported: str, ok: bool) -> None:
-    """The merged checkpoint's download button: the open_clip file, or the transformers folder zipped."""
-    worse = "" if ok else " — it made the model worse"
+def verdict_banner(verdict: EditVerdict, lead: str) -> None:
+    """The guard's verdict in a coloured box: only ``verified`` is green."""
+    show, icon = {VERIFIED: (st.success, ":material/verified:"), HARMFUL: (st.error, ":material/dangerous:")}.get(
+        verdict.status, (st.warning, ":material/help:"))
+    show(f"**{verdict.status}** · {lead}: {plain(verdict.summary())}", icon=icon)
+
+
+def verdict_table(verdict: EditVerdict) -> None:
+    """Every group and class the guard tested, before → after on the same held-out images."""
+    table("guard", pd.DataFrame(verdict.rows()), hide_index=True)
+    st.caption("Change: the edit minus zero-shot on the same held-out images, with Newcombe's paired 95% interval; "
+               "worse (Holm): significantly worse by an exact McNemar test after Holm's correction over every group "
+               "and class tested. docs/GUARD.md says what the guard promises and what it cannot know.")
+
+
+def checkpoint_download(col, checkpoint: Path | None, exported: str, verdict: EditVerdict) -> None:
+    """The merged checkpoint's download button: the open_clip file, or the transformers folder zipped.
+    An edit the guard did not verify needs one explicit confirmation first."""
+    worse = {VERIFIED: "", HARMFUL: " — harmful"}.get(verdict.status, " — not verified")
+    if verdict.status != VERIFIED and not col.checkbox(
+            f"Download anyway: I read that the guard called this edit {verdict.status}", key=Key.REFINE_CONFIRM):
+        col.caption("The guard did not verify this edit; tick the box above to download it anyway.")
+        return
     if checkpoint is not None and checkpoint.is_dir():
         col.download_button(f"Merged checkpoint of {exported} (Hugging Face folder, .zip){worse}",
                             data=lambda p=checkpoint: zip_folder(p), file_name=f"{checkpoint.name}.zip",

@@ -34,6 +34,7 @@ class Key:
     ATTRIBUTE = "heads_attribute"         # the last known-attribute head ranking (an AttributeHeads)
     REFINE = "refine"                     # the last refinement run of this session (an EditRun)
     REFINE_JOB = "ref_job"                # a running refinement (a Job)
+    REFINE_CONFIRM = "ref_confirm"        # widget: "download anyway" for an edit the guard did not verify
     DEMO_JOB = "demo_job"                 # the demo being prepared on the first visit (a Job)
     LOAD_JOB = "load_job"                 # an extraction started on the Load page (a Job)
     LOAD_SCAN = "load_scan"               # the images listed on the Load page (a ScannedImages)
@@ -75,6 +76,12 @@ def drop(*keys: str) -> None:
 def drop_prefix(prefix: str) -> None:
     for key in [k for k in st.session_state.keys() if str(k).startswith(prefix)]:
         del st.session_state[key]
+
+
+def set_refine(run: Any) -> None:
+    """Keep a new refinement run (an EditRun); a confirmation given for the previous one is dropped."""
+    put(Key.REFINE, run)
+    drop(Key.REFINE_CONFIRM)
 
 
 def get_source() -> Source | None:

@@ -8,6 +8,7 @@ is kept small (4 images per group and split) and lives in a temporary ``REFINECL
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import re
@@ -22,6 +23,8 @@ from refineclip_core.errors import DataError
 from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.loading.models import DEMO_DIR, DEMO_MODEL_NAME, ModelSpec
+
+from studio_ui.widgets import plain
 
 from .conftest import AUTOLINKS, HOSTILE_CLASSES, HOSTILE_GROUPS, RAW_MARKUP, make_image, write_hostile_dataset
 
@@ -263,14 +266,21 @@ def test_refine_page_runs_compares_and_offers_downloads(app):
         <= set(methods)
     assert len(res.outcome.refinement.history["total"]) == 30
     # the guard leads the results, and every accuracy shown carries its interval and image count
-    verdict = res.outcome.verdict
-    shown = [e.value for e in (*at.success, *at.warning, *at.error)]
-    assert any(verdict.summary() in text for text in shown)
+    verdict = res.verdict
+    shown = {"verified": at.success, "not-verified": at.warning, "harmful": at.error}[verdict.status]
+    assert any(verdict.status in e.value and plain(verdict.summary()) in e.value for e in shown)
+    assert not (verdict.status != "verified" and any(verdict.status in e.value for e in at.success))
     n_eval = int(res.outcome.identification.eval_mask.sum())
     assert sum(cap.value.startswith("95% CI") for cap in at.caption) >= 4
+    # every group and class the guard tested is in its table
+    guard_table = next(df.value for df in at.dataframe if "worse (Holm)" in df.value.columns)
+    assert set(guard_table["name"]) >= {u.name for u in verdict.groups}
+    if verdict.status != "verified":  # an edit the guard did not verify: one explicit click to download
+        assert not any(b.key == "ref_dl_ckpt" for b in at.get("download_button"))
+        at.checkbox(key="ref_confirm").check().run()
     downloads = {b.key for b in at.get("download_button")}
-    assert {"ref_dl_json", "ref_dl_html", "ref_dl_csv"} <= downloads and any(k.startswith("ref_dl_ckpt") for k in downloads)
-    assert {"methods_csv", "accuracy-per-group_csv", "accuracy-per-class_csv"} <= downloads   # every table's own CSV
+    assert {"ref_dl_json", "ref_dl_html", "ref_dl_csv", "ref_dl_ckpt"} <= downloads
+    assert {"methods_csv", "accuracy-per-group_csv", "accuracy-per-class_csv", "guard_csv"} <= downloads
     assert len(report_rows := res.report["per_image"]["rows"]) == len(res.outcome.identification.base_predictions)
     assert sum(r[7] for r in report_rows) == int(res.outcome.identification.eval_mask.sum())   # "held out" column
     ckpt = Path(res.checkpoint)
@@ -531,7 +541,10 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     assert "Plotly.newPlot" in page and "plotly.js" in page  # the library is inlined: readable offline
     assert 'src="https://' not in page
     assert "Per class" in page and "refineclip-diag" in page and "x.safetensors" in page
-    assert f"(n={len(ident.eval_rows)})" in page and outcome.verdict.summary().split(" [")[0] in page
+    assert f"(n={len(ident.eval_rows)})" in page
+    verdict = back["verdict"]
+    assert verdict["status"] in ("verified", "not-verified", "harmful") and html.escape(verdict["summary"]) in page
+    assert all(html.escape(u["name"]) in page for u in verdict["groups"] + verdict["classes"])
     json_path, html_path = write_report(back, tmp_path / "out")
     assert json.loads(json_path.read_text()) == back
     assert "refineclip-diag" in html_path.read_text()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import time
 from datetime import datetime, timezone
@@ -347,12 +348,16 @@ def test_refine_runs_compares_and_downloads_a_loadable_checkpoint(story, server,
         assert method in figure, f"'{method}' missing from the comparison chart"
     # the guard's verdict leads the page, in plain words, and every accuracy has its interval and count
     body = page.locator("section.main, [data-testid='stMain']").first.inner_text()
-    assert "refineclip-fit" in body and ("On held-out images" in body or "made the model worse" in body)
+    assert "refineclip-fit" in body and re.search(r"\b(verified|not-verified|harmful) · refineclip-fit", body)
+    assert "worse (Holm)" in body          # the guard's table: every group and class
     assert body.count("95% CI") >= 4 and "n = " in body
     assert shots.metric_value(page, "Overall") is not None
     assert_clean(page, "The Refine page")
     snap(page, "06-refine")
 
+    if "verified · refineclip-fit" not in body or "not-verified · refineclip-fit" in body:
+        page.locator(".st-key-ref_confirm").get_by_role("checkbox").check(force=True)  # one explicit click
+        page.locator(".st-key-ref_dl_ckpt").wait_for(timeout=30_000)
     with page.expect_download(timeout=60_000) as info:
         page.locator(".st-key-ref_dl_ckpt").get_by_role("button", name="Merged checkpoint").click()
     download = info.value

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from refineclip_core.cli import EXIT_CODES, build_parser, main
@@ -104,25 +105,12 @@ def test_layers_all_is_accepted_wherever_layers_is(cache_dir, capsys, tmp_path):
 
 
 def test_exit_statuses_are_the_documented_ones(cache_dir, capsys, monkeypatch, tmp_path):
-    for code in ("0 ", "1 ", "2 ", "3 ", "130"):
+    for code in ("0 ", "1 ", "2 ", "3 ", "4 ", "130"):
         assert f"\n  {code}" in EXIT_CODES
     assert "exit status:" in build_parser().format_help()
-
-    from refineclip_core.method import protocol
-
-    real = protocol.assess_edit
-
-    def harmful(*a, **k):
-        verdict = real(*a, **k)
-        verdict.harmed.append("Accuracy on the other classes got worse: -9.0 pts [-12.0, -6.0] (n=9) held-out images.")
-        return verdict
-
-    monkeypatch.setattr(protocol, "assess_edit", harmful)
     argv = ["refine", "--cache", cache_dir, "--samples-per-class", "3", "--top-t", "4", "--pair", "auto",
-            "--fit-steps", "5", "--steps", "10", "--no-baselines"]
-    rc, out, _ = _run(capsys, [*argv, "--fail-if-worse"])
-    assert rc == 3 and "Warning: this edit made the model worse" in out
-    assert _run(capsys, argv)[0] == 0   # without --fail-if-worse the run itself succeeded
+            "--fit-steps", "5", "--steps", "10", "--no-baselines", "--no-diagnosis"]
+    _exit_status_per_verdict(capsys, monkeypatch, argv)
 
     from refineclip_core.cli import zero_shot
 
@@ -145,3 +133,44 @@ def test_app_passes_every_further_argument_to_streamlit():
     cmd = app.command(extra)
     assert cmd[:4] == [sys.executable, "-m", "streamlit", "run"] and cmd[4] == str(APP_DIR / "app.py")
     assert cmd[5:] == extra and (APP_DIR / ".streamlit" / "config.toml").is_file()
+
+
+def _constructed(kind: str):
+    """A verdict of each kind from hand-built predictions: 2 edited classes x 2 groups of 40 held-out
+    images, and one other class of 40."""
+    from refineclip_core.edit import guard
+
+    labels = np.repeat([0, 0, 1, 1, 2], 40)
+    groups = np.repeat([0, 1, 2, 3, -1], 40)
+    before = labels.copy()
+    before[:20] = 1                       # group 0 (class 0): half wrong before
+    after = before.copy()
+    if kind in ("verified", "harmful"):
+        after[:20] = 0                    # the edit fixes them
+    if kind == "harmful":
+        after[160:190] = 0                # ... and breaks 30 of the other class
+    if kind == "not-verified":
+        after[:3] = 0                     # fixes only 3
+    return guard.judge_edit(labels, before, after, np.arange(200), [0, 1], ["a", "b", "c"], groups,
+                            ["a1", "a2", "b1", "b2"], "constructed")
+
+
+def _exit_status_per_verdict(capsys, monkeypatch, argv):
+    """``refine`` exits 3 (--fail-if-worse) on a harmful edit and 4 (--require-verified) on one not
+    verified (and on a harmful one without --fail-if-worse), 0 otherwise: the guard is handed
+    constructed verdicts of each kind; the tiny cache's own verdict (too few held-out images) too."""
+    from refineclip_core.reporting import run_report
+
+    real = _run(capsys, [*argv, "--json", "-"])
+    assert json.loads(real[1])["verdict"]["status"] == "not-verified"
+    assert "too few held-out images" in json.loads(real[1])["verdict"]["summary"]
+    assert _run(capsys, [*argv, "--require-verified"])[0] == 4
+    expected = {"harmful": (3, 4, 3, 0), "not-verified": (0, 4, 4, 0), "verified": (0, 0, 0, 0)}
+    for kind, codes in expected.items():
+        monkeypatch.setattr(run_report, "assess_edit", lambda *a, k=kind, **kw: _constructed(k))
+        got = []
+        for flags in (["--fail-if-worse"], ["--require-verified"], ["--fail-if-worse", "--require-verified"], []):
+            rc, out, _ = _run(capsys, [*argv, *flags])
+            assert f"Guard: {kind}" in out
+            got.append(rc)
+        assert tuple(got) == codes, (kind, got)

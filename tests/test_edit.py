@@ -19,8 +19,9 @@ from refineclip_core.loading.data import load_dataset
 from refineclip_core.loading.models import DEMO_DIR, ModelSpec, load_model
 from refineclip_core.method.edit import FitConfig, fit_ablation, least_squares_map, teacher_embeddings
 from refineclip_core.method.intervals import binomial_interval, binomial_intervals, paired_change
+from refineclip_core.edit.guard import HARMFUL, assess_edit
 from refineclip_core.method.protocol import (DEFAULT_EDIT, DEFAULT_PROTOCOL, EditConfig, ProtocolConfig,
-                                             assess_edit, identify, make_engine, run_refinement)
+                                             identify, make_engine, run_refinement)
 from refineclip_core.method.refinement import export_checkpoint
 from refineclip_core.method.scores import HeadScores
 from refineclip_core.method.selection import consensus_ranking, select_consensus, utility
@@ -195,16 +196,18 @@ def test_fit_distils_the_teacher_and_exports_through_plain_open_clip(demo, tmp_p
 def test_guard_fires_on_a_harmful_edit_and_stays_quiet_on_the_default(demo):
     cache, ident = demo["cache"], demo["ident"]
     outcome = run_refinement(cache, ident, DEFAULT_EDIT, engine=demo["engine"], baselines=False)
-    assert outcome.exported == "refineclip-fit" and outcome.verdict.ok, outcome.verdict.summary()
-    assert outcome.verdict.worst_group.value > 0
+    preds = outcome.report.predictions
+    default = assess_edit(cache, ident, preds["zero-shot"], preds["refineclip-fit"], "refineclip-fit")
+    assert outcome.exported == "refineclip-fit" and default.ok, default.summary()
+    assert default.worst_group.value > 0
     # a deliberately harmful edit: swap the two bird classes' text directions in the embedding
     a, b = ident.target_classes
     T = cache.text.astype(np.float64)
     swap = np.eye(T.shape[1]) - np.outer(T[a] - T[b], T[a] - T[b]) / ((T[a] - T[b]) @ (T[a] - T[b]))
     harmful = (cache.embeddings @ swap.T @ T.T).argmax(1)
     verdict = assess_edit(cache, ident, outcome.report.predictions["zero-shot"], harmful, "harmful")
-    assert not verdict.ok and verdict.summary().startswith("Warning")
-    assert any("worse" in s for s in verdict.harmed)
+    assert not verdict.ok and verdict.status == HARMFUL and verdict.summary().startswith("Harmful")
+    assert any("got worse" in s for s in verdict.harmed)
 
 
 # -- protocol rows and defaults ---------------------------------------------------------------------

@@ -415,6 +415,8 @@ def test_dashboard_loads_a_transformers_folder_and_downloads_the_edit_in_its_for
     assert_clean(at)
     res = at.session_state["refine"]
     assert res.checkpoint.is_dir() and res.report["checkpoint"]["format"] == "hf"
+    if res.verdict.status != "verified":   # the guard asks for one confirmation click first
+        at.checkbox(key="ref_confirm").check().run()
     buttons = at.get("download_button")
     assert any("Hugging Face folder, .zip" in b.proto.label for b in buttons)
     unzipped = tmp_path / "unzipped"

@@ -25,14 +25,19 @@ COMMANDS = ("extract", "check_decomposition", "zero_shot", "score", "explain", "
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1     # a bug or an unforeseen failure (one line; --debug for the traceback)
 EXIT_USAGE = 2          # a user mistake: a wrong option, file, model or data (one sentence on stderr)
-EXIT_WORSE = 3          # refine --fail-if-worse: the exported edit made the model worse on held-out images
+EXIT_WORSE = 3          # refine --fail-if-worse: the guard called the exported edit harmful
+EXIT_NOT_VERIFIED = 4   # refine --require-verified: the guard could not verify the exported edit
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 EXIT_CODES = f"""exit status:
   {EXIT_OK}    success
   {EXIT_UNEXPECTED}    unexpected error (a one-line message; --debug shows the traceback)
   {EXIT_USAGE}    user error: a wrong option, file, model or dataset (one sentence says what and how to fix it)
-  {EXIT_WORSE}    refine --fail-if-worse: the exported edit made the model worse on held-out images
+  {EXIT_WORSE}    refine --fail-if-worse: the guard called the exported edit 'harmful' (a group or class
+       significantly worse on held-out images)
+  {EXIT_NOT_VERIFIED}    refine --require-verified: the guard called the exported edit 'not-verified' (too few
+       held-out images, the edited classes absent, or no clear worst-group gain); also a harmful
+       edit when --fail-if-worse is not given
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); finished work such as cache shards is kept
 
 output: every command prints a short summary (at most 40 lines) on stdout; --json PATH writes the

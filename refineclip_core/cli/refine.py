@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..edit.guard import HARMFUL, VERIFIED, EditVerdict
 from ..features.cache import atomic_write_bytes
 from ..features.decomposition import parse_heads
 from ..inspection.diagnosis import diagnose, load_vocabulary
@@ -14,8 +15,8 @@ from ..method.protocol import DEFAULT_EDIT, EditConfig, identify, make_engine
 from ..method.refinement import EXPORT_FORMATS, RefineConfig
 from ..reporting.findings import method_summary
 from ..reporting.run_report import EditRun, per_image_csv, render_html, run_edit
-from . import EXIT_WORSE
-from .common import add_json_arg, cells_table, emit, positive_int, progress_bar
+from . import EXIT_NOT_VERIFIED, EXIT_WORSE
+from .common import add_json_arg, cells_table, emit, positive_int, progress_bar, table
 from .score import add_protocol_args, heads_text, open_cache, protocol
 
 
@@ -50,8 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the other edit method, standard fine-tuning and Tip-Adapter")
     p.add_argument("--fail-if-worse", action="store_true",
-                   help="exit with status 3 (after writing everything) when the exported edit made the worst group, "
-                        "the edited classes or the other classes significantly worse on held-out images")
+                   help=f"exit with status {EXIT_WORSE} (after writing everything) when the guard calls the exported edit "
+                        "'harmful': some group or class (edited or other) significantly worse on held-out images "
+                        "(exact McNemar tests, Holm's correction)")
+    p.add_argument("--require-verified", action="store_true",
+                   help=f"exit with status {EXIT_NOT_VERIFIED} (after writing everything) when the guard calls the "
+                        f"exported edit 'not-verified' (too few held-out images, the edited classes absent, or the "
+                        f"worst group's improvement not clearly above zero); with --fail-if-worse a harmful edit still "
+                        f"exits {EXIT_WORSE}, without it a harmful edit exits {EXIT_NOT_VERIFIED} too")
     p.add_argument("--no-diagnosis", action="store_true",
                    help="skip the diagnosis that leads the run report (it loads the model to embed the text pool)")
     p.add_argument("--text-pool", help="descriptions for the diagnosis, one per line (default: the shipped pool)")
@@ -94,8 +101,30 @@ def edit_lines(edit: EditRun) -> list[str]:
              f"Accuracy on {rep['n_eval']} held-out images (edit fitted on {rep['n_adapt']} unlabelled, heads chosen on "
              f"{rep['n_samples']} labelled; 95% intervals):"]
     lines += cells_table(method_summary(out.report.to_dict()), SUMMARY_COLUMNS, "method")
-    lines.append(f"{out.exported} (exported): {out.verdict.summary()}")
+    return [f"Guard: {edit.verdict.status} — {out.exported} (exported): {edit.verdict.summary()}", *lines,
+            *guard_lines(edit.verdict)]
+
+
+def guard_lines(verdict: EditVerdict) -> list[str]:
+    """The guard's table: every group of the edited classes, the classes, the other classes together
+    (classes that are not edited and not worse are left to the JSON record when there are many)."""
+    rows = verdict.rows()
+    keep = [r for r in rows if r[""].startswith("edited") or r["worse (Holm)"] == "yes" or r[""] == "classes"]
+    shown = rows if len(rows) <= 16 else keep
+    lines = ["The guard, zero-shot (before) vs the edit (after) on the same held-out images (95% intervals):",
+             *table(list(rows[0]), [list(r.values()) for r in shown], align="ll" + "r" * (len(rows[0]) - 2))] if rows else []
+    if len(shown) < len(rows):
+        lines.append(f"  ({len(rows) - len(shown)} other groups and classes, none significantly worse: --json keeps them)")
     return lines
+
+
+def exit_status(verdict: EditVerdict, fail_if_worse: bool, require_verified: bool) -> int:
+    """The refine command's exit status for the guard's verdict (documented in ``refineclip --help``)."""
+    if fail_if_worse and verdict.status == HARMFUL:
+        return EXIT_WORSE
+    if require_verified and verdict.status != VERIFIED:
+        return EXIT_NOT_VERIFIED
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,4 +148,4 @@ def run(args: argparse.Namespace) -> int:
     emit(args, edit.report, edit_lines(edit),
          [("merged checkpoint (visual.proj)", edit.checkpoint), ("HTML run report", args.html),
           ("per-image predictions (CSV)", args.csv)])
-    return EXIT_WORSE if args.fail_if_worse and not edit.outcome.verdict.ok else 0
+    return exit_status(edit.verdict, args.fail_if_worse, args.require_verified)

@@ -38,7 +38,7 @@ from .baselines import TipAdapter
 from .edit import FitConfig, fit_ablation, teacher_embeddings
 from .errorsets import ErrorPair, ErrorSets, error_pairs, pair_error_sets, sample_per_class
 from .evaluation import AccuracyReport, accuracy_report, block_argmax, rows_mask
-from .intervals import Estimate, accuracy_estimate, paired_change
+from .intervals import Estimate, accuracy_estimate
 from .refinement import RefineConfig, RefinementResult, refine, standard_finetune
 from .scores import SCORE_NAMES, HeadScores, Similarity, compute_scores
 from .selection import Selection, select_consensus, select_heads
@@ -338,94 +338,17 @@ PAPER_EDIT = EditConfig(method="paper")
 
 
 @dataclass
-class EditVerdict:
-    """Is the exported edit better than zero-shot on held-out images? The guard shown before export.
-
-    Each change is ``edit − zero-shot`` on the same held-out images with a 95% paired-bootstrap
-    interval (:func:`~refineclip_core.method.intervals.paired_change`). A change whose whole
-    interval lies below zero *harmed* the model; one at least a point worse whose interval still
-    reaches zero is a *caution* (too few images to tell).
-    """
-
-    method: str
-    worst_group: Estimate | None       # worst-group accuracy of the edited classes (worst class without groups)
-    edited: Estimate | None            # accuracy on the edited classes
-    unrelated: Estimate | None         # accuracy on every other class (locality)
-    harmed: list[str] = field(default_factory=list)
-    cautions: list[str] = field(default_factory=list)
-    strata: str = "group"              # what "worst" is taken over: "group" or "class"
-
-    @property
-    def ok(self) -> bool:
-        return not self.harmed
-
-    def summary(self) -> str:
-        """One paragraph in plain words (what the CLI prints and the pages show at the top): any harm
-        first, then the changes of the worst group and of the other classes, then the cautions."""
-        parts = []
-        if self.worst_group is not None:
-            parts.append(f"worst-{self.strata} accuracy of the edited classes changed by "
-                         f"{self.worst_group.format(unit=' pts', signed=True)}")
-        if self.unrelated is not None:
-            parts.append(f"the other classes by {self.unrelated.format(unit=' pts', signed=True)}")
-        text = f"On held-out images, {'; '.join(parts)}." if parts else "No held-out images to evaluate on."
-        if self.harmed:
-            text = "Warning: this edit made the model worse on held-out images. " + " ".join(self.harmed) + " " + text
-        return text + (" " + " ".join(self.cautions) if self.cautions else "")
-
-    def to_dict(self) -> dict:
-        def est(e: Estimate | None) -> dict | None:
-            return None if e is None else e.to_dict()
-
-        return {"method": self.method, "ok": self.ok, "worst_group": est(self.worst_group),
-                "edited": est(self.edited), "unrelated": est(self.unrelated), "strata": self.strata,
-                "harmed": self.harmed, "cautions": self.cautions, "summary": self.summary()}
-
-
-CAUTION_POINTS = 0.01
-"""A change at least this much below zero earns a caution even when its interval reaches zero."""
-
-
-def assess_edit(cache: FeatureCache, ident: Identification, before: np.ndarray, after: np.ndarray,
-                method: str, seed: int = 0) -> EditVerdict:
-    """Compare an edit's predictions (``after``) with zero-shot (``before``) on the evaluation rows."""
-    labels = cache.labels
-    mask = ident.eval_mask
-    tmask = mask & np.isin(labels, ident.target_classes)
-    omask = mask & ~np.isin(labels, ident.target_classes)
-    ok_b, ok_a = before == labels, after == labels
-    strata_name = "class"
-    strata = labels
-    if cache.groups is not None and tmask.any() and np.all(np.asarray(cache.groups)[tmask] >= 0):
-        strata, strata_name = np.asarray(cache.groups), "group"
-    worst = paired_change(ok_b[tmask], ok_a[tmask], strata[tmask], "worst", seed=seed) if tmask.any() else None
-    edited = paired_change(ok_b[tmask], ok_a[tmask], labels[tmask], "accuracy", seed=seed) if tmask.any() else None
-    other = paired_change(ok_b[omask], ok_a[omask], labels[omask], "accuracy", seed=seed) if omask.any() else None
-    harmed, cautions = [], []
-    for label, e in ((f"Worst-{strata_name} accuracy of the edited classes", worst),
-                     ("Accuracy on the edited classes", edited), ("Accuracy on the other classes", other)):
-        if e is None:
-            continue
-        change = e.format(unit=" pts", signed=True)
-        if e.high < 0:
-            harmed.append(f"{label} got worse: {change} held-out images.")
-        elif e.value <= -CAUTION_POINTS:
-            cautions.append(f"{label} may be worse ({change}); too few held-out images to tell.")
-    return EditVerdict(method, worst, edited, other, harmed, cautions, strata_name)
-
-
-@dataclass
 class RefineOutcome:
     """Phase 2's outcome: every fitted map by method name (``results``), every compared method as
-    data (``report``: name → predictions and accuracies), which one an exported checkpoint carries
-    (``exported``; its map is ``refinement.refined``) and the guard's ``verdict`` on it."""
+    data (``report``: name → predictions and accuracies) and which one an exported checkpoint carries
+    (``exported``; its map is ``refinement.refined``). The guard's verdict on it is
+    :func:`refineclip_core.edit.guard.assess_edit` (``run_edit`` makes it)."""
 
     identification: Identification
     results: dict[str, RefinementResult]     # method name -> fitted map (exported, paper phase 2, fine-tune)
     exported: str
     report: MethodReport
     heads: list[HeadId]
-    verdict: EditVerdict
     config: EditConfig = DEFAULT_EDIT
 
     @property
@@ -482,7 +405,5 @@ def run_refinement(cache: FeatureCache, ident: Identification, cfg: EditConfig =
         tip = TipAdapter.build(cache.embeddings[ident.sample_rows], labels[ident.sample_rows], cache.text,
                                cache.logit_scale)
         preds["tip-adapter"] = tip.predict(cache.embeddings)
-    exported = cfg.exported
-    verdict = assess_edit(cache, ident, preds["zero-shot"], preds[exported], exported, seed=ident.config.seed)
-    return RefineOutcome(ident, results, exported, evaluate_methods(cache, ident, preds), heads, verdict, cfg)
+    return RefineOutcome(ident, results, cfg.exported, evaluate_methods(cache, ident, preds), heads, cfg)
 

@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 
 from ..features.cache import FeatureCache, atomic_write_bytes
 from ..features.decomposition import HeadId
+from ..edit.guard import EditVerdict, assess_edit, verdict_rows
 from ..inspection.diagnosis import Diagnosis
 from ..loading.models import LoadedModel, ModelSpec, load_model
 from ..method.ablation import AblationEngine
@@ -43,7 +44,8 @@ def scores_to_dict(scores: Mapping[str, HeadScores]) -> dict[str, dict]:
 def build_run_report(cache: FeatureCache, ident: Identification, engine: AblationEngine,
                      outcome: RefineOutcome | None = None, *, model: Mapping[str, Any] | None = None,
                      data_root: str | None = None, checkpoint: Path | None = None,
-                     extra: Mapping[str, Any] | None = None, diagnosis: Diagnosis | None = None) -> dict:
+                     extra: Mapping[str, Any] | None = None, diagnosis: Diagnosis | None = None,
+                     verdict: EditVerdict | None = None) -> dict:
     """Everything about one run, JSON-safe: what was loaded, which rows, which heads, the
     scores and curves behind the choice (Eq. 6-10), the diagnosis of what removing the heads
     takes out (:mod:`~refineclip_core.inspection.diagnosis`, when given), the refinement (Eq. 11-13),
@@ -75,6 +77,8 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         "n_samples": int(len(ident.sample_rows)),
         "n_eval": int(len(ident.eval_rows)),
         "sample_rows": ident.sample_rows.tolist(),
+        "eval_rows": ident.eval_rows.tolist(),
+        "eval_files": row_files(cache, ident.eval_rows),
         "scores": scores_to_dict(ident.scores),
         "selection": ident.selection.to_dict(),
         "heads": [h.as_list() for h in heads],
@@ -87,7 +91,9 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         report["history"] = outcome.refinement.history
         report["methods"] = outcome.report.to_dict()
         report["exported"] = outcome.exported
-        report["verdict"] = outcome.verdict.to_dict()
+        report["verdict"] = (verdict or assess_edit(cache, ident, outcome.report.predictions["zero-shot"],
+                                                    outcome.report.predictions[outcome.exported],
+                                                    outcome.exported)).to_dict()
         report["n_adapt"] = int(len(ident.adapt_rows))
         preds = outcome.report.predictions
         rows = per_image_rows(cache.records, cache.classes, preds["zero-shot"], preds[outcome.exported],
@@ -107,6 +113,20 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
     return json_safe(report)
 
 
+def row_files(cache: FeatureCache, rows: np.ndarray) -> list[str]:
+    """The image files of ``rows``, relative to the data folder when inside it (what ``refineclip eval
+    --rows-from`` matches a fresh scan against)."""
+    root = Path(cache.manifest.data_root) if cache.manifest.data_root else None
+    out = []
+    for i in np.asarray(rows, dtype=np.int64).tolist():
+        path = Path(cache.records[i].path)
+        try:
+            out.append(path.relative_to(root).as_posix() if root is not None else str(path))
+        except ValueError:
+            out.append(str(path))
+    return out
+
+
 @dataclass
 class EditRun:
     """One phase-2 run as the Refine page and ``refineclip refine`` both make it: the outcome
@@ -116,6 +136,7 @@ class EditRun:
     outcome: RefineOutcome
     checkpoint: Path | None
     report: dict
+    verdict: EditVerdict
 
 
 def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine, cfg: EditConfig = DEFAULT_EDIT,
@@ -131,6 +152,8 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
     ``spec`` unless ``loaded`` is passed) and build the run report (led by ``diagnosis`` when given)."""
     outcome = run_refinement(cache, ident, cfg, None if heads is None else list(heads), engine,
                              baselines=baselines, progress=progress, cancel=cancel)
+    preds = outcome.report.predictions
+    verdict = assess_edit(cache, ident, preds["zero-shot"], preds[outcome.exported], outcome.exported)
     checkpoint = None
     if export_to is not None:
         (progress or silent)("Exporting the merged checkpoint", 0, 1)
@@ -138,8 +161,8 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
         checkpoint = export_checkpoint(spec.resolved().checkpoint, loaded.model, outcome.refinement.refined,
                                        export_to, export_format, roots=spec.roots)
     report = build_run_report(cache, ident, engine, outcome, model=spec.to_dict(), data_root=data_root,
-                              checkpoint=checkpoint, extra=extra, diagnosis=diagnosis)
-    return EditRun(outcome, checkpoint, report)
+                              checkpoint=checkpoint, extra=extra, diagnosis=diagnosis, verdict=verdict)
+    return EditRun(outcome, checkpoint, report, verdict)
 
 
 def export_path(folder: str | os.PathLike, spec: ModelSpec, stem: str) -> Path:
@@ -159,6 +182,10 @@ def per_image_csv(report: Mapping[str, Any]) -> str | None:
 def report_json(report: Mapping[str, Any]) -> str:
     return json.dumps(json_safe(report), indent=1, sort_keys=False, allow_nan=False)
 
+
+#: The verdict's banner colours: only ``verified`` is green.
+STATUS_COLOURS = {"verified": "#e8f5e9;border:1px solid #81c784", "not-verified": "#fff8e1;border:1px solid #ffb74d",
+                  "harmful": "#fdecea;border:1px solid #e57373"}
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;
@@ -259,9 +286,10 @@ def render_html(report: Mapping[str, Any]) -> str:
     head_list = ", ".join(str(HeadId.of(h)) for h in heads) or "none"
     verdict = report.get("verdict")
     if verdict:
-        colour = "#fdecea;border:1px solid #e57373" if not verdict.get("ok") else "#e8f5e9;border:1px solid #81c784"
+        colour = STATUS_COLOURS.get(verdict.get("status"), STATUS_COLOURS["harmful"])
         parts.append(f"<p style='background:{colour};padding:.6rem 1rem;border-radius:6px'>"
-                     f"<b>{html.escape(str(report.get('exported', '')))}:</b> {html.escape(str(verdict.get('summary')))}"
+                     f"<b>{html.escape(str(verdict.get('status', '')))} · "
+                     f"{html.escape(str(report.get('exported', '')))}:</b> {html.escape(str(verdict.get('summary')))}"
                      "</p>")
     def acc(cell, note: str = "") -> tuple[str, str]:
         """An accuracy card: the value large, its interval, image count and ``note`` small."""
@@ -300,6 +328,11 @@ def render_html(report: Mapping[str, Any]) -> str:
                      "the removed heads' part of that concept among all heads in scope, and how often random sets of as many "
                      "heads hold as much.</p>"
                      + _text_table(diagnosis_rows(diagnosis)))
+    if verdict and verdict.get("groups") is not None:
+        parts.append("<h2>The guard: every group and class on held-out images</h2><p class='muted'>Zero-shot "
+                     "(before) and the exported edit (after) on the same held-out images; change with Newcombe's "
+                     "paired 95% interval; worse (Holm): significantly worse by an exact McNemar test after Holm's "
+                     "correction over all the groups and classes tested.</p>" + _text_table(verdict_rows(verdict)))
     if methods:
         parts.append("<h2>Results</h2>" + _table(method_summary(methods)))
         groups = per_key_table(methods, "per_group")

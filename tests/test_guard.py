@@ -1,0 +1,222 @@
+"""The guard (refineclip_core/edit/guard.py): each outcome on hand-built predictions, and its
+formulas against independent computations (brute force, simulation)."""
+
+from __future__ import annotations
+
+from itertools import product
+
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from refineclip_core.edit.guard import (HARMFUL, NOT_VERIFIED, STATUSES, VERIFIED, GuardConfig, holm,
+                                        images_to_detect_drop, judge_edit, verdict_rows, worst_group_change)
+from refineclip_core.errors import RefineClipError
+from refineclip_core.method.intervals import (difference_interval, mcnemar_p, paired_change_interval,
+                                              paired_counts, wilson_interval)
+
+CLASSES = ["landbird", "waterbird", "dog", "fish"]
+GROUPS = ["landbird on land", "landbird on water", "waterbird on land", "waterbird on water"]
+
+
+def world(n: int = 40):
+    """Two edited classes with two groups each (``n`` held-out images per group), two other classes
+    of ``n`` images without groups; zero-shot gets every image right except half of group 1."""
+    labels = np.repeat([0, 0, 1, 1, 2, 3], n)
+    groups = np.repeat([0, 1, 2, 3, -1, -1], n)
+    before = labels.copy()
+    before[n:n + n // 2] = 1            # landbird on water: half called waterbird
+    return labels, groups, before
+
+
+def judge(labels, groups, before, after, **kw):
+    return judge_edit(labels, before, after, np.arange(len(labels)), [0, 1], CLASSES, groups, GROUPS, "test", **kw)
+
+
+def test_a_clear_fix_with_nothing_broken_is_verified():
+    labels, groups, before = world()
+    after = labels.copy()                # the edit fixes all 20
+    v = judge(labels, groups, before, after)
+    assert v.status == VERIFIED and v.verified and v.ok, v.summary()
+    assert [u.name for u in v.groups] == GROUPS and len(v.classes) == 4 and v.others.n == 80
+    w = v.worst
+    assert w.before_name == "landbird on water" and w.change.value == pytest.approx(0.5)
+    assert w.change.n == 40              # the worst group's own n, not the edited classes' 160
+    assert w.change.low > 0 and not v.reasons and v.images_needed is None
+    assert v.summary().startswith("Verified") and "Holm" in v.summary()
+    d = v.to_dict()
+    assert d["status"] in STATUSES and len(d["groups"]) == 4 and d["worst"]["n"] == 40
+    rows = verdict_rows(d)               # every group and class: 4 groups + 4 classes + the rest together
+    assert len(rows) == 9 and {r["name"] for r in rows} >= set(GROUPS) | set(CLASSES)
+
+
+def test_an_edit_that_moves_the_error_to_another_group_is_harmful():
+    """The issue's demo case: the worst group gains, "landbird on land" falls from 100% to 60%."""
+    labels, groups, before = world()
+    after = labels.copy()
+    after[:16] = 1                       # 16 of 40 landbirds on land now called waterbird
+    v = judge(labels, groups, before, after)
+    assert v.status == HARMFUL and not v.ok, v.summary()
+    bad = [u for u in v.units() if u.worse]
+    assert [u.name for u in bad if u.kind == "group"] == ["landbird on land"]
+    assert "Holm" in v.summary() and "landbird on land" in v.harmed[0] and "n=40" in v.harmed[0]
+
+
+def test_harm_to_an_other_class_is_harmful_too():
+    labels, groups, before = world()
+    after = labels.copy()
+    after[200:215] = 0                   # 15 of 40 fish called landbird
+    v = judge(labels, groups, before, after)
+    assert v.status == HARMFUL and any(u.name == "fish" and u.worse for u in v.classes)
+
+
+def test_too_few_held_out_images_is_not_verified_and_says_how_many_would_tell():
+    labels, groups, before = world(n=8)
+    after = labels.copy()
+    v = judge(labels, groups, before, after)
+    assert v.status == NOT_VERIFIED and v.ok and not v.verified
+    assert any("too few held-out images" in r and "has 8" in r for r in v.reasons)
+    assert v.images_needed is not None and v.images_needed > 8
+    assert f"About {v.images_needed} held-out images per group would detect a 5-point drop" in v.summary()
+
+
+def test_edited_classes_absent_is_not_verified():
+    """The issue's real-photo case: every held-out image is a dog or a fish."""
+    labels, groups, before = world()
+    rows = np.flatnonzero(labels >= 2)
+    v = judge_edit(labels, before, labels.copy(), rows, [0, 1], CLASSES, groups, GROUPS, "test")
+    assert v.status == NOT_VERIFIED and v.worst is None and not v.groups
+    assert "no held-out images of the edited classes" in v.summary()
+
+
+def test_an_interval_that_includes_zero_is_not_verified():
+    labels, groups, before = world()
+    after = before.copy()
+    after[40:43] = 0                     # fixes 3 of 20
+    v = judge(labels, groups, before, after)
+    assert v.status == NOT_VERIFIED and v.worst.change.value > 0 and v.worst.change.low <= 0
+    assert any("includes zero" in r for r in v.reasons)
+
+
+def test_without_groups_the_edited_classes_are_the_strata():
+    labels, _, before = world()
+    after = labels.copy()
+    v = judge_edit(labels, before, after, np.arange(len(labels)), [0, 1], CLASSES, None, (), "test")
+    assert v.strata == "class" and [u.name for u in v.groups] == ["landbird", "waterbird"]
+    assert v.tests == 5                  # 4 classes + the other classes together, each once
+    assert len(verdict_rows(v.to_dict())) == 5
+
+
+def test_config_is_checked():
+    with pytest.raises(RefineClipError):
+        GuardConfig(min_per_group=0)
+    with pytest.raises(RefineClipError):
+        GuardConfig(drop=0)
+
+
+# -- the formulas -------------------------------------------------------------------------------------
+def test_holm_against_its_definition():
+    """Adjusted p-values reject exactly what the step-down procedure rejects (brute force over levels)."""
+    p = [0.01, 0.04, 0.03, 0.005]
+    # sorted 0.005 <= .05/4, 0.01 <= .05/3, 0.03 > .05/2: stop
+    assert (holm(p) <= 0.05).tolist() == [True, False, False, True]
+    assert holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        q = rng.uniform(0, 0.1, size=rng.integers(1, 8))
+        for alpha in (0.01, 0.05):
+            order, step = np.argsort(q), np.zeros(len(q), bool)
+            for i, j in enumerate(order):
+                if q[j] > alpha / (len(q) - i):
+                    break
+                step[j] = True
+            assert ((holm(q) <= alpha) == step).all()
+    assert holm([]).size == 0
+
+
+def test_mcnemar_p_is_the_exact_binomial_test():
+    for fixed, broken in [(0, 0), (3, 0), (10, 2), (5, 5), (1, 12)]:
+        m = fixed + broken
+        # brute force: probability of a split at least as lopsided as the observed one under p = 1/2
+        obs = abs(fixed - broken)
+        brute = sum(binom.pmf(k, m, 0.5) for k in range(m + 1) if abs(2 * k - m) >= obs) if m else 1.0
+        assert mcnemar_p(fixed, broken) == pytest.approx(min(1.0, brute))
+
+
+def test_wilson_and_newcombe_match_the_published_example():
+    # Newcombe (1998, Stat. Med. 17:873) example (a): 56/70 vs 48/80 -> 0.0524 to 0.3339 (method 10)
+    low, high = difference_interval(56, 70, 48, 80)
+    assert (low, high) == pytest.approx((0.0524, 0.3339), abs=5e-4)
+    # paired, no image changed: the interval is not zero-width (Newcombe's corrected phi)
+    low, high = paired_change_interval(20, 0, 0, 20)
+    assert low < -0.02 and high > 0.02
+    # AD − BC = 9 − 4 = 5 is not above n/2 = 5: no correlation, so the independent-samples interval
+    assert paired_change_interval(3, 2, 2, 3) == pytest.approx(difference_interval(5, 10, 5, 10, 0.0))
+    # a negative association widens it (AD − BC = −25: phi = −1)
+    assert np.ptp(paired_change_interval(0, 5, 5, 0)) > np.ptp(difference_interval(5, 10, 5, 10, 0.0))
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+
+
+@pytest.mark.parametrize("p_both,p_fixed,p_broken,n", [(0.6, 0.15, 0.05, 30), (0.85, 0.1, 0.0, 25),
+                                                          (0.4, 0.05, 0.25, 40), (0.9, 0.02, 0.03, 60)])
+def test_the_paired_interval_covers_the_true_change(p_both, p_fixed, p_broken, n):
+    """Coverage by simulation: 3,000 samples of n paired images; the true change is p_fixed − p_broken."""
+    rng = np.random.default_rng(0)
+    probs = [p_both, p_fixed, p_broken, 1 - p_both - p_fixed - p_broken]
+    truth = p_fixed - p_broken
+    counts = rng.multinomial(n, probs, size=3000)
+    cover = np.mean([lo <= truth <= hi for lo, hi in (paired_change_interval(*c) for c in counts)])
+    assert cover >= 0.93, cover
+
+
+def test_paired_counts_and_interval_agree_with_brute_force_enumeration():
+    """Every 2x2 table of 6 images: the interval holds the observed change and stays in [-1, 1]."""
+    for cells in product(range(7), repeat=4):
+        if sum(cells) != 6:
+            continue
+        low, high = paired_change_interval(*cells)
+        change = (cells[1] - cells[2]) / 6
+        assert -1 <= low <= change + 1e-12 and change - 1e-12 <= high <= 1
+    before = np.array([1, 1, 0, 0, 1], bool)
+    after = np.array([1, 0, 1, 0, 1], bool)
+    assert paired_counts(before, after) == (2, 1, 1, 1)
+
+
+def test_the_worst_group_interval_covers_the_true_worst_group_change():
+    """Coverage by simulation of min_g after_g − min_g before_g over 3 groups, two of them tied
+    before (the case where a naive interval for the observed worst group undercovers)."""
+    rng = np.random.default_rng(1)
+    cells = np.array([[0.55, 0.20, 0.05, 0.20],     # group 0: before 0.60, after 0.75
+                      [0.55, 0.10, 0.05, 0.30],     # group 1: before 0.60, after 0.65
+                      [0.80, 0.05, 0.05, 0.10]])    # group 2: before 0.85, after 0.85
+    before_acc = cells[:, 0] + cells[:, 2]
+    after_acc = cells[:, 0] + cells[:, 1]
+    truth = after_acc.min() - before_acc.min()
+    n, hits, trials = 30, 0, 400
+    for _ in range(trials):
+        b, a = [], []
+        for g in range(3):
+            kinds = rng.choice(4, size=n, p=cells[g])
+            b.append(np.isin(kinds, [0, 2]))
+            a.append(np.isin(kinds, [0, 1]))
+        w = worst_group_change(b, a, ["g0", "g1", "g2"])
+        hits += w.change.low <= truth <= w.change.high
+    assert hits / trials >= 0.95, hits / trials
+
+
+def test_images_to_detect_a_drop_against_a_simulated_exact_mcnemar_test():
+    """The sample size formula (Connor 1987) gives about the asked power for the exact test, and half
+    as many images clearly less; brute-force simulation of the test itself."""
+    drop, share, alpha = 0.05, 0.2, 0.05 / 5
+    n = images_to_detect_drop(drop, share, alpha, 0.8)
+    assert 800 < n < 1100                # (2.576·√0.2 + 0.842·√0.1975)² / 0.0025 = 931
+
+    def power(m: int, trials: int = 1500) -> float:
+        rng = np.random.default_rng(m)
+        cells = rng.multinomial(m, [(share - drop) / 2, (share + drop) / 2, 1 - share], size=trials)
+        return float(np.mean([mcnemar_p(f, b) <= alpha for f, b, _ in cells]))
+
+    assert 0.72 <= power(n) <= 0.9
+    assert power(n // 2) < 0.6
+    # the share is raised to the drop itself when an edit changes less (a drop needs that many changes)
+    assert images_to_detect_drop(0.05, 0.0, 0.05) == images_to_detect_drop(0.05, 0.05, 0.05)
