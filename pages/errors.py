@@ -12,6 +12,7 @@ from refineclip_core.method.evaluation import accuracy_report, confusion_matrix,
 from refineclip_core.method.protocol import PairSpec, pair_spec, resolve_pairs
 from refineclip_core.reporting.figures import confusion_figure
 from refineclip_core.reporting.findings import accuracy_rows
+from refineclip_core.names import visible
 from studio_ui import resources
 from studio_ui.registry import page
 from studio_ui.state import Key, get, protocol, set_protocol
@@ -94,7 +95,7 @@ def _choose_pair() -> None:
 
 
 choice = st.selectbox("Error pair to explain on the next pages", labels_of, index=index, key=Key.ERROR_PAIR,
-             on_change=_choose_pair,
+             on_change=_choose_pair, format_func=visible,
              help="The Heads, Head inspector, Ablate and Refine pages work on this pair (true → predicted).")
 chosen = pairs[labels_of.index(choice)]
 if spec.automatic and st.button("Use this pair", key="err_use_pair"):

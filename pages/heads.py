@@ -9,6 +9,7 @@ from refineclip_core.features.decomposition import HeadId
 from refineclip_core.method.errorsets import error_pairs
 from refineclip_core.method.protocol import PairSpec, pair_spec
 from refineclip_core.method.scores import SCORE_SPECS
+from refineclip_core.names import visible
 from refineclip_core.reporting.figures import score_grid_figure, utility_figure
 from studio_ui.registry import page
 from studio_ui.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
@@ -35,7 +36,7 @@ if proto.pair not in pair_options:
 n_heads_total = len(cache.manifest.layers) * cache.manifest.n_heads
 with st.form("heads_controls"):
     c = st.columns([3, 1, 1, 1, 1, 1.4, 1])
-    pair = c[0].selectbox("Error pair", list(pair_options), format_func=pair_options.get,
+    pair = c[0].selectbox("Error pair", list(pair_options), format_func=lambda k: visible(pair_options[k]),
                           index=list(pair_options).index(proto.pair), key="heads_pair")
     n = c[1].number_input("Samples per class", 1, 10_000, proto.samples_per_class or 10, key="heads_n",
                           help="Labelled images drawn per class of the pair (paper: 10), from the val split if "
@@ -123,7 +124,7 @@ table("head-candidates", pd.DataFrame({name: [str(h) for h in lst] + [""] * (max
 c = st.columns([1, 2, 2])
 avail = list(sel.candidates)
 score_choice = c[0].selectbox("Set from score", avail, index=avail.index(sel.score) if sel.score in avail else 0,
-                              key="heads_set_score")
+                              key="heads_set_score", format_func=visible)
 cands = sel.candidates[score_choice]
 t_default = sel.t if score_choice == sel.score else 1
 t_choice = c[1].slider("Number of heads t", 1, len(cands), min(t_default, len(cands)), key="heads_set_t")

@@ -10,6 +10,7 @@ import streamlit as st
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.inspection.gradcam import gradcam_panels
 from refineclip_core.reporting.figures import MAX_BOX_POINTS, push_figure
+from refineclip_core.names import visible
 from studio_ui import resources
 from studio_ui.registry import page
 from studio_ui.panels import head_concept_panel
@@ -103,12 +104,12 @@ image_grid([(cache.records[rows[i]].path, f"push {push[i]:+.3f} · predicted {cl
 # --- 3. Grad-CAM -----------------------------------------------------------------------------------
 st.subheader("Where it looks (Grad-CAM)")
 options = [int(rows[i]) for i in order[:30]]
-name_of = {r: f"#{r} {cache.records[r].path.rsplit('/', 1)[-1]} ({cache.records[r].group or classes[a]})"
+name_of = {r: visible(f"#{r} {cache.records[r].path.rsplit('/', 1)[-1]} ({cache.records[r].group or classes[a]})")
            for r in options}
 c = st.columns([3, 1])
 chosen = c[0].multiselect("Images", options, default=options[:3], format_func=name_of.get, max_selections=6,
                           key="insp_cam_rows")
-target = c[1].selectbox("Explain the logit of", list(range(len(classes))), index=b, format_func=lambda i: classes[i],
+target = c[1].selectbox("Explain the logit of", list(range(len(classes))), index=b, format_func=lambda i: visible(classes[i]),
                         key="insp_cam_class")
 c = st.columns([1, 1, 2])
 scopes = {"insp_cam_btn": ([head], f"{head} only"), "insp_cam_set": (ident.heads, f"the {len(ident.heads)} blamed heads")}

@@ -19,6 +19,7 @@ from refineclip_core.loading.models import LoadedModel
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.intervals import Estimate
 from refineclip_core.method.protocol import Identification
+from refineclip_core.names import decodable, visible
 from refineclip_core.reporting.tables import frame_csv
 from refineclip_core.studio.source import Source
 
@@ -30,7 +31,7 @@ from .state import get_source, protocol, read_roots
 log = logging.getLogger("refineclip.studio")
 
 _PUNCTUATION = re.compile(r"([!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~])")
-_BREAKS = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+_BREAKS = re.compile(r"[\t\n\r]+")
 #: Where GitHub-flavoured Markdown would autolink (``www.``, ``http://``, ``a@b.c``) even with the
 #: punctuation escaped: a zero-width space goes in between.
 _AUTOLINK = re.compile(r"(?i)(www|https?|ftp|mailto|xmpp)(?=\\[.:])|(?=\\@)")
@@ -40,21 +41,60 @@ def plain(text: object) -> str:
     """``text`` for a place where Streamlit renders Markdown (markdown, captions, alerts, labels,
     tooltips, image captions) so that it shows exactly as written: every ASCII punctuation mark is
     backslash-escaped (no links, emphasis, HTML, math, ``:material/…:`` icons or ``:red[…]``
-    colours), a zero-width space keeps ``www.``/``http://``/``@`` from becoming links, and line
-    breaks become spaces. Names from users (class folders, CSV labels, groups, file names,
-    templates, paths) always go through it."""
-    escaped = _PUNCTUATION.sub(r"\\\1", _BREAKS.sub(" ", str(text)))
+    colours), a zero-width space keeps ``www.``/``http://``/``@`` from becoming links, line
+    breaks and tabs become spaces, and undecodable bytes, control, bidi-override and zero-width
+    characters are shown as marked code points (:func:`refineclip_core.names.visible`). Names from
+    users (class folders, CSV labels, groups, file names, templates, paths) always go through it."""
+    escaped = _PUNCTUATION.sub(r"\\\1", visible(_BREAKS.sub(" ", str(text))))
     return _AUTOLINK.sub(lambda m: (m.group(1) or "") + "\u200b", escaped)
 
 
-def table(key: str, data: pd.DataFrame, **kwargs) -> None:
+#: Most rows one table sends to the browser: a table of 10,000 classes (or 100,000 error pairs)
+#: shows its first rows and says how many there are; the CSV download holds them all.
+MAX_TABLE_ROWS = 1_000
+
+
+def _map_text(df: pd.DataFrame, fix: Callable[[str], str]) -> pd.DataFrame:
+    """``df`` with ``fix`` applied to every text cell, the index and the column names."""
+    def one(v: Any) -> Any:
+        return fix(v) if isinstance(v, str) else v
+
+    def texty(values: Any) -> bool:
+        return pd.api.types.is_object_dtype(values.dtype) or pd.api.types.is_string_dtype(values.dtype)
+
+    out = df.copy()
+    for col in out.columns:
+        if texty(out[col]):
+            out[col] = out[col].map(one)
+    if texty(out.index):
+        out.index = out.index.map(one)
+    out.columns = [one(c) for c in out.columns]
+    return out
+
+
+def shown_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every text cell, the index and the column names as :func:`refineclip_core.names.visible`
+    shows them (undecodable bytes, control, bidi and zero-width characters marked)."""
+    return _map_text(df, visible)
+
+
+def table(key: str, data: pd.DataFrame, where: Any = st, max_rows: int = MAX_TABLE_ROWS, **kwargs) -> None:
     """``st.dataframe(data, **kwargs)`` with a "Download as CSV" button below it, written by the one CSV
     writer (:func:`refineclip_core.reporting.tables.frame_csv`: cells a spreadsheet would run as
     formulas are escaped). Streamlit's own table download, which writes names as they are, is
-    switched off (``client.disableDataExport``); every table of the dashboard goes through here."""
-    st.dataframe(data, **kwargs)
-    st.download_button("Download as CSV", data=lambda: frame_csv(data), file_name=f"{key}.csv", mime="text/csv",
-                       key=f"{key}_csv", icon=":material/download:", type="tertiary", on_click="ignore")
+    switched off (``client.disableDataExport``); every table of the dashboard goes through here.
+
+    Names are shown by :func:`shown_frame` (hidden characters marked) and at most ``max_rows``
+    rows are sent to the browser (a caption says how many there are; the CSV holds them all, with
+    undecodable bytes marked so that it can be written)."""
+    shown = data
+    if len(data) > max_rows:
+        where.caption(f"The first {max_rows:,} of {len(data):,} rows (the CSV holds them all).")
+        shown = data.iloc[:max_rows]
+    where.dataframe(shown_frame(shown), **kwargs)
+    where.download_button("Download as CSV", data=lambda: frame_csv(_map_text(data, decodable)), file_name=f"{key}.csv",
+                          mime="text/csv", key=f"{key}_csv", icon=":material/download:", type="tertiary",
+                          on_click="ignore")
 
 
 def short_error(exc: BaseException) -> str:

@@ -25,6 +25,7 @@ from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.method.refinement import RefinedMap, export_checkpoint
 
 from .conftest import tiny_config, write_config
+from .test_app import demo_spec, home  # noqa: F401 - fixtures (a private studio home, the demo model)
 
 transformers = pytest.importorskip("transformers")
 
@@ -281,3 +282,164 @@ def test_a_shared_cache_naming_another_sessions_model_is_refused(two_sessions):
     with pytest.raises(OutsideRootsError):
         load_model(ModelSpec(two_sessions["a_source"].spec.name, checkpoint=two_sessions["a_source"].spec.checkpoint,
                              model_config=two_sessions["a_source"].spec.model_config, roots=tuple(b_roots)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7, 9. names of any encoding shown safely; the CLI never prints raw control characters
+# ---------------------------------------------------------------------------------------------
+
+#: A class folder name with terminal escapes (set the title, clear the screen, turn text red).
+TERMINAL_NAME = "cat\x1b]0;PWNED\x07\x1b[2J\x1b[31mRED"
+
+
+def test_visible_marks_what_a_name_could_hide():
+    from refineclip_core.names import decodable, visible
+
+    undecodable = os.fsdecode(b"cat_\xff\xfe")
+    assert visible(undecodable) == "cat_⟨xFF⟩⟨xFE⟩" and decodable(undecodable) == "cat_⟨xFF⟩⟨xFE⟩"
+    assert visible("abc\u202edcba") == "abc⟨U+202E⟩dcba"          # right-to-left override
+    assert visible("ca\u200bt") == "ca⟨U+200B⟩t" != visible("cat")  # zero-width space: two names stay two
+    assert visible(TERMINAL_NAME) == "cat⟨U+001B⟩]0;PWNED⟨U+0007⟩⟨U+001B⟩[2J⟨U+001B⟩[31mRED"
+    assert visible("Größe 猫 🐈 a-b_c.png") == "Größe 猫 🐈 a-b_c.png"  # ordinary text untouched
+    assert decodable("ab\u202ec") == "ab\u202ec"                     # data keeps what the user typed
+    for text in (undecodable, TERMINAL_NAME, "\ud800x"):
+        visible(text).encode("utf-8")  # always encodable
+
+
+@pytest.fixture()
+def hostile_names(tmp_path):
+    """Class folders named with undecodable bytes, terminal escapes, a bidi override and a
+    zero-width space, and an image file whose name is not UTF-8."""
+    from .conftest import make_image
+
+    root = tmp_path / "names"
+    rng = np.random.default_rng(0)
+    names = [b"cat_\xff\xfe", TERMINAL_NAME.encode(), "dog\u202egod".encode(), "zw\u200bcat".encode()]
+    for c, raw in enumerate(names):
+        folder = os.path.join(os.fsencode(root), raw)
+        os.makedirs(folder)
+        for i in range(4):
+            img = make_image(rng, (60 * c, 40, 200 - 40 * c))
+            fname = b"bad_\xff\xfe%d.png" % i if c == 0 else b"img%d.png" % i
+            img.save(os.fsdecode(os.path.join(folder, fname)))
+    return root
+
+
+def test_cli_prints_no_control_characters(hostile_names, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["extract", "--model", "demo", "--data", str(hostile_names), "--out", str(cache), "--layers", "1",
+                 "--template", "a photo of {}"]) == 0
+    assert main(["zero-shot", "--cache", str(cache)]) == 0
+    out, err = capsys.readouterr()
+    assert "⟨U+001B⟩]0;PWNED" in out and "⟨xFF⟩⟨xFE⟩" in out and "⟨U+202E⟩" in out and "⟨U+200B⟩" in out
+    for stream in (out, err):
+        assert not any(ord(ch) < 32 and ch != "\n" or 0x7F <= ord(ch) < 0xA0 or ch in "\u202e\u200b" for ch in stream)
+    # an error message naming the folder is printed the same way
+    assert main(["extract", "--model", "demo", "--data", str(hostile_names / "missing\x1b[2J"),
+                 "--out", str(tmp_path / "c2")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "⟨U+001B⟩[2J" in err
+
+
+def test_json_to_a_folder_and_a_full_disk_are_one_sentence(tiny_model_files, image_folder, tmp_path, capsys,
+                                                           monkeypatch):
+    with pytest.raises(SystemExit) as exc:
+        main(["zero-shot", "--model", "demo", "--data", str(image_folder), "--json", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "is a folder; give a file path" in err and "Traceback" not in err
+    # the disk fills while the cache's shards are written (numpy's message carries no errno)
+    import numpy
+
+    real_save = numpy.save
+
+    def full(file, *args, **kwargs):  # writes into memory work, writes to the disk fail
+        if isinstance(file, (str, os.PathLike)):
+            raise OSError("20480 requested and 16352 written")
+        return real_save(file, *args, **kwargs)
+
+    monkeypatch.setattr(numpy, "save", full)
+    flags = ["--model", tiny_model_files["name"], "--model-config", str(tiny_model_files["config"]),
+             "--checkpoint", str(tiny_model_files["checkpoint"])]
+    assert main(["extract", *flags, "--data", str(image_folder), "--out", str(tmp_path / "c"), "--layers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the disk is full" in err and "unexpected" not in err
+    monkeypatch.undo()
+    # ENOSPC on a plain write (the --json record, a report)
+    import errno
+
+    from refineclip_core.features.cache import atomic_write_bytes
+
+    def no_space(fd, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(RefineClipError, match="the disk is full"):
+        atomic_write_bytes(tmp_path / "r.json", b"{}")
+    assert not list(tmp_path.glob(".r.json.*"))  # no temporary file left behind
+
+
+def test_nan_or_inf_weights_are_refused_at_load(tiny_model_files, tmp_path):
+    from refineclip_core.errors import CheckpointError
+
+    state = torch.load(tiny_model_files["checkpoint"], weights_only=True)
+    for bad in (float("nan"), float("inf")):
+        broken = dict(state)
+        broken["visual.proj"] = broken["visual.proj"].clone()
+        broken["visual.proj"][0, 0] = bad
+        path = tmp_path / "bad.pt"
+        torch.save(broken, path)
+        with pytest.raises(CheckpointError, match=r"1 non-finite values .* in 'visual.proj'"):
+            load_model(ModelSpec(tiny_model_files["name"], checkpoint=str(path),
+                                 model_config=str(tiny_model_files["config"])))
+
+
+def test_non_finite_features_are_refused_at_extraction(tiny_model_files, image_folder, tmp_path):
+    """Finite weights whose features overflow (ln_post and the projection each scaled by 1e30): nothing written."""
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.loading.data import load_dataset
+
+    loaded = load_model(ModelSpec(tiny_model_files["name"], checkpoint=str(tiny_model_files["checkpoint"]),
+                                  model_config=str(tiny_model_files["config"])))
+    with torch.no_grad():
+        loaded.model.visual.proj.mul_(1e30)
+        loaded.model.visual.ln_post.weight.mul_(1e30)
+    assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
+    with pytest.raises(RefineClipError, match=r"non-finite features \(NaN or infinity\) for '.*\.png'"):
+        extract(loaded, load_dataset(image_folder), tmp_path / "c", ExtractionConfig(layers=1))
+    assert not (tmp_path / "c" / "shards").exists() or not any((tmp_path / "c" / "shards").iterdir())
+
+
+def test_pages_show_names_of_any_encoding(hostile_names, home, demo_spec):
+    """Scan, extract and every page with class folders and files whose names are not UTF-8, hold
+    terminal escapes, a bidi override or a zero-width space: no page fails, the names are marked."""
+    from studio_ui.widgets import plain
+
+    from .test_app import assert_clean, fresh_app, open_page
+
+    at = fresh_app(demo_spec)
+    at.run()
+    at.radio(key="load_data_kind").set_value("Folder on the server").run()
+    at.text_input(key="load_folder").input(str(hostile_names)).run()
+    at.button(key="load_scan_btn").click().run()
+    assert_clean(at)
+    classes = at.session_state["load_scan"].dataset.classes
+    assert "cat_⟨xFF⟩⟨xFE⟩" in classes and TERMINAL_NAME in classes  # undecodable bytes marked, the rest kept
+    at.button(key="load_extract_btn").click().run()
+    assert_clean(at)
+    shown = []
+    for name in ("errors", "heads", "inspector"):
+        page = open_page(at, name)
+        shown += [str(e.value) for e in page.markdown] + [str(e.value) for e in page.caption]
+        for i, df in enumerate(page.dataframe):
+            cells = ([str(v) for v in df.value.to_numpy().ravel()] + [str(v) for v in df.value.index]
+                     + [str(v) for v in df.value.columns])
+            assert not [c for c in cells if "\x1b" in c], (name, i, list(df.value.columns))
+            shown += cells
+        shown += [str(o) for box in page.selectbox for o in box.options]
+        shown += [str(o) for box in page.multiselect for o in box.options]
+    text = "\n".join(shown)
+    assert not [t for t in shown if "\x1b" in t or "\u202e" in t], [t for t in shown if "\x1b" in t or "\u202e" in t][:3]
+    assert "\x1b" not in text and "\u202e" not in text and "\u200b" not in text.replace("\u200b@", "")
+    assert "⟨xFF⟩⟨xFE⟩" in text and "⟨U+202E⟩" in text
+    assert plain(TERMINAL_NAME) in text or "⟨U+001B⟩" in text

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    from .common import terminal  # every message printed goes through it (loaded by the commands anyway)
+
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "pass_through", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -79,12 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RefineClipError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"refineclip: error: {exc}", file=sys.stderr)
+        print(f"refineclip: error: {terminal(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - the CLI's promise: one line, no traceback
         if args.debug:
             traceback.print_exc()
-        print(f"refineclip: unexpected error: {type(exc).__name__}: {exc} (run with --debug for details)",
+        print(f"refineclip: unexpected error: {type(exc).__name__}: {terminal(exc)} (run with --debug for details)",
               file=sys.stderr)
         return EXIT_UNEXPECTED
 

@@ -26,6 +26,7 @@ from ..loading.data import ImageDataset, load_dataset
 from ..loading.hf_clip import find_hf_checkpoint
 from ..loading.models import DEMO_MODEL, LoadedModel, ModelSpec, load_model
 from ..method.errorsets import error_pairs
+from ..names import visible
 from ..method.evaluation import AccuracyReport
 from ..method.intervals import Estimate
 from ..progress import Progress, silent
@@ -126,9 +127,25 @@ SUMMARY_LINES = 40
 """The most lines of a command's human summary; the full record is one ``--json`` away."""
 
 
+def json_target(value: str) -> str:
+    """``--json``: ``-`` or a file path; a folder is refused before the command runs."""
+    if value != "-" and Path(value).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"'{terminal(value)}' is a folder; give a file path such as "
+                                         f"'{terminal(Path(value) / 'record.json')}' (or '-' for stdout)")
+    return value
+
+
 def add_json_arg(p: argparse.ArgumentParser, what: str = "the full record") -> None:
-    p.add_argument("--json", metavar="PATH",
+    p.add_argument("--json", metavar="PATH", type=json_target,
                    help=f"write {what} as JSON to PATH; '-' prints it alone on stdout (no summary), for piping")
+
+
+def terminal(text: object) -> str:
+    """``text`` as the CLI may print it: the one sanitising function for the terminal. Control
+    characters (escape sequences that would set the title, clear the screen or colour the
+    text), bidi overrides, zero-width characters and undecodable bytes are shown as marked
+    code points (:func:`refineclip_core.names.visible`), so a hostile folder name prints as text."""
+    return visible(text)
 
 
 def record_json(record: Mapping[str, Any]) -> str:
@@ -154,13 +171,13 @@ def emit(args: argparse.Namespace, record: Mapping[str, Any], summary: Iterable[
     room = SUMMARY_LINES - len(tail)
     if len(lines) > room:
         lines = lines[:room - 1] + [f"... {len(lines) - room + 1} more lines: --json PATH keeps everything"]
-    print("\n".join(lines + tail))
+    print("\n".join(terminal(line) for line in lines + tail))
 
 
 def note(message: str) -> None:
     """A progress note on stderr, shown only when stderr is a terminal (like the progress bars)."""
     if sys.stderr.isatty():
-        print(message, file=sys.stderr)
+        print(terminal(message), file=sys.stderr)
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]], indent: str = "  ", align: str = "") -> list[str]:

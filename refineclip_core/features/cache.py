@@ -28,10 +28,12 @@ They are stored in float32 (float64 for fp64 models) or, with ``--store fp16``, 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -41,7 +43,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import CacheError
+from ..errors import CacheError, RefineClipError
 from ..loading.data import ImageRecord, SkippedFile
 from .decomposition import HeadId
 
@@ -49,20 +51,41 @@ FORMAT_VERSION = 1
 ARRAYS = ("embedding", "heads", "remainders", "index")
 
 
+def write_error(exc: OSError, path: str | os.PathLike) -> RefineClipError:
+    """One sentence for a failed write of ``path``: a full disk (``ENOSPC``/``EDQUOT``, or numpy's
+    "N requested and M written", which carries no errno), a folder where a file was asked for, or
+    the system's own reason."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT) or re.search(r"\d+ requested and \d+ written", str(exc))
+    if full:
+        return RefineClipError(f"Cannot write '{path}': the disk is full (no space left on the device); free some "
+                               "space or write somewhere else, then run again (finished work is kept).")
+    if isinstance(exc, IsADirectoryError) or Path(path).is_dir():
+        return RefineClipError(f"Cannot write '{path}': it is a folder; give a file path (e.g. "
+                               f"'{Path(path) / 'report.json'}').")
+    return RefineClipError(f"Cannot write '{path}' ({exc.strerror or exc}).")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename (a failure is one
+    sentence, :func:`write_error`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise write_error(IsADirectoryError(errno.EISDIR, "Is a directory", str(path)), path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(exc, path) from exc
         raise
 
 
@@ -123,8 +146,11 @@ def shard_dir(root: Path, i: int) -> Path:
 def write_shard(root: Path, i: int, arrays: dict[str, np.ndarray], skipped: list[SkippedFile]) -> None:
     """Write shard ``i`` atomically: a temporary folder renamed into place when whole."""
     final = shard_dir(root, i)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{i:05d}.", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{i:05d}.", dir=final.parent))
+    except OSError as exc:
+        raise write_error(exc, final) from exc
     try:
         sums = {}
         for name in ARRAYS:
@@ -139,8 +165,10 @@ def write_shard(root: Path, i: int, arrays: dict[str, np.ndarray], skipped: list
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_error(exc, final) from exc
         raise
 
 

@@ -206,6 +206,9 @@ def extract(
                 raise CacheError(f"'{root}' exists and is not a feature cache; choose an empty or new --out folder.")
         if manifest is None or not manifest.complete:
             text = class_text_embeddings(loaded, dataset.classes, cfg.templates)
+            if not np.isfinite(text).all():
+                raise RefineClipError("The model's class-prompt embeddings hold NaN or infinity; nothing was "
+                                      "extracted (check the checkpoint's text tower, or use --precision fp32).")
             manifest = CacheManifest(
                 fingerprint=fingerprint,
                 model=loaded.spec.to_dict(),
@@ -275,6 +278,7 @@ def extract(
             images = batch.to(loaded.device, loaded.dtype)
             if images is not None:
                 dec = decompose(loaded.visual, images, scope)
+                _check_finite_features(dec, dataset.records, batch.keep)
                 remainder_names = dec.remainder_names
                 for k in ("embedding", "heads", "remainders"):
                     chunks[k].append(_to_numpy(getattr(dec, k), dtypes[k]))
@@ -301,6 +305,21 @@ def extract(
     _barrier()
     _on_rank0_then_share(rank, world, finalise)
     return FeatureCache(root)
+
+
+def _check_finite_features(dec, records: Sequence[ImageRecord], keep: Sequence[int]) -> None:
+    """Refuse a batch whose features hold NaN or infinity (weights that overflow, e.g. in fp16):
+    written into the cache, they would turn every accuracy and score computed from it into NaN."""
+    for name in ("embedding", "heads", "remainders"):
+        values = getattr(dec, name)
+        finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            path = records[int(keep[row])].path  # keep: the record index of each row
+            raise RefineClipError(
+                f"The model produced non-finite features (NaN or infinity) for '{path}' and "
+                f"{int((~finite).sum()) - 1} more images of its batch; nothing of the batch was written (check the "
+                "checkpoint's weights, or use --precision fp32: fp16 overflows above 65,504).")
 
 
 def _remainder_names_from_model(loaded: LoadedModel, scope: tuple[int, ...]) -> list[str]:

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import DataError, ImageLoadError, OutsideRootsError
+from ..names import decodable
 from .confine import OUTSIDE_REASON, PRIVATE_REASON, Roots, SpecialFileError, is_inside, leaves_roots, open_confined, resolve_roots
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -345,7 +346,7 @@ def _load_folder(root: Path, roots: Sequence[Path] | None = None) -> ImageDatase
             skipped.append(SkippedFile(str(class_dir), "class folder contains no images"))
             continue
         label = len(classes)
-        classes.append(class_dir.name)
+        classes.append(decodable(class_dir.name))  # undecodable bytes marked: the name is encodable data
         records.extend(ImageRecord(str(f), label) for f in files)
     for stray in sorted(p for p in root.iterdir() if p.is_file() and _is_image_name(p.name)):
         skipped.append(SkippedFile(str(stray), "image at the top level has no class folder"))

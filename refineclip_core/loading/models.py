@@ -294,7 +294,19 @@ def load_state_dict_checked(model: torch.nn.Module, state: Mapping[str, torch.Te
             f"Checkpoint '{source}' does not fit architecture '{model_name}': {'; '.join(parts)}. "
             "Pass the --model (or --model-config) the checkpoint was trained with." + hf_clip.hf_key_hint(unexpected)
         )
+    check_finite(state, source)
     model.load_state_dict(state, strict=True)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity (a model built from them computes NaN features, and
+    every later number, accuracies included, would be meaningless)."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(f"Checkpoint '{source}' holds {bad:,} non-finite values (NaN or infinity) in "
+                                      f"'{key}'; it was refused: a model with them computes no usable features.")
 
 
 def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) -> LoadedModel:
