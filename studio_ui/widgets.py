@@ -78,7 +78,7 @@ def shown_frame(df: pd.DataFrame) -> pd.DataFrame:
     return _map_text(df, visible)
 
 
-def table(key: str, data: pd.DataFrame, where: Any = st, max_rows: int = MAX_TABLE_ROWS, **kwargs) -> None:
+def table(key: str, data: pd.DataFrame, max_rows: int = MAX_TABLE_ROWS, **kwargs) -> None:
     """``st.dataframe(data, **kwargs)`` with a "Download as CSV" button below it, written by the one CSV
     writer (:func:`refineclip_core.reporting.tables.frame_csv`: cells a spreadsheet would run as
     formulas are escaped). Streamlit's own table download, which writes names as they are, is
@@ -87,14 +87,12 @@ def table(key: str, data: pd.DataFrame, where: Any = st, max_rows: int = MAX_TAB
     Names are shown by :func:`shown_frame` (hidden characters marked) and at most ``max_rows``
     rows are sent to the browser (a caption says how many there are; the CSV holds them all, with
     undecodable bytes marked so that it can be written)."""
-    shown = data
+    data = _map_text(data, decodable)
     if len(data) > max_rows:
-        where.caption(f"The first {max_rows:,} of {len(data):,} rows (the CSV holds them all).")
-        shown = data.iloc[:max_rows]
-    where.dataframe(shown_frame(shown), **kwargs)
-    where.download_button("Download as CSV", data=lambda: frame_csv(_map_text(data, decodable)), file_name=f"{key}.csv",
-                          mime="text/csv", key=f"{key}_csv", icon=":material/download:", type="tertiary",
-                          on_click="ignore")
+        st.caption(f"The first {max_rows:,} of {len(data):,} rows (the CSV holds them all).")
+    st.dataframe(shown_frame(data.iloc[:max_rows]), **kwargs)
+    st.download_button("Download as CSV", data=lambda: frame_csv(data), file_name=f"{key}.csv", mime="text/csv",
+                       key=f"{key}_csv", icon=":material/download:", type="tertiary", on_click="ignore")
 
 
 def short_error(exc: BaseException) -> str:
