@@ -7,14 +7,14 @@ import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.method.errorsets import error_pairs
-from refineclip_core.method.protocol import PairSpec, pair_spec
+from refineclip_core.method.protocol import SELECTION_RULES, PairSpec, pair_spec
 from refineclip_core.method.scores import SCORE_SPECS
 from refineclip_core.names import visible
 from refineclip_core.reporting.figures import score_grid_figure, utility_figure
 from studio_ui.registry import page
 from studio_ui.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
                              set_protocol)
-from studio_ui.panels import attribute_panel
+from studio_ui.panels import attribute_panel, stability_panel
 from studio_ui.widgets import link, plain, require_ready, table
 
 st.title(page("heads").heading)
@@ -46,9 +46,11 @@ with st.form("heads_controls"):
                               help="Length of each score's candidate list in Alg. 1.")
     sim = c[4].selectbox("Similarity", ["cosine", "dot"], index=["cosine", "dot"].index(proto.similarity),
                          key="heads_sim", help="With 'dot', DE_A = −DE_B and DE_C = −DE_D exactly (Proposition 1).")
-    rule = c[5].selectbox("Selection", ["consensus", "alg1"], index=["consensus", "alg1"].index(proto.selection),
-                          key="heads_rule", help="consensus (default): one ranking from all four scores, best prefix "
-                                                 "by utility; alg1: the paper's Algorithm 1 (best of each list).")
+    rule = c[5].selectbox("Selection", list(SELECTION_RULES), index=SELECTION_RULES.index(proto.selection),
+                          key="heads_rule", help="stable: heads ranked by how often the consensus chose them on "
+                                                 "resamples of the labelled images, best prefix by utility; consensus: "
+                                                 "one ranking from all four scores, best prefix by utility; alg1: the "
+                                                 "paper's Algorithm 1 (best of each list).")
     removal = c[6].selectbox("Ablation", ["mean", "zero"], index=["mean", "zero"].index(proto.ablation),
                              key="heads_ablation", help="How removed heads are replaced: their mean (default) or "
                                                         "zero (the paper's Eq. 5).")
@@ -62,6 +64,8 @@ sel = ident.selection
 set_text = "; ".join(f"{k}: W={s.sizes()['W']}, C={s.sizes()['C']}, A={s.sizes()['A']}" for k, s in ident.sets.items())
 st.caption(f"{len(ident.sample_rows)} labelled samples · {plain(set_text)} · W = misclassified as ŷ, C = correct "
            f"images of y, A = correct images of ŷ.")
+
+RULE_TEXT = {"stable": "The resampling-stable ranking", "consensus": "The consensus ranking"}
 
 # --- score maps --------------------------------------------------------------------------------
 selected = inspect_head()
@@ -104,18 +108,19 @@ if selected is not None and selected.layer in cache.manifest.layers:
     link("inspector", f"Inspect {selected} →")
 
 # --- Alg. 1 -------------------------------------------------------------------------------------
-st.subheader("Choosing the heads (consensus or Alg. 1, utility of Eq. 10)")
+st.subheader("Choosing the heads (stable, consensus or Alg. 1; utility of Eq. 10)")
 if not sel.curves:
     st.warning("No score is available for this pair, so there is nothing to choose from.")
     st.stop()
 st.plotly_chart(utility_figure(sel.curves, sel.baseline_utility, sel.score, sel.t, sel.candidates),
                 key="heads_utility")
 if sel.score:
-    st.markdown(f"{'The consensus ranking' if sel.score == 'consensus' else 'Alg. 1'} picks the first **{sel.t}** "
+    st.markdown(f"{RULE_TEXT.get(sel.score, 'Alg. 1')} picks the first **{sel.t}** "
                 f"heads of **{plain(sel.score)}**: **{', '.join(str(h) for h in sel.heads)}** (utility {sel.utility:.4f} "
                 f"vs. {sel.baseline_utility:.4f} with no head removed).")
 else:
     st.info("No prefix of the ranking beats removing nothing on the labelled samples: no head is chosen.")
+stability_panel(sel.stability, sel.heads)
 st.markdown("**Top-T candidate lists**")
 table("head-candidates", pd.DataFrame({name: [str(h) for h in lst] + [""] * (max(map(len, sel.candidates.values())) - len(lst))
                            for name, lst in sel.candidates.items()}).rename_axis("rank").rename(lambda i: i + 1),

@@ -15,6 +15,7 @@ from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.inspection.diagnosis import Diagnosis, attribute_direction, attribute_heads
 from refineclip_core.method.protocol import Identification
+from refineclip_core.method.stability import HeadStability
 from refineclip_core.reporting.figures import group_profile_figure
 from refineclip_core.loading.data import ImageDataset
 from refineclip_core.loading.hf_clip import zip_folder
@@ -24,6 +25,27 @@ from . import resources
 from .registry import PAGES
 from .state import Key, ablate_heads, get, protocol, put, set_ablate_heads
 from .widgets import Ready, guard, link, metric_ci, plain, table
+
+
+def stability_panel(stability: HeadStability | None, heads: list[HeadId]) -> None:
+    """How often each head of ``heads`` (and each head most resamples chose) was chosen on bootstrap
+    resamples of the labelled images; one-off choices flagged (:meth:`HeadStability.rows`)."""
+    if stability is None or not stability.resamples:
+        return
+    rows = stability.rows(heads)
+    odd = stability.one_off(heads)
+    text = (f"**How stable is this choice?** The same choice repeated on {stability.resamples} bootstrap resamples "
+            f"of the labelled images.")
+    if odd:
+        st.warning(f"{text} {len(odd)} of the {len(heads)} chosen heads were chosen in fewer than half of the "
+                   f"resamples (one-off choices of this draw): {', '.join(map(str, odd))}.", icon=":material/warning:")
+    else:
+        st.markdown(text + (" Every chosen head was chosen in at least half of them." if heads else ""))
+    if rows:
+        table("head-stability", pd.DataFrame([{"head": r["head"], "in this set": "yes" if r["in_set"] else "no",
+                                               "chosen in": f"{r['chosen_in']}/{r['resamples']} resamples",
+                                               "note": r["note"]} for r in rows]),
+              hide_index=True, height=min(38 * (len(rows) + 1), 300))
 
 
 def findings_panel(ready: Ready) -> None:
@@ -41,7 +63,9 @@ def findings_panel(ready: Ready) -> None:
     st.caption(f"Measured on {f.n_eval} held-out images (the {len(ident.sample_rows)} labelled samples used to "
                f"choose the heads are excluded) — the same images and numbers as the Ablate and Refine pages. "
                f"Each accuracy comes with its 95% interval and the number of images behind it.")
-    rule = "the consensus of DE_A..DE_D" if f.score == "consensus" else (f"Alg. 1 ({f.score})" if f.score else None)
+    rule = {"consensus": "the consensus of DE_A..DE_D",
+            "stable": "how often the consensus of DE_A..DE_D chose them on resamples of the labelled images"
+            }.get(f.score or "", f"Alg. 1 ({f.score})" if f.score else None)
     removal = "replacing them by their mean" if f.ablation == "mean" else "zeroing them"
     blame = (f"The heads to blame, by {rule}, are **{', '.join(f.heads)}**; {removal} needs no retraining (Eq. 5):"
              if f.heads else "No set of heads beats removing nothing on the labelled samples (pick heads on the "

@@ -97,6 +97,7 @@ def edit_lines(edit: EditRun) -> list[str]:
     out, rep = edit.outcome, edit.report
     lines = [f"Error pair(s): {', '.join(f'{a} → {b}' for a, b in rep['pairs'])}; heads removed: "
              f"{heads_text(out.heads)} ({out.identification.config.ablation} ablation).",
+             *([rep["head_stability"]["summary"]] if rep.get("head_stability") else []),
              *([f"Why: {rep['diagnosis']['sentence']}"] if rep.get("diagnosis") else []),
              f"Accuracy on {rep['n_eval']} held-out images (edit fitted on {rep['n_adapt']} unlabelled, heads chosen on "
              f"{rep['n_samples']} labelled; 95% intervals):"]

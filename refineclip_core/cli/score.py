@@ -9,7 +9,8 @@ import numpy as np
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
-from ..method.protocol import DEFAULT_PROTOCOL, Identification, ProtocolConfig, identify, make_engine
+from ..method.protocol import (DEFAULT_PROTOCOL, SELECTION_RULES, Identification, ProtocolConfig, identify,
+                               make_engine)
 from ..reporting.findings import Findings, findings
 from .common import add_json_arg, emit, layers_arg, positive_int, table
 
@@ -26,9 +27,14 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-samples", action="store_true", help="use every fitting image instead of sampling")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the sample draw (and of the edit)")
     p.add_argument("--top-t", type=positive_int, default=d.top_t, help="length T of each candidate list (Alg. 1)")
-    p.add_argument("--selection", default=d.selection, choices=["consensus", "alg1"],
-                   help="how heads are chosen: 'consensus' (one ranking from all four scores, best prefix by the "
-                        "utility U; the default) or 'alg1' (the paper's Algorithm 1)")
+    p.add_argument("--selection", default=d.selection, choices=list(SELECTION_RULES),
+                   help="how heads are chosen: 'stable' (heads ranked by how often the consensus chose them on "
+                        "bootstrap resamples of the labelled images, best prefix by the utility U), 'consensus' "
+                        "(one ranking from all four scores, best prefix by U) or 'alg1' (the paper's Algorithm 1); "
+                        f"default {d.selection}")
+    p.add_argument("--resamples", type=int, default=d.resamples,
+                   help="bootstrap resamples of the labelled images the choice is repeated on, to show how often "
+                        f"each head is chosen (0: none; default {d.resamples})")
     p.add_argument("--ablation", default=d.ablation, choices=["mean", "zero"],
                    help="how the chosen heads are removed: replaced by their mean over the adaptation images "
                         "('mean', the default) or zeroed (the paper's Eq. 5)")
@@ -45,6 +51,7 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
 def protocol(args: argparse.Namespace) -> ProtocolConfig:
     return ProtocolConfig(pair=args.pair, samples_per_class=None if args.all_samples else args.samples_per_class,
                           seed=args.seed, top_t=args.top_t, selection=args.selection, ablation=args.ablation,
+                          resamples=args.resamples,
                           fit_split=None if args.fit_split == "none" else args.fit_split,
                           eval_split=None if args.eval_split == "none" else args.eval_split, holdout=args.holdout)
 
@@ -83,6 +90,8 @@ def identification_lines(cache: FeatureCache, ident: Identification, top: int = 
     else:
         out.append(f"No head chosen: no prefix of the rankings beats the utility of removing nothing "
                    f"({sel.baseline_utility:.4f}, Eq. 10).")
+    if sel.stability is not None and sel.stability.resamples:
+        out.append(sel.stability.summary(sel.heads))
     rows = []
     for name, hs in ident.scores.items():
         if not hs.available:
@@ -129,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         "candidates": sel["candidates"],
         "baseline_utility": sel["baseline_utility"],
         "selected": sel["selected"],
+        "stability": sel["stability"],
         "findings": found.to_dict(),
         "config": {"cache": str(args.cache), **ident.config.to_dict(), "layers": cache.manifest.layers,
                    "model": cache.manifest.model, "sample_rows": ident.sample_rows.tolist()},

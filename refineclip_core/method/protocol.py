@@ -41,9 +41,11 @@ from .evaluation import AccuracyReport, accuracy_report, block_argmax, rows_mask
 from .intervals import Estimate, accuracy_estimate
 from .refinement import RefineConfig, RefinementResult, refine, standard_finetune
 from .scores import SCORE_NAMES, HeadScores, Similarity, compute_scores
-from .selection import Selection, select_consensus, select_heads
+from .selection import Selection, choose_heads, select_consensus, select_heads, select_stable
+from .stability import RESAMPLES, head_stability
 
-SelectionRule = Literal["consensus", "alg1"]
+SelectionRule = Literal["stable", "consensus", "alg1"]
+SELECTION_RULES = ("stable", "consensus", "alg1")
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,17 @@ class ProtocolConfig:
     fit_split: str | None = "auto"     # "auto": val, else train, else all rows
     eval_split: str | None = "auto"    # "auto": test, else a held-out share of the rows not sampled
     holdout: float = 0.5               # that share (no test split); the rest adapts the edit, unlabelled
+    resamples: int = RESAMPLES         # bootstrap resamples of the labelled images the choice is repeated on
 
     def __post_init__(self) -> None:
-        if self.selection not in ("consensus", "alg1"):
-            raise RefineClipError(f"Unknown head selection {self.selection!r}; use consensus or alg1.")
+        if self.selection not in SELECTION_RULES:
+            raise RefineClipError(f"Unknown head selection {self.selection!r}; use stable, consensus or alg1.")
         if self.ablation not in ("mean", "zero"):
             raise RefineClipError(f"Unknown ablation {self.ablation!r}; use mean or zero.")
         if not 0.0 < self.holdout < 1.0:
             raise RefineClipError(f"holdout must be between 0 and 1 (exclusive), got {self.holdout}.")
+        if not 0 <= self.resamples <= 1000:
+            raise RefineClipError(f"resamples must be between 0 and 1000, got {self.resamples}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -216,21 +221,43 @@ def identify(cache: FeatureCache, cfg: ProtocolConfig = DEFAULT_PROTOCOL, engine
     if not len(samples):
         raise RefineClipError("No labelled samples of the error pair's classes among the fitting images.")
     ev, adapt = evaluation_and_adaptation_rows(cache, cfg, samples)
+    sets, scores = pair_scores(cache, pred, pairs, samples, cfg.similarity)
+    # the utility (Eq. 10) measures the ablation the protocol applies: mean ablation with the means over
+    # the adaptation rows, as the Ablate page and the exported edit use them (Identification.ablation_engine)
+    judge = engine.with_mean_rows(selection_mean_rows(adapt, cfg.seed)) if cfg.ablation == "mean" else engine
+    rule = "consensus" if cfg.selection == "stable" else cfg.selection
+
+    on_samples, sample_labels = judge.subset(samples), labels[samples]     # one read of their contributions
+
+    def choose(rows: np.ndarray) -> list[HeadId]:     # the rule on a resample of the labelled images
+        return choose_heads(rule, on_samples, pair_scores(cache, pred, pairs, rows, cfg.similarity)[1],
+                            np.searchsorted(samples, rows), sample_labels, cfg.top_t, cfg.ablation)
+
+    stability = head_stability(choose, samples, labels, cfg.resamples, cfg.seed)
+    if cfg.selection == "stable":
+        selection = select_stable(judge, scores, samples, labels, stability, cfg.top_t, cfg.ablation)
+    else:
+        select = select_consensus if cfg.selection == "consensus" else select_heads
+        selection = select(judge, scores, samples, labels, cfg.top_t, cfg.ablation)
+        selection.stability = stability
+    return Identification(cfg, pairs, samples, ev, sets, scores, selection, pred, adapt)
+
+
+def pair_scores(cache: FeatureCache, predictions: np.ndarray, pairs: Sequence[tuple[int, int]], rows: np.ndarray,
+                similarity: Similarity = "cosine") -> tuple[dict[str, ErrorSets], dict[str, HeadScores]]:
+    """W/C/A among the labelled ``rows`` and DE_A..DE_D (Eq. 6-9) of every head, for each pair: sets keyed
+    ``"true→pred"``, scores ``"DE_A"`` (one pair) or ``"DE_A[true→pred]"``. ``rows`` may repeat (a bootstrap
+    resample): a repeated row counts as often as it appears."""
     sets: dict[str, ErrorSets] = {}
     scores: dict[str, HeadScores] = {}
     for a, b in pairs:
         key = f"{cache.classes[a]}→{cache.classes[b]}"
-        s = pair_error_sets(pred, labels, a, b, samples, cache.classes)
+        s = pair_error_sets(predictions, cache.labels, a, b, rows, cache.classes)
         sets[key] = s
         for name, hs in compute_scores(cache.embeddings, cache.heads, cache.text, s, cache.manifest.layers,
-                                       cfg.similarity, SCORE_NAMES).items():
+                                       similarity, SCORE_NAMES).items():
             scores[name if len(pairs) == 1 else f"{name}[{key}]"] = hs
-    select = select_consensus if cfg.selection == "consensus" else select_heads
-    # the utility (Eq. 10) measures the ablation the protocol applies: mean ablation with the means over
-    # the adaptation rows, as the Ablate page and the exported edit use them (Identification.ablation_engine)
-    judge = engine.with_mean_rows(selection_mean_rows(adapt, cfg.seed)) if cfg.ablation == "mean" else engine
-    selection = select(judge, scores, samples, labels, cfg.top_t, cfg.ablation)
-    return Identification(cfg, pairs, samples, ev, sets, scores, selection, pred, adapt)
+    return sets, scores
 
 
 #: The head selection's mean-ablation utility reads the heads' means over at most this many adaptation

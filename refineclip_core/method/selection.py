@@ -36,6 +36,7 @@ import numpy as np
 from ..features.decomposition import HeadId
 from .ablation import AblationEngine, Mode
 from .scores import HeadScores
+from .stability import HeadStability
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Selection:
     heads: list[HeadId]
     utility: float
     unavailable: dict[str, str] = field(default_factory=dict)
+    stability: HeadStability | None = None   # the same rule on resamples of the labelled images (protocol.identify)
 
     def to_dict(self) -> dict:
         return {
@@ -59,6 +61,7 @@ class Selection:
             "selected": {"score": self.score, "t": self.t, "heads": [h.as_list() for h in self.heads],
                          "utility": self.utility},
             "unavailable": self.unavailable,
+            "stability": None if self.stability is None else self.stability.to_dict(),
         }
 
 
@@ -160,3 +163,42 @@ def select_consensus(engine: AblationEngine, scores: dict[str, HeadScores], rows
         return Selection(curves, candidates, base, None, 0, [], base, per_score.unavailable)
     return Selection(curves, candidates, base, CONSENSUS, best_t, ranked[:best_t], float(best_u),
                      per_score.unavailable)
+
+
+def choose_heads(rule: str, engine: AblationEngine, scores: dict[str, HeadScores], rows: np.ndarray,
+                 labels: np.ndarray, top_t: int = 15, mode: Mode = "zero") -> list[HeadId]:
+    """Only the heads ``rule`` ("consensus" or "alg1") chooses, without the curves of the other lists:
+    what :func:`select_consensus` / :func:`select_heads` return as ``.heads``, at the cost of one curve
+    for the consensus (used on every resample of the labelled images)."""
+    if rule == "alg1":
+        return select_heads(engine, scores, rows, labels, top_t, mode).heads
+    ranked = consensus_ranking(scores)[: max(1, top_t)]
+    return ranked[: best_prefix(engine, ranked, rows, labels, mode)[0]]
+
+
+STABLE = "stable"
+"""Name of the resampling-stable ranking in :class:`Selection` curves and candidates."""
+
+
+def stable_ranking(scores: dict[str, HeadScores], stability: HeadStability) -> list[HeadId]:
+    """Every head, ranked by how many resamples of the labelled images chose it (most first); heads chosen
+    equally often keep their order in the consensus ranking of all the labelled images."""
+    return sorted(consensus_ranking(scores), key=lambda h: -stability.count(h))
+
+
+def select_stable(engine: AblationEngine, scores: dict[str, HeadScores], rows: np.ndarray, labels: np.ndarray,
+                  stability: HeadStability, top_t: int = 15, mode: Mode = "zero") -> Selection:
+    """The project's default: the best prefix (up to ``top_t`` heads, by utility over ``rows``) of the
+    heads ranked by how often the consensus chose them on resamples of the labelled images
+    (:func:`stable_ranking`); no head when no prefix beats removing nothing. The curves and candidate
+    lists also hold the consensus ranking's and every score's own."""
+    consensus = select_consensus(engine, scores, rows, labels, top_t, mode)
+    ranked = stable_ranking(scores, stability)[: max(1, top_t)]
+    best_t, best_u, curve, base = best_prefix(engine, ranked, rows, labels, mode)
+    curves, candidates = dict(consensus.curves), dict(consensus.candidates)
+    if ranked:
+        curves, candidates = {STABLE: curve, **curves}, {STABLE: ranked, **candidates}
+    if best_t == 0:
+        return Selection(curves, candidates, base, None, 0, [], base, consensus.unavailable, stability)
+    return Selection(curves, candidates, base, STABLE, best_t, ranked[:best_t], float(best_u),
+                     consensus.unavailable, stability)

@@ -84,6 +84,10 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         "heads": [h.as_list() for h in heads],
         "findings": findings(cache, ident, engine).to_dict(),
     }
+    stability = ident.selection.stability
+    if stability is not None and stability.resamples:
+        report["head_stability"] = {"summary": stability.summary(heads), "rows": stability.rows(heads),
+                                    "one_off": [str(h) for h in stability.one_off(heads)], **stability.to_dict()}
     if diagnosis is not None:
         report["diagnosis"] = diagnosis.to_dict()
     if outcome is not None:
@@ -321,6 +325,16 @@ def render_html(report: Mapping[str, Any]) -> str:
                  f"({html.escape(sets_text)}); the edit adapted on {report.get('n_adapt', '?')} unlabelled images; "
                  f"accuracies on {report.get('n_eval', '?')} held-out images, each with its 95% interval "
                  f"[low, high] and image count n.</p>")
+    stability = report.get("head_stability")
+    if stability:
+        parts.append("<h2>How stable is the choice of heads</h2><p class='muted'>The same choice repeated on "
+                     f"{int(stability.get('resamples', 0))} bootstrap resamples of the labelled images (each class "
+                     "resampled with replacement): how many chose each head. A head chosen in fewer than half is a "
+                     "one-off choice of this draw.</p>"
+                     f"<p>{html.escape(str(stability.get('summary', '')))}</p>"
+                     + _text_table([{"head": r["head"], "in the removed set": "yes" if r["in_set"] else "no",
+                                     "chosen in": f"{r['chosen_in']}/{r['resamples']} resamples", "note": r["note"]}
+                                    for r in stability.get("rows", [])]))
     if diagnosis and diagnosis.get("concepts"):
         parts.append("<h2>What the removed heads carry</h2><p class='muted'>Concepts of the text pool, ranked by their "
                      "share of the variance of what removing the heads takes out of the embedding; contrast: how much "
