@@ -328,7 +328,8 @@ def test_refine_runs_compares_and_downloads_a_loadable_checkpoint(story, server,
     import open_clip
     import torch
 
-    from refineclip_core.loading.models import DEMO_DIR, DEMO_MODEL_NAME, read_state_dict
+    from refineclip_core.loading.checkpoints import read_state_dict
+    from refineclip_core.loading.models import DEMO_DIR, DEMO_MODEL_NAME
 
     page = story
     shots.goto(page, "refine")

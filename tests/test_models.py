@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from refineclip_core.errors import CheckpointError, RefineClipError
-from refineclip_core.loading.models import ModelSpec, load_model, read_state_dict
+from refineclip_core.loading.checkpoints import read_state_dict
+from refineclip_core.loading.models import ModelSpec, load_model
 
 from .conftest import tiny_config, write_config
 

@@ -41,7 +41,8 @@ from refineclip_core.loading.budget import (
 )
 from refineclip_core.loading.confine import OUTSIDE_REASON
 from refineclip_core.loading.data import ImageDataset, load_dataset, load_image, parse_metadata
-from refineclip_core.loading.models import ModelSpec, load_model, read_state_dict
+from refineclip_core.loading.checkpoints import read_state_dict
+from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.loading.uploads import read_roots
 
 from .conftest import make_image, tiny_config, write_config

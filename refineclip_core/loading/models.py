@@ -26,11 +26,10 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import re
 import threading
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -40,7 +39,8 @@ from ..errors import CheckpointError, RefineClipError
 from ..home import ASSETS_DIR
 from . import hf_clip
 from .budget import check_model_budget
-from .confine import confined_path, loads_json, open_confined, read_bytes, resolve_roots
+from .checkpoints import file_digest, load_state_dict_checked, read_state_dict
+from .confine import loads_json, read_bytes, resolve_roots
 
 DEMO_MODEL = "demo"
 DEMO_DIR = ASSETS_DIR / "demo"
@@ -115,15 +115,6 @@ def _demo_checkpoint() -> Path:
         if path.exists():
             return path
     return DEMO_DIR / f"{DEMO_MODEL_NAME}.safetensors"
-
-
-def file_digest(path: str | os.PathLike, roots=None, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes (streamed; read only inside ``roots`` when given)."""
-    h = hashlib.sha256()
-    with open_confined(path, resolve_roots(roots)) as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -208,137 +199,43 @@ def config_known_to_open_clip(name: str, cfg: Mapping[str, Any]) -> Iterator[str
         factory._MODEL_CONFIGS.pop(registered, None)
 
 
-def read_state_dict(path: str | os.PathLike, roots=None) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file safely and return a plain ``name -> tensor`` state dict.
+@dataclass(frozen=True)
+class ModelPlan:
+    """What :func:`resolve_model` found in a :class:`ModelSpec`: the architecture open_clip builds
+    and where its weights come from. Nothing has been allocated or read beyond configs."""
 
-    Accepts safetensors, and torch files holding a state dict or a training checkpoint with a
-    ``state_dict`` entry; strips ``module.`` prefixes. Never unpickles arbitrary objects. With
-    ``roots`` the file actually opened must lie inside those folders.
-    """
-    path = str(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"Checkpoint '{path}' does not exist.")
-    try:
-        with confined_path(path, resolve_roots(roots)) as name:
-            state = _read_state(path, name)
-    except OSError as exc:
-        raise CheckpointError(f"Checkpoint '{path}' cannot be read ({exc.strerror or exc}).") from exc
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not state:
-        raise CheckpointError(f"Checkpoint '{path}' holds no state dict (found {type(state).__name__}).")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        key = str(key)
-        while key.startswith("module."):
-            key = key[len("module."):]
-        out[key] = value
-    if not out:
-        raise CheckpointError(f"Checkpoint '{path}' contains no tensors.")
-    return out
+    spec: ModelSpec              # resolved: the demo expanded, a ``pretrained`` file moved to ``checkpoint``
+    name: str                    # the model's label
+    user_config: dict | None     # a config the user handed in (a JSON file, or a transformers folder's)
+    hf: hf_clip.HFCheckpoint | None = None   # a transformers folder: its weights are renamed when read
+    preprocess: Mapping[str, Any] = field(default_factory=dict)  # overrides (a preprocessor_config.json)
+
+    def open_clip_config(self) -> dict | None:
+        """The config that is sized and built (None: a hub model whose config open_clip fetches)."""
+        import open_clip
+
+        return self.user_config if self.user_config is not None else open_clip.get_model_config(self.name)
+
+    def checkpoint_bytes(self) -> int | None:
+        """Bytes of the weights read next to the model (None: a tag open_clip downloads)."""
+        if self.spec.pretrained:
+            return None
+        files = self.hf.weights if self.hf is not None else (self.spec.checkpoint,) if self.spec.checkpoint else ()
+        return sum(os.path.getsize(f) for f in files)
 
 
-def _read_state(path: str, name: str) -> Any:
-    """The object stored in checkpoint ``path``, read from ``name`` (the same file, see ``confined_path``)."""
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-
-            state = load_file(name, device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"Checkpoint '{path}' is not a readable safetensors file ({exc}).") from exc
-    else:
-        try:
-            state = torch.load(name, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "global" not in str(exc).lower():
-                raise CheckpointError(
-                    f"Checkpoint '{path}' could not be read: the safe (weights-only) loader rejected it as not a "
-                    "plain tensor checkpoint. Re-save it as a state dict or as .safetensors."
-                ) from exc
-            raise CheckpointError(
-                f"Checkpoint '{path}' was refused: it contains Python objects other than tensors and loading it "
-                "could run code. Re-save it as a plain state dict or as .safetensors."
-            ) from exc
-        except Exception as exc:
-            raise CheckpointError(f"Checkpoint '{path}' could not be read as a torch file ({exc}).") from exc
-    return state
-
-
-def load_state_dict_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
-    """Load ``state`` into ``model`` strictly, explaining any mismatch in one sentence."""
-    own = model.state_dict()
-    state = dict(state)
-    if "logit_scale" in state and "logit_scale" in own and state["logit_scale"].shape != own["logit_scale"].shape:
-        state["logit_scale"] = state["logit_scale"].reshape(own["logit_scale"].shape)
-    if "logit_bias" in own and "logit_bias" not in state:
-        state["logit_bias"] = torch.zeros_like(own["logit_bias"])
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if wrong_shape:
-            k = wrong_shape[0]
-            parts.append(
-                f"{len(wrong_shape)} shape mismatches (e.g. '{k}': checkpoint {tuple(state[k].shape)} vs "
-                f"model {tuple(own[k].shape)})"
-            )
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(repr(k) for k in missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(repr(k) for k in unexpected[:3])})")
-        raise CheckpointError(
-            f"Checkpoint '{source}' does not fit architecture '{model_name}': {'; '.join(parts)}. "
-            "Pass the --model (or --model-config) the checkpoint was trained with." + hf_clip.hf_key_hint(unexpected)
-        )
-    check_finite(state, source)
-    model.load_state_dict(state, strict=True)
-
-
-def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Refuse weights holding NaN or infinity (a model built from them computes NaN features, and
-    every later number, accuracies included, would be meaningless)."""
-    for key, tensor in state.items():
-        if tensor.is_floating_point() or tensor.is_complex():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise CheckpointError(f"Checkpoint '{source}' holds {bad:,} non-finite values (NaN or infinity) in "
-                                      f"'{key}'; it was refused: a model with them computes no usable features.")
-
-
-def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) -> LoadedModel:
-    """Build the open_clip model described by ``spec`` (eval mode, on ``spec.device``).
-
-    The architecture's config is sized first and refused above ``memory_budget`` (bytes or a
-    size like ``"16GB"``; default :func:`refineclip_core.loading.budget.memory_budget`)."""
+def resolve_model(spec: ModelSpec) -> ModelPlan:
+    """Resolve: which architecture, which config and which weights ``spec`` means, refused in one
+    sentence when it means none. A Hugging Face ``transformers`` folder is one branch here (its
+    config converted, :mod:`~refineclip_core.loading.hf_clip`); read and build do not care."""
     import open_clip
-    from open_clip.model import set_model_preprocess_cfg
-    from open_clip.transform import PreprocessCfg, image_transform_v2
 
     spec_r = spec.resolved()
-    name = arch = spec_r.name  # arch: the name open_clip knows the architecture by
+    name = spec_r.name
     if spec.name == DEMO_MODEL and not Path(spec_r.checkpoint).exists():
         raise CheckpointError(
             f"The embedded demo checkpoint '{spec_r.checkpoint}' is missing; run "
             "'python -m refineclip_core.demo.train --out assets/demo' to rebuild it."
-        )
-    hf = hf_clip.find_hf_checkpoint(spec_r.checkpoint, spec_r.roots)  # a transformers CLIP (loading/hf_clip.py)
-    hf_model = hf_clip.read_hf_config(hf, spec_r.roots) if hf else None
-    user_cfg: dict | None = None  # a config the user handed in: known to open_clip only while building
-    if hf_model is not None:
-        if spec_r.model_config or spec_r.pretrained:
-            raise RefineClipError(f"'{spec_r.checkpoint}' is a Hugging Face CLIP checkpoint with its own config.json; "
-                                  "drop --model-config and --pretrained.")
-        user_cfg, label = hf_model.config, f"hf-{hf_model.label}"
-    elif spec_r.model_config:
-        user_cfg, label = read_config(spec_r.model_config, spec_r.roots), name
-    elif not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
-        raise RefineClipError(
-            f"Unknown model '{name}': not an open_clip architecture (see open_clip.list_models()) and no "
-            "--model-config given."
         )
     if spec_r.precision not in _DTYPES:
         raise RefineClipError(f"Unknown precision '{spec_r.precision}'; use one of {sorted(_DTYPES)}.")
@@ -346,41 +243,85 @@ def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) 
         raise RefineClipError(f"Device '{spec_r.device}' was asked for but no CUDA GPU is available here; use --device cpu.")
     if spec_r.pretrained and spec_r.checkpoint:
         raise RefineClipError("Give either a pretrained tag or a checkpoint file, not both.")
+    if spec_r.pretrained and os.path.isfile(spec_r.pretrained):  # a file path passed as the tag
+        spec_r = replace(spec_r, checkpoint=spec_r.pretrained, pretrained=None)
+    hf = hf_clip.find_hf_checkpoint(spec_r.checkpoint, spec_r.roots)
+    if hf is not None:
+        if spec_r.model_config or spec_r.pretrained:
+            raise RefineClipError(f"'{spec_r.checkpoint}' is a Hugging Face CLIP checkpoint with its own config.json; "
+                                  "drop --model-config and --pretrained.")
+        converted = hf_clip.read_hf_config(hf, spec_r.roots)
+        return ModelPlan(spec_r, f"hf-{converted.label}", converted.config, hf, converted.preprocess)
+    if spec_r.model_config:
+        return ModelPlan(spec_r, name, read_config(spec_r.model_config, spec_r.roots))
+    if not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
+        raise RefineClipError(
+            f"Unknown model '{name}': not an open_clip architecture (see open_clip.list_models()) and no "
+            "--model-config given."
+        )
+    return ModelPlan(spec_r, name, None)
 
-    pretrained = spec_r.pretrained
-    if pretrained and os.path.isfile(pretrained):
-        spec_r = replace(spec_r, checkpoint=pretrained, pretrained=None)
-        pretrained = None
-    cfg = user_cfg if user_cfg is not None else open_clip.get_model_config(arch)
+
+def read_weights(plan: ModelPlan) -> dict[str, torch.Tensor] | None:
+    """Read: the plan's weights under open_clip's names, inside the spec's roots (None: a tag that
+    open_clip loads itself, or random weights)."""
+    spec = plan.spec
+    if plan.hf is not None:
+        converted = hf_clip.ConvertedCLIP(plan.name, plan.user_config, {}, dict(plan.preprocess))
+        return hf_clip.read_hf_state_dict(plan.hf, converted, spec.roots)
+    if spec.checkpoint:
+        return read_state_dict(spec.checkpoint, spec.roots)
+    return None
+
+
+def build_model(plan: ModelPlan, memory_budget: str | int | float | None = None) -> tuple[torch.nn.Module, Callable]:
+    """Build: size the plan's architecture against ``memory_budget`` (before anything is
+    allocated), then let open_clip build it on the CPU; returns the model and its tokenizer. A
+    user's config is known to open_clip only during the build (:func:`config_known_to_open_clip`)."""
+    import open_clip
+
+    spec = plan.spec
+    cfg = plan.open_clip_config()
     if cfg is not None:  # None: a hub model whose config open_clip fetches itself
-        ckpt_bytes = None if pretrained else os.path.getsize(spec_r.checkpoint) if spec_r.checkpoint else 0
-        check_model_budget(name, cfg, spec_r.precision, ckpt_bytes, memory_budget)
-    known = config_known_to_open_clip(label, user_cfg) if user_cfg is not None else contextlib.nullcontext(arch)
+        check_model_budget(plan.name, cfg, spec.precision, plan.checkpoint_bytes(), memory_budget)
+    known = (config_known_to_open_clip(plan.name, plan.user_config) if plan.user_config is not None
+             else contextlib.nullcontext(plan.name))
     with known as arch:
         try:
             # open_clip warns "initialized randomly" when no tag is given; our checkpoint is loaded next
-            quiet = _checkpoint_follows() if spec_r.checkpoint else contextlib.nullcontext()
-            with quiet:
-                model = open_clip.create_model(arch, pretrained=pretrained, device="cpu", weights_only=True)
+            with _checkpoint_follows() if spec.checkpoint else contextlib.nullcontext():
+                model = open_clip.create_model(arch, pretrained=spec.pretrained, device="cpu", weights_only=True)
         except Exception as exc:
-            if pretrained:
+            if spec.pretrained:
                 raise RefineClipError(
-                    f"Could not load weights '{pretrained}' for model '{name}' ({_short(exc)}). This machine may be "
-                    f"offline: download them where you have internet and pass the file with --checkpoint, or check "
-                    f"the tag with open_clip.list_pretrained_tags_by_model('{name}')."
+                    f"Could not load weights '{spec.pretrained}' for model '{plan.name}' ({_short(exc)}). This machine "
+                    f"may be offline: download them where you have internet and pass the file with --checkpoint, or "
+                    f"check the tag with open_clip.list_pretrained_tags_by_model('{plan.name}')."
                 ) from exc
-            raise RefineClipError(f"Could not build model '{name}' ({_short(exc)}).") from exc
+            raise RefineClipError(f"Could not build model '{plan.name}' ({_short(exc)}).") from exc
         tokenizer = open_clip.get_tokenizer(arch)
-    if hf_model is not None:  # weights read only now: after the size check above
-        state = hf_clip.read_hf_state_dict(hf, hf_model, spec_r.roots)
-        load_state_dict_checked(model, state, spec_r.checkpoint, name)
-        set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **hf_model.preprocess})
-    elif spec_r.checkpoint:
-        load_state_dict_checked(model, read_state_dict(spec_r.checkpoint, spec_r.roots), spec_r.checkpoint, name)
-    dtype = _DTYPES[spec_r.precision]
-    model = model.to(device=spec_r.device, dtype=dtype).eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) -> LoadedModel:
+    """Build the open_clip model described by ``spec`` (eval mode, on ``spec.device``): resolve
+    (:func:`resolve_model`), build (:func:`build_model`, sized first and refused above
+    ``memory_budget``: bytes or a size like ``"16GB"``; default
+    :func:`refineclip_core.loading.budget.memory_budget`), read the weights (:func:`read_weights`,
+    only after the size check) and load them strictly."""
+    from open_clip.model import set_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    plan = resolve_model(spec)
+    model, tokenizer = build_model(plan, memory_budget)
+    state = read_weights(plan)
+    if state is not None:
+        load_state_dict_checked(model, state, plan.spec.checkpoint, plan.spec.name)
+    if plan.preprocess:
+        set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **plan.preprocess})
+    model = model.to(device=plan.spec.device, dtype=_DTYPES[plan.spec.precision]).eval().requires_grad_(False)
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-    return LoadedModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, model_name=name)
+    return LoadedModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, model_name=plan.name)
 
 
 class _RandomInitNotice(logging.Filter):

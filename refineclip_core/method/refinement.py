@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..errors import Cancelled, RefineClipError
 from ..features.cache import atomic_write_bytes, atomic_write_json
 from ..loading import hf_clip
-from ..loading.models import read_state_dict
+from ..loading.checkpoints import read_state_dict
 from ..progress import CancelFn, Progress, never, silent
 
 if TYPE_CHECKING:  # edit.py imports this module

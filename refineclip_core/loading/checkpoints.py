@@ -1,0 +1,137 @@
+"""Reading weight files: safetensors and torch state dicts, read safely and inside the allowed folders.
+
+The read step of loading (:mod:`~refineclip_core.loading.models` resolves a spec, reads its weights
+here or through :mod:`~refineclip_core.loading.hf_clip`, then builds the model): no pickle that could
+run code is ever loaded, ``module.`` prefixes (DDP) and training-checkpoint wrappers are unwrapped,
+and weights that do not fit the architecture or hold NaN/infinity are refused in one sentence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import CheckpointError
+from .confine import confined_path, open_confined, resolve_roots
+
+
+def file_digest(path: str | os.PathLike, roots=None, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (streamed; read only inside ``roots`` when given)."""
+    h = hashlib.sha256()
+    with open_confined(path, resolve_roots(roots)) as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | os.PathLike, roots=None) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file safely and return a plain ``name -> tensor`` state dict.
+
+    Accepts safetensors, and torch files holding a state dict or a training checkpoint with a
+    ``state_dict`` entry; strips ``module.`` prefixes. Never unpickles arbitrary objects. With
+    ``roots`` the file actually opened must lie inside those folders.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Checkpoint '{path}' does not exist.")
+    try:
+        with confined_path(path, resolve_roots(roots)) as name:
+            state = _read_state(path, name)
+    except OSError as exc:
+        raise CheckpointError(f"Checkpoint '{path}' cannot be read ({exc.strerror or exc}).") from exc
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(f"Checkpoint '{path}' holds no state dict (found {type(state).__name__}).")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        key = str(key)
+        while key.startswith("module."):
+            key = key[len("module."):]
+        out[key] = value
+    if not out:
+        raise CheckpointError(f"Checkpoint '{path}' contains no tensors.")
+    return out
+
+
+def _read_state(path: str, name: str) -> Any:
+    """The object stored in checkpoint ``path``, read from ``name`` (the same file, see ``confined_path``)."""
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+
+            state = load_file(name, device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"Checkpoint '{path}' is not a readable safetensors file ({exc}).") from exc
+    else:
+        try:
+            state = torch.load(name, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "global" not in str(exc).lower():
+                raise CheckpointError(
+                    f"Checkpoint '{path}' could not be read: the safe (weights-only) loader rejected it as not a "
+                    "plain tensor checkpoint. Re-save it as a state dict or as .safetensors."
+                ) from exc
+            raise CheckpointError(
+                f"Checkpoint '{path}' was refused: it contains Python objects other than tensors and loading it "
+                "could run code. Re-save it as a plain state dict or as .safetensors."
+            ) from exc
+        except Exception as exc:
+            raise CheckpointError(f"Checkpoint '{path}' could not be read as a torch file ({exc}).") from exc
+    return state
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
+    """Load ``state`` into ``model`` strictly, explaining any mismatch in one sentence."""
+    own = model.state_dict()
+    state = dict(state)
+    if "logit_scale" in state and "logit_scale" in own and state["logit_scale"].shape != own["logit_scale"].shape:
+        state["logit_scale"] = state["logit_scale"].reshape(own["logit_scale"].shape)
+    if "logit_bias" in own and "logit_bias" not in state:
+        state["logit_bias"] = torch.zeros_like(own["logit_bias"])
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if wrong_shape:
+            k = wrong_shape[0]
+            parts.append(
+                f"{len(wrong_shape)} shape mismatches (e.g. '{k}': checkpoint {tuple(state[k].shape)} vs "
+                f"model {tuple(own[k].shape)})"
+            )
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(repr(k) for k in missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(repr(k) for k in unexpected[:3])})")
+        raise CheckpointError(
+            f"Checkpoint '{source}' does not fit architecture '{model_name}': {'; '.join(parts)}. "
+            "Pass the --model (or --model-config) the checkpoint was trained with." + hf_key_hint(unexpected)
+        )
+    check_finite(state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity (a model built from them computes NaN features, and
+    every later number, accuracies included, would be meaningless)."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(f"Checkpoint '{source}' holds {bad:,} non-finite values (NaN or infinity) in "
+                                      f"'{key}'; it was refused: a model with them computes no usable features.")
+
+
+def hf_key_hint(keys) -> str:
+    """A sentence for a state dict with transformers' key names offered as an open_clip one."""
+    if any(str(k).startswith(("vision_model.", "text_model.")) for k in keys):
+        return (" These are Hugging Face transformers CLIP weights: pass the folder CLIPModel.save_pretrained "
+                "wrote (config.json beside the weights) as the checkpoint instead.")
+    return ""
