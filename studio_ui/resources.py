@@ -175,7 +175,7 @@ def thumbnail(path: str, size: int = 144, roots: tuple[str, ...] | None = None) 
     from PIL import Image
 
     from refineclip_core.errors import ImageLoadError
-    from refineclip_core.loading.data import load_image
+    from refineclip_core.loading.decode import load_image
 
     try:
         img = load_image(path, roots, min_side=size)  # a camera JPEG decodes at a reduced scale

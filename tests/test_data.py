@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from refineclip_core.errors import DataError, ImageLoadError
-from refineclip_core.loading.data import load_dataset, load_image, parse_metadata
+from refineclip_core.loading.data import load_dataset, parse_metadata
+from refineclip_core.loading.decode import load_image
 
 
 def test_class_folder_layout(class_folder):

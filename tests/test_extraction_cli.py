@@ -15,7 +15,8 @@ import torch
 from refineclip_core.cli import main
 from refineclip_core.features.cache import FeatureCache, shard_dir
 from refineclip_core.features.extraction import ExtractionConfig, extract
-from refineclip_core.loading.data import load_dataset, load_image
+from refineclip_core.loading.data import load_dataset
+from refineclip_core.loading.decode import load_image
 from refineclip_core.loading.models import ModelSpec, load_model
 
 

@@ -35,7 +35,8 @@ from PIL import Image
 from refineclip_core.cli import build_parser, main
 from refineclip_core.errors import CacheError, CheckpointError, DataError, ImageLoadError
 from refineclip_core.features.cache import FeatureCache
-from refineclip_core.loading.data import MAX_ASPECT_RATIO, load_dataset, load_image, parse_metadata
+from refineclip_core.loading.data import load_dataset, parse_metadata
+from refineclip_core.loading.decode import MAX_ASPECT_RATIO, load_image
 from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.loading.uploads import (
     ALLOWED_ROOTS_ENV,

@@ -23,7 +23,8 @@ from refineclip_core.features.cache import FeatureCache, ShardedArray, row_block
 from refineclip_core.features.extraction import ExtractionConfig, check_decomposition, extract, load_batch
 from refineclip_core.features.zeroshot import normalize
 from refineclip_core.loading.batches import DRAFT_FACTOR, DecodeConfig, decode_min_side, iter_batches
-from refineclip_core.loading.data import load_dataset, load_image
+from refineclip_core.loading.data import load_dataset
+from refineclip_core.loading.decode import load_image
 from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.evaluation import accuracy_report

@@ -40,7 +40,8 @@ from refineclip_core.loading.budget import (
     parse_size,
 )
 from refineclip_core.loading.confine import OUTSIDE_REASON
-from refineclip_core.loading.data import ImageDataset, load_dataset, load_image, parse_metadata
+from refineclip_core.loading.data import ImageDataset, load_dataset, parse_metadata
+from refineclip_core.loading.decode import load_image
 from refineclip_core.loading.checkpoints import read_state_dict
 from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.loading.uploads import read_roots

@@ -5,7 +5,7 @@ core, far longer than a ViT needs on a GPU for the image. So:
 
 * **reduced decoding**: a JPEG is decoded in the DCT domain at 1/2, 1/4 or 1/8 scale, the largest
   reduction whose sides stay at least :data:`DRAFT_FACTOR` × the model's input size
-  (:func:`~refineclip_core.loading.data.reduce_on_decode`); the model's exact transform (resize,
+  (:func:`~refineclip_core.loading.decode.reduce_on_decode`); the model's exact transform (resize,
   centre crop, normalise) then runs on that picture. ``DecodeConfig(exact=True)`` (``--exact-decode``)
   decodes every pixel instead. The decode size is recorded in the cache, so re-decoding for a
   check (decomposition, ablation against the real model) decodes the same way.
@@ -30,7 +30,8 @@ import torch
 
 from ..errors import ImageLoadError, RefineClipError
 from .confine import Roots
-from .data import ImageRecord, SkippedFile, load_image
+from .data import ImageRecord, SkippedFile
+from .decode import load_image
 
 #: Reduced JPEG decoding keeps both sides at least this many times the model's input size.
 DRAFT_FACTOR = 2

@@ -1,0 +1,111 @@
+"""Decoding one image file safely: any mode to 8-bit RGB, EXIF orientation, bomb and strip guards.
+
+The read of every image goes through :func:`load_image`: the file actually opened must lie inside
+the allowed folders (with ``roots``), Pillow's decompression-bomb guard stays on, and anything that
+cannot be decoded raises :class:`~refineclip_core.errors.ImageLoadError` with a specific reason
+(extraction records the file as skipped with it; a run never stops for one file).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..errors import ImageLoadError, OutsideRootsError
+from .confine import OUTSIDE_REASON, Roots, SpecialFileError, open_confined, resolve_roots
+
+#: Longest-to-shortest side ratio :func:`load_image` keeps. CLIP preprocessing (resize the shortest
+#: side, centre crop) only sees the central square, so a more extreme strip is centre-cropped to
+#: this ratio first; otherwise a few-hundred-byte 1 x 10^6 PNG is upscaled to gigabytes by the resize.
+MAX_ASPECT_RATIO = 20
+
+
+def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | None = None) -> Image.Image:
+    """Decode one image file into an RGB :class:`PIL.Image.Image`.
+
+    Applies the EXIF orientation, takes the first frame of animations, centre-crops extreme
+    strips to :data:`MAX_ASPECT_RATIO`, maps 16-bit and other modes to 8-bit RGB and
+    composites transparency on white. With ``min_side``, a JPEG is decoded at a reduced
+    scale whose sides are still at least ``min_side`` (:func:`reduce_on_decode`). Raises
+    :class:`ImageLoadError` with a specific reason for anything it cannot decode, including
+    images over Pillow's decompression-bomb limit (the guard stays on), devices and pipes, and
+    (with ``roots``) files that resolve outside those folders when opened.
+    """
+    path = str(path)
+    try:
+        with warnings.catch_warnings(), open_confined(path, resolve_roots(roots)) as fh:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise ImageLoadError("empty file (0 bytes), not an image Pillow can identify")
+            with Image.open(fh) as img:
+                img.seek(0)
+                reduce_on_decode(img, min_side)
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(_limit_aspect(img))
+    except OutsideRootsError as exc:
+        raise ImageLoadError(OUTSIDE_REASON) from exc
+    except SpecialFileError as exc:
+        raise ImageLoadError("not a regular file (a device, pipe or socket)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"image too large (decompression-bomb guard): {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageLoadError("not an image Pillow can identify") from exc
+    except PermissionError as exc:
+        raise ImageLoadError("permission denied") from exc
+    except FileNotFoundError as exc:
+        raise ImageLoadError("file not found (or a dangling symbolic link)") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageLoadError("symbolic link loop") from exc
+        if exc.errno == errno.EISDIR:
+            raise ImageLoadError("is a folder, not a file") from exc
+        raise ImageLoadError(f"corrupt or truncated image ({exc})") from exc
+    except (SyntaxError, ValueError, EOFError) as exc:
+        raise ImageLoadError(f"corrupt or truncated image ({exc})") from exc
+
+
+def reduce_on_decode(img: Image.Image, min_side: int | None) -> None:
+    """Ask the decoder of an opened, not yet loaded ``img`` for a smaller picture: JPEGs decode
+    at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's ``draft``), the largest reduction that
+    keeps both sides at least ``min_side``. Other formats, small images and ``min_side=None``
+    are left alone. The exact model transform (resize, centre crop) still runs afterwards."""
+    if min_side and img.format in ("JPEG", "MPO") and min(img.size) >= 2 * min_side:
+        img.draft(None, (min_side, min_side))
+
+
+def _limit_aspect(img: Image.Image) -> Image.Image:
+    """Centre-crop the long side to at most :data:`MAX_ASPECT_RATIO` times the short side."""
+    w, h = img.size
+    limit = MAX_ASPECT_RATIO * max(1, min(w, h))
+    if w > limit:
+        left = (w - limit) // 2
+        return img.crop((left, 0, left + limit, h))
+    if h > limit:
+        top = (h - limit) // 2
+        return img.crop((0, top, w, top + limit))
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.width < 1 or img.height < 1:
+        raise ImageLoadError("image has zero width or height")
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        img = Image.fromarray(scaled.astype(np.uint8), mode="L")
+        mode = "L"
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
