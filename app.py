@@ -11,12 +11,14 @@ import streamlit as st
 
 from studio_ui.registry import DEFAULT_PAGE, PAGES
 from studio_ui.shell import app_icon, ensure_source, sidebar
+from studio_ui.state import keep_session_alive
 from studio_ui.widgets import show_exception
 
 st.set_page_config(page_title="RefineCLIP Studio", page_icon=app_icon(), layout="wide")
 st.set_option("client.disableDataExport", True)   # the tables' own CSV buttons escape formulas (widgets.table)
 
 page = st.navigation([st.Page(p.path, title=p.title, icon=p.icon, default=p.name == DEFAULT_PAGE) for p in PAGES])
+keep_session_alive()  # this session's upload folder is in use; abandoned ones are swept
 sidebar()
 ensure_source()
 try:

@@ -154,6 +154,28 @@ class _SessionFolder:
         weakref.finalize(self, cleanup_upload_dir, str(self.path))
 
 
+_last_sweep = [0.0]
+#: Seconds between two sweeps of abandoned upload folders (any session's page run may do one).
+SWEEP_EVERY = 300.0
+
+
+def keep_session_alive() -> None:
+    """Each page run: mark this session's folder as in use, and now and then remove the folders
+    of sessions that have not run a page for ``REFINECLIP_UPLOAD_TTL`` seconds
+    (:func:`refineclip_core.loading.uploads.sweep_upload_dirs`)."""
+    import time
+
+    from refineclip_core.loading.uploads import sweep_upload_dirs, touch_upload_dir
+
+    owner = get(Key.SESSION_FOLDER)
+    if owner is not None:
+        touch_upload_dir(owner.path)
+    now = time.monotonic()
+    if now - _last_sweep[0] > SWEEP_EVERY:
+        _last_sweep[0] = now
+        sweep_upload_dirs()
+
+
 def session_dir() -> Path:
     """This browser session's private temporary folder (uploads, exported checkpoints)."""
     owner = get(Key.SESSION_FOLDER)

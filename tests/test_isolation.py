@@ -443,3 +443,105 @@ def test_pages_show_names_of_any_encoding(hostile_names, home, demo_spec):
     assert "\x1b" not in text and "\u202e" not in text and "\u200b" not in text.replace("\u200b@", "")
     assert "⟨xFF⟩⟨xFE⟩" in text and "⟨U+202E⟩" in text
     assert plain(TERMINAL_NAME) in text or "⟨U+001B⟩" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. disk amplification, quotas and clean-up of uploads
+# ---------------------------------------------------------------------------------------------
+
+def _zeros_zip(n: int, size: int = 1 << 20) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for i in range(n):
+            zf.writestr(f"c/{i:04d}.png", b"\0" * size)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [1 << 20, 100_000])
+def test_many_entries_at_or_under_the_entry_limit_are_a_bomb_too(tmp_path, size):
+    """40 entries of exactly 1 MiB of zeros (the old check looked only at entries over 1 MiB), and
+    100 kB entries: the archive as a whole expands ~1,000-fold and is refused before writing."""
+    from refineclip_core.errors import DataError
+    from refineclip_core.loading.uploads import extract_zip
+
+    data = _zeros_zip(40 if size == 1 << 20 else 400, size)
+    with pytest.raises(DataError, match=r"expands \d+-fold"):
+        extract_zip(data, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.fixture()
+def upload_tmp(tmp_path, monkeypatch):
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def test_uploads_have_a_session_and_a_total_quota(upload_tmp, monkeypatch, image_folder):
+    from refineclip_core.errors import DataError
+    from refineclip_core.loading.uploads import folder_bytes, save_upload, session_upload_dir, unpack_upload
+
+    monkeypatch.setenv("REFINECLIP_UPLOAD_QUOTA", "1MB")
+    monkeypatch.setenv("REFINECLIP_UPLOAD_TOTAL", "1.5MB")
+    a, b = session_upload_dir(), session_upload_dir()
+    save_upload(os.urandom(600_000), "one.pt", "ckpt", a)
+    with pytest.raises(DataError, match=r"this session's uploads to 1\.2 MB, over its quota of 1\.0 MB"):
+        save_upload(os.urandom(600_000), "two.pt", "ckpt", a)
+    save_upload(os.urandom(600_000), "three.pt", "ckpt", b)
+    with pytest.raises(DataError, match=r"all sessions' uploads to 1\.6 MB, over the server's total of 1\.5 MB"):
+        save_upload(os.urandom(400_000), "four.pt", "ckpt", b)
+    assert folder_bytes(a) < 700_000 and folder_bytes(b) < 700_000  # refused uploads leave nothing
+    # a zip is sized by what it unpacks to, before anything is written
+    images = _zip_of(image_folder)  # 18 small PNGs, about 90 kB unpacked
+    monkeypatch.setenv("REFINECLIP_UPLOAD_QUOTA", "650kB")
+    with pytest.raises(DataError, match="over its quota of 650.0 kB"):
+        unpack_upload(images, a)
+    assert not [p for p in a.iterdir() if p.name.startswith("zip-")]
+
+
+def test_abandoned_upload_folders_are_swept_after_the_stated_time(upload_tmp, monkeypatch):
+    import time
+
+    from refineclip_core.loading.uploads import (ALIVE_FILE, session_upload_dir, sweep_upload_dirs,
+                                                 touch_upload_dir)
+
+    monkeypatch.setenv("REFINECLIP_UPLOAD_TTL", "600")
+    gone, active = session_upload_dir(), session_upload_dir()
+    (gone / "private.pt").write_bytes(b"x" * 1000)
+    old = time.time() - 601
+    os.utime(gone / ALIVE_FILE, (old, old))
+    os.utime(active / ALIVE_FILE, (old, old))
+    touch_upload_dir(active)                       # the dashboard does this on each page run
+    outside = upload_tmp / "not-an-upload-folder"  # never touched by the sweep
+    outside.mkdir()
+    os.utime(outside, (old, old))
+    assert sweep_upload_dirs() == [gone]
+    assert not gone.exists() and active.is_dir() and outside.is_dir()
+    # a new session sweeps too
+    os.utime(active / ALIVE_FILE, (old, old))
+    fresh = session_upload_dir()
+    assert not active.exists() and fresh.is_dir()
+
+
+def test_each_page_run_keeps_the_sessions_folder_alive(home, demo_spec, upload_tmp):
+    import time
+
+    from refineclip_core.loading.uploads import ALIVE_FILE
+
+    from .test_app import fresh_app
+
+    from studio_ui.state import Key, _SessionFolder
+
+    at = fresh_app(demo_spec)
+    owner = _SessionFolder()  # the session's upload folder, as its first upload makes it
+    at.session_state[Key.SESSION_FOLDER] = owner
+    old = time.time() - 10_000
+    os.utime(Path(owner.path) / ALIVE_FILE, (old, old))
+    at.run()
+    assert time.time() - (Path(owner.path) / ALIVE_FILE).stat().st_mtime < 600

@@ -19,6 +19,7 @@ Nothing here imports Streamlit; the dashboard calls these functions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -27,6 +28,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,20 @@ ALLOWED_ROOTS_ENV = "REFINECLIP_ALLOWED_ROOTS"
 _JUNK_NAMES = {"thumbs.db", "desktop.ini"}
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CHUNK = 1 << 20
+#: Entries larger than this are checked one by one against the expansion limit (images and CSVs
+#: barely compress; 64 kB of zeros compress about 1,000-fold); the whole archive is checked too.
+ENTRY_RATIO_MIN_BYTES = 64 * 1024
+
+#: Environment variables: one session's upload quota, all sessions' together, and how long an
+#: upload folder that no session has touched is kept (seconds).
+UPLOAD_QUOTA_ENV = "REFINECLIP_UPLOAD_QUOTA"
+UPLOAD_TOTAL_ENV = "REFINECLIP_UPLOAD_TOTAL"
+UPLOAD_TTL_ENV = "REFINECLIP_UPLOAD_TTL"
+DEFAULT_UPLOAD_QUOTA = "4GB"
+DEFAULT_UPLOAD_TOTAL = "16GB"
+DEFAULT_UPLOAD_TTL = 3600
+#: The file whose modification time says when a session last used its folder.
+ALIVE_FILE = ".alive"
 
 
 @dataclass(frozen=True)
@@ -150,8 +166,9 @@ def extract_zip(
 
     Every entry is checked before anything is written: no absolute/drive paths, no ``..``,
     no symlinks or device entries, no encryption, at most ``max_files`` files, at most
-    ``max_total_bytes`` declared uncompressed bytes, no entry above ``ratio_min_bytes`` that
-    expands more than ``max_ratio`` times, and compressed sizes that fit in the archive
+    ``max_total_bytes`` declared uncompressed bytes, no entry above :data:`ENTRY_RATIO_MIN_BYTES`
+    and no archive unpacking to more than ``ratio_min_bytes`` in all that expands more than
+    ``max_ratio`` times, and compressed sizes that fit in the archive
     (overlapping entries are a zip-bomb trick). While streaming, the bytes actually produced
     are counted against the declared sizes and ``max_total_bytes``. Files are created with
     ``O_EXCL | O_NOFOLLOW`` in a hidden temporary sibling folder that is renamed to ``dest``
@@ -221,12 +238,18 @@ def _plan(zf: zipfile.ZipFile, archive_size: int, label: str, max_files: int, ma
                 f"{label} would unpack to more than {_size(max_total_bytes)}; "
                 "the upload was refused."
             )
-        if info.file_size > ratio_min_bytes and info.file_size > max_ratio * max(info.compress_size, 1):
+        if info.file_size > ENTRY_RATIO_MIN_BYTES and info.file_size > max_ratio * max(info.compress_size, 1):
             raise DataError(
                 f"The zip entry '{_show(name)}' expands {info.file_size / max(info.compress_size, 1):.0f}-fold "
                 f"(limit {max_ratio:.0f}); this looks like a zip bomb and the upload was refused."
             )
         plan.append((kind, parts, info))
+    # every entry together: many entries just under any per-entry size (1,900 x 1 MiB of zeros) expand as one
+    if declared > ratio_min_bytes and declared > max_ratio * max(archive_size, 1):
+        raise DataError(
+            f"{label} expands {declared / max(archive_size, 1):.0f}-fold in all (limit {max_ratio:.0f}); this looks "
+            "like a zip bomb and the upload was refused."
+        )
     if compressed > archive_size:
         raise DataError(
             f"{label} declares more compressed data than it holds (overlapping entries); "
@@ -307,8 +330,98 @@ def _dataset_root(dest: Path) -> Path:
 
 
 def session_upload_dir() -> Path:
-    """A new private (mode 0700) temporary folder for one dashboard session's uploads."""
-    return Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX))
+    """A new private (mode 0700) temporary folder for one dashboard session's uploads; folders of
+    sessions gone for longer than :func:`upload_ttl` are swept first (:func:`sweep_upload_dirs`)."""
+    sweep_upload_dirs()
+    path = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX))
+    touch_upload_dir(path)
+    return path
+
+
+def upload_ttl() -> float:
+    """Seconds an upload folder is kept after its session last used it (``REFINECLIP_UPLOAD_TTL``)."""
+    text = os.environ.get(UPLOAD_TTL_ENV, "").strip()
+    try:
+        return float(text) if text else float(DEFAULT_UPLOAD_TTL)
+    except ValueError:
+        raise DataError(f"{UPLOAD_TTL_ENV} must be a number of seconds, not {text!r}.") from None
+
+
+def touch_upload_dir(path: str | os.PathLike) -> None:
+    """Record that the session owning ``path`` is still there (each page run of the dashboard)."""
+    with contextlib.suppress(OSError):
+        (Path(path) / ALIVE_FILE).touch()
+
+
+def upload_dirs() -> list[Path]:
+    """Every session's upload folder in the temporary directory."""
+    tmp = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        return sorted(p for p in tmp.iterdir() if p.name.startswith(UPLOAD_PREFIX) and p.is_dir()
+                      and not p.is_symlink())
+    return []
+
+
+def sweep_upload_dirs(max_age: float | None = None, now: float | None = None) -> list[Path]:
+    """Remove the upload folders no session has used for ``max_age`` seconds (default
+    :func:`upload_ttl`): a browser that went away without its session being cleaned up (a
+    server that kept the session's state, a hard kill). Returns the folders removed."""
+    max_age = upload_ttl() if max_age is None else max_age
+    now = time.time() if now is None else now
+    removed = []
+    for folder in upload_dirs():
+        try:
+            alive = folder / ALIVE_FILE
+            last = (alive if alive.exists() else folder).stat().st_mtime
+        except OSError:
+            continue
+        if now - last > max_age and cleanup_upload_dir(folder):
+            removed.append(folder)
+    return removed
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the files below ``folder`` (links not followed)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def upload_quotas() -> tuple[int, int]:
+    """(one session's, all sessions') upload quota in bytes: ``REFINECLIP_UPLOAD_QUOTA`` and
+    ``REFINECLIP_UPLOAD_TOTAL`` (sizes like ``4GB``)."""
+    from .budget import parse_size
+
+    def read(env: str, default: str) -> int:
+        try:
+            return parse_size(os.environ.get(env, "").strip() or default)
+        except DataError:
+            raise
+        except Exception as exc:  # parse_size's RefineClipError names the budget; say which setting
+            raise DataError(f"{env} must be a size like 4GB, not {os.environ.get(env)!r}.") from exc
+
+    return read(UPLOAD_QUOTA_ENV, DEFAULT_UPLOAD_QUOTA), read(UPLOAD_TOTAL_ENV, DEFAULT_UPLOAD_TOTAL)
+
+
+def check_upload_quota(folder: str | os.PathLike, incoming: int) -> int:
+    """Refuse ``incoming`` more bytes in the session folder ``folder`` when they would bring it over
+    its quota, or all sessions' folders over the total (:func:`upload_quotas`). Returns the bytes
+    the session may still add (for the streaming check while unpacking)."""
+    session_quota, total_quota = upload_quotas()
+    own = folder_bytes(folder)
+    if own + incoming > session_quota:
+        raise DataError(f"This upload ({_size(incoming)}) would bring this session's uploads to "
+                        f"{_size(own + incoming)}, over its quota of {_size(session_quota)} ({UPLOAD_QUOTA_ENV}); "
+                        "remove earlier uploads by reloading the page, or use a folder on the server.")
+    everyone = sum(folder_bytes(d) for d in upload_dirs() if d.resolve() != Path(folder).resolve()) + own
+    if everyone + incoming > total_quota:
+        raise DataError(f"This upload ({_size(incoming)}) would bring all sessions' uploads to "
+                        f"{_size(everyone + incoming)}, over the server's total of {_size(total_quota)} "
+                        f"({UPLOAD_TOTAL_ENV}); try again later or use a folder on the server.")
+    return session_quota - own
 
 
 def cleanup_upload_dir(path: str | os.PathLike | None) -> bool:
@@ -396,10 +509,20 @@ def save_upload(data: bytes, name: str, prefix: str, folder: str | os.PathLike) 
     digest = hashlib.sha256(data).hexdigest()[:12]
     path = Path(folder) / f"{prefix}-{digest}-{Path(name).name.replace(' ', '_') or 'upload'}"
     if not path.exists():
+        check_upload_quota(folder, len(data))
         tmp = path.with_suffix(path.suffix + ".part")
         tmp.write_bytes(data)
         tmp.replace(path)
     return path
+
+
+def _declared_bytes(data: bytes) -> int:
+    """What a zip says it unpacks to (0 when it is no readable zip: :func:`extract_zip` says why)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+        return 0
 
 
 def unpack_upload(data: bytes, folder: str | os.PathLike) -> ExtractedUpload:
@@ -412,7 +535,8 @@ def unpack_upload(data: bytes, folder: str | os.PathLike) -> ExtractedUpload:
         return ExtractedUpload(Path(info["root"]), info["n_files"], [SkippedFile(**s) for s in info["skipped"]],
                                info["total_bytes"], dest)
     shutil.rmtree(dest, ignore_errors=True)  # an extraction that never recorded its outcome
-    res = extract_zip(data, dest)
+    room = check_upload_quota(folder, _declared_bytes(data))
+    res = extract_zip(data, dest, max_total_bytes=min(2_000_000_000, room))
     record.write_text(json.dumps({"root": str(res.root), "n_files": res.n_files, "total_bytes": res.total_bytes,
                                   "skipped": [{"path": s.path, "reason": s.reason} for s in res.skipped]}))
     return res
