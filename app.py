@@ -16,6 +16,8 @@ from studio_ui.widgets import show_exception
 
 st.set_page_config(page_title="RefineCLIP Studio", page_icon=app_icon(), layout="wide")
 st.set_option("client.disableDataExport", True)   # the tables' own CSV buttons escape formulas (widgets.table)
+# Streamlit's uploader line shows 512 MB as "1GB per file"; the labels say the real limit (forms.uploader)
+st.html("<style>[data-testid='stFileUploaderDropzoneInstructions'] {display: none}</style>")
 
 page = st.navigation([st.Page(p.path, title=p.title, icon=p.icon, default=p.name == DEFAULT_PAGE) for p in PAGES])
 keep_session_alive()  # this session's upload folder is in use; abandoned ones are swept

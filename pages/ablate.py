@@ -8,11 +8,11 @@ import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.method.ablation import verify_on_images
-from refineclip_core.method.evaluation import AccuracyReport, accuracy_report, rows_mask
-from refineclip_core.reporting.findings import accuracy_rows
+from refineclip_core.method.evaluation import accuracy_report, rows_mask
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, put, read_roots, set_ticked_heads, ticked_heads
-from studio_ui.widgets import guard, image_grid, link, metric_ci, plain, require_ready, show_exception, table
+from studio_ui.widgets import (comparison_table, guard, image_grid, link, metric_ci, plain, require_ready,
+                               show_exception, table)
 
 st.title(page("ablate").heading)
 st.caption("Removing a head subtracts its direct contribution from the image embedding, E − Σ c_h (paper Eq. 5): "
@@ -84,64 +84,59 @@ def _panel() -> None:
                   help=plain(f"now: {rep.worst_group_name}; zero-shot: {base.worst_group_name}"))
         m[1].caption(plain(rep.worst_group_name))
         metric_ci(m[2], "Average group", rep.average(), base.average())
-    m[3].metric("Predictions changed", f"{len(res.flipped)}", help="fixed = became correct, broken = became wrong")
-    m[3].caption(f"{len(res.fixed)} fixed · {len(res.broken)} broken")
+    other = len(res.flipped) - len(res.fixed) - len(res.broken)
+    m[3].metric("Predictions changed", f"{len(res.flipped)}",
+                help="fixed = became correct; broken = was correct, became wrong; the rest were wrong before and "
+                     "are wrong after, as another class")
+    m[3].caption(f"{len(res.fixed)} fixed · {len(res.broken)} broken · {other} from one wrong class to another")
 
     t = st.columns(2)
     if rep.per_group:
         t[0].markdown("**Per group**")
-        _comparison(t[0], "group", base, rep)
+        comparison_table(t[0], "group", base, rep)
     t[1].markdown("**Per class**")
-    _comparison(t[1], "class", base, rep)
+    comparison_table(t[1], "class", base, rep)
 
     st.markdown(f"**Images whose prediction flipped** ({len(res.flipped)})")
     if len(res.flipped):
         base_pred, new_pred = eng.base_predictions, res.predictions
         effect = {**{i: "fixed" for i in res.fixed.tolist()}, **{i: "broken" for i in res.broken.tolist()}}
+        wrong_to_wrong = "wrong before and after"
         recs = [cache.records[i] for i in res.flipped]
         table("changed-images", pd.DataFrame({
             "image": [r.path.rsplit("/", 1)[-1] for r in recs], "group": [r.group or "" for r in recs],
-            "true": [classes[labels[i]] for i in res.flipped], "before": [classes[base_pred[i]] for i in res.flipped],
-            "after": [classes[new_pred[i]] for i in res.flipped],
-            "effect": [effect.get(i, "still wrong") for i in res.flipped.tolist()]}),
+            "true class": [classes[labels[i]] for i in res.flipped],
+            "prediction before": [classes[base_pred[i]] for i in res.flipped],
+            "prediction after": [classes[new_pred[i]] for i in res.flipped],
+            "effect": [effect.get(i, wrong_to_wrong) for i in res.flipped.tolist()]}),
             hide_index=True, height=min(38 * (len(res.flipped) + 1), 280))
-        image_grid([(cache.records[i].path, f"{effect[i]}: {classes[base_pred[i]]} → {classes[new_pred[i]]}")
+        image_grid([(cache.records[i].path, f"{effect[i]} (true {classes[labels[i]]}): before {classes[base_pred[i]]} "
+                                             f"→ after {classes[new_pred[i]]}")
                     for i in list(res.fixed[:6]) + list(res.broken[:6])])
     else:
         st.caption("No prediction changed.")
 
     st.markdown("**Check against the real model**")
     st.caption("Runs the model itself with these heads' direct paths removed (hooks, no cached numbers) on a few "
-               "images and compares with the arithmetic above (zero ablation).")
+               "images and compares with the arithmetic above, in the ablation chosen above"
+               + (" (mean: the real pass plus each removed head's mean contribution, one vector per head)."
+                  if mode == "mean" else " (zero)."))
     if st.button("Verify with a real forward pass", key="abl_verify"):
         with st.spinner("Running the model on 8 images…"), guard("The verification"):
             pool = np.concatenate([res.flipped, np.flatnonzero(mask)])  # changed images first
-            v = verify_on_images(ready.loaded(), cache.records, eng, pool, heads, roots=read_roots(),
-                                 min_side=cache.manifest.decode_min_side)
+            v = verify_on_images(ready.loaded(), cache.records, ident.ablation_engine(eng), pool, heads,
+                                 roots=read_roots(), min_side=cache.manifest.decode_min_side, mode=mode)
             if v is None:
                 st.error("None of the images could be read again; they may have moved since extraction.")
-            put(Key.VERIFIED, None if v is None else (heads, v))
+            put(Key.VERIFIED, None if v is None else ((heads, mode), v))
     checked = get(Key.VERIFIED)
-    if checked and checked[0] == heads:
+    if checked and checked[0] == (heads, mode):
         v = checked[1]
         ok = v.predictions_agree and v.max_rel_error < 1e-3
-        msg = (f"Real forward pass on {v.n_images} images: largest relative difference from the cached arithmetic "
+        msg = (f"Real forward pass ({mode} ablation) on {v.n_images} images: largest relative difference from the "
+               f"cached arithmetic "
                f"{v.max_rel_error:.1e}; predictions {'agree on every image' if v.predictions_agree else 'DIFFER'}.")
         (st.success if ok else st.error)(msg, icon=":material/check_circle:" if ok else ":material/dangerous:")
-        if mode == "mean":
-            st.caption("The check uses zero ablation (the model has no notion of a head's mean).")
-
-
-def _comparison(where, by: str, before: AccuracyReport, after: AccuracyReport) -> None:
-    """Zero-shot vs ablated accuracy per group or class (each with its 95% interval), and the change."""
-    acc = st.column_config.NumberColumn(format="percent")
-    b, a = accuracy_rows(before, by), {r["name"]: r for r in accuracy_rows(after, by)}
-    where.dataframe(pd.DataFrame({
-        by: [r["name"] for r in b], "zero-shot": [r["value"] for r in b], "ablated": [a[r["name"]]["value"] for r in b],
-        "ablated 95% CI": [f"{100 * a[r['name']]['low']:.1f}–{100 * a[r['name']]['high']:.1f}%" for r in b],
-        "change (pts)": [100 * (a[r["name"]]["value"] - r["value"]) for r in b], "images": [r["n"] for r in b]}),
-        hide_index=True, column_config={"zero-shot": acc, "ablated": acc,
-                                        "change (pts)": st.column_config.NumberColumn(format="%+.1f")})
 
 
 panel()

@@ -114,5 +114,5 @@ conf = probs[wrong, pred[wrong]]
 order = wrong[np.argsort(-conf, kind="stable")][:limit]
 st.caption(f"{len(wrong)} images, most confident mistakes first (confidence = softmax of logit-scaled cosine).")
 image_grid([(cache.records[i].path,
-             f"{classes[labels[i]]} → {classes[pred[i]]} ({probs[i, pred[i]]:.0%})"
+             f"true {classes[labels[i]]} → predicted {classes[pred[i]]} ({probs[i, pred[i]]:.0%})"
              + (f" · {cache.records[i].group}" if cache.records[i].group else "")) for i in order])

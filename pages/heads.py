@@ -10,7 +10,7 @@ from refineclip_core.method.errorsets import error_pairs
 from refineclip_core.method.protocol import SELECTION_RULES, PairSpec, pair_spec
 from refineclip_core.method.scores import SCORE_SPECS
 from refineclip_core.names import visible
-from refineclip_core.reporting.figures import score_grid_figure, utility_figure
+from refineclip_core.reporting.figures import score_grid_figure, selection_name, utility_figure
 from studio_ui.registry import page
 from studio_ui.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
                              set_protocol)
@@ -93,13 +93,14 @@ for start in range(0, len(names), 2):
                 continue
             key = Key.score_map(names.index(name))
             fig = score_grid_figure(s.values, s.layers, name, s.descending, chosen=ident.heads, selected=selected,
-                                    n_heads=cache.manifest.n_heads)
+                                    n_heads=cache.manifest.n_heads, chosen_by=selection_name(sel.score))
             st.plotly_chart(fig, key=key, on_select=lambda key=key: _on_click(key), selection_mode="points",
                             width="content", theme=None, config={"displayModeBar": False})
             if s.reason:
                 st.caption(plain(s.reason))
 
-st.caption("White dot: chosen heads · gold border: the head selected for the inspector · hover for values.")
+st.caption(f"White dot: the heads chosen by {selection_name(sel.score)} · gold border: the head selected for the "
+           "inspector · hover a square for its score value and rank.")
 if selected is not None and selected.layer in cache.manifest.layers:
     vals = {name: s.value(selected) for name, s in ident.scores.items() if s.available}
     ranks = {name: s.ranking().index(selected) + 1 for name, s in ident.scores.items() if s.available}

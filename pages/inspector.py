@@ -97,9 +97,17 @@ st.plotly_chart(push_figure(push, groups, classes[b]), key="insp_push")
 if len(push) > MAX_BOX_POINTS:
     st.caption(f"{len(push):,} images: the boxes show their outliers, not every image.")
 order = np.argsort(-push, kind="stable")
-st.markdown("**Images it pushes hardest toward the wrong class**")
-image_grid([(cache.records[rows[i]].path, f"push {push[i]:+.3f} · predicted {classes[pred[rows[i]]]}")
-            for i in order[:12]])
+wrong = [i for i in order if pred[rows[i]] == b]   # images of the true class the model calls the wrong class
+st.markdown(f"**Misclassified images ({name_a} → {name_b}) this head pushes hardest toward {name_b}** "
+            f"({len(wrong)} of {len(rows)} {name_a} images are predicted {name_b}; highest push first)")
+
+
+if wrong:
+    image_grid([(cache.records[rows[i]].path, f"true {classes[a]}" + (f" ({g})" if (g := cache.records[rows[i]].group)
+                                                                    else "") + f" → predicted {classes[b]} · push "
+                 f"{push[i]:+.3f}") for i in wrong[:12]])
+else:
+    st.caption(f"No {name_a} image is predicted {name_b} here.")
 
 # --- 3. Grad-CAM -----------------------------------------------------------------------------------
 st.subheader("Where it looks (Grad-CAM)")
@@ -136,4 +144,5 @@ if cam and cam[0] == (src.resource_key(), head, tuple(chosen), int(target)):
             cols[3].caption(f"{' and '.join(flat)}: the map is zero everywhere — no region of this image raises the "
                             f"'{plain(classes[target])}' logit through that path (Grad-CAM keeps positive evidence only).")
 elif chosen:
-    st.caption("Pick images and click 'Compute Grad-CAM' to compare the whole model with this head or the blamed set.")
+    st.caption(f"Pick images and click 'Grad-CAM: {scopes['insp_cam_btn'][1]}' or 'Grad-CAM: "
+               f"{scopes['insp_cam_set'][1]}' to compare the whole model with this head or the blamed set.")

@@ -344,6 +344,8 @@ def walk(page, url: str, out: Path, refine_steps: int | None = None) -> list[Pat
     take("ablate", 1600)
     goto(page, "refine")
     if refine_steps is not None:
+        page.get_by_text("Settings of the paper's phase 2").first.click()   # closed while fit is exported
+        settle(page)
         box = page.locator(".st-key-ref_steps input")
         box.fill(str(refine_steps))
         box.press("Tab")

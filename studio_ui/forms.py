@@ -74,7 +74,7 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
         where = st.radio("Checkpoint", ["Upload", "Path on the server"], key="load_ckpt_where", horizontal=True)
         uploaded = where == "Upload"
         if uploaded:
-            up = st.file_uploader("Checkpoint (.pt, .bin, .safetensors; a Hugging Face CLIP folder as .zip)",
+            up = uploader("Checkpoint (.pt, .bin, .safetensors; a Hugging Face CLIP folder as .zip)",
                                   key="load_ckpt_upload", type=["pt", "pth", "bin", "safetensors", "zip"])
             if up is not None and up.name.lower().endswith(".zip"):  # a zipped save_pretrained folder
                 ckpt = str(hf_folder_in(unpack_upload(up.getvalue(), session_dir()).dest))
@@ -100,7 +100,7 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
             where = st.radio("Config JSON", ["Upload", "Path on the server"], key="load_cfg_where", horizontal=True)
             uploaded = uploaded or where == "Upload"
             if where == "Upload":
-                up = st.file_uploader("open_clip model config (.json)", type=["json"], key="load_cfg_upload")
+                up = uploader("open_clip model config (.json)", type=["json"], key="load_cfg_upload")
                 config, name = _kept(up, "config"), Path(up.name).stem if up is not None else ""
             else:
                 text = st.text_input("Config path", key="load_cfg_path")
@@ -125,12 +125,12 @@ def images_form() -> ImagesChoice | None:
     if kind == DATA_KINDS[1]:
         roots = ", ".join(str(r) for r in default_allowed_roots())
         folder = st.text_input("Folder with class sub-folders or a metadata.csv", key="load_folder",
-                               help=f"Must lie below one of: {roots} (set REFINECLIP_ALLOWED_ROOTS to change).")
+                               help=f"Must lie below one of: {roots} (REFINECLIP_ALLOWED_ROOTS, when set, replaces this list).")
         choice = ImagesChoice("folder", folder=folder) if folder.strip() else None
     else:
-        up = st.file_uploader("Zip of class folders or of images + metadata.csv", type=["zip"], key="load_zip")
+        up = uploader("Zip of class folders or of images + metadata.csv", type=["zip"], key="load_zip")
         choice = ImagesChoice("zip", zip_data=up.getvalue(), zip_name=up.name) if up is not None else None
-    meta = st.file_uploader("Optional metadata CSV (path,label[,group,split] or WILDS img_filename,y,split,place; "
+    meta = uploader("Optional metadata CSV (path,label[,group,split] or WILDS img_filename,y,split,place; "
                             "paths relative to the folder)", type=["csv"], key="load_meta")
     if choice is not None and meta is not None:
         return ImagesChoice(choice.kind, choice.folder, choice.zip_data, choice.zip_name, (meta.name, meta.getvalue()))
@@ -150,34 +150,52 @@ def extraction_options() -> tuple[bool, str]:
     return exact, store
 
 
+def uploader(label: str, **kwargs):
+    """``st.file_uploader`` whose label states the server's real per-file limit (``server.maxUploadSize``):
+    Streamlit's own line rounds 512 MB up to "1GB" (its formatter moves to the next unit above half of
+    it, with no decimals), so that line is hidden (app.py) and the label says it instead."""
+    limit = int(st.get_option("server.maxUploadSize"))
+    return st.file_uploader(f"{label} — at most {limit:,} MB per file", **kwargs)
+
+
 def cache_form() -> str | None:
     """A feature cache folder on the server (checked to lie below an allowed root), or None."""
     roots = ", ".join(str(r) for r in default_allowed_roots())
     folder = st.text_input("Feature cache folder (it holds manifest.json; opened read-only)", key="load_cache_folder",
-                           help=f"Must lie below one of: {roots} (set REFINECLIP_ALLOWED_ROOTS to change). Several "
+                           help=f"Must lie below one of: {roots} (REFINECLIP_ALLOWED_ROOTS, when set, replaces this list). Several "
                                 f"servers can open the same folder at once; nothing is written into it.")
     return str(allowed_path(folder)) if folder.strip() else None
 
 
 def edit_form(seed: int, disabled: bool) -> tuple[EditConfig, bool] | None:
-    """The Refine page's settings (defaults: :data:`DEFAULT_EDIT`); ``(config, baselines)`` once submitted."""
+    """The Refine page's settings (defaults: :data:`DEFAULT_EDIT`); ``(config, baselines)`` once submitted.
+
+    The exported edit is chosen outside the form so the settings follow it at once: the chosen kind's
+    settings are shown, the other kind's sit in a closed expander (they only shape its baseline row)."""
     fit_d, paper_d = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper
+    method = st.radio("Exported edit", ["fit", "paper"], horizontal=True, key="ref_method",
+                      index=["fit", "paper"].index(DEFAULT_EDIT.method),
+                      format_func=lambda m: {"fit": "RefineCLIP-fit (default)", "paper": "the paper's phase 2"}[m])
     with st.form("ref_form"):
-        method = st.radio("Exported edit", ["fit", "paper"], horizontal=True, key="ref_method",
-                          index=["fit", "paper"].index(DEFAULT_EDIT.method),
-                          format_func=lambda m: {"fit": "RefineCLIP-fit (default)", "paper": "the paper's phase 2"}[m])
-        c = st.columns(4)
-        ridge = c[0].number_input("Ridge (fit)", 0.0, 10.0, fit_d.ridge, format="%g", key="ref_ridge")
-        fit_steps = c[0].number_input("KL steps (fit)", 0, 20_000, fit_d.steps, step=50, key="ref_fit_steps")
-        strategy = c[1].radio("Map (paper)", ["diag", "full", "lora"], key="ref_strategy", horizontal=True,
-                              index=["diag", "full", "lora"].index(paper_d.strategy),
-                              help="diag: θ ∈ R^d (the paper); full: a d×d matrix; lora: identity + rank-r update.")
-        rank = c[1].number_input("LoRA rank", 1, 256, paper_d.rank, key="ref_rank")
-        alpha = c[2].number_input("α (paper)", 0.0, 1e7, paper_d.alpha, step=1000.0, format="%g", key="ref_alpha")
-        beta = c[2].number_input("β (paper)", 0.0, 1e7, paper_d.beta, step=10.0, format="%g", key="ref_beta")
-        steps = c[2].number_input("Steps (paper)", 1, 20_000, paper_d.steps, step=100, key="ref_steps")
-        seed = c[3].number_input("Seed", 0, 1_000_000, seed, key="ref_seed")
-        baselines = c[3].checkbox("Baselines", True, key="ref_baselines",
+        c = st.columns([3, 1])
+        other = c[0].expander("Settings of the paper's phase 2 (only its baseline row uses them)" if method == "fit"
+                              else "Settings of RefineCLIP-fit (only its baseline row uses them)", expanded=False)
+        fit_box, paper_box = (c[0], other) if method == "fit" else (other, c[0])
+        with fit_box:
+            f = st.columns(4)
+            ridge = f[0].number_input("Ridge (fit)", 0.0, 10.0, fit_d.ridge, format="%g", key="ref_ridge")
+            fit_steps = f[1].number_input("KL steps (fit)", 0, 20_000, fit_d.steps, step=50, key="ref_fit_steps")
+        with paper_box:
+            p = st.columns(4)
+            strategy = p[0].radio("Map (paper)", ["diag", "full", "lora"], key="ref_strategy", horizontal=True,
+                                  index=["diag", "full", "lora"].index(paper_d.strategy),
+                                  help="diag: θ ∈ R^d (the paper); full: a d×d matrix; lora: identity + rank-r update.")
+            rank = p[0].number_input("LoRA rank (lora only)", 1, 256, paper_d.rank, key="ref_rank")
+            alpha = p[1].number_input("α (paper)", 0.0, 1e7, paper_d.alpha, step=1000.0, format="%g", key="ref_alpha")
+            beta = p[1].number_input("β (paper)", 0.0, 1e7, paper_d.beta, step=10.0, format="%g", key="ref_beta")
+            steps = p[2].number_input("Steps (paper)", 1, 20_000, paper_d.steps, step=100, key="ref_steps")
+        seed = c[1].number_input("Seed", 0, 1_000_000, seed, key="ref_seed")
+        baselines = c[1].checkbox("Baselines", True, key="ref_baselines",
                                   help="Also run the other kind of edit, standard fine-tuning (cross-entropy only) "
                                        "and a Tip-Adapter cache, for comparison.")
         if not st.form_submit_button("Run phase 2", type="primary", disabled=disabled):

@@ -111,13 +111,20 @@ def diagnosis_lead(ready: Ready, ident: Identification, heads: list[HeadId] | No
                    "text pool's concepts; checked on the demo world where the cue is known):")
         for pair in diag.pairs:
             st.text(pair.sentence)
-        with st.expander(f"The ranked concepts ({len(diag.concepts)}) and the heads that carry them"):
+        n_concepts = sum(len(pair.concepts) for pair in diag.pairs)
+        with st.expander(f"The ranked concepts ({n_concepts}) and the heads that carry them"):
+            st.caption("One row per error pair and concept, in each pair's order (ranked by the concept's share of "
+                       "the push toward the wrong class); heads: the removed heads carrying it, with their part.")
             table("concepts", pd.DataFrame([{
-                "concept": c.text, "errors carry": "more" if c.side == "errors" else "less", "share of removed variance": c.share,
+                "pair (true → predicted)": f"{pair.true} → {pair.wrong}", "concept": c.text,
+                "heads": ", ".join(f"{h} ({c.head_shares.get(h, 0.0):.0%})" for h in c.heads),
+                "push toward predicted": c.push_share, "share of removed variance": c.share,
+                "errors carry": "more" if c.side == "errors" else "less",
                 "errors vs correct (sd)": c.contrast, "coverage in scope": c.coverage,
                 "random sets holding as much": c.p_random,
-                "heads": ", ".join(c.heads), "examples": "; ".join(c.descriptions)} for c in diag.concepts]),
+                "examples": "; ".join(c.descriptions)} for pair in diag.pairs for c in pair.concepts]),
                 hide_index=True, column_config={
+                    "push toward predicted": st.column_config.NumberColumn(format="percent"),
                     "share of removed variance": st.column_config.NumberColumn(format="percent"),
                     "coverage in scope": st.column_config.NumberColumn(format="percent"),
                     "random sets holding as much": st.column_config.NumberColumn(format="percent"),

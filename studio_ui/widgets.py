@@ -17,9 +17,11 @@ from refineclip_core.errors import Cancelled, RefineClipError
 from refineclip_core.features.cache import FeatureCache
 from refineclip_core.loading.models import LoadedModel
 from refineclip_core.method.ablation import AblationEngine
+from refineclip_core.method.evaluation import AccuracyReport
 from refineclip_core.method.intervals import Estimate
 from refineclip_core.method.protocol import Identification
 from refineclip_core.names import decodable, visible
+from refineclip_core.reporting.findings import accuracy_rows
 from refineclip_core.reporting.tables import frame_csv
 from refineclip_core.studio.source import Source
 
@@ -258,3 +260,17 @@ def delta_pts(new: float | None, old: float | None) -> str | None:
     if new is None or old is None:
         return None
     return f"{100 * (new - old):+.1f} pts"
+
+
+def comparison_table(where, by: str, before: AccuracyReport, after: AccuracyReport) -> None:
+    """Zero-shot vs ablated accuracy per group or class (each with its 95% interval), and the change."""
+    acc = st.column_config.NumberColumn(format="percent")
+    b, a = accuracy_rows(before, by), {r["name"]: r for r in accuracy_rows(after, by)}
+    with where:
+        table(f"ablated-per-{by}", pd.DataFrame({
+            by: [r["name"] for r in b], "zero-shot": [r["value"] for r in b],
+            "ablated": [a[r["name"]]["value"] for r in b],
+            "ablated 95% CI": [f"{100 * a[r['name']]['low']:.1f}–{100 * a[r['name']]['high']:.1f}%" for r in b],
+            "change (pts)": [100 * (a[r["name"]]["value"] - r["value"]) for r in b], "images": [r["n"] for r in b]}),
+            hide_index=True, column_config={"zero-shot": acc, "ablated": acc,
+                                            "change (pts)": st.column_config.NumberColumn(format="%+.1f")})

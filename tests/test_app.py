@@ -245,9 +245,18 @@ def test_ablate_page_toggles_match_independent_arithmetic(app):
         expected = (pred[rows] == cache.labels[rows]).mean()
         assert next(m.value for m in at.metric if m.label == "Accuracy") == f"{100 * expected:.1f}%", mode
     assert any(cap.value.startswith("95% CI") and f"n = {len(rows)}" in cap.value for cap in at.caption)
+    # the counts add up: fixed + broken + wrong-to-another-wrong = changed
+    changed = int(next(m.value for m in at.metric if m.label == "Predictions changed"))
+    counts = next(c.value for c in at.caption if c.value.endswith("from one wrong class to another"))
+    assert sum(int(part.split()[0]) for part in counts.split(" · ")) == changed
     at.button(key="abl_verify").click().run()
     assert_clean(at)
-    assert any("predictions agree on every image" in s.value for s in at.success)
+    assert any("(zero ablation)" in s.value and "predictions agree on every image" in s.value for s in at.success)
+    # the check follows the page's ablation: mean (the default) is checked as mean
+    at.radio(key="abl_mode").set_value("mean").run()
+    at.button(key="abl_verify").click().run()
+    assert_clean(at)
+    assert any("(mean ablation)" in s.value and "predictions agree on every image" in s.value for s in at.success)
 
 
 def test_refine_page_runs_compares_and_offers_downloads(app):
@@ -379,6 +388,10 @@ def test_load_refuses_folders_outside_the_allowed_roots(home, demo_spec):
     at.button(key="load_scan_btn").click().run()
     assert not at.exception
     assert any("outside the folders this dashboard may read" in e.value for e in at.error)
+    # the refusal says what the variable does: it replaces the default folders (as SECURITY.md says)
+    shown = [e.value.replace("\\", "") for e in at.error]   # plain() escapes punctuation for Markdown
+    assert any("REFINECLIP_ALLOWED_ROOTS listing it" in t and "replaces the default folders" in t for t in shown)
+    assert "replaces" in (ROOT / "SECURITY.md").read_text().split("REFINECLIP_ALLOWED_ROOTS", 1)[1][:300]
     assert "load_scan" not in at.session_state
 
 
@@ -425,6 +438,10 @@ def test_load_zip_upload_scans_and_refuses_unsafe_zips(home, demo_spec, tmp_path
                 make_image(rng, colour).save(img, format="PNG")
                 zf.writestr(f"shapes/{cls}/{i}.png", img.getvalue())
         zf.writestr("__MACOSX/shapes/._red", b"junk")
+    import streamlit as st
+
+    limit = st.get_option("server.maxUploadSize")   # Streamlit's own line would round 512 MB up to "1GB"
+    assert at.file_uploader(key="load_zip").label.endswith(f"at most {limit:,} MB per file")
     at.file_uploader(key="load_zip").upload("shapes.zip", buf.getvalue(), "application/zip").run()
     at.button(key="load_scan_btn").click().run()
     assert_clean(at)
@@ -500,6 +517,27 @@ def test_score_grid_points_carry_heads_and_values():
     assert [c for c in grid.customdata if c[2] == 1][0][:2] == [11, 3]
     assert list(fig.data[1].x) == [2] and list(fig.data[1].y) == [10]  # the chosen-head marker
     assert grid.marker.cmid == 0
+    # hovering the chosen head's dot shows its value and rank and how the set was chosen
+    dot = fig.data[1]
+    assert dot.customdata[0][3] == values[1, 2] and "customdata[3]" in dot.hovertemplate
+    assert "chosen by the consensus ranking" in dot.hovertemplate and "Alg. 1" not in dot.hovertemplate
+    fig = score_grid_figure(values, [9, 10, 11], "DE_A", True, chosen=[HeadId(10, 2)], chosen_by="Alg. 1 (DE_A)")
+    assert "chosen by Alg. 1 (DE_A)" in fig.data[1].hovertemplate
+
+
+def test_utility_curves_each_have_a_colour_and_the_star_sits_on_its_own_curve():
+    from refineclip_core.reporting.figures import utility_figure
+
+    # both directions of a pair: DE_A[a→b] and DE_A[b→a] are two curves and must not share a colour
+    curves = {"consensus": [0.1, 0.5, 0.3], "DE_A[a→b]": [0.2, 0.9, 0.1], "DE_A[b→a]": [0.0, 0.1, 0.2],
+              "DE_B[a→b]": [0.3, 0.2, 0.1]}
+    fig = utility_figure(curves, 0.0, "consensus", 2)
+    lines = [t for t in fig.data if t.name != "chosen set"]
+    colours = [t.line.color for t in lines]
+    assert len(set(colours)) == len(curves)
+    star = next(t for t in fig.data if t.name == "chosen set")
+    own = next(t for t in lines if t.name == "consensus")
+    assert star.marker.line.color == own.line.color and star.y[0] == max(own.y) == 0.5
 
 
 def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):

@@ -337,6 +337,9 @@ def test_refine_runs_compares_and_downloads_a_loadable_checkpoint(story, server,
     # consensus may, rightly, choose no head at all)
     page.locator(".st-key-ref_heads").get_by_text("Ticked on the Ablate page", exact=False).click()
     shots.settle(page)
+    # the paper's settings (its baseline row) sit in a closed expander while RefineCLIP-fit is the exported edit
+    page.get_by_text("Settings of the paper's phase 2").first.click()
+    shots.settle(page)
     for key, value in (("ref_fit_steps", "60"), ("ref_steps", "100")):
         box = page.locator(f".st-key-{key} input")
         box.fill(value)

@@ -316,7 +316,14 @@ def test_diagnosis_on_a_tiny_model_against_brute_force(cache, tiny_vocab):  # no
     ev = head_evidence(cache, diag, engine, heads[0], ident.target_classes)
     assert ev.in_set and ev.concept is not None and set(ev.profile) and len(ev.shares) == len(diag.concepts)
     lines = summary_lines(diag)
-    assert lines[0] == diag.pairs[0].sentence and len(lines) <= 2 * (1 + 5 + 1)
+    assert lines[0] == diag.pairs[0].sentence and len(lines) <= 2 * (1 + 1 + 5 + 1)
+    # the list says what it is ranked by, and each concept's push (issue 24: explain printed no push)
+    p0 = diag.pairs[0]
+    if p0.concepts:
+        assert lines[1] == f"  Concepts, ranked by their share of the push toward {p0.wrong}:"
+        c = p0.concepts[0]
+        assert lines[2].startswith(f"  1. {c.text}: {c.push_share:.0%} of the push toward {p0.wrong} "
+                                   f"(correlation {c.push:+.2f})")
     none = diagnose(cache, ident, tiny_vocab, [], engine)
     assert "no heads are removed" in none.sentence and none.concepts == []
 

@@ -156,6 +156,18 @@ def test_verify_ablation_against_the_real_model(loaded, cache):
     batch, _, _ = load_batch(loaded, [cache.records[i] for i in rows], 0)
     v = verify_ablation(loaded, batch, eng, rows, [HeadId(2, 1), HeadId(0, 2)])
     assert v.n_images == 8 and v.max_rel_error < 1e-5 and v.predictions_agree
+    # mean ablation (the Ablate page's default): the real pass plus each head's mean contribution, the mean
+    # taken here from the raw cached contributions (not the engine's), must match the engine's mean ablation
+    heads = [HeadId(2, 1), HeadId(0, 2)]
+    mean_rows = np.arange(len(cache))[::2]
+    eng_m = eng.with_mean_rows(mean_rows)
+    v = verify_ablation(loaded, batch, eng_m, rows, heads, mode="mean")
+    assert v.n_images == 8 and v.max_rel_error < 1e-5 and v.predictions_agree
+    flat = np.asarray(cache.heads).reshape(len(cache), -1, cache.heads.shape[-1])
+    idx = [cache.manifest.layers.index(h.layer) * cache.manifest.n_heads + h.head for h in heads]
+    offset = flat[mean_rows][:, idx].mean(0).sum(0)
+    np.testing.assert_allclose(eng_m.embeddings(heads, "mean", rows) - eng_m.embeddings(heads, "zero", rows),
+                               np.broadcast_to(offset, (8, offset.shape[0])), rtol=1e-4, atol=1e-6)
 
 
 def test_selection_matches_a_brute_force_algorithm_1(cache):

@@ -496,7 +496,8 @@ def allowed_path(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | N
         shown = ", ".join(str(r) for r in resolved_roots) or "none configured"
         raise DataError(
             f"'{text}' is outside the folders this dashboard may read ({shown}); move the data below one of them "
-            f"or add its folder to {ALLOWED_ROOTS_ENV}."
+            f"or start the server with {ALLOWED_ROOTS_ENV} listing it ({os.pathsep}-separated; the list replaces "
+            f"the default folders, so name those too to keep them)."
         )
     if not resolved.exists():
         raise DataError(f"'{text}' does not exist.")

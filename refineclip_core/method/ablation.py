@@ -420,19 +420,25 @@ class VerificationResult:
 
 
 def verify_ablation(loaded, images: torch.Tensor, engine: AblationEngine, rows: np.ndarray,
-                    heads: Sequence[HeadId]) -> VerificationResult:
+                    heads: Sequence[HeadId], mode: Mode = "zero") -> VerificationResult:
     """Run the real model with ``heads`` removed (direct path) on ``images`` (the cached rows
-    ``rows``) and compare with :meth:`AblationEngine.embeddings` (zero ablation)."""
+    ``rows``) and compare with :meth:`AblationEngine.embeddings` in ``mode``. Mean ablation is the
+    real forward pass with the direct paths removed plus each head's mean contribution ``m_h`` (one
+    vector per head, the same for every image): the model itself has no notion of a head's mean."""
     real = direct_ablation_forward(loaded.visual, images, list(heads)).double().cpu().numpy()
-    cached = engine.embeddings(heads, "zero", rows)
+    idx = engine.flat_index(heads)
+    if mode == "mean" and len(idx):
+        real = real + engine.m[idx].sum(0)
+    cached = engine.embeddings(heads, mode, rows)
     rel = np.linalg.norm(real - cached, axis=1) / np.maximum(np.linalg.norm(real, axis=1), 1e-30)
-    agree = bool(np.array_equal((real @ engine.text.T).argmax(1), engine.predict(heads, "zero", rows)))
+    agree = bool(np.array_equal((real @ engine.text.T).argmax(1), engine.predict(heads, mode, rows)))
     return VerificationResult(len(rows), float(rel.max()), agree)
 
 
 def verify_on_images(loaded, records: Sequence[ImageRecord], engine: AblationEngine, rows: Sequence[int],
                      heads: Sequence[HeadId], max_images: int = 8,
-                     roots: Sequence[str] | None = None, *, min_side: int | None = None) -> VerificationResult | None:
+                     roots: Sequence[str] | None = None, *, min_side: int | None = None,
+                     mode: Mode = "zero") -> VerificationResult | None:
     """:func:`verify_ablation` on the first ``max_images`` of ``rows`` (cache rows; ``records``
     are the cache's), decoded again from disk as the cache decoded them (``min_side``: the cache's
     ``manifest.decode_min_side``; reads confined to ``roots``); None when none of them can be read
@@ -441,4 +447,4 @@ def verify_on_images(loaded, records: Sequence[ImageRecord], engine: AblationEng
     batch, keep, _ = load_batch(loaded, [records[r] for r in rows], 0, roots, min_side=min_side)
     if batch is None:
         return None
-    return verify_ablation(loaded, batch, engine, np.asarray([rows[k] for k in keep]), heads)
+    return verify_ablation(loaded, batch, engine, np.asarray([rows[k] for k in keep]), heads, mode)

@@ -18,6 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..features.decomposition import HeadId
+from ..method.selection import CONSENSUS
 
 METHOD_COLORS = {
     "zero-shot": "#7f7f7f", "ablated": "#ff7f0e", "refineclip-fit": "#2e7d32", "refineclip-diag": "#c2185b",
@@ -44,14 +45,20 @@ def grid_cell_size(n_heads: int, max_width: int = 560) -> int:
     return int(max(14, min(44, (max_width - 140) / max(n_heads, 1))))
 
 
+def selection_name(score: str | None) -> str:
+    """How a head set was chosen, in words: the consensus ranking or Alg. 1 (with the score's name)."""
+    return "the consensus ranking" if score in (None, CONSENSUS) else f"Alg. 1 ({score})"
+
+
 def score_grid_figure(values: np.ndarray | Sequence[Sequence[float]] | None, layers: Sequence[int], name: str,
                       descending: bool = True, chosen: Iterable = (), selected=None, n_heads: int | None = None,
-                      max_width: int = 560) -> go.Figure:
+                      max_width: int = 560, chosen_by: str = "the consensus ranking") -> go.Figure:
     """A layer × head map of one score drawn as a scatter grid of square markers.
 
     One point per head (x = head, y = layer, colour = score on a diverging scale centred at
-    0), so a click selects a point whose ``customdata`` is ``[layer, head]``. Heads in
-    ``chosen`` get a thick black outline, ``selected`` a gold one. ``values`` ``(L_s, H)``.
+    0), so a click selects a point whose ``customdata`` is ``[layer, head, rank, value]``. Heads in
+    ``chosen`` get a white dot (its hover: the score, the rank and ``chosen_by``), ``selected`` a gold
+    outline. ``values`` ``(L_s, H)``.
     """
     layers = [int(l) for l in layers]
     if values is None:
@@ -68,7 +75,7 @@ def score_grid_figure(values: np.ndarray | Sequence[Sequence[float]] | None, lay
         for h in range(H):
             xs.append(h)
             ys.append(l)
-            custom.append([l, h, int(rank[i * H + h])])
+            custom.append([l, h, int(rank[i * H + h]), float(v[i, h])])
     chosen_set = {HeadId.of(h) for h in chosen}
     sel = HeadId.of(selected) if selected is not None else None
     line_w = [4 if HeadId.of(c[:2]) == sel else 0.5 for c in custom]
@@ -90,7 +97,9 @@ def score_grid_figure(values: np.ndarray | Sequence[Sequence[float]] | None, lay
         fig.add_trace(go.Scatter(
             x=[c[1] for c in marked], y=[c[0] for c in marked], mode="markers", customdata=marked,
             marker=dict(symbol="circle", size=max(6, cell // 4), color="white", line=dict(width=2, color="black")),
-            hovertemplate="<b>L%{customdata[0]}.H%{customdata[1]}</b> (chosen by Alg. 1)<extra></extra>"))
+            hovertemplate=(f"<b>L%{{customdata[0]}}.H%{{customdata[1]}}</b><br>{name} = %{{customdata[3]:.4g}}"
+                           f"<br>rank %{{customdata[2]}} of {len(flat)} ({'highest' if descending else 'lowest'} "
+                           f"first)<br>in the set chosen by {plot_text(chosen_by)}<extra></extra>")))
     width = 120 + cell * H
     height = 70 + cell * L
     fig.update_layout(
@@ -110,26 +119,37 @@ def utility_figure(curves: Mapping[str, Sequence[float]], baseline: float | None
                    chosen_t: int = 0, candidates: Mapping[str, Sequence] | None = None) -> go.Figure:
     """Alg. 1's utility U(S_t) (Eq. 10) against t for every score's top-T list."""
     fig = go.Figure()
-    palette = {"DE_A": "#d62728", "DE_B": "#1f77b4", "DE_C": "#ff7f0e", "DE_D": "#2ca02c"}
+    colours = curve_colours(curves)
     for name, curve in curves.items():
         t = list(range(1, len(curve) + 1))
         heads = [str(HeadId.of(h)) for h in (candidates or {}).get(name, [])]
         text = [", ".join(heads[:k]) if heads else "" for k in t]
-        base, shown = name.split("[")[0], plot_text(name)
+        shown = plot_text(name)
         fig.add_trace(go.Scatter(x=t, y=list(curve), mode="lines+markers", name=shown, text=text,
-                                 line=dict(color=palette.get(base)),
+                                 line=dict(color=colours[name]),
                                  hovertemplate=f"{shown}: t=%{{x}}, U=%{{y:.4f}}<br>%{{text}}<extra></extra>"))
     if chosen_score and chosen_score in curves and 0 < chosen_t <= len(curves[chosen_score]):
         fig.add_trace(go.Scatter(x=[chosen_t], y=[curves[chosen_score][chosen_t - 1]], mode="markers",
                                  name="chosen set", marker=dict(symbol="star", size=18, color="gold",
-                                                                line=dict(color="black", width=1)),
-                                 hovertemplate="chosen: %{x} heads of " + plot_text(chosen_score) + "<extra></extra>"))
+                                                                line=dict(color=colours[chosen_score], width=2)),
+                                 hovertemplate=("chosen: the first %{x} heads of " + plot_text(chosen_score)
+                                                + ", U=%{y:.4f}<extra></extra>")))
     if baseline is not None and math.isfinite(baseline):
         fig.add_hline(y=baseline, line_dash="dash", line_color="#888",
                       annotation_text="no head removed", annotation_position="bottom right")
-    _base_layout(fig, "Alg. 1 utility of removing the top-t heads", height=360,
+    _base_layout(fig, "Utility (Eq. 10) of removing the first t heads of each ranking", height=360,
                  xaxis_title="t (heads removed, in ranking order)", yaxis_title="utility U(S_t)  (Eq. 10)")
     return fig
+
+
+#: One colour per utility curve (10 are distinct; a score's two directions each get their own).
+CURVE_PALETTE = ("#000000", "#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
+                 "#17becf", "#bcbd22", "#7f7f7f")
+
+
+def curve_colours(curves: Iterable[str]) -> dict[str, str]:
+    """A distinct colour for every curve name, in order (the consensus, listed first, in black)."""
+    return {name: CURVE_PALETTE[i % len(CURVE_PALETTE)] for i, name in enumerate(curves)}
 
 
 def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> go.Figure:

@@ -30,7 +30,7 @@ from ..method.protocol import DEFAULT_EDIT, EditConfig, Identification, RefineOu
 from ..method.refinement import ExportFormat, export_checkpoint, resolve_export_format
 from ..method.scores import HeadScores
 from ..progress import CancelFn, Progress, silent
-from .figures import accuracy_bars_figure, loss_figure, score_grid_figure, utility_figure
+from .figures import accuracy_bars_figure, loss_figure, score_grid_figure, selection_name, utility_figure
 from .findings import findings, format_cell, json_safe, method_summary, per_key_table
 from .tables import PER_IMAGE_COLUMNS, csv_text, per_image_rows
 
@@ -220,15 +220,21 @@ def _table(rows: Mapping[str, Mapping[str, Any]], first: str = "method") -> str:
 
 
 def diagnosis_rows(diagnosis: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The diagnosed concepts (first error pair) as table rows of plain strings."""
+    """The diagnosed concepts of every error pair (a pair column first) as table rows of plain strings."""
+    pairs = diagnosis.get("pairs") or [{"true": "", "wrong": "", "concepts": diagnosis.get("concepts") or []}]
     rows = []
-    for c in diagnosis.get("concepts") or []:
-        contrast, coverage, p = c.get("contrast"), c.get("coverage"), c.get("p_random")
-        rows.append({"concept": c["text"], "errors carry": "more" if c.get("side", "errors") == "errors" else "less", "share": f"{c['share']:.0%}",
-                     "contrast": "–" if contrast is None else f"{contrast:+.2f}",
-                     "coverage": "–" if coverage is None else f"{coverage:.0%}",
-                     "random sets holding as much": "–" if p is None else f"{p:.1%}", "heads": ", ".join(c["heads"]),
-                     "examples": "; ".join(c.get("descriptions") or [])})
+    for pair in pairs:
+        for c in pair.get("concepts") or []:
+            contrast, coverage, p = c.get("contrast"), c.get("coverage"), c.get("p_random")
+            shares = c.get("head_shares") or {}
+            rows.append({"pair (true → predicted)": f"{pair['true']} → {pair['wrong']}", "concept": c["text"],
+                         "heads": ", ".join(f"{h} ({shares[h]:.0%})" if h in shares else h for h in c["heads"]),
+                         "push toward predicted": f"{c.get('push_share', 0.0):.0%}", "share": f"{c['share']:.0%}",
+                         "errors carry": "more" if c.get("side", "errors") == "errors" else "less",
+                         "contrast": "–" if contrast is None else f"{contrast:+.2f}",
+                         "coverage": "–" if coverage is None else f"{coverage:.0%}",
+                         "random sets holding as much": "–" if p is None else f"{p:.1%}",
+                         "examples": "; ".join(c.get("descriptions") or [])})
     return rows
 
 
@@ -270,10 +276,11 @@ def render_html(report: Mapping[str, Any]) -> str:
             sel["curves"], sel.get("baseline_utility"), sel.get("selected", {}).get("score"),
             sel.get("selected", {}).get("t", 0), sel.get("candidates"))))
     heads = report.get("heads", [])
+    chosen_by = selection_name(sel.get("selected", {}).get("score"))
     for name, s in (report.get("scores") or {}).items():
         if s.get("available") and s.get("values") is not None:
             figs.append((f"Score map {name}", score_grid_figure(s["values"], s["layers"], name, s["descending"],
-                                                                chosen=heads)))
+                                                                chosen=heads, chosen_by=chosen_by)))
 
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(report.get('title', 'Report'))}"
              f"</title><style>{_CSS}</style></head><body>"]
@@ -366,7 +373,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     for title, fig in figs:
         is_map = title.startswith("Score map")
         if is_map and not in_maps:
-            parts.append("<h2>Per-head scores (paper Eq. 6-9)</h2><p class='muted'>White dot: heads removed.</p>"
+            parts.append("<h2>Per-head scores (paper Eq. 6-9)</h2><p class='muted'>White dot: heads removed (hover a square for its score and rank).</p>"
                          "<div class='grid'>")
             in_maps = True
         if not is_map:

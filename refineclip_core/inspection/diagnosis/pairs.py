@@ -431,11 +431,14 @@ def summary_lines(diagnosis: Diagnosis, n_concepts: int = 5) -> list[str]:
     lines = []
     for p in diagnosis.pairs:
         lines.append(p.sentence)
+        if p.concepts:
+            lines.append(f"  Concepts, ranked by their share of the push toward {p.wrong}:")
         for i, c in enumerate(p.concepts[:n_concepts], start=1):
             contrast = "–" if c.contrast is None else f"{c.contrast:+.2f} sd"
             cover = "" if c.coverage is None else (f", {c.coverage:.0%} of it in scope ({_share_text(c.p_random)} of "
                                                    f"random sets hold as much)")
-            lines.append(f"  {i}. {c.text}: {c.share:.0%} of the removed variance, errors vs correct "
+            lines.append(f"  {i}. {c.text}: {c.push_share:.0%} of the push toward {p.wrong} (correlation "
+                         f"{c.push:+.2f}), {c.share:.0%} of the removed variance, errors vs correct "
                          f"{contrast}{cover}; heads {', '.join(c.heads)}")
         if p.class_concept:
             lines.append(f"  What tells {p.true} from {p.wrong} in text: {p.class_concept} "
