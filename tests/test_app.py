@@ -497,6 +497,10 @@ def test_with_prompts_reembeds_text_only(tiny_model_files, image_folder, tmp_pat
     assert new.classes == names and cache.classes == ["cat", "dog", "fish"]
     np.testing.assert_allclose(new.text, class_text_embeddings(loaded, names, ["a drawing of a {}."]), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(new.embeddings), np.asarray(cache.embeddings))
+    # the cache hands back a new cache; the original keeps its own prompts and class texts
+    np.testing.assert_allclose(cache.text, class_text_embeddings(loaded, ["cat", "dog", "fish"],
+                                                                 cache.manifest.templates), atol=1e-6)
+    assert new.manifest.templates == ["a drawing of a {}."] and cache.manifest.templates != new.manifest.templates
     with pytest.raises(DataError):
         with_prompts(cache, loaded, ["a", "a", "b"])
     with pytest.raises(DataError):

@@ -28,6 +28,7 @@ They are stored in float32 (float64 for fp64 models) or, with ``--store fp16``, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import hashlib
 import io
@@ -36,10 +37,10 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -354,6 +355,18 @@ class FeatureCache:
         info = json.loads((self.root / "records.json").read_text())
         self.all_records = [ImageRecord(**r) for r in info["records"]]
         self._scan_skipped = [SkippedFile(**s) for s in info["skipped"]]
+
+    def with_prompts(self, classes: Sequence[str], templates: Sequence[str], text: np.ndarray) -> "FeatureCache":
+        """A new cache object over the same folder whose class names, templates and ``(C, d)`` class
+        texts are these (the image features do not depend on the prompts); ``self`` is unchanged."""
+        text = np.asarray(text)
+        if len(classes) != len(self.manifest.classes) or text.shape != (len(classes), self.manifest.embed_dim):
+            raise CacheError(f"{len(classes)} class names with texts of shape {text.shape} do not fit this cache "
+                             f"({len(self.manifest.classes)} classes, dimension {self.manifest.embed_dim}).")
+        fresh = copy.copy(self)   # shares the image arrays already read; only the prompts differ
+        fresh.manifest = replace(self.manifest, classes=list(classes), templates=list(templates))
+        fresh.text = text         # the cached_property's slot: this object's own class texts
+        return fresh
 
     # -- arrays ----------------------------------------------------------------------------
     def _paths(self, name: str) -> list[Path]:

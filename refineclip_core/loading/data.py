@@ -60,6 +60,17 @@ class SkippedFile:
     reason: str
 
 
+def validate_class_names(names: Sequence[str], n: int) -> list[str]:
+    """``names`` stripped, refused in one sentence unless they are ``n`` distinct non-empty names (the
+    one check for every rename: the CLI's --class-names and the dashboard's class name editor)."""
+    if len(names) != n or any(not str(x).strip() for x in names):
+        raise DataError(f"Give {n} non-empty class names (one per class, in order), got {list(names)}.")
+    out = [str(x).strip() for x in names]
+    if len(set(out)) != len(out):
+        raise DataError(f"Class names must be distinct (identical names get identical prompts), got {list(names)}.")
+    return out
+
+
 @dataclass
 class ImageDataset:
     """Labelled images plus what was skipped while building the list."""
@@ -93,12 +104,8 @@ class ImageDataset:
         return replace(self, records=records)
 
     def renamed(self, names: Sequence[str]) -> "ImageDataset":
-        """The same data with new class names (same order, same count)."""
-        if len(names) != len(self.classes) or any(not n.strip() for n in names):
-            raise DataError(f"Give {len(self.classes)} non-empty class names, got {list(names)}.")
-        if len({n.strip() for n in names}) != len(names):
-            raise DataError(f"Class names must be distinct (identical names get identical prompts), got {list(names)}.")
-        return replace(self, classes=[n.strip() for n in names])
+        """The same data with new class names (same order, same count; :func:`validate_class_names`)."""
+        return replace(self, classes=validate_class_names(names, len(self.classes)))
 
 
 def _is_image_name(name: str) -> bool:

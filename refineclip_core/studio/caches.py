@@ -103,20 +103,12 @@ def with_prompts(cache: FeatureCache, loaded, classes: Sequence[str] | None = No
     a separate :class:`FeatureCache` object over the same folder.
     """
     from ..features.zeroshot import class_text_embeddings, validate_templates
+    from ..loading.data import validate_class_names
 
-    new_classes = [c.strip() for c in classes] if classes is not None else list(cache.classes)
+    new_classes = validate_class_names(classes, len(cache.classes)) if classes is not None else list(cache.classes)
     new_templates = validate_templates(templates) if templates is not None else list(cache.manifest.templates)
-    if len(new_classes) != len(cache.classes):
-        raise DataError(f"Give {len(cache.classes)} class names (one per class, in order), got {len(new_classes)}.")
-    if any(not c for c in new_classes):
-        raise DataError("Class names cannot be empty.")
-    if len(set(new_classes)) != len(new_classes):
-        raise DataError("Class names must be distinct (identical names get identical prompts).")
     if new_classes == list(cache.classes) and new_templates == list(cache.manifest.templates):
         return cache
     if loaded is None:
         raise RefineClipError("Changing class names or templates needs the model to embed the new prompts.")
-    fresh = FeatureCache(cache.root)
-    fresh.manifest = replace(fresh.manifest, classes=new_classes, templates=new_templates)
-    fresh.__dict__["text"] = class_text_embeddings(loaded, new_classes, new_templates)
-    return fresh
+    return cache.with_prompts(new_classes, new_templates, class_text_embeddings(loaded, new_classes, new_templates))
