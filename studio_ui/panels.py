@@ -189,7 +189,7 @@ def data_summary(src: Source, cache: FeatureCache) -> None:
     fresh = bool(get(Key.LOAD_FRESH))
     put(Key.LOAD_FRESH, False)
     with st.expander(f"Data: {len(cache)} images, {len(cache.classes)} classes, {len(cache.group_names)} groups, "
-                     f"{len(cache.skipped) + len(src.skipped_extra)} files skipped", expanded=fresh):
+                     f"{len(cache.skipped) + len(src.extra_skipped)} files skipped", expanded=fresh):
         recs = cache.records
         df = pd.DataFrame({"class": [cache.classes[r.label] for r in recs], "group": [r.group or "–" for r in recs],
                            "split": [r.split or "–" for r in recs]})
@@ -206,7 +206,7 @@ def data_summary(src: Source, cache: FeatureCache) -> None:
         man = cache.manifest
         st.caption(f"Model {plain(man.model_name)} · heads of layers {man.layers} ({man.n_heads} per layer) · "
                    f"embedding dim {man.embed_dim} · prompts: " + " | ".join(map(plain, list(man.templates)[:6])))
-        skipped = [(s.path, s.reason) for s in cache.skipped] + list(src.skipped_extra)
+        skipped = [(s.path, s.reason) for s in cache.skipped] + list(src.extra_skipped)
         if skipped:
             st.markdown("**Skipped files**")
             table("skipped-files", pd.DataFrame(skipped, columns=["file", "reason"]), hide_index=True)

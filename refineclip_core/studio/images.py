@@ -92,6 +92,6 @@ def plan_source(scanned: ScannedImages, spec: ModelSpec, model_name: str, layers
                               private_cache_root(spec, scanned.dataset.root, private_dir))
     label = f"{model_name} on {scanned.label} ({len(scanned.dataset)} images)"
     source = Source(spec=spec, data_root=str(scanned.dataset.root), cache_dir=str(cache_dir), label=label,
-                    classes=tuple(names), templates=templates, skipped_extra=scanned.extra_skipped)
+                    classes=tuple(names), templates=templates, extra_skipped=scanned.extra_skipped)
     return source, ExtractionConfig(layers=layers, templates=templates, decode=DecodeConfig(exact=exact_decode),
                                     store=store)

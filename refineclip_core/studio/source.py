@@ -27,7 +27,7 @@ class Source:
     classes: tuple[str, ...] | None = None      # display names replacing the cached ones
     templates: tuple[str, ...] | None = None    # prompt templates replacing the cached ones
     is_demo: bool = False
-    skipped_extra: tuple = field(default=())     # (path, reason) skipped before extraction (e.g. zip junk)
+    extra_skipped: tuple = field(default=())     # (path, reason) skipped before extraction (e.g. zip junk)
 
     @property
     def spec_json(self) -> str:
