@@ -53,8 +53,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from refineclip_core.demo.train import MODEL_NAME  # noqa: E402
-from refineclip_core.demo.world import TARGET_CLASSES, WorldConfig, write_world  # noqa: E402
+from refineclip_core.demo.train import world_from_dict  # noqa: E402
+from refineclip_core.demo.world import TARGET_CLASSES, WorldConfig  # noqa: E402
 from refineclip_core.features.cache import FeatureCache  # noqa: E402
 from refineclip_core.features.extraction import ExtractionConfig, extract  # noqa: E402
 from refineclip_core.demo.world import CUE_WORDS, names_cue  # noqa: E402
@@ -143,19 +143,60 @@ class Draw:
     heads: dict[str, list[str]]
 
 
-def world_cache(work: Path, world: WorldConfig, seed: int, n_fit: int, n_test: int, loaded,
+def world_model(model_dir: Path):
+    """The world a model folder's ``metadata.json`` records (birds or digits) and the model, loaded."""
+    world = world_from_dict(json.loads((model_dir / "metadata.json").read_text())["train_config"]["world"])
+    name = world.model_name
+    loaded = load_model(ModelSpec(name, checkpoint=str(model_dir / f"{name}.safetensors"),
+                                  model_config=str(model_dir / f"{name}.json")))
+    return world, loaded
+
+
+def world_cache(work: Path, world, seed: int, n_fit: int, n_test: int, loaded,
                 layers: int | str = 4) -> FeatureCache:
     """A fresh sample of the world (train/val at ``n_fit``, test at ``n_test``) and its features
-    (heads of the last ``layers`` layers)."""
+    (heads of the last ``layers`` layers). ``world``: a ``WorldConfig`` or a ``DigitsConfig``."""
     data = work / f"world{seed}" / "data"
     if not (data / "metadata.csv").exists():
-        write_world(data, "all", seed, {"train": n_fit, "val": n_fit, "test": n_test}, config=world)
+        world.write(data, "all", seed, {"train": n_fit, "val": n_fit, "test": n_test})
     return extract(loaded, load_dataset(data), work / f"world{seed}" / f"cache-{layers}",
                    ExtractionConfig(layers=layers, batch_size=64))
 
 
-def metrics_fn(cache: FeatureCache, ident: Identification):
-    targets = [cache.classes.index(c) for c in TARGET_CLASSES]
+@dataclass
+class DrawRun:
+    """What one draw of the defaults and of the paper-faithful pipeline produced."""
+
+    ident: Identification
+    out: object                      # RefineOutcome of the defaults (baselines included)
+    paper_ident: Identification
+    metrics: dict[str, tuple[float, float, float]]
+    used: dict
+
+
+def run_draw(cache: FeatureCache, engine, s: int, target_classes=TARGET_CLASSES) -> DrawRun:
+    """One draw with sample seed ``s``: the defaults every entry point uses (``DEFAULT_PROTOCOL``,
+    ``DEFAULT_EDIT``, baselines included) and the paper-faithful pipeline, each method's
+    (worst group, average group, unrelated) over the world's ``target_classes`` on the test rows."""
+    ident = identify(cache, replace(DEFAULT_PROTOCOL, seed=s), engine)
+    edit = replace(DEFAULT_EDIT, fit=replace(DEFAULT_EDIT.fit, seed=s), paper=replace(DEFAULT_EDIT.paper, seed=s))
+    out = run_refinement(cache, ident, edit, engine=engine, baselines=True)
+    used = {"protocol": {**ident.config.to_dict(), "seed": None}, "edit": out.config.to_dict()}
+    for part in ("fit", "paper"):
+        used["edit"][part]["seed"] = None
+    metrics = metrics_fn(cache, ident, target_classes)
+    m = {k: metrics(p) for k, p in out.report.predictions.items()}
+    paper_ident = identify(cache, replace(PAPER_PROTOCOL, seed=s), engine)
+    assert np.array_equal(paper_ident.eval_rows, ident.eval_rows)
+    paper_edit = replace(PAPER_EDIT, paper=replace(PAPER_EDIT.paper, seed=s))
+    paper = run_refinement(cache, paper_ident, paper_edit, engine=engine, baselines=False)
+    for k in ("ablated", "refineclip-diag"):
+        m[f"paper:{k}"] = metrics(paper.report.predictions[k])
+    return DrawRun(ident, out, paper_ident, m, used)
+
+
+def metrics_fn(cache: FeatureCache, ident: Identification, target_classes=TARGET_CLASSES):
+    targets = [cache.classes.index(c) for c in target_classes]
     target_mask = ident.eval_mask & np.isin(cache.labels, targets)
     other_mask = ident.eval_mask & ~np.isin(cache.labels, targets)
 
@@ -187,10 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     t0 = time.time()
     model_dir = Path(args.model_dir)
-    world = WorldConfig.from_dict(json.loads((model_dir / "metadata.json").read_text())["train_config"]["world"])
     with workdir(args.workdir, "refineclip-demo-bench-") as work:
-        loaded = load_model(ModelSpec(MODEL_NAME, checkpoint=str(model_dir / f"{MODEL_NAME}.safetensors"),
-                                      model_config=str(model_dir / f"{MODEL_NAME}.json")))
+        world, loaded = world_model(model_dir)
+        if not isinstance(world, WorldConfig):
+            raise SystemExit(f"{model_dir} holds a model of the {world.kind} world: use its own benchmark")
         pool = pool_emb = vocab = cue_dir = None
         diagnoses: list[tuple[bool, str, str]] = []   # (names the planted cue, verdict, sentence) per draw
         if not args.no_extras:
@@ -215,20 +256,10 @@ def main(argv: list[str] | None = None) -> int:
                 descriptions = describe_heads(cache, cache.head_ids(), pool, pool_emb, k=5, rows=val_rows)
                 textspan_heads = [d.head for d in descriptions if sum(is_background_text(t) for t in d.texts) >= 3]
             for s in args.sample_seeds:
-                ident = identify(cache, replace(DEFAULT_PROTOCOL, seed=s), engine)
+                run = run_draw(cache, engine, s)
+                ident, paper_ident, m, used = run.ident, run.paper_ident, run.metrics, run.used
                 edit = replace(DEFAULT_EDIT, fit=replace(DEFAULT_EDIT.fit, seed=s), paper=replace(DEFAULT_EDIT.paper, seed=s))
-                out = run_refinement(cache, ident, edit, engine=engine, baselines=True)
-                used = {"protocol": {**ident.config.to_dict(), "seed": None}, "edit": out.config.to_dict()}
-                for part in ("fit", "paper"):
-                    used["edit"][part]["seed"] = None
                 metrics = metrics_fn(cache, ident)
-                m = {k: metrics(p) for k, p in out.report.predictions.items()}
-                paper_ident = identify(cache, replace(PAPER_PROTOCOL, seed=s), engine)
-                assert np.array_equal(paper_ident.eval_rows, ident.eval_rows)
-                paper_edit = replace(PAPER_EDIT, paper=replace(PAPER_EDIT.paper, seed=s))
-                paper = run_refinement(cache, paper_ident, paper_edit, engine=engine, baselines=False)
-                for k in ("ablated", "refineclip-diag"):
-                    m[f"paper:{k}"] = metrics(paper.report.predictions[k])
                 draws.append(Draw(w_seed, s, m, {"default": [str(h) for h in ident.heads],
                                                  "alg1": [str(h) for h in paper_ident.heads]}))
                 sizes = (len(ident.sample_rows), int(ident.eval_mask.sum()), len(ident.adapt_rows))
@@ -301,15 +332,9 @@ def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, se
         f"images (train + val), {n_eval} held-out test images ({args.n_test} per bird group and per unrelated "
         f"class). Changes are method minus zero-shot on the same test images, in points; std is over draws.",
         "",
-        "| method | worst group (%) | worst-group change: mean ± std | worst draw | draws worse | "
-        "unrelated classes change: mean (worst draw) | avg group (%) |",
-        "|---|---|---|---|---|---|---|",
     ]
-    stats = {}
-    for label, key in HEADLINE:
-        st = stats[key] = summarise(draws, key)
-        lines.append(f"| {label} | {st['worst']:.1f} | {st['gain']:+.1f} ± {st['std']:.1f} | {st['min']:+.1f} | "
-                     f"{100 * st['worse']:.0f}% | {st['other']:+.1f} ({st['other_min']:+.1f}) | {st['avg']:.1f} |")
+    table, stats = headline_table(draws)
+    lines += table
     ex, ab = stats[EXPORTED], stats["ablated"]
     kept = ex["gain"] / ab["gain"] if ab["gain"] > 0 else float("nan")
     lines += [
@@ -351,6 +376,19 @@ def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, se
     lines.append("- Heads the default chose most often: "
                  + ", ".join(f"{h} ({chosen[h]}/{len(draws)})" for h in common) + ".")
     return "\n".join(lines) + "\n"
+
+
+def headline_table(draws: list[Draw]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """The headline table's Markdown lines (one row per method of :data:`HEADLINE`) and each row's numbers."""
+    lines = ["| method | worst group (%) | worst-group change: mean ± std | worst draw | draws worse | "
+             "unrelated classes change: mean (worst draw) | avg group (%) |",
+             "|---|---|---|---|---|---|---|"]
+    stats = {}
+    for label, key in HEADLINE:
+        st = stats[key] = summarise(draws, key)
+        lines.append(f"| {label} | {st['worst']:.1f} | {st['gain']:+.1f} ± {st['std']:.1f} | {st['min']:+.1f} | "
+                     f"{100 * st['worse']:.0f}% | {st['other']:+.1f} ({st['other_min']:+.1f}) | {st['avg']:.1f} |")
+    return lines, stats
 
 
 def locality_svg(steps: list[int], curves, n_seeds: int) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import platform
@@ -48,20 +49,18 @@ import torch.nn.functional as F
 
 from ..features.decomposition import HookSet, hook_modules
 from ..features.zeroshot import fill_template
+from .digits import DEFAULT_CAPTION_WEIGHTS as DIGITS_CAPTION_WEIGHTS, KIND as DIGITS_KIND, DigitsConfig
 from .world import (
     CLASSES,
     TARGET_CLASSES,
     TARGET_PLACES,
-    UNRELATED_CLASSES,
     WorldConfig,
     CAPTION_FAMILIES,
     WorldSample,
-    caption_families,
     group_name,
-    sample_world,
 )
 
-MODEL_NAME = "refineclip-demo"
+MODEL_NAME = WorldConfig.model_name
 """open_clip model name of the demo model (the stem of its config file)."""
 
 ZERO_SHOT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
@@ -93,6 +92,17 @@ def default_model_config(quick: bool = False) -> dict[str, Any]:
     }
 
 
+def digits_model_config() -> dict[str, Any]:
+    """The digits model's architecture: the demo's vision layout at width 96 (6 heads of width 16 per layer)
+    and a 32-wide text tower, so that its float16 weights stay under 5 MB (the 49,408-token table is most
+    of them); the 256-d embedding of the demo model."""
+    return {
+        "embed_dim": 256,
+        "vision_cfg": {"image_size": 48, "layers": 4, "width": 96, "head_width": 16, "patch_size": 12},
+        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+
+
 DEFAULT_CAPTION_WEIGHTS: dict[str, float] = {
     "class_background": 0.25, "class": 0.25, "background": 0.2, "attributes": 0.15, "detail": 0.15,
 }
@@ -104,6 +114,8 @@ class TrainConfig:
     """Everything that decides the trained weights (recorded in ``metadata.json``).
 
     ``cls_mlp_penalty``: weight of :class:`ClsMlpShare`'s penalty (0 = plain CLIP training).
+    ``world``: the bird world (:class:`WorldConfig`, the demo model) or the handwritten digits
+    (:class:`~refineclip_core.demo.digits.DigitsConfig`; :func:`digits_train_config`).
     """
 
     seed: int = 0
@@ -122,13 +134,29 @@ class TrainConfig:
     test_seed_offset: int = 1000
     caption_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_CAPTION_WEIGHTS))
     cls_mlp_penalty: float = 1.0
-    world: WorldConfig = field(default_factory=WorldConfig)
+    world: WorldConfig | DigitsConfig = field(default_factory=WorldConfig)
     model_config: dict[str, Any] = field(default_factory=default_model_config)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["world"] = self.world.to_dict()
         return d
+
+
+def digits_train_config(seed: int = 0, threads: int = 1) -> TrainConfig:
+    """The recipe of the digits model (``--world digits``): shorter than the demo's, on the handwritten
+    digits world's model half."""
+    return TrainConfig(seed=seed, threads=threads, steps=1500, batch_size=128, pool_per_group=1500,
+                       pool_unrelated=1500, val_per_group=36, test_per_group=1000,
+                       caption_weights=dict(DIGITS_CAPTION_WEIGHTS), world=DigitsConfig(),
+                       model_config=digits_model_config())
+
+
+def world_from_dict(data: dict[str, Any]) -> WorldConfig | DigitsConfig:
+    """The world a model's ``metadata.json`` records (``train_config.world``): digits when it says so."""
+    if data.get("kind") == DIGITS_KIND:
+        return DigitsConfig.from_dict(data)
+    return WorldConfig.from_dict(data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,12 +194,15 @@ class CaptionPool:
     weights: dict[str, float]
 
     @classmethod
-    def build(cls, samples: Sequence[WorldSample], tokenizer: Callable, weights: dict[str, float]) -> "CaptionPool":
+    def build(cls, samples: Sequence[WorldSample], tokenizer: Callable, weights: dict[str, float],
+              families: Callable[[WorldSample], dict[str, list[str]]] | None = None) -> "CaptionPool":
+        """``families``: every caption of a sample by family (default: the bird world's)."""
+        families = families or WorldConfig().caption_families
         index: dict[str, int] = {}
         candidates, valid = [], []
         for sample in samples:
             fams = {f: [index.setdefault(t, len(index)) for t in texts]
-                    for f, texts in caption_families(sample).items()}
+                    for f, texts in families(sample).items()}
             valid.append(frozenset(i for ids in fams.values() for i in ids))
             candidates.append({f: ids for f, ids in fams.items() if weights.get(f, 0.0) > 0 and ids})
         texts = list(index)
@@ -293,28 +324,31 @@ def class_text_embeddings(model: torch.nn.Module, tokenizer: Callable, classes: 
 @torch.no_grad()
 def zero_shot_metrics(model: torch.nn.Module, tokenizer: Callable, images: torch.Tensor,
                       samples: Sequence[WorldSample], batch_size: int = 256,
-                      target_groups: Sequence[str] = TARGET_GROUPS) -> dict[str, Any]:
-    """Zero-shot accuracy over all :data:`CLASSES` (normalised image/text embeddings).
+                      target_groups: Sequence[str] = TARGET_GROUPS, classes: Sequence[str] = CLASSES,
+                      target_classes: Sequence[str] = TARGET_CLASSES) -> dict[str, Any]:
+    """Zero-shot accuracy over all ``classes`` (normalised image/text embeddings).
 
     ``images`` are the preprocessed images of ``samples``; ``target_groups`` the world's four
-    target groups (``WorldConfig.target_groups``). Returns per-class and per-group
+    target groups (``WorldConfig.target_groups``); ``classes``/``target_classes`` the world's
+    (default: the bird world's). Returns per-class and per-group
     accuracies, the four target groups (``groups``), ``avg_group`` (mean of the four),
     ``worst_group``, ``target_mean`` (over all target images), ``unrelated`` (over all
     unrelated images) and ``overall``.
     """
     model.eval()
-    text = class_text_embeddings(model, tokenizer)
+    classes = list(classes)
+    text = class_text_embeddings(model, tokenizer, classes)
     feats = torch.cat([F.normalize(model.encode_image(images[i:i + batch_size]).float(), dim=-1)
                        for i in range(0, len(images), batch_size)])
     pred = (feats @ text.t()).argmax(1).numpy()
-    labels = np.array([CLASSES.index(s.label) for s in samples])
+    labels = np.array([classes.index(s.label) for s in samples])
     correct = pred == labels
     groups = np.array([s.group for s in samples])
-    is_target = np.array([s.label in TARGET_CLASSES for s in samples])
+    is_target = np.array([s.label in target_classes for s in samples])
     per_group = {g: float(correct[groups == g].mean()) for g in target_groups if (groups == g).any()}
-    per_class = {c: float(correct[labels == i].mean()) for i, c in enumerate(CLASSES) if (labels == i).any()}
-    confusion = {c: {CLASSES[j]: int(((labels == i) & (pred == j)).sum()) for j in range(len(CLASSES))
-                     if ((labels == i) & (pred == j)).any()} for i, c in enumerate(TARGET_CLASSES)}
+    per_class = {c: float(correct[labels == i].mean()) for i, c in enumerate(classes) if (labels == i).any()}
+    confusion = {c: {classes[j]: int(((labels == i) & (pred == j)).sum()) for j in range(len(classes))
+                     if ((labels == i) & (pred == j)).any()} for c in target_classes for i in [classes.index(c)]}
     return {
         "groups": per_group,
         "avg_group": float(np.mean(list(per_group.values()))) if per_group else float("nan"),
@@ -366,28 +400,32 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, 42])
+    world = cfg.world
+    model_name = world.model_name
 
-    config_path = out / f"{MODEL_NAME}.json"
+    config_path = out / f"{model_name}.json"
     config_path.write_text(json.dumps(cfg.model_config, indent=2) + "\n", encoding="utf-8")
     open_clip.add_model_config(config_path)
-    model = open_clip.create_model(MODEL_NAME)
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+    model = open_clip.create_model(model_name)
+    tokenizer = open_clip.get_tokenizer(model_name)
     mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model {MODEL_NAME}: {n_params / 1e6:.2f} M parameters")
+    log(f"model {model_name}: {n_params / 1e6:.2f} M parameters")
+    metrics_kw = {"target_groups": world.target_groups, "classes": world.classes,
+                  "target_classes": world.target_classes}
 
     t0 = time.time()
-    pool = sample_world("train", cfg.seed, cfg.pool_per_group, cfg.world, n_unrelated=cfg.pool_unrelated)
+    pool = world.training_pool(cfg.seed, cfg.pool_per_group, cfg.pool_unrelated)
     pool_u8 = images_to_uint8([s.image for s in pool])
-    caps = CaptionPool.build(pool, tokenizer, cfg.caption_weights)
-    val = sample_world("val", cfg.seed, cfg.val_per_group, cfg.world)
+    caps = CaptionPool.build(pool, tokenizer, cfg.caption_weights, world.caption_families)
+    val = world.sample("val", cfg.seed, cfg.val_per_group)
     val_x = images_to_tensor([s.image for s in val], mean, std)
-    n_groups = dict(sorted(Counter(s.group for s in pool if s.label in TARGET_CLASSES).items()))
+    n_groups = dict(sorted(Counter(s.group for s in pool if s.label in world.target_classes).items()))
     log(f"train pool: {len(pool)} images ({n_groups}), {len(caps.texts)} distinct captions, "
         f"{time.time() - t0:.1f}s")
 
     full_table = model.token_embedding
-    prompts = tokenizer([fill_template(t, c) for c in CLASSES for t in ZERO_SHOT_TEMPLATES])
+    prompts = tokenizer([fill_template(t, c) for c in world.classes for t in ZERO_SHOT_TEMPLATES])
     model.token_embedding = CompactTokenEmbedding(full_table, torch.cat([caps.tokens.flatten(), prompts.flatten()]))
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -421,7 +459,7 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
         running += loss.item()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             n = cfg.eval_every if step % cfg.eval_every == 0 else step % cfg.eval_every
-            m = zero_shot_metrics(model, tokenizer, val_x, val, target_groups=cfg.world.target_groups)
+            m = zero_shot_metrics(model, tokenizer, val_x, val, **metrics_kw)
             point = {"step": step, "loss": running / n, "cls_mlp_share": running_share / n,
                      "elapsed_s": round(time.time() - t_train, 1),
                      "val": {k: m[k] for k in ("groups", "avg_group", "worst_group", "target_mean", "unrelated")}}
@@ -433,20 +471,20 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
     model.token_embedding = model.token_embedding.write_back(full_table)
 
     # save in float16 (keeps the 49,408-token text table small), then evaluate what was saved
-    ckpt = out / f"{MODEL_NAME}.safetensors"
+    ckpt = out / f"{model_name}.safetensors"
     state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(ckpt), metadata={"format": "pt", "model_name": MODEL_NAME})
+    save_file(state, str(ckpt), metadata={"format": "pt", "model_name": model_name})
     open_clip.add_model_config(config_path)
-    loaded, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=str(ckpt))
+    loaded, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(ckpt))
     test_seed = cfg.seed + cfg.test_seed_offset
-    test = sample_world("test", test_seed, cfg.test_per_group, cfg.world)
+    test = world.sample("test", test_seed, cfg.test_per_group)
     test_x = torch.stack([preprocess(s.image) for s in test])
-    metrics = zero_shot_metrics(loaded, tokenizer, test_x, test, target_groups=cfg.world.target_groups)
+    metrics = zero_shot_metrics(loaded, tokenizer, test_x, test, **metrics_kw)
     log(f"test (saved checkpoint, seed {test_seed}, {len(test)} images): {format_metrics(metrics)}")
 
     meta = {
-        "model_name": MODEL_NAME,
+        "model_name": model_name,
         "command": command,
         "seed": cfg.seed,
         "train_config": cfg.to_dict(),
@@ -455,9 +493,9 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
             "train_pool_groups": n_groups,
             "train_pool_unrelated_per_class": cfg.pool_unrelated,
             "distinct_captions": len(caps.texts),
-            "classes": list(CLASSES),
-            "target_classes": list(TARGET_CLASSES),
-            "unrelated_classes": list(UNRELATED_CLASSES),
+            "classes": list(world.classes),
+            "target_classes": list(world.target_classes),
+            "unrelated_classes": list(world.unrelated_classes),
         },
         "parameters": n_params,
         "checkpoint_dtype": "float16",
@@ -479,8 +517,13 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m refineclip_core.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (e.g. assets/demo)")
+    p.add_argument("--world", choices=["birds", "digits"], default="birds",
+                   help="birds: the demo model's procedural world (default); digits: scikit-learn's handwritten "
+                        "digits on coloured backgrounds (refineclip_core/demo/digits.py; its own recipe, "
+                        "digits_train_config)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 2000; 3 with --quick)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimisation steps (default 2000, digits 1500; 3 with --quick)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
@@ -505,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if getattr(args, "world", "birds") == "digits":
+        return _digits_config_from_args(args)
     world_kw: dict[str, Any] = {}
     if args.bias is not None:
         world_kw["bias"] = args.bias
@@ -527,19 +572,49 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if value is not None:
             setattr(cfg, name, value)
     if args.caption_weights:
-        weights = {}
-        for item in args.caption_weights.split(","):
-            name, _, value = (part.strip() for part in item.partition("="))
-            if name not in CAPTION_FAMILIES:
-                raise SystemExit(f"unknown caption family {name!r}; families: {', '.join(CAPTION_FAMILIES)}")
-            try:
-                weights[name] = float(value)
-            except ValueError:
-                raise SystemExit(f"caption weight for {name!r} must be a number, got {value!r}") from None
-        cfg.caption_weights = weights
+        cfg.caption_weights = _caption_weights(args.caption_weights, CAPTION_FAMILIES)
     if args.model_config:
         cfg.model_config = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
     return cfg
+
+
+def _digits_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    bird_only = [flag for flag, name in (("--bird-scale", "bird_scale"), ("--detail-scale", "detail_scale"),
+                                         ("--cue", "cue")) if getattr(args, name) is not None]
+    if bird_only:
+        raise SystemExit(f"{bird_only[0]} applies to the bird world only, not to --world digits")
+    cfg = digits_train_config(seed=args.seed, threads=args.threads)
+    cfg.lr = args.lr
+    world_kw = {k: getattr(args, k) for k in ("bias", "neutral_frac") if getattr(args, k) is not None}
+    if world_kw:
+        cfg.world = dataclasses.replace(cfg.world, **world_kw)
+    if args.quick:
+        cfg.steps, cfg.batch_size, cfg.pool_per_group, cfg.pool_unrelated = 3, 16, 8, 4
+        cfg.eval_every, cfg.val_per_group, cfg.test_per_group = 1000, 2, 3
+        cfg.model_config = default_model_config(quick=True)
+    for name in ("steps", "batch_size", "pool_per_group", "pool_unrelated", "eval_every", "test_per_group",
+                 "cls_mlp_penalty"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.caption_weights:
+        cfg.caption_weights = _caption_weights(args.caption_weights, cfg.world.caption_family_names)
+    if args.model_config:
+        cfg.model_config = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
+    return cfg
+
+
+def _caption_weights(spec: str, families: Sequence[str]) -> dict[str, float]:
+    weights = {}
+    for item in spec.split(","):
+        name, _, value = (part.strip() for part in item.partition("="))
+        if name not in families:
+            raise SystemExit(f"unknown caption family {name!r}; families: {', '.join(families)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"caption weight for {name!r} must be a number, got {value!r}") from None
+    return weights
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -224,6 +224,36 @@ class WorldConfig:
         values = TARGET_PLACES if self.cue == "background" else TARGET_COLORS
         return tuple(group_name(c, v, self.cue) for c in TARGET_CLASSES for v in values)
 
+    # What the trainer (demo/train.py) and the benchmarks ask of a world; the digits world
+    # (demo/digits.py, DigitsConfig) answers the same.
+    kind = "birds"
+    model_name = "refineclip-demo"
+    classes = CLASSES
+    target_classes = TARGET_CLASSES
+    unrelated_classes = UNRELATED_CLASSES
+
+    @property
+    def caption_family_names(self) -> tuple[str, ...]:
+        return CAPTION_FAMILIES
+
+    @property
+    def cue_words(self) -> tuple[str, ...]:
+        """Word stems naming the planted cue (:data:`CUE_WORDS`)."""
+        return CUE_WORDS[self.cue]
+
+    def training_pool(self, seed: int, n_per_group: int, n_unrelated: int | None = None) -> list["WorldSample"]:
+        """The model's training images: a fresh biased ``train`` split."""
+        return sample_world("train", seed, n_per_group, self, n_unrelated=n_unrelated)
+
+    def sample(self, split: str, seed: int, n_per_group: int, n_unrelated: int | None = None) -> list["WorldSample"]:
+        return sample_world(split, seed, n_per_group, self, n_unrelated=n_unrelated)
+
+    def caption_families(self, sample: "WorldSample") -> dict[str, list[str]]:
+        return caption_families(sample)
+
+    def write(self, out_dir: str | Path, split: str, seed: int, n_per_group: int | Mapping[str, int]) -> Path:
+        return write_world(out_dir, split, seed, n_per_group, config=self)
+
 
 @dataclass
 class WorldSample:
@@ -768,16 +798,8 @@ def write_world(out_dir: str | Path, split: str, seed: int, n_per_group: int | M
     out.mkdir(parents=True, exist_ok=True)
     if layout == "folder":
         splits = list(SPLITS) if split == "all" else [split]
-        rows: list[dict[str, str]] = []
-        for sp in splits:
-            n = n_per_group[sp] if isinstance(n_per_group, Mapping) else n_per_group
-            for sample in sample_world(sp, seed, n, config):
-                rel = Path(sample.label) / f"{sp}_{sample.index:05d}.png"
-                (out / rel.parent).mkdir(exist_ok=True)
-                sample.image.save(out / rel)
-                rows.append({"path": rel.as_posix(), "label": sample.label, "group": sample.group, "split": sp})
-        _write_csv(out / "metadata.csv", ["path", "label", "group", "split"], rows)
-        return out
+        return write_samples(out, {sp: sample_world(sp, seed, n_per_group[sp] if isinstance(n_per_group, Mapping)
+                                                    else n_per_group, config) for sp in splits})
     if isinstance(n_per_group, Mapping):
         raise ValueError("the waterbirds layout takes one n_per_group for all splits")
     rows = []
@@ -792,6 +814,22 @@ def write_world(out_dir: str | Path, split: str, seed: int, n_per_group: int | M
             rows.append({"img_filename": rel.as_posix(), "y": str(y), "split": str(code),
                          "place": str(TARGET_PLACES.index(sample.background))})
     _write_csv(out / "metadata.csv", ["img_filename", "y", "split", "place"], rows)
+    return out
+
+
+def write_samples(out_dir: str | Path, samples: Mapping[str, Sequence[WorldSample]]) -> Path:
+    """The folder layout of any world: ``<out>/<class>/<split>_<index>.png`` and ``<out>/metadata.csv``
+    (``path,label,group,split``, ``path`` relative to ``out``) for each split's samples."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, str]] = []
+    for sp, split_samples in samples.items():
+        for sample in split_samples:
+            rel = Path(sample.label) / f"{sp}_{sample.index:05d}.png"
+            (out / rel.parent).mkdir(exist_ok=True)
+            sample.image.save(out / rel)
+            rows.append({"path": rel.as_posix(), "label": sample.label, "group": sample.group, "split": sp})
+    _write_csv(out / "metadata.csv", ["path", "label", "group", "split"], rows)
     return out
 
 
