@@ -59,6 +59,7 @@ def test_training_split_correlates_the_target_digits_with_their_colour() -> None
         assert sum(colours[c] for c in CFG.neutral_colors) == n_neutral
         assert colours[home] == round(CFG.bias * (2 * n - n_neutral))
         assert colours[home] + colours[away] == 2 * n - n_neutral
+    assert {lab for lab, _, _ in plan} == set(CFG.classes)
     for label in CFG.unrelated_classes:              # the other digits use every colour, home colours included
         colours = Counter(c for lab, c, _ in plan if lab == label)
         assert sum(colours.values()) == n and set(colours) <= set(CFG.colors)
@@ -122,11 +123,12 @@ def test_captions_are_true_and_hold_the_zero_shot_prompts() -> None:
 
 
 def test_config_round_trips_and_refuses_bad_values() -> None:
-    cfg = DigitsConfig(target_classes=("one", "seven"), bias=0.9)
+    cfg = DigitsConfig(target_classes=("one", "seven"), unrelated=("zero", "four"), bias=0.9)
     assert DigitsConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert world_from_dict(cfg.to_dict()) == cfg
     assert world_from_dict(WorldConfig().to_dict()) == WorldConfig()
     for bad, msg in ((dict(target_classes=("three", "three")), "two different"),
+                     (dict(unrelated=("one", "three")), "must differ"),
                      (dict(target_classes=("three", "ten")), "unknown digit"),
                      (dict(home_colors=("red", "red")), "twice"), (dict(home_colors=("red", "mauve")), "unknown colour"),
                      (dict(fit_share=1.0), "fit_share")):
@@ -139,7 +141,7 @@ def test_config_round_trips_and_refuses_bad_values() -> None:
 def test_write_digits_is_a_dataset_with_groups(tmp_path: Path) -> None:
     out = write_digits(tmp_path / "d", "all", 4, {"train": 5, "val": 2, "test": 3}, CFG)
     ds = load_dataset(out)
-    assert sorted(ds.classes) == sorted(DIGIT_NAMES)
+    assert sorted(ds.classes) == sorted(CFG.classes) and set(CFG.classes) < set(DIGIT_NAMES)
     rows = list(csv.DictReader(open(out / "metadata.csv")))
     assert {r["split"] for r in rows} == {"train", "val", "test"}
     assert Counter(r["group"] for r in rows if r["split"] == "test" and r["label"] in CFG.target_classes) == \
@@ -155,7 +157,7 @@ def test_cli_demo_data_writes_the_digits_world(tmp_path: Path, capsys) -> None:
     text = capsys.readouterr().out
     assert "Digits-world images" in text and "refineclip-digits" in text
     ds = load_dataset(tmp_path / "dg")
-    assert len(ds.classes) == 10 and {"three on red", "eight on green"} <= set(ds.groups)
+    assert sorted(ds.classes) == sorted(CFG.classes) and {"three on red", "eight on green"} <= set(ds.groups)
     assert cli_main(["demo-data", "--world", "digits", "--out", str(tmp_path / "x"), "--layout", "waterbirds"]) != 0
 
 
@@ -180,7 +182,7 @@ def test_quick_digits_training_run(tmp_path: Path) -> None:
     assert meta["model_name"] == MODEL_NAME and meta["train_config"]["world"]["kind"] == "digits"
     assert world_from_dict(meta["train_config"]["world"]) == DigitsConfig()
     assert set(meta["test"]["metrics"]["groups"]) == set(CFG.target_groups)
-    assert set(meta["test"]["metrics"]["per_class"]) == set(DIGIT_NAMES)
+    assert set(meta["test"]["metrics"]["per_class"]) == set(CFG.classes)
     assert meta["data"]["target_classes"] == list(CFG.target_classes)
     open_clip.add_model_config(out / f"{MODEL_NAME}.json")
     model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=str(out / f"{MODEL_NAME}.safetensors"))

@@ -27,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
                    help="train is biased (95%% home background); val/test are group-balanced")
-    p.add_argument("--n-per-group", type=positive_int, default=50, help="images per bird group and per other class")
+    p.add_argument("--n-per-group", type=positive_int, default=50,
+                   help="images per bird group and per other class (digits: val/test hold each handwritten digit of "
+                        "their share once per group, this caps them)")
     p.add_argument("--layout", default="folder", choices=["folder", "waterbirds"])
     add_json_arg(p, "what was written (folder, images per class and group)")
     p.set_defaults(func=run)

@@ -1,0 +1,264 @@
+"""The guard's own error rates: how often does it call a bad edit `verified`, and a good one?
+
+For every *world seed* a fresh sample of the world is drawn with a large balanced test split, which
+is cut in two, class × group stratified: the **truth half** (``--n-test``/2 images per group) and the
+**held-out pool** (the other half). For every *sample seed* the default pipeline runs (``identify`` +
+``run_refinement`` with the defaults every entry point uses) and four edits are built on the same draw:
+
+* ``good``: the exported edit (RefineCLIP-fit with the consensus heads), the default;
+* ``random heads``: RefineCLIP-fit with as many heads drawn at random from the cached ones;
+* ``unrelated-class heads``: RefineCLIP-fit with as many heads, those that write most of an *other*
+  class's logit (an edit aimed at the wrong class);
+* ``trade (+10)``, ``trade (+25)``: zero-shot with a bias added to one edited class's logit, the smallest
+  that lifts the worst group of the edited classes by about 10 or 25 points on the pool: it moves
+  errors from that class's groups onto the other class's groups (an edit that trades one group for
+  another; the small one is the hard case, a real gain bought with a modest loss elsewhere).
+
+**The truth** of each edit is measured on the truth half (hundreds of images per group) with the
+guard's own statistics at that size: *harmful* when the guard there finds some group or class
+significantly worse (exact McNemar, Holm) or the worst group's change has its whole interval below
+zero; *good* when it is ``verified`` there; *unclear* otherwise. Then ``--draws`` small held-out sets
+of ``--per-group`` images per group (every group of the edited classes and every other class; drawn
+from the pool, never from the truth half) are judged by the guard (``judge_edit``, its defaults).
+Results go to ``benchmarks/RESULTS.md`` between the ``guard:start``/``guard:end`` markers:
+
+    python benchmarks/guard.py [--world-seeds 151 152] [--sample-seeds 0 1 2 3 4] [--n-test 600]
+                               [--per-group 10 20 40 100] [--draws 40] [--model-dir assets/demo]
+
+``--model-dir assets/digits`` runs it on the handwritten-digits world (the model's metadata names the world).
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.demo_world import draw_parser, replace_section, workdir, world_cache, world_model  # noqa: E402
+from refineclip_core.edit.guard import HARMFUL, STATUSES, VERIFIED, GuardConfig, judge_edit  # noqa: E402
+from refineclip_core.features.cache import FeatureCache  # noqa: E402
+from refineclip_core.loading.models import DEMO_DIR  # noqa: E402
+from refineclip_core.method.protocol import (DEFAULT_EDIT, DEFAULT_PROTOCOL, Identification, identify,  # noqa: E402
+                                             make_engine, run_refinement)
+
+KINDS = ("good", "random heads", "unrelated-class heads", "trade (+10)", "trade (+25)")
+TRUTHS = ("harmful", "good", "unclear")
+TRADES = {"trade (+10)": 0.10, "trade (+25)": 0.25}
+"""The trade edits' bias lifts the worst group of the edited classes by about this much on the pool."""
+
+
+@dataclass
+class Edit:
+    world: int
+    seed: int
+    kind: str
+    after: np.ndarray
+    truth: str
+    truth_worst: float          # worst-group change on the truth half (points)
+    truth_min_unit: float       # the largest drop of any group or class on the truth half (points)
+
+
+def split_test(cache: FeatureCache, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The test rows cut in two halves, stratified by group (class where a row has no group)."""
+    rows = np.flatnonzero(cache.splits == "test")
+    key = strata(cache, rows)
+    rng = np.random.default_rng([seed, 4_242])
+    truth, pool = [], []
+    for k in np.unique(key):
+        r = rows[key == k][rng.permutation(int((key == k).sum()))]
+        truth.append(r[: len(r) // 2])
+        pool.append(r[len(r) // 2:])
+    return np.sort(np.concatenate(truth)), np.sort(np.concatenate(pool))
+
+
+def strata(cache: FeatureCache, rows: np.ndarray) -> np.ndarray:
+    return np.where(cache.groups[rows] >= 0, cache.groups[rows], 10_000 + cache.labels[rows])
+
+
+def small_set(cache: FeatureCache, pool: np.ndarray, per_group: int, rng: np.random.Generator) -> np.ndarray:
+    """``per_group`` pool rows of every group (and of every class without groups), drawn without replacement."""
+    key = strata(cache, pool)
+    return np.sort(np.concatenate([rng.choice(pool[key == k], size=min(per_group, int((key == k).sum())),
+                                              replace=False) for k in np.unique(key)]))
+
+
+def judge(cache: FeatureCache, ident: Identification, after: np.ndarray, rows: np.ndarray):
+    return judge_edit(cache.labels, ident.base_predictions, after, rows, ident.target_classes, cache.classes,
+                      cache.groups if cache.group_names else None, cache.group_names, "edit", GuardConfig())
+
+
+def truth_of(verdict) -> str:
+    if verdict.status == HARMFUL or (verdict.worst is not None and verdict.worst.change.high < 0):
+        return "harmful"
+    return "good" if verdict.status == VERIFIED else "unclear"
+
+
+def unrelated_heads(cache: FeatureCache, ident: Identification, k: int) -> list:
+    """The ``k`` heads that write most of an *other* class's logit (mean direct contribution along its text
+    embedding over its val images), for the other class with the most val images: heads of the wrong class."""
+    val = np.flatnonzero(cache.splits == "val")
+    others = [c for c in range(len(cache.classes)) if c not in ident.target_classes]
+    u = max(others, key=lambda c: int((cache.labels[val] == c).sum()))
+    rows = val[cache.labels[val] == u]
+    contrib = np.asarray(cache.heads[rows], dtype=np.float64) @ cache.text[u].astype(np.float64)   # (n, L, H)
+    order = np.argsort(-contrib.mean(0).ravel(), kind="stable")[:k]
+    ids = cache.head_ids()
+    return [ids[i] for i in order]
+
+
+def trade_predictions(cache: FeatureCache, ident: Identification, pool: np.ndarray, target: float) -> np.ndarray:
+    """Zero-shot plus a bias on one edited class's logit: the smallest bias (either class) that lifts the
+    worst group of the edited classes by ``target`` on the pool (or the best lift found)."""
+    logits = cache.embeddings.astype(np.float64) @ cache.text.astype(np.float64).T
+    tmask = np.isin(cache.labels[pool], ident.target_classes)
+    rows = pool[tmask]
+    key = strata(cache, rows)
+
+    def worst(pred: np.ndarray) -> float:
+        ok = pred[rows] == cache.labels[rows]
+        return min(float(ok[key == k].mean()) for k in np.unique(key))
+
+    base = worst(ident.base_predictions)
+    scale = float(np.std(logits[rows][:, ident.target_classes]))
+    best, best_gain = ident.base_predictions, -1.0
+    for c in ident.target_classes:
+        for b in np.linspace(0, 3 * scale, 241)[1:]:
+            shifted = logits.copy()
+            shifted[:, c] += b
+            pred = shifted.argmax(1)
+            gain = worst(pred) - base
+            if gain >= target:
+                return pred
+            if gain > best_gain:
+                best, best_gain = pred, gain
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = draw_parser(__doc__, [151, 152], n_fit=100, n_test=600)
+    ap.add_argument("--model-dir", default=str(DEMO_DIR), help="model folder (default: the embedded demo model)")
+    ap.add_argument("--per-group", type=int, nargs="+", default=[10, 20, 40, 100],
+                    help="held-out images per group of the small sets the guard judges")
+    ap.add_argument("--draws", type=int, default=40, help="small held-out sets per edit and size")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.time()
+    model_dir = Path(args.model_dir)
+    edits: list[Edit] = []
+    calls: dict[tuple[str, str, int], Counter] = defaultdict(Counter)     # (kind, truth, size) -> status counts
+    with workdir(args.workdir, "refineclip-guard-bench-") as work:
+        world, loaded = world_model(model_dir)
+        for w_seed in args.world_seeds:
+            cache = world_cache(work, world, w_seed, args.n_fit, args.n_test, loaded)
+            engine = make_engine(cache)
+            truth_rows, pool = split_test(cache, w_seed)
+            heads_all = cache.head_ids()
+            for s in args.sample_seeds:
+                ident = identify(cache, replace(DEFAULT_PROTOCOL, seed=s), engine)
+                edit = replace(DEFAULT_EDIT, fit=replace(DEFAULT_EDIT.fit, seed=s))
+                built = {"good": run_refinement(cache, ident, edit, engine=engine, baselines=False)}
+                rng = np.random.default_rng([w_seed, s, 77])
+                k = max(len(ident.heads), 3)
+                rand = [heads_all[i] for i in rng.choice(len(heads_all), size=k, replace=False)]
+                built["random heads"] = run_refinement(cache, ident, edit, heads=rand, engine=engine, baselines=False)
+                built["unrelated-class heads"] = run_refinement(cache, ident, edit, heads=unrelated_heads(cache, ident, k),
+                                                                engine=engine, baselines=False)
+                preds = {kind: out.report.predictions[out.exported] for kind, out in built.items()}
+                for kind, target in TRADES.items():
+                    preds[kind] = trade_predictions(cache, ident, pool, target)
+                for kind, after in preds.items():
+                    v = judge(cache, ident, after, truth_rows)
+                    drops = [u.change.value for u in v.units()]
+                    e = Edit(w_seed, s, kind, after, truth_of(v),
+                             100 * (v.worst.change.value if v.worst else float("nan")), 100 * min(drops))
+                    edits.append(e)
+                    for size in args.per_group:
+                        srng = np.random.default_rng([w_seed, s, KINDS.index(kind), size])
+                        for _ in range(args.draws):
+                            rows = small_set(cache, pool, size, srng)
+                            calls[(kind, e.truth, size)][judge(cache, ident, after, rows).status] += 1
+                    print(f"world {w_seed} seed {s} {kind}: truth {e.truth} (worst group {e.truth_worst:+.1f}, "
+                          f"largest drop {e.truth_min_unit:+.1f}); small sets: "
+                          + "; ".join(f"{size}/group {dict(calls[(kind, e.truth, size)])}" for size in args.per_group),
+                          file=sys.stderr, flush=True)
+        body = report(args, world, edits, calls, time.time() - t0, len(truth_rows), len(pool))
+    print(body)
+    replace_section(Path(args.out), "guard" if world.kind == "birds" else f"guard-{world.kind}", body)
+    return 0
+
+
+def _shown(path: Path) -> str:
+    return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+
+
+def _share(c: Counter, status: str) -> str:
+    n = sum(c.values())
+    return "–" if not n else f"{100 * c[status] / n:.1f}% ({c[status]}/{n})"
+
+
+def report(args, world, edits: list[Edit], calls, seconds: float, n_truth: int, n_pool: int) -> str:
+    name = "demo (birds)" if world.kind == "birds" else world.kind
+    truth_count = Counter((e.kind, e.truth) for e in edits)
+    lines = [
+        f"## The guard's own error rates ({name} world)",
+        "",
+        f"Written by `python benchmarks/guard.py` on {time.strftime('%Y-%m-%d')} "
+        f"({platform.processor() or platform.machine()}, torch {torch.__version__}) in {seconds:.0f} s, model "
+        f"`{_shown(Path(args.model_dir))}`. World seeds {args.world_seeds} × sample seeds {args.sample_seeds}; per world "
+        f"{n_truth} test images in the truth half and {n_pool} in the pool the small held-out sets are drawn "
+        f"from ({args.n_test} per group and per other class in all, cut in two). Per edit and size, "
+        f"{args.draws} small held-out sets with that many images per group (and per other class). The guard "
+        f"is `refineclip_core.edit.guard.judge_edit` with its defaults (min {GuardConfig().min_per_group} per "
+        f"group, 95%, Holm). Truth on the truth half: *harmful* = some group or class significantly worse "
+        f"(McNemar, Holm) or the worst group's change wholly below zero; *good* = `verified` there; *unclear* "
+        f"= neither.",
+        "",
+        "Edits and their truth (count of edits):",
+        "",
+        "| edit | " + " | ".join(TRUTHS) + " |",
+        "|---|" + "---|" * len(TRUTHS),
+    ]
+    for kind in KINDS:
+        if any(e.kind == kind for e in edits):
+            lines.append(f"| {kind} | " + " | ".join(str(truth_count[(kind, t)]) for t in TRUTHS) + " |")
+    lines += ["", "**Headline**: share of small held-out sets the guard called `verified`, by the edit's truth:", "",
+              "| held-out images per group | harmful edits called `verified` (target ≤ 5%) | "
+              "good edits called `verified` | unclear edits called `verified` |", "|---|---|---|---|"]
+    for size in args.per_group:
+        by_truth = {t: sum((calls[(k, t, size)] for k in KINDS), Counter()) for t in TRUTHS}
+        lines.append(f"| {size} | {_share(by_truth['harmful'], VERIFIED)} | {_share(by_truth['good'], VERIFIED)} | "
+                     f"{_share(by_truth['unclear'], VERIFIED)} |")
+    lines += ["", "Full confusion table (truth × guard's call, share of small sets; n = sets judged):", "",
+              "| edit | truth | per group | n | " + " | ".join(f"`{s}`" for s in STATUSES) + " |",
+              "|---|---|---|---|" + "---|" * len(STATUSES)]
+    for kind in KINDS:
+        for truth in TRUTHS:
+            for size in args.per_group:
+                c = calls.get((kind, truth, size))
+                if not c:
+                    continue
+                n = sum(c.values())
+                lines.append(f"| {kind} | {truth} | {size} | {n} | "
+                             + " | ".join(f"{100 * c[s] / n:.1f}%" for s in STATUSES) + " |")
+    lines += ["", "What the edits did on the truth half (points; mean over draws, worst draw):", "",
+              "| edit | worst-group change | largest drop of any group or class |", "|---|---|---|"]
+    for kind in KINDS:
+        es = [e for e in edits if e.kind == kind]
+        if es:
+            w = np.array([e.truth_worst for e in es])
+            d = np.array([e.truth_min_unit for e in es])
+            lines.append(f"| {kind} | {np.nanmean(w):+.1f} (min {np.nanmin(w):+.1f}) | {d.mean():+.1f} (min {d.min():+.1f}) |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
