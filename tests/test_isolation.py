@@ -545,3 +545,83 @@ def test_each_page_run_keeps_the_sessions_folder_alive(home, demo_spec, upload_t
     os.utime(Path(owner.path) / ALIVE_FILE, (old, old))
     at.run()
     assert time.time() - (Path(owner.path) / ALIVE_FILE).stat().st_mtime < 600
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the memory budget counts every part a config can build, before allocating any
+# ---------------------------------------------------------------------------------------------
+
+def _coca(width: int, layers: int) -> dict:
+    cfg = tiny_config(width=32, layers=1)
+    cfg["text_cfg"].update(embed_cls=True, pad_id=0)
+    return {**cfg, "custom_text": True,
+            "multimodal_cfg": {"width": width, "layers": layers, "heads": 4, "context_length": 16, "dim_head": 16}}
+
+
+def _timm(name: str) -> dict:
+    cfg = tiny_config()
+    cfg["vision_cfg"] = {"timm_model_name": name, "timm_model_pretrained": False, "timm_pool": "avg",
+                         "timm_proj": "linear", "image_size": 32}
+    return cfg
+
+
+@pytest.mark.parametrize("label, cfg", [("coca decoder", _coca(64, 2)), ("timm tower", _timm("resnet18"))])
+def test_the_estimate_counts_decoders_and_timm_towers_exactly(label, cfg, tmp_path):
+    """The parameter count of the estimate equals that of the model open_clip builds."""
+    from refineclip_core.loading.budget import estimate_model
+
+    path = write_config(tmp_path, "m", cfg)
+    built = load_model(ModelSpec("m", model_config=str(path)), memory_budget="64GB").model
+    assert estimate_model(cfg).n_params == sum(p.numel() for p in built.parameters()), label
+
+
+@pytest.mark.parametrize("label, cfg, params", [
+    ("a CoCa decoder of 657M parameters", _coca(1024, 24), r"656\.9 million"),
+    ("timm's vit_huge_patch14_224", {**_timm("vit_huge_patch14_224"),
+                                     "vision_cfg": {**_timm("x")["vision_cfg"], "timm_model_name": "vit_huge_patch14_224",
+                                                    "image_size": 224}}, r"\d+\.\d million"),
+])
+def test_big_hidden_parts_are_refused_before_allocation(label, cfg, params, tmp_path, monkeypatch):
+    import open_clip
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("open_clip.create_model was called for a config over the budget")
+
+    monkeypatch.setattr(open_clip, "create_model", no_allocation)
+    monkeypatch.setenv("REFINECLIP_MEMORY_BUDGET", "500MB")
+    path = write_config(tmp_path, "hidden", cfg)
+    with pytest.raises(RefineClipError, match=rf"refused before loading: it would need about .* \(({params}) "
+                                               r"parameters.* but the budget is 500\.0 MB"):
+        load_model(ModelSpec("hidden", model_config=str(path)))
+
+
+def test_a_tower_that_cannot_be_sized_is_refused_in_one_sentence(tmp_path):
+    cfg = _timm("no_such_timm_model")
+    with pytest.raises(RefineClipError, match="timm vision tower 'no_such_timm_model' could not be sized"):
+        load_model(ModelSpec("t", model_config=str(write_config(tmp_path, "t", cfg))))
+
+
+def test_decoding_is_budgeted_by_pixels_in_flight(tmp_path, monkeypatch):
+    """Eight 2-megapixel PNGs decoded by eight threads at once under a 5-megapixel budget: never
+    more than two in flight; an image larger than the whole budget still decodes, alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from refineclip_core.loading import decode
+
+    budget = decode.PixelBudget(limit=5_000_000)
+    monkeypatch.setattr(decode, "DECODE_BUDGET", budget)
+    paths = []
+    for i in range(8):
+        path = tmp_path / f"big{i}.png"
+        Image.new("RGB", (2000, 1000), (i, 0, 0)).save(path)
+        paths.append(path)
+    with ThreadPoolExecutor(8) as pool:
+        images = list(pool.map(decode.load_image, paths))
+    assert [im.size for im in images] == [(2000, 1000)] * 8
+    assert 2_000_000 <= budget.peak <= 4_000_000
+    huge = tmp_path / "huge.png"
+    Image.new("L", (3000, 2000)).save(huge)
+    budget.peak = 0
+    assert decode.load_image(huge).size == (3000, 2000) and budget.peak == 6_000_000

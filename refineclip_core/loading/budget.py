@@ -14,8 +14,14 @@ MLP ratio) the number of parameters and the memory of
 and refuses, with one sentence naming the numbers, when the total exceeds the budget:
 ``REFINECLIP_MEMORY_BUDGET`` (``16GB``, ``512MiB``, ``2e10``) or, by default,
 :data:`BUDGET_FRACTION` of the memory available now (``MemAvailable``, capped by a cgroup
-limit). Towers built by timm or Hugging Face (``timm_model_name``, ``hf_model_name``) are sized
-by those libraries, not by the config, and count as zero here.
+limit).
+
+Every part a config can build is counted: the vision tower (ViT or ResNet from the config's
+numbers; a timm tower, ``timm_model_name``, and a Hugging Face text tower, ``hf_model_name``,
+by building that tower on PyTorch's ``meta`` device, where tensors have shapes but no memory,
+and counting its parameters), the text tower, and a CoCa text decoder (``multimodal_cfg``). A
+tower that cannot be sized that way (an unknown timm name, a Hugging Face config that is not
+on this machine) is refused with one sentence: it could not be built either.
 """
 
 from __future__ import annotations
@@ -232,6 +238,75 @@ def _text(t: Mapping[str, Any], embed_dim: int, batch: int) -> tuple[int, int, i
     return params, mask, acts
 
 
+def _decoder(m: Mapping[str, Any], text: Mapping[str, Any]) -> tuple[int, int]:
+    """(parameters, buffer elements) of CoCa's ``MultimodalTransformer`` text decoder: ``layers``
+    self-attention blocks, as many cross-attention blocks (with a second input norm), a final
+    norm and a projection to the vocabulary. It is built with the model although the studio
+    never runs it (it only generates captions), so it counts for memory, not for activations."""
+    w = _num(m, "width", 512, "multimodal_cfg")
+    layers = _num(m, "layers", 12, "multimodal_cfg")
+    mlp_ratio = _num(m, "mlp_ratio", 4, "multimodal_cfg", cast=float, minimum=0)
+    ctx = _num(m, "context_length", 77, "multimodal_cfg")
+    vocab = _num(text, "vocab_size", 49408, "text_cfg")
+    ls = m.get("ls_init_value") is not None
+    params = 2 * _blocks(w, layers, mlp_ratio, ls) + layers * 2 * w + 2 * w + w * vocab
+    return params, ctx * ctx
+
+
+def _on_meta(what: str, build) -> "Any":
+    """Build a tower with ``build()`` on the meta device (shapes, no memory), or refuse in one sentence."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build()
+    except RefineClipError:
+        raise
+    except Exception as exc:  # an unknown timm name, a config the library rejects, a missing HF config
+        text = str(exc).strip().splitlines()
+        raise RefineClipError(f"The model config's {what} could not be sized before loading "
+                              f"({type(exc).__name__}: {(text[0] if text else '')[:200]}); it was refused.") from None
+
+
+def _count(module) -> tuple[int, int]:
+    return (sum(p.numel() for p in module.parameters()), sum(b.numel() for b in module.buffers()))
+
+
+def _timm_vision(v: Mapping[str, Any], embed_dim: int, batch: int) -> tuple[int, int, int]:
+    """(parameters, buffer elements, activation elements for one batch) of a timm vision tower,
+    built on the meta device as open_clip builds it."""
+    from open_clip.model import _build_vision_tower
+
+    name = str(v.get("timm_model_name"))[:100]
+    tower = _on_meta(f"timm vision tower '{name}'",
+                     lambda: _build_vision_tower(embed_dim, {**v, "timm_model_pretrained": False}))
+    params, buffers = _count(tower)
+    trunk = getattr(tower, "trunk", tower)
+    width = int(getattr(trunk, "num_features", 0) or getattr(trunk, "embed_dim", 0) or 0)
+    patches = getattr(getattr(trunk, "patch_embed", None), "num_patches", None)
+    ih, iw = _pair(v, "image_size", 224, "vision_cfg")
+    tokens = int(patches) + 1 if patches else max(1, (ih // 16) * (iw // 16))
+    heads = max(1, width // 64)
+    acts = batch * (3 * ih * iw + tokens * 14 * width + 2 * heads * tokens * tokens)
+    return params, buffers, acts
+
+
+def _hf_text(t: Mapping[str, Any], embed_dim: int, batch: int) -> tuple[int, int, int]:
+    """(parameters, buffer elements, activation elements) of a Hugging Face text tower, built on
+    the meta device from its config (read from the local Hugging Face cache, as open_clip reads it)."""
+    from open_clip.model import _build_text_tower
+
+    name = str(t.get("hf_model_name"))[:100]
+    tower = _on_meta(f"Hugging Face text tower '{name}'",
+                     lambda: _build_text_tower(embed_dim, {**t, "hf_model_pretrained": False}))
+    params, buffers = _count(tower)
+    cfg = getattr(getattr(tower, "transformer", None), "config", None)
+    width = int(getattr(cfg, "hidden_size", 0) or 0)
+    ctx = _num(t, "context_length", 77, "text_cfg")
+    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    return params, buffers, TEXT_BATCH * (ctx * 14 * width + 2 * heads * ctx * ctx)
+
+
 def estimate_model(cfg: Mapping[str, Any], precision: str = "fp32", batch_size: int = IMAGE_BATCH,
                    checkpoint_bytes: int | None = 0) -> ModelEstimate:
     """Parameters and memory of the open_clip model ``cfg`` describes (no tensor is created).
@@ -244,17 +319,31 @@ def estimate_model(cfg: Mapping[str, Any], precision: str = "fp32", batch_size: 
     vision, text = cfg.get("vision_cfg") or {}, cfg.get("text_cfg") or {}
     if not isinstance(vision, Mapping) or not isinstance(text, Mapping):
         raise RefineClipError("The model config's vision_cfg and text_cfg must be JSON objects.")
-    v_params = v_acts = t_params = t_mask = t_acts = 0
+    multimodal = cfg.get("multimodal_cfg")
+    if multimodal is not None and not isinstance(multimodal, Mapping):
+        raise RefineClipError("The model config's multimodal_cfg must be a JSON object.")
+    v_params = v_acts = t_params = t_mask = t_acts = d_params = d_mask = v_buffers = 0
+    # the parts counted from the config's numbers first: a tower built on the meta device below
+    # must not be reached with absurd sizes elsewhere in the config
+    if not text.get("hf_model_name"):
+        t_params, t_mask, t_acts = _text(text, embed_dim, TEXT_BATCH)
+        if text.get("embed_cls") and (cfg.get("custom_text") or multimodal is not None):
+            t_params += _num(text, "width", 512, "text_cfg")  # CustomTextCLIP/CoCa keep the class embedding
+    if multimodal is not None:
+        d_params, d_mask = _decoder(multimodal, text)
     if not vision.get("timm_model_name"):
         build = _resnet if isinstance(vision.get("layers"), (list, tuple)) else _vit
         v_params, v_acts = build(vision, embed_dim, batch_size)
-    if not text.get("hf_model_name"):
-        t_params, t_mask, t_acts = _text(text, embed_dim, TEXT_BATCH)
-    n_params = v_params + t_params + 1 + (1 if cfg.get("init_logit_bias") is not None else 0)
+    else:
+        v_params, v_buffers, v_acts = _timm_vision(vision, embed_dim, batch_size)
+    if text.get("hf_model_name"):
+        t_params, t_mask, t_acts = _hf_text(text, embed_dim, TEXT_BATCH)
+    n_params = v_params + t_params + d_params + 1 + (1 if cfg.get("init_logit_bias") is not None else 0)
     elem = _BYTES.get(precision, 4)
     read = 4 * n_params if checkpoint_bytes is None else checkpoint_bytes
     load = read + (n_params * elem if elem != 4 else 0)
-    return ModelEstimate(n_params, 4 * (n_params + t_mask), load, elem * max(v_acts, t_acts), batch_size)
+    return ModelEstimate(n_params, 4 * (n_params + t_mask + d_mask + v_buffers), load, elem * max(v_acts, t_acts),
+                         batch_size)
 
 
 def check_model_budget(name: str, cfg: Mapping[str, Any], precision: str = "fp32", checkpoint_bytes: int | None = 0,

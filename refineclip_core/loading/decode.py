@@ -8,9 +8,12 @@ cannot be decoded raises :class:`~refineclip_core.errors.ImageLoadError` with a 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import threading
 import warnings
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,13 +26,61 @@ from .confine import OUTSIDE_REASON, Roots, SpecialFileError, open_confined, res
 #: this ratio first; otherwise a few-hundred-byte 1 x 10^6 PNG is upscaled to gigabytes by the resize.
 MAX_ASPECT_RATIO = 20
 
+#: Environment variable: how many pixels this process decodes at once, in all threads together.
+DECODE_PIXELS_ENV = "REFINECLIP_DECODE_PIXELS"
+#: Its default: 100 megapixels (decoding one costs about 1 GB with Pillow's RGBA and RGB copies).
+DEFAULT_DECODE_PIXELS = 100_000_000
+
+
+class PixelBudget:
+    """Pixels being decoded at once in this process, bounded: a decoder waits until the pixels
+    in flight plus its own fit in ``limit``; an image larger than the whole budget is decoded
+    alone. Decoding memory is thus bounded by about one budget's worth of pixels, whatever the
+    number of decode workers or sessions (with ``DecodeConfig(kind="process")`` each worker
+    process has a budget of its own)."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self._limit = limit
+        self._in_flight = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @property
+    def limit(self) -> int:
+        if self._limit is not None:
+            return self._limit
+        text = os.environ.get(DECODE_PIXELS_ENV, "").strip()
+        try:
+            return max(1, int(float(text))) if text else DEFAULT_DECODE_PIXELS
+        except ValueError:
+            return DEFAULT_DECODE_PIXELS
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = max(1, int(pixels))
+        with self._cond:
+            self._cond.wait_for(lambda: self._in_flight == 0 or self._in_flight + pixels <= self.limit)
+            self._in_flight += pixels
+            self.peak = max(self.peak, self._in_flight)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._in_flight -= pixels
+                self._cond.notify_all()
+
+
+#: The process-wide budget every :func:`load_image` decodes within.
+DECODE_BUDGET = PixelBudget()
+
 
 def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | None = None) -> Image.Image:
     """Decode one image file into an RGB :class:`PIL.Image.Image`.
 
     Applies the EXIF orientation, takes the first frame of animations, centre-crops extreme
     strips to :data:`MAX_ASPECT_RATIO`, maps 16-bit and other modes to 8-bit RGB and
-    composites transparency on white. With ``min_side``, a JPEG is decoded at a reduced
+    composites transparency on white. The decoding waits for room in :data:`DECODE_BUDGET`
+    (pixels in flight in the whole process, ``REFINECLIP_DECODE_PIXELS``). With ``min_side``, a JPEG is decoded at a reduced
     scale whose sides are still at least ``min_side`` (:func:`reduce_on_decode`). Raises
     :class:`ImageLoadError` with a specific reason for anything it cannot decode, including
     images over Pillow's decompression-bomb limit (the guard stays on), devices and pipes, and
@@ -44,9 +95,10 @@ def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | 
             with Image.open(fh) as img:
                 img.seek(0)
                 reduce_on_decode(img, min_side)
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(_limit_aspect(img))
+                with DECODE_BUDGET.hold(img.size[0] * img.size[1]):  # decoding memory, budgeted
+                    img.load()
+                    img = ImageOps.exif_transpose(img)
+                    return _to_rgb(_limit_aspect(img))
     except OutsideRootsError as exc:
         raise ImageLoadError(OUTSIDE_REASON) from exc
     except SpecialFileError as exc:
