@@ -14,6 +14,7 @@ from refineclip_core.reporting.figures import confusion_figure
 from refineclip_core.reporting.findings import accuracy_rows
 from refineclip_core.names import visible
 from studio_ui import resources
+from studio_ui.panels import heldout_rows
 from studio_ui.registry import page
 from studio_ui.state import Key, get, protocol, set_protocol
 from studio_ui.widgets import accuracy_frame, image_grid, link, metric_ci, plain, require_ready, table
@@ -25,12 +26,18 @@ pred, probs = resources.zero_shot(src, cache)
 labels, classes = cache.labels, cache.classes
 
 splits = sorted(set(cache.splits.tolist()) - {""})
-options = ["all images"] + [f"{s} split" for s in splits]
-default = options.index("test split") if "test split" in options else 0
+held = heldout_rows(ready)
+HELD = "held-out images (the Load, Ablate and Refine pages' rows)"
+options = ["all images"] + ([HELD] if held is not None else []) + [f"{s} split" for s in splits]
+default = options.index("test split") if "test split" in options else (1 if held is not None else 0)
 scope = st.selectbox("Images to analyse", options, index=default, key="err_scope",
                      help="Zero-shot predictions need no training, so every labelled image can be analysed.")
-mask = rows_mask(len(labels)) if scope == "all images" else cache.splits == scope.removesuffix(" split")
+mask = (rows_mask(len(labels)) if scope == "all images" else rows_mask(len(labels), held) if scope == HELD
+        else cache.splits == scope.removesuffix(" split"))
 rows = np.flatnonzero(mask)
+st.caption(f"This page shows {plain(scope)}: {len(rows)} images."
+           + (f" The Load page's findings and the Ablate and Refine pages measure on the {len(held)} held-out "
+              "images." if held is not None else ""))
 rep = accuracy_report(pred, labels, classes, cache.groups, cache.group_names, mask)
 
 c = st.columns(4)

@@ -14,7 +14,7 @@ from refineclip_core.reporting.figures import score_grid_figure, selection_name,
 from studio_ui.registry import page
 from studio_ui.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
                              set_protocol)
-from studio_ui.panels import attribute_panel, stability_panel
+from studio_ui.panels import attribute_panel, sanity_panel, stability_panel
 from studio_ui.widgets import link, plain, require_ready, table
 
 st.title(page("heads").heading)
@@ -60,6 +60,7 @@ with st.form("heads_controls"):
         st.rerun()
 
 ident = ready.ident()
+sanity_panel(ready, ident)
 sel = ident.selection
 set_text = "; ".join(f"{k}: W={s.sizes()['W']}, C={s.sizes()['C']}, A={s.sizes()['A']}" for k, s in ident.sets.items())
 st.caption(f"{len(ident.sample_rows)} labelled samples · {plain(set_text)} · W = misclassified as ŷ, C = correct "

@@ -11,7 +11,8 @@ from refineclip_core.reporting.findings import cell_estimate, format_cell, metho
 from refineclip_core.reporting.run_report import EditRun, export_path, per_image_csv, render_html, report_json, run_edit
 from studio_ui.forms import edit_form
 from studio_ui.jobs import Job, start_job
-from studio_ui.panels import checkpoint_download, diagnosis_of, verdict_banner, verdict_table
+from studio_ui.panels import (checkpoint_download, diagnosis_of, on_demo, sanity_panel, verdict_banner,
+                              verdict_table)
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, set_refine, ticked_heads
 from studio_ui.widgets import follow_job, link, metric_ci, plain, require_ready, show_exception, table
@@ -30,6 +31,7 @@ classes = cache.classes
 last: EditRun | None = get(Key.REFINE)
 if last is not None:  # the guard first: is the last edit verified better than zero-shot on held-out images?
     verdict_banner(last.verdict, last.outcome.exported)
+sanity_panel(ready, ident)
 
 # --- which heads -----------------------------------------------------------------------------------
 options = {"The protocol's choice": list(ident.heads), "Set from the Heads page": ablate_heads(),
@@ -56,7 +58,7 @@ if submitted is not None:
     diag = diagnosis_of(ready, ident, heads)      # leads the run report
     put(Key.REFINE_JOB, start_job(f"Fitting {cfg.exported}", lambda progress, cancelled: run_edit(
         cache, ident, eng, cfg, heads, spec=src.spec, export_to=out, loaded=loaded, data_root=src.data_root,
-        baselines=baselines, progress=progress, cancel=cancelled, diagnosis=diag)))
+        baselines=baselines, progress=progress, cancel=cancelled, diagnosis=diag, demo_data=on_demo(ready))))
 
 
 def live_losses(job: Job):

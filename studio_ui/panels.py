@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
+from refineclip_core.demo.world import on_demo_world
 from refineclip_core.edit.guard import HARMFUL, VERIFIED, EditVerdict
+from refineclip_core.edit.sanity import sanity_warnings
 from refineclip_core.errors import RefineClipError
 from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
@@ -59,9 +62,11 @@ def findings_panel(ready: Ready) -> None:
         return
     f = resources.findings(src, cache, ready.engine, ident)
     st.subheader("Findings at a glance")
+    sanity_panel(ready, ident)
     diagnosis_lead(ready, ident)
     st.caption(f"Measured on {f.n_eval} held-out images (the {len(ident.sample_rows)} labelled samples used to "
-               f"choose the heads are excluded) — the same images and numbers as the Ablate and Refine pages. "
+               f"choose the heads are excluded) — the same images and numbers as the Ablate and Refine pages; the "
+               f"Errors page shows these rows under 'held-out images', and every image under 'all images'. "
                f"Each accuracy comes with its 95% interval and the number of images behind it.")
     rule = {"consensus": "the consensus of DE_A..DE_D",
             "stable": "how often the consensus of DE_A..DE_D chose them on resamples of the labelled images"
@@ -93,6 +98,29 @@ def findings_panel(ready: Ready) -> None:
     data_summary(src, cache)
 
 
+def on_demo(ready: Ready) -> bool:
+    """Is this the demo world (the embedded demo, or a demo-data sample), where the defaults and the
+    diagnosis were checked?"""
+    return ready.source.is_demo or on_demo_world(ready.cache.classes)
+
+
+def sanity_panel(ready: Ready, ident: Identification) -> None:
+    """The sanity warnings (:mod:`refineclip_core.edit.sanity`) beside the numbers they qualify."""
+    for w in sanity_warnings(ready.cache, ident, demo_data=on_demo(ready)):
+        if w.kind == "untested-data":
+            st.caption(plain(w.text))
+        else:
+            st.warning(plain(w.text), icon=":material/warning:")
+
+
+def heldout_rows(ready: Ready) -> np.ndarray | None:
+    """The held-out rows the Load, Ablate and Refine pages measure on (None when no pair can be identified)."""
+    try:
+        return resources.identification(ready.source, ready.cache, ready.engine, protocol()).eval_rows
+    except RefineClipError:
+        return None
+
+
 def diagnosis_of(ready: Ready, ident: Identification, heads: list[HeadId] | None = None) -> Diagnosis | None:
     """The (cached) diagnosis of ``heads``, or None (with the reason shown) when it cannot be made."""
     with guard("Naming what the removed heads carry"):
@@ -108,7 +136,8 @@ def diagnosis_lead(ready: Ready, ident: Identification, heads: list[HeadId] | No
         return None
     with st.container(border=True):
         st.caption("Why, in words (what removing the blamed heads takes out of the embedding, named by the "
-                   "text pool's concepts; checked on the demo world where the cue is known):")
+                   "text pool's concepts; " + ("checked on the demo world where the cue is known):" if on_demo(ready)
+                                               else "untested on these images, a hypothesis to check):"))
         for pair in diag.pairs:
             st.text(pair.sentence)
         n_concepts = sum(len(pair.concepts) for pair in diag.pairs)

@@ -174,3 +174,60 @@ def _exit_status_per_verdict(capsys, monkeypatch, argv):
             assert f"Guard: {kind}" in out
             got.append(rc)
         assert tuple(got) == codes, (kind, got)
+
+
+def test_eval_rows_from_a_refine_run_gives_the_reports_numbers(cache_dir, tiny_model_files, image_folder, capsys,
+                                                               tmp_path):
+    """``refineclip eval --rows-from RUN.json`` evaluates exactly the run's held-out images: the original
+    model gives the report's zero-shot accuracy, the exported checkpoint the edit's."""
+    run, ckpt = tmp_path / "run.json", tmp_path / "edited.safetensors"
+    rc, _, _ = _run(capsys, ["refine", "--cache", cache_dir, "--samples-per-class", "2", "--top-t", "4", "--pair",
+                             "auto", "--fit-steps", "5", "--no-baselines", "--no-diagnosis", "--json", run,
+                             "--out", ckpt])
+    assert rc == 0
+    report = json.loads(run.read_text())
+    assert len(report["eval_files"]) == report["n_eval"] == len(report["eval_rows"])
+    reports = report["methods"]["reports"]
+    flags = _model_flags(tiny_model_files)
+    for checkpoint, method in ((tiny_model_files["checkpoint"], "zero-shot"), (ckpt, report["exported"])):
+        flags[-1] = str(checkpoint)
+        rc, out, _ = _run(capsys, ["eval", *flags, "--data", image_folder, "--rows-from", run, "--json", "-"])
+        assert rc == 0
+        got = json.loads(out)
+        assert got["n_images"] == report["n_eval"]
+        assert got["accuracy"] == pytest.approx(reports[method]["accuracy"]), method
+        assert got["per_group"] == pytest.approx(reports[method]["per_group"]), method
+    # a report that does not list held-out images, or a folder without them: one sentence, status 2
+    (tmp_path / "bad.json").write_text("{}")
+    rc, _, err = _run(capsys, ["eval", *flags, "--data", image_folder, "--rows-from", tmp_path / "bad.json"])
+    assert rc == 2 and "not a run report" in err
+
+
+def test_a_folder_too_small_to_check_an_edit_says_so_with_the_numbers(tiny_model_files, tmp_path, capsys):
+    """4 classes x 10 images (the issue's real-photo folder): every class keeps 5 held-out images, the
+    guard cannot verify the edit, and the CLI and the run report say why, with the numbers."""
+    from .conftest import make_image
+
+    rng = np.random.default_rng(3)
+    colours = {"dog": (180, 40, 40), "fish": (40, 180, 40), "landbird": (40, 40, 180), "waterbird": (60, 60, 170)}
+    for cls, colour in colours.items():
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+        for i in range(10):
+            make_image(rng, colour).save(tmp_path / "photos" / cls / f"{i}.png")
+    cache = tmp_path / "cache"
+    assert main([*map(str, ["extract", *_model_flags(tiny_model_files), "--data", tmp_path / "photos", "--out", cache,
+                            "--layers", "1"])]) == 0
+    argv = ["refine", "--cache", cache, "--pair", "landbird:waterbird", "--fit-steps", "5", "--no-baselines",
+            "--no-diagnosis"]
+    rc, out, _ = _run(capsys, [*argv, "--require-verified"])
+    assert rc == 4 and out.startswith("Guard: not-verified")
+    assert "Warning (few-heldout): Too few held-out images to check an edit: landbird: 5 of 10 images" in out
+    assert "Warning (untested-data)" in out
+    report = json.loads(_run(capsys, [*argv, "--json", "-"])[1])
+    assert report["verdict"]["status"] == "not-verified" and report["n_eval"] == 20
+    assert [(g["name"], g["n"]) for g in report["verdict"]["groups"]] == [("landbird", 5), ("waterbird", 5)]
+    assert {(h["name"], h["n_heldout"], h["n_images"]) for h in report["heldout"]["groups"]} == {
+        ("landbird", 5, 10), ("waterbird", 5, 10)}
+    kinds = {w["kind"] for w in report["warnings"]}
+    assert {"few-heldout", "untested-data"} <= kinds
+    assert "too few held-out images: landbird has 5, waterbird has 5" in report["verdict"]["summary"]

@@ -218,16 +218,17 @@ def test_protocol_rows_are_disjoint_and_hold_out_without_a_test_split(demo):
     assert not np.intersect1d(ident.eval_rows, ident.sample_rows).size
     np.testing.assert_array_equal(np.union1d(ident.eval_rows, ident.adapt_rows), everything)
     assert set(cache.splits[ident.eval_rows]) == {"test"}
-    # a folder written as a single split: half of the unsampled images of every class are evaluated
+    # a folder written as a single split: half of every class x group is held out before sampling
     one = FeatureCache(cache.root)
     one.splits = np.full(len(one), "test", dtype=object)
     i2 = identify(one, ProtocolConfig(seed=3))
-    rest = np.setdiff1d(everything, i2.sample_rows)
     assert not np.intersect1d(i2.eval_rows, i2.adapt_rows).size
+    assert not np.intersect1d(i2.eval_rows, i2.sample_rows).size
     assert set(i2.sample_rows) <= set(i2.adapt_rows)
     for c in np.unique(one.labels):
-        n_rest = int((one.labels[rest] == c).sum())
-        assert int((one.labels[i2.eval_rows] == c).sum()) == round(0.5 * n_rest)
+        for g in np.unique(one.groups[one.labels == c]):
+            m = (one.labels == c) & (one.groups == g)
+            assert int(m[i2.eval_rows].sum()) == min(max(round(0.5 * m.sum()), 1), m.sum() - 1)
 
 
 def test_defaults_are_the_multi_draw_winner():

@@ -220,3 +220,99 @@ def test_images_to_detect_a_drop_against_a_simulated_exact_mcnemar_test():
     assert power(n // 2) < 0.6
     # the share is raised to the drop itself when an edit changes less (a drop needs that many changes)
     assert images_to_detect_drop(0.05, 0.0, 0.05) == images_to_detect_drop(0.05, 0.05, 0.05)
+
+
+# -- held-out images by design (the protocol's split) ----------------------------------------------------
+from types import SimpleNamespace
+
+from refineclip_core.method.errorsets import sample_per_class
+from refineclip_core.method.protocol import ProtocolConfig, evaluation_and_fit_rows, stratified_holdout
+
+
+def fake_cache(labels, groups=None, names=None, splits=None):
+    """What the split reads of a feature cache: labels, groups (with names) and splits."""
+    labels = np.asarray(labels)
+    names = list(names or [])
+    g = np.asarray(groups) if groups is not None else np.full(len(labels), -1)
+    s = np.asarray(splits if splits is not None else [""] * len(labels), dtype=object)
+    return SimpleNamespace(labels=labels, groups=g, group_names=names, splits=s,
+                           classes=[f"c{i}" for i in range(labels.max() + 1)])
+
+
+def test_a_small_folder_keeps_held_out_images_of_every_class():
+    """The issue's real-photo folder: 4 classes x 10 images, no groups, no splits. Before, 10 labelled
+    samples per edited class used up every bird image; now half of every class is held out first."""
+    cache = fake_cache(np.repeat(np.arange(4), 10))
+    ev, fit = evaluation_and_fit_rows(cache, ProtocolConfig())
+    assert not np.intersect1d(ev, fit).size
+    for c in range(4):
+        assert (cache.labels[ev] == c).sum() == 5 and (cache.labels[fit] == c).sum() == 5
+    samples = sample_per_class(cache.labels, 10, 0, fit, [2, 3])
+    assert not np.intersect1d(samples, ev).size and len(samples) == 10   # only 5 per class were left to draw
+
+
+def test_unbalanced_groups_each_keep_a_held_out_image_and_a_sample():
+    sizes = {0: 30, 1: 3, 2: 2, 3: 1}                       # group -> images; groups 0, 1 class 0; 2, 3 class 1
+    groups = np.concatenate([np.full(n, g) for g, n in sizes.items()])
+    labels = np.where(groups < 2, 0, 1)
+    cache = fake_cache(labels, groups, ["a0", "a1", "b0", "b1"])
+    for seed in range(5):
+        ev, fit = evaluation_and_fit_rows(cache, ProtocolConfig(seed=seed))
+        held = {g: int((groups[ev] == g).sum()) for g in sizes}
+        assert held == {0: 15, 1: 2, 2: 1, 3: 1}            # round(share * m), at least 1, at most m - 1
+        left = {g: int((groups[fit] == g).sum()) for g in sizes}
+        assert left == {0: 15, 1: 1, 2: 1, 3: 0}
+    # the draw depends on the seed, the counts do not
+    assert not np.array_equal(stratified_holdout(groups, np.arange(len(groups)), 0.5, 0),
+                              stratified_holdout(groups, np.arange(len(groups)), 0.5, 1))
+
+
+def test_a_test_split_is_the_held_out_set_and_samples_come_from_the_rest():
+    labels = np.repeat([0, 1], 20)
+    splits = np.array((["train"] * 12 + ["test"] * 8) * 2, dtype=object)
+    cache = fake_cache(labels, splits=splits)
+    ev, fit = evaluation_and_fit_rows(cache, ProtocolConfig())
+    assert set(splits[ev]) == {"test"} and set(splits[fit]) == {"train"} and len(ev) == 16
+
+
+# -- sanity warnings ----------------------------------------------------------------------------------------
+from refineclip_core.edit.sanity import MIN_SET, sanity_warnings
+from refineclip_core.method.evaluation import rows_mask
+
+
+def fake_ident(cache, eval_rows, predictions, sets, targets=(0, 1), min_heldout=10):
+    eval_rows = np.asarray(eval_rows)
+    return SimpleNamespace(eval_rows=eval_rows, eval_mask=rows_mask(len(cache.labels), eval_rows),
+                           base_predictions=np.asarray(predictions), sets=sets, target_classes=list(targets),
+                           config=ProtocolConfig(min_heldout=min_heldout))
+
+
+def sets_of(w: int, c: int):
+    return SimpleNamespace(W=np.arange(w), C=np.arange(c))
+
+
+def test_each_sanity_warning_fires_on_its_case_and_only_then():
+    labels = np.repeat(np.arange(4), 40)
+    groups = np.repeat(np.arange(8), 20)                  # two groups per class
+    cache = fake_cache(labels, groups, [f"g{i}" for i in range(8)])
+    rows = np.flatnonzero(np.arange(len(labels)) % 2 == 0)   # 10 held out per group
+    good = labels.copy()
+    fine = sanity_warnings(cache, fake_ident(cache, rows, good, {"c0→c1": sets_of(6, 9)}), demo_data=True)
+    assert fine == []
+    # at chance: 25% right of 4 classes
+    chance = labels.copy()
+    chance[rows] = (labels[rows] + (np.arange(len(rows)) % 4 != 0)) % 4
+    w = sanity_warnings(cache, fake_ident(cache, rows, chance, {"c0→c1": sets_of(6, 9)}), demo_data=True)
+    assert [x.kind for x in w] == ["chance"] and "25.0% on 80 held-out images" in w[0].text
+    assert w[0].numbers["chance"] == pytest.approx(0.25)
+    # W = 2 misclassified samples
+    w = sanity_warnings(cache, fake_ident(cache, rows, good, {"c0→c1": sets_of(2, 9)}), demo_data=True)
+    assert [x.kind for x in w] == ["few-errors"] and "W = 2" in w[0].text and w[0].numbers["W"] == 2 < MIN_SET
+    # a group of the edited classes with 3 held-out images (rows 20, 22, 24 of its 20..39)
+    short = np.setdiff1d(rows, np.flatnonzero(groups == 1)[6:])
+    w = sanity_warnings(cache, fake_ident(cache, short, good, {"c0→c1": sets_of(6, 9)}), demo_data=True)
+    assert [x.kind for x in w] == ["few-heldout"] and "g1: 3 of 20 images" in w[0].text
+    assert w[0].numbers["groups"] == [{"name": "g1", "class_name": "c0", "n_heldout": 3, "n_images": 20}]
+    # data other than the demo world
+    w = sanity_warnings(cache, fake_ident(cache, rows, good, {"c0→c1": sets_of(6, 9)}), demo_data=False)
+    assert [x.kind for x in w] == ["untested-data"] and "demo world" in w[0].text

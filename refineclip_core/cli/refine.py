@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..demo.world import on_demo_world
 from ..edit.guard import HARMFUL, VERIFIED, EditVerdict
 from ..features.cache import atomic_write_bytes
 from ..features.decomposition import parse_heads
@@ -102,7 +103,8 @@ def edit_lines(edit: EditRun) -> list[str]:
              f"Accuracy on {rep['n_eval']} held-out images (edit fitted on {rep['n_adapt']} unlabelled, heads chosen on "
              f"{rep['n_samples']} labelled; 95% intervals):"]
     lines += cells_table(method_summary(out.report.to_dict()), SUMMARY_COLUMNS, "method")
-    return [f"Guard: {edit.verdict.status} — {out.exported} (exported): {edit.verdict.summary()}", *lines,
+    warnings = [f"Warning ({w['kind']}): {w['text']}" for w in rep.get("warnings") or []]
+    return [f"Guard: {edit.verdict.status} — {out.exported} (exported): {edit.verdict.summary()}", *warnings, *lines,
             *guard_lines(edit.verdict)]
 
 
@@ -141,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     edit = run_edit(cache, ident, engine, edit_config(args), heads, spec=spec, loaded=loaded,
                     export_to=args.out, export_format=args.format, baselines=not args.no_baselines,
                     progress=progress_bar("refine", unit="step"), extra={"heads_arg": args.heads},
-                    diagnosis=diagnosis)
+                    diagnosis=diagnosis, demo_data=on_demo_world(cache.classes))
     if args.html:
         atomic_write_bytes(Path(args.html), render_html(edit.report).encode())
     if args.csv:

@@ -6,6 +6,8 @@ import argparse
 
 import numpy as np
 
+from ..demo.world import on_demo_world
+from ..edit.sanity import sanity_warnings
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
@@ -44,8 +46,11 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-split", default=d.eval_split,
                    help="split to evaluate on (auto: test, else a held-out share of the rest)")
     p.add_argument("--holdout", type=float, default=d.holdout,
-                   help="without a test split: the share of unsampled images held out for evaluation "
-                        f"(default {d.holdout}; the rest adapt the edit, unlabelled)")
+                   help="without a test split: the share of every class x group held out for evaluation before "
+                        f"the labelled samples are drawn (default {d.holdout}; the rest adapt the edit, unlabelled)")
+    p.add_argument("--min-heldout", type=positive_int, default=d.min_heldout,
+                   help="fewest held-out images per group of the edited classes the guard needs to verify an edit "
+                        f"(default {d.min_heldout}; fewer is reported, with the numbers)")
 
 
 def protocol(args: argparse.Namespace) -> ProtocolConfig:
@@ -53,7 +58,8 @@ def protocol(args: argparse.Namespace) -> ProtocolConfig:
                           seed=args.seed, top_t=args.top_t, selection=args.selection, ablation=args.ablation,
                           resamples=args.resamples,
                           fit_split=None if args.fit_split == "none" else args.fit_split,
-                          eval_split=None if args.eval_split == "none" else args.eval_split, holdout=args.holdout)
+                          eval_split=None if args.eval_split == "none" else args.eval_split, holdout=args.holdout,
+                          min_heldout=args.min_heldout)
 
 
 def open_cache(args: argparse.Namespace) -> FeatureCache:
@@ -73,6 +79,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_protocol_args(p)
     add_json_arg(p, "every score of every head, the utility curves, the choice and the rows used")
     p.set_defaults(func=run)
+
+
+def warning_lines(warnings) -> list[str]:
+    """The sanity warnings (:mod:`refineclip_core.edit.sanity`), one line each, before the numbers."""
+    return [f"Warning ({w.kind}): {w.text}" for w in warnings]
 
 
 def heads_text(heads: list[HeadId]) -> str:
@@ -126,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     engine = make_engine(cache)
     ident = identify(cache, protocol(args), engine)
     found = findings(cache, ident, engine)
+    warnings = sanity_warnings(cache, ident, demo_data=on_demo_world(cache.classes))
     sel = ident.selection.to_dict()
     pairs = [{"true": cache.classes[a], "pred": cache.classes[b], "true_index": a, "pred_index": b}
              for a, b in ident.pairs]
@@ -140,8 +152,9 @@ def run(args: argparse.Namespace) -> int:
         "selected": sel["selected"],
         "stability": sel["stability"],
         "findings": found.to_dict(),
+        "warnings": [w.to_dict() for w in warnings],
         "config": {"cache": str(args.cache), **ident.config.to_dict(), "layers": cache.manifest.layers,
                    "model": cache.manifest.model, "sample_rows": ident.sample_rows.tolist()},
     }
-    emit(args, record, identification_lines(cache, ident) + findings_lines(found))
+    emit(args, record, warning_lines(warnings) + identification_lines(cache, ident) + findings_lines(found))
     return 0

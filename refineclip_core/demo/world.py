@@ -41,6 +41,13 @@ UNRELATED_CLASSES: tuple[str, ...] = ("star", "house", "car", "fish", "tree", "c
 CLASSES: tuple[str, ...] = TARGET_CLASSES + UNRELATED_CLASSES
 """All class names, target classes first."""
 
+
+def on_demo_world(classes) -> bool:
+    """Are images labelled with exactly the demo world's classes (a ``demo-data`` sample), i.e. the
+    data the defaults and the diagnosis were checked on?"""
+    return sorted(map(str, classes)) == sorted(CLASSES)
+
+
 BACKGROUNDS: tuple[str, ...] = ("water", "land", "sky", "sand", "indoor")
 """Background kinds. Target groups use the first two (the WILDS ``place``: 0 land, 1 water)."""
 

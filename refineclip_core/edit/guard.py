@@ -400,7 +400,10 @@ class _Rows(Protocol):
 
 
 def assess_edit(cache: FeatureCache, ident: _Rows, before: np.ndarray, after: np.ndarray, method: str,
-                config: GuardConfig = GuardConfig()) -> EditVerdict:
-    """:func:`judge_edit` on a feature cache's labels and groups, over an identification's held-out rows."""
+                config: GuardConfig | None = None) -> EditVerdict:
+    """:func:`judge_edit` on a feature cache's labels and groups, over an identification's held-out rows
+    (by default with the protocol's ``min_heldout`` as the fewest images per group)."""
+    if config is None:
+        config = GuardConfig(min_per_group=getattr(getattr(ident, "config", None), "min_heldout", MIN_PER_GROUP))
     return judge_edit(cache.labels, before, after, ident.eval_rows, ident.target_classes, cache.classes,
                       cache.groups if cache.group_names else None, cache.group_names, method, config)

@@ -6,9 +6,14 @@ the benchmark and the reproduction harness all follow the same protocol:
 * **fit rows**: where the few labelled samples are drawn from (split ``val``, else ``train``,
   else every row); ``samples_per_class`` rows of each class of the error pair(s) are drawn
   with ``seed`` (the paper uses 10); ``None`` uses all fit rows of those classes.
-* **evaluation rows**: split ``test`` if present; else a seeded, class-stratified ``holdout``
-  share of the rows not sampled. Images used to choose heads or fit an edit are never in the
-  reported accuracies.
+* **evaluation rows** (held-out images): split ``test`` if present; else, *before anything is
+  sampled*, a seeded ``holdout`` share of every stratum (class × group; the class alone for images
+  without a group), at least one image of each stratum and, when it has two or more, at least one
+  left for sampling (:func:`stratified_holdout`). The labelled samples are then drawn from the
+  rest, so they never use up a group, and the guard (:mod:`refineclip_core.edit.guard`) sees every
+  group of the edited classes. :func:`heldout_counts` tells which group holds fewer than
+  ``min_heldout`` (say so with the numbers). Images used to choose heads or fit an edit are never
+  in the reported accuracies.
 * **adaptation rows**: every other row (the samples included). RefineCLIP-fit
   (:mod:`~refineclip_core.method.edit`) learns the deployable edit on them *without their
   labels*, and mean ablation uses their mean head contributions.
@@ -60,9 +65,10 @@ class ProtocolConfig:
     selection: SelectionRule = "consensus"   # "consensus" (selection.select_consensus) or "alg1" (paper)
     ablation: Mode = "mean"            # how the chosen heads are removed: "mean" or "zero" (paper Eq. 5)
     fit_split: str | None = "auto"     # "auto": val, else train, else all rows
-    eval_split: str | None = "auto"    # "auto": test, else a held-out share of the rows not sampled
+    eval_split: str | None = "auto"    # "auto": test, else a held-out share of every class × group
     holdout: float = 0.5               # that share (no test split); the rest adapts the edit, unlabelled
     resamples: int = RESAMPLES         # bootstrap resamples of the labelled images the choice is repeated on
+    min_heldout: int = 10              # fewest held-out images per group of the edited classes (a check)
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTION_RULES:
@@ -73,6 +79,8 @@ class ProtocolConfig:
             raise RefineClipError(f"holdout must be between 0 and 1 (exclusive), got {self.holdout}.")
         if not 0 <= self.resamples <= 1000:
             raise RefineClipError(f"resamples must be between 0 and 1000, got {self.resamples}.")
+        if self.min_heldout < 1:
+            raise RefineClipError(f"min_heldout must be at least 1, got {self.min_heldout}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,8 +218,7 @@ def identify(cache: FeatureCache, cfg: ProtocolConfig = DEFAULT_PROTOCOL, engine
     engine = engine or make_engine(cache)
     labels = cache.labels
     pred = engine.base_predictions
-    fit = _split_rows(cache, cfg.fit_split, ("val", "train"))
-    fit = np.arange(len(labels)) if fit is None else fit
+    ev, fit = evaluation_and_fit_rows(cache, cfg)
     pairs = resolve_pairs(cfg.pair, error_pairs(pred, labels, fit), cache.classes)
     classes_needed = pair_classes(pairs)
     if cfg.samples_per_class is None:
@@ -219,8 +226,11 @@ def identify(cache: FeatureCache, cfg: ProtocolConfig = DEFAULT_PROTOCOL, engine
     else:
         samples = sample_per_class(labels, cfg.samples_per_class, cfg.seed, fit, classes_needed)
     if not len(samples):
-        raise RefineClipError("No labelled samples of the error pair's classes among the fitting images.")
-    ev, adapt = evaluation_and_adaptation_rows(cache, cfg, samples)
+        raise RefineClipError("No labelled samples of the error pair's classes among the fitting images "
+                              f"(every image of {', '.join(cache.classes[c] for c in classes_needed)} is held out "
+                              "for evaluation or in another split); add images or lower --holdout.")
+    ev = np.setdiff1d(ev, samples)                     # only when the fitting split overlaps the evaluation one
+    adapt = np.setdiff1d(np.arange(len(labels)), ev)
     sets, scores = pair_scores(cache, pred, pairs, samples, cfg.similarity)
     # the utility (Eq. 10) measures the ablation the protocol applies: mean ablation with the means over
     # the adaptation rows, as the Ablate page and the exported edit use them (Identification.ablation_engine)
@@ -274,24 +284,80 @@ def selection_mean_rows(adapt: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 4_096]).choice(adapt, SELECTION_MEAN_ROWS, replace=False))
 
 
-def evaluation_and_adaptation_rows(cache: FeatureCache, cfg: ProtocolConfig, samples: np.ndarray
-                                   ) -> tuple[np.ndarray, np.ndarray]:
-    """``(evaluation rows, adaptation rows)``: disjoint, and no sample is evaluated (module docstring).
+def strata_of(cache: FeatureCache) -> np.ndarray:
+    """The stratum of every row for the held-out split: class × group (class alone without a group)."""
+    groups = np.asarray(cache.groups) if cache.group_names else np.full(len(cache.labels), -1)
+    return cache.labels.astype(np.int64) * (len(cache.group_names) + 1) + (groups + 1)
 
-    A split that holds every image (e.g. a folder written as one ``test`` split) leaves nothing to
-    adapt on, so it is treated like no split: a held-out share of the unsampled rows is evaluated.
-    """
+
+def stratified_holdout(strata: np.ndarray, rows: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """A seeded ``share`` of every stratum of ``rows`` (rounded; at least one image, and at least one
+    left over when the stratum has two or more), sorted."""
+    rows = np.asarray(rows, dtype=np.int64)
+    rng = np.random.default_rng([seed, 2_000_003])
+    held = []
+    for s in np.unique(strata[rows]):
+        members = rng.permutation(rows[strata[rows] == s])
+        m = len(members)
+        k = 1 if m == 1 else min(max(int(round(share * m)), 1), m - 1)
+        held.append(members[:k])
+    return np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+
+
+def evaluation_and_fit_rows(cache: FeatureCache, cfg: ProtocolConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``(evaluation rows, fitting rows)``: the held-out images, and where the labelled samples may
+    be drawn from (module docstring). A split that holds every image (e.g. a folder written as one
+    ``test`` split) leaves nothing to adapt on, so it is treated like no split."""
     everything = np.arange(len(cache.labels))
+    fit = _split_rows(cache, cfg.fit_split, ("val", "train"))
+    fit = everything if fit is None else fit
     ev = _split_rows(cache, cfg.eval_split, ("test",)) if cfg.eval_split else None
     if ev is not None and len(ev) < len(everything):     # a split to evaluate on, and rows besides it
-        ev = np.setdiff1d(ev, samples)
-        return ev, np.setdiff1d(everything, ev)
-    rest = np.setdiff1d(everything, samples)
-    rng = np.random.default_rng([cfg.seed, 2_000_003])
-    held = [rng.permutation(members)[: int(round(cfg.holdout * len(members)))]
-            for members in (rest[cache.labels[rest] == c] for c in np.unique(cache.labels[rest]))]
-    ev = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
-    return ev, np.setdiff1d(everything, ev)
+        rest = np.setdiff1d(fit, ev)
+        return ev, rest if len(rest) else fit
+    ev = stratified_holdout(strata_of(cache), everything, cfg.holdout, cfg.seed)
+    return ev, np.setdiff1d(fit, ev)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out images of one group of the edited classes (of the class, without groups)."""
+
+    name: str
+    class_name: str
+    n_heldout: int
+    n_images: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def heldout_counts(cache: FeatureCache, ident: "Identification") -> list[HeldOut]:
+    """Held-out images per group of the edited classes (per edited class when they have no groups)."""
+    labels, ev = cache.labels, ident.eval_mask
+    out = []
+    grouped = bool(cache.group_names) and bool(np.all(cache.groups[np.isin(labels, ident.target_classes)] >= 0))
+    for c in ident.target_classes:
+        in_class = labels == c
+        if grouped:
+            for g in np.unique(cache.groups[in_class]):
+                m = in_class & (cache.groups == g)
+                out.append(HeldOut(cache.group_names[g], cache.classes[c], int((m & ev).sum()), int(m.sum())))
+        else:
+            out.append(HeldOut(cache.classes[c], cache.classes[c], int((in_class & ev).sum()), int(in_class.sum())))
+    return out
+
+
+def heldout_shortfall(cache: FeatureCache, ident: "Identification") -> tuple[list[HeldOut], str | None]:
+    """The groups of the edited classes holding fewer than ``min_heldout`` held-out images, and a
+    sentence that says so with the numbers (``None`` when every group holds enough)."""
+    minimum = ident.config.min_heldout
+    short = [h for h in heldout_counts(cache, ident) if h.n_heldout < minimum]
+    if not short:
+        return [], None
+    listed = "; ".join(f"{h.name}: {h.n_heldout} of {h.n_images} images" for h in short)
+    return short, (f"Too few held-out images to check an edit: {listed} held out (at least {minimum} per group "
+                   f"are needed). Add images of these groups; until then the guard cannot verify an edit there.")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import datetime as _dt
 import html
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import quote
@@ -20,13 +20,16 @@ from urllib.parse import quote
 import numpy as np
 import plotly.graph_objects as go
 
+from ..errors import RefineClipError
 from ..features.cache import FeatureCache, atomic_write_bytes
+from ..loading.data import ImageDataset
 from ..features.decomposition import HeadId
 from ..edit.guard import EditVerdict, assess_edit, verdict_rows
+from ..edit.sanity import SanityWarning, sanity_warnings
 from ..inspection.diagnosis import Diagnosis
 from ..loading.models import LoadedModel, ModelSpec, load_model
 from ..method.ablation import AblationEngine
-from ..method.protocol import DEFAULT_EDIT, EditConfig, Identification, RefineOutcome, run_refinement
+from ..method.protocol import DEFAULT_EDIT, EditConfig, Identification, RefineOutcome, heldout_counts, run_refinement
 from ..method.refinement import ExportFormat, export_checkpoint, resolve_export_format
 from ..method.scores import HeadScores
 from ..progress import CancelFn, Progress, silent
@@ -45,7 +48,7 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
                      outcome: RefineOutcome | None = None, *, model: Mapping[str, Any] | None = None,
                      data_root: str | None = None, checkpoint: Path | None = None,
                      extra: Mapping[str, Any] | None = None, diagnosis: Diagnosis | None = None,
-                     verdict: EditVerdict | None = None) -> dict:
+                     verdict: EditVerdict | None = None, warnings: Sequence[SanityWarning] = ()) -> dict:
     """Everything about one run, JSON-safe: what was loaded, which rows, which heads, the
     scores and curves behind the choice (Eq. 6-10), the diagnosis of what removing the heads
     takes out (:mod:`~refineclip_core.inspection.diagnosis`, when given), the refinement (Eq. 11-13),
@@ -83,6 +86,9 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         "selection": ident.selection.to_dict(),
         "heads": [h.as_list() for h in heads],
         "findings": findings(cache, ident, engine).to_dict(),
+        "heldout": {"min_per_group": ident.config.min_heldout,
+                    "groups": [h.to_dict() for h in heldout_counts(cache, ident)]},
+        "warnings": [w.to_dict() for w in warnings],
     }
     stability = ident.selection.stability
     if stability is not None and stability.resamples:
@@ -131,6 +137,43 @@ def row_files(cache: FeatureCache, rows: np.ndarray) -> list[str]:
     return out
 
 
+def read_run_report(path: str | os.PathLike) -> dict:
+    """A run report written by :func:`write_report` (or ``refineclip refine --json``), checked to name
+    its held-out images."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RefineClipError(f"Cannot read the run report {path}: {exc}.") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("eval_files"), list) \
+            or not isinstance(report.get("data"), dict):
+        raise RefineClipError(f"{path} is not a run report that lists its held-out images (write one with "
+                              "refineclip refine --json, or download the Refine page's JSON).")
+    return report
+
+
+def held_out_only(dataset: ImageDataset, report: Mapping[str, Any], name: str = "the run") -> ImageDataset:
+    """``dataset`` restricted to the held-out images of a run report, matched by their path inside the
+    data folder; every held-out image must be there, with the run's class names."""
+    if list(report["data"].get("classes") or []) != list(dataset.classes):
+        raise RefineClipError(f"The classes of {dataset.root} differ from those of {name}; evaluate the folder the "
+                              "run was made on.")
+    wanted = set(map(str, report["eval_files"]))
+    root = Path(dataset.root)
+    keep = []
+    for r in dataset.records:
+        path = Path(r.path)
+        try:
+            rel = path.relative_to(root).as_posix()
+        except ValueError:
+            rel = str(path)
+        if rel in wanted or str(path) in wanted:
+            keep.append(r)
+    if len(keep) != len(wanted):
+        raise RefineClipError(f"{len(wanted) - len(keep)} of the {len(wanted)} held-out images of {name} are not in "
+                              f"{dataset.root}; evaluate the folder the run was made on.")
+    return replace(dataset, records=keep)
+
+
 @dataclass
 class EditRun:
     """One phase-2 run as the Refine page and ``refineclip refine`` both make it: the outcome
@@ -148,12 +191,15 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
              export_format: ExportFormat = "auto", loaded: LoadedModel | None = None,
              data_root: str | None = None, baselines: bool = True,
              progress: Progress | None = None, cancel: CancelFn | None = None,
-             extra: Mapping[str, Any] | None = None, diagnosis: Diagnosis | None = None) -> EditRun:
+             extra: Mapping[str, Any] | None = None, diagnosis: Diagnosis | None = None,
+             demo_data: bool = False) -> EditRun:
     """Fit the edit ``cfg`` with ``heads`` (default: the identification's) removed in the teacher,
     compare every method on the evaluation rows (the guard's verdict included), export the edit
     merged into ``visual.proj`` to ``export_to`` (when given, in ``export_format``, see
     :func:`~refineclip_core.method.refinement.export_checkpoint`; the model is loaded from
-    ``spec`` unless ``loaded`` is passed) and build the run report (led by ``diagnosis`` when given)."""
+    ``spec`` unless ``loaded`` is passed) and build the run report (led by ``diagnosis`` when given,
+    with the sanity warnings of :mod:`~refineclip_core.edit.sanity`; ``demo_data``: the images are a
+    sample of the demo world)."""
     outcome = run_refinement(cache, ident, cfg, None if heads is None else list(heads), engine,
                              baselines=baselines, progress=progress, cancel=cancel)
     preds = outcome.report.predictions
@@ -165,7 +211,8 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
         checkpoint = export_checkpoint(spec.resolved().checkpoint, loaded.model, outcome.refinement.refined,
                                        export_to, export_format, roots=spec.roots)
     report = build_run_report(cache, ident, engine, outcome, model=spec.to_dict(), data_root=data_root,
-                              checkpoint=checkpoint, extra=extra, diagnosis=diagnosis, verdict=verdict)
+                              checkpoint=checkpoint, extra=extra, diagnosis=diagnosis, verdict=verdict,
+                              warnings=sanity_warnings(cache, ident, demo_data=demo_data))
     return EditRun(outcome, checkpoint, report, verdict)
 
 
@@ -302,6 +349,10 @@ def render_html(report: Mapping[str, Any]) -> str:
                      f"<b>{html.escape(str(verdict.get('status', '')))} · "
                      f"{html.escape(str(report.get('exported', '')))}:</b> {html.escape(str(verdict.get('summary')))}"
                      "</p>")
+    for w in report.get("warnings") or []:
+        parts.append("<p style='background:#fff8e1;border-left:4px solid #ffb74d;padding:.4rem 1rem'>"
+                     f"<b>Warning ({html.escape(str(w.get('kind')))}):</b> {html.escape(str(w.get('text')))}</p>")
+
     def acc(cell, note: str = "") -> tuple[str, str]:
         """An accuracy card: the value large, its interval, image count and ``note`` small."""
         big, _, rest = format_cell(cell).partition(" ")
