@@ -89,6 +89,13 @@ def test_edited_classes_absent_is_not_verified():
     assert "no held-out images of the edited classes" in v.summary()
 
 
+def test_a_group_with_no_held_out_image_is_not_verified():
+    labels, groups, before = world()
+    rows = np.flatnonzero(groups != 3)                    # "waterbird on water" has images, none held out
+    v = judge_edit(labels, before, labels.copy(), rows, [0, 1], CLASSES, groups, GROUPS, "test")
+    assert v.status == NOT_VERIFIED and "no held-out images of waterbird on water" in v.summary()
+
+
 def test_an_interval_that_includes_zero_is_not_verified():
     labels, groups, before = world()
     after = before.copy()

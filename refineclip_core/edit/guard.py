@@ -371,6 +371,9 @@ def judge_edit(labels: np.ndarray, before: np.ndarray, after: np.ndarray, eval_r
     if not in_edit.any():
         reasons.append("no held-out images of the edited classes, so the edit was never evaluated where it acts.")
     missing = [str(classes[c]) for c in edited if not (lab == c).any()]
+    if use_groups:      # groups of the edited classes that have images, but none held out
+        everywhere = np.asarray(groups)[np.isin(labels, edited)]
+        missing += [str(group_names[g]) for g in np.unique(everywhere[everywhere >= 0]) if not (grp == g).any()]
     if missing and in_edit.any():
         reasons.append(f"no held-out images of {', '.join(missing)}.")
     small = [u for u in group_units if u.n < config.min_per_group]
