@@ -12,6 +12,7 @@ import streamlit as st
 from studio_ui.registry import DEFAULT_PAGE, PAGES
 from studio_ui.shell import app_icon, ensure_source, sidebar
 from studio_ui.state import keep_session_alive
+from studio_ui.urlstate import apply_link, read_link, write_link
 from studio_ui.widgets import show_exception
 
 st.set_page_config(page_title="RefineCLIP Studio", page_icon=app_icon(), layout="wide")
@@ -21,9 +22,13 @@ st.html("<style>[data-testid='stFileUploaderDropzoneInstructions'] {display: non
 
 page = st.navigation([st.Page(p.path, title=p.title, icon=p.icon, default=p.name == DEFAULT_PAGE) for p in PAGES])
 keep_session_alive()  # this session's upload folder is in use; abandoned ones are swept
-sidebar()
+read_link()        # a reload or a shared link: the URL's data, settings and heads (studio_ui.urlstate)
 ensure_source()
+apply_link()
+sidebar()
 try:
     page.run()
 except Exception as exc:  # last resort: a short message, never a traceback
     show_exception(exc, f"The {page.title} page")
+finally:
+    write_link()   # the view stays in the URL: a reload, or the link shared, shows the same view

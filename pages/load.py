@@ -16,7 +16,7 @@ from refineclip_core.studio.locking import extract_locked
 from studio_ui import resources
 from studio_ui.forms import cache_form, extraction_options, images_form, model_form
 from studio_ui.jobs import start_job
-from studio_ui.panels import findings_panel, scan_summary
+from studio_ui.panels import findings_panel, recent_panel, scan_summary
 from studio_ui.registry import page
 from studio_ui.state import Key, drop, get, get_source, put, read_roots, session_dir, set_source
 from studio_ui.widgets import follow_job, guard, plain, require_ready, show_exception
@@ -107,6 +107,7 @@ st.divider()
 st.subheader("Load another model or images" if get_source() is not None else "Load a model and images")
 follow_load_job()
 load_panel()
+recent_panel()
 with st.expander("…or open a feature cache extracted before (`refineclip extract`, a shared folder)"):
     folder = None
     with guard("Reading the cache folder"):

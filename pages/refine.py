@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -9,15 +11,41 @@ from refineclip_core.errors import Cancelled
 from refineclip_core.reporting.figures import accuracy_bars_figure, loss_figure
 from refineclip_core.reporting.findings import cell_estimate, format_cell, method_summary, per_key_table
 from refineclip_core.reporting.run_report import EditRun, export_path, per_image_csv, render_html, report_json, run_edit
+from refineclip_core.studio.recent import save_run
 from studio_ui.forms import edit_form
 from studio_ui.jobs import Job, start_job
 from studio_ui.panels import (checkpoint_download, diagnosis_of, on_demo, sanity_panel, verdict_banner,
                               verdict_table)
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, set_refine, ticked_heads
-from studio_ui.widgets import follow_job, link, metric_ci, plain, require_ready, show_exception, table
+from studio_ui.widgets import follow_job, guard, link, metric_ci, plain, require_ready, show_exception, table
 
 st.title(page("refine").heading)
+
+
+def live_losses(job: Job):
+    """The first stage that reports losses is the exported edit's own run (the baselines come after)."""
+    series = next(iter(job.series.values()), None)
+    return None if series is None else loss_figure(series, steps=series["done"])
+
+
+job = get(Key.REFINE_JOB)
+if job is not None and not job.handled:
+    follow_job(job, "Refining on the cached embeddings", cancel_key="ref_cancel", live=live_losses,
+               done="Refined in {elapsed}")
+    job.handled = True
+    if isinstance(job.error, Cancelled):
+        st.info(f"{job.error} Nothing was exported; run it again when ready.")
+    elif job.error is not None:
+        show_exception(job.error, "Refinement")
+    else:
+        set_refine(job.result)
+        if not Path(job.result.report["data"]["root"]).resolve().is_relative_to(session_dir().resolve()):
+            with guard("Keeping the run in the studio home"):   # listed on the Load page (recent runs)
+                save_run(report_json(job.result.report), job.result.outcome.exported)
+        st.rerun()  # draw the new verdict at the top of the page
+
+
 st.caption("Phase 2 learns a linear map of the image embedding that behaves like the model with the heads removed "
            "on images of the edited classes (L_success, Eq. 11) and like the original everywhere else "
            "(L_locality, Eq. 12), and merges it into the projection: the edited model is an ordinary checkpoint. "
@@ -59,26 +87,8 @@ if submitted is not None:
     put(Key.REFINE_JOB, start_job(f"Fitting {cfg.exported}", lambda progress, cancelled: run_edit(
         cache, ident, eng, cfg, heads, spec=src.spec, export_to=out, loaded=loaded, data_root=src.data_root,
         baselines=baselines, progress=progress, cancel=cancelled, diagnosis=diag, demo_data=on_demo(ready))))
+    st.rerun()   # follow the run at the top of the page
 
-
-def live_losses(job: Job):
-    """The first stage that reports losses is the exported edit's own run (the baselines come after)."""
-    series = next(iter(job.series.values()), None)
-    return None if series is None else loss_figure(series, steps=series["done"])
-
-
-job = get(Key.REFINE_JOB)
-if job is not None and not job.handled:
-    follow_job(job, "Refining on the cached embeddings", cancel_key="ref_cancel", live=live_losses,
-               done="Refined in {elapsed}")
-    job.handled = True
-    if isinstance(job.error, Cancelled):
-        st.info(f"{job.error} Nothing was exported; run it again when ready.")
-    elif job.error is not None:
-        show_exception(job.error, "Refinement")
-    else:
-        set_refine(job.result)
-        st.rerun()  # draw the new verdict at the top of the page
 
 res: EditRun | None = get(Key.REFINE)
 if res is None:

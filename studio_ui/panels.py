@@ -22,11 +22,13 @@ from refineclip_core.method.stability import HeadStability
 from refineclip_core.reporting.figures import group_profile_figure
 from refineclip_core.loading.data import ImageDataset
 from refineclip_core.loading.hf_clip import zip_folder
+from refineclip_core.studio.caches import cache_source
+from refineclip_core.studio.recent import recent_items, remove_item
 from refineclip_core.studio.source import Source
 
 from . import resources
 from .registry import PAGES
-from .state import Key, ablate_heads, get, protocol, put, set_ablate_heads
+from .state import Key, ablate_heads, get, protocol, put, read_roots, set_ablate_heads, set_source
 from .widgets import Ready, guard, link, metric_ci, plain, table
 
 
@@ -292,3 +294,26 @@ def checkpoint_download(col, checkpoint: Path | None, exported: str, verdict: Ed
                             help="open_clip.create_model(name, pretrained=<this file>) loads the edited model.")
     else:
         col.caption("The exported checkpoint is gone (temporary files were cleaned); run the refinement again.")
+
+
+def recent_panel() -> None:
+    """The studio home's image folders, feature caches and runs, newest first, with sizes: open a cache
+    or a run's cache with one click, remove what is no longer needed (only what this session may read)."""
+    items = recent_items(roots=read_roots())
+    with st.expander(f"Recent folders, caches and runs in the studio home ({len(items)})", expanded=False):
+        if not items:
+            st.caption("Nothing yet: extracted caches, demo images and refinement runs appear here.")
+        for i, item in enumerate(items[:30]):
+            c = st.columns([1, 6, 1.2, 1.2, 1])
+            c[0].markdown(f"**{item.kind}**")
+            c[1].caption(plain(f"{item.label} · {item.path}"))
+            c[2].caption(f"{item.bytes / 1e6:,.1f} MB · {item.age()}")
+            if item.kind == "cache" and c[3].button("Open", key=f"load_recent_open_{i}"):
+                with guard("Opening the feature cache"):
+                    set_source(cache_source(item.path, read_roots()))
+                    st.rerun()
+            if c[4].button("Remove", key=f"load_recent_rm_{i}", help="Delete it from the studio home"):
+                with guard("Removing it"):
+                    remove_item(item.path, roots=read_roots())
+                    st.rerun()
+

@@ -42,6 +42,9 @@ class Key:
     DEMO_SPEC = "demo_spec"               # tests: a stand-in demo model (ModelSpec)
     DEMO_N = "demo_n_per_group"           # tests: a smaller held-out demo sample
     SESSION_FOLDER = "_session_folder"    # owner of this session's private temporary folder
+    URL_READ = "url_read"                 # the URL's view was read on this session's first run
+    URL_PENDING = "url_pending"           # the URL's query parameters, until a source is there to apply them to
+    URL_REFUSED = "url_refused"           # why the URL's feature cache could not be opened by this session
 
     @staticmethod
     def toggle(head: HeadId) -> str:

@@ -818,3 +818,81 @@ def test_user_names_render_as_plain_text_on_every_page(home, demo_spec, hostile_
     joined = "\n".join(seen)
     for label in HOSTILE_CLASSES + HOSTILE_GROUPS:  # the names are shown, escaped, not dropped
         assert plain(label) in joined, label
+
+
+# ------------------------------------------------------------------------------------------------
+# The view in the URL (issue 24 item 2): a reload or a shared link opens the same view
+
+def test_a_link_restores_settings_heads_and_the_inspected_head(home, demo_spec, app):
+    src = app.session_state["source"]
+    man = FeatureCache(src.cache_dir).manifest
+    layer = man.layers[-1]
+    at = fresh_app(demo_spec)
+    for k, v in {"pair": "auto", "sel": "alg1", "n": "7", "heads": f"{layer}.1,{layer}.2", "head": f"{layer}.3"}.items():
+        at.query_params[k] = v
+    at.run()
+    at.run()   # the demo (already prepared in this home) becomes the source, then the link is applied
+    assert_clean(at)
+    proto = at.session_state["protocol"]
+    assert (proto["pair"], proto["selection"], proto["samples_per_class"]) == ("auto", "alg1", 7)
+    assert [tuple(h) for h in at.session_state["ablate_heads"]] == [(layer, 1), (layer, 2)]
+    assert tuple(at.session_state["inspect_head"]) == (layer, 3)
+    # the URL keeps saying so on every page (the app writes the view back each run)
+    open_page(at, "ablate")
+    assert {k: at.query_params[k][0] if isinstance(at.query_params[k], list) else at.query_params[k]
+            for k in ("pair", "sel", "n", "heads", "head")} == \
+        {"pair": "auto", "sel": "alg1", "n": "7", "heads": f"{layer}.1,{layer}.2", "head": f"{layer}.3"}
+    ticked = {(l, h) for l in man.layers for h in range(man.n_heads) if at.checkbox(key=f"abl_{l}_{h}").value}
+    assert ticked == {(layer, 1), (layer, 2)}
+
+
+def test_a_link_to_a_cache_opens_it_only_for_a_session_that_may_read_it(home, demo_spec, app, tiny_model_files,
+                                                                        image_folder):
+    from refineclip_core.cli import main
+
+    folder = home / "caches" / "from-a-link"
+    if not folder.exists():
+        assert main(["extract", "--model", tiny_model_files["name"], "--model-config", str(tiny_model_files["config"]),
+                     "--checkpoint", str(tiny_model_files["checkpoint"]), "--data", str(image_folder),
+                     "--out", str(folder)]) == 0
+    at = fresh_app(demo_spec)
+    at.query_params["cache"] = str(folder)      # inside this session's folders: it opens
+    at.run()
+    assert_clean(at)
+    opened = at.session_state["source"]
+    assert not opened.is_demo and opened.cache_dir == str(folder)
+    assert at.query_params["cache"] in (str(folder), [str(folder)])
+    # a cache outside this session's folders: a one-sentence refusal, the demo, and nothing of the folder
+    outside = Path("/") / "etc"
+    refused = fresh_app(demo_spec)
+    refused.query_params["cache"] = str(outside)
+    errors = []
+    for _ in range(2):   # the demo becomes the source (a rerun), then the refusal shows once
+        refused.run()
+        assert not refused.exception
+        errors += [e.value.replace("\\", "") for e in refused.error]
+    assert any("could not be opened here" in e and "not one this session may read" in e for e in errors), errors
+    assert refused.session_state["source"].is_demo
+
+
+def test_the_load_page_lists_recent_caches_and_runs_and_removes_them(home, demo_spec, app):
+    from refineclip_core.studio.recent import RUNS, recent_items
+
+    at = fresh_app(demo_spec)
+    at.run()
+    open_page(at, "load")
+    items = recent_items(home)
+    assert any(i.kind == "cache" for i in items) and any(i.kind == "folder" for i in items)
+    labels = [c.value.replace("\\", "") for c in at.caption]
+    for item in items[:30]:
+        assert any(item.path in text for text in labels), item.path
+    # a saved run appears first (newest) and its Remove button deletes it
+    run = home / RUNS / "zz-test.json"
+    run.parent.mkdir(exist_ok=True)
+    run.write_text(json.dumps({"exported": "refineclip-fit", "model_name": "m", "pairs": [["a", "b"]],
+                               "data": {"root": str(home)}}))
+    at.run()
+    first = recent_items(home)[0]
+    assert first.path == str(run)
+    at.button(key="load_recent_rm_0").click().run()
+    assert not run.exists()

@@ -1,0 +1,132 @@
+"""What the studio home holds, newest first: image folders, feature caches and refinement runs.
+
+The Load page lists them (with sizes and a remove button) so that work survives a reload or a
+restart: a cache under a hashed folder name is shown by its model, images and size, and opens with
+one click. Only what lies directly in the studio home's own sub-folders is listed or removed
+(``demo-data-*`` image folders, ``caches/<key>``, ``runs/<name>.json``); a session's private
+upload folder is never listed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+from ..features.cache import atomic_write_bytes, read_manifest
+from ..home import studio_home
+
+RUNS = "runs"
+CACHES = "caches"
+
+
+@dataclass(frozen=True)
+class RecentItem:
+    """One thing in the studio home: ``kind`` is ``"cache"``, ``"folder"`` or ``"run"``."""
+
+    kind: str
+    path: str
+    label: str
+    bytes: int
+    modified: float            # seconds since the epoch
+
+    def age(self, now: float | None = None) -> str:
+        s = max(0.0, (now or time.time()) - self.modified)
+        for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+            if s >= size:
+                return f"{s / size:.0f} {unit} ago"
+        return "just now"
+
+
+def folder_size(path: str | os.PathLike) -> int:
+    """Bytes of the regular files below ``path`` (links are not followed)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(root, f))
+            except OSError:
+                continue
+            total += st.st_size if not os.path.islink(os.path.join(root, f)) else 0
+    return total
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def recent_items(home: str | os.PathLike | None = None, roots=None) -> list[RecentItem]:
+    """Every image folder, complete feature cache and saved run of the studio home, newest first; with
+    ``roots`` (a session's readable folders) only those whose images lie inside them: a session never
+    sees the class or file names of data it may not read."""
+    from ..loading.confine import leaves_roots
+
+    resolved = None if roots is None else [Path(r).resolve() for r in roots]
+    root = studio_home(home)
+    items: list[RecentItem] = []
+    caches = root / CACHES
+    if caches.is_dir():
+        for d in caches.iterdir():
+            man = read_manifest(d) if d.is_dir() and not d.is_symlink() else None
+            if man is None or not man.complete or leaves_roots(man.data_root, resolved):
+                continue
+            label = f"{man.model_name} on {man.data_root} ({man.n_records:,} images, {len(man.classes)} classes)"
+            items.append(RecentItem("cache", str(d), label, folder_size(d), _modified(d / "manifest.json")))
+    for d in root.glob("demo-data-*"):
+        if d.is_dir() and not d.is_symlink():
+            items.append(RecentItem("folder", str(d), f"demo images {d.name}", folder_size(d), _modified(d)))
+    runs = root / RUNS
+    if runs.is_dir():
+        for f in runs.glob("*.json"):
+            if f.is_file() and not f.is_symlink() and not leaves_roots(_run_root(f), resolved):
+                items.append(RecentItem("run", str(f), _run_label(f), f.stat().st_size, _modified(f)))
+    return sorted(items, key=lambda i: -i.modified)
+
+
+def _run_root(path: Path) -> str:
+    """The image folder a saved run was made on (a path no session may read when unknown)."""
+    try:
+        return str(json.loads(path.read_text())["data"]["root"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "/nonexistent/refineclip-run"
+
+
+def _run_label(path: Path) -> str:
+    try:
+        rep = json.loads(path.read_text())
+        verdict = (rep.get("verdict") or {}).get("status") or ("ok" if (rep.get("verdict") or {}).get("ok") else "")
+        pairs = ", ".join(f"{a} → {b}" for a, b in rep.get("pairs", []))
+        return (f"{rep.get('exported', 'run')} of {rep.get('model_name', '?')} on {pairs or '?'}"
+                + (f" ({verdict})" if verdict else ""))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return path.name
+
+
+def save_run(report_json: str, name: str, home: str | os.PathLike | None = None) -> Path:
+    """Keep a refinement run's report (its JSON text) in the studio home's ``runs/`` folder."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:80] or "run"
+    path = studio_home(home) / RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, report_json.encode())
+    return path
+
+
+def remove_item(path: str | os.PathLike, home: str | os.PathLike | None = None, roots=None) -> None:
+    """Delete one listed item; anything that is not directly an image folder, cache or run of the
+    studio home listed for ``roots`` (a link, a path elsewhere, the home itself) is refused."""
+    root = studio_home(home).resolve()
+    p = Path(path)
+    listed = {Path(i.path) for i in recent_items(root, roots)}
+    if p.is_symlink() or p not in listed or p.resolve().parent not in (root, root / CACHES, root / RUNS):
+        raise DataError(f"'{path}' is not an image folder, feature cache or run of the studio home; nothing removed.")
+    if p.is_dir():
+        shutil.rmtree(p)
+    else:
+        p.unlink()

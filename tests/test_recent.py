@@ -1,0 +1,72 @@
+"""The studio home's recent list (issue 24 item 2): image folders, caches and runs, newest first, with
+sizes; only what a session may read is listed, and only listed items can be removed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from refineclip_core.errors import DataError
+from refineclip_core.features.cache import read_manifest
+from refineclip_core.studio.recent import CACHES, RUNS, recent_items, remove_item, save_run
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@pytest.fixture()
+def home(tmp_path, tiny_model_files, image_folder):
+    from refineclip_core.cli import main
+
+    home = tmp_path / "home"
+    cache = home / CACHES / "abc123"
+    assert main(["extract", "--model", tiny_model_files["name"], "--model-config", str(tiny_model_files["config"]),
+                 "--checkpoint", str(tiny_model_files["checkpoint"]), "--data", str(image_folder),
+                 "--out", str(cache)]) == 0
+    (home / "demo-data-s1-n2").mkdir(parents=True)
+    (home / "demo-data-s1-n2" / "x.bin").write_bytes(b"0" * 1000)
+    return home
+
+
+def test_items_newest_first_with_sizes_and_roots(home, image_folder, tmp_path):
+    cache = home / CACHES / "abc123"
+    run = save_run(json.dumps({"exported": "refineclip-fit", "model_name": "tiny", "pairs": [["cat", "dog"]],
+                               "verdict": {"status": "verified"}, "data": {"root": str(image_folder)}}),
+                   "refineclip-fit", home)
+    other = save_run(json.dumps({"data": {"root": "/somewhere/private"}}), "x/../../evil", home)
+    assert other.parent == home / RUNS and ".." not in other.name
+    os.utime(home / "demo-data-s1-n2", (1_000, 1_000))
+    os.utime(cache / "manifest.json", (2_000, 2_000))
+    os.utime(run, (3_000, 3_000))
+    os.utime(other, (4_000, 4_000))
+    items = recent_items(home)
+    assert [Path(i.path) for i in items] == [other, run, cache, home / "demo-data-s1-n2"]
+    assert {i.kind for i in items} == {"run", "cache", "folder"}
+    assert items[2].bytes == _du(cache) and items[3].bytes == 1000
+    man = read_manifest(cache)
+    assert man.model_name in items[2].label and f"{man.n_records:,} images" in items[2].label
+    assert "cat → dog" in items[1].label and "(verified)" in items[1].label
+    # a session that may read the images and the home, but not /somewhere/private, never sees that run
+    roots = [home, image_folder]
+    assert [Path(i.path) for i in recent_items(home, roots)] == [run, cache, home / "demo-data-s1-n2"]
+    with pytest.raises(DataError):
+        remove_item(other, home, roots)
+    assert other.exists()
+
+
+def test_only_listed_items_are_removed(home, tmp_path):
+    outside = tmp_path / "keep"
+    outside.mkdir()
+    (home / CACHES / "link").symlink_to(outside)
+    for bad in (outside, home, home / CACHES, home / CACHES / "link", home / "text-pools"):
+        with pytest.raises(DataError):
+            remove_item(bad, home)
+    assert outside.exists()
+    remove_item(home / CACHES / "abc123", home)
+    remove_item(home / "demo-data-s1-n2", home)
+    assert not (home / CACHES / "abc123").exists() and not (home / "demo-data-s1-n2").exists()
+    assert recent_items(home) == []
