@@ -17,50 +17,91 @@ from refineclip_core.method.protocol import DEFAULT_PROTOCOL, ProtocolConfig
 from refineclip_core.studio.source import Source
 
 
-class Key:
-    """Session-state keys, each defined once."""
+#: What makes a session key stale (it is dropped then): another source (model + images + cache) …
+SOURCE = "source"
+#: … or another head set handed to Ablate and Refine.
+HEAD_SET = "head set"
 
-    SOURCE = "source"                     # the Source every page works on (model + images + cache)
-    PROTOCOL = "protocol"                 # the identification settings (a ProtocolConfig as a dict)
-    INSPECT_HEAD = "inspect_head"         # (layer, head) chosen on the Heads page for the Head inspector
-    ABLATE_HEADS = "ablate_heads"         # the head set handed from the Heads page to Ablate and Refine
-    TICKED = "abl_current"                # the heads ticked on the Ablate page ([layer, head] lists)
-    VERIFIED = "abl_verified"             # the last real-forward-pass check on the Ablate page
-    ERROR_PAIR = "err_pair"               # widget: the Errors page's pair choice
-    INSPECT_LAYER = "insp_layer"          # widget: the Head inspector's layer picker
-    INSPECT_PICK = "insp_head"            # widget: the Head inspector's head picker
-    INSPECT_SYNCED = "insp_synced"        # the head the inspector's pickers were last set to
-    GRADCAM = "insp_gradcam"              # the last Grad-CAM panels of the Head inspector
-    ATTRIBUTE = "heads_attribute"         # the last known-attribute head ranking (an AttributeHeads)
-    REFINE = "refine"                     # the last refinement run of this session (an EditRun)
-    REFINE_JOB = "ref_job"                # a running refinement (a Job)
-    REFINE_CONFIRM = "ref_confirm"        # widget: "download anyway" for an edit the guard did not verify
-    DEMO_JOB = "demo_job"                 # the demo being prepared on the first visit (a Job)
-    LOAD_JOB = "load_job"                 # an extraction started on the Load page (a Job)
-    LOAD_SCAN = "load_scan"               # the images listed on the Load page (a ScannedImages)
-    LOAD_FRESH = "load_just_extracted"    # the Load page opens its data summary once after an extraction
-    DEMO_SPEC = "demo_spec"               # tests: a stand-in demo model (ModelSpec)
-    DEMO_N = "demo_n_per_group"           # tests: a smaller held-out demo sample
-    SESSION_FOLDER = "_session_folder"    # owner of this session's private temporary folder
-    URL_READ = "url_read"                 # the URL's view was read on this session's first run
-    URL_PENDING = "url_pending"           # the URL's query parameters, until a source is there to apply them to
-    URL_REFUSED = "url_refused"           # why the URL's feature cache could not be opened by this session
+
+class SessionKey(str):
+    """A session-state key and the events that make its value stale (:data:`SOURCE`,
+    :data:`HEAD_SET`): when a key is forgotten is data on the key, not part of its name."""
+
+    resets: frozenset[str]
+
+    def __new__(cls, name: str, *resets: str) -> "SessionKey":
+        key = super().__new__(cls, name)
+        key.resets = frozenset(resets)
+        return key
+
+
+class Namespace(SessionKey):
+    """A family of keys sharing a prefix (a page's widgets, the Ablate toggles), forgotten together."""
+
+    def key(self, *parts: object) -> str:
+        return "_".join([self.rstrip("_"), *map(str, parts)])
+
+    def owns(self, key: object) -> bool:
+        return str(key).startswith(self)
+
+
+#: The pages' widget keys: each page's widgets take its prefix (``key="abl_mode"``) and are
+#: forgotten with the source (the Ablate page's also with the head set).
+WIDGETS = (Namespace("abl_", SOURCE, HEAD_SET), Namespace("grid_", SOURCE), Namespace("insp_", SOURCE),
+           Namespace("err_", SOURCE), Namespace("heads_", SOURCE), Namespace("ref_", SOURCE))
+_ABLATE, _GRID = WIDGETS[0], WIDGETS[1]
+
+
+class Key:
+    """Session-state keys, each defined once with what makes it stale."""
+
+    SOURCE = SessionKey("source")                  # the Source every page works on (model + images + cache)
+    PROTOCOL = SessionKey("protocol", SOURCE)      # the identification settings (a ProtocolConfig as a dict)
+    INSPECT_HEAD = SessionKey("inspect_head", SOURCE)  # (layer, head) chosen on the Heads page for the inspector
+    ABLATE_HEADS = SessionKey("ablate_heads", SOURCE)  # the head set handed from the Heads page to Ablate and Refine
+    TICKED = SessionKey("abl_current", SOURCE, HEAD_SET)    # the heads ticked on the Ablate page ([layer, head] lists)
+    VERIFIED = SessionKey("abl_verified", SOURCE, HEAD_SET)  # the last real-forward-pass check on the Ablate page
+    ERROR_PAIR = SessionKey("err_pair", SOURCE)    # widget: the Errors page's pair choice
+    INSPECT_LAYER = SessionKey("insp_layer", SOURCE)   # widget: the Head inspector's layer picker
+    INSPECT_PICK = SessionKey("insp_head", SOURCE)     # widget: the Head inspector's head picker
+    INSPECT_SYNCED = SessionKey("insp_synced", SOURCE)  # the head the inspector's pickers were last set to
+    GRADCAM = SessionKey("insp_gradcam", SOURCE)   # the last Grad-CAM panels of the Head inspector
+    ATTRIBUTE = SessionKey("heads_attribute", SOURCE)  # the last known-attribute head ranking (an AttributeHeads)
+    REFINE = SessionKey("refine", SOURCE, HEAD_SET)    # the last refinement run of this session (an EditRun)
+    REFINE_JOB = SessionKey("ref_job", SOURCE)     # a running refinement (a Job)
+    REFINE_CONFIRM = SessionKey("ref_confirm", SOURCE)  # widget: "download anyway" for an edit the guard did not verify
+    DEMO_JOB = SessionKey("demo_job")              # the demo being prepared on the first visit (a Job)
+    LOAD_JOB = SessionKey("load_job")              # an extraction started on the Load page (a Job)
+    LOAD_SCAN = SessionKey("load_scan")            # the images listed on the Load page (a ScannedImages)
+    LOAD_FRESH = SessionKey("load_just_extracted")  # the Load page opens its data summary once after an extraction
+    DEMO_SPEC = SessionKey("demo_spec")            # tests: a stand-in demo model (ModelSpec)
+    DEMO_N = SessionKey("demo_n_per_group")        # tests: a smaller held-out demo sample
+    SESSION_FOLDER = SessionKey("_session_folder")  # owner of this session's private temporary folder
+    URL_READ = SessionKey("url_read")              # the URL's view was read on this session's first run
+    URL_PENDING = SessionKey("url_pending")        # the URL's query parameters, until a source is there to apply them to
+    URL_REFUSED = SessionKey("url_refused")        # why the URL's feature cache could not be opened by this session
 
     @staticmethod
     def toggle(head: HeadId) -> str:
-        """The Ablate page's checkbox of ``head``."""
-        return f"abl_{head.layer}_{head.head}"
+        """The Ablate page's checkbox of ``head`` (forgotten with the Ablate page's widgets)."""
+        return _ABLATE.key(head.layer, head.head)
 
     @staticmethod
     def score_map(index: int) -> str:
         """The Heads page's score map number ``index`` (its click selection)."""
-        return f"grid_{index}"
+        return _GRID.key(index)
 
 
-#: Keys that depend on the source; dropped when the source changes, with every key of the pages'
-#: widget namespaces below.
-DERIVED_KEYS = (Key.PROTOCOL, Key.INSPECT_HEAD, Key.ABLATE_HEADS, Key.REFINE)
-DERIVED_PREFIXES = ("abl_", "grid_", "insp_", "err_", "heads_", "ref_")
+def _every_key() -> list[SessionKey]:
+    return [v for v in vars(Key).values() if isinstance(v, SessionKey)] + list(WIDGETS)
+
+
+def forget(event: str) -> None:
+    """Drop every key and key family that ``event`` (:data:`SOURCE`, :data:`HEAD_SET`) makes stale."""
+    stale = [k for k in _every_key() if event in k.resets]
+    families = [k for k in stale if isinstance(k, Namespace)]
+    drop(*[k for k in stale if not isinstance(k, Namespace)])
+    drop(*[k for k in list(st.session_state.keys()) if any(f.owns(k) for f in families)])
 
 
 def get(key: str, default: Any = None) -> Any:
@@ -74,11 +115,6 @@ def put(key: str, value: Any) -> None:
 def drop(*keys: str) -> None:
     for key in keys:
         st.session_state.pop(key, None)
-
-
-def drop_prefix(prefix: str) -> None:
-    for key in [k for k in st.session_state.keys() if str(k).startswith(prefix)]:
-        del st.session_state[key]
 
 
 def set_refine(run: Any) -> None:
@@ -96,9 +132,7 @@ def set_source(source: Source) -> None:
     old = get_source()
     put(Key.SOURCE, source)
     if old is None or old.key != source.key:
-        drop(*DERIVED_KEYS)
-        for prefix in DERIVED_PREFIXES:
-            drop_prefix(prefix)
+        forget(SOURCE)
 
 
 def protocol() -> ProtocolConfig:
@@ -130,8 +164,7 @@ def ablate_heads() -> list[HeadId] | None:
 def set_ablate_heads(heads: Iterable[HeadLike]) -> None:
     """Hand ``heads`` to Ablate and Refine: the Ablate page's ticks and the last refinement are reset."""
     put(Key.ABLATE_HEADS, [(h.layer, h.head) for h in parse_heads(heads)])
-    drop_prefix("abl_")
-    drop(Key.REFINE)
+    forget(HEAD_SET)
 
 
 def ticked_heads() -> list[HeadId] | None:

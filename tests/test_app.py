@@ -896,3 +896,39 @@ def test_the_load_page_lists_recent_caches_and_runs_and_removes_them(home, demo_
     assert first.path == str(run)
     at.button(key="load_recent_rm_0").click().run()
     assert not run.exists()
+
+
+def test_when_a_session_key_is_forgotten_is_data_on_the_key(monkeypatch):
+    """Changing the source forgets every key that depends on it and the pages' widget families;
+    handing on a head set forgets the Ablate page's ticks, its widgets and the last refinement; other
+    keys stay (issue 25: no reset rule spelled into key names)."""
+    from types import SimpleNamespace
+
+    from studio_ui import state
+    from studio_ui.state import HEAD_SET, SOURCE, WIDGETS, Key, Namespace, SessionKey
+
+    session: dict = {}
+    monkeypatch.setattr(state, "st", SimpleNamespace(session_state=session))
+    keys = [v for v in vars(Key).values() if isinstance(v, SessionKey)]
+    # a key inside a page's widget family is forgotten whenever that family is: its data says so
+    for key in keys:
+        for family in WIDGETS:
+            if family.owns(key):
+                assert family.resets <= key.resets, (key, family)
+    toggle = Key.toggle(HeadId(3, 1))
+    assert toggle == "abl_3_1" and isinstance(WIDGETS[0], Namespace) and WIDGETS[0].owns(toggle)
+
+    def fill():
+        session.clear()
+        session.update({k: 1 for k in keys})
+        session.update({toggle: True, "heads_n": 10, "err_scope": "all", "other_widget": 3})
+
+    fill()
+    state.forget(HEAD_SET)
+    gone = set(k for k in keys if k not in session) | ({toggle} - set(session))
+    assert gone == {Key.TICKED, Key.VERIFIED, Key.REFINE, toggle}
+    assert session["heads_n"] == 10 and session[Key.ABLATE_HEADS] == 1
+    fill()
+    state.forget(SOURCE)
+    assert set(session) == {k for k in keys if SOURCE not in k.resets} | {"other_widget"}
+    assert Key.SOURCE in session and Key.LOAD_JOB in session and Key.SESSION_FOLDER in session
