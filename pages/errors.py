@@ -22,7 +22,7 @@ from studio_ui.widgets import accuracy_frame, image_grid, link, metric_ci, plain
 st.title(page("errors").heading)
 ready = require_ready()
 src, cache = ready.source, ready.cache
-pred, probs = resources.zero_shot(src, cache)
+pred, confidence = resources.zero_shot(src, cache, ready.engine)
 labels, classes = cache.labels, cache.classes
 
 splits = sorted(set(cache.splits.tolist()) - {""})
@@ -117,9 +117,9 @@ limit = c[1].slider("Show at most", 6, 96, 24, step=6, key="err_limit")
 wrong = rows[pred[rows] != labels[rows]]
 if only_pair:
     wrong = wrong[(labels[wrong] == chosen.true) & (pred[wrong] == chosen.pred)]
-conf = probs[wrong, pred[wrong]]
+conf = confidence[wrong]
 order = wrong[np.argsort(-conf, kind="stable")][:limit]
 st.caption(f"{len(wrong)} images, most confident mistakes first (confidence = softmax of logit-scaled cosine).")
 image_grid([(cache.records[i].path,
-             f"true {classes[labels[i]]} → predicted {classes[pred[i]]} ({probs[i, pred[i]]:.0%})"
+             f"true {classes[labels[i]]} → predicted {classes[pred[i]]} ({confidence[i]:.0%})"
              + (f" · {cache.records[i].group}" if cache.records[i].group else "")) for i in order])

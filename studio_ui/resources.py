@@ -16,7 +16,7 @@ import streamlit as st
 
 from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
-from refineclip_core.features.zeroshot import predict
+from refineclip_core.features.zeroshot import prediction_confidence
 from refineclip_core.inspection.diagnosis import (ConceptVocabulary, Diagnosis, HeadEvidence, concept_vocabulary,
                                                   diagnose, head_evidence)
 from refineclip_core.inspection.textspan import DEFAULT_TEXT_POOL, HeadDescription, describe_heads, embedded_text_pool
@@ -76,18 +76,15 @@ def identification(source: Source, cache: FeatureCache, eng: AblationEngine, cfg
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _zero_shot(key: str, _cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
-    E, n = np.asarray(_cache.embeddings), len(_cache)
-    pred, probs = np.empty(n, dtype=np.int64), np.empty((n, len(_cache.classes)), dtype=np.float32)
-    for start in range(0, n, 4096):   # row by row arithmetic: blocks keep the float64 temporaries small
-        pred[start:start + 4096], probs[start:start + 4096] = predict(E[start:start + 4096], _cache.text,
-                                                                      _cache.logit_scale)
-    return pred, probs                 # (N, C) kept for the server's lifetime: float32 halves it
+def _zero_shot(key: str, _cache: FeatureCache, _engine: AblationEngine) -> tuple[np.ndarray, np.ndarray]:
+    pred = _engine.base_predictions   # the predictions every page uses (Heads, Ablate, Refine: one way)
+    return pred, prediction_confidence(_cache.embeddings, _cache.text, _cache.logit_scale, pred)
 
 
-def zero_shot(source: Source, cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-shot predictions and class probabilities (softmax of logit_scale·cos) per image."""
-    return _zero_shot(source.resource_key(), cache)
+def zero_shot(source: Source, cache: FeatureCache, eng: AblationEngine) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-shot predictions (the engine's) and each image's confidence in its prediction (softmax of
+    logit_scale·cos), one number per image."""
+    return _zero_shot(source.resource_key(), cache, eng)
 
 
 @st.cache_resource(show_spinner="Embedding the description pool for TextSpan…", max_entries=4)
