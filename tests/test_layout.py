@@ -79,3 +79,13 @@ def test_pages_are_thin_and_listed_once():
         assert len(text.splitlines()) <= 150, f"{path.name} has {len(text.splitlines())} lines"
         assert "session_state" not in text, f"{path.name} reads session state directly (use studio_ui.state)"
         assert "st.Page(" not in text and "page_link(" not in text, f"{path.name} bypasses the page registry"
+
+
+def test_every_library_package_ships_in_the_wheel():
+    """pyproject.toml lists the wheel's packages by name: a new sub-package of ``refineclip_core``
+    missing there would be absent from ``pip install .`` (the edit/ package was, for a while)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in CORE.rglob("__init__.py")}
+    assert on_disk <= listed, f"not in pyproject.toml's packages: {sorted(on_disk - listed)}"
