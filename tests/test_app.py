@@ -119,6 +119,10 @@ def test_first_visit_opens_on_the_demo_with_findings(app):
     acc = (pred[ident.eval_rows] == cache.labels[ident.eval_rows]).mean()
     shown = next(m.value for m in app.metric if m.label == "Zero-shot accuracy")
     assert shown == f"{100 * acc:.1f}%"
+    # 4 held-out images per bird group: the app says the guard cannot verify an edit there, with the numbers
+    warned = " ".join(w.value for w in app.warning)
+    assert plain("Too few held-out images to check an edit") in warned and plain("4 of 8 images held out") in warned
+    assert any("checked on the demo world" in c.value for c in app.caption)   # the demo: the check's own world
 
 
 def test_second_session_reuses_the_prepared_demo(home, demo_spec, app):
@@ -131,6 +135,14 @@ def test_second_session_reuses_the_prepared_demo(home, demo_spec, app):
 def test_errors_page_and_choosing_a_pair(app):
     at = open_page(app, "errors")
     assert at.title[0].value.startswith("Where does the model go wrong")
+    # which rows this page shows, and the Load page's held-out rows one choice away
+    scope = at.selectbox(key="err_scope")
+    held = next(o for o in scope.options if o.startswith("held-out images"))
+    _, ident = cache_and_ident(at)
+    scope.set_value(held).run()
+    assert next(m.value for m in at.metric if m.label == "Images") == str(len(ident.eval_rows))
+    assert any(c.value.startswith("This page shows held") for c in at.caption)
+    scope.set_value("all images").run()
     assert at.get("plotly_chart"), "confusion matrix missing"
     pair_box = at.selectbox(key="err_pair")
     assert len(pair_box.options) >= 1

@@ -231,3 +231,8 @@ def test_a_folder_too_small_to_check_an_edit_says_so_with_the_numbers(tiny_model
     kinds = {w["kind"] for w in report["warnings"]}
     assert {"few-heldout", "untested-data"} <= kinds
     assert "too few held-out images: landbird has 5, waterbird has 5" in report["verdict"]["summary"]
+    page = tmp_path / "run.html"
+    assert _run(capsys, [*argv, "--html", page])[0] == 0
+    text = page.read_text()
+    assert "not-verified · refineclip-fit" in text and "Warning (few-heldout)" in text
+    assert "landbird: 5 of 10 images held out" in text and "worse (Holm)" in text

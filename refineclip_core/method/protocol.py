@@ -355,8 +355,8 @@ def heldout_shortfall(cache: FeatureCache, ident: "Identification") -> tuple[lis
     short = [h for h in heldout_counts(cache, ident) if h.n_heldout < minimum]
     if not short:
         return [], None
-    listed = "; ".join(f"{h.name}: {h.n_heldout} of {h.n_images} images" for h in short)
-    return short, (f"Too few held-out images to check an edit: {listed} held out (at least {minimum} per group "
+    listed = "; ".join(f"{h.name}: {h.n_heldout} of {h.n_images} images held out" for h in short)
+    return short, (f"Too few held-out images to check an edit: {listed} (at least {minimum} per group "
                    f"are needed). Add images of these groups; until then the guard cannot verify an edit there.")
 
 
