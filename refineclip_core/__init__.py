@@ -34,6 +34,7 @@ _EXPORTS = {
     "Identification": "method.protocol", "identify": "method.protocol", "make_engine": "method.protocol",
     "RefineOutcome": "method.protocol", "run_refinement": "method.protocol",
     "EditVerdict": "edit.guard", "assess_edit": "edit.guard", "judge_edit": "edit.guard", "GuardConfig": "edit.guard",
+    "sanity_warnings": "edit.sanity",
     "Findings": "reporting.findings", "findings": "reporting.findings", "method_summary": "reporting.findings",
     "per_key_table": "reporting.findings",
     "EditRun": "reporting.run_report", "run_edit": "reporting.run_report", "write_report": "reporting.run_report",
