@@ -137,12 +137,12 @@ def test_errors_page_and_choosing_a_pair(app):
     assert at.title[0].value.startswith("Where does the model go wrong")
     # which rows this page shows, and the Load page's held-out rows one choice away
     scope = at.selectbox(key="err_scope")
-    held = next(o for o in scope.options if o.startswith("held-out images"))
+    default, held = scope.value, next(o for o in scope.options if o.startswith("held-out images"))
     _, ident = cache_and_ident(at)
     scope.set_value(held).run()
     assert next(m.value for m in at.metric if m.label == "Images") == str(len(ident.eval_rows))
     assert any(c.value.startswith("This page shows held") for c in at.caption)
-    scope.set_value("all images").run()
+    scope.set_value(default).run()             # back to the default scope for the rest of the session
     assert at.get("plotly_chart"), "confusion matrix missing"
     pair_box = at.selectbox(key="err_pair")
     assert len(pair_box.options) >= 1
