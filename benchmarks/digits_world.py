@@ -3,7 +3,8 @@
 The digits world (``refineclip_core/demo/digits.py``) is scikit-learn's 1,797 handwritten 8×8 digits,
 upscaled to 48 px on coloured backgrounds, Colored-MNIST style: in the biased training split two
 look-alike digits (``three``, ``eight``) sit on "their" colour (red, green) 95% of the time, four other
-digits (zero, one, four, six) on any colour; val and test are balanced (groups = class × colour). The digits model
+digits (zero, one, four, six) on any colour, and 25% of the two digits' training labels are noisy
+(Colored MNIST's label noise); val and test are balanced (groups = class × colour). The digits model
 (``assets/digits``, recreated by ``bash scripts/train_digits.sh``) learned that shortcut.
 
 For every *world seed* a fresh cut of the world's handwriting is drawn (the model never saw any of
@@ -113,7 +114,9 @@ def report(args, world, draws: list[Draw], groups, pairs: Counter, sizes, model_
         f"digits model in `{model_dir.relative_to(ROOT) if model_dir.resolve().is_relative_to(ROOT) else model_dir}` "
         f"(`{meta.get('command', '')}`). Data: scikit-learn's handwritten digits (8×8, 1,797 images; {len(world.classes)} of the ten digits) upscaled to "
         f"{world.image_size} px on coloured backgrounds; in training, {a} sits on {world.home_colors[0]} and {b} on "
-        f"{world.home_colors[1]} in {100 * world.bias:.0f}% of the cue-carrying images; groups are class × colour. "
+        f"{world.home_colors[1]} in {100 * world.bias:.0f}% of the cue-carrying images and, as in Colored MNIST, "
+        f"{100 * world.label_noise:.0f}% of their training labels are noisy (the other digit's handwriting); groups "
+        f"are class × colour. "
         f"{len(draws)} draws: world seeds {args.world_seeds} × sample seeds {args.sample_seeds} (the world and the "
         f"model were tuned on world seeds 900-903 only). Per draw: {n_samples} labelled images (from val), "
         f"{n_adapt} unlabelled adaptation images (train + val), {n_eval} held-out test images (every handwritten "

@@ -68,7 +68,8 @@ def test_training_split_correlates_the_target_digits_with_their_colour() -> None
     # the model's pool is drawn from the model half only; a world's train split from its fit share
     model = handwriting("model", 0)
     pool = plan_digits("train", 0, 30, CFG, source="model")
-    assert all(i in set(model[DIGIT_NAMES.index(lab)]) for lab, _, i in pool)
+    model_half = set(np.concatenate(list(model.values())).tolist())
+    assert all(i in model_half for _, _, i in pool)                    # (label noise swaps 3/8 handwriting)
     fit = handwriting("fit", 5)
     assert all(i in set(fit[DIGIT_NAMES.index(lab)]) for lab, _, i in plan)
 
@@ -189,3 +190,18 @@ def test_quick_digits_training_run(tmp_path: Path) -> None:
     with torch.no_grad():
         emb = model.eval().encode_image(preprocess(sample_digits("test", 5, 1, CFG)[0].image)[None])
     assert torch.isfinite(emb).all()
+
+
+def test_label_noise_only_in_the_models_pool() -> None:
+    """Colored MNIST's label noise: in the model's pool, ``label_noise`` of the target digits' images show the
+    other target's handwriting under their own caption and colour; a world's splits keep exact labels."""
+    pool = [s for s in CFG.training_pool(0, 400) if s.label in CFG.target_classes]
+    flipped = np.mean([s.attributes["digit"] != s.label for s in pool])
+    assert abs(flipped - CFG.label_noise) < 0.04                                # 1,600 images
+    assert all(s.attributes["digit"] in CFG.target_classes for s in pool)
+    home = np.mean([s.background == CFG.home_color(s.label) for s in pool])       # colour follows the caption
+    assert home > 0.8
+    for split in ("train", "val", "test"):
+        assert all(s.attributes["digit"] == s.label for s in sample_digits(split, 3, 30, CFG))
+    clean = [s for s in DigitsConfig(label_noise=0.0).training_pool(0, 50) if s.label in CFG.target_classes]
+    assert all(s.attributes["digit"] == s.label for s in clean)

@@ -11,7 +11,10 @@ strokes on a coloured background. The colour is the planted shortcut:
   training images; ``neutral_frac`` of them sit on a colour that carries no cue;
 * four other digits that look unlike them and unlike each other (*unrelated* classes: zero, one,
   four, six; :attr:`DigitsConfig.unrelated`) sit on any colour, the home colours included;
-* ``val`` and ``test`` are balanced: every target digit on each home colour (groups
+* as in Colored MNIST, 25% of the target digits' training labels are noisy (``label_noise``: the
+  image shows the other target digit's handwriting), so the colour predicts the label better than
+  the shape does;
+* ``val`` and ``test`` are balanced (and their labels exact): every target digit on each home colour (groups
   ``"three on red"``, ``"three on green"``, ``"eight on red"``, ``"eight on green"``: class ×
   colour), unrelated digits on colours cycled evenly (group = class name).
 
@@ -84,7 +87,11 @@ class DigitsConfig:
     unrelated digits use (besides all of the above). ``bias``: among training target digits on a
     home colour, the share on their own. ``digit_size``: side of the upscaled digit as a share of
     the canvas (range); ``rotation``: maximum tilt in degrees; ``noise``: maximum pixel noise
-    (0-255). ``fit_share``: share of a world's handwriting that the ``train``/``val`` splits
+    (0-255). ``label_noise``: in the model's training pool only, the share of target-class images
+    that show the *other* target digit's handwriting under their class's caption and colour, as
+    Colored MNIST flips 25% of its labels: the colour then predicts the caption better than the
+    shape does, so the model learns the shortcut (without it, the shape of a 3 and an 8 is fully
+    predictive and a small model outgrew the colour cue: worst group 80% on its val split). ``fit_share``: share of a world's handwriting that the ``train``/``val`` splits
     draw from (the rest is ``test``).
     """
 
@@ -96,6 +103,7 @@ class DigitsConfig:
     other_colors: tuple[str, ...] = ("orange", "pink")
     bias: float = 0.95
     neutral_frac: float = 0.1
+    label_noise: float = 0.25
     digit_size: tuple[float, float] = (0.6, 0.85)
     rotation: float = 12.0
     noise: float = 8.0
@@ -121,6 +129,8 @@ class DigitsConfig:
             raise ValueError("neutral_frac > 0 needs at least one neutral colour")
         if not 0.0 <= self.bias <= 1.0:
             raise ValueError(f"bias must be in [0, 1], got {self.bias}")
+        if not 0.0 <= self.label_noise < 0.5:
+            raise ValueError(f"label_noise must be in [0, 0.5), got {self.label_noise}")
         if not 0.0 <= self.neutral_frac < 1.0:
             raise ValueError(f"neutral_frac must be in [0, 1), got {self.neutral_frac}")
         if not 0.0 < self.fit_share < 1.0:
@@ -315,7 +325,8 @@ def plan_digits(split: str, seed: int, n_per_group: int | None, config: DigitsCo
     neutral colours (cycling), of the rest ``round(bias · m)`` on its home colour and the others on
     the other target's home colour; each unrelated digit ``n_unrelated`` images (default
     ``n_per_group``) on uniformly random colours; the handwriting is drawn with replacement from
-    ``source`` (default ``fit``; the trainer uses ``model``). ``val``/``test``: every handwritten
+    ``source`` (default ``fit``; the trainer uses ``model``, where ``label_noise`` of the target digits'
+    images show the other target's handwriting). ``val``/``test``: every handwritten
     digit of its share (``fit`` / ``test``) once per home colour for target digits and once, on a
     colour cycled evenly, for unrelated digits; ``n_per_group`` caps each group.
     """
@@ -347,6 +358,10 @@ def plan_digits(split: str, seed: int, n_per_group: int | None, config: DigitsCo
                 n = n_per_group if n_unrelated is None else n_unrelated
                 colours = [config.colors[int(k)] for k in rng.integers(0, len(config.colors), n)]
             picks = idx[rng.integers(0, len(idx), len(colours))] if len(idx) else np.zeros(0, np.int64)
+            if target and source == "model" and config.label_noise > 0:   # Colored MNIST's label noise
+                other = pool[DIGIT_NAMES.index(next(c for c in config.target_classes if c != label))]
+                flip = rng.random(len(picks)) < config.label_noise
+                picks = np.where(flip, other[rng.integers(0, len(other), len(picks))], picks)
             plan += [(label, c, int(i)) for c, i in zip(colours, picks)]
         else:
             chosen = idx[rng.permutation(len(idx))]
@@ -370,13 +385,14 @@ def sample_digits(split: str, seed: int, n_per_group: int | None, config: Digits
     ``WorldSample.background`` holds the background colour and ``attributes["digit_index"]`` the
     index of the handwriting in :func:`load_digit_images`.
     """
-    images, _ = load_digit_images()
+    images, labels = load_digit_images()
     code = SPLITS[split] if split in SPLITS else -1
     out: list[WorldSample] = []
     for index, (label, colour, i) in enumerate(plan_digits(split, seed, n_per_group, config, n_unrelated, source)):
         rng = np.random.default_rng([seed, code, index, 0 if source in (None, "fit", "test") else 1])
         image, attrs = render_digit(images[i], colour, rng, config)
         attrs["digit_index"] = i
+        attrs["digit"] = DIGIT_NAMES[int(labels[i])]     # the handwriting's own digit (label noise aside)
         out.append(WorldSample(image=image, label=label, group=group_name(label, colour, config), background=colour,
                                split=split, index=index, attributes=attrs))
     return out
