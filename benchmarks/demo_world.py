@@ -12,7 +12,10 @@ compares, on the test split (never seen by any method):
 * the paper's phase 2 (Eq. 11-13, diag θ) with the same heads and teacher;
 * the paper-faithful pipeline (``PAPER_PROTOCOL`` + ``PAPER_EDIT``: largest pair, Algorithm 1,
   zero ablation, diag θ by Eq. 13);
-* standard fine-tuning (CE only) and a Tip-Adapter cache, on the same labelled images.
+* standard fine-tuning (CE only), a Tip-Adapter cache and CoOp prompt learning, on the same labelled images;
+* LTC, the nearest published peer, given the cue in words, and RefineCLIP-fit with the diagnosed concept
+  also removed (issue 27: :data:`REMOVE_DIAGNOSED`), with the targets of issue 27 checked on the same draws
+  and every group of the edited classes' change.
 
 The headline table reports, over all world × sample draws, the worst-group change from
 zero-shot (mean, std, worst draw, share of draws that got worse) and the change on the
@@ -44,7 +47,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +65,8 @@ from refineclip_core.errors import RefineClipError  # noqa: E402
 from refineclip_core.inspection.diagnosis import (attribute_direction, attribute_heads, concept_vocabulary,  # noqa: E402
                                                   diagnose)
 from refineclip_core.inspection.textspan import DEFAULT_TEXT_POOL, describe_heads, encode_text_pool, load_text_pool  # noqa: E402
-from refineclip_core.method.baselines import LocateThenCorrect  # noqa: E402
+from refineclip_core.method.concept import DIAGNOSED, resolve_concept  # noqa: E402
+from refineclip_core.method.baselines import CoOp, LocateThenCorrect  # noqa: E402
 from refineclip_core.loading.data import load_dataset  # noqa: E402
 from refineclip_core.loading.models import DEMO_DIR, ModelSpec, load_model  # noqa: E402
 from refineclip_core.method.evaluation import accuracy_report  # noqa: E402
@@ -83,8 +87,17 @@ HEADLINE = [  # (row label, method key)
     ("paper-faithful: Alg. 1 + zero ablation + diag θ (Eq. 13)", "paper:refineclip-diag"),
     ("standard fine-tuning (CE only)", "standard-finetune"),
     ("Tip-Adapter (training-free)", "tip-adapter"),
+    ("CoOp (prompt learning: learned context words, text side)", "coop"),
+    ("LTC (Yeo et al. 2025): spurious heads mean-ablated, projected off the typed cue", "ltc"),
+    ("**RefineCLIP-fit + diagnosed concept removed**", "fit:concept-removed"),
 ]
 EXPORTED = DEFAULT_EDIT.exported
+GROUP_METHODS = (EXPORTED, "fit:concept-removed", "ltc", "coop")   # the rows of the per-group table
+GROUP_LABELS = {EXPORTED: "RefineCLIP-fit (exported)", "fit:concept-removed": "+ diagnosed concept removed",
+                "ltc": "LTC", "coop": "CoOp"}
+REMOVE_DIAGNOSED = replace(DEFAULT_EDIT.concept, texts=(DIAGNOSED,))
+"""The concept removal of the "diagnosed concept removed" row (issue 27): the concepts the diagnosis names, with
+the default words and strength (chosen on development worlds 7011-7013, docs/edit.md)."""
 
 CUE_PHRASES = {  # what a user who suspects the planted cue types (known-attribute mode, LTC's spurious direction)
     "background": (["a water background", "a water scene"], ["a land background", "a land scene"]),
@@ -141,6 +154,8 @@ class Draw:
     seed: int
     metrics: dict[str, tuple[float, float, float]]
     heads: dict[str, list[str]]
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)   # method -> group of the edited classes -> acc
+    removed: list[str] = field(default_factory=list)                    # the diagnosed concepts removed
 
 
 def world_model(model_dir: Path):
@@ -172,12 +187,26 @@ class DrawRun:
     paper_ident: Identification
     metrics: dict[str, tuple[float, float, float]]
     used: dict
+    diagnosis: object = None         # the diagnosis of the default heads (with ``peers``)
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
 
 
-def run_draw(cache: FeatureCache, engine, s: int, target_classes=TARGET_CLASSES) -> DrawRun:
+@dataclass
+class Peers:
+    """What issue 27's rows need: the loaded model (its text tower: concept texts, CoOp), the concept vocabulary
+    of the text pool (the diagnosis) and the typed cue's direction for LTC (None: no LTC row)."""
+
+    loaded: object
+    vocab: object
+    cue_dir: np.ndarray | None = None
+
+
+def run_draw(cache: FeatureCache, engine, s: int, target_classes=TARGET_CLASSES, peers: Peers | None = None) -> DrawRun:
     """One draw with sample seed ``s``: the defaults every entry point uses (``DEFAULT_PROTOCOL``,
     ``DEFAULT_EDIT``, baselines included) and the paper-faithful pipeline, each method's
-    (worst group, average group, unrelated) over the world's ``target_classes`` on the test rows."""
+    (worst group, average group, unrelated) over the world's ``target_classes`` on the test rows; with
+    ``peers``, also issue 27's rows (:func:`peer_predictions`) and every group's accuracy of the edited classes."""
     ident = identify(cache, replace(DEFAULT_PROTOCOL, seed=s), engine)
     edit = replace(DEFAULT_EDIT, fit=replace(DEFAULT_EDIT.fit, seed=s), paper=replace(DEFAULT_EDIT.paper, seed=s))
     out = run_refinement(cache, ident, edit, engine=engine, baselines=True)
@@ -192,10 +221,51 @@ def run_draw(cache: FeatureCache, engine, s: int, target_classes=TARGET_CLASSES)
     paper = run_refinement(cache, paper_ident, paper_edit, engine=engine, baselines=False)
     for k in ("ablated", "refineclip-diag"):
         m[f"paper:{k}"] = metrics(paper.report.predictions[k])
-    return DrawRun(ident, out, paper_ident, m, used)
+    if peers is None:
+        return DrawRun(ident, out, paper_ident, m, used)
+    diagnosis = diagnose(cache, ident, peers.vocab, None, engine)
+    preds, removed = peer_predictions(cache, ident, engine, edit, peers, diagnosis)
+    m.update({k: metrics(p) for k, p in preds.items()})
+    if "fit:concept-removed" not in m:      # nothing named, nothing removed: the fit alone
+        m["fit:concept-removed"] = m[EXPORTED]
+        preds["fit:concept-removed"] = out.report.predictions[EXPORTED]
+    groups_of = metrics_fn(cache, ident, target_classes, per_group=True)
+    groups = {k: groups_of(p) for k, p in {**out.report.predictions, **preds}.items() if k in ("zero-shot", *GROUP_METHODS)}
+    used["diagnosed concept removal"] = REMOVE_DIAGNOSED.to_dict()
+    return DrawRun(ident, out, paper_ident, m, used, diagnosis, groups, removed)
 
 
-def metrics_fn(cache: FeatureCache, ident: Identification, target_classes=TARGET_CLASSES):
+def peer_predictions(cache: FeatureCache, ident: Identification, engine, edit, peers: Peers, diagnosis
+                     ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Issue 27's rows for one draw: RefineCLIP-fit with the diagnosed concept removed (:data:`REMOVE_DIAGNOSED`),
+    CoOp on the same labelled images, and LTC given the typed cue (left out where it cannot run). Returns the
+    predictions by row key and the concepts removed (none where the diagnosis named none)."""
+    preds: dict[str, np.ndarray] = {}
+    try:
+        removal = resolve_concept(REMOVE_DIAGNOSED, peers.loaded, cache.manifest.templates, cache.text, diagnosis)
+    except RefineClipError:           # the diagnosis names no concept: there is nothing to remove
+        removal = None
+    if removal is not None:
+        preds["fit:concept-removed"] = run_refinement(cache, ident, replace(edit, concept=REMOVE_DIAGNOSED),
+                                                      engine=engine, baselines=False,
+                                                      concept=removal).report.predictions[EXPORTED]
+    coop = CoOp.fit(peers.loaded, cache.classes, cache.manifest.templates, cache.embeddings[ident.sample_rows],
+                    cache.labels[ident.sample_rows], cache.logit_scale, edit.coop)
+    preds["coop"] = coop.predict(cache.embeddings)
+    if peers.cue_dir is not None:
+        try:                          # LTC needs wrong and right samples of a class among the labelled ones
+            preds["ltc"] = LocateThenCorrect.fit(ident.ablation_engine(engine), [
+                (a, b, ident.sets[f"{cache.classes[a]}→{cache.classes[b]}"].W,
+                 ident.sets[f"{cache.classes[a]}→{cache.classes[b]}"].C) for a, b in ident.pairs],
+                cache.labels, peers.cue_dir, ident.sample_rows).predict()
+        except RefineClipError:
+            pass
+    return preds, [] if removal is None else removal.texts
+
+
+def metrics_fn(cache: FeatureCache, ident: Identification, target_classes=TARGET_CLASSES, per_group: bool = False):
+    """``metrics(pred) -> (worst group, average group, other classes)`` of the edited classes on the evaluation
+    rows; with ``per_group``, every group's accuracy of the edited classes instead."""
     targets = [cache.classes.index(c) for c in target_classes]
     target_mask = ident.eval_mask & np.isin(cache.labels, targets)
     other_mask = ident.eval_mask & ~np.isin(cache.labels, targets)
@@ -204,7 +274,11 @@ def metrics_fn(cache: FeatureCache, ident: Identification, target_classes=TARGET
         r = accuracy_report(pred, cache.labels, cache.classes, cache.groups, cache.group_names, target_mask)
         return r.worst_group, r.average_group, float((pred[other_mask] == cache.labels[other_mask]).mean())
 
-    return metrics
+    def groups(pred: np.ndarray) -> dict[str, float]:
+        r = accuracy_report(pred, cache.labels, cache.classes, cache.groups, cache.group_names, target_mask)
+        return {g: float(v) for g, v in r.per_group.items() if v is not None}
+
+    return groups if per_group else metrics
 
 
 def summarise(draws: list[Draw], key: str) -> dict[str, float]:
@@ -224,22 +298,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-extras", action="store_true", help="only the headline table (no per-score rows, no figure)")
     ap.add_argument("--figure-steps", type=int, nargs="+", default=[0, 10, 25, 50, 100, 200, 350, 500],
                     help="optimisation steps at which the locality figure is measured")
+    ap.add_argument("--section", default="demo",
+                    help="the RESULTS.md section (marker) to write: 'demo' is the headline; another name keeps it")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared machine more threads spin and run several times slower)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     model_dir = Path(args.model_dir)
     with workdir(args.workdir, "refineclip-demo-bench-") as work:
         world, loaded = world_model(model_dir)
         if not isinstance(world, WorldConfig):
             raise SystemExit(f"{model_dir} holds a model of the {world.kind} world: use its own benchmark")
-        pool = pool_emb = vocab = cue_dir = None
         diagnoses: list[tuple[bool, str, str]] = []   # (names the planted cue, verdict, sentence) per draw
-        if not args.no_extras:
-            pool = load_text_pool(DEFAULT_TEXT_POOL)
-            pool_emb = encode_text_pool(loaded, pool, work)
-            vocab = concept_vocabulary(pool, pool_emb)
-            cue_sides = CUE_PHRASES[world.cue]
-            cue_dir = attribute_direction(loaded, *cue_sides)
+        pool = load_text_pool(DEFAULT_TEXT_POOL)       # the diagnosis also names the concept to remove
+        pool_emb = encode_text_pool(loaded, pool, work)
+        vocab = concept_vocabulary(pool, pool_emb)
+        cue_sides = CUE_PHRASES[world.cue]
+        cue_dir = attribute_direction(loaded, *cue_sides)
+        peers = Peers(loaded, vocab, cue_dir)
         draws: list[Draw] = []
         used: dict[str, dict] = {}        # the protocol and edit the draws really ran (seed aside), for the record
         extras: dict[str, list[tuple]] = defaultdict(list)
@@ -256,12 +333,12 @@ def main(argv: list[str] | None = None) -> int:
                 descriptions = describe_heads(cache, cache.head_ids(), pool, pool_emb, k=5, rows=val_rows)
                 textspan_heads = [d.head for d in descriptions if sum(is_background_text(t) for t in d.texts) >= 3]
             for s in args.sample_seeds:
-                run = run_draw(cache, engine, s)
+                run = run_draw(cache, engine, s, peers=peers)
                 ident, paper_ident, m, used = run.ident, run.paper_ident, run.metrics, run.used
                 edit = replace(DEFAULT_EDIT, fit=replace(DEFAULT_EDIT.fit, seed=s), paper=replace(DEFAULT_EDIT.paper, seed=s))
                 metrics = metrics_fn(cache, ident)
                 draws.append(Draw(w_seed, s, m, {"default": [str(h) for h in ident.heads],
-                                                 "alg1": [str(h) for h in paper_ident.heads]}))
+                                                 "alg1": [str(h) for h in paper_ident.heads]}, run.groups, run.removed))
                 sizes = (len(ident.sample_rows), int(ident.eval_mask.sum()), len(ident.adapt_rows))
                 if not args.no_extras:
                     p_engine = paper_ident.ablation_engine(engine)
@@ -276,16 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                     attr = attribute_heads(cache, ident, *cue_sides, cue_dir, ident.ablation_engine(engine))
                     extras["ablate: known-attribute mode, the cue typed (best-utility prefix, zero)"].append(
                         (m["zero-shot"], metrics(engine.predict(attr.heads, "zero"))))
-                    try:                          # LTC needs wrong and right samples of a class among the labelled ones
-                        ltc = LocateThenCorrect.fit(ident.ablation_engine(engine), [
-                            (a, b, ident.sets[f"{cache.classes[a]}→{cache.classes[b]}"].W,
-                             ident.sets[f"{cache.classes[a]}→{cache.classes[b]}"].C) for a, b in ident.pairs],
-                            cache.labels, cue_dir, ident.sample_rows)
-                        extras["LTC (Yeo et al. 2025): spurious heads mean-ablated, projected off the typed cue"].append(
-                            (m["zero-shot"], metrics(ltc.predict())))
-                    except RefineClipError:
-                        pass
-                    pair = diagnose(cache, ident, vocab, None, engine).pairs[0]
+                    pair = run.diagnosis.pairs[0]
                     diagnoses.append((names_cue([c.words[0] for c in pair.named if c.words], CUE_WORDS[world.cue]),
                                       pair.verdict, pair.sentence))
                     lists = [set(sc.top(15)) for sc in paper_ident.scores.values() if sc.available]
@@ -313,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"({figure.name}). RefineCLIP-fit starts from its least-squares map (step 0) and stops at "
                      f"{DEFAULT_EDIT.fit.steps} steps.\n")
         print(body)
-        replace_section(Path(args.out), "demo", body)
+        replace_section(Path(args.out), args.section, body)
         return 0
 
 
@@ -348,6 +416,7 @@ def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, se
         f"- share of the ablation's own gain kept {100 * kept:.0f}% (target ≥ 80%): "
         f"{'met' if kept >= 0.8 else 'NOT met'}.",
     ]
+    lines += concept_checks(draws)
     if extras:
         lines += ["", "The paper's other claims in miniature (same draws; paper-faithful heads and zero ablation):",
                   "", "| selection | worst-group change: mean ± std | unrelated change |", "|---|---|---|"]
@@ -385,10 +454,66 @@ def headline_table(draws: list[Draw]) -> tuple[list[str], dict[str, dict[str, fl
              "|---|---|---|---|---|---|---|"]
     stats = {}
     for label, key in HEADLINE:
-        st = stats[key] = summarise(draws, key)
+        ran = [d for d in draws if key in d.metrics]       # LTC cannot run without wrong and right samples
+        if not ran:
+            continue
+        st = stats[key] = summarise(ran, key)
+        label += f" ({len(ran)} of {len(draws)} draws)" if len(ran) < len(draws) else ""
         lines.append(f"| {label} | {st['worst']:.1f} | {st['gain']:+.1f} ± {st['std']:.1f} | {st['min']:+.1f} | "
                      f"{100 * st['worse']:.0f}% | {st['other']:+.1f} ({st['other_min']:+.1f}) | {st['avg']:.1f} |")
     return lines, stats
+
+
+def group_changes(draws: list[Draw], key: str) -> dict[str, tuple[float, float]]:
+    """Per group of the edited classes: (mean, worst draw) of ``key``'s change from zero-shot, in points."""
+    out = {}
+    for g in sorted({g for d in draws for g in d.groups.get("zero-shot", {})}):
+        ch = [100 * (d.groups[key][g] - d.groups["zero-shot"][g]) for d in draws
+              if g in d.groups.get(key, {}) and g in d.groups["zero-shot"]]
+        if ch:
+            out[g] = (float(np.mean(ch)), float(np.min(ch)))
+    return out
+
+
+def concept_checks(draws: list[Draw]) -> list[str]:
+    """Issue 27's targets for the diagnosed concept removed, on the same draws as LTC, and the per-group table."""
+    if not draws or not all(d.groups for d in draws):
+        return []
+    with_ltc = [d for d in draws if "ltc" in d.metrics]
+    rm = summarise(draws, "fit:concept-removed")
+    per_group = {k: group_changes(draws, k) for k in ("zero-shot", *GROUP_METHODS)}
+    worst_loss = min(((v[0], g) for g, v in per_group["fit:concept-removed"].items()), default=(0.0, "–"))
+    removed: dict[str, int] = defaultdict(int)
+    for d in draws:
+        for t in d.removed:
+            removed[t] += 1
+    unnamed = sum(not d.removed for d in draws)
+    lines = ["", "Checks on the diagnosed concept removed (issue 27; same draws"
+             + (f"; in {unnamed} the diagnosis named no concept, so the row is the fit alone there" if unnamed else "")
+             + "):"]
+    if with_ltc:
+        ltc, same = summarise(with_ltc, "ltc"), summarise(with_ltc, "fit:concept-removed")
+        kept = summarise(with_ltc, EXPORTED)
+        lines.append(f"- worst-group gain {same['gain']:+.1f} pts against LTC's {ltc['gain']:+.1f} on the "
+                     f"{len(with_ltc)} draws LTC ran (target ≥ LTC's): "
+                     f"{'met' if same['gain'] >= ltc['gain'] else 'NOT met'} (the exported fit without it: "
+                     f"{kept['gain']:+.1f});")
+    lines += [f"- other classes {rm['other']:+.1f} pts on average (target within 1): "
+              f"{'met' if abs(rm['other']) <= 1 else 'NOT met'};",
+              f"- the group of the edited classes that lost most: {worst_loss[1]}, {worst_loss[0]:+.1f} pts on average "
+              f"(target: no group below −5): {'met' if worst_loss[0] >= -5 else 'NOT met'}.",
+              f"- Concepts removed (the diagnosis' named concepts, {REMOVE_DIAGNOSED.words} words each; draws): "
+              + (", ".join(f"{t} ({n})" for t, n in sorted(removed.items(), key=lambda x: -x[1])[:8]) or "none") + ".",
+              "", "Per group of the edited classes (the guard's groups): change from zero-shot in points, mean over "
+                  "draws (worst draw):", "",
+              "| group | zero-shot (%) | " + " | ".join(GROUP_LABELS[k] for k in GROUP_METHODS) + " |",
+              "|---|---|" + "---|" * len(GROUP_METHODS)]
+    for g in per_group["zero-shot"]:
+        base = np.mean([100 * d.groups["zero-shot"][g] for d in draws if g in d.groups.get("zero-shot", {})])
+        cells = [f"{per_group[k][g][0]:+.1f} ({per_group[k][g][1]:+.1f})" if g in per_group[k] else "–"
+                 for k in GROUP_METHODS]
+        lines.append(f"| {g} | {base:.1f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def locality_svg(steps: list[int], curves, n_seeds: int) -> str:

@@ -39,8 +39,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.demo_world import (EXPORTED, Draw, draw_parser, headline_table, replace_section,  # noqa: E402
-                                   run_draw, workdir, world_cache, world_model)
+from benchmarks.demo_world import (EXPORTED, Draw, Peers, concept_checks, draw_parser, headline_table,  # noqa: E402
+                                   replace_section, run_draw, workdir, world_cache, world_model)
+from refineclip_core.inspection.diagnosis import attribute_direction, concept_vocabulary  # noqa: E402
+from refineclip_core.inspection.textspan import DEFAULT_TEXT_POOL, encode_text_pool, load_text_pool  # noqa: E402
 from refineclip_core.demo.digits import KIND  # noqa: E402
 from refineclip_core.features.cache import FeatureCache  # noqa: E402
 from refineclip_core.loading.models import ASSETS_DIR  # noqa: E402
@@ -57,6 +59,12 @@ def group_accuracies(cache: FeatureCache, rows: np.ndarray, pred: np.ndarray) ->
     return {g: (float(correct[names == g].mean()), int((names == g).sum())) for g in sorted(set(names.tolist()))}
 
 
+def cue_phrases(world) -> tuple[list[str], list[str]]:
+    """What a user who suspects the planted cue types (LTC's spurious direction): the two home colours."""
+    a, b = world.home_colors
+    return [f"a {a} background", f"a {a} image"], [f"a {b} background", f"a {b} image"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = draw_parser(__doc__, [911, 912, 913, 914], n_fit=100, n_test=1000)
     ap.add_argument("--model-dir", default=str(DIGITS_DIR),
@@ -71,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         world, loaded = world_model(model_dir)
         if world.kind != KIND:
             raise SystemExit(f"{model_dir} holds a model of the {world.kind} world, not the digits world")
+        pool = load_text_pool(DEFAULT_TEXT_POOL)      # issue 27's rows: the diagnosed concept removed, CoOp, LTC
+        peers = Peers(loaded, concept_vocabulary(pool, encode_text_pool(loaded, pool, work)),
+                      attribute_direction(loaded, *cue_phrases(world)))
         draws: list[Draw] = []
         groups: list[dict[str, dict[str, tuple[float, int]]]] = []   # per draw: method -> group -> (acc, n)
         pairs: Counter = Counter()
@@ -80,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             cache = world_cache(work, world, w_seed, args.n_fit, args.n_test, loaded)
             engine = make_engine(cache)
             for s in args.sample_seeds:
-                run = run_draw(cache, engine, s, world.target_classes)
+                run = run_draw(cache, engine, s, world.target_classes, peers)
                 used = run.used
                 ident = run.ident
                 draws.append(Draw(w_seed, s, run.metrics, {"default": [str(h) for h in ident.heads],
-                                                           "alg1": [str(h) for h in run.paper_ident.heads]}))
+                                                           "alg1": [str(h) for h in run.paper_ident.heads]},
+                                  run.groups, run.removed))
                 preds = run.out.report.predictions
                 groups.append({k: group_accuracies(cache, ident.eval_rows, preds[k]) for k in ("zero-shot", EXPORTED)})
                 pairs[" & ".join(f"{cache.classes[a]}→{cache.classes[b]}" for a, b in ident.pairs)] += 1
@@ -157,6 +169,7 @@ def report(args, world, draws: list[Draw], groups, pairs: Counter, sizes, model_
         c = change[g]
         lines.append(f"| {g} | {n} | {zs:.1f} | {ed:.1f} | {c.mean():+.1f} ± {c.std(ddof=1) if len(c) > 1 else 0:.1f} | "
                      f"{c.min():+.1f} |")
+    lines += concept_checks(draws)       # issue 27: the diagnosed concept removed against LTC, every group
     chosen = Counter(h for d in draws for h in d.heads["default"])
     lines += [
         "",

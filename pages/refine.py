@@ -14,7 +14,7 @@ from refineclip_core.reporting.run_report import EditRun, export_path, per_image
 from refineclip_core.studio.recent import save_run
 from studio_ui.forms import edit_form
 from studio_ui.jobs import Job, start_job
-from studio_ui.panels import (checkpoint_download, diagnosis_of, on_demo, sanity_panel, verdict_banner,
+from studio_ui.panels import (checkpoint_download, concept_note, diagnosis_of, on_demo, sanity_panel, verdict_banner,
                               verdict_table)
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, set_refine, ticked_heads
@@ -79,11 +79,11 @@ if not heads:
                "Ablate page.")
 
 # --- settings and the run (a background job: live loss curves, cancellable) ------------------------
-submitted = edit_form(seed=protocol().seed, disabled=not heads)
+diag = diagnosis_of(ready, ident, heads)          # leads the run report; its concepts prefill the concept to remove
+submitted = edit_form(seed=protocol().seed, disabled=not heads, diagnosis=diag)
 if submitted is not None:
     cfg, baselines = submitted
     loaded, out = ready.loaded(), export_path(session_dir(), src.spec, cfg.exported)
-    diag = diagnosis_of(ready, ident, heads)      # leads the run report
     put(Key.REFINE_JOB, start_job(f"Fitting {cfg.exported}", lambda progress, cancelled: run_edit(
         cache, ident, eng, cfg, heads, spec=src.spec, export_to=out, loaded=loaded, data_root=src.data_root,
         baselines=baselines, progress=progress, cancel=cancelled, diagnosis=diag, demo_data=on_demo(ready))))
@@ -106,6 +106,7 @@ verdict_table(verdict)
 methods = res.outcome.report.to_dict()
 summary = method_summary(methods)
 st.subheader("Results on held-out images")
+concept_note(res.outcome.concept)
 r, z = summary.get(res.outcome.exported, {}), summary.get("zero-shot", {})
 m = st.columns(4)
 for col, (label, column) in zip(m, [("Worst group", "worst group"), ("Error-pair classes", "error-pair classes"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from refineclip_core.method.concept import DIAGNOSED, ConceptConfig, diagnosed_concepts
 from refineclip_core.loading.hf_clip import find_hf_checkpoint, hf_folder_in
 from refineclip_core.loading.models import ModelSpec
 from refineclip_core.method.edit import FitConfig
@@ -167,12 +168,15 @@ def cache_form() -> str | None:
     return str(allowed_path(folder)) if folder.strip() else None
 
 
-def edit_form(seed: int, disabled: bool) -> tuple[EditConfig, bool] | None:
+def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bool] | None:
     """The Refine page's settings (defaults: :data:`DEFAULT_EDIT`); ``(config, baselines)`` once submitted.
+    The concepts ``diagnosis`` names are prefilled as the concept to remove (off until confirmed).
 
     The exported edit is chosen outside the form so the settings follow it at once: the chosen kind's
     settings are shown, the other kind's sit in a closed expander (they only shape its baseline row)."""
-    fit_d, paper_d = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper
+    fit_d, paper_d, con_d = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper, DEFAULT_EDIT.concept
+    prefill = ", ".join(" / ".join(c) for c in diagnosed_concepts(diagnosis, con_d.words)) if diagnosis else ""
+    concept_text, remove, versus = prefill, False, ""     # concept removal is part of RefineCLIP-fit only
     method = st.radio("Exported edit", ["fit", "paper"], horizontal=True, key="ref_method",
                       index=["fit", "paper"].index(DEFAULT_EDIT.method),
                       format_func=lambda m: {"fit": "RefineCLIP-fit (default)", "paper": "the paper's phase 2"}[m])
@@ -185,6 +189,19 @@ def edit_form(seed: int, disabled: bool) -> tuple[EditConfig, bool] | None:
             f = st.columns(4)
             ridge = f[0].number_input("Ridge (fit)", 0.0, 10.0, fit_d.ridge, format="%g", key="ref_ridge")
             fit_steps = f[1].number_input("KL steps (fit)", 0, 20_000, fit_d.steps, step=50, key="ref_fit_steps")
+            if method == "fit":
+                k = st.columns([3, 1, 1])
+                concept_text = k[0].text_input(
+                    "Concept to remove (comma-separated)", prefill, key="ref_concept",
+                    help="Prefilled with what the diagnosis names; words joined by '/' are one concept. Its text "
+                         "directions (through the class prompts' templates) are projected out of the ablated "
+                         "embeddings the edit learns from; the results compare the edit with and without it.")
+                remove = k[1].toggle("Remove it too", con_d.active, key="ref_concept_on",
+                                     help="Confirm the concept (or type your own) and the exported edit also "
+                                          "removes it.")
+                versus = k[2].text_input("versus (optional)", ", ".join(con_d.versus), key="ref_concept_versus",
+                                         help="What the concept is taken against (e.g. 'land' for 'water'); empty: "
+                                              "the concepts' own mean (a single word: the class texts').")
         with paper_box:
             p = st.columns(4)
             strategy = p[0].radio("Map (paper)", ["diag", "full", "lora"], key="ref_strategy", horizontal=True,
@@ -196,12 +213,22 @@ def edit_form(seed: int, disabled: bool) -> tuple[EditConfig, bool] | None:
             steps = p[2].number_input("Steps (paper)", 1, 20_000, paper_d.steps, step=100, key="ref_steps")
         seed = c[1].number_input("Seed", 0, 1_000_000, seed, key="ref_seed")
         baselines = c[1].checkbox("Baselines", True, key="ref_baselines",
-                                  help="Also run the other kind of edit, standard fine-tuning (cross-entropy only) "
-                                       "and a Tip-Adapter cache, for comparison.")
+                                  help="Also run the other kind of edit, standard fine-tuning (cross-entropy only), "
+                                       "a Tip-Adapter cache and CoOp prompt learning, for comparison.")
         if not st.form_submit_button("Run phase 2", type="primary", disabled=disabled):
             return None
+    texts = split_phrases(concept_text) if remove and method == "fit" else ()
+    if texts and concept_text.strip() == prefill:          # the diagnosis' own words: recorded as "diagnosed"
+        texts = (DIAGNOSED,)
+    concept = ConceptConfig(texts, split_phrases(versus), con_d.words, con_d.strength)
     cfg = EditConfig(method, FitConfig(ridge=float(ridge), steps=int(fit_steps), lr=fit_d.lr,
                                        max_rows=fit_d.max_rows, seed=int(seed)),
                      RefineConfig(strategy=strategy, alpha=float(alpha), beta=float(beta), steps=int(steps),
-                                  lr=paper_d.lr, seed=int(seed), rank=int(rank), weight_ce=paper_d.weight_ce))
+                                  lr=paper_d.lr, seed=int(seed), rank=int(rank), weight_ce=paper_d.weight_ce),
+                     concept)
     return cfg, bool(baselines)
+
+
+def split_phrases(text: str) -> tuple[str, ...]:
+    """Comma-separated phrases, stripped, empty ones dropped."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())

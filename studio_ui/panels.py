@@ -264,6 +264,14 @@ def verdict_banner(verdict: EditVerdict, lead: str) -> None:
     show(f"**{verdict.status}** · {lead}: {plain(verdict.summary())}", icon=icon)
 
 
+def concept_note(removal) -> None:
+    """What the exported edit's teacher also removed (a :class:`~refineclip_core.method.concept.ConceptRemoval`,
+    typed text shown as plain text), when it removed a concept."""
+    if removal is not None:
+        st.info(f"{plain(removal.sentence())} The table compares it with the same fit keeping the concept "
+                "(“concept kept”).", icon=":material/content_cut:")
+
+
 def verdict_table(verdict: EditVerdict) -> None:
     """Every group and class the guard tested, before → after on the same held-out images."""
     table("guard", pd.DataFrame(verdict.rows()), hide_index=True)

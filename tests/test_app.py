@@ -311,6 +311,33 @@ def test_refine_page_runs_compares_and_offers_downloads(app):
     assert report["heads"] == [h.as_list() for h in res.outcome.heads]
     assert report["exported"] == "refineclip-fit" and report["checkpoint"]["file"] == ckpt.name
     assert report["verdict"]["summary"] == verdict.summary() and n_eval == report["n_eval"]
+    assert "coop" in methods and res.outcome.concept is None and "concept_removal" not in report
+
+
+def test_refine_page_removes_the_confirmed_concept_and_compares_with_and_without(app):
+    """The concept box is prefilled with what the diagnosis names; confirming removes it in the exported edit,
+    and the results show the same fit keeping it; a typed concept with markup stays plain text."""
+    from refineclip_core.method.protocol import CONCEPT_KEPT
+
+    at = open_page(app, "heads")
+    cache, ident = cache_and_ident(at)
+    if not ident.heads:
+        at.session_state["ablate_heads"] = [(cache.manifest.layers[-1], 0), (cache.manifest.layers[-1], 1)]
+    at = open_page(at, "refine")
+    box = at.text_input(key="ref_concept")
+    assert not at.toggle(key="ref_concept_on").value          # off until the user confirms it
+    box.set_value("**water** / lake")
+    at.toggle(key="ref_concept_on").set_value(True)
+    at.number_input(key="ref_fit_steps").set_value(20)
+    at.number_input(key="ref_steps").set_value(20)
+    at.button[0].click().run()
+    assert_clean(at)
+    res = at.session_state["refine"]
+    assert res.outcome.concept is not None and res.outcome.concept.texts == ["**water** / lake"]
+    assert {"refineclip-fit", CONCEPT_KEPT} <= set(res.outcome.report.reports)
+    assert res.report["concept_removal"]["texts"] == ["**water** / lake"]
+    shown = [e.value for e in at.info]
+    assert any("Concept removed" in t and "\\*\\*water\\*\\*" in t for t in shown), shown
 
 
 def test_dashboard_uses_the_shared_defaults(home, demo_spec):
@@ -324,6 +351,7 @@ def test_dashboard_uses_the_shared_defaults(home, demo_spec):
     assert "protocol" not in at.session_state           # nothing changed yet: the session runs on the defaults
     fit, paper = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper
     assert at.radio(key="ref_method").value == DEFAULT_EDIT.method
+    assert at.toggle(key="ref_concept_on").value == DEFAULT_EDIT.concept.active
     assert at.number_input(key="ref_ridge").value == fit.ridge
     assert at.number_input(key="ref_fit_steps").value == fit.steps
     assert at.radio(key="ref_strategy").value == paper.strategy

@@ -236,3 +236,29 @@ def test_a_folder_too_small_to_check_an_edit_says_so_with_the_numbers(tiny_model
     text = page.read_text()
     assert "not-verified · refineclip-fit" in text and "Warning (few-heldout)" in text
     assert "landbird: 5 of 10 images held out" in text and "worse (Holm)" in text
+
+
+def test_refine_removes_a_typed_or_diagnosed_concept_and_reports_both_rows(cache_dir, capsys, tmp_path):
+    from refineclip_core.cli.refine import edit_config
+    from refineclip_core.method.protocol import CONCEPT_KEPT
+
+    args = build_parser().parse_args(["refine", "--cache", "C", "--remove-concept", "diagnosed",
+                                      "--remove-concept", "water", "--concept-versus", "land"])
+    assert edit_config(args).concept.texts == ("diagnosed", "water") and edit_config(args).concept.versus == ("land",)
+    base = ["refine", "--cache", cache_dir, "--samples-per-class", "3", "--top-t", "4", "--pair", "auto",
+            "--fit-steps", "5", "--steps", "10"]
+    rc, out, _ = _run(capsys, [*base, "--remove-concept", "red fur", "--remove-concept", "green grass",
+                               "--json", tmp_path / "run.json", "--html", tmp_path / "run.html"])
+    assert rc == 0
+    assert "Concept removed: 'red fur', 'green grass'" in out
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert report["concept_removal"]["texts"] == ["red fur", "green grass"]
+    assert report["refine_config"]["concept"]["texts"] == ["red fur", "green grass"]
+    assert {"refineclip-fit", CONCEPT_KEPT, "coop"} <= set(report["methods"]["reports"])
+    page = (tmp_path / "run.html").read_text()
+    assert "Concept removed: &#x27;red fur&#x27;" in page and CONCEPT_KEPT in page
+    rc, _, err = _run(capsys, [*base, "--remove-concept", "diagnosed", "--no-diagnosis"])
+    assert rc == 2 and "needs the diagnosis" in err
+    rc, _, _ = _run(capsys, [*base, "--no-baselines", "--json", tmp_path / "plain.json"])
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert rc == 0 and "concept_removal" not in plain and CONCEPT_KEPT not in plain["methods"]["reports"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -303,8 +304,11 @@ def test_demo_benchmark_runs_on_a_retrained_model(tmp_path: Path) -> None:
     assert svg.startswith("<svg") and svg.count("<polyline") == 6
     for row in ("zero-shot", "**RefineCLIP-fit: the exported edit (default)**", "Tip-Adapter (training-free)",
                 "standard fine-tuning (CE only)", "paper-faithful: Alg. 1 + zero ablation + diag θ (Eq. 13)",
-                "ablate: DE_A alone (zero)"):
+                "ablate: DE_A alone (zero)", "**RefineCLIP-fit + diagnosed concept removed**",
+                "CoOp (prompt learning: learned context words, text side)"):
         assert f"| {row} |" in text, row
+    assert "Checks on the diagnosed concept removed" in text and "| group | zero-shot (%) |" in text
+    assert re.search(r"\| (landbird|waterbird) on (land|water) \| \d+\.\d \| [+-]\d", text)   # the per-group table
     # one set of defaults: the settings the benchmark ran are exactly the CLI's and the dashboard's
     from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL
     used = json.loads(text.split("```json\n", 1)[1].split("\n```", 1)[0])

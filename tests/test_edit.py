@@ -192,6 +192,38 @@ def test_fit_distils_the_teacher_and_exports_through_plain_open_clip(demo, tmp_p
     assert not np.allclose(expected, cache.embeddings[:8], rtol=1e-3)
 
 
+def test_concept_removal_reaches_the_teacher_and_the_exported_checkpoint(demo, tmp_path):
+    """With a concept removed, Ŵ's teachers are the ablated embeddings off the concept's span (the rest keep E),
+    run_refinement compares the edit with the same fit keeping it, and the export still reproduces E·B."""
+    from refineclip_core.method.concept import ConceptConfig, project_off, resolve_concept
+    from refineclip_core.method.protocol import CONCEPT_KEPT
+
+    cache, ident, loaded = demo["cache"], demo["ident"], demo["loaded"]
+    engine = ident.ablation_engine(demo["engine"])
+    removal = resolve_concept(ConceptConfig(("water", "land")), loaded, cache.manifest.templates, cache.text)
+    teacher, succ = teacher_embeddings(engine, ident.heads, "mean", ident.adapt_rows, ident.target_classes, removal)
+    ablated = engine.embeddings(ident.heads, "mean", ident.adapt_rows[succ])
+    np.testing.assert_allclose(teacher[succ], project_off(ablated, removal.basis))
+    np.testing.assert_allclose(teacher[succ] @ removal.basis.T, 0, atol=1e-9)
+    np.testing.assert_array_equal(teacher[~succ], cache.embeddings[ident.adapt_rows][~succ])
+    cfg = EditConfig(fit=FitConfig(steps=20), concept=ConceptConfig(("water", "land")))
+    with pytest.raises(Exception, match="none was resolved"):
+        run_refinement(cache, ident, cfg, engine=demo["engine"], baselines=False)
+    out = run_refinement(cache, ident, cfg, engine=demo["engine"], baselines=True, concept=removal, loaded=loaded)
+    assert {"refineclip-fit", CONCEPT_KEPT, "coop", "tip-adapter"} <= set(out.report.predictions)
+    assert out.concept is removal and not np.array_equal(out.results["refineclip-fit"].refined.matrix,
+                                                         out.results[CONCEPT_KEPT].refined.matrix)
+    res = out.refinement
+    exported = export_checkpoint(loaded.spec.resolved().checkpoint, loaded.model, res.refined, tmp_path / "c.safetensors")
+    open_clip.add_model_config(DEMO_DIR / "refineclip-demo.json")
+    plain = open_clip.create_model("refineclip-demo", pretrained=str(exported)).eval()
+    batch, _, _ = load_batch(loaded, cache.records[:8], 0)
+    with torch.no_grad():
+        edited = plain.encode_image(batch).double().numpy()
+    expected = res.refined.apply(cache.embeddings[:8])
+    assert (np.linalg.norm(edited - expected, axis=1) / np.linalg.norm(expected, axis=1)).max() < 1e-5
+
+
 # -- the guard --------------------------------------------------------------------------------------
 def test_guard_fires_on_a_harmful_edit_and_stays_quiet_on_the_default(demo):
     cache, ident = demo["cache"], demo["ident"]

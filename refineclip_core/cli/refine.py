@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..demo.world import on_demo_world
+from ..method.concept import ConceptConfig
 from ..edit.guard import HARMFUL, VERIFIED, EditVerdict
 from ..features.cache import atomic_write_bytes
 from ..features.decomposition import parse_heads
@@ -42,6 +43,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fit-lr", type=float, default=fit.lr, help="learning rate of the KL distillation")
     g.add_argument("--max-rows", type=positive_int, default=fit.max_rows,
                    help="adaptation images used by the KL steps (a seeded subsample above this)")
+    g = p.add_argument_group("concept removal (RefineCLIP-fit): also remove a named concept")
+    con = DEFAULT_EDIT.concept
+    g.add_argument("--remove-concept", action="append", default=list(con.texts), metavar="TEXT",
+                   help="a concept the edit also removes (repeatable; words joined by '/' are one concept): its text "
+                        "direction is projected out of the ablated embeddings RefineCLIP-fit distils; 'diagnosed' "
+                        "stands for the concepts the diagnosis names. The run report compares the edit with and "
+                        "without it")
+    g.add_argument("--concept-versus", action="append", default=list(con.versus), metavar="TEXT",
+                   help="what the concept is taken against (repeatable; e.g. 'land' for 'water'; default: the mean "
+                        "of the class texts)")
+    g.add_argument("--concept-words", type=positive_int, default=con.words,
+                   help="words of each diagnosed concept used (its name first, then near-duplicates)")
+    g.add_argument("--concept-strength", type=float, default=con.strength,
+                   help="share of the concept's span removed, 0..1")
     g = p.add_argument_group("the paper's phase 2 (--method paper, and its baseline row)")
     g.add_argument("--strategy", default=paper.strategy, choices=["diag", "full", "lora"])
     g.add_argument("--rank", type=positive_int, default=paper.rank, help="LoRA rank")
@@ -85,7 +100,9 @@ def edit_config(args: argparse.Namespace) -> EditConfig:
         method=args.method,
         fit=FitConfig(ridge=args.ridge, steps=args.fit_steps, lr=args.fit_lr, max_rows=args.max_rows, seed=args.seed),
         paper=RefineConfig(strategy=args.strategy, alpha=args.alpha, beta=args.beta, steps=args.steps, lr=args.lr,
-                           seed=args.seed, rank=args.rank))
+                           seed=args.seed, rank=args.rank),
+        concept=ConceptConfig(tuple(args.remove_concept), tuple(args.concept_versus), args.concept_words,
+                              args.concept_strength))
 
 
 #: The columns of the methods table the summary prints (the rest is in the run report).
@@ -100,6 +117,7 @@ def edit_lines(edit: EditRun) -> list[str]:
              f"{heads_text(out.heads)} ({out.identification.config.ablation} ablation).",
              *([rep["head_stability"]["summary"]] if rep.get("head_stability") else []),
              *([f"Why: {rep['diagnosis']['sentence']}"] if rep.get("diagnosis") else []),
+             *([rep["concept_removal"]["sentence"]] if rep.get("concept_removal") else []),
              f"Accuracy on {rep['n_eval']} held-out images (edit fitted on {rep['n_adapt']} unlabelled, heads chosen on "
              f"{rep['n_samples']} labelled; 95% intervals):"]
     lines += cells_table(method_summary(out.report.to_dict()), SUMMARY_COLUMNS, "method")

@@ -34,7 +34,7 @@ decided by :mod:`~refineclip_core.method.protocol` (never the evaluation rows).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -65,17 +65,21 @@ class FitConfig:
 
 
 def teacher_embeddings(engine: AblationEngine, heads: Sequence, mode: Mode, rows: np.ndarray,
-                       edited_classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+                       edited_classes: Sequence[int], concept: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """The teacher of every adaptation row, and which rows are in the success set Ŵ.
 
     Returns ``(teacher (n, d), in_success (n,) bool)`` for ``rows``: the ablated embedding where
-    the original model predicts one of ``edited_classes``, the original embedding elsewhere.
+    the original model predicts one of ``edited_classes`` (projected off a concept's text directions
+    when ``concept``, a :class:`~refineclip_core.method.concept.ConceptRemoval`, is given), the original
+    embedding elsewhere.
     """
     rows = np.asarray(rows, dtype=np.int64)
     in_success = np.isin(engine.base_predictions[rows], np.asarray(list(edited_classes)))
     teacher = engine.E[rows].astype(np.float64)
     if in_success.any():
         teacher[in_success] = engine.embeddings(heads, mode, rows[in_success])
+        if concept is not None:
+            teacher[in_success] = concept.project(teacher[in_success])
     return teacher, in_success
 
 

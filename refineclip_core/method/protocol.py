@@ -30,16 +30,17 @@ pair, Algorithm 1 over top-15 lists, zero ablation, diag(θ) by Eq. 13).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from .concept import ConceptConfig, ConceptRemoval
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
-from ..progress import CancelFn, Progress
+from ..progress import CancelFn, Progress, silent
 from .ablation import AblationEngine, Mode
-from .baselines import TipAdapter
+from .baselines import CoOp, CoOpConfig, TipAdapter, supports_coop
 from .edit import FitConfig, fit_ablation, teacher_embeddings
 from .errorsets import ErrorPair, ErrorSets, error_pairs, pair_error_sets, sample_per_class
 from .evaluation import AccuracyReport, accuracy_report, block_argmax, rows_mask
@@ -408,10 +409,14 @@ class EditConfig:
     method: Literal["fit", "paper"] = "fit"
     fit: FitConfig = FitConfig()
     paper: RefineConfig = RefineConfig()
+    concept: ConceptConfig = ConceptConfig()   # a concept RefineCLIP-fit's teacher also removes (method.concept)
+    coop: CoOpConfig = CoOpConfig()            # the prompt-learning baseline (baselines.CoOp)
 
     def __post_init__(self) -> None:
         if self.method not in ("fit", "paper"):
             raise RefineClipError(f"Unknown edit method {self.method!r}; use fit or paper.")
+        if self.concept.active and self.method != "fit":
+            raise RefineClipError("Removing a concept is part of RefineCLIP-fit's teacher; use --method fit.")
 
     @property
     def exported(self) -> str:
@@ -420,7 +425,7 @@ class EditConfig:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "exported": self.exported, "fit": self.fit.to_dict(),
-                "paper": self.paper.to_dict()}
+                "paper": self.paper.to_dict(), "concept": self.concept.to_dict(), "coop": self.coop.to_dict()}
 
 
 DEFAULT_EDIT = EditConfig()
@@ -443,6 +448,7 @@ class RefineOutcome:
     report: MethodReport
     heads: list[HeadId]
     config: EditConfig = DEFAULT_EDIT
+    concept: ConceptRemoval | None = None    # the concept the exported edit's teacher also removed
 
     @property
     def refinement(self) -> RefinementResult:
@@ -460,13 +466,24 @@ def predictions_of(cache: FeatureCache, result: RefinementResult) -> np.ndarray:
     return block_argmax(lambda x: result.refined.apply(x) @ text, cache.embeddings)
 
 
+#: The comparison row of RefineCLIP-fit without the concept removal the exported edit has.
+CONCEPT_KEPT = "refineclip-fit (concept kept)"
+
+
 def run_refinement(cache: FeatureCache, ident: Identification, cfg: EditConfig = DEFAULT_EDIT,
                    heads: list[HeadId] | None = None, engine: AblationEngine | None = None,
                    baselines: bool = True, progress: Progress | None = None,
-                   cancel: CancelFn | None = None) -> RefineOutcome:
+                   cancel: CancelFn | None = None, concept: ConceptRemoval | None = None,
+                   loaded: Any = None) -> RefineOutcome:
     """Phase 2 with the chosen heads: fit the exported edit (``cfg.method``), with ``baselines``
-    also the other kind of edit, standard fine-tuning and Tip-Adapter, and compare them all with
-    zero-shot and the ablated model on the evaluation rows."""
+    also the other kind of edit, standard fine-tuning, Tip-Adapter and (given the ``loaded`` model
+    whose text tower it trains) CoOp, and compare them all with zero-shot and the ablated model on
+    the evaluation rows. ``concept`` (``cfg.concept`` resolved by
+    :func:`~refineclip_core.method.concept.resolve_concept`) is projected out of RefineCLIP-fit's teacher;
+    with ``baselines`` the same fit without it is the row :data:`CONCEPT_KEPT`."""
+    if cfg.concept.active and concept is None:
+        raise RefineClipError("The edit removes a concept but none was resolved; embed its texts first "
+                              "(refineclip_core.method.concept.resolve_concept).")
     engine = ident.ablation_engine(engine or make_engine(cache))
     heads = ident.heads if heads is None else list(heads)
     mode = ident.config.ablation
@@ -474,12 +491,16 @@ def run_refinement(cache: FeatureCache, ident: Identification, cfg: EditConfig =
     preds = {"zero-shot": engine.base_predictions, "ablated": engine.predict(heads, mode)}
     results: dict[str, RefinementResult] = {}
     kinds = ["fit", "paper"] if cfg.method == "fit" else ["paper", "fit"]
+    if concept is not None and baselines:
+        kinds.append("fit-kept")
     for kind in kinds if baselines else kinds[:1]:
-        if kind == "fit":
-            teacher, in_success = teacher_embeddings(engine, heads, mode, ident.adapt_rows, ident.target_classes)
+        if kind in ("fit", "fit-kept"):
+            removed = concept if kind == "fit" else None
+            teacher, in_success = teacher_embeddings(engine, heads, mode, ident.adapt_rows, ident.target_classes,
+                                                     removed)
             result = fit_ablation(cache.embeddings[ident.adapt_rows], cache.text, cache.logit_scale, teacher,
                                   in_success, cfg.fit, progress=progress, cancel=cancel)
-            name = "refineclip-fit"
+            name = "refineclip-fit" if kind == "fit" else CONCEPT_KEPT
         else:
             W = np.unique(np.concatenate([s.W for s in ident.sets.values()]))
             local = np.unique(np.concatenate([np.concatenate([s.C, s.A]) for s in ident.sets.values()]))
@@ -498,5 +519,10 @@ def run_refinement(cache: FeatureCache, ident: Identification, cfg: EditConfig =
         tip = TipAdapter.build(cache.embeddings[ident.sample_rows], labels[ident.sample_rows], cache.text,
                                cache.logit_scale)
         preds["tip-adapter"] = tip.predict(cache.embeddings)
-    return RefineOutcome(ident, results, cfg.exported, evaluate_methods(cache, ident, preds), heads, cfg)
+        if loaded is not None and supports_coop(loaded.model):
+            (progress or silent)("CoOp: learning the prompts' context", 0, cfg.coop.steps)
+            coop = CoOp.fit(loaded, cache.classes, cache.manifest.templates, cache.embeddings[ident.sample_rows],
+                            labels[ident.sample_rows], cache.logit_scale, cfg.coop, cancel=cancel)
+            preds["coop"] = coop.predict(cache.embeddings)
+    return RefineOutcome(ident, results, cfg.exported, evaluate_methods(cache, ident, preds), heads, cfg, concept)
 

@@ -24,7 +24,7 @@ from ..method.ablation import AblationEngine
 from ..method.errorsets import error_pairs
 from ..method.evaluation import AccuracyReport
 from ..method.intervals import Estimate
-from ..method.protocol import Identification, evaluate_methods
+from ..method.protocol import CONCEPT_KEPT, Identification, evaluate_methods
 
 
 def json_safe(obj: Any) -> Any:
@@ -50,8 +50,8 @@ def json_safe(obj: Any) -> Any:
 
 
 #: Method names in the order tables and charts show them.
-METHOD_ORDER = ("zero-shot", "ablated", "refineclip-fit", "refineclip-diag", "refineclip-full", "refineclip-lora",
-                "standard-finetune", "tip-adapter")
+METHOD_ORDER = ("zero-shot", "ablated", "refineclip-fit", CONCEPT_KEPT, "refineclip-diag",
+                "refineclip-full", "refineclip-lora", "standard-finetune", "tip-adapter", "coop")
 
 
 @dataclass

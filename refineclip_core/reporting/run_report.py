@@ -20,6 +20,7 @@ from urllib.parse import quote
 import numpy as np
 import plotly.graph_objects as go
 
+from ..method.concept import resolve_concept
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache, atomic_write_bytes
 from ..loading.data import ImageDataset
@@ -111,6 +112,8 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
                               root=data_root or man.data_root)
         report["per_image"] = {"columns": list(PER_IMAGE_COLUMNS),
                                "rows": [[r[c] for c in PER_IMAGE_COLUMNS] for r in rows]}
+        if outcome.concept is not None:
+            report["concept_removal"] = outcome.concept.to_dict()
     if checkpoint is not None:
         ckpt = Path(checkpoint)
         folder = ckpt.is_dir()  # a transformers folder (config.json + model.safetensors)
@@ -200,8 +203,12 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
     ``spec`` unless ``loaded`` is passed) and build the run report (led by ``diagnosis`` when given,
     with the sanity warnings of :mod:`~refineclip_core.edit.sanity`; ``demo_data``: the images are a
     sample of the demo world)."""
+    concept = None
+    if cfg.concept.active or baselines:      # the concept's texts and CoOp's prompts need the text tower
+        loaded = loaded or load_model(spec)
+        concept = resolve_concept(cfg.concept, loaded, cache.manifest.templates, cache.text, diagnosis)
     outcome = run_refinement(cache, ident, cfg, None if heads is None else list(heads), engine,
-                             baselines=baselines, progress=progress, cancel=cancel)
+                             baselines=baselines, progress=progress, cancel=cancel, concept=concept, loaded=loaded)
     preds = outcome.report.predictions
     verdict = assess_edit(cache, ident, preds["zero-shot"], preds[outcome.exported], outcome.exported)
     checkpoint = None
@@ -352,6 +359,10 @@ def render_html(report: Mapping[str, Any]) -> str:
     for w in report.get("warnings") or []:
         parts.append("<p style='background:#fff8e1;border-left:4px solid #ffb74d;padding:.4rem 1rem'>"
                      f"<b>Warning ({html.escape(str(w.get('kind')))}):</b> {html.escape(str(w.get('text')))}</p>")
+    removal = report.get("concept_removal")
+    if removal:
+        parts.append(f"<p><b>{html.escape(str(removal.get('sentence', '')))}</b> The results table compares the "
+                     "exported edit with the same fit that keeps the concept (“concept kept”).</p>")
 
     def acc(cell, note: str = "") -> tuple[str, str]:
         """An accuracy card: the value large, its interval, image count and ``note`` small."""
