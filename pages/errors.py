@@ -8,7 +8,8 @@ import streamlit as st
 
 from refineclip_core.errors import RefineClipError
 from refineclip_core.method.errorsets import error_pairs
-from refineclip_core.method.evaluation import accuracy_report, confusion_matrix, rows_mask
+from refineclip_core.method.evaluation import (accuracy_report, confusion_matrix, most_confused_classes,
+                                               rows_mask)
 from refineclip_core.method.protocol import PairSpec, pair_spec, resolve_pairs
 from refineclip_core.reporting.figures import confusion_figure
 from refineclip_core.reporting.findings import accuracy_rows
@@ -18,6 +19,9 @@ from studio_ui.panels import heldout_rows
 from studio_ui.registry import page
 from studio_ui.state import Key, get, protocol, set_protocol
 from studio_ui.widgets import accuracy_frame, image_grid, link, metric_ci, plain, require_ready, table
+
+#: Most classes the confusion matrix shows (a heatmap of 10,000 classes would be 10^8 cells, over 1 GB).
+MAX_CONFUSION_CLASSES = 30
 
 st.title(page("errors").heading)
 ready = require_ready()
@@ -63,7 +67,12 @@ with right:
         gdf = accuracy_frame(accuracy_rows(rep, "group"), "group")
         table("accuracy-per-group", gdf.sort_values("accuracy"), hide_index=True, column_config={"accuracy": acc_col})
 
-st.plotly_chart(confusion_figure(confusion_matrix(pred, labels, len(classes), mask), classes), key="err_confusion")
+shown = most_confused_classes(pred, labels, len(classes), MAX_CONFUSION_CLASSES, mask)
+if len(shown) < len(classes):
+    st.caption(f"The confusion matrix of the {len(shown)} classes with the most errors (as true or predicted class), "
+               f"of {len(classes):,}; the error pairs below list every pair.")
+st.plotly_chart(confusion_figure(confusion_matrix(pred, labels, len(classes), mask, classes=shown),
+                                 [classes[i] for i in shown]), key="err_confusion")
 
 st.subheader("Error pairs")
 pairs = error_pairs(pred, labels, rows)

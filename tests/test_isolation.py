@@ -625,3 +625,123 @@ def test_decoding_is_budgeted_by_pixels_in_flight(tmp_path, monkeypatch):
     Image.new("L", (3000, 2000)).save(huge)
     budget.peak = 0
     assert decode.load_image(huge).size == (3000, 2000) and budget.peak == 6_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. 10,000 classes: every page works; class names have a length limit
+# ---------------------------------------------------------------------------------------------
+
+N_MANY = 10_000
+
+
+@pytest.fixture(scope="module")
+def many_classes(tmp_path_factory):
+    """A real feature cache of 48 images (the demo model, 4 classes) whose class list is then
+    widened to 10,000 names with their text embeddings (the image features stay real): what the
+    pages compute and send grows with the number of classes, not with the images."""
+    from refineclip_core.features.cache import atomic_write_bytes, atomic_write_json, npy_bytes, read_manifest
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.features.zeroshot import class_text_embeddings
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.studio.source import Source
+
+    from .conftest import make_image
+
+    root = tmp_path_factory.mktemp("many")
+    data = root / "data"
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]):
+        (data / f"c{c}").mkdir(parents=True)
+        for i in range(12):
+            make_image(rng, colour, size=48).save(data / f"c{c}" / f"{i}.png")
+    loaded = load_model(ModelSpec("demo"))
+    cache_dir = root / "cache"
+    extract(loaded, load_dataset(data), cache_dir, ExtractionConfig(layers=4, templates=("a photo of a {}.",)))
+    manifest = read_manifest(cache_dir)
+    names = list(manifest.classes) + [f"class {i:05d} " + "x" * (i % 40) for i in range(len(manifest.classes), N_MANY)]
+    text = class_text_embeddings(loaded, names, manifest.templates)
+    atomic_write_bytes(cache_dir / "text.npy", npy_bytes(text))
+    raw = json.loads((cache_dir / "manifest.json").read_text())
+    raw["classes"] = names
+    atomic_write_json(cache_dir / "manifest.json", raw)
+    return Source(spec=ModelSpec("demo"), data_root=str(data), cache_dir=str(cache_dir), label="10,000 classes")
+
+
+def _sent_bytes(at) -> int:
+    """Bytes of every element the page sent (what Streamlit's 200 MB message limit applies to)."""
+    total = 0
+    stack = [at._tree]
+    while stack:
+        node = stack.pop()
+        proto = getattr(node, "proto", None)
+        if proto is not None and hasattr(proto, "ByteSize"):
+            total += proto.ByteSize()
+        children = getattr(node, "children", {})
+        stack.extend(children.values() if isinstance(children, dict) else children)
+    return total
+
+
+def test_every_page_works_with_10000_classes(many_classes, home):
+    import time
+
+    from .test_app import assert_clean, fresh_app
+
+    at = fresh_app(ModelSpec("demo"))
+    at.session_state["source"] = many_classes
+    at.run()
+    assert_clean(at)
+    for name in ("load", "errors", "heads", "inspector", "ablate", "refine"):
+        t0 = time.perf_counter()
+        at.switch_page(f"pages/{name}.py").run()
+        assert_clean(at)
+        size = _sent_bytes(at)
+        assert size < 20_000_000, (name, size)  # far below Streamlit's 200 MB message limit
+        print(name, f"{time.perf_counter() - t0:.1f} s", f"{size / 1e6:.2f} MB")
+
+
+def test_a_confusion_matrix_of_some_classes_is_the_slice_of_the_whole():
+    from refineclip_core.method.evaluation import confusion_matrix, most_confused_classes
+
+    rng = np.random.default_rng(0)
+    labels, pred = rng.integers(0, 50, 2000), rng.integers(0, 50, 2000)
+    pred[:300] = labels[:300]
+    mask = rng.random(2000) < 0.7
+    whole = confusion_matrix(pred, labels, 50, mask)
+    shown = most_confused_classes(pred, labels, 50, 12, mask)
+    assert np.array_equal(confusion_matrix(pred, labels, 50, mask, classes=shown), whole[np.ix_(shown, shown)])
+    errors = whole.sum(0) + whole.sum(1) - 2 * np.diag(whole)
+    assert len(shown) == 12 and errors[shown].min() >= np.delete(errors, shown).max()
+    assert np.array_equal(most_confused_classes(pred, labels, 50, 80, mask), np.arange(50))
+
+
+def test_class_names_have_a_length_limit(tmp_path, image_folder):
+    import time
+
+    from refineclip_core.errors import DataError
+    from refineclip_core.features.zeroshot import class_text_embeddings, validate_templates
+    from refineclip_core.loading.data import MAX_CLASS_NAME_CHARS, load_dataset, validate_class_names
+
+    long = "x" * 100_000
+    limit = rf"100,000 characters long; class names are limited to {MAX_CLASS_NAME_CHARS} characters"
+    rows = ["path,label"] + [f"cat/cat_{i}.png,{'cat' if i % 2 else long}" for i in range(6)]
+    (tmp_path / "metadata.csv").write_text("\n".join(rows) + "\n")
+    for cls in ("cat",):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            (tmp_path / cls / f"cat_{i}.png").write_bytes((image_folder / "cat" / f"cat_{i}.png").read_bytes())
+    with pytest.raises(DataError, match=f"The label 'xxx.*{limit}"):
+        load_dataset(tmp_path)
+    with pytest.raises(DataError, match=limit):
+        validate_class_names(["a", long, "c"], 3)
+    demo = load_model(ModelSpec("demo"))
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match=limit):  # refused before the tokenizer sees it
+        class_text_embeddings(demo, ["a", long], ["a photo of a {}."])
+    assert time.perf_counter() - t0 < 1
+    assert validate_class_names(["a" * MAX_CLASS_NAME_CHARS, "b"], 2)[0] == "a" * MAX_CLASS_NAME_CHARS
+    with pytest.raises(RefineClipError, match="templates are limited to 300 characters"):
+        validate_templates(["a photo of {} " + "y" * 400])
+    # and the messages about 10,000 names name a few of them, not all
+    with pytest.raises(DataError) as exc:
+        validate_class_names([f"n{i}" for i in range(N_MANY - 1)], N_MANY)
+    assert len(str(exc.value)) < 300 and f"({N_MANY - 1} in all)" in str(exc.value)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import RefineClipError
+from ..loading.data import check_class_name_lengths
 from ..loading.models import LoadedModel
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -37,6 +38,10 @@ def read_templates(path: str | Path) -> list[str]:
     return validate_templates([l.strip() for l in lines if l.strip() and not l.strip().startswith("#")])
 
 
+#: Longest prompt template accepted (characters); see :data:`~refineclip_core.loading.data.MAX_CLASS_NAME_CHARS`.
+MAX_TEMPLATE_CHARS = 300
+
+
 def validate_templates(templates: Sequence[str]) -> list[str]:
     """The non-blank templates, each with exactly one ``{}`` (other braces are kept as written)."""
     if isinstance(templates, str) or any(not isinstance(t, str) for t in templates):
@@ -44,6 +49,10 @@ def validate_templates(templates: Sequence[str]) -> list[str]:
     templates = [t for t in templates if t.strip()]
     if not templates:
         raise RefineClipError("Give at least one prompt template, e.g. 'a photo of a {}.'.")
+    long = [t for t in templates if len(t) > MAX_TEMPLATE_CHARS]
+    if long:
+        raise RefineClipError(f"The template '{long[0][:40]}...' is {len(long[0]):,} characters long; templates are "
+                              f"limited to {MAX_TEMPLATE_CHARS} characters (CLIP reads at most 77 tokens).")
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
         shown = bad[0] if len(bad[0]) <= 80 else bad[0][:60] + "..."
@@ -76,6 +85,7 @@ def class_text_embeddings(loaded: LoadedModel, classes: Sequence[str], templates
     templates = validate_templates(templates)
     if not classes:
         raise RefineClipError("No class names to build a zero-shot classifier from.")
+    check_class_name_lengths(classes)  # every path to the tokenizer: a huge name costs it quadratic time
     prompts = [fill_template(t, str(c)) for c in classes for t in templates]
     emb = encode_texts(loaded, prompts).view(len(classes), len(templates), -1).mean(1)
     return torch.nn.functional.normalize(emb, dim=-1).numpy().astype(np.float32)

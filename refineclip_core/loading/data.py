@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -60,14 +61,40 @@ class SkippedFile:
     reason: str
 
 
+#: Longest class name accepted (characters). CLIP reads at most 77 tokens of a prompt, so a longer
+#: name changes nothing, while the tokenizer's time grows about quadratically with the length
+#: (a 100,000-character name took 68 s and slowed every other session).
+MAX_CLASS_NAME_CHARS = 300
+
+
+def _shown_names(names: Sequence[object], k: int = 5) -> str:
+    """A few names for a one-sentence message (never all 10,000 of them)."""
+    head = [str(x) if len(str(x)) <= 60 else str(x)[:50] + "..." for x in list(names)[:k]]
+    return repr(head)[:-1] + (f", ... ({len(names)} in all)]" if len(names) > k else "]")
+
+
+def check_class_name_lengths(names: Sequence[object], what: str = "class name") -> None:
+    """Refuse, in one sentence, any name longer than :data:`MAX_CLASS_NAME_CHARS`."""
+    for name in names:
+        text = str(name)
+        if len(text) > MAX_CLASS_NAME_CHARS:
+            raise DataError(f"The {what} '{text[:40]}...' is {len(text):,} characters long; class names are limited "
+                            f"to {MAX_CLASS_NAME_CHARS} characters (CLIP reads at most 77 tokens of a prompt).")
+
+
 def validate_class_names(names: Sequence[str], n: int) -> list[str]:
-    """``names`` stripped, refused in one sentence unless they are ``n`` distinct non-empty names (the
-    one check for every rename: the CLI's --class-names and the dashboard's class name editor)."""
+    """``names`` stripped, refused in one sentence unless they are ``n`` distinct non-empty names of at
+    most :data:`MAX_CLASS_NAME_CHARS` characters (the one check for every rename: the CLI's
+    --class-names and the dashboard's class name editor)."""
     if len(names) != n or any(not str(x).strip() for x in names):
-        raise DataError(f"Give {n} non-empty class names (one per class, in order), got {list(names)}.")
+        raise DataError(f"Give {n} non-empty class names (one per class, in order), got {len(names)}: "
+                        f"{_shown_names(names)}.")
     out = [str(x).strip() for x in names]
+    check_class_name_lengths(out)
     if len(set(out)) != len(out):
-        raise DataError(f"Class names must be distinct (identical names get identical prompts), got {list(names)}.")
+        twice = sorted(x for x, k in Counter(out).items() if k > 1)
+        raise DataError(f"Class names must be distinct (identical names get identical prompts); "
+                        f"{_shown_names(twice)} appear more than once.")
     return out
 
 
@@ -352,6 +379,7 @@ def parse_metadata(text: str, root: Path, waterbirds: bool | None = None, source
         classes = sorted({r[1] for r in rows})
     index = {c: i for i, c in enumerate(classes)}
     records = [ImageRecord(p, index[l], g, s) for p, l, g, s in rows]
+    check_class_name_lengths(classes, "label")
     return ImageDataset(str(root), records, classes, "waterbirds" if waterbirds else "csv", skipped,
                         None if resolved_roots is None else tuple(map(str, resolved_roots)))
 

@@ -162,10 +162,34 @@ def cache_report(cache: "FeatureCache", predictions: np.ndarray | None = None,
     return accuracy_report(predictions, cache.labels, cache.classes, cache.groups, cache.group_names, mask)
 
 
-def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, n_classes: int, mask: np.ndarray | None = None) -> np.ndarray:
-    """``M[true, predicted]`` counts."""
+def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, n_classes: int, mask: np.ndarray | None = None,
+                     classes: np.ndarray | None = None) -> np.ndarray:
+    """``M[true, predicted]`` counts; with ``classes`` (indices) only among those classes, in that order
+    (a ``k × k`` matrix: with 10,000 classes the whole one would hold 10^8 counts)."""
     if mask is not None:
         predictions, labels = predictions[mask], labels[mask]
-    m = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(m, (labels, predictions), 1)
+    if classes is None:
+        m = np.zeros((n_classes, n_classes), dtype=np.int64)
+        np.add.at(m, (labels, predictions), 1)
+        return m
+    classes = np.asarray(classes, dtype=np.int64)
+    where = np.full(n_classes, -1, dtype=np.int64)
+    where[classes] = np.arange(len(classes))
+    keep = (where[labels] >= 0) & (where[predictions] >= 0)
+    m = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(m, (where[labels[keep]], where[predictions[keep]]), 1)
     return m
+
+
+def most_confused_classes(predictions: np.ndarray, labels: np.ndarray, n_classes: int, k: int,
+                          mask: np.ndarray | None = None) -> np.ndarray:
+    """The (at most) ``k`` classes involved in the most errors, as true or as predicted class, in
+    index order (ties: the lower index): what a confusion matrix of many classes shows."""
+    if mask is not None:
+        predictions, labels = predictions[mask], labels[mask]
+    wrong = predictions != labels
+    errors = np.bincount(labels[wrong], minlength=n_classes) + np.bincount(predictions[wrong], minlength=n_classes)
+    if n_classes <= k:
+        return np.arange(n_classes)
+    order = np.lexsort((np.arange(n_classes), -errors))[:k]
+    return np.sort(order)
