@@ -165,7 +165,7 @@ def cache_form() -> str | None:
     folder = st.text_input("Feature cache folder (it holds manifest.json; opened read-only)", key="load_cache_folder",
                            help=f"Must lie below one of: {roots} (REFINECLIP_ALLOWED_ROOTS, when set, replaces this list). Several "
                                 f"servers can open the same folder at once; nothing is written into it.")
-    return str(allowed_path(folder)) if folder.strip() else None
+    return str(allowed_path(folder, read_roots(session_dir()))) if folder.strip() else None  # its own caches too
 
 
 def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bool] | None:

@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 
 from ..features.decomposition import HeadId
 from ..method.selection import CONSENSUS
+from ..names import visible
 
 METHOD_COLORS = {
     "zero-shot": "#7f7f7f", "ablated": "#ff7f0e", "refineclip-fit": "#2e7d32", "refineclip-diag": "#c2185b",
@@ -30,9 +31,10 @@ DIVERGING = "RdBu_r"
 
 
 def plot_text(name: object) -> str:
-    """``name`` as Plotly shows it literally: HTML escaped (``<b>``, ``<a href>`` stay text), ``$``
-    (LaTeX) and ``%`` (hover-template fields) as character references."""
-    return html.escape(str(name), quote=False).replace("$", "&#36;").replace("%", "&#37;")
+    """``name`` as Plotly shows it literally: hidden characters marked (:func:`refineclip_core.names.visible`),
+    HTML escaped (``<b>``, ``<a href>`` stay text), ``$`` (LaTeX) and ``%`` (hover-template fields) as
+    character references."""
+    return html.escape(visible(name), quote=False).replace("$", "&#36;").replace("%", "&#37;")
 
 
 def _base_layout(fig: go.Figure, title: str | None = None, **kw) -> go.Figure:
