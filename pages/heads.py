@@ -10,7 +10,8 @@ from refineclip_core.method.errorsets import error_pairs
 from refineclip_core.method.protocol import SELECTION_RULES, PairSpec, pair_spec
 from refineclip_core.method.scores import SCORE_SPECS
 from refineclip_core.names import visible
-from refineclip_core.reporting.figures import score_grid_figure, selection_name, utility_figure
+from refineclip_core.reporting.figures import selection_name
+from studio_ui import resources
 from studio_ui.registry import page
 from studio_ui.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
                              set_protocol)
@@ -93,8 +94,8 @@ for start in range(0, len(names), 2):
                         f"{outer}; draw more samples or pick another pair to fill it.", icon=":material/info:")
                 continue
             key = Key.score_map(names.index(name))
-            fig = score_grid_figure(s.values, s.layers, name, s.descending, chosen=ident.heads, selected=selected,
-                                    n_heads=cache.manifest.n_heads, chosen_by=selection_name(sel.score))
+            fig = resources.score_map(s.values, s.layers, name, s.descending, ident.heads, selected,
+                                      cache.manifest.n_heads, selection_name(sel.score))
             st.plotly_chart(fig, key=key, on_select=lambda key=key: _on_click(key), selection_mode="points",
                             width="content", theme=None, config={"displayModeBar": False})
             if s.reason:
@@ -114,7 +115,7 @@ st.subheader("Choosing the heads (stable, consensus or Alg. 1; utility of Eq. 10
 if not sel.curves:
     st.warning("No score is available for this pair, so there is nothing to choose from.")
     st.stop()
-st.plotly_chart(utility_figure(sel.curves, sel.baseline_utility, sel.score, sel.t, sel.candidates),
+st.plotly_chart(resources.utility_chart(sel.curves, sel.baseline_utility, sel.score, sel.t, sel.candidates),
                 key="heads_utility")
 if sel.score:
     st.markdown(f"{RULE_TEXT.get(sel.score, 'Alg. 1')} picks the first **{sel.t}** "

@@ -8,7 +8,6 @@ import pandas as pd
 import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId
-from refineclip_core.inspection.gradcam import gradcam_panels
 from refineclip_core.reporting.figures import MAX_BOX_POINTS, push_figure
 from refineclip_core.names import visible
 from studio_ui import resources
@@ -126,8 +125,7 @@ clicked = [k for k, col in zip(scopes, c) if col.button(f"Grad-CAM: {scopes[k][1
 if clicked:
     cam_heads, cam_name = scopes[clicked[0]]
     with st.spinner(f"Running Grad-CAM (whole model, then {cam_name})…"), guard("Grad-CAM"):
-        panels, skipped = gradcam_panels(ready.loaded(), cache.records, chosen, target, cache.text, cam_heads,
-                                         roots=read_roots())
+        panels, skipped = resources.gradcam(src, cache, ready.loaded(), chosen, target, cam_heads, read_roots())
         for s in skipped:
             st.warning(plain(f"{s.path}: {s.reason}"))
         put(Key.GRADCAM, ((src.resource_key(), head, tuple(chosen), int(target)), cam_name, panels))

@@ -196,3 +196,53 @@ def _findings(key: str, protocol_json: str, _cache: FeatureCache, _ident: Identi
 def findings(source: Source, cache: FeatureCache, eng: AblationEngine, ident: Identification):
     """The headline numbers of :func:`refineclip_core.reporting.findings.findings` (computed once)."""
     return _findings(source.resource_key(), protocol_key(ident.config), cache, ident, eng)
+
+
+@st.cache_resource(show_spinner=False, max_entries=512)
+def _score_map(values: tuple, layers: tuple, name: str, descending: bool, chosen: tuple, selected: tuple | None,
+               n_heads: int, chosen_by: str):
+    from refineclip_core.reporting.figures import score_grid_figure
+
+    return score_grid_figure(np.asarray(values, dtype=np.float64), list(layers), name, descending,
+                             chosen=[HeadId(*h) for h in chosen], selected=None if selected is None else HeadId(*selected),
+                             n_heads=n_heads, chosen_by=chosen_by)
+
+
+def score_map(values, layers, name: str, descending: bool, chosen, selected, n_heads: int, chosen_by: str):
+    """:func:`~refineclip_core.reporting.figures.score_grid_figure`, built once per distinct input: Plotly's
+    validation of a figure takes about 0.1 s, seven maps a page; a click on a square only changes the gold
+    border of one map's figure. Read-only (``st.plotly_chart`` copies it)."""
+    return _score_map(tuple(map(tuple, np.asarray(values, dtype=np.float64).tolist())), tuple(int(l) for l in layers),
+                      name, bool(descending), tuple((h.layer, h.head) for h in chosen),
+                      None if selected is None else (selected.layer, selected.head), int(n_heads), chosen_by)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _utility(curves: tuple, baseline, score, t: int, candidates: tuple):
+    from refineclip_core.reporting.figures import utility_figure
+
+    return utility_figure({k: list(v) for k, v in curves}, baseline, score, t,
+                          {k: [HeadId(*h) for h in v] for k, v in candidates})
+
+
+def utility_chart(curves, baseline, score, t: int, candidates):
+    """:func:`~refineclip_core.reporting.figures.utility_figure`, built once per selection (read-only)."""
+    return _utility(tuple((k, tuple(float(x) for x in v)) for k, v in curves.items()), baseline, score, int(t),
+                    tuple((k, tuple((HeadId.of(h).layer, HeadId.of(h).head) for h in v))
+                          for k, v in (candidates or {}).items()))
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _gradcam(key: str, rows: tuple, target: int, heads: tuple, roots: tuple, _loaded: LoadedModel,
+             _cache: FeatureCache):
+    from refineclip_core.inspection.gradcam import gradcam_panels
+
+    return gradcam_panels(_loaded, _cache.records, list(rows), target, _cache.text, [HeadId(*h) for h in heads],
+                          roots=roots)
+
+
+def gradcam(source: Source, cache: FeatureCache, loaded: LoadedModel, rows, target: int, heads, roots):
+    """Grad-CAM panels of ``heads`` (and the whole model) on cache ``rows``, computed once per images, class
+    and head set for every session on the same cache (a repeated click, a page revisit: no new passes)."""
+    return _gradcam(source.resource_key(), tuple(int(r) for r in rows), int(target),
+                    tuple((h.layer, h.head) for h in heads), tuple(roots), loaded, cache)
