@@ -136,22 +136,23 @@ def test_app_passes_every_further_argument_to_streamlit():
 
 
 def _constructed(kind: str):
-    """A verdict of each kind from hand-built predictions: 2 edited classes x 2 groups of 40 held-out
-    images, and one other class of 40."""
+    """A verdict of each kind from hand-built predictions: 2 edited classes x 2 groups of 200 held-out
+    images, and one other class of 200 (enough to bound a 5-point drop everywhere when nothing breaks)."""
     from refineclip_core.edit import guard
 
-    labels = np.repeat([0, 0, 1, 1, 2], 40)
-    groups = np.repeat([0, 1, 2, 3, -1], 40)
+    n = 200
+    labels = np.repeat([0, 0, 1, 1, 2], n)
+    groups = np.repeat([0, 1, 2, 3, -1], n)
     before = labels.copy()
-    before[:20] = 1                       # group 0 (class 0): half wrong before
+    before[:n // 2] = 1                   # group 0 (class 0): half wrong before
     after = before.copy()
     if kind in ("verified", "harmful"):
-        after[:20] = 0                    # the edit fixes them
+        after[:n // 2] = 0                # the edit fixes them
     if kind == "harmful":
-        after[160:190] = 0                # ... and breaks 30 of the other class
+        after[4 * n:4 * n + 60] = 0       # ... and breaks 60 of the other class
     if kind == "not-verified":
         after[:3] = 0                     # fixes only 3
-    return guard.judge_edit(labels, before, after, np.arange(200), [0, 1], ["a", "b", "c"], groups,
+    return guard.judge_edit(labels, before, after, np.arange(5 * n), [0, 1], ["a", "b", "c"], groups,
                             ["a1", "a2", "b1", "b2"], "constructed")
 
 

@@ -34,20 +34,36 @@ def judge(labels, groups, before, after, **kw):
 
 
 def test_a_clear_fix_with_nothing_broken_is_verified():
-    labels, groups, before = world()
-    after = labels.copy()                # the edit fixes all 20
+    labels, groups, before = world(n=200)
+    after = labels.copy()                # the edit fixes all 100
     v = judge(labels, groups, before, after)
     assert v.status == VERIFIED and v.verified and v.ok, v.summary()
-    assert [u.name for u in v.groups] == GROUPS and len(v.classes) == 4 and v.others.n == 80
+    assert [u.name for u in v.groups] == GROUPS and len(v.classes) == 4 and v.others.n == 400
     w = v.worst
     assert w.before_name == "landbird on water" and w.change.value == pytest.approx(0.5)
-    assert w.change.n == 40              # the worst group's own n, not the edited classes' 160
+    assert w.change.n == 200             # the worst group's own n, not the edited classes' 800
     assert w.change.low > 0 and not v.reasons and v.images_needed is None
     assert v.summary().startswith("Verified") and "Holm" in v.summary()
     d = v.to_dict()
-    assert d["status"] in STATUSES and len(d["groups"]) == 4 and d["worst"]["n"] == 40
+    assert d["status"] in STATUSES and len(d["groups"]) == 4 and d["worst"]["n"] == 200
     rows = verdict_rows(d)               # every group and class: 4 groups + 4 classes + the rest together
     assert len(rows) == 9 and {r["name"] for r in rows} >= set(GROUPS) | set(CLASSES)
+
+
+def test_the_same_fix_on_few_images_is_not_verified_because_harm_cannot_be_bounded():
+    """With 40 held-out images per group nothing was broken, yet a drop of 10 points in a group would
+    go unnoticed as often as not: the guard says it cannot rule out a 5-point drop (all units at once)."""
+    labels, groups, before = world(n=40)
+    v = judge(labels, groups, before, labels.copy())
+    assert v.status == NOT_VERIFIED and v.ok and not v.harmed, v.summary()
+    assert v.worst.change.low > 0                      # the gain itself is clear ...
+    assert any("cannot rule out a drop of more than 5 points" in r and "landbird on land" in r for r in v.reasons)
+    assert v.images_needed is not None
+    # ... and a hidden trade (3 of 40 landbirds on land broken, not significant) is not verified either
+    after = labels.copy()
+    after[:3] = 1
+    hidden = judge(labels, groups, before, after)
+    assert hidden.status == NOT_VERIFIED and not any(u.worse for u in hidden.units())
 
 
 def test_an_edit_that_moves_the_error_to_another_group_is_harmful():

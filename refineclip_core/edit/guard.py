@@ -17,10 +17,15 @@ The verdict has one of three statuses (:data:`STATUSES`):
     ``α / (m − i)``), and its change is negative. This comes first: a few images can still show harm.
 ``verified``
     not harmful, every group of the edited classes holds at least ``min_per_group`` held-out images,
-    and the **worst-group improvement** has its whole 95% interval above zero.
+    the **worst-group improvement** has its whole 95% interval above zero, and **no group or class can
+    have dropped by more than** ``drop`` (5 points): every unit's paired interval at the simultaneous
+    level ``1 − α/m`` (Bonferroni over the ``m`` units tested) lies above ``−drop``. "Not significantly
+    worse" alone is not enough: on a few dozen images an edit that costs a group 10 points is rarely
+    significant, and ``benchmarks/guard.py`` measured such edits called verified in a quarter of the
+    held-out sets of 40 images per group before this rule.
 ``not-verified``
     anything else: too few held-out images in a group, the edited classes absent from the held-out
-    images, or an interval that includes zero. The verdict then says how many held-out images per
+    images, an interval that includes zero, or a group or class whose drop cannot be bounded. The verdict then says how many held-out images per
     group would detect a drop of ``drop`` (5 points) (:func:`images_to_detect_drop`).
 
 **The worst-group improvement** is ``Δ = min_g after_g − min_g before_g`` over the groups ``g`` of the
@@ -380,6 +385,18 @@ def judge_edit(labels: np.ndarray, before: np.ndarray, after: np.ndarray, eval_r
     if small:
         reasons.append(f"too few held-out images: " + ", ".join(f"{u.name} has {u.n}" for u in small)
                        + f" (the guard needs at least {config.min_per_group} per {strata}).")
+    # verified also needs every group and class to rule out a drop of more than `drop` (5 points), all at
+    # once: not "no significant harm" (which a handful of images always passes) but "harm bounded"
+    simultaneous = 1.0 - alpha / max(len(tested), 1)
+    unbounded = []
+    for u, m in zip(tested, seen):
+        low = paired_change_interval(*paired_counts(ok_b[m], ok_a[m]), simultaneous)[0]
+        if low < -config.drop:
+            unbounded.append(f"{u.name} (as low as {low * 100:+.1f} pts)")
+    if unbounded:
+        reasons.append(f"the held-out images cannot rule out a drop of more than {config.drop * 100:.0f} points in "
+                       + ", ".join(unbounded[:6]) + (f" and {len(unbounded) - 6} more" if len(unbounded) > 6 else "")
+                       + f" (intervals holding together over the {len(tested)} groups and classes tested).")
     if worst is not None and worst.change.low <= 0:
         reasons.append(f"the worst {strata}'s change {worst.change.format(unit=' pts', signed=True)} has an "
                        f"interval that includes zero (or lies below it).")
