@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", default=str(DEMO_DIR),
                     help="folder with refineclip-demo.{json,safetensors} and metadata.json (default: the embedded model)")
     ap.add_argument("--no-extras", action="store_true", help="only the headline table (no per-score rows, no figure)")
+    ap.add_argument("--note", default="", help="a sentence printed under the section's title (what these seeds were "
+                                              "used for)")
     ap.add_argument("--figure-steps", type=int, nargs="+", default=[0, 10, 25, 50, 100, 200, 350, 500],
                     help="optimisation steps at which the locality figure is measured")
     ap.add_argument("--section", default="demo",
@@ -337,8 +339,11 @@ def main(argv: list[str] | None = None) -> int:
                 ident, paper_ident, m, used = run.ident, run.paper_ident, run.metrics, run.used
                 edit = replace(DEFAULT_EDIT, fit=replace(DEFAULT_EDIT.fit, seed=s), paper=replace(DEFAULT_EDIT.paper, seed=s))
                 metrics = metrics_fn(cache, ident)
+                stability = ident.selection.stability
                 draws.append(Draw(w_seed, s, m, {"default": [str(h) for h in ident.heads],
-                                                 "alg1": [str(h) for h in paper_ident.heads]}, run.groups, run.removed))
+                                                 "alg1": [str(h) for h in paper_ident.heads],
+                                                 "one-off": [str(h) for h in stability.one_off(ident.heads)]
+                                                 if stability is not None else []}, run.groups, run.removed))
                 sizes = (len(ident.sample_rows), int(ident.eval_mask.sum()), len(ident.adapt_rows))
                 if not args.no_extras:
                     p_engine = paper_ident.ablation_engine(engine)
@@ -374,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         body += ("\n<details><summary>Settings every draw used (the shared defaults; seeds vary)</summary>\n\n"
                  f"```json\n{json.dumps(used, indent=1)}\n```\n</details>\n")
         if not args.no_extras:
-            figure = Path(args.out).with_name("demo_locality.svg")
+            figure = Path(args.out).with_name(f"{'demo' if args.section == 'demo' else args.section}_locality.svg")
             figure.write_text(locality_svg(steps, curves, len(args.sample_seeds)))
             body += (f"\n- Locality over training (paper Fig. 2, world {args.world_seeds[0]}, mean of "
                      f"{len(args.sample_seeds)} sample seeds): ![worst group and unrelated classes vs steps]"
@@ -390,9 +395,13 @@ def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, se
     is_default = model_dir.resolve() == DEMO_DIR.resolve()
     model_label = "the embedded demo model" if is_default else f"the model in `{model_dir}`"
     n_samples, n_eval, n_adapt = sizes
+    title = "Demo world: does the exported edit fix the error on fresh data?"
+    if getattr(args, "section", "demo") != "demo":
+        title += f" (check `{args.section}`)"
     lines = [
-        "## Demo world: does the exported edit fix the error on fresh data?",
+        f"## {title}",
         "",
+        *([args.note, ""] if getattr(args, "note", "") else []),
         f"Written by `python benchmarks/demo_world.py` on {time.strftime('%Y-%m-%d')} "
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}) in {seconds:.0f} s, with "
         f"{model_label}. {len(draws)} draws: world seeds {args.world_seeds} × sample seeds {args.sample_seeds}. "
@@ -444,6 +453,11 @@ def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, se
     common = sorted(chosen, key=lambda h: -chosen[h])[:8]
     lines.append("- Heads the default chose most often: "
                  + ", ".join(f"{h} ({chosen[h]}/{len(draws)})" for h in common) + ".")
+    n_chosen = sum(len(d.heads["default"]) for d in draws)
+    n_odd = sum(len(d.heads.get("one-off", [])) for d in draws)
+    lines.append(f"- Chosen heads flagged as one-off choices (chosen in under half of the "
+                 f"{DEFAULT_PROTOCOL.resamples} resamples of the labelled images): {n_odd} of {n_chosen}, in "
+                 f"{sum(bool(d.heads.get('one-off')) for d in draws)} of {len(draws)} draws.")
     return "\n".join(lines) + "\n"
 
 

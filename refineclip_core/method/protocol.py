@@ -63,7 +63,7 @@ class ProtocolConfig:
     seed: int = 0
     top_t: int = 15                    # longest head set considered (the paper's T)
     similarity: Similarity = "cosine"
-    selection: SelectionRule = "consensus"   # "consensus" (selection.select_consensus) or "alg1" (paper)
+    selection: SelectionRule = "stable"      # "stable" (selection.select_stable), "consensus" or "alg1" (paper)
     ablation: Mode = "mean"            # how the chosen heads are removed: "mean" or "zero" (paper Eq. 5)
     fit_split: str | None = "auto"     # "auto": val, else train, else all rows
     eval_split: str | None = "auto"    # "auto": test, else a held-out share of every class × group

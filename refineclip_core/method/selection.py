@@ -186,19 +186,34 @@ def stable_ranking(scores: dict[str, HeadScores], stability: HeadStability) -> l
     return sorted(consensus_ranking(scores), key=lambda h: -stability.count(h))
 
 
+def smoothed_prefix(curve: list[float], base: float) -> int:
+    """The prefix length ``t`` whose utility, averaged with its neighbours ``t − 1`` and ``t + 1`` (the ends
+    repeated), is the largest; ``0`` when no such average beats removing nothing (``base`` = U(∅)). A single
+    prefix that beats its neighbours by a hair no longer decides: with ~20 labelled images the utility
+    curve of a ranking is often flat over several prefixes."""
+    gains = np.asarray(curve, dtype=np.float64) - base
+    if not len(gains) or not np.isfinite(gains).all():
+        return 0
+    padded = np.concatenate([gains[:1], gains, gains[-1:]])
+    smooth = (padded[:-2] + padded[1:-1] + padded[2:]) / 3
+    return int(np.argmax(smooth)) + 1 if smooth.max() > 0 else 0
+
+
 def select_stable(engine: AblationEngine, scores: dict[str, HeadScores], rows: np.ndarray, labels: np.ndarray,
                   stability: HeadStability, top_t: int = 15, mode: Mode = "zero") -> Selection:
-    """The project's default: the best prefix (up to ``top_t`` heads, by utility over ``rows``) of the
-    heads ranked by how often the consensus chose them on resamples of the labelled images
-    (:func:`stable_ranking`); no head when no prefix beats removing nothing. The curves and candidate
-    lists also hold the consensus ranking's and every score's own."""
+    """The project's default: the heads ranked by how often the consensus chose them on resamples of the
+    labelled images (:func:`stable_ranking`), cut at the prefix (up to ``top_t`` heads) whose utility over
+    ``rows``, averaged with its two neighbours, is the largest (:func:`smoothed_prefix`); no head when none
+    beats removing nothing. ``utility`` is the chosen prefix's own U. The curves and candidate lists also
+    hold the consensus ranking's and every score's own."""
     consensus = select_consensus(engine, scores, rows, labels, top_t, mode)
     ranked = stable_ranking(scores, stability)[: max(1, top_t)]
-    best_t, best_u, curve, base = best_prefix(engine, ranked, rows, labels, mode)
+    _, _, curve, base = best_prefix(engine, ranked, rows, labels, mode)
+    best_t = smoothed_prefix(curve, base)
     curves, candidates = dict(consensus.curves), dict(consensus.candidates)
     if ranked:
         curves, candidates = {STABLE: curve, **curves}, {STABLE: ranked, **candidates}
     if best_t == 0:
         return Selection(curves, candidates, base, None, 0, [], base, consensus.unavailable, stability)
-    return Selection(curves, candidates, base, STABLE, best_t, ranked[:best_t], float(best_u),
+    return Selection(curves, candidates, base, STABLE, best_t, ranked[:best_t], float(curve[best_t - 1]),
                      consensus.unavailable, stability)
