@@ -31,7 +31,10 @@ the ``demo:start``/``demo:end`` markers, written by this script only.
                                     [--out benchmarks/RESULTS.md] [--workdir DIR] [--no-extras]
 
 The default seeds were never used while the defaults were chosen (that used world seeds
-7001-7042, and 101-108 for the later look at the head choice in docs/edit.md). ``--model-dir`` evaluates another training run of the demo model (a folder written
+7001-7042, and 101-108 for the later look at the head choice in docs/edit.md; the stable head choice of
+issue 23 item 6 was chosen on 7001-7004 and 7011-7022 and checked once on 3611-3614, written with
+``--section demo-fresh-stable-a/-b``). ``--section NAME`` writes another section than the headline's
+``demo`` (its figure as ``NAME_locality.svg``), ``--note TEXT`` a sentence under its title. ``--model-dir`` evaluates another training run of the demo model (a folder written
 by ``python -m refineclip_core.demo.train``) on its own world (read from its metadata.json).
 """
 

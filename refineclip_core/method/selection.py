@@ -8,7 +8,7 @@ first ``t`` heads ``S_t`` are zero-ablated and scored by the utility
 over the labelled images ``x`` (the sampled W ∪ C ∪ A). The set with the largest utility over
 all lists wins. The whole curves are returned: users trust what they can see.
 
-:func:`select_consensus` is the project's default, a variance-reduced variant of Alg. 1. With
+:func:`select_consensus` is a variance-reduced variant of Alg. 1. With
 ~20 labelled images each score's ranking is noisy, and taking the best of 4 × T prefixes picks
 whichever list the noise favoured (measured on the demo world: the chosen set ranged from 1 to
 15 heads and sometimes made the worst group worse). The consensus ranks heads once, by the sum
@@ -25,6 +25,15 @@ by default, and mean ablation (``E − Σ_S (c_h − m_h)``, the protocol's defa
 ablates that way: on the development seeds of ``benchmarks/edit_variants.py`` choosing the prefix by
 the zero-ablation utility and then mean-ablating it picked 1-head sets where 11 heads were better
 (worst-group gain +32.0 ± 5.2, worst draw +20.8), by the mean-ablation utility +33.6 ± 4.9 (+23.2).
+
+:func:`select_stable` is the project's default (issue 23, item 6). One draw of 20 labelled images can
+still rank a head low that every other draw ranks first (W often holds 2 images). The consensus is
+therefore repeated on bootstrap resamples of the labelled images
+(:mod:`~refineclip_core.method.stability`); heads are ranked by how many resamples chose them (ties in
+the consensus order), and the ranking is cut at the prefix whose utility, averaged with its two
+neighbours, is the largest (:func:`smoothed_prefix`): a prefix that beats its neighbours by a hair on 20
+images no longer decides. On development worlds (7001-7004, 7011-7021; 75 draws, ablation) the worst-group
+gain went from +32.6 ± 6.1 (worst draw +17.2) for the consensus to +34.7 ± 5.4 (+21.6); docs/edit.md.
 """
 
 from __future__ import annotations
