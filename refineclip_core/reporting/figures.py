@@ -18,7 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..features.decomposition import HeadId
-from ..method.selection import CONSENSUS
+from ..method.selection import CONSENSUS, STABLE
 from ..names import visible
 
 METHOD_COLORS = {
@@ -48,7 +48,9 @@ def grid_cell_size(n_heads: int, max_width: int = 560) -> int:
 
 
 def selection_name(score: str | None) -> str:
-    """How a head set was chosen, in words: the consensus ranking or Alg. 1 (with the score's name)."""
+    """How a head set was chosen, in words: the stable or consensus ranking, or Alg. 1 (with the score's name)."""
+    if score == STABLE:
+        return "the stable ranking (how often the consensus chose each head on resamples of the labelled images)"
     return "the consensus ranking" if score in (None, CONSENSUS) else f"Alg. 1 ({score})"
 
 
