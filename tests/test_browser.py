@@ -917,3 +917,26 @@ _{now}; {machine_info(browser)}; embedded demo model, 800 held-out demo images_
     print(f"latency section written to {write_results(section, marks=INTERACTIONS_MARKS)}")
     print(section)
     assert all(statistics.median(xs) < 30 for xs in times.values()), times
+
+
+def test_a_reload_keeps_the_view(browser, server, story):
+    """F5 on the Heads page after a click on a square: the same page, the same inspected head (the URL
+    holds the view: studio_ui/urlstate.py)."""
+    context = browser.new_context(viewport={"width": shots.WIDTH, "height": 1000})
+    page = context.new_page()
+    try:
+        shots.open_app(page, server.url)
+        shots.goto(page, "heads")
+        cell = next(c for c in shots.score_map_cells(page) if not c["chosen"])
+        shots.click_score_cell(page, cell["index"])
+        wanted = f"Selected head L{cell['layer']}.H{cell['head']}"
+        page.get_by_text(wanted).wait_for(timeout=60_000)
+        shots.settle(page)
+        assert f"head={cell['layer']}.{cell['head']}" in page.url and "/heads" in page.url, page.url
+        page.reload()
+        page.locator("h1", has_text=shots.PAGE_TITLES["heads"]).first.wait_for(timeout=120_000)
+        page.get_by_text(wanted).wait_for(timeout=120_000)
+        shots.settle(page)
+        assert_clean(page, "the Heads page after a reload")
+    finally:
+        context.close()
