@@ -18,7 +18,7 @@ from studio_ui.forms import cache_form, extraction_options, images_form, model_f
 from studio_ui.jobs import start_job
 from studio_ui.panels import findings_panel, recent_panel, scan_summary
 from studio_ui.registry import page
-from studio_ui.state import Key, drop, get, get_source, put, read_roots, session_dir, set_source
+from studio_ui.state import Key, drop, get, get_source, made_here, put, read_roots, session_dir, set_source
 from studio_ui.widgets import follow_job, guard, plain, require_ready, show_exception
 
 st.title(page("load").heading)
@@ -91,6 +91,7 @@ def follow_load_job() -> None:
         show_exception(job.error, "Extraction")
     else:
         set_source(job.meta["source"])
+        made_here(job.meta["source"].cache_dir)
         drop(Key.LOAD_SCAN)
         put(Key.LOAD_FRESH, True)
         st.rerun()

@@ -17,7 +17,7 @@ from studio_ui.jobs import Job, start_job
 from studio_ui.panels import (checkpoint_download, concept_note, diagnosis_of, on_demo, sanity_panel, verdict_banner,
                               verdict_table)
 from studio_ui.registry import page
-from studio_ui.state import Key, ablate_heads, get, protocol, put, session_dir, set_refine, ticked_heads
+from studio_ui.state import Key, ablate_heads, get, made_here, protocol, put, session_dir, set_refine, ticked_heads
 from studio_ui.widgets import follow_job, guard, link, metric_ci, plain, require_ready, show_exception, table
 
 st.title(page("refine").heading)
@@ -42,7 +42,7 @@ if job is not None and not job.handled:
         set_refine(job.result)
         if not Path(job.result.report["data"]["root"]).resolve().is_relative_to(session_dir().resolve()):
             with guard("Keeping the run in the studio home"):   # listed on the Load page (recent runs)
-                save_run(report_json(job.result.report), job.result.outcome.exported)
+                made_here(save_run(report_json(job.result.report), job.result.outcome.exported))
         st.rerun()  # draw the new verdict at the top of the page
 
 

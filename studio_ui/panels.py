@@ -28,7 +28,7 @@ from refineclip_core.studio.source import Source
 
 from . import resources
 from .registry import PAGES
-from .state import Key, ablate_heads, get, protocol, put, read_roots, set_ablate_heads, set_source
+from .state import Key, ablate_heads, get, protocol, put, read_roots, set_ablate_heads, set_source, was_made_here
 from .widgets import Ready, guard, link, metric_ci, plain, table
 
 
@@ -306,7 +306,7 @@ def checkpoint_download(col, checkpoint: Path | None, exported: str, verdict: Ed
 
 def recent_panel() -> None:
     """The studio home's image folders, feature caches and runs, newest first, with sizes: open a cache
-    or a run's cache with one click, remove what is no longer needed (only what this session may read)."""
+    or a run's cache with one click (only what this session may read), remove what this session made."""
     items = recent_items(roots=read_roots())
     with st.expander(f"Recent folders, caches and runs in the studio home ({len(items)})", expanded=False):
         if not items:
@@ -320,7 +320,10 @@ def recent_panel() -> None:
                 with guard("Opening the feature cache"):
                     set_source(cache_source(item.path, read_roots()))
                     st.rerun()
-            if c[4].button("Remove", key=f"load_recent_rm_{i}", help="Delete it from the studio home"):
+            if not was_made_here(item.path):
+                c[4].caption("shared", help="Made by another session (or before this one): open it, but only the "
+                                            "session that made it can remove it.")
+            elif c[4].button("Remove", key=f"load_recent_rm_{i}", help="Delete it from the studio home"):
                 with guard("Removing it"):
                     remove_item(item.path, roots=read_roots())
                     st.rerun()

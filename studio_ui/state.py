@@ -80,6 +80,7 @@ class Key:
     URL_READ = SessionKey("url_read")              # the URL's view was read on this session's first run
     URL_PENDING = SessionKey("url_pending")        # the URL's query parameters, until a source is there to apply them to
     URL_REFUSED = SessionKey("url_refused")        # why the URL's feature cache could not be opened by this session
+    MADE_HERE = SessionKey("made_here")            # studio-home caches and runs this session wrote (it may remove them)
 
     @staticmethod
     def toggle(head: HeadId) -> str:
@@ -121,6 +122,17 @@ def set_refine(run: Any) -> None:
     """Keep a new refinement run (an EditRun); a confirmation given for the previous one is dropped."""
     put(Key.REFINE, run)
     drop(Key.REFINE_CONFIRM)
+
+
+def made_here(path: str | Path) -> None:
+    """Remember that this session wrote ``path`` (a cache or a saved run) in the studio home."""
+    put(Key.MADE_HERE, sorted({*get(Key.MADE_HERE, []), str(Path(path).resolve())}))
+
+
+def was_made_here(path: str | Path) -> bool:
+    """Whether this session wrote ``path``: only then does the Load page offer to remove it (a shared
+    cache or run of another session stays; removing it would take it from them)."""
+    return str(Path(path).resolve()) in get(Key.MADE_HERE, [])
 
 
 def get_source() -> Source | None:

@@ -926,7 +926,7 @@ def test_the_load_page_lists_recent_caches_and_runs_and_removes_them(home, demo_
     labels = [c.value.replace("\\", "") for c in at.caption]
     for item in items[:30]:
         assert any(item.path in text for text in labels), item.path
-    # a saved run appears first (newest) and its Remove button deletes it
+    # a saved run appears first (newest); made by another session, it is shared: no Remove button
     run = home / RUNS / "zz-test.json"
     run.parent.mkdir(exist_ok=True)
     run.write_text(json.dumps({"exported": "refineclip-fit", "model_name": "m", "pairs": [["a", "b"]],
@@ -934,6 +934,10 @@ def test_the_load_page_lists_recent_caches_and_runs_and_removes_them(home, demo_
     at.run()
     first = recent_items(home)[0]
     assert first.path == str(run)
+    assert not [b for b in at.button if b.key == "load_recent_rm_0"]
+    # ... the session that made it may remove it (issue 26: one session cannot delete another's work)
+    at.session_state["made_here"] = [str(run.resolve())]
+    at.run()
     at.button(key="load_recent_rm_0").click().run()
     assert not run.exists()
 
