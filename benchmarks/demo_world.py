@@ -73,8 +73,9 @@ from refineclip_core.method.baselines import CoOp, LocateThenCorrect  # noqa: E4
 from refineclip_core.loading.data import load_dataset  # noqa: E402
 from refineclip_core.loading.models import DEMO_DIR, ModelSpec, load_model  # noqa: E402
 from refineclip_core.method.evaluation import accuracy_report  # noqa: E402
-from refineclip_core.method.protocol import (DEFAULT_EDIT, DEFAULT_PROTOCOL, PAPER_EDIT, PAPER_PROTOCOL,  # noqa: E402
-                                             Identification, identify, make_engine, run_refinement)
+from refineclip_core.method.protocol import DEFAULT_PROTOCOL, PAPER_PROTOCOL, Identification, identify, make_engine
+from refineclip_core.edit.compare import fit_edit
+from refineclip_core.edit.config import DEFAULT_EDIT, PAPER_EDIT
 from refineclip_core.method.scores import SCORE_NAMES  # noqa: E402
 
 BACKGROUND_WORDS = ("water", "lake", "sea", "ocean", "wave", "river", "pond", "shore", "beach", "grass", "forest",
@@ -186,7 +187,7 @@ class DrawRun:
     """What one draw of the defaults and of the paper-faithful pipeline produced."""
 
     ident: Identification
-    out: object                      # RefineOutcome of the defaults (baselines included)
+    out: object                      # EditOutcome of the defaults (baselines included)
     paper_ident: Identification
     metrics: dict[str, tuple[float, float, float]]
     used: dict
@@ -212,7 +213,7 @@ def run_draw(cache: FeatureCache, engine, s: int, target_classes=TARGET_CLASSES,
     ``peers``, also issue 27's rows (:func:`peer_predictions`) and every group's accuracy of the edited classes."""
     ident = identify(cache, replace(DEFAULT_PROTOCOL, seed=s), engine)
     edit = replace(DEFAULT_EDIT, fit=replace(DEFAULT_EDIT.fit, seed=s), paper=replace(DEFAULT_EDIT.paper, seed=s))
-    out = run_refinement(cache, ident, edit, engine=engine, baselines=True)
+    out = fit_edit(cache, ident, edit, engine=engine, baselines=True)
     used = {"protocol": {**ident.config.to_dict(), "seed": None}, "edit": out.config.to_dict()}
     for part in ("fit", "paper"):
         used["edit"][part]["seed"] = None
@@ -221,7 +222,7 @@ def run_draw(cache: FeatureCache, engine, s: int, target_classes=TARGET_CLASSES,
     paper_ident = identify(cache, replace(PAPER_PROTOCOL, seed=s), engine)
     assert np.array_equal(paper_ident.eval_rows, ident.eval_rows)
     paper_edit = replace(PAPER_EDIT, paper=replace(PAPER_EDIT.paper, seed=s))
-    paper = run_refinement(cache, paper_ident, paper_edit, engine=engine, baselines=False)
+    paper = fit_edit(cache, paper_ident, paper_edit, engine=engine, baselines=False)
     for k in ("ablated", "refineclip-diag"):
         m[f"paper:{k}"] = metrics(paper.report.predictions[k])
     if peers is None:
@@ -249,7 +250,7 @@ def peer_predictions(cache: FeatureCache, ident: Identification, engine, edit, p
     except RefineClipError:           # the diagnosis names no concept: there is nothing to remove
         removal = None
     if removal is not None:
-        preds["fit:concept-removed"] = run_refinement(cache, ident, replace(edit, concept=REMOVE_DIAGNOSED),
+        preds["fit:concept-removed"] = fit_edit(cache, ident, replace(edit, concept=REMOVE_DIAGNOSED),
                                                       engine=engine, baselines=False,
                                                       concept=removal).report.predictions[EXPORTED]
     coop = CoOp.fit(peers.loaded, cache.classes, cache.manifest.templates, cache.embeddings[ident.sample_rows],
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                         for n_steps in steps:
                             e = replace(edit, fit=replace(edit.fit, steps=min(n_steps, edit.fit.steps)),
                                         paper=replace(edit.paper, steps=n_steps))
-                            o = run_refinement(cache, ident, e, engine=engine, baselines=True)
+                            o = fit_edit(cache, ident, e, engine=engine, baselines=True)
                             for key in ("refineclip-fit", "refineclip-diag", "standard-finetune"):
                                 worst, _, other = metrics(o.report.predictions[key])
                                 curves[key][n_steps].append((worst, other))

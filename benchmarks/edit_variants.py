@@ -32,8 +32,9 @@ from demo_world import draw_parser, metrics_fn, replace_section, workdir, world_
 from refineclip_core.demo.train import MODEL_NAME  # noqa: E402
 from refineclip_core.demo.world import WorldConfig  # noqa: E402
 from refineclip_core.loading.models import DEMO_DIR, ModelSpec, load_model  # noqa: E402
-from refineclip_core.method.protocol import (DEFAULT_EDIT, DEFAULT_PROTOCOL, EditConfig, identify,  # noqa: E402
-                                             make_engine, run_refinement)
+from refineclip_core.method.protocol import DEFAULT_PROTOCOL, identify, make_engine
+from refineclip_core.edit.compare import fit_edit
+from refineclip_core.edit.config import DEFAULT_EDIT, EditConfig
 
 KNOBS = {
     "pair": ("auto", "both"),
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                     metrics = metrics_fn(cache, ident)
                     for edit in KNOBS["edit"]:
                         cfg = edit_config(edit, s)
-                        out = run_refinement(cache, ident, cfg, engine=engine, baselines=False)
+                        out = fit_edit(cache, ident, cfg, engine=engine, baselines=False)
                         zs, ab, ex = (metrics(out.report.predictions[k]) for k in ("zero-shot", "ablated", cfg.exported))
                         rows.setdefault((pair, selection, ablation, edit), []).append(
                             (100 * (ex[0] - zs[0]), 100 * (ab[0] - zs[0]), 100 * (ex[2] - zs[2])))

@@ -3,7 +3,7 @@
 For every *world seed* a fresh sample of the world is drawn with a large balanced test split, which
 is cut in two, class × group stratified: the **truth half** (``--n-test``/2 images per group) and the
 **held-out pool** (the other half). For every *sample seed* the default pipeline runs (``identify`` +
-``run_refinement`` with the defaults every entry point uses) and four edits are built on the same draw:
+``fit_edit`` with the defaults every entry point uses) and four edits are built on the same draw:
 
 * ``good``: the exported edit (RefineCLIP-fit with the consensus heads), the default;
 * ``random heads``: RefineCLIP-fit with as many heads drawn at random from the cached ones;
@@ -47,8 +47,9 @@ from benchmarks.demo_world import draw_parser, replace_section, workdir, world_c
 from refineclip_core.edit.guard import HARMFUL, STATUSES, VERIFIED, GuardConfig, judge_edit  # noqa: E402
 from refineclip_core.features.cache import FeatureCache  # noqa: E402
 from refineclip_core.loading.models import DEMO_DIR  # noqa: E402
-from refineclip_core.method.protocol import (DEFAULT_EDIT, DEFAULT_PROTOCOL, Identification, identify,  # noqa: E402
-                                             make_engine, run_refinement)
+from refineclip_core.method.protocol import DEFAULT_PROTOCOL, Identification, identify, make_engine
+from refineclip_core.edit.compare import fit_edit
+from refineclip_core.edit.config import DEFAULT_EDIT
 
 KINDS = ("good", "random heads", "unrelated-class heads", "trade (+10)", "trade (+25)")
 TRUTHS = ("harmful", "good", "unclear")
@@ -165,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.sample_seeds:
                 ident = identify(cache, replace(DEFAULT_PROTOCOL, seed=s), engine)
                 edit = replace(DEFAULT_EDIT, fit=replace(DEFAULT_EDIT.fit, seed=s))
-                built = {"good": run_refinement(cache, ident, edit, engine=engine, baselines=False)}
+                built = {"good": fit_edit(cache, ident, edit, engine=engine, baselines=False)}
                 rng = np.random.default_rng([w_seed, s, 77])
                 k = max(len(ident.heads), 3)
                 rand = [heads_all[i] for i in rng.choice(len(heads_all), size=k, replace=False)]
-                built["random heads"] = run_refinement(cache, ident, edit, heads=rand, engine=engine, baselines=False)
-                built["unrelated-class heads"] = run_refinement(cache, ident, edit, heads=unrelated_heads(cache, ident, k),
+                built["random heads"] = fit_edit(cache, ident, edit, heads=rand, engine=engine, baselines=False)
+                built["unrelated-class heads"] = fit_edit(cache, ident, edit, heads=unrelated_heads(cache, ident, k),
                                                                 engine=engine, baselines=False)
                 preds = {kind: out.report.predictions[out.exported] for kind, out in built.items()}
                 for kind, target in TRADES.items():

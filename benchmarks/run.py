@@ -503,7 +503,8 @@ def bench_method(ctx: Ctx) -> Table:
     from refineclip_core.features.decomposition import HeadId
     from refineclip_core.method.ablation import AblationEngine
     from refineclip_core.method.errorsets import error_pairs, pair_error_sets
-    from refineclip_core.method.refinement import RefineConfig, refine
+    from refineclip_core.edit.config import PaperConfig
+    from refineclip_core.edit.paper import refine
     from refineclip_core.method.scores import compute_scores
     from refineclip_core.method.selection import select_heads
 
@@ -562,7 +563,7 @@ def bench_method(ctx: Ctx) -> Table:
     train = np.arange(n_sc)
     ablated = eng1.embeddings([HeadId(11, 0), HeadId(10, 3)], "zero", W)
     for strategy in ("diag", "full", "lora"):
-        cfg = RefineConfig(strategy=strategy, steps=100 if ctx.quick else 500)
+        cfg = PaperConfig(strategy=strategy, steps=100 if ctx.quick else 500)
         t0 = time.perf_counter()
         refine(E1, labels1, text1, 100.0, W, local, ablated, cfg, train_rows=train)
         t = time.perf_counter() - t0

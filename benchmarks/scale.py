@@ -19,7 +19,7 @@ script's section only; everything else in the file is kept):
   confusions) measured in a fresh process each, like a dashboard server: bytes on disk, open,
   resident memory, Heads page scoring (``identify``: DE_A..DE_D and the consensus selection),
   the first ablation (head·text projections, means), head toggles, the Head inspector (TextSpan
-  over every image, push statistics), refinement (``run_refinement`` with ``DEFAULT_EDIT`` and its
+  over every image, push statistics), refinement (``fit_edit`` with ``DEFAULT_EDIT`` and its
   baselines, as the Refine page runs it) and the HTML run report.
 * **browser** — the 50k ViT-L/14 cache opened in a real dashboard (``streamlit run app.py`` and
   headless Chromium): server memory above an empty server, time to findings, page times, head
@@ -253,10 +253,13 @@ def measure_cache(folder: str, n_toggles: int = 30, pool_size: int = 4082, seed:
     from refineclip_core.inspection.diagnosis import MAX_ROWS, concept_vocabulary, diagnose
     from refineclip_core.inspection.textspan import DEFAULT_TEXT_POOL, describe_heads, load_text_pool
     from refineclip_core.inspection.textspan import MAX_IMAGES as TEXTSPAN_MAX_IMAGES
-    from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL, identify, make_engine, run_refinement
+    from refineclip_core.method.protocol import DEFAULT_PROTOCOL, identify, make_engine
+    from refineclip_core.edit.compare import fit_edit
+    from refineclip_core.edit.config import DEFAULT_EDIT
     from refineclip_core.method.scores import head_push
     from refineclip_core.reporting.findings import findings
-    from refineclip_core.reporting.run_report import build_run_report, render_html
+    from refineclip_core.reporting.run_report import render_html
+    from refineclip_core.edit.record import build_run_report
 
     steps: list[dict[str, Any]] = []
     base = _rss()
@@ -333,7 +336,7 @@ def measure_cache(folder: str, n_toggles: int = 30, pool_size: int = 4082, seed:
         return {"n": n, "classes": C, "baseline": base, "steps": steps, "projected": engine.projected,
                 "heads_dtype": str(cache.heads.dtype), "peak_mib": _rss()["peak_mib"]}
     outcome = step("refinement: RefineCLIP-fit + paper phase 2 + baselines (the Refine page's run)",
-                   lambda: run_refinement(cache, ident, DEFAULT_EDIT, engine=engine, baselines=True),
+                   lambda: fit_edit(cache, ident, DEFAULT_EDIT, engine=engine, baselines=True),
                    f"{len(ident.adapt_rows):,} adaptation images (KL steps on ≤ {DEFAULT_EDIT.fit.max_rows:,})")
     html = step("HTML run report", lambda: render_html(build_run_report(cache, ident, engine, outcome)))
     steps[-1]["size"] = f"{len(html) / 2**20:.1f} MiB"

@@ -10,7 +10,9 @@ import streamlit as st
 from refineclip_core.errors import Cancelled
 from refineclip_core.reporting.figures import accuracy_bars_figure, loss_figure
 from refineclip_core.reporting.findings import cell_estimate, format_cell, method_summary, per_key_table
-from refineclip_core.reporting.run_report import EditRun, export_path, per_image_csv, render_html, report_json, run_edit
+from refineclip_core.reporting.run_report import per_image_csv, render_html, report_json
+from refineclip_core.edit.export import export_path
+from refineclip_core.edit.run import EditRun, run_edit
 from refineclip_core.studio.recent import save_run
 from studio_ui.forms import edit_form
 from studio_ui.jobs import Job, start_job

@@ -30,14 +30,15 @@ _EXPORTS = {
     "AccuracyReport": "method.evaluation", "accuracy_report": "method.evaluation", "cache_report": "method.evaluation",
     "confusion_matrix": "method.evaluation",
     "ProtocolConfig": "method.protocol", "DEFAULT_PROTOCOL": "method.protocol", "PAPER_PROTOCOL": "method.protocol",
-    "EditConfig": "method.protocol", "DEFAULT_EDIT": "method.protocol", "PAPER_EDIT": "method.protocol",
+    "EditConfig": "edit.config", "DEFAULT_EDIT": "edit.config", "PAPER_EDIT": "edit.config",
+    "FitConfig": "edit.config", "PaperConfig": "edit.config",
     "Identification": "method.protocol", "identify": "method.protocol", "make_engine": "method.protocol",
-    "RefineOutcome": "method.protocol", "run_refinement": "method.protocol",
+    "EditOutcome": "edit.compare", "fit_edit": "edit.compare",
     "EditVerdict": "edit.guard", "assess_edit": "edit.guard", "judge_edit": "edit.guard", "GuardConfig": "edit.guard",
     "sanity_warnings": "edit.sanity",
     "Findings": "reporting.findings", "findings": "reporting.findings", "method_summary": "reporting.findings",
     "per_key_table": "reporting.findings",
-    "EditRun": "reporting.run_report", "run_edit": "reporting.run_report", "write_report": "reporting.run_report",
+    "EditRun": "edit.run", "run_edit": "edit.run", "write_report": "reporting.run_report",
     "write_world": "demo.world",
 }
 #: Public modules: the Plotly figures (score maps, utility curves, comparisons, loss curves).

@@ -15,9 +15,9 @@ import streamlit as st
 from refineclip_core.method.concept import DIAGNOSED, ConceptConfig, diagnosed_concepts
 from refineclip_core.loading.hf_clip import find_hf_checkpoint, hf_folder_in
 from refineclip_core.loading.models import ModelSpec
-from refineclip_core.method.edit import FitConfig
-from refineclip_core.method.protocol import DEFAULT_EDIT, EditConfig
-from refineclip_core.method.refinement import RefineConfig
+from refineclip_core.edit.config import FitConfig
+from refineclip_core.edit.config import DEFAULT_EDIT, EditConfig
+from refineclip_core.edit.config import PaperConfig
 from refineclip_core.loading.uploads import (allowed_path, default_allowed_roots, read_roots, save_upload,
                                              unpack_upload)
 from refineclip_core.studio.images import ImagesKind
@@ -223,7 +223,7 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
     concept = ConceptConfig(texts, split_phrases(versus), con_d.words, con_d.strength)
     cfg = EditConfig(method, FitConfig(ridge=float(ridge), steps=int(fit_steps), lr=fit_d.lr,
                                        max_rows=fit_d.max_rows, seed=int(seed)),
-                     RefineConfig(strategy=strategy, alpha=float(alpha), beta=float(beta), steps=int(steps),
+                     PaperConfig(strategy=strategy, alpha=float(alpha), beta=float(beta), steps=int(steps),
                                   lr=paper_d.lr, seed=int(seed), rank=int(rank), weight_ce=paper_d.weight_ce),
                      concept)
     return cfg, bool(baselines)

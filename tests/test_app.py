@@ -343,7 +343,8 @@ def test_refine_page_removes_the_confirmed_concept_and_compares_with_and_without
 def test_dashboard_uses_the_shared_defaults(home, demo_spec):
     """One set of defaults: a new session's protocol and the Refine form start at DEFAULT_PROTOCOL
     and DEFAULT_EDIT (the CLI's and the benchmark's are checked in test_edit / test_demo_world)."""
-    from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL
+    from refineclip_core.method.protocol import DEFAULT_PROTOCOL
+    from refineclip_core.edit.config import DEFAULT_EDIT
 
     at = fresh_app(demo_spec)
     at.run()
@@ -588,10 +589,12 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     from refineclip_core.features.extraction import ExtractionConfig, extract
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
-    from refineclip_core.method.edit import FitConfig
+    from refineclip_core.edit.config import FitConfig
     from refineclip_core.method.intervals import binomial_interval
-    from refineclip_core.method.protocol import EditConfig, identify, make_engine, run_refinement
-    from refineclip_core.method.refinement import RefineConfig
+    from refineclip_core.method.protocol import identify, make_engine
+    from refineclip_core.edit.compare import fit_edit
+    from refineclip_core.edit.config import EditConfig
+    from refineclip_core.edit.config import PaperConfig
     from refineclip_core.reporting.findings import findings, method_summary
     from refineclip_core.reporting.run_report import render_html, write_report
 
@@ -601,9 +604,9 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     from refineclip_core.method.protocol import ProtocolConfig
 
     ident = identify(cache, ProtocolConfig(samples_per_class=None))
-    outcome = run_refinement(cache, ident, EditConfig(fit=FitConfig(steps=10), paper=RefineConfig(steps=20)),
+    outcome = fit_edit(cache, ident, EditConfig(fit=FitConfig(steps=10), paper=PaperConfig(steps=20)),
                              baselines=True)
-    from refineclip_core.reporting.run_report import build_run_report
+    from refineclip_core.edit.record import build_run_report
 
     (tmp_path / "x.safetensors").write_bytes(b"weights")
     report = build_run_report(cache, ident, make_engine(cache), outcome, checkpoint=tmp_path / "x.safetensors")
@@ -750,9 +753,10 @@ def test_refinement_job_reports_live_losses_and_cancels(tiny_model_files, image_
     from refineclip_core.features.extraction import ExtractionConfig, extract
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
-    from refineclip_core.method.protocol import EditConfig, ProtocolConfig, identify, make_engine
-    from refineclip_core.method.refinement import RefineConfig
-    from refineclip_core.reporting.run_report import run_edit
+    from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
+    from refineclip_core.edit.config import EditConfig
+    from refineclip_core.edit.config import PaperConfig
+    from refineclip_core.edit.run import run_edit
     from studio_ui.jobs import start_job
 
     spec = ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
@@ -761,7 +765,7 @@ def test_refinement_job_reports_live_losses_and_cancels(tiny_model_files, image_
     engine = make_engine(cache)
     ident = identify(cache, ProtocolConfig(samples_per_class=None), engine)
     out = tmp_path / "edit.safetensors"
-    cfg = EditConfig(method="paper", paper=RefineConfig(steps=200_000))
+    cfg = EditConfig(method="paper", paper=PaperConfig(steps=200_000))
     job = start_job("Refining", lambda progress, cancelled: run_edit(
         cache, ident, engine, cfg, ident.heads, spec=spec, export_to=out, progress=progress, cancel=cancelled))
     deadline = time.monotonic() + 60

@@ -160,7 +160,7 @@ def _exit_status_per_verdict(capsys, monkeypatch, argv):
     """``refine`` exits 3 (--fail-if-worse) on a harmful edit and 4 (--require-verified) on one not
     verified (and on a harmful one without --fail-if-worse), 0 otherwise: the guard is handed
     constructed verdicts of each kind; the tiny cache's own verdict (too few held-out images) too."""
-    from refineclip_core.reporting import run_report
+    from refineclip_core.edit import run as edit_run
 
     real = _run(capsys, [*argv, "--json", "-"])
     assert json.loads(real[1])["verdict"]["status"] == "not-verified"
@@ -168,7 +168,7 @@ def _exit_status_per_verdict(capsys, monkeypatch, argv):
     assert _run(capsys, [*argv, "--require-verified"])[0] == 4
     expected = {"harmful": (3, 4, 3, 0), "not-verified": (0, 4, 4, 0), "verified": (0, 0, 0, 0)}
     for kind, codes in expected.items():
-        monkeypatch.setattr(run_report, "assess_edit", lambda *a, k=kind, **kw: _constructed(k))
+        monkeypatch.setattr(edit_run, "assess_edit", lambda *a, k=kind, **kw: _constructed(k))
         got = []
         for flags in (["--fail-if-worse"], ["--require-verified"], ["--fail-if-worse", "--require-verified"], []):
             rc, out, _ = _run(capsys, [*argv, *flags])

@@ -310,7 +310,8 @@ def test_demo_benchmark_runs_on_a_retrained_model(tmp_path: Path) -> None:
     assert "Checks on the diagnosed concept removed" in text and "| group | zero-shot (%) |" in text
     assert re.search(r"\| (landbird|waterbird) on (land|water) \| \d+\.\d \| [+-]\d", text)   # the per-group table
     # one set of defaults: the settings the benchmark ran are exactly the CLI's and the dashboard's
-    from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL
+    from refineclip_core.method.protocol import DEFAULT_PROTOCOL
+    from refineclip_core.edit.config import DEFAULT_EDIT
     used = json.loads(text.split("```json\n", 1)[1].split("\n```", 1)[0])
     assert used["protocol"] == {**DEFAULT_PROTOCOL.to_dict(), "seed": None}
     expected_edit = DEFAULT_EDIT.to_dict()

@@ -23,7 +23,8 @@ from refineclip_core.inspection.diagnosis import (NAME_MIN, STOPWORDS, attribute
 from refineclip_core.inspection.textspan import MIN_RESIDUAL
 from refineclip_core.method.baselines import LocateThenCorrect
 from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
-from refineclip_core.reporting.run_report import build_run_report, render_html
+from refineclip_core.reporting.run_report import render_html
+from refineclip_core.edit.record import build_run_report
 
 from .test_method import _a_pair_with_everything, cache, loaded  # noqa: F401  (the tiny model and its cache)
 

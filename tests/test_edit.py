@@ -17,12 +17,14 @@ from refineclip_core.features.decomposition import HeadId
 from refineclip_core.features.extraction import ExtractionConfig, extract, load_batch
 from refineclip_core.loading.data import load_dataset
 from refineclip_core.loading.models import DEMO_DIR, ModelSpec, load_model
-from refineclip_core.method.edit import FitConfig, fit_ablation, least_squares_map, teacher_embeddings
+from refineclip_core.edit.config import FitConfig
+from refineclip_core.edit.fit import fit_ablation, least_squares_map, teacher_embeddings
 from refineclip_core.method.intervals import binomial_interval, binomial_intervals, paired_change
 from refineclip_core.edit.guard import HARMFUL, assess_edit
-from refineclip_core.method.protocol import (DEFAULT_EDIT, DEFAULT_PROTOCOL, EditConfig, ProtocolConfig,
-                                             identify, make_engine, run_refinement)
-from refineclip_core.method.refinement import export_checkpoint
+from refineclip_core.method.protocol import DEFAULT_PROTOCOL, ProtocolConfig, identify, make_engine
+from refineclip_core.edit.compare import fit_edit
+from refineclip_core.edit.config import DEFAULT_EDIT, EditConfig
+from refineclip_core.edit.export import export_checkpoint
 from refineclip_core.method.scores import HeadScores
 from refineclip_core.method.selection import consensus_ranking, select_consensus, utility
 
@@ -195,7 +197,7 @@ def test_fit_distils_the_teacher_and_exports_through_plain_open_clip(demo, tmp_p
 
 def test_concept_removal_reaches_the_teacher_and_the_exported_checkpoint(demo, tmp_path):
     """With a concept removed, Ŵ's teachers are the ablated embeddings off the concept's span (the rest keep E),
-    run_refinement compares the edit with the same fit keeping it, and the export still reproduces E·B."""
+    fit_edit compares the edit with the same fit keeping it, and the export still reproduces E·B."""
     from refineclip_core.method.concept import ConceptConfig, project_off, resolve_concept
     from refineclip_core.method.protocol import CONCEPT_KEPT
 
@@ -209,8 +211,8 @@ def test_concept_removal_reaches_the_teacher_and_the_exported_checkpoint(demo, t
     np.testing.assert_array_equal(teacher[~succ], cache.embeddings[ident.adapt_rows][~succ])
     cfg = EditConfig(fit=FitConfig(steps=20), concept=ConceptConfig(("water", "land")))
     with pytest.raises(Exception, match="none was resolved"):
-        run_refinement(cache, ident, cfg, engine=demo["engine"], baselines=False)
-    out = run_refinement(cache, ident, cfg, engine=demo["engine"], baselines=True, concept=removal, loaded=loaded)
+        fit_edit(cache, ident, cfg, engine=demo["engine"], baselines=False)
+    out = fit_edit(cache, ident, cfg, engine=demo["engine"], baselines=True, concept=removal, loaded=loaded)
     assert {"refineclip-fit", CONCEPT_KEPT, "coop", "tip-adapter"} <= set(out.report.predictions)
     assert out.concept is removal and not np.array_equal(out.results["refineclip-fit"].refined.matrix,
                                                          out.results[CONCEPT_KEPT].refined.matrix)
@@ -228,7 +230,7 @@ def test_concept_removal_reaches_the_teacher_and_the_exported_checkpoint(demo, t
 # -- the guard --------------------------------------------------------------------------------------
 def test_guard_fires_on_a_harmful_edit_and_stays_quiet_on_the_default(demo):
     cache, ident = demo["cache"], demo["ident"]
-    outcome = run_refinement(cache, ident, DEFAULT_EDIT, engine=demo["engine"], baselines=False)
+    outcome = fit_edit(cache, ident, DEFAULT_EDIT, engine=demo["engine"], baselines=False)
     preds = outcome.report.predictions
     default = assess_edit(cache, ident, preds["zero-shot"], preds["refineclip-fit"], "refineclip-fit")
     assert outcome.exported == "refineclip-fit" and default.ok, default.summary()
@@ -292,7 +294,7 @@ def test_one_set_of_defaults_for_cli_and_reproduction():
     from refineclip_core.cli import build_parser
     from refineclip_core.cli.refine import edit_config
     from refineclip_core.cli.score import protocol
-    from refineclip_core.method.reproduce import run_protocol
+    from refineclip_core.edit.reproduce import run_protocol
 
     args = build_parser().parse_args(["refine", "--cache", "somewhere"])
     assert protocol(args) == DEFAULT_PROTOCOL

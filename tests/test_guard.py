@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from refineclip_core.edit.guard import (HARMFUL, NOT_VERIFIED, STATUSES, VERIFIED, GuardConfig, holm,
-                                        images_to_detect_drop, judge_edit, verdict_rows, worst_group_change)
+from refineclip_core.edit.guard import HARMFUL, NOT_VERIFIED, STATUSES, VERIFIED, GuardConfig, holm, images_to_detect_drop, judge_edit, worst_group_change
+from refineclip_core.reporting.tables import verdict_rows
 from refineclip_core.errors import RefineClipError
 from refineclip_core.method.intervals import (difference_interval, mcnemar_p, paired_change_interval,
                                               paired_counts, wilson_interval)

@@ -21,7 +21,8 @@ from refineclip_core.errors import CheckpointError, RefineClipError
 from refineclip_core.features.decomposition import decompose
 from refineclip_core.loading import hf_clip
 from refineclip_core.loading.models import ModelSpec, load_model
-from refineclip_core.method.refinement import RefinedMap, export_checkpoint
+from refineclip_core.edit.export import export_checkpoint
+from refineclip_core.edit.paper import RefinedMap
 
 from .conftest import tiny_config, write_config
 

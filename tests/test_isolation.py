@@ -22,7 +22,8 @@ from refineclip_core.cli import main
 from refineclip_core.errors import RefineClipError
 from refineclip_core.loading import hf_clip
 from refineclip_core.loading.models import ModelSpec, load_model
-from refineclip_core.method.refinement import RefinedMap, export_checkpoint
+from refineclip_core.edit.export import export_checkpoint
+from refineclip_core.edit.paper import RefinedMap
 
 from .conftest import tiny_config, write_config
 from .test_app import demo_spec, home  # noqa: F401 - fixtures (a private studio home, the demo model)

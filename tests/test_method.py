@@ -18,9 +18,13 @@ from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine, verify_ablation
 from refineclip_core.method.baselines import TipAdapter
 from refineclip_core.method.errorsets import ErrorSets, error_pairs, pair_error_sets, sample_per_class
-from refineclip_core.method.edit import FitConfig
-from refineclip_core.method.protocol import EditConfig, ProtocolConfig, identify, run_refinement
-from refineclip_core.method.refinement import RefineConfig, export_checkpoint, refine
+from refineclip_core.edit.config import FitConfig
+from refineclip_core.method.protocol import ProtocolConfig, identify
+from refineclip_core.edit.compare import fit_edit
+from refineclip_core.edit.config import EditConfig
+from refineclip_core.edit.config import PaperConfig
+from refineclip_core.edit.export import export_checkpoint
+from refineclip_core.edit.paper import refine
 from refineclip_core.method.scores import compute_scores
 from refineclip_core.method.selection import select_heads
 
@@ -223,7 +227,7 @@ def test_refinement_export_reproduces_the_refined_embeddings(loaded, cache, tiny
     eng = AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
     heads = [HeadId(2, 0), HeadId(2, 3)]
     local = np.concatenate([sets.C, sets.A])
-    cfg = RefineConfig(strategy=strategy, steps=60, lr=5e-2, alpha=100.0, beta=10.0)
+    cfg = PaperConfig(strategy=strategy, steps=60, lr=5e-2, alpha=100.0, beta=10.0)
     res = refine(cache.embeddings, cache.labels, cache.text, cache.logit_scale, sets.W, local,
                  eng.embeddings(heads, "zero", sets.W), cfg)
     h = res.history
@@ -263,7 +267,7 @@ def test_pipeline_and_cli_score_refine(cache, tmp_path):
     assert set(np.unique(cache.labels[ident.sample_rows])) <= set(ident.pairs[0])
     assert not np.intersect1d(ident.sample_rows, ident.eval_rows).size       # samples never evaluated
     assert set(cache.splits[ident.eval_rows]) == {"test"}
-    outcome = run_refinement(cache, ident, EditConfig(fit=FitConfig(steps=10), paper=RefineConfig(steps=20)))
+    outcome = fit_edit(cache, ident, EditConfig(fit=FitConfig(steps=10), paper=PaperConfig(steps=20)))
     assert set(outcome.report.reports) == {"zero-shot", "ablated", "refineclip-fit", "refineclip-diag",
                                            "standard-finetune", "tip-adapter"}
     assert outcome.exported == "refineclip-fit" and outcome.refinement is outcome.results["refineclip-fit"]
@@ -318,7 +322,7 @@ def test_refinement_reports_progress_cancels_and_leaves_the_global_rng_alone(cac
     local = np.concatenate([sets.C, sets.A])
     args = (cache.embeddings, cache.labels, cache.text, cache.logit_scale, sets.W, local,
             eng.embeddings([HeadId(2, 0)], "zero", sets.W))
-    cfg = RefineConfig(strategy="lora", steps=25)
+    cfg = PaperConfig(strategy="lora", steps=25)
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)

@@ -313,14 +313,17 @@ def no_writes(event, args):
 sys.addaudithook(no_writes)
 import numpy as np
 from refineclip_core.features.cache import FeatureCache
-from refineclip_core.method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL, identify, make_engine, run_refinement
-from refineclip_core.reporting.run_report import build_run_report, render_html
+from refineclip_core.edit.compare import fit_edit
+from refineclip_core.edit.config import DEFAULT_EDIT
+from refineclip_core.edit.record import build_run_report
+from refineclip_core.method.protocol import DEFAULT_PROTOCOL, identify, make_engine
+from refineclip_core.reporting.run_report import render_html
 from refineclip_core.studio.caches import cache_source
 cache = FeatureCache(sys.argv[1])
 cache_source(sys.argv[1])
 engine = make_engine(cache)
 ident = identify(cache, DEFAULT_PROTOCOL, engine)
-out = run_refinement(cache, ident, DEFAULT_EDIT, engine=engine, baselines=False)
+out = fit_edit(cache, ident, DEFAULT_EDIT, engine=engine, baselines=False)
 render_html(build_run_report(cache, ident, engine, out))
 print(json.dumps({"heads": [str(h) for h in ident.heads], "pred": out.report.predictions["refineclip-fit"].tolist()}))
 """

@@ -489,10 +489,13 @@ def test_plot_text_keeps_names_literal():
 
 def test_html_report_escapes_hostile_names(tiny_model_files, tmp_path):
     from refineclip_core.features.extraction import ExtractionConfig, extract
-    from refineclip_core.method.edit import FitConfig
-    from refineclip_core.method.protocol import EditConfig, ProtocolConfig, identify, make_engine, run_refinement
-    from refineclip_core.method.refinement import RefineConfig
-    from refineclip_core.reporting.run_report import build_run_report, render_html
+    from refineclip_core.edit.config import FitConfig
+    from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
+    from refineclip_core.edit.compare import fit_edit
+    from refineclip_core.edit.config import EditConfig
+    from refineclip_core.edit.config import PaperConfig
+    from refineclip_core.reporting.run_report import render_html
+    from refineclip_core.edit.record import build_run_report
 
     rng = np.random.default_rng(1)
     rows = ["path,label,group"]
@@ -506,7 +509,7 @@ def test_html_report_escapes_hostile_names(tiny_model_files, tmp_path):
     cache = extract(loaded, load_dataset(tmp_path), tmp_path / "cache",
                     ExtractionConfig(layers=1, templates=("a {} <script>x</script>",)))
     ident = identify(cache, ProtocolConfig(samples_per_class=None))
-    outcome = run_refinement(cache, ident, EditConfig(fit=FitConfig(steps=5), paper=RefineConfig(steps=5)),
+    outcome = fit_edit(cache, ident, EditConfig(fit=FitConfig(steps=5), paper=PaperConfig(steps=5)),
                              baselines=False)
     page = render_html(build_run_report(cache, ident, make_engine(cache), outcome))
     for raw in ("<script>alert(1)", "<img src=x", "<b>g0", "<script>x</script>"):

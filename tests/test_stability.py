@@ -177,7 +177,8 @@ def test_protocol_refuses_a_bad_number_of_resamples():
 # -- what the user sees -------------------------------------------------------------------------------
 def test_cli_score_and_the_run_report_show_the_stability(demo, tmp_path, capsys):
     from refineclip_core.cli import main
-    from refineclip_core.reporting.run_report import build_run_report, render_html
+    from refineclip_core.reporting.run_report import render_html
+    from refineclip_core.edit.record import build_run_report
 
     cache, engine = demo
     assert main(["score", "--cache", str(cache.root), "--resamples", "5", "--seed", "2"]) == 0

@@ -8,7 +8,7 @@ import tempfile
 from ..features.extraction import ExtractionConfig, extract
 from ..features.zeroshot import predict
 from ..method.evaluation import cache_report
-from ..reporting.run_report import held_out_only, read_run_report
+from ..edit.record import held_out_only, read_run_report
 from .common import (accuracy_lines, add_json_arg, add_link_arg, add_model_args, add_template_args, dataset as load_data,
                      emit, load, positive_int, progress_bar, templates)
 

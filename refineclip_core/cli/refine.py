@@ -12,11 +12,14 @@ from ..features.cache import atomic_write_bytes
 from ..features.decomposition import parse_heads
 from ..inspection.diagnosis import diagnose, load_vocabulary
 from ..loading.models import ModelSpec, load_model
-from ..method.edit import FitConfig
-from ..method.protocol import DEFAULT_EDIT, EditConfig, identify, make_engine
-from ..method.refinement import EXPORT_FORMATS, RefineConfig
+from ..edit.config import FitConfig
+from ..method.protocol import identify, make_engine
+from ..edit.config import DEFAULT_EDIT, EditConfig
+from ..edit.config import PaperConfig
+from ..edit.export import EXPORT_FORMATS
 from ..reporting.findings import method_summary
-from ..reporting.run_report import EditRun, per_image_csv, render_html, run_edit
+from ..reporting.run_report import per_image_csv, render_html
+from ..edit.run import EditRun, run_edit
 from . import EXIT_NOT_VERIFIED, EXIT_WORSE
 from .common import add_json_arg, cells_table, emit, positive_int, progress_bar, table
 from .score import add_protocol_args, heads_text, open_cache, protocol
@@ -99,7 +102,7 @@ def edit_config(args: argparse.Namespace) -> EditConfig:
     return EditConfig(
         method=args.method,
         fit=FitConfig(ridge=args.ridge, steps=args.fit_steps, lr=args.fit_lr, max_rows=args.max_rows, seed=args.seed),
-        paper=RefineConfig(strategy=args.strategy, alpha=args.alpha, beta=args.beta, steps=args.steps, lr=args.lr,
+        paper=PaperConfig(strategy=args.strategy, alpha=args.alpha, beta=args.beta, steps=args.steps, lr=args.lr,
                            seed=args.seed, rank=args.rank),
         concept=ConceptConfig(tuple(args.remove_concept), tuple(args.concept_versus), args.concept_words,
                               args.concept_strength))

@@ -9,8 +9,9 @@ from pathlib import Path
 from ..errors import RefineClipError
 from ..features.cache import atomic_write_bytes, atomic_write_json
 from ..features.extraction import ExtractionConfig, extract, init_distributed_from_env
-from ..method.protocol import DEFAULT_EDIT, DEFAULT_PROTOCOL
-from ..method.reproduce import PAPER_WATERBIRDS, markdown_table, rows_csv, run_protocol, summarise
+from ..method.protocol import DEFAULT_PROTOCOL
+from ..edit.config import DEFAULT_EDIT
+from ..edit.reproduce import PAPER_WATERBIRDS, markdown_table, rows_csv, run_protocol, summarise
 from .common import (add_json_arg, add_link_arg, add_model_args, add_template_args, dataset as load_data, emit,
                      layers_arg, load, note, positive_int, progress_bar, templates)
 

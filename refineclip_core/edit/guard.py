@@ -51,14 +51,22 @@ The ``n`` shown with it is the image count of the group that was worst before th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Protocol, Sequence
+from typing import Literal, Protocol, Sequence
 
 import numpy as np
 
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache
-from ..method.intervals import (LEVEL, Estimate, accuracy_estimate, difference_interval, mcnemar_p, paired_counts,
-                                paired_change_interval)
+from ..method.intervals import (
+    LEVEL,
+    Estimate,
+    accuracy_estimate,
+    difference_interval,
+    mcnemar_p,
+    paired_change_interval,
+    paired_counts,
+)
+from ..reporting.tables import verdict_rows
 
 Status = Literal["verified", "not-verified", "harmful"]
 VERIFIED: Status = "verified"
@@ -223,22 +231,6 @@ class EditVerdict:
                 "config": {"min_per_group": self.config.min_per_group, "drop": self.config.drop,
                            "power": self.config.power, "level": self.config.level},
                 "summary": self.summary()}
-
-
-def verdict_rows(verdict: Mapping[str, Any]) -> list[dict[str, str]]:
-    """Every unit of a verdict's ``to_dict()`` as a row of plain strings: the one table the CLI, the
-    run report and the Refine page show (edited groups first, then other groups, classes, the rest)."""
-    units = [*(verdict.get("groups") or []), *(verdict.get("other_groups") or []),
-             *(u for u in verdict.get("classes") or [] if verdict.get("strata") == "group" or not u["edited"]),
-             *([verdict["others"]] if verdict.get("others") else [])]
-
-    def est(e: Mapping[str, Any], signed: bool = False) -> str:
-        return Estimate(**e).format(unit=" pts" if signed else "%", signed=signed, count=False)
-
-    return [{"": f"edited {u['kind']}" if u["edited"] else u["kind"], "name": str(u["name"]), "n": str(u["n"]),
-             "before": est(u["before"]), "after": est(u["after"]), "change": est(u["change"], signed=True),
-             "fixed / broken": f"{u['fixed']} / {u['broken']}", "p (Holm)": f"{u.get('p_holm', 1.0):.3g}",
-             "worse (Holm)": "yes" if u["worse"] else "no"} for u in units]
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:

@@ -10,7 +10,7 @@ their one-hot labels ``L`` (n×C), and
 with ``f`` the normalised feature of ``x`` (``a`` = residual ratio, ``b`` = sharpness; the
 Tip-Adapter paper's defaults are a = 1, b = 5.5). :class:`CoOp` learns the prompts' context
 words on the same labelled samples (prompt learning, text side). The standard fine-tuning baseline lives in
-:func:`refineclip_core.method.refinement.standard_finetune`.
+:func:`refineclip_core.edit.paper.standard_finetune`.
 """
 
 from __future__ import annotations

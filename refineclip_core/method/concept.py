@@ -3,7 +3,7 @@ projected out of the teacher of RefineCLIP-fit (issue 27).
 
 The diagnosis (:mod:`~refineclip_core.inspection.diagnosis`) names what the removed heads carry
 ("water / lake"); the ablation removes the heads, not the concept. With concept removal on, the
-ablated embeddings of the success set Ŵ (the teacher of :func:`~refineclip_core.method.edit.teacher_embeddings`)
+ablated embeddings of the success set Ŵ (the teacher of :func:`~refineclip_core.edit.fit.teacher_embeddings`)
 are also projected off the span of the concept's text directions::
 
     E_abl' = E_abl − s · E_abl Qᵀ Q          Q (k, d): orthonormal basis of span{u_1 .. u_k}

@@ -15,7 +15,7 @@ the benchmark and the reproduction harness all follow the same protocol:
   ``min_heldout`` (say so with the numbers). Images used to choose heads or fit an edit are never
   in the reported accuracies.
 * **adaptation rows**: every other row (the samples included). RefineCLIP-fit
-  (:mod:`~refineclip_core.method.edit`) learns the deployable edit on them *without their
+  (:mod:`~refineclip_core.edit.fit`) learns the deployable edit on them *without their
   labels*, and mean ablation uses their mean head contributions.
 
 The defaults (:data:`DEFAULT_PROTOCOL`, :data:`DEFAULT_EDIT`) are what the CLI, the dashboard,
@@ -31,22 +31,16 @@ pair, Algorithm 1 over top-15 lists, zero ablation, diag(θ) by Eq. 13).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
-from .concept import ConceptConfig, ConceptRemoval
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
-from ..progress import CancelFn, Progress, silent
 from .ablation import AblationEngine, Mode
-from .baselines import CoOp, CoOpConfig, TipAdapter, supports_coop
-from .edit import FitConfig, fit_ablation, teacher_embeddings
 from .errorsets import ErrorPair, ErrorSets, error_pairs, pair_error_sets, sample_per_class
-from .evaluation import AccuracyReport, accuracy_report, block_argmax, rows_mask
-from .intervals import Estimate, accuracy_estimate
-from .refinement import RefineConfig, RefinementResult, refine, standard_finetune
+from .evaluation import rows_mask
 from .scores import SCORE_NAMES, HeadScores, Similarity, compute_scores
 from .selection import Selection, choose_heads, select_consensus, select_heads, select_stable
 from .stability import RESAMPLES, head_stability
@@ -365,168 +359,7 @@ def heldout_shortfall(cache: FeatureCache, ident: "Identification") -> tuple[lis
                    f"are needed). Add images of these groups; until then the guard cannot verify an edit there.")
 
 
-@dataclass
-class MethodReport:
-    """Accuracies on the evaluation rows for every method compared (paper Tables 1-3, Fig. 2)."""
-
-    reports: dict[str, AccuracyReport]        # all evaluation rows
-    target_reports: dict[str, AccuracyReport]  # only images of the edited classes (their groups: Tables 1-3)
-    locality: dict[str, Estimate | None]      # accuracy on classes outside the edited pair(s) (Fig. 2)
-    target_accuracy: dict[str, Estimate | None]
-    predictions: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        def est(e: Estimate | None) -> dict | None:
-            return None if e is None else e.to_dict()
-
-        return {"reports": {k: v.to_dict() for k, v in self.reports.items()},
-                "target_reports": {k: v.to_dict() for k, v in self.target_reports.items()},
-                "locality": {k: est(v) for k, v in self.locality.items()},
-                "target_accuracy": {k: est(v) for k, v in self.target_accuracy.items()}}
-
-
-def evaluate_methods(cache: FeatureCache, ident: Identification, predictions: dict[str, np.ndarray]) -> MethodReport:
-    """Accuracy reports of several prediction vectors over ``ident.eval_rows``."""
-    labels = cache.labels
-    mask = ident.eval_mask
-    target_mask = mask & np.isin(labels, ident.target_classes)
-    other_mask = mask & ~np.isin(labels, ident.target_classes)
-    reports, target_reports, locality, target_acc = {}, {}, {}, {}
-    for name, pred in predictions.items():
-        correct = pred == labels
-        reports[name] = accuracy_report(pred, labels, cache.classes, cache.groups, cache.group_names, mask)
-        target_reports[name] = accuracy_report(pred, labels, cache.classes, cache.groups, cache.group_names,
-                                               target_mask)
-        locality[name] = accuracy_estimate(correct[other_mask]) if other_mask.any() else None
-        target_acc[name] = accuracy_estimate(correct[target_mask]) if target_mask.any() else None
-    return MethodReport(reports, target_reports, locality, target_acc, predictions)
-
-
-@dataclass(frozen=True)
-class EditConfig:
-    """Which deployable edit phase 2 exports (``method``), and the settings of each kind.
-
-    ``fit``: RefineCLIP-fit (:mod:`~refineclip_core.method.edit`), the default. ``paper``: the
-    paper's phase 2 (Eq. 11-13 on the labelled samples) with ``paper.strategy`` diag/full/LoRA.
-    """
-
-    method: Literal["fit", "paper"] = "fit"
-    fit: FitConfig = FitConfig()
-    paper: RefineConfig = RefineConfig()
-    concept: ConceptConfig = ConceptConfig()   # a concept RefineCLIP-fit's teacher also removes (method.concept)
-    coop: CoOpConfig = CoOpConfig()            # the prompt-learning baseline (baselines.CoOp)
-
-    def __post_init__(self) -> None:
-        if self.method not in ("fit", "paper"):
-            raise RefineClipError(f"Unknown edit method {self.method!r}; use fit or paper.")
-        if self.concept.active and self.method != "fit":
-            raise RefineClipError("Removing a concept is part of RefineCLIP-fit's teacher; use --method fit.")
-
-    @property
-    def exported(self) -> str:
-        """The method name the exported checkpoint is reported under."""
-        return "refineclip-fit" if self.method == "fit" else f"refineclip-{self.paper.strategy}"
-
-    def to_dict(self) -> dict:
-        return {"method": self.method, "exported": self.exported, "fit": self.fit.to_dict(),
-                "paper": self.paper.to_dict(), "concept": self.concept.to_dict(), "coop": self.coop.to_dict()}
-
-
-DEFAULT_EDIT = EditConfig()
-"""The edit every entry point exports unless told otherwise: RefineCLIP-fit."""
-
-PAPER_EDIT = EditConfig(method="paper")
-"""The paper's phase 2: diag(θ) learned by Eq. 13 on the labelled samples."""
-
-
-@dataclass
-class RefineOutcome:
-    """Phase 2's outcome: every fitted map by method name (``results``), every compared method as
-    data (``report``: name → predictions and accuracies) and which one an exported checkpoint carries
-    (``exported``; its map is ``refinement.refined``). The guard's verdict on it is
-    :func:`refineclip_core.edit.guard.assess_edit` (``run_edit`` makes it)."""
-
-    identification: Identification
-    results: dict[str, RefinementResult]     # method name -> fitted map (exported, paper phase 2, fine-tune)
-    exported: str
-    report: MethodReport
-    heads: list[HeadId]
-    config: EditConfig = DEFAULT_EDIT
-    concept: ConceptRemoval | None = None    # the concept the exported edit's teacher also removed
-
-    @property
-    def refinement(self) -> RefinementResult:
-        """The exported edit's fitted map."""
-        return self.results[self.exported]
-
-    @property
-    def finetune(self) -> RefinementResult | None:
-        return self.results.get("standard-finetune")
-
-
-def predictions_of(cache: FeatureCache, result: RefinementResult) -> np.ndarray:
-    """Class predictions of every cached image under a fitted map (a block of images at a time)."""
-    text = cache.text.astype(np.float64).T
-    return block_argmax(lambda x: result.refined.apply(x) @ text, cache.embeddings)
-
-
 #: The comparison row of RefineCLIP-fit without the concept removal the exported edit has.
 CONCEPT_KEPT = "refineclip-fit (concept kept)"
 
-
-def run_refinement(cache: FeatureCache, ident: Identification, cfg: EditConfig = DEFAULT_EDIT,
-                   heads: list[HeadId] | None = None, engine: AblationEngine | None = None,
-                   baselines: bool = True, progress: Progress | None = None,
-                   cancel: CancelFn | None = None, concept: ConceptRemoval | None = None,
-                   loaded: Any = None) -> RefineOutcome:
-    """Phase 2 with the chosen heads: fit the exported edit (``cfg.method``), with ``baselines``
-    also the other kind of edit, standard fine-tuning, Tip-Adapter and (given the ``loaded`` model
-    whose text tower it trains) CoOp, and compare them all with zero-shot and the ablated model on
-    the evaluation rows. ``concept`` (``cfg.concept`` resolved by
-    :func:`~refineclip_core.method.concept.resolve_concept`) is projected out of RefineCLIP-fit's teacher;
-    with ``baselines`` the same fit without it is the row :data:`CONCEPT_KEPT`."""
-    if cfg.concept.active and concept is None:
-        raise RefineClipError("The edit removes a concept but none was resolved; embed its texts first "
-                              "(refineclip_core.method.concept.resolve_concept).")
-    engine = ident.ablation_engine(engine or make_engine(cache))
-    heads = ident.heads if heads is None else list(heads)
-    mode = ident.config.ablation
-    labels = cache.labels
-    preds = {"zero-shot": engine.base_predictions, "ablated": engine.predict(heads, mode)}
-    results: dict[str, RefinementResult] = {}
-    kinds = ["fit", "paper"] if cfg.method == "fit" else ["paper", "fit"]
-    if concept is not None and baselines:
-        kinds.append("fit-kept")
-    for kind in kinds if baselines else kinds[:1]:
-        if kind in ("fit", "fit-kept"):
-            removed = concept if kind == "fit" else None
-            teacher, in_success = teacher_embeddings(engine, heads, mode, ident.adapt_rows, ident.target_classes,
-                                                     removed)
-            result = fit_ablation(cache.embeddings[ident.adapt_rows], cache.text, cache.logit_scale, teacher,
-                                  in_success, cfg.fit, progress=progress, cancel=cancel)
-            name = "refineclip-fit" if kind == "fit" else CONCEPT_KEPT
-        else:
-            W = np.unique(np.concatenate([s.W for s in ident.sets.values()]))
-            local = np.unique(np.concatenate([np.concatenate([s.C, s.A]) for s in ident.sets.values()]))
-            local = np.setdiff1d(local, W)
-            result = refine(cache.embeddings, labels, cache.text, cache.logit_scale, W, local,
-                            engine.embeddings(heads, mode, W), cfg.paper, train_rows=ident.sample_rows,
-                            progress=progress, cancel=cancel)
-            name = f"refineclip-{cfg.paper.strategy}"
-        results[name] = result
-        preds[name] = predictions_of(cache, result)
-    if baselines:
-        results["standard-finetune"] = standard_finetune(cache.embeddings, labels, cache.text, cache.logit_scale,
-                                                         ident.sample_rows, cfg.paper, progress=progress,
-                                                         cancel=cancel)
-        preds["standard-finetune"] = predictions_of(cache, results["standard-finetune"])
-        tip = TipAdapter.build(cache.embeddings[ident.sample_rows], labels[ident.sample_rows], cache.text,
-                               cache.logit_scale)
-        preds["tip-adapter"] = tip.predict(cache.embeddings)
-        if loaded is not None and supports_coop(loaded.model):
-            (progress or silent)("CoOp: learning the prompts' context", 0, cfg.coop.steps)
-            coop = CoOp.fit(loaded, cache.classes, cache.manifest.templates, cache.embeddings[ident.sample_rows],
-                            labels[ident.sample_rows], cache.logit_scale, cfg.coop, cancel=cancel)
-            preds["coop"] = coop.predict(cache.embeddings)
-    return RefineOutcome(ident, results, cfg.exported, evaluate_methods(cache, ident, preds), heads, cfg, concept)
 

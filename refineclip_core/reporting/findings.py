@@ -24,7 +24,8 @@ from ..method.ablation import AblationEngine
 from ..method.errorsets import error_pairs
 from ..method.evaluation import AccuracyReport
 from ..method.intervals import Estimate
-from ..method.protocol import CONCEPT_KEPT, Identification, evaluate_methods
+from ..method.protocol import CONCEPT_KEPT, Identification
+from ..method.comparison import evaluate_methods
 
 
 def json_safe(obj: Any) -> Any:

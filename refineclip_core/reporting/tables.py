@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from ..method.intervals import (Estimate)
 
 #: Characters that make a spreadsheet read a cell as a formula (or a command) when they lead it.
 FORMULA_LEAD = ("=", "+", "-", "@", "\t", "\r")
@@ -97,3 +98,19 @@ def per_image_rows(records: Sequence[Any], classes: Sequence[str], before: np.nd
                      "zero-shot correct": b == r.label, "edited correct": a == r.label,
                      "held out": role[i] == "held-out", "role": role[i]})
     return rows
+
+
+def verdict_rows(verdict: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Every unit of a verdict's ``to_dict()`` as a row of plain strings: the one table the CLI, the
+    run report and the Refine page show (edited groups first, then other groups, classes, the rest)."""
+    units = [*(verdict.get("groups") or []), *(verdict.get("other_groups") or []),
+             *(u for u in verdict.get("classes") or [] if verdict.get("strata") == "group" or not u["edited"]),
+             *([verdict["others"]] if verdict.get("others") else [])]
+
+    def est(e: Mapping[str, Any], signed: bool = False) -> str:
+        return Estimate(**e).format(unit=" pts" if signed else "%", signed=signed, count=False)
+
+    return [{"": f"edited {u['kind']}" if u["edited"] else u["kind"], "name": str(u["name"]), "n": str(u["n"]),
+             "before": est(u["before"]), "after": est(u["after"]), "change": est(u["change"], signed=True),
+             "fixed / broken": f"{u['fixed']} / {u['broken']}", "p (Holm)": f"{u.get('p_holm', 1.0):.3g}",
+             "worse (Holm)": "yes" if u["worse"] else "no"} for u in units]

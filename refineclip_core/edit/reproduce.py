@@ -8,6 +8,7 @@ paper's phase 2 with the same heads, standard fine-tuning and the Tip-Adapter ca
 paper-faithful way (``PAPER_PROTOCOL``: Alg. 1, zero ablation, phase 2 by Eq. 13, rows named
 ``paper:...``). :func:`summarise` turns the rows into mean ± std tables; :func:`markdown_table`
 prints them next to the paper's numbers.
+
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..features.cache import FeatureCache
-from .protocol import (DEFAULT_EDIT, DEFAULT_PROTOCOL, PAPER_PROTOCOL, EditConfig, ProtocolConfig, identify,
-                       make_engine, run_refinement)
+from ..method.protocol import DEFAULT_PROTOCOL, PAPER_PROTOCOL, ProtocolConfig, identify, make_engine
+from .compare import fit_edit
+from .config import DEFAULT_EDIT, EditConfig
 
 #: Paper Table 1 (average-group / worst-group accuracy, %, Waterbirds, 10 samples per class).
 PAPER_WATERBIRDS = {
@@ -29,6 +31,7 @@ PAPER_WATERBIRDS = {
     "ViT-L-14": {"zero-shot": (75.5, 47.7), "tip-adapter": (77.4, 52.6), "ablated": (85.5, 72.1)},
     "ViT-H-14": {"zero-shot": (68.6, 37.2), "tip-adapter": (70.3, 38.0), "ablated": (75.9, 51.3)},
 }
+
 
 #: How the harness names methods in tables.
 METHOD_LABELS = {
@@ -43,6 +46,7 @@ METHOD_LABELS = {
     "paper:refineclip-full": "Paper: RefineCLIP phase 2 (full)",
     "paper:refineclip-lora": "Paper: RefineCLIP phase 2 (LoRA)",
 }
+
 
 #: Paper Table 1's rows under this harness's method names.
 PAPER_NAMES = {"zero-shot": "zero-shot", "tip-adapter": "tip-adapter", "paper:ablated": "ablated"}
@@ -88,11 +92,11 @@ def run_protocol(cache: FeatureCache, samples: Sequence[int], seeds: Sequence[in
             over = {"samples_per_class": n, "seed": seed, **({"pair": pair} if pair else {})}
             seeded = replace(edit, fit=replace(edit.fit, seed=seed), paper=replace(edit.paper, seed=seed))
             ident = identify(cache, replace(protocol, **over), engine)
-            add(n, seed, run_refinement(cache, ident, seeded, engine=engine, baselines=True), ident)
+            add(n, seed, fit_edit(cache, ident, seeded, engine=engine, baselines=True), ident)
             paper_ident = identify(cache, replace(PAPER_PROTOCOL, **over), engine)   # the paper's T = 15
             for k, strategy in enumerate(strategies):
                 cfg = EditConfig(method="paper", paper=replace(seeded.paper, strategy=strategy))
-                add(n, seed, run_refinement(cache, paper_ident, cfg, engine=engine, baselines=False), paper_ident,
+                add(n, seed, fit_edit(cache, paper_ident, cfg, engine=engine, baselines=False), paper_ident,
                     "paper:", lambda m: m.startswith("refineclip") or (k == 0 and m == "ablated"))
             if log:
                 log(f"n={n} seed={seed}: heads [{', '.join(map(str, ident.heads))}] (defaults), "

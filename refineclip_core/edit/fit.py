@@ -15,7 +15,7 @@ of a 256-d (or 768-d) embedding the removed heads wrote.
 * locality set — every other image; teacher: the original embedding ``E``.
 
 It learns a full linear map ``B`` of the embedding (``f(E) = E·B``; merged as ``P' = P·B``,
-i.e. :class:`~refineclip_core.method.refinement.RefinedMap` with ``matrix = Bᵀ``) in two steps:
+i.e. :class:`~refineclip_core.edit.paper.RefinedMap` with ``matrix = Bᵀ``) in two steps:
 
 1. closed-form start (ridge least squares towards the identity)::
 
@@ -29,39 +29,25 @@ i.e. :class:`~refineclip_core.method.refinement.RefinedMap` with ``matrix = Bᵀ
 
 No label is used here: labels only chose the heads. Which images are used for adaptation is
 decided by :mod:`~refineclip_core.method.protocol` (never the evaluation rows).
+
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import Cancelled, RefineClipError
+from ..method.ablation import AblationEngine, Mode
 from ..progress import CancelFn, Progress, never, silent
-from .ablation import AblationEngine, Mode
-from .refinement import RefinedMap, RefinementResult, kl_divergence, log_probs
-
+from .config import FitConfig
+from .paper import RefinedMap, RefinementResult, kl_divergence, log_probs
 
 KL_DTYPE = torch.float32
 """Precision of the KL distillation steps (the least-squares start is always float64). Measured on
 20 development draws of the demo world: float64 gives the very same predictions at twice the time."""
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Hyper-parameters of RefineCLIP-fit (see the module docstring)."""
-
-    ridge: float = 1e-3       # λ of the least-squares start, relative to the mean eigenvalue of EᵀE
-    steps: int = 200          # Adam steps of the KL distillation (0: least squares only)
-    lr: float = 1e-3
-    max_rows: int = 8192      # adaptation images used by the KL steps (a seeded subsample above this)
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def teacher_embeddings(engine: AblationEngine, heads: Sequence, mode: Mode, rows: np.ndarray,

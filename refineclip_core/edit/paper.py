@@ -21,47 +21,20 @@ open_clip's ``visual.proj`` (width × embed_dim, columns scaled); a matrix ``M``
 ``open_clip.create_model(name, pretrained=FILE)`` loads and that reproduces ``f(E)`` — or, for a
 model read from a Hugging Face ``transformers`` folder (or on request), a folder that
 ``CLIPModel.from_pretrained`` loads, with ``visual_projection.weight = P'ᵀ``.
+
 """
 
 from __future__ import annotations
 
-import io
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import Cancelled, RefineClipError
-from ..features.cache import atomic_write_bytes, atomic_write_json
-from ..loading import hf_clip
-from ..loading.checkpoints import read_state_dict
 from ..progress import CancelFn, Progress, never, silent
-
-if TYPE_CHECKING:  # edit.py imports this module
-    from .edit import FitConfig
-
-Strategy = Literal["diag", "full", "lora"]
-
-
-@dataclass(frozen=True)
-class RefineConfig:
-    """Hyper-parameters of Eq. (13) and the optimiser (paper App. B: α, β in 1e3..1e4)."""
-
-    strategy: Strategy = "diag"
-    alpha: float = 1e4
-    beta: float = 1e2
-    steps: int = 500
-    lr: float = 1e-2
-    seed: int = 0
-    rank: int = 4
-    weight_ce: float = 1.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .config import FitConfig, PaperConfig, Strategy
 
 
 @dataclass
@@ -84,7 +57,7 @@ class RefinedMap:
 class RefinementResult:
     refined: RefinedMap
     history: dict[str, list[float]] = field(default_factory=dict)   # total, success, locality, ce
-    config: "RefineConfig | FitConfig" = RefineConfig()   # FitConfig for RefineCLIP-fit (method.edit)
+    config: "PaperConfig | FitConfig" = PaperConfig()   # FitConfig for RefineCLIP-fit (edit.fit)
 
 
 class _Map(torch.nn.Module):
@@ -137,7 +110,7 @@ def refine(
     W: np.ndarray,
     locality_rows: np.ndarray,
     ablated_W: np.ndarray,
-    cfg: RefineConfig = RefineConfig(),
+    cfg: PaperConfig = PaperConfig(),
     train_rows: np.ndarray | None = None,
     progress: Progress | None = None,
     cancel: CancelFn | None = None,
@@ -202,83 +175,12 @@ def refine(
     return RefinementResult(fmap.export(), history, cfg)
 
 
-def standard_finetune(embeddings, labels, text, logit_scale, train_rows, cfg: RefineConfig = RefineConfig(),
+def standard_finetune(embeddings, labels, text, logit_scale, train_rows, cfg: PaperConfig = PaperConfig(),
                       progress: Progress | None = None, cancel: CancelFn | None = None) -> RefinementResult:
     """The paper's baseline: the same parameters and samples, cross-entropy only."""
-    ce_only = RefineConfig(**{**cfg.to_dict(), "alpha": 0.0, "beta": 0.0})
+    ce_only = PaperConfig(**{**cfg.to_dict(), "alpha": 0.0, "beta": 0.0})
     empty = np.zeros(0, dtype=np.int64)
     d = np.asarray(embeddings).shape[1]
     return refine(embeddings, labels, text, logit_scale, empty, empty, np.zeros((0, d)), ce_only,
                   train_rows=np.asarray(train_rows), progress=progress, cancel=cancel,
                   stage="Standard fine-tuning (baseline, L_CE only)")
-
-
-def merge_into_projection(proj: torch.Tensor, refined: RefinedMap) -> torch.Tensor:
-    """``P'`` such that ``pooled @ P' == f(pooled @ P)``: columns scaled by θ, or ``P Mᵀ``."""
-    if refined.theta is not None:
-        return proj * torch.as_tensor(refined.theta, dtype=proj.dtype)[None, :]
-    return proj @ torch.as_tensor(refined.matrix, dtype=proj.dtype).T
-
-
-ExportFormat = Literal["auto", "open_clip", "hf"]
-EXPORT_FORMATS: tuple[str, ...] = ("auto", "open_clip", "hf")
-
-
-def resolve_export_format(source_checkpoint: str | os.PathLike | None, fmt: str = "auto") -> str:
-    """``"hf"`` or ``"open_clip"``: ``auto`` keeps the source's format (a transformers folder
-    stays one; everything else is written as an open_clip state dict)."""
-    if fmt not in EXPORT_FORMATS:
-        raise RefineClipError(f"Unknown export format '{fmt}'; use one of {', '.join(EXPORT_FORMATS)}.")
-    if fmt != "auto":
-        return fmt
-    return "hf" if hf_clip.is_hf_checkpoint(source_checkpoint) else "open_clip"
-
-
-def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.nn.Module, refined: RefinedMap,
-                      out_path: str | os.PathLike, fmt: ExportFormat = "auto", roots=None) -> Path:
-    """Write the edited model's weights (``visual.proj`` merged) atomically.
-
-    ``fmt`` (see :func:`resolve_export_format`): ``open_clip`` writes ``.safetensors`` or a torch
-    state dict (``.pt``/``.bin``) depending on ``out_path``'s suffix; ``hf`` writes a transformers
-    folder (``config.json`` + ``model.safetensors``, ``visual_projection.weight`` merged) that
-    ``CLIPModel.from_pretrained(out_path)`` loads (:func:`~refineclip_core.loading.hf_clip.write_hf_checkpoint`).
-    Weights come from ``source_checkpoint`` when given (keeping its dtype; a transformers
-    checkpoint is converted first), else from ``model``'s current state dict. The merged
-    ``visual.proj`` is kept in float32 when the checkpoint is in a lower precision (e.g. float16),
-    so that the edited model reproduces the evaluated edit exactly instead of up to a rounding
-    that can flip borderline predictions. With ``roots`` (a dashboard model's) the source is read
-    only inside those folders (loading/confine.py); a transformers export copies only the config and
-    tokenizer files it needs, never through a link leaving ``roots`` (or, without ``roots``, the
-    source folder: :func:`~refineclip_core.loading.hf_clip.export_roots`).
-    """
-    out_path = Path(out_path)
-    fmt = resolve_export_format(source_checkpoint, fmt)
-    hf_source = hf_clip.find_hf_checkpoint(source_checkpoint, roots)
-    converted = hf_clip.read_hf_checkpoint(hf_source, roots) if hf_source is not None else None
-    if converted is not None:
-        state = converted.state_dict
-    elif source_checkpoint:
-        state = read_state_dict(source_checkpoint, roots)
-    else:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if "visual.proj" not in state:
-        raise RefineClipError("The model has no 'visual.proj' to merge the refinement into.")
-    proj = state["visual.proj"]
-    keep = proj.dtype if proj.dtype in (torch.float32, torch.float64) else torch.float32
-    merged = merge_into_projection(proj.double(), refined).to(keep)
-    state = {k: v.contiguous() for k, v in state.items()}
-    state["visual.proj"] = merged.contiguous()
-    if fmt == "hf":
-        return hf_clip.write_hf_checkpoint(out_path, state, model, hf_source, roots)
-    if out_path.suffix == ".safetensors":
-        from safetensors.torch import save
-
-        data = save(state)
-    else:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        data = buf.getvalue()
-    atomic_write_bytes(out_path, data)
-    if converted is not None:  # open_clip needs the architecture too: the converted config, beside the weights
-        atomic_write_json(out_path.with_suffix(".json"), converted.config)
-    return out_path

@@ -1,0 +1,87 @@
+"""The edit's configuration: what is exported (:class:`EditConfig`), RefineCLIP-fit's
+hyper-parameters (:class:`FitConfig`) and the paper's phase 2 (:class:`PaperConfig`, Eq. 13).
+
+The defaults (:data:`DEFAULT_EDIT`) are what the CLI, the dashboard and the benchmarks use;
+:data:`PAPER_EDIT` is the paper's own choice (diag θ by Eq. 13).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from ..errors import RefineClipError
+from ..method.baselines import CoOpConfig
+from ..method.concept import ConceptConfig
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Hyper-parameters of RefineCLIP-fit (see the module docstring)."""
+
+    ridge: float = 1e-3       # λ of the least-squares start, relative to the mean eigenvalue of EᵀE
+    steps: int = 200          # Adam steps of the KL distillation (0: least squares only)
+    lr: float = 1e-3
+    max_rows: int = 8192      # adaptation images used by the KL steps (a seeded subsample above this)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Strategy = Literal["diag", "full", "lora"]
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    """Hyper-parameters of Eq. (13) and the optimiser (paper App. B: α, β in 1e3..1e4)."""
+
+    strategy: Strategy = "diag"
+    alpha: float = 1e4
+    beta: float = 1e2
+    steps: int = 500
+    lr: float = 1e-2
+    seed: int = 0
+    rank: int = 4
+    weight_ce: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """Which deployable edit phase 2 exports (``method``), and the settings of each kind.
+
+    ``fit``: RefineCLIP-fit (:mod:`~refineclip_core.edit.fit`), the default. ``paper``: the
+    paper's phase 2 (Eq. 11-13 on the labelled samples) with ``paper.strategy`` diag/full/LoRA.
+    """
+
+    method: Literal["fit", "paper"] = "fit"
+    fit: FitConfig = FitConfig()
+    paper: PaperConfig = PaperConfig()
+    concept: ConceptConfig = ConceptConfig()   # a concept RefineCLIP-fit's teacher also removes (method.concept)
+    coop: CoOpConfig = CoOpConfig()            # the prompt-learning baseline (baselines.CoOp)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("fit", "paper"):
+            raise RefineClipError(f"Unknown edit method {self.method!r}; use fit or paper.")
+        if self.concept.active and self.method != "fit":
+            raise RefineClipError("Removing a concept is part of RefineCLIP-fit's teacher; use --method fit.")
+
+    @property
+    def exported(self) -> str:
+        """The method name the exported checkpoint is reported under."""
+        return "refineclip-fit" if self.method == "fit" else f"refineclip-{self.paper.strategy}"
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "exported": self.exported, "fit": self.fit.to_dict(),
+                "paper": self.paper.to_dict(), "concept": self.concept.to_dict(), "coop": self.coop.to_dict()}
+
+
+DEFAULT_EDIT = EditConfig()
+"""The edit every entry point exports unless told otherwise: RefineCLIP-fit."""
+
+
+PAPER_EDIT = EditConfig(method="paper")
+"""The paper's phase 2: diag(θ) learned by Eq. 13 on the labelled samples."""

@@ -1,0 +1,100 @@
+"""Exporting an edit: the fitted map merged into ``visual.proj`` (``P' = P·Mᵀ``, or ``P·diag(θ)``),
+written as an open_clip checkpoint or a Hugging Face folder. The only module of the edit that
+touches :mod:`~refineclip_core.loading`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..errors import RefineClipError
+from ..features.cache import atomic_write_bytes, atomic_write_json
+from ..loading import hf_clip
+from ..loading.checkpoints import read_state_dict
+from ..loading.models import ModelSpec
+from .paper import RefinedMap
+
+
+def merge_into_projection(proj: torch.Tensor, refined: RefinedMap) -> torch.Tensor:
+    """``P'`` such that ``pooled @ P' == f(pooled @ P)``: columns scaled by θ, or ``P Mᵀ``."""
+    if refined.theta is not None:
+        return proj * torch.as_tensor(refined.theta, dtype=proj.dtype)[None, :]
+    return proj @ torch.as_tensor(refined.matrix, dtype=proj.dtype).T
+
+
+ExportFormat = Literal["auto", "open_clip", "hf"]
+
+
+EXPORT_FORMATS: tuple[str, ...] = ("auto", "open_clip", "hf")
+
+
+def resolve_export_format(source_checkpoint: str | os.PathLike | None, fmt: str = "auto") -> str:
+    """``"hf"`` or ``"open_clip"``: ``auto`` keeps the source's format (a transformers folder
+    stays one; everything else is written as an open_clip state dict)."""
+    if fmt not in EXPORT_FORMATS:
+        raise RefineClipError(f"Unknown export format '{fmt}'; use one of {', '.join(EXPORT_FORMATS)}.")
+    if fmt != "auto":
+        return fmt
+    return "hf" if hf_clip.is_hf_checkpoint(source_checkpoint) else "open_clip"
+
+
+def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.nn.Module, refined: RefinedMap,
+                      out_path: str | os.PathLike, fmt: ExportFormat = "auto", roots=None) -> Path:
+    """Write the edited model's weights (``visual.proj`` merged) atomically.
+
+    ``fmt`` (see :func:`resolve_export_format`): ``open_clip`` writes ``.safetensors`` or a torch
+    state dict (``.pt``/``.bin``) depending on ``out_path``'s suffix; ``hf`` writes a transformers
+    folder (``config.json`` + ``model.safetensors``, ``visual_projection.weight`` merged) that
+    ``CLIPModel.from_pretrained(out_path)`` loads (:func:`~refineclip_core.loading.hf_clip.write_hf_checkpoint`).
+    Weights come from ``source_checkpoint`` when given (keeping its dtype; a transformers
+    checkpoint is converted first), else from ``model``'s current state dict. The merged
+    ``visual.proj`` is kept in float32 when the checkpoint is in a lower precision (e.g. float16),
+    so that the edited model reproduces the evaluated edit exactly instead of up to a rounding
+    that can flip borderline predictions. With ``roots`` (a dashboard model's) the source is read
+    only inside those folders (loading/confine.py); a transformers export copies only the config and
+    tokenizer files it needs, never through a link leaving ``roots`` (or, without ``roots``, the
+    source folder: :func:`~refineclip_core.loading.hf_clip.export_roots`).
+    """
+    out_path = Path(out_path)
+    fmt = resolve_export_format(source_checkpoint, fmt)
+    hf_source = hf_clip.find_hf_checkpoint(source_checkpoint, roots)
+    converted = hf_clip.read_hf_checkpoint(hf_source, roots) if hf_source is not None else None
+    if converted is not None:
+        state = converted.state_dict
+    elif source_checkpoint:
+        state = read_state_dict(source_checkpoint, roots)
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if "visual.proj" not in state:
+        raise RefineClipError("The model has no 'visual.proj' to merge the refinement into.")
+    proj = state["visual.proj"]
+    keep = proj.dtype if proj.dtype in (torch.float32, torch.float64) else torch.float32
+    merged = merge_into_projection(proj.double(), refined).to(keep)
+    state = {k: v.contiguous() for k, v in state.items()}
+    state["visual.proj"] = merged.contiguous()
+    if fmt == "hf":
+        return hf_clip.write_hf_checkpoint(out_path, state, model, hf_source, roots)
+    if out_path.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        data = save(state)
+    else:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    atomic_write_bytes(out_path, data)
+    if converted is not None:  # open_clip needs the architecture too: the converted config, beside the weights
+        atomic_write_json(out_path.with_suffix(".json"), converted.config)
+    return out_path
+
+
+def export_path(folder: str | os.PathLike, spec: ModelSpec, stem: str) -> Path:
+    """Where to export an edit of ``spec``'s model in its own format: ``<stem>-hf/`` (a
+    transformers folder) for a Hugging Face checkpoint, else ``<stem>.safetensors``."""
+    hf = resolve_export_format(spec.resolved().checkpoint) == "hf"
+    return Path(folder) / (f"{stem}-hf" if hf else f"{stem}.safetensors")

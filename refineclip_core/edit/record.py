@@ -1,0 +1,167 @@
+"""The run's record: one edit run as JSON-safe data (model, data, protocol, scores, selection,
+the edit's config and history, every method's accuracies, the guard's verdict, the per-image
+predictions), and reading a record back (``refineclip eval --rows-from``).
+:mod:`~refineclip_core.reporting.run_report` renders it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import RefineClipError
+from ..features.cache import FeatureCache
+from ..inspection.diagnosis import Diagnosis
+from ..loading.data import ImageDataset
+from ..method.ablation import AblationEngine
+from ..method.protocol import Identification, heldout_counts
+from ..method.scores import HeadScores
+from ..reporting.findings import findings, json_safe
+from ..reporting.tables import PER_IMAGE_COLUMNS, per_image_rows
+from .compare import EditOutcome
+from .guard import EditVerdict, assess_edit
+from .sanity import SanityWarning
+
+
+def scores_to_dict(scores: Mapping[str, HeadScores]) -> dict[str, dict]:
+    return {name: {"values": None if s.values is None else np.asarray(s.values).tolist(), "layers": list(s.layers),
+                   "descending": bool(s.descending), "available": s.available, "reason": s.reason}
+            for name, s in scores.items()}
+
+
+def build_run_report(cache: FeatureCache, ident: Identification, engine: AblationEngine,
+                     outcome: EditOutcome | None = None, *, model: Mapping[str, Any] | None = None,
+                     data_root: str | None = None, checkpoint: Path | None = None,
+                     extra: Mapping[str, Any] | None = None, diagnosis: Diagnosis | None = None,
+                     verdict: EditVerdict | None = None, warnings: Sequence[SanityWarning] = ()) -> dict:
+    """Everything about one run, JSON-safe: what was loaded, which rows, which heads, the
+    scores and curves behind the choice (Eq. 6-10), the diagnosis of what removing the heads
+    takes out (:mod:`~refineclip_core.inspection.diagnosis`, when given), the refinement (Eq. 11-13),
+    every compared method's accuracies (``methods``, name → report) and which of them was
+    ``exported`` to ``checkpoint``."""
+    import torch
+
+    from .. import __version__
+
+    try:
+        import open_clip
+        oc_version = getattr(open_clip, "__version__", "?")
+    except Exception:  # pragma: no cover - open_clip is a dependency
+        oc_version = "?"
+    man = cache.manifest
+    heads = outcome.heads if outcome is not None else ident.heads
+    report: dict[str, Any] = {
+        "title": "RefineCLIP run report",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"refineclip_core": __version__, "torch": torch.__version__, "open_clip": oc_version},
+        "model": dict(model) if model is not None else dict(man.model),
+        "model_name": man.model_name,
+        "data": {"root": data_root or man.data_root, "cache": str(cache.root), "n_images": len(cache),
+                 "classes": list(cache.classes), "groups": list(cache.group_names), "templates": list(man.templates),
+                 "layers": list(man.layers), "n_heads": man.n_heads, "n_skipped": len(cache.skipped)},
+        "protocol": ident.config.to_dict(),
+        "pairs": [[cache.classes[a], cache.classes[b]] for a, b in ident.pairs],
+        "sets": {k: s.sizes() for k, s in ident.sets.items()},
+        "n_samples": int(len(ident.sample_rows)),
+        "n_eval": int(len(ident.eval_rows)),
+        "sample_rows": ident.sample_rows.tolist(),
+        "eval_rows": ident.eval_rows.tolist(),
+        "eval_files": row_files(cache, ident.eval_rows),
+        "scores": scores_to_dict(ident.scores),
+        "selection": ident.selection.to_dict(),
+        "heads": [h.as_list() for h in heads],
+        "findings": findings(cache, ident, engine).to_dict(),
+        "heldout": {"min_per_group": ident.config.min_heldout,
+                    "groups": [h.to_dict() for h in heldout_counts(cache, ident)]},
+        "warnings": [w.to_dict() for w in warnings],
+    }
+    stability = ident.selection.stability
+    if stability is not None and stability.resamples:
+        report["head_stability"] = {"summary": stability.summary(heads), "rows": stability.rows(heads),
+                                    "one_off": [str(h) for h in stability.one_off(heads)], **stability.to_dict()}
+    if diagnosis is not None:
+        report["diagnosis"] = diagnosis.to_dict()
+    if outcome is not None:
+        report["refine_config"] = outcome.config.to_dict()
+        report["history"] = outcome.refinement.history
+        report["methods"] = outcome.report.to_dict()
+        report["exported"] = outcome.exported
+        report["verdict"] = (verdict or assess_edit(cache, ident, outcome.report.predictions["zero-shot"],
+                                                    outcome.report.predictions[outcome.exported],
+                                                    outcome.exported)).to_dict()
+        report["n_adapt"] = int(len(ident.adapt_rows))
+        preds = outcome.report.predictions
+        rows = per_image_rows(cache.records, cache.classes, preds["zero-shot"], preds[outcome.exported],
+                              ident.eval_rows, samples=ident.sample_rows, adapt=ident.adapt_rows,
+                              root=data_root or man.data_root)
+        report["per_image"] = {"columns": list(PER_IMAGE_COLUMNS),
+                               "rows": [[r[c] for c in PER_IMAGE_COLUMNS] for r in rows]}
+        if outcome.concept is not None:
+            report["concept_removal"] = outcome.concept.to_dict()
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        folder = ckpt.is_dir()  # a transformers folder (config.json + model.safetensors)
+        report["checkpoint"] = {"file": ckpt.name, "format": "hf" if folder else "open_clip",
+                                "bytes": sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file()) if folder
+                                else ckpt.stat().st_size,
+                                "merged_into": "visual_projection.weight" if folder else "visual.proj"}
+    if extra:
+        report["extra"] = dict(extra)
+    return json_safe(report)
+
+
+def row_files(cache: FeatureCache, rows: np.ndarray) -> list[str]:
+    """The image files of ``rows``, relative to the data folder when inside it (what ``refineclip eval
+    --rows-from`` matches a fresh scan against)."""
+    root = Path(cache.manifest.data_root) if cache.manifest.data_root else None
+    out = []
+    for i in np.asarray(rows, dtype=np.int64).tolist():
+        path = Path(cache.records[i].path)
+        try:
+            out.append(path.relative_to(root).as_posix() if root is not None else str(path))
+        except ValueError:
+            out.append(str(path))
+    return out
+
+
+def read_run_report(path: str | os.PathLike) -> dict:
+    """A run report written by :func:`write_report` (or ``refineclip refine --json``), checked to name
+    its held-out images."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RefineClipError(f"Cannot read the run report {path}: {exc}.") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("eval_files"), list) \
+            or not isinstance(report.get("data"), dict):
+        raise RefineClipError(f"{path} is not a run report that lists its held-out images (write one with "
+                              "refineclip refine --json, or download the Refine page's JSON).")
+    return report
+
+
+def held_out_only(dataset: ImageDataset, report: Mapping[str, Any], name: str = "the run") -> ImageDataset:
+    """``dataset`` restricted to the held-out images of a run report, matched by their path inside the
+    data folder; every held-out image must be there, with the run's class names."""
+    if list(report["data"].get("classes") or []) != list(dataset.classes):
+        raise RefineClipError(f"The classes of {dataset.root} differ from those of {name}; evaluate the folder the "
+                              "run was made on.")
+    wanted = set(map(str, report["eval_files"]))
+    root = Path(dataset.root)
+    keep = []
+    for r in dataset.records:
+        path = Path(r.path)
+        try:
+            rel = path.relative_to(root).as_posix()
+        except ValueError:
+            rel = str(path)
+        if rel in wanted or str(path) in wanted:
+            keep.append(r)
+    if len(keep) != len(wanted):
+        raise RefineClipError(f"{len(wanted) - len(keep)} of the {len(wanted)} held-out images of {name} are not in "
+                              f"{dataset.root}; evaluate the folder the run was made on.")
+    return replace(dataset, records=keep)
