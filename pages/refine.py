@@ -56,8 +56,7 @@ st.caption("Phase 2 learns a linear map of the image embedding that behaves like
            "the edit is checked against zero-shot on held-out images.")
 ready = require_ready()
 src, cache, eng = ready.source, ready.cache, ready.engine
-ident = ready.ident()
-classes = cache.classes
+ident, classes = ready.ident(), cache.classes
 last: EditRun | None = get(Key.REFINE)
 if last is not None:  # the guard first: is the last edit verified better than zero-shot on held-out images?
     verdict_banner(last.verdict, last.outcome.exported)
