@@ -31,23 +31,6 @@ def live_losses(job: Job):
     return None if series is None else loss_figure(series, steps=series["done"])
 
 
-job = get(Key.REFINE_JOB)
-if job is not None and not job.handled:
-    follow_job(job, "Refining on the cached embeddings", cancel_key="ref_cancel", live=live_losses,
-               done="Refined in {elapsed}")
-    job.handled = True
-    if isinstance(job.error, Cancelled):
-        st.info(f"{job.error} Nothing was exported; run it again when ready.")
-    elif job.error is not None:
-        show_exception(job.error, "Refinement")
-    else:
-        set_refine(job.result)
-        if not Path(job.result.report["data"]["root"]).resolve().is_relative_to(session_dir().resolve()):
-            with guard("Keeping the run in the studio home"):   # listed on the Load page (recent runs)
-                made_here(save_run(report_json(job.result.report), job.result.outcome.exported))
-        st.rerun()  # draw the new verdict at the top of the page
-
-
 st.caption("Phase 2 learns a linear map of the image embedding that behaves like the model with the heads removed "
            "on images of the edited classes (L_success, Eq. 11) and like the original everywhere else "
            "(L_locality, Eq. 12), and merges it into the projection: the edited model is an ordinary checkpoint. "
@@ -88,8 +71,23 @@ if submitted is not None:
     put(Key.REFINE_JOB, start_job(f"Fitting {cfg.exported}", lambda progress, cancelled: run_edit(
         cache, ident, eng, cfg, heads, spec=src.spec, export_to=out, loaded=loaded, data_root=src.data_root,
         baselines=baselines, progress=progress, cancel=cancelled, diagnosis=diag, demo_data=on_demo(ready))))
-    st.rerun()   # follow the run at the top of the page
 
+
+job = get(Key.REFINE_JOB)
+if job is not None and not job.handled:
+    follow_job(job, "Refining on the cached embeddings", cancel_key="ref_cancel", live=live_losses,
+               done="Refined in {elapsed}")
+    job.handled = True
+    if isinstance(job.error, Cancelled):
+        st.info(f"{job.error} Nothing was exported; run it again when ready.")
+    elif job.error is not None:
+        show_exception(job.error, "Refinement")
+    else:
+        set_refine(job.result)
+        if not Path(job.result.report["data"]["root"]).resolve().is_relative_to(session_dir().resolve()):
+            with guard("Keeping the run in the studio home"):   # listed on the Load page (recent runs)
+                made_here(save_run(report_json(job.result.report), job.result.outcome.exported))
+        st.rerun()  # draw the new verdict at the top of the page
 
 res: EditRun | None = get(Key.REFINE)
 if res is None:
