@@ -30,5 +30,7 @@ try:
     page.run()
 except Exception as exc:  # last resort: a short message, never a traceback
     show_exception(exc, f"The {page.title} page")
-finally:
-    write_link()   # the view stays in the URL: a reload, or the link shared, shows the same view
+# the view stays in the URL (a reload, or the link shared, shows the same view); written only by a run
+# that completes: a page's st.rerun() skips it (a query change while a rerun is pending lost the
+# Refine page's results in Chromium), and the next run writes it
+write_link()

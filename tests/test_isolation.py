@@ -340,6 +340,12 @@ def test_cli_prints_no_control_characters(hostile_names, tmp_path, capsys):
                  "--out", str(tmp_path / "c2")]) == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and "⟨U+001B⟩[2J" in err
+    # argparse's own lines quote what was typed: marked too
+    for argv in (["zero-shot", "--cache", "c", "--bogus\x1b]0;PWNED\x07"], ["no-such\x1b[31m-command"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert "\x1b" not in err and "\x07" not in err, err   # marked (or quoted by argparse), never raw
 
 
 def test_json_to_a_folder_and_a_full_disk_are_one_sentence(tiny_model_files, image_folder, tmp_path, capsys,

@@ -45,8 +45,19 @@ full record, --json - prints the record alone on stdout for piping. Progress bar
 only when it is a terminal (REFINECLIP_PROGRESS=always puts them into logs too, =never hides them)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose own error lines ("unrecognized arguments: ...", "invalid choice: ...") quote
+    what was typed: they go through :func:`~refineclip_core.cli.common.terminal` like every other
+    message, so an argument holding terminal escapes is shown marked, never acted on."""
+
+    def error(self, message: str):
+        from .common import terminal
+
+        super().error(terminal(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="refineclip",
         description="Find the attention heads behind CLIP's errors and edit the model to fix them (RefineCLIP).",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
