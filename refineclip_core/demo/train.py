@@ -562,6 +562,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.cue is not None:
         world_kw["cue"] = args.cue
     cfg = TrainConfig(seed=args.seed, lr=args.lr, threads=args.threads, world=WorldConfig(**world_kw))
+    return _common_args(cfg, args, CAPTION_FAMILIES)
+
+
+def _common_args(cfg: TrainConfig, args: argparse.Namespace, caption_families) -> TrainConfig:
+    """What --quick, the step/size overrides, --caption-weights and --model-config do to either world's recipe."""
     if args.quick:
         cfg.steps, cfg.batch_size, cfg.pool_per_group, cfg.pool_unrelated = 3, 16, 8, 4
         cfg.eval_every, cfg.val_per_group, cfg.test_per_group = 1000, 2, 3
@@ -572,7 +577,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if value is not None:
             setattr(cfg, name, value)
     if args.caption_weights:
-        cfg.caption_weights = _caption_weights(args.caption_weights, CAPTION_FAMILIES)
+        cfg.caption_weights = _caption_weights(args.caption_weights, caption_families)
     if args.model_config:
         cfg.model_config = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
     return cfg
@@ -588,20 +593,7 @@ def _digits_config_from_args(args: argparse.Namespace) -> TrainConfig:
     world_kw = {k: getattr(args, k) for k in ("bias", "neutral_frac") if getattr(args, k) is not None}
     if world_kw:
         cfg.world = dataclasses.replace(cfg.world, **world_kw)
-    if args.quick:
-        cfg.steps, cfg.batch_size, cfg.pool_per_group, cfg.pool_unrelated = 3, 16, 8, 4
-        cfg.eval_every, cfg.val_per_group, cfg.test_per_group = 1000, 2, 3
-        cfg.model_config = default_model_config(quick=True)
-    for name in ("steps", "batch_size", "pool_per_group", "pool_unrelated", "eval_every", "test_per_group",
-                 "cls_mlp_penalty"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg, name, value)
-    if args.caption_weights:
-        cfg.caption_weights = _caption_weights(args.caption_weights, cfg.world.caption_family_names)
-    if args.model_config:
-        cfg.model_config = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
-    return cfg
+    return _common_args(cfg, args, cfg.world.caption_family_names)
 
 
 def _caption_weights(spec: str, families: Sequence[str]) -> dict[str, float]:
