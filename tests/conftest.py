@@ -120,3 +120,35 @@ def write_hostile_dataset(root: Path, outside: Path, n_per_class: int = 14) -> P
     rows.append(f'zz_link.png,"{HOSTILE_CLASSES[0]}","{HOSTILE_GROUPS[0]}"')
     (root / "metadata.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+# ------------------------------------------------------------------------------------------------
+# Chromium through Playwright: one browser per test session, shared by every browser test (a second
+# ``sync_playwright()`` while the first runs fails with "Sync API inside the asyncio loop").
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Fail (never skip) with the install command when Chromium is missing."""
+    import os
+
+    from benchmarks.run import screenshots_module
+
+    shots = screenshots_module()
+    if not (os.path.isfile(shots.CHROMIUM) and os.access(shots.CHROMIUM, os.X_OK)):
+        pytest.fail(shots.INSTALL_HINT, pytrace=False)
+    return shots.CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def browser(chromium):
+    from playwright.sync_api import sync_playwright
+
+    from benchmarks.run import screenshots_module
+
+    pw = sync_playwright().start()
+    try:
+        b = screenshots_module().launch_chromium(pw)
+        yield b
+        b.close()
+    finally:
+        pw.stop()

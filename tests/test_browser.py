@@ -57,14 +57,6 @@ shots = screenshots_module()
 # Fixtures: the server, the browser, one user's session and the cached arrays
 
 @pytest.fixture(scope="session")
-def chromium() -> str:
-    """Fail (never skip) with the install command when Chromium is missing."""
-    if not (os.path.isfile(shots.CHROMIUM) and os.access(shots.CHROMIUM, os.X_OK)):
-        pytest.fail(shots.INSTALL_HINT, pytrace=False)
-    return shots.CHROMIUM
-
-
-@pytest.fixture(scope="session")
 def server(tmp_path_factory, chromium):
     """``streamlit run app.py`` on a free port, a private studio home, the demo or its stand-in."""
     base = tmp_path_factory.mktemp("browser")
@@ -76,19 +68,6 @@ def server(tmp_path_factory, chromium):
     yield srv
     srv.stop()
     assert srv.proc.poll() is not None, "the streamlit server did not stop"
-
-
-@pytest.fixture(scope="session")
-def browser(chromium):
-    from playwright.sync_api import sync_playwright
-
-    pw = sync_playwright().start()
-    try:
-        b = shots.launch_chromium(pw)
-        yield b
-        b.close()
-    finally:
-        pw.stop()
 
 
 @pytest.fixture(scope="session")
