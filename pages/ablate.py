@@ -9,6 +9,7 @@ import streamlit as st
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.method.ablation import verify_on_images
 from refineclip_core.method.evaluation import accuracy_report, rows_mask
+from studio_ui.panels import sanity_panel
 from studio_ui.registry import page
 from studio_ui.state import Key, ablate_heads, get, put, read_roots, set_ticked_heads, ticked_heads
 from studio_ui.widgets import (comparison_table, guard, image_grid, link, metric_ci, plain, require_ready,
@@ -20,6 +21,7 @@ st.caption("Removing a head subtracts its direct contribution from the image emb
 ready = require_ready()
 cache, eng = ready.cache, ready.engine
 ident = ready.ident()
+sanity_panel(ready, ident)   # below-chance accuracy, few errors, too few held-out images, untested data
 classes, labels = cache.classes, cache.labels
 all_heads = cache.head_ids()
 suggested = ablate_heads() if ablate_heads() is not None else ident.heads

@@ -15,7 +15,7 @@ from refineclip_core.reporting.figures import confusion_figure
 from refineclip_core.reporting.findings import accuracy_rows
 from refineclip_core.names import visible
 from studio_ui import resources
-from studio_ui.panels import heldout_rows
+from studio_ui.panels import heldout_rows, sanity_panel
 from studio_ui.registry import page
 from studio_ui.state import Key, get, protocol, set_protocol
 from studio_ui.widgets import accuracy_frame, image_grid, link, metric_ci, plain, require_ready, table
@@ -31,6 +31,8 @@ labels, classes = cache.labels, cache.classes
 
 splits = sorted(set(cache.splits.tolist()) - {""})
 held = heldout_rows(ready)
+if held is not None:   # the same warnings as the Load page (below-chance accuracy, few errors or held-out images)
+    sanity_panel(ready, ready.ident())
 HELD = "held-out images (the Load, Ablate and Refine pages' rows)"
 options = ["all images"] + ([HELD] if held is not None else []) + [f"{s} split" for s in splits]
 default = options.index("test split") if "test split" in options else (1 if held is not None else 0)

@@ -12,7 +12,7 @@ from refineclip_core.reporting.figures import MAX_BOX_POINTS, push_figure
 from refineclip_core.names import visible
 from studio_ui import resources
 from studio_ui.registry import page
-from studio_ui.panels import head_concept_panel
+from studio_ui.panels import head_concept_panel, sanity_panel
 from studio_ui.state import Key, get, inspect_head, put, read_roots, set_inspect_head
 from studio_ui.widgets import guard, image_grid, link, plain, require_ready, show_exception, table
 
@@ -20,6 +20,7 @@ st.title(page("inspector").heading)
 ready = require_ready()
 src, cache = ready.source, ready.cache
 ident = ready.ident()
+sanity_panel(ready, ident)   # the heads below were chosen from W and C: say when those are few
 classes, layers, H = cache.classes, list(cache.manifest.layers), cache.manifest.n_heads
 
 current = inspect_head()

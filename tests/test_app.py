@@ -125,6 +125,16 @@ def test_first_visit_opens_on_the_demo_with_findings(app):
     assert any("checked on the demo world" in c.value for c in app.caption)   # the demo: the check's own world
 
 
+def test_every_page_with_numbers_shows_the_same_warnings(app):
+    """The sanity warnings (issue 23 item 4) stand beside the numbers on every page that shows them, not only
+    on Load: 4 held-out images per bird group are too few to verify an edit, and each page says so."""
+    for name in ("errors", "heads", "ablate", "inspector", "refine"):
+        open_page(app, name)
+        warned = " ".join(w.value for w in app.warning)
+        assert plain("Too few held-out images to check an edit") in warned, f"no warning on the {name} page"
+    open_page(app, "load")
+
+
 def test_second_session_reuses_the_prepared_demo(home, demo_spec, app):
     at = fresh_app(demo_spec)
     at.run()
