@@ -23,6 +23,7 @@ from studio_ui.state import Key, ablate_heads, get, made_here, protocol, put, se
 from studio_ui.widgets import follow_job, guard, link, metric_ci, plain, require_ready, show_exception, table
 
 st.title(page("refine").heading)
+running_area = st.container()   # a running refinement is followed here, at the top of the page (drawn last)
 
 
 def live_losses(job: Job):
@@ -75,14 +76,15 @@ if submitted is not None:
 
 job = get(Key.REFINE_JOB)
 if job is not None and not job.handled:
-    follow_job(job, "Refining on the cached embeddings", cancel_key="ref_cancel", live=live_losses,
-               done="Refined in {elapsed}")
-    job.handled = True
-    if isinstance(job.error, Cancelled):
-        st.info(f"{job.error} Nothing was exported; run it again when ready.")
-    elif job.error is not None:
-        show_exception(job.error, "Refinement")
-    else:
+    with running_area:   # the code runs here, after the form; its progress and live curves show at the top
+        follow_job(job, "Refining on the cached embeddings", cancel_key="ref_cancel", live=live_losses,
+                   done="Refined in {elapsed}")
+        job.handled = True
+        if isinstance(job.error, Cancelled):
+            st.info(f"{job.error} Nothing was exported; run it again when ready.")
+        elif job.error is not None:
+            show_exception(job.error, "Refinement")
+    if job.error is None:
         set_refine(job.result)
         if not Path(job.result.report["data"]["root"]).resolve().is_relative_to(session_dir().resolve()):
             with guard("Keeping the run in the studio home"):   # listed on the Load page (recent runs)

@@ -303,6 +303,20 @@ def _original_checkpoint(server) -> Path:
     return Path(folder) / f"{DEMO_MODEL_NAME}.safetensors"
 
 
+_RUN_WATCH = """() => {
+  window.__rcRun = null;
+  const look = () => {
+    if (window.__rcRun) return;
+    const status = [...document.querySelectorAll('[data-testid="stExpander"]')]
+      .find(e => e.innerText.includes('Refining on the cached embeddings'));
+    const button = [...document.querySelectorAll('button')].find(e => e.innerText.includes('Run phase 2'));
+    if (status && button)
+      window.__rcRun = {status: status.getBoundingClientRect().top, button: button.getBoundingClientRect().top};
+  };
+  new MutationObserver(look).observe(document, {subtree: true, childList: true, characterData: true});
+}"""
+
+
 def test_refine_runs_compares_and_downloads_a_loadable_checkpoint(story, server, tmp_path):
     import open_clip
     import torch
@@ -323,9 +337,14 @@ def test_refine_runs_compares_and_downloads_a_loadable_checkpoint(story, server,
         box = page.locator(f".st-key-{key} input")
         box.fill(value)
         box.press("Tab")
+    page.evaluate(_RUN_WATCH)
     page.get_by_role("button", name="Run phase 2").click()
     page.get_by_text("Results on held-out images").wait_for(timeout=180_000)
     shots.settle(page, timeout=180)
+    # while it ran, its progress was at the top of the page, above the form (issue 24 item 3)
+    where = page.evaluate("window.__rcRun")
+    assert where is not None, "the running refinement's progress was never seen"
+    assert where["status"] < where["button"], f"the progress was drawn below the form: {where}"
     figure = page.locator(".st-key-ref_summary_fig").inner_text()
     for method in ("zero-shot", "ablated", "refineclip-fit", "refineclip-diag", "standard-finetune", "tip-adapter"):
         assert method in figure, f"'{method}' missing from the comparison chart"
