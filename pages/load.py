@@ -10,9 +10,9 @@ import streamlit as st
 
 from refineclip_core.errors import Cancelled
 from refineclip_core.features.zeroshot import DEFAULT_TEMPLATES
-from refineclip_core.studio.caches import cache_source
-from refineclip_core.studio.images import ScannedImages, plan_source, scan_images
-from refineclip_core.studio.locking import extract_locked
+from refineclip_core.session.caches import cache_source
+from refineclip_core.session.images import ScannedImages, plan_source, scan_images
+from refineclip_core.session.locking import extract_locked
 from studio_ui import resources
 from studio_ui.forms import cache_form, extraction_options, images_form, model_form
 from studio_ui.jobs import start_job

@@ -13,7 +13,7 @@ from refineclip_core.reporting.findings import cell_estimate, format_cell, metho
 from refineclip_core.reporting.run_report import per_image_csv, render_html, report_json
 from refineclip_core.edit.export import export_path
 from refineclip_core.edit.run import EditRun, run_edit
-from refineclip_core.studio.recent import save_run
+from refineclip_core.session.recent import save_run
 from studio_ui.forms import edit_form
 from studio_ui.jobs import Job, start_job
 from studio_ui.panels import (checkpoint_download, concept_note, diagnosis_of, on_demo, sanity_panel, verdict_banner,

@@ -20,7 +20,7 @@ from refineclip_core.edit.config import DEFAULT_EDIT, EditConfig
 from refineclip_core.edit.config import PaperConfig
 from refineclip_core.loading.uploads import (allowed_path, default_allowed_roots, read_roots, save_upload,
                                              unpack_upload)
-from refineclip_core.studio.images import ImagesKind
+from refineclip_core.session.images import ImagesKind
 
 from . import resources
 from .state import session_dir
@@ -32,7 +32,7 @@ CUSTOM_CONFIG = "(custom config JSON)"
 
 @dataclass(frozen=True)
 class ImagesChoice:
-    """What the images form asks :func:`refineclip_core.studio.images.scan_images` for."""
+    """What the images form asks :func:`refineclip_core.session.images.scan_images` for."""
 
     kind: ImagesKind
     folder: str | None = None

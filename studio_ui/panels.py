@@ -22,9 +22,9 @@ from refineclip_core.method.stability import HeadStability
 from refineclip_core.reporting.figures import group_profile_figure
 from refineclip_core.loading.data import ImageDataset
 from refineclip_core.loading.hf_clip import zip_folder
-from refineclip_core.studio.caches import cache_source
-from refineclip_core.studio.recent import recent_items, remove_item
-from refineclip_core.studio.source import Source
+from refineclip_core.session.caches import cache_source
+from refineclip_core.session.recent import recent_items, remove_item
+from refineclip_core.session.source import Source
 
 from . import resources
 from .registry import PAGES

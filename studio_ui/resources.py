@@ -2,7 +2,7 @@
 caches, ablation engines, identifications, findings, text-pool embeddings and head descriptions.
 
 Everything is keyed by strings (a model spec's JSON, a cache folder and its fingerprint, a
-:class:`~refineclip_core.studio.source.Source` key), so reruns, page switches and other browser sessions
+:class:`~refineclip_core.session.source.Source` key), so reruns, page switches and other browser sessions
 on the same data reuse the same objects. Arguments starting with ``_`` are not hashed.
 Nothing returned here may be mutated by a page.
 """
@@ -24,9 +24,9 @@ from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.protocol import Identification, ProtocolConfig, identify, make_engine
 from refineclip_core.method.scores import head_push
-from refineclip_core.studio.caches import with_prompts
+from refineclip_core.session.caches import with_prompts
 
-from refineclip_core.studio.source import Source
+from refineclip_core.session.source import Source
 
 TEXT_POOL = DEFAULT_TEXT_POOL
 

@@ -57,7 +57,7 @@ def demo_available(spec: ModelSpec) -> bool:
 
 def start_demo_job() -> None:
     """Prepare the demo (images once, then extraction, resumable) in the background."""
-    from refineclip_core.studio.demo import DEMO_N_PER_GROUP, prepare_demo
+    from refineclip_core.session.demo import DEMO_N_PER_GROUP, prepare_demo
 
     from . import resources
 

@@ -14,7 +14,7 @@ import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId, HeadLike, parse_heads
 from refineclip_core.method.protocol import DEFAULT_PROTOCOL, ProtocolConfig
-from refineclip_core.studio.source import Source
+from refineclip_core.session.source import Source
 
 
 #: What makes a session key stale (it is dropped then): another source (model + images + cache) …

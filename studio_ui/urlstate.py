@@ -8,7 +8,7 @@ The page is the URL's path (Streamlit's navigation); the rest is in ``st.query_p
 ``heads``   the head set handed to Ablate and Refine (``11.3,10.7``); ``head``   the inspected head.
 
 A link is only as strong as the session that opens it: the cache folder is opened with *that*
-session's allowed folders (:func:`~refineclip_core.studio.caches.cache_source`), so a session that
+session's allowed folders (:func:`~refineclip_core.session.caches.cache_source`), so a session that
 may not read it gets a one-sentence refusal and the demo, never the files.
 """
 
@@ -66,7 +66,7 @@ def read_link() -> None:
     put(Key.URL_PENDING, params)
     folder = params.get("cache")
     if folder and get_source() is None:
-        from refineclip_core.studio.caches import cache_source
+        from refineclip_core.session.caches import cache_source
 
         try:
             set_source(cache_source(folder, read_roots()))

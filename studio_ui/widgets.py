@@ -23,7 +23,7 @@ from refineclip_core.method.protocol import Identification
 from refineclip_core.names import decodable, visible
 from refineclip_core.reporting.findings import accuracy_rows
 from refineclip_core.reporting.tables import frame_csv
-from refineclip_core.studio.source import Source
+from refineclip_core.session.source import Source
 
 from . import resources
 from .jobs import Job, format_seconds

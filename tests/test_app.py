@@ -1,5 +1,5 @@
 """The dashboard, page by page, with ``streamlit.testing`` (no browser), plus its core helpers
-(:mod:`refineclip_core.reporting`, :mod:`refineclip_core.studio`).
+(:mod:`refineclip_core.reporting`, :mod:`refineclip_core.session`).
 
 Every page runs on the embedded demo when its checkpoint is installed, otherwise on a stand-in
 built in seconds by the demo trainer's ``--quick`` mode; either way the held-out demo sample
@@ -517,7 +517,7 @@ def test_load_zip_upload_scans_and_refuses_unsafe_zips(home, demo_spec, tmp_path
 
 def test_write_demo_data_is_balanced_and_idempotent(tmp_path):
     from refineclip_core.loading.data import load_dataset
-    from refineclip_core.studio.demo import write_demo_data
+    from refineclip_core.session.demo import write_demo_data
 
     out = write_demo_data(tmp_path / "demo", seed=7, n_per_group=2)
     ds = load_dataset(out)
@@ -537,7 +537,7 @@ def test_with_prompts_reembeds_text_only(tiny_model_files, image_folder, tmp_pat
     from refineclip_core.features.zeroshot import class_text_embeddings
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
-    from refineclip_core.studio.caches import with_prompts
+    from refineclip_core.session.caches import with_prompts
 
     loaded = load_model(ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
                                   model_config=str(tiny_model_files["config"])))
@@ -650,7 +650,7 @@ def test_cancelled_extraction_job_keeps_shards_and_resumes(tiny_model_files, ima
     from refineclip_core.features.extraction import ExtractionCancelled, ExtractionConfig
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
-    from refineclip_core.studio.locking import extract_locked
+    from refineclip_core.session.locking import extract_locked
     from studio_ui.jobs import start_job
 
     loaded = load_model(ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
@@ -692,7 +692,7 @@ def test_head_descriptions_follow_a_re_extraction_in_place(home, tiny_model_file
     from refineclip_core.inspection.textspan import describe_heads
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
-    from refineclip_core.studio.source import Source
+    from refineclip_core.session.source import Source
     from studio_ui import resources
 
     spec = ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
@@ -930,7 +930,7 @@ def test_a_link_to_a_cache_opens_it_only_for_a_session_that_may_read_it(home, de
 
 
 def test_the_load_page_lists_recent_caches_and_runs_and_removes_them(home, demo_spec, app):
-    from refineclip_core.studio.recent import RUNS, recent_items
+    from refineclip_core.session.recent import RUNS, recent_items
 
     at = fresh_app(demo_spec)
     at.run()

@@ -199,8 +199,8 @@ def two_sessions(tmp_path, monkeypatch, tiny_model_files, class_folder):
 
     from refineclip_core.features.extraction import ExtractionConfig
     from refineclip_core.loading.uploads import read_roots, save_upload, session_upload_dir
-    from refineclip_core.studio.images import plan_source, scan_images
-    from refineclip_core.studio.locking import extract_locked
+    from refineclip_core.session.images import plan_source, scan_images
+    from refineclip_core.session.locking import extract_locked
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -234,7 +234,7 @@ def test_another_session_cannot_open_list_or_rebuild_from_it(two_sessions):
     from refineclip_core.errors import CacheError, DataError
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.uploads import allowed_path
-    from refineclip_core.studio.caches import cache_source
+    from refineclip_core.session.caches import cache_source
 
     cache, b_roots = two_sessions["a_source"].cache_dir, two_sessions["b_roots"]
     assert str(two_sessions["tmp"].resolve()) in b_roots  # the working directory: A's folder lies below it
@@ -263,7 +263,7 @@ def test_a_shared_cache_naming_another_sessions_model_is_refused(two_sessions):
     import shutil
 
     from refineclip_core.errors import CacheError, OutsideRootsError
-    from refineclip_core.studio.caches import cache_source
+    from refineclip_core.session.caches import cache_source
 
     shared = two_sessions["home"] / "caches" / "copied"
     shutil.copytree(two_sessions["a_source"].cache_dir, shared)
@@ -645,7 +645,7 @@ def many_classes(tmp_path_factory):
     from refineclip_core.features.extraction import ExtractionConfig, extract
     from refineclip_core.features.zeroshot import class_text_embeddings
     from refineclip_core.loading.data import load_dataset
-    from refineclip_core.studio.source import Source
+    from refineclip_core.session.source import Source
 
     from .conftest import make_image
 

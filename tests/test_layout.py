@@ -46,7 +46,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 def test_imports_only_point_down_the_layers_of_the_map():
     order = _layers()
-    assert order[:3] == ["home", "progress", "errors"] and order[-5:] == ["reporting", "edit", "demo", "studio", "cli"]
+    assert order[:3] == ["home", "progress", "errors"] and order[-5:] == ["reporting", "edit", "demo", "session", "cli"]
     wrong = []
     for path in CORE.rglob("*.py"):
         rel = path.relative_to(CORE).parts

@@ -11,7 +11,7 @@ import pytest
 
 from refineclip_core.errors import DataError
 from refineclip_core.features.cache import read_manifest
-from refineclip_core.studio.recent import CACHES, RUNS, recent_items, remove_item, save_run
+from refineclip_core.session.recent import CACHES, RUNS, recent_items, remove_item, save_run
 
 
 def _du(path: Path) -> int:

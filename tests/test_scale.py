@@ -29,7 +29,7 @@ from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.evaluation import accuracy_report
 from refineclip_core.method.protocol import DEFAULT_PROTOCOL, identify, make_engine
-from refineclip_core.studio.caches import cache_source
+from refineclip_core.session.caches import cache_source
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -318,7 +318,7 @@ from refineclip_core.edit.config import DEFAULT_EDIT
 from refineclip_core.edit.record import build_run_report
 from refineclip_core.method.protocol import DEFAULT_PROTOCOL, identify, make_engine
 from refineclip_core.reporting.run_report import render_html
-from refineclip_core.studio.caches import cache_source
+from refineclip_core.session.caches import cache_source
 cache = FeatureCache(sys.argv[1])
 cache_source(sys.argv[1])
 engine = make_engine(cache)

@@ -1,7 +1,7 @@
 """What an interactive session works on: a model, its images and their feature cache.
 
 A :class:`Source` is plain, hashable data (it lives in a browser session's state and keys the
-dashboard's shared resources); :func:`~refineclip_core.studio.demo.prepare_demo` returns one
+dashboard's shared resources); :func:`~refineclip_core.session.demo.prepare_demo` returns one
 for the embedded demo, the Load page builds one for the user's model and images.
 """
 

@@ -1,4 +1,4 @@
-"""The studio session: what an interactive user works on, and where its data lives (no Streamlit).
+"""An interactive session: what an interactive user works on, and where its data lives (no Streamlit).
 
 ``source`` (a model, its images and their feature cache: the unit every page works on),
 ``images`` (list a folder, a zip or the demo sample and plan its extraction, §2.1 Eq. 4),

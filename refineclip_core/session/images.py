@@ -2,8 +2,8 @@
 
 What the dashboard's Load page computes between its widgets and the extraction job, and what a
 Python caller uses to turn "this folder / this zip / the demo sample, with these class names and
-prompts" into a :class:`~refineclip_core.studio.source.Source` whose cache is then extracted
-(:func:`~refineclip_core.studio.locking.extract_locked`; ``refineclip extract`` is the CLI's way).
+prompts" into a :class:`~refineclip_core.session.source.Source` whose cache is then extracted
+(:func:`~refineclip_core.session.locking.extract_locked`; ``refineclip extract`` is the CLI's way).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def plan_source(scanned: ScannedImages, spec: ModelSpec, model_name: str, layers
 
     The cache goes into the studio home, shared, unless the model or the images are the session's
     own uploads (in ``private_dir``, the session's folder): then it goes into ``private_dir/caches``,
-    where no other session can list, open or rebuild from it (:func:`~refineclip_core.studio.caches.private_cache_root`)."""
+    where no other session can list, open or rebuild from it (:func:`~refineclip_core.session.caches.private_cache_root`)."""
     names = [str(n).strip() for n in class_names]
     templates = tuple(validate_templates([t.strip() for t in templates if t.strip()]))
     scanned.dataset.renamed(names)  # validates: count, non-empty, distinct
