@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from studio_ui.registry import DEFAULT_PAGE, PAGES
-from studio_ui.shell import app_icon, ensure_source, sidebar
-from studio_ui.state import keep_session_alive
-from studio_ui.urlstate import apply_link, read_link, write_link
-from studio_ui.widgets import show_exception
+from dashboard.registry import DEFAULT_PAGE, PAGES
+from dashboard.shell import app_icon, ensure_source, sidebar
+from dashboard.state import keep_session_alive
+from dashboard.urlstate import apply_link, read_link, write_link
+from dashboard.widgets import show_exception
 
 st.set_page_config(page_title="RefineCLIP Studio", page_icon=app_icon(), layout="wide")
 st.set_option("client.disableDataExport", True)   # the tables' own CSV buttons escape formulas (widgets.table)
@@ -22,7 +22,7 @@ st.html("<style>[data-testid='stFileUploaderDropzoneInstructions'] {display: non
 
 page = st.navigation([st.Page(p.path, title=p.title, icon=p.icon, default=p.name == DEFAULT_PAGE) for p in PAGES])
 keep_session_alive()  # this session's upload folder is in use; abandoned ones are swept
-read_link()        # a reload or a shared link: the URL's data, settings and heads (studio_ui.urlstate)
+read_link()        # a reload or a shared link: the URL's data, settings and heads (dashboard.urlstate)
 ensure_source()
 apply_link()
 sidebar()

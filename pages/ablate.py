@@ -9,10 +9,10 @@ import streamlit as st
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.method.ablation import verify_on_images
 from refineclip_core.method.evaluation import accuracy_report, rows_mask
-from studio_ui.panels import sanity_panel
-from studio_ui.registry import page
-from studio_ui.state import Key, ablate_heads, get, put, read_roots, set_ticked_heads, ticked_heads
-from studio_ui.widgets import (comparison_table, guard, image_grid, link, metric_ci, plain, require_ready,
+from dashboard.panels import sanity_panel
+from dashboard.registry import page
+from dashboard.state import Key, ablate_heads, get, put, read_roots, set_ticked_heads, ticked_heads
+from dashboard.widgets import (comparison_table, guard, image_grid, link, metric_ci, plain, require_ready,
                                show_exception, table)
 
 st.title(page("ablate").heading)

@@ -14,11 +14,11 @@ from refineclip_core.method.protocol import PairSpec, pair_spec, resolve_pairs
 from refineclip_core.reporting.figures import confusion_figure
 from refineclip_core.reporting.findings import accuracy_rows
 from refineclip_core.names import visible
-from studio_ui import resources
-from studio_ui.panels import heldout_rows, sanity_panel
-from studio_ui.registry import page
-from studio_ui.state import Key, get, protocol, set_protocol
-from studio_ui.widgets import accuracy_frame, image_grid, link, metric_ci, plain, require_ready, table
+from dashboard import resources
+from dashboard.panels import heldout_rows, sanity_panel
+from dashboard.registry import page
+from dashboard.state import Key, get, protocol, set_protocol
+from dashboard.widgets import accuracy_frame, image_grid, link, metric_ci, plain, require_ready, table
 
 #: Most classes the confusion matrix shows (a heatmap of 10,000 classes would be 10^8 cells, over 1 GB).
 MAX_CONFUSION_CLASSES = 30

@@ -11,12 +11,12 @@ from refineclip_core.method.protocol import SELECTION_RULES, PairSpec, pair_spec
 from refineclip_core.method.scores import SCORE_SPECS
 from refineclip_core.names import visible
 from refineclip_core.reporting.figures import selection_name
-from studio_ui import resources
-from studio_ui.registry import page
-from studio_ui.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
+from dashboard import resources
+from dashboard.registry import page
+from dashboard.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
                              set_protocol)
-from studio_ui.panels import attribute_panel, sanity_panel, stability_panel
-from studio_ui.widgets import link, plain, require_ready, table
+from dashboard.panels import attribute_panel, sanity_panel, stability_panel
+from dashboard.widgets import link, plain, require_ready, table
 
 st.title(page("heads").heading)
 st.caption("For an error pair (true y → predicted ŷ), each head's direct effect compares how much replacing its "

@@ -10,11 +10,11 @@ import streamlit as st
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.reporting.figures import MAX_BOX_POINTS, push_figure
 from refineclip_core.names import visible
-from studio_ui import resources
-from studio_ui.registry import page
-from studio_ui.panels import head_concept_panel, sanity_panel
-from studio_ui.state import Key, get, inspect_head, put, read_roots, set_inspect_head
-from studio_ui.widgets import guard, image_grid, link, plain, require_ready, show_exception, table
+from dashboard import resources
+from dashboard.registry import page
+from dashboard.panels import head_concept_panel, sanity_panel
+from dashboard.state import Key, get, inspect_head, put, read_roots, set_inspect_head
+from dashboard.widgets import guard, image_grid, link, plain, require_ready, show_exception, table
 
 st.title(page("inspector").heading)
 ready = require_ready()

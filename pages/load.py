@@ -13,13 +13,13 @@ from refineclip_core.features.zeroshot import DEFAULT_TEMPLATES
 from refineclip_core.session.caches import cache_source
 from refineclip_core.session.images import ScannedImages, plan_source, scan_images
 from refineclip_core.session.locking import extract_locked
-from studio_ui import resources
-from studio_ui.forms import cache_form, extraction_options, images_form, model_form
-from studio_ui.jobs import start_job
-from studio_ui.panels import findings_panel, recent_panel, scan_summary
-from studio_ui.registry import page
-from studio_ui.state import Key, drop, get, get_source, made_here, put, read_roots, session_dir, set_source
-from studio_ui.widgets import follow_job, guard, plain, require_ready, show_exception
+from dashboard import resources
+from dashboard.forms import cache_form, extraction_options, images_form, model_form
+from dashboard.jobs import start_job
+from dashboard.panels import findings_panel, recent_panel, scan_summary
+from dashboard.registry import page
+from dashboard.state import Key, drop, get, get_source, made_here, put, read_roots, session_dir, set_source
+from dashboard.widgets import follow_job, guard, plain, require_ready, show_exception
 
 st.title(page("load").heading)
 st.caption("Find the attention heads behind CLIP's mistakes, switch them off, and refine the model so the fix "

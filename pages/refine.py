@@ -14,13 +14,13 @@ from refineclip_core.reporting.run_report import per_image_csv, render_html, rep
 from refineclip_core.edit.export import export_path
 from refineclip_core.edit.run import EditRun, run_edit
 from refineclip_core.session.recent import save_run
-from studio_ui.forms import edit_form
-from studio_ui.jobs import Job, start_job
-from studio_ui.panels import (checkpoint_download, concept_note, diagnosis_of, on_demo, sanity_panel, verdict_banner,
+from dashboard.forms import edit_form
+from dashboard.jobs import Job, start_job
+from dashboard.panels import (checkpoint_download, concept_note, diagnosis_of, on_demo, sanity_panel, verdict_banner,
                               verdict_table)
-from studio_ui.registry import page
-from studio_ui.state import Key, ablate_heads, get, made_here, protocol, put, session_dir, set_refine, ticked_heads
-from studio_ui.widgets import follow_job, guard, link, metric_ci, plain, require_ready, show_exception, table
+from dashboard.registry import page
+from dashboard.state import Key, ablate_heads, get, made_here, protocol, put, session_dir, set_refine, ticked_heads
+from dashboard.widgets import follow_job, guard, link, metric_ci, plain, require_ready, show_exception, table
 
 st.title(page("refine").heading)
 running_area = st.container()   # a running refinement is followed here, at the top of the page (drawn last)

@@ -1,7 +1,7 @@
 """Where the studio's files live: the dashboard and assets it ships (:data:`APP_DIR`), and the
 studio home, where an interactive session keeps generated data and caches (:func:`studio_home`).
 
-:data:`APP_DIR` holds ``app.py``, ``pages/``, ``studio_ui/``, ``.streamlit/`` and ``assets/`` (the
+:data:`APP_DIR` holds ``app.py``, ``pages/``, ``dashboard/``, ``.streamlit/`` and ``assets/`` (the
 demo checkpoint, the text pool): the repository root in a clone (or an editable install), the
 ``refineclip_studio`` package next to ``refineclip_core`` after ``pip install`` (the wheel maps the
 same files there, laid out as in the clone).
@@ -28,7 +28,7 @@ def _app_dir() -> Path:
 
 
 APP_DIR = _app_dir()
-"""The folder holding the dashboard (``app.py``, ``pages/``, ``studio_ui/``) and ``assets/``."""
+"""The folder holding the dashboard (``app.py``, ``pages/``, ``dashboard/``) and ``assets/``."""
 
 ASSETS_DIR = APP_DIR / "assets"
 """The data the studio ships (the demo checkpoint, the text pool), in a clone and when installed."""

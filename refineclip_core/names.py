@@ -7,7 +7,7 @@ that change how *other* text looks: terminal escapes (``\\x1b]0;title\\x07``), r
 overrides that reverse what follows, zero-width characters that make two different names look
 identical.
 
-* :func:`visible` is what a person is shown, in the dashboard (``studio_ui.widgets.plain`` and the
+* :func:`visible` is what a person is shown, in the dashboard (``dashboard.widgets.plain`` and the
   tables) and on the terminal (``refineclip_core.cli.common.emit`` and the error line): each
   undecodable byte becomes ``⟨xFF⟩``, and each control, format (bidi, zero-width), line/paragraph
   separator or surrogate character becomes ``⟨U+202E⟩``; everything else is kept as written.

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the dashboard's page registry (studio_ui.registry: plain data)
-from studio_ui.registry import PAGES  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the dashboard's page registry (dashboard.registry: plain data)
+from dashboard.registry import PAGES  # noqa: E402
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]

@@ -24,7 +24,7 @@ from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.loading.models import DEMO_DIR, DEMO_MODEL_NAME, ModelSpec
 
-from studio_ui.widgets import plain
+from dashboard.widgets import plain
 
 from .conftest import AUTOLINKS, HOSTILE_CLASSES, HOSTILE_GROUPS, RAW_MARKUP, make_image, write_hostile_dataset
 
@@ -175,7 +175,7 @@ def test_heads_page_scores_sets_and_handoff(app):
     available = [n for n, s in ident.scores.items() if s.available]
     unavailable = [n for n, s in ident.scores.items() if not s.available]
     assert len(at.get("plotly_chart")) == len(available) + 1  # one map per score + the utility curves
-    from studio_ui.widgets import plain
+    from dashboard.widgets import plain
 
     infos = " ".join(i.value for i in at.info)
     for name in unavailable:  # a score's name carries class names: shown as plain text
@@ -422,7 +422,7 @@ def test_load_folder_with_local_checkpoint_extracts_and_switches(home, demo_spec
     # the prompts were re-embedded for the chosen templates
     from refineclip_core.features.zeroshot import class_text_embeddings
     from refineclip_core.loading.models import load_model
-    from studio_ui import resources
+    from dashboard import resources
 
     opened = resources.feature_cache(src)
     expected = class_text_embeddings(load_model(src.spec), ["cat", "dog", "fish"], list(src.templates))
@@ -651,7 +651,7 @@ def test_cancelled_extraction_job_keeps_shards_and_resumes(tiny_model_files, ima
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
     from refineclip_core.session.locking import extract_locked
-    from studio_ui.jobs import start_job
+    from dashboard.jobs import start_job
 
     loaded = load_model(ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
                                   model_config=str(tiny_model_files["config"])))
@@ -693,7 +693,7 @@ def test_head_descriptions_follow_a_re_extraction_in_place(home, tiny_model_file
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model
     from refineclip_core.session.source import Source
-    from studio_ui import resources
+    from dashboard import resources
 
     spec = ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
                      model_config=str(tiny_model_files["config"]))
@@ -767,7 +767,7 @@ def test_refinement_job_reports_live_losses_and_cancels(tiny_model_files, image_
     from refineclip_core.edit.config import EditConfig
     from refineclip_core.edit.config import PaperConfig
     from refineclip_core.edit.run import run_edit
-    from studio_ui.jobs import start_job
+    from dashboard.jobs import start_job
 
     spec = ModelSpec("tiny-vit", checkpoint=str(tiny_model_files["checkpoint"]),
                      model_config=str(tiny_model_files["config"]))
@@ -828,7 +828,7 @@ def hostile_folder(tmp_path):
 def test_user_names_render_as_plain_text_on_every_page(home, demo_spec, hostile_folder):
     from refineclip_core.loading.confine import OUTSIDE_REASON
     from refineclip_core.reporting.figures import plot_text
-    from studio_ui.widgets import plain
+    from dashboard.widgets import plain
 
     at = fresh_app(demo_spec)
     at.run()
@@ -962,8 +962,8 @@ def test_when_a_session_key_is_forgotten_is_data_on_the_key(monkeypatch):
     keys stay (issue 25: no reset rule spelled into key names)."""
     from types import SimpleNamespace
 
-    from studio_ui import state
-    from studio_ui.state import HEAD_SET, SOURCE, WIDGETS, Key, Namespace, SessionKey
+    from dashboard import state
+    from dashboard.state import HEAD_SET, SOURCE, WIDGETS, Key, Namespace, SessionKey
 
     session: dict = {}
     monkeypatch.setattr(state, "st", SimpleNamespace(session_state=session))

@@ -919,7 +919,7 @@ _{now}; {machine_info(browser)}; embedded demo model, 800 held-out demo images_
 
 def test_a_reload_keeps_the_view(browser, server, story):
     """F5 on the Heads page after a click on a square: the same page, the same inspected head (the URL
-    holds the view: studio_ui/urlstate.py)."""
+    holds the view: dashboard/urlstate.py)."""
     context = browser.new_context(viewport={"width": shots.WIDTH, "height": 1000})
     page = context.new_page()
     try:

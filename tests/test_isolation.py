@@ -538,7 +538,7 @@ def test_each_page_run_keeps_the_sessions_folder_alive(home, demo_spec, upload_t
 
     from .test_app import fresh_app
 
-    from studio_ui.state import Key, _SessionFolder
+    from dashboard.state import Key, _SessionFolder
 
     at = fresh_app(demo_spec)
     owner = _SessionFolder()  # the session's upload folder, as its first upload makes it

@@ -3,7 +3,7 @@
 The map's layer list is the import rule: a module of ``refineclip_core`` imports only from its own
 layer or the layers below it; every module is on the map; the library never imports Streamlit;
 pages are thin (no page over 150 lines, no session key spelled in a page) and listed once, in
-``studio_ui/registry.py``.
+``dashboard/registry.py``.
 """
 
 from __future__ import annotations
@@ -71,13 +71,13 @@ def test_every_module_is_on_the_map():
 
 
 def test_pages_are_thin_and_listed_once():
-    from studio_ui.registry import PAGES
+    from dashboard.registry import PAGES
 
     assert sorted(p.path for p in PAGES) == sorted(f"pages/{p.name}" for p in (ROOT / "pages").glob("*.py"))
     for path in (ROOT / "pages").glob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert len(text.splitlines()) <= 150, f"{path.name} has {len(text.splitlines())} lines"
-        assert "session_state" not in text, f"{path.name} reads session state directly (use studio_ui.state)"
+        assert "session_state" not in text, f"{path.name} reads session state directly (use dashboard.state)"
         assert "st.Page(" not in text and "page_link(" not in text, f"{path.name} bypasses the page registry"
 
 

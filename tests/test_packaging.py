@@ -175,7 +175,7 @@ def test_the_wheel_holds_the_library_the_dashboard_and_the_command(wheel):
     library = {p.relative_to(ROOT).as_posix() for p in (ROOT / "refineclip_core").rglob("*.py")}
     assert library <= names, f"library modules missing from the wheel: {sorted(library - names)}"
     dashboard = {"app.py", ".streamlit/config.toml", "assets/text_pool.txt",
-                 *(p.relative_to(ROOT).as_posix() for d in ("pages", "studio_ui", "assets/demo")
+                 *(p.relative_to(ROOT).as_posix() for d in ("pages", "dashboard", "assets/demo")
                    for p in (ROOT / d).iterdir() if p.is_file() and p.suffix in (".py", ".json", ".safetensors", ".md"))}
     missing = {f"refineclip_studio/{n}" for n in dashboard} - names
     assert not missing, f"dashboard files missing from the wheel: {sorted(missing)}"
@@ -188,7 +188,7 @@ def test_the_wheel_holds_the_library_the_dashboard_and_the_command(wheel):
 
 def test_the_installed_library_finds_the_installed_dashboard_and_demo(installed, tmp_path):
     code = ("from refineclip_core.home import APP_DIR; from refineclip_core.loading.models import ModelSpec;"
-            "import sys; sys.path.insert(0, str(APP_DIR)); from studio_ui.registry import PAGES;"
+            "import sys; sys.path.insert(0, str(APP_DIR)); from dashboard.registry import PAGES;"
             "print(APP_DIR); print(ModelSpec('demo').resolved().checkpoint);"
             "print(all((APP_DIR / p.path).is_file() for p in PAGES))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(installed), capture_output=True,

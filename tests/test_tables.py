@@ -64,10 +64,10 @@ def test_the_dashboard_offers_only_its_own_escaped_table_downloads():
     assert config["client"]["disableDataExport"] is True
     assert 'st.set_option("client.disableDataExport", True)' in (ROOT / "app.py").read_text()
     # every table of every page goes through widgets.table (its CSV button uses frame_csv)
-    offenders = [str(p.relative_to(ROOT)) for d in ("pages", "studio_ui") for p in (ROOT / d).glob("*.py")
+    offenders = [str(p.relative_to(ROOT)) for d in ("pages", "dashboard") for p in (ROOT / d).glob("*.py")
                  if ".dataframe(" in p.read_text() and p.name != "widgets.py"]
     assert not offenders, f"tables shown without the escaped CSV download: {offenders}"
-    widgets = (ROOT / "studio_ui" / "widgets.py").read_text()
+    widgets = (ROOT / "dashboard" / "widgets.py").read_text()
     assert widgets.count("    st.dataframe(") == 1 and "frame_csv(data)" in widgets
 
 

@@ -30,7 +30,7 @@ from .jobs import Job, format_seconds
 from .registry import page
 from .state import get_source, protocol, read_roots
 
-log = logging.getLogger("refineclip.studio")
+log = logging.getLogger("refineclip.dashboard")
 
 _PUNCTUATION = re.compile(r"([!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~])")
 _BREAKS = re.compile(r"[\t\n\r]+")
@@ -169,7 +169,7 @@ def follow_job(job: Job, title: str, cancel_key: str = "job_cancel",
     The Cancel button is drawn first so it can be clicked while the loop runs: the click
     reruns the page, which calls ``job.cancel()`` here and keeps following until the
     worker has stopped at its next unit of work. ``live(job)`` returns a Plotly figure of the
-    job's :attr:`~studio_ui.jobs.Job.series` (or None), redrawn whenever new values arrive;
+    job's :attr:`~dashboard.jobs.Job.series` (or None), redrawn whenever new values arrive;
     ``done`` labels the finished job (``{elapsed}`` is filled in).
     """
     slot = st.empty()
