@@ -898,7 +898,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "images) and push statistics (the caches table) plus the page's concept evidence, the push "
                            "chart (outliers only above 5,000 images) and the browser drawing it.",
                            "The model behind the synthetic cache is a tiny stand-in with the same embedding width "
-                           "(768), used to embed the TextSpan pool once (cached in the studio home before the run) "
+                           "(768), used to embed the TextSpan pool once (cached in the home folder before the run) "
                            "and for the merged checkpoint; the pages' work does not depend on it."]))
     for table in tables:
         print(table.markdown() + "\n", flush=True)

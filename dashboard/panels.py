@@ -305,10 +305,10 @@ def checkpoint_download(col, checkpoint: Path | None, exported: str, verdict: Ed
 
 
 def recent_panel() -> None:
-    """The studio home's image folders, feature caches and runs, newest first, with sizes: open a cache
+    """The home folder's image folders, feature caches and runs, newest first, with sizes: open a cache
     or a run's cache with one click (only what this session may read), remove what this session made."""
     items = recent_items(roots=read_roots())
-    with st.expander(f"Recent folders, caches and runs in the studio home ({len(items)})", expanded=False):
+    with st.expander(f"Recent folders, caches and runs in the home folder ({len(items)})", expanded=False):
         if not items:
             st.caption("Nothing yet: extracted caches, demo images and refinement runs appear here.")
         for i, item in enumerate(items[:30]):
@@ -323,7 +323,7 @@ def recent_panel() -> None:
             if not was_made_here(item.path):
                 c[4].caption("shared", help="Made by another session (or before this one): open it, but only the "
                                             "session that made it can remove it.")
-            elif c[4].button("Remove", key=f"load_recent_rm_{i}", help="Delete it from the studio home"):
+            elif c[4].button("Remove", key=f"load_recent_rm_{i}", help="Delete it from the home folder"):
                 with guard("Removing it"):
                     remove_item(item.path, roots=read_roots())
                     st.rerun()

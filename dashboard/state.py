@@ -80,7 +80,7 @@ class Key:
     URL_READ = SessionKey("url_read")              # the URL's view was read on this session's first run
     URL_PENDING = SessionKey("url_pending")        # the URL's query parameters, until a source is there to apply them to
     URL_REFUSED = SessionKey("url_refused")        # why the URL's feature cache could not be opened by this session
-    MADE_HERE = SessionKey("made_here")            # studio-home caches and runs this session wrote (it may remove them)
+    MADE_HERE = SessionKey("made_here")            # home-folder caches and runs this session wrote (it may remove them)
 
     @staticmethod
     def toggle(head: HeadId) -> str:
@@ -125,7 +125,7 @@ def set_refine(run: Any) -> None:
 
 
 def made_here(path: str | Path) -> None:
-    """Remember that this session wrote ``path`` (a cache or a saved run) in the studio home."""
+    """Remember that this session wrote ``path`` (a cache or a saved run) in the home folder."""
     put(Key.MADE_HERE, sorted({*get(Key.MADE_HERE, []), str(Path(path).resolve())}))
 
 
@@ -235,7 +235,7 @@ def session_dir() -> Path:
 
 def read_roots() -> tuple[str, ...]:
     """The folders this session may read files from (checked when each file is opened): the
-    allowed roots, the studio home and the session's own upload folder."""
+    allowed roots, the home folder and the session's own upload folder."""
     from refineclip_core.loading.uploads import read_roots as roots
 
     return roots(session_dir())

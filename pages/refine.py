@@ -87,7 +87,7 @@ if job is not None and not job.handled:
     if job.error is None:
         set_refine(job.result)
         if not Path(job.result.report["data"]["root"]).resolve().is_relative_to(session_dir().resolve()):
-            with guard("Keeping the run in the studio home"):   # listed on the Load page (recent runs)
+            with guard("Keeping the run in the home folder"):   # listed on the Load page (recent runs)
                 made_here(save_run(report_json(job.result.report), job.result.outcome.exported))
         st.rerun()  # draw the new verdict at the top of the page
 

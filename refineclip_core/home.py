@@ -1,12 +1,12 @@
 """Where the studio's files live: the dashboard and assets it ships (:data:`APP_DIR`), and the
-studio home, where an interactive session keeps generated data and caches (:func:`studio_home`).
+home folder, where an interactive session keeps generated data and caches (:func:`home_dir`).
 
 :data:`APP_DIR` holds ``app.py``, ``pages/``, ``dashboard/``, ``.streamlit/`` and ``assets/`` (the
 demo checkpoint, the text pool): the repository root in a clone (or an editable install), the
 ``refineclip_studio`` package next to ``refineclip_core`` after ``pip install`` (the wheel maps the
 same files there, laid out as in the clone).
 
-The studio home is ``$REFINECLIP_HOME`` or ``~/.cache/refineclip-studio``. Inside it::
+The home folder is ``$REFINECLIP_HOME`` or ``~/.cache/refineclip-studio``. Inside it::
 
     demo-data-s<seed>-n<n>/         images (class folders) + metadata.csv (path,label,group,split)
     caches/<key>/                   feature caches, one per (model, data, layer scope)
@@ -40,7 +40,7 @@ def asset(*parts: str) -> Path:
     return ASSETS_DIR.joinpath(*parts)
 
 
-def studio_home(cache_root: str | os.PathLike | None = None) -> Path:
+def home_dir(cache_root: str | os.PathLike | None = None) -> Path:
     """The folder where the studio keeps generated data and caches (created on demand)."""
     root = Path(cache_root) if cache_root else Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "refineclip-studio")
     root = root.expanduser()

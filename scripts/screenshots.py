@@ -1,7 +1,7 @@
 """Regenerate the README's screenshots: ``docs/screenshots/{load,errors,heads,inspector,ablate,refine}.png``.
 
-Starts the dashboard (``streamlit run app.py``) on a free local port with a private studio
-home, drives Debian's Chromium through Playwright along the demo story (the demo prepares
+Starts the dashboard (``streamlit run app.py``) on a free local port with a private home
+folder, drives Debian's Chromium through Playwright along the demo story (the demo prepares
 itself; a click on a Heads score map; the Head inspector with Grad-CAM; the Ablate page;
 a refinement run) and saves one 1400-px-wide PNG per page, each under 400 KB.
 
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="demo model folder (default: assets/demo, else a quick stand-in)")
     p.add_argument("--n", type=int, default=None, help="demo images per group and split (default: the app's)")
     p.add_argument("--refine-steps", type=int, default=None, help="refinement steps (default: the page's)")
-    p.add_argument("--keep-home", action="store_true", help="keep the temporary studio home")
+    p.add_argument("--keep-home", action="store_true", help="keep the temporary home folder")
     args = p.parse_args(argv)
 
     from playwright.sync_api import sync_playwright

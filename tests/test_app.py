@@ -36,9 +36,9 @@ TIMEOUT = 180
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """A private studio home (``REFINECLIP_HOME``) and allowed roots for typed server paths."""
+    """A private home folder (``REFINECLIP_HOME``) and allowed roots for typed server paths."""
     mp = pytest.MonkeyPatch()
-    path = tmp_path_factory.mktemp("studio-home")
+    path = tmp_path_factory.mktemp("home")
     mp.setenv("REFINECLIP_HOME", str(path))
     mp.setenv("REFINECLIP_ALLOWED_ROOTS", str(tmp_path_factory.getbasetemp()))
     mp.delenv("REFINECLIP_DEMO_MODEL_DIR", raising=False)

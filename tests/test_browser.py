@@ -58,7 +58,7 @@ shots = screenshots_module()
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, chromium):
-    """``streamlit run app.py`` on a free port, a private studio home, the demo or its stand-in."""
+    """``streamlit run app.py`` on a free port, a private home folder, the demo or its stand-in."""
     base = tmp_path_factory.mktemp("browser")
     model_dir = Path(os.environ["REFINECLIP_DEMO_MODEL_DIR"]) if os.environ.get("REFINECLIP_DEMO_MODEL_DIR") else None
     if model_dir is None and shots.installed_demo_dir() is None:
@@ -544,7 +544,7 @@ def timed_toggles(page, box, values: tuple[str, str], n: int, between=None) -> t
 
 
 def _big_folder(home: Path, n_per_class: int) -> Path:
-    """Class folders of 160 px noise PNGs below the studio home (an allowed root): one image per class,
+    """Class folders of 160 px noise PNGs below the home folder (an allowed root): one image per class,
     hard-linked ``n_per_class`` times, so the folder is large to extract but quick to make."""
     from PIL import Image
 

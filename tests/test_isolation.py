@@ -26,7 +26,7 @@ from refineclip_core.edit.export import export_checkpoint
 from refineclip_core.edit.paper import RefinedMap
 
 from .conftest import tiny_config, write_config
-from .test_app import demo_spec, home  # noqa: F401 - fixtures (a private studio home, the demo model)
+from .test_app import demo_spec, home  # noqa: F401 - fixtures (a private home folder, the demo model)
 
 transformers = pytest.importorskip("transformers")
 
@@ -194,7 +194,7 @@ def _zip_of(folder: Path) -> bytes:
 def two_sessions(tmp_path, monkeypatch, tiny_model_files, class_folder):
     """Session A uploads a checkpoint and an image zip and extracts; session B is a second
     browser. The server runs in the temporary directory itself (so the working-directory root
-    holds every session's folder), the studio home is fresh."""
+    holds every session's folder), the home folder is fresh."""
     import tempfile
 
     from refineclip_core.features.extraction import ExtractionConfig
@@ -223,11 +223,11 @@ def two_sessions(tmp_path, monkeypatch, tiny_model_files, class_folder):
 
 
 def test_a_cache_of_uploads_lives_in_the_sessions_own_folder(two_sessions):
-    from refineclip_core.home import studio_home
+    from refineclip_core.home import home_dir
 
     cache = Path(two_sessions["a_source"].cache_dir).resolve()
     assert two_sessions["a_dir"].resolve() in cache.parents and (cache / "manifest.json").is_file()
-    assert not (studio_home() / "caches").exists() or not any((studio_home() / "caches").iterdir())
+    assert not (home_dir() / "caches").exists() or not any((home_dir() / "caches").iterdir())
 
 
 def test_another_session_cannot_open_list_or_rebuild_from_it(two_sessions):
@@ -257,7 +257,7 @@ def test_another_session_cannot_open_list_or_rebuild_from_it(two_sessions):
 
 
 def test_a_shared_cache_naming_another_sessions_model_is_refused(two_sessions):
-    """A cache in the shared studio home (e.g. written before caches moved into the sessions'
+    """A cache in the shared home folder (e.g. written before caches moved into the sessions'
     folders) whose manifest names A's uploaded checkpoint and A's roots: B cannot rebuild the
     model from it, and a manifest's roots never replace the opener's."""
     import shutil

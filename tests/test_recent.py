@@ -1,4 +1,4 @@
-"""The studio home's recent list (issue 24 item 2): image folders, caches and runs, newest first, with
+"""The home folder's recent list (issue 24 item 2): image folders, caches and runs, newest first, with
 sizes; only what a session may read is listed, and only listed items can be removed."""
 
 from __future__ import annotations

@@ -487,7 +487,7 @@ def test_allowed_path(tmp_path, monkeypatch):
         allowed_path(f"{root}/a\x00b", [root])
     with pytest.raises(DataError, match="Give a folder"):
         allowed_path("   ", [root])
-    # defaults: the studio home (demo data), the demo assets and the working directory;
+    # defaults: the home folder (demo data), the demo assets and the working directory;
     # the variable replaces them
     from refineclip_core.loading.models import ASSETS_DIR
 

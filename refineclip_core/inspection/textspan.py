@@ -401,8 +401,8 @@ def encode_text_pool(loaded: Any, texts: Sequence[str], cache_path: str | os.Pat
 def embedded_text_pool(loaded: Any, path: str | os.PathLike | None = None,
                        cache_path: str | os.PathLike | None = None) -> tuple[list[str], np.ndarray]:
     """A text pool (default: the shipped :data:`DEFAULT_TEXT_POOL`) and its embeddings by ``loaded``
-    (:func:`encode_text_pool`), cached in ``cache_path`` (default: the studio home's ``text-pools``)."""
-    from ..home import studio_home
+    (:func:`encode_text_pool`), cached in ``cache_path`` (default: the home folder's ``text-pools``)."""
+    from ..home import home_dir
 
     texts = load_text_pool(path or DEFAULT_TEXT_POOL)
-    return texts, encode_text_pool(loaded, texts, cache_path or studio_home() / "text-pools")
+    return texts, encode_text_pool(loaded, texts, cache_path or home_dir() / "text-pools")

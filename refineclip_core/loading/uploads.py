@@ -450,26 +450,26 @@ def default_allowed_roots() -> list[Path]:
     """Folders a typed server path may lie below.
 
     ``REFINECLIP_ALLOWED_ROOTS`` (``os.pathsep``-separated) replaces the defaults when set.
-    Otherwise: the studio home holding the generated demo data and caches
-    (:func:`refineclip_core.home.studio_home`, ``$REFINECLIP_HOME``), the repository's
+    Otherwise: the home folder holding the generated demo data and caches
+    (:func:`refineclip_core.home.home_dir`, ``$REFINECLIP_HOME``), the repository's
     ``assets`` folder (embedded demo model) and the current working directory.
     """
     env = os.environ.get(ALLOWED_ROOTS_ENV, "")
     roots = [Path(r).expanduser() for r in env.split(os.pathsep) if r.strip()]
     if roots:
         return roots
-    from ..home import studio_home
+    from ..home import home_dir
     from .models import ASSETS_DIR
 
-    return [studio_home(), ASSETS_DIR, Path.cwd()]
+    return [home_dir(), ASSETS_DIR, Path.cwd()]
 
 
 def read_roots(*extra: str | os.PathLike) -> tuple[str, ...]:
     """The folders a dashboard session reads files from: :func:`default_allowed_roots`, the
-    studio home (the demo data it generates) and ``extra`` (the session's upload folder)."""
-    from ..home import studio_home
+    home folder (the demo data it generates) and ``extra`` (the session's upload folder)."""
+    from ..home import home_dir
 
-    folders = [*default_allowed_roots(), studio_home(), *extra]
+    folders = [*default_allowed_roots(), home_dir(), *extra]
     return tuple(dict.fromkeys(str(Path(f).expanduser().resolve()) for f in folders))
 
 

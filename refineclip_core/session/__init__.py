@@ -4,5 +4,5 @@
 ``images`` (list a folder, a zip or the demo sample and plan its extraction, §2.1 Eq. 4),
 ``caches`` (one cache folder per model, data and layer scope; prompt edits), ``locking`` (one
 extraction per cache folder at a time) and ``demo`` (the embedded demo prepared on a held-out
-sample of its world), all inside the studio home (:mod:`refineclip_core.home`).
+sample of its world), all inside the home folder (:mod:`refineclip_core.home`).
 """

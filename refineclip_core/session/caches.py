@@ -1,6 +1,6 @@
 """The caches of an interactive session: one folder per (model, data, layer scope), and prompt edits.
 
-:func:`cache_dir_for` names the cache folder of a combination inside the studio home;
+:func:`cache_dir_for` names the cache folder of a combination inside the home folder;
 :func:`cache_source` opens a cache extracted elsewhere (``refineclip extract``, a shared folder;
 read-only, so several servers can open the same folder at once); :func:`with_prompts` re-embeds the class texts of an opened cache for edited class names or
 prompt templates without touching the image features (the expensive part, paper Eq. 4).
@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..errors import CacheError, DataError, RefineClipError
 from ..features.cache import FeatureCache, read_manifest
-from ..home import studio_home
+from ..home import home_dir
 from ..loading.models import ModelSpec
 from .source import Source
 
@@ -35,13 +35,13 @@ def cache_dir_for(spec: ModelSpec, data_key: str, layers: int | str | Sequence[i
     stale cache; this key only keeps different combinations in different folders.
     """
     key = _short_hash(spec.fingerprint(), data_key, layers if isinstance(layers, (int, str)) else list(layers))
-    return studio_home(cache_root) / "caches" / key
+    return home_dir(cache_root) / "caches" / key
 
 
 def private_cache_root(spec: ModelSpec, data_root: str | os.PathLike, private_dir: str | os.PathLike | None) -> Path | None:
     """Where a session's cache of ``spec`` on ``data_root`` must go: ``private_dir`` (the session's own
     folder) when the model's files or the images lie in it (an upload), else None (the shared
-    studio home: the cache holds nothing another session could not compute from the same folders)."""
+    home folder: the cache holds nothing another session could not compute from the same folders)."""
     if private_dir is None:
         return None
     own = Path(private_dir).resolve()

@@ -3,7 +3,7 @@
 The dashboard (and anything else that wants a ready-to-use feature cache without choosing
 folders) calls :func:`prepare_demo`: it writes a *held-out*, group-balanced sample of the
 procedural demo world (:mod:`refineclip_core.demo.world`, ``val`` and ``test`` splits drawn
-with :data:`DEMO_SEED`, a seed the demo model never saw in training) into the studio home
+with :data:`DEMO_SEED`, a seed the demo model never saw in training) into the home folder
 folder once, and extracts its decomposed features (paper Eq. 4) into a cache next to it. Both
 steps are resumable and idempotent: the second call costs a directory listing.
 """
@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from ..features.extraction import ExtractionConfig
-from ..home import studio_home
+from ..home import home_dir
 from ..loading.data import load_dataset
 from ..loading.models import ModelSpec
 from ..progress import CancelFn, Progress, silent
@@ -34,7 +34,7 @@ DEMO_SPLITS = ("val", "test")
 
 def demo_data_dir(cache_root: str | os.PathLike | None = None, seed: int = DEMO_SEED,
                   n_per_group: int = DEMO_N_PER_GROUP) -> Path:
-    return studio_home(cache_root) / f"demo-data-s{seed}-n{n_per_group}"
+    return home_dir(cache_root) / f"demo-data-s{seed}-n{n_per_group}"
 
 
 def write_demo_data(out_dir: str | os.PathLike, seed: int = DEMO_SEED, n_per_group: int = DEMO_N_PER_GROUP,

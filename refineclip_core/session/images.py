@@ -82,7 +82,7 @@ def plan_source(scanned: ScannedImages, spec: ModelSpec, model_name: str, layers
     class names and prompt templates, checked here) and the extraction configuration that fills the
     cache (``exact_decode``, ``store``: as ``refineclip extract``'s ``--exact-decode`` and ``--store``).
 
-    The cache goes into the studio home, shared, unless the model or the images are the session's
+    The cache goes into the home folder, shared, unless the model or the images are the session's
     own uploads (in ``private_dir``, the session's folder): then it goes into ``private_dir/caches``,
     where no other session can list, open or rebuild from it (:func:`~refineclip_core.session.caches.private_cache_root`)."""
     names = [str(n).strip() for n in class_names]

@@ -1,8 +1,8 @@
-"""What the studio home holds, newest first: image folders, feature caches and refinement runs.
+"""What the home folder holds, newest first: image folders, feature caches and refinement runs.
 
 The Load page lists them (with sizes and a remove button) so that work survives a reload or a
 restart: a cache under a hashed folder name is shown by its model, images and size, and opens with
-one click. Only what lies directly in the studio home's own sub-folders is listed or removed
+one click. Only what lies directly in the home folder's own sub-folders is listed or removed
 (``demo-data-*`` image folders, ``caches/<key>``, ``runs/<name>.json``); a session's private
 upload folder is never listed here.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..features.cache import atomic_write_bytes, read_manifest
-from ..home import studio_home
+from ..home import home_dir
 
 RUNS = "runs"
 CACHES = "caches"
@@ -26,7 +26,7 @@ CACHES = "caches"
 
 @dataclass(frozen=True)
 class RecentItem:
-    """One thing in the studio home: ``kind`` is ``"cache"``, ``"folder"`` or ``"run"``."""
+    """One thing in the home folder: ``kind`` is ``"cache"``, ``"folder"`` or ``"run"``."""
 
     kind: str
     path: str
@@ -63,13 +63,13 @@ def _modified(path: Path) -> float:
 
 
 def recent_items(home: str | os.PathLike | None = None, roots=None) -> list[RecentItem]:
-    """Every image folder, complete feature cache and saved run of the studio home, newest first; with
+    """Every image folder, complete feature cache and saved run of the home folder, newest first; with
     ``roots`` (a session's readable folders) only those whose images lie inside them: a session never
     sees the class or file names of data it may not read."""
     from ..loading.confine import leaves_roots
 
     resolved = None if roots is None else [Path(r).resolve() for r in roots]
-    root = studio_home(home)
+    root = home_dir(home)
     items: list[RecentItem] = []
     caches = root / CACHES
     if caches.is_dir():
@@ -110,9 +110,9 @@ def _run_label(path: Path) -> str:
 
 
 def save_run(report_json: str, name: str, home: str | os.PathLike | None = None) -> Path:
-    """Keep a refinement run's report (its JSON text) in the studio home's ``runs/`` folder."""
+    """Keep a refinement run's report (its JSON text) in the home folder's ``runs/`` folder."""
     safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:80] or "run"
-    path = studio_home(home) / RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}.json"
+    path = home_dir(home) / RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, report_json.encode())
     return path
@@ -120,12 +120,12 @@ def save_run(report_json: str, name: str, home: str | os.PathLike | None = None)
 
 def remove_item(path: str | os.PathLike, home: str | os.PathLike | None = None, roots=None) -> None:
     """Delete one listed item; anything that is not directly an image folder, cache or run of the
-    studio home listed for ``roots`` (a link, a path elsewhere, the home itself) is refused."""
-    root = studio_home(home).resolve()
+    home folder listed for ``roots`` (a link, a path elsewhere, the home itself) is refused."""
+    root = home_dir(home).resolve()
     p = Path(path)
     listed = {Path(i.path) for i in recent_items(root, roots)}
     if p.is_symlink() or p not in listed or p.resolve().parent not in (root, root / CACHES, root / RUNS):
-        raise DataError(f"'{path}' is not an image folder, feature cache or run of the studio home; nothing removed.")
+        raise DataError(f"'{path}' is not an image folder, feature cache or run of the home folder; nothing removed.")
     if p.is_dir():
         shutil.rmtree(p)
     else:

@@ -104,7 +104,7 @@ def concept_vocabulary(texts: Sequence[str], pool_emb: np.ndarray, min_texts: in
 
 def load_vocabulary(loaded: Any, pool_path: Any = None, cache_path: Any = None) -> ConceptVocabulary:
     """The concept vocabulary of a text pool (default: the shipped one) embedded by ``loaded``;
-    the pool's embeddings are cached in ``cache_path`` (default: the studio home's ``text-pools``)."""
+    the pool's embeddings are cached in ``cache_path`` (default: the home folder's ``text-pools``)."""
     from ..textspan import embedded_text_pool
 
     return concept_vocabulary(*embedded_text_pool(loaded, pool_path, cache_path))
