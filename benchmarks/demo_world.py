@@ -68,7 +68,7 @@ from refineclip_core.errors import RefineClipError  # noqa: E402
 from refineclip_core.inspection.diagnosis import (attribute_direction, attribute_heads, concept_vocabulary,  # noqa: E402
                                                   diagnose)
 from refineclip_core.inspection.textspan import DEFAULT_TEXT_POOL, describe_heads, encode_text_pool, load_text_pool  # noqa: E402
-from refineclip_core.method.concept import DIAGNOSED, resolve_concept  # noqa: E402
+from refineclip_core.edit.concept import DIAGNOSED, resolve_concept  # noqa: E402
 from refineclip_core.method.baselines import CoOp, LocateThenCorrect  # noqa: E402
 from refineclip_core.loading.data import load_dataset  # noqa: E402
 from refineclip_core.loading.models import DEMO_DIR, ModelSpec, load_model  # noqa: E402

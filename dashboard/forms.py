@@ -12,7 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from refineclip_core.method.concept import DIAGNOSED, ConceptConfig, diagnosed_concepts
+from refineclip_core.edit.concept import DIAGNOSED, ConceptConfig, diagnosed_concepts
 from refineclip_core.loading.hf_clip import find_hf_checkpoint, hf_folder_in
 from refineclip_core.loading.models import ModelSpec
 from refineclip_core.edit.config import FitConfig

@@ -265,7 +265,7 @@ def verdict_banner(verdict: EditVerdict, lead: str) -> None:
 
 
 def concept_note(removal) -> None:
-    """What the exported edit's teacher also removed (a :class:`~refineclip_core.method.concept.ConceptRemoval`,
+    """What the exported edit's teacher also removed (a :class:`~refineclip_core.edit.concept.ConceptRemoval`,
     typed text shown as plain text), when it removed a concept."""
     if removal is not None:
         st.info(f"{plain(removal.sentence())} The table compares it with the same fit keeping the concept "

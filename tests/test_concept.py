@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from refineclip_core.method.concept import (ConceptConfig, concept_directions, concept_texts, orthonormal_basis,
+from refineclip_core.edit.concept import (ConceptConfig, concept_directions, concept_texts, orthonormal_basis,
                                           project_off, resolve_concept)
 from refineclip_core.errors import RefineClipError
 from refineclip_core.features.zeroshot import DEFAULT_TEMPLATES, class_text_embeddings

@@ -198,7 +198,7 @@ def test_fit_distils_the_teacher_and_exports_through_plain_open_clip(demo, tmp_p
 def test_concept_removal_reaches_the_teacher_and_the_exported_checkpoint(demo, tmp_path):
     """With a concept removed, Ŵ's teachers are the ablated embeddings off the concept's span (the rest keep E),
     fit_edit compares the edit with the same fit keeping it, and the export still reproduces E·B."""
-    from refineclip_core.method.concept import ConceptConfig, project_off, resolve_concept
+    from refineclip_core.edit.concept import ConceptConfig, project_off, resolve_concept
     from refineclip_core.method.protocol import CONCEPT_KEPT
 
     cache, ident, loaded = demo["cache"], demo["ident"], demo["loaded"]

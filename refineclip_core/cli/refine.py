@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..demo.world import on_demo_world
-from ..method.concept import ConceptConfig
+from ..edit.concept import ConceptConfig
 from ..edit.guard import HARMFUL, VERIFIED, EditVerdict
 from ..features.cache import atomic_write_bytes
 from ..features.decomposition import parse_heads

@@ -7,6 +7,7 @@ fine-tuning) → ``compare`` (:func:`fit_edit`: the edit and every compared meth
 rows) → ``guard`` (the verdict: ``verified`` / ``not-verified`` / ``harmful``, every group and class)
 and ``sanity`` (warnings beside the numbers) → ``export`` (the map merged into ``visual.proj``, the
 only module here that touches :mod:`~refineclip_core.loading`) → ``record`` (the run as JSON) →
-``run`` (:func:`run_edit`, what the Refine page and ``refineclip refine`` call). ``reproduce`` runs
-the paper's tables on a cache. Identification (which heads) is :mod:`~refineclip_core.method`'s.
+``run`` (:func:`run_edit`, what the Refine page and ``refineclip refine`` call). ``concept``
+projects a named concept out of RefineCLIP-fit's teacher; ``reproduce`` runs the paper's tables
+on a cache. Identification (which heads) is :mod:`~refineclip_core.method`'s.
 """

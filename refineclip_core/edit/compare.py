@@ -16,7 +16,7 @@ from ..features.decomposition import HeadId
 from ..method.ablation import AblationEngine
 from ..method.baselines import CoOp, TipAdapter, supports_coop
 from ..method.comparison import MethodReport, evaluate_methods
-from ..method.concept import ConceptRemoval
+from .concept import ConceptRemoval
 from ..method.evaluation import block_argmax
 from ..method.protocol import CONCEPT_KEPT, Identification, make_engine
 from ..progress import CancelFn, Progress, silent
@@ -65,11 +65,11 @@ def fit_edit(cache: FeatureCache, ident: Identification, cfg: EditConfig = DEFAU
     also the other kind of edit, standard fine-tuning, Tip-Adapter and (given the ``loaded`` model
     whose text tower it trains) CoOp, and compare them all with zero-shot and the ablated model on
     the evaluation rows. ``concept`` (``cfg.concept`` resolved by
-    :func:`~refineclip_core.method.concept.resolve_concept`) is projected out of RefineCLIP-fit's teacher;
+    :func:`~refineclip_core.edit.concept.resolve_concept`) is projected out of RefineCLIP-fit's teacher;
     with ``baselines`` the same fit without it is the row :data:`CONCEPT_KEPT`."""
     if cfg.concept.active and concept is None:
         raise RefineClipError("The edit removes a concept but none was resolved; embed its texts first "
-                              "(refineclip_core.method.concept.resolve_concept).")
+                              "(refineclip_core.edit.concept.resolve_concept).")
     engine = ident.ablation_engine(engine or make_engine(cache))
     heads = ident.heads if heads is None else list(heads)
     mode = ident.config.ablation

@@ -12,7 +12,7 @@ from typing import Literal
 
 from ..errors import RefineClipError
 from ..method.baselines import CoOpConfig
-from ..method.concept import ConceptConfig
+from .concept import ConceptConfig
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class EditConfig:
     method: Literal["fit", "paper"] = "fit"
     fit: FitConfig = FitConfig()
     paper: PaperConfig = PaperConfig()
-    concept: ConceptConfig = ConceptConfig()   # a concept RefineCLIP-fit's teacher also removes (method.concept)
+    concept: ConceptConfig = ConceptConfig()   # a concept RefineCLIP-fit's teacher also removes (concept.py)
     coop: CoOpConfig = CoOpConfig()            # the prompt-learning baseline (baselines.CoOp)
 
     def __post_init__(self) -> None:

@@ -56,7 +56,7 @@ def teacher_embeddings(engine: AblationEngine, heads: Sequence, mode: Mode, rows
 
     Returns ``(teacher (n, d), in_success (n,) bool)`` for ``rows``: the ablated embedding where
     the original model predicts one of ``edited_classes`` (projected off a concept's text directions
-    when ``concept``, a :class:`~refineclip_core.method.concept.ConceptRemoval`, is given), the original
+    when ``concept``, a :class:`~refineclip_core.edit.concept.ConceptRemoval`, is given), the original
     embedding elsewhere.
     """
     rows = np.asarray(rows, dtype=np.int64)

@@ -15,7 +15,7 @@ from ..features.decomposition import HeadId
 from ..inspection.diagnosis import Diagnosis
 from ..loading.models import LoadedModel, ModelSpec, load_model
 from ..method.ablation import AblationEngine
-from ..method.concept import resolve_concept
+from .concept import resolve_concept
 from ..method.protocol import Identification
 from ..progress import CancelFn, Progress, silent
 from .compare import EditOutcome, fit_edit
