@@ -2,7 +2,7 @@
 and the Refine page's (which edit: an EditConfig).
 
 Widgets only: uploads are kept by :func:`refineclip_core.loading.uploads.save_upload` in the
-session's private folder, typed paths are checked by :func:`~refineclip_core.loading.uploads.allowed_path`.
+session's private folder, typed paths are checked by :func:`~refineclip_core.loading.confine.allowed_path`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from refineclip_core.loading.models import ModelSpec
 from refineclip_core.edit.config import FitConfig
 from refineclip_core.edit.config import DEFAULT_EDIT, EditConfig
 from refineclip_core.edit.config import PaperConfig
-from refineclip_core.loading.uploads import (allowed_path, default_allowed_roots, read_roots, save_upload,
-                                             unpack_upload)
+from refineclip_core.loading.confine import allowed_path, default_allowed_roots, read_roots
+from refineclip_core.loading.uploads import save_upload, unpack_upload
 from refineclip_core.session.images import ImagesKind
 
 from . import resources

@@ -236,6 +236,6 @@ def session_dir() -> Path:
 def read_roots() -> tuple[str, ...]:
     """The folders this session may read files from (checked when each file is opened): the
     allowed roots, the home folder and the session's own upload folder."""
-    from refineclip_core.loading.uploads import read_roots as roots
+    from refineclip_core.loading.confine import read_roots as roots
 
     return roots(session_dir())

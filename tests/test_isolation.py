@@ -198,7 +198,8 @@ def two_sessions(tmp_path, monkeypatch, tiny_model_files, class_folder):
     import tempfile
 
     from refineclip_core.features.extraction import ExtractionConfig
-    from refineclip_core.loading.uploads import read_roots, save_upload, session_upload_dir
+    from refineclip_core.loading.confine import read_roots
+    from refineclip_core.loading.uploads import save_upload, session_upload_dir
     from refineclip_core.session.images import plan_source, scan_images
     from refineclip_core.session.locking import extract_locked
 
@@ -233,7 +234,7 @@ def test_a_cache_of_uploads_lives_in_the_sessions_own_folder(two_sessions):
 def test_another_session_cannot_open_list_or_rebuild_from_it(two_sessions):
     from refineclip_core.errors import CacheError, DataError
     from refineclip_core.loading.data import load_dataset
-    from refineclip_core.loading.uploads import allowed_path
+    from refineclip_core.loading.confine import allowed_path
     from refineclip_core.session.caches import cache_source
 
     cache, b_roots = two_sessions["a_source"].cache_dir, two_sessions["b_roots"]
@@ -251,7 +252,7 @@ def test_another_session_cannot_open_list_or_rebuild_from_it(two_sessions):
     assert {s.reason for s in ds.skipped if two_sessions["a_dir"].name in s.path} == {
         "class folder: another session's private folder, not listed"}
     # A itself opens its cache, with its own roots
-    from refineclip_core.loading.uploads import read_roots
+    from refineclip_core.loading.confine import read_roots
 
     assert cache_source(cache, read_roots(two_sessions["a_dir"])).spec.checkpoint
 
@@ -467,7 +468,7 @@ def test_many_entries_at_or_under_the_entry_limit_are_a_bomb_too(tmp_path, size)
     """40 entries of exactly 1 MiB of zeros (the old check looked only at entries over 1 MiB), and
     100 kB entries: the archive as a whole expands ~1,000-fold and is refused before writing."""
     from refineclip_core.errors import DataError
-    from refineclip_core.loading.uploads import extract_zip
+    from refineclip_core.loading.unzip import extract_zip
 
     data = _zeros_zip(40 if size == 1 << 20 else 400, size)
     with pytest.raises(DataError, match=r"expands \d+-fold"):

@@ -38,15 +38,9 @@ from refineclip_core.features.cache import FeatureCache
 from refineclip_core.loading.data import load_dataset, parse_metadata
 from refineclip_core.loading.decode import MAX_ASPECT_RATIO, load_image
 from refineclip_core.loading.models import ModelSpec, load_model
-from refineclip_core.loading.uploads import (
-    ALLOWED_ROOTS_ENV,
-    UPLOAD_PREFIX,
-    allowed_path,
-    cleanup_upload_dir,
-    default_allowed_roots,
-    extract_zip,
-    session_upload_dir,
-)
+from refineclip_core.loading.confine import ALLOWED_ROOTS_ENV, UPLOAD_PREFIX, allowed_path, default_allowed_roots
+from refineclip_core.loading.unzip import extract_zip
+from refineclip_core.loading.uploads import cleanup_upload_dir, session_upload_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -44,7 +44,7 @@ from refineclip_core.loading.data import ImageDataset, load_dataset, parse_metad
 from refineclip_core.loading.decode import load_image
 from refineclip_core.loading.checkpoints import read_state_dict
 from refineclip_core.loading.models import ModelSpec, load_model
-from refineclip_core.loading.uploads import read_roots
+from refineclip_core.loading.confine import read_roots
 
 from .conftest import make_image, tiny_config, write_config
 

@@ -4,5 +4,7 @@
 a local checkpoint, a config JSON, or the embedded demo) into a loaded model; ``hf_clip`` reads
 Hugging Face ``transformers`` CLIP checkpoints as open_clip models and writes edits back; ``data`` reads
 class folders, ``metadata.csv`` and the WILDS Waterbirds layout into an ``ImageDataset`` and
-decodes images safely; ``uploads`` unpacks user zips and checks typed server paths.
+decodes images safely; ``unzip`` unpacks user zips safely, ``uploads`` keeps a dashboard session's
+uploads (its folder, quotas, sweeping) and ``confine`` checks typed server paths and reads files only
+inside the allowed folders.
 """

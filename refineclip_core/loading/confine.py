@@ -7,7 +7,7 @@ it read, and show, files its users must not see. Every reader of a user-named fi
 
 * ``roots=None`` (the library's and the CLI's default): links are followed wherever they
   point; a shell user can read those files anyway.
-* ``roots=[folders]`` (what the dashboard passes, :func:`refineclip_core.loading.uploads.read_roots`):
+* ``roots=[folders]`` (what the dashboard passes, :func:`read_roots`):
   the file is opened first and the path of *the file actually opened* (``/proc/self/fd``) must
   lie at or below one of the folders; otherwise :class:`~refineclip_core.errors.OutsideRootsError`
   is raised and nothing is read. Checking the opened file, not a name listed earlier, means a
@@ -15,6 +15,11 @@ it read, and show, files its users must not see. Every reader of a user-named fi
 
 Listing (:func:`refineclip_core.loading.data.load_dataset`) applies the same rule early, so
 such files are skipped with the reason :data:`OUTSIDE_REASON` before any work is planned.
+
+Which folders: :func:`allowed_path` resolves a folder typed into the dashboard and refuses anything
+that is not below one of the allowed roots (the home folder, the demo model's assets and the working
+directory by default, or the ``REFINECLIP_ALLOWED_ROOTS`` environment variable); :func:`read_roots`
+adds a session's upload folder: the folders every file the dashboard then reads must lie in.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
-from ..errors import OutsideRootsError
+from ..errors import DataError, OutsideRootsError
+from ..home import ASSETS_DIR, home_dir
 
 #: Why a file or folder reached through a link that leaves the allowed folders is skipped.
 OUTSIDE_REASON = "symbolic link outside the allowed folders"
@@ -38,6 +44,9 @@ OUTSIDE_REASON = "symbolic link outside the allowed folders"
 PRIVATE_REASON = "another session's private folder, not listed"
 
 Roots = Sequence[str | os.PathLike] | None
+
+#: Environment variable listing the folders a typed server path may lie below (``os.pathsep``-separated).
+ALLOWED_ROOTS_ENV = "REFINECLIP_ALLOWED_ROOTS"
 
 
 class SpecialFileError(OSError):
@@ -201,3 +210,56 @@ def loads_json(data: bytes | str, what: str, error: type[Exception] = ValueError
         return json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise error(f"{what} is not valid JSON ({str(exc)[:200]}).") from exc
+
+
+def default_allowed_roots() -> list[Path]:
+    """Folders a typed server path may lie below.
+
+    ``REFINECLIP_ALLOWED_ROOTS`` (``os.pathsep``-separated) replaces the defaults when set.
+    Otherwise: the home folder holding the generated demo data and caches
+    (:func:`refineclip_core.home.home_dir`, ``$REFINECLIP_HOME``), the repository's
+    ``assets`` folder (embedded demo model) and the current working directory.
+    """
+    env = os.environ.get(ALLOWED_ROOTS_ENV, "")
+    roots = [Path(r).expanduser() for r in env.split(os.pathsep) if r.strip()]
+    if roots:
+        return roots
+    return [home_dir(), ASSETS_DIR, Path.cwd()]
+
+
+def read_roots(*extra: str | os.PathLike) -> tuple[str, ...]:
+    """The folders a dashboard session reads files from: :func:`default_allowed_roots`, the
+    home folder (the demo data it generates) and ``extra`` (the session's upload folder)."""
+    folders = [*default_allowed_roots(), home_dir(), *extra]
+    return tuple(dict.fromkeys(str(Path(f).expanduser().resolve()) for f in folders))
+
+
+def allowed_path(path: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> Path:
+    """Resolve a user-typed server path; refuse it unless it lies at or below an allowed root.
+
+    Symlinks are resolved first, so a link inside an allowed root that points elsewhere is
+    refused too. Containment is checked before existence, so the answer reveals nothing about
+    files outside the roots. Relative paths are taken relative to the working directory.
+    """
+    text = os.fspath(path) if not isinstance(path, str) else path
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    text = text.strip()
+    if not text:
+        raise DataError("Give a folder path.")
+    root_list = list(roots) if roots is not None else default_allowed_roots()
+    try:
+        resolved = Path(text).expanduser().resolve()
+        resolved_roots = [Path(r).expanduser().resolve() for r in root_list]
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise DataError(f"The path {text!r} cannot be resolved ({exc}).") from exc
+    if not is_inside(resolved, resolved_roots):
+        shown = ", ".join(str(r) for r in resolved_roots) or "none configured"
+        raise DataError(
+            f"'{text}' is outside the folders this dashboard may read ({shown}); move the data below one of them "
+            f"or start the server with {ALLOWED_ROOTS_ENV} listing it ({os.pathsep}-separated; the list replaces "
+            f"the default folders, so name those too to keep them)."
+        )
+    if not resolved.exists():
+        raise DataError(f"'{text}' does not exist.")
+    return resolved

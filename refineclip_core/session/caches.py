@@ -60,7 +60,7 @@ def cache_source(folder: str | os.PathLike, roots: Sequence[str | os.PathLike] |
     """The :class:`Source` of a complete cache folder made by ``refineclip extract`` (its model from
     the manifest, loaded only when a page needs it). Nothing is written into the folder.
 
-    With ``roots`` (the opening session's, :func:`~refineclip_core.loading.uploads.read_roots`) the
+    With ``roots`` (the opening session's, :func:`~refineclip_core.loading.confine.read_roots`) the
     folder and every model file the manifest names must lie inside them, and the model is read
     with *those* roots: a manifest never widens what the opener may read (the roots recorded in it
     are those of the session that made the cache, and are ignored)."""
@@ -85,7 +85,7 @@ def cache_source(folder: str | os.PathLike, roots: Sequence[str | os.PathLike] |
 
 
 def _inside(path: str | os.PathLike, roots: Sequence[str | os.PathLike], what: str) -> Path:
-    from ..loading.uploads import allowed_path
+    from ..loading.confine import allowed_path
 
     try:
         return allowed_path(path, roots)

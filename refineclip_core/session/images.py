@@ -20,7 +20,8 @@ from ..features.zeroshot import validate_templates
 from ..loading.batches import DecodeConfig
 from ..loading.data import ImageDataset, load_dataset, parse_metadata
 from ..loading.models import ModelSpec
-from ..loading.uploads import allowed_path, unpack_upload
+from ..loading.confine import allowed_path
+from ..loading.uploads import unpack_upload
 from .caches import cache_dir_for, private_cache_root
 from .demo import demo_data_dir, write_demo_data
 from .source import Source
@@ -45,7 +46,7 @@ def scan_images(kind: ImagesKind, *, folder: str | None = None, zip_data: bytes 
     allowed root) or an uploaded zip (unpacked once into ``upload_dir``), optionally labelled by
     an uploaded ``metadata`` CSV ``(name, bytes)`` whose layout is read from its header.
 
-    ``roots`` (:func:`~refineclip_core.loading.uploads.read_roots`) confines every file read, now
+    ``roots`` (:func:`~refineclip_core.loading.confine.read_roots`) confines every file read, now
     and when the images are decoded: links leaving them are skipped with their reason."""
     extra: tuple[tuple[str, str], ...] = ()
     if kind == "demo":
