@@ -124,7 +124,7 @@ def synthetic_shard(shape: Shape, n: int, seed: int, shard: int, structure) -> d
 def write_base(root: Path, shape: Shape, n: int, seed: int = 0, log: Callable[[str], None] = print) -> np.ndarray:
     """The shards of a synthetic ``n``-image cache in ``root/shards`` (the cache's own writer);
     returns E ``(n, d)`` for labelling."""
-    from refineclip_core.features.cache import write_shard
+    from refineclip_core.features.cache_format import write_shard
 
     structure = _prototypes(shape, seed)
     E = np.empty((n, shape.embed_dim), dtype=np.float32)
@@ -141,7 +141,7 @@ def write_base(root: Path, shape: Shape, n: int, seed: int = 0, log: Callable[[s
 
 def convert_base(src: Path, dst: Path, n: int, dtype: str, log: Callable[[str], None] = print) -> None:
     """``src``'s shards with the head contributions and remainders stored as ``dtype`` (``--store``)."""
-    from refineclip_core.features.cache import shard_dir, write_shard
+    from refineclip_core.features.cache_format import shard_dir, write_shard
 
     for i in range((n + SHARD - 1) // SHARD):
         d = shard_dir(src, i)
@@ -185,7 +185,8 @@ def make_cache(folder: Path, base: Path, shape: Shape, E: np.ndarray, n: int, n_
     """A complete cache folder over the first ``n`` images of ``base``'s shards (linked, not copied):
     labels are the zero-shot prediction, a quarter swapped to the runner-up class; two classes get
     Waterbirds-like groups and train/val/test splits, more classes none (like ImageNet-A/R)."""
-    from refineclip_core.features.cache import CacheManifest, atomic_write_bytes, atomic_write_json, npy_bytes
+    from refineclip_core.features.cache_format import CacheManifest
+    from refineclip_core.files import atomic_write_bytes, atomic_write_json, npy_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "shards").exists():
@@ -221,7 +222,7 @@ def make_cache(folder: Path, base: Path, shape: Shape, E: np.ndarray, n: int, n_
 
 def cache_bytes(folder: Path) -> int:
     """Bytes of the cache's own files and of its shards (the first ``n_shards`` of the linked base)."""
-    from refineclip_core.features.cache import read_manifest, shard_dir
+    from refineclip_core.features.cache_format import read_manifest, shard_dir
 
     m = read_manifest(folder)
     own = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())

@@ -92,7 +92,7 @@ def apply_link() -> None:
             changes[field] = int(params[name]) if field in _INT_FIELDS and params[name].lstrip("-").isdigit() \
                 else params[name]
     try:
-        from refineclip_core.features.cache import read_manifest
+        from refineclip_core.features.cache_format import read_manifest
 
         man = read_manifest(get_source().cache_dir)
         scope = (list(man.layers), man.n_heads) if man is not None else (None, None)

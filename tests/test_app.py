@@ -646,7 +646,7 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
 
 
 def test_cancelled_extraction_job_keeps_shards_and_resumes(tiny_model_files, image_folder, tmp_path):
-    from refineclip_core.features.cache import read_manifest, shard_is_valid
+    from refineclip_core.features.cache_format import read_manifest, shard_is_valid
     from refineclip_core.features.extraction import ExtractionCancelled, ExtractionConfig
     from refineclip_core.loading.data import load_dataset
     from refineclip_core.loading.models import load_model

@@ -104,7 +104,8 @@ class Arrays:
     """The extracted demo cache, read directly from disk (independent of the app's code paths)."""
 
     def __init__(self, home: Path):
-        from refineclip_core.features.cache import FeatureCache, read_manifest
+        from refineclip_core.features.cache import FeatureCache
+        from refineclip_core.features.cache_format import read_manifest
 
         dirs = [d for d in (home / "caches").iterdir() if d.is_dir() and (m := read_manifest(d)) and m.complete]
         assert len(dirs) == 1, f"expected one complete demo cache in {home / 'caches'}, found {dirs}"

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from refineclip_core.cli import main
-from refineclip_core.features.cache import FeatureCache, shard_dir
+from refineclip_core.features.cache import FeatureCache
+from refineclip_core.features.cache_format import shard_dir
 from refineclip_core.features.extraction import ExtractionConfig, extract
 from refineclip_core.loading.data import load_dataset
 from refineclip_core.loading.decode import load_image

@@ -376,7 +376,7 @@ def test_json_to_a_folder_and_a_full_disk_are_one_sentence(tiny_model_files, ima
     # ENOSPC on a plain write (the --json record, a report)
     import errno
 
-    from refineclip_core.features.cache import atomic_write_bytes
+    from refineclip_core.files import atomic_write_bytes
 
     def no_space(fd, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -642,7 +642,8 @@ def many_classes(tmp_path_factory):
     """A real feature cache of 48 images (the demo model, 4 classes) whose class list is then
     widened to 10,000 names with their text embeddings (the image features stay real): what the
     pages compute and send grows with the number of classes, not with the images."""
-    from refineclip_core.features.cache import atomic_write_bytes, atomic_write_json, npy_bytes, read_manifest
+    from refineclip_core.features.cache_format import read_manifest
+    from refineclip_core.files import atomic_write_bytes, atomic_write_json, npy_bytes
     from refineclip_core.features.extraction import ExtractionConfig, extract
     from refineclip_core.features.zeroshot import class_text_embeddings
     from refineclip_core.loading.data import load_dataset

@@ -40,7 +40,7 @@ def cache(loaded, image_folder, tmp_path_factory):
     """A cache of the tiny random model whose class texts are replaced by noisy class means of
     the image embeddings (first seed that gives a pair with W, C and A all non-empty), so
     that the random model makes a realistic mix of right and wrong predictions."""
-    from refineclip_core.features.cache import atomic_write_bytes, npy_bytes
+    from refineclip_core.files import atomic_write_bytes, npy_bytes
 
     out = tmp_path_factory.mktemp("method-cache")
     c = extract(loaded, load_dataset(image_folder), out, ExtractionConfig(layers="all", batch_size=6))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from refineclip_core.errors import DataError
-from refineclip_core.features.cache import read_manifest
+from refineclip_core.features.cache_format import read_manifest
 from refineclip_core.session.recent import CACHES, RUNS, recent_items, remove_item, save_run
 
 

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from refineclip_core.errors import CacheError, RefineClipError
-from refineclip_core.features.cache import FeatureCache, ShardedArray, row_blocks
+from refineclip_core.features.cache import FeatureCache
+from refineclip_core.features.sharded import ShardedArray, row_blocks
 from refineclip_core.features.extraction import ExtractionConfig, check_decomposition, extract, load_batch
 from refineclip_core.features.zeroshot import normalize
 from refineclip_core.loading.batches import DRAFT_FACTOR, DecodeConfig, decode_min_side, iter_batches

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..features.cache import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..features.extraction import EXTRACT_STAGE
 from ..features.zeroshot import DEFAULT_TEMPLATES, read_templates, validate_templates
 from ..errors import RefineClipError

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..demo.world import on_demo_world
 from ..edit.concept import ConceptConfig
 from ..edit.guard import HARMFUL, VERIFIED, EditVerdict
-from ..features.cache import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..features.decomposition import parse_heads
 from ..inspection.diagnosis import diagnose, load_vocabulary
 from ..loading.models import ModelSpec, load_model

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import RefineClipError
-from ..features.cache import atomic_write_bytes, atomic_write_json
+from ..files import atomic_write_bytes, atomic_write_json
 from ..features.extraction import ExtractionConfig, extract, init_distributed_from_env
 from ..method.protocol import DEFAULT_PROTOCOL
 from ..edit.config import DEFAULT_EDIT

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from ..errors import RefineClipError
-from ..features.cache import atomic_write_bytes, atomic_write_json
+from ..files import atomic_write_bytes, atomic_write_json
 from ..loading import hf_clip
 from ..loading.checkpoints import read_state_dict
 from ..loading.models import ModelSpec

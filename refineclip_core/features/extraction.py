@@ -37,21 +37,13 @@ import numpy as np
 import torch
 
 from ..errors import CacheError, Cancelled, RefineClipError
+from ..files import atomic_write_bytes, atomic_write_json, npy_bytes
 from ..loading.batches import DecodeConfig, decode_batch, decode_min_side, iter_batches
 from ..loading.data import ImageDataset, ImageRecord, SkippedFile
 from ..loading.models import LoadedModel
 from ..progress import CancelFn, Progress, never, silent
-from .cache import (
-    CacheManifest,
-    FeatureCache,
-    atomic_write_bytes,
-    atomic_write_json,
-    npy_bytes,
-    read_manifest,
-    records_to_json,
-    shard_is_valid,
-    write_shard,
-)
+from .cache import FeatureCache
+from .cache_format import CacheManifest, read_manifest, records_to_json, shard_is_valid, write_shard
 from .decomposition import architecture_info, decompose, resolve_layers
 from .zeroshot import DEFAULT_TEMPLATES, class_text_embeddings
 

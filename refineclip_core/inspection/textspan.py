@@ -378,7 +378,7 @@ def encode_text_pool(loaded: Any, texts: Sequence[str], cache_path: str | os.Pat
     the texts, written atomically, so a pool or model change never reads stale embeddings and
     an interrupted write never leaves a half file.
     """
-    from ..features.cache import atomic_write_bytes, npy_bytes
+    from ..files import atomic_write_bytes, npy_bytes
     from ..features.zeroshot import encode_texts
 
     texts = list(texts)

@@ -30,7 +30,7 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 
-from ..features.cache import ShardedArray, row_blocks
+from ..features.sharded import ShardedArray, row_blocks
 from ..features.decomposition import HeadId, direct_ablation_forward
 from ..features.extraction import load_batch
 from ..loading.data import ImageRecord

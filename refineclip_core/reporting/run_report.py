@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import plotly.graph_objects as go
 
-from ..features.cache import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..features.decomposition import HeadId
 from .tables import verdict_rows
 from .figures import accuracy_bars_figure, loss_figure, score_grid_figure, selection_name, utility_figure

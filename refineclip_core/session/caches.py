@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import CacheError, DataError, RefineClipError
-from ..features.cache import FeatureCache, read_manifest
+from ..features.cache import FeatureCache
+from ..features.cache_format import read_manifest
 from ..home import home_dir
 from ..loading.models import ModelSpec
 from .source import Source

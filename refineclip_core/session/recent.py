@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from ..features.cache import atomic_write_bytes, read_manifest
+from ..features.cache_format import read_manifest
+from ..files import atomic_write_bytes
 from ..home import home_dir
 
 RUNS = "runs"

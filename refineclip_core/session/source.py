@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from ..errors import CacheError
-from ..features.cache import read_manifest
+from ..features.cache_format import read_manifest
 from ..loading.models import ModelSpec
 
 
