@@ -2,10 +2,11 @@
 
 The library behind RefineCLIP Studio. Its sub-packages follow the paper's pipeline:
 ``loading`` (model and images) → ``features`` (exact per-head decomposition, Eq. 3-4, and the
-feature cache) → ``method`` (error sets, DE_A..DE_D of Eq. 6-9, Alg. 1 with Eq. 10, ablation
-Eq. 5, refinement Eq. 11-13, evaluation, the protocol) → ``inspection`` (TextSpan, Grad-CAM)
-→ ``reporting`` (findings, figures, run reports); ``session`` keeps an interactive session's
-data and caches, ``cli`` and ``demo`` sit on top. No module imports Streamlit.
+feature cache) → ``method`` (identification: error sets, DE_A..DE_D of Eq. 6-9, Alg. 1 with
+Eq. 10, ablation Eq. 5, evaluation, the protocol) → ``inspection`` (TextSpan, Grad-CAM, the
+diagnosis) → ``edit`` (the edit, Eq. 11-13: fit, guard, export, the run) → ``reporting``
+(findings, figures, run reports); ``session`` keeps an interactive session's data and caches,
+``cli`` and ``demo`` sit on top. No module imports Streamlit.
 
 For notebooks, the names in ``__all__`` are importable from here (each loaded on first use, so
 ``import refineclip_core`` stays fast): the same functions and dataclasses the CLI and the
