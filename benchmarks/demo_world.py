@@ -32,8 +32,8 @@ the ``demo:start``/``demo:end`` markers, written by this script only.
 
 The default seeds were never used while the defaults were chosen (that used world seeds
 7001-7042, and 101-108 for the later look at the head choice in docs/edit.md; the stable head choice of
-issue 23 item 6 was chosen on 7001-7004 and 7011-7022; 3611-3614 are kept for its check, not yet
-run). ``--section NAME`` writes another section than the headline's ``demo`` (its figure as
+issue 23 item 6 was chosen on 7001-7004 and 7011-7022; 3611-3614 were kept for its check and
+used for nothing else: ``--world-seeds 3611 3612 3613 3614 --no-extras --section stable-check``). ``--section NAME`` writes another section than the headline's ``demo`` (its figure as
 ``NAME_locality.svg``), ``--note TEXT`` a sentence under its title. ``--model-dir`` evaluates another training run of the demo model (a folder written
 by ``python -m refineclip_core.demo.train``) on its own world (read from its metadata.json).
 """
