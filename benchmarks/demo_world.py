@@ -84,7 +84,7 @@ BACKGROUND_WORDS = ("water", "lake", "sea", "ocean", "wave", "river", "pond", "s
 
 HEADLINE = [  # (row label, method key)
     ("zero-shot", "zero-shot"),
-    ("ablation of the chosen heads (default: consensus, mean)", "ablated"),
+    (f"ablation of the chosen heads (default: {DEFAULT_PROTOCOL.selection}, {DEFAULT_PROTOCOL.ablation})", "ablated"),
     ("**RefineCLIP-fit: the exported edit (default)**", "refineclip-fit"),
     ("paper phase 2 (diag θ, Eq. 13) with the same heads", "refineclip-diag"),
     ("paper-faithful: Alg. 1 + zero ablation", "paper:ablated"),

@@ -5,14 +5,17 @@ is cut in two, class × group stratified: the **truth half** (``--n-test``/2 ima
 **held-out pool** (the other half). For every *sample seed* the default pipeline runs (``identify`` +
 ``fit_edit`` with the defaults every entry point uses) and four edits are built on the same draw:
 
-* ``good``: the exported edit (RefineCLIP-fit with the consensus heads), the default;
+* ``default edit``: the exported edit (RefineCLIP-fit with the default heads): good or not, the truth says;
 * ``random heads``: RefineCLIP-fit with as many heads drawn at random from the cached ones;
 * ``unrelated-class heads``: RefineCLIP-fit with as many heads, those that write most of an *other*
   class's logit (an edit aimed at the wrong class);
 * ``trade (+10)``, ``trade (+25)``: zero-shot with a bias added to one edited class's logit, the smallest
   that lifts the worst group of the edited classes by about 10 or 25 points on the pool: it moves
   errors from that class's groups onto the other class's groups (an edit that trades one group for
-  another; the small one is the hard case, a real gain bought with a modest loss elsewhere).
+  another; the small one is the hard case, a real gain bought with a modest loss elsewhere);
+* ``fix (+10)``, ``fix (+25)``: constructed edits known to be good: zero-shot with a random share of every
+  edited-class group's errors corrected and nothing broken, the share that lifts the worst group by about
+  10 or 25 points (they measure how often the guard can say `verified` at all: its power).
 
 **The truth** of each edit is measured on the truth half (hundreds of images per group) with the
 guard's own statistics at that size: *harmful* when the guard there finds some group or class
@@ -51,10 +54,12 @@ from refineclip_core.method.protocol import DEFAULT_PROTOCOL, Identification, id
 from refineclip_core.edit.compare import fit_edit
 from refineclip_core.edit.config import DEFAULT_EDIT
 
-KINDS = ("good", "random heads", "unrelated-class heads", "trade (+10)", "trade (+25)")
+KINDS = ("default edit", "random heads", "unrelated-class heads", "trade (+10)", "trade (+25)", "fix (+10)", "fix (+25)")
 TRUTHS = ("harmful", "good", "unclear")
 TRADES = {"trade (+10)": 0.10, "trade (+25)": 0.25}
 """The trade edits' bias lifts the worst group of the edited classes by about this much on the pool."""
+FIXES = {"fix (+10)": 0.10, "fix (+25)": 0.25}
+"""The constructed good edits correct about this share of the worst group's images (errors only, nothing broken)."""
 
 
 @dataclass
@@ -144,6 +149,23 @@ def trade_predictions(cache: FeatureCache, ident: Identification, pool: np.ndarr
     return best
 
 
+def fix_predictions(cache: FeatureCache, ident: Identification, pool: np.ndarray, target: float,
+                    seed: list[int]) -> np.ndarray:
+    """A constructed edit known to be good: zero-shot with the same random share ``f`` of every edited-class
+    group's errors corrected and nothing else changed, ``f`` such that the worst group (on the pool) gains about
+    ``target``. No image gets worse, so a guard that never calls it `verified` has no power."""
+    pred = ident.base_predictions.copy()
+    edited = np.flatnonzero(np.isin(cache.labels, ident.target_classes))
+    rows = np.intersect1d(edited, pool)
+    key = strata(cache, rows)
+    worst = min(float((pred[rows][key == k] == cache.labels[rows][key == k]).mean()) for k in np.unique(key))
+    share = min(1.0, target / max(1.0 - worst, 1e-9))
+    wrong = edited[pred[edited] != cache.labels[edited]]
+    fixed = wrong[np.random.default_rng(seed).random(len(wrong)) < share]
+    pred[fixed] = cache.labels[fixed]
+    return pred
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = draw_parser(__doc__, [151, 152], n_fit=100, n_test=600)
     ap.add_argument("--model-dir", default=str(DEMO_DIR), help="model folder (default: the embedded demo model)")
@@ -166,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.sample_seeds:
                 ident = identify(cache, replace(DEFAULT_PROTOCOL, seed=s), engine)
                 edit = replace(DEFAULT_EDIT, fit=replace(DEFAULT_EDIT.fit, seed=s))
-                built = {"good": fit_edit(cache, ident, edit, engine=engine, baselines=False)}
+                built = {"default edit": fit_edit(cache, ident, edit, engine=engine, baselines=False)}
                 rng = np.random.default_rng([w_seed, s, 77])
                 k = max(len(ident.heads), 3)
                 rand = [heads_all[i] for i in rng.choice(len(heads_all), size=k, replace=False)]
@@ -176,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 preds = {kind: out.report.predictions[out.exported] for kind, out in built.items()}
                 for kind, target in TRADES.items():
                     preds[kind] = trade_predictions(cache, ident, pool, target)
+                for kind, target in FIXES.items():
+                    preds[kind] = fix_predictions(cache, ident, pool, target, [w_seed, s, KINDS.index(kind)])
                 for kind, after in preds.items():
                     v = judge(cache, ident, after, truth_rows)
                     drops = [u.change.value for u in v.units()]

@@ -82,9 +82,16 @@ def _on_click(key: str) -> None:
 
 
 names = list(ident.scores)
-for start in range(0, len(names), 2):
+pair_keys = list(ident.sets)
+shown = names
+if len(pair_keys) > 1:   # one pair's four maps at a time: half the charts for the browser to draw
+    pair = st.segmented_control("Score maps of the error pair", pair_keys, default=pair_keys[0], key="heads_map_pair",
+                                format_func=visible, help="Each pair has its own W, C and A sets, so its own scores; "
+                                                          "the chosen set (white dots) is common to all.")
+    shown = [n for n in names if n.endswith(f"[{pair or pair_keys[0]}]")] or names
+for start in range(0, len(shown), 2):
     cols = st.columns(2)
-    for col, name in zip(cols, names[start:start + 2]):
+    for col, name in zip(cols, shown[start:start + 2]):
         s = ident.scores[name]
         with col:
             if not s.available:

@@ -172,14 +172,20 @@ def test_errors_page_and_choosing_a_pair(app):
 def test_heads_page_scores_sets_and_handoff(app):
     at = open_page(app, "heads")
     cache, ident = cache_and_ident(at)
-    available = [n for n, s in ident.scores.items() if s.available]
-    unavailable = [n for n, s in ident.scores.items() if not s.available]
-    assert len(at.get("plotly_chart")) == len(available) + 1  # one map per score + the utility curves
     from dashboard.widgets import plain
 
-    infos = " ".join(i.value for i in at.info)
-    for name in unavailable:  # a score's name carries class names: shown as plain text
-        assert f"{plain(name)} is unavailable" in infos
+    pairs = list(ident.sets)
+    for pair in (pairs if len(pairs) == 1 else [pairs[1], pairs[0]]):   # one pair's maps at a time
+        if len(pairs) > 1:
+            at.session_state["heads_map_pair"] = pair
+            at.run()
+            assert_clean(at)
+        mine = {n: s for n, s in ident.scores.items() if len(pairs) == 1 or n.endswith(f"[{pair}]")}
+        available = [n for n, s in mine.items() if s.available]
+        assert len(at.get("plotly_chart")) == len(available) + 1  # one map per score of the pair + the utility curves
+        infos = " ".join(i.value for i in at.info)
+        for name, s in ident.scores.items():  # a score's name carries class names: shown as plain text
+            assert (f"{plain(name)} is unavailable" in infos) == (name in mine and not s.available), name
     # recompute with another seed through the form
     at.number_input(key="heads_seed").set_value(3)
     at.button[0].click().run()  # the form's submit button comes first

@@ -339,3 +339,25 @@ def test_each_sanity_warning_fires_on_its_case_and_only_then():
     # data other than the demo world
     w = sanity_warnings(cache, fake_ident(cache, rows, good, {"c0→c1": sets_of(6, 9)}), demo_data=False)
     assert [x.kind for x in w] == ["untested-data"] and "demo world" in w[0].text
+
+
+def test_the_guard_benchmarks_constructed_good_edit_breaks_nothing_and_lifts_the_worst_group():
+    """benchmarks/guard.py's ``fix`` edits measure the guard's power: they must be good by construction."""
+    from types import SimpleNamespace
+
+    from benchmarks.guard import fix_predictions
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 400)
+    groups = np.where(labels == 2, -1, labels * 2 + (np.arange(len(labels)) % 2))   # two groups per edited class
+    base = labels.copy()
+    wrong = rng.random(len(labels)) < np.where(groups == 1, 0.6, 0.1)              # group 1 is the worst
+    base[wrong] = (labels[wrong] + 1) % 3
+    cache = SimpleNamespace(labels=labels, groups=groups)
+    ident = SimpleNamespace(base_predictions=base, target_classes=[0, 1])
+    pool = np.arange(len(labels))
+    after = fix_predictions(cache, ident, pool, 0.25, [1])
+    assert np.all(after[base == labels] == labels[base == labels])                   # nothing correct is broken
+    assert np.array_equal(after[labels == 2], base[labels == 2])                      # other classes untouched
+    acc = lambda p, g: float((p[groups == g] == labels[groups == g]).mean())          # noqa: E731
+    assert 0.18 <= acc(after, 1) - acc(base, 1) <= 0.32
