@@ -205,6 +205,9 @@ TEACHERS = {  # row -> variant_teacher keywords
     "core amplification γ=0.5 (top-6 core heads)": {"gamma": 0.5, "k": 6},
     "core amplification γ=1 (top-6 core heads)": {"gamma": 1.0, "k": 6},
     "strength α=0.9": {"alpha": 0.9},
+    "strength α=0.8": {"alpha": 0.8},
+    "strength α=0.7": {"alpha": 0.7},
+    "strength α=0.6": {"alpha": 0.6},
     "directional ablation: W−C cue directions": {"direction": "wc"},
     "directional ablation: top-2 PCs": {"direction": "pca", "r": 2},
     "revert weak flips (ablated margin < 0.25 × original)": {"revert": 0.25},
@@ -212,6 +215,9 @@ TEACHERS = {  # row -> variant_teacher keywords
     "+ CE on the labelled samples, weight 0.2": {"ce": 0.2},
     "class-balanced means + CE 0.05": {"balanced": True, "ce": 0.05},
 }
+
+
+TEACHERS_DEFAULT = "default: mean-ablated teacher"
 
 
 def fit_with_ce(E, text, scale, teacher, succ, cfg, Xs, ys, w_ce: float):
@@ -242,6 +248,8 @@ def teacher_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teachers", action="store_true", help="run the teacher variants (this function)")
     ap.add_argument("--world", choices=("demo", "digits"), default="demo")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", nargs="+", metavar="TEXT",
+                    help="only the variants whose name contains one of these texts (the default row is always run)")
     args = ap.parse_args(argv)
     if args.world == "digits" and args.world_seeds == [7051, 7052, 7053, 7054]:
         args.world_seeds = [900, 901, 902, 903]
@@ -267,6 +275,8 @@ def teacher_main(argv: list[str] | None = None) -> int:
                 fit_cfg = replace(DEFAULT_EDIT.fit, seed=s)
                 X = cache.embeddings[ident.adapt_rows]
                 for name, kw in TEACHERS.items():
+                    if args.variants and name not in TEACHERS_DEFAULT and not any(v in name for v in args.variants):
+                        continue
                     teacher, succ = variant_teacher(engine, ident, **kw)
                     r = (fit_with_ce(X, cache.text, cache.logit_scale, teacher, succ, fit_cfg,
                                      cache.embeddings[ident.sample_rows], cache.labels[ident.sample_rows], kw["ce"])

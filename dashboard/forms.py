@@ -189,6 +189,10 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
             f = st.columns(4)
             ridge = f[0].number_input("Ridge (fit)", 0.0, 10.0, fit_d.ridge, format="%g", key="ref_ridge")
             fit_steps = f[1].number_input("KL steps (fit)", 0, 20_000, fit_d.steps, step=50, key="ref_fit_steps")
+            strength = f[2].number_input("Strength α (fit)", 0.05, 1.0, fit_d.strength, step=0.05, format="%.2f",
+                                         key="ref_strength",
+                                         help="The share of the heads' removal the edit applies (1: all of it). Less "
+                                              "spares the groups the shortcut helped; more fixes the worst group more.")
             if method == "fit":
                 k = st.columns([3, 1, 1])
                 concept_text = k[0].text_input(
@@ -222,7 +226,7 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
         texts = (DIAGNOSED,)
     concept = ConceptConfig(texts, split_phrases(versus), con_d.words, con_d.strength)
     cfg = EditConfig(method, FitConfig(ridge=float(ridge), steps=int(fit_steps), lr=fit_d.lr,
-                                       max_rows=fit_d.max_rows, seed=int(seed)),
+                                       max_rows=fit_d.max_rows, seed=int(seed), strength=float(strength)),
                      PaperConfig(strategy=strategy, alpha=float(alpha), beta=float(beta), steps=int(steps),
                                   lr=paper_d.lr, seed=int(seed), rank=int(rank), weight_ce=paper_d.weight_ce),
                      concept)

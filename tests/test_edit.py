@@ -195,6 +195,32 @@ def test_fit_distils_the_teacher_and_exports_through_plain_open_clip(demo, tmp_p
     assert not np.allclose(expected, cache.embeddings[:8], rtol=1e-3)
 
 
+def test_the_teachers_strength_scales_each_heads_centred_contribution(demo):
+    """``E + α(E_abl − E)`` on Ŵ, recomputed by hand from the cached per-head contributions c_h and their means
+    m_h over the adaptation rows (Eq. 4-5): E − α Σ_S (c_h − m_h); α = 1 is the ablated embedding itself, and
+    fit_edit hands the config's strength to the teacher (a weaker edit moves fewer predictions)."""
+    cache, ident = demo["cache"], demo["ident"]
+    engine = ident.ablation_engine(demo["engine"])
+    rows, heads = ident.adapt_rows, ident.heads
+    assert heads
+    teacher, succ = teacher_embeddings(engine, heads, "mean", rows, ident.target_classes, strength=0.6)
+    c = np.asarray(cache.heads[rows[succ]], dtype=np.float64)                        # (n, L_s, H, d)
+    all_c = np.asarray(cache.heads[rows], dtype=np.float64)
+    layers = list(cache.manifest.layers)
+    removed = sum(c[:, layers.index(h.layer), h.head] - all_c[:, layers.index(h.layer), h.head].mean(0) for h in heads)
+    E = np.asarray(cache.embeddings[rows[succ]], dtype=np.float64)
+    np.testing.assert_allclose(teacher[succ], E - 0.6 * removed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(teacher[~succ], cache.embeddings[rows][~succ])
+    full, _ = teacher_embeddings(engine, heads, "mean", rows, ident.target_classes, strength=1.0)
+    np.testing.assert_allclose(full[succ], E - removed, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="strength"):
+        FitConfig(strength=0.0)
+    moved = {a: fit_edit(cache, ident, EditConfig(fit=FitConfig(steps=20, strength=a)), engine=demo["engine"],
+                         baselines=False) for a in (0.3, 1.0)}
+    flips = {a: int((o.report.predictions["refineclip-fit"] != engine.base_predictions).sum()) for a, o in moved.items()}
+    assert flips[0.3] <= flips[1.0] and moved[0.3].config.fit.strength == 0.3
+
+
 def test_concept_removal_reaches_the_teacher_and_the_exported_checkpoint(demo, tmp_path):
     """With a concept removed, Ŵ's teachers are the ablated embeddings off the concept's span (the rest keep E),
     fit_edit compares the edit with the same fit keeping it, and the export still reproduces E·B."""

@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("RefineCLIP-fit (--method fit)")
     g.add_argument("--ridge", type=float, default=fit.ridge, help="ridge of the least-squares start (relative)")
     g.add_argument("--fit-steps", type=int, default=fit.steps, help="Adam steps of the KL distillation (0: none)")
+    g.add_argument("--strength", type=float, default=fit.strength,
+                   help="share of the heads' removal the edit applies, in (0, 1] (1: all of it; the default keeps "
+                        "the groups the shortcut helped within 5 points on the development worlds; docs/edit.md)")
     g.add_argument("--fit-lr", type=float, default=fit.lr, help="learning rate of the KL distillation")
     g.add_argument("--max-rows", type=positive_int, default=fit.max_rows,
                    help="adaptation images used by the KL steps (a seeded subsample above this)")
@@ -101,7 +104,8 @@ def edit_config(args: argparse.Namespace) -> EditConfig:
     """The edit the options ask for (the seed is the protocol's)."""
     return EditConfig(
         method=args.method,
-        fit=FitConfig(ridge=args.ridge, steps=args.fit_steps, lr=args.fit_lr, max_rows=args.max_rows, seed=args.seed),
+        fit=FitConfig(ridge=args.ridge, steps=args.fit_steps, lr=args.fit_lr, max_rows=args.max_rows, seed=args.seed,
+                      strength=args.strength),
         paper=PaperConfig(strategy=args.strategy, alpha=args.alpha, beta=args.beta, steps=args.steps, lr=args.lr,
                            seed=args.seed, rank=args.rank),
         concept=ConceptConfig(tuple(args.remove_concept), tuple(args.concept_versus), args.concept_words,

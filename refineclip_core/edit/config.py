@@ -24,6 +24,12 @@ class FitConfig:
     lr: float = 1e-3
     max_rows: int = 8192      # adaptation images used by the KL steps (a seeded subsample above this)
     seed: int = 0
+    strength: float = 0.8     # α: the teacher is E + α(E_abl − E) on the success set (fit.py: why 0.8; 1 = all of Eq. 5)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.strength <= 1.0:
+            raise RefineClipError(f"The edit's strength must be in (0, 1] (the share of the heads' removal the "
+                                  f"edit applies), not {self.strength!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
