@@ -193,7 +193,7 @@ class EditVerdict:
         if self.status == VERIFIED:
             return (f"Verified: the worst group improved on held-out images and no group or class got "
                     f"significantly worse ({holm}).")
-        return "Not verified: " + " ".join(self.reasons)
+        return "Not verified: " + " ".join(r if i == 0 else r[:1].upper() + r[1:] for i, r in enumerate(self.reasons))
 
     def summary(self) -> str:
         """One paragraph in plain words (what the CLI prints and the pages show at the top)."""
