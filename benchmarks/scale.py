@@ -586,15 +586,23 @@ def bench_photos(ctx: Ctx) -> Table:
 # ------------------------------------------------------------------------------------------------
 # Caches at scale, measured like a server
 # ------------------------------------------------------------------------------------------------
-def cache_plan(quick: bool) -> list[tuple[str, int, list[tuple[int, int, bool]], list[str]]]:
+def cache_plan(quick: bool, only: Sequence[str] = ()) -> list[tuple[str, int, list[tuple[int, int, bool]], list[str]]]:
     """``(shape, images in the base, [(images, classes, with refinement), ...], storages)`` in the order
-    they are built (refinement, minutes at 50k, is measured where the goals are and once for ViT-B/16)."""
+    they are built (refinement, minutes at 50k, is measured where the goals are and once for ViT-B/16).
+    ``only``: keep just these caches, each ``SHAPE:IMAGES:CLASSES`` (e.g. ``ViT-B/16:50000:1000``), float32."""
     if quick:
-        return [("ViT-B/16", 2000, [(1000, 2, True), (2000, 200, False)], ["float32"]),
+        plan = [("ViT-B/16", 2000, [(1000, 2, True), (2000, 200, False)], ["float32"]),
                 ("ViT-L/14", 1000, [(1000, 2, True)], ["float32", "float16"])]
-    return [("ViT-B/16", 50_000, [(10_000, 2, True), (50_000, 1000, False)], ["float32"]),
-            ("ViT-L/14", 50_000, [(10_000, 200, False), (50_000, 2, True), (50_000, 200, True), (50_000, 1000, True)],
-             ["float32", "float16"])]
+    else:
+        plan = [("ViT-B/16", 50_000, [(10_000, 2, True), (50_000, 1000, False)], ["float32"]),
+                ("ViT-L/14", 50_000, [(10_000, 200, False), (50_000, 2, True), (50_000, 200, True), (50_000, 1000, True)],
+                 ["float32", "float16"])]
+    if not only:
+        return plan
+    wanted = {(s.rsplit(":", 2)[0], int(s.rsplit(":", 2)[1]), int(s.rsplit(":", 2)[2])) for s in only}
+    kept = [(name, n_base, [c for c in caches if (name, c[0], c[1]) in wanted], ["float32"])
+            for name, n_base, caches, _ in plan]
+    return [(name, max(c[0] for c in caches), caches, stores) for name, _, caches, stores in kept if caches]
 
 
 def _goal(step: str, value: float, n: int, shape: str) -> str:
@@ -609,11 +617,11 @@ def _goal(step: str, value: float, n: int, shape: str) -> str:
     return ""
 
 
-def bench_caches(ctx: Ctx, keep: Path | None = None, browser: Callable[[Path, Shape], list] | None = None
-                 ) -> tuple[Table, list]:
+def bench_caches(ctx: Ctx, keep: Path | None = None, browser: Callable[[Path, Shape], list] | None = None,
+                 only: Sequence[str] = ()) -> tuple[Table, list]:
     """Every planned cache: built, measured in a fresh process, deleted (the disk holds one shape at a time)."""
     rows, summary, browser_rows = [], [], []
-    for shape_name, n_base, caches, stores in cache_plan(ctx.quick):
+    for shape_name, n_base, caches, stores in cache_plan(ctx.quick, only):
         shape = SHAPES[shape_name]
         base = ctx.workdir / f"base-{shape.embed_dim}"
         ctx.log(f"caches: writing {n_base:,} synthetic {shape_name} images ({shape.bytes_per_image() * n_base / 2**30:.1f} GiB)")
@@ -685,9 +693,12 @@ def bench_caches(ctx: Ctx, keep: Path | None = None, browser: Callable[[Path, Sh
             "the Refine page's run with its defaults (RefineCLIP-fit, the paper's phase 2, standard fine-tuning "
             "and Tip-Adapter), a background job in the dashboard.",
             "Over the projection budget (200 and 1000 classes at 50k images × 64 heads) a head's projections are "
-            "computed when it is first toggled (its contributions read from disk, N·d·C multiply-adds) and the most "
-            "recently used heads' are kept (19 heads at 200 classes, 4 at 1000); a toggle then sums |S| arrays of "
-            "N·C values and takes the argmax over N·C scores: at 1000 classes that alone is more than 50 ms here.",
+            "computed for the held-out rows when it is first toggled (its contributions for those rows read from "
+            "disk, n·d·C multiply-adds) and the most recently used are kept with the running score (the last head "
+            "set's scores over those rows, 768 MiB in all: at 1000 classes 100 MB per head, 7 arrays); a toggle "
+            "then adds or subtracts only the changed head's n·C projections and takes the argmax over n·C scores "
+            "(float64 for the rows whose best two classes are within the float32 rounding bound). The max of the "
+            "toggles is a toggled head whose projections were dropped from the budget and computed again.",
             "Memory at 1000 classes (50k images): the kept projections fill their 768 MiB budget (200 MB per head) "
             "and stay resident while the refinement adds its own working set (the KL distillation on 8,192 rows × "
             "1,000 classes with autograd, float64 copies of the 25,000 adaptation embeddings for the least-squares "
@@ -858,6 +869,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable; browser runs "
                                                                      "on the 50k ViT-L/14 cache, so it implies caches)")
     ap.add_argument("--out", type=Path, help=f"Markdown file to update (default in a full run: {DEFAULT_OUT})")
+    ap.add_argument("--cache", action="append", default=[], metavar="SHAPE:IMAGES:CLASSES",
+                    help="measure only this cache of the plan (repeatable, e.g. ViT-B/16:50000:1000; float32 "
+                         "storage); a partial run: give --out another file")
     ap.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one, removed at the end)")
     args = ap.parse_args(argv)
     parts = set(args.only or PARTS)
@@ -878,8 +892,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             def browser(folder: Path, shape: Shape) -> list:
                 return bench_browser(ctx, folder, shape)
 
-            table, browser_rows = bench_caches(ctx, browser=browser if "browser" in parts else None)
-            table.run_info = run_info_line(info, args.quick, time.perf_counter() - t0)
+            table, browser_rows = bench_caches(ctx, browser=browser if "browser" in parts else None,
+                                               only=args.cache)
+            table.run_info = run_info_line(info, args.quick, time.perf_counter() - t0) + (
+                f" (partial: only {', '.join(args.cache)})" if args.cache else "")
             tables.append(table)
             if browser_rows:
                 tables.append(Table(

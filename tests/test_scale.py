@@ -246,6 +246,73 @@ def test_predictions_equal_the_argmax_of_the_float64_scores_even_at_ties():
                 np.testing.assert_array_equal(eng.predict(chosen, mode, rows), eng.dots(chosen, mode, rows).argmax(1))
 
 
+def test_toggles_from_a_running_score_equal_a_fresh_engine():
+    """50 toggles in sequence (one to three heads ticked or unticked each), on every row or a held-out mask,
+    projected or computed per head, zero and mean ablation: each step's predictions and accuracies equal
+    those of a fresh engine's, and argmax(dots), with duplicated and nearly duplicated class texts (ties)."""
+    rng = np.random.default_rng(11)
+    n, L, H, d = 240, 2, 4, 16
+    heads = rng.normal(size=(n, L, H, d)).astype(np.float32)
+    E = heads.sum((1, 2)) + rng.normal(size=(n, d)).astype(np.float32)
+    t = rng.normal(size=(6, d))
+    t = np.concatenate([t, t[:1], t[1:2] + 1e-7 * rng.normal(size=(1, d))])
+    text = (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32)
+    labels = rng.integers(0, len(text), n)
+    classes = [f"c{i}" for i in range(len(text))]
+    groups, names = rng.integers(0, 2, n), ["g0", "g1"]
+    adapt = np.arange(0, n, 3)
+    for budget in (1 << 30, 3 * n * len(text) * 4):       # every head's kept; three arrays' worth kept
+        eng = AblationEngine(E, heads, text, [0, 1], projection_budget=budget).with_mean_rows(adapt)
+        ids = eng.head_ids()
+        for mask in (None, rng.random(n) < 0.5):
+            current: list = []
+            for step in range(50):
+                for i in rng.choice(len(ids), size=int(rng.integers(1, 4)), replace=False).tolist():
+                    current = [h for h in current if h != ids[i]] if ids[i] in current else current + [ids[i]]
+                mode = "mean" if step % 3 else "zero"
+                got = eng.ablate(current, labels, classes, groups, names, mode=mode, mask=mask)
+                fresh = AblationEngine(E, heads, text, [0, 1], projection_budget=budget).with_mean_rows(adapt)
+                want = fresh.ablate(current, labels, classes, groups, names, mode=mode, mask=mask)
+                rows = slice(None) if mask is None else mask
+                np.testing.assert_array_equal(got.predictions, want.predictions)
+                np.testing.assert_array_equal(got.predictions[rows], fresh.dots(current, mode).argmax(1)[rows])
+                assert got.report == want.report
+                for f in ("flipped", "fixed", "broken"):
+                    np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
+        assert any(k[0] == "s" for k in eng._a._kept)                  # running scores were kept and reused
+
+
+def test_concurrent_toggles_of_different_sets_do_not_mix():
+    """Two threads toggling different head sets on one shared engine each get a fresh engine's predictions."""
+    import threading
+
+    rng = np.random.default_rng(12)
+    n, L, H, d = 400, 2, 4, 16
+    heads = rng.normal(size=(n, L, H, d)).astype(np.float32)
+    E = heads.sum((1, 2)) + rng.normal(size=(n, d)).astype(np.float32)
+    text = rng.normal(size=(9, d)).astype(np.float32)
+    shared = AblationEngine(E, heads, text, [0, 1], projection_budget=4 * n * len(text) * 4)
+    ids = shared.head_ids()
+    fresh = AblationEngine(E, heads, text, [0, 1], projection_budget=0)
+    rows = np.flatnonzero(rng.random(n) < 0.6)
+    failures: list = []
+
+    def user(seed: int) -> None:
+        r, current = np.random.default_rng(seed), []
+        for _ in range(40):
+            h = ids[int(r.integers(len(ids)))]
+            current = [x for x in current if x != h] if h in current else current + [h]
+            if not np.array_equal(shared.predict(current, "zero", rows), fresh.dots(current, "zero", rows).argmax(1)):
+                failures.append((seed, list(current)))
+
+    threads = [threading.Thread(target=user, args=(s,)) for s in (1, 2, 3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not failures
+
+
 def test_accuracy_report_counts_like_a_loop_over_classes():
     """The one-pass tally against the straightforward per-class and per-group loop."""
     rng = np.random.default_rng(0)

@@ -10,9 +10,14 @@ At scale the engine holds only what toggles need: E ``(N, d)``, ``E·t`` ``(N, C
 projections; the head contributions stay on disk. The first ablation makes one pass over them that
 computes every head's projections and the mean-ablation features. When the projections of all heads
 would exceed :data:`PROJECTION_BUDGET` bytes (many images × heads × classes), a head's are computed
-when it is first toggled (one read of its contributions, a product with the texts) and the most
-recently used are kept. Predictions are assembled a block of rows at a time, so a toggle never holds
-an ``(N, C)`` float64 array.
+for the rows asked about (the Ablate page's held-out rows) when it is first toggled (a read of its
+contributions for those rows, a product with the texts), and the most recently used are kept.
+
+A toggle does not re-sum the set: per row set the engine keeps the scores ``E·t − Σ_S c_h·t`` of the last
+head set (a running score, :class:`_RunningScore`, counted in the same budget) and adds or subtracts only
+the heads that changed, with a bound on its float32 rounding that decides which rows' argmax must be
+confirmed in float64; predictions equal :meth:`AblationEngine.dots`' argmax whatever the path. Scores
+are assembled a block of rows at a time, so a toggle never holds an ``(N, C)`` float64 array.
 
 :func:`verify_ablation` checks the cached arithmetic against the real model, which runs with
 the heads' output columns zeroed and the direct path isolated
@@ -38,9 +43,10 @@ from .evaluation import AccuracyReport, accuracy_report, rows_mask
 
 Mode = Literal["zero", "mean"]
 
-#: Largest size in bytes of the head·text projections ``c_h·t_y`` (float32, ``N·C`` per head) an engine
-#: keeps in memory: every head's for 50,000 images × 64 heads × up to 60 classes; beyond that the most
-#: recently used heads' (e.g. 19 heads at 200 classes, 4 at 1000).
+#: Largest size in bytes of the head·text projections ``c_h·t_y`` (float32, ``n·C`` per head and row set)
+#: and running scores an engine keeps in memory: every head's for 50,000 images × 64 heads × up to 60
+#: classes; beyond that the most recently used (e.g. at 1000 classes, 100 MB per head for 25,000 held-out
+#: rows: 6 heads' and a running score).
 PROJECTION_BUDGET = 768 << 20
 
 
@@ -57,6 +63,35 @@ class AblationResult:
     broken: np.ndarray             # rows that became wrong
 
 
+#: The key of the row set "every row" (:meth:`_Arrays.projection`).
+ALL = "all"
+
+#: Unit roundoff of float32.
+U32 = 2.0 ** -24
+
+
+def _nbytes(item: object) -> int:
+    return item.nbytes if isinstance(item, (np.ndarray, _RunningScore)) else 0
+
+
+@dataclass
+class _RunningScore:
+    """``E·t_y − Σ_{h∈S} c_h·t_y`` over a row set (float32 ``(n, C)``), kept between toggles so that a toggle
+    adds or subtracts only the heads that changed (a running sum of Eq. 5's dot products).
+
+    ``err`` bounds ``|scores − exact|`` elementwise, the exact value taken from the float32 ``E·t`` and
+    projections: every float32 addition ``a ± b`` rounds by at most ``2⁻²⁴·|a ± b|``, and ``|a ± b|`` is at most
+    the bound of the new exact value (``max|E·t| + Σ_S max|c_h·t|``) plus the error so far."""
+
+    heads: frozenset
+    scores: np.ndarray
+    err: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.scores.nbytes
+
+
 class _Arrays:
     """What the engines over one cache share: E, the heads (on disk or in memory), texts and projections."""
 
@@ -69,10 +104,15 @@ class _Arrays:
         self.Et = self.E @ self.text.T                                   # (N, C)
         self.Et_max = _abs_max(self.Et)
         self.K, self.H = Ls * H, H
+        self.budget = budget
         self.capacity = budget // max(1, N * self.text.shape[0] * 4)   # heads whose projections fit the budget
         self._lock = threading.Lock()
-        self._ct: dict[int, np.ndarray] = {}                            # flat head -> c_h·t_y (N, C), oldest first
-        self.ct_max: dict[int, float] = {}                              # flat head -> max |c_h·t_y| (kept)
+        self._ct: dict[int, np.ndarray] = {}                            # flat head -> c_h·t_y (N, C) of every head
+        self.ct_max: dict[int, float] = {}                              # flat head -> max |c_h·t_y| (every row)
+        # What toggles keep, least recently used first, within ``budget`` bytes (with ``_ct``): ("p", rows key, k)
+        # -> c_h·t_y of those rows (n, C); ("s", rows key, heads) -> a running score (:class:`_RunningScore`).
+        self._kept: dict[tuple, object] = {}
+        self._kept_bytes = 0
         self._means: dict[str, np.ndarray] = {}
 
     def rows_of(self, rows: np.ndarray | slice | None) -> np.ndarray:
@@ -105,23 +145,66 @@ class _Arrays:
             if key is not None and key not in self._means:
                 self._means[key] = (total / max(len(mean_rows), 1)).astype(np.float32)
 
-    def projection(self, k: int) -> np.ndarray:
-        """``c_h·t_y`` ``(N, C)`` float32 of flat head ``k``. When every head's fits the budget, all are
-        computed in one pass over the contributions on first use and kept (:meth:`first_pass`);
-        otherwise each is computed when first asked for (one read of the head's slab and a product
-        with the texts) and the least recently used beyond the budget are dropped."""
+    def projection(self, k: int, rows: np.ndarray | None = None, key: str = ALL) -> np.ndarray:
+        """``c_h·t_y`` float32 of flat head ``k`` for ``rows`` (every row by default; ``key`` names the row set,
+        :func:`_digest`). When every head's fits the budget, all are computed in one pass over the
+        contributions on first use and kept (:meth:`first_pass`), and a row set's are rows of those;
+        otherwise a row set's are computed when first asked for (a read of the head's slab for those rows
+        and a product with the texts) and the least recently used of what toggles keep are dropped beyond
+        the budget."""
         if k not in self._ct and self.capacity >= self.K:
             self.first_pass()
-        with self._lock:
-            out = self._ct.pop(k, None)
+        if k in self._ct:
+            return self._ct[k] if rows is None else self._ct[k][rows]
+        out = self.take(("p", key, k))
         if out is None:
-            out = self.c[:, k // self.H, k % self.H].astype(np.float32, copy=False) @ self.text.T
-            self.ct_max[k] = _abs_max(out)
-        with self._lock:
-            self._ct[k] = out                                            # the most recently used last
-            while len(self._ct) > max(self.capacity, 1):
-                self._ct.pop(next(iter(self._ct)), None)
+            slab = self.c[(slice(None) if rows is None else rows), k // self.H, k % self.H]
+            out = slab.astype(np.float32, copy=False) @ self.text.T
+            with self._lock:
+                self.ct_max[(key, k)] = _abs_max(out)
+        self.keep(("p", key, k), out)
         return out
+
+    def projection_at(self, k: int, rows: np.ndarray | None, key: str, where: np.ndarray) -> np.ndarray:
+        """``projection(k, rows, key)[where]`` (rows of the kept projections of every row when all are kept)."""
+        if k in self._ct:
+            return self._ct[k][where if rows is None else rows[where]]
+        return self.projection(k, rows, key)[where]
+
+    def projection_max(self, k: int, key: str = ALL) -> float:
+        """``max |c_h·t_y|`` over the row set ``key`` as :meth:`projection` computed it (every row's when all
+        are kept: a bound for any row set)."""
+        return self.ct_max[k] if k in self._ct else self.ct_max[(key, k)]
+
+    def take(self, key: tuple) -> object | None:
+        """Remove and return a kept item (a running score taken this way belongs to the caller alone)."""
+        with self._lock:
+            item = self._kept.pop(key, None)
+            if item is not None:
+                self._kept_bytes -= _nbytes(item)
+            return item
+
+    def keep(self, key: tuple, item: object) -> None:
+        """Keep ``item`` as the most recently used; drop the least recently used beyond the budget (the
+        newest is always kept)."""
+        with self._lock:
+            old = self._kept.pop(key, None)
+            self._kept_bytes += _nbytes(item) - (0 if old is None else _nbytes(old))
+            self._kept[key] = item
+            limit = self.budget - sum(a.nbytes for a in self._ct.values())
+            while self._kept_bytes > limit and len(self._kept) > 1:
+                self._kept_bytes -= _nbytes(self._kept.pop(next(iter(self._kept))))
+
+    def take_score(self, key: str, heads: frozenset) -> "_RunningScore | None":
+        """The kept running score over row set ``key`` whose head set is closest to ``heads`` (fewest heads
+        to add or remove), removed from the kept items (so no other session updates it meanwhile)."""
+        with self._lock:
+            found = [(len(k[2] ^ heads), k) for k in self._kept if k[0] == "s" and k[1] == key]
+        for _, k in sorted(found, key=lambda f: f[0]):
+            item = self.take(k)
+            if item is not None:
+                return item
+        return None
 
     def mean(self, rows: np.ndarray) -> np.ndarray:
         """``m_h`` over ``rows`` ``(K, d)`` float32 (zero for no rows), computed once per row set."""
@@ -205,7 +288,7 @@ class AblationEngine:
     @property
     def projected(self) -> bool:
         """Whether every head's head·text projections fit :data:`PROJECTION_BUDGET` (computed in one pass
-        and kept); otherwise the most recently used ones are kept."""
+        and kept); otherwise the most recently used row sets' ones are kept."""
         return self._a.capacity >= self._a.K
 
     @cached_property
@@ -291,8 +374,10 @@ class AblationEngine:
         n = len(self.E) if rows is None else len(rows)
         total = None
         if len(idx) and not self.projected:   # one head's projections at a time (they may not all fit)
+            rows_arr = None if rows is None else np.asarray(rows, dtype=np.int64)
+            key = ALL if rows is None else _digest(rows_arr)
             for k in idx.tolist():
-                part = self._a.projection(k) if rows is None else self._a.projection(k)[rows]
+                part = self._a.projection(k, rows_arr, key)                   # the row set's, as predict() uses
                 total = part.copy() if total is None else np.add(total, part, out=total)
         parts = [self._a.projection(k) for k in idx.tolist()] if total is None else []
         for start in range(0, max(n, 1), block):
@@ -365,37 +450,121 @@ class AblationEngine:
                 out = out + self.m[idx].sum(0)
         return out
 
-    def predict(self, heads: Sequence[HeadId], mode: Mode = "zero", rows: np.ndarray | None = None) -> np.ndarray:
-        """Predicted classes after ablation (the norm does not change the argmax): exactly the argmax of
-        :meth:`dots`, found in float32 and confirmed in float64 for the rows whose two best classes are
-        closer than float32 rounding could move them (half the memory traffic of a float64 pass).
+    def predict(self, heads: Sequence[HeadId], mode: Mode = "zero", rows: np.ndarray | None = None,
+                block: int = 512) -> np.ndarray:
+        """Predicted classes after ablation (the norm does not change the argmax) for ``rows`` (all by
+        default): exactly the argmax of the float64 scores ``E·t − Σ_S c_h·t + Σ_S m_h·t`` (mean ablation)
+        summed from the float32 ``E·t`` and projections, found in float32 and confirmed in float64 for the
+        rows whose two best classes are closer than rounding could move them.
 
-        The float32 scores differ from the float64 ones by at most ``2.01·2⁻²⁴·B`` (and those from exact
-        arithmetic by ``2⁻⁵²·B``), ``B = max|E·t| + Σ_S max|c_h·t| + max|Σ_S m_h·t|``; a row whose best
-        float32 score leads every other by more than ``8·2⁻²⁴·B`` has the same argmax in float64."""
+        The float32 scores come from a running score per row set (:class:`_RunningScore`): the scores of the
+        last head set asked for over these rows, to which a toggle adds or from which it subtracts only the
+        heads that changed (one pass over ``n·C`` values per changed head, instead of one per head in the set).
+        Its error bound ``err`` grows with every update; when it would exceed 4× that of a fresh sum the scores
+        are summed afresh. A row whose best float32 score leads every other by more than ``2·(err_s + e₆₄)``
+        (``err_s``: ``err`` plus the rounding of the mean shift, ``e₆₄``: the float64 sum's rounding) has the
+        same argmax as the float64 scores; the others are recomputed in float64. Each session takes the
+        running score it updates out of the shared engine, so concurrent toggles never share one."""
+        a = self._a
         idx = self.flat_index(heads)
-        rows_all = None if rows is None else np.asarray(rows)
-        shift = float(np.abs(self.mt[idx].sum(0)).max()) if len(idx) and mode == "mean" else 0.0
-        out = []
-        for pos, block in self._dot_blocks(heads, mode, rows, dtype=np.float32):
-            top = block.argmax(1)
-            if block.shape[1] > 1 and len(top):
-                bound = 8 * 2.0 ** -24 * (self._a.Et_max + sum(self._a.ct_max[k] for k in idx.tolist()) + shift)
-                at = np.arange(len(top))
-                best = block[at, top].copy()
-                block[at, top] = -np.inf
-                unsure = np.flatnonzero(~(best - block.max(1) > bound))        # NaN-safe: recheck those too
-                if len(unsure):
-                    where = pos[unsure] if rows_all is None else rows_all[pos[unsure]]
-                    top[unsure] = self.dots(heads, mode, where).argmax(1)
-            out.append(top)
-        return np.concatenate(out)
+        want = frozenset(idx.tolist())
+        if len(want) < len(idx):                                         # a head named twice: removed twice
+            return self.dots(heads, mode, rows).argmax(1)
+        rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        key = ALL if rows is None else _digest(rows)
+        if len(idx) and mode == "mean" and "m" not in self.__dict__ and self._mean_source is None:
+            a.first_pass(a.rows_of(None) if self._mean_rows is None else self._mean_rows)
+        shift = self.mt[idx].sum(0) if len(idx) and mode == "mean" else None     # float32, as dots() adds it
+        run, pending = self._running(want, rows, key)
+        n, C = run.scores.shape
+        ct = sum(a.projection_max(k, key) for k in want)
+        reach = a.Et_max + ct                                              # bound of |E·t − Σ_S c_h·t|
+        mt = 0.0 if shift is None else float(np.abs(self.mt[idx]).max(1).sum())   # bound of |Σ_S m_h·t|
+        e_shift = U32 * len(idx) * mt                                      # its float32 sum's rounding
+        err = run.err if shift is None else run.err + e_shift + U32 * (reach + mt + run.err + e_shift)
+        # dots() (the float64 scores) from the exact ones: a float32 sum of the projections, float64 after
+        err_ref = U32 * (len(idx) + 1) * (ct + mt) + 4 * 2.0 ** -53 * (reach + mt)
+        bound = 2 * (err + err_ref) * 1.001 + 1e-30
+        top = np.empty(n, dtype=np.int64)
+        unsure = []
+        buf = np.empty((min(block, n), C), dtype=np.float32)
+        for start in range(0, n, block):                                   # a block of rows at a time
+            b = buf[:min(block, n - start)]
+            part = run.scores[start:start + len(b)]
+            for op, p in pending:                                  # the update, a block at a time
+                op(part, p[start:start + len(b)], out=part)
+            if shift is None:
+                np.copyto(b, run.scores[start:start + len(b)])
+            else:
+                np.add(run.scores[start:start + len(b)], shift, out=b)
+            t = b.argmax(1)
+            top[start:start + len(b)] = t
+            if C > 1:
+                at = np.arange(len(b))
+                best = b[at, t]
+                b[at, t] = -np.inf
+                unsure.append(start + np.flatnonzero(~(best - b.max(1) > bound)))   # NaN-safe: recheck those too
+        a.keep(("s", key, run.heads), run)                              # only once updated whole
+        where = np.concatenate(unsure) if unsure else np.zeros(0, dtype=np.int64)
+        if len(where):                                                     # dots() for these rows, as it sums
+            src = where if rows is None else rows[where]
+            exact = self.Et[src].astype(np.float64)
+            if len(idx):
+                removed = a.projection_at(int(idx[0]), rows, key, where).copy()
+                for k in idx[1:].tolist():
+                    removed += a.projection_at(k, rows, key, where)
+                exact = np.subtract(self.Et[src], removed, dtype=np.float64)
+            if shift is not None:
+                exact += shift.astype(np.float64)
+            top[where] = exact.argmax(1)
+        return top
+
+    def _running(self, want: frozenset, rows: np.ndarray | None, key: str
+                 ) -> tuple[_RunningScore, list[tuple[Callable, np.ndarray]]]:
+        """The running score of head set ``want`` over ``rows`` and the updates still to apply to its scores
+        (``(np.subtract or np.add, projections)``, applied by :meth:`predict` a block of rows at a time): the
+        closest kept one updated with the heads that differ, or a fresh sum (heads in flat order) when none
+        is kept, when updating would cost more passes than summing, or when its error bound would pass 4× a
+        fresh sum's."""
+        a = self._a
+
+        def step(err: float, heads: frozenset) -> float:            # one float32 addition's rounding, added
+            return err + U32 * (a.Et_max + sum(a.projection_max(k, key) for k in heads) + err)
+
+        run = a.take_score(key, want)
+        if run is not None:
+            ops = sorted(run.heads ^ want)
+            if len(ops) <= len(want):
+                parts = {k: a.projection(k, rows, key) for k in ops}
+                err, now = run.err, set(run.heads)
+                for k in ops:
+                    now ^= {k}
+                    err = step(err, frozenset(now))
+                fresh, now = 0.0, set()
+                for k in sorted(want):
+                    now.add(k)
+                    fresh = step(fresh, frozenset(now))
+                if err <= 4 * fresh:
+                    return _RunningScore(want, run.scores, err), [(np.subtract if k in want else np.add, parts[k])
+                                                                   for k in ops]
+        scores = self.Et.copy() if rows is None else self.Et[rows]
+        err, now = 0.0, set()
+        for k in sorted(want):
+            np.subtract(scores, a.projection(k, rows, key), out=scores)
+            now.add(k)
+            err = step(err, frozenset(now))
+        return _RunningScore(want, scores, err), []
 
     def ablate(self, heads: Sequence[HeadId], labels: np.ndarray, classes: Sequence[str],
                groups: np.ndarray | None = None, group_names: Sequence[str] = (),
                mode: Mode = "zero", mask: np.ndarray | None = None) -> AblationResult:
-        """Predictions and accuracies for all cached images after removing ``heads``."""
-        pred = self.predict(heads, mode)
+        """Predictions and accuracies after removing ``heads``, for the rows of ``mask`` (every cached image by
+        default): ``predictions`` holds -1 for the rows outside ``mask`` (not computed)."""
+        rows = None if mask is None or bool(np.all(mask)) else np.flatnonzero(mask)
+        pred = self.predict(heads, mode, rows)
+        if rows is not None:
+            pred, part = np.full(len(self.E), -1, dtype=pred.dtype), pred
+            pred[rows] = part
         base = self.base_predictions
         sel = rows_mask(len(pred)) if mask is None else mask
         changed = (pred != base) & sel
