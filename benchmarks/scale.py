@@ -297,7 +297,7 @@ def measure_cache(folder: str, n_toggles: int = 30, pool_size: int = 4082, seed:
     def toggle(current: list) -> float:
         t0 = time.perf_counter()
         abl.ablate(current, cache.labels, cache.classes, cache.groups, cache.group_names,
-                   mode=ident.config.ablation, mask=ident.eval_mask)
+                   mode=ident.config.ablation, mask=ident.eval_mask, mask_only=True)
         return 1000 * (time.perf_counter() - t0)
 
     cold = [toggle(chosen[:i + 1]) for i in range(len(chosen))]   # each head's first use
@@ -699,8 +699,8 @@ def bench_caches(ctx: Ctx, keep: Path | None = None, browser: Callable[[Path, Sh
             "then adds or subtracts only the changed head's n·C projections and takes the argmax over n·C scores "
             "(float64 for the rows whose best two classes are within the float32 rounding bound). The max of the "
             "toggles is a toggled head whose projections were dropped from the budget and computed again.",
-            "Memory at 1000 classes (50k images): the kept projections fill their 768 MiB budget (200 MB per head) "
-            "and stay resident while the refinement adds its own working set (the KL distillation on 8,192 rows × "
+            "Memory at 1000 classes (50k images): the kept projections and running scores fill their 768 MiB budget "
+            "(100 MB per head or running score over the 25,000 held-out rows, 200 MB over every row) and stay resident while the refinement adds its own working set (the KL distillation on 8,192 rows × "
             "1,000 classes with autograd, float64 copies of the 25,000 adaptation embeddings for the least-squares "
             "start); the peak then passes 2 GB. Predictions of the fitted maps and Tip-Adapter are made a block of "
             "images at a time, so no step holds the whole N × C score matrix.",

@@ -75,7 +75,7 @@ def _panel() -> None:
     mask = ident.eval_mask if scope == "held-out images" else rows_mask(len(labels))
     base = accuracy_report(eng.base_predictions, labels, classes, cache.groups, cache.group_names, mask)
     res = ident.ablation_engine(eng).ablate(heads, labels, classes, cache.groups, cache.group_names, mode=mode,
-                                           mask=mask)
+                                           mask=mask, mask_only=True)
     rep = res.report
 
     st.markdown(f"Removed: **{', '.join(map(str, heads)) or 'nothing'}** · {rep.n_images} images")

@@ -56,7 +56,7 @@ class AblationResult:
 
     heads: list[HeadId]
     mode: str
-    predictions: np.ndarray
+    predictions: np.ndarray        # per cached row (-1 outside the mask when only its rows were predicted)
     report: AccuracyReport
     flipped: np.ndarray            # rows whose prediction changed
     fixed: np.ndarray              # rows that became correct
@@ -557,10 +557,11 @@ class AblationEngine:
 
     def ablate(self, heads: Sequence[HeadId], labels: np.ndarray, classes: Sequence[str],
                groups: np.ndarray | None = None, group_names: Sequence[str] = (),
-               mode: Mode = "zero", mask: np.ndarray | None = None) -> AblationResult:
-        """Predictions and accuracies after removing ``heads``, for the rows of ``mask`` (every cached image by
-        default): ``predictions`` holds -1 for the rows outside ``mask`` (not computed)."""
-        rows = None if mask is None or bool(np.all(mask)) else np.flatnonzero(mask)
+               mode: Mode = "zero", mask: np.ndarray | None = None, mask_only: bool = False) -> AblationResult:
+        """Predictions for all cached images after removing ``heads``, and accuracies over ``mask`` (every row
+        by default). ``mask_only``: predict only the rows of ``mask`` (``predictions`` holds -1 for the others),
+        what a toggle on the Ablate page needs."""
+        rows = None if mask is None or not mask_only or bool(np.all(mask)) else np.flatnonzero(mask)
         pred = self.predict(heads, mode, rows)
         if rows is not None:
             pred, part = np.full(len(self.E), -1, dtype=pred.dtype), pred
