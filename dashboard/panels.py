@@ -18,6 +18,8 @@ from refineclip_core.features.cache import FeatureCache
 from refineclip_core.features.decomposition import HeadId
 from refineclip_core.inspection.diagnosis import Diagnosis, attribute_direction, attribute_heads
 from refineclip_core.method.protocol import Identification
+from refineclip_core.method.scores import SCORE_SPECS
+from refineclip_core.names import visible
 from refineclip_core.method.stability import HeadStability
 from refineclip_core.reporting.figures import group_profile_figure
 from refineclip_core.loading.data import ImageDataset
@@ -28,7 +30,8 @@ from refineclip_core.session.source import Source
 
 from . import resources
 from .registry import PAGES
-from .state import Key, ablate_heads, get, protocol, put, read_roots, set_ablate_heads, set_source, was_made_here
+from .state import (Key, ablate_heads, get, protocol, put, read_roots, set_ablate_heads, set_inspect_head, set_source,
+                    was_made_here)
 from .widgets import Ready, guard, link, metric_ci, plain, table
 
 
@@ -328,3 +331,43 @@ def recent_panel() -> None:
                     remove_item(item.path, roots=read_roots())
                     st.rerun()
 
+
+def _on_map_click(key: str) -> None:
+    state = get(key)
+    points = (state or {}).get("selection", {}).get("points", []) if state else []
+    if points:
+        p = points[0]
+        set_inspect_head(HeadId.of((p["y"], p["x"])))  # x = head, y = layer
+
+
+def score_maps_panel(ident: Identification, n_heads: int, selected: HeadId | None, chosen_by: str) -> None:
+    """The Heads page's DE_A..DE_D maps (Eq. 6-9), one error pair's at a time (a segmented control picks the
+    pair when there are two: half the charts for the browser to draw); a click on a square selects the head
+    the inspector shows."""
+    names = list(ident.scores)
+    pair_keys = list(ident.sets)
+    shown = names
+    if len(pair_keys) > 1:
+        pair = st.segmented_control("Score maps of the error pair", pair_keys, default=pair_keys[0],
+                                    key="heads_map_pair", format_func=visible,
+                                    help="Each pair has its own W, C and A sets, so its own scores; the chosen set "
+                                         "(white dots) is common to all.")
+        shown = [n for n in names if n.endswith(f"[{pair or pair_keys[0]}]")] or names
+    for start in range(0, len(shown), 2):
+        for col, name in zip(st.columns(2), shown[start:start + 2]):
+            s = ident.scores[name]
+            with col:
+                if not s.available:
+                    st.markdown(f"**{plain(name)}**")  # score names carry the pair's class names
+                    outer = SCORE_SPECS[name.split('[')[0]][0]
+                    st.info(f"{plain(name)} is unavailable: {plain(s.reason or f'set {outer} is empty')}. It averages "
+                            f"over set {outer}; draw more samples or pick another pair to fill it.",
+                            icon=":material/info:")
+                    continue
+                key = Key.score_map(names.index(name))
+                fig = resources.score_map(s.values, s.layers, name, s.descending, ident.heads, selected, n_heads,
+                                          chosen_by)
+                st.plotly_chart(fig, key=key, on_select=lambda key=key: _on_map_click(key), selection_mode="points",
+                                width="content", theme=None, config={"displayModeBar": False})
+                if s.reason:
+                    st.caption(plain(s.reason))

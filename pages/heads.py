@@ -5,17 +5,14 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from refineclip_core.features.decomposition import HeadId
 from refineclip_core.method.errorsets import error_pairs
 from refineclip_core.method.protocol import SELECTION_RULES, PairSpec, pair_spec
-from refineclip_core.method.scores import SCORE_SPECS
 from refineclip_core.names import visible
 from refineclip_core.reporting.figures import selection_name
 from dashboard import resources
 from dashboard.registry import page
-from dashboard.state import (Key, ablate_heads, get, inspect_head, protocol, set_ablate_heads, set_inspect_head,
-                             set_protocol)
-from dashboard.panels import attribute_panel, sanity_panel, stability_panel
+from dashboard.state import ablate_heads, inspect_head, protocol, set_ablate_heads, set_protocol
+from dashboard.panels import attribute_panel, sanity_panel, score_maps_panel, stability_panel
 from dashboard.widgets import link, plain, require_ready, table
 
 st.title(page("heads").heading)
@@ -71,43 +68,7 @@ RULE_TEXT = {"stable": "The resampling-stable ranking", "consensus": "The consen
 
 # --- score maps --------------------------------------------------------------------------------
 selected = inspect_head()
-
-
-def _on_click(key: str) -> None:
-    state = get(key)
-    points = (state or {}).get("selection", {}).get("points", []) if state else []
-    if points:
-        p = points[0]
-        set_inspect_head(HeadId.of((p["y"], p["x"])))  # x = head, y = layer
-
-
-names = list(ident.scores)
-pair_keys = list(ident.sets)
-shown = names
-if len(pair_keys) > 1:   # one pair's four maps at a time: half the charts for the browser to draw
-    pair = st.segmented_control("Score maps of the error pair", pair_keys, default=pair_keys[0], key="heads_map_pair",
-                                format_func=visible, help="Each pair has its own W, C and A sets, so its own scores; "
-                                                          "the chosen set (white dots) is common to all.")
-    shown = [n for n in names if n.endswith(f"[{pair or pair_keys[0]}]")] or names
-for start in range(0, len(shown), 2):
-    cols = st.columns(2)
-    for col, name in zip(cols, shown[start:start + 2]):
-        s = ident.scores[name]
-        with col:
-            if not s.available:
-                st.markdown(f"**{plain(name)}**")  # score names carry the pair's class names
-                outer = SCORE_SPECS[name.split('[')[0]][0]
-                st.info(f"{plain(name)} is unavailable: {plain(s.reason or f'set {outer} is empty')}. It averages over set "
-                        f"{outer}; draw more samples or pick another pair to fill it.", icon=":material/info:")
-                continue
-            key = Key.score_map(names.index(name))
-            fig = resources.score_map(s.values, s.layers, name, s.descending, ident.heads, selected,
-                                      cache.manifest.n_heads, selection_name(sel.score))
-            st.plotly_chart(fig, key=key, on_select=lambda key=key: _on_click(key), selection_mode="points",
-                            width="content", theme=None, config={"displayModeBar": False})
-            if s.reason:
-                st.caption(plain(s.reason))
-
+score_maps_panel(ident, cache.manifest.n_heads, selected, selection_name(sel.score))
 st.caption(f"White dot: the heads chosen by {selection_name(sel.score)} · gold border: the head selected for the "
            "inspector · hover a square for its score value and rank.")
 if selected is not None and selected.layer in cache.manifest.layers:
