@@ -225,16 +225,21 @@ def test_engine_over_shards_matches_the_in_memory_engine(sharded):
     assert disk.subset(rows) is disk.subset(rows.copy())
 
 
+def _tied_world(seed: int, n: int, H: int, k: int, L: int = 2, d: int = 16):
+    """Random head contributions (n, L, H, d), E = their sum + a residual, and k class texts plus a duplicate of
+    the first and a 1e-7 perturbation of the second (exact and near ties everywhere); also the generator."""
+    rng = np.random.default_rng(seed)
+    heads = rng.normal(size=(n, L, H, d)).astype(np.float32)
+    E = heads.sum((1, 2)) + rng.normal(size=(n, d)).astype(np.float32)
+    t = rng.normal(size=(k, d))
+    t = np.concatenate([t, t[:1], t[1:2] + 1e-7 * rng.normal(size=(1, d))])
+    return heads, E, (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32), rng
+
+
 def test_predictions_equal_the_argmax_of_the_float64_scores_even_at_ties():
     """predict() finds the argmax in float32 and rechecks close calls in float64: with duplicated and
     nearly duplicated class texts (exact and 1e-7 ties everywhere) it must still equal argmax(dots)."""
-    rng = np.random.default_rng(5)
-    n, L, H, d = 300, 2, 3, 16
-    heads = rng.normal(size=(n, L, H, d)).astype(np.float32)
-    E = heads.sum((1, 2)) + rng.normal(size=(n, d)).astype(np.float32)
-    t = rng.normal(size=(4, d))
-    t = np.concatenate([t, t[:1], t[1:2] + 1e-7 * rng.normal(size=(1, d))])
-    text = (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32)
+    heads, E, text, _ = _tied_world(5, n=300, H=3, k=4)
     for budget in (1 << 30, 0):
         eng = AblationEngine(E, heads, text, [0, 1], projection_budget=budget)
         ids = eng.head_ids()
@@ -250,13 +255,8 @@ def test_toggles_from_a_running_score_equal_a_fresh_engine():
     """50 toggles in sequence (one to three heads ticked or unticked each), on every row or a held-out mask,
     projected or computed per head, zero and mean ablation: each step's predictions and accuracies equal
     those of a fresh engine's, and argmax(dots), with duplicated and nearly duplicated class texts (ties)."""
-    rng = np.random.default_rng(11)
-    n, L, H, d = 240, 2, 4, 16
-    heads = rng.normal(size=(n, L, H, d)).astype(np.float32)
-    E = heads.sum((1, 2)) + rng.normal(size=(n, d)).astype(np.float32)
-    t = rng.normal(size=(6, d))
-    t = np.concatenate([t, t[:1], t[1:2] + 1e-7 * rng.normal(size=(1, d))])
-    text = (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32)
+    n = 240
+    heads, E, text, rng = _tied_world(11, n=n, H=4, k=6)
     labels = rng.integers(0, len(text), n)
     classes = [f"c{i}" for i in range(len(text))]
     groups, names = rng.integers(0, 2, n), ["g0", "g1"]
