@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId
-from refineclip_core.method.ablation import verify_on_images
+from refineclip_core.method.verification import verify_on_images
 from refineclip_core.method.evaluation import accuracy_report, rows_mask
 from dashboard.panels import sanity_panel
 from dashboard.registry import page

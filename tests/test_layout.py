@@ -89,3 +89,10 @@ def test_every_library_package_ships_in_the_wheel():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in CORE.rglob("__init__.py")}
     assert on_disk <= listed, f"not in pyproject.toml's packages: {sorted(on_disk - listed)}"
+
+
+def test_no_core_module_over_450_lines_outside_demo():
+    """Modules are split by role before they grow past 450 lines (``demo/`` holds the worlds' data)."""
+    long = {str(p.relative_to(ROOT)): n for p in CORE.rglob("*.py")
+            if "demo" not in p.relative_to(CORE).parts[:1] and (n := len(p.read_text(encoding="utf-8").splitlines())) > 450}
+    assert not long, f"modules over 450 lines (split them by role): {long}"

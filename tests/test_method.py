@@ -15,7 +15,8 @@ from refineclip_core.features.decomposition import HeadId, direct_ablation_forwa
 from refineclip_core.features.extraction import ExtractionConfig, extract, load_batch
 from refineclip_core.loading.data import load_dataset
 from refineclip_core.loading.models import ModelSpec, load_model
-from refineclip_core.method.ablation import AblationEngine, verify_ablation
+from refineclip_core.method.ablation import AblationEngine
+from refineclip_core.method.verification import verify_ablation
 from refineclip_core.method.baselines import TipAdapter
 from refineclip_core.method.errorsets import ErrorSets, error_pairs, pair_error_sets, sample_per_class
 from refineclip_core.edit.config import FitConfig

@@ -375,7 +375,7 @@ def judge_edit(labels: np.ndarray, before: np.ndarray, after: np.ndarray, eval_r
         reasons.append(f"no held-out images of {', '.join(missing)}.")
     small = [u for u in group_units if u.n < config.min_per_group]
     if small:
-        reasons.append(f"too few held-out images: " + ", ".join(f"{u.name} has {u.n}" for u in small)
+        reasons.append("too few held-out images: " + ", ".join(f"{u.name} has {u.n}" for u in small)
                        + f" (the guard needs at least {config.min_per_group} per {strata}).")
     # verified also needs every group and class to rule out a drop of more than `drop` (5 points), all at
     # once: not "no significant harm" (which a handful of images always passes) but "harm bounded"

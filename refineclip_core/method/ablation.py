@@ -14,40 +14,29 @@ for the rows asked about (the Ablate page's held-out rows) when it is first togg
 contributions for those rows, a product with the texts), and the most recently used are kept.
 
 A toggle does not re-sum the set: per row set the engine keeps the scores ``E·t − Σ_S c_h·t`` of the last
-head set (a running score, :class:`_RunningScore`, counted in the same budget) and adds or subtracts only
-the heads that changed, with a bound on its float32 rounding that decides which rows' argmax must be
+head set (a running score, :class:`~.projections.RunningScore`, counted in the same budget) and adds or
+subtracts only the heads that changed, with a bound on its float32 rounding that decides which rows' argmax must be
 confirmed in float64; predictions equal :meth:`AblationEngine.dots`' argmax whatever the path. Scores
 are assembled a block of rows at a time, so a toggle never holds an ``(N, C)`` float64 array.
 
-:func:`verify_ablation` checks the cached arithmetic against the real model, which runs with
-the heads' output columns zeroed and the direct path isolated
-(:func:`~refineclip_core.features.decomposition.direct_ablation_forward`).
+The arrays and projections live in :mod:`.projections`; :mod:`.verification` checks the cached
+arithmetic against the real model.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Literal, Sequence
 
 import numpy as np
-import torch
 
+from ..features.decomposition import HeadId
 from ..features.sharded import ShardedArray, row_blocks
-from ..features.decomposition import HeadId, direct_ablation_forward
-from ..features.extraction import load_batch
-from ..loading.data import ImageRecord
 from .evaluation import AccuracyReport, accuracy_report, rows_mask
+from .projections import ALL, PROJECTION_BUDGET, U32, ProjectionStore, RunningScore, row_digest
 
 Mode = Literal["zero", "mean"]
-
-#: Largest size in bytes of the head·text projections ``c_h·t_y`` (float32, ``n·C`` per head and row set)
-#: and running scores an engine keeps in memory: every head's for 50,000 images × 64 heads × up to 60
-#: classes; beyond that the most recently used (e.g. at 1000 classes, 100 MB per head for 25,000 held-out
-#: rows: 6 heads' and a running score).
-PROJECTION_BUDGET = 768 << 20
 
 
 @dataclass
@@ -61,182 +50,6 @@ class AblationResult:
     flipped: np.ndarray            # rows whose prediction changed
     fixed: np.ndarray              # rows that became correct
     broken: np.ndarray             # rows that became wrong
-
-
-#: The key of the row set "every row" (:meth:`_Arrays.projection`).
-ALL = "all"
-
-#: Unit roundoff of float32.
-U32 = 2.0 ** -24
-
-
-def _nbytes(item: object) -> int:
-    return item.nbytes if isinstance(item, (np.ndarray, _RunningScore)) else 0
-
-
-@dataclass
-class _RunningScore:
-    """``E·t_y − Σ_{h∈S} c_h·t_y`` over a row set (float32 ``(n, C)``), kept between toggles so that a toggle
-    adds or subtracts only the heads that changed (a running sum of Eq. 5's dot products).
-
-    ``err`` bounds ``|scores − exact|`` elementwise, the exact value taken from the float32 ``E·t`` and
-    projections: every float32 addition ``a ± b`` rounds by at most ``2⁻²⁴·|a ± b|``, and ``|a ± b|`` is at most
-    the bound of the new exact value (``max|E·t| + Σ_S max|c_h·t|``) plus the error so far."""
-
-    heads: frozenset
-    scores: np.ndarray
-    err: float
-
-    @property
-    def nbytes(self) -> int:
-        return self.scores.nbytes
-
-
-class _Arrays:
-    """What the engines over one cache share: E, the heads (on disk or in memory), texts and projections."""
-
-    def __init__(self, embeddings: np.ndarray, heads: np.ndarray | ShardedArray, text: np.ndarray,
-                 budget: int) -> None:
-        N, Ls, H, d = heads.shape
-        self.E = np.asarray(embeddings, dtype=np.float32)
-        self.c = heads                                                   # (N, L_s, H, d), read on demand
-        self.text = np.asarray(text, dtype=np.float32)
-        self.Et = self.E @ self.text.T                                   # (N, C)
-        self.Et_max = _abs_max(self.Et)
-        self.K, self.H = Ls * H, H
-        self.budget = budget
-        self.capacity = budget // max(1, N * self.text.shape[0] * 4)   # heads whose projections fit the budget
-        self._lock = threading.Lock()
-        self._ct: dict[int, np.ndarray] = {}                            # flat head -> c_h·t_y (N, C) of every head
-        self.ct_max: dict[int, float] = {}                              # flat head -> max |c_h·t_y| (every row)
-        # What toggles keep, least recently used first, within ``budget`` bytes (with ``_ct``): ("p", rows key, k)
-        # -> c_h·t_y of those rows (n, C); ("s", rows key, heads) -> a running score (:class:`_RunningScore`).
-        self._kept: dict[tuple, object] = {}
-        self._kept_bytes = 0
-        self._means: dict[str, np.ndarray] = {}
-
-    def rows_of(self, rows: np.ndarray | slice | None) -> np.ndarray:
-        return np.arange(len(self.E)) if rows is None or isinstance(rows, slice) else np.asarray(rows, np.int64)
-
-    def first_pass(self, mean_rows: np.ndarray | None = None) -> None:
-        """One pass over the head contributions for what a first ablation needs: every head's
-        projections when they all fit the budget, and the means over ``mean_rows`` (if not known)."""
-        N, C = len(self.E), self.text.shape[0]
-        with self._lock:
-            project = self.capacity >= self.K and len(self._ct) < self.K
-            key = None if mean_rows is None else _digest(mean_rows)
-            if not project and (key is None or key in self._means):
-                return
-            if not project:
-                self._means[key] = self._mean_over(mean_rows)
-                return
-            ct = np.empty((self.K, N, C), dtype=np.float32)
-            total = np.zeros((self.K, self.c.shape[-1]))
-            member = np.zeros(N, dtype=bool)
-            if key is not None:
-                member[mean_rows] = True
-            for pos, block in row_blocks(self.c):
-                flat = block.reshape(len(pos) * self.K, -1).astype(np.float32, copy=False)
-                ct[:, pos] = (flat @ self.text.T).reshape(len(pos), self.K, C).transpose(1, 0, 2)
-                if key is not None and key not in self._means:
-                    total += block[member[pos]].reshape(-1, self.K, total.shape[1]).sum(0, dtype=np.float64)
-            self._ct = {j: ct[j] for j in range(self.K)}
-            self.ct_max.update({j: _abs_max(ct[j]) for j in range(self.K)})
-            if key is not None and key not in self._means:
-                self._means[key] = (total / max(len(mean_rows), 1)).astype(np.float32)
-
-    def projection(self, k: int, rows: np.ndarray | None = None, key: str = ALL) -> np.ndarray:
-        """``c_h·t_y`` float32 of flat head ``k`` for ``rows`` (every row by default; ``key`` names the row set,
-        :func:`_digest`). When every head's fits the budget, all are computed in one pass over the
-        contributions on first use and kept (:meth:`first_pass`), and a row set's are rows of those;
-        otherwise a row set's are computed when first asked for (a read of the head's slab for those rows
-        and a product with the texts) and the least recently used of what toggles keep are dropped beyond
-        the budget."""
-        if k not in self._ct and self.capacity >= self.K:
-            self.first_pass()
-        if k in self._ct:
-            return self._ct[k] if rows is None else self._ct[k][rows]
-        out = self.take(("p", key, k))
-        if out is None:
-            slab = self.c[(slice(None) if rows is None else rows), k // self.H, k % self.H]
-            out = slab.astype(np.float32, copy=False) @ self.text.T
-            with self._lock:
-                self.ct_max[(key, k)] = _abs_max(out)
-        self.keep(("p", key, k), out)
-        return out
-
-    def projection_at(self, k: int, rows: np.ndarray | None, key: str, where: np.ndarray) -> np.ndarray:
-        """``projection(k, rows, key)[where]`` (rows of the kept projections of every row when all are kept)."""
-        if k in self._ct:
-            return self._ct[k][where if rows is None else rows[where]]
-        return self.projection(k, rows, key)[where]
-
-    def projection_max(self, k: int, key: str = ALL) -> float:
-        """``max |c_h·t_y|`` over the row set ``key`` as :meth:`projection` computed it (every row's when all
-        are kept: a bound for any row set)."""
-        return self.ct_max[k] if k in self._ct else self.ct_max[(key, k)]
-
-    def take(self, key: tuple) -> object | None:
-        """Remove and return a kept item (a running score taken this way belongs to the caller alone)."""
-        with self._lock:
-            item = self._kept.pop(key, None)
-            if item is not None:
-                self._kept_bytes -= _nbytes(item)
-            return item
-
-    def keep(self, key: tuple, item: object) -> None:
-        """Keep ``item`` as the most recently used; drop the least recently used beyond the budget (the
-        newest is always kept)."""
-        with self._lock:
-            old = self._kept.pop(key, None)
-            self._kept_bytes += _nbytes(item) - (0 if old is None else _nbytes(old))
-            self._kept[key] = item
-            limit = self.budget - sum(a.nbytes for a in self._ct.values())
-            while self._kept_bytes > limit and len(self._kept) > 1:
-                self._kept_bytes -= _nbytes(self._kept.pop(next(iter(self._kept))))
-
-    def take_score(self, key: str, heads: frozenset) -> "_RunningScore | None":
-        """The kept running score over row set ``key`` whose head set is closest to ``heads`` (fewest heads
-        to add or remove), removed from the kept items (so no other session updates it meanwhile)."""
-        with self._lock:
-            found = [(len(k[2] ^ heads), k) for k in self._kept if k[0] == "s" and k[1] == key]
-        for _, k in sorted(found, key=lambda f: f[0]):
-            item = self.take(k)
-            if item is not None:
-                return item
-        return None
-
-    def mean(self, rows: np.ndarray) -> np.ndarray:
-        """``m_h`` over ``rows`` ``(K, d)`` float32 (zero for no rows), computed once per row set."""
-        key = _digest(rows)
-        with self._lock:
-            if key not in self._means:
-                self._means[key] = self._mean_over(rows)
-            return self._means[key]
-
-    def _mean_over(self, rows: np.ndarray) -> np.ndarray:
-        total = np.zeros((self.K, self.c.shape[-1]))
-        for _, block in row_blocks(self.c, rows):
-            total += block.reshape(len(block), self.K, -1).sum(0, dtype=np.float64)
-        return (total / max(len(rows), 1)).astype(np.float32)
-
-    def gather(self, rows: np.ndarray, idx: np.ndarray, H: int) -> np.ndarray:
-        """``c`` of heads ``idx`` (flat) for ``rows``: ``(n, |S|, d)`` float32."""
-        out = np.empty((len(rows), len(idx), self.c.shape[-1]), dtype=np.float32)
-        whole = isinstance(rows, np.ndarray) and len(rows) == len(self.E) and np.array_equal(rows, np.arange(len(rows)))
-        for j, k in enumerate(idx.tolist()):
-            out[:, j] = self.c[(slice(None) if whole else rows), k // H, k % H]
-        return out
-
-
-def _abs_max(a: np.ndarray) -> float:
-    """``max |a|`` without an ``|a|`` temporary (a head's projections are 200 MB at 50,000 × 1000)."""
-    return float(max(a.max(), -a.min())) if a.size else 0.0
-
-
-def _digest(rows: np.ndarray) -> str:
-    """A key for a row set (the memos of means, variants and subsets)."""
-    return hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
 
 
 #: Engines derived from one engine (other mean rows, row subsets) that it keeps for reuse.
@@ -262,7 +75,7 @@ class AblationEngine:
     def __init__(self, embeddings: np.ndarray, heads: np.ndarray | ShardedArray, text: np.ndarray,
                  layers: Sequence[int], mean_rows: np.ndarray | None = None, mean: np.ndarray | None = None,
                  projection_budget: int = PROJECTION_BUDGET) -> None:
-        self._a = _Arrays(embeddings, heads, text, projection_budget)
+        self._a = ProjectionStore(embeddings, heads, text, projection_budget)
         self.layers = tuple(layers)
         self.n_heads = heads.shape[2]
         self._mean_rows = None if mean_rows is None else np.asarray(mean_rows, dtype=np.int64)
@@ -308,7 +121,7 @@ class AblationEngine:
         set) whose mean-ablation features ``m_h`` are the means over ``rows`` (e.g. the protocol's
         adaptation images)."""
         rows = np.asarray(rows, dtype=np.int64)
-        key = _digest(rows)
+        key = row_digest(rows)
         other = self._variants.get(key)
         if other is None:
             other = object.__new__(AblationEngine)
@@ -322,7 +135,7 @@ class AblationEngine:
         """An engine over ``rows`` only (their head contributions in memory; one per row set), with
         the same mean-ablation features (computed only if the subset uses them)."""
         rows = np.asarray(rows, dtype=np.int64)
-        key = _digest(rows)
+        key = row_digest(rows)
         sub = self._subsets.get(key)
         if sub is None:
             sub = AblationEngine(self.E[rows], np.asarray(self._a.c[rows]), self.text, self.layers)
@@ -346,7 +159,7 @@ class AblationEngine:
 
     def projections(self, rows: np.ndarray) -> np.ndarray:
         """``c_h·t_y`` of every head in scope for ``rows``: ``(n, K, C)`` float32 (the kept or lazily
-        computed per-head projections, :meth:`_Arrays.projection`)."""
+        computed per-head projections, :meth:`ProjectionStore.projection`)."""
         rows = np.asarray(rows, dtype=np.int64)
         return np.stack([self._a.projection(k)[rows] for k in range(self._a.K)], axis=1)
 
@@ -375,7 +188,7 @@ class AblationEngine:
         total = None
         if len(idx) and not self.projected:   # one head's projections at a time (they may not all fit)
             rows_arr = None if rows is None else np.asarray(rows, dtype=np.int64)
-            key = ALL if rows is None else _digest(rows_arr)
+            key = ALL if rows is None else row_digest(rows_arr)
             for k in idx.tolist():
                 part = self._a.projection(k, rows_arr, key)                   # the row set's, as predict() uses
                 total = part.copy() if total is None else np.add(total, part, out=total)
@@ -457,7 +270,7 @@ class AblationEngine:
         summed from the float32 ``E·t`` and projections, found in float32 and confirmed in float64 for the
         rows whose two best classes are closer than rounding could move them.
 
-        The float32 scores come from a running score per row set (:class:`_RunningScore`): the scores of the
+        The float32 scores come from a running score per row set (:class:`RunningScore`): the scores of the
         last head set asked for over these rows, to which a toggle adds or from which it subtracts only the
         heads that changed (one pass over ``n·C`` values per changed head, instead of one per head in the set).
         Its error bound ``err`` grows with every update; when it would exceed 4× that of a fresh sum the scores
@@ -471,7 +284,7 @@ class AblationEngine:
         if len(want) < len(idx):                                         # a head named twice: removed twice
             return self.dots(heads, mode, rows).argmax(1)
         rows = None if rows is None else np.asarray(rows, dtype=np.int64)
-        key = ALL if rows is None else _digest(rows)
+        key = ALL if rows is None else row_digest(rows)
         if len(idx) and mode == "mean" and "m" not in self.__dict__ and self._mean_source is None:
             a.first_pass(a.rows_of(None) if self._mean_rows is None else self._mean_rows)
         shift = self.mt[idx].sum(0) if len(idx) and mode == "mean" else None     # float32, as dots() adds it
@@ -520,7 +333,7 @@ class AblationEngine:
         return top
 
     def _running(self, want: frozenset, rows: np.ndarray | None, key: str
-                 ) -> tuple[_RunningScore, list[tuple[Callable, np.ndarray]]]:
+                 ) -> tuple[RunningScore, list[tuple[Callable, np.ndarray]]]:
         """The running score of head set ``want`` over ``rows`` and the updates still to apply to its scores
         (``(np.subtract or np.add, projections)``, applied by :meth:`predict` a block of rows at a time): the
         closest kept one updated with the heads that differ, or a fresh sum (heads in flat order) when none
@@ -545,7 +358,7 @@ class AblationEngine:
                     now.add(k)
                     fresh = step(fresh, frozenset(now))
                 if err <= 4 * fresh:
-                    return _RunningScore(want, run.scores, err), [(np.subtract if k in want else np.add, parts[k])
+                    return RunningScore(want, run.scores, err), [(np.subtract if k in want else np.add, parts[k])
                                                                    for k in ops]
         scores = self.Et.copy() if rows is None else self.Et[rows]
         err, now = 0.0, set()
@@ -553,7 +366,7 @@ class AblationEngine:
             np.subtract(scores, a.projection(k, rows, key), out=scores)
             now.add(k)
             err = step(err, frozenset(now))
-        return _RunningScore(want, scores, err), []
+        return RunningScore(want, scores, err), []
 
     def ablate(self, heads: Sequence[HeadId], labels: np.ndarray, classes: Sequence[str],
                groups: np.ndarray | None = None, group_names: Sequence[str] = (),
@@ -578,43 +391,3 @@ class AblationEngine:
             fixed=np.flatnonzero(changed & (pred == labels)),
             broken=np.flatnonzero(changed & (base == labels)),
         )
-
-
-@dataclass
-class VerificationResult:
-    """Cached ablation vs the real model on the same images."""
-
-    n_images: int
-    max_rel_error: float
-    predictions_agree: bool
-
-
-def verify_ablation(loaded, images: torch.Tensor, engine: AblationEngine, rows: np.ndarray,
-                    heads: Sequence[HeadId], mode: Mode = "zero") -> VerificationResult:
-    """Run the real model with ``heads`` removed (direct path) on ``images`` (the cached rows
-    ``rows``) and compare with :meth:`AblationEngine.embeddings` in ``mode``. Mean ablation is the
-    real forward pass with the direct paths removed plus each head's mean contribution ``m_h`` (one
-    vector per head, the same for every image): the model itself has no notion of a head's mean."""
-    real = direct_ablation_forward(loaded.visual, images, list(heads)).double().cpu().numpy()
-    idx = engine.flat_index(heads)
-    if mode == "mean" and len(idx):
-        real = real + engine.m[idx].sum(0)
-    cached = engine.embeddings(heads, mode, rows)
-    rel = np.linalg.norm(real - cached, axis=1) / np.maximum(np.linalg.norm(real, axis=1), 1e-30)
-    agree = bool(np.array_equal((real @ engine.text.T).argmax(1), engine.predict(heads, mode, rows)))
-    return VerificationResult(len(rows), float(rel.max()), agree)
-
-
-def verify_on_images(loaded, records: Sequence[ImageRecord], engine: AblationEngine, rows: Sequence[int],
-                     heads: Sequence[HeadId], max_images: int = 8,
-                     roots: Sequence[str] | None = None, *, min_side: int | None = None,
-                     mode: Mode = "zero") -> VerificationResult | None:
-    """:func:`verify_ablation` on the first ``max_images`` of ``rows`` (cache rows; ``records``
-    are the cache's), decoded again from disk as the cache decoded them (``min_side``: the cache's
-    ``manifest.decode_min_side``; reads confined to ``roots``); None when none of them can be read
-    any more."""
-    rows = list(dict.fromkeys(int(r) for r in rows))[:max_images]
-    batch, keep, _ = load_batch(loaded, [records[r] for r in rows], 0, roots, min_side=min_side)
-    if batch is None:
-        return None
-    return verify_ablation(loaded, batch, engine, np.asarray([rows[k] for k in keep]), heads, mode)

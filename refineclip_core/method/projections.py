@@ -1,0 +1,203 @@
+"""The head·text projections an :class:`~refineclip_core.method.ablation.AblationEngine` works from (paper
+Eq. 5's dot products ``c_h·t_y``), kept within a memory budget.
+
+:class:`ProjectionStore` is what the engines over one cache share: ``E`` ``(N, d)``, ``E·t`` ``(N, C)``, the
+head contributions (in memory or the cache's on-disk :class:`~refineclip_core.features.sharded.ShardedArray`,
+never loaded whole), the per-row-set means ``m_h`` of mean ablation, and the projections. When every head's
+projections fit :data:`PROJECTION_BUDGET`, one pass over the contributions computes them all; otherwise a head's
+are computed for the rows asked about when it is first used, and the most recently used are kept, with the
+running scores (:class:`RunningScore`) that let a toggle add or subtract only the heads that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..features.sharded import ShardedArray, row_blocks
+
+#: Largest size in bytes of the head·text projections ``c_h·t_y`` (float32, ``n·C`` per head and row set)
+#: and running scores an engine keeps in memory: every head's for 50,000 images × 64 heads × up to 60
+#: classes; beyond that the most recently used (e.g. at 1000 classes, 100 MB per head for 25,000 held-out
+#: rows: 6 heads' and a running score).
+PROJECTION_BUDGET = 768 << 20
+
+#: The key of the row set "every row" (:meth:`ProjectionStore.projection`).
+ALL = "all"
+
+#: Unit roundoff of float32.
+U32 = 2.0 ** -24
+
+
+def _nbytes(item: object) -> int:
+    return item.nbytes if isinstance(item, (np.ndarray, RunningScore)) else 0
+
+
+@dataclass
+class RunningScore:
+    """``E·t_y − Σ_{h∈S} c_h·t_y`` over a row set (float32 ``(n, C)``), kept between toggles so that a toggle
+    adds or subtracts only the heads that changed (a running sum of Eq. 5's dot products).
+
+    ``err`` bounds ``|scores − exact|`` elementwise, the exact value taken from the float32 ``E·t`` and
+    projections: every float32 addition ``a ± b`` rounds by at most ``2⁻²⁴·|a ± b|``, and ``|a ± b|`` is at most
+    the bound of the new exact value (``max|E·t| + Σ_S max|c_h·t|``) plus the error so far."""
+
+    heads: frozenset
+    scores: np.ndarray
+    err: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.scores.nbytes
+
+
+class ProjectionStore:
+    """What the engines over one cache share: E, the heads (on disk or in memory), texts and projections."""
+
+    def __init__(self, embeddings: np.ndarray, heads: np.ndarray | ShardedArray, text: np.ndarray,
+                 budget: int) -> None:
+        N, Ls, H, d = heads.shape
+        self.E = np.asarray(embeddings, dtype=np.float32)
+        self.c = heads                                                   # (N, L_s, H, d), read on demand
+        self.text = np.asarray(text, dtype=np.float32)
+        self.Et = self.E @ self.text.T                                   # (N, C)
+        self.Et_max = abs_max(self.Et)
+        self.K, self.H = Ls * H, H
+        self.budget = budget
+        self.capacity = budget // max(1, N * self.text.shape[0] * 4)   # heads whose projections fit the budget
+        self._lock = threading.Lock()
+        self._ct: dict[int, np.ndarray] = {}                            # flat head -> c_h·t_y (N, C) of every head
+        self.ct_max: dict[int, float] = {}                              # flat head -> max |c_h·t_y| (every row)
+        # What toggles keep, least recently used first, within ``budget`` bytes (with ``_ct``): ("p", rows key, k)
+        # -> c_h·t_y of those rows (n, C); ("s", rows key, heads) -> a running score (:class:`RunningScore`).
+        self._kept: dict[tuple, object] = {}
+        self._kept_bytes = 0
+        self._means: dict[str, np.ndarray] = {}
+
+    def rows_of(self, rows: np.ndarray | slice | None) -> np.ndarray:
+        return np.arange(len(self.E)) if rows is None or isinstance(rows, slice) else np.asarray(rows, np.int64)
+
+    def first_pass(self, mean_rows: np.ndarray | None = None) -> None:
+        """One pass over the head contributions for what a first ablation needs: every head's
+        projections when they all fit the budget, and the means over ``mean_rows`` (if not known)."""
+        N, C = len(self.E), self.text.shape[0]
+        with self._lock:
+            project = self.capacity >= self.K and len(self._ct) < self.K
+            key = None if mean_rows is None else row_digest(mean_rows)
+            if not project and (key is None or key in self._means):
+                return
+            if not project:
+                self._means[key] = self._mean_over(mean_rows)
+                return
+            ct = np.empty((self.K, N, C), dtype=np.float32)
+            total = np.zeros((self.K, self.c.shape[-1]))
+            member = np.zeros(N, dtype=bool)
+            if key is not None:
+                member[mean_rows] = True
+            for pos, block in row_blocks(self.c):
+                flat = block.reshape(len(pos) * self.K, -1).astype(np.float32, copy=False)
+                ct[:, pos] = (flat @ self.text.T).reshape(len(pos), self.K, C).transpose(1, 0, 2)
+                if key is not None and key not in self._means:
+                    total += block[member[pos]].reshape(-1, self.K, total.shape[1]).sum(0, dtype=np.float64)
+            self._ct = {j: ct[j] for j in range(self.K)}
+            self.ct_max.update({j: abs_max(ct[j]) for j in range(self.K)})
+            if key is not None and key not in self._means:
+                self._means[key] = (total / max(len(mean_rows), 1)).astype(np.float32)
+
+    def projection(self, k: int, rows: np.ndarray | None = None, key: str = ALL) -> np.ndarray:
+        """``c_h·t_y`` float32 of flat head ``k`` for ``rows`` (every row by default; ``key`` names the row set,
+        :func:`row_digest`). When every head's fits the budget, all are computed in one pass over the
+        contributions on first use and kept (:meth:`first_pass`), and a row set's are rows of those;
+        otherwise a row set's are computed when first asked for (a read of the head's slab for those rows
+        and a product with the texts) and the least recently used of what toggles keep are dropped beyond
+        the budget."""
+        if k not in self._ct and self.capacity >= self.K:
+            self.first_pass()
+        if k in self._ct:
+            return self._ct[k] if rows is None else self._ct[k][rows]
+        out = self.take(("p", key, k))
+        if out is None:
+            slab = self.c[(slice(None) if rows is None else rows), k // self.H, k % self.H]
+            out = slab.astype(np.float32, copy=False) @ self.text.T
+            with self._lock:
+                self.ct_max[(key, k)] = abs_max(out)
+        self.keep(("p", key, k), out)
+        return out
+
+    def projection_at(self, k: int, rows: np.ndarray | None, key: str, where: np.ndarray) -> np.ndarray:
+        """``projection(k, rows, key)[where]`` (rows of the kept projections of every row when all are kept)."""
+        if k in self._ct:
+            return self._ct[k][where if rows is None else rows[where]]
+        return self.projection(k, rows, key)[where]
+
+    def projection_max(self, k: int, key: str = ALL) -> float:
+        """``max |c_h·t_y|`` over the row set ``key`` as :meth:`projection` computed it (every row's when all
+        are kept: a bound for any row set)."""
+        return self.ct_max[k] if k in self._ct else self.ct_max[(key, k)]
+
+    def take(self, key: tuple) -> object | None:
+        """Remove and return a kept item (a running score taken this way belongs to the caller alone)."""
+        with self._lock:
+            item = self._kept.pop(key, None)
+            if item is not None:
+                self._kept_bytes -= _nbytes(item)
+            return item
+
+    def keep(self, key: tuple, item: object) -> None:
+        """Keep ``item`` as the most recently used; drop the least recently used beyond the budget (the
+        newest is always kept)."""
+        with self._lock:
+            old = self._kept.pop(key, None)
+            self._kept_bytes += _nbytes(item) - (0 if old is None else _nbytes(old))
+            self._kept[key] = item
+            limit = self.budget - sum(a.nbytes for a in self._ct.values())
+            while self._kept_bytes > limit and len(self._kept) > 1:
+                self._kept_bytes -= _nbytes(self._kept.pop(next(iter(self._kept))))
+
+    def take_score(self, key: str, heads: frozenset) -> "RunningScore | None":
+        """The kept running score over row set ``key`` whose head set is closest to ``heads`` (fewest heads
+        to add or remove), removed from the kept items (so no other session updates it meanwhile)."""
+        with self._lock:
+            found = [(len(k[2] ^ heads), k) for k in self._kept if k[0] == "s" and k[1] == key]
+        for _, k in sorted(found, key=lambda f: f[0]):
+            item = self.take(k)
+            if item is not None:
+                return item
+        return None
+
+    def mean(self, rows: np.ndarray) -> np.ndarray:
+        """``m_h`` over ``rows`` ``(K, d)`` float32 (zero for no rows), computed once per row set."""
+        key = row_digest(rows)
+        with self._lock:
+            if key not in self._means:
+                self._means[key] = self._mean_over(rows)
+            return self._means[key]
+
+    def _mean_over(self, rows: np.ndarray) -> np.ndarray:
+        total = np.zeros((self.K, self.c.shape[-1]))
+        for _, block in row_blocks(self.c, rows):
+            total += block.reshape(len(block), self.K, -1).sum(0, dtype=np.float64)
+        return (total / max(len(rows), 1)).astype(np.float32)
+
+    def gather(self, rows: np.ndarray, idx: np.ndarray, H: int) -> np.ndarray:
+        """``c`` of heads ``idx`` (flat) for ``rows``: ``(n, |S|, d)`` float32."""
+        out = np.empty((len(rows), len(idx), self.c.shape[-1]), dtype=np.float32)
+        whole = isinstance(rows, np.ndarray) and len(rows) == len(self.E) and np.array_equal(rows, np.arange(len(rows)))
+        for j, k in enumerate(idx.tolist()):
+            out[:, j] = self.c[(slice(None) if whole else rows), k // H, k % H]
+        return out
+
+
+
+def abs_max(a: np.ndarray) -> float:
+    """``max |a|`` without an ``|a|`` temporary (a head's projections are 200 MB at 50,000 × 1000)."""
+    return float(max(a.max(), -a.min())) if a.size else 0.0
+
+
+def row_digest(rows: np.ndarray) -> str:
+    """A key for a row set (the memos of means, variants and subsets)."""
+    return hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
+
