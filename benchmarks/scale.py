@@ -744,11 +744,15 @@ def inspector_runs(page, timed_goto: Callable[[Any, str], float], n_heads: int, 
     """The Head inspector ``runs`` times: opened from the sidebar, then other heads picked in its 'Head' box
     (each head's description and push computed afresh); ``(head, seconds)`` per run."""
     shots = screenshots_module()
+    from urllib.parse import parse_qs, urlparse
+
+    def shown() -> str:                       # the inspected head, as the page put it in the URL ("layer.head")
+        return parse_qs(urlparse(page.url).query).get("head", ["?"])[0]
+
     t = timed_goto(page, "inspector")
+    out = [(shown(), t)]
+    layer, first = (int(x) for x in out[0][0].split("."))
     box = page.locator(".st-key-insp_head input")
-    first = int(box.input_value() or page.locator(".st-key-insp_head").inner_text().split()[-1])
-    layer = page.locator(".st-key-insp_layer").inner_text().split()[-1]
-    out = [(f"L{layer}.H{first}", t)]
     for k in range(1, runs):
         pick = (first + k) % n_heads
         box.click()
@@ -756,10 +760,13 @@ def inspector_runs(page, timed_goto: Callable[[Any, str], float], n_heads: int, 
         t0 = time.perf_counter()
         option.click()
         shots.settle(page, timeout=900)
+        seconds = time.perf_counter() - t0
         problems = shots.error_messages(page)
         if problems:
             raise RuntimeError(f"the inspector shows errors for head {pick}: {problems}")
-        out.append((f"L{layer}.H{pick}", time.perf_counter() - t0))
+        if shown() != f"{layer}.{pick}":
+            raise RuntimeError(f"picked head {pick} of layer {layer}, the page shows {shown()}")
+        out.append((shown(), seconds))
     return out
 
 
@@ -852,7 +859,7 @@ def bench_browser(ctx: Ctx, folder: Path, shape: Shape, n_toggles: int = 10) -> 
             rows.append([label, f"{t:.1f} s", f"{rss():.0f}", f"{rss() - empty:+.0f}", f"{goal}: {ok}" if goal else ""])
         runs = inspector_runs(a, timed_goto, shape.n_heads)
         rows.append(["Head inspector, 3 runs (TextSpan over ≤ 10,000 sampled images, push over all): "
-                     + ", ".join(f"head {h}" for h, _ in runs), " / ".join(f"{t:.1f} s" for _, t in runs),
+                     + ", ".join(f"head L{h.replace('.', '.H')}" for h, _ in runs), " / ".join(f"{t:.1f} s" for _, t in runs),
                      f"{rss():.0f}", f"{rss() - empty:+.0f}",
                      f"≤ {GOALS['inspector_s']} s each: "
                      + ("yes" if max(t for _, t in runs) <= GOALS["inspector_s"] else "**no**")])

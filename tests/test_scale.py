@@ -283,6 +283,32 @@ def test_toggles_from_a_running_score_equal_a_fresh_engine():
         assert any(k[0] == "s" for k in eng._a._kept)                  # running scores were kept and reused
 
 
+def test_a_pass_over_every_row_beyond_the_budget_keeps_nothing():
+    """Over the projection budget, predictions for every row (the findings, a refinement's evaluation) stream a
+    block of rows at a time: they equal brute force over the raw arrays, across more than one block, and leave
+    what the toggles keep (the held-out rows' projections and running score) as it was."""
+    rng = np.random.default_rng(13)
+    n, L, H, d, C = 5000, 2, 3, 8, 7
+    heads = rng.normal(size=(n, L, H, d)).astype(np.float32)
+    E = heads.sum((1, 2)) + rng.normal(size=(n, d)).astype(np.float32)
+    text = rng.normal(size=(C, d)).astype(np.float32)
+    held = np.flatnonzero(rng.random(n) < 0.5)
+    eng = AblationEngine(E, heads, text, [0, 1], projection_budget=4 * len(held) * C * 4)
+    assert not eng.projected
+    ids = eng.head_ids()
+    for h in ids[:3]:
+        eng.predict([h], "zero", held)
+    kept = dict(eng._a._kept)
+    flat = heads.reshape(n, L * H, d).astype(np.float64)
+    for pick in ([0], [1, 4], [5, 0, 2]):
+        chosen = [ids[i] for i in pick]
+        m = flat.mean(0)
+        for mode in ("zero", "mean"):
+            ref = E - flat[:, pick].sum(1) + (m[pick].sum(0) if mode == "mean" else 0)
+            np.testing.assert_array_equal(eng.predict(chosen, mode), (ref @ text.astype(np.float64).T).argmax(1))
+    assert eng._a._kept.keys() == kept.keys() and all(eng._a._kept[k] is v for k, v in kept.items())
+
+
 def test_concurrent_toggles_of_different_sets_do_not_mix():
     """Two threads toggling different head sets on one shared engine each get a fresh engine's predictions."""
     import threading

@@ -52,7 +52,7 @@ from ..errors import Cancelled, RefineClipError
 from ..method.ablation import AblationEngine, Mode
 from ..progress import CancelFn, Progress, never, silent
 from .config import FitConfig
-from .paper import RefinedMap, RefinementResult, kl_divergence, log_probs
+from .paper import RefinedMap, RefinementResult, log_probs
 
 KL_DTYPE = torch.float32
 """Precision of the KL distillation steps (the least-squares start is always float64). Measured on
@@ -80,14 +80,24 @@ def teacher_embeddings(engine: AblationEngine, heads: Sequence, mode: Mode, rows
     return teacher, in_success
 
 
-def least_squares_map(E: np.ndarray, teacher: np.ndarray, ridge: float) -> np.ndarray:
-    """``B₀ = argmin ‖E B − teacher‖² + λ‖B − I‖²`` with ``λ = ridge · tr(EᵀE)/d`` ``(d, d)``."""
-    E = np.asarray(E, dtype=np.float64)
+#: Rows per block of the least-squares sums and of the KL steps' forward and backward passes: at 1000
+#: classes the KL of 8,192 rows held whole was about 0.5 GB of activations (one block below this: the
+#: same arithmetic as one pass).
+FIT_BLOCK = 2048
+
+
+def least_squares_map(E: np.ndarray, teacher: np.ndarray, ridge: float, block: int = FIT_BLOCK) -> np.ndarray:
+    """``B₀ = argmin ‖E B − teacher‖² + λ‖B − I‖²`` with ``λ = ridge · tr(EᵀE)/d`` ``(d, d)``; ``EᵀE`` and
+    ``Eᵀ(E − teacher)`` summed in float64 over blocks of ``block`` rows (no float64 copy of ``E``)."""
     d = E.shape[1]
-    G = E.T @ E
+    G, R = np.zeros((d, d)), np.zeros((d, d))
+    for lo in range(0, len(E), block):
+        Eb = np.asarray(E[lo:lo + block], dtype=np.float64)
+        G += Eb.T @ Eb
+        R += Eb.T @ (Eb - np.asarray(teacher[lo:lo + block], np.float64))
     lam = ridge * np.trace(G) / d if np.trace(G) > 0 else ridge
     # B₀ = (EᵀE + λI)⁻¹ (Eᵀ teacher + λI) = I − (EᵀE + λI)⁻¹ Eᵀ (E − teacher)
-    return np.eye(d) - np.linalg.solve(G + lam * np.eye(d), E.T @ (E - np.asarray(teacher, np.float64)))
+    return np.eye(d) - np.linalg.solve(G + lam * np.eye(d), R)
 
 
 def fit_ablation(embeddings: np.ndarray, text: np.ndarray, logit_scale: float, teacher: np.ndarray,
@@ -102,7 +112,7 @@ def fit_ablation(embeddings: np.ndarray, text: np.ndarray, logit_scale: float, t
         progress, cancel: :mod:`refineclip_core.progress` (losses reported as values every 10 steps).
     """
     progress, cancel = progress or silent, cancel or never
-    E = np.asarray(embeddings, dtype=np.float64)
+    E = np.asarray(embeddings)
     teacher = np.asarray(teacher, dtype=np.float64)
     in_success = np.asarray(in_success, dtype=bool)
     if len(E) == 0:
@@ -113,27 +123,38 @@ def fit_ablation(embeddings: np.ndarray, text: np.ndarray, logit_scale: float, t
     rows = np.arange(len(E))
     if len(rows) > cfg.max_rows:
         rows = np.sort(np.random.default_rng(cfg.seed).choice(rows, cfg.max_rows, replace=False))
-    X = torch.as_tensor(E[rows], dtype=KL_DTYPE)
+    X = torch.as_tensor(np.asarray(E[rows], dtype=np.float64), dtype=KL_DTYPE)
     T = torch.as_tensor(np.asarray(text), dtype=KL_DTYPE)
     succ = torch.as_tensor(in_success[rows])
     with torch.no_grad():
         target = log_probs(torch.as_tensor(teacher[rows], dtype=KL_DTYPE), T, logit_scale)
+        p_target = target.exp()          # constant over the steps: computed once, not per step
+    del E, teacher                       # the KL steps need only their rows (X, target): memory at 1000 classes
     B = torch.nn.Parameter(torch.as_tensor(B0, dtype=KL_DTYPE).clone())
     opt = torch.optim.Adam([B], lr=cfg.lr)
     n = len(rows)
+    n_s = int(succ.sum())
+    w = n_s / n
+    zero = torch.zeros((), dtype=KL_DTYPE)
     for step in range(cfg.steps):
         if cancel():
             raise Cancelled(f"RefineCLIP-fit: cancelled after {step} of {cfg.steps} steps.")
         opt.zero_grad()
-        logp = log_probs(X @ B, T, logit_scale)
-        l_s = kl_divergence(target[succ], logp[succ])
-        l_l = kl_divergence(target[~succ], logp[~succ])
-        w = float(succ.sum()) / n
-        loss = w * l_s + (1.0 - w) * l_l
-        loss.backward()
+        # loss = w · mean_Ŵ KL + (1 − w) · mean_rest KL, KL(p_teacher ‖ p_student) per row as paper.kl_divergence;
+        # a block of rows at a time, gradients accumulated (each mean a sum over blocks / its count)
+        parts = {"total": 0.0, "success": 0.0, "locality": 0.0}
+        for lo in range(0, n, FIT_BLOCK):
+            b = slice(lo, lo + FIT_BLOCK)
+            kl = (p_target[b] * (target[b] - log_probs(X[b] @ B, T, logit_scale))).sum(-1)
+            l_s = kl[succ[b]].sum() / n_s if n_s else zero
+            l_l = kl[~succ[b]].sum() / (n - n_s) if n > n_s else zero
+            loss = w * l_s + (1.0 - w) * l_l
+            loss.backward()
+            for k, v in (("total", loss), ("success", l_s), ("locality", l_l)):
+                parts[k] += float(v.detach())
         opt.step()
-        for k, v in (("total", loss), ("success", l_s), ("locality", l_l)):
-            history[k].append(float(v.detach()))
+        for k, v in parts.items():
+            history[k].append(v)
         if step % 10 == 0 or step == cfg.steps - 1:
             progress("RefineCLIP-fit: distilling the ablated model", step + 1, cfg.steps, {k: v[-1] for k, v in history.items()})
     if history["total"] and not np.all(np.isfinite(history["total"])):

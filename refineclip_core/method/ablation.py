@@ -179,24 +179,30 @@ class AblationEngine:
                     dtype: type = np.float64):
         """``(positions, E_abl·t_y)`` over ``rows`` (all by default) a block of rows at a time: a toggle on
         50,000 images × 1000 classes never holds the whole ``(N, C)`` in float64. ``dtype=np.float32``
-        computes the same sums in float32 (see :meth:`predict`)."""
+        computes the same sums in float32 (see :meth:`predict`). Every row of an engine over the projection
+        budget streams: each block's projections are computed from the contributions and dropped, so a pass
+        over every image (the findings, a refinement's evaluation) keeps nothing and evicts nothing."""
         idx = self.flat_index(heads)
         if len(idx) and mode == "mean" and "m" not in self.__dict__ and self._mean_source is None:
             self._a.first_pass(self._a.rows_of(None) if self._mean_rows is None else self._mean_rows)
         shift = self.mt[idx].sum(0)[None] if len(idx) and mode == "mean" else None
         n = len(self.E) if rows is None else len(rows)
         total = None
-        if len(idx) and not self.projected:   # one head's projections at a time (they may not all fit)
-            rows_arr = None if rows is None else np.asarray(rows, dtype=np.int64)
-            key = ALL if rows is None else row_digest(rows_arr)
+        # every row beyond the budget: each block's projections computed and dropped, nothing kept
+        streamed = bool(len(idx)) and not self.projected and rows is None
+        if len(idx) and not self.projected and rows is not None:   # a row set's, one head at a time, as predict()
+            rows_arr = np.asarray(rows, dtype=np.int64)
+            key = row_digest(rows_arr)
             for k in idx.tolist():
                 part = self._a.projection(k, rows_arr, key)                   # the row set's, as predict() uses
                 total = part.copy() if total is None else np.add(total, part, out=total)
-        parts = [self._a.projection(k) for k in idx.tolist()] if total is None else []
+        parts = [self._a.projection(k) for k in idx.tolist()] if total is None and not streamed else []
         for start in range(0, max(n, 1), block):
             r = slice(start, min(n, start + block)) if rows is None else np.asarray(rows)[start:start + block]
             if len(idx):
-                if total is not None:
+                if streamed:
+                    removed = self._a.block_projections(r, idx)
+                elif total is not None:
                     removed = total[start:start + block]
                 else:
                     removed = parts[0][r].copy()                        # Σ_S c_h·t_y, heads in order (float32)
@@ -281,8 +287,11 @@ class AblationEngine:
         a = self._a
         idx = self.flat_index(heads)
         want = frozenset(idx.tolist())
-        if len(want) < len(idx):                                         # a head named twice: removed twice
-            return self.dots(heads, mode, rows).argmax(1)
+        if len(want) < len(idx) or (rows is None and len(idx) and not self.projected):
+            # a head named twice (removed twice), or every row beyond the budget: the float64 scores a block of
+            # rows at a time, nothing kept (a refinement's or the findings' one pass over every image would
+            # otherwise fill the budget with every row's projections and evict the toggles' held-out rows')
+            return np.concatenate([d.argmax(1) for _, d in self._dot_blocks(heads, mode, rows)])
         rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         key = ALL if rows is None else row_digest(rows)
         if len(idx) and mode == "mean" and "m" not in self.__dict__ and self._mean_source is None:

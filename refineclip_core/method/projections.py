@@ -182,6 +182,16 @@ class ProjectionStore:
             total += block.reshape(len(block), self.K, -1).sum(0, dtype=np.float64)
         return (total / max(len(rows), 1)).astype(np.float32)
 
+    def block_projections(self, rows: slice, idx: np.ndarray) -> np.ndarray:
+        """``Σ_{k∈idx} c_k·t_y`` float32 ``(n, C)`` for a block of consecutive ``rows``, heads summed in the
+        order given, each head's projections computed for the block from its contributions and dropped
+        (nothing kept: a pass over every row beyond the budget)."""
+        out = None
+        for k in idx.tolist():
+            part = self.c[rows, k // self.H, k % self.H].astype(np.float32, copy=False) @ self.text.T
+            out = part if out is None else np.add(out, part, out=out)
+        return out
+
     def gather(self, rows: np.ndarray, idx: np.ndarray, H: int) -> np.ndarray:
         """``c`` of heads ``idx`` (flat) for ``rows``: ``(n, |S|, d)`` float32."""
         out = np.empty((len(rows), len(idx), self.c.shape[-1]), dtype=np.float32)
@@ -189,7 +199,6 @@ class ProjectionStore:
         for j, k in enumerate(idx.tolist()):
             out[:, j] = self.c[(slice(None) if whole else rows), k // H, k % H]
         return out
-
 
 
 def abs_max(a: np.ndarray) -> float:
