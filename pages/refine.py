@@ -108,6 +108,8 @@ methods = res.outcome.report.to_dict()
 summary = method_summary(methods)
 st.subheader("Results on held-out images")
 concept_note(res.outcome.concept)
+for why in res.outcome.left_out.values():
+    st.caption(why)
 r, z = summary.get(res.outcome.exported, {}), summary.get("zero-shot", {})
 m = st.columns(4)
 for col, (label, column) in zip(m, [("Worst group", "worst group"), ("Error-pair classes", "error-pair classes"),

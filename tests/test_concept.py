@@ -127,3 +127,24 @@ def test_coop_without_steps_is_zero_shot_and_fits_the_labelled_images(demo_model
     assert (fitted.predict(E) == y).mean() > (zero.predict(E) == y).mean()
     assert [p.requires_grad for p in demo_model.model.parameters()] == grads    # the model is left as it was
     assert not np.allclose(fitted.text, text, atol=1e-3)
+
+
+def test_coop_cost_matches_the_operations_torch_counts(demo_model):
+    """coop_cost against torch's own count of one forward pass (matmuls; a backward pass ≈ 2 forwards)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from refineclip_core.features.zeroshot import fill_template
+    from refineclip_core.method.baselines import coop_cost
+
+    classes = ["landbird", "waterbird", "a very long class name of many words", "fish"]
+    templates = ["a photo of a {}.", "{}"]
+    cfg = CoOpConfig(steps=7)
+    counted = 0
+    for t in templates:
+        tok = demo_model.tokenizer([fill_template(t, c) for c in classes])
+        x = demo_model.model.token_embedding(tok)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            encode_from_token_embeddings(demo_model.model, x, tok)
+        counted += fc.get_total_flops()
+    estimate = coop_cost(demo_model, classes, templates, cfg)
+    assert 0.7 < estimate / (3 * cfg.steps * counted) < 1.5

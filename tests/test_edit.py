@@ -4,6 +4,7 @@ the protocol's rows, each against an independent computation."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -333,3 +334,24 @@ def test_one_set_of_defaults_for_cli_and_reproduction():
                                                                    DEFAULT_PROTOCOL.top_t)
     params = inspect.signature(run_protocol).parameters
     assert params["edit"].default is DEFAULT_EDIT and params["protocol"].default is DEFAULT_PROTOCOL
+
+
+def test_coop_beyond_its_budget_is_left_out_with_the_reason(demo):
+    """An edit whose CoOp would pass its cost budget runs without it and says why: in the outcome, the run
+    report (JSON and HTML) and the CLI's lines; within the budget the row is there."""
+    from refineclip_core.edit.record import build_run_report
+    from refineclip_core.method.baselines import CoOpConfig, coop_cost
+    from refineclip_core.reporting.run_report import render_html
+
+    cache, ident, loaded = demo["cache"], demo["ident"], demo["loaded"]
+    cost = coop_cost(loaded, cache.classes, cache.manifest.templates, CoOpConfig(steps=3))
+    tight = EditConfig(fit=FitConfig(steps=5), coop=CoOpConfig(steps=3, max_flops=cost / 2))
+    out = fit_edit(cache, ident, tight, engine=demo["engine"], baselines=True, loaded=loaded)
+    assert "coop" not in out.report.predictions and "tip-adapter" in out.report.predictions
+    why = out.left_out["coop"]
+    assert f"{cost:.1e}" in why and f"{len(cache.classes):,} class prompts" in why
+    report = build_run_report(cache, ident, demo["engine"], out)
+    assert report["left_out"] == {"coop": why} and why in render_html(report)
+    roomy = replace(tight, coop=CoOpConfig(steps=3, max_flops=cost * 2))
+    out = fit_edit(cache, ident, roomy, engine=demo["engine"], baselines=True, loaded=loaded)
+    assert "coop" in out.report.predictions and not out.left_out

@@ -128,6 +128,7 @@ def edit_lines(edit: EditRun) -> list[str]:
              f"Accuracy on {rep['n_eval']} held-out images (edit fitted on {rep['n_adapt']} unlabelled, heads chosen on "
              f"{rep['n_samples']} labelled; 95% intervals):"]
     lines += cells_table(method_summary(out.report.to_dict()), SUMMARY_COLUMNS, "method")
+    lines += list(out.left_out.values())
     warnings = [f"Warning ({w['kind']}): {w['text']}" for w in rep.get("warnings") or []]
     return [f"Guard: {edit.verdict.status} — {out.exported} (exported): {edit.verdict.summary()}", *warnings, *lines,
             *guard_lines(edit.verdict)]

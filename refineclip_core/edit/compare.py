@@ -5,7 +5,7 @@ edit with the guard (:mod:`~refineclip_core.edit.guard`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ from ..errors import RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
 from ..method.ablation import AblationEngine
-from ..method.baselines import CoOp, TipAdapter, supports_coop
+from ..method.baselines import CoOp, TipAdapter, coop_cost, supports_coop
 from ..method.comparison import MethodReport, evaluate_methods
 from .concept import ConceptRemoval
 from ..method.evaluation import block_argmax
@@ -39,6 +39,7 @@ class EditOutcome:
     heads: list[HeadId]
     config: EditConfig = DEFAULT_EDIT
     concept: ConceptRemoval | None = None    # the concept the exported edit's teacher also removed
+    left_out: dict[str, str] = field(default_factory=dict)   # method -> why it is not in the comparison
 
     @property
     def refinement(self) -> RefinementResult:
@@ -75,6 +76,7 @@ def fit_edit(cache: FeatureCache, ident: Identification, cfg: EditConfig = DEFAU
     mode = ident.config.ablation
     labels = cache.labels
     preds = {"zero-shot": engine.base_predictions, "ablated": engine.predict(heads, mode)}
+    left_out: dict[str, str] = {}
     results: dict[str, RefinementResult] = {}
     kinds = ["fit", "paper"] if cfg.method == "fit" else ["paper", "fit"]
     if concept is not None and baselines:
@@ -106,8 +108,16 @@ def fit_edit(cache: FeatureCache, ident: Identification, cfg: EditConfig = DEFAU
                                cache.logit_scale)
         preds["tip-adapter"] = tip.predict(cache.embeddings)
         if loaded is not None and supports_coop(loaded.model):
-            (progress or silent)("CoOp: learning the prompts' context", 0, cfg.coop.steps)
-            coop = CoOp.fit(loaded, cache.classes, cache.manifest.templates, cache.embeddings[ident.sample_rows],
-                            labels[ident.sample_rows], cache.logit_scale, cfg.coop, cancel=cancel)
-            preds["coop"] = coop.predict(cache.embeddings)
-    return EditOutcome(ident, results, cfg.exported, evaluate_methods(cache, ident, preds), heads, cfg, concept)
+            cost = coop_cost(loaded, cache.classes, cache.manifest.templates, cfg.coop)
+            if cost > cfg.coop.max_flops:
+                left_out["coop"] = (f"CoOp is left out: its {cfg.coop.steps} steps run the text tower over all "
+                                    f"{len(cache.classes):,} class prompts each, about {cost:.1e} operations "
+                                    f"(its budget is {cfg.coop.max_flops:.0e}; minutes per 1e13 on a CPU).")
+            else:
+                (progress or silent)("CoOp: learning the prompts' context", 0, cfg.coop.steps)
+                coop = CoOp.fit(loaded, cache.classes, cache.manifest.templates,
+                                cache.embeddings[ident.sample_rows], labels[ident.sample_rows], cache.logit_scale,
+                                cfg.coop, cancel=cancel)
+                preds["coop"] = coop.predict(cache.embeddings)
+    return EditOutcome(ident, results, cfg.exported, evaluate_methods(cache, ident, preds), heads, cfg, concept,
+                       left_out)

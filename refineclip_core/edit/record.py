@@ -104,6 +104,8 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
                                "rows": [[r[c] for c in PER_IMAGE_COLUMNS] for r in rows]}
         if outcome.concept is not None:
             report["concept_removal"] = outcome.concept.to_dict()
+        if outcome.left_out:
+            report["left_out"] = dict(outcome.left_out)
     if checkpoint is not None:
         ckpt = Path(checkpoint)
         folder = ckpt.is_dir()  # a transformers folder (config.json + model.safetensors)

@@ -161,9 +161,26 @@ class CoOpConfig:
 
     steps: int = 100
     lr: float = 2e-3
+    #: Largest estimated cost (floating-point operations, :func:`coop_cost`) CoOp may take; beyond it the row is
+    #: left out with the reason. CoOp runs the text tower over every class prompt at every step: at 1000 classes
+    #: with a ViT-B/16 text tower that is about 2e14 operations (tens of minutes on a CPU, hours with templates).
+    max_flops: float = 2e13
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def coop_cost(loaded: Any, classes: Sequence[str], templates: Sequence[str], cfg: CoOpConfig = CoOpConfig()) -> float:
+    """Estimated floating-point operations of :meth:`CoOp.fit`: ``steps`` forward and backward passes (about
+    3 forward passes, 2 operations per parameter and token each) of the text transformer over every class
+    prompt of every template, cut to its longest prompt as :func:`encode_from_token_embeddings` does."""
+    from ..features.zeroshot import fill_template, validate_templates
+
+    model = _text_tower(loaded.model)
+    params = sum(p.numel() for p in model.transformer.parameters())
+    tokens = sum(len(classes) * int(loaded.tokenizer([fill_template(t, str(c)) for c in classes]).argmax(-1).max() + 1)
+                 for t in validate_templates(templates))
+    return float(cfg.steps) * 6.0 * params * tokens
 
 
 @dataclass

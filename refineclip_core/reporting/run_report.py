@@ -212,6 +212,8 @@ def render_html(report: Mapping[str, Any]) -> str:
                      "correction over all the groups and classes tested.</p>" + _text_table(verdict_rows(verdict)))
     if methods:
         parts.append("<h2>Results</h2>" + _table(method_summary(methods)))
+        for name, why in (report.get("left_out") or {}).items():
+            parts.append(f"<p class='muted'>{html.escape(str(name))}: {html.escape(str(why))}</p>")
         groups = per_key_table(methods, "per_group")
         if any(groups.values()):
             parts.append("<h3>Per group</h3>" + _table(_transpose(groups), first="group"))
