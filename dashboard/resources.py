@@ -42,18 +42,19 @@ def model(spec_json: str) -> LoadedModel:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def _feature_cache(cache_dir: str, fingerprint: str, spec_json: str, classes: tuple | None,
+def _feature_cache(key: str, cache_dir: str, _spec_json: str, classes: tuple | None,
                    templates: tuple | None) -> FeatureCache:
     cache = FeatureCache(cache_dir)
     needs_text = (classes is not None and list(classes) != cache.classes) or (
         templates is not None and list(templates) != list(cache.manifest.templates))
-    loaded = model(spec_json) if needs_text else None
+    loaded = model(_spec_json) if needs_text else None    # the first opener's model (its folders checked)
     return with_prompts(cache, loaded, classes, templates)
 
 
 def feature_cache(source: Source) -> FeatureCache:
-    """The source's cache with its prompts (re-opened when the folder is re-extracted)."""
-    return _feature_cache(source.cache_dir, source.fingerprint(), source.spec_json, source.classes, source.templates)
+    """The source's cache with its prompts (re-opened when the folder is re-extracted; one per
+    :meth:`~refineclip_core.session.source.Source.resource_key`, shared by the sessions on it)."""
+    return _feature_cache(source.resource_key(), source.cache_dir, source.spec_json, source.classes, source.templates)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

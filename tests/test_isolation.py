@@ -280,6 +280,12 @@ def test_a_shared_cache_naming_another_sessions_model_is_refused(two_sessions):
     (shared / "manifest.json").write_text(json.dumps(manifest))
     opened = cache_source(shared, b_roots)
     assert opened.spec.roots == tuple(b_roots)
+    # two sessions that may both read it share what is computed from it (one engine, not one per session)
+    from refineclip_core.loading.confine import read_roots
+
+    by_a = cache_source(shared, read_roots(two_sessions["a_dir"]))
+    assert by_a.spec.roots != opened.spec.roots and by_a.resource_key() == opened.resource_key()
+    assert cache_source(two_sessions["a_source"].cache_dir, read_roots(two_sessions["a_dir"])).key != opened.key
     # and the reader itself refuses A's checkpoint under B's roots
     with pytest.raises(OutsideRootsError):
         load_model(ModelSpec(two_sessions["a_source"].spec.name, checkpoint=two_sessions["a_source"].spec.checkpoint,

@@ -137,16 +137,6 @@ def refine(
     if len(train_rows) == 0:
         raise RefineClipError("No training samples: the error pair has no images in W, C or A.")
     gen = torch.Generator().manual_seed(cfg.seed)  # the only randomness (LoRA's A); torch's global RNG is left alone
-    E = torch.as_tensor(np.asarray(embeddings, dtype=np.float64))
-    T = torch.as_tensor(np.asarray(text, dtype=np.float64))
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    fmap = _Map(E.shape[1], cfg.strategy, cfg.rank, gen)
-    opt = torch.optim.Adam(fmap.parameters(), lr=cfg.lr)
-    with torch.no_grad():
-        teacher_success = log_probs(torch.as_tensor(np.asarray(ablated_W, dtype=np.float64)), T, logit_scale)
-        teacher_local = log_probs(E[locality_rows], T, logit_scale)
-    tr = torch.as_tensor(train_rows)
-    history: dict[str, list[float]] = {"total": [], "success": [], "locality": [], "ce": []}
     # W and C ∪ A are rows of the cache; find them inside the training batch (E_tr = E[train_rows])
     pos = {int(r): i for i, r in enumerate(train_rows)}
     extra = [int(r) for r in np.concatenate([W, locality_rows]) if int(r) not in pos]
@@ -154,7 +144,16 @@ def refine(
         raise RefineClipError("W and C ∪ A must be among the training rows.")
     idx_W = torch.as_tensor([pos[int(r)] for r in W], dtype=torch.long)
     idx_L = torch.as_tensor([pos[int(r)] for r in locality_rows], dtype=torch.long)
-    E_tr, y_tr = E[tr], y[tr]
+    tr = np.asarray(train_rows, dtype=np.int64)
+    E_tr = torch.as_tensor(np.asarray(np.asarray(embeddings)[tr], dtype=np.float64))   # only the rows trained on
+    y_tr = torch.as_tensor(np.asarray(labels, dtype=np.int64)[tr])
+    T = torch.as_tensor(np.asarray(text, dtype=np.float64))
+    fmap = _Map(E_tr.shape[1], cfg.strategy, cfg.rank, gen)
+    opt = torch.optim.Adam(fmap.parameters(), lr=cfg.lr)
+    with torch.no_grad():
+        teacher_success = log_probs(torch.as_tensor(np.asarray(ablated_W, dtype=np.float64)), T, logit_scale)
+        teacher_local = log_probs(E_tr[idx_L], T, logit_scale)
+    history: dict[str, list[float]] = {"total": [], "success": [], "locality": [], "ce": []}
     for step in range(cfg.steps):
         if cancel():
             raise Cancelled(f"{stage}: cancelled after {step} of {cfg.steps} steps.")
