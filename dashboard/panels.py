@@ -267,12 +267,15 @@ def verdict_banner(verdict: EditVerdict, lead: str) -> None:
     show(f"**{verdict.status}** · {lead}: {plain(verdict.summary())}", icon=icon)
 
 
-def concept_note(removal) -> None:
-    """What the exported edit's teacher also removed (a :class:`~refineclip_core.edit.concept.ConceptRemoval`,
-    typed text shown as plain text), when it removed a concept."""
-    if removal is not None:
-        st.info(f"{plain(removal.sentence())} The table compares it with the same fit keeping the concept "
+def outcome_notes(outcome) -> None:
+    """What the exported edit's teacher also removed (the outcome's
+    :class:`~refineclip_core.edit.concept.ConceptRemoval`, typed text shown as plain text), when it removed a
+    concept, and why a compared method is left out (e.g. CoOp beyond its cost budget)."""
+    if outcome.concept is not None:
+        st.info(f"{plain(outcome.concept.sentence())} The table compares it with the same fit keeping the concept "
                 "(“concept kept”).", icon=":material/content_cut:")
+    for why in outcome.left_out.values():
+        st.caption(plain(why))
 
 
 def verdict_table(verdict: EditVerdict) -> None:

@@ -16,7 +16,7 @@ from refineclip_core.edit.run import EditRun, run_edit
 from refineclip_core.session.recent import save_run
 from dashboard.forms import edit_form
 from dashboard.jobs import Job, start_job
-from dashboard.panels import (checkpoint_download, concept_note, diagnosis_of, on_demo, sanity_panel, verdict_banner,
+from dashboard.panels import (checkpoint_download, diagnosis_of, on_demo, outcome_notes, sanity_panel, verdict_banner,
                               verdict_table)
 from dashboard.registry import page
 from dashboard.state import Key, ablate_heads, get, made_here, protocol, put, session_dir, set_refine, ticked_heads
@@ -107,9 +107,7 @@ verdict_table(verdict)
 methods = res.outcome.report.to_dict()
 summary = method_summary(methods)
 st.subheader("Results on held-out images")
-concept_note(res.outcome.concept)
-for why in res.outcome.left_out.values():
-    st.caption(why)
+outcome_notes(res.outcome)
 r, z = summary.get(res.outcome.exported, {}), summary.get("zero-shot", {})
 m = st.columns(4)
 for col, (label, column) in zip(m, [("Worst group", "worst group"), ("Error-pair classes", "error-pair classes"),
