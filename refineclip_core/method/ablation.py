@@ -283,7 +283,9 @@ class AblationEngine:
         are summed afresh. A row whose best float32 score leads every other by more than ``2·(err_s + e₆₄)``
         (``err_s``: ``err`` plus the rounding of the mean shift, ``e₆₄``: the float64 sum's rounding) has the
         same argmax as the float64 scores; the others are recomputed in float64. Each session takes the
-        running score it updates out of the shared engine, so concurrent toggles never share one."""
+        running score it updates out of the shared engine, so concurrent toggles never share one. Every row
+        of an engine over the projection budget (the findings, a refinement's comparison) is predicted from
+        :meth:`dots`' float64 scores a block at a time instead, keeping nothing (:meth:`_dot_blocks`)."""
         a = self._a
         idx = self.flat_index(heads)
         want = frozenset(idx.tolist())
