@@ -20,11 +20,10 @@ import numpy as np
 from ..features.sharded import ShardedArray, row_blocks
 
 #: Largest size in bytes of the head·text projections ``c_h·t_y`` (float32, ``n·C`` per head and row set)
-#: and running scores an engine keeps in memory: every head's for 50,000 images × 64 heads × up to 40
+#: and running scores an engine keeps in memory: every head's for 50,000 images × 64 heads × up to 60
 #: classes; beyond that the most recently used (e.g. at 1000 classes, 100 MB per head for 25,000 held-out
-#: rows: 4 heads' and a running score). 768 MiB kept the dashboard server above 2 GB over empty while a
-#: refinement ran on 1000 classes × 50,000 images (benchmarks/scale.py).
-PROJECTION_BUDGET = 512 << 20
+#: rows: 6 heads' and a running score).
+PROJECTION_BUDGET = 768 << 20
 
 #: The key of the row set "every row" (:meth:`ProjectionStore.projection`).
 ALL = "all"
