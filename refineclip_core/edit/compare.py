@@ -85,7 +85,7 @@ def fit_edit(cache: FeatureCache, ident: Identification, cfg: EditConfig = DEFAU
         if kind in ("fit", "fit-kept"):
             removed = concept if kind == "fit" else None
             teacher, in_success = teacher_embeddings(engine, heads, mode, ident.adapt_rows, ident.target_classes,
-                                                     removed, cfg.fit.strength)
+                                                     removed, cfg.fit.strength, success_only=True)
             result = fit_ablation(cache.embeddings[ident.adapt_rows], cache.text, cache.logit_scale, teacher,
                                   in_success, cfg.fit, progress=progress, cancel=cancel)
             name = "refineclip-fit" if kind == "fit" else CONCEPT_KEPT

@@ -61,23 +61,40 @@ KL_DTYPE = torch.float32
 
 def teacher_embeddings(engine: AblationEngine, heads: Sequence, mode: Mode, rows: np.ndarray,
                        edited_classes: Sequence[int], concept: Any = None,
-                       strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                       strength: float = 1.0, success_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The teacher of every adaptation row, and which rows are in the success set Ŵ.
 
     Returns ``(teacher (n, d), in_success (n,) bool)`` for ``rows``: where the original model predicts
     one of ``edited_classes``, ``E + strength · (E_abl − E)`` (``strength`` 1: the ablated embedding of
     Eq. 5), projected off a concept's text directions when ``concept``, a
     :class:`~refineclip_core.edit.concept.ConceptRemoval`, is given; the original embedding elsewhere.
+    ``success_only``: the teacher of the rows of Ŵ only ``(|Ŵ|, d)`` (the rest are their own embedding, which
+    :func:`fit_ablation` reads from its ``embeddings``: no float64 copy of every row, 154 MB at 25,000 × 768).
     """
     rows = np.asarray(rows, dtype=np.int64)
     in_success = np.isin(engine.base_predictions[rows], np.asarray(list(edited_classes)))
+    E = engine.E[rows[in_success]].astype(np.float64)
+    inside = E + strength * (engine.embeddings(heads, mode, rows[in_success]).astype(np.float64) - E) \
+        if in_success.any() else E
+    if concept is not None and in_success.any():
+        inside = concept.project(inside)
+    if success_only:
+        return inside, in_success
     teacher = engine.E[rows].astype(np.float64)
-    if in_success.any():
-        E = teacher[in_success]
-        teacher[in_success] = E + strength * (engine.embeddings(heads, mode, rows[in_success]).astype(np.float64) - E)
-        if concept is not None:
-            teacher[in_success] = concept.project(teacher[in_success])
+    teacher[in_success] = inside
     return teacher, in_success
+
+
+def _teacher_rows(embeddings: np.ndarray, teacher: np.ndarray, in_success: np.ndarray, idx: np.ndarray | slice
+                  ) -> np.ndarray:
+    """The float64 teacher of rows ``idx``: from a teacher of every row ``(n, d)``, or from one of Ŵ's rows only
+    ``(|Ŵ|, d)`` (the other rows' teacher is their embedding)."""
+    if len(teacher) == len(embeddings):
+        return np.asarray(teacher[idx], dtype=np.float64)
+    out = np.asarray(embeddings[idx], dtype=np.float64)
+    inside = np.asarray(in_success[idx], dtype=bool)
+    out[inside] = teacher[(np.cumsum(in_success) - 1)[idx][inside]]
+    return out
 
 
 #: Rows per block of the least-squares sums and of the KL steps' forward and backward passes: at 1000
@@ -86,15 +103,18 @@ def teacher_embeddings(engine: AblationEngine, heads: Sequence, mode: Mode, rows
 FIT_BLOCK = 2048
 
 
-def least_squares_map(E: np.ndarray, teacher: np.ndarray, ridge: float, block: int = FIT_BLOCK) -> np.ndarray:
+def least_squares_map(E: np.ndarray, teacher: np.ndarray, ridge: float, block: int = FIT_BLOCK,
+                      in_success: np.ndarray | None = None) -> np.ndarray:
     """``B₀ = argmin ‖E B − teacher‖² + λ‖B − I‖²`` with ``λ = ridge · tr(EᵀE)/d`` ``(d, d)``; ``EᵀE`` and
-    ``Eᵀ(E − teacher)`` summed in float64 over blocks of ``block`` rows (no float64 copy of ``E``)."""
+    ``Eᵀ(E − teacher)`` summed in float64 over blocks of ``block`` rows (no float64 copy of ``E``).
+    ``teacher``: of every row, or of the rows ``in_success`` marks only (see :func:`teacher_embeddings`)."""
     d = E.shape[1]
     G, R = np.zeros((d, d)), np.zeros((d, d))
+    mark = np.ones(len(E), dtype=bool) if in_success is None else in_success
     for lo in range(0, len(E), block):
         Eb = np.asarray(E[lo:lo + block], dtype=np.float64)
         G += Eb.T @ Eb
-        R += Eb.T @ (Eb - np.asarray(teacher[lo:lo + block], np.float64))
+        R += Eb.T @ (Eb - _teacher_rows(E, teacher, mark, slice(lo, lo + block)))
     lam = ridge * np.trace(G) / d if np.trace(G) > 0 else ridge
     # B₀ = (EᵀE + λI)⁻¹ (Eᵀ teacher + λI) = I − (EᵀE + λI)⁻¹ Eᵀ (E − teacher)
     return np.eye(d) - np.linalg.solve(G + lam * np.eye(d), R)
@@ -106,28 +126,29 @@ def fit_ablation(embeddings: np.ndarray, text: np.ndarray, logit_scale: float, t
     """Learn ``B`` so that ``g(E·B)`` follows ``g(teacher)`` on the adaptation images.
 
     Args:
-        embeddings: ``(n, d)`` E of the adaptation images; ``teacher``: their teachers ``(n, d)``
-            and ``in_success``: ``(n,)`` which of them are in Ŵ (see :func:`teacher_embeddings`).
+        embeddings: ``(n, d)`` E of the adaptation images; ``teacher``: their teachers ``(n, d)``, or
+            only Ŵ's ``(|Ŵ|, d)`` (``success_only``), and ``in_success``: ``(n,)`` which of them are in Ŵ
+            (see :func:`teacher_embeddings`).
         text: ``(C, d)`` normalised class texts; ``logit_scale``: the model's ``logit_scale.exp()``.
         progress, cancel: :mod:`refineclip_core.progress` (losses reported as values every 10 steps).
     """
     progress, cancel = progress or silent, cancel or never
     E = np.asarray(embeddings)
-    teacher = np.asarray(teacher, dtype=np.float64)
     in_success = np.asarray(in_success, dtype=bool)
     if len(E) == 0:
         raise RefineClipError("No images to fit the edit on: the adaptation set is empty.")
     progress("RefineCLIP-fit: least-squares start", 0, cfg.steps)
-    B0 = least_squares_map(E, teacher, cfg.ridge)
+    B0 = least_squares_map(E, teacher, cfg.ridge, in_success=in_success)
     history: dict[str, list[float]] = {"total": [], "success": [], "locality": []}
     rows = np.arange(len(E))
     if len(rows) > cfg.max_rows:
         rows = np.sort(np.random.default_rng(cfg.seed).choice(rows, cfg.max_rows, replace=False))
-    X = torch.as_tensor(np.asarray(E[rows], dtype=np.float64), dtype=KL_DTYPE)
+    X = torch.as_tensor(np.asarray(E[rows]), dtype=KL_DTYPE)
     T = torch.as_tensor(np.asarray(text), dtype=KL_DTYPE)
     succ = torch.as_tensor(in_success[rows])
     with torch.no_grad():
-        target = log_probs(torch.as_tensor(teacher[rows], dtype=KL_DTYPE), T, logit_scale)
+        target = log_probs(torch.as_tensor(_teacher_rows(E, teacher, in_success, rows), dtype=KL_DTYPE), T,
+                           logit_scale)
         p_target = target.exp()          # constant over the steps: computed once, not per step
     del E, teacher                       # the KL steps need only their rows (X, target): memory at 1000 classes
     B = torch.nn.Parameter(torch.as_tensor(B0, dtype=KL_DTYPE).clone())
