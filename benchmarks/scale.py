@@ -727,9 +727,10 @@ def bench_caches(ctx: Ctx, keep: Path | None = None, browser: Callable[[Path, Sh
             "per head or running score over the 25,000 held-out rows) and stay resident while the refinement adds its own "
             "working set; predictions over every row (the findings, the refinement's comparison) stream a block of 4,096 rows "
             "at a time without touching the budget, RefineCLIP-fit's least squares and KL distillation (8,192 rows × 1,000 "
-            "classes with autograd) go by blocks of 2,048 rows, and phase 2 and fine-tuning convert only the rows they train "
-            "on, so the peak stays under 2 GB (it passed 2.5 GB before). Predictions of the fitted maps and Tip-Adapter are "
-            "made a block of images at a time, so no step holds the whole N × C score matrix.",
+            "classes with autograd) go by blocks of 2,048 rows from the teachers of Ŵ only, and phase 2 and fine-tuning "
+            "convert only the rows they train on, so the peak stays under 2 GB (it passed 2.5 GB before). Predictions "
+            "of the fitted maps and Tip-Adapter are made a block of images at a time, so no step holds the whole N × C "
+            "score matrix.",
         ],
     )
     return table, browser_rows
