@@ -357,7 +357,7 @@ def test_coop_beyond_its_budget_is_left_out_with_the_reason(demo):
     assert "coop" in out.report.predictions and not out.left_out
 
 
-def test_a_teacher_of_the_success_rows_only_fits_the_same_map(demo):
+def test_a_teacher_of_the_success_rows_only_fits_the_same_map(demo, monkeypatch):
     """fit_ablation from Ŵ's teachers alone (the other rows' teacher is their embedding, never copied) equals the
     fit from every row's teacher, bit for bit, over more than one block of the least squares and the KL steps."""
     from refineclip_core.edit import fit as fit_module
@@ -371,13 +371,9 @@ def test_a_teacher_of_the_success_rows_only_fits_the_same_map(demo):
     np.testing.assert_array_equal(only, full[succ])
     E = cache.embeddings[ident.adapt_rows]
     block = max(8, len(E) // 3)            # several blocks on the demo's adaptation rows
-    old = fit_module.FIT_BLOCK
-    fit_module.FIT_BLOCK = block
-    try:
-        cfg = FitConfig(steps=15, max_rows=len(E) - 5)
-        a = fit_ablation(E, cache.text, cache.logit_scale, full, succ, cfg)
-        b = fit_ablation(E, cache.text, cache.logit_scale, only, succ, cfg)
-    finally:
-        fit_module.FIT_BLOCK = old
+    monkeypatch.setattr(fit_module, "FIT_BLOCK", block)
+    cfg = FitConfig(steps=15, max_rows=len(E) - 5)
+    a = fit_ablation(E, cache.text, cache.logit_scale, full, succ, cfg)
+    b = fit_ablation(E, cache.text, cache.logit_scale, only, succ, cfg)
     np.testing.assert_array_equal(a.refined.matrix, b.refined.matrix)
     np.testing.assert_array_equal(least_squares_map(E, full, 0.1, block), least_squares_map(E, only, 0.1, block, succ))

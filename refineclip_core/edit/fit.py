@@ -103,12 +103,14 @@ def _teacher_rows(embeddings: np.ndarray, teacher: np.ndarray, in_success: np.nd
 FIT_BLOCK = 2048
 
 
-def least_squares_map(E: np.ndarray, teacher: np.ndarray, ridge: float, block: int = FIT_BLOCK,
+def least_squares_map(E: np.ndarray, teacher: np.ndarray, ridge: float, block: int | None = None,
                       in_success: np.ndarray | None = None) -> np.ndarray:
     """``B₀ = argmin ‖E B − teacher‖² + λ‖B − I‖²`` with ``λ = ridge · tr(EᵀE)/d`` ``(d, d)``; ``EᵀE`` and
-    ``Eᵀ(E − teacher)`` summed in float64 over blocks of ``block`` rows (no float64 copy of ``E``).
+    ``Eᵀ(E − teacher)`` summed in float64 over blocks of ``block`` rows (default :data:`FIT_BLOCK`, as the KL
+    steps; no float64 copy of ``E``).
     ``teacher``: of every row, or of the rows ``in_success`` marks only (see :func:`teacher_embeddings`)."""
     d = E.shape[1]
+    block = FIT_BLOCK if block is None else block
     G, R = np.zeros((d, d)), np.zeros((d, d))
     mark = np.ones(len(E), dtype=bool) if in_success is None else in_success
     for lo in range(0, len(E), block):

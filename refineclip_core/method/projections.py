@@ -120,8 +120,7 @@ class ProjectionStore:
             return self._ct[k] if rows is None else self._ct[k][rows]
         out = self.take(("p", key, k))
         if out is None:
-            slab = self.c[(slice(None) if rows is None else rows), k // self.H, k % self.H]
-            out = slab.astype(np.float32, copy=False) @ self.text.T
+            out = self._head_projection(k, slice(None) if rows is None else rows)
             with self._lock:
                 self.ct_max[(key, k)] = abs_max(out)
         self.keep(("p", key, k), out)
@@ -188,9 +187,14 @@ class ProjectionStore:
         (nothing kept: a pass over every row beyond the budget)."""
         out = None
         for k in idx.tolist():
-            part = self.c[rows, k // self.H, k % self.H].astype(np.float32, copy=False) @ self.text.T
+            part = self._head_projection(k, rows)
             out = part if out is None else np.add(out, part, out=out)
         return out
+
+    def _head_projection(self, k: int, rows: np.ndarray | slice) -> np.ndarray:
+        """``c_h·t_y`` float32 ``(n, C)`` of flat head ``k`` for ``rows``, read from its slab and multiplied by the
+        texts: the one way every projection beyond :meth:`first_pass` is computed."""
+        return self.c[rows, k // self.H, k % self.H].astype(np.float32, copy=False) @ self.text.T
 
     def gather(self, rows: np.ndarray, idx: np.ndarray, H: int) -> np.ndarray:
         """``c`` of heads ``idx`` (flat) for ``rows``: ``(n, |S|, d)`` float32."""
