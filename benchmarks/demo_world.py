@@ -76,6 +76,7 @@ from refineclip_core.method.evaluation import accuracy_report  # noqa: E402
 from refineclip_core.method.protocol import DEFAULT_PROTOCOL, PAPER_PROTOCOL, Identification, identify, make_engine
 from refineclip_core.edit.compare import fit_edit
 from refineclip_core.edit.config import DEFAULT_EDIT, PAPER_EDIT
+from benchmarks.frontier import PROBES, probe_key, probe_predictions  # noqa: E402
 from refineclip_core.method.scores import SCORE_NAMES  # noqa: E402
 
 BACKGROUND_WORDS = ("water", "lake", "sea", "ocean", "wave", "river", "pond", "shore", "beach", "grass", "forest",
@@ -234,7 +235,8 @@ def run_draw(cache: FeatureCache, engine, s: int, target_classes=TARGET_CLASSES,
         m["fit:concept-removed"] = m[EXPORTED]
         preds["fit:concept-removed"] = out.report.predictions[EXPORTED]
     groups_of = metrics_fn(cache, ident, target_classes, per_group=True)
-    groups = {k: groups_of(p) for k, p in {**out.report.predictions, **preds}.items() if k in ("zero-shot", *GROUP_METHODS)}
+    groups = {k: groups_of(p) for k, p in {**out.report.predictions, **preds}.items()
+              if k in ("zero-shot", *GROUP_METHODS) or k.startswith("probe:")}
     used["diagnosed concept removal"] = REMOVE_DIAGNOSED.to_dict()
     return DrawRun(ident, out, paper_ident, m, used, diagnosis, groups, removed)
 
@@ -242,7 +244,8 @@ def run_draw(cache: FeatureCache, engine, s: int, target_classes=TARGET_CLASSES,
 def peer_predictions(cache: FeatureCache, ident: Identification, engine, edit, peers: Peers, diagnosis
                      ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Issue 27's rows for one draw: RefineCLIP-fit with the diagnosed concept removed (:data:`REMOVE_DIAGNOSED`),
-    CoOp on the same labelled images, and LTC given the typed cue (left out where it cannot run). Returns the
+    CoOp on the same labelled images, LTC given the typed cue (left out where it cannot run) and the labelled
+    probes of :mod:`frontier` (every adaptation image's class and group known: the reference). Returns the
     predictions by row key and the concepts removed (none where the diagnosis named none)."""
     preds: dict[str, np.ndarray] = {}
     try:
@@ -264,6 +267,8 @@ def peer_predictions(cache: FeatureCache, ident: Identification, engine, edit, p
                 cache.labels, peers.cue_dir, ident.sample_rows).predict()
         except RefineClipError:
             pass
+    preds.update(probe_predictions(cache.embeddings, cache.labels, cache.groups, engine.base_predictions,
+                                   ident.adapt_rows, ident.target_classes))
     return preds, [] if removal is None else removal.texts
 
 
@@ -537,6 +542,45 @@ def concept_checks(draws: list[Draw]) -> list[str]:
         cells = [f"{per_group[k][g][0]:+.1f} ({per_group[k][g][1]:+.1f})" if g in per_group[k] else "–"
                  for k in GROUP_METHODS]
         lines.append(f"| {g} | {base:.1f} | " + " | ".join(cells) + " |")
+    return lines + frontier_lines(draws)
+
+
+def frontier_lines(draws: list[Draw]) -> list[str]:
+    """The labelled frontier (:mod:`frontier`) on the same draws: per penalty C of the group-balanced probe trained
+    on every adaptation image's class and group, the worst-group gain and every group's mean change, and the
+    largest gain any of them reaches with no group of the edited classes below −5 points on average."""
+    keys = [probe_key(*p) for p in PROBES if all(probe_key(*p) in d.groups for d in draws)]
+    if not draws or not keys:
+        return []
+    names = sorted(draws[0].groups["zero-shot"])
+    lines = ["", "The labelled frontier (`benchmarks/frontier.py`; a reference, not a method): a linear probe over the "
+             "edited classes trained on **every** adaptation image with its class *and group* label (the edit has 10 "
+             "labels per class and no group), each group weighted by n_g^−γ (γ = 1: balanced, as DFR), one row per γ "
+             "and L2 penalty C. Change from zero-shot in points, mean over the same draws:", "",
+             "| labelled probe | worst-group change | " + " | ".join(names) + " | other classes |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    within: list[tuple[float, str]] = []
+    loss_at: list[tuple[float, float, str]] = []     # (the worst group's mean loss, gain, probe) per probe
+    for k in keys:
+        st, ch = summarise(draws, k), group_changes(draws, k)
+        label = k.split(":", 1)[1].replace(",", ", ")
+        lines.append(f"| {label} | {st['gain']:+.1f} ± {st['std']:.1f} | "
+                     + " | ".join(f"{ch[g][0]:+.1f}" if g in ch else "–" for g in names) + f" | {st['other']:+.1f} |")
+        loss_at.append((min(v[0] for v in ch.values()), st["gain"], label))
+        if loss_at[-1][0] >= -5:
+            within.append((st["gain"], label))
+    with_ltc = [d for d in draws if "ltc" in d.metrics]
+    ltc_gain = summarise(with_ltc, "ltc")["gain"] if with_ltc else None
+    ltc = f"; LTC {ltc_gain:+.1f} on its {len(with_ltc)} draws" if with_ltc else ""
+    best = max(within, default=None)
+    lines += ["", "- The largest worst-group gain of a labelled probe that keeps every group of the edited classes "
+                  "within 5 points on average: " + (f"{best[0]:+.1f} ({best[1]})" if best else "none of them")
+              + f"{ltc}; the diagnosed concept removed {summarise(draws, 'fit:concept-removed')['gain']:+.1f}."]
+    if ltc_gain is not None:
+        reach = [x for x in loss_at if x[1] >= ltc_gain]
+        lines.append("- The probes that reach LTC's gain: " + (
+            f"the least costly ({max(reach)[2]}) changes by {max(reach)[0]:+.1f} points on the group of the edited "
+            "classes that fares worst" if reach else "none of them") + ".")
     return lines
 
 
