@@ -581,6 +581,11 @@ def frontier_lines(draws: list[Draw]) -> list[str]:
         lines.append("- The probes that reach LTC's gain: " + (
             f"the least costly ({max(reach)[2]}) changes by {max(reach)[0]:+.1f} points on the group of the edited "
             "classes that fares worst" if reach else "none of them") + ".")
+        if best is None or best[0] < ltc_gain:
+            lines.append("- So no labelled probe meets issue 27's first and third targets together on these draws, "
+                         "though it knows every image's group: the shortcut is part of how the majority groups are "
+                         "recognised in the embedding, and a linear edit cannot take it from some images and leave it "
+                         "to others (docs/edit.md, \"The labelled frontier\").")
     return lines
 
 

@@ -82,4 +82,9 @@ def test_frontier_lines_read_the_probes_against_the_five_point_limit() -> None:
     assert "within 5 points on average: +20.0 (γ=1, C=30)" in text
     assert "LTC +30.0 on its 2 draws" in text
     assert "the least costly (γ=1, C=100) changes by -20.0 points" in text
+    assert "no labelled probe meets issue 27's first and third targets together" in text
+    # a probe within 5 points that reaches LTC's gain: no such sentence
+    both = {"a on x": 0.86, "a on y": 0.75, "b on x": 0.72, "b on y": 0.88}     # +32 worst, −4 at most
+    text = "\n".join(frontier_lines([draw({**probes, probe_key(*PROBES[2]): both})]))
+    assert "within 5 points on average: +32.0 (γ=1, C=300)" in text and "no labelled probe" not in text
     assert frontier_lines([draw({"ltc": ltc})]) == []          # no probe ran: no section
