@@ -194,7 +194,7 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
                                          help="The share of the heads' removal the edit applies (1: all of it). Less "
                                               "spares the groups the shortcut helped; more fixes the worst group more.")
             if method == "fit":
-                k = st.columns([3, 1, 1])
+                k = st.columns([2.6, 1.3, 1.3])
                 concept_text = k[0].text_input(
                     "Concept to remove (comma-separated)", prefill, key="ref_concept",
                     help="Prefilled with what the diagnosis names; words joined by '/' are one concept. Its text "
