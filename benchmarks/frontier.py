@@ -7,11 +7,12 @@ linear change of the image embedding meets both on the same draws, by measuring 
 far more than the edit: a linear probe over the edited classes trained on **every adaptation image with its
 class and group label** (the edit sees 10 labels per class and no group), group-balanced as in deep feature
 reweighting (DFR, Kirichenko et al. 2023: each group of the edited classes weighs the same; or halfway to the
-plain loss), with an L2 penalty and a bias. A linear probe on the normalised embedding is what a change of ``visual.proj``
-can express (the logits are linear in the embedding; a bias goes into ``ln_post``), so the probe's trade
-between the minority and the majority groups bounds what such an edit reaches *with this much labelled
-information* — it is not a proof for every linear map, and it is a reference, not a method: a user has no
-group labels.
+plain loss), with an L2 penalty and a bias. A change of ``visual.proj`` (``P' = P·B``) changes the edited
+classes' logits linearly in the embedding (plus a constant offset through ``ln_post``'s bias, before the
+normalisation); the probe is the same kind of decision, linear on the normalised embedding with a bias, up
+to how that bias scales with the embedding's norm. So the probe's trade between the minority and the
+majority groups shows what such an edit reaches *with this much labelled information* — one family of
+probes, not a proof for every map — and it is a reference, not a method: a user has no group labels.
 
 The probe has two knobs: a weak penalty (large C) follows the weighted loss and raises the minority groups
 at the majority groups' cost, a strong one stays near zero-shot; the group weights decide how much the
