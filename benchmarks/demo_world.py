@@ -546,9 +546,10 @@ def concept_checks(draws: list[Draw]) -> list[str]:
 
 
 def frontier_lines(draws: list[Draw]) -> list[str]:
-    """The labelled frontier (:mod:`frontier`) on the same draws: per penalty C of the group-balanced probe trained
-    on every adaptation image's class and group, the worst-group gain and every group's mean change, and the
-    largest gain any of them reaches with no group of the edited classes below −5 points on average."""
+    """The labelled frontier (:mod:`frontier`) on the same draws: per probe ``(γ, C)`` of :data:`PROBES` (trained on
+    every adaptation image's class and group), the worst-group gain and every group's mean change; the largest
+    gain any of them reaches with no group of the edited classes below −5 points on average, and what reaching
+    LTC's gain costs."""
     keys = [probe_key(*p) for p in PROBES if all(probe_key(*p) in d.groups for d in draws)]
     if not draws or not keys:
         return []
@@ -559,7 +560,6 @@ def frontier_lines(draws: list[Draw]) -> list[str]:
              "and L2 penalty C. Change from zero-shot in points, mean over the same draws:", "",
              "| labelled probe | worst-group change | " + " | ".join(names) + " | other classes |",
              "|---|---|" + "---|" * len(names) + "---|"]
-    within: list[tuple[float, str]] = []
     loss_at: list[tuple[float, float, str]] = []     # (the worst group's mean loss, gain, probe) per probe
     for k in keys:
         st, ch = summarise(draws, k), group_changes(draws, k)
@@ -567,8 +567,7 @@ def frontier_lines(draws: list[Draw]) -> list[str]:
         lines.append(f"| {label} | {st['gain']:+.1f} ± {st['std']:.1f} | "
                      + " | ".join(f"{ch[g][0]:+.1f}" if g in ch else "–" for g in names) + f" | {st['other']:+.1f} |")
         loss_at.append((min(v[0] for v in ch.values()), st["gain"], label))
-        if loss_at[-1][0] >= -5:
-            within.append((st["gain"], label))
+    within = [(gain, label) for loss, gain, label in loss_at if loss >= -5]
     with_ltc = [d for d in draws if "ltc" in d.metrics]
     ltc_gain = summarise(with_ltc, "ltc")["gain"] if with_ltc else None
     ltc = f"; LTC {ltc_gain:+.1f} on its {len(with_ltc)} draws" if with_ltc else ""
