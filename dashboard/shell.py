@@ -105,19 +105,28 @@ def ensure_source() -> None:
 
 
 def sidebar() -> None:
-    src = get_source()
+    """The sidebar's summary of the session (it runs outside the page's error handling: a failure
+    here is one line, never Streamlit's error screen on every page)."""
     with st.sidebar:
-        st.markdown("### RefineCLIP Studio")
-        if src is None:
-            st.caption("Nothing loaded yet.")
-            return
-        st.caption(plain(src.label))
-        pair = PairSpec.parse(protocol().pair)
-        if not pair.automatic:
-            st.caption(f"Error pair: **{plain(pair.label())}**")
-        head = inspect_head()
-        if head is not None:
-            st.caption(f"Inspecting head **{head}**")
-        heads = ablate_heads()
-        if heads:
-            st.caption("Head set: " + ", ".join(map(str, heads)))
+        try:
+            _sidebar()
+        except Exception as exc:
+            show_exception(exc, "The sidebar")
+
+
+def _sidebar() -> None:
+    st.markdown("### RefineCLIP Studio")
+    src = get_source()
+    if src is None:
+        st.caption("Nothing loaded yet.")
+        return
+    st.caption(plain(src.label))
+    pair = PairSpec.parse(protocol().pair)
+    if not pair.automatic:
+        st.caption(f"Error pair: **{plain(pair.label())}**")
+    head = inspect_head()
+    if head is not None:
+        st.caption(f"Inspecting head **{head}**")
+    heads = ablate_heads()
+    if heads:
+        st.caption("Head set: " + ", ".join(map(str, heads)))

@@ -70,6 +70,8 @@ class Key:
     REFINE = SessionKey("refine", SOURCE, HEAD_SET)    # the last refinement run of this session (an EditRun)
     REFINE_JOB = SessionKey("ref_job", SOURCE)     # a running refinement (a Job)
     REFINE_CONFIRM = SessionKey("ref_confirm", SOURCE)  # widget: "download anyway" for an edit the guard did not verify
+    REFINE_METHOD = SessionKey("ref_method", SOURCE)   # widget: the Refine page's exported edit ("fit" or "paper")
+    REFINE_FROM = SessionKey("ref_from", SOURCE)   # where the Refine page's heads come from, when not the default
     DEMO_JOB = SessionKey("demo_job")              # the demo being prepared on the first visit (a Job)
     LOAD_JOB = SessionKey("load_job")              # an extraction started on the Load page (a Job)
     LOAD_SCAN = SessionKey("load_scan")            # the images listed on the Load page (a ScannedImages)

@@ -996,3 +996,67 @@ def test_when_a_session_key_is_forgotten_is_data_on_the_key(monkeypatch):
     state.forget(SOURCE)
     assert set(session) == {k for k in keys if SOURCE not in k.resets} | {"other_widget"}
     assert Key.SOURCE in session and Key.LOAD_JOB in session and Key.SESSION_FOLDER in session
+
+
+# ------------------------------------------------------------------------------------------------
+# Untrusted URLs (issue 37 item 7): every value is parsed and bounded before it reaches a widget
+
+def test_the_url_parser_takes_any_text_and_keeps_only_bounded_values():
+    from hypothesis import given, settings
+    from hypothesis import strategies as hs
+
+    from dashboard.urlstate import CHOICES, INT_RANGES, KNOWN, LinkView, parse_link
+    from refineclip_core.method.protocol import PairSpec, ProtocolConfig
+
+    names = hs.sampled_from([*KNOWN, "other", ""])
+    texts = hs.one_of(hs.text(max_size=60), hs.integers(-10**12, 10**12).map(str),
+                      hs.sampled_from(["x", "a:b", "auto", "-1", "1e9", "11.3,10.7", "L11.H3", "stable", ""]))
+    values = hs.one_of(texts, hs.lists(texts, min_size=0, max_size=3))
+
+    @settings(max_examples=400, deadline=None)
+    @given(hs.dictionaries(names, values, max_size=8))
+    def check(raw):
+        view = parse_link(raw)
+        assert isinstance(view, LinkView)
+        for field_name, value in view.protocol.items():
+            if field_name in INT_RANGES:
+                lo, hi = INT_RANGES[field_name]
+                assert isinstance(value, int) and lo <= value <= hi
+            elif field_name in CHOICES:
+                assert value in CHOICES[field_name]
+            else:
+                PairSpec.parse(value)        # a pair the sidebar and every page can read
+        ProtocolConfig(**view.protocol)      # the settings build a protocol
+        for heads in (view.heads, view.ticks):
+            assert heads is None or all(h.layer >= 0 and h.head >= 0 for h in heads)
+        # every known name given once with a bad value or several times is reported, never kept silently
+        for name, got in raw.items():
+            if name in KNOWN and isinstance(got, list) and len(got) > 1:
+                assert any(f"'{name}'" in p for p in view.problems)
+
+    check()
+    bad = parse_link({"pair": ["x"], "seed": ["-1"], "top_t": ["-5"], "n": ["99999999999"], "sel": ["a", "b"],
+                      "heads": ["11.3,x"], "cache": ["a" * 10_000]})
+    assert bad.empty and len(bad.problems) == 7
+    good = parse_link({"pair": "0:1", "n": "7", "seed": "3", "heads": "11.3,L10.H7", "head": "11.1", "ticks": "",
+                       "method": "paper", "from": "ticked"})
+    assert good.protocol == {"pair": "0:1", "samples_per_class": 7, "seed": 3} and not good.problems
+    assert [str(h) for h in good.heads] == ["L11.H3", "L10.H7"] and good.ticks == () and good.method == "paper"
+
+
+@pytest.mark.parametrize("query", [{"pair": "x"}, {"seed": "-1", "top_t": "-5"}, {"n": "999999999", "top_t": "10000"},
+                                   {"seed": ["1", "2"], "heads": ["11.1", "11.2"]}, {"heads": "99.99", "head": "x"}])
+def test_no_page_fails_on_a_crafted_link(home, demo_spec, app, query):
+    at = fresh_app(demo_spec)
+    for k, v in query.items():
+        at.query_params[k] = v
+    warned = []
+    for _ in range(2):   # the demo becomes the source (a rerun), then the link is applied
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert not at.error, [e.value for e in at.error]
+        warned += [w.value.replace("\\", "") for w in at.warning]
+    assert any("Part of this link could not be restored" in w for w in warned), warned
+    for name in ("errors", "heads", "inspector", "load"):
+        open_page(at, name)
+    assert not set(at.query_params.keys()) & set(query)    # the bad values left the URL (a reload is clean)
