@@ -28,6 +28,8 @@ from .state import session_dir
 MODEL_KINDS = ("Embedded demo model", "open_clip architecture + pretrained tag", "Local checkpoint")
 DATA_KINDS = ("Held-out demo images", "Folder on the server", "Zip upload")
 CUSTOM_CONFIG = "(custom config JSON)"
+#: The Refine form's button, named after what it runs (the exported edit's kind).
+RUN_LABELS = {"fit": "Fit RefineCLIP-fit and check it", "paper": "Run the paper's phase 2 and check it"}
 
 
 @dataclass(frozen=True)
@@ -219,10 +221,12 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
             beta = p[1].number_input("β (paper)", 0.0, 1e7, paper_d.beta, step=10.0, format="%g", key="ref_beta")
             steps = p[2].number_input("Steps (paper)", 1, 20_000, paper_d.steps, step=100, key="ref_steps")
         seed = c[1].number_input("Seed", 0, 1_000_000, seed, key="ref_seed")
-        baselines = c[1].checkbox("Baselines", True, key="ref_baselines",
-                                  help="Also run the other kind of edit, standard fine-tuning (cross-entropy only), "
-                                       "a Tip-Adapter cache and CoOp prompt learning, for comparison.")
-        if not st.form_submit_button("Run phase 2", type="primary", disabled=disabled):
+        baselines = c[1].checkbox("Then compare", True, key="ref_baselines",
+                                  help="After the exported edit (its verdict and downloads come first), fit in the "
+                                       "background the other kind of edit, standard fine-tuning (cross-entropy only), "
+                                       "Tip-Adapter, CoOp prompt learning, LTC and the concept row, for comparison; "
+                                       "each fills its row in as it finishes, and can be cancelled.")
+        if not st.form_submit_button(RUN_LABELS[method], type="primary", disabled=disabled):
             return None
     texts = split_phrases(concept_text) if remove and method == "fit" else ()
     if texts and concept_text.strip() == prefill:          # the diagnosis' own words: recorded as "diagnosed"

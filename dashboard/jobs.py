@@ -113,3 +113,27 @@ def format_seconds(s: float | None) -> str:
         return f"{m} min {s:02d} s"
     h, m = divmod(m, 60)
     return f"{h} h {m:02d} min"
+
+
+def job_panel(job: Job | None, title: str, *, cancel_key: str, what: str, on_done: Callable[[Job], None],
+              cancelled_note: str = "", live: Callable[[Job], Any] | None = None, done: str | None = None) -> None:
+    """The one panel of a background job on a page: follow it (progress, ETA, live curves, Cancel:
+    :func:`dashboard.widgets.follow_job`) until it ends, then, once, say how it ended — cancelled (its
+    message and ``cancelled_note``), failed (one line, :func:`~dashboard.widgets.show_exception`) — or
+    call ``on_done(job)`` with its result. A job already handled (or none) draws nothing."""
+    import streamlit as st
+
+    from refineclip_core.errors import Cancelled
+
+    from .widgets import follow_job, plain, show_exception
+
+    if job is None or job.handled:
+        return
+    follow_job(job, title, cancel_key=cancel_key, live=live, done=done)
+    job.handled = True
+    if isinstance(job.error, Cancelled):
+        st.info(f"{plain(job.error)} {cancelled_note}".strip(), icon=":material/pause_circle:")
+    elif job.error is not None:
+        show_exception(job.error, what)
+    else:
+        on_done(job)

@@ -68,7 +68,10 @@ class Key:
     GRADCAM = SessionKey("insp_gradcam", SOURCE)   # the last Grad-CAM panels of the Head inspector
     ATTRIBUTE = SessionKey("heads_attribute", SOURCE)  # the last known-attribute head ranking (an AttributeHeads)
     REFINE = SessionKey("refine", SOURCE, HEAD_SET)    # the last refinement run of this session (an EditRun)
-    REFINE_JOB = SessionKey("ref_job", SOURCE)     # a running refinement (a Job)
+    REFINE_JOB = SessionKey("ref_job", SOURCE)     # a running refinement: the exported edit (a Job)
+    COMPARE_JOB = SessionKey("ref_compare_job", SOURCE)  # the compared methods, fitted after it (a Job)
+    COMPARE_ERROR = SessionKey("ref_compare_error", SOURCE)  # why the comparison stopped (cancelled, failed)
+    REFINE_SAVED = SessionKey("ref_saved", SOURCE)  # the home-folder record of the last run (updated in place)
     REFINE_CONFIRM = SessionKey("ref_confirm", SOURCE)  # widget: "download anyway" for an edit the guard did not verify
     REFINE_METHOD = SessionKey("ref_method", SOURCE)   # widget: the Refine page's exported edit ("fit" or "paper")
     REFINE_FROM = SessionKey("ref_from", SOURCE)   # where the Refine page's heads come from, when not the default
@@ -120,10 +123,12 @@ def drop(*keys: str) -> None:
         st.session_state.pop(key, None)
 
 
-def set_refine(run: Any) -> None:
-    """Keep a new refinement run (an EditRun); a confirmation given for the previous one is dropped."""
+def set_refine(run: Any, keep_confirm: bool = False) -> None:
+    """Keep a new refinement run (an EditRun); a confirmation given for the previous one is dropped
+    (``keep_confirm``: the same edit with its compared rows added keeps it)."""
     put(Key.REFINE, run)
-    drop(Key.REFINE_CONFIRM)
+    if not keep_confirm:
+        drop(Key.REFINE_CONFIRM)
 
 
 def made_here(path: str | Path) -> None:

@@ -110,10 +110,18 @@ def _run_label(path: Path) -> str:
         return path.name
 
 
-def save_run(report_json: str, name: str, home: str | os.PathLike | None = None) -> Path:
-    """Keep a refinement run's report (its JSON text) in the home folder's ``runs/`` folder."""
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:80] or "run"
-    path = home_dir(home) / RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}.json"
+def save_run(report_json: str, name: str, home: str | os.PathLike | None = None,
+             replace: str | os.PathLike | None = None) -> Path:
+    """Keep a refinement run's report (its JSON text) in the home folder's ``runs/`` folder; ``replace``:
+    the record this one updates (the same run with more rows), rewritten in place when it is a run file
+    of that folder."""
+    runs = (home_dir(home) / RUNS).resolve()
+    if replace is not None and Path(replace).resolve().parent == runs and Path(replace).suffix == ".json" \
+            and not Path(replace).is_symlink():
+        path = Path(replace)
+    else:
+        safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:80] or "run"
+        path = runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, report_json.encode())
     return path
