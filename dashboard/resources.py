@@ -165,10 +165,12 @@ def open_clip_models() -> list[str]:
 
 
 @st.cache_data(show_spinner=False, max_entries=2000)
-def thumbnail(path: str, size: int = 144, roots: tuple[str, ...] | None = None) -> bytes | None:
+def thumbnail(path: bytes, size: int = 144, roots: tuple[str, ...] | None = None) -> bytes | None:
     """A PNG thumbnail (nearest-neighbour upscaled for tiny images), or None if unreadable
-    (or, with ``roots``, if the file opened lies outside those folders)."""
+    (or, with ``roots``, if the file opened lies outside those folders). ``path`` is the real file
+    name as bytes (``os.fsencode``): a name that is not UTF-8 cannot be a cache key as text."""
     import io
+    import os
 
     from PIL import Image
 
@@ -176,7 +178,7 @@ def thumbnail(path: str, size: int = 144, roots: tuple[str, ...] | None = None) 
     from refineclip_core.loading.decode import load_image
 
     try:
-        img = load_image(path, roots, min_side=size)  # a camera JPEG decodes at a reduced scale
+        img = load_image(os.fsdecode(path), roots, min_side=size)  # a camera JPEG decodes at a reduced scale
     except (ImageLoadError, OSError):
         return None
     scale = size / max(img.size)

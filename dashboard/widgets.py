@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -222,7 +223,7 @@ def image_grid(items: Sequence[tuple[str, str]], columns: int = 6, size: int = 1
     for start in range(0, len(items), columns):
         cols = st.columns(columns)
         for col, (path, caption) in zip(cols, items[start:start + columns]):
-            data = resources.thumbnail(path, size, roots)
+            data = resources.thumbnail(os.fsencode(path), size, roots)  # bytes: any file name is a cache key
             with col:
                 if data is None:
                     st.caption(f"(unreadable) {plain(caption)}")

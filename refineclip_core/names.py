@@ -13,7 +13,12 @@ identical.
   separator or surrogate character becomes ``⟨U+202E⟩``; everything else is kept as written.
 * :func:`decodable` is for names that become *data* (class names from folder names): only the
   undecodable bytes are replaced (marked the same way), so the name can be encoded, written and
-  tokenised; the characters a user chose stay as they are.
+  tokenised; the characters a user chose stay as they are. It is the one function names from the
+  file system go through where they are read (``loading/data.py``: class folders, ``metadata.csv``
+  labels, groups and splits, skipped files; ``ImageRecord.name`` for an image's path) and where
+  text is written (the one JSON converter ``reporting.findings.json_safe``, the one CSV writer
+  ``reporting.tables.csv_text``). Only ``ImageRecord.path`` keeps the real name, to open the file
+  (``os.fsencode(path)`` gives its bytes back; the dashboard's thumbnails are keyed by those bytes).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from ..loading.data import ImageDataset
 from ..method.ablation import AblationEngine
 from ..method.protocol import Identification, heldout_counts
 from ..method.scores import HeadScores
+from ..names import decodable
 from ..reporting.findings import findings, json_safe
 from ..reporting.tables import PER_IMAGE_COLUMNS, per_image_rows
 from .compare import EditOutcome
@@ -126,9 +127,9 @@ def row_files(cache: FeatureCache, rows: np.ndarray) -> list[str]:
     for i in np.asarray(rows, dtype=np.int64).tolist():
         path = Path(cache.records[i].path)
         try:
-            out.append(path.relative_to(root).as_posix() if root is not None else str(path))
+            out.append(decodable(path.relative_to(root).as_posix() if root is not None else str(path)))
         except ValueError:
-            out.append(str(path))
+            out.append(decodable(path))
     return out
 
 
@@ -161,7 +162,7 @@ def held_out_only(dataset: ImageDataset, report: Mapping[str, Any], name: str = 
             rel = path.relative_to(root).as_posix()
         except ValueError:
             rel = str(path)
-        if rel in wanted or str(path) in wanted:
+        if decodable(rel) in wanted or decodable(path) in wanted:  # written by row_files as shown
             keep.append(r)
     if len(keep) != len(wanted):
         raise RefineClipError(f"{len(wanted) - len(keep)} of the {len(wanted)} held-out images of {name} are not in "

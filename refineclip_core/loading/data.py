@@ -45,20 +45,33 @@ METADATA_NAME = "metadata.csv"
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One labelled image. ``path`` is absolute; ``group``/``split`` may be ``None``."""
+    """One labelled image. ``path`` is absolute and is the *real* file name, for opening only: a name
+    that is not UTF-8 keeps its undecodable bytes as surrogate escapes (``os.fsencode(path)`` gives the
+    bytes back). Everything shown or written (tables, CSV, JSON, HTML, cache keys) uses :attr:`name`;
+    ``group``/``split`` are display text already (may be ``None``)."""
 
     path: str
     label: int
     group: str | None = None
     split: str | None = None
 
+    @property
+    def name(self) -> str:
+        """The path as text that can be shown and written (:func:`refineclip_core.names.decodable`)."""
+        return decodable(self.path)
+
 
 @dataclass(frozen=True)
 class SkippedFile:
-    """A file that was left out, and why (one short sentence)."""
+    """A file that was left out, and why (one short sentence). Both are display text: undecodable
+    bytes of a file name are marked here, where the name is read (:func:`~refineclip_core.names.decodable`)."""
 
     path: str
     reason: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", decodable(self.path))
+        object.__setattr__(self, "reason", decodable(self.reason))
 
 
 #: Longest class name accepted (characters). CLIP reads at most 77 tokens of a prompt, so a longer
@@ -296,9 +309,7 @@ def _load_csv(root: Path, meta: Path, waterbirds: bool, columns: dict[str, str |
               roots: Sequence[Path] | None = None) -> ImageDataset:
     try:
         with open_confined(meta, roots) as fh:
-            text = fh.read().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"'{meta}' is not UTF-8 text ({exc}).") from exc
+            text = fh.read().decode("utf-8-sig", "surrogateescape")  # any encoding: see parse_metadata
     except (OSError, ValueError) as exc:
         raise DataError(f"Cannot read '{meta}' ({getattr(exc, 'strerror', None) or exc}).") from exc
     return parse_metadata(text, root, waterbirds=waterbirds, source=str(meta), columns=columns, roots=roots)
@@ -313,13 +324,17 @@ def parse_metadata(text: str, root: Path, waterbirds: bool | None = None, source
     ``path``/``label``/``group``/``split`` to other column names (``None`` drops one).
     ``waterbirds=None`` reads the layout from the header (:func:`csv_layout`). ``roots``
     confines the images' reads as in :func:`load_dataset`.
+
+    Text that is not UTF-8 is read with surrogate escapes (``errors="surrogateescape"``): a path
+    then names the real file, while labels, groups and splits become display text here, through
+    :func:`~refineclip_core.names.decodable` (undecodable bytes marked).
     """
     resolved_roots = resolve_roots(roots)
     col = {"path": "path", "label": "label", "group": "group", "split": "split"}
     col.update({k: v for k, v in (columns or {}).items() if k in col})
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
     try:
-        header = [h.strip() for h in (reader.fieldnames or [])]
+        header = [decodable(h).strip() for h in (reader.fieldnames or [])]
     except csv.Error as exc:
         raise DataError(f"'{source}' is not valid CSV ({exc}).") from exc
     reader.fieldnames = header
@@ -342,12 +357,12 @@ def parse_metadata(text: str, root: Path, waterbirds: bool | None = None, source
                 label = WATERBIRDS_CLASSES[int(y)]
                 group = f"{label} on {WATERBIRDS_PLACES[int(place)]}"
                 sp = (row.get("split") or "").strip()
-                split = WATERBIRDS_SPLITS.get(sp, sp or None)
+                split = WATERBIRDS_SPLITS.get(sp, decodable(sp) or None)
             else:
                 rel = (row.get(col["path"]) or "").strip()
-                label = (row.get(col["label"]) or "").strip()
-                group = (row.get(col["group"]) or "").strip() or None if col["group"] else None
-                split = (row.get(col["split"]) or "").strip() or None if col["split"] else None
+                label = decodable((row.get(col["label"]) or "").strip())
+                group = decodable((row.get(col["group"]) or "").strip()) or None if col["group"] else None
+                split = decodable((row.get(col["split"]) or "").strip()) or None if col["split"] else None
         except AttributeError:  # malformed row (extra columns collapse into a list)
             skipped.append(SkippedFile(f"{source}:{i}", "malformed CSV row"))
             continue

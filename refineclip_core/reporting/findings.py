@@ -26,14 +26,18 @@ from ..method.evaluation import AccuracyReport
 from ..method.intervals import Estimate
 from ..method.protocol import CONCEPT_KEPT, Identification
 from ..method.comparison import evaluate_methods
+from ..names import decodable
 
 
 def json_safe(obj: Any) -> Any:
-    """Numbers, arrays, head ids and dataclass-like objects as plain JSON (NaN/inf -> None)."""
+    """Numbers, arrays, head ids and dataclass-like objects as plain JSON (NaN/inf -> None); text as
+    :func:`~refineclip_core.names.decodable` writes it (a file name's undecodable bytes marked)."""
+    if isinstance(obj, str):
+        return decodable(obj)
     if isinstance(obj, HeadId):
         return obj.as_list()
     if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
+        return {decodable(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, np.ndarray):
         return json_safe(obj.tolist())
     if isinstance(obj, (list, tuple)):
@@ -44,7 +48,7 @@ def json_safe(obj: Any) -> Any:
         f = float(obj)
         return f if math.isfinite(f) else None
     if isinstance(obj, Path):
-        return str(obj)
+        return decodable(obj)
     if hasattr(obj, "to_dict"):
         return json_safe(obj.to_dict())
     return obj

