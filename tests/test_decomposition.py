@@ -13,10 +13,11 @@ from refineclip_core.features.decomposition import (
     architecture_info,
     decompose,
     direct_ablation_forward,
-    head_outputs_cls,
     heads_zeroed,
     resolve_layers,
 )
+from refineclip_core.features.backends import backend_for
+from refineclip_core.features.backends.base import head_parts
 from refineclip_core.loading.models import ModelSpec, load_model
 
 from .conftest import tiny_config, write_config
@@ -58,6 +59,7 @@ def test_sum_of_parts_reproduces_encode_image(tmp_path, variant, precision):
     info = architecture_info(loaded.visual)
     assert dec.heads.shape == (4, info.n_layers, info.n_heads, info.embed_dim)
     assert len(dec.remainder_names) == dec.remainders.shape[1] == 2 * info.n_layers + 2
+    assert dec.remainder_names[0] == "embed" and dec.remainder_names[-1] == "ln_post_bias"
 
 
 def test_last_k_layers_scope_moves_other_heads_into_remainders(tmp_path):
@@ -82,7 +84,9 @@ def test_head_outputs_match_torch_attention_weights(tmp_path):
     D, H = attn.embed_dim, attn.num_heads
     dh = D // H
     v = x @ attn.in_proj_weight[2 * D:].T + attn.in_proj_bias[2 * D:]        # (B, N, D)
-    mine = head_outputs_cls(attn, x, block.ls_1.gamma)
+    backend = backend_for(loaded.visual)
+    eye = torch.ones(2, 1, 1, dtype=x.dtype)
+    mine = head_parts(backend.attn_weights(1), backend.scores(1, x, (0,), {}), x, eye, None)[:, 0]
     for h in range(H):
         ctx = torch.einsum("bn,bne->be", weights[:, h, 0], v[..., h * dh:(h + 1) * dh])
         out = ctx @ attn.out_proj.weight[:, h * dh:(h + 1) * dh].T * block.ls_1.gamma
@@ -120,9 +124,7 @@ def test_hooks_and_weights_are_restored(tmp_path):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (dict(attentional_pool=True), "attentional pooling"),
-    (dict(pool_type="avg"), "pools with 'avg'"),
-    (dict(final_ln_after_pool=True), "after pooling"),
+    (dict(pool_type="none"), "pools with 'none'"),
     (dict(qk_norm=True), "CustomResidualAttentionBlock"),
 ])
 def test_unsupported_vits_are_refused(tmp_path, extra, match):

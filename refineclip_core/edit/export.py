@@ -1,6 +1,14 @@
-"""Exporting an edit: the fitted map merged into ``visual.proj`` (``P' = P·Mᵀ``, or ``P·diag(θ)``),
-written as an open_clip checkpoint or a Hugging Face folder. The only module of the edit that
-touches :mod:`~refineclip_core.loading`.
+"""Exporting an edit: the fitted map ``E' = M E`` (or ``E ⊙ θ``) merged into the last linear layer
+of the image tower, written as an open_clip checkpoint or a Hugging Face folder. The only module of
+the edit that touches :mod:`~refineclip_core.loading`.
+
+Which layer is the vision backend's answer (:meth:`~refineclip_core.features.backends.VisionBackend.merge_target`):
+``visual.proj`` (open_clip ViT, CLIPA, CoCa: ``P' = P·Mᵀ``), the timm trunk's classifier head
+(``visual.trunk.head``, PE-Core and EVA: ``W' = M W``, ``b' = M b``) or an open_clip ``TimmModel``
+projection (``visual.head.proj``). A tower whose embedding ends in a nonlinearity (SigLIP: the map
+pool's ``y + mlp(norm(y))``, no projection) has no layer an edit merges into exactly: merging ``M``
+into the pool's output projection would change the input of the pool's MLP as well, so such an
+export is refused in one sentence.
 """
 
 from __future__ import annotations
@@ -27,6 +35,29 @@ def merge_into_projection(proj: torch.Tensor, refined: RefinedMap) -> torch.Tens
     return proj @ torch.as_tensor(refined.matrix, dtype=proj.dtype).T
 
 
+def merge_into_linear(weight: torch.Tensor, bias: torch.Tensor | None, refined: RefinedMap,
+                      in_out: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear layer's weight (``(in, out)`` when ``in_out``, else ``nn.Linear``'s ``(out, in)``)
+    and bias such that the layer's output becomes ``f(output)`` (bias included: ``b' = M b``)."""
+    if in_out:
+        merged = merge_into_projection(weight, refined)
+    else:
+        merged = merge_into_projection(weight.T, refined).T
+    if bias is not None:
+        bias = merge_into_projection(bias[None, :], refined)[0]
+    return merged, bias
+
+
+def _merge_keys(model: torch.nn.Module) -> tuple[str, str | None, bool]:
+    from ..features.backends import backend_for
+
+    weight, bias, in_out = backend_for(model.visual).merge_target()
+    if not weight:
+        raise RefineClipError("This image tower ends in a nonlinear layer (the map pool's MLP) and has no projection, "
+                              "so the edit cannot be merged exactly into its weights; apply it to the embeddings instead.")
+    return weight, bias, in_out
+
+
 ExportFormat = Literal["auto", "open_clip", "hf"]
 
 
@@ -45,7 +76,7 @@ def resolve_export_format(source_checkpoint: str | os.PathLike | None, fmt: str 
 
 def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.nn.Module, refined: RefinedMap,
                       out_path: str | os.PathLike, fmt: ExportFormat = "auto", roots=None) -> Path:
-    """Write the edited model's weights (``visual.proj`` merged) atomically.
+    """Write the edited model's weights (the last linear layer merged, see the module docstring) atomically.
 
     ``fmt`` (see :func:`resolve_export_format`): ``open_clip`` writes ``.safetensors`` or a torch
     state dict (``.pt``/``.bin``) depending on ``out_path``'s suffix; ``hf`` writes a transformers
@@ -70,13 +101,17 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
         state = read_state_dict(source_checkpoint, roots)
     else:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if "visual.proj" not in state:
-        raise RefineClipError("The model has no 'visual.proj' to merge the refinement into.")
-    proj = state["visual.proj"]
+    w_key, b_key, in_out = _merge_keys(model) if model is not None else ("visual.proj", None, True)
+    if w_key not in state:
+        raise RefineClipError(f"The checkpoint has no '{w_key}' to merge the refinement into.")
+    proj = state[w_key]
     keep = proj.dtype if proj.dtype in (torch.float32, torch.float64) else torch.float32
-    merged = merge_into_projection(proj.double(), refined).to(keep)
+    bias = state[b_key].double() if b_key is not None else None
+    merged, bias = merge_into_linear(proj.double(), bias, refined, in_out)
     state = {k: v.contiguous() for k, v in state.items()}
-    state["visual.proj"] = merged.contiguous()
+    state[w_key] = merged.to(keep).contiguous()
+    if b_key is not None:
+        state[b_key] = bias.to(keep).contiguous()
     if fmt == "hf":
         return hf_clip.write_hf_checkpoint(out_path, state, model, hf_source, roots)
     if out_path.suffix == ".safetensors":

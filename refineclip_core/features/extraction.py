@@ -40,7 +40,7 @@ from ..errors import CacheError, Cancelled, RefineClipError
 from ..files import atomic_write_bytes, atomic_write_json, npy_bytes
 from ..loading.batches import DecodeConfig, decode_batch, decode_min_side, iter_batches
 from ..loading.data import ImageDataset, ImageRecord, SkippedFile
-from ..loading.models import LoadedModel
+from ..loading.models import MODEL_FINGERPRINT, LoadedModel
 from ..progress import CancelFn, Progress, never, silent
 from .cache import FeatureCache
 from .cache_format import CacheManifest, read_manifest, records_to_json, shard_is_valid, write_shard
@@ -204,6 +204,7 @@ def extract(
             manifest = CacheManifest(
                 fingerprint=fingerprint,
                 model=loaded.spec.to_dict(),
+                extra={MODEL_FINGERPRINT: loaded.spec.fingerprint()},  # checked when the cache is opened
                 model_name=loaded.model_name,
                 layers=list(scope),
                 n_layers=info.n_layers,
@@ -278,7 +279,10 @@ def extract(
             done_images += b - a
             progress(EXTRACT_STAGE, done_images, total)
             if n + 1 == len(spans) or spans[n + 1][0] != i:     # the shard's last batch: write it whole
-                write_shard(root, i, {k: _stack(v, k, manifest, dtypes.get(k)) for k, v in chunks.items()}, skipped)
+                if not chunks["index"] and remainder_names is None:
+                    remainder_names = _remainder_names_from_model(loaded, scope)
+                write_shard(root, i, {k: _stack(v, k, manifest, dtypes.get(k), remainder_names) for k, v in chunks.items()},
+                            skipped)
                 chunks, skipped = {k: [] for k in chunks}, []
     finally:
         batches.close()
@@ -315,19 +319,21 @@ def _check_finite_features(dec, records: Sequence[ImageRecord], keep: Sequence[i
 
 
 def _remainder_names_from_model(loaded: LoadedModel, scope: tuple[int, ...]) -> list[str]:
-    n = architecture_info(loaded.visual).n_layers
-    names = ["embed"]
-    for l in range(n):
-        names += [f"attn_bias.{l}" if l in scope else f"attn.{l}", f"mlp.{l}"]
-    return names + ["ln_post_bias"]
+    """The remainder names the tower's decomposition gives (from one blank image: they depend on the
+    family's readout, :mod:`.backends`), for a rank or shard that decomposed no image."""
+    size = loaded.visual.image_size
+    h, w = (size, size) if isinstance(size, int) else size
+    blank = torch.zeros(1, 3, int(h), int(w), device=loaded.device, dtype=loaded.dtype)
+    return decompose(loaded.visual, blank, scope).remainder_names
 
 
-def _stack(parts: list[np.ndarray], name: str, manifest: CacheManifest, dtype: np.dtype | None) -> np.ndarray:
+def _stack(parts: list[np.ndarray], name: str, manifest: CacheManifest, dtype: np.dtype | None,
+           names: list[str] | None) -> np.ndarray:
     if parts:
         return np.concatenate(parts, axis=0)
     d = manifest.embed_dim
     n_layers_scope, h = len(manifest.layers), manifest.n_heads
-    n_rem = 2 * manifest.n_layers + 2
+    n_rem = len(names or ())
     shapes = {"embedding": (0, d), "heads": (0, n_layers_scope, h, d), "remainders": (0, n_rem, d), "index": (0,)}
     return np.zeros(shapes[name], dtype=np.int64 if name == "index" else dtype)
 

@@ -16,11 +16,13 @@ positive scalar shared by every head, and the cosine similarity ignores it: the 
 logits, and so their gradients, depend on the images only through the heads' own attention
 outputs (and the layers below them).
 
-The maps come from ``pytorch_grad_cam.GradCAM`` with a ViT reshape transform (tokens to a
-``(D, gh, gw)`` grid, CLS dropped). The target layer is the ``ln_1`` of the last block for the
-whole model (its output is what the last attention reads), and the ``ln_1`` of each layer of
-the head set for a head set, since that is what those heads read (maps of several layers are
-normalised and averaged by GradCAM). Hooks are always removed, the model's parameters keep
+The maps come from ``pytorch_grad_cam.GradCAM`` with the tower's own reshape transform (patch
+tokens to a ``(D, gh, gw)`` grid; prefix tokens, i.e. the class and register tokens, dropped; a
+tower without a class token, such as SigLIP's, keeps all its tokens), both given by the
+vision backend (:mod:`refineclip_core.features.backends`). The target layer is the attention
+input (``ln_1``) of the last block for the whole model (its output is what the last attention
+reads), and of each layer of the head set for a head set, since that is what those heads read
+(maps of several layers are normalised and averaged by GradCAM). Hooks are always removed, the model's parameters keep
 their ``requires_grad`` flags and gradients, and its outputs are unchanged.
 """
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from functools import partial
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -37,7 +38,8 @@ from PIL import Image
 from torch import nn
 
 from ..errors import RefineClipError
-from ..features.decomposition import HeadId, HeadLike, architecture_info, decompose_differentiable, parse_heads
+from ..features.backends import backend_for
+from ..features.decomposition import HeadId, HeadLike, decompose_differentiable, parse_heads
 from ..features.extraction import load_batch
 from ..loading.data import ImageRecord, SkippedFile
 
@@ -63,8 +65,9 @@ class ZeroShotClassifierModule(nn.Module):
                                else text_embeddings.detach()).float()
         if text.ndim != 2 or text.shape[0] == 0:
             raise RefineClipError(f"Class text embeddings must be a non-empty (classes, dim) array; got shape {tuple(text.shape)}.")
-        info = architecture_info(self.visual) if head_mask is not None else None
-        embed_dim = info.embed_dim if info is not None else _embed_dim(self.visual)
+        self.backend = backend_for(self.visual)
+        info = self.backend.info
+        embed_dim = info.embed_dim
         if text.shape[1] != embed_dim:
             raise RefineClipError(
                 f"Class text embeddings have dimension {text.shape[1]} but the model embeds into {embed_dim}; "
@@ -93,7 +96,7 @@ class ZeroShotClassifierModule(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """``E'``: the image embedding, or the head set's summed direct contribution. ``(B, d)``."""
         if self.heads is None:
-            return self.visual(images)
+            return self.backend.embed(images)
         dec = decompose_differentiable(self.visual, images, self.head_layers)
         position = {l: i for i, l in enumerate(dec.layers)}
         parts = [dec.heads[:, position[h.layer], h.head] for h in self.heads]
@@ -110,27 +113,13 @@ class ZeroShotClassifierModule(nn.Module):
         return self.logit_scale * emb @ text.T
 
 
-def _embed_dim(visual: nn.Module) -> int:
-    proj = getattr(visual, "proj", None)
-    if proj is not None:
-        return int(proj.shape[1])
-    return int(getattr(visual, "output_dim"))
+def vit_reshape_transform(tokens: torch.Tensor, grid: tuple[int, int], n_prefix: int = 1) -> torch.Tensor:
+    """ViT tokens ``(B, N, D)`` (batch first, ``n_prefix`` class/register tokens first) ->
+    ``(B, D, gh, gw)`` float32, prefix tokens dropped: the layout Grad-CAM expects of a
+    convolutional feature map (:meth:`~refineclip_core.features.backends.VisionBackend.tokens_to_grid`)."""
+    from ..features.backends.base import tokens_to_grid
 
-
-def vit_reshape_transform(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """ViT tokens ``(B, N, D)`` (batch first, CLS first) -> ``(B, D, gh, gw)`` float32, CLS dropped.
-
-    This is the layout Grad-CAM expects of a convolutional feature map: channels ``D``, and
-    the patch tokens at their positions in the image grid (row-major, as the patch embedding
-    flattens them).
-    """
-    gh, gw = int(grid[0]), int(grid[1])
-    if tokens.ndim != 3:
-        raise ValueError(f"expected ViT tokens (B, N, D), got shape {tuple(tokens.shape)}")
-    B, N, D = tokens.shape
-    if N - 1 != gh * gw:
-        raise ValueError(f"{N} tokens do not make a CLS token plus a {gh}x{gw} patch grid")
-    return tokens[:, 1:, :].float().reshape(B, gh, gw, D).permute(0, 3, 1, 2)
+    return tokens_to_grid(tokens, (int(grid[0]), int(grid[1])), n_prefix)
 
 
 @contextlib.contextmanager
@@ -155,17 +144,18 @@ def _preserved_state(module: nn.Module) -> Iterator[None]:
 
 def target_layers_for(visual: nn.Module, heads: Sequence[HeadLike] | None = None,
                       layer: int | None = None) -> list[nn.Module]:
-    """Grad-CAM target layers: ``blocks[layer].ln_1`` if ``layer`` is given (negative counts
-    from the end), else the ``ln_1`` of every layer of the head set, else of the last block."""
-    blocks = visual.transformer.resblocks
-    n = len(blocks)
+    """Grad-CAM target layers (the backend's :meth:`gradcam_target`, the attention input): of
+    ``layer`` if given (negative counts from the end), else of every layer of the head set, else of
+    the last block."""
+    backend = backend_for(visual)
+    n = backend.info.n_layers
     if layer is not None:
         if not -n <= int(layer) < n:
             raise RefineClipError(f"Layer {layer} does not exist; this model has layers 0..{n - 1}.")
-        return [blocks[int(layer)].ln_1]
+        return [backend.gradcam_target(int(layer) % n)]
     if heads:
-        return [blocks[l].ln_1 for l in sorted({h.layer for h in parse_heads(heads)})]
-    return [blocks[-1].ln_1]
+        return [backend.gradcam_target(l) for l in sorted({h.layer for h in parse_heads(heads)})]
+    return [backend.gradcam_target(n - 1)]
 
 
 def gradcam_maps(loaded, images: torch.Tensor, target_class: int | Sequence[int], text: np.ndarray | torch.Tensor,
@@ -187,12 +177,12 @@ def gradcam_maps(loaded, images: torch.Tensor, target_class: int | Sequence[int]
     if images.ndim != 4 or images.shape[1] != 3:
         raise RefineClipError(f"Grad-CAM needs a batch of RGB images (B, 3, H, W); got shape {tuple(images.shape)}.")
     visual = loaded.visual
-    architecture_info(visual)  # refuse unsupported towers with a clear message
+    backend = backend_for(visual)  # refuses unsupported towers with a clear message
     B = images.shape[0]
     classes = [int(target_class)] * B if isinstance(target_class, (int, np.integer)) else [int(c) for c in target_class]
     if len(classes) != B:
         raise RefineClipError(f"Give one target class for all images or one per image; got {len(classes)} for {B} images.")
-    reshape = partial(vit_reshape_transform, grid=tuple(visual.grid_size))
+    reshape = backend.tokens_to_grid
 
     # Outside inference mode even when called from inside it (Streamlit callers often are):
     # tensors made here must be usable by autograd.
