@@ -21,7 +21,7 @@ from refineclip_core.inspection.diagnosis import (NAME_MIN, STOPWORDS, attribute
                                                   head_shares, phrase_direction, pool_units, project_rows, separation_auc,
                                                   summary_lines)
 from refineclip_core.inspection.textspan import MIN_RESIDUAL
-from refineclip_core.method.baselines import LocateThenCorrect
+from refineclip_core.method.ltc import HeadSearchCueProjection
 from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
 from refineclip_core.reporting.run_report import render_html
 from refineclip_core.edit.record import build_run_report
@@ -366,7 +366,7 @@ def test_attribute_mode_and_ltc_against_brute_force(cache, loaded):  # noqa: F81
     # LTC: scores by the definition; the corrected embedding has nothing left along u
     s = _a_pair_with_everything(cache)
     a, b = s.y_true, s.y_pred
-    ltc = LocateThenCorrect.fit(engine, [(a, b, s.W, s.C)], cache.labels, u, s.rows, top_t=4)
+    ltc = HeadSearchCueProjection.fit(engine, [(a, b, s.W, s.C)], cache.labels, u, s.rows, top_t=4)
     def v(r):
         c_r = flat_heads(cache, [r])[0].astype(np.float64)
         x = c_r @ (cache.text[a] - cache.text[b])

@@ -12,6 +12,7 @@ from typing import Literal
 
 from ..errors import RefineClipError
 from ..method.baselines import CoOpConfig
+from ..method.ltc import PeersConfig
 from .concept import ConceptConfig
 
 
@@ -68,6 +69,7 @@ class EditConfig:
     paper: PaperConfig = PaperConfig()
     concept: ConceptConfig = ConceptConfig()   # a concept RefineCLIP-fit's teacher also removes (concept.py)
     coop: CoOpConfig = CoOpConfig()            # the prompt-learning baseline (baselines.CoOp)
+    peers: PeersConfig = PeersConfig()         # typed text of the LTC rows (method/ltc.py); empty: left out
 
     def __post_init__(self) -> None:
         if self.method not in ("fit", "paper"):
@@ -82,7 +84,8 @@ class EditConfig:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "exported": self.exported, "fit": self.fit.to_dict(),
-                "paper": self.paper.to_dict(), "concept": self.concept.to_dict(), "coop": self.coop.to_dict()}
+                "paper": self.paper.to_dict(), "concept": self.concept.to_dict(), "coop": self.coop.to_dict(),
+                "peers": self.peers.to_dict()}
 
 
 DEFAULT_EDIT = EditConfig()

@@ -24,6 +24,7 @@ from ..features.cache import FeatureCache
 from ..method.protocol import DEFAULT_PROTOCOL, PAPER_PROTOCOL, ProtocolConfig, identify, make_engine
 from .compare import fit_edit
 from .config import DEFAULT_EDIT, EditConfig
+from .methods import label_of, order_key
 
 #: Paper Table 1 (average-group / worst-group accuracy, %, Waterbirds, 10 samples per class).
 PAPER_WATERBIRDS = {
@@ -33,19 +34,11 @@ PAPER_WATERBIRDS = {
 }
 
 
-#: How the harness names methods in tables.
-METHOD_LABELS = {
-    "zero-shot": "Base (zero-shot)",
-    "tip-adapter": "Tip-Adapter (training-free)",
-    "standard-finetune": "Standard fine-tune (CE only)",
-    "ablated": "Ours (defaults): identify-then-ablate",
-    "refineclip-fit": "Ours (defaults): RefineCLIP-fit, the exported edit",
-    "refineclip-diag": "Ours (defaults): paper phase 2 (diag)",
-    "paper:ablated": "Paper: identify-then-ablate (Alg. 1, zero)",
-    "paper:refineclip-diag": "Paper: RefineCLIP phase 2 (diag)",
-    "paper:refineclip-full": "Paper: RefineCLIP phase 2 (full)",
-    "paper:refineclip-lora": "Paper: RefineCLIP phase 2 (LoRA)",
-}
+def harness_label(name: str) -> str:
+    """How the harness names a row: the registry's label (:func:`~refineclip_core.edit.methods.label_of`),
+    ``paper:`` rows as the paper-faithful pipeline's."""
+    prefix, _, base = name.rpartition(":")
+    return f"paper-faithful pipeline: {label_of(base)}" if prefix == "paper" else label_of(name)
 
 
 #: Paper Table 1's rows under this harness's method names.
@@ -116,7 +109,7 @@ def summarise(rows: Sequence[ProtocolRow]) -> list[dict]:
     """Mean ± std (percent, over seeds) per (samples per class, method)."""
     out = []
     keys = sorted({(r.samples_per_class, r.method) for r in rows},
-                  key=lambda k: (k[0], list(METHOD_LABELS).index(k[1]) if k[1] in METHOD_LABELS else 99))
+                  key=lambda k: (k[0], k[1].startswith("paper:"), order_key(k[1])))
     for n, method in keys:
         sel = [r for r in rows if r.samples_per_class == n and r.method == method]
         out.append({
@@ -136,7 +129,7 @@ def markdown_table(summary: Sequence[dict], paper: dict | None = None) -> str:
     for s in summary:
         ref = (paper or {}).get(PAPER_NAMES.get(s["method"], ""))
         ref_txt = f"{ref[0]:.1f} / {ref[1]:.1f}" if ref else ""
-        lines.append(f"| {s['samples_per_class']} | {METHOD_LABELS.get(s['method'], s['method'])} | {s['n_seeds']} | "
+        lines.append(f"| {s['samples_per_class']} | {harness_label(s['method'])} | {s['n_seeds']} | "
                      f"{s['average_group']} | {s['worst_group']} | {s['target_accuracy']} | {s['other_classes']} | "
                      f"{ref_txt} |")
     return "\n".join(lines) + "\n"

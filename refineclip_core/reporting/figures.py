@@ -21,11 +21,6 @@ from ..features.decomposition import HeadId
 from ..method.selection import CONSENSUS, STABLE
 from ..names import visible
 
-METHOD_COLORS = {
-    "zero-shot": "#7f7f7f", "ablated": "#ff7f0e", "refineclip-fit": "#2e7d32", "refineclip-diag": "#c2185b",
-    "refineclip-full": "#c2185b", "refineclip-lora": "#c2185b", "standard-finetune": "#1f77b4", "tip-adapter": "#9467bd",
-}
-
 #: Diverging colour scale of the score maps: blue (negative) – white (0) – red (positive).
 DIVERGING = "RdBu_r"
 
@@ -211,10 +206,12 @@ def group_profile_figure(profile: Mapping[str, Sequence[float]], concept: str) -
     return fig
 
 
-def accuracy_bars_figure(rows: Mapping[str, Mapping[str, Any]], title: str, y_title: str = "accuracy"
-                         ) -> go.Figure:
+def accuracy_bars_figure(rows: Mapping[str, Mapping[str, Any]], title: str, y_title: str = "accuracy",
+                         colours: Mapping[str, Any] | None = None) -> go.Figure:
     """Grouped bars: ``rows[method][category]`` is an accuracy cell ``{value, low, high, n}`` (drawn
-    with its 95% interval as an error bar) or a plain fraction; categories share the x axis."""
+    with its 95% interval as an error bar) or a plain fraction; categories share the x axis. ``colours``: a
+    method's colour, or its ``about`` entry of a method report (``{"colour": ...}``,
+    :func:`~refineclip_core.edit.methods.about`); Plotly's own colours otherwise."""
     fig = go.Figure()
     n_bars = sum(len(v) for v in rows.values())
     for method, values in rows.items():
@@ -226,7 +223,7 @@ def accuracy_bars_figure(rows: Mapping[str, Mapping[str, Any]], title: str, y_ti
         down = [None if cell is None else 100 * (cell["value"] - cell["low"]) for cell in cells]
         ns = [cell["n"] if cell else None for cell in cells]
         fig.add_trace(go.Bar(
-            name=method, x=[plot_text(c) for c in cats], y=ys, marker_color=METHOD_COLORS.get(method),
+            name=method, x=[plot_text(c) for c in cats], y=ys, marker_color=_colour((colours or {}).get(method)),
             error_y=dict(type="data", array=up, arrayminus=down, visible=any(u is not None for u in up),
                          thickness=1.2, width=3),
             customdata=[[100 * c["low"], 100 * c["high"], c["n"]] if c else [None, None, None] for c in cells],
@@ -241,6 +238,10 @@ def accuracy_bars_figure(rows: Mapping[str, Mapping[str, Any]], title: str, y_ti
                  legend=dict(orientation="h", yanchor="top", y=-0.25 if n_cats > 6 else -0.15))
     fig.update_xaxes(automargin=True, tickangle=-30 if n_cats > 6 else 0)
     return fig
+
+
+def _colour(entry: Any) -> str | None:
+    return entry.get("colour") if isinstance(entry, Mapping) else entry
 
 
 def loss_figure(history: Mapping[str, Sequence[float]], steps: Sequence[int] | None = None) -> go.Figure:

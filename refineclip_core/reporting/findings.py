@@ -24,7 +24,7 @@ from ..method.ablation import AblationEngine
 from ..method.errorsets import error_pairs
 from ..method.evaluation import AccuracyReport
 from ..method.intervals import Estimate
-from ..method.protocol import CONCEPT_KEPT, Identification
+from ..method.protocol import Identification
 from ..method.comparison import evaluate_methods
 from ..names import decodable
 
@@ -52,11 +52,6 @@ def json_safe(obj: Any) -> Any:
     if hasattr(obj, "to_dict"):
         return json_safe(obj.to_dict())
     return obj
-
-
-#: Method names in the order tables and charts show them.
-METHOD_ORDER = ("zero-shot", "ablated", "refineclip-fit", CONCEPT_KEPT, "refineclip-diag",
-                "refineclip-full", "refineclip-lora", "standard-finetune", "tip-adapter", "coop")
 
 
 @dataclass
@@ -135,7 +130,7 @@ def method_summary(methods: Mapping[str, Any]) -> dict[str, dict[str, dict | Non
     reports, locality, target = methods["reports"], methods.get("locality", {}), methods.get("target_accuracy", {})
     targets = methods.get("target_reports") or {}
     out = {}
-    for name in sorted(reports, key=lambda n: (METHOD_ORDER.index(n) if n in METHOD_ORDER else 99, n)):
+    for name in reports:                 # the order the rows were fitted in: the registry's (edit/methods.py)
         cells = _report_cells(reports[name])
         row = {**cells, "error-pair classes": target.get(name)}
         if name in targets:
@@ -145,10 +140,18 @@ def method_summary(methods: Mapping[str, Any]) -> dict[str, dict[str, dict | Non
     return out
 
 
+def labels_used_column(methods: Mapping[str, Any]) -> dict[str, str]:
+    """``{method: sentence}``: the labels each row used (class labels, group labels and which groups, typed
+    text, unlabelled images; :class:`~refineclip_core.edit.methods.LabelsUsed`), the "labels used" column
+    of every comparison table; empty for a row that recorded none."""
+    used = methods.get("labels_used") or {}
+    return {name: str((used.get(name) or {}).get("sentence", "")) for name in methods.get("reports", {})}
+
+
 def per_key_table(methods: Mapping[str, Any], key: str) -> dict[str, dict[str, dict | None]]:
     """``{method: {class or group: cell}}`` (``key`` = ``per_class`` or ``per_group``)."""
     reports = methods["reports"]
-    order = sorted(reports, key=lambda n: (METHOD_ORDER.index(n) if n in METHOD_ORDER else 99, n))
+    order = list(reports)
     prefix = "group:" if key == "per_group" else ""
     out = {}
     for name in order:

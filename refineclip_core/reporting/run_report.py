@@ -20,7 +20,7 @@ from ..files import atomic_write_bytes
 from ..features.decomposition import HeadId
 from .tables import verdict_rows
 from .figures import accuracy_bars_figure, loss_figure, score_grid_figure, selection_name, utility_figure
-from .findings import format_cell, json_safe, method_summary, per_key_table
+from .findings import format_cell, json_safe, labels_used_column, method_summary, per_key_table
 from .tables import csv_text
 
 
@@ -111,11 +111,13 @@ def render_html(report: Mapping[str, Any]) -> str:
     if methods:
         summary = method_summary(methods)
         figs.append(("Methods compared on held-out images",
-                     accuracy_bars_figure(summary, "Accuracy by method (held-out images)")))
+                     accuracy_bars_figure(summary, "Accuracy by method (held-out images)",
+                                          colours=methods.get("about"))))
         groups = per_key_table(methods, "per_group")
         if any(groups.values()):
-            figs.append(("Per group", accuracy_bars_figure(groups, "Accuracy per group")))
-        figs.append(("Per class", accuracy_bars_figure(per_key_table(methods, "per_class"), "Accuracy per class")))
+            figs.append(("Per group", accuracy_bars_figure(groups, "Accuracy per group", colours=methods.get("about"))))
+        figs.append(("Per class", accuracy_bars_figure(per_key_table(methods, "per_class"), "Accuracy per class",
+                                                       colours=methods.get("about"))))
     if report.get("history"):
         figs.append(("Refinement", loss_figure(report["history"])))
     sel = report.get("selection", {})
@@ -211,7 +213,9 @@ def render_html(report: Mapping[str, Any]) -> str:
                      "paired 95% interval; worse (Holm): significantly worse by an exact McNemar test after Holm's "
                      "correction over all the groups and classes tested.</p>" + _text_table(verdict_rows(verdict)))
     if methods:
-        parts.append("<h2>Results</h2>" + _table(method_summary(methods)))
+        used = labels_used_column(methods)
+        parts.append("<h2>Results</h2>" + _table({name: {**row, "labels used": used.get(name, "")}
+                                                  for name, row in method_summary(methods).items()}))
         for name, why in (report.get("left_out") or {}).items():
             parts.append(f"<p class='muted'>{html.escape(str(name))}: {html.escape(str(why))}</p>")
         groups = per_key_table(methods, "per_group")
