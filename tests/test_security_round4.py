@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,38 @@ def test_every_page_runs_on_undecodable_names(home, demo_spec, undecodable):  # 
             page.number_input(key="ref_steps").set_value(5)
             page.button[0].click().run()
         assert_clean(page)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. eval --rows-from: a bounded-depth parse and type-checked fields
+
+def _run_report(tmp_path: Path, name: str, obj=None, text: str | None = None) -> Path:
+    path = tmp_path / name
+    path.write_text(text if text is not None else json.dumps(obj))
+    return path
+
+
+def test_rows_from_refuses_deep_json_and_mistyped_fields_in_one_sentence(undecodable, tmp_path, capsys):
+    from refineclip_core.edit.record import read_run_report
+    from refineclip_core.errors import RefineClipError
+
+    deep = _run_report(tmp_path, "deep.json", text="[" * 100_000 + "]" * 100_000)
+    good = {"eval_files": [], "data": {"classes": list(SHOWN_CLASSES), "templates": ["a photo of a {}."]}}
+    cases = {
+        deep: "nests 100,000 levels deep",
+        _run_report(tmp_path, "str-templates.json", {**good, "data": {**good["data"], "templates": "a photo of {}"}}):
+            "'data.templates' of type str",
+        _run_report(tmp_path, "int-files.json", {**good, "eval_files": [1, 2]}): "'eval_files' that is not a list",
+        _run_report(tmp_path, "str-classes.json", {**good, "data": {**good["data"], "classes": "cat"}}):
+            "'data.classes' that is not a list",
+        _run_report(tmp_path, "no-brace.json", {**good, "data": {**good["data"], "templates": ["a photo"]}}):
+            "exactly one '{}'",
+    }
+    for path, words in cases.items():
+        with pytest.raises(RefineClipError, match=re.escape(words)):
+            read_run_report(path)
+        rc = main(["eval", "--model", "demo", "--data", str(undecodable), "--rows-from", str(path)])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and "unexpected error" not in err and "Recursion" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert read_run_report(_run_report(tmp_path, "ok.json", good))["data"]["templates"] == ["a photo of a {}."]

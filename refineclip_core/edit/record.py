@@ -135,15 +135,38 @@ def row_files(cache: FeatureCache, rows: np.ndarray) -> list[str]:
 
 def read_run_report(path: str | os.PathLike) -> dict:
     """A run report written by :func:`write_report` (or ``refineclip refine --json``), checked to name
-    its held-out images."""
+    its held-out images: nesting deeper than :data:`~refineclip_core.loading.confine.MAX_JSON_DEPTH` is
+    refused before the parser runs (:func:`~refineclip_core.loading.confine.json_depth`), and the fields
+    read are type-checked (``eval_files``: a list of strings, ``data.classes``: a list of strings,
+    ``data.templates``: absent or valid prompt templates), each in one sentence."""
+    from ..features.zeroshot import validate_templates
+    from ..loading.confine import MAX_JSON_DEPTH, json_depth
+
+    fix = "write one with refineclip refine --json, or download the Refine page's JSON"
     try:
-        report = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise RefineClipError(f"Cannot read the run report {path}: {exc}.") from exc
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise RefineClipError(f"{path} nests {depth:,} levels deep (a run report nests fewer than {MAX_JSON_DEPTH}); "
+                              f"it is not a run report and was not read ({fix}).")
+    try:
+        report = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise RefineClipError(f"Cannot read the run report {path}: {str(exc)[:200]}.") from exc
     if not isinstance(report, dict) or not isinstance(report.get("eval_files"), list) \
             or not isinstance(report.get("data"), dict):
-        raise RefineClipError(f"{path} is not a run report that lists its held-out images (write one with "
-                              "refineclip refine --json, or download the Refine page's JSON).")
+        raise RefineClipError(f"{path} is not a run report that lists its held-out images ({fix}).")
+    data = report["data"]
+    for field, value in (("eval_files", report["eval_files"]), ("data.classes", data.get("classes") or [])):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RefineClipError(f"The run report {path} has a '{field}' that is not a list of strings ({fix}).")
+    if data.get("templates") is not None:
+        if not isinstance(data["templates"], list):
+            raise RefineClipError(f"The run report {path} has 'data.templates' of type "
+                                  f"{type(data['templates']).__name__}, not a list of prompt templates ({fix}).")
+        data["templates"] = validate_templates(data["templates"])
     return report
 
 
