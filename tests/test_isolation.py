@@ -278,6 +278,10 @@ def test_a_shared_cache_naming_another_sessions_model_is_refused(two_sessions):
     manifest["model"]["checkpoint"] = manifest["model"]["model_config"] = None
     manifest["model"]["name"] = "demo"
     (shared / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="made by another model"):  # the fingerprint recorded is A's model's
+        cache_source(shared, b_roots)
+    manifest["extra"]["model_fingerprint"] = ModelSpec("demo").fingerprint()  # forged for a model B may read
+    (shared / "manifest.json").write_text(json.dumps(manifest))
     opened = cache_source(shared, b_roots)
     assert opened.spec.roots == tuple(b_roots)
     # two sessions that may both read it share what is computed from it (one engine, not one per session)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import decompose
 from ..features.extraction import check_decomposition, load_batch
-from ..loading.models import ModelSpec
+from ..session.caches import cache_model
 from .common import add_json_arg, add_link_arg, add_model_args, dataset as load_data, emit, layers_arg, load, positive_int
 
 
@@ -44,9 +45,9 @@ def summary(result: dict) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if args.cache:
         cache = FeatureCache(args.cache)
-        spec = ModelSpec(**cache.manifest.model)
+        spec = cache_model(cache.manifest, cache.root)  # sources confined, fingerprint checked
         if args.precision != "fp32" or args.device != "cpu":
-            spec = ModelSpec(**{**cache.manifest.model, "device": args.device})
+            spec = replace(spec, device=args.device)
         result = check_decomposition(load(args, spec), cache, args.max_images, args.batch_size)
     else:
         if not args.data:

@@ -7,7 +7,8 @@ import argparse
 from ..errors import RefineClipError
 from ..features.decomposition import parse_heads
 from ..inspection.textspan import MAX_IMAGES, describe_heads, embedded_text_pool
-from ..loading.models import ModelSpec, load_model
+from ..session.caches import cache_model
+from ..loading.models import load_model
 from ..method.protocol import identify, make_engine
 from .common import add_json_arg, emit, positive_int
 from .score import add_protocol_args, open_cache, protocol
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         heads, source = cache.head_ids(), "every cached head"
     else:
         heads, source = parse_heads(args.heads, cache.manifest.layers, cache.manifest.n_heads), "--heads"
-    loaded = load_model(ModelSpec(**cache.manifest.model))
+    loaded = load_model(cache_model(cache.manifest, cache.root))
     texts, emb = embedded_text_pool(loaded, args.text_pool)
     descriptions = describe_heads(cache, heads, texts, emb, k=args.k,
                                   max_images=None if args.all_images else args.max_images)

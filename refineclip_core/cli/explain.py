@@ -7,7 +7,8 @@ import argparse
 from ..errors import RefineClipError
 from ..features.decomposition import parse_heads
 from ..inspection.diagnosis import attribute_direction, attribute_heads, diagnose, load_vocabulary, summary_lines
-from ..loading.models import ModelSpec, load_model
+from ..session.caches import cache_model
+from ..loading.models import load_model
 from ..method.protocol import identify, make_engine
 from .common import add_json_arg, emit, positive_int
 from .score import add_protocol_args, open_cache, protocol
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     cache = open_cache(args)
     engine = make_engine(cache)
     ident = identify(cache, protocol(args), engine)
-    loaded = load_model(ModelSpec(**cache.manifest.model))
+    loaded = load_model(cache_model(cache.manifest, cache.root))
     vocab = load_vocabulary(loaded, args.text_pool)
     heads = None if args.heads == "auto" else parse_heads(args.heads, cache.manifest.layers, cache.manifest.n_heads)
     attribute = None

@@ -11,7 +11,8 @@ from ..edit.guard import HARMFUL, VERIFIED, EditVerdict
 from ..files import atomic_write_bytes
 from ..features.decomposition import parse_heads
 from ..inspection.diagnosis import diagnose, load_vocabulary
-from ..loading.models import ModelSpec, load_model
+from ..session.caches import cache_model
+from ..loading.models import load_model
 from ..edit.config import FitConfig
 from ..method.protocol import identify, make_engine
 from ..edit.config import DEFAULT_EDIT, EditConfig
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     engine = make_engine(cache)
     ident = identify(cache, protocol(args), engine)
     heads = None if args.heads == "auto" else parse_heads(args.heads, cache.manifest.layers, cache.manifest.n_heads)
-    spec = ModelSpec(**cache.manifest.model)
+    spec = cache_model(cache.manifest, cache.root)  # sources confined, fingerprint checked
     loaded = diagnosis = None
     if not args.no_diagnosis:
         loaded = load_model(spec)

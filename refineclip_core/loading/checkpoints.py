@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import zipfile
 from typing import Any, Mapping
 
 import torch
@@ -28,18 +29,71 @@ def file_digest(path: str | os.PathLike, roots=None, chunk: int = 1 << 20) -> st
     return h.hexdigest()
 
 
-def read_state_dict(path: str | os.PathLike, roots=None) -> dict[str, torch.Tensor]:
+def checkpoint_memory(path: str | os.PathLike, roots=None, budget: str | int | float | None = None) -> int:
+    """Bytes the checkpoint ``path`` occupies in memory once read, from the file's own metadata,
+    refused in one sentence (:class:`CheckpointError`) when they exceed the memory budget
+    (:func:`~refineclip_core.loading.budget.memory_budget`); nothing is inflated or allocated.
+
+    * safetensors: the file size (tensors are stored raw; the reader checks the header's offsets
+      against the file, so a header cannot claim more than the file holds);
+    * a torch zip (``torch.save`` since PyTorch 1.6): the sum of the entries' uncompressed sizes
+      (``ZipInfo.file_size``, what the reader allocates for each record), not the file size: a
+      re-deflated ``.pt`` of zeros is a few MB on disk and gigabytes once read;
+    * an older (non-zip) torch file is refused: its storages are allocated from sizes inside the
+      pickle, which cannot be checked before unpickling.
+    """
+    path = str(path)
+    with open_confined(path, resolve_roots(roots)) as fh:
+        return _checked_memory(fh, path, budget)
+
+
+def _checked_memory(fh, path: str, budget: str | int | float | None) -> int:
+    """:func:`checkpoint_memory` of the open file ``fh`` (``path`` names it in messages and by its suffix)."""
+    from .budget import format_bytes, memory_budget
+
+    on_disk = os.fstat(fh.fileno()).st_size
+    if path.endswith(".safetensors"):
+        need = on_disk
+    elif fh.read(4) == b"PK\x03\x04" and zipfile.is_zipfile(fh):  # torch's own test is the first bytes
+        fh.seek(0)
+        try:
+            with zipfile.ZipFile(fh) as zf:
+                need = sum(max(0, info.file_size) for info in zf.infolist())
+        except (zipfile.BadZipFile, ValueError, OverflowError, OSError) as exc:
+            raise CheckpointError(f"Checkpoint '{path}' is not a readable torch file ({exc}).") from exc
+    else:
+        raise CheckpointError(f"Checkpoint '{path}' is not a zip-format torch file (an old format from before "
+                              "PyTorch 1.6, or not a checkpoint): its memory cannot be checked before it is read, "
+                              "so it was refused; re-save it with a current torch.save or as .safetensors.")
+    limit, source = memory_budget(budget)
+    if limit is not None and need > limit:
+        raise CheckpointError(f"Checkpoint '{path}' was refused before loading: its {format_bytes(on_disk)} file "
+                              f"expands to {format_bytes(need)} in memory but the budget is {format_bytes(limit)} "
+                              f"({source}).")
+    return need
+
+
+def read_state_dict(path: str | os.PathLike, roots=None, budget: str | int | float | None = None
+                    ) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely and return a plain ``name -> tensor`` state dict.
 
     Accepts safetensors, and torch files holding a state dict or a training checkpoint with a
     ``state_dict`` entry; strips ``module.`` prefixes. Never unpickles arbitrary objects. With
-    ``roots`` the file actually opened must lie inside those folders.
+    ``roots`` the path must lie inside those folders (checked before its existence, the same
+    sentence either way) and so must the file actually opened. Its memory is checked against
+    ``budget`` from its own metadata before anything is read (:func:`checkpoint_memory`).
     """
     path = str(path)
+    if roots is not None:
+        from .sources import check_path
+
+        check_path(path, resolve_roots(roots), "The checkpoint")
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint '{path}' does not exist.")
     try:
         with confined_path(path, resolve_roots(roots)) as name:
+            with open(name, "rb") as fh:  # the very file checked (``/proc/self/fd/N`` with roots)
+                _checked_memory(fh, path, budget)
             state = _read_state(path, name)
     except OSError as exc:
         raise CheckpointError(f"Checkpoint '{path}' cannot be read ({exc.strerror or exc}).") from exc

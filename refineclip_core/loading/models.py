@@ -39,12 +39,17 @@ from ..errors import CheckpointError, RefineClipError
 from ..home import ASSETS_DIR
 from . import hf_clip
 from .budget import check_model_budget
-from .checkpoints import file_digest, load_state_dict_checked, read_state_dict
+from .checkpoints import checkpoint_memory, file_digest, load_state_dict_checked, read_state_dict
 from .confine import loads_json, read_bytes, resolve_roots
+from .sources import LOCAL_DIR_PREFIX, check_config_sources, check_spec_sources, source_roots
 
 DEMO_MODEL = "demo"
 DEMO_DIR = ASSETS_DIR / "demo"
 DEMO_MODEL_NAME = "refineclip-demo"
+
+#: Key of the model's :meth:`ModelSpec.fingerprint` in a feature cache manifest's ``extra``: a cache
+#: is opened only with the model that made it (:func:`refineclip_core.session.caches.cache_model`).
+MODEL_FINGERPRINT = "model_fingerprint"
 
 _DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -89,8 +94,13 @@ class ModelSpec:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        """A hash that changes when the architecture, the weights or the precision change."""
+        """A hash that changes when the architecture, the weights or the precision change (the files
+        are hashed only after every model source passed :func:`~.sources.check_spec_sources`)."""
         spec = self.resolved()
+        roots = source_roots(spec.roots)
+        check_spec_sources(spec.name, spec.checkpoint, spec.model_config, spec.pretrained, roots)
+        if roots is not None and spec.roots is None:
+            spec = replace(spec, roots=tuple(map(str, roots)))
         h = hashlib.sha256()
         h.update(json.dumps({k: v for k, v in asdict(spec).items() if k not in ("device", "roots")},
                             sort_keys=True).encode())
@@ -153,12 +163,13 @@ class LoadedModel:
 MAX_CONFIG_BYTES = 1_000_000
 
 
-def read_config(config_path: str | os.PathLike, roots=None) -> dict:
+def read_config(config_path: str | os.PathLike, roots=None, whole: bool = False) -> dict:
     """An open_clip model config JSON as a dict, refused in one sentence unless it is one.
 
     The file is read only inside ``roots`` when given, only up to :data:`MAX_CONFIG_BYTES`, and
     its nesting is measured before it is parsed (:func:`~refineclip_core.loading.confine.loads_json`),
-    so a hostile file cannot exhaust the parser. Nothing is registered anywhere."""
+    so a hostile file cannot exhaust the parser. Nothing is registered anywhere. ``whole``: the
+    file's object as written (a hub-style file keeps its ``preprocess_cfg`` beside ``model_cfg``)."""
     path = Path(config_path)
     what = f"Model config '{config_path}'"
     if not path.is_file():
@@ -171,6 +182,8 @@ def read_config(config_path: str | os.PathLike, roots=None) -> dict:
         raise RefineClipError(f"{what} is larger than {MAX_CONFIG_BYTES // 1000} kB; an open_clip "
                               "config JSON is a few kB, so this is not one.")
     cfg = loads_json(data, what, RefineClipError)
+    if whole and isinstance(cfg, dict):
+        return cfg
     if isinstance(cfg, dict) and isinstance(cfg.get("model_cfg"), dict):  # hub-style open_clip_config.json
         cfg = cfg["model_cfg"]
     if (not isinstance(cfg, dict) or not isinstance(cfg.get("vision_cfg"), dict)
@@ -216,12 +229,14 @@ class ModelPlan:
 
         return self.user_config if self.user_config is not None else open_clip.get_model_config(self.name)
 
-    def checkpoint_bytes(self) -> int | None:
-        """Bytes of the weights read next to the model (None: a tag open_clip downloads)."""
+    def checkpoint_bytes(self, budget: str | int | float | None = None) -> int | None:
+        """Bytes the weights read next to the model take in memory, from the files' own metadata (a
+        re-deflated ``.pt`` counts as large as it expands, :func:`~.checkpoints.checkpoint_memory`,
+        refused above ``budget``); None: a tag open_clip downloads."""
         if self.spec.pretrained:
             return None
         files = self.hf.weights if self.hf is not None else (self.spec.checkpoint,) if self.spec.checkpoint else ()
-        return sum(os.path.getsize(f) for f in files)
+        return sum(checkpoint_memory(f, self.spec.roots, budget) for f in files)
 
 
 def resolve_model(spec: ModelSpec) -> ModelPlan:
@@ -232,6 +247,11 @@ def resolve_model(spec: ModelSpec) -> ModelPlan:
 
     spec_r = spec.resolved()
     name = spec_r.name
+    # every model source is checked before anything is read; reads below are confined to the same folders
+    roots = source_roots(spec_r.roots)
+    check_spec_sources(name, spec_r.checkpoint, spec_r.model_config, spec_r.pretrained, roots)
+    if roots is not None and spec_r.roots is None:  # REFINECLIP_ALLOWED_ROOTS set: the CLI is confined too
+        spec_r = replace(spec_r, roots=tuple(map(str, roots)))
     if spec.name == DEMO_MODEL and not Path(spec_r.checkpoint).exists():
         raise CheckpointError(
             f"The embedded demo checkpoint '{spec_r.checkpoint}' is missing; run "
@@ -251,18 +271,44 @@ def resolve_model(spec: ModelSpec) -> ModelPlan:
             raise RefineClipError(f"'{spec_r.checkpoint}' is a Hugging Face CLIP checkpoint with its own config.json; "
                                   "drop --model-config and --pretrained.")
         converted = hf_clip.read_hf_config(hf, spec_r.roots)
+        check_config_sources(converted.config, roots, converted.label, f"The config of '{spec_r.checkpoint}'")
         return ModelPlan(spec_r, f"hf-{converted.label}", converted.config, hf, converted.preprocess)
+    if name.startswith(LOCAL_DIR_PREFIX) and not spec_r.model_config:
+        return _local_dir_plan(spec_r, roots)
     if spec_r.model_config:
-        return ModelPlan(spec_r, name, read_config(spec_r.model_config, spec_r.roots))
-    if not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
+        cfg = read_config(spec_r.model_config, spec_r.roots)
+        check_config_sources(cfg, roots, name, f"The model config '{spec_r.model_config}'")
+        return ModelPlan(spec_r, name, cfg)
+    if not name.startswith("hf-hub:") and name not in open_clip.list_models():
         raise RefineClipError(
             f"Unknown model '{name}': not an open_clip architecture (see open_clip.list_models()) and no "
             "--model-config given."
         )
+    if not name.startswith("hf-hub:"):
+        check_config_sources(open_clip.get_model_config(name) or {}, roots, name, f"The config of '{name}'")
     return ModelPlan(spec_r, name, None)
 
 
-def read_weights(plan: ModelPlan) -> dict[str, torch.Tensor] | None:
+#: Weights open_clip looks for in a ``local-dir:`` folder, in its order of preference.
+_LOCAL_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                      "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.safetensors",
+                      "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+def _local_dir_plan(spec: ModelSpec, roots) -> ModelPlan:
+    """A ``local-dir:<folder>`` name (open_clip's ``open_clip_config.json`` plus weights) read as a
+    config and a checkpoint of ours, so it is sized, confined and read like any other."""
+    folder = Path(spec.name[len(LOCAL_DIR_PREFIX):]).expanduser()
+    config = folder / "open_clip_config.json"
+    cfg = read_config(config, spec.roots)
+    check_config_sources(cfg, roots, spec.name, f"The model config '{config}'")
+    weights = next((folder / w for w in _LOCAL_DIR_WEIGHTS if (folder / w).is_file()), None)
+    preprocess = read_config(config, spec.roots, whole=True).get("preprocess_cfg")
+    spec = replace(spec, model_config=str(config), checkpoint=str(weights) if weights else None)
+    return ModelPlan(spec, spec.name, cfg, preprocess=preprocess if isinstance(preprocess, dict) else {})
+
+
+def read_weights(plan: ModelPlan, budget: str | int | float | None = None) -> dict[str, torch.Tensor] | None:
     """Read: the plan's weights under open_clip's names, inside the spec's roots (None: a tag that
     open_clip loads itself, or random weights)."""
     spec = plan.spec
@@ -270,7 +316,7 @@ def read_weights(plan: ModelPlan) -> dict[str, torch.Tensor] | None:
         converted = hf_clip.ConvertedCLIP(plan.name, plan.user_config, {}, dict(plan.preprocess))
         return hf_clip.read_hf_state_dict(plan.hf, converted, spec.roots)
     if spec.checkpoint:
-        return read_state_dict(spec.checkpoint, spec.roots)
+        return read_state_dict(spec.checkpoint, spec.roots, budget)
     return None
 
 
@@ -283,7 +329,7 @@ def build_model(plan: ModelPlan, memory_budget: str | int | float | None = None)
     spec = plan.spec
     cfg = plan.open_clip_config()
     if cfg is not None:  # None: a hub model whose config open_clip fetches itself
-        check_model_budget(plan.name, cfg, spec.precision, plan.checkpoint_bytes(), memory_budget)
+        check_model_budget(plan.name, cfg, spec.precision, plan.checkpoint_bytes(memory_budget), memory_budget)
     known = (config_known_to_open_clip(plan.name, plan.user_config) if plan.user_config is not None
              else contextlib.nullcontext(plan.name))
     with known as arch:
@@ -314,7 +360,7 @@ def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) 
 
     plan = resolve_model(spec)
     model, tokenizer = build_model(plan, memory_budget)
-    state = read_weights(plan)
+    state = read_weights(plan, memory_budget)
     if state is not None:
         load_state_dict_checked(model, state, plan.spec.checkpoint, plan.spec.name)
     if plan.preprocess:

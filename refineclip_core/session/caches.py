@@ -17,9 +17,9 @@ from typing import Sequence
 
 from ..errors import CacheError, DataError, RefineClipError
 from ..features.cache import FeatureCache
-from ..features.cache_format import read_manifest
+from ..features.cache_format import CacheManifest, read_manifest
 from ..home import home_dir
-from ..loading.models import ModelSpec
+from ..loading.models import MODEL_FINGERPRINT, ModelSpec
 from .source import Source
 
 def _short_hash(*parts: object) -> str:
@@ -62,27 +62,66 @@ def cache_source(folder: str | os.PathLike, roots: Sequence[str | os.PathLike] |
     the manifest, loaded only when a page needs it). Nothing is written into the folder.
 
     With ``roots`` (the opening session's, :func:`~refineclip_core.loading.confine.read_roots`) the
-    folder and every model file the manifest names must lie inside them, and the model is read
-    with *those* roots: a manifest never widens what the opener may read (the roots recorded in it
-    are those of the session that made the cache, and are ignored)."""
+    folder must lie inside them and the model is checked by :func:`cache_model` with *those* roots."""
     if roots is not None:
         folder = _inside(folder, roots, "The feature cache folder")
     manifest = read_manifest(folder)
     if manifest is None or not manifest.complete:
         raise CacheError(f"'{folder}' is not a complete feature cache (no finished manifest.json); "
                          "run 'refineclip extract --out' on it first.")
-    try:
-        spec = ModelSpec(**manifest.model)
-    except TypeError as exc:
-        raise CacheError(f"The manifest of '{folder}' does not describe a model ({exc}).") from exc
-    if roots is not None:
-        for what, path in (("checkpoint", spec.checkpoint), ("model config", spec.model_config),
-                           ("pretrained file", spec.pretrained if spec.pretrained and os.sep in spec.pretrained else None)):
-            if path:
-                _inside(path, roots, f"The cache's {what}")
-        spec = replace(spec, roots=tuple(str(r) for r in roots))
+    spec = cache_model(manifest, folder, roots)
     return Source(spec=spec, data_root=manifest.data_root, cache_dir=str(Path(folder)),
                   label=f"{manifest.model_name} on the cache {Path(folder).name} ({manifest.n_records} images)")
+
+
+def cache_model(manifest: CacheManifest, folder: str | os.PathLike,
+                roots: Sequence[str | os.PathLike] | None = None) -> ModelSpec:
+    """The model a cache was made with, as the opener may load it: the one way every cache is
+    opened (the dashboard's :func:`cache_source`, the CLI's ``refine``/``explain``/``describe``).
+
+    The roots recorded in the manifest (those of the session that made it) are dropped and
+    ``roots`` used instead, so a manifest never widens what the opener may read (``roots=None``:
+    the CLI's, confined when ``REFINECLIP_ALLOWED_ROOTS`` is set). Every model source the manifest
+    names (the model name, ``local-dir:``/``hf-hub:`` included, checkpoint, config, pretrained file)
+    is checked before anything is read (:mod:`~refineclip_core.loading.sources`), then the
+    model's fingerprint is compared with the one recorded at extraction: a cache is opened only
+    with the model that made it. A confined opener refuses a cache that records none."""
+    from ..loading.sources import check_spec_sources, source_roots
+
+    if not isinstance(manifest.model, dict):
+        raise CacheError(f"The manifest of '{folder}' does not describe a model.")
+    try:
+        spec = ModelSpec(**{**manifest.model, "roots": None})
+    except TypeError as exc:
+        raise CacheError(f"The manifest of '{folder}' does not describe a model ({exc}).") from exc
+    if not all(isinstance(getattr(spec, k), (str, type(None))) for k in ("name", "pretrained", "checkpoint",
+                                                                           "model_config")) or not spec.name:
+        raise CacheError(f"The manifest of '{folder}' does not describe a model (its fields must be text).")
+    if roots is not None:
+        spec = replace(spec, roots=tuple(str(r) for r in roots))
+    confined = source_roots(spec.roots)
+    resolved = spec.resolved()
+    try:
+        check_spec_sources(resolved.name, resolved.checkpoint, resolved.model_config, resolved.pretrained, confined,
+                           owner="The cache's")
+    except RefineClipError as exc:
+        raise CacheError(str(exc)) from exc
+    recorded = (manifest.extra or {}).get(MODEL_FINGERPRINT) if isinstance(manifest.extra, dict) else None
+    if recorded is None:
+        if confined is not None:
+            raise CacheError(f"The feature cache '{Path(folder).name}' records no fingerprint of the model that "
+                             "made it (an older version wrote it), so it cannot be checked; extract it again.")
+        return spec
+    try:
+        actual = spec.fingerprint()
+    except OSError as exc:
+        raise CacheError(f"The model of the feature cache '{Path(folder).name}' cannot be read "
+                         f"({exc.strerror or exc}).") from exc
+    if actual != recorded:
+        raise CacheError(f"The feature cache '{Path(folder).name}' was made by another model than the one its "
+                         "manifest names now (the model's fingerprint differs); it was refused: extract it again "
+                         "with this model.")
+    return spec
 
 
 def _inside(path: str | os.PathLike, roots: Sequence[str | os.PathLike], what: str) -> Path:
