@@ -232,20 +232,23 @@ def accuracy_lines(rep: AccuracyReport, limit: int = 6, predictions: Any = None,
     return out
 
 
-def cells_table(rows: Mapping[str, Mapping[str, Any]], columns: Mapping[str, str], first: str = "") -> list[str]:
+def cells_table(rows: Mapping[str, Mapping[str, Any]], columns: Mapping[str, str], first: str = "",
+                text: Mapping[str, Mapping[str, str]] | None = None) -> list[str]:
     """A table of accuracy cells (:data:`~refineclip_core.reporting.findings.Cell`, e.g. the rows of
     :func:`~refineclip_core.reporting.findings.method_summary`; ``columns``: key → heading), each
     with its 95% interval, and its image count in the heading when the whole column shares it
-    (else in the cell)."""
+    (else in the cell); ``text``: more columns of plain text, heading → {row: text}."""
     ests = {name: {c: cell_estimate(r.get(c)) for c in columns} for name, r in rows.items()}
     header, shared = [first], {}
     for c, label in columns.items():
         ns = {e.n for r in ests.values() if (e := r[c]) is not None}
         shared[c] = len(ns) == 1
         header.append(f"{label} (n={ns.pop()})" if shared[c] else label)
-    body = [[name, *("–" if (e := r[c]) is None else e.format(count=not shared[c]) for c in columns)]
+    header += list(text or {})
+    body = [[name, *("–" if (e := r[c]) is None else e.format(count=not shared[c]) for c in columns),
+             *(str(col.get(name, "")) for col in (text or {}).values())]
             for name, r in ests.items()]
-    return table(header, body)
+    return table(header, body, align="l" + "r" * len(columns) + "l" * len(text or {}))
 
 
 #: ``auto`` (default): progress bars only when stderr is a terminal; ``always``: also into logs and

@@ -18,7 +18,8 @@ from ..method.protocol import identify, make_engine
 from ..edit.config import DEFAULT_EDIT, EditConfig
 from ..edit.config import PaperConfig
 from ..edit.export import EXPORT_FORMATS
-from ..reporting.findings import method_summary
+from ..method.ltc import PeersConfig
+from ..reporting.findings import labels_used_column, method_summary
 from ..reporting.run_report import per_image_csv, render_html
 from ..edit.run import EditRun, run_edit
 from . import EXIT_NOT_VERIFIED, EXIT_WORSE
@@ -71,6 +72,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--beta", type=float, default=paper.beta, help="weight of L_locality (Eq. 12)")
     g.add_argument("--steps", type=positive_int, default=paper.steps)
     g.add_argument("--lr", type=float, default=paper.lr)
+    g = p.add_argument_group("the compared LTC rows: text you type (left out, with the reason, when not given)")
+    g.add_argument("--cue", action="append", default=[], metavar="TEXT",
+                   help="the spurious attribute in words (repeatable), e.g. 'a water background': head search + "
+                        "typed-cue projection projects the embedding off it")
+    g.add_argument("--cue-versus", action="append", default=[], metavar="TEXT",
+                   help="what --cue is taken against (repeatable), e.g. 'a land background'")
+    g.add_argument("--ltc-pair", action="append", nargs=2, default=[], metavar=("TEXT_A", "TEXT_B"),
+                   help="an attribute pair for LTC (as released): a true difference between the classes, one text "
+                        "per class, e.g. 'a bird with webbed feet' 'a bird with thin toes' (repeatable)")
+    g.add_argument("--ltc-minority", action="append", default=[], metavar="GROUP",
+                   help="a minority group LTC locates its heads on (repeatable; default: per class, the groups whose "
+                        "zero-shot accuracy on the labelled images is below the class's best group)")
     p.add_argument("--no-baselines", action="store_true",
                    help="skip the other edit method, standard fine-tuning and Tip-Adapter")
     p.add_argument("--fail-if-worse", action="store_true",
@@ -110,7 +123,9 @@ def edit_config(args: argparse.Namespace) -> EditConfig:
         paper=PaperConfig(strategy=args.strategy, alpha=args.alpha, beta=args.beta, steps=args.steps, lr=args.lr,
                            seed=args.seed, rank=args.rank),
         concept=ConceptConfig(tuple(args.remove_concept), tuple(args.concept_versus), args.concept_words,
-                              args.concept_strength))
+                              args.concept_strength),
+        peers=PeersConfig(tuple(args.cue), tuple(args.cue_versus), tuple(tuple(p) for p in args.ltc_pair),
+                          tuple(args.ltc_minority)))
 
 
 #: The columns of the methods table the summary prints (the rest is in the run report).
@@ -128,7 +143,9 @@ def edit_lines(edit: EditRun) -> list[str]:
              *([rep["concept_removal"]["sentence"]] if rep.get("concept_removal") else []),
              f"Accuracy on {rep['n_eval']} held-out images (edit fitted on {rep['n_adapt']} unlabelled, heads chosen on "
              f"{rep['n_samples']} labelled; 95% intervals):"]
-    lines += cells_table(method_summary(out.report.to_dict()), SUMMARY_COLUMNS, "method")
+    methods = out.report.to_dict()
+    lines += cells_table(method_summary(methods), SUMMARY_COLUMNS, "method",
+                         text={"labels used": labels_used_column(methods)})
     lines += list(out.left_out.values())
     warnings = [f"Warning ({w['kind']}): {w['text']}" for w in rep.get("warnings") or []]
     return [f"Guard: {edit.verdict.status} — {out.exported} (exported): {edit.verdict.summary()}", *warnings, *lines,
