@@ -130,7 +130,7 @@ class OpenClipViT(VisionBackend):
             return Readout(1.0 / sigma, lambda t: out(ln_linear(t[:, 0], v.ln_post)), [("ln_post_bias", post_bias)])
         if self.pool in ("avg", "avg+ln"):
             N = cap["final"].shape[1] if self.pool == "avg" else self.info.n_tokens
-            sigma = ln_sigma(final, v.ln_post)[..., 0]                      # (B, N) or (B, 1)
+            sigma = ln_sigma(final, v.ln_post).view(B, -1)                  # (B, N) or (B, 1)
             w = final.new_ones(B, 1, N) / (N - 1) / sigma[:, None, :]
             w[:, :, 0] = 0
             return Readout(w, lambda t: out(ln_linear(t[:, 0], v.ln_post)), [("ln_post_bias", post_bias)])

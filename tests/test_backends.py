@@ -1,0 +1,228 @@
+"""Every vision-backend family on tiny random towers: the parts sum to ``encode_image`` (Eq. 4),
+each head's part equals a frozen-stage forward pass of the real model with that head's values
+zeroed (Eq. 5, hooks), Grad-CAM and the export go through the seam."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refineclip_core.errors import RefineClipError, UnsupportedModelError
+from refineclip_core.features.backends import backend_for, refusal
+from refineclip_core.features.decomposition import HeadId, decompose, direct_ablation_forward, hook_modules
+
+TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1}
+
+
+def _register_tiny_timm() -> None:
+    import timm
+    from timm.models import register_model
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+
+    if "rc_tiny_siglip" in timm.list_models("rc_tiny_*"):
+        return
+
+    def cfg(model):                             # what timm's factory would attach
+        model.default_cfg = model.pretrained_cfg = {}
+        return model
+
+    def args(defaults: dict, kw: dict) -> dict:   # timm's factory also passes its pretrained_cfg keys
+        return {**defaults, **{k: v for k, v in kw.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay",
+                                                                         "cache_dir")}}
+
+    @register_model
+    def rc_tiny_siglip(pretrained=False, **kw):       # SigLIP: no class token, map pooling
+        return cfg(VisionTransformer(**args(dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4,
+                                           class_token=False, global_pool="map"), kw)))
+
+    @register_model
+    def rc_tiny_vit_reg(pretrained=False, **kw):      # class + 2 register tokens, layer scale, map pool
+        return cfg(VisionTransformer(**args(dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4,
+                                           reg_tokens=2, init_values=0.5, global_pool="map"), kw)))
+
+    @register_model
+    def rc_tiny_eva02(pretrained=False, **kw):        # EVA-02 CLIP: RoPE, SwiGLU, inner LayerNorm, CLS
+        return cfg(Eva(**args(dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, qkv_fused=False,
+                             mlp_ratio=4 * 2 / 3, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True,
+                             use_rot_pos_emb=True, ref_feat_shape=(4, 4), global_pool="token"), kw)))
+
+    @register_model
+    def rc_tiny_pe(pretrained=False, **kw):           # PE-Core: RoPE attention, pre-norm, map pooling
+        return cfg(Eva(**args(dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, global_pool="map",
+                             attn_type="rope", use_pre_transformer_norm=True, use_rot_pos_emb=True,
+                             ref_feat_shape=(4, 4), rope_grid_offset=1.0, rope_grid_indexing="xy",
+                             attn_pool_num_heads=4, attn_pool_mlp_ratio=4.0, init_values=0.3), kw)))
+
+
+_register_tiny_timm()
+
+VIT = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 3, "head_width": 16}
+CONFIGS = {
+    "clip-tok": {"embed_dim": 32, "vision_cfg": dict(VIT, ls_init_value=0.5)},
+    "avg": {"embed_dim": 32, "vision_cfg": dict(VIT, pool_type="avg")},
+    "clipa": {"embed_dim": 32, "vision_cfg": dict(VIT, pool_type="avg", final_ln_after_pool=True, no_ln_pre=True)},
+    "coca": {"embed_dim": 32, "vision_cfg": dict(VIT, attentional_pool=True, attn_pooler_heads=4, attn_pooler_queries=5,
+                                                  output_tokens=True)},
+    "siglip": {"embed_dim": 48, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_siglip",
+                                               "timm_pool": "map", "timm_proj": "none"}},
+    "vit-reg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_vit_reg",
+                                                "timm_pool": "map", "timm_proj": "linear"}},
+    "eva02": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_eva02",
+                                              "timm_pool": "token", "timm_proj": None}},
+    "pe-core": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_pe",
+                                                "timm_pool": "map", "timm_proj": None}},
+}
+
+
+def build(name: str, dtype=torch.float32) -> torch.nn.Module:
+    from open_clip.coca_model import CoCa
+    from open_clip.model import CLIP
+
+    cfg = CONFIGS[name]
+    torch.manual_seed(3)
+    if name == "coca":
+        model = CoCa(cfg["embed_dim"], {"width": 32, "heads": 4, "layers": 1, "context_length": 16},
+                     TEXT, cfg["vision_cfg"])
+    else:
+        model = CLIP(cfg["embed_dim"], cfg["vision_cfg"], TEXT)
+    model = model.to(dtype).eval()
+    with torch.no_grad():  # move LayerNorm / bias / layer-scale parameters off their trivial init
+        for p in model.visual.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@torch.no_grad()
+def encode(model, images):
+    return model.encode_image(images, normalize=False)
+
+
+def _rel(a, b):
+    return float(((a - b).norm(dim=-1) / b.norm(dim=-1)).max())
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parts_sum_to_encode_image(name, dtype, bound):
+    model = build(name, dtype)
+    images = torch.randn(3, 3, 32, 32, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    reference = encode(model, images)
+    info = backend_for(model.visual).info
+    for layers in ("all", 2):
+        dec = decompose(model.visual, images, layers)
+        assert _rel(dec.reconstruct(), reference) <= bound, (name, layers)
+        assert dec.heads.shape[2:] == (info.n_heads, info.embed_dim)
+        assert len(dec.remainder_names) == dec.remainders.shape[1]
+    assert dec.heads.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_each_head_equals_a_frozen_forward_pass_with_the_head_zeroed(name):
+    """Independent of the decomposition's formulas: the real model runs with one head's values
+    zeroed, LayerNorm sigmas and pool attention frozen and later sub-layers reading clean inputs;
+    the change of the embedding is that head's part, head by head."""
+    model = build(name, torch.float64)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    dec = decompose(model.visual, images, "all")
+    info = backend_for(model.visual).info
+    for layer in range(info.n_layers):
+        for head in range(info.n_heads):
+            real = direct_ablation_forward(model.visual, images, [HeadId(layer, head)])
+            change = dec.embedding - real
+            part = dec.heads[:, layer, head]
+            assert float((change - part).norm() / dec.embedding.norm()) < 1e-10, (name, layer, head)
+            assert float(part.norm()) > 1e-6
+    several = [HeadId(0, 1), HeadId(2, 0), HeadId(2, 3)]
+    real = direct_ablation_forward(model.visual, images, several)
+    assert _rel(real, dec.embedding - sum(dec.heads[:, h.layer, h.head] for h in several)) < 1e-10
+    for module in model.visual.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_hook_points_are_the_models_modules(name):
+    model = build(name)
+    mine = {id(m) for m in model.visual.modules()}
+    points = hook_modules(model.visual, 1)
+    assert {"embed", "blocks.1.ln_1", "blocks.1.attn_out", "blocks.1.ln_2", "blocks.1.mlp_out"} <= set(points)
+    assert all(id(m) in mine for m in points.values())
+
+
+def test_facts_of_token_layouts():
+    assert backend_for(build("siglip").visual).info.n_prefix_tokens == 0
+    reg = backend_for(build("vit-reg").visual).info
+    assert reg.n_prefix_tokens == 3 and reg.n_tokens == 16 + 3 and reg.grid == (4, 4)
+    assert backend_for(build("clipa").visual).info.pool == "avg+ln"
+
+
+@pytest.mark.parametrize("name", ["siglip", "vit-reg", "pe-core", "coca"])
+def test_gradcam_through_the_seam(name):
+    from refineclip_core.inspection.gradcam import gradcam_maps
+
+    model = build(name)
+    info = backend_for(model.visual).info
+
+    class Loaded:
+        visual, device, dtype, logit_scale = model.visual, torch.device("cpu"), torch.float32, 10.0
+
+    text = torch.randn(3, info.embed_dim).numpy()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    whole = gradcam_maps(Loaded, images, 1, text)
+    heads = gradcam_maps(Loaded, images, [0, 2], text, heads=[HeadId(2, 1), HeadId(1, 0)])
+    assert whole.shape == heads.shape == (2, 32, 32)
+    assert whole.max() > 0 and heads.max() > 0
+
+
+@pytest.mark.parametrize("name,key", [("pe-core", "visual.trunk.head.weight"), ("eva02", "visual.trunk.head.weight"),
+                                      ("vit-reg", "visual.head.proj.weight"), ("clipa", "visual.proj"),
+                                      ("coca", "visual.proj")])
+def test_export_merges_into_the_last_linear_layer(tmp_path, name, key):
+    """The exported state dict, loaded into a fresh model of the same config (plain open_clip
+    classes), reproduces the edited embedding M E."""
+    import numpy as np
+
+    from refineclip_core.edit.export import export_checkpoint
+    from refineclip_core.edit.paper import RefinedMap
+
+    model = build(name)
+    d = backend_for(model.visual).info.embed_dim
+    rng = np.random.default_rng(0)
+    edit = RefinedMap("full", matrix=np.eye(d) + 0.1 * rng.standard_normal((d, d)))
+    out = export_checkpoint(None, model, edit, tmp_path / "edited.safetensors")
+    from safetensors.torch import load_file
+
+    state = load_file(out)
+    fresh = build(name)
+    fresh.load_state_dict(state)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = encode(model, images).double() @ torch.from_numpy(edit.matrix).T
+        got = encode(fresh, images).double()
+    assert _rel(got, expected) < 1e-5
+    changed = [k for k in state if not torch.equal(state[k], model.state_dict()[k])]
+    assert set(changed) <= {key, key.replace(".weight", ".bias")} and key in changed
+
+
+def test_export_of_a_tower_ending_in_the_pool_mlp_is_refused(tmp_path):
+    import numpy as np
+
+    from refineclip_core.edit.export import export_checkpoint
+    from refineclip_core.edit.paper import RefinedMap
+
+    model = build("siglip")
+    with pytest.raises(RefineClipError, match="cannot be merged exactly"):
+        export_checkpoint(None, model, RefinedMap("diag", theta=np.ones(48)), tmp_path / "x.safetensors")
+
+
+def test_refusal_from_configs_and_models():
+    assert refusal(CONFIGS["clipa"]) is None and refusal(CONFIGS["siglip"]) is None
+    assert refusal(build("pe-core")) is None
+    resnet = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}}
+    reason = refusal(resnet)
+    assert reason is not None and "ModifiedResNet" in reason and reason.count(". ") == 0
+    convnext = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "convnext_atto",
+                                                "timm_pool": "avg", "timm_proj": "linear"}}
+    assert "ConvNeXt" in refusal(convnext)
+    with pytest.raises(UnsupportedModelError):
+        backend_for(torch.nn.Linear(2, 2))
