@@ -151,3 +151,57 @@ def test_rows_from_refuses_deep_json_and_mistyped_fields_in_one_sentence(undecod
         assert rc == 2 and words in err and "unexpected error" not in err and "Recursion" not in err, err
         assert len(err.strip().splitlines()) == 1, err
     assert read_run_report(_run_report(tmp_path, "ok.json", good))["data"]["templates"] == ["a photo of a {}."]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. metadata.csv: a row limit, checked while the file streams
+
+def test_metadata_csv_row_limit_is_checked_while_streaming(tmp_path, monkeypatch):
+    from refineclip_core.errors import DataError
+    from refineclip_core.loading import data as data_mod
+
+    root = tmp_path / "rows"
+    root.mkdir()
+    make_image(np.random.default_rng(0), (10, 20, 30)).save(root / "a.png")
+    rows = ["path,label"] + ["a.png,cat"] + [f"missing{i}.png,dog" for i in range(50)]
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.setenv("REFINECLIP_MAX_CSV_ROWS", "51")
+    assert len(data_mod.load_dataset(root)) == 1            # 51 rows: at the limit, read
+    monkeypatch.setenv("REFINECLIP_MAX_CSV_ROWS", "50")
+    with pytest.raises(DataError, match=r"has more than 50 rows.*REFINECLIP_MAX_CSV_ROWS"):
+        data_mod.load_dataset(root)
+    # streamed: the refusal comes when row 51 is read, before the rest of the file (an endless one here)
+    seen = []
+
+    def endless():
+        yield "path,label\n"
+        for i in range(10**9):
+            seen.append(i)
+            yield f"missing{i}.png,dog\n"
+
+    with pytest.raises(DataError, match="more than 50 rows"):
+        data_mod.parse_metadata(endless(), root)
+    assert len(seen) <= 52
+    # the same limit for an uploaded metadata.csv, and in the default
+    with pytest.raises(DataError, match="more than 50 rows"):
+        data_mod.parse_metadata("\n".join(rows), root)
+    monkeypatch.setenv("REFINECLIP_MAX_CSV_ROWS", "lots")
+    with pytest.raises(DataError, match="REFINECLIP_MAX_CSV_ROWS must be a positive whole number"):
+        data_mod.load_dataset(root)
+    monkeypatch.delenv("REFINECLIP_MAX_CSV_ROWS")
+    assert data_mod.max_csv_rows() == 1_000_000
+
+
+def test_metadata_csv_in_another_encoding_names_the_real_files(tmp_path):
+    """A Latin-1 metadata.csv naming a file whose name is the same Latin-1 bytes: the file is found
+    (the path keeps its bytes), the label is shown marked."""
+    from refineclip_core.loading.data import load_dataset
+
+    root = tmp_path / "latin1"
+    root.mkdir()
+    with open(os.path.join(os.fsencode(root), b"caf\xe9.png"), "wb") as fh:
+        make_image(np.random.default_rng(1), (50, 60, 70)).save(fh, format="PNG")
+    (root / "metadata.csv").write_bytes(b"path,label,group\ncaf\xe9.png,na\xefve,gr\xfcn\n")
+    ds = load_dataset(root)
+    assert ds.classes == ["na⟨xEF⟩ve"] and ds.records[0].group == "gr⟨xFC⟩n"
+    assert ds.records[0].name.endswith("caf⟨xE9⟩.png") and os.path.isfile(os.fsencode(ds.records[0].path))
