@@ -22,6 +22,7 @@ from refineclip_core.method.scores import SCORE_SPECS
 from refineclip_core.names import visible
 from refineclip_core.method.stability import HeadStability
 from refineclip_core.reporting.figures import group_profile_figure
+from refineclip_core.reporting.tables import verdict_rows
 from refineclip_core.loading.data import ImageDataset
 from refineclip_core.loading.hf_clip import zip_folder
 from refineclip_core.session.caches import cache_source
@@ -261,10 +262,14 @@ def scan_summary(dataset: ImageDataset) -> None:
 
 
 def verdict_banner(verdict: EditVerdict, lead: str) -> None:
-    """The guard's verdict in a coloured box: only ``verified`` is green."""
+    """The guard's verdict: its one sentence in a coloured box (only ``verified`` is green), the details
+    (:meth:`EditVerdict.details`: the worst groups with their rows' intervals, the bounds the verdict rests
+    on, what was not checked) in an expander under it."""
     show, icon = {VERIFIED: (st.success, ":material/verified:"), HARMFUL: (st.error, ":material/dangerous:")}.get(
         verdict.status, (st.warning, ":material/help:"))
-    show(f"**{verdict.status}** · {lead}: {plain(verdict.summary())}", icon=icon)
+    show(f"**{verdict.status}** · {plain(lead)}: {plain(verdict.sentence())}", icon=icon)
+    with st.expander("Why: the numbers behind the verdict", expanded=False):
+        st.markdown("\n".join(f"- {plain(d)}" for d in verdict.details()))
 
 
 def outcome_notes(outcome) -> None:
@@ -280,10 +285,14 @@ def outcome_notes(outcome) -> None:
 
 def verdict_table(verdict: EditVerdict) -> None:
     """Every group and class the guard tested, before → after on the same held-out images."""
-    table("guard", pd.DataFrame(verdict.rows()), hide_index=True)
-    st.caption("Change: the edit minus zero-shot on the same held-out images, with Newcombe's paired 95% interval; "
-               "worse (Holm): significantly worse by an exact McNemar test after Holm's correction over every group "
-               "and class tested. docs/GUARD.md says what the guard promises and what it cannot know.")
+    number = st.column_config.NumberColumn
+    table("guard", pd.DataFrame(verdict_rows(verdict.to_dict(), numeric=True)), hide_index=True,
+          column_config={"change (pts)": number(format="%+.1f"), "can have lost (pts)": number(format="%.1f")})
+    st.caption("Change: the edit minus zero-shot on the same held-out images, with Newcombe's paired 95% interval "
+               "(the one interval of that number, also in the verdict); worse (Holm): significantly worse by an exact "
+               "McNemar test after Holm's correction over every group and class tested; can have lost: the verdict's "
+               "cautious bound on the drop (all bounds holding together at 95%), not an interval of the change. "
+               "docs/GUARD.md says what the guard promises and what it cannot know.")
 
 
 def checkpoint_download(col, checkpoint: Path | None, exported: str, verdict: EditVerdict) -> None:

@@ -135,11 +135,12 @@ def test_app_passes_every_further_argument_to_streamlit():
     assert cmd[5:] == extra and (APP_DIR / ".streamlit" / "config.toml").is_file()
 
 
-def _constructed(kind: str):
+def _constructed(kind: str, config=None):
     """A verdict of each kind from hand-built predictions: 2 edited classes x 2 groups of 200 held-out
     images, and one other class of 200 (enough to bound a 5-point drop everywhere when nothing breaks)."""
     from refineclip_core.edit import guard
 
+    config = config or guard.GuardConfig()
     n = 200
     labels = np.repeat([0, 0, 1, 1, 2], n)
     groups = np.repeat([0, 1, 2, 3, -1], n)
@@ -152,8 +153,13 @@ def _constructed(kind: str):
         after[4 * n:4 * n + 60] = 0       # ... and breaks 60 of the other class
     if kind == "not-verified":
         after[:3] = 0                     # fixes only 3
-    return guard.judge_edit(labels, before, after, np.arange(5 * n), [0, 1], ["a", "b", "c"], groups,
-                            ["a1", "a2", "b1", "b2"], "constructed")
+    rows = np.arange(5 * n)
+    if kind == "dropped":                 # fixes them, and 3 of 20 images of the other class break: −15 points,
+        after[:n // 2] = 0                # not significant (McNemar p = 0.25), more than a 5-point drop
+        rows = np.arange(4 * n + 20)
+        after[4 * n:4 * n + 3] = 0
+    return guard.judge_edit(labels, before, after, rows, [0, 1], ["a", "b", "c"], groups,
+                            ["a1", "a2", "b1", "b2"], "constructed", config)
 
 
 def _exit_status_per_verdict(capsys, monkeypatch, argv):
@@ -166,15 +172,26 @@ def _exit_status_per_verdict(capsys, monkeypatch, argv):
     assert json.loads(real[1])["verdict"]["status"] == "not-verified"
     assert "too few held-out images" in json.loads(real[1])["verdict"]["summary"]
     assert _run(capsys, [*argv, "--require-verified"])[0] == 4
-    expected = {"harmful": (3, 4, 3, 0), "not-verified": (0, 4, 4, 0), "verified": (0, 0, 0, 0)}
+    expected = {"harmful": (3, 4, 3, 0), "not-verified": (0, 4, 4, 0), "verified": (0, 0, 0, 0),
+                "dropped": (3, 4, 3, 0)}
     for kind, codes in expected.items():
-        monkeypatch.setattr(edit_run, "assess_edit", lambda *a, k=kind, **kw: _constructed(k))
+        monkeypatch.setattr(edit_run, "assess_edit", lambda *a, k=kind: _constructed(k, a[5] if len(a) > 5 else None))
         got = []
         for flags in (["--fail-if-worse"], ["--require-verified"], ["--fail-if-worse", "--require-verified"], []):
-            rc, out, _ = _run(capsys, [*argv, *flags])
-            assert f"Guard: {kind}" in out
+            rc, out, err = _run(capsys, [*argv, *flags])
+            assert f"Guard: {'not-verified' if kind == 'dropped' else kind}" in out
+            assert (err.strip().count("\n") == 0 and err.startswith("--")) if rc else "--" not in err, (kind, err)
             got.append(rc)
         assert tuple(got) == codes, (kind, got)
+    # the dropped edit: the reason names the group and the margin; a wider --max-drop lets it through
+    monkeypatch.setattr(edit_run, "assess_edit", lambda *a: _constructed("dropped", a[5]))
+    rc, _, err = _run(capsys, [*argv, "--fail-if-worse"])
+    assert rc == 3 and "c dropped -15.0 pts" in err and "more than the acceptable 5 points (--max-drop)" in err
+    rc, _, err = _run(capsys, [*argv, "--fail-if-worse", "--max-drop", "20"])
+    assert rc == 0 and not err.strip()
+    rc, _, err = _run(capsys, [*argv, "--require-verified"])
+    assert rc == 4 and err.startswith("--require-verified: Not verified:")
+    assert _run(capsys, [*argv, "--max-drop", "0"])[0] == 2              # a user error, one sentence
 
 
 def test_eval_rows_from_a_refine_run_gives_the_reports_numbers(cache_dir, tiny_model_files, image_folder, capsys,

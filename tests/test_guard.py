@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from refineclip_core.edit.guard import HARMFUL, NOT_VERIFIED, STATUSES, VERIFIED, GuardConfig, holm, images_to_detect_drop, judge_edit, worst_group_change
-from refineclip_core.reporting.tables import verdict_rows
+from refineclip_core.edit.bounds import drop_bound, exact_broken_bound, gain_bound, images_to_bound, statement_alpha
+from refineclip_core.edit.guard import HARMFUL, NOT_VERIFIED, STATUSES, VERIFIED, GuardConfig, holm, judge_edit
+from refineclip_core.reporting.tables import csv_text, safe_cell, shown_points, verdict_rows
 from refineclip_core.errors import RefineClipError
 from refineclip_core.method.intervals import (difference_interval, mcnemar_p, paired_change_interval,
                                               paired_counts, wilson_interval)
@@ -43,7 +44,8 @@ def test_a_clear_fix_with_nothing_broken_is_verified():
     assert w.before_name == "landbird on water" and w.change.value == pytest.approx(0.5)
     assert w.change.n == 200             # the worst group's own n, not the edited classes' 800
     assert w.change.low > 0 and not v.reasons and v.images_needed is None
-    assert v.summary().startswith("Verified") and "Holm" in v.summary()
+    assert v.summary().startswith("Verified") and "Bonferroni" in v.summary()
+    assert v.gain_bound > 0 and v.drop_bound <= 0.05 and "no group or class lost more than" in v.sentence()
     d = v.to_dict()
     assert d["status"] in STATUSES and len(d["groups"]) == 4 and d["worst"]["n"] == 200
     rows = verdict_rows(d)               # every group and class: 4 groups + 4 classes + the rest together
@@ -93,7 +95,7 @@ def test_too_few_held_out_images_is_not_verified_and_says_how_many_would_tell():
     assert v.status == NOT_VERIFIED and v.ok and not v.verified
     assert any("too few held-out images" in r and "has 8" in r for r in v.reasons)
     assert v.images_needed is not None and v.images_needed > 8
-    assert f"About {v.images_needed} held-out images per group would detect a 5-point drop" in v.summary()
+    assert f"About {v.images_needed} held-out images per group would bound every drop within 5 points" in v.summary()
 
 
 def test_edited_classes_absent_is_not_verified():
@@ -105,11 +107,18 @@ def test_edited_classes_absent_is_not_verified():
     assert "no held-out images of the edited classes" in v.summary()
 
 
-def test_a_group_with_no_held_out_image_is_not_verified():
-    labels, groups, before = world()
+def test_a_group_with_no_held_out_image_is_listed_as_not_checked_and_does_not_block():
+    """The issue's `--split all` world: groups that only the training split has are not checkable."""
+    labels, groups, before = world(n=200)
     rows = np.flatnonzero(groups != 3)                    # "waterbird on water" has images, none held out
     v = judge_edit(labels, before, labels.copy(), rows, [0, 1], CLASSES, groups, GROUPS, "test")
-    assert v.status == NOT_VERIFIED and "no held-out images of waterbird on water" in v.summary()
+    assert v.status == VERIFIED and v.not_checked == ["waterbird on water"], v.summary()
+    assert "Checked on 3 groups and 4 classes" in v.summary()
+    assert "not checked (no held-out images): waterbird on water" in v.summary()
+    # a whole edited class without held-out images still blocks: the edit was never judged where it acts
+    rows = np.flatnonzero(labels != 1)
+    v = judge_edit(labels, before, labels.copy(), rows, [0, 1], CLASSES, groups, GROUPS, "test")
+    assert v.status == NOT_VERIFIED and "no held-out images of waterbird." in v.summary()
 
 
 def test_an_interval_that_includes_zero_is_not_verified():
@@ -117,8 +126,8 @@ def test_an_interval_that_includes_zero_is_not_verified():
     after = before.copy()
     after[40:43] = 0                     # fixes 3 of 20
     v = judge(labels, groups, before, after)
-    assert v.status == NOT_VERIFIED and v.worst.change.value > 0 and v.worst.change.low <= 0
-    assert any("includes zero" in r for r in v.reasons)
+    assert v.status == NOT_VERIFIED and v.worst.change.value > 0 and v.gain_bound <= 0
+    assert any("not clearly above zero" in r for r in v.reasons) and "possibly as little as" in v.sentence()
 
 
 def test_without_groups_the_edited_classes_are_the_strata():
@@ -134,7 +143,9 @@ def test_config_is_checked():
     with pytest.raises(RefineClipError):
         GuardConfig(min_per_group=0)
     with pytest.raises(RefineClipError):
-        GuardConfig(drop=0)
+        GuardConfig(max_drop=0)
+    with pytest.raises(RefineClipError):
+        GuardConfig(max_drop=1.5)
 
 
 # -- the formulas -------------------------------------------------------------------------------------
@@ -205,44 +216,97 @@ def test_paired_counts_and_interval_agree_with_brute_force_enumeration():
     assert paired_counts(before, after) == (2, 1, 1, 1)
 
 
-def test_the_worst_group_interval_covers_the_true_worst_group_change():
-    """Coverage by simulation of min_g after_g − min_g before_g over 3 groups, two of them tied
-    before (the case where a naive interval for the observed worst group undercovers)."""
+def test_the_verdicts_bounds_hold_together_at_95_percent():
+    """Coverage by simulation of the whole family at once: every unit's drop bound and the worst-before
+    group's gain bound, with two groups tied before (the worst is chosen from the data) and one unit the edit
+    leaves unchanged (where the exact half of the drop bound acts)."""
     rng = np.random.default_rng(1)
-    cells = np.array([[0.55, 0.20, 0.05, 0.20],     # group 0: before 0.60, after 0.75
-                      [0.55, 0.10, 0.05, 0.30],     # group 1: before 0.60, after 0.65
-                      [0.80, 0.05, 0.05, 0.10]])    # group 2: before 0.85, after 0.85
-    before_acc = cells[:, 0] + cells[:, 2]
-    after_acc = cells[:, 0] + cells[:, 1]
-    truth = after_acc.min() - before_acc.min()
-    n, hits, trials = 30, 0, 400
+    cells = np.array([[0.55, 0.20, 0.05, 0.20],     # (both right, fixed, broken, both wrong): group 0 +15
+                      [0.55, 0.10, 0.05, 0.30],     # group 1: +5, tied worst before with group 0
+                      [0.80, 0.05, 0.10, 0.05],     # group 2: −5
+                      [0.97, 0.00, 0.00, 0.03]])    # group 3: unchanged
+    truth = cells[:, 1] - cells[:, 2]
+    n, trials, hits = 40, 600, 0
+    each = statement_alpha(len(cells))
     for _ in range(trials):
-        b, a = [], []
-        for g in range(3):
-            kinds = rng.choice(4, size=n, p=cells[g])
-            b.append(np.isin(kinds, [0, 2]))
-            a.append(np.isin(kinds, [0, 1]))
-        w = worst_group_change(b, a, ["g0", "g1", "g2"])
-        hits += w.change.low <= truth <= w.change.high
+        counts = [rng.multinomial(n, c) for c in cells]
+        drops = [drop_bound(*c, each) for c in counts]
+        before = [(c[0] + c[2]) / n for c in counts]
+        w = int(np.argmin(before))
+        ok = all(-t <= d for t, d in zip(truth, drops)) and gain_bound(*counts[w], each) <= truth[w]
+        hits += ok
     assert hits / trials >= 0.95, hits / trials
 
 
-def test_images_to_detect_a_drop_against_a_simulated_exact_mcnemar_test():
-    """The sample size formula (Connor 1987) gives about the asked power for the exact test, and half
-    as many images clearly less; brute-force simulation of the test itself."""
-    drop, share, alpha = 0.05, 0.2, 0.05 / 5
-    n = images_to_detect_drop(drop, share, alpha, 0.8)
-    assert 800 < n < 1100                # (2.576·√0.2 + 0.842·√0.1975)² / 0.0025 = 931
+def test_the_exact_half_of_the_drop_bound_against_its_closed_form():
+    """No image broken among n: the Clopper–Pearson bound is 1 − (α/2)^(1/n); Newcombe's interval is wider
+    there (φ undefined at 100% accuracy), so the drop bound is the exact one."""
+    for n in (40, 150):
+        assert exact_broken_bound(0, n, 0.01) == pytest.approx(1 - 0.01 ** (1 / n))
+        assert drop_bound(n, 0, 0, 0, 0.02) == pytest.approx(1 - 0.01 ** (1 / n))
+    assert drop_bound(10, 0, 0, 0, 0.02) <= exact_broken_bound(0, 10, 0.01)     # the smaller of the two
+    assert exact_broken_bound(5, 5, 0.01) == 1.0
+    # brute force: the bound is the p at which seeing <= k broken has probability alpha
+    k, n, a = 3, 50, 0.01
+    p = exact_broken_bound(k, n, a)
+    assert binom.cdf(k, n, p) == pytest.approx(a, rel=1e-6)
 
-    def power(m: int, trials: int = 1500) -> float:
-        rng = np.random.default_rng(m)
-        cells = rng.multinomial(m, [(share - drop) / 2, (share + drop) / 2, 1 - share], size=trials)
-        return float(np.mean([mcnemar_p(f, b) <= alpha for f, b, _ in cells]))
 
-    assert 0.72 <= power(n) <= 0.9
-    assert power(n // 2) < 0.6
-    # the share is raised to the drop itself when an edit changes less (a drop needs that many changes)
-    assert images_to_detect_drop(0.05, 0.0, 0.05) == images_to_detect_drop(0.05, 0.05, 0.05)
+def test_images_to_bound_is_the_fewest_that_bound_the_drop():
+    each = statement_alpha(9)
+    n = images_to_bound((40, 0, 0, 0), 0.05, each)
+    assert drop_bound(n, 0, 0, 0, each) <= 0.05 < drop_bound(n - 1, 0, 0, 0, each)
+    # a unit whose measured drop is already 7.5 points: no number of images would bound it within 5
+    assert images_to_bound((30, 0, 3, 7), 0.05, each) is None
+    m = images_to_bound((60, 2, 1, 17), 0.05, each)
+    f, b, w = round(m * 2 / 80), round(m / 80), round(m * 17 / 80)
+    assert drop_bound(m - f - b - w, f, b, w, each) <= 0.05
+
+
+def test_one_interval_per_number_and_the_worst_group_after_is_its_own_row():
+    """The worst group before, its own change and the interval of its row; the worst group after likewise:
+    the sentence, the details and the table say the same number with the same interval."""
+    labels, groups, before = world(n=40)
+    after = labels.copy()
+    after[:4] = 1                        # landbird on land: 4 of 40 broken; landbird on water: 20 fixed
+    v = judge(labels, groups, before, after)
+    rows = {r["name"]: r for r in v.rows()}
+    w = v.worst
+    assert w.before.name == "landbird on water" and w.after.name == "landbird on land"
+    for u in (w.before, w.after):
+        row = rows[u.name]
+        text = f"{row['change (pts)']} pts {row['95% interval']}"
+        assert text == u.change_text() and text in v.summary()
+    d = v.to_dict()
+    assert d["worst"]["change"] == d["groups"][1]["change"] and d["worst"]["after_name"] == "landbird on land"
+    # the bounds are labelled as such and never printed as a change's interval
+    assert "not the 95% intervals above" in v.summary()
+
+
+def test_unchanged_groups_are_said_in_words_and_a_wider_margin_verifies():
+    labels, groups, before = world(n=40)
+    v = judge(labels, groups, before, labels.copy())
+    assert "unchanged on all 40 held-out images" in v.sentence()
+    assert "Unchanged (no held-out image went from right to wrong or back): landbird on land" in v.summary()
+    assert "where the edit left landbird on land (all 40)" in v.reasons[0]   # words first, then the bound
+    assert {r["fixed / broken"] for r in v.rows() if r["name"] == "dog"} == {"0 / 0 (unchanged on all 40)"}
+    wide = judge(labels, groups, before, labels.copy(), config=GuardConfig(max_drop=0.2))
+    assert wide.status == VERIFIED and "acceptable: 20" in wide.sentence() and wide.drop_bound <= 0.2
+
+
+def test_shown_changes_are_the_difference_of_the_shown_accuracies_and_csv_keeps_them_numeric():
+    assert shown_points(0.8396, 0.8724) == pytest.approx(3.2)       # 84.0% → 87.2%, not +3.3
+    assert f"{shown_points(0.5, 0.5):+.1f}" == "+0.0"
+    labels, groups, before = world(n=40)
+    after = labels.copy()
+    after[:4] = 1
+    v = judge(labels, groups, before, after)
+    assert {r["change (pts)"] for r in v.rows() if r["name"] == "landbird on land"} == {"-10.0"}   # shown signed
+    rows = verdict_rows(v.to_dict(), numeric=True)      # what the dashboard's table (and its CSV) holds
+    assert safe_cell("+cmd") == "'+cmd"                 # text is still neutralised
+    text = csv_text(rows, list(rows[0]))
+    assert "'" not in text                                           # no cell neutralised: none is a formula
+    assert ',-10.0,"[' in text and ",+" not in text                   # the change is a plain number
 
 
 # -- held-out images by design (the protocol's split) ----------------------------------------------------

@@ -34,10 +34,11 @@ EXIT_CODES = f"""exit status:
   {EXIT_UNEXPECTED}    unexpected error (a one-line message; --debug shows the traceback)
   {EXIT_USAGE}    user error: a wrong option, file, model or dataset (one sentence says what and how to fix it)
   {EXIT_WORSE}    refine --fail-if-worse: the guard called the exported edit 'harmful' (a group or class
-       significantly worse on held-out images)
-  {EXIT_NOT_VERIFIED}    refine --require-verified: the guard called the exported edit 'not-verified' (too few
-       held-out images, the edited classes absent, or no clear worst-group gain); also a harmful
-       edit when --fail-if-worse is not given
+       significantly worse on held-out images), or a group or class dropped by more than --max-drop
+       points (the reason on stderr)
+  {EXIT_NOT_VERIFIED}    refine --require-verified: the guard did not call the exported edit 'verified' (gain
+       not bounded above zero, a drop not bounded within --max-drop, too few held-out images);
+       also a failing edit when --fail-if-worse is not given (the reason on stderr)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); finished work such as cache shards is kept
 
 output: every command prints a short summary (at most 40 lines) on stdout; --json PATH writes the

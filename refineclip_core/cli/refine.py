@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..demo.world import on_demo_world
 from ..edit.concept import ConceptConfig
-from ..edit.guard import HARMFUL, VERIFIED, EditVerdict
+from ..edit.guard import HARMFUL, MAX_DROP, VERIFIED, EditVerdict, GuardConfig
 from ..files import atomic_write_bytes
 from ..features.decomposition import parse_heads
 from ..inspection.diagnosis import diagnose, load_vocabulary
@@ -20,10 +21,11 @@ from ..edit.config import PaperConfig
 from ..edit.export import EXPORT_FORMATS
 from ..method.ltc import PeersConfig
 from ..reporting.findings import labels_used_column, method_summary
+from ..reporting.tables import shown_points
 from ..reporting.run_report import per_image_csv, render_html
 from ..edit.run import EditRun, run_edit
 from . import EXIT_NOT_VERIFIED, EXIT_WORSE
-from .common import add_json_arg, cells_table, emit, positive_int, progress_bar, table
+from .common import add_json_arg, cells_table, emit, positive_int, progress_bar, table, terminal
 from .score import add_protocol_args, heads_text, open_cache, protocol
 
 
@@ -46,8 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ridge", type=float, default=fit.ridge, help="ridge of the least-squares start (relative)")
     g.add_argument("--fit-steps", type=int, default=fit.steps, help="Adam steps of the KL distillation (0: none)")
     g.add_argument("--strength", type=float, default=fit.strength,
-                   help="share of the heads' removal the edit applies, in (0, 1] (1: all of it; the default keeps "
-                        "the groups the shortcut helped within 5 points on the development worlds; docs/edit.md)")
+                   help="share of the heads' removal the edit applies, in (0, 1] (1: all of it; the default, "
+                        "%(default)s, keeps the groups the shortcut helped within 5 points on the development worlds; "
+                        "docs/edit.md)")
     g.add_argument("--fit-lr", type=float, default=fit.lr, help="learning rate of the KL distillation")
     g.add_argument("--max-rows", type=positive_int, default=fit.max_rows,
                    help="adaptation images used by the KL steps (a seeded subsample above this)")
@@ -66,12 +69,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--concept-strength", type=float, default=con.strength,
                    help="share of the concept's span removed, 0..1")
     g = p.add_argument_group("the paper's phase 2 (--method paper, and its baseline row)")
-    g.add_argument("--strategy", default=paper.strategy, choices=["diag", "full", "lora"])
+    g.add_argument("--strategy", default=paper.strategy, choices=["diag", "full", "lora"],
+                   help="what Eq. 13 learns: 'diag' (the paper's diag(θ) on visual.proj, the default), 'full' (the "
+                        "whole projection) or 'lora' (a low-rank update of rank --rank)")
     g.add_argument("--rank", type=positive_int, default=paper.rank, help="LoRA rank")
     g.add_argument("--alpha", type=float, default=paper.alpha, help="weight of L_success (Eq. 11)")
     g.add_argument("--beta", type=float, default=paper.beta, help="weight of L_locality (Eq. 12)")
-    g.add_argument("--steps", type=positive_int, default=paper.steps)
-    g.add_argument("--lr", type=float, default=paper.lr)
+    g.add_argument("--steps", type=positive_int, default=paper.steps,
+                   help="optimisation steps of Eq. 13 (default: %(default)s, the paper's)")
+    g.add_argument("--lr", type=float, default=paper.lr, help="learning rate of Eq. 13 (default: %(default)s)")
     g = p.add_argument_group("the compared LTC rows: text you type (left out, with the reason, when not given)")
     g.add_argument("--cue", action="append", default=[], metavar="TEXT",
                    help="the spurious attribute in words (repeatable), e.g. 'a water background': head search + "
@@ -85,16 +91,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a minority group LTC locates its heads on (repeatable; default: per class, the groups whose "
                         "zero-shot accuracy on the labelled images is below the class's best group)")
     p.add_argument("--no-baselines", action="store_true",
-                   help="skip the other edit method, standard fine-tuning and Tip-Adapter")
+                   help="skip the compared methods (the other edit method, standard fine-tuning, Tip-Adapter and "
+                        "CoOp): only the exported edit is fitted and judged")
+    p.add_argument("--max-drop", type=float, default=MAX_DROP * 100, metavar="POINTS",
+                   help="the acceptable drop of any group or class, in accuracy points (default: %(default)g): the "
+                        "guard verifies an edit only when no group or class can have lost more (bounds holding "
+                        "together at 95%%), and --fail-if-worse fails on a measured drop above it")
     p.add_argument("--fail-if-worse", action="store_true",
                    help=f"exit with status {EXIT_WORSE} (after writing everything) when the guard calls the exported edit "
-                        "'harmful': some group or class (edited or other) significantly worse on held-out images "
-                        "(exact McNemar tests, Holm's correction)")
+                        "'harmful' (some group or class significantly worse on held-out images: exact McNemar tests, "
+                        "Holm's correction) or any group or class measurably dropped by more than --max-drop points; "
+                        "the reason goes to stderr")
     p.add_argument("--require-verified", action="store_true",
-                   help=f"exit with status {EXIT_NOT_VERIFIED} (after writing everything) when the guard calls the "
-                        f"exported edit 'not-verified' (too few held-out images, the edited classes absent, or the "
-                        f"worst group's improvement not clearly above zero); with --fail-if-worse a harmful edit still "
-                        f"exits {EXIT_WORSE}, without it a harmful edit exits {EXIT_NOT_VERIFIED} too")
+                   help=f"exit with status {EXIT_NOT_VERIFIED} (after writing everything) when the guard does not call "
+                        f"the exported edit 'verified' (worst group's gain bounded above zero and every drop bounded "
+                        f"within --max-drop); the reason goes to stderr. With --fail-if-worse a failing edit exits "
+                        f"{EXIT_WORSE} first")
     p.add_argument("--no-diagnosis", action="store_true",
                    help="skip the diagnosis that leads the run report (it loads the model to embed the text pool)")
     p.add_argument("--text-pool", help="descriptions for the diagnosis, one per line (default: the shipped pool)")
@@ -112,6 +124,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write the per-image predictions here (file, true class, group, zero-shot and edited "
                         "prediction, held out or not); cells a spreadsheet would run as formulas are escaped")
     p.set_defaults(func=run)
+
+
+def guard_config(args: argparse.Namespace) -> GuardConfig:
+    """The guard the options ask for: ``--max-drop`` points (``--min-heldout`` comes with the protocol)."""
+    return GuardConfig(max_drop=args.max_drop / 100.0)
 
 
 def edit_config(args: argparse.Namespace) -> EditConfig:
@@ -148,8 +165,9 @@ def edit_lines(edit: EditRun) -> list[str]:
                          text={"labels used": labels_used_column(methods)})
     lines += list(out.left_out.values())
     warnings = [f"Warning ({w['kind']}): {w['text']}" for w in rep.get("warnings") or []]
-    return [f"Guard: {edit.verdict.status} — {out.exported} (exported): {edit.verdict.summary()}", *warnings, *lines,
-            *guard_lines(edit.verdict)]
+    v = edit.verdict
+    return [f"Guard: {v.status} — {out.exported} (exported). {v.sentence()}", *(f"  {d}" for d in v.details()), *warnings,
+            *lines, *guard_lines(v)]
 
 
 def guard_lines(verdict: EditVerdict) -> list[str]:
@@ -165,13 +183,29 @@ def guard_lines(verdict: EditVerdict) -> list[str]:
     return lines
 
 
-def exit_status(verdict: EditVerdict, fail_if_worse: bool, require_verified: bool) -> int:
-    """The refine command's exit status for the guard's verdict (documented in ``refineclip --help``)."""
-    if fail_if_worse and verdict.status == HARMFUL:
-        return EXIT_WORSE
+def gate(verdict: EditVerdict, fail_if_worse: bool, require_verified: bool) -> tuple[int, str | None]:
+    """The refine command's exit status for the guard's verdict (documented in ``refineclip --help``) and
+    the one-sentence reason printed on stderr when it is not 0: ``--fail-if-worse`` fails on a harmful edit
+    or on a measured drop above the acceptable one, ``--require-verified`` on anything not verified."""
+    if fail_if_worse:
+        if verdict.status == HARMFUL:
+            return EXIT_WORSE, f"--fail-if-worse: {verdict.sentence()}"
+        u = verdict.largest_estimated_drop()
+        if u is not None and -shown_points(u.before.value, u.after.value) > verdict.config.max_drop * 100 + 1e-9:
+            return EXIT_WORSE, (f"--fail-if-worse: {u.name} dropped {u.change_text()} ({u.before.value * 100:.1f}% → "
+                                f"{u.after.value * 100:.1f}%, n={u.n}), more than the acceptable "
+                                f"{verdict.config.max_drop * 100:g} points (--max-drop).")
     if require_verified and verdict.status != VERIFIED:
-        return EXIT_NOT_VERIFIED
-    return 0
+        return EXIT_NOT_VERIFIED, f"--require-verified: {verdict.sentence()}"
+    return 0, None
+
+
+def exit_status(verdict: EditVerdict, fail_if_worse: bool, require_verified: bool) -> int:
+    """:func:`gate`'s status, its reason printed on stderr."""
+    status, reason = gate(verdict, fail_if_worse, require_verified)
+    if reason:
+        print(terminal(reason), file=sys.stderr)
+    return status
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_diagnosis:
         loaded = load_model(spec)
         diagnosis = diagnose(cache, ident, load_vocabulary(loaded, args.text_pool), heads, engine)
-    edit = run_edit(cache, ident, engine, edit_config(args), heads, spec=spec, loaded=loaded,
+    edit = run_edit(cache, ident, engine, edit_config(args), heads, spec=spec, loaded=loaded, guard=guard_config(args),
                     export_to=args.out, export_format=args.format, baselines=not args.no_baselines,
                     progress=progress_bar("refine", unit="step"), extra={"heads_arg": args.heads},
                     diagnosis=diagnosis, demo_data=on_demo_world(cache.classes))

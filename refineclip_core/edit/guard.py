@@ -1,13 +1,22 @@
 """The guard: is an edit verified better than zero-shot on held-out images, or harmful, or can we not tell?
 
 The edit's predictions (``after``) and zero-shot's (``before``) are compared on the *same* held-out
-images, never used to choose heads or fit the edit. Every group of the edited classes, every class
-(edited or not) and the other classes together are one *unit*; each unit gets
+images, never used to choose heads or fit the edit. Every group of the edited classes, every other
+group, every class and the other classes together are one *unit*; each unit gets
 
-* its accuracy before and after (exact Clopper–Pearson intervals), and
+* its accuracy before and after (exact Clopper–Pearson intervals),
 * its paired change ``after − before`` with Newcombe's paired 95% interval
-  (:func:`~refineclip_core.method.intervals.paired_change_interval`) and the exact McNemar p-value
-  (:func:`~refineclip_core.method.intervals.mcnemar_p`) of the images it fixed against those it broke.
+  (:func:`~refineclip_core.method.intervals.paired_change_interval`): **the** interval of that number,
+  shown in its row, the headline and every report alike,
+* the exact McNemar p-value (:func:`~refineclip_core.method.intervals.mcnemar_p`) of the images it fixed
+  against those it broke, and
+* its **drop bound** (:func:`~refineclip_core.edit.bounds.drop_bound`): how much it can have lost at most,
+  one of the cautious simultaneous bounds the verdict rests on (labelled as such wherever shown).
+
+**The trade in two numbers** (:mod:`~refineclip_core.edit.bounds`): the group that was worst before the
+edit gained *at least* ``gain_bound``, and no unit lost more than ``drop_bound`` (the largest of the
+units' drop bounds); the ``m`` drop bounds and the gain bound hold together at 95% (Bonferroni over the
+``m + 1`` one-sided statements).
 
 The verdict has one of three statuses (:data:`STATUSES`):
 
@@ -16,36 +25,18 @@ The verdict has one of three statuses (:data:`STATUSES`):
     correction** over all the units tested (step-down: the ``i``-th smallest p-value is compared with
     ``α / (m − i)``), and its change is negative. This comes first: a few images can still show harm.
 ``verified``
-    not harmful, every group of the edited classes holds at least ``min_per_group`` held-out images,
-    the **worst-group improvement** has its whole 95% interval above zero, and **no group or class can
-    have dropped by more than** ``drop`` (5 points): every unit's paired interval at the simultaneous
-    level ``1 − α/m`` (Bonferroni over the ``m`` units tested) lies above ``−drop``. "Not significantly
-    worse" alone is not enough: on a few dozen images an edit that costs a group 10 points is rarely
-    significant, and ``benchmarks/guard.py`` measured such edits called verified in a quarter of the
-    held-out sets of 40 images per group before this rule.
+    not harmful, every group of the edited classes that has held-out images holds at least
+    ``min_per_group``, the gain bound is above zero and the drop bound is within ``max_drop`` (the
+    user's acceptable drop, 5 points by default).
 ``not-verified``
-    anything else: too few held-out images in a group, the edited classes absent from the held-out
-    images, an interval that includes zero, or a group or class whose drop cannot be bounded. The verdict then says how many held-out images per
-    group would detect a drop of ``drop`` (5 points) (:func:`images_to_detect_drop`).
+    anything else: too few held-out images in a group, an edited class absent from the held-out images,
+    a gain not clearly above zero, or a drop that cannot be bounded within ``max_drop``. The verdict then
+    says how many held-out images per group would bound the drop at the rates measured
+    (:func:`~refineclip_core.edit.bounds.images_to_bound`).
 
-**The worst-group improvement** is ``Δ = min_g after_g − min_g before_g`` over the groups ``g`` of the
-edited classes (their classes when the images carry no groups). Its interval is a union bound,
-valid whichever groups happen to be worst: for every pair of groups ``(g, h)`` the difference
-``after_g − before_h`` gets a Newcombe interval at level ``1 − α/G²`` (paired when ``g = h``,
-independent samples otherwise), so all ``G²`` hold together with probability ≥ 95%; then, since
-``min_h before_h ≤ before_h`` and ``min_g after_g ≤ after_g`` for every group,
-
-    Δ ≥ max_h min_g low(after_g − before_h)        Δ ≤ min_g max_h high(after_g − before_h).
-
-The ``n`` shown with it is the image count of the group that was worst before the edit.
-
-**Images needed to detect a drop** (paired McNemar test, Connor 1987, *Biometrics* 43:207): with
-``ψ`` the share of images whose correctness the edit changes, a drop ``δ``, the test level
-``α' = α / m`` (Holm's first, strictest step over ``m`` tests) and power ``1 − β``::
-
-    n = ⌈ (z_{1−α'/2} √ψ + z_{1−β} √(ψ − δ²))² / δ² ⌉,   ψ = max(measured share, δ)
-
-(tests/test_guard.py checks it against a brute-force simulation of the exact test.)
+Groups of the edited classes that have images but none held out (e.g. groups that exist only in a
+training split) are **not checked**: listed beside the verdict, they do not block it, and the verdict
+says on how many groups and classes it rests.
 """
 
 from __future__ import annotations
@@ -57,16 +48,9 @@ import numpy as np
 
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache
-from ..method.intervals import (
-    LEVEL,
-    Estimate,
-    accuracy_estimate,
-    difference_interval,
-    mcnemar_p,
-    paired_change_interval,
-    paired_counts,
-)
-from ..reporting.tables import verdict_rows
+from ..method.intervals import LEVEL, Estimate, accuracy_estimate, mcnemar_p, paired_change_interval, paired_counts
+from ..reporting.tables import shown_points, verdict_rows
+from .bounds import drop_bound, gain_bound, images_to_bound, statement_alpha
 
 Status = Literal["verified", "not-verified", "harmful"]
 VERIFIED: Status = "verified"
@@ -77,27 +61,34 @@ STATUSES: tuple[Status, ...] = (VERIFIED, NOT_VERIFIED, HARMFUL)
 MIN_PER_GROUP = 10
 """Fewest held-out images per group of the edited classes before the guard can verify an edit."""
 
-DETECT_DROP = 0.05
-"""The drop (5 points) the guard sizes its 'how many images would tell' sentence for."""
-
-POWER = 0.8
-"""The power that sentence asks for."""
+MAX_DROP = 0.05
+"""The acceptable drop by default (5 points): ``verified`` needs every unit's drop bounded within it."""
 
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """How strict the guard is (module docstring); the defaults are what every entry point uses."""
+    """How strict the guard is (module docstring): ``max_drop`` is the acceptable drop of any group or
+    class (a share: 0.05 is 5 points; ``refineclip refine --max-drop`` and the Refine page's slider set it)."""
 
     min_per_group: int = MIN_PER_GROUP
-    drop: float = DETECT_DROP
-    power: float = POWER
+    max_drop: float = MAX_DROP
     level: float = LEVEL
 
     def __post_init__(self) -> None:
         if self.min_per_group < 1:
             raise RefineClipError(f"min_per_group must be at least 1, got {self.min_per_group}.")
-        if not 0.0 < self.drop < 1.0 or not 0.0 < self.power < 1.0 or not 0.5 < self.level < 1.0:
-            raise RefineClipError("The guard's drop and power must lie in (0, 1) and its level in (0.5, 1).")
+        if not 0.0 < self.max_drop < 1.0:
+            raise RefineClipError(f"The acceptable drop must lie between 0 and 100 points, got "
+                                  f"{self.max_drop * 100:g}.")
+        if not 0.5 < self.level < 1.0:
+            raise RefineClipError("The guard's level must lie in (0.5, 1).")
+
+    def to_dict(self) -> dict:
+        return {"min_per_group": self.min_per_group, "max_drop": self.max_drop, "level": self.level}
+
+
+pts = shown_points
+"""The change in points as shown (:func:`~refineclip_core.reporting.tables.shown_points`)."""
 
 
 @dataclass
@@ -116,36 +107,63 @@ class Unit:
     p_holm: float = 1.0                          # Holm-adjusted over every unit tested
     worse: bool = False                          # significantly worse after Holm's correction
     class_name: str | None = None                # a group's class
+    drop_bound: float | None = None              # the most it can have lost (simultaneous bound; share)
 
     @property
     def n(self) -> int:
         return self.change.n
 
+    @property
+    def unchanged(self) -> bool:
+        """No held-out image went from right to wrong or back."""
+        return self.fixed == 0 and self.broken == 0
+
+    def change_text(self) -> str:
+        """``"+3.2 pts [-0.4, 19.9]"``: the shown change (:func:`pts`) with its row's 95% interval."""
+        return (f"{pts(self.before.value, self.after.value):+.1f} pts "
+                f"[{self.change.low * 100:.1f}, {self.change.high * 100:.1f}]")
+
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind, "edited": self.edited, "class": self.class_name,
                 "n": self.n, "before": self.before.to_dict(), "after": self.after.to_dict(),
                 "change": self.change.to_dict(), "fixed": self.fixed, "broken": self.broken, "p": self.p,
-                "p_holm": self.p_holm, "worse": self.worse}
+                "p_holm": self.p_holm, "worse": self.worse, "drop_bound": self.drop_bound}
 
 
 @dataclass
 class WorstGroup:
-    """The worst-group accuracy of the edited classes before and after, and its change (union bound)."""
+    """The group of the edited classes that was worst before the edit, and the one worst after: each a
+    :class:`Unit` with its own change and that change's one 95% interval (the same as in its row)."""
 
-    before_name: str
-    after_name: str
-    before: Estimate        # the group worst before the edit (n: its images)
-    after: Estimate         # the group worst after the edit
-    change: Estimate        # min after − min before; n: the images of the group worst before
+    before: Unit            # the group worst before the edit
+    after: Unit             # the group worst after it (may be the same)
+    gain_bound: float       # the worst-before group gained at least this (simultaneous bound; share)
+
+    @property
+    def change(self) -> Estimate:
+        """The worst-before group's own change (its row's interval)."""
+        return self.before.change
+
+    @property
+    def before_name(self) -> str:
+        return self.before.name
+
+    @property
+    def after_name(self) -> str:
+        return self.after.name
 
     def to_dict(self) -> dict:
-        return {"before_name": self.before_name, "after_name": self.after_name, "before": self.before.to_dict(),
-                "after": self.after.to_dict(), "change": self.change.to_dict(), "n": self.change.n}
+        b, a = self.before, self.after
+        return {"before_name": b.name, "after_name": a.name, "before": b.before.to_dict(),
+                "after": b.after.to_dict(), "change": b.change.to_dict(), "n": b.n,
+                "after_group": {"before": a.before.to_dict(), "after": a.after.to_dict(), "change": a.change.to_dict(),
+                                "n": a.n},
+                "gain_bound": self.gain_bound}
 
 
 @dataclass
 class EditVerdict:
-    """The guard's verdict on one edit (module docstring): a status, the reasons, every unit."""
+    """The guard's verdict on one edit (module docstring): a status, the trade in bounds, every unit."""
 
     method: str
     status: Status
@@ -158,9 +176,12 @@ class EditVerdict:
     reasons: list[str] = field(default_factory=list)     # why not verified (empty when verified)
     harmed: list[str] = field(default_factory=list)      # one sentence per significantly worse unit
     cautions: list[str] = field(default_factory=list)    # worse by the point estimate but not significantly
-    images_needed: int | None = None     # held-out images per group to detect a `drop` (not verified only)
-    tests: int = 0                       # units tested (Holm's m)
+    images_needed: int | None = None     # held-out images per group that would bound the drop (not verified)
+    tests: int = 0                       # units tested (Holm's m; the drop bounds)
     config: GuardConfig = GuardConfig()
+    not_checked: list[str] = field(default_factory=list)   # groups with images but none held out
+    drop_bound: float | None = None      # no unit lost more than this (simultaneous with the gain bound)
+    drop_name: str | None = None         # the unit whose drop bound that is
 
     @property
     def ok(self) -> bool:
@@ -173,8 +194,12 @@ class EditVerdict:
 
     @property
     def worst_group(self) -> Estimate | None:
-        """The worst-group change (``None`` without held-out images of the edited classes)."""
+        """The change of the group worst before the edit (``None`` without held-out images of the edited classes)."""
         return None if self.worst is None else self.worst.change
+
+    @property
+    def gain_bound(self) -> float | None:
+        return None if self.worst is None else self.worst.gain_bound
 
     @property
     def unrelated(self) -> Estimate | None:
@@ -185,33 +210,27 @@ class EditVerdict:
         """Every unit the guard tested: groups of the edited classes, other groups, classes, the rest."""
         return [*self.groups, *self.other_groups, *self.classes, *([self.others] if self.others else [])]
 
+    def largest_estimated_drop(self) -> Unit | None:
+        """The unit whose measured change is the most negative (``None`` when none dropped)."""
+        dropped = [u for u in self.units() if pts(u.before.value, u.after.value) < 0]
+        return min(dropped, key=lambda u: (pts(u.before.value, u.after.value), u.change.value), default=None)
+
+    def sentence(self) -> str:
+        """The verdict in one short sentence (what leads every banner, report and the CLI)."""
+        from .verdict_text import verdict_sentence
+        return verdict_sentence(self)
+
     def headline(self) -> str:
-        """The status in words, as the first sentence of :meth:`summary`."""
-        holm = f"exact McNemar tests with Holm's correction over {self.tests} groups and classes"
-        if self.status == HARMFUL:
-            return f"Harmful: this edit made the model significantly worse on held-out images ({holm})."
-        if self.status == VERIFIED:
-            return (f"Verified: the worst group improved on held-out images and no group or class got "
-                    f"significantly worse ({holm}).")
-        return "Not verified: " + " ".join(r if i == 0 else r[:1].upper() + r[1:] for i, r in enumerate(self.reasons))
+        return self.sentence()
+
+    def details(self) -> list[str]:
+        """The details behind :meth:`sentence`, one short paragraph each (the banner's expander)."""
+        from .verdict_text import verdict_details
+        return verdict_details(self)
 
     def summary(self) -> str:
-        """One paragraph in plain words (what the CLI prints and the pages show at the top)."""
-        parts = [self.headline(), *self.harmed]
-        if self.worst is not None:
-            w = self.worst
-            now = "" if w.after_name == w.before_name else f"; worst after the edit: {w.after_name}"
-            parts.append(f"Worst {self.strata} ({w.before_name}{now}): "
-                         f"{w.before.value * 100:.1f}% → {w.after.value * 100:.1f}%, change "
-                         f"{w.change.format(unit=' pts', signed=True)}.")
-        if self.others is not None:
-            parts.append(f"Other classes: {self.others.change.format(unit=' pts', signed=True)}.")
-        if self.images_needed is not None:
-            parts.append(f"About {self.images_needed} held-out images per {self.strata} would detect a "
-                         f"{self.config.drop * 100:.0f}-point drop ({self.config.power:.0%} power, paired McNemar test "
-                         f"at Holm's strictest level).")
-        parts.extend(self.cautions)
-        return " ".join(parts)
+        """The sentence and its details as one paragraph (the JSON record's ``summary``)."""
+        return " ".join([self.sentence(), *self.details()])
 
     def rows(self) -> list[dict[str, str]]:
         """Every unit as a row of plain strings (:func:`verdict_rows`)."""
@@ -225,11 +244,13 @@ class EditVerdict:
                 "worst": None if self.worst is None else self.worst.to_dict(),
                 "worst_group": None if self.worst is None else self.worst.change.to_dict(),
                 "unrelated": None if self.others is None else self.others.change.to_dict(),
+                "gain_bound": self.gain_bound, "drop_bound": self.drop_bound, "drop_name": self.drop_name,
+                "bounds": f"one-sided, {self.tests + 1} holding together at {self.config.level:.0%} (Bonferroni)",
+                "not_checked": self.not_checked,
                 "reasons": self.reasons, "harmed": self.harmed, "cautions": self.cautions,
                 "images_needed": self.images_needed, "tests": self.tests,
                 "correction": "Holm", "test": "exact McNemar (two-sided)", "interval": "Newcombe paired score",
-                "config": {"min_per_group": self.config.min_per_group, "drop": self.config.drop,
-                           "power": self.config.power, "level": self.config.level},
+                "config": self.config.to_dict(), "sentence": self.sentence(), "details": self.details(),
                 "summary": self.summary()}
 
 
@@ -246,17 +267,6 @@ def holm(p_values: Sequence[float]) -> np.ndarray:
     return out
 
 
-def images_to_detect_drop(drop: float, changed_share: float, alpha: float, power: float = POWER) -> int:
-    """Images (per group) a paired McNemar test at level ``alpha`` needs to detect an accuracy drop of
-    ``drop`` with probability ``power``, when a share ``changed_share`` of the images changes
-    correctness (module docstring; the share is raised to ``drop`` when lower)."""
-    from scipy.stats import norm
-
-    psi = max(float(changed_share), drop)
-    za, zb = norm.ppf(1 - alpha / 2), norm.ppf(power)
-    return int(np.ceil((za * np.sqrt(psi) + zb * np.sqrt(max(psi - drop * drop, 0.0))) ** 2 / drop ** 2))
-
-
 def _unit(name: str, kind, edited: bool, b: np.ndarray, a: np.ndarray, level: float,
           class_name: str | None = None) -> Unit:
     both, fixed, broken, neither = paired_counts(b, a)
@@ -265,31 +275,6 @@ def _unit(name: str, kind, edited: bool, b: np.ndarray, a: np.ndarray, level: fl
     return Unit(name, kind, edited, accuracy_estimate(b, level), accuracy_estimate(a, level),
                 Estimate((fixed - broken) / n, low, high, n), fixed, broken, mcnemar_p(fixed, broken),
                 class_name=class_name)
-
-
-def worst_group_change(before: Sequence[np.ndarray], after: Sequence[np.ndarray], names: Sequence[str],
-                       level: float = LEVEL) -> WorstGroup:
-    """``min_g after_g − min_g before_g`` with its union-bound interval (module docstring); ``before``
-    and ``after`` hold each group's correctness on the same images."""
-    G = len(before)
-    kb = np.array([int(np.sum(b)) for b in before])
-    ka = np.array([int(np.sum(a)) for a in after])
-    n = np.array([len(b) for b in before])
-    acc_b, acc_a = kb / n, ka / n
-    each = 1.0 - (1.0 - level) / (G * G)
-    low = np.empty((G, G))
-    high = np.empty((G, G))
-    for g in range(G):          # after_g − before_h
-        for h in range(G):
-            if g == h:
-                low[g, h], high[g, h] = paired_change_interval(*paired_counts(before[g], after[g]), level=each)
-            else:
-                low[g, h], high[g, h] = difference_interval(ka[g], n[g], kb[h], n[h], 0.0, each)
-    wb, wa = int(np.argmin(acc_b)), int(np.argmin(acc_a))
-    change = Estimate(float(acc_a.min() - acc_b.min()), float(low.min(axis=0).max()), float(high.max(axis=1).min()),
-                      int(n[wb]))
-    return WorstGroup(names[wb], names[wa], accuracy_estimate(before[wb], level), accuracy_estimate(after[wa], level),
-                      change)
 
 
 def judge_edit(labels: np.ndarray, before: np.ndarray, after: np.ndarray, eval_rows: np.ndarray,
@@ -310,7 +295,7 @@ def judge_edit(labels: np.ndarray, before: np.ndarray, after: np.ndarray, eval_r
     use_groups = bool(in_edit.any()) and bool(np.all(grp[in_edit] >= 0))
     strata = "group" if use_groups else "class"
 
-    group_units, group_masks, other_groups, other_masks = [], [], [], []
+    group_units, other_groups, masks = [], [], {}
     if groups is not None:
         for g in np.unique(grp[grp >= 0]):
             m = grp == g
@@ -318,88 +303,80 @@ def judge_edit(labels: np.ndarray, before: np.ndarray, after: np.ndarray, eval_r
             is_edit = bool(np.isin(cls, edited).all())
             unit = _unit(str(group_names[g]), "group", is_edit, ok_b[m], ok_a[m], level,
                          class_name=", ".join(str(classes[c]) for c in cls))
-            if is_edit and use_groups:
-                group_units.append(unit)
-                group_masks.append(m)
-            else:
-                other_groups.append(unit)
-                other_masks.append(m)
+            (group_units if is_edit and use_groups else other_groups).append(unit)
+            masks[id(unit)] = m
     class_ids = sorted(np.unique(lab).tolist(), key=lambda c: (c not in edited, c))
-    class_units = [_unit(str(classes[c]), "class", c in edited, ok_b[lab == c], ok_a[lab == c], level)
-                   for c in class_ids]
+    class_units = []
+    for c in class_ids:
+        class_units.append(_unit(str(classes[c]), "class", c in edited, ok_b[lab == c], ok_a[lab == c], level))
+        masks[id(class_units[-1])] = lab == c
     if not use_groups:       # the edited classes are the strata
         group_units = [u for u in class_units if u.edited]
-        group_masks = [lab == c for c in class_ids if c in edited]
     rest = ~in_edit
     others = _unit("other classes", "classes", False, ok_b[rest], ok_a[rest], level) if rest.any() else None
+    if others is not None:
+        masks[id(others)] = rest
 
     # every distinct set of images once: a class that is a single group, or "other classes" that are one
     # class, is the same test (without groups, the edited classes' units are the strata themselves)
-    candidates = [*((u, m) for u, m in zip(group_units, group_masks) if use_groups),
-                  *zip(other_groups, other_masks),
-                  *((u, lab == c) for u, c in zip(class_units, class_ids)),
-                  *([(others, rest)] if others else [])]
-    tested, seen, twins = [], [], []
-    for u, m in candidates:
-        same = next((t for t, s in zip(tested, seen) if np.array_equal(m, s)), None)
-        if same is None:
-            tested.append(u)
-            seen.append(m)
-        else:
-            twins.append((u, same))
+    candidates = [*(group_units if use_groups else []), *other_groups, *class_units, *([others] if others else [])]
+    tested, twins = [], []
+    for u in candidates:
+        same = next((t for t in tested if np.array_equal(masks[id(u)], masks[id(t)])), None)
+        (tested.append(u) if same is None else twins.append((u, same)))
     alpha = 1.0 - level
+    each = statement_alpha(len(tested), alpha)
     for u, p_adj in zip(tested, holm([u.p for u in tested])):
         u.p_holm = float(p_adj)
         u.worse = bool(p_adj <= alpha and u.change.value < 0)
-    for u, same in twins:        # the same images: the same test
-        u.p_holm, u.worse = same.p_holm, same.worse
+        u.drop_bound = drop_bound(*paired_counts(ok_b[masks[id(u)]], ok_a[masks[id(u)]]), each)
+    for u, same in twins:        # the same images: the same test and bound
+        u.p_holm, u.worse, u.drop_bound = same.p_holm, same.worse, same.drop_bound
     harmed = [f"{u.name} ({u.kind}, n={u.n}) got worse: {u.before.value * 100:.1f}% → {u.after.value * 100:.1f}%, "
-              f"{u.change.format(unit=' pts', signed=True, count=False)}, {u.broken} images broken and {u.fixed} "
-              f"fixed (McNemar p = {u.p:.2g}, significant after Holm's correction over {len(tested)} tests)."
-              for u in tested if u.worse]
-    cautions = [f"{u.name} may be worse ({u.change.format(unit=' pts', signed=True)}), not significantly after "
-                f"Holm's correction." for u in tested if not u.worse and u.change.high < 0]
+              f"{u.change_text()}, {u.broken} images broken and {u.fixed} fixed (McNemar p = {u.p:.2g}, "
+              f"significant after Holm's correction over {len(tested)} tests)." for u in tested if u.worse]
+    cautions = [f"{u.name} may be worse ({u.change_text()}), not significantly after Holm's correction."
+                for u in tested if not u.worse and u.change.high < 0]
     worst = None
     if group_units:
-        worst = worst_group_change([ok_b[m] for m in group_masks], [ok_a[m] for m in group_masks],
-                                   [u.name for u in group_units], level)
+        acc_b = [u.before.value for u in group_units]
+        acc_a = [u.after.value for u in group_units]
+        wb, wa = group_units[int(np.argmin(acc_b))], group_units[int(np.argmin(acc_a))]
+        worst = WorstGroup(wb, wa, gain_bound(*paired_counts(ok_b[masks[id(wb)]], ok_a[masks[id(wb)]]), each))
+    loser = max(tested, key=lambda u: u.drop_bound, default=None)
 
     reasons = []
     if not in_edit.any():
         reasons.append("no held-out images of the edited classes, so the edit was never evaluated where it acts.")
     missing = [str(classes[c]) for c in edited if not (lab == c).any()]
-    if use_groups:      # groups of the edited classes that have images, but none held out
-        everywhere = np.asarray(groups)[np.isin(labels, edited)]
-        missing += [str(group_names[g]) for g in np.unique(everywhere[everywhere >= 0]) if not (grp == g).any()]
     if missing and in_edit.any():
         reasons.append(f"no held-out images of {', '.join(missing)}.")
+    not_checked = []
+    if groups is not None and len(group_names):   # groups with images but none held out: listed, not blocking
+        everywhere = np.asarray(groups)
+        not_checked = [str(group_names[g]) for g in np.unique(everywhere[everywhere >= 0]) if not (grp == g).any()]
     small = [u for u in group_units if u.n < config.min_per_group]
     if small:
         reasons.append("too few held-out images: " + ", ".join(f"{u.name} has {u.n}" for u in small)
                        + f" (the guard needs at least {config.min_per_group} per {strata}).")
-    # verified also needs every group and class to rule out a drop of more than `drop` (5 points), all at
-    # once: not "no significant harm" (which a handful of images always passes) but "harm bounded"
-    simultaneous = 1.0 - alpha / max(len(tested), 1)
-    unbounded = []
-    for u, m in zip(tested, seen):
-        low = paired_change_interval(*paired_counts(ok_b[m], ok_a[m]), simultaneous)[0]
-        if low < -config.drop:
-            unbounded.append(f"{u.name} (as low as {low * 100:+.1f} pts)")
-    if unbounded:
-        reasons.append(f"the held-out images cannot rule out a drop of more than {config.drop * 100:.0f} points in "
-                       + ", ".join(unbounded[:6]) + (f" and {len(unbounded) - 6} more" if len(unbounded) > 6 else "")
-                       + f" (intervals holding together over the {len(tested)} groups and classes tested).")
-    if worst is not None and worst.change.low <= 0:
-        reasons.append(f"the worst {strata}'s change {worst.change.format(unit=' pts', signed=True)} has an "
-                       f"interval that includes zero (or lies below it).")
+    if loser is not None and loser.drop_bound > config.max_drop:
+        reasons.append("drop")
+    if worst is not None and worst.gain_bound <= 0:
+        reasons.append("gain")
     status: Status = HARMFUL if harmed else (NOT_VERIFIED if reasons else VERIFIED)
     needed = None
-    if status == NOT_VERIFIED:
-        pool = in_edit if in_edit.any() else np.ones(len(rows), dtype=bool)
-        share = float(np.mean(ok_b[pool] != ok_a[pool])) if pool.any() else 0.0
-        needed = images_to_detect_drop(config.drop, share, alpha / max(len(tested), 1), config.power)
-    return EditVerdict(method, status, group_units, class_units, others, worst, strata, other_groups,
-                       reasons if status != VERIFIED else [], harmed, cautions, needed, len(tested), config)
+    if status == NOT_VERIFIED and tested:
+        counts = [paired_counts(ok_b[masks[id(u)]], ok_a[masks[id(u)]]) for u in tested
+                  if u.drop_bound > config.max_drop]
+        sizes = [images_to_bound(c, config.max_drop, each) for c in counts]
+        needed = None if None in sizes else max(sizes, default=None)   # None: some drop is already too large
+    verdict = EditVerdict(method, status, group_units, class_units, others, worst, strata, other_groups,
+                          [], harmed, cautions, needed, len(tested), config, not_checked,
+                          None if loser is None else loser.drop_bound, None if loser is None else loser.name)
+    if status != VERIFIED:
+        from .verdict_text import reason_text
+        verdict.reasons = [reason_text(verdict, r) for r in reasons]
+    return verdict
 
 
 class _Rows(Protocol):
@@ -414,8 +391,13 @@ class _Rows(Protocol):
 def assess_edit(cache: FeatureCache, ident: _Rows, before: np.ndarray, after: np.ndarray, method: str,
                 config: GuardConfig | None = None) -> EditVerdict:
     """:func:`judge_edit` on a feature cache's labels and groups, over an identification's held-out rows
-    (by default with the protocol's ``min_heldout`` as the fewest images per group)."""
+    (with the protocol's ``min_heldout`` as the fewest images per group; ``config`` sets the rest, e.g.
+    the acceptable drop)."""
     if config is None:
-        config = GuardConfig(min_per_group=getattr(getattr(ident, "config", None), "min_heldout", MIN_PER_GROUP))
+        config = GuardConfig()
+    minimum = getattr(getattr(ident, "config", None), "min_heldout", None)
+    if minimum is not None and minimum != config.min_per_group:   # the protocol's min_heldout
+        from dataclasses import replace
+        config = replace(config, min_per_group=int(minimum))
     return judge_edit(cache.labels, before, after, ident.eval_rows, ident.target_classes, cache.classes,
                       cache.groups if cache.group_names else None, cache.group_names, method, config)

@@ -148,10 +148,14 @@ def render_html(report: Mapping[str, Any]) -> str:
     verdict = report.get("verdict")
     if verdict:
         colour = STATUS_COLOURS.get(verdict.get("status"), STATUS_COLOURS["harmful"])
-        parts.append(f"<p style='background:{colour};padding:.6rem 1rem;border-radius:6px'>"
-                     f"<b>{html.escape(str(verdict.get('status', '')))} · "
-                     f"{html.escape(str(report.get('exported', '')))}:</b> {html.escape(str(verdict.get('summary')))}"
-                     "</p>")
+        details = verdict.get("details")      # records before the one-sentence verdict hold only its summary
+        lead = verdict.get("sentence") if details is not None else verdict.get("summary")
+        parts.append(f"<div style='background:{colour};padding:.6rem 1rem;border-radius:6px'>"
+                     f"<p><b>{html.escape(str(verdict.get('status', '')))} · "
+                     f"{html.escape(str(report.get('exported', '')))}:</b> {html.escape(str(lead))}</p>"
+                     + ("<details><summary>Details</summary><ul>"
+                        + "".join(f"<li>{html.escape(str(d))}</li>" for d in details) + "</ul></details>"
+                        if details else "") + "</div>")
     for w in report.get("warnings") or []:
         parts.append("<p style='background:#fff8e1;border-left:4px solid #ffb74d;padding:.4rem 1rem'>"
                      f"<b>Warning ({html.escape(str(w.get('kind')))}):</b> {html.escape(str(w.get('text')))}</p>")
@@ -210,8 +214,10 @@ def render_html(report: Mapping[str, Any]) -> str:
     if verdict and verdict.get("groups") is not None:
         parts.append("<h2>The guard: every group and class on held-out images</h2><p class='muted'>Zero-shot "
                      "(before) and the exported edit (after) on the same held-out images; change with Newcombe's "
-                     "paired 95% interval; worse (Holm): significantly worse by an exact McNemar test after Holm's "
-                     "correction over all the groups and classes tested.</p>" + _text_table(verdict_rows(verdict)))
+                     "paired 95% interval (the one interval of that number, here and in the verdict); worse (Holm): "
+                     "significantly worse by an exact McNemar test after Holm's correction over all the groups and "
+                     "classes tested; can have lost: the verdict's cautious bound on the drop (all bounds holding "
+                     "together at 95%), not an interval of the change.</p>" + _text_table(verdict_rows(verdict)))
     if methods:
         used = labels_used_column(methods)
         parts.append("<h2>Results</h2>" + _table({name: {**row, "labels used": used.get(name, "")}

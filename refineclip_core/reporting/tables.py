@@ -4,7 +4,8 @@ Every "Download as CSV" of the dashboard, the run report's per-image table and `
 --csv`` go through :func:`csv_text`. Names come from users (class folders, CSV labels, groups, file
 names): a cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is read by
 spreadsheet programs as a formula (``=HYPERLINK(...)`` leaks data when clicked), so such text cells
-get a leading apostrophe (OWASP's advice for CSV injection); numbers stay numbers.
+get a leading apostrophe (OWASP's advice for CSV injection); numbers stay numbers (a table meant for
+download keeps its numbers as numbers, e.g. :func:`verdict_rows` with ``numeric=True``).
 
 :func:`per_image_rows` is the per-image table of a phase-2 run: each image's file, true class, group,
 zero-shot prediction, edited prediction and whether it was held out (the rows the guard judged on).
@@ -101,17 +102,38 @@ def per_image_rows(records: Sequence[Any], classes: Sequence[str], before: np.nd
     return rows
 
 
-def verdict_rows(verdict: Mapping[str, Any]) -> list[dict[str, str]]:
+def verdict_rows(verdict: Mapping[str, Any], numeric: bool = False) -> list[dict[str, Any]]:
     """Every unit of a verdict's ``to_dict()`` as a row of plain strings: the one table the CLI, the
-    run report and the Refine page show (edited groups first, then other groups, classes, the rest)."""
+    run report and the Refine page show (edited groups first, then other groups, classes, the rest).
+    ``change (pts)`` is the difference of the shown accuracies (one decimal) and ``95% interval`` its one
+    interval (Newcombe, paired); ``can have lost (pts)`` is the verdict's cautious bound (all units'
+    bounds holding together at 95%), blank in records written before it existed. ``numeric``: those two
+    as numbers (rounded to one decimal; ``None`` for a blank), for tables a spreadsheet reads (a signed
+    number as text would be escaped as a formula)."""
     units = [*(verdict.get("groups") or []), *(verdict.get("other_groups") or []),
              *(u for u in verdict.get("classes") or [] if verdict.get("strata") == "group" or not u["edited"]),
              *([verdict["others"]] if verdict.get("others") else [])]
 
-    def est(e: Mapping[str, Any], signed: bool = False) -> str:
-        return Estimate(**e).format(unit=" pts" if signed else "%", signed=signed, count=False)
+    def acc(e: Mapping[str, Any]) -> str:
+        return Estimate(**e).format(count=False)
 
-    return [{"": f"edited {u['kind']}" if u["edited"] else u["kind"], "name": str(u["name"]), "n": str(u["n"]),
-             "before": est(u["before"]), "after": est(u["after"]), "change": est(u["change"], signed=True),
-             "fixed / broken": f"{u['fixed']} / {u['broken']}", "p (Holm)": f"{u.get('p_holm', 1.0):.3g}",
-             "worse (Holm)": "yes" if u["worse"] else "no"} for u in units]
+    def row(u: Mapping[str, Any]) -> dict[str, str]:
+        change, bound = u["change"], u.get("drop_bound")
+        unchanged = u["fixed"] == 0 and u["broken"] == 0
+        shown = shown_points(u["before"]["value"], u["after"]["value"])
+        lost = None if bound is None else round(max(bound, 0.0) * 100, 1)
+        return {"": f"edited {u['kind']}" if u["edited"] else u["kind"], "name": str(u["name"]), "n": str(u["n"]),
+                "before": acc(u["before"]), "after": acc(u["after"]),
+                "change (pts)": shown if numeric else f"{shown:+.1f}",
+                "95% interval": f"[{change['low'] * 100:.1f}, {change['high'] * 100:.1f}]",
+                "fixed / broken": f"{u['fixed']} / {u['broken']}" + (f" (unchanged on all {u['n']})" if unchanged else ""),
+                "p (Holm)": f"{u.get('p_holm', 1.0):.3g}", "worse (Holm)": "yes" if u["worse"] else "no",
+                "can have lost (pts)": lost if numeric else ("" if lost is None else f"{lost:.1f}")}
+
+    return [row(u) for u in units]
+
+
+def shown_points(before: float, after: float) -> float:
+    """A change of accuracy in points as displayed: the difference of the two accuracies rounded to one
+    decimal as shown (84.0% → 87.2% is +3.2, never +3.3)."""
+    return round(round(100 * after, 1) - round(100 * before, 1), 1) + 0.0
