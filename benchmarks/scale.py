@@ -51,7 +51,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks.run import Ctx, Table, machine_info, run_info_line, screenshots_module  # noqa: E402
+from benchmarks.run import Ctx, Table, machine_info, run_info_line  # noqa: E402
+from tests.support import browser as shots  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "RESULTS.md"
 MARKER = "scale"
@@ -746,7 +747,6 @@ def _server_kib(pid: int, key: str) -> int:
 def inspector_runs(page, timed_goto: Callable[[Any, str], float], n_heads: int, runs: int = 3) -> list[tuple[str, float]]:
     """The Head inspector ``runs`` times: opened from the sidebar, then other heads picked in its 'Head' box
     (each head's description and push computed afresh); ``(head, seconds)`` per run."""
-    shots = screenshots_module()
     from urllib.parse import parse_qs, urlparse
 
     def shown() -> str:                       # the inspected head, as the page put it in the URL ("layer.head")
@@ -782,7 +782,6 @@ def bench_browser(ctx: Ctx, folder: Path, shape: Shape, n_toggles: int = 10) -> 
     from refineclip_core.loading.models import ModelSpec, load_model
     from refineclip_core.method.protocol import DEFAULT_PROTOCOL, identify, make_engine
 
-    shots = screenshots_module()
     home = ctx.workdir / "home"
     cache = FeatureCache(folder)
     ctx.log("browser: the expected toggle effects (core), and the TextSpan pool embedded once for the stand-in")

@@ -131,9 +131,8 @@ def chromium() -> str:
     """Fail (never skip) with the install command when Chromium is missing."""
     import os
 
-    from benchmarks.run import screenshots_module
+    from tests.support import browser as shots
 
-    shots = screenshots_module()
     if not (os.path.isfile(shots.CHROMIUM) and os.access(shots.CHROMIUM, os.X_OK)):
         pytest.fail(shots.INSTALL_HINT, pytrace=False)
     return shots.CHROMIUM
@@ -143,11 +142,11 @@ def chromium() -> str:
 def browser(chromium):
     from playwright.sync_api import sync_playwright
 
-    from benchmarks.run import screenshots_module
+    from tests.support.browser import launch_chromium
 
     pw = sync_playwright().start()
     try:
-        b = screenshots_module().launch_chromium(pw)
+        b = launch_chromium(pw)
         yield b
         b.close()
     finally:

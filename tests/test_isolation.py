@@ -557,7 +557,7 @@ def test_each_page_run_keeps_the_sessions_folder_alive(home, demo_spec, upload_t
     old = time.time() - 10_000
     os.utime(Path(owner.path) / ALIVE_FILE, (old, old))
     at.run()
-    assert time.time() - (Path(owner.path) / ALIVE_FILE).stat().st_mtime < 600
+    assert (Path(owner.path) / ALIVE_FILE).stat().st_mtime > old + 9_000  # touched by the page run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,8 +696,6 @@ def _sent_bytes(at) -> int:
 
 
 def test_every_page_works_with_10000_classes(many_classes, home):
-    import time
-
     from .test_app import assert_clean, fresh_app
 
     at = fresh_app(ModelSpec("demo"))
@@ -705,12 +703,10 @@ def test_every_page_works_with_10000_classes(many_classes, home):
     at.run()
     assert_clean(at)
     for name in ("load", "errors", "heads", "inspector", "ablate", "refine"):
-        t0 = time.perf_counter()
         at.switch_page(f"pages/{name}.py").run()
         assert_clean(at)
         size = _sent_bytes(at)
         assert size < 20_000_000, (name, size)  # far below Streamlit's 200 MB message limit
-        print(name, f"{time.perf_counter() - t0:.1f} s", f"{size / 1e6:.2f} MB")
 
 
 def test_a_confusion_matrix_of_some_classes_is_the_slice_of_the_whole():
@@ -728,10 +724,9 @@ def test_a_confusion_matrix_of_some_classes_is_the_slice_of_the_whole():
     assert np.array_equal(most_confused_classes(pred, labels, 50, 80, mask), np.arange(50))
 
 
-def test_class_names_have_a_length_limit(tmp_path, image_folder):
-    import time
-
+def test_class_names_have_a_length_limit(tmp_path, image_folder, monkeypatch):
     from refineclip_core.errors import DataError
+    from refineclip_core.features import zeroshot
     from refineclip_core.features.zeroshot import class_text_embeddings, validate_templates
     from refineclip_core.loading.data import MAX_CLASS_NAME_CHARS, load_dataset, validate_class_names
 
@@ -748,10 +743,11 @@ def test_class_names_have_a_length_limit(tmp_path, image_folder):
     with pytest.raises(DataError, match=limit):
         validate_class_names(["a", long, "c"], 3)
     demo = load_model(ModelSpec("demo"))
-    t0 = time.perf_counter()
+    tokenized: list = []
+    monkeypatch.setattr(zeroshot, "encode_texts", lambda loaded, prompts: tokenized.append(prompts))
     with pytest.raises(DataError, match=limit):  # refused before the tokenizer sees it
         class_text_embeddings(demo, ["a", long], ["a photo of a {}."])
-    assert time.perf_counter() - t0 < 1
+    assert tokenized == []
     assert validate_class_names(["a" * MAX_CLASS_NAME_CHARS, "b"], 2)[0] == "a" * MAX_CLASS_NAME_CHARS
     with pytest.raises(RefineClipError, match="templates are limited to 300 characters"):
         validate_templates(["a photo of {} " + "y" * 400])

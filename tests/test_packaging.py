@@ -118,9 +118,8 @@ def test_the_installed_commands_run_the_demo_without_the_clone(venv, tmp_path):
 def test_the_installed_app_shows_every_page_in_a_browser(venv, tmp_path, browser):
     """``refineclip app`` from the fresh environment, walked in Chromium along the demo story (every page,
     Grad-CAM and TextSpan on the inspector, a refinement run): no page shows an error or exception."""
-    from benchmarks.run import screenshots_module
+    from tests.support import browser as shots
 
-    shots = screenshots_module()
     port = _free_port()
     log = tmp_path / "app.log"
     env = {**_venv_env(venv), "REFINECLIP_DEMO_N": "4"}

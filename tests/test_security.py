@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -178,13 +177,24 @@ def test_metadata_and_csv_rows_are_confined(linked_tree):
     assert ds.roots == (str(allowed),)
 
 
-def test_devices_and_pipes_are_not_read(tmp_path):
+def test_devices_and_pipes_are_not_read(tmp_path, monkeypatch):
+    """A FIFO is opened non-blocking (a blocking open would wait forever for a writer) and refused
+    before any read. The spy fails a blocking open of the FIFO instead of letting it hang."""
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
-    start = time.monotonic()
+    opened: list[int] = []
+    real_open = os.open
+
+    def spy(path, flags, *args, **kwargs):
+        if os.fspath(path) == str(fifo):
+            opened.append(flags)
+            assert flags & os.O_NONBLOCK, "the FIFO was opened for a blocking read"
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
     with pytest.raises(ImageLoadError, match="not a regular file"):
-        load_image(fifo)  # opening a FIFO for reading would block forever without O_NONBLOCK
-    assert time.monotonic() - start < 5
+        load_image(fifo)
+    assert opened  # it was opened (non-blocking), looked at, and refused
 
 
 def test_checkpoints_and_configs_are_read_only_inside_the_roots(tiny_model_files, tmp_path):
@@ -386,10 +396,8 @@ def test_a_terabyte_config_is_refused_before_allocation(tmp_path, monkeypatch):
     path = _terabyte_config(tmp_path)
     est = estimate_model(json.loads(path.read_text()))
     assert est.total_bytes > 1e12  # terabytes
-    start = time.monotonic()
     with pytest.raises(RefineClipError) as info:
         load_model(ModelSpec("huge-clip", model_config=str(path)))
-    assert time.monotonic() - start < 5
     msg = str(info.value)
     assert "TB of memory" in msg and "trillion parameters" in msg and "budget is" in msg and "available" in msg
     assert len(msg.splitlines()) == 1
@@ -399,26 +407,24 @@ def test_a_terabyte_config_does_not_raise_the_memory_of_the_process(tmp_path):
     """In a fresh interpreter: the refusal costs no memory (peak RSS before vs after the call)."""
     path = _terabyte_config(tmp_path)
     code = (
-        "import resource, sys, time\n"
+        "import resource, sys\n"
         "from refineclip_core.loading.models import ModelSpec, load_model\n"
         "from refineclip_core.errors import RefineClipError\n"
         "import open_clip, torch\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "t = time.monotonic()\n"
         "try:\n"
         f"    load_model(ModelSpec('huge-clip', model_config={str(path)!r}))\n"
         "except RefineClipError:\n"
         "    pass\n"
         "else:\n"
         "    sys.exit('not refused')\n"
-        "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic() - t)\n"
+        "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != BUDGET_ENV}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
-    before_kb, after_kb, seconds = res.stdout.split()
+    before_kb, after_kb = res.stdout.split()
     assert int(after_kb) - int(before_kb) < 50_000, (before_kb, after_kb)  # < 50 MB more at peak
-    assert float(seconds) < 5
 
 
 def test_the_budget_is_settable_and_named(tiny_model_files, monkeypatch, capsys):
