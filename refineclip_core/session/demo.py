@@ -27,19 +27,34 @@ from .source import Source
 
 #: Seed of the held-out demo sample. Training used seed 0 (train and val) and 1000 (test).
 DEMO_SEED = 2025
-#: Images per bird group and per unrelated class in each of the val and test splits.
+#: Images per bird group and per unrelated class in the val split (labelled samples and adaptation images).
 DEMO_N_PER_GROUP = 40
+#: ... and in the test split: the held-out images the guard judges an edit on. Enough that a group or class
+#: the edit leaves unchanged has its drop bounded within the default 5 points (at least 125 images are needed
+#: with the demo's 13 groups and classes, :func:`refineclip_core.edit.bounds.images_to_bound`), so the
+#: guard can say `verified` when the edit deserves it (benchmarks/guard.py measures how often it does).
+DEMO_N_TEST = 150
 DEMO_SPLITS = ("val", "test")
 
 
 def demo_data_dir(cache_root: str | os.PathLike | None = None, seed: int = DEMO_SEED,
-                  n_per_group: int = DEMO_N_PER_GROUP) -> Path:
-    return home_dir(cache_root) / f"demo-data-s{seed}-n{n_per_group}"
+                  n_per_group: int = DEMO_N_PER_GROUP, n_test: int | None = None) -> Path:
+    n_test = heldout_size(n_per_group, n_test)
+    return home_dir(cache_root) / (f"demo-data-s{seed}-n{n_per_group}" + ("" if n_test == n_per_group else f"-t{n_test}"))
+
+
+def heldout_size(n_per_group: int, n_test: int | None = None) -> int:
+    """Held-out (test) images per group: ``n_test``, or :data:`DEMO_N_TEST` for the default sample (a
+    smaller ``n_per_group``, as tests ask for, keeps the test split that small too)."""
+    if n_test is None:
+        n_test = DEMO_N_TEST if n_per_group == DEMO_N_PER_GROUP else n_per_group
+    return max(int(n_test), n_per_group)
 
 
 def write_demo_data(out_dir: str | os.PathLike, seed: int = DEMO_SEED, n_per_group: int = DEMO_N_PER_GROUP,
-                    progress: Progress | None = None) -> Path:
-    """Write the balanced ``val`` and ``test`` splits of the demo world into one folder.
+                    progress: Progress | None = None, n_test: int | None = None) -> Path:
+    """Write the balanced ``val`` (``n_per_group`` per group and unrelated class) and ``test`` (``n_test``,
+    default :func:`heldout_size`) splits of the demo world into one folder.
 
     Layout: ``<out>/<split>/<class>/<split>_<index>.png`` and one ``<out>/metadata.csv``
     (``path,label,group,split``). Written into a temporary sibling folder and renamed into
@@ -55,7 +70,8 @@ def write_demo_data(out_dir: str | os.PathLike, seed: int = DEMO_SEED, n_per_gro
         rows: list[dict[str, str]] = []
         for i, split in enumerate(DEMO_SPLITS):
             progress(f"Drawing the held-out demo images ({split} split)", i, len(DEMO_SPLITS))
-            sub = write_world(tmp / split, split, seed, n_per_group, layout="folder")
+            size = n_per_group if split != "test" else heldout_size(n_per_group, n_test)
+            sub = write_world(tmp / split, split, seed, size, layout="folder")
             with open(sub / "metadata.csv", newline="", encoding="utf-8") as fh:
                 for row in csv.DictReader(fh):
                     rows.append({**row, "path": f"{split}/{row['path']}"})
@@ -77,7 +93,7 @@ def write_demo_data(out_dir: str | os.PathLike, seed: int = DEMO_SEED, n_per_gro
 
 def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progress: Progress | None = None,
                  cancel: CancelFn | None = None, spec: ModelSpec | None = None, seed: int = DEMO_SEED,
-                 n_per_group: int = DEMO_N_PER_GROUP, layers: int | str = 4) -> Source:
+                 n_per_group: int = DEMO_N_PER_GROUP, layers: int | str = 4, n_test: int | None = None) -> Source:
     """The embedded demo model on a held-out sample of its world, extracted and ready.
 
     ``loaded`` may pass the already loaded demo model (the dashboard caches it); otherwise it
@@ -86,7 +102,8 @@ def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progr
     from ..loading.models import load_model
 
     spec = spec or ModelSpec("demo")
-    data = write_demo_data(demo_data_dir(cache_root, seed, n_per_group), seed, n_per_group, progress)
+    n_test = heldout_size(n_per_group, n_test)
+    data = write_demo_data(demo_data_dir(cache_root, seed, n_per_group, n_test), seed, n_per_group, progress, n_test)
     if loaded is None:
         (progress or silent)("Loading the demo model", 0, 1)
         loaded = load_model(spec)
