@@ -183,6 +183,7 @@ def extract(
     progress, cancel = progress or silent, cancel or never
     info = architecture_info(loaded.visual)
     scope = resolve_layers(info.n_layers, cfg.layers)
+    _check_capture_budget(loaded, scope, cfg.batch_size)
     root = Path(out_dir)
     rank, world = _dist_info()
     fingerprint = cache_fingerprint(loaded, dataset, scope, cfg)
@@ -301,6 +302,21 @@ def extract(
     _barrier()
     _on_rank0_then_share(rank, world, finalise)
     return FeatureCache(root)
+
+
+def _check_capture_budget(loaded: LoadedModel, scope: tuple[int, ...], batch_size: int) -> None:
+    """Refuse, before anything runs, a batch whose decomposition would hold more than the memory
+    budget (``REFINECLIP_MEMORY_BUDGET``): towers that pool over every token keep every token's terms."""
+    from ..loading.budget import format_bytes, memory_budget
+    from .backends import backend_for
+
+    per_image = backend_for(loaded.visual).capture_bytes_per_image(scope, torch.finfo(loaded.dtype).bits // 8)
+    budget, _ = memory_budget()
+    if budget is not None and per_image * batch_size > budget:
+        raise RefineClipError(
+            f"Decomposing {batch_size} images at once would hold {format_bytes(per_image * batch_size)} "
+            f"({format_bytes(per_image)} per image) beyond the forward pass, over the memory budget of "
+            f"{format_bytes(budget)}; use a smaller --batch-size or fewer --layers.")
 
 
 def _check_finite_features(dec, records: Sequence[ImageRecord], keep: Sequence[int]) -> None:

@@ -327,6 +327,21 @@ class VisionBackend:
         return Decomposition(embedding=embedding, heads=heads, remainders=remainders, remainder_names=names,
                              layers=tuple(scope))
 
+    def capture_bytes_per_image(self, scope: tuple[int, ...], itemsize: int = 4) -> int:
+        """What :meth:`decompose` holds per image beyond a plain forward pass: the captured terms and
+        attention inputs (every token for a readout over all tokens, the read rows otherwise), the
+        readout's captures and one layer's attention matrix while the heads are computed."""
+        i = self.info
+        N, D, H, L = i.n_tokens, i.width, i.n_heads, i.n_layers
+        if self.rows is not None:
+            R = len(self.rows)
+            floats = (1 + 2 * L) * R * D + len(scope) * R * H * D + N * D
+        else:
+            start = scope[0] if scope else 0
+            per_layer = 2 * (L - start)                             # the MLP term, and attn term or attn input
+            floats = (1 + per_layer) * N * D + 2 * N * D + H * N * N
+        return int(floats * itemsize)
+
     @contextlib.contextmanager
     def heads_zeroed(self, heads: Sequence) -> Iterator[None]:
         """Temporarily zero the value path of ``heads`` in the real model (restored on exit)."""
