@@ -1,7 +1,12 @@
-"""Text descriptions of attention heads, TextSpan style (Gandelsman et al., 2024).
+"""Text descriptions of attention heads, TextSpan style (Gandelsman et al., 2024): two algorithms.
+
+``method="released"``: TextSpan as released (:mod:`.textspan_released`: texts projected onto the head's top-80
+singular directions, picked by the unnormalised remaining text vector, no centring of the pool).
+``method="centred"``: our variant, described below (the pool mean-centred, texts scored along their unit
+direction). :data:`DEFAULT_SPAN` is the one that measured better (docs/DIAGNOSIS.md, "Which TextSpan").
 
 The paper (§4, Appendix A.1, Table 5) describes the heads its scores select with the top-5
-texts TextSpan finds for them. For one head, the data are its direct contributions
+texts TextSpan finds for them. Our variant. For one head, the data are its direct contributions
 ``c[l, h]`` (paper Eq. 4, ``P h^{l,h}``) over a set of images, ``C`` of shape ``(N, d)``, and a
 pool of ``M`` L2-normalised text embeddings ``T`` of shape ``(M, d)``. Both are mean-centred
 (``C`` over the images, ``T`` over the pool). Then, ``k`` times:
@@ -61,6 +66,10 @@ ZERO_VARIANCE_RTOL = 1e-12
 #: variance: further picks would explain only rounding noise and their order would be arbitrary.
 RESIDUAL_STOP = 1e-9
 
+#: The head-description algorithms (module docstring) and the default one.
+SPAN_METHODS = ("released", "centred")
+DEFAULT_SPAN = "centred"
+
 #: Most images :func:`describe_heads` reads for one head by default; beyond it a seeded random sample
 #: of this many (the covariance of 10,000 images pins the top texts down: ``tests/test_textspan.py``).
 MAX_IMAGES = 10_000
@@ -84,6 +93,7 @@ class HeadDescription:
         n_images: how many images the description was computed over.
         sampled_from: when those were a random sample (:data:`MAX_IMAGES`), how many images they were
             drawn from; ``None`` when every image was used.
+        method: which algorithm chose the texts (:data:`SPAN_METHODS`).
     """
 
     head: HeadId
@@ -93,6 +103,7 @@ class HeadDescription:
     indices: list[int] = field(default_factory=list)
     n_images: int = 0
     sampled_from: int | None = None
+    method: str = DEFAULT_SPAN
 
     @property
     def cumulative(self) -> list[float]:
@@ -110,6 +121,7 @@ class HeadDescription:
             "total_variance": self.total_variance,
             "n_images": self.n_images,
             "sampled_from": self.sampled_from,
+            "method": self.method,
         }
 
 
@@ -238,8 +250,26 @@ def greedy_text_span(head_outputs: np.ndarray, pool: _Pool | np.ndarray, k: int 
 
 
 def describe_head(head_outputs: np.ndarray, pool_texts: Sequence[str], pool_emb: np.ndarray | _Pool,
-                  k: int = 5, head: HeadId | None = None) -> HeadDescription:
-    """TextSpan description of one head from its outputs ``(N, d)`` over a set of images."""
+                  k: int = 5, head: HeadId | None = None, method: str = DEFAULT_SPAN,
+                  raw_pool: np.ndarray | None = None) -> HeadDescription:
+    """TextSpan description of one head from its outputs ``(N, d)`` over a set of images, by ``method``
+    (:data:`SPAN_METHODS`; ``raw_pool``: the pool's embeddings as given, when ``pool_emb`` is prepared)."""
+    if method not in SPAN_METHODS:
+        raise RefineClipError(f"Unknown head-description method {method!r}; use one of {', '.join(SPAN_METHODS)}.")
+    if method == "released":
+        from .textspan_released import released_text_span
+
+        if raw_pool is None and isinstance(pool_emb, _Pool):
+            raise RefineClipError("The released TextSpan reads the pool as embedded (not centred); pass raw_pool.")
+        raw = np.asarray(pool_emb if raw_pool is None else raw_pool)
+        if raw.shape[0] != len(pool_texts):
+            raise RefineClipError(f"The text pool has {len(pool_texts)} texts but {raw.shape[0]} embeddings; "
+                                  "embed the same list.")
+        indices, explained, total = released_text_span(head_outputs, raw, k)
+        return HeadDescription(head=head if head is not None else HeadId(-1, -1), texts=[pool_texts[i] for i in indices],
+                               variance_explained=[e / total for e in explained] if total > 0 else [],
+                               total_variance=float(total), indices=indices, n_images=int(len(head_outputs)),
+                               method=method)
     if not isinstance(pool_emb, _Pool):
         pool_emb = _prepare_pool(pool_emb, n_texts=len(pool_texts))
     elif pool_emb.centred.shape[0] != len(pool_texts):
@@ -261,7 +291,7 @@ def describe_head(head_outputs: np.ndarray, pool_texts: Sequence[str], pool_emb:
 def describe_heads(cache_heads_array: Any, head_ids: Sequence[HeadId], pool_texts: Sequence[str],
                    pool_emb: np.ndarray, k: int = 5, layers: Sequence[int] | None = None,
                    rows: np.ndarray | None = None, max_images: int | None = MAX_IMAGES,
-                   seed: int = 0) -> list[HeadDescription]:
+                   seed: int = 0, method: str = DEFAULT_SPAN) -> list[HeadDescription]:
     """TextSpan descriptions of several heads from a feature cache's head contributions.
 
     Args:
@@ -275,6 +305,7 @@ def describe_heads(cache_heads_array: Any, head_ids: Sequence[HeadId], pool_text
         rows: optional image rows to use (e.g. a split); all rows by default.
         max_images: past this many rows, a random sample of this many (seeded by ``seed``, the same
             for every head) is described; ``None`` describes every row (module docstring).
+        method: the algorithm (:data:`SPAN_METHODS`, default :data:`DEFAULT_SPAN`).
     """
     if hasattr(cache_heads_array, "manifest") and hasattr(cache_heads_array, "heads"):
         if layers is None:
@@ -307,7 +338,7 @@ def describe_heads(cache_heads_array: Any, head_ids: Sequence[HeadId], pool_text
         if not 0 <= hid.head < n_heads:
             raise RefineClipError(f"Head {hid} does not exist: layers have {n_heads} heads.")
         data = heads[(slice(None) if whole else chosen), position[hid.layer], hid.head]
-        desc = describe_head(np.asarray(data), pool_texts, pool, k=k, head=hid)
+        desc = describe_head(np.asarray(data), pool_texts, pool, k=k, head=hid, method=method, raw_pool=pool_emb)
         desc.sampled_from = sampled_from
         out.append(desc)
     return out
