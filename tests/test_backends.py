@@ -226,3 +226,32 @@ def test_refusal_from_configs_and_models():
     assert "ConvNeXt" in refusal(convnext)
     with pytest.raises(UnsupportedModelError):
         backend_for(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", ["siglip", "pe-core"])
+def test_extraction_scores_and_real_ablation_on_all_token_pools(tmp_path, image_folder, name):
+    """The whole cached workflow on towers that pool over every token: extraction through the seam,
+    the cache's sum of parts against encode_image, DE scores on the cached parts, and the cached
+    ablation against the real model's (method/verification.py)."""
+    import numpy as np
+
+    from refineclip_core.features.extraction import ExtractionConfig, check_decomposition, extract
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.models import ModelSpec, load_model
+    from refineclip_core.method.ablation import AblationEngine
+    from refineclip_core.method.verification import verify_on_images
+
+    from .conftest import write_config
+
+    tag = f"rcfam{list(CONFIGS).index(name)}"   # a name open_clip does not map to a SigLIP tokenizer (hub)
+    path = write_config(tmp_path, tag, {**CONFIGS[name], "text_cfg": TEXT})
+    loaded = load_model(ModelSpec(tag, model_config=str(path)))
+    cache = extract(loaded, load_dataset(image_folder), tmp_path / "cache", ExtractionConfig(layers=2, batch_size=6))
+    assert cache.manifest.remainder_names[0] == "resid_pre.1" and "pool_mlp" in cache.manifest.remainder_names
+    assert check_decomposition(loaded, cache)["max_rel_error"] < 1e-5
+    engine = AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
+    heads = [HeadId(2, 1), HeadId(1, 3)]
+    for mode in ("zero", "mean"):
+        result = verify_on_images(loaded, cache.records, engine, list(range(6)), heads, mode=mode)
+        assert result.n_images == 6 and result.max_rel_error < 1e-5 and result.predictions_agree
+    assert np.isfinite(engine.embeddings(heads, "zero", np.arange(len(cache)))).all()
