@@ -34,12 +34,22 @@ def write_error(exc: OSError, path: str | os.PathLike) -> RefineClipError:
     return RefineClipError(f"Cannot write '{path}' ({exc.strerror or exc}).")
 
 
+def check_quota(path: str | os.PathLike, nbytes: int) -> None:
+    """Before ``nbytes`` are written to ``path``: a dashboard session's folder has a quota over
+    everything written into it (:func:`refineclip_core.loading.uploads.check_session_write`; one
+    sentence when a write would exceed it). Every writer calls this first."""
+    from .loading.uploads import check_session_write  # (loaded lazily: loading imports this module)
+
+    check_session_write(path, nbytes)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and an atomic rename (a failure is one
-    sentence, :func:`write_error`)."""
+    sentence, :func:`write_error`), after :func:`check_quota`."""
     path = Path(path)
     if path.is_dir():
         raise write_error(IsADirectoryError(errno.EISDIR, "Is a directory", str(path)), path)
+    check_quota(path, len(data))
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

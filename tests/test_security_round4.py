@@ -205,3 +205,89 @@ def test_metadata_csv_in_another_encoding_names_the_real_files(tmp_path):
     ds = load_dataset(root)
     assert ds.classes == ["na⟨xEF⟩ve"] and ds.records[0].group == "gr⟨xFC⟩n"
     assert ds.records[0].name.endswith("caf⟨xE9⟩.png") and os.path.isfile(os.fsencode(ds.records[0].path))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. quotas count everything a session writes; each server counts and sweeps only its own folders
+
+@pytest.fixture()
+def upload_tmp(tmp_path, monkeypatch):
+    """A private temporary directory standing for the shared one (several servers' session folders)."""
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def test_caches_exports_and_runs_in_a_session_folder_count_against_its_quota(upload_tmp, undecodable, monkeypatch):
+    from refineclip_core.errors import DataError
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.files import atomic_write_bytes
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.hf_clip.export import _write_folder
+    from refineclip_core.loading.models import ModelSpec, load_model
+    from refineclip_core.loading.uploads import folder_bytes, session_upload_dir
+
+    monkeypatch.setenv("REFINECLIP_UPLOAD_QUOTA", "300kB")
+    a = session_upload_dir()
+    loaded, ds = load_model(ModelSpec("demo")), load_dataset(undecodable)
+    # the cache of an upload (about 0.5 MB for these 24 images and 2 layers) is refused at its shard
+    with pytest.raises(DataError, match=r"Writing '00000' \(.*\) would bring this session's files to .*over its "
+                                        r"quota of 300\.0 kB \(REFINECLIP_UPLOAD_QUOTA"):
+        extract(loaded, ds, a / "caches" / "c", ExtractionConfig(layers=2))
+    assert folder_bytes(a) <= 300_000
+    # an exported checkpoint, a run record, a Hugging Face export folder: each checked before it is written
+    with pytest.raises(DataError, match="Writing 'edit.safetensors'"):
+        atomic_write_bytes(a / "edit.safetensors", b"\0" * 400_000)
+    with pytest.raises(DataError, match="Writing 'edit-hf'"):
+        _write_folder(a / "edit-hf", {"model.safetensors": b"\0" * 400_000, "config.json": b"{}"})
+    assert not (a / "edit.safetensors").exists() and not (a / "edit-hf").exists()
+    atomic_write_bytes(a / "run.json", b"{}")            # small writes pass
+    # the total over this server's session folders counts their caches too
+    monkeypatch.setenv("REFINECLIP_UPLOAD_QUOTA", "10MB")
+    monkeypatch.setenv("REFINECLIP_UPLOAD_TOTAL", "1MB")
+    b = session_upload_dir()
+    extract(loaded, ds, b / "caches" / "c", ExtractionConfig(layers=2))
+    with pytest.raises(DataError, match="would bring all sessions' files to .* over the server's total of 1.0 MB"):
+        atomic_write_bytes(a / "edit.safetensors", b"\0" * (1_000_000 - folder_bytes(b)))
+    # writes outside a session folder (the CLI's outputs) are not counted
+    atomic_write_bytes(upload_tmp.parent / "cli-output.bin", b"\0" * 2_000_000)
+
+
+def _other_server_folder(tmp: Path, token: str) -> Path:
+    import tempfile
+
+    from refineclip_core.loading.uploads import ALIVE_FILE, OWNER_FILE, UPLOAD_PREFIX
+
+    folder = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX, dir=tmp))
+    (folder / OWNER_FILE).write_text(token)
+    (folder / "upload.pt").write_bytes(b"\0" * 500_000)
+    (folder / ALIVE_FILE).touch()
+    return folder
+
+
+def test_each_server_counts_and_sweeps_only_its_own_upload_folders(upload_tmp, monkeypatch):
+    import time
+
+    from refineclip_core.errors import DataError
+    from refineclip_core.loading.uploads import (ALIVE_FILE, folder_owner, save_upload, session_upload_dir,
+                                                 sweep_upload_dirs, upload_dirs)
+
+    running = _other_server_folder(upload_tmp, f"{os.getppid()}-0123abcd")   # a server that still runs
+    stopped = _other_server_folder(upload_tmp, "999999999-0123abcd")          # its server is gone
+    mine = session_upload_dir()
+    assert (folder_owner(running), folder_owner(stopped), folder_owner(mine)) == ("other", "orphan", "own")
+    assert upload_dirs() == [mine]
+    # the total counts only this server's folders: the other servers' 1 MB does not refuse this upload
+    monkeypatch.setenv("REFINECLIP_UPLOAD_TOTAL", "700kB")
+    save_upload(b"\1" * 600_000, "mine.pt", "ckpt", mine)
+    with pytest.raises(DataError, match="all sessions' files"):
+        save_upload(b"\2" * 200_000, "more.pt", "ckpt", mine)
+    # the sweep removes this server's abandoned folders and orphans, never a running server's
+    old = time.time() - 10_000
+    for folder in (running, stopped, mine):
+        os.utime(folder / ALIVE_FILE, (old, old))
+    assert sorted(sweep_upload_dirs(max_age=600)) == sorted([stopped, mine])
+    assert running.is_dir() and not stopped.exists() and not mine.exists()

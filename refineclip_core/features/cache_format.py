@@ -32,7 +32,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ..files import write_error
+from ..files import check_quota, write_error
 from ..loading.data import ImageRecord, SkippedFile
 from .decomposition import HeadId
 
@@ -86,6 +86,7 @@ def shard_dir(root: Path, i: int) -> Path:
 def write_shard(root: Path, i: int, arrays: dict[str, np.ndarray], skipped: list[SkippedFile]) -> None:
     """Write shard ``i`` atomically: a temporary folder renamed into place when whole."""
     final = shard_dir(root, i)
+    check_quota(final, sum(np.asarray(arrays[name]).nbytes for name in ARRAYS))  # a session folder's quota
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{i:05d}.", dir=final.parent))

@@ -6,6 +6,10 @@
 * :func:`save_upload` keeps an uploaded file and :func:`unpack_upload` an uploaded zip
   (:func:`refineclip_core.loading.unzip.extract_zip`) in that folder, once per content, after
   :func:`check_upload_quota` (one session's quota and all sessions' total).
+* The quotas count *everything* a session writes into its folder, not only uploads: feature caches
+  of its uploads, exported checkpoints, run records. :func:`check_session_write` is called before
+  each write (:func:`refineclip_core.files.atomic_write_bytes`, a cache's shards, a Hugging Face
+  export folder) and refuses, in one sentence, a write that would bring the folder over a quota.
 
 Typed server folders are checked by :func:`refineclip_core.loading.confine.allowed_path`. Nothing
 here imports Streamlit; the dashboard calls these functions.
@@ -26,7 +30,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .budget import format_bytes, parse_size
-from .confine import UPLOAD_PREFIX
+from .confine import UPLOAD_PREFIX, session_folder_of
 from .data import SkippedFile
 from .unzip import ExtractedUpload, extract_zip
 
@@ -40,15 +44,43 @@ DEFAULT_UPLOAD_TOTAL = "16GB"
 DEFAULT_UPLOAD_TTL = 3600
 #: The file whose modification time says when a session last used its folder.
 ALIVE_FILE = ".alive"
+#: The file naming the server that made a folder (:data:`SERVER_TOKEN`): several servers may share
+#: the temporary folder, and each sweeps and counts only its own sessions' folders.
+OWNER_FILE = ".server"
+#: This server process: its pid (to tell whether the maker of a folder still runs) and a random part
+#: (a pid can be reused).
+SERVER_TOKEN = f"{os.getpid()}-{os.urandom(8).hex()}"
 
 
 def session_upload_dir() -> Path:
-    """A new private (mode 0700) temporary folder for one dashboard session's uploads; folders of
-    sessions gone for longer than :func:`upload_ttl` are swept first (:func:`sweep_upload_dirs`)."""
+    """A new private (mode 0700) temporary folder for one dashboard session's uploads, marked as this
+    server's (:data:`OWNER_FILE`); folders of sessions gone for longer than :func:`upload_ttl` are
+    swept first (:func:`sweep_upload_dirs`)."""
     sweep_upload_dirs()
     path = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX))
+    (path / OWNER_FILE).write_text(SERVER_TOKEN)
     touch_upload_dir(path)
     return path
+
+
+def folder_owner(folder: Path) -> str:
+    """``"own"`` (made by this server), ``"other"`` (by another server that still runs) or ``"orphan"``
+    (its server has stopped, or it carries no owner mark)."""
+    try:
+        token = (folder / OWNER_FILE).read_text()[:100]
+    except OSError:
+        return "orphan"
+    if token == SERVER_TOKEN:
+        return "own"
+    try:
+        os.kill(int(token.split("-", 1)[0]), 0)
+    except ProcessLookupError:
+        return "orphan"
+    except (ValueError, OverflowError):
+        return "orphan"
+    except OSError:  # PermissionError: the process exists (another user's)
+        pass
+    return "other"
 
 
 def upload_ttl() -> float:
@@ -66,23 +98,25 @@ def touch_upload_dir(path: str | os.PathLike) -> None:
         (Path(path) / ALIVE_FILE).touch()
 
 
-def upload_dirs() -> list[Path]:
-    """Every session's upload folder in the temporary directory."""
+def upload_dirs(owners: tuple[str, ...] = ("own",)) -> list[Path]:
+    """The session folders in the temporary directory whose :func:`folder_owner` is in ``owners``
+    (default: this server's own; another server's folders are never counted or removed here)."""
     tmp = Path(tempfile.gettempdir())
     with contextlib.suppress(OSError):
         return sorted(p for p in tmp.iterdir() if p.name.startswith(UPLOAD_PREFIX) and p.is_dir()
-                      and not p.is_symlink())
+                      and not p.is_symlink() and folder_owner(p) in owners)
     return []
 
 
 def sweep_upload_dirs(max_age: float | None = None, now: float | None = None) -> list[Path]:
     """Remove the upload folders no session has used for ``max_age`` seconds (default
     :func:`upload_ttl`): a browser that went away without its session being cleaned up (a
-    server that kept the session's state, a hard kill). Returns the folders removed."""
+    server that kept the session's state, a hard kill). Only this server's folders and orphans
+    (whose server has stopped) are swept, never another running server's. Returns the folders removed."""
     max_age = upload_ttl() if max_age is None else max_age
     now = time.time() if now is None else now
     removed = []
-    for folder in upload_dirs():
+    for folder in upload_dirs(("own", "orphan")):
         try:
             alive = folder / ALIVE_FILE
             last = (alive if alive.exists() else folder).stat().st_mtime
@@ -117,22 +151,37 @@ def upload_quotas() -> tuple[int, int]:
     return read(UPLOAD_QUOTA_ENV, DEFAULT_UPLOAD_QUOTA), read(UPLOAD_TOTAL_ENV, DEFAULT_UPLOAD_TOTAL)
 
 
-def check_upload_quota(folder: str | os.PathLike, incoming: int) -> int:
+def check_upload_quota(folder: str | os.PathLike, incoming: int, what: str = "This upload") -> int:
     """Refuse ``incoming`` more bytes in the session folder ``folder`` when they would bring it over
-    its quota, or all sessions' folders over the total (:func:`upload_quotas`). Returns the bytes
-    the session may still add (for the streaming check while unpacking)."""
+    its quota, or all sessions' folders over the total (:func:`upload_quotas`); ``what`` names the
+    write in the sentence. Returns the bytes the session may still add (for the streaming check
+    while unpacking)."""
     session_quota, total_quota = upload_quotas()
     own = folder_bytes(folder)
     if own + incoming > session_quota:
-        raise DataError(f"This upload ({format_bytes(incoming)}) would bring this session's uploads to "
-                        f"{format_bytes(own + incoming)}, over its quota of {format_bytes(session_quota)} ({UPLOAD_QUOTA_ENV}); "
-                        "remove earlier uploads by reloading the page, or use a folder on the server.")
+        raise DataError(f"{what} ({format_bytes(incoming)}) would bring this session's files to "
+                        f"{format_bytes(own + incoming)}, over its quota of {format_bytes(session_quota)} "
+                        f"({UPLOAD_QUOTA_ENV}: uploads, their feature caches, exports and runs together); remove "
+                        "earlier uploads by reloading the page, or use a folder on the server.")
     everyone = sum(folder_bytes(d) for d in upload_dirs() if d.resolve() != Path(folder).resolve()) + own
     if everyone + incoming > total_quota:
-        raise DataError(f"This upload ({format_bytes(incoming)}) would bring all sessions' uploads to "
+        raise DataError(f"{what} ({format_bytes(incoming)}) would bring all sessions' files to "
                         f"{format_bytes(everyone + incoming)}, over the server's total of {format_bytes(total_quota)} "
                         f"({UPLOAD_TOTAL_ENV}); try again later or use a folder on the server.")
     return session_quota - own
+
+
+def check_session_write(path: str | os.PathLike, incoming: int) -> None:
+    """Before ``incoming`` bytes are written to ``path``: when ``path`` lies in a session's folder
+    (:func:`~refineclip_core.loading.confine.session_folder_of`), refuse the write in one sentence if
+    it would bring that folder over its quota or all folders over the total (:func:`check_upload_quota`).
+    Writes anywhere else (the CLI's outputs, the home folder) are not counted."""
+    try:
+        folder = session_folder_of(Path(path).resolve())
+    except (OSError, RuntimeError, ValueError):
+        return
+    if folder is not None:
+        check_upload_quota(folder, incoming, what=f"Writing '{Path(path).name}'")
 
 
 def cleanup_upload_dir(path: str | os.PathLike | None) -> bool:

@@ -12,6 +12,7 @@ from typing import Mapping
 import torch
 
 from ...errors import CheckpointError, OutsideRootsError, RefineClipError
+from ...files import check_quota
 from ..confine import OUTSIDE_REASON, loads_json, read_bytes, resolve_roots
 from .convert import CLIP_EOT_ID, LEGACY_EOS_ID, _transformers, open_clip_config, open_clip_to_hf
 from .folder import CONFIG_FILE, HFCheckpoint, PREPROCESSOR_FILE, WEIGHTS_FILE
@@ -244,6 +245,7 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Te
 def _write_folder(out_dir: Path, files: Mapping[str, bytes]) -> None:
     """Write ``files`` into ``out_dir``: into a temporary sibling first, then renamed into place
     (the whole folder at once when it is new, file by file when it exists)."""
+    check_quota(out_dir, sum(len(data) for data in files.values()))  # a session folder's quota
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would be kept by the rename
