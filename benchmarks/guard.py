@@ -17,16 +17,26 @@ is cut in two, class × group stratified: the **truth half** (``--n-test``/2 ima
   edited-class group's errors corrected and nothing broken, the share that lifts the worst group by about
   10 or 25 points (they measure how often the guard can say `verified` at all: its power).
 
-**The truth** of each edit is measured on the truth half (hundreds of images per group) with the
-guard's own statistics at that size: *harmful* when the guard there finds some group or class
-significantly worse (exact McNemar, Holm) or the worst group's change has its whole interval below
-zero; *good* when it is ``verified`` there; *unclear* otherwise. Then ``--draws`` small held-out sets
-of ``--per-group`` images per group (every group of the edited classes and every other class; drawn
-from the pool, never from the truth half) are judged by the guard (``judge_edit``, its defaults).
+**The truth** of each edit, for each acceptable drop ``--max-drops`` (points), is measured on the truth
+half (hundreds of images per group): *bad* when the guard there finds some group or class significantly
+worse (exact McNemar, Holm), or the group worst before the edit did not gain (its change on the truth
+half ≤ 0), or some group or class dropped by more than the acceptable drop (its change on the truth half);
+*good* when the guard at that size calls it ``verified``; *unclear* otherwise. Then ``--draws`` small
+held-out sets of ``--per-group`` images per group (every group of the edited classes and every other
+class; drawn from the pool, never from the truth half) are judged by the guard (``judge_edit`` with that
+acceptable drop). *False approval* is a bad edit called ``verified`` (target ≤ 5% at every size and
+margin); *power* is a good edit called ``verified``.
+
+**The default demo run** (``--demo-worlds``, fresh seeds never used to choose a default): the embedded
+demo exactly as the dashboard opens it (``session.demo.write_demo_data``: val 40, test ``DEMO_N_TEST`` per
+group and unrelated class, drawn with that seed), extracted, then the defaults (``DEFAULT_PROTOCOL``,
+``DEFAULT_EDIT``) and the guard's defaults: how often is the run ``verified``, ``not-verified``, ``harmful``?
+
 Results go to ``benchmarks/RESULTS.md`` between the ``guard:start``/``guard:end`` markers:
 
-    python benchmarks/guard.py [--world-seeds 151 152] [--sample-seeds 0 1 2 3 4] [--n-test 600]
-                               [--per-group 10 20 40 100] [--draws 40] [--model-dir assets/demo]
+    python benchmarks/guard.py [--world-seeds 151 152] [--sample-seeds 0 1 2] [--n-test 600]
+                               [--per-group 40 100 150 250] [--max-drops 5 10] [--draws 40]
+                               [--demo-worlds 401 402 403 404 405 406] [--model-dir assets/demo]
 
 ``--model-dir assets/digits`` runs it on the handwritten-digits world (the model's metadata names the world).
 """
@@ -47,7 +57,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.demo_world import draw_parser, replace_section, workdir, world_cache, world_model  # noqa: E402
-from refineclip_core.edit.guard import HARMFUL, STATUSES, VERIFIED, GuardConfig, judge_edit  # noqa: E402
+from refineclip_core.edit.guard import HARMFUL, STATUSES, VERIFIED, GuardConfig, assess_edit, judge_edit  # noqa: E402
+from refineclip_core.features.extraction import ExtractionConfig, extract  # noqa: E402
+from refineclip_core.loading.data import load_dataset  # noqa: E402
+from refineclip_core.session.demo import DEMO_N_PER_GROUP, heldout_size, write_demo_data  # noqa: E402
 from refineclip_core.features.cache import FeatureCache  # noqa: E402
 from refineclip_core.loading.models import DEMO_DIR  # noqa: E402
 from refineclip_core.method.protocol import DEFAULT_PROTOCOL, Identification, identify, make_engine
@@ -55,7 +68,7 @@ from refineclip_core.edit.compare import fit_edit
 from refineclip_core.edit.config import DEFAULT_EDIT
 
 KINDS = ("default edit", "random heads", "unrelated-class heads", "trade (+10)", "trade (+25)", "fix (+10)", "fix (+25)")
-TRUTHS = ("harmful", "good", "unclear")
+TRUTHS = ("bad", "good", "unclear")
 TRADES = {"trade (+10)": 0.10, "trade (+25)": 0.25}
 """The trade edits' bias lifts the worst group of the edited classes by about this much on the pool."""
 FIXES = {"fix (+10)": 0.10, "fix (+25)": 0.25}
@@ -68,8 +81,8 @@ class Edit:
     seed: int
     kind: str
     after: np.ndarray
-    truth: str
-    truth_worst: float          # worst-group change on the truth half (points)
+    truth: dict                 # acceptable drop (points) -> "bad" / "good" / "unclear"
+    truth_worst: float          # change of the group worst before the edit, on the truth half (points)
     truth_min_unit: float       # the largest drop of any group or class on the truth half (points)
 
 
@@ -97,7 +110,7 @@ def small_set(cache: FeatureCache, pool: np.ndarray, per_group: int, rng: np.ran
                                               replace=False) for k in np.unique(key)]))
 
 
-def judge(cache: FeatureCache, ident: Identification, after: np.ndarray, rows: np.ndarray):
+def judge(cache: FeatureCache, ident: Identification, after: np.ndarray, rows: np.ndarray, max_drop: float = 5.0):
     """The guard on ``rows`` of the test split. The world's train and val splits hold groups the test split never
     has (birds on sky, sand, indoors); the guard rightly refuses to verify an edit for a group with no held-out
     images, so outside the test split the rows are given no group: the universe here is the test split."""
@@ -105,12 +118,15 @@ def judge(cache: FeatureCache, ident: Identification, after: np.ndarray, rows: n
     if cache.group_names:
         groups = np.where(cache.splits == "test", cache.groups, -1)
     return judge_edit(cache.labels, ident.base_predictions, after, rows, ident.target_classes, cache.classes,
-                      groups, cache.group_names, "edit", GuardConfig())
+                      groups, cache.group_names, "edit", GuardConfig(max_drop=max_drop / 100))
 
 
 def truth_of(verdict) -> str:
-    if verdict.status == HARMFUL or (verdict.worst is not None and verdict.worst.change.high < 0):
-        return "harmful"
+    """Bad, good or unclear on the truth half at the verdict's acceptable drop (module docstring)."""
+    drop = min(u.change.value for u in verdict.units())
+    if (verdict.status == HARMFUL or (verdict.worst is not None and verdict.worst.change.value <= 0)
+            or -drop > verdict.config.max_drop):
+        return "bad"
     return "good" if verdict.status == VERIFIED else "unclear"
 
 
@@ -174,16 +190,22 @@ def fix_predictions(cache: FeatureCache, ident: Identification, pool: np.ndarray
 
 def main(argv: list[str] | None = None) -> int:
     ap = draw_parser(__doc__, [151, 152], n_fit=100, n_test=600)
+    ap.set_defaults(sample_seeds=[0, 1, 2])
     ap.add_argument("--model-dir", default=str(DEMO_DIR), help="model folder (default: the embedded demo model)")
-    ap.add_argument("--per-group", type=int, nargs="+", default=[10, 20, 40, 100],
+    ap.add_argument("--per-group", type=int, nargs="+", default=[40, 100, 150, 250],
                     help="held-out images per group of the small sets the guard judges")
+    ap.add_argument("--max-drops", type=float, nargs="+", default=[5.0, 10.0],
+                    help="acceptable drops (points) the guard is run with (the first is the default, 5)")
     ap.add_argument("--draws", type=int, default=40, help="small held-out sets per edit and size")
+    ap.add_argument("--demo-worlds", type=int, nargs="*", default=[401, 402, 403, 404, 405, 406],
+                    help="fresh seeds of the default demo run (none: skip it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
     model_dir = Path(args.model_dir)
     edits: list[Edit] = []
-    calls: dict[tuple[str, str, int], Counter] = defaultdict(Counter)     # (kind, truth, size) -> status counts
+    calls: dict[tuple, Counter] = defaultdict(Counter)     # (kind, truth, size, margin) -> status counts
+    demo_runs: list[tuple[int, str, str]] = []
     with workdir(args.workdir, "refineclip-guard-bench-") as work:
         world, loaded = world_model(model_dir)
         for w_seed in args.world_seeds:
@@ -207,24 +229,41 @@ def main(argv: list[str] | None = None) -> int:
                 for kind, target in FIXES.items():
                     preds[kind] = fix_predictions(cache, ident, pool, target, [w_seed, s, KINDS.index(kind)])
                 for kind, after in preds.items():
-                    v = judge(cache, ident, after, truth_rows)
-                    drops = [u.change.value for u in v.units()]
-                    e = Edit(w_seed, s, kind, after, truth_of(v),
-                             100 * (v.worst.change.value if v.worst else float("nan")), 100 * min(drops))
+                    verdicts = {m: judge(cache, ident, after, truth_rows, m) for m in args.max_drops}
+                    v = verdicts[args.max_drops[0]]
+                    e = Edit(w_seed, s, kind, after, {m: truth_of(verdicts[m]) for m in args.max_drops},
+                             100 * (v.worst.change.value if v.worst else float("nan")),
+                             100 * min(u.change.value for u in v.units()))
                     edits.append(e)
                     for size in args.per_group:
                         srng = np.random.default_rng([w_seed, s, KINDS.index(kind), size])
                         for _ in range(args.draws):
                             rows = small_set(cache, pool, size, srng)
-                            calls[(kind, e.truth, size)][judge(cache, ident, after, rows).status] += 1
+                            for m in args.max_drops:
+                                calls[(kind, e.truth[m], size, m)][judge(cache, ident, after, rows, m).status] += 1
                     print(f"world {w_seed} seed {s} {kind}: truth {e.truth} (worst group {e.truth_worst:+.1f}, "
-                          f"largest drop {e.truth_min_unit:+.1f}); small sets: "
-                          + "; ".join(f"{size}/group {dict(calls[(kind, e.truth, size)])}" for size in args.per_group),
-                          file=sys.stderr, flush=True)
-        body = report(args, world, edits, calls, time.time() - t0, len(truth_rows), len(pool))
+                          f"largest drop {e.truth_min_unit:+.1f})", file=sys.stderr, flush=True)
+        for d_seed in args.demo_worlds if world.kind == "birds" else []:
+            status, sentence = demo_run(work, loaded, d_seed)
+            demo_runs.append((d_seed, status, sentence))
+            print(f"demo world {d_seed}: {sentence}", file=sys.stderr, flush=True)
+        body = report(args, world, edits, calls, time.time() - t0, len(truth_rows), len(pool), demo_runs)
     print(body)
     replace_section(Path(args.out), "guard" if world.kind == "birds" else f"guard-{world.kind}", body)
     return 0
+
+
+def demo_run(work: Path, loaded, seed: int) -> tuple[str, str]:
+    """The default demo run on a fresh draw of the demo's images (module docstring): its status and sentence."""
+    data = write_demo_data(work / f"demo{seed}" / "data", seed=seed)
+    cache = extract(loaded, load_dataset(data, roots=[data]), work / f"demo{seed}" / "cache",
+                    ExtractionConfig(layers=4, batch_size=64))
+    engine = make_engine(cache)
+    ident = identify(cache, DEFAULT_PROTOCOL, engine)
+    out = fit_edit(cache, ident, DEFAULT_EDIT, engine=engine, baselines=False)
+    preds = out.report.predictions
+    v = assess_edit(cache, ident, preds["zero-shot"], preds[out.exported], out.exported)
+    return v.status, v.sentence()
 
 
 def _shown(path: Path) -> str:
@@ -236,9 +275,10 @@ def _share(c: Counter, status: str) -> str:
     return "–" if not n else f"{100 * c[status] / n:.1f}% ({c[status]}/{n})"
 
 
-def report(args, world, edits: list[Edit], calls, seconds: float, n_truth: int, n_pool: int) -> str:
+def report(args, world, edits: list[Edit], calls, seconds: float, n_truth: int, n_pool: int,
+           demo_runs: list[tuple[int, str, str]] = ()) -> str:
     name = "demo (birds)" if world.kind == "birds" else world.kind
-    truth_count = Counter((e.kind, e.truth) for e in edits)
+    margins = args.max_drops
     lines = [
         f"## The guard's own error rates ({name} world)",
         "",
@@ -246,48 +286,64 @@ def report(args, world, edits: list[Edit], calls, seconds: float, n_truth: int, 
         f"({platform.processor() or platform.machine()}, torch {torch.__version__}) in {seconds:.0f} s, model "
         f"`{_shown(Path(args.model_dir))}`. World seeds {args.world_seeds} × sample seeds {args.sample_seeds}; per world "
         f"{n_truth} test images in the truth half and {n_pool} in the pool the small held-out sets are drawn "
-        f"from ({args.n_test} per group and per other class in all, cut in two). Per edit and size, "
-        f"{args.draws} small held-out sets with that many images per group (and per other class). The guard "
-        f"is `refineclip_core.edit.guard.judge_edit` with its defaults (min {GuardConfig().min_per_group} per "
-        f"group, 95%, Holm). Truth on the truth half: *harmful* = some group or class significantly worse "
-        f"(McNemar, Holm) or the worst group's change wholly below zero; *good* = `verified` there; *unclear* "
-        f"= neither.",
+        f"from ({args.n_test} per group and per other class in all, cut in two). Per edit, size and acceptable "
+        f"drop, {args.draws} small held-out sets with that many images per group (and per other class). The guard "
+        f"is `refineclip_core.edit.guard.judge_edit` (min {GuardConfig().min_per_group} per group; verified = "
+        f"the worst-before group's gain bound above zero and every drop bound within the acceptable drop, "
+        f"bounds holding together at 95%; harmful = significantly worse, McNemar with Holm). Truth on the truth "
+        f"half, per acceptable drop: *bad* = significantly worse there, or the worst-before group did not gain, "
+        f"or some group or class dropped by more than the acceptable drop; *good* = `verified` there; "
+        f"*unclear* = neither.",
         "",
-        "Edits and their truth (count of edits):",
+        "Edits and their truth (count of edits; " + ", ".join(f"acceptable drop {m:g} points" for m in margins) + "):",
         "",
-        "| edit | " + " | ".join(TRUTHS) + " |",
-        "|---|" + "---|" * len(TRUTHS),
+        "| edit | " + " | ".join(f"{t} ({m:g})" for m in margins for t in TRUTHS) + " |",
+        "|---|" + "---|" * (len(TRUTHS) * len(margins)),
     ]
     for kind in KINDS:
         if any(e.kind == kind for e in edits):
-            lines.append(f"| {kind} | " + " | ".join(str(truth_count[(kind, t)]) for t in TRUTHS) + " |")
-    lines += ["", "**Headline**: share of small held-out sets the guard called `verified`, by the edit's truth:", "",
-              "| held-out images per group | harmful edits called `verified` (target ≤ 5%) | "
-              "good edits called `verified` | unclear edits called `verified` |", "|---|---|---|---|"]
-    for size in args.per_group:
-        by_truth = {t: sum((calls[(k, t, size)] for k in KINDS), Counter()) for t in TRUTHS}
-        lines.append(f"| {size} | {_share(by_truth['harmful'], VERIFIED)} | {_share(by_truth['good'], VERIFIED)} | "
-                     f"{_share(by_truth['unclear'], VERIFIED)} |")
+            lines.append(f"| {kind} | " + " | ".join(str(sum(e.kind == kind and e.truth[m] == t for e in edits))
+                                                   for m in margins for t in TRUTHS) + " |")
+    lines += ["", "**Headline**: share of small held-out sets the guard called `verified`, by the edit's truth "
+                  "(false approval: bad edits called verified, target ≤ 5%; power: good edits called verified):", "",
+              "| acceptable drop (points) | held-out images per group | false approval (bad → `verified`) | "
+              "power (good → `verified`) | unclear → `verified` |", "|---|---|---|---|---|"]
+    for m in margins:
+        for size in args.per_group:
+            by_truth = {t: sum((calls[(k, t, size, m)] for k in KINDS), Counter()) for t in TRUTHS}
+            lines.append(f"| {m:g} | {size} | {_share(by_truth['bad'], VERIFIED)} | {_share(by_truth['good'], VERIFIED)} "
+                         f"| {_share(by_truth['unclear'], VERIFIED)} |")
     lines += ["", "Full confusion table (truth × guard's call, share of small sets; n = sets judged):", "",
-              "| edit | truth | per group | n | " + " | ".join(f"`{s}`" for s in STATUSES) + " |",
-              "|---|---|---|---|" + "---|" * len(STATUSES)]
+              "| edit | acceptable drop | truth | per group | n | " + " | ".join(f"`{s}`" for s in STATUSES) + " |",
+              "|---|---|---|---|---|" + "---|" * len(STATUSES)]
     for kind in KINDS:
-        for truth in TRUTHS:
-            for size in args.per_group:
-                c = calls.get((kind, truth, size))
-                if not c:
-                    continue
-                n = sum(c.values())
-                lines.append(f"| {kind} | {truth} | {size} | {n} | "
-                             + " | ".join(f"{100 * c[s] / n:.1f}%" for s in STATUSES) + " |")
+        for m in margins:
+            for truth in TRUTHS:
+                for size in args.per_group:
+                    c = calls.get((kind, truth, size, m))
+                    if not c:
+                        continue
+                    n = sum(c.values())
+                    lines.append(f"| {kind} | {m:g} | {truth} | {size} | {n} | "
+                                 + " | ".join(f"{100 * c[s] / n:.1f}%" for s in STATUSES) + " |")
     lines += ["", "What the edits did on the truth half (points; mean over draws, worst draw):", "",
-              "| edit | worst-group change | largest drop of any group or class |", "|---|---|---|"]
+              "| edit | change of the group worst before | largest drop of any group or class |", "|---|---|---|"]
     for kind in KINDS:
         es = [e for e in edits if e.kind == kind]
         if es:
             w = np.array([e.truth_worst for e in es])
             d = np.array([e.truth_min_unit for e in es])
             lines.append(f"| {kind} | {np.nanmean(w):+.1f} (min {np.nanmin(w):+.1f}) | {d.mean():+.1f} (min {d.min():+.1f}) |")
+    if demo_runs:
+        count = Counter(status for _, status, _ in demo_runs)
+        n_test = heldout_size(DEMO_N_PER_GROUP)
+        lines += ["", f"**The default demo run** on {len(demo_runs)} fresh draws of the demo's images (seeds "
+                      f"{[d for d, _, _ in demo_runs]}, never used to choose a default; val {DEMO_N_PER_GROUP} and "
+                      f"{n_test} held-out test images per group and unrelated class, as the dashboard draws them), "
+                      f"defaults throughout, acceptable drop {GuardConfig().max_drop * 100:g} points: "
+                      + ", ".join(f"`{s}` {count[s]}/{len(demo_runs)}" for s in STATUSES) + ".", "",
+                  "| seed | verdict |", "|---|---|"]
+        lines += [f"| {d} | {sentence.replace('|', '/')} |" for d, _, sentence in demo_runs]
     return "\n".join(lines) + "\n"
 
 

@@ -36,11 +36,11 @@ from ..method.intervals import paired_change_interval
 
 def exact_broken_bound(broken: int, n: int, alpha: float) -> float:
     """One-sided Clopper–Pearson upper bound (error ``alpha``) of the broken share ``broken / n``."""
-    from scipy.stats import beta
+    from scipy.special import betaincinv   # the beta quantile (scipy.stats.beta.ppf, without its overhead)
 
     if n <= 0 or broken >= n:
         return 1.0
-    return float(beta.ppf(1.0 - alpha, broken + 1, n - broken))
+    return float(betaincinv(broken + 1, n - broken, 1.0 - alpha))
 
 
 def drop_bound(both: int, fixed: int, broken: int, neither: int, alpha: float) -> float:
