@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.demo_world import (EXPORTED, Draw, Peers, concept_checks, draw_parser, headline_table,  # noqa: E402
-                                   replace_section, run_draw, workdir, world_cache, world_model)
-from refineclip_core.inspection.diagnosis import attribute_direction, concept_vocabulary  # noqa: E402
+                                   minority_of, replace_section, run_draw, workdir, world_cache, world_model)
+from refineclip_core.method.ltc import PeersConfig  # noqa: E402
+from refineclip_core.inspection.diagnosis import concept_vocabulary  # noqa: E402
 from refineclip_core.inspection.textspan import DEFAULT_TEXT_POOL, encode_text_pool, load_text_pool  # noqa: E402
 from refineclip_core.demo.digits import KIND  # noqa: E402
 from refineclip_core.features.cache import FeatureCache  # noqa: E402
@@ -57,6 +58,12 @@ def group_accuracies(cache: FeatureCache, rows: np.ndarray, pred: np.ndarray) ->
     names = np.asarray(cache.group_names)[cache.groups[rows]]
     correct = pred[rows] == cache.labels[rows]
     return {g: (float(correct[names == g].mean()), int((names == g).sum())) for g in sorted(set(names.tolist()))}
+
+
+ACCEPT_PAIRS = (  # LTC's attribute pairs: true differences between three and eight, typed as the paper's LLM would
+    ("a handwritten three, open on the left", "a handwritten eight with two closed loops"),
+    ("a digit with open curves", "a digit with closed loops"),
+)
 
 
 def cue_phrases(world) -> tuple[list[str], list[str]]:
@@ -80,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if world.kind != KIND:
             raise SystemExit(f"{model_dir} holds a model of the {world.kind} world, not the digits world")
         pool = load_text_pool(DEFAULT_TEXT_POOL)      # issue 27's rows: the diagnosed concept removed, CoOp, LTC
+        cue, versus = cue_phrases(world)
         peers = Peers(loaded, concept_vocabulary(pool, encode_text_pool(loaded, pool, work)),
-                      attribute_direction(loaded, *cue_phrases(world)))
+                      PeersConfig(tuple(cue), tuple(versus), ACCEPT_PAIRS, minority_of(world)))
         draws: list[Draw] = []
         groups: list[dict[str, dict[str, tuple[float, int]]]] = []   # per draw: method -> group -> (acc, n)
         pairs: Counter = Counter()
@@ -90,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         for w_seed in args.world_seeds:
             cache = world_cache(work, world, w_seed, args.n_fit, args.n_test, loaded)
             engine = make_engine(cache)
+            every = world_cache(work, world, w_seed, args.n_fit, args.n_test, loaded, layers="all")
+            every = (every, make_engine(every))           # where LTC (as released) searches: every layer
             for s in args.sample_seeds:
-                run = run_draw(cache, engine, s, world.target_classes, peers)
+                run = run_draw(cache, engine, s, world.target_classes, peers, every)
                 used = run.used
                 ident = run.ident
                 draws.append(Draw(w_seed, s, run.metrics, {"default": [str(h) for h in ident.heads],

@@ -44,7 +44,8 @@ from refineclip_core.edit.fit import KL_DTYPE, fit_ablation, least_squares_map, 
 from refineclip_core.edit.paper import RefinedMap, RefinementResult, kl_divergence, log_probs
 from refineclip_core.errors import RefineClipError
 from refineclip_core.inspection.diagnosis import attribute_direction
-from refineclip_core.method.baselines import LocateThenCorrect
+from refineclip_core.edit.methods import label_of
+from refineclip_core.method.ltc import HeadSearchCueProjection
 from digits_world import DIGITS_DIR, cue_phrases  # noqa: E402
 
 KNOBS = {
@@ -283,7 +284,7 @@ def teacher_main(argv: list[str] | None = None) -> int:
                          if kw.get("ce") else fit_ablation(X, cache.text, cache.logit_scale, teacher, succ, fit_cfg))
                     preds[name] = predictions_of(cache, r)
                 try:
-                    preds["LTC (peer, given the cue in words)"] = LocateThenCorrect.fit(engine, [
+                    preds[label_of("cue-projection")] = HeadSearchCueProjection.fit(engine, [
                         (a, b, ident.sets[f"{cache.classes[a]}→{cache.classes[b]}"].W,
                          ident.sets[f"{cache.classes[a]}→{cache.classes[b]}"].C) for a, b in ident.pairs],
                         cache.labels, cue_dir, ident.sample_rows).predict()

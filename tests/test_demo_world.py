@@ -302,10 +302,12 @@ def test_demo_benchmark_runs_on_a_retrained_model(tmp_path: Path) -> None:
     assert f"the model in `{model_dir}`" in text and "4 draws: world seeds [31, 32] × sample seeds [0, 1]" in text
     svg = (tmp_path / "demo_locality.svg").read_text()  # the locality figure, next to --out
     assert svg.startswith("<svg") and svg.count("<polyline") == 6
+    from refineclip_core.edit.methods import BY_KEY
+
     for row in ("zero-shot", "**RefineCLIP-fit: the exported edit (default)**", "Tip-Adapter (training-free)",
                 "standard fine-tuning (CE only)", "paper-faithful: Alg. 1 + zero ablation + diag θ (Eq. 13)",
                 "ablate: DE_A alone (zero)", "**RefineCLIP-fit + diagnosed concept removed**",
-                "CoOp (prompt learning: learned context words, text side)"):
+                BY_KEY["coop"].label, BY_KEY["ltc"].label, BY_KEY["cue-projection"].label):
         assert f"| {row} |" in text, row
     assert "Checks on the diagnosed concept removed" in text and "| group | zero-shot (%) |" in text
     assert re.search(r"\| (landbird|waterbird) on (land|water) \| \d+\.\d \| [+-]\d", text)   # the per-group table
@@ -317,6 +319,8 @@ def test_demo_benchmark_runs_on_a_retrained_model(tmp_path: Path) -> None:
     expected_edit = DEFAULT_EDIT.to_dict()
     for part in ("fit", "paper"):
         expected_edit[part]["seed"] = None
+    assert used["edit"]["peers"]["accept"] and used["edit"]["peers"]["minority"]    # the LTC rows' typed text
+    expected_edit["peers"] = used["edit"]["peers"]
     assert used["edit"] == expected_edit
     # every headline row's numbers are computed: parse the exported row and check its ranges
     row = next(line for line in text.splitlines() if line.startswith("| **RefineCLIP-fit"))
