@@ -29,6 +29,7 @@ from refineclip_core.loading.sources import HUB_ENV, check_config_sources, check
 from refineclip_core.session.caches import cache_model, cache_source
 
 from .conftest import tiny_config, write_config
+from .test_app import demo_spec, home  # noqa: F401  (fixtures of the Load page test)
 
 REFINE = ["--samples-per-class", "3", "--top-t", "4", "--pair", "auto", "--fit-steps", "5", "--steps", "10",
           "--no-baselines", "--no-diagnosis"]
@@ -335,3 +336,59 @@ def test_a_legacy_torch_file_is_refused_with_a_sentence(tmp_path):
     torch.save({"w": torch.zeros(4)}, legacy, _use_new_zipfile_serialization=False)
     with pytest.raises(CheckpointError, match="before PyTorch 1.6"):
         read_state_dict(legacy)
+
+
+def test_a_checkpoint_larger_than_its_model_can_hold_is_refused_whatever_the_budget(tiny_model_files, tmp_path,
+                                                                                   monkeypatch):
+    """The Load page's path under the default budget (most of the machine's memory): a deflated
+    checkpoint expanding to far more than the architecture's weights is refused from its metadata."""
+    import open_clip
+
+    monkeypatch.delenv("REFINECLIP_MEMORY_BUDGET", raising=False)
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: pytest.fail("built for a bomb"))
+    bomb = deflate_bomb(tmp_path / "bomb.pt", 150 * 2**20)
+    with pytest.raises(CheckpointError, match="more than 4 times the .* of weights of model") as info:
+        load_model(ModelSpec(tiny_model_files["name"], checkpoint=str(bomb), model_config=str(tiny_model_files["config"]),
+                             roots=(str(tmp_path), str(Path(tiny_model_files["config"]).parent))))
+    assert len(str(info.value).splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 2, on the Load page itself: an uploaded config's hf_model_name answers the same for any path
+# ---------------------------------------------------------------------------------------------
+
+def test_the_load_page_is_no_existence_oracle(home, demo_spec, tiny_model_files, image_folder, tmp_path):
+    import re
+    import tempfile
+
+    from .test_app import fresh_app
+
+    outside = Path(tempfile.mkdtemp(prefix="refineclip-outside-"))  # outside the allowed roots (basetemp)
+    try:
+        (outside / "hf-text").mkdir()
+        (outside / "hf-text" / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+        at = fresh_app(demo_spec)
+        at.run()
+        at.radio(key="load_model_kind").set_value("Local checkpoint").run()
+        at.radio(key="load_ckpt_where").set_value("Path on the server").run()
+        at.text_input(key="load_ckpt_path").input(str(tiny_model_files["checkpoint"])).run()
+        at.selectbox(key="load_ckpt_arch").set_value("(custom config JSON)").run()
+        at.radio(key="load_cfg_where").set_value("Upload").run()
+        at.radio(key="load_data_kind").set_value("Folder on the server").run()
+        at.text_input(key="load_folder").input(str(image_folder)).run()
+        answers = []
+        for target in (outside / "hf-text", outside / "missing", Path("/etc/hostname")):
+            cfg = tiny_config()
+            cfg["text_cfg"]["hf_model_name"] = str(target)
+            at.file_uploader(key="load_cfg_upload").upload("tiny-hf.json", json.dumps(cfg).encode(),
+                                                           "application/json").run()
+            at.button(key="load_scan_btn").click().run()
+            at.button(key="load_extract_btn").click().run()
+            assert not at.exception
+            shown = re.sub(r"\\(.)", r"\1", " ".join(e.value for e in at.error))  # markdown escapes undone
+            assert "text_cfg.hf_model_name" in shown and "outside the allowed folders" in shown, shown
+            answers.append(re.sub(r"'[^']*\.json'", "<CFG>", shown.replace(str(target), "<PATH>")))
+        assert len(set(answers)) == 1, answers
+        assert at.session_state["source"] is None or at.session_state["source"].is_demo
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)

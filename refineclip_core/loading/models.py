@@ -38,10 +38,11 @@ import torch
 from ..errors import CheckpointError, RefineClipError
 from ..home import ASSETS_DIR
 from . import hf_clip
-from .budget import check_model_budget
+from .budget import check_model_budget, format_bytes
 from .checkpoints import checkpoint_memory, file_digest, load_state_dict_checked, read_state_dict
 from .confine import loads_json, read_bytes, resolve_roots
 from .sources import LOCAL_DIR_PREFIX, check_config_sources, check_spec_sources, source_roots
+from .tokenizers import deferred_tokenizer
 
 DEMO_MODEL = "demo"
 DEMO_DIR = ASSETS_DIR / "demo"
@@ -99,7 +100,7 @@ class ModelSpec:
         spec = self.resolved()
         roots = source_roots(spec.roots)
         check_spec_sources(spec.name, spec.checkpoint, spec.model_config, spec.pretrained, roots)
-        if roots is not None and spec.roots is None:
+        if roots is not None:
             spec = replace(spec, roots=tuple(map(str, roots)))
         h = hashlib.sha256()
         h.update(json.dumps({k: v for k, v in asdict(spec).items() if k not in ("device", "roots")},
@@ -250,7 +251,7 @@ def resolve_model(spec: ModelSpec) -> ModelPlan:
     # every model source is checked before anything is read; reads below are confined to the same folders
     roots = source_roots(spec_r.roots)
     check_spec_sources(name, spec_r.checkpoint, spec_r.model_config, spec_r.pretrained, roots)
-    if roots is not None and spec_r.roots is None:  # REFINECLIP_ALLOWED_ROOTS set: the CLI is confined too
+    if roots is not None:  # reads use the folders checked (REFINECLIP_ALLOWED_ROOTS confines the CLI too)
         spec_r = replace(spec_r, roots=tuple(map(str, roots)))
     if spec.name == DEMO_MODEL and not Path(spec_r.checkpoint).exists():
         raise CheckpointError(
@@ -320,6 +321,12 @@ def read_weights(plan: ModelPlan, budget: str | int | float | None = None) -> di
     return None
 
 
+#: A checkpoint may take at most this many times the model's float32 weights in memory (a training
+#: checkpoint keeps Adam's two moments beside them: three), plus a margin; a larger one is refused
+#: from its metadata before it is read, whatever the memory budget.
+CHECKPOINT_RATIO, CHECKPOINT_MARGIN = 4, 64 * 2**20
+
+
 def build_model(plan: ModelPlan, memory_budget: str | int | float | None = None) -> tuple[torch.nn.Module, Callable]:
     """Build: size the plan's architecture against ``memory_budget`` (before anything is
     allocated), then let open_clip build it on the CPU; returns the model and its tokenizer. A
@@ -329,7 +336,13 @@ def build_model(plan: ModelPlan, memory_budget: str | int | float | None = None)
     spec = plan.spec
     cfg = plan.open_clip_config()
     if cfg is not None:  # None: a hub model whose config open_clip fetches itself
-        check_model_budget(plan.name, cfg, spec.precision, plan.checkpoint_bytes(memory_budget), memory_budget)
+        ckpt = plan.checkpoint_bytes(memory_budget)
+        est = check_model_budget(plan.name, cfg, spec.precision, ckpt, memory_budget)
+        if ckpt and ckpt > CHECKPOINT_RATIO * est.weight_bytes + CHECKPOINT_MARGIN:
+            raise CheckpointError(
+                f"Checkpoint '{spec.checkpoint}' was refused before loading: it expands to {format_bytes(ckpt)} in "
+                f"memory, more than {CHECKPOINT_RATIO} times the {format_bytes(est.weight_bytes)} of weights of model "
+                f"'{plan.name}', so it is not this model's checkpoint (another model's, or a compressed file that inflates).")
     known = (config_known_to_open_clip(plan.name, plan.user_config) if plan.user_config is not None
              else contextlib.nullcontext(plan.name))
     with known as arch:
@@ -345,8 +358,8 @@ def build_model(plan: ModelPlan, memory_budget: str | int | float | None = None)
                     f"check the tag with open_clip.list_pretrained_tags_by_model('{plan.name}')."
                 ) from exc
             raise RefineClipError(f"Could not build model '{plan.name}' ({_short(exc)}).") from exc
-        tokenizer = open_clip.get_tokenizer(arch)
-    return model, tokenizer
+    # built when prompts are first tokenised: vision-only work needs none; a missing one is one sentence
+    return model, deferred_tokenizer(plan.name, plan.user_config, config_known_to_open_clip)
 
 
 def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) -> LoadedModel:
