@@ -204,15 +204,33 @@ def test_export_merges_into_the_last_linear_layer(tmp_path, name, key):
     assert set(changed) <= {key, key.replace(".weight", ".bias")} and key in changed
 
 
-def test_export_of_a_tower_ending_in_the_pool_mlp_is_refused(tmp_path):
+def test_export_of_a_tower_ending_in_the_pool_mlp_adds_a_projection(tmp_path):
+    """SigLIP's embedding ends in the map pool's MLP residual: no layer merges the edit exactly, so
+    the export adds a bias-free projection (config beside the weights) and plain open_clip loads
+    the pair and reproduces M E; without the config the export is refused in one sentence."""
+    import json
+
     import numpy as np
+    import open_clip
 
     from refineclip_core.edit.export import export_checkpoint
     from refineclip_core.edit.paper import RefinedMap
 
     model = build("siglip")
+    rng = np.random.default_rng(1)
+    edit = RefinedMap("full", matrix=np.eye(48) + 0.1 * rng.standard_normal((48, 48)))
     with pytest.raises(RefineClipError, match="cannot be merged exactly"):
-        export_checkpoint(None, model, RefinedMap("diag", theta=np.ones(48)), tmp_path / "x.safetensors")
+        export_checkpoint(None, model, edit, tmp_path / "x.safetensors")
+    config = {**CONFIGS["siglip"], "text_cfg": TEXT}
+    out = export_checkpoint(None, model, edit, tmp_path / "rcfam-siglip-edited.safetensors", config=config)
+    written = json.loads(out.with_suffix(".json").read_text())
+    assert written["vision_cfg"]["timm_proj"] == "linear" and written["vision_cfg"]["timm_proj_bias"] is False
+    open_clip.add_model_config(str(out.with_suffix(".json")))
+    fresh = open_clip.create_model("rcfam-siglip-edited", pretrained=str(out)).eval()
+    images = torch.randn(2, 3, 32, 32)
+    expected = encode(model, images).double() @ torch.from_numpy(edit.matrix).T
+    assert _rel(encode(fresh, images).double(), expected) < 1e-5
+    assert backend_for(fresh.visual).merge_target()[0] == "visual.head.proj.weight"
 
 
 def test_refusal_from_configs_and_models():

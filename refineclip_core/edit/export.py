@@ -7,8 +7,12 @@ Which layer is the vision backend's answer (:meth:`~refineclip_core.features.bac
 (``visual.trunk.head``, PE-Core and EVA: ``W' = M W``, ``b' = M b``) or an open_clip ``TimmModel``
 projection (``visual.head.proj``). A tower whose embedding ends in a nonlinearity (SigLIP: the map
 pool's ``y + mlp(norm(y))``, no projection) has no layer an edit merges into exactly: merging ``M``
-into the pool's output projection would change the input of the pool's MLP as well, so such an
-export is refused in one sentence.
+into the pool's output projection and its MLP's last layer would also change what the pool's MLP
+reads (``norm(M y)`` is not ``norm(y)``), so the edit would not be reproduced. Such a tower gets
+one bias-free linear layer after the pool instead: the exported config (written beside the weights)
+says ``timm_proj: "linear"``, ``visual.head.proj.weight`` is ``M``, every other weight is unchanged,
+and plain open_clip loads it (``open_clip.add_model_config(json)``, ``create_model(stem,
+pretrained=weights)``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import torch
 
@@ -48,14 +52,17 @@ def merge_into_linear(weight: torch.Tensor, bias: torch.Tensor | None, refined: 
     return merged, bias
 
 
-def _merge_keys(model: torch.nn.Module) -> tuple[str, str | None, bool]:
+def _with_projection(model: torch.nn.Module, config: Mapping[str, Any] | None) -> tuple[dict, str, int]:
+    """For a timm tower without projection (``timm_proj: none``): the config with a bias-free linear
+    projection after the pool, the state-dict key of its weight and its width."""
+    vision = dict((config or {}).get("vision_cfg") or {})
+    if type(model.visual).__name__ != "TimmModel" or not vision.get("timm_model_name"):
+        raise RefineClipError("This image tower ends in a nonlinear layer and has no projection, and without its "
+                              "open_clip config no projection can be added, so the edit cannot be merged exactly.")
+    vision.update(timm_proj="linear", timm_proj_bias=False)
     from ..features.backends import backend_for
 
-    weight, bias, in_out = backend_for(model.visual).merge_target()
-    if not weight:
-        raise RefineClipError("This image tower ends in a nonlinear layer (the map pool's MLP) and has no projection, "
-                              "so the edit cannot be merged exactly into its weights; apply it to the embeddings instead.")
-    return weight, bias, in_out
+    return {**dict(config), "vision_cfg": vision}, "visual.head.proj.weight", backend_for(model.visual).info.embed_dim
 
 
 ExportFormat = Literal["auto", "open_clip", "hf"]
@@ -75,7 +82,8 @@ def resolve_export_format(source_checkpoint: str | os.PathLike | None, fmt: str 
 
 
 def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.nn.Module, refined: RefinedMap,
-                      out_path: str | os.PathLike, fmt: ExportFormat = "auto", roots=None) -> Path:
+                      out_path: str | os.PathLike, fmt: ExportFormat = "auto", roots=None,
+                      config: Mapping[str, Any] | None = None) -> Path:
     """Write the edited model's weights (the last linear layer merged, see the module docstring) atomically.
 
     ``fmt`` (see :func:`resolve_export_format`): ``open_clip`` writes ``.safetensors`` or a torch
@@ -89,7 +97,9 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
     that can flip borderline predictions. With ``roots`` (a dashboard model's) the source is read
     only inside those folders (loading/confine.py); a transformers export copies only the config and
     tokenizer files it needs, never through a link leaving ``roots`` (or, without ``roots``, the
-    source folder: :func:`~refineclip_core.loading.hf_clip.export_roots`).
+    source folder: :func:`~refineclip_core.loading.hf_clip.export_roots`). ``config`` (the model's
+    open_clip config) is needed only by a tower without a layer to merge into (SigLIP; see the
+    module docstring): the edited config is written beside the weights (``<out>.json``).
     """
     out_path = Path(out_path)
     fmt = resolve_export_format(source_checkpoint, fmt)
@@ -101,7 +111,15 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
         state = read_state_dict(source_checkpoint, roots)
     else:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    w_key, b_key, in_out = _merge_keys(model) if model is not None else ("visual.proj", None, True)
+    from ..features.backends import backend_for
+
+    w_key, b_key, in_out = backend_for(model.visual).merge_target() if model is not None else ("visual.proj", None, True)
+    new_config = None
+    if not w_key:
+        new_config, w_key, width = _with_projection(model, config)
+        if fmt == "hf":
+            raise RefineClipError("A tower without projection is exported in open_clip format only (use --export-format open_clip).")
+        state[w_key] = torch.eye(width, dtype=torch.float32)
     if w_key not in state:
         raise RefineClipError(f"The checkpoint has no '{w_key}' to merge the refinement into.")
     proj = state[w_key]
@@ -123,8 +141,8 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
         torch.save(state, buf)
         data = buf.getvalue()
     atomic_write_bytes(out_path, data)
-    if converted is not None:  # open_clip needs the architecture too: the converted config, beside the weights
-        atomic_write_json(out_path.with_suffix(".json"), converted.config)
+    if converted is not None or new_config is not None:  # open_clip needs the architecture too, beside the weights
+        atomic_write_json(out_path.with_suffix(".json"), new_config if new_config is not None else converted.config)
     return out_path
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
 from ..inspection.diagnosis import Diagnosis
-from ..loading.models import LoadedModel, ModelSpec, load_model
+from ..loading.models import LoadedModel, ModelSpec, load_model, resolve_model
 from ..method.ablation import AblationEngine
 from ..method.comparison import MethodReport
 from .concept import resolve_concept
@@ -74,7 +74,8 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
         (progress or silent)("Exporting the merged checkpoint", 0, 1)
         loaded = loaded or load_model(spec)
         checkpoint = export_checkpoint(spec.resolved().checkpoint, loaded.model, outcome.refinement.refined,
-                                       export_to, export_format, roots=spec.roots)
+                                       export_to, export_format, roots=spec.roots,
+                                       config=resolve_model(spec).open_clip_config())
     args = dict(model=spec.to_dict(), data_root=data_root, checkpoint=checkpoint, extra=extra, diagnosis=diagnosis,
                 verdict=verdict, warnings=sanity_warnings(cache, ident, demo_data=demo_data))
     run = EditRun(outcome, checkpoint, build_run_report(cache, ident, engine, outcome, **args), verdict,
