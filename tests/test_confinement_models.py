@@ -224,6 +224,10 @@ def test_tokenizer_paths_and_remote_code_in_a_config_are_refused(world, confined
                                            "tokenizer_kwargs": {"trust_remote_code": True}}, "vision_cfg": {}}, roots)
     with pytest.raises(OutsideRootsError):
         check_config_sources({"text_cfg": {}, "vision_cfg": {"timm_model_name": f"local-dir:{world['outside']}"}}, roots)
+    with pytest.raises(RefineClipError, match=f"SigLIP vocabulary.*{HUB_ENV}=1"):  # open_clip's choice by name
+        check_config_sources({"text_cfg": {}, "vision_cfg": {}}, roots, name="my-siglip-model")
+    with pytest.raises(OutsideRootsError):  # a pretrained file beside the working directory, outside the roots
+        check_spec_sources("tiny-vit", None, None, "weights.pt", roots)
     inside = world["allowed"] / "tok"
     inside.mkdir(exist_ok=True)
     check_config_sources({"text_cfg": {"hf_tokenizer_name": str(inside)}, "vision_cfg": {}}, roots)  # allowed

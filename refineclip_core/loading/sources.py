@@ -125,8 +125,12 @@ def check_config_sources(cfg: Mapping[str, Any], roots: Sequence[Path] | None, n
     timm_name = vision.get("timm_model_name")
     if isinstance(timm_name, str) and timm_name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
         check_hf_name(timm_name, roots, f"{what}'s vision_cfg.timm_model_name")
-    if "siglip" in str(name).lower() and not text.get("hf_tokenizer_name"):
-        check_hub("timm/ViT-B-16-SigLIP", f"{what}'s SigLIP tokenizer (chosen by open_clip from the name '{name}')")
+    if "siglip" in str(name).lower() and not text.get("hf_tokenizer_name") and not hub_allowed():
+        raise RefineClipError(f"The model name '{str(name)[:100]}' contains 'siglip' and its config names no tokenizer, "
+                              "so open_clip would download a SigLIP vocabulary from storage.googleapis.com; this "
+                              f"server does not download unless started with {HUB_ENV}=1 (name a tokenizer folder "
+                              "inside the allowed folders in text_cfg.hf_tokenizer_name, or give the config a name "
+                              "without 'siglip' if it uses CLIP's tokenizer).")
 
 
 def check_spec_sources(name: str, checkpoint: str | None, model_config: str | None, pretrained: str | None,
@@ -144,5 +148,5 @@ def check_spec_sources(name: str, checkpoint: str | None, model_config: str | No
     for what, path in (("checkpoint", checkpoint), ("model config", model_config)):
         if path:
             check_path(path, roots, f"{owner} {what}")
-    if pretrained and (os.sep in pretrained or pretrained.startswith((".", "~"))):  # a file, not a tag
+    if pretrained and (os.sep in pretrained or "." in pretrained or pretrained.startswith("~")):  # a file, not a tag
         check_path(pretrained, roots, f"{owner} pretrained file")
