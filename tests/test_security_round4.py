@@ -43,6 +43,13 @@ def undecodable(tmp_path_factory) -> Path:
     return _write_undecodable(tmp_path_factory.mktemp("undecodable") / "data")
 
 
+@pytest.fixture(scope="module")
+def undecodable_cache(undecodable, tmp_path_factory) -> Path:
+    cache = tmp_path_factory.mktemp("undecodable-cache") / "cache"
+    assert main(["extract", "--model", "demo", "--data", str(undecodable), "--out", str(cache), "--layers", "2"]) == 0
+    return cache
+
+
 def _all_text(path: Path) -> str:
     text = path.read_bytes().decode("utf-8")  # strict: a file someone opens must be valid UTF-8
     if path.suffix in (".json", ".csv"):  # (the HTML inlines plotly.js, whose regexes name surrogates)
@@ -67,9 +74,8 @@ def test_names_are_decoded_and_marked_at_the_edge_the_real_path_kept(undecodable
         assert os.path.isfile(os.fsencode(r.path))   # and the real file still opens
 
 
-def test_every_cli_command_runs_on_undecodable_names(undecodable, tmp_path, capsys):
-    cache = tmp_path / "cache"
-    assert main(["extract", "--model", "demo", "--data", str(undecodable), "--out", str(cache), "--layers", "2"]) == 0
+def test_every_cli_command_runs_on_undecodable_names(undecodable, undecodable_cache, tmp_path, capsys):
+    cache = undecodable_cache
     out = tmp_path / "run"
     rc = main(["refine", "--cache", str(cache), "--out", str(out / "ckpt"), "--no-baselines", "--resamples", "2",
                "--json", str(out / "run.json"), "--html", str(out / "run.html"), "--csv", str(out / "rows.csv")])
@@ -291,3 +297,23 @@ def test_each_server_counts_and_sweeps_only_its_own_upload_folders(upload_tmp, m
         os.utime(folder / ALIVE_FILE, (old, old))
     assert sorted(sweep_upload_dirs(max_age=600)) == sorted([stopped, mine])
     assert running.is_dir() and not stopped.exists() and not mine.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# also observed: a 120,000-character concept is refused naming the concept text, not a class name
+
+def test_an_overlong_concept_text_is_refused_as_a_concept_text(undecodable_cache, capsys, tmp_path):
+    from refineclip_core.edit.concept import ConceptConfig
+    from refineclip_core.errors import RefineClipError
+
+    with pytest.raises(RefineClipError, match=r"The concept text 'xxxx.*' is 120,000 characters long; concept texts "
+                                              r"are limited to 300 characters"):
+        ConceptConfig(texts=("x" * 120_000,))
+    with pytest.raises(RefineClipError, match="'versus' concept text"):
+        ConceptConfig(texts=("water",), versus=("y" * 301,))
+    assert ConceptConfig(texts=("w" * 300,)).texts == ("w" * 300,)
+    capsys.readouterr()
+    rc = main(["refine", "--cache", str(undecodable_cache), "--out", str(tmp_path / "x"), "--remove-concept",
+               "x" * 120_000])
+    err = capsys.readouterr().err
+    assert rc == 2 and "concept text" in err and "class name" not in err and len(err) < 400, err[:300]

@@ -69,6 +69,10 @@ class ConceptConfig:
             raise RefineClipError(f"Unknown concept reference {self.reference!r}; use concepts or classes.")
         if self.words < 1:
             raise RefineClipError(f"Use at least one word of each diagnosed concept, got {self.words}.")
+        from ..loading.data import check_class_name_lengths  # the tokenizer's limit, named for what was typed
+
+        check_class_name_lengths(self.texts, "concept text", "concept texts")
+        check_class_name_lengths(self.versus, "'versus' concept text", "concept texts")
 
     @property
     def active(self) -> bool:

@@ -86,12 +86,13 @@ def _shown_names(names: Sequence[object], k: int = 5) -> str:
     return repr(head)[:-1] + (f", ... ({len(names)} in all)]" if len(names) > k else "]")
 
 
-def check_class_name_lengths(names: Sequence[object], what: str = "class name") -> None:
-    """Refuse, in one sentence, any name longer than :data:`MAX_CLASS_NAME_CHARS`."""
+def check_class_name_lengths(names: Sequence[object], what: str = "class name", kind: str = "class names") -> None:
+    """Refuse, in one sentence, any name longer than :data:`MAX_CLASS_NAME_CHARS` (``what`` names one,
+    ``kind`` them all: "concept text", "concept texts" for a concept to remove)."""
     for name in names:
         text = str(name)
         if len(text) > MAX_CLASS_NAME_CHARS:
-            raise DataError(f"The {what} '{text[:40]}...' is {len(text):,} characters long; class names are limited "
+            raise DataError(f"The {what} '{text[:40]}...' is {len(text):,} characters long; {kind} are limited "
                             f"to {MAX_CLASS_NAME_CHARS} characters (CLIP reads at most 77 tokens of a prompt).")
 
 
