@@ -26,6 +26,8 @@ read_link()        # a reload or a shared link: the URL's data, settings and hea
 ensure_source()
 apply_link()
 sidebar()
+write_link()       # the view so far goes into the URL before the page runs (a page that ends early with st.stop,
+                   # e.g. Refine before its first run, keeps its pair, samples, heads and method in the URL)
 try:
     page.run()
 except Exception as exc:  # last resort: a short message, never a traceback

@@ -25,14 +25,11 @@ from refineclip_core.reporting.figures import group_profile_figure
 from refineclip_core.reporting.tables import verdict_rows
 from refineclip_core.loading.data import ImageDataset
 from refineclip_core.loading.hf_clip import zip_folder
-from refineclip_core.session.caches import cache_source
-from refineclip_core.session.recent import recent_items, remove_item
 from refineclip_core.session.source import Source
 
 from . import resources
 from .registry import PAGES
-from .state import (Key, ablate_heads, get, protocol, put, read_roots, set_ablate_heads, set_inspect_head, set_source,
-                    was_made_here)
+from .state import Key, ablate_heads, get, protocol, put, set_ablate_heads, set_inspect_head
 from .widgets import Ready, guard, link, metric_ci, plain, table
 
 
@@ -317,31 +314,6 @@ def checkpoint_download(col, checkpoint: Path | None, exported: str, verdict: Ed
                             help="open_clip.create_model(name, pretrained=<this file>) loads the edited model.")
     else:
         col.caption("The exported checkpoint is gone (temporary files were cleaned); run the refinement again.")
-
-
-def recent_panel() -> None:
-    """The home folder's image folders, feature caches and runs, newest first, with sizes: open a cache
-    or a run's cache with one click (only what this session may read), remove what this session made."""
-    items = recent_items(roots=read_roots())
-    with st.expander(f"Recent folders, caches and runs in the home folder ({len(items)})", expanded=False):
-        if not items:
-            st.caption("Nothing yet: extracted caches, demo images and refinement runs appear here.")
-        for i, item in enumerate(items[:30]):
-            c = st.columns([1, 6, 1.2, 1.2, 1])
-            c[0].markdown(f"**{item.kind}**")
-            c[1].caption(plain(f"{item.label} · {item.path}"))
-            c[2].caption(f"{item.bytes / 1e6:,.1f} MB · {item.age()}")
-            if item.kind == "cache" and c[3].button("Open", key=f"load_recent_open_{i}"):
-                with guard("Opening the feature cache"):
-                    set_source(cache_source(item.path, read_roots()))
-                    st.rerun()
-            if not was_made_here(item.path):
-                c[4].caption("shared", help="Made by another session (or before this one): open it, but only the "
-                                            "session that made it can remove it.")
-            elif c[4].button("Remove", key=f"load_recent_rm_{i}", help="Delete it from the home folder"):
-                with guard("Removing it"):
-                    remove_item(item.path, roots=read_roots())
-                    st.rerun()
 
 
 def _on_map_click(key: str) -> None:

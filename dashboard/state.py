@@ -85,6 +85,7 @@ class Key:
     URL_READ = SessionKey("url_read")              # the URL's view was read on this session's first run
     URL_PENDING = SessionKey("url_pending")        # the URL's query parameters, until a source is there to apply them to
     URL_REFUSED = SessionKey("url_refused")        # why the URL's feature cache could not be opened by this session
+    OPENED_RUN = SessionKey("load_opened_run")      # a run reopened from the Load page's Recent list (its path)
     MADE_HERE = SessionKey("made_here")            # home-folder caches and runs this session wrote (it may remove them)
 
     @staticmethod
@@ -132,14 +133,58 @@ def set_refine(run: Any, keep_confirm: bool = False) -> None:
 
 
 def made_here(path: str | Path) -> None:
-    """Remember that this session wrote ``path`` (a cache or a saved run) in the home folder."""
-    put(Key.MADE_HERE, sorted({*get(Key.MADE_HERE, []), str(Path(path).resolve())}))
+    """Remember that this session (and its browser, across reloads) wrote ``path`` (a cache or a saved run)."""
+    resolved = str(Path(path).resolve())
+    put(Key.MADE_HERE, sorted({*get(Key.MADE_HERE, []), resolved}))
+    owner = owner_id()
+    if owner is not None:
+        _OWNER_MADE.setdefault(owner, set()).add(resolved)
 
 
 def was_made_here(path: str | Path) -> bool:
-    """Whether this session wrote ``path``: only then does the Load page offer to remove it (a shared
-    cache or run of another session stays; removing it would take it from them)."""
-    return str(Path(path).resolve()) in get(Key.MADE_HERE, [])
+    """Whether this session, or an earlier session of the same browser (a reload), wrote ``path``: only
+    then does the Load page offer to remove it (a shared cache or run of another session stays; removing
+    it would take it from them)."""
+    resolved = str(Path(path).resolve())
+    owner = owner_id()
+    return resolved in get(Key.MADE_HERE, []) or (owner is not None and resolved in _OWNER_MADE.get(owner, ()))
+
+
+#: The browser cookie whose secret keys a browser's own files across reloads (Streamlit's XSRF token:
+#: per browser, sent with every request, never in the URL; absent when XSRF protection is off).
+OWNER_COOKIE = "_streamlit_xsrf"
+#: This server's memory of each browser's upload folder and of what it wrote (owner id → …): a reload
+#: opens a new session, which finds them here (``owner_id``); nothing of it is written to disk.
+_OWNER_FOLDERS: dict[str, str] = {}
+_OWNER_MADE: dict[str, set[str]] = {}
+
+
+def owner_from_cookie(cookie: str | None) -> str | None:
+    """The owner id (a hash) of a browser from its XSRF cookie: ``2|mask|masked token|time``,
+    the token unmasked (the mask changes on every page load, the token does not); None when absent or
+    malformed."""
+    import binascii
+    import hashlib
+
+    parts = (cookie or "").strip("\"'").split("|")
+    if len(parts) < 3 or parts[0] != "2":
+        return None
+    try:
+        mask, masked = binascii.a2b_hex(parts[1]), binascii.a2b_hex(parts[2])
+    except (binascii.Error, ValueError):
+        return None
+    if not mask or len(masked) < 16:
+        return None
+    token = bytes(b ^ mask[i % len(mask)] for i, b in enumerate(masked))
+    return hashlib.sha256(b"refineclip-owner\0" + token).hexdigest()[:32]
+
+
+def owner_id() -> str | None:
+    """This browser's owner id (:func:`owner_from_cookie`), or None (no cookie: a test, XSRF off)."""
+    try:
+        return owner_from_cookie(st.context.cookies.get(OWNER_COOKIE))
+    except Exception:   # no browser behind this session
+        return None
 
 
 def get_source() -> Source | None:
@@ -197,16 +242,27 @@ def set_ticked_heads(heads: Iterable[HeadId]) -> None:
 
 
 class _SessionFolder:
-    """Owns one session's private temporary folder; removing it when the session's state is
-    garbage-collected (the browser session ended)."""
+    """Owns one session's private temporary folder. A browser with an owner id (:func:`owner_id`) keeps
+    one folder across reloads (each reload is a new session: it finds the folder again, so its uploads,
+    their caches and its runs stay its own); it is removed by the sweep once no session of that browser
+    has used it for ``REFINECLIP_UPLOAD_TTL`` seconds. Without an owner id the folder is removed when the
+    session's state is garbage-collected (the browser session ended)."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str | None = None) -> None:
         import weakref
 
-        from refineclip_core.loading.uploads import cleanup_upload_dir, session_upload_dir
+        from refineclip_core.loading.uploads import cleanup_upload_dir, session_upload_dir, touch_upload_dir
 
-        self.path = session_upload_dir()
-        weakref.finalize(self, cleanup_upload_dir, str(self.path))
+        known = _OWNER_FOLDERS.get(owner) if owner is not None else None
+        if known is not None and Path(known).is_dir():
+            self.path = Path(known)
+            touch_upload_dir(self.path)
+        else:
+            self.path = session_upload_dir()
+            if owner is not None:
+                _OWNER_FOLDERS[owner] = str(self.path)
+        if owner is None:
+            weakref.finalize(self, cleanup_upload_dir, str(self.path))
 
 
 _last_sweep = [0.0]
@@ -233,11 +289,11 @@ def keep_session_alive() -> None:
 
 def session_dir() -> Path:
     """This browser session's private temporary folder (uploads, exported checkpoints)."""
-    owner = get(Key.SESSION_FOLDER)
-    if owner is None or not Path(owner.path).is_dir():
-        owner = _SessionFolder()
-        put(Key.SESSION_FOLDER, owner)
-    return Path(owner.path)
+    folder = get(Key.SESSION_FOLDER)
+    if folder is None or not Path(folder.path).is_dir():
+        folder = _SessionFolder(owner_id())
+        put(Key.SESSION_FOLDER, folder)
+    return Path(folder.path)
 
 
 def read_roots() -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from refineclip_core.method.verification import verify_on_images
 from refineclip_core.method.evaluation import accuracy_report, rows_mask
 from dashboard.panels import sanity_panel
 from dashboard.registry import page
+from dashboard.urlstate import write_link
 from dashboard.state import Key, ablate_heads, get, put, read_roots, set_ticked_heads, ticked_heads
 from dashboard.widgets import (comparison_table, guard, image_grid, link, metric_ci, plain, require_ready,
                                show_exception, table)
@@ -71,6 +72,7 @@ def _panel() -> None:
             cols[h + 1].checkbox(f"H{h}", key=Key.toggle(HeadId(layer, h)))
     heads = [h for h in all_heads if get(Key.toggle(h))]
     set_ticked_heads(heads)
+    write_link()   # a fragment's rerun skips the app's own: the ticks reach the URL at once (a reload keeps them)
 
     mask = ident.eval_mask if scope == "held-out images" else rows_mask(len(labels))
     base = accuracy_report(eng.base_predictions, labels, classes, cache.groups, cache.group_names, mask)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
-
 import pandas as pd
 import streamlit as st
 
@@ -16,7 +13,8 @@ from refineclip_core.session.locking import extract_locked
 from dashboard import resources
 from dashboard.forms import cache_form, extraction_options, images_form, model_form
 from dashboard.jobs import start_job
-from dashboard.panels import findings_panel, recent_panel, scan_summary
+from dashboard.panels import findings_panel, scan_summary
+from dashboard.recent_view import recent_panel
 from dashboard.registry import page
 from dashboard.state import Key, drop, get, get_source, made_here, put, read_roots, session_dir, set_source
 from dashboard.widgets import follow_job, guard, plain, require_ready, show_exception
@@ -68,7 +66,7 @@ def load_panel() -> None:
     exact, store = extraction_options()
     if st.button("Extract features", type="primary", key="load_extract_btn"):
         try:
-            loaded = resources.model(json.dumps(asdict(spec), sort_keys=True))
+            loaded = resources.model(spec.key())
             source, cfg = plan_source(scanned, spec, loaded.model_name, layers, names["class name"].tolist(),
                                       templates.splitlines(), exact, store, private_dir=session_dir())
         except Exception as exc:

@@ -684,7 +684,8 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     assert "Per class" in page and "refineclip-diag" in page and "x.safetensors" in page
     assert f"(n={len(ident.eval_rows)})" in page
     verdict = back["verdict"]
-    assert verdict["status"] in ("verified", "not-verified", "harmful") and html.escape(verdict["summary"]) in page
+    assert verdict["status"] in ("verified", "not-verified", "harmful") and html.escape(verdict["sentence"]) in page
+    assert all(html.escape(d) in page for d in verdict["details"])      # the details, under the one sentence
     assert all(html.escape(u["name"]) in page for u in verdict["groups"] + verdict["classes"])
     json_path, html_path = write_report(back, tmp_path / "out")
     assert json.loads(json_path.read_text()) == back
@@ -1100,3 +1101,98 @@ def test_no_page_fails_on_a_crafted_link(home, demo_spec, app, query):
     for name in ("errors", "heads", "inspector", "load"):
         open_page(at, name)
     assert not set(at.query_params.keys()) & set(query)    # the bad values left the URL (a reload is clean)
+
+
+# ------------------------------------------------------------------------------------------------
+# Nothing lost on reload (issue 33 item 5)
+
+def test_the_owner_id_is_the_browsers_xsrf_secret_never_its_mask():
+    """Streamlit re-masks its XSRF token on every page load; the owner id must follow the token (same browser
+    across reloads), not the mask, and differ between browsers (cookies written by Streamlit's own code)."""
+    import os
+
+    from streamlit.web.server.starlette.starlette_app_utils import generate_xsrf_token_string
+
+    from dashboard.state import owner_from_cookie
+
+    def cookie(token: bytes) -> str:
+        return generate_xsrf_token_string(token)
+
+    a, b = os.urandom(16), os.urandom(16)
+    ids = {owner_from_cookie(cookie(a)) for _ in range(5)}
+    assert len(ids) == 1 and None not in ids
+    assert owner_from_cookie(cookie(b)) not in ids
+    for bad in (None, "", "1|00|00|0", "2|zz|00|0", "2|01020304|0011", "x" * 5000):
+        assert owner_from_cookie(bad) is None
+
+
+def test_a_reload_keeps_the_browsers_uploads_runs_and_view(home, demo_spec, app, monkeypatch):
+    """A reload is a new session: with the same browser (owner id) it finds the same upload folder and may
+    remove what the browser made; another browser sees it as shared. Refine's method and head source and
+    Ablate's ticks are in the URL before anything runs; a run reopens from Recent with its verdict."""
+    from dashboard import state
+    from refineclip_core.session.recent import save_run
+
+    from dashboard.urlstate import link_params
+
+    monkeypatch.setattr(state, "owner_id", lambda: "browser-a")
+    first = fresh_app(demo_spec)
+    first.run()
+    first = open_page(first, "load")       # the Recent list opens this browser's upload folder
+    folder = first.session_state["_session_folder"].path
+    # (AppTest runs a switched-to page without app.py, so the URL the app writes is checked in the browser
+    # tests; here the URL that view is written as is reloaded)
+    first.session_state["ref_method"] = "paper"
+    first.session_state["ref_from"] = "protocol"
+    first.query_params.update(link_params(None, {}, None, None, method="paper", head_source="protocol"))
+    run = save_run(json.dumps({"exported": "refineclip-diag", "model_name": "m", "pairs": [["a", "b"]],
+                               "verdict": {"status": "not-verified", "summary": "too few images"},
+                               "data": {"root": str(home), "cache": first.session_state["source"].cache_dir}}),
+                   "refineclip-diag", home)
+    first.session_state["made_here"] = [str(run.resolve())]
+    state._OWNER_MADE.setdefault("browser-a", set()).add(str(run.resolve()))
+    # F5: a new session of the same browser, opened on the URL the first one wrote
+    again = fresh_app(demo_spec)
+    for k in first.query_params.keys():
+        again.query_params[k] = first.query_params[k]
+    again.run()
+    again.run()
+    assert_clean(again)
+    assert again.session_state["_session_folder"].path == folder
+    again = open_page(again, "refine")
+    assert again.radio(key="ref_method").value == "paper"
+    again = open_page(again, "load")
+    captions = [c.value.replace("\\", "") for c in again.caption]
+    assert any(c.startswith("refineclip-diag of m") and str(run) in c for c in captions)   # the newest: first
+    assert any(b.key == "load_recent_rm_0" for b in again.button)          # still its owner after the reload
+    again.button(key="load_recent_open_0").click().run()
+    assert_clean(again)
+    assert any("not-verified" in w.value.replace("\\", "") for w in again.warning)
+    assert {"load_run_json", "load_run_html", "load_run_csv"} <= {b.key for b in again.get("download_button")}
+    # another browser: its own folder, and the run is shared (no Remove)
+    monkeypatch.setattr(state, "owner_id", lambda: "browser-b")
+    other = fresh_app(demo_spec)
+    other.run()
+    other = open_page(other, "load")
+    assert other.session_state["_session_folder"].path != folder
+    assert not [b for b in other.button if b.key == "load_recent_rm_0"]
+
+
+def test_ablate_ticks_are_in_the_url(home, demo_spec, app):
+    at = fresh_app(demo_spec)
+    at.run()
+    at = open_page(at, "ablate")
+    man = FeatureCache(at.session_state["source"].cache_dir).manifest
+    layer = man.layers[0]
+    box = at.checkbox(key=f"abl_{layer}_0")
+    box.set_value(not box.value).run()
+    ticked = at.session_state["abl_current"]
+    value = at.query_params["ticks"]
+    value = value[0] if isinstance(value, list) else value
+    assert value == ",".join(f"{l}.{h}" for l, h in ticked)
+    reloaded = fresh_app(demo_spec)
+    reloaded.query_params["ticks"] = value
+    reloaded.run()
+    reloaded.run()
+    reloaded = open_page(reloaded, "ablate")
+    assert [list(h) for h in reloaded.session_state["abl_current"]] == [list(h) for h in ticked]

@@ -70,3 +70,16 @@ def test_only_listed_items_are_removed(home, tmp_path):
     remove_item(home / "demo-data-s1-n2", home)
     assert not (home / CACHES / "abc123").exists() and not (home / "demo-data-s1-n2").exists()
     assert recent_items(home) == []
+
+
+def test_a_run_updated_with_more_rows_replaces_its_record(tmp_path):
+    home = tmp_path / "home"
+    first = save_run(json.dumps({"methods": {"reports": {"a": 1}}}), "refineclip-fit", home)
+    again = save_run(json.dumps({"methods": {"reports": {"a": 1, "b": 2}}}), "refineclip-fit", home, replace=first)
+    assert again == first and json.loads(first.read_text())["methods"]["reports"] == {"a": 1, "b": 2}
+    assert len(list((home / RUNS).iterdir())) == 1
+    # a path that is not a run record of this home folder is never overwritten: a new record is written
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text("keep")
+    new = save_run("{}", "x", home, replace=elsewhere)
+    assert new.parent == (home / RUNS).resolve() and elsewhere.read_text() == "keep"
