@@ -310,7 +310,8 @@ def test_disguised_pickle_through_the_cli_is_one_line(tiny_model_files, tmp_path
              "--checkpoint", tmp_path / "evil.bin"]
     assert _run(["extract", *flags, "--data", tmp_path / "d", "--out", tmp_path / "cache"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("refineclip: error:") and "\n" not in err and "could run code" in err
+    # refused before unpickling: a non-zip torch file's memory cannot be checked first (issue 37 item 3)
+    assert err.startswith("refineclip: error:") and "\n" not in err and "not a zip-format torch file" in err
     assert not marker.exists() and not (tmp_path / "cache").exists()
 
 
