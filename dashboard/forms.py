@@ -15,9 +15,10 @@ import streamlit as st
 from refineclip_core.edit.concept import DIAGNOSED, ConceptConfig, diagnosed_concepts
 from refineclip_core.loading.hf_clip import find_hf_checkpoint, hf_folder_in
 from refineclip_core.loading.models import ModelSpec
-from refineclip_core.edit.config import FitConfig
+from refineclip_core.edit.config import METHODS, STRATEGIES, FitConfig
 from refineclip_core.edit.config import DEFAULT_EDIT, EditConfig
 from refineclip_core.edit.config import PaperConfig
+from refineclip_core.edit.guard import MAX_DROP, GuardConfig
 from refineclip_core.loading.confine import allowed_path, default_allowed_roots, read_roots
 from refineclip_core.loading.uploads import save_upload, unpack_upload
 from refineclip_core.session.images import ImagesKind
@@ -170,8 +171,9 @@ def cache_form() -> str | None:
     return str(allowed_path(folder, read_roots(session_dir()))) if folder.strip() else None  # its own caches too
 
 
-def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bool] | None:
-    """The Refine page's settings (defaults: :data:`DEFAULT_EDIT`); ``(config, baselines)`` once submitted.
+def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bool, GuardConfig] | None:
+    """The Refine page's settings (defaults: :data:`DEFAULT_EDIT`, the guard's :data:`MAX_DROP`);
+    ``(config, baselines, guard)`` once submitted.
     The concepts ``diagnosis`` names are prefilled as the concept to remove (off until confirmed).
 
     The exported edit is chosen outside the form so the settings follow it at once: the chosen kind's
@@ -179,8 +181,8 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
     fit_d, paper_d, con_d = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper, DEFAULT_EDIT.concept
     prefill = ", ".join(" / ".join(c) for c in diagnosed_concepts(diagnosis, con_d.words)) if diagnosis else ""
     concept_text, remove, versus = prefill, False, ""     # concept removal is part of RefineCLIP-fit only
-    method = st.radio("Exported edit", ["fit", "paper"], horizontal=True, key="ref_method",
-                      index=["fit", "paper"].index(DEFAULT_EDIT.method),
+    method = st.radio("Exported edit", METHODS, horizontal=True, key="ref_method",
+                      index=METHODS.index(DEFAULT_EDIT.method),
                       format_func=lambda m: {"fit": "RefineCLIP-fit (default)", "paper": "the paper's phase 2"}[m])
     with st.form("ref_form"):
         c = st.columns([3, 1])
@@ -213,14 +215,18 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
                                               "the concepts' own mean (a single word: the class texts').")
         with paper_box:
             p = st.columns(4)
-            strategy = p[0].radio("Map (paper)", ["diag", "full", "lora"], key="ref_strategy", horizontal=True,
-                                  index=["diag", "full", "lora"].index(paper_d.strategy),
+            strategy = p[0].radio("Map (paper)", STRATEGIES, key="ref_strategy", horizontal=True,
+                                  index=STRATEGIES.index(paper_d.strategy),
                                   help="diag: θ ∈ R^d (the paper); full: a d×d matrix; lora: identity + rank-r update.")
             rank = p[0].number_input("LoRA rank (lora only)", 1, 256, paper_d.rank, key="ref_rank")
             alpha = p[1].number_input("α (paper)", 0.0, 1e7, paper_d.alpha, step=1000.0, format="%g", key="ref_alpha")
             beta = p[1].number_input("β (paper)", 0.0, 1e7, paper_d.beta, step=10.0, format="%g", key="ref_beta")
             steps = p[2].number_input("Steps (paper)", 1, 20_000, paper_d.steps, step=100, key="ref_steps")
         seed = c[1].number_input("Seed", 0, 1_000_000, seed, key="ref_seed")
+        max_drop = c[1].slider("Acceptable drop (points)", 1, 20, round(100 * MAX_DROP), key="ref_max_drop",
+                               help="The guard verifies the edit only when no group or class can have lost more "
+                                    "than this (at 95%, all bounds together) and the worst group's gain is above "
+                                    "zero (refineclip refine --max-drop).")
         baselines = c[1].checkbox("Then compare", True, key="ref_baselines",
                                   help="After the exported edit (its verdict and downloads come first), fit in the "
                                        "background the other kind of edit, standard fine-tuning (cross-entropy only), "
@@ -237,7 +243,7 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
                      PaperConfig(strategy=strategy, alpha=float(alpha), beta=float(beta), steps=int(steps),
                                   lr=paper_d.lr, seed=int(seed), rank=int(rank), weight_ce=paper_d.weight_ce),
                      concept)
-    return cfg, bool(baselines)
+    return cfg, bool(baselines), GuardConfig(max_drop=int(max_drop) / 100)
 
 
 def split_phrases(text: str) -> tuple[str, ...]:

@@ -47,14 +47,15 @@ def choose_heads(ident) -> list:
     return options[choice]
 
 
-def start_edit(ready: Ready, ident, cfg, heads, baselines: bool, diagnosis) -> None:
+def start_edit(ready: Ready, ident, cfg, heads, baselines: bool, diagnosis, guard_cfg=None) -> None:
     """Start the exported edit's job (the verdict and checkpoint; the comparison follows it when asked)."""
     src, cache = ready.source, ready.cache
     loaded, out = ready.loaded(), export_path(session_dir(), src.spec, cfg.exported)
     drop(Key.COMPARE_JOB, Key.COMPARE_ERROR)
     put(Key.REFINE_JOB, start_job(f"Fitting {cfg.exported}", lambda progress, cancelled: run_edit(
         cache, ident, ready.engine, cfg, heads, spec=src.spec, export_to=out, loaded=loaded, data_root=src.data_root,
-        baselines=False, progress=progress, cancel=cancelled, diagnosis=diagnosis, demo_data=on_demo(ready)),
+        baselines=False, progress=progress, cancel=cancelled, diagnosis=diagnosis, demo_data=on_demo(ready),
+        guard=guard_cfg),
         baselines=baselines))
 
 

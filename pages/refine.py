@@ -44,7 +44,7 @@ if not heads:
 diag = diagnosis_of(ready, ident, heads)          # leads the run report; its concepts prefill the concept to remove
 submitted = edit_form(seed=protocol().seed, disabled=not heads, diagnosis=diag)
 if submitted is not None:
-    start_edit(ready, ident, submitted[0], heads, submitted[1], diag)
+    start_edit(ready, ident, submitted[0], heads, submitted[1], diag, submitted[2])
 with running_area:   # the code runs here, after the form; its progress and live curves show at the top
     follow_edit(ready, ident)
 

@@ -305,11 +305,13 @@ def test_refine_page_runs_compares_and_offers_downloads(app):
     at.number_input(key="ref_fit_steps").set_value(30)
     at.number_input(key="ref_steps").set_value(30)
     assert at.button[0].label == "Fit RefineCLIP-fit and check it"   # named after what it runs
+    at.slider(key="ref_max_drop").set_value(8)          # the acceptable drop the guard judges by
     at.button[0].click().run()  # the form's submit button
     assert_clean(at)
     # the fix first: the exported edit, its verdict and its downloads, before any compared method
     first = at.session_state["refine"]
     assert not first.compared and set(first.outcome.report.reports) == {"zero-shot", "ablated", "refineclip-fit"}
+    assert first.verdict.config.max_drop == pytest.approx(0.08)
     assert {"ref_dl_json", "ref_dl_html", "ref_dl_csv"} <= {b.key for b in at.get("download_button")}
     assert any(first.verdict.status in e.value for e in [*at.success, *at.warning, *at.error])
     _finish_comparison(at)   # then the compared methods, fitted in the background, fill the table in
