@@ -7,7 +7,10 @@ For each architecture (``open_clip.create_model(name)``, no pretrained tag, noth
 the largest relative error of the sum of parts against ``encode_image`` in float32 and float64
 (Eq. 4), the time of :func:`~refineclip_core.features.decomposition.decompose` with the default
 layers in scope (the last 4) over a plain ``encode_image`` (interleaved, medians, the ratio taken
-within each repetition), and the bytes per image the decomposition holds beyond the forward pass
+within each repetition; on a shared machine the times are noisy, so the ratio of the matrix-multiply
+FLOPs torch's profiler counts is given too: it leaves out the fused attention kernel of the plain
+pass but counts the decomposition's recomputed attention, so it overstates the extra work a little),
+and the bytes per image the decomposition holds beyond the forward pass
 (:meth:`~refineclip_core.features.backends.VisionBackend.capture_bytes_per_image`; towers that pool
 over every token keep every token's terms), which ``extract`` checks against
 ``REFINECLIP_MEMORY_BUDGET`` before it starts.
@@ -65,12 +68,19 @@ def measure(name: str, batch: int, reps: int) -> dict:
             times[kind] = time.perf_counter() - t0
         if r:  # the first repetition warms up
             enc.append(times["enc"]), dec.append(times["dec"]), ratio.append(times["dec"] / times["enc"])
+    flops = {}
+    from torch.profiler import profile
+
+    for kind, run in (("enc", lambda: _encode(model, images)), ("dec", lambda: decompose(model.visual, images, scope))):
+        with profile(with_flops=True) as prof:
+            run()
+        flops[kind] = sum(e.flops for e in prof.key_averages())
     model = model.double()
     err64 = _rel(decompose(model.visual, images.double(), "all").reconstruct(), _encode(model, images.double()))
     return {"name": name, "family": info.family, "pool": info.pool, "layers": info.n_layers, "heads": info.n_heads,
             "tokens": info.n_tokens, "prefix": info.n_prefix_tokens, "err32": err32, "err64": err64,
             "enc_s": statistics.median(enc) / batch, "dec_s": statistics.median(dec) / batch,
-            "ratio": statistics.median(ratio), "bytes": backend.capture_bytes_per_image(scope, 4),
+            "ratio": statistics.median(ratio), "flops": flops["dec"] / flops["enc"], "bytes": backend.capture_bytes_per_image(scope, 4),
             "merge": backend.merge_target()[0] or "none (ends in the map pool's MLP)"}
 
 
@@ -84,13 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"batch {args.batch}, {args.reps} repetitions, float32 on {torch.get_num_threads()} CPU threads; "
           "time per image; ratio = decompose (last 4 layers) / encode_image")
     print("| architecture | family, pool | layers x heads, tokens (prefix) | rel. err fp32 | rel. err fp64 (all layers) "
-          "| encode_image | decompose | ratio | bytes / image held | edit merges into |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| encode_image | decompose | time ratio | FLOP ratio | bytes / image held | edit merges into |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.only or ARCHS:
         m = measure(name, args.batch, args.reps)
         print(f"| {m['name']} | {m['family']}, {m['pool']} | {m['layers']} x {m['heads']}, {m['tokens']} ({m['prefix']}) "
               f"| {m['err32']:.1e} | {m['err64']:.1e} | {m['enc_s'] * 1e3:.0f} ms | {m['dec_s'] * 1e3:.0f} ms "
-              f"| {m['ratio']:.2f}x | {m['bytes'] / 2**20:.1f} MiB | {m['merge']} |", flush=True)
+              f"| {m['ratio']:.2f}x | {m['flops']:.2f}x | {m['bytes'] / 2**20:.1f} MiB | {m['merge']} |", flush=True)
 
 
 if __name__ == "__main__":
