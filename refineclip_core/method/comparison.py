@@ -47,6 +47,11 @@ class MethodReport:
         if about is not None:
             self.about[name] = dict(about)
 
+    def copy(self) -> "MethodReport":
+        """A copy whose tables a reader may hold while rows are added to this one (the rows themselves shared)."""
+        return MethodReport(dict(self.reports), dict(self.target_reports), dict(self.locality),
+                            dict(self.target_accuracy), dict(self.predictions), dict(self.labels_used), dict(self.about))
+
     def to_dict(self) -> dict:
         def est(e: Estimate | None) -> dict | None:
             return None if e is None else e.to_dict()
