@@ -23,9 +23,9 @@ from ..method.ltc import PeersConfig
 from ..reporting.findings import labels_used_column, method_summary
 from ..reporting.tables import shown_points
 from ..reporting.run_report import per_image_csv, render_html
-from ..edit.run import EditRun, run_edit
+from ..edit.run import EditRun, compare_run, run_edit
 from . import EXIT_NOT_VERIFIED, EXIT_WORSE
-from .common import add_json_arg, cells_table, emit, positive_int, progress_bar, table, terminal
+from .common import add_json_arg, cells_table, emit, note, positive_int, progress_bar, table, terminal
 from .score import add_protocol_args, heads_text, open_cache, protocol
 
 
@@ -218,10 +218,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_diagnosis:
         loaded = load_model(spec)
         diagnosis = diagnose(cache, ident, load_vocabulary(loaded, args.text_pool), heads, engine)
+    bar = progress_bar("refine", unit="step")
     edit = run_edit(cache, ident, engine, edit_config(args), heads, spec=spec, loaded=loaded, guard=guard_config(args),
-                    export_to=args.out, export_format=args.format, baselines=not args.no_baselines,
-                    progress=progress_bar("refine", unit="step"), extra={"heads_arg": args.heads},
-                    diagnosis=diagnosis, demo_data=on_demo_world(cache.classes))
+                    export_to=args.out, export_format=args.format, baselines=False, progress=bar,
+                    extra={"heads_arg": args.heads}, diagnosis=diagnosis, demo_data=on_demo_world(cache.classes))
+    if not args.no_baselines:    # the fix first: its verdict now (on a terminal), the compared methods after
+        note(f"Guard: {edit.verdict.status} — {edit.outcome.exported} (exported). {edit.verdict.sentence()} "
+             "Fitting the compared methods next.")
+        edit = compare_run(edit, cache, ident, engine, spec=spec, loaded=loaded, progress=bar)
     if args.html:
         atomic_write_bytes(Path(args.html), render_html(edit.report).encode())
     if args.csv:

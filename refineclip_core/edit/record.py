@@ -40,12 +40,14 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
                      outcome: EditOutcome | None = None, *, model: Mapping[str, Any] | None = None,
                      data_root: str | None = None, checkpoint: Path | None = None,
                      extra: Mapping[str, Any] | None = None, diagnosis: Diagnosis | None = None,
-                     verdict: EditVerdict | None = None, warnings: Sequence[SanityWarning] = ()) -> dict:
+                     verdict: EditVerdict | None = None, warnings: Sequence[SanityWarning] = (),
+                     merged_into: str | None = None) -> dict:
     """Everything about one run, JSON-safe: what was loaded, which rows, which heads, the
     scores and curves behind the choice (Eq. 6-10), the diagnosis of what removing the heads
     takes out (:mod:`~refineclip_core.inspection.diagnosis`, when given), the refinement (Eq. 11-13),
     every compared method's accuracies (``methods``, name → report) and which of them was
-    ``exported`` to ``checkpoint``."""
+    ``exported`` to ``checkpoint`` (``merged_into``: the state-dict key the edit was merged into, from the
+    model's backend; ``visual.proj`` when not given)."""
     import torch
 
     from .. import __version__
@@ -113,7 +115,7 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         report["checkpoint"] = {"file": ckpt.name, "format": "hf" if folder else "open_clip",
                                 "bytes": sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file()) if folder
                                 else ckpt.stat().st_size,
-                                "merged_into": "visual_projection.weight" if folder else "visual.proj"}
+                                "merged_into": "visual_projection.weight" if folder else (merged_into or "visual.proj")}
     if extra:
         report["extra"] = dict(extra)
     return json_safe(report)

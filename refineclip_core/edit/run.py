@@ -25,6 +25,7 @@ from ..progress import CancelFn, Progress, silent
 from .compare import EditOutcome, fit_compared, fit_edit
 from .config import DEFAULT_EDIT, EditConfig
 from .export import ExportFormat, export_checkpoint
+from ..features.backends import backend_for
 from .guard import EditVerdict, GuardConfig, assess_edit
 from .record import build_run_report
 from .sanity import sanity_warnings
@@ -77,7 +78,8 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
                                        export_to, export_format, roots=spec.roots,
                                        config=resolve_model(spec).open_clip_config())
     args = dict(model=spec.to_dict(), data_root=data_root, checkpoint=checkpoint, extra=extra, diagnosis=diagnosis,
-                verdict=verdict, warnings=sanity_warnings(cache, ident, demo_data=demo_data))
+                verdict=verdict, warnings=sanity_warnings(cache, ident, demo_data=demo_data),
+                merged_into=None if checkpoint is None else backend_for(loaded.model.visual).merge_target()[0])
     run = EditRun(outcome, checkpoint, build_run_report(cache, ident, engine, outcome, **args), verdict,
                   record_args=args)
     if baselines:
