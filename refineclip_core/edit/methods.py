@@ -295,14 +295,14 @@ def _paper_applies(strategy: str) -> Callable[[Any, Any], bool]:
 
 METHODS: tuple[Method, ...] = (
     Method("zero-shot", "zero-shot", "#7f7f7f", Needs(), "the model as it is", _zero_shot, compared=False),
-    Method("ablated", "ablation of the chosen heads", "#ff7f0e", Needs(class_labels=True),
+    Method("ablated", "ablation of the chosen heads", "#ff7f0e", Needs(class_labels=True, images=True),
            "the chosen heads removed (Eq. 5; not a checkpoint)", _ablated, compared=False),
     Method("refineclip-fit", "RefineCLIP-fit", "#2e7d32", Needs(class_labels=True, images=True),
            "the ablated model distilled into visual.proj on the unlabelled images", _refineclip_fit(True)),
     Method(CONCEPT_KEPT, "RefineCLIP-fit, concept kept", "#81c784", Needs(class_labels=True, images=True),
            "the same fit without the concept removal", _refineclip_fit(False),
            applies=lambda cfg, concept: concept is not None),
-    *(Method(key, f"paper phase 2 ({s})", "#c2185b", Needs(class_labels=True),
+    *(Method(key, f"paper phase 2 ({s})", "#c2185b", Needs(class_labels=True, images=True),
              f"the paper's Eq. 13 ({s}) on the labelled samples", _paper, applies=_paper_applies(s))
       for s, key in PAPER_KEYS.items()),
     Method("standard-finetune", "standard fine-tuning (CE only)", "#1f77b4", Needs(class_labels=True),
