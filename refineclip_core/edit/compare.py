@@ -47,10 +47,6 @@ class EditOutcome:
         """The exported edit's fitted map."""
         return self.results[self.exported]
 
-    @property
-    def finetune(self) -> RefinementResult | None:
-        return self.results.get("standard-finetune")
-
     def add(self, cache: FeatureCache, key: str, fitted: Fitted) -> None:
         """One fitted row: its predictions and accuracies, the labels it used, its map when it has one."""
         self.report.add(cache, self.identification, key, fitted.predictions, fitted.used.to_dict(), about(key))
