@@ -396,3 +396,16 @@ def test_the_load_page_is_no_existence_oracle(home, demo_spec, tiny_model_files,
         assert at.session_state["source"] is None or at.session_state["source"].is_demo
     finally:
         shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_a_local_dir_models_fingerprint_covers_its_files(world, tmp_path, monkeypatch):
+    monkeypatch.delenv("REFINECLIP_ALLOWED_ROOTS", raising=False)
+    folder = tmp_path / "ld"
+    shutil.copytree(world["secret"], folder)
+    spec = ModelSpec(f"local-dir:{folder}")
+    before = spec.fingerprint()
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "open_clip_model.safetensors"))
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, str(folder / "open_clip_model.safetensors"))
+    assert spec.fingerprint() != before  # new weights under the same name: another model

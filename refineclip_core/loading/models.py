@@ -104,7 +104,8 @@ class ModelSpec:
         h = hashlib.sha256()
         h.update(json.dumps({k: v for k, v in asdict(spec).items() if k not in ("device", "roots")},
                             sort_keys=True).encode())
-        for path in (*_checkpoint_files(spec.checkpoint, spec.roots), spec.model_config):
+        local = _local_dir_files(spec.name) if spec.name.startswith(LOCAL_DIR_PREFIX) else ()
+        for path in (*_checkpoint_files(spec.checkpoint, spec.roots), spec.model_config, *local):
             if path and os.path.isfile(path):
                 h.update(file_digest(path, spec.roots).encode())
         return h.hexdigest()[:16]
@@ -295,14 +296,18 @@ _LOCAL_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.sa
                       "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 
 
+def _local_dir_files(name: str) -> tuple[Path, Path | None]:
+    """The config and the weights (None: none there) of a ``local-dir:<folder>`` name."""
+    folder = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser()
+    return folder / "open_clip_config.json", next((folder / w for w in _LOCAL_DIR_WEIGHTS if (folder / w).is_file()), None)
+
+
 def _local_dir_plan(spec: ModelSpec, roots) -> ModelPlan:
     """A ``local-dir:<folder>`` name (open_clip's ``open_clip_config.json`` plus weights) read as a
     config and a checkpoint of ours, so it is sized, confined and read like any other."""
-    folder = Path(spec.name[len(LOCAL_DIR_PREFIX):]).expanduser()
-    config = folder / "open_clip_config.json"
+    config, weights = _local_dir_files(spec.name)
     cfg = read_config(config, spec.roots)
     check_config_sources(cfg, roots, spec.name, f"The model config '{config}'")
-    weights = next((folder / w for w in _LOCAL_DIR_WEIGHTS if (folder / w).is_file()), None)
     preprocess = read_config(config, spec.roots, whole=True).get("preprocess_cfg")
     spec = replace(spec, model_config=str(config), checkpoint=str(weights) if weights else None)
     return ModelPlan(spec, spec.name, cfg, preprocess=preprocess if isinstance(preprocess, dict) else {})
