@@ -28,6 +28,7 @@ from refineclip_core.loading.hf_clip import zip_folder
 from refineclip_core.session.source import Source
 
 from . import resources
+from .pairs import HELD_OUT, LABELLED, labelled_rows, pair_count, ranked_pairs
 from .registry import PAGES
 from .state import Key, ablate_heads, get, protocol, put, set_ablate_heads, set_inspect_head
 from .widgets import Ready, guard, link, metric_ci, plain, table
@@ -78,7 +79,13 @@ def findings_panel(ready: Ready) -> None:
     blame = (f"The heads to blame, by {rule}, are **{', '.join(f.heads)}**; {removal} needs no retraining (Eq. 5):"
              if f.heads else "No set of heads beats removing nothing on the labelled samples (pick heads on the "
                              "Heads page, or draw more samples):")
-    st.markdown(f"The model confuses **{plain(f.pair)}** most often ({f.pair_count} held-out images). {blame}")
+    pairs, n_labelled = ranked_pairs(ready, ident.config)
+    a, b = ident.pairs[0]
+    on_labelled = pair_count(ready.engine.base_predictions, ready.cache.labels, labelled_rows(ready.cache, ident.config),
+                             a, b)
+    most = "most often" if pairs and (pairs[0].true, pairs[0].pred) == (a, b) else "(the chosen pair)"
+    st.markdown(f"The model confuses **{plain(f.pair)}** {most}: {on_labelled} of the {n_labelled} {LABELLED}, "
+                f"{f.pair_count} of the {f.n_eval} {HELD_OUT}. {blame}")
     c = st.columns(4)
     metric_ci(c[0], "Zero-shot accuracy", f.accuracy)
     metric_ci(c[1], "… with those heads removed", f.ablated_accuracy, f.accuracy)

@@ -15,9 +15,10 @@ from refineclip_core.reporting.figures import confusion_figure
 from refineclip_core.reporting.findings import accuracy_rows
 from refineclip_core.names import visible
 from dashboard import resources
+from dashboard.pairs import ALL, HELD_OUT, LABELLED, labelled_rows
 from dashboard.panels import heldout_rows, sanity_panel
 from dashboard.registry import page
-from dashboard.state import Key, get, protocol, set_protocol
+from dashboard.state import Key, drop, get, protocol, set_protocol
 from dashboard.widgets import accuracy_frame, image_grid, link, metric_ci, plain, require_ready, table
 
 #: Most classes the confusion matrix shows (a heatmap of 10,000 classes would be 10^8 cells, over 1 GB).
@@ -33,13 +34,17 @@ splits = sorted(set(cache.splits.tolist()) - {""})
 held = heldout_rows(ready)
 if held is not None:   # the same warnings as the Load page (below-chance accuracy, few errors or held-out images)
     sanity_panel(ready, ready.ident())
-HELD = "held-out images (the Load, Ablate and Refine pages' rows)"
-options = ["all images"] + ([HELD] if held is not None else []) + [f"{s} split" for s in splits]
-default = options.index("test split") if "test split" in options else (1 if held is not None else 0)
-scope = st.selectbox("Images to analyse", options, index=default, key="err_scope",
-                     help="Zero-shot predictions need no training, so every labelled image can be analysed.")
-mask = (rows_mask(len(labels)) if scope == "all images" else rows_mask(len(labels), held) if scope == HELD
+HELD = f"{HELD_OUT} (the Load, Ablate and Refine pages' accuracies)"
+LAB = f"{LABELLED} (where the error pair is chosen)"
+options = [LAB, ALL] + ([HELD] if held is not None else []) + [f"{s} split" for s in splits]
+scope = st.selectbox("Images to analyse", options, index=0, key="err_scope",
+                     help="Labelled images: those whose labels the protocol may read; the largest error pair "
+                          "(auto) is counted on them, on every page. Zero-shot predictions need no training, so "
+                          "every image can be analysed.")
+mask = (rows_mask(len(labels), labelled_rows(cache, protocol())) if scope == LAB else rows_mask(len(labels))
+        if scope == ALL else rows_mask(len(labels), held) if scope == HELD
         else cache.splits == scope.removesuffix(" split"))
+scope_words = scope.split(" (")[0]
 rows = np.flatnonzero(mask)
 st.caption(f"This page shows {plain(scope)}: {len(rows)} images."
            + (f" The Load page's findings and the Ablate and Refine pages measure on the {len(held)} held-out "
@@ -84,12 +89,13 @@ if not pairs:
 class_counts = np.bincount(labels[rows], minlength=len(classes))
 table("error-pairs", pd.DataFrame({
     "true class": [classes[p.true] for p in pairs], "predicted as": [classes[p.pred] for p in pairs],
-    "images": [p.count for p in pairs],
+    f"images ({scope_words})": [p.count for p in pairs],
     "share of the class": [p.count / max(class_counts[p.true], 1) for p in pairs]}),
     hide_index=True, height=min(38 * (len(pairs) + 1), 300),
     column_config={"share of the class": st.column_config.NumberColumn(format="percent")})
 
-labels_of = [f"{p.label(classes)}  ({p.count} images)" for p in pairs]
+keys = [f"{p.true}:{p.pred}" for p in pairs]     # stable options (the counts are in the table above, per scope)
+label_of = {k: p.label(classes) for k, p in zip(keys, pairs)}
 current = None
 spec = PairSpec.parse(protocol().pair)
 try:
@@ -106,16 +112,18 @@ index = next((i for i, p in enumerate(pairs) if (p.true, p.pred) == current), 0)
 
 def _choose_pair() -> None:
     """Explain the chosen pair; in both directions while the protocol uses both (its default)."""
-    i = labels_of.index(get(Key.ERROR_PAIR))
+    i = keys.index(get(Key.ERROR_PAIR))
     a, b = pairs[i].true, pairs[i].pred
     both = PairSpec.parse(protocol().pair).both_directions
     set_protocol(pair=pair_spec(a, b, classes) + (f",{pair_spec(b, a, classes)}" if both else ""))
 
 
-choice = st.selectbox("Error pair to explain on the next pages", labels_of, index=index, key=Key.ERROR_PAIR,
-             on_change=_choose_pair, format_func=visible,
+if get(Key.ERROR_PAIR) not in (None, *keys):   # a pair this scope does not have: start from the protocol's
+    drop(Key.ERROR_PAIR)
+choice = st.selectbox("Error pair to explain on the next pages", keys, index=index, key=Key.ERROR_PAIR,
+             on_change=_choose_pair, format_func=lambda k: visible(label_of[k]),
              help="The Heads, Head inspector, Ablate and Refine pages work on this pair (true → predicted).")
-chosen = pairs[labels_of.index(choice)]
+chosen = pairs[keys.index(choice)]
 if spec.automatic and st.button("Use this pair", key="err_use_pair"):
     _choose_pair()
     st.rerun()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from refineclip_core.method.errorsets import error_pairs
+from refineclip_core.method.ablation import MODES
 from refineclip_core.method.protocol import SELECTION_RULES, PairSpec, pair_spec
+from refineclip_core.method.scores import SIMILARITIES
 from refineclip_core.names import visible
 from refineclip_core.reporting.figures import selection_name
 from dashboard import resources
+from dashboard.pairs import LABELLED, ranked_pairs
 from dashboard.registry import page
 from dashboard.state import ablate_heads, inspect_head, protocol, set_ablate_heads, set_protocol
 from dashboard.panels import attribute_panel, sanity_panel, score_maps_panel, stability_panel
@@ -25,10 +27,10 @@ classes = cache.classes
 proto = protocol()
 
 # --- controls ---------------------------------------------------------------------------------
-pairs = error_pairs(eng.base_predictions, cache.labels)
-pair_options = {"auto": "largest error pair (auto)", "both": "largest pair, both directions"}
+pairs, n_labelled = ranked_pairs(ready, proto)      # the one ranking: on the labelled images
+pair_options = {"auto": f"largest error pair on the {LABELLED} (auto)", "both": "largest pair, both directions"}
 for p in pairs:
-    pair_options[pair_spec(p.true, p.pred, classes)] = f"{p.label(classes)} ({p.count} images)"
+    pair_options[pair_spec(p.true, p.pred, classes)] = f"{p.label(classes)} ({p.count} of {n_labelled} {LABELLED})"
 if proto.pair not in pair_options:
     pair_options[proto.pair] = PairSpec.parse(proto.pair).label()
 n_heads_total = len(cache.manifest.layers) * cache.manifest.n_heads
@@ -42,14 +44,14 @@ with st.form("heads_controls"):
     seed = c[2].number_input("Seed", 0, 1_000_000, proto.seed, key="heads_seed")
     top_t = c[3].number_input("Top-T", 1, n_heads_total, min(proto.top_t, n_heads_total), key="heads_top_t",
                               help="Length of each score's candidate list in Alg. 1.")
-    sim = c[4].selectbox("Similarity", ["cosine", "dot"], index=["cosine", "dot"].index(proto.similarity),
+    sim = c[4].selectbox("Similarity", SIMILARITIES, index=SIMILARITIES.index(proto.similarity),
                          key="heads_sim", help="With 'dot', DE_A = −DE_B and DE_C = −DE_D exactly (Proposition 1).")
     rule = c[5].selectbox("Selection", list(SELECTION_RULES), index=SELECTION_RULES.index(proto.selection),
                           key="heads_rule", help="stable: heads ranked by how often the consensus chose them on "
                                                  "resamples of the labelled images, best prefix by utility; consensus: "
                                                  "one ranking from all four scores, best prefix by utility; alg1: the "
                                                  "paper's Algorithm 1 (best of each list).")
-    removal = c[6].selectbox("Ablation", ["mean", "zero"], index=["mean", "zero"].index(proto.ablation),
+    removal = c[6].selectbox("Ablation", MODES, index=MODES.index(proto.ablation),
                              key="heads_ablation", help="How removed heads are replaced: their mean (default) or "
                                                         "zero (the paper's Eq. 5).")
     if st.form_submit_button("Score the heads", type="primary"):
@@ -103,7 +105,9 @@ score_choice = c[0].selectbox("Set from score", avail, index=avail.index(sel.sco
                               key="heads_set_score", format_func=visible)
 cands = sel.candidates[score_choice]
 t_default = sel.t if score_choice == sel.score else 1
-t_choice = c[1].slider("Number of heads t", 1, len(cands), min(t_default, len(cands)), key="heads_set_t")
+# the slider follows the scores it describes: a new scoring (or another score) starts it at the chosen t
+t_key = f"heads_set_t_{abs(hash((resources.protocol_key(ident.config), score_choice))) % 10**9}"
+t_choice = c[1].slider("Number of heads t", 1, len(cands), min(t_default, len(cands)), key=t_key)
 chosen = cands[:t_choice]
 c[2].markdown(f"Set: **{', '.join(str(h) for h in chosen)}**")
 if st.button("Use this set", type="primary", key="heads_use_set"):

@@ -12,6 +12,7 @@ from refineclip_core.reporting.figures import MAX_BOX_POINTS, push_figure
 from refineclip_core.names import visible
 from dashboard import resources
 from dashboard.registry import page
+from dashboard.pairs import ALL, head_push_values
 from dashboard.panels import head_concept_panel, sanity_panel
 from dashboard.state import Key, get, inspect_head, put, read_roots, set_inspect_head
 from dashboard.widgets import guard, image_grid, link, plain, require_ready, show_exception, table
@@ -87,10 +88,11 @@ head_concept_panel(ready, ident, head)
 # --- 2. Push toward the wrong class ---------------------------------------------------------------
 name_a, name_b = plain(classes[a]), plain(classes[b])
 st.subheader(f"Where it pushes toward “{name_b}”")
-st.caption(f"For each image of {name_a}: how much removing this head (Eq. 5) moves it toward {name_a} "
-           f"rather than {name_b}, i.e. Δ(x, {name_a}) − Δ(x, {name_b}) of Eq. 6 with a zero "
-           f"replacement. Positive = the head pushes toward {name_b}.")
-rows, push = resources.head_push_values(src, cache, head, a, b)
+replacement = "its mean over the adaptation images" if ident.config.ablation == "mean" else "zero"
+st.caption(f"For each {name_a} image ({ALL}): how much removing this head (Eq. 5) moves it toward {name_a} "
+           f"rather than {name_b}, i.e. Δ(x, {name_a}) − Δ(x, {name_b}) of Eq. 6 with the replacement the scores "
+           f"use ({replacement}, the protocol's ablation). Positive = the head pushes toward {name_b}.")
+rows, push = head_push_values(ready, ident, head, a, b)
 pred = ready.engine.base_predictions
 groups = [cache.records[r].group or ("misclassified" if pred[r] != a else "correct") for r in rows]
 st.plotly_chart(push_figure(push, groups, classes[b]), key="insp_push")
@@ -99,7 +101,8 @@ if len(push) > MAX_BOX_POINTS:
 order = np.argsort(-push, kind="stable")
 wrong = [i for i in order if pred[rows[i]] == b]   # images of the true class the model calls the wrong class
 st.markdown(f"**Misclassified images ({name_a} → {name_b}) this head pushes hardest toward {name_b}** "
-            f"({len(wrong)} of {len(rows)} {name_a} images are predicted {name_b}; highest push first)")
+            f"({len(wrong)} of the {len(rows)} {name_a} images, counted on {ALL}, are predicted {name_b}; highest "
+            f"push first)")
 
 
 if wrong:

@@ -148,7 +148,13 @@ def test_errors_page_and_choosing_a_pair(app):
     # which rows this page shows, and the Load page's held-out rows one choice away
     scope = at.selectbox(key="err_scope")
     default, held = scope.value, next(o for o in scope.options if o.startswith("held-out images"))
-    _, ident = cache_and_ident(at)
+    cache, ident = cache_and_ident(at)
+    # one definition of the largest error pair: counted on the labelled images, the protocol's own pair first
+    assert default.startswith("labelled images")
+    pairs_df = next(df.value for df in at.dataframe if "predicted as" in df.value.columns)
+    first = (pairs_df["true class"].iloc[0], pairs_df["predicted as"].iloc[0])
+    assert first == (cache.classes[ident.pairs[0][0]], cache.classes[ident.pairs[0][1]])
+    assert "images (labelled images)" in pairs_df.columns
     scope.set_value(held).run()
     assert next(m.value for m in at.metric if m.label == "Images") == str(len(ident.eval_rows))
     assert any(c.value.startswith("This page shows held") for c in at.caption)
@@ -160,9 +166,9 @@ def test_errors_page_and_choosing_a_pair(app):
     pair_box.set_value(choice).run()
     assert_clean(at)
     cache = FeatureCache(at.session_state["source"].cache_dir)
-    true_name, pred_name = choice.split("  (")[0].split(" → ")
-    stored = at.session_state["protocol"]["pair"]          # the default protocol explains both directions
+    true_name, pred_name = choice.split(" → ")       # the options show the pair; the value is its class indices
     a, b = cache.classes.index(true_name), cache.classes.index(pred_name)
+    stored = at.session_state["protocol"]["pair"]          # the default protocol explains both directions
     assert stored in (f"{true_name}:{pred_name},{pred_name}:{true_name}", f"{a}:{b},{b}:{a}")
     at.checkbox(key="err_only_pair").uncheck().run()
     assert_clean(at)
@@ -186,15 +192,23 @@ def test_heads_page_scores_sets_and_handoff(app):
         infos = " ".join(i.value for i in at.info)
         for name, s in ident.scores.items():  # a score's name carries class names: shown as plain text
             assert (f"{plain(name)} is unavailable" in infos) == (name in mine and not s.available), name
-    # recompute with another seed through the form
+    def t_slider():
+        return next(s for s in at.slider if s.label == "Number of heads t")
+
+    if ident.selection.curves and len(ident.selection.candidates[at.selectbox(key="heads_set_score").value]) > 1:
+        t_slider().set_value(1 if t_slider().value != 1 else 2).run()     # the user moves the slider ...
+    # ... then recomputes with another seed through the form: the slider follows the new scores
     at.number_input(key="heads_seed").set_value(3)
     at.button[0].click().run()  # the form's submit button comes first
     assert_clean(at)
     assert at.session_state["protocol"]["seed"] == 3
     _, ident = cache_and_ident(at)
-    # hand a set to the Ablate page
     score = at.selectbox(key="heads_set_score").value
-    t = at.slider(key="heads_set_t").value
+    t = t_slider().value
+    if score == ident.selection.score:
+        assert t == min(ident.selection.t, len(ident.selection.candidates[score]))
+        assert f"picks the first **{ident.selection.t}**" in " ".join(m.value for m in at.markdown)
+    # hand a set to the Ablate page
     at.button(key="heads_use_set").click().run()
     assert_clean(at)
     assert at.session_state["ablate_heads"] == [(h.layer, h.head) for h in ident.selection.candidates[score][:t]]
@@ -228,7 +242,7 @@ def test_head_inspector_textspan_and_gradcam(app):
         at.button(key="insp_cam_set").click().run()
         assert_clean(at)
         assert len(at.image) == n_imgs_before + 3 * len(chosen)
-        assert any(f"the {len(ident.heads)} blamed heads →" in (i.caption or "") for i in at.image)
+        assert any(f"the {len(ident.heads)} blamed heads →" in c for i in at.image for c in i.captions)
 
 
 def test_known_attribute_mode_ranks_heads_and_hands_the_set_on(app):
@@ -1198,3 +1212,37 @@ def test_ablate_ticks_are_in_the_url(home, demo_spec, app):
     reloaded.run()
     reloaded = open_page(reloaded, "ablate")
     assert [list(h) for h in reloaded.session_state["abl_current"]] == [list(h) for h in ticked]
+
+
+# ------------------------------------------------------------------------------------------------
+# Pages agree (issue 33 item 6)
+
+def test_the_inspector_push_uses_the_scores_replacement(app):
+    """The push chart removes the head as the scores do (the protocol's mean over the adaptation rows): checked
+    against the cosine similarities of the embedding with the head replaced, computed directly."""
+    from dashboard.pairs import head_push_values
+    from dashboard.widgets import Ready
+    from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
+
+    src = app.session_state["source"]
+    cache = FeatureCache(src.cache_dir)
+    engine = make_engine(cache)
+    for mode in ("mean", "zero"):
+        ident = identify(cache, ProtocolConfig(ablation=mode), engine)
+        a, b = ident.pairs[0]
+        head = HeadId(cache.manifest.layers[-1], 1)
+        rows, push = head_push_values(Ready(src, cache, engine), ident, head, a, b)
+        li = cache.manifest.layers.index(head.layer)
+        E = np.asarray(cache.embeddings, dtype=np.float64)[rows]
+        c = np.asarray(cache.heads[rows, li, head.head], dtype=np.float64)
+        m = (np.asarray(cache.heads[np.sort(ident.adapt_rows), li, head.head], dtype=np.float64).mean(0)
+             if mode == "mean" else 0.0)
+        after = E - c + m
+        text = np.asarray(cache.text, dtype=np.float64)
+
+        def cos(x, t):
+            return x @ t / np.linalg.norm(x, axis=1) / np.linalg.norm(t)
+
+        want = (cos(after, text[a]) - cos(E, text[a])) - (cos(after, text[b]) - cos(E, text[b]))
+        np.testing.assert_allclose(push, want, atol=1e-9)
+        assert np.array_equal(rows, np.flatnonzero(cache.labels == a))
