@@ -142,14 +142,10 @@ def is_background_text(text: str) -> bool:
 
 
 def replace_section(path: Path, marker: str, body: str) -> None:
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by the scripts in this folder; never edited by hand.\n"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    """One section of RESULTS.md, through the one writer of that file (``benchmarks/results_md.py``)."""
+    from benchmarks.results_md import replace_section as write
+
+    write(path, marker, body)
 
 
 @contextmanager

@@ -47,7 +47,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "RESULTS.md"
-SECTION_START, SECTION_END = "<!-- perf:start -->", "<!-- perf:end -->"
 TARGET_RATIO = 1.15
 
 
@@ -614,11 +613,11 @@ SECTION_HEADER = (
 
 
 def render_section(blocks: dict[str, str], order: Sequence[str]) -> str:
+    """The body of the ``perf`` section: the header, then each table between its own markers."""
     names = [n for n in order if n in blocks] + [n for n in blocks if n not in order]
-    parts = [SECTION_START, SECTION_HEADER]
+    parts = [SECTION_HEADER]
     for n in names:
         parts.append(f"{_marker(n)}\n{blocks[n]}\n{_marker(n, end=True)}")
-    parts.append(SECTION_END)
     return "\n\n".join(parts)
 
 
@@ -628,18 +627,13 @@ def parse_blocks(section: str) -> dict[str, str]:
 
 
 def update_results(path: Path, new_blocks: dict[str, str], order: Sequence[str]) -> None:
-    text = path.read_text() if path.exists() else "# RefineCLIP Studio benchmark results\n"
-    start, end = text.find(SECTION_START), text.find(SECTION_END)
-    if start != -1 and end > start:
-        blocks = parse_blocks(text[start:end])
-        blocks.update(new_blocks)
-        text = text[:start] + render_section(blocks, order) + text[end + len(SECTION_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + render_section(new_blocks, order) + "\n"
+    """Replace the re-measured tables of the ``perf`` section of RESULTS.md (the others are kept)."""
+    from benchmarks.results_md import replace_section, sections
+
+    blocks = parse_blocks(sections(path.read_text()).get("perf", "")) if path.exists() else {}
+    blocks.update(new_blocks)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_section(path, "perf", render_section(blocks, order))
 
 
 def _bench_name(fn: Callable) -> str:

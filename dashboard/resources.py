@@ -38,7 +38,7 @@ def protocol_key(cfg: ProtocolConfig) -> str:
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def model(spec_json: str) -> LoadedModel:
-    return load_model(ModelSpec(**json.loads(spec_json)))
+    return load_model(ModelSpec.from_key(spec_json))
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)

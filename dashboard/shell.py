@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import streamlit as st
@@ -62,7 +60,7 @@ def start_demo_job() -> None:
     from . import resources
 
     spec = demo_spec()
-    loaded = resources.model(json.dumps(asdict(spec), sort_keys=True))
+    loaded = resources.model(spec.key())
     n = int(get(Key.DEMO_N) or os.environ.get(DEMO_N_ENV) or DEMO_N_PER_GROUP)
     put(Key.DEMO_JOB, start_job(
         "Preparing the embedded demo",

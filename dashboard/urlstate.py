@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from refineclip_core.features.decomposition import HeadId
+from refineclip_core.method.ablation import MODES
 from refineclip_core.method.protocol import DEFAULT_PROTOCOL, SELECTION_RULES, PairSpec
+from refineclip_core.method.scores import SIMILARITIES
 
 #: Query-parameter name of each identification setting kept in the URL.
 PROTOCOL_PARAMS = {"pair": "pair", "sel": "selection", "n": "samples_per_class", "seed": "seed", "top_t": "top_t",
@@ -33,7 +35,7 @@ PROTOCOL_PARAMS = {"pair": "pair", "sel": "selection", "n": "samples_per_class",
 #: The range of each integer setting (what the Heads page's inputs accept).
 INT_RANGES = {"samples_per_class": (1, 10_000), "seed": (0, 1_000_000), "top_t": (1, 1_024)}
 #: The allowed words of each choice setting.
-CHOICES = {"selection": tuple(SELECTION_RULES), "similarity": ("cosine", "dot"), "ablation": ("mean", "zero")}
+CHOICES = {"selection": SELECTION_RULES, "similarity": SIMILARITIES, "ablation": MODES}
 #: The Refine page's choices kept in the URL: the exported edit and where its heads come from.
 REFINE_METHODS = ("fit", "paper")
 HEAD_SOURCES = ("protocol", "heads", "ticked")

@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId
+from refineclip_core.method.ablation import MODES
 from refineclip_core.method.verification import verify_on_images
 from refineclip_core.method.evaluation import accuracy_report, rows_mask
 from dashboard.panels import sanity_panel
@@ -49,8 +50,8 @@ def panel() -> None:
 
 def _panel() -> None:
     c = st.columns([2, 2, 4])
-    mode = c[0].radio("Replace a removed head by", ["mean", "zero"], horizontal=True, key="abl_mode",
-                      index=["mean", "zero"].index(ident.config.ablation),
+    mode = c[0].radio("Replace a removed head by", MODES, horizontal=True, key="abl_mode",
+                      index=MODES.index(ident.config.ablation),
                       format_func=lambda m: {"zero": "zero (Eq. 5)", "mean": "its mean"}[m],
                       help="mean: the head's average contribution over the unlabelled adaptation images (the "
                            "default, what the exported edit learns from); zero: the paper's zero ablation.")

@@ -34,7 +34,7 @@ import pytest
 
 from tests.support import browser as shots
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 ART = ROOT / "test-artifacts" / "browser"
@@ -498,21 +498,14 @@ def results_path() -> Path:
 
 
 def write_results(section: str, path: Path | None = None, marks: tuple[str, str] | None = None) -> Path:
-    """Replace only the browser section of ``path`` (default :func:`results_path`; appended when missing);
-    ``marks``: another section's start and end markers."""
-    MARK_START, MARK_END = marks or (globals()["MARK_START"], globals()["MARK_END"])
+    """Replace only the browser section of ``path`` (default :func:`results_path`; inserted when missing)
+    through RESULTS.md's one writer (``benchmarks/results_md.py``); ``marks``: another section's markers."""
+    from benchmarks.results_md import replace_section
+
+    name = re.match(r"<!-- ([\w-]+):start -->", (marks or (MARK_START, MARK_END))[0]).group(1)
     path = path or results_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# RefineCLIP Studio benchmark results\n"
-    block = f"{MARK_START}\n{section.rstrip()}\n{MARK_END}"
-    if MARK_START in text and MARK_END in text and text.index(MARK_START) < text.index(MARK_END):
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    replace_section(path, name, section)
     return path
 
 

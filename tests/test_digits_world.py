@@ -174,6 +174,7 @@ def test_digits_recipe_and_flags() -> None:
     assert TrainConfig().world == WorldConfig()                     # the demo recipe is untouched
 
 
+@pytest.mark.slow
 def test_quick_digits_training_run(tmp_path: Path) -> None:
     import open_clip
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from refineclip_core.features.cache import FeatureCache
@@ -49,6 +50,7 @@ def _torchrun(argv, nproc=2, timeout=90):
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_rank_extraction_equals_single_process(tiny_model_files, image_folder, tmp_path):
     # batch 1 x 8 batches per shard: 18 images -> shards of 8, 8, 2; rank 0 owns 0 and 2, rank 1 owns 1
     single = subprocess.run([sys.executable, *_extract_argv(tiny_model_files, image_folder, tmp_path / "single")],
@@ -74,6 +76,7 @@ def test_two_rank_extraction_equals_single_process(tiny_model_files, image_folde
     assert dist.stdout.count("wrote feature cache") == 1 and "18 images" in dist.stdout
 
 
+@pytest.mark.slow
 def test_rank0_error_reaches_every_rank(tiny_model_files, image_folder, tmp_path):
     """Rank 0 refuses a folder that is not a cache; rank 1 must stop with the same reason
     instead of waiting at a barrier."""

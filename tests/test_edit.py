@@ -301,7 +301,7 @@ def test_the_headline_was_measured_with_todays_defaults():
     import re
 
     text = (Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
-    section = text[text.index("<!-- demo:start -->"):text.index("<!-- demo:end -->")]
+    section = " ".join(text[text.index("<!-- demo:start -->"):text.index("<!-- demo:end -->")].split())
     selection, ablation = re.search(r"ablation of the chosen heads \(default: (\w+), (\w+)\)", section).groups()
     assert (selection, ablation) == (DEFAULT_PROTOCOL.selection, DEFAULT_PROTOCOL.ablation)
     assert int(re.search(r"(\d+) resamples", section).group(1)) == DEFAULT_PROTOCOL.resamples

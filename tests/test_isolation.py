@@ -695,6 +695,7 @@ def _sent_bytes(at) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_every_page_works_with_10000_classes(many_classes, home):
     from .test_app import assert_clean, fresh_app
 

@@ -511,6 +511,7 @@ def _shard_files(shards: Path) -> dict[str, tuple[int, int]]:
             for d in sorted(shards.iterdir()) if not d.name.startswith(".") for f in sorted(d.iterdir())}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_extraction_resumes_to_an_identical_cache(tiny_model_files, tmp_path, monkeypatch):
     import refineclip_core.features.extraction as extraction
 

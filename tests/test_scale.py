@@ -429,6 +429,7 @@ def _snapshot(root: Path) -> dict[str, tuple]:
             for p in sorted(root.rglob("*"))} | {".": (root.stat().st_mode, root.stat().st_mtime_ns)}
 
 
+@pytest.mark.slow
 def test_a_read_only_shared_cache_serves_several_processes_at_once(sharded):
     """The folder is made read-only; two processes open it at the same time, score, refine and
     report, with every write into the folder turned into an error (an audit hook: the permissions
@@ -476,6 +477,7 @@ def test_opening_something_that_is_not_a_cache_says_so(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # A small scale run: the benchmark's synthetic caches behave like extracted ones
 
+@pytest.mark.slow
 def test_small_scale_run(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks.scale import SHAPES, cache_bytes, make_cache, measure_cache, standin_model, write_base

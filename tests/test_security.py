@@ -403,6 +403,7 @@ def test_a_terabyte_config_is_refused_before_allocation(tmp_path, monkeypatch):
     assert len(msg.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_terabyte_config_does_not_raise_the_memory_of_the_process(tmp_path):
     """In a fresh interpreter: the refusal costs no memory (peak RSS before vs after the call)."""
     path = _terabyte_config(tmp_path)

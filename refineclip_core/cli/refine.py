@@ -14,7 +14,7 @@ from ..features.decomposition import parse_heads
 from ..inspection.diagnosis import diagnose, load_vocabulary
 from ..session.caches import cache_model
 from ..loading.models import load_model
-from ..edit.config import FitConfig
+from ..edit.config import METHODS, STRATEGIES, FitConfig
 from ..method.protocol import identify, make_engine
 from ..edit.config import DEFAULT_EDIT, EditConfig
 from ..edit.config import PaperConfig
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_protocol_args(p)
     fit, paper = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper
     p.add_argument("--heads", default="auto", help="'auto' (the protocol's choice) or a list like 11.3,10.7")
-    p.add_argument("--method", default=DEFAULT_EDIT.method, choices=["fit", "paper"],
+    p.add_argument("--method", default=DEFAULT_EDIT.method, choices=METHODS,
                    help="the exported edit: 'fit' (RefineCLIP-fit, the default) or 'paper' (Eq. 13)")
     g = p.add_argument_group("RefineCLIP-fit (--method fit)")
     g.add_argument("--ridge", type=float, default=fit.ridge, help="ridge of the least-squares start (relative)")
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--concept-strength", type=float, default=con.strength,
                    help="share of the concept's span removed, 0..1")
     g = p.add_argument_group("the paper's phase 2 (--method paper, and its baseline row)")
-    g.add_argument("--strategy", default=paper.strategy, choices=["diag", "full", "lora"],
+    g.add_argument("--strategy", default=paper.strategy, choices=STRATEGIES,
                    help="what Eq. 13 learns: 'diag' (the paper's diag(θ) on visual.proj, the default), 'full' (the "
                         "whole projection) or 'lora' (a low-rank update of rank --rank)")
     g.add_argument("--rank", type=positive_int, default=paper.rank, help="LoRA rank")

@@ -10,7 +10,7 @@ from ..errors import RefineClipError
 from ..files import atomic_write_bytes, atomic_write_json
 from ..features.extraction import ExtractionConfig, extract, init_distributed_from_env
 from ..method.protocol import DEFAULT_PROTOCOL
-from ..edit.config import DEFAULT_EDIT
+from ..edit.config import DEFAULT_EDIT, STRATEGIES
 from ..edit.reproduce import PAPER_WATERBIRDS, markdown_table, rows_csv, run_protocol, summarise
 from .common import (add_json_arg, add_link_arg, add_model_args, add_template_args, dataset as load_data, emit,
                      layers_arg, load, note, positive_int, progress_bar, templates)
@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--layers", type=layers_arg, default=4, help="heads of the last K layers (paper: 4) or 'all'")
         q.add_argument("--top-t", type=positive_int, default=DEFAULT_PROTOCOL.top_t,
                        help="T of the defaults' protocol (the paper-faithful rows keep the paper's T = 15)")
-        q.add_argument("--strategies", nargs="+", default=["diag"], choices=["diag", "full", "lora"],
+        q.add_argument("--strategies", nargs="+", default=["diag"], choices=STRATEGIES,
                        help="the paper-faithful phase 2's maps")
         q.add_argument("--alpha", type=float, default=DEFAULT_EDIT.paper.alpha, help="paper phase 2: weight of Eq. 11")
         q.add_argument("--beta", type=float, default=DEFAULT_EDIT.paper.beta, help="paper phase 2: weight of Eq. 12")

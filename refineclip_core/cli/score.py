@@ -11,6 +11,7 @@ from ..edit.sanity import sanity_warnings
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
+from ..method.ablation import MODES
 from ..method.protocol import (DEFAULT_PROTOCOL, SELECTION_RULES, Identification, ProtocolConfig, identify,
                                make_engine)
 from ..reporting.findings import Findings, findings
@@ -37,7 +38,7 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resamples", type=int, default=d.resamples,
                    help="bootstrap resamples of the labelled images the choice is repeated on, to show how often "
                         f"each head is chosen (0: none; default {d.resamples})")
-    p.add_argument("--ablation", default=d.ablation, choices=["mean", "zero"],
+    p.add_argument("--ablation", default=d.ablation, choices=MODES,
                    help="how the chosen heads are removed: replaced by their mean over the adaptation images "
                         "('mean', the default) or zeroed (the paper's Eq. 5)")
     p.add_argument("--layers", type=layers_arg, default="all",

@@ -8,7 +8,7 @@ The defaults (:data:`DEFAULT_EDIT`) are what the CLI, the dashboard and the benc
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from ..errors import RefineClipError
 from ..method.baselines import CoOpConfig
@@ -37,6 +37,9 @@ class FitConfig:
 
 
 Strategy = Literal["diag", "full", "lora"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)   # what the CLI and the Refine page offer
+Method = Literal["fit", "paper"]
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class EditConfig:
     paper's phase 2 (Eq. 11-13 on the labelled samples) with ``paper.strategy`` diag/full/LoRA.
     """
 
-    method: Literal["fit", "paper"] = "fit"
+    method: Method = "fit"
     fit: FitConfig = FitConfig()
     paper: PaperConfig = PaperConfig()
     concept: ConceptConfig = ConceptConfig()   # a concept RefineCLIP-fit's teacher also removes (concept.py)

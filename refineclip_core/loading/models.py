@@ -93,6 +93,16 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def key(self) -> str:
+        """The spec as canonical JSON (sorted keys): the one string that keys a model (the dashboard's
+        shared resources, a source's key); :meth:`from_key` reads it back."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_key(cls, key: str) -> "ModelSpec":
+        """The spec :meth:`key` wrote."""
+        return cls(**json.loads(key))
+
     def fingerprint(self) -> str:
         """A hash that changes when the architecture, the weights or the precision change (the files
         are hashed only after every model source passed :func:`~.sources.check_spec_sources`)."""

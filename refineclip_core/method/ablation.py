@@ -25,18 +25,20 @@ arithmetic against the real model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence, get_args
 
 import numpy as np
 
 from ..features.decomposition import HeadId
 from ..features.sharded import ShardedArray, row_blocks
 from .evaluation import AccuracyReport, accuracy_report, rows_mask
-from .projections import ALL, PROJECTION_BUDGET, U32, ProjectionStore, RunningScore, row_digest
+from .projections import (ALL, PROJECTION_BUDGET, U32, DerivedEngines, ProjectionStore, RunningScore,
+                          row_digest)
 
-Mode = Literal["zero", "mean"]
+Mode = Literal["mean", "zero"]
+MODES: tuple[str, ...] = get_args(Mode)   # what the CLI and the pages offer (the default first)
 
 
 @dataclass
@@ -52,16 +54,17 @@ class AblationResult:
     broken: np.ndarray             # rows that became wrong
 
 
-#: Engines derived from one engine (other mean rows, row subsets) that it keeps for reuse.
-KEEP_DERIVED = 8
+@dataclass
+class _Shared:
+    """What an engine and the engines derived from it with other mean rows share, never copied: the arrays
+    and projections within their budget (:class:`ProjectionStore`), the zero-shot predictions and the
+    per-image Gram matrix (computed once for all of them)."""
 
-
-def _remember(memo: dict, key: str, value: object) -> None:
-    """``memo[key] = value``, dropping the oldest entries beyond :data:`KEEP_DERIVED` (a long-running
-    server changes protocols many times)."""
-    memo[key] = value
-    while len(memo) > KEEP_DERIVED:
-        memo.pop(next(iter(memo)), None)
+    store: ProjectionStore
+    layers: tuple[int, ...]
+    n_heads: int
+    base_predictions: np.ndarray
+    gram: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class AblationEngine:
@@ -69,23 +72,49 @@ class AblationEngine:
 
     ``heads`` may be an in-memory array or the cache's on-disk :class:`ShardedArray`; it is
     never loaded whole. ``mean_rows`` (or an explicit ``mean``) defines the mean-ablation
-    features ``m_h`` (default: the mean over every row), computed on first use.
+    features ``m_h`` (default: the mean over every row), computed on first use. The roles are
+    apart: this class does the arithmetic (Eq. 5, dot products, norms, predictions); the arrays,
+    the projections and their memory budget are :class:`ProjectionStore`'s, shared through
+    :class:`_Shared` with every engine derived by :meth:`with_mean_rows`; the derived engines are
+    kept by :class:`DerivedEngines`.
     """
 
     def __init__(self, embeddings: np.ndarray, heads: np.ndarray | ShardedArray, text: np.ndarray,
                  layers: Sequence[int], mean_rows: np.ndarray | None = None, mean: np.ndarray | None = None,
                  projection_budget: int = PROJECTION_BUDGET) -> None:
-        self._a = ProjectionStore(embeddings, heads, text, projection_budget)
-        self.layers = tuple(layers)
-        self.n_heads = heads.shape[2]
-        self._mean_rows = None if mean_rows is None else np.asarray(mean_rows, dtype=np.int64)
-        given = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(self._a.K, -1)
-        self._mean_source: Callable[[], np.ndarray] | None = None if given is None else (lambda: given)
-        self.base_predictions = self._a.Et.argmax(1)
-        self._variants: dict[str, AblationEngine] = {}
-        self._subsets: dict[str, AblationEngine] = {}
+        store = ProjectionStore(embeddings, heads, text, projection_budget)
+        given = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(store.K, -1)
+        self._bind(_Shared(store, tuple(layers), heads.shape[2], store.Et.argmax(1)),
+                   None if mean_rows is None else np.asarray(mean_rows, dtype=np.int64),
+                   None if given is None else (lambda: given))
+
+    def _bind(self, shared: _Shared, mean_rows: np.ndarray | None,
+              mean_source: Callable[[], np.ndarray] | None) -> None:
+        """Every field of an engine, set here only: what it shares, which rows its means are over (or where
+        they come from), and the engines derived from it (none yet). ``m``/``mt`` are computed on first use."""
+        self._shared = shared
+        self._mean_rows = mean_rows
+        self._mean_source = mean_source
+        self._derived = DerivedEngines()
 
     # -- the shared arrays -----------------------------------------------------------------------
+    @property
+    def _a(self) -> ProjectionStore:
+        return self._shared.store
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self._shared.layers
+
+    @property
+    def n_heads(self) -> int:
+        return self._shared.n_heads
+
+    @property
+    def base_predictions(self) -> np.ndarray:
+        """Zero-shot predictions of every cached row (nothing removed)."""
+        return self._shared.base_predictions
+
     @property
     def E(self) -> np.ndarray:
         return self._a.E
@@ -121,27 +150,25 @@ class AblationEngine:
         set) whose mean-ablation features ``m_h`` are the means over ``rows`` (e.g. the protocol's
         adaptation images)."""
         rows = np.asarray(rows, dtype=np.int64)
-        key = row_digest(rows)
-        other = self._variants.get(key)
-        if other is None:
-            other = object.__new__(AblationEngine)
-            other.__dict__.update({k: v for k, v in self.__dict__.items()
-                                   if k not in ("_gram_mean", "m", "mt", "_variants", "_subsets")})
-            other._mean_rows, other._mean_source, other._variants, other._subsets = rows, None, {}, {}
-            _remember(self._variants, key, other)
-        return other
+
+        def make() -> AblationEngine:
+            other = AblationEngine.__new__(AblationEngine)
+            other._bind(self._shared, rows, None)
+            return other
+
+        return self._derived.get("mean", rows, make)
 
     def subset(self, rows: np.ndarray) -> "AblationEngine":
         """An engine over ``rows`` only (their head contributions in memory; one per row set), with
         the same mean-ablation features (computed only if the subset uses them)."""
         rows = np.asarray(rows, dtype=np.int64)
-        key = row_digest(rows)
-        sub = self._subsets.get(key)
-        if sub is None:
+
+        def make() -> AblationEngine:
             sub = AblationEngine(self.E[rows], np.asarray(self._a.c[rows]), self.text, self.layers)
             sub._mean_source = lambda: self.m
-            _remember(self._subsets, key, sub)
-        return sub
+            return sub
+
+        return self._derived.get("subset", rows, make)
 
     # -- per-image views (what the diagnosis and the baselines read) -----------------------------
     @property
@@ -215,16 +242,20 @@ class AblationEngine:
                 out = self.Et[r].astype(dtype)
             yield np.arange(start, start + len(out)), out
 
-    @cached_property
+    @property
     def _gram(self) -> dict[str, np.ndarray]:
-        """Per-image inner products among E and the c_h (for norms of ablated embeddings)."""
-        N, K = len(self.E), self._a.K
-        g = {"EE": np.einsum("nd,nd->n", self.E, self.E).astype(np.float64), "Ec": np.empty((N, K)),
-             "cc": np.empty((N, K, K))}
-        for pos, block in row_blocks(self._a.c):
-            c = block.reshape(len(pos), K, -1).astype(np.float32)
-            g["Ec"][pos] = np.matmul(c, self.E[pos][:, :, None])[:, :, 0]
-            g["cc"][pos] = np.matmul(c, c.transpose(0, 2, 1))
+        """Per-image inner products among E and the c_h (for norms of ablated embeddings); computed once
+        and shared with the engines derived by :meth:`with_mean_rows` (they do not depend on the means)."""
+        g = self._shared.gram
+        if not g:
+            N, K = len(self.E), self._a.K
+            new = {"EE": np.einsum("nd,nd->n", self.E, self.E).astype(np.float64), "Ec": np.empty((N, K)),
+                   "cc": np.empty((N, K, K))}
+            for pos, block in row_blocks(self._a.c):
+                c = block.reshape(len(pos), K, -1).astype(np.float32)
+                new["Ec"][pos] = np.matmul(c, self.E[pos][:, :, None])[:, :, 0]
+                new["cc"][pos] = np.matmul(c, c.transpose(0, 2, 1))
+            g.update(new)
         return g
 
     @cached_property

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -214,3 +215,25 @@ def row_digest(rows: np.ndarray) -> str:
     """A key for a row set (the memos of means, variants and subsets)."""
     return hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
 
+
+#: Engines derived from one engine (other mean rows, row subsets) that it keeps for reuse, of each kind.
+KEEP_DERIVED = 8
+
+
+class DerivedEngines:
+    """The engines derived from one :class:`~.ablation.AblationEngine`, one per kind and row set, the
+    :data:`KEEP_DERIVED` most recent of each kind kept (a long-running server changes protocols many times)."""
+
+    def __init__(self) -> None:
+        self._memo: dict[str, dict[str, object]] = {}
+
+    def get(self, kind: str, rows: np.ndarray, make: Callable[[], object]) -> object:
+        """The ``kind`` engine over ``rows`` (by content), made by ``make()`` the first time."""
+        memo = self._memo.setdefault(kind, {})
+        key = row_digest(rows)
+        found = memo.get(key)
+        if found is None:
+            found = memo[key] = make()
+            while len(memo) > KEEP_DERIVED:
+                memo.pop(next(iter(memo)), None)
+        return found

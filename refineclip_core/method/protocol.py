@@ -31,14 +31,14 @@ pair, Algorithm 1 over top-15 lists, zero ablation, diag(θ) by Eq. 13).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 
 from ..errors import RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
-from .ablation import AblationEngine, Mode
+from .ablation import MODES, AblationEngine, Mode
 from .errorsets import ErrorPair, ErrorSets, error_pairs, pair_error_sets, sample_per_class
 from .evaluation import rows_mask
 from .scores import SCORE_NAMES, HeadScores, Similarity, compute_scores
@@ -46,7 +46,7 @@ from .selection import Selection, choose_heads, select_consensus, select_heads, 
 from .stability import RESAMPLES, head_stability
 
 SelectionRule = Literal["stable", "consensus", "alg1"]
-SELECTION_RULES = ("stable", "consensus", "alg1")
+SELECTION_RULES: tuple[str, ...] = get_args(SelectionRule)
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,8 @@ class ProtocolConfig:
     def __post_init__(self) -> None:
         if self.selection not in SELECTION_RULES:
             raise RefineClipError(f"Unknown head selection {self.selection!r}; use stable, consensus or alg1.")
-        if self.ablation not in ("mean", "zero"):
-            raise RefineClipError(f"Unknown ablation {self.ablation!r}; use mean or zero.")
+        if self.ablation not in MODES:
+            raise RefineClipError(f"Unknown ablation {self.ablation!r}; use {' or '.join(MODES)}.")
         if not 0.0 < self.holdout < 1.0:
             raise RefineClipError(f"holdout must be between 0 and 1 (exclusive), got {self.holdout}.")
         if not 0 <= self.resamples <= 1000:

@@ -25,7 +25,7 @@ from dot products (``E·t``, ``c·t``, ``E·c``, ``|c|²``, ...) without materia
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from ..features.decomposition import HeadId
 from .errorsets import ErrorSets
 
 Similarity = Literal["cosine", "dot"]
+SIMILARITIES: tuple[str, ...] = get_args(Similarity)
 SCORE_NAMES = ("DE_A", "DE_B", "DE_C", "DE_D")
 
 #: score -> (outer set, replacement set, sign of Δ(y_e) − Δ(ŷ_e), rank descending?)
