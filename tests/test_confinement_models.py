@@ -409,3 +409,17 @@ def test_a_local_dir_models_fingerprint_covers_its_files(world, tmp_path, monkey
     state = load_file(str(folder / "open_clip_model.safetensors"))
     save_file({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, str(folder / "open_clip_model.safetensors"))
     assert spec.fingerprint() != before  # new weights under the same name: another model
+
+
+def test_finding_a_transformers_folder_outside_the_roots_reveals_nothing(world):
+    from refineclip_core.loading.hf_clip import find_hf_checkpoint
+
+    hf = world["outside"] / "hf-clip"
+    hf.mkdir(exist_ok=True)
+    (hf / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    answers = []
+    for target in (hf, world["outside"] / "nothing-here", hf / "config.json"):
+        with pytest.raises(OutsideRootsError) as info:
+            find_hf_checkpoint(target, [str(world["allowed"])])
+        answers.append(_refusal(info, str(target)))
+    assert len(set(answers)) == 1, answers

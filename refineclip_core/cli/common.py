@@ -25,6 +25,7 @@ from ..loading.budget import BUDGET_ENV
 from ..loading.data import ImageDataset, load_dataset
 from ..loading.hf_clip import find_hf_checkpoint
 from ..loading.models import DEMO_MODEL, LoadedModel, ModelSpec, load_model
+from ..loading.sources import source_roots
 from ..method.errorsets import error_pairs
 from ..names import visible
 from ..method.evaluation import AccuracyReport
@@ -55,7 +56,7 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     name = args.model
     if name is None:
-        hf = find_hf_checkpoint(args.checkpoint)
+        hf = find_hf_checkpoint(args.checkpoint, source_roots(None))  # confined when REFINECLIP_ALLOWED_ROOTS is set
         if hf is None:
             raise RefineClipError("--model is required (an open_clip architecture such as ViT-B-16, or 'demo') "
                                   "unless --checkpoint is a Hugging Face CLIP folder.")

@@ -85,6 +85,11 @@ def find_hf_checkpoint(path: str | os.PathLike | None, roots=None) -> HFCheckpoi
     """
     if not path:
         return None
+    if roots is not None:  # containment before existence: the same answer for any path outside
+        from ..confine import resolve_roots
+        from ..sources import check_path
+
+        check_path(path, resolve_roots(roots), "The checkpoint")
     p = Path(path).expanduser()
     if p.is_dir():
         config = p / CONFIG_FILE
