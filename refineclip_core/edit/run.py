@@ -18,7 +18,6 @@ from ..features.decomposition import HeadId
 from ..inspection.diagnosis import Diagnosis
 from ..loading.models import LoadedModel, ModelSpec, load_model, resolve_model
 from ..method.ablation import AblationEngine
-from ..method.comparison import MethodReport
 from .concept import resolve_concept
 from ..method.protocol import Identification
 from ..progress import CancelFn, Progress, silent
@@ -90,10 +89,8 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
 
 def _snapshot(outcome: EditOutcome) -> EditOutcome:
     """A copy of ``outcome`` whose tables a reader may hold while another thread adds rows to the original."""
-    r = outcome.report
-    report = MethodReport(dict(r.reports), dict(r.target_reports), dict(r.locality), dict(r.target_accuracy),
-                          dict(r.predictions), dict(r.labels_used))
-    return replace(outcome, results=dict(outcome.results), report=report, left_out=dict(outcome.left_out))
+    return replace(outcome, results=dict(outcome.results), report=outcome.report.copy(),
+                   left_out=dict(outcome.left_out))
 
 
 def compare_run(run: EditRun, cache: FeatureCache, ident: Identification, engine: AblationEngine, *,
