@@ -3,7 +3,9 @@
 * :mod:`.openclip_vit` -- open_clip ``VisionTransformer``: CLS token (OpenAI / LAION CLIP), average
   pooling (CLIPA: ``final_ln_after_pool``, no ``ln_pre``), CoCa's attentional pooler;
 * :mod:`.timm_vit` -- open_clip ``TimmModel`` with a timm ``VisionTransformer`` (SigLIP, SigLIP 2:
-  map pooling, no class token) or ``Eva`` trunk (EVA-01/02, PE-Core: RoPE, SwiGLU, inner LayerNorm).
+  map pooling, no class token; MobileCLIP-B; ViTamin, whose convolutional stages come before the
+  first attention block and so belong to the ``embed`` term) or ``Eva`` trunk (EVA-01/02, PE-Core:
+  RoPE, SwiGLU, inner LayerNorm).
 
 :func:`backend_for` picks the family of a built tower; :func:`refusal` answers for a tower or an
 open_clip model config whether it decomposes (None) or why not (one sentence). Nothing outside this
@@ -20,10 +22,6 @@ from ...errors import UnsupportedModelError
 from .base import ArchitectureInfo, HookSet, VisionBackend
 
 __all__ = ["ArchitectureInfo", "HookSet", "VisionBackend", "backend_for", "refusal"]
-
-#: Towers that are not (only) attention blocks: refused in one sentence.
-CONVOLUTIONAL = ("ModifiedResNet", "ConvNeXt", "FastVit", "VitCellAttention", "MobileOneBlock", "ResNet")
-
 
 def backend_for(visual: nn.Module) -> VisionBackend:
     """The backend of an image tower; :class:`UnsupportedModelError` (one sentence) if none fits."""
