@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -33,7 +32,6 @@ class Job:
     stage_done0: int = 0
     result: Any = None
     error: BaseException | None = None
-    error_trace: str = ""
     finished: bool = False
     handled: bool = False
     _cancel: threading.Event = field(default_factory=threading.Event)
@@ -93,7 +91,6 @@ def start_job(name: str, fn: JobFn, **meta) -> Job:
             job.result = fn(job.progress, job.cancelled)
         except BaseException as exc:  # reported on the page; never lost silently
             job.error = exc
-            job.error_trace = traceback.format_exc()
         finally:
             job.finished = True
 

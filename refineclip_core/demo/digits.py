@@ -71,9 +71,6 @@ DEFAULT_CAPTION_WEIGHTS: dict[str, float] = {"class_background": 0.3, "class": 0
                                              "attributes": 0.2}
 """How often each caption family is drawn when the digits model is trained."""
 
-CUE_WORDS: tuple[str, ...] = tuple(COLORS) + ("gray", "colour", "color", "background", "tint", "dark", "light")
-"""Word stems that name the planted cue (the background colour): what a diagnosis should say."""
-
 
 @dataclass(frozen=True)
 class DigitsConfig:
@@ -165,10 +162,6 @@ class DigitsConfig:
     def target_groups(self) -> tuple[str, ...]:
         """The four target groups (class × home colour), the first target's home colour first."""
         return tuple(group_name(c, v) for c in self.target_classes for v in self.home_colors)
-
-    @property
-    def cue_words(self) -> tuple[str, ...]:
-        return CUE_WORDS
 
     def home_color(self, label: str) -> str:
         return self.home_colors[self.target_classes.index(label)]

@@ -243,11 +243,6 @@ class WorldConfig:
     def caption_family_names(self) -> tuple[str, ...]:
         return CAPTION_FAMILIES
 
-    @property
-    def cue_words(self) -> tuple[str, ...]:
-        """Word stems naming the planted cue (:data:`CUE_WORDS`)."""
-        return CUE_WORDS[self.cue]
-
     def training_pool(self, seed: int, n_per_group: int, n_unrelated: int | None = None) -> list["WorldSample"]:
         """The model's training images: a fresh biased ``train`` split."""
         return sample_world("train", seed, n_per_group, self, n_unrelated=n_unrelated)

@@ -6,9 +6,8 @@ For an error pair (true ``y_e``, predicted ``ŷ_e``) among the rows considered:
 * ``C`` — images of class ``y_e`` predicted correctly (C_{y_e});
 * ``A`` — images of class ``ŷ_e`` predicted correctly (A_{ŷ_e}).
 
-Besides a single pair, :func:`class_error_sets` builds the sets for "all errors of a class":
-W holds every misclassified image of ``y_e`` and each image carries its own pair of classes
-(:attr:`ErrorSets.true_class`, :attr:`ErrorSets.wrong_class`), which is what the scores use.
+Each image carries its own pair of classes (:attr:`ErrorSets.true_class`,
+:attr:`ErrorSets.wrong_class`), which is what the scores use.
 """
 
 from __future__ import annotations
@@ -86,27 +85,6 @@ def pair_error_sets(predictions: np.ndarray, labels: np.ndarray, y_true: int, y_
     n = len(labels)
     name = f"{classes[y_true]} → {classes[y_pred]}" if classes else f"{y_true} → {y_pred}"
     return ErrorSets(y_true, y_pred, W, C, A, np.full(n, y_true), np.full(n, y_pred), description=name)
-
-
-def class_error_sets(predictions: np.ndarray, labels: np.ndarray, y_true: int, text_logits: np.ndarray,
-                     rows: np.ndarray | None = None, classes: list[str] | None = None) -> ErrorSets:
-    """All errors of class ``y_true``: W = its misclassified images (each with its own ŷ),
-    C = its correct images (ŷ = their best-scoring wrong class), A = correct images of every
-    class that some image of ``y_true`` was mistaken for."""
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
-    r = _select(rows, len(labels))
-    W = r[(labels[r] == y_true) & (predictions[r] != y_true)]
-    C = r[(labels[r] == y_true) & (predictions[r] == y_true)]
-    confused = np.unique(predictions[W])
-    A = r[np.isin(labels[r], confused) & (predictions[r] == labels[r])]
-    masked = np.array(text_logits, dtype=np.float64, copy=True)
-    masked[:, y_true] = -np.inf
-    runner_up = masked.argmax(1)
-    wrong = np.where(predictions != y_true, predictions, runner_up)
-    true = np.full(len(labels), y_true)
-    wrong[A] = labels[A]
-    name = f"all errors of {classes[y_true] if classes else y_true}"
-    return ErrorSets(y_true, None, W, C, A, true, wrong, description=name)
 
 
 def sample_per_class(labels: np.ndarray, k: int, seed: int, rows: np.ndarray | None = None,

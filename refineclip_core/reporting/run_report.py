@@ -1,7 +1,8 @@
 """The run report: one run as JSON-safe data, and as a self-contained HTML page.
 
-:func:`build_run_report` gathers one run (model, data, protocol, scores, selection, refinement
-config and history, every method's accuracies) into a JSON-safe dict; :func:`render_html`
+The run is gathered into a JSON-safe dict by :func:`~refineclip_core.edit.record.build_run_report`
+(model, data, protocol, scores, selection, refinement config and history, every method's accuracies);
+:func:`render_html`
 turns it into one HTML file with the Plotly library inlined (``to_html(include_plotlyjs=True)``
 for the first chart), readable offline; :func:`write_report` writes both atomically.
 """
