@@ -300,7 +300,8 @@ def _write_config(folder, edit) -> None:
 
 REFUSALS = {
     "vision tower only": (lambda c: c.update(model_type="clip_vision_model"), "a vision tower only"),
-    "another model type": (lambda c: c.update(model_type="siglip"), "model_type 'siglip'"),
+    "another model type": (lambda c: c.update(model_type="blip"), "model_type 'blip'"),
+    "a CLIP relabelled SigLIP": (lambda c: c.update(model_type="siglip"), "image tower, which has no projection"),
     "unknown activation": (lambda c: c["vision_config"].update(hidden_act="relu"), "activation 'relu'"),
     "mixed quick_gelu": (lambda c: c["text_config"].update(hidden_act="gelu"), "QuickGELU to both towers"),
     "foreign eos": (lambda c: c["text_config"].update(eos_token_id=5), "token id 5"),

@@ -25,6 +25,10 @@ image (soft targets) instead of being pushed apart as false negatives. And a sma
 directly, so that, as in large CLIP models, the attention heads' direct effects (paper
 Eq. 4) carry the prediction.
 ``--quick`` trains a tiny architecture for a few steps (a smoke test, seconds).
+
+``--recipe siglip`` trains the SigLIP-shaped model instead (:mod:`.siglip`: a timm ViT trunk with
+attention-map pooling and no projection, the sigmoid loss, :class:`~.siglip.MapMlpShare` as the
+penalty; :func:`siglip_train_config`) on the same world.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import torch.nn.functional as F
 from ..features.decomposition import HookSet, hook_modules
 from ..features.zeroshot import fill_template
 from .digits import DEFAULT_CAPTION_WEIGHTS as DIGITS_CAPTION_WEIGHTS, KIND as DIGITS_KIND, DigitsConfig
+from .siglip import MapMlpShare, sigmoid_loss_with_duplicates, siglip_model_config, uses_sigmoid_loss
 from .world import (
     CLASSES,
     TARGET_CLASSES,
@@ -152,6 +157,13 @@ def digits_train_config(seed: int = 0, threads: int = 1) -> TrainConfig:
                        model_config=digits_model_config())
 
 
+def siglip_train_config(seed: int = 0, threads: int = 2) -> TrainConfig:
+    """The recipe of the SigLIP-shaped demo model (``--recipe siglip``, demo/siglip.py): the demo
+    model's world, data and optimisation with the SigLIP-shaped architecture; its logit bias makes
+    :func:`train` use the sigmoid loss, and its timm trunk :class:`~.siglip.MapMlpShare`."""
+    return TrainConfig(seed=seed, threads=threads, steps=700, eval_every=100, model_config=siglip_model_config())
+
+
 def world_from_dict(data: dict[str, Any]) -> WorldConfig | DigitsConfig:
     """The world a model's ``metadata.json`` records (``train_config.world``): digits when it says so."""
     if data.get("kind") == DIGITS_KIND:
@@ -163,9 +175,12 @@ def world_from_dict(data: dict[str, Any]) -> WorldConfig | DigitsConfig:
 # Data
 
 
-def images_to_uint8(images: Sequence[Any]) -> torch.Tensor:
-    """Stack PIL images (already at the model's input size) into a uint8 N×3×H×W tensor."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+def images_to_uint8(images: Sequence[Any], size: int | None = None) -> torch.Tensor:
+    """Stack PIL images into a uint8 N×3×H×W tensor; ``size``: resized to size×size first (bicubic,
+    what open_clip's preprocess does to a square image) when they are another size."""
+    def fit(im):
+        return im if size is None or im.size == (size, size) else im.resize((size, size), resample=3)  # BICUBIC
+    arr = np.stack([np.asarray(fit(im).convert("RGB"), dtype=np.uint8) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
@@ -177,9 +192,10 @@ def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - m) / s
 
 
-def images_to_tensor(images: Sequence[Any], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Stack PIL images (already at the model's input size) into a normalised float tensor."""
-    return normalise(images_to_uint8(images), mean, std)
+def images_to_tensor(images: Sequence[Any], mean: Sequence[float], std: Sequence[float],
+                     size: int | None = None) -> torch.Tensor:
+    """Stack PIL images (resized to ``size`` when given) into a normalised float tensor."""
+    return normalise(images_to_uint8(images, size), mean, std)
 
 
 @dataclass
@@ -409,6 +425,9 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
     model = open_clip.create_model(model_name)
     tokenizer = open_clip.get_tokenizer(model_name)
     mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
+    size = int(model.visual.image_size[0])
+    sigmoid = uses_sigmoid_loss(model)
+    share_hooks = ClsMlpShare if hasattr(model.visual, "transformer") else MapMlpShare
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model {model_name}: {n_params / 1e6:.2f} M parameters")
     metrics_kw = {"target_groups": world.target_groups, "classes": world.classes,
@@ -416,10 +435,10 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
 
     t0 = time.time()
     pool = world.training_pool(cfg.seed, cfg.pool_per_group, cfg.pool_unrelated)
-    pool_u8 = images_to_uint8([s.image for s in pool])
+    pool_u8 = images_to_uint8([s.image for s in pool], size)
     caps = CaptionPool.build(pool, tokenizer, cfg.caption_weights, world.caption_families)
     val = world.sample("val", cfg.seed, cfg.val_per_group)
-    val_x = images_to_tensor([s.image for s in val], mean, std)
+    val_x = images_to_tensor([s.image for s in val], mean, std, size)
     n_groups = dict(sorted(Counter(s.group for s in pool if s.label in world.target_classes).items()))
     log(f"train pool: {len(pool)} images ({n_groups}), {len(caps.texts)} distinct captions, "
         f"{time.time() - t0:.1f}s")
@@ -440,11 +459,14 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
         cap_ids = caps.draw(rows, rng)
         images = normalise(pool_u8[torch.from_numpy(rows)], mean, std)
         unique_ids, inverse = np.unique(cap_ids, return_inverse=True)
-        with ClsMlpShare(model.visual) if cfg.cls_mlp_penalty > 0 else contextlib.nullcontext() as share:
+        with share_hooks(model.visual) if cfg.cls_mlp_penalty > 0 else contextlib.nullcontext() as share:
             img_emb = model.encode_image(images)
         txt_emb = model.encode_text(caps.tokens[torch.from_numpy(unique_ids)])[torch.from_numpy(inverse)]
         scale = model.logit_scale.exp().clamp(max=100.0)
-        loss = clip_loss_with_duplicates(img_emb, txt_emb, scale, caps.positives(rows, cap_ids))
+        if sigmoid:
+            loss = sigmoid_loss_with_duplicates(img_emb, txt_emb, scale, model.logit_bias, caps.positives(rows, cap_ids))
+        else:
+            loss = clip_loss_with_duplicates(img_emb, txt_emb, scale, caps.positives(rows, cap_ids))
         if cfg.cls_mlp_penalty > 0:
             mlp_share = share.penalty()
             running_share += mlp_share.item()
@@ -521,9 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="birds: the demo model's procedural world (default); digits: scikit-learn's handwritten "
                         "digits on coloured backgrounds (refineclip_core/demo/digits.py; its own recipe, "
                         "digits_train_config)")
+    p.add_argument("--recipe", choices=["clip", "siglip"], default="clip",
+                   help="clip: the CLIP-shaped demo model (default); siglip: the SigLIP-shaped one (timm ViT trunk, "
+                        "map pooling, sigmoid loss; refineclip_core/demo/siglip.py, siglip_train_config), bird world only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None,
-                   help="optimisation steps (default 2000, digits 1500; 3 with --quick)")
+                   help="optimisation steps (default 2000, digits 1500, --recipe siglip 700; 3 with --quick)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
@@ -549,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "world", "birds") == "digits":
+        if getattr(args, "recipe", "clip") != "clip":
+            raise SystemExit("--recipe siglip trains on the bird world only, not on --world digits")
         return _digits_config_from_args(args)
     world_kw: dict[str, Any] = {}
     if args.bias is not None:
@@ -562,6 +589,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.cue is not None:
         world_kw["cue"] = args.cue
     cfg = TrainConfig(seed=args.seed, lr=args.lr, threads=args.threads, world=WorldConfig(**world_kw))
+    if getattr(args, "recipe", "clip") == "siglip":
+        recipe = siglip_train_config()
+        cfg.steps, cfg.eval_every, cfg.model_config = recipe.steps, recipe.eval_every, recipe.model_config
     return _common_args(cfg, args, CAPTION_FAMILIES)
 
 
@@ -570,7 +600,8 @@ def _common_args(cfg: TrainConfig, args: argparse.Namespace, caption_families) -
     if args.quick:
         cfg.steps, cfg.batch_size, cfg.pool_per_group, cfg.pool_unrelated = 3, 16, 8, 4
         cfg.eval_every, cfg.val_per_group, cfg.test_per_group = 1000, 2, 3
-        cfg.model_config = default_model_config(quick=True)
+        if getattr(args, "recipe", "clip") == "clip":  # the SigLIP-shaped model is already small
+            cfg.model_config = default_model_config(quick=True)
     for name in ("steps", "batch_size", "pool_per_group", "pool_unrelated", "eval_every", "test_per_group",
                  "cls_mlp_penalty"):
         value = getattr(args, name)

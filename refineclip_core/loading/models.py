@@ -42,6 +42,7 @@ from .budget import check_model_budget, format_bytes
 from .checkpoints import checkpoint_memory, file_digest, load_state_dict_checked, read_state_dict
 from .confine import loads_json, read_bytes, resolve_roots
 from .sources import LOCAL_DIR_PREFIX, check_config_sources, check_spec_sources, source_roots
+from .tokenizers import deferred_tokenizer
 
 DEMO_MODEL = "demo"
 DEMO_DIR = ASSETS_DIR / "demo"
@@ -372,8 +373,8 @@ def build_model(plan: ModelPlan, memory_budget: str | int | float | None = None)
                     f"check the tag with open_clip.list_pretrained_tags_by_model('{plan.name}')."
                 ) from exc
             raise RefineClipError(f"Could not build model '{plan.name}' ({_short(exc)}).") from exc
-        tokenizer = open_clip.get_tokenizer(arch)
-    return model, tokenizer
+    # built when prompts are first tokenised: vision-only work needs none; a missing one is one sentence
+    return model, deferred_tokenizer(plan.name, plan.user_config, config_known_to_open_clip)
 
 
 def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) -> LoadedModel:

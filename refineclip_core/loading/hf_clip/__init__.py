@@ -43,8 +43,12 @@ transformers, else built from the open_clip model, which must then be a plain Vi
 ``transformers`` is optional (``pip install 'refineclip-studio[hf]'``): it is imported only to
 read or write an HF config, and its absence is reported in one sentence.
 
+``SiglipModel`` / ``Siglip2Model`` folders (``model_type`` ``siglip`` / ``siglip2``) take the same
+road through :mod:`.siglip`: open_clip's SigLIP layout (a timm ViT trunk with attention-map pooling,
+no projection; a text tower pooled at the last position), the folder's own tokenizer, and back.
+
 The package reads as the steps: ``folder`` (find the files), ``convert`` (config and weights, both
-ways), ``export`` (write a folder with only the files it needs).
+ways; ``siglip`` for SigLIP), ``export`` (write a folder with only the files it needs).
 """
 
 from __future__ import annotations

@@ -62,8 +62,8 @@ def _clip_config(raw: Mapping[str, Any], source: str):
         kind = {"clip_vision_model": "a vision tower only", "clip_text_model": "a text tower only"}.get(
             str(model_type), f"model_type '{model_type}'")
         raise CheckpointError(
-            f"'{source}' holds {kind}, not a transformers CLIPModel (model_type 'clip'); RefineCLIP needs both towers "
-            "of a CLIP ViT.")
+            f"'{source}' holds {kind}, not a transformers CLIPModel, SiglipModel or Siglip2Model (model_type 'clip', "
+            "'siglip' or 'siglip2'); RefineCLIP needs both towers of one of them.")
     transformers = _transformers()
     try:
         return transformers.CLIPConfig.from_dict(dict(raw))
@@ -103,10 +103,13 @@ def _square(value: Any, what: str, source: str) -> int:
 
 
 def open_clip_config(raw: Mapping[str, Any], source: str = "config.json") -> dict:
-    """The open_clip model config that computes what the transformers CLIP config ``raw`` does.
+    """The open_clip model config that computes what the transformers CLIP config ``raw`` does
+    (SigLIP configs: :func:`.siglip.open_clip_config`).
 
     Raises :class:`CheckpointError` (one sentence) for what open_clip cannot express exactly.
     """
+    if siglip.is_siglip(raw):
+        return siglip.open_clip_config(raw, source)
     cfg = _clip_config(raw, source)
     v, t = cfg.vision_config, cfg.text_config
     (v_quick, v_act), (t_quick, t_act) = _activation(v, "vision", source), _activation(t, "text", source)
@@ -262,6 +265,10 @@ def read_hf_config(ckpt: HFCheckpoint, roots=None) -> ConvertedCLIP:
     raw = _read_json(ckpt.config, roots)
     if not isinstance(raw, dict):
         raise CheckpointError(f"'{ckpt.config}' is not a transformers config (a JSON object).")
+    if siglip.is_siglip(raw):  # prompts are tokenised by the folder's own tokenizer; SigLIP squashes images
+        config = siglip.open_clip_config(raw, str(ckpt.config), tokenizer=str(ckpt.folder.resolve()))
+        return ConvertedCLIP(label=ckpt.label, config=config, state_dict={},
+                             preprocess={**_preprocess(ckpt, roots), "resize_mode": "squash"})
     return ConvertedCLIP(label=ckpt.label, config=open_clip_config(raw, str(ckpt.config)), state_dict={},
                          preprocess=_preprocess(ckpt, roots))
 
@@ -269,6 +276,8 @@ def read_hf_config(ckpt: HFCheckpoint, roots=None) -> ConvertedCLIP:
 def read_hf_state_dict(ckpt: HFCheckpoint, converted: ConvertedCLIP, roots=None) -> dict[str, torch.Tensor]:
     """The checkpoint's weights under open_clip's names (for the config :func:`read_hf_config` gave)."""
     config = converted.config
+    if config["vision_cfg"].get("timm_model_name"):  # only SigLIP folders convert to a timm image tower
+        return siglip.hf_to_open_clip(_read_weights(ckpt, roots), str(ckpt.folder))
     return hf_to_open_clip(_read_weights(ckpt, roots), config["vision_cfg"]["layers"], config["text_cfg"]["layers"],
                            str(ckpt.folder))
 
@@ -277,3 +286,6 @@ def read_hf_checkpoint(ckpt: HFCheckpoint, roots=None) -> ConvertedCLIP:
     """Convert a transformers CLIP checkpoint into an open_clip config and state dict."""
     converted = read_hf_config(ckpt, roots)
     return replace(converted, state_dict=read_hf_state_dict(ckpt, converted, roots))
+
+
+from . import siglip  # noqa: E402  (siglip reuses this module's helpers)

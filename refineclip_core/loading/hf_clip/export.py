@@ -16,6 +16,7 @@ from ...files import check_quota
 from ..confine import OUTSIDE_REASON, loads_json, read_bytes, resolve_roots
 from .convert import CLIP_EOT_ID, LEGACY_EOS_ID, _transformers, open_clip_config, open_clip_to_hf
 from .folder import CONFIG_FILE, HFCheckpoint, PREPROCESSOR_FILE, WEIGHTS_FILE
+from . import siglip
 
 
 #: Weight-file endings: an export folder holding other weights than the one it writes is refused.
@@ -26,7 +27,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 #: config and what ``CLIPProcessor.from_pretrained`` reads (image processor, tokenizer). Anything
 #: else in the folder (notes, caches, links to elsewhere) stays behind.
 EXPORT_FILES = (CONFIG_FILE, PREPROCESSOR_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "vocab.json", "merges.txt", "added_tokens.json")
+                "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "tokenizer.model")
 
 
 #: Largest file an export copies (a CLIP tokenizer.json is about 2 MB).
@@ -223,8 +224,15 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Te
         raw = loads_json(files[CONFIG_FILE], f"'{source.config}'", CheckpointError)
         if not isinstance(raw, dict):
             raise CheckpointError(f"'{source.config}' is not a transformers config (a JSON object).")
-        n_vision, n_text = (open_clip_config(raw, str(source.config))[k]["layers"] for k in ("vision_cfg", "text_cfg"))
+        if siglip.is_siglip(raw):
+            siglip.open_clip_config(raw, str(source.config))  # refuses what the model cannot have come from
+        else:
+            n_vision, n_text = (open_clip_config(raw, str(source.config))[k]["layers"]
+                                for k in ("vision_cfg", "text_cfg"))
     else:
+        if not hasattr(model.visual, "transformer"):
+            raise RefineClipError("Only a CLIP-shaped open_clip model (open_clip's own ViT image tower) can be written "
+                                  "as a transformers CLIPModel; export this one in open_clip format instead.")
         cfg = hf_config_dict(model)
         n_vision, n_text = cfg["vision_config"]["num_hidden_layers"], cfg["text_config"]["num_hidden_layers"]
         dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
@@ -232,6 +240,11 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Te
         config = _transformers().CLIPConfig.from_dict({**cfg, "dtype": dtype})
         files[CONFIG_FILE] = config.to_json_string().encode()
         files[PREPROCESSOR_FILE] = json.dumps(_preprocessor_config(model), indent=2).encode()
+    if source is not None and siglip.is_siglip(raw):
+        hf_state = siglip.open_clip_to_hf({k: v.detach().cpu() for k, v in state.items()}, raw["model_type"])
+        files[WEIGHTS_FILE] = save(hf_state, metadata={"format": "pt"})
+        _write_folder(out_dir, files)
+        return out_dir
     try:
         hf_state = open_clip_to_hf({k: v.detach().cpu() for k, v in state.items()}, n_vision, n_text)
     except KeyError as exc:

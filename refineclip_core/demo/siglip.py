@@ -1,0 +1,116 @@
+"""The SigLIP-shaped demo model: a timm ViT trunk with attention-map ("map") pooling, no
+projection after the pool, and the sigmoid loss (Zhai et al., 2023).
+
+Trained by ``python -m refineclip_core.demo.train --recipe siglip --out assets/demo_siglip --seed 0``
+on the same bird world as the CLIP-shaped demo model (``assets/demo``); see
+``assets/demo_siglip/README.md``. Only the vision tower and the loss differ:
+
+* vision: timm's registered ``test_vit`` (patch 16, width 64, 6 layers, 2 heads of width 64/2, MLP
+  ratio 3, a class token that the pool leaves out) with ``timm_pool: map`` and ``timm_proj: none``,
+  as open_clip's SigLIP configs build it: the embedding is the output of the attention pool
+  (``AttentionPoolLatent``: a learned query attends over the patch tokens, then an output
+  projection and a residual MLP), 64-d. A registered timm name is used so that plain open_clip
+  builds the model from its config alone (open_clip passes no size arguments to timm); the world's
+  48 px images are resized to 96 px, so each 16 px patch sees the 8 px patch of the CLIP demo;
+* text: the CLIP demo's tower at the embedding's width (64: 3 layers, 4 heads), so that the float16
+  weights stay near 7 MB (the 49,408-token table is most of them), and its tokenizer (open_clip's
+  local BPE; nothing to download);
+* loss: :func:`sigmoid_loss_with_duplicates`, with the learned logit bias open_clip adds for
+  ``init_logit_bias`` (``-10``, SigLIP's initialisation);
+* penalty: :class:`MapMlpShare`, the map-pooling analogue of ``train.ClsMlpShare``, keeps the
+  MLPs (the trunk's, at every pooled token, and the pool's own) from writing the embedding
+  directly, so that attention heads carry the prediction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..features.decomposition import HookSet
+
+TIMM_TRUNK = "test_vit"
+"""timm's registered small ViT (``dynamic_img_size``: any multiple of 16 px works)."""
+
+IMAGE_SIZE = 96
+"""Input size of the SigLIP-shaped demo model (the world's 48 px images, resized)."""
+
+
+def siglip_model_config() -> dict[str, Any]:
+    """The SigLIP-shaped demo architecture (open_clip ``model_configs`` schema)."""
+    return {
+        "embed_dim": 64,
+        "init_logit_bias": -10,
+        "vision_cfg": {"image_size": IMAGE_SIZE, "timm_model_name": TIMM_TRUNK, "timm_model_pretrained": False,
+                       "timm_pool": "map", "timm_proj": "none"},
+        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
+    }
+
+
+def uses_sigmoid_loss(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is trained with the sigmoid loss: open_clip gives exactly those models a logit bias."""
+    return getattr(model, "logit_bias", None) is not None
+
+
+def sigmoid_loss_with_duplicates(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                                 logit_bias: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss with several positives per image.
+
+    ``-1/n Σ_ij log σ(z_ij (t ⟨x_i, y_j⟩ + b))`` over normalised embeddings, with ``z_ij = +1``
+    where ``positives[i, j]`` (text ``j`` is true of image ``i``: the diagonal, duplicate
+    captions and every other caption the world knows to be true of the image) and ``-1``
+    elsewhere; ``n`` is the batch size, as in open_clip's ``SigLipLoss``.
+    """
+    image_emb = F.normalize(image_emb, dim=-1)
+    text_emb = F.normalize(text_emb, dim=-1)
+    logits = logit_scale * image_emb @ text_emb.t() + logit_bias
+    signs = 2.0 * positives.float() - 1.0
+    return -F.logsigmoid(signs * logits).sum() / image_emb.shape[0]
+
+
+class MapMlpShare(HookSet):
+    """How much of a map-pooled embedding the MLPs wrote (a training penalty).
+
+    The attention pool reads the final residual at every patch token (its class/register tokens
+    excluded unless the trunk pools them too). After a forward pass inside this context,
+    :meth:`penalty` is ``mean_b [mean_t Σ_l ‖mlp_l(x_b)_t‖² / ‖r_bt‖² + ‖pool_mlp_b‖² / ‖e_b‖²]``:
+    the trunk MLPs' share of each pooled token's residual ``r_bt`` (entering the final norm) and
+    the pool MLP's share of the embedding ``e_b``. Both ratios are scale-free.
+    """
+
+    def __init__(self, visual: torch.nn.Module) -> None:
+        super().__init__()
+        trunk = visual.trunk
+        pool = trunk.attn_pool
+        self._skip = 0 if getattr(trunk, "pool_include_prefix", False) else int(trunk.num_prefix_tokens)
+        self._mlp: list[torch.Tensor] = []
+        self._final: torch.Tensor | None = None
+        self._pool_mlp: torch.Tensor | None = None
+        self._pooled: torch.Tensor | None = None
+        for block in trunk.blocks:
+            self.forward(block.ls2, lambda _m, _i, out: self._mlp.append(out[:, self._skip:]))
+        self.forward_pre(trunk.norm, self._keep_final)
+        self.forward(pool.mlp, self._keep_pool_mlp)
+        self.forward(pool, self._keep_pooled)
+
+    def _keep_final(self, _module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self._final = inputs[0][:, self._skip:]
+
+    def _keep_pool_mlp(self, _module: torch.nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        self._pool_mlp = out.reshape(out.shape[0], -1)
+
+    def _keep_pooled(self, _module: torch.nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        self._pooled = out.reshape(out.shape[0], -1)
+
+    def penalty(self) -> torch.Tensor:
+        if self._final is None or self._pooled is None or self._pool_mlp is None or not self._mlp:
+            raise RuntimeError("MapMlpShare.penalty() needs a forward pass of the image tower first")
+        mlp = torch.stack(self._mlp).pow(2).sum(-1).sum(0)                      # (B, T)
+        trunk = (mlp / self._final.pow(2).sum(-1).clamp_min(1e-6)).mean(-1)     # (B,)
+        pool = self._pool_mlp.pow(2).sum(-1) / self._pooled.pow(2).sum(-1).clamp_min(1e-6)
+        out = (trunk + pool).mean()
+        self._mlp.clear()
+        self._final = self._pool_mlp = self._pooled = None
+        return out
