@@ -10,7 +10,7 @@ diagnosis) → ``edit`` (the edit, Eq. 11-13: fit, guard, export, the run) → `
 
 For notebooks, the names in ``__all__`` are importable from here (each loaded on first use, so
 ``import refineclip_core`` stays fast): the same functions and dataclasses the CLI and the
-dashboard use. The README's "Python API" section walks through them; docs/API.md lists them.
+dashboard use. docs/API.md lists them and walks through a complete, tested example.
 """
 
 from __future__ import annotations

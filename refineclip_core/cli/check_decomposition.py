@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-#: The largest relative error the decomposition is promised to have in each precision (README "Limits").
+#: The largest relative error the decomposition is promised to have in each precision (docs/GUIDE.md, "Limits").
 EXACT_TO = {"float64": 1e-10, "float32": 1e-5}
 
 
@@ -37,7 +37,7 @@ def summary(result: dict) -> list[str]:
     bound = EXACT_TO.get(result["dtype"])
     verdict = ("" if bound is None else
                f" (exact: at most {bound:g} expected)" if result["max_rel_error"] <= bound else
-               f" - above the {bound:g} expected in {result['dtype']} (see the README's limits)")
+               f" - above the {bound:g} expected in {result['dtype']} (see docs/GUIDE.md, Limits)")
     return [f"Sum of the decomposed parts vs encode_image on {result['n_images']} images ({result['dtype']}): "
             f"largest relative error {result['max_rel_error']:.2e}{verdict}."]
 

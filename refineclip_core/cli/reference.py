@@ -1,7 +1,7 @@
 """The CLI reference (docs/CLI.md) generated from the parsers' ``--help`` texts.
 
 ``python -m refineclip_core.cli.reference > docs/CLI.md`` regenerates it; a test keeps the
-committed file in sync, so the README's reference never drifts from the code.
+committed file in sync, so the reference never drifts from the code.
 """
 
 from __future__ import annotations
