@@ -20,6 +20,10 @@ Which folders: :func:`allowed_path` resolves a folder typed into the dashboard a
 that is not below one of the allowed roots (the home folder, the demo model's assets and the working
 directory by default, or the ``REFINECLIP_ALLOWED_ROOTS`` environment variable); :func:`read_roots`
 adds a session's upload folder: the folders every file the dashboard then reads must lie in.
+
+Model sources named by something other than a path argument (a model name ``local-dir:``/``hf-hub:``,
+a config's ``hf_model_name``/``hf_tokenizer_name``, a cache manifest's model) are checked against the
+same folders by :mod:`refineclip_core.loading.sources`, before anything is read.
 """
 
 from __future__ import annotations
