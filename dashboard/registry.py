@@ -13,16 +13,24 @@ class PageInfo:
     title: str      # in the navigation
     icon: str       # a Material symbol
     heading: str    # the page's st.title
+    #: the prefixes of the page's widget keys (``key="abl_mode"``): each is a family of session keys
+    #: (:class:`dashboard.state.Namespace`) forgotten on the events in ``resets``
+    widgets: tuple[str, ...] = ()
+    #: what makes the page's widgets stale: ``"source"`` (another model, images or cache), ``"head set"``
+    resets: tuple[str, ...] = ()
 
 
 PAGES: tuple[PageInfo, ...] = (
-    PageInfo("load", "pages/load.py", "Load", ":material/upload_file:", "RefineCLIP Studio"),
-    PageInfo("errors", "pages/errors.py", "Errors", ":material/error:", "Where does the model go wrong?"),
+    PageInfo("load", "pages/load.py", "Load", ":material/upload_file:", "RefineCLIP Studio", ("load_",)),
+    PageInfo("errors", "pages/errors.py", "Errors", ":material/error:", "Where does the model go wrong?", ("err_",),
+             ("source",)),
     PageInfo("heads", "pages/heads.py", "Heads", ":material/psychology:",
-             "Which heads push the model toward the wrong class?"),
-    PageInfo("inspector", "pages/inspector.py", "Head inspector", ":material/search:", "Head inspector"),
-    PageInfo("ablate", "pages/ablate.py", "Ablate", ":material/content_cut:", "Switch heads off"),
-    PageInfo("refine", "pages/refine.py", "Refine", ":material/build:", "Refine the model"),
+             "Which heads push the model toward the wrong class?", ("heads_", "grid_"), ("source",)),
+    PageInfo("inspector", "pages/inspector.py", "Head inspector", ":material/search:", "Head inspector", ("insp_",),
+             ("source",)),
+    PageInfo("ablate", "pages/ablate.py", "Ablate", ":material/content_cut:", "Switch heads off", ("abl_",),
+             ("source", "head set")),
+    PageInfo("refine", "pages/refine.py", "Refine", ":material/build:", "Refine the model", ("ref_",), ("source",)),
 )
 #: The page the app opens on.
 DEFAULT_PAGE = "load"

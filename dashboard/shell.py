@@ -7,13 +7,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from refineclip_core.errors import Cancelled
 from refineclip_core.loading.models import ModelSpec
 from refineclip_core.method.protocol import PairSpec
 
-from .jobs import start_job
+from .jobs import job_panel, start_job
 from .state import Key, ablate_heads, get, get_source, inspect_head, protocol, put, set_source
-from .widgets import follow_job, plain, show_exception
+from .widgets import plain, show_exception
 
 
 DEMO_DIR_ENV = "REFINECLIP_DEMO_MODEL_DIR"
@@ -36,9 +35,7 @@ def app_icon():
 
 def demo_spec() -> ModelSpec:
     """The embedded demo model: ``assets/demo``, or the folder named by ``$REFINECLIP_DEMO_MODEL_DIR``
-    (a retrained demo), or a stand-in spec a test put in the session (:attr:`Key.DEMO_SPEC`)."""
-    if get(Key.DEMO_SPEC) is not None:
-        return get(Key.DEMO_SPEC)
+    (a retrained demo, or a test's stand-in)."""
     folder = os.environ.get(DEMO_DIR_ENV)
     if folder:
         from refineclip_core.loading.models import DEMO_MODEL_NAME
@@ -61,7 +58,8 @@ def start_demo_job() -> None:
 
     spec = demo_spec()
     loaded = resources.model(spec.key())
-    n = int(get(Key.DEMO_N) or os.environ.get(DEMO_N_ENV) or DEMO_N_PER_GROUP)
+    text = os.environ.get(DEMO_N_ENV, "").strip()
+    n = int(text) if text.isdigit() and 0 < int(text) <= DEMO_N_PER_GROUP else DEMO_N_PER_GROUP
     put(Key.DEMO_JOB, start_job(
         "Preparing the embedded demo",
         lambda progress, cancelled: prepare_demo(loaded=loaded, progress=progress, cancel=cancelled, spec=spec,
@@ -90,16 +88,14 @@ def ensure_source() -> None:
     st.markdown("#### Welcome to RefineCLIP Studio")
     st.caption("First visit: drawing a held-out sample of the demo world and extracting every attention head's "
                "contribution (this happens once; later visits reuse the cache).")
-    follow_job(job, "Preparing the embedded demo model and its held-out images", cancel_key="demo_cancel")
-    job.handled = True
-    if job.error is not None:
-        if isinstance(job.error, Cancelled):
-            st.info(f"{plain(job.error)} Open the Load page to prepare the demo again or to choose other data.")
-        else:
-            show_exception(job.error, "Preparing the demo")
-        return
-    set_source(job.result)
-    st.rerun()
+
+    def done(finished) -> None:
+        set_source(finished.result)
+        st.rerun()
+
+    job_panel(job, "Preparing the embedded demo model and its held-out images", cancel_key="demo_cancel",
+              what="Preparing the demo", on_done=done,
+              cancelled_note="Open the Load page to prepare the demo again or to choose other data.")
 
 
 def sidebar() -> None:

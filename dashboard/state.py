@@ -16,6 +16,8 @@ from refineclip_core.features.decomposition import HeadId, HeadLike, parse_heads
 from refineclip_core.method.protocol import DEFAULT_PROTOCOL, ProtocolConfig
 from refineclip_core.session.source import Source
 
+from .registry import PAGES, page
+
 
 #: What makes a session key stale (it is dropped then): another source (model + images + cache) …
 SOURCE = "source"
@@ -45,11 +47,12 @@ class Namespace(SessionKey):
         return str(key).startswith(self)
 
 
-#: The pages' widget keys: each page's widgets take its prefix (``key="abl_mode"``) and are
-#: forgotten with the source (the Ablate page's also with the head set).
-WIDGETS = (Namespace("abl_", SOURCE, HEAD_SET), Namespace("grid_", SOURCE), Namespace("insp_", SOURCE),
-           Namespace("err_", SOURCE), Namespace("heads_", SOURCE), Namespace("ref_", SOURCE))
-_ABLATE, _GRID = WIDGETS[0], WIDGETS[1]
+#: The pages' widget keys, derived from the page registry (:attr:`PageInfo.widgets`, :attr:`PageInfo.resets`):
+#: each page's widgets take its prefix (``key="abl_mode"``) and are forgotten on its events (the Load
+#: page's with none: its form stays as the user left it).
+WIDGETS = tuple(Namespace(prefix, *p.resets) for p in PAGES for prefix in p.widgets)
+_ABLATE = next(n for n in WIDGETS if n == page("ablate").widgets[0])
+_GRID = next(n for n in WIDGETS if n == "grid_")
 
 
 class Key:
@@ -79,8 +82,6 @@ class Key:
     LOAD_JOB = SessionKey("load_job")              # an extraction started on the Load page (a Job)
     LOAD_SCAN = SessionKey("load_scan")            # the images listed on the Load page (a ScannedImages)
     LOAD_FRESH = SessionKey("load_just_extracted")  # the Load page opens its data summary once after an extraction
-    DEMO_SPEC = SessionKey("demo_spec")            # tests: a stand-in demo model (ModelSpec)
-    DEMO_N = SessionKey("demo_n_per_group")        # tests: a smaller held-out demo sample
     SESSION_FOLDER = SessionKey("_session_folder")  # owner of this session's private temporary folder
     URL_READ = SessionKey("url_read")              # the URL's view was read on this session's first run
     URL_PENDING = SessionKey("url_pending")        # the URL's query parameters, until a source is there to apply them to

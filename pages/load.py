@@ -5,19 +5,18 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from refineclip_core.errors import Cancelled
 from refineclip_core.features.zeroshot import DEFAULT_TEMPLATES
 from refineclip_core.session.caches import cache_source
 from refineclip_core.session.images import ScannedImages, plan_source, scan_images
 from refineclip_core.session.locking import extract_locked
 from dashboard import resources
 from dashboard.forms import cache_form, extraction_options, images_form, model_form
-from dashboard.jobs import start_job
+from dashboard.jobs import job_panel, start_job
 from dashboard.panels import findings_panel, scan_summary
 from dashboard.recent_view import recent_panel
 from dashboard.registry import page
 from dashboard.state import Key, drop, get, get_source, made_here, put, read_roots, session_dir, set_source
-from dashboard.widgets import follow_job, guard, plain, require_ready, show_exception
+from dashboard.widgets import guard, require_ready, show_exception
 
 st.title(page("load").heading)
 st.caption("Find the attention heads behind CLIP's mistakes, switch them off, and refine the model so the fix "
@@ -77,22 +76,12 @@ def load_panel() -> None:
         st.rerun()  # follow the job at the top of the page, with progress and Cancel
 
 
-def follow_load_job() -> None:
-    job = get(Key.LOAD_JOB)
-    if job is None or job.handled:
-        return
-    follow_job(job, "Extracting per-head features (one forward pass per image)", cancel_key="load_cancel")
-    job.handled = True
-    if isinstance(job.error, Cancelled):
-        st.warning(f"{plain(job.error)} Click 'Extract features' again to resume.", icon=":material/pause_circle:")
-    elif job.error is not None:
-        show_exception(job.error, "Extraction")
-    else:
-        set_source(job.meta["source"])
-        made_here(job.meta["source"].cache_dir)
-        drop(Key.LOAD_SCAN)
-        put(Key.LOAD_FRESH, True)
-        st.rerun()
+def _extracted(job) -> None:
+    set_source(job.meta["source"])
+    made_here(job.meta["source"].cache_dir)
+    drop(Key.LOAD_SCAN)
+    put(Key.LOAD_FRESH, True)
+    st.rerun()
 
 
 demo_job = get(Key.DEMO_JOB)
@@ -104,7 +93,8 @@ if get_source() is not None:
     findings_panel(require_ready())
 st.divider()
 st.subheader("Load another model or images" if get_source() is not None else "Load a model and images")
-follow_load_job()
+job_panel(get(Key.LOAD_JOB), "Extracting per-head features (one forward pass per image)", cancel_key="load_cancel",
+          what="Extraction", on_done=_extracted, cancelled_note="Click 'Extract features' again to resume.")
 load_panel()
 recent_panel()
 with st.expander("…or open a feature cache extracted before (`refineclip extract`, a shared folder)"):

@@ -42,7 +42,7 @@ def home(tmp_path_factory):
     mp.setenv("REFINECLIP_HOME", str(path))
     mp.setenv("REFINECLIP_ALLOWED_ROOTS", str(tmp_path_factory.getbasetemp()))
     mp.delenv("REFINECLIP_DEMO_MODEL_DIR", raising=False)
-    mp.delenv("REFINECLIP_DEMO_N", raising=False)
+    mp.setenv("REFINECLIP_DEMO_N", str(N_PER_GROUP))     # a small held-out demo sample (no test-only session key)
     yield path
     mp.undo()
 
@@ -61,10 +61,15 @@ def demo_spec(tmp_path_factory) -> ModelSpec:
 
 
 def fresh_app(spec: ModelSpec) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.session_state["demo_spec"] = spec
-    at.session_state["demo_n_per_group"] = N_PER_GROUP
-    return at
+    """A new browser session; a stand-in demo model is named the way an operator names a retrained one
+    (``REFINECLIP_DEMO_MODEL_DIR``), never through the session's state."""
+    import os
+
+    if spec.checkpoint:
+        os.environ["REFINECLIP_DEMO_MODEL_DIR"] = str(Path(spec.checkpoint).parent)
+    else:
+        os.environ.pop("REFINECLIP_DEMO_MODEL_DIR", None)
+    return AppTest.from_file(APP, default_timeout=TIMEOUT)
 
 
 def assert_clean(at: AppTest) -> None:
@@ -439,10 +444,9 @@ def test_dashboard_uses_the_shared_defaults(home, demo_spec):
          DEFAULT_PROTOCOL.samples_per_class, DEFAULT_PROTOCOL.top_t, DEFAULT_PROTOCOL.similarity)
 
 
-def test_pages_without_data_point_to_load(home):
+def test_pages_without_data_point_to_load(home, monkeypatch):
+    monkeypatch.setenv("REFINECLIP_DEMO_MODEL_DIR", str(home / "missing"))
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.session_state["demo_spec"] = ModelSpec("demo", checkpoint=str(home / "missing.safetensors"),
-                                              model_config=str(home / "missing.json"))
     at.run()
     assert not at.exception
     assert any("demo model is not installed" in w.value for w in at.warning)
@@ -1037,7 +1041,8 @@ def test_when_a_session_key_is_forgotten_is_data_on_the_key(monkeypatch):
             if family.owns(key):
                 assert family.resets <= key.resets, (key, family)
     toggle = Key.toggle(HeadId(3, 1))
-    assert toggle == "abl_3_1" and isinstance(WIDGETS[0], Namespace) and WIDGETS[0].owns(toggle)
+    ablate = next(f for f in WIDGETS if f == "abl_")
+    assert toggle == "abl_3_1" and isinstance(ablate, Namespace) and ablate.owns(toggle)
 
     def fill():
         session.clear()
@@ -1052,6 +1057,11 @@ def test_when_a_session_key_is_forgotten_is_data_on_the_key(monkeypatch):
     fill()
     state.forget(SOURCE)
     assert set(session) == {k for k in keys if SOURCE not in k.resets} | {"other_widget"}
+    # the widget families come from the page registry: every page's prefixes, with its events
+    from dashboard.registry import PAGES
+
+    assert {str(n) for n in WIDGETS} == {prefix for p in PAGES for prefix in p.widgets}
+    assert {r for p in PAGES for r in p.resets} <= {SOURCE, HEAD_SET}
     assert Key.SOURCE in session and Key.LOAD_JOB in session and Key.SESSION_FOLDER in session
 
 
