@@ -23,7 +23,6 @@ from refineclip_core.inspection.textspan import DEFAULT_TEXT_POOL, HeadDescripti
 from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.protocol import Identification, ProtocolConfig, identify, make_engine
-from refineclip_core.method.scores import head_push
 from refineclip_core.session.caches import with_prompts
 
 from refineclip_core.session.source import Source
@@ -141,20 +140,6 @@ def head_description(source: Source, cache: FeatureCache, head: HeadId, k: int) 
     :data:`~refineclip_core.inspection.textspan.MAX_IMAGES` beyond that many; keyed by the cache's current
     fingerprint: re-extracting the folder in place never shows a stale description)."""
     return _description(source.resource_key(), head.layer, head.head, int(k), source.spec_json, cache)
-
-
-@st.cache_resource(show_spinner="Measuring where the head pushes…", max_entries=64)
-def _push(key: str, layer: int, head: int, true: int, wrong: int, _cache: FeatureCache) -> tuple[np.ndarray, np.ndarray]:
-    rows = np.flatnonzero(_cache.labels == true)
-    c_h = _cache.heads[rows, _cache.manifest.layers.index(layer), head]   # one head's slab: never all heads
-    return rows, head_push(_cache.embeddings[rows], c_h, _cache.text, true, wrong)
-
-
-def head_push_values(source: Source, cache: FeatureCache, head: HeadId, true: int, wrong: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """The images of class ``true`` and how hard ``head`` pushes each toward ``wrong``
-    (:func:`~refineclip_core.method.scores.head_push`), computed once per head and pair."""
-    return _push(source.resource_key(), head.layer, head.head, int(true), int(wrong), cache)
 
 
 @st.cache_resource(show_spinner=False, max_entries=1)
