@@ -4,8 +4,8 @@
     python benchmarks/scale.py --quick            # small sizes (a few minutes), prints only
     python benchmarks/scale.py --only photos      # one part: photos, caches, browser (repeatable)
 
-Three tables, written to ``RESULTS.md`` between the ``scale:start``/``scale:end`` markers (this
-script's section only; everything else in the file is kept):
+Three tables, each written to its own section of ``RESULTS.md`` (``scale-photos``, ``scale-caches``,
+``scale-browser``; through ``benchmarks/results_md.py``, which keeps every other section):
 
 * **photos** — a photo-like set (the demo world's pictures upscaled to camera size with texture,
   illumination, edges, sensor noise and EXIF orientation, JPEG q=90) extracted as it is, with
@@ -55,7 +55,6 @@ from benchmarks.run import Ctx, Table, machine_info, run_info_line  # noqa: E402
 from tests.support import browser as shots  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "RESULTS.md"
-MARKER = "scale"
 SHARD = 250                       # rows per synthetic shard (10k and 50k are whole numbers of shards)
 GOALS = {"rss_mib": 2048, "toggle_ms": 50, "browser_toggle_ms": 300, "scoring_s": 5, "inspector_s": 3}
 
