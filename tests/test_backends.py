@@ -115,6 +115,13 @@ def test_parts_sum_to_encode_image(name, dtype, bound):
         assert dec.heads.shape[2:] == (info.n_heads, info.embed_dim)
         assert len(dec.remainder_names) == dec.remainders.shape[1]
     assert dec.heads.abs().sum() > 0
+    backend = backend_for(model.visual)
+    with torch.inference_mode():
+        decompose_with = backend.decompose(images, (1, 2))
+    per_image = backend.last_capture_bytes / images.shape[0]
+    estimate = backend.capture_bytes_per_image((1, 2), images.element_size())
+    assert per_image <= estimate <= 2 * per_image + 4 * info.n_heads * info.n_tokens ** 2 * images.element_size()
+    assert _rel(decompose_with.reconstruct(), reference) <= bound
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -247,7 +254,7 @@ def test_refusal_from_configs_and_models():
 
 
 @pytest.mark.parametrize("name", ["siglip", "pe-core"])
-def test_extraction_scores_and_real_ablation_on_all_token_pools(tmp_path, image_folder, name):
+def test_extraction_scores_and_real_ablation_on_all_token_pools(tmp_path, image_folder, name, monkeypatch):
     """The whole cached workflow on towers that pool over every token: extraction through the seam,
     the cache's sum of parts against encode_image, DE scores on the cached parts, and the cached
     ablation against the real model's (method/verification.py)."""
@@ -273,3 +280,6 @@ def test_extraction_scores_and_real_ablation_on_all_token_pools(tmp_path, image_
         result = verify_on_images(loaded, cache.records, engine, list(range(6)), heads, mode=mode)
         assert result.n_images == 6 and result.max_rel_error < 1e-5 and result.predictions_agree
     assert np.isfinite(engine.embeddings(heads, "zero", np.arange(len(cache)))).all()
+    monkeypatch.setenv("REFINECLIP_MEMORY_BUDGET", "100kB")   # below what 6 images' captures hold
+    with pytest.raises(RefineClipError, match="over the memory budget"):
+        extract(loaded, load_dataset(image_folder), tmp_path / "cache2", ExtractionConfig(layers=2, batch_size=6))

@@ -293,6 +293,9 @@ class VisionBackend:
             self.readout_hooks(hooks, cap)
             embedding = self.embed(images)
 
+        held = {id(t): t for t in [*cap.values(), *per_row.values()] if isinstance(t, torch.Tensor)}
+        #: bytes this call held after the forward pass (what :meth:`capture_bytes_per_image` estimates)
+        self.last_capture_bytes = sum(t.numel() * t.element_size() for t in held.values())
         ro = self.readout(cap)
         w = ro.weights
         terms = [cap["stream"]]
