@@ -35,7 +35,7 @@ from .widgets import Ready, guard, link, metric_ci, plain, table
 
 
 def stability_panel(stability: HeadStability | None, heads: list[HeadId]) -> None:
-    """How often each head of ``heads`` (and each head most resamples chose) was chosen on bootstrap
+    """How often each head of ``heads`` (and each head at least half of the resamples chose) was chosen on bootstrap
     resamples of the labelled images; one-off choices flagged (:meth:`HeadStability.rows`)."""
     if stability is None or not stability.resamples:
         return
@@ -50,7 +50,7 @@ def stability_panel(stability: HeadStability | None, heads: list[HeadId]) -> Non
         st.markdown(text + (" Every chosen head was chosen in at least half of them." if heads else ""))
     if rows:
         table("head-stability", pd.DataFrame([{"head": r["head"], "in this set": "yes" if r["in_set"] else "no",
-                                               "chosen in": f"{r['chosen_in']}/{r['resamples']} resamples",
+                                               "chosen in": f"{r['chosen_in']} of {r['resamples']} resamples",
                                                "note": r["note"]} for r in rows]),
               hide_index=True, height=min(38 * (len(rows) + 1), 300))
 
@@ -302,19 +302,19 @@ def verdict_table(verdict: EditVerdict) -> None:
 def checkpoint_download(col, checkpoint: Path | None, exported: str, verdict: EditVerdict) -> None:
     """The merged checkpoint's download button: the open_clip file, or the transformers folder zipped.
     An edit the guard did not verify needs one explicit confirmation first."""
-    worse = {VERIFIED: "", HARMFUL: " — harmful"}.get(verdict.status, " — not verified")
+    worse = {VERIFIED: "verified", HARMFUL: "harmful"}.get(verdict.status, "not verified")
     if verdict.status != VERIFIED and not col.checkbox(
             f"Download anyway: I read that the guard called this edit {verdict.status}", key=Key.REFINE_CONFIRM):
         col.caption("The guard did not verify this edit; tick the box above to download it anyway.")
         return
     if checkpoint is not None and checkpoint.is_dir():
-        col.download_button(f"Merged checkpoint of {exported} (Hugging Face folder, .zip){worse}",
+        col.download_button(f"Merged checkpoint ({worse}): {exported}, Hugging Face folder (.zip)",
                             data=lambda p=checkpoint: zip_folder(p), file_name=f"{checkpoint.name}.zip",
                             mime="application/zip", key="ref_dl_ckpt", icon=":material/download:", on_click="ignore",
                             help="Unzip it: transformers' CLIPModel.from_pretrained(<folder>) loads the edited model, "
                                  "and so does this dashboard's 'Local checkpoint'.")
     elif checkpoint is not None and checkpoint.is_file():
-        col.download_button(f"Merged checkpoint of {exported} (.safetensors){worse}",
+        col.download_button(f"Merged checkpoint ({worse}): {exported} (.safetensors)",
                             data=lambda p=checkpoint: p.read_bytes(), file_name=checkpoint.name,
                             mime="application/octet-stream", key="ref_dl_ckpt", icon=":material/download:",
                             on_click="ignore",  # a download needs no rerun (and a rerun can race the deferred data)

@@ -196,7 +196,7 @@ def downloads(run: EditRun) -> None:
     """The merged checkpoint (one confirmation when the guard did not verify it), the run report and the
     per-image predictions: there as soon as the exported edit is."""
     st.subheader("Downloads")
-    d = st.columns(4)
+    d = st.columns([2.2, 1, 1, 1.2])    # the checkpoint's label (with the verdict) reads whole
     checkpoint_download(d[0], run.checkpoint, run.outcome.exported, run.verdict)
     d[1].download_button("Run report (JSON)", data=report_json(run.report), file_name="refineclip-report.json",
                          mime="application/json", key="ref_dl_json", icon=":material/data_object:", on_click="ignore")

@@ -35,7 +35,7 @@ if proto.pair not in pair_options:
     pair_options[proto.pair] = PairSpec.parse(proto.pair).label()
 n_heads_total = len(cache.manifest.layers) * cache.manifest.n_heads
 with st.form("heads_controls"):
-    c = st.columns([3, 1, 1, 1, 1, 1.4, 1])
+    c = st.columns([2.6, 1, 1, 1, 1.3, 1.4, 1.1])     # wide enough for 'cosine' and 'consensus' at 1400 px
     pair = c[0].selectbox("Error pair", list(pair_options), format_func=lambda k: visible(pair_options[k]),
                           index=list(pair_options).index(proto.pair), key="heads_pair")
     n = c[1].number_input("Samples per class", 1, 10_000, proto.samples_per_class or 10, key="heads_n",

@@ -70,8 +70,9 @@ def test_head_stability_counts_and_orders_heads():
     rows = s.rows([c])
     assert rows[0] == {"head": "L2.H0", "in_set": True, "chosen_in": 1, "resamples": 4, "note": "one-off choice"}
     assert [r["head"] for r in rows[1:]] == ["L1.H1", "L1.H0"] and not rows[1]["in_set"]
+    assert rows[2]["note"] == "chosen in 2 of 4 resamples, not in this set"     # the count, not "most"
     text = s.summary([c])
-    assert "L2.H0 1/4" in text and "One-off choice" in text and "L1.H1, L1.H0" in text
+    assert "L2.H0 1/4" in text and "One-off choice" in text and "L1.H1 (in 4 of 4), L1.H0 (in 2 of 4)" in text
     assert HeadStability(0).summary([a]).startswith("The choice was not repeated")
 
 

@@ -71,7 +71,8 @@ class HeadStability:
                      f"{', '.join(map(str, odd))}.")
         missed = self.often_left_out(heads)
         if missed:
-            text += f" Chosen in most resamples but not in this set: {', '.join(map(str, missed))}."
+            text += (" Chosen in at least half of the resamples but not in this set: "
+                     + ", ".join(f"{h} (in {self.count(h)} of {self.resamples})" for h in missed) + ".")
         return text
 
     def often_left_out(self, heads: Sequence[HeadId]) -> list[HeadId]:
@@ -80,16 +81,16 @@ class HeadStability:
 
     def rows(self, heads: Sequence[HeadId]) -> list[dict]:
         """The table the Heads page, the CLI and the run report show: one row per head of ``heads`` (the set
-        in use, in its order), then each head outside it that most resamples chose. Each row: ``head``,
+        in use, in its order), then each head outside it that at least half of the resamples chose. Each row: ``head``,
         ``in_set``, ``chosen_in`` (resamples that chose it), ``resamples`` and ``note`` ("one-off choice",
-        "chosen in most resamples, not in this set" or "")."""
+        "chosen in n of R resamples, not in this set" or "")."""
         out = []
         for h in heads:
             out.append({"head": str(h), "in_set": True, "chosen_in": self.count(h), "resamples": self.resamples,
                         "note": "one-off choice" if self.is_one_off(h) else ""})
         for h in self.often_left_out(heads):
             out.append({"head": str(h), "in_set": False, "chosen_in": self.count(h), "resamples": self.resamples,
-                        "note": "chosen in most resamples, not in this set"})
+                        "note": f"chosen in {self.count(h)} of {self.resamples} resamples, not in this set"})
         return out
 
     def to_dict(self) -> dict:
