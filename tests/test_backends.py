@@ -42,6 +42,16 @@ def _register_tiny_timm() -> None:
                                            reg_tokens=2, init_values=0.5, global_pool="map"), kw)))
 
     @register_model
+    def rc_tiny_vit_avg(pretrained=False, **kw):      # average pooling, then fc_norm (a LayerNorm after the pool)
+        return cfg(VisionTransformer(**args(dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4,
+                                                 global_pool="avg", qk_norm=True), kw)))
+
+    @register_model
+    def rc_tiny_eva_reg(pretrained=False, **kw):      # Eva: class + 2 registers, RoPE, average pooling
+        return cfg(Eva(**args(dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_reg_tokens=2,
+                                   use_rot_pos_emb=True, ref_feat_shape=(4, 4), global_pool="avg"), kw)))
+
+    @register_model
     def rc_tiny_eva02(pretrained=False, **kw):        # EVA-02 CLIP: RoPE, SwiGLU, inner LayerNorm, CLS
         return cfg(Eva(**args(dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, qkv_fused=False,
                              mlp_ratio=4 * 2 / 3, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True,
@@ -68,6 +78,10 @@ CONFIGS = {
                                                "timm_pool": "map", "timm_proj": "none"}},
     "vit-reg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_vit_reg",
                                                 "timm_pool": "map", "timm_proj": "linear"}},
+    "vit-avg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_vit_avg",
+                                                "timm_pool": "avg", "timm_proj": "linear"}},
+    "eva-reg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_eva_reg",
+                                                "timm_pool": "avg", "timm_proj": None}},
     "eva02": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_eva02",
                                               "timm_pool": "token", "timm_proj": None}},
     "pe-core": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_pe",

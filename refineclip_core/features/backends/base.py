@@ -181,8 +181,6 @@ class VisionBackend:
     info: ArchitectureInfo
     #: Token rows the readout reads (``(0,)``: the CLS row), or None: every token.
     rows: tuple[int, ...] | None = (0,)
-    #: The family's attention modules, for messages.
-    names: dict[str, str] = {}
 
     # ---- the family's part -------------------------------------------------------------
     def blocks(self) -> list[Block]:

@@ -19,8 +19,7 @@ def mha_params(mha: nn.MultiheadAttention) -> tuple[torch.Tensor, ...]:
         w_q, w_k, w_v = mha.in_proj_weight.split(E, dim=0)
     else:
         w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
-    bias = mha.in_proj_bias if mha.in_proj_bias is not None else mha.in_proj_weight.new_zeros(3 * E) \
-        if mha._qkv_same_embed_dim else mha.q_proj_weight.new_zeros(3 * E)
+    bias = mha.in_proj_bias if mha.in_proj_bias is not None else w_q.new_zeros(3 * E)
     b_q, b_k, b_v = bias.split(E)
     return w_q, w_k, w_v, b_q, b_k, b_v
 
