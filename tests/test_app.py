@@ -315,6 +315,7 @@ def _finish_comparison(at: AppTest) -> None:
         at.run()
 
 
+@pytest.mark.slow
 def test_refine_page_runs_compares_and_offers_downloads(app):
     at = open_page(app, "heads")
     cache, ident = cache_and_ident(at)
@@ -389,6 +390,7 @@ def test_refine_page_comparison_can_be_cancelled_without_losing_the_edit(app):
     assert {"ref_dl_json", "ref_dl_html", "ref_dl_csv"} <= {b.key for b in at.get("download_button")}
 
 
+@pytest.mark.slow
 def test_refine_page_removes_the_confirmed_concept_and_compares_with_and_without(app):
     """The concept box is prefilled with what the diagnosis names; confirming removes it in the exported edit,
     and the results show the same fit keeping it; a typed concept with markup stays plain text."""

@@ -474,6 +474,7 @@ def demo_world(tmp_path_factory):
     return cache, load_vocabulary(loaded, cache_path=work)
 
 
+@pytest.mark.slow
 def test_demo_world_diagnosis_names_the_background_and_a_random_set_does_not(demo_world):
     from refineclip_core.demo.world import BIRD_PART_WORDS, CUE_WORDS, names_cue
 
