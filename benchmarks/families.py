@@ -81,7 +81,7 @@ def measure(name: str, batch: int, reps: int) -> dict:
             "tokens": info.n_tokens, "prefix": info.n_prefix_tokens, "err32": err32, "err64": err64,
             "enc_s": statistics.median(enc) / batch, "dec_s": statistics.median(dec) / batch,
             "ratio": statistics.median(ratio), "flops": flops["dec"] / flops["enc"], "bytes": backend.capture_bytes_per_image(scope, 4),
-            "merge": backend.merge_target()[0] or "none (ends in the map pool's MLP)"}
+            "merge": backend.merge_target()[0] or "visual.head.proj.weight (added by the export, config beside)"}
 
 
 def main(argv: list[str] | None = None) -> None:
