@@ -360,6 +360,7 @@ def test_missing_transformers_is_one_sentence(tmp_path, monkeypatch):
         load_model(ModelSpec("x", checkpoint=str(folder)))
 
 
+@pytest.mark.slow
 def test_dashboard_loads_a_transformers_folder_and_downloads_the_edit_in_its_format(tmp_path, image_folder,
                                                                                     monkeypatch):
     """The Load page takes the folder as a server path (no architecture asked), extraction
