@@ -336,27 +336,27 @@ def score_maps_panel(ident: Identification, n_heads: int, selected: HeadId | Non
     pair when there are two: half the charts for the browser to draw); a click on a square selects the head
     the inspector shows."""
     names = list(ident.scores)
-    pair_keys = list(ident.sets)
+    pairs = list(dict.fromkeys(k.pair for k in names))
     shown = names
-    if len(pair_keys) > 1:
-        pair = st.segmented_control("Score maps of the error pair", pair_keys, default=pair_keys[0],
-                                    key="heads_map_pair", format_func=visible,
-                                    help="Each pair has its own W, C and A sets, so its own scores; the chosen set "
-                                         "(white dots) is common to all.")
-        shown = [n for n in names if n.endswith(f"[{pair or pair_keys[0]}]")] or names
+    if len(pairs) > 1:
+        at = st.segmented_control("Score maps of the error pair", range(len(pairs)), default=0, key="heads_map_pair",
+                                  format_func=lambda i: visible(f"{pairs[i][0]}→{pairs[i][1]}"),
+                                  help="Each pair has its own W, C and A sets, so its own scores; the chosen set "
+                                       "(white dots) is common to all.")
+        shown = [k for k in names if k.pair == pairs[at or 0]]
     for start in range(0, len(shown), 2):
         for col, name in zip(st.columns(2), shown[start:start + 2]):
             s = ident.scores[name]
             with col:
                 if not s.available:
                     st.markdown(f"**{plain(name)}**")  # score names carry the pair's class names
-                    outer = SCORE_SPECS[name.split('[')[0]][0]
+                    outer = SCORE_SPECS[name.score][0]
                     st.info(f"{plain(name)} is unavailable: {plain(s.reason or f'set {outer} is empty')}. It averages "
                             f"over set {outer}; draw more samples or pick another pair to fill it.",
                             icon=":material/info:")
                     continue
                 key = Key.score_map(names.index(name))
-                fig = resources.score_map(s.values, s.layers, name, s.descending, ident.heads, selected, n_heads,
+                fig = resources.score_map(s.values, s.layers, str(name), s.descending, ident.heads, selected, n_heads,
                                           chosen_by)
                 st.plotly_chart(fig, key=key, on_select=lambda key=key: _on_map_click(key), selection_mode="points",
                                 width="content", theme=None, config={"displayModeBar": False})

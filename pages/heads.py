@@ -95,7 +95,7 @@ else:
     st.info("No prefix of the ranking beats removing nothing on the labelled samples: no head is chosen.")
 stability_panel(sel.stability, sel.heads)
 st.markdown("**Top-T candidate lists**")
-table("head-candidates", pd.DataFrame({name: [str(h) for h in lst] + [""] * (max(map(len, sel.candidates.values())) - len(lst))
+table("head-candidates", pd.DataFrame({str(name): [str(h) for h in lst] + [""] * (max(map(len, sel.candidates.values())) - len(lst))
                            for name, lst in sel.candidates.items()}).rename_axis("rank").rename(lambda i: i + 1),
              height=min(38 * (len(next(iter(sel.candidates.values()))) + 1), 300))
 

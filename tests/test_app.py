@@ -185,13 +185,14 @@ def test_heads_page_scores_sets_and_handoff(app):
     cache, ident = cache_and_ident(at)
     from dashboard.widgets import plain
 
-    pairs = list(ident.sets)
+    pairs = list(dict.fromkeys(k.pair for k in ident.scores))      # typed keys: (score, pair)
+    assert [f"{a}→{b}" for a, b in pairs] == list(ident.sets)
     for pair in (pairs if len(pairs) == 1 else [pairs[1], pairs[0]]):   # one pair's maps at a time
         if len(pairs) > 1:
-            at.session_state["heads_map_pair"] = pair
+            at.session_state["heads_map_pair"] = pairs.index(pair)        # the control's options: pair indices
             at.run()
             assert_clean(at)
-        mine = {n: s for n, s in ident.scores.items() if len(pairs) == 1 or n.endswith(f"[{pair}]")}
+        mine = {n: s for n, s in ident.scores.items() if n.pair == pair}
         available = [n for n, s in mine.items() if s.available]
         assert len(at.get("plotly_chart")) == len(available) + 1  # one map per score of the pair + the utility curves
         infos = " ".join(i.value for i in at.info)

@@ -263,6 +263,26 @@ def test_tip_adapter_formula():
     np.testing.assert_allclose(tip.logits(x), expected, rtol=1e-12)
 
 
+def test_score_keys_are_typed_and_records_keep_their_text(cache):
+    """ident.scores is keyed by ScoreKey(score, pair); records, tables and the screen show the text they
+    always did: "DE_A" for one pair, "DE_A[true→pred]" for two (issue 36: no string parsed back)."""
+    from refineclip_core.edit.record import scores_to_dict
+    from refineclip_core.method.scores import SCORE_NAMES, ScoreKey
+
+    one = identify(cache, ProtocolConfig(pair="auto", samples_per_class=3, seed=1, top_t=4, resamples=0))
+    both = identify(cache, ProtocolConfig(pair="both", samples_per_class=3, seed=1, top_t=4, resamples=0))
+    (a, b), = one.pairs
+    names = (cache.classes[a], cache.classes[b])
+    assert list(one.scores) == [ScoreKey(s, names, alone=True) for s in SCORE_NAMES]
+    assert list(scores_to_dict(one.scores)) == list(SCORE_NAMES)
+    assert len(both.pairs) == 2
+    want = [f"{s}[{cache.classes[x]}→{cache.classes[y]}]" for x, y in both.pairs for s in SCORE_NAMES]
+    assert [str(k) for k in both.scores] == want == list(scores_to_dict(both.scores))
+    assert [k.pair for k in both.scores] == [(cache.classes[x], cache.classes[y]) for x, y in both.pairs for _ in SCORE_NAMES]
+    sel = json.loads(json.dumps(both.selection.to_dict()))            # JSON-safe: keys written as their text
+    assert set(sel["curves"]) <= {"consensus", "stable", *want} and sel["selected"]["score"] == both.selection.score_name
+
+
 def test_pipeline_and_cli_score_refine(cache, tmp_path):
     ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4))
     assert set(np.unique(cache.labels[ident.sample_rows])) <= set(ident.pairs[0])

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     diagnosis = diagnose(cache, ident, vocab, heads, engine, k=args.concepts)
     record = {**diagnosis.to_dict(),
               "attribute": None if attribute is None else attribute.to_dict(),
-              "selection": {"score": ident.selection.score, "heads": [str(h) for h in ident.heads]},
+              "selection": {"score": ident.selection.score_name, "heads": [str(h) for h in ident.heads]},
               "config": {"cache": str(args.cache), **ident.config.to_dict(), "heads_arg": args.heads,
                          "text_pool": args.text_pool or "assets/text_pool.txt", "model": cache.manifest.model,
                          "sample_rows": ident.sample_rows.tolist()}}

@@ -107,12 +107,12 @@ def identification_lines(cache: FeatureCache, ident: Identification, top: int = 
     rows = []
     for name, hs in ident.scores.items():
         if not hs.available:
-            rows.append([name, f"unavailable: {hs.reason}"])
+            rows.append([str(name), f"unavailable: {hs.reason}"])
             continue
         flat = np.asarray(hs.values, dtype=np.float64).reshape(-1)
         order = np.argsort(-flat if hs.descending else flat, kind="stable")[:top]
         H = hs.values.shape[1]
-        rows.append([name, "  ".join(f"{HeadId(hs.layers[i // H], int(i % H))} {flat[i]:+.3g}" for i in order)])
+        rows.append([str(name), "  ".join(f"{HeadId(hs.layers[i // H], int(i % H))} {flat[i]:+.3g}" for i in order)])
     out.append(f"Most suspicious heads of each score (top {top}; highest DE_A/DE_C, lowest DE_B/DE_D):")
     out += table(("", ""), rows, align="ll")[1:]
     return out
@@ -145,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
     record = {
         "pair": pairs[0] if len(pairs) == 1 else pairs,
         "sets": {k: s.sizes() for k, s in ident.sets.items()},
-        "scores": {k: s.to_list() for k, s in ident.scores.items()},
-        "unavailable": {k: s.reason for k, s in ident.scores.items() if not s.available},
+        "scores": {str(k): s.to_list() for k, s in ident.scores.items()},
+        "unavailable": {str(k): s.reason for k, s in ident.scores.items() if not s.available},
         "curves": sel["curves"],
         "candidates": sel["candidates"],
         "baseline_utility": sel["baseline_utility"],

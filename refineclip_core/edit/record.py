@@ -21,7 +21,7 @@ from ..inspection.diagnosis import Diagnosis
 from ..loading.data import ImageDataset
 from ..method.ablation import AblationEngine
 from ..method.protocol import Identification, heldout_counts
-from ..method.scores import HeadScores
+from ..method.scores import HeadScores, ScoreKey
 from ..names import decodable
 from ..reporting.findings import findings, json_safe
 from ..reporting.tables import PER_IMAGE_COLUMNS, per_image_rows
@@ -30,10 +30,10 @@ from .guard import EditVerdict, assess_edit
 from .sanity import SanityWarning
 
 
-def scores_to_dict(scores: Mapping[str, HeadScores]) -> dict[str, dict]:
-    return {name: {"values": None if s.values is None else np.asarray(s.values).tolist(), "layers": list(s.layers),
+def scores_to_dict(scores: Mapping[ScoreKey, HeadScores]) -> dict[str, dict]:
+    return {str(key): {"values": None if s.values is None else np.asarray(s.values).tolist(), "layers": list(s.layers),
                    "descending": bool(s.descending), "available": s.available, "reason": s.reason}
-            for name, s in scores.items()}
+            for key, s in scores.items()}
 
 
 def build_run_report(cache: FeatureCache, ident: Identification, engine: AblationEngine,

@@ -78,7 +78,7 @@ def run_protocol(cache: FeatureCache, samples: Sequence[int], seeds: Sequence[in
             acc, loc = rep.target_accuracy[method], rep.locality[method]
             rows.append(ProtocolRow(n, seed, prefix + method, r.average_group, r.worst_group,
                                     None if acc is None else acc.value, None if loc is None else loc.value, heads,
-                                    ident.selection.score))
+                                    ident.selection.score_name))
 
     for n in samples:
         for seed in seeds:

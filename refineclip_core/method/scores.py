@@ -34,7 +34,8 @@ from .errorsets import ErrorSets
 
 Similarity = Literal["cosine", "dot"]
 SIMILARITIES: tuple[str, ...] = get_args(Similarity)
-SCORE_NAMES = ("DE_A", "DE_B", "DE_C", "DE_D")
+ScoreName = Literal["DE_A", "DE_B", "DE_C", "DE_D"]
+SCORE_NAMES: tuple[ScoreName, ...] = get_args(ScoreName)
 
 #: score -> (outer set, replacement set, sign of Δ(y_e) − Δ(ŷ_e), rank descending?)
 SCORE_SPECS: dict[str, tuple[str, str, int, bool]] = {
@@ -43,6 +44,20 @@ SCORE_SPECS: dict[str, tuple[str, str, int, bool]] = {
     "DE_C": ("A", "W", -1, True),
     "DE_D": ("W", "A", -1, False),
 }
+
+
+@dataclass(frozen=True)
+class ScoreKey:
+    """Which score (Eq. 6-9) of which error pair: the key of ``Identification.scores``. ``str()`` gives the
+    text records, tables and the screen show: ``"DE_A"`` when the identification has one pair (``alone``),
+    else ``"DE_A[true→pred]"`` (class names as typed)."""
+
+    score: ScoreName
+    pair: tuple[str, str]
+    alone: bool = False
+
+    def __str__(self) -> str:
+        return self.score if self.alone else f"{self.score}[{self.pair[0]}→{self.pair[1]}]"
 
 
 @dataclass

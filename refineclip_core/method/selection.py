@@ -44,32 +44,41 @@ import numpy as np
 
 from ..features.decomposition import HeadId
 from .ablation import AblationEngine, Mode
-from .scores import HeadScores
+from .scores import HeadScores, ScoreKey
 from .stability import HeadStability
+
+
+Ranking = ScoreKey | str
+"""A ranking Alg. 1 or a rule cut: one score of one pair, or :data:`CONSENSUS` / :data:`STABLE`."""
 
 
 @dataclass
 class Selection:
     """Alg. 1's outcome: every curve, and the winning (score, t, heads, utility)."""
 
-    curves: dict[str, list[float]]           # score -> [U(S_1), ..., U(S_T)]
-    candidates: dict[str, list[HeadId]]      # score -> its top-T list
+    curves: dict[Ranking, list[float]]       # ranking -> [U(S_1), ..., U(S_T)]
+    candidates: dict[Ranking, list[HeadId]]  # ranking -> its top-T list
     baseline_utility: float                  # U(∅): no head removed
-    score: str | None
+    score: Ranking | None
     t: int
     heads: list[HeadId]
     utility: float
-    unavailable: dict[str, str] = field(default_factory=dict)
+    unavailable: dict[ScoreKey, str] = field(default_factory=dict)
     stability: HeadStability | None = None   # the same rule on resamples of the labelled images (protocol.identify)
+
+    @property
+    def score_name(self) -> str | None:
+        """The chosen ranking as records and tables write it (``"consensus"``, ``"DE_A[a→b]"``, ...)."""
+        return None if self.score is None else str(self.score)
 
     def to_dict(self) -> dict:
         return {
-            "curves": self.curves,
-            "candidates": {k: [h.as_list() for h in v] for k, v in self.candidates.items()},
+            "curves": {str(k): v for k, v in self.curves.items()},
+            "candidates": {str(k): [h.as_list() for h in v] for k, v in self.candidates.items()},
             "baseline_utility": self.baseline_utility,
-            "selected": {"score": self.score, "t": self.t, "heads": [h.as_list() for h in self.heads],
+            "selected": {"score": self.score_name, "t": self.t, "heads": [h.as_list() for h in self.heads],
                          "utility": self.utility},
-            "unavailable": self.unavailable,
+            "unavailable": {str(k): v for k, v in self.unavailable.items()},
             "stability": None if self.stability is None else self.stability.to_dict(),
         }
 
@@ -88,7 +97,7 @@ def utility(engine: AblationEngine, heads: list[HeadId], rows: np.ndarray, label
     return float((own - others).mean())
 
 
-def select_heads(engine: AblationEngine, scores: dict[str, HeadScores], rows: np.ndarray, labels: np.ndarray,
+def select_heads(engine: AblationEngine, scores: dict[ScoreKey, HeadScores], rows: np.ndarray, labels: np.ndarray,
                  top_t: int = 15, mode: Mode = "zero") -> Selection:
     """Algorithm 1: best prefix of the top-``top_t`` lists by utility over ``rows`` (``mode``: the
     ablation the utility measures, the paper's zero by default)."""
@@ -136,7 +145,7 @@ CONSENSUS = "consensus"
 """Name of the consensus ranking in :class:`Selection` curves and candidates."""
 
 
-def consensus_ranking(scores: dict[str, HeadScores]) -> list[HeadId]:
+def consensus_ranking(scores: dict[ScoreKey, HeadScores]) -> list[HeadId]:
     """Every head, ranked by the summed standardised scores (most suspicious first); see the module
     docstring. Scores that are unavailable or constant over heads do not vote."""
     total, ids = None, None
@@ -157,7 +166,7 @@ def consensus_ranking(scores: dict[str, HeadScores]) -> list[HeadId]:
     return [ids[i] for i in np.argsort(-total, kind="stable")]
 
 
-def select_consensus(engine: AblationEngine, scores: dict[str, HeadScores], rows: np.ndarray, labels: np.ndarray,
+def select_consensus(engine: AblationEngine, scores: dict[ScoreKey, HeadScores], rows: np.ndarray, labels: np.ndarray,
                      top_t: int = 15, mode: Mode = "zero") -> Selection:
     """The consensus ranking's best prefix (up to ``top_t`` heads) by utility over ``rows``; no head
     when no prefix has a larger utility than removing nothing. The returned curves and candidate
@@ -174,7 +183,7 @@ def select_consensus(engine: AblationEngine, scores: dict[str, HeadScores], rows
                      per_score.unavailable)
 
 
-def choose_heads(rule: str, engine: AblationEngine, scores: dict[str, HeadScores], rows: np.ndarray,
+def choose_heads(rule: str, engine: AblationEngine, scores: dict[ScoreKey, HeadScores], rows: np.ndarray,
                  labels: np.ndarray, top_t: int = 15, mode: Mode = "zero") -> list[HeadId]:
     """Only the heads ``rule`` ("consensus" or "alg1") chooses, without the curves of the other lists:
     what :func:`select_consensus` / :func:`select_heads` return as ``.heads``, at the cost of one curve
@@ -189,7 +198,7 @@ STABLE = "stable"
 """Name of the resampling-stable ranking in :class:`Selection` curves and candidates."""
 
 
-def stable_ranking(scores: dict[str, HeadScores], stability: HeadStability) -> list[HeadId]:
+def stable_ranking(scores: dict[ScoreKey, HeadScores], stability: HeadStability) -> list[HeadId]:
     """Every head, ranked by how many resamples of the labelled images chose it (most first); heads chosen
     equally often keep their order in the consensus ranking of all the labelled images."""
     return sorted(consensus_ranking(scores), key=lambda h: -stability.count(h))
@@ -208,7 +217,7 @@ def smoothed_prefix(curve: list[float], base: float) -> int:
     return int(np.argmax(smooth)) + 1 if smooth.max() > 0 else 0
 
 
-def select_stable(engine: AblationEngine, scores: dict[str, HeadScores], rows: np.ndarray, labels: np.ndarray,
+def select_stable(engine: AblationEngine, scores: dict[ScoreKey, HeadScores], rows: np.ndarray, labels: np.ndarray,
                   stability: HeadStability, top_t: int = 15, mode: Mode = "zero") -> Selection:
     """The project's default: the heads ranked by how often the consensus chose them on resamples of the
     labelled images (:func:`stable_ranking`), cut at the prefix (up to ``top_t`` heads) whose utility over

@@ -95,7 +95,7 @@ def findings(cache: FeatureCache, ident: Identification, engine: AblationEngine)
         n_images=len(labels), n_eval=zs.n_images, accuracy=zs.overall(), worst_group=zs.worst(),
         worst_group_name=zs.worst_group_name, average_group=zs.average(),
         pair=f"{cache.classes[a]} → {cache.classes[b]}", pair_count=count,
-        heads=[str(h) for h in ident.heads], score=ident.selection.score, ablation=ident.config.ablation,
+        heads=[str(h) for h in ident.heads], score=ident.selection.score_name, ablation=ident.config.ablation,
         ablated_accuracy=ab.overall(), ablated_worst_group=ab.worst(), ablated_worst_group_name=ab.worst_group_name,
         ablated_target_accuracy=methods.target_accuracy["ablated"], target_accuracy=methods.target_accuracy["zero-shot"],
         notes=notes,
