@@ -489,7 +489,7 @@ def bench_method(ctx: Ctx) -> Table:
     from refineclip_core.method.ablation import AblationEngine
     from refineclip_core.method.errorsets import error_pairs, pair_error_sets
     from refineclip_core.edit.config import PaperConfig
-    from refineclip_core.edit.paper import refine
+    from refineclip_core.edit.paper import paper_phase2
     from refineclip_core.method.scores import compute_scores
     from refineclip_core.method.selection import select_heads
 
@@ -550,7 +550,7 @@ def bench_method(ctx: Ctx) -> Table:
     for strategy in ("diag", "full", "lora"):
         cfg = PaperConfig(strategy=strategy, steps=100 if ctx.quick else 500)
         t0 = time.perf_counter()
-        refine(E1, labels1, text1, 100.0, W, local, ablated, cfg, train_rows=train)
+        paper_phase2(E1, labels1, text1, 100.0, W, local, ablated, cfg, train_rows=train)
         t = time.perf_counter() - t0
         rows.append([f"refinement ({strategy}), {cfg.steps} steps", f"{n_sc:,} embeddings, d={d}", f"{t:.2f} s", "",
                      "≤ 5 s" if strategy == "diag" else ""])

@@ -25,7 +25,7 @@ from refineclip_core.edit.compare import fit_edit
 from refineclip_core.edit.config import EditConfig
 from refineclip_core.edit.config import PaperConfig
 from refineclip_core.edit.export import export_checkpoint
-from refineclip_core.edit.paper import refine
+from refineclip_core.edit.paper import paper_phase2
 from refineclip_core.method.scores import compute_scores
 from refineclip_core.method.selection import select_heads
 
@@ -229,8 +229,8 @@ def test_refinement_export_reproduces_the_refined_embeddings(loaded, cache, tiny
     heads = [HeadId(2, 0), HeadId(2, 3)]
     local = np.concatenate([sets.C, sets.A])
     cfg = PaperConfig(strategy=strategy, steps=60, lr=5e-2, alpha=100.0, beta=10.0)
-    res = refine(cache.embeddings, cache.labels, cache.text, cache.logit_scale, sets.W, local,
-                 eng.embeddings(heads, "zero", sets.W), cfg)
+    res = paper_phase2(cache.embeddings, cache.labels, cache.text, cache.logit_scale, sets.W, local,
+                       eng.embeddings(heads, "zero", sets.W), cfg)
     h = res.history
     assert set(h) == {"total", "success", "locality", "ce"} and len(h["total"]) == 60
     assert h["total"][-1] < h["total"][0]
@@ -348,16 +348,16 @@ def test_refinement_reports_progress_cancels_and_leaves_the_global_rng_alone(cac
     expected_next = torch.rand(3)
     torch.manual_seed(123)
     calls = []
-    first = refine(*args, cfg, progress=lambda stage, done, total, values=None: calls.append((stage, done, total,
+    first = paper_phase2(*args, cfg, progress=lambda stage, done, total, values=None: calls.append((stage, done, total,
                                                                                              values)))
     np.testing.assert_array_equal(torch.rand(3), expected_next)  # torch's global RNG was not touched
-    again = refine(*args, cfg)                                     # the local generator alone seeds LoRA
+    again = paper_phase2(*args, cfg)                                     # the local generator alone seeds LoRA
     np.testing.assert_array_equal(first.refined.matrix, again.refined.matrix)
     assert [c[1] for c in calls] == [1, 11, 21, 25] and {c[2] for c in calls} == {25}
     assert calls[0][0] == "RefineCLIP (lora)" and set(calls[-1][3]) == {"total", "success", "locality", "ce"}
     seen = []
     with pytest.raises(Cancelled, match="cancelled after 3 of 25 steps"):
-        refine(*args, cfg, cancel=lambda: seen.append(1) or len(seen) > 3)
+        paper_phase2(*args, cfg, cancel=lambda: seen.append(1) or len(seen) > 3)
 
 
 def test_pair_grammar_is_read_in_one_place():

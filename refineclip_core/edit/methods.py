@@ -161,14 +161,14 @@ def _refineclip_fit(removed) -> Callable[[Context], Fitted]:
 
 
 def _paper(ctx: Context) -> Fitted:
-    from .paper import refine
+    from .paper import paper_phase2
 
     ident, cache = ctx.ident, ctx.cache
     W = np.unique(np.concatenate([s.W for s in ident.sets.values()]))
     local = np.setdiff1d(np.unique(np.concatenate([np.concatenate([s.C, s.A]) for s in ident.sets.values()])), W)
-    result = refine(cache.embeddings, cache.labels, cache.text, cache.logit_scale, W, local,
-                    ctx.engine.embeddings(ctx.heads, ctx.mode, W), ctx.cfg.paper, train_rows=ident.sample_rows,
-                    progress=ctx.progress, cancel=ctx.cancel)
+    result = paper_phase2(cache.embeddings, cache.labels, cache.text, cache.logit_scale, W, local,
+                          ctx.engine.embeddings(ctx.heads, ctx.mode, W), ctx.cfg.paper, train_rows=ident.sample_rows,
+                          progress=ctx.progress, cancel=ctx.cancel)
     return Fitted(predictions_of(cache, result), _used(ctx, unlabelled=ctx.mode == "mean"), result)
 
 

@@ -102,7 +102,7 @@ def kl_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> tor
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
 
 
-def refine(
+def paper_phase2(
     embeddings: np.ndarray,
     labels: np.ndarray,
     text: np.ndarray,
@@ -116,7 +116,8 @@ def refine(
     cancel: CancelFn | None = None,
     stage: str | None = None,
 ) -> RefinementResult:
-    """Learn ``f`` by minimising Eq. (13) with Adam.
+    """The paper's phase 2: learn ``f`` by minimising Eq. (13) with Adam (RefineCLIP-fit, the project's
+    default edit, is :mod:`~refineclip_core.edit.fit`).
 
     Args:
         embeddings: ``(N, d)`` E; labels ``(N,)``; text ``(C, d)`` normalised; ``logit_scale``: the
@@ -180,6 +181,6 @@ def standard_finetune(embeddings, labels, text, logit_scale, train_rows, cfg: Pa
     ce_only = PaperConfig(**{**cfg.to_dict(), "alpha": 0.0, "beta": 0.0})
     empty = np.zeros(0, dtype=np.int64)
     d = np.asarray(embeddings).shape[1]
-    return refine(embeddings, labels, text, logit_scale, empty, empty, np.zeros((0, d)), ce_only,
-                  train_rows=np.asarray(train_rows), progress=progress, cancel=cancel,
-                  stage="Standard fine-tuning (baseline, L_CE only)")
+    return paper_phase2(embeddings, labels, text, logit_scale, empty, empty, np.zeros((0, d)), ce_only,
+                        train_rows=np.asarray(train_rows), progress=progress, cancel=cancel,
+                        stage="Standard fine-tuning (baseline, L_CE only)")
