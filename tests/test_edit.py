@@ -223,6 +223,7 @@ def test_the_teachers_strength_scales_each_heads_centred_contribution(demo):
     assert flips[0.3] <= flips[1.0] and moved[0.3].config.fit.strength == 0.3
 
 
+@pytest.mark.slow
 def test_concept_removal_reaches_the_teacher_and_the_exported_checkpoint(demo, tmp_path):
     """With a concept removed, Ŵ's teachers are the ablated embeddings off the concept's span (the rest keep E),
     fit_edit compares the edit with the same fit keeping it, and the export still reproduces E·B."""
@@ -345,6 +346,7 @@ def test_one_set_of_defaults_for_cli_and_reproduction():
     assert params["edit"].default is DEFAULT_EDIT and params["protocol"].default is DEFAULT_PROTOCOL
 
 
+@pytest.mark.slow
 def test_coop_beyond_its_budget_is_left_out_with_the_reason(demo):
     """An edit whose CoOp would pass its cost budget runs without it and says why: in the outcome, the run
     report (JSON and HTML) and the CLI's lines; within the budget the row is there."""
