@@ -355,3 +355,29 @@ def test_the_siglip_recipe_is_one_flag():
     assert vision["timm_pool"] == "map" and vision["timm_proj"] == "none" and "init_logit_bias" in cfg.model_config
     with pytest.raises(SystemExit, match="bird world only"):
         config_from_args(build_parser().parse_args(["--out", "x", "--recipe", "siglip", "--world", "digits"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 6: the coverage table is generated, current, and meets the bar
+
+
+@pytest.mark.slow
+def test_models_md_is_what_the_coverage_script_writes():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("coverage_table", root / "scripts" / "coverage_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    import open_clip
+
+    table = script.rows()
+    text = script.render(table, open_clip.__version__)   # what main() writes
+    assert text == (root / "docs" / "MODELS.md").read_text(), "run python scripts/coverage_table.py"
+    plain = [r for r in table if r["plain_vit"]]
+    assert sum(r["tags"] for r in plain) == 147                                   # the count, open_clip 3.3.0
+    assert sum(r["tags"] for r in plain if r["reason"] is None) >= 140
+    assert all(r["reason"] is None or r["reason"].count(". ") == 0 for r in table)  # one sentence each
+    refused = {r["arch"] for r in table if r["reason"]}
+    assert {"RN50", "convnext_base", "MobileCLIP-S1"} <= refused and "ViT-B-16-SigLIP2" not in refused

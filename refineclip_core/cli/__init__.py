@@ -60,7 +60,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="refineclip",
-        description="Find the attention heads behind CLIP's errors and edit the model to fix them (RefineCLIP).",
+        description="Find the attention heads behind CLIP's errors and edit the model to fix them (RefineCLIP).\n\n"
+                    "Models that decompose into heads: CLIP ViTs, SigLIP / SigLIP 2, EVA, PE-Core, CLIPA, CoCa,\n"
+                    "ViTamin and MobileCLIP-B (also as transformers CLIPModel / SiglipModel folders); ResNet,\n"
+                    "ConvNeXt and FastViT towers are refused (docs/MODELS.md lists every open_clip architecture).",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
