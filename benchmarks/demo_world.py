@@ -335,8 +335,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="the RESULTS.md section (marker) to write: 'demo' is the headline; another name keeps it")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared machine more threads spin and run several times slower)")
+    ap.add_argument("--draws-json", help="also write every draw's numbers here (for --merge)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="write the section from the --draws-json files of runs over parts of the seeds (run in "
+                         "parallel with --no-extras): the headline and the checks, without the extras")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.merge:
+        return merge(args)
     t0 = time.time()
     model_dir = Path(args.model_dir)
     with workdir(args.workdir, "refineclip-demo-bench-") as work:
@@ -413,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"world {w_seed} seed {s}: worst group zero-shot {100 * m['zero-shot'][0]:.1f}, "
                       f"exported {100 * m[EXPORTED][0]:.1f}; heads {', '.join(draws[-1].heads['default'])}",
                       file=sys.stderr, flush=True)
+        if args.draws_json:
+            Path(args.draws_json).write_text(json.dumps({"draws": [d.__dict__ for d in draws], "sizes": sizes,
+                                                         "seconds": time.time() - t0, "used": used}))
         body = report(args, draws, extras, overlaps, sizes, model_dir, time.time() - t0, diagnoses, world.cue)
         body += ("\n<details><summary>Settings every draw used (the shared defaults; seeds vary)</summary>\n\n"
                  f"```json\n{json.dumps(used, indent=1)}\n```\n</details>\n")
@@ -426,6 +435,23 @@ def main(argv: list[str] | None = None) -> int:
         print(body)
         replace_section(Path(args.out), args.section, body)
         return 0
+
+
+def merge(args) -> int:
+    """The section from several ``--draws-json`` files (draws of different world seeds, run in parallel)."""
+    parts = [json.loads(Path(p).read_text()) for p in args.merge]
+    draws = [Draw(**{**d, "metrics": {k: tuple(v) for k, v in d["metrics"].items()}}) for p in parts for d in p["draws"]]
+    args.world_seeds = sorted({d.world for d in draws})
+    args.sample_seeds = sorted({d.seed for d in draws})
+    body = report(args, draws, {}, [], tuple(parts[0]["sizes"]), Path(args.model_dir),
+                  max(p["seconds"] for p in parts))
+    body += (f"\n(Run as {len(parts)} processes in parallel, one per world, with `--no-extras --draws-json`, merged with "
+             "`--merge`; the time is the longest one's.)\n"
+             "\n<details><summary>Settings every draw used (the shared defaults; seeds vary)</summary>\n\n"
+             f"```json\n{json.dumps(parts[0]['used'], indent=1)}\n```\n</details>\n")
+    print(body)
+    replace_section(Path(args.out), args.section, body)
+    return 0
 
 
 def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, seconds: float,
