@@ -53,6 +53,7 @@ def _commands(files, image_folder, cache, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_every_command_summarises_in_at_most_40_lines_and_json_dash_prints_only_the_record(
         tiny_model_files, image_folder, cache_dir, tmp_path, capsys):
     for name, argv in _commands(tiny_model_files, image_folder, cache_dir, tmp_path).items():
@@ -79,6 +80,7 @@ def test_every_command_summarises_in_at_most_40_lines_and_json_dash_prints_only_
             assert kept == record and {"accuracy_interval", "intervals", "counts", "worst_group_name"} <= set(kept)
 
 
+@pytest.mark.slow
 def test_a_pipe_gets_the_record_alone_and_no_progress(tiny_model_files, image_folder, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "refineclip_core.cli", "extract", *_model_flags(tiny_model_files),
                            "--data", str(image_folder), "--out", str(tmp_path / "c"), "--json", "-"],

@@ -428,6 +428,7 @@ def test_non_finite_features_are_refused_at_extraction(tiny_model_files, image_f
     assert not (tmp_path / "c" / "shards").exists() or not any((tmp_path / "c" / "shards").iterdir())
 
 
+@pytest.mark.slow
 def test_pages_show_names_of_any_encoding(hostile_names, home, demo_spec):
     """Scan, extract and every page with class folders and files whose names are not UTF-8, hold
     terminal escapes, a bidi override or a zero-width space: no page fails, the names are marked."""
