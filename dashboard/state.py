@@ -207,9 +207,10 @@ def protocol() -> ProtocolConfig:
 
 
 def set_protocol(**changes) -> None:
-    """Change the identification settings; a head set handed on for the old ones is dropped."""
+    """Change the identification settings; a head set handed on for the old ones, and the Ablate page's
+    ticks made from it, are dropped (the Ablate page starts again from the new choice)."""
     put(Key.PROTOCOL, {**protocol().to_dict(), **changes})
-    drop(Key.ABLATE_HEADS, Key.ATTRIBUTE)
+    drop(Key.ABLATE_HEADS, Key.ATTRIBUTE, Key.TICKED)
 
 
 def inspect_head() -> HeadId | None:

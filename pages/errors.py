@@ -15,11 +15,12 @@ from refineclip_core.reporting.figures import confusion_figure
 from refineclip_core.reporting.findings import accuracy_rows
 from refineclip_core.names import visible
 from dashboard import resources
+from dashboard.errors_view import misclassified_images
 from dashboard.pairs import ALL, HELD_OUT, LABELLED, labelled_rows
 from dashboard.panels import heldout_rows, sanity_panel
 from dashboard.registry import page
 from dashboard.state import Key, drop, get, protocol, set_protocol
-from dashboard.widgets import accuracy_frame, image_grid, link, metric_ci, plain, require_ready, table
+from dashboard.widgets import accuracy_frame, link, metric_ci, plain, require_ready, table
 
 #: Most classes the confusion matrix shows (a heatmap of 10,000 classes would be 10^8 cells, over 1 GB).
 MAX_CONFUSION_CLASSES = 30
@@ -129,16 +130,4 @@ if spec.automatic and st.button("Use this pair", key="err_use_pair"):
     st.rerun()
 link("heads", f"Which heads cause {plain(chosen.label(classes))}? → Heads")
 
-st.subheader("Misclassified images")
-c = st.columns([2, 1])
-only_pair = c[0].checkbox(f"Only {plain(chosen.label(classes))}", value=True, key="err_only_pair")
-limit = c[1].slider("Show at most", 6, 96, 24, step=6, key="err_limit")
-wrong = rows[pred[rows] != labels[rows]]
-if only_pair:
-    wrong = wrong[(labels[wrong] == chosen.true) & (pred[wrong] == chosen.pred)]
-conf = confidence[wrong]
-order = wrong[np.argsort(-conf, kind="stable")][:limit]
-st.caption(f"{len(wrong)} images, most confident mistakes first (confidence = softmax of logit-scaled cosine).")
-image_grid([(cache.records[i].path,
-             f"true {classes[labels[i]]} → predicted {classes[pred[i]]} ({confidence[i]:.0%})"
-             + (f" · {cache.records[i].group}" if cache.records[i].group else "")) for i in order])
+misclassified_images(ready, rows, pred, confidence, chosen)

@@ -436,9 +436,9 @@ def test_dashboard_uses_the_shared_defaults(home, demo_spec):
     assert at.number_input(key="ref_ridge").value == fit.ridge
     assert at.number_input(key="ref_fit_steps").value == fit.steps
     assert at.radio(key="ref_strategy").value == paper.strategy
-    assert (at.number_input(key="ref_alpha").value, at.number_input(key="ref_beta").value,
+    assert (at.number_input(key="ref_success_weight").value, at.number_input(key="ref_locality_weight").value,
             at.number_input(key="ref_steps").value, at.number_input(key="ref_rank").value) == \
-        (paper.alpha, paper.beta, paper.steps, paper.rank)
+        (paper.success_weight, paper.locality_weight, paper.steps, paper.rank)
     at = open_page(at, "heads")
     assert (at.selectbox(key="heads_pair").value, at.selectbox(key="heads_rule").value,
             at.selectbox(key="heads_ablation").value, at.number_input(key="heads_n").value,
@@ -1259,3 +1259,23 @@ def test_the_inspector_push_uses_the_scores_replacement(app):
         want = (cos(after, text[a]) - cos(E, text[a])) - (cos(after, text[b]) - cos(E, text[b]))
         np.testing.assert_allclose(push, want, atol=1e-9)
         assert np.array_equal(rows, np.flatnonzero(cache.labels == a))
+
+
+def test_the_benchmarks_multi_draw_figures_are_read_from_its_summary(tmp_path, monkeypatch):
+    """Beside one draw's table the Refine page shows the demo benchmark's multi-draw figures for the same
+    methods, read from the summary the benchmark writes (none when there is none; never typed in)."""
+    from dashboard import refine_view
+
+    monkeypatch.setattr(refine_view, "APP_DIR", tmp_path)
+    assert refine_view.benchmark_figures(["refineclip-fit"]) is None          # no summary: nothing shown
+    path = tmp_path / refine_view.BENCHMARK_SUMMARY
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"draws": 20, "world_seeds": [131, 132], "methods": {
+        "refineclip-fit": {"worst_gain_mean": 25.71, "worst_gain_std": 4.2, "other_change_mean": -0.1,
+                           "draws_worse": 0.0},
+        "coop": {"worst_gain_mean": 25.2, "worst_gain_std": 14.3, "other_change_mean": -8.5, "draws_worse": 0.05}}}))
+    df, scope = refine_view.benchmark_figures(["zero-shot", "refineclip-fit", "coop"])
+    assert list(df["method"]) == ["refineclip-fit", "coop"] and "20 draws" in scope
+    assert df.iloc[0, 1] == "+25.7 ± 4.2" and df.iloc[1, 3] == "5%"
+    path.write_text("{not json")
+    assert refine_view.benchmark_figures(["coop"]) is None
