@@ -195,7 +195,7 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
             f = st.columns(4)
             ridge = f[0].number_input("Ridge (fit)", 0.0, 10.0, fit_d.ridge, format="%g", key="ref_ridge")
             fit_steps = f[1].number_input("KL steps (fit)", 0, 20_000, fit_d.steps, step=50, key="ref_fit_steps")
-            strength = f[2].number_input("Strength α (fit)", 0.05, 1.0, fit_d.strength, step=0.05, format="%.2f",
+            strength = f[2].number_input("Strength (fit)", 0.05, 1.0, fit_d.strength, step=0.05, format="%.2f",
                                          key="ref_strength",
                                          help="The share of the heads' removal the edit applies (1: all of it). Less "
                                               "spares the groups the shortcut helped; more fixes the worst group more.")
@@ -221,8 +221,12 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
                                   index=STRATEGIES.index(paper_d.strategy),
                                   help="diag: θ ∈ R^d (the paper); full: a d×d matrix; lora: identity + rank-r update.")
             rank = p[0].number_input("LoRA rank (lora only)", 1, 256, paper_d.rank, key="ref_rank")
-            alpha = p[1].number_input("α (paper)", 0.0, 1e7, paper_d.alpha, step=1000.0, format="%g", key="ref_alpha")
-            beta = p[1].number_input("β (paper)", 0.0, 1e7, paper_d.beta, step=10.0, format="%g", key="ref_beta")
+            success_w = p[1].number_input("Success weight (paper)", 0.0, 1e7, paper_d.success_weight, step=1000.0,
+                                          format="%g", key="ref_success_weight",
+                                          help="The paper's α: weight of L_success (Eq. 11) in Eq. 13.")
+            locality_w = p[1].number_input("Locality weight (paper)", 0.0, 1e7, paper_d.locality_weight, step=10.0,
+                                           format="%g", key="ref_locality_weight",
+                                           help="The paper's β: weight of L_locality (Eq. 12) in Eq. 13.")
             steps = p[2].number_input("Steps (paper)", 1, 20_000, paper_d.steps, step=100, key="ref_steps")
         seed = c[1].number_input("Seed", 0, 1_000_000, seed, key="ref_seed")
         max_drop = c[1].slider("Acceptable drop (points)", 1, 20, round(100 * MAX_DROP), key="ref_max_drop",
@@ -242,7 +246,8 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
     concept = ConceptConfig(texts, split_phrases(versus), con_d.words, con_d.strength)
     cfg = EditConfig(method, FitConfig(ridge=float(ridge), steps=int(fit_steps), lr=fit_d.lr,
                                        max_rows=fit_d.max_rows, seed=int(seed), strength=float(strength)),
-                     PaperConfig(strategy=strategy, alpha=float(alpha), beta=float(beta), steps=int(steps),
+                     PaperConfig(strategy=strategy, success_weight=float(success_w), locality_weight=float(locality_w),
+                                  steps=int(steps),
                                   lr=paper_d.lr, seed=int(seed), rank=int(rank), weight_ce=paper_d.weight_ce),
                      concept)
     return cfg, bool(baselines), GuardConfig(max_drop=int(max_drop) / 100)

@@ -306,7 +306,7 @@ def test_the_headline_was_measured_with_todays_defaults():
     selection, ablation = re.search(r"ablation of the chosen heads \(default: (\w+), (\w+)\)", section).groups()
     assert (selection, ablation) == (DEFAULT_PROTOCOL.selection, DEFAULT_PROTOCOL.ablation)
     assert int(re.search(r"(\d+) resamples", section).group(1)) == DEFAULT_PROTOCOL.resamples
-    assert float(re.search(r"share α = ([\d.]+)", section).group(1)) == DEFAULT_EDIT.fit.strength
+    assert float(re.search(r"share s = ([\d.]+)", section).group(1)) == DEFAULT_EDIT.fit.strength
     assert "RefineCLIP-fit: the exported edit (default)" in section and DEFAULT_EDIT.exported == "refineclip-fit"
     assert EditConfig(method="paper").exported == "refineclip-diag"
 
@@ -321,6 +321,25 @@ def demo(tmp_path_factory):
     engine = make_engine(cache)
     ident = identify(cache, ProtocolConfig(seed=0), engine)
     return {"cache": cache, "engine": engine, "ident": ident, "loaded": loaded}
+
+
+def test_paper_loss_weights_have_their_own_flags_and_the_old_ones_still_work(capsys):
+    """--success-weight/--locality-weight set the paper's α, β of Eq. 13 (PaperConfig.success_weight,
+    .locality_weight); --alpha/--beta, kept one release, set the same and note the new name on stderr."""
+    from refineclip_core.cli import build_parser
+    from refineclip_core.cli.refine import edit_config
+
+    parse = build_parser().parse_args
+    new = edit_config(parse(["refine", "--cache", "x", "--success-weight", "7", "--locality-weight", "3"]))
+    assert (new.paper.success_weight, new.paper.locality_weight) == (7.0, 3.0) and capsys.readouterr().err == ""
+    old = edit_config(parse(["refine", "--cache", "x", "--alpha", "7", "--beta", "3"]))
+    assert old.paper == new.paper
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["refineclip: --alpha is deprecated and will be removed; use --success-weight (same meaning).",
+                   "refineclip: --beta is deprecated and will be removed; use --locality-weight (same meaning)."]
+    rep = parse(["reproduce", "waterbirds", "--data", "x", "--model", "demo", "--alpha", "5"])
+    assert rep.success_weight == 5.0 and "--alpha is deprecated" in capsys.readouterr().err
+    assert new.fit.strength == DEFAULT_EDIT.fit.strength                  # the fit's strength is its own option
 
 
 def test_one_set_of_defaults_for_cli_and_reproduction():
@@ -340,8 +359,8 @@ def test_one_set_of_defaults_for_cli_and_reproduction():
     assert protocol(args) == DEFAULT_PROTOCOL
     rep = build_parser().parse_args(["reproduce", "waterbirds", "--data", "x", "--model", "demo"])
     paper = DEFAULT_EDIT.paper
-    assert (rep.alpha, rep.beta, rep.steps, rep.lr, rep.top_t) == (paper.alpha, paper.beta, paper.steps, paper.lr,
-                                                                   DEFAULT_PROTOCOL.top_t)
+    assert (rep.success_weight, rep.locality_weight, rep.steps, rep.lr, rep.top_t) == (
+        paper.success_weight, paper.locality_weight, paper.steps, paper.lr, DEFAULT_PROTOCOL.top_t)
     params = inspect.signature(run_protocol).parameters
     assert params["edit"].default is DEFAULT_EDIT and params["protocol"].default is DEFAULT_PROTOCOL
 

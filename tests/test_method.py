@@ -228,7 +228,7 @@ def test_refinement_export_reproduces_the_refined_embeddings(loaded, cache, tiny
     eng = AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
     heads = [HeadId(2, 0), HeadId(2, 3)]
     local = np.concatenate([sets.C, sets.A])
-    cfg = PaperConfig(strategy=strategy, steps=60, lr=5e-2, alpha=100.0, beta=10.0)
+    cfg = PaperConfig(strategy=strategy, steps=60, lr=5e-2, success_weight=100.0, locality_weight=10.0)
     res = paper_phase2(cache.embeddings, cache.labels, cache.text, cache.logit_scale, sets.W, local,
                        eng.embeddings(heads, "zero", sets.W), cfg)
     h = res.history

@@ -114,6 +114,32 @@ def layers_arg(value: str) -> int | str:
     return k
 
 
+class RenamedFlag(argparse.Action):
+    """An option that also answers to its old names (``old``), kept for one release: using an old name
+    works the same and prints a one-line note on stderr."""
+
+    def __init__(self, option_strings, dest, old: Sequence[str] = (), **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.old = tuple(old)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.old:
+            print(f"refineclip: {option_string} is deprecated and will be removed; use {self.option_strings[0]} "
+                  "(same meaning).", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_paper_weights(parser, paper) -> None:
+    """The paper's loss weights of Eq. 13 (α, β: ``--success-weight``, ``--locality-weight``; the old
+    ``--alpha``/``--beta`` still work, deprecated): one definition for ``refine`` and ``reproduce``."""
+    parser.add_argument("--success-weight", "--alpha", dest="success_weight", type=float, action=RenamedFlag,
+                        old=("--alpha",), default=paper.success_weight,
+                        help="the paper's phase 2: weight of L_success (α of Eq. 13, Eq. 11; --alpha: deprecated)")
+    parser.add_argument("--locality-weight", "--beta", dest="locality_weight", type=float, action=RenamedFlag,
+                        old=("--beta",), default=paper.locality_weight,
+                        help="the paper's phase 2: weight of L_locality (β of Eq. 13, Eq. 12; --beta: deprecated)")
+
+
 def positive_int(value: str) -> int:
     try:
         k = int(value)

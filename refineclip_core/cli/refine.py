@@ -25,7 +25,7 @@ from ..reporting.tables import shown_points
 from ..reporting.run_report import per_image_csv, render_html
 from ..edit.run import EditRun, compare_run, run_edit
 from . import EXIT_NOT_VERIFIED, EXIT_WORSE
-from .common import add_json_arg, cells_table, emit, note, positive_int, progress_bar, table, terminal
+from .common import add_json_arg, add_paper_weights, cells_table, emit, note, positive_int, progress_bar, table, terminal
 from .score import add_protocol_args, heads_text, open_cache, protocol
 
 
@@ -73,8 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what Eq. 13 learns: 'diag' (the paper's diag(θ) on visual.proj, the default), 'full' (the "
                         "whole projection) or 'lora' (a low-rank update of rank --rank)")
     g.add_argument("--rank", type=positive_int, default=paper.rank, help="LoRA rank")
-    g.add_argument("--alpha", type=float, default=paper.alpha, help="weight of L_success (Eq. 11)")
-    g.add_argument("--beta", type=float, default=paper.beta, help="weight of L_locality (Eq. 12)")
+    add_paper_weights(g, paper)
     g.add_argument("--steps", type=positive_int, default=paper.steps,
                    help="optimisation steps of Eq. 13 (default: %(default)s, the paper's)")
     g.add_argument("--lr", type=float, default=paper.lr, help="learning rate of Eq. 13 (default: %(default)s)")
@@ -137,7 +136,7 @@ def edit_config(args: argparse.Namespace) -> EditConfig:
         method=args.method,
         fit=FitConfig(ridge=args.ridge, steps=args.fit_steps, lr=args.fit_lr, max_rows=args.max_rows, seed=args.seed,
                       strength=args.strength),
-        paper=PaperConfig(strategy=args.strategy, alpha=args.alpha, beta=args.beta, steps=args.steps, lr=args.lr,
+        paper=PaperConfig(strategy=args.strategy, success_weight=args.success_weight, locality_weight=args.locality_weight, steps=args.steps, lr=args.lr,
                            seed=args.seed, rank=args.rank),
         concept=ConceptConfig(tuple(args.remove_concept), tuple(args.concept_versus), args.concept_words,
                               args.concept_strength),

@@ -12,7 +12,7 @@ from ..features.extraction import ExtractionConfig, extract, init_distributed_fr
 from ..method.protocol import DEFAULT_PROTOCOL
 from ..edit.config import DEFAULT_EDIT, STRATEGIES
 from ..edit.reproduce import PAPER_WATERBIRDS, markdown_table, rows_csv, run_protocol, summarise
-from .common import (add_json_arg, add_link_arg, add_model_args, add_template_args, dataset as load_data, emit,
+from .common import (add_json_arg, add_link_arg, add_paper_weights, add_model_args, add_template_args, dataset as load_data, emit,
                      layers_arg, load, note, positive_int, progress_bar, templates)
 
 
@@ -40,8 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="T of the defaults' protocol (the paper-faithful rows keep the paper's T = 15)")
         q.add_argument("--strategies", nargs="+", default=["diag"], choices=STRATEGIES,
                        help="the paper-faithful phase 2's maps")
-        q.add_argument("--alpha", type=float, default=DEFAULT_EDIT.paper.alpha, help="paper phase 2: weight of Eq. 11")
-        q.add_argument("--beta", type=float, default=DEFAULT_EDIT.paper.beta, help="paper phase 2: weight of Eq. 12")
+        add_paper_weights(q, DEFAULT_EDIT.paper)
         q.add_argument("--steps", type=positive_int, default=DEFAULT_EDIT.paper.steps, help="paper phase 2: Adam steps")
         q.add_argument("--lr", type=float, default=DEFAULT_EDIT.paper.lr, help="paper phase 2: learning rate")
         q.add_argument("--batch-size", type=positive_int, default=64)
@@ -81,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     cache = extract(loaded, dataset, out / "cache",
                     ExtractionConfig(layers=args.layers, batch_size=args.batch_size, templates=templates(args)),
                     progress=progress_bar("extract"))
-    edit = replace(DEFAULT_EDIT, paper=replace(DEFAULT_EDIT.paper, alpha=args.alpha, beta=args.beta,
+    edit = replace(DEFAULT_EDIT, paper=replace(DEFAULT_EDIT.paper, success_weight=args.success_weight,
+                                               locality_weight=args.locality_weight,
                                                steps=args.steps, lr=args.lr))
     rows = run_protocol(cache, args.samples_per_class, args.seeds, pair, edit, args.strategies,
                         replace(DEFAULT_PROTOCOL, top_t=args.top_t), log=note)

@@ -25,7 +25,7 @@ class FitConfig:
     lr: float = 1e-3
     max_rows: int = 8192      # adaptation images used by the KL steps (a seeded subsample above this)
     seed: int = 0
-    strength: float = 0.8     # α: the teacher is E + α(E_abl − E) on the success set (fit.py: why 0.8; 1 = all of Eq. 5)
+    strength: float = 0.8     # the teacher is E + strength·(E_abl − E) on the success set (fit.py: why 0.8; 1 = all of Eq. 5)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
@@ -44,11 +44,13 @@ METHODS: tuple[str, ...] = get_args(Method)
 
 @dataclass(frozen=True)
 class PaperConfig:
-    """Hyper-parameters of Eq. (13) and the optimiser (paper App. B: α, β in 1e3..1e4)."""
+    """Hyper-parameters of Eq. (13) and the optimiser. ``success_weight`` and ``locality_weight`` are the
+    paper's loss weights α and β of Eq. 13 (App. B: 1e3..1e4); not the fit's ``strength`` nor a
+    significance level."""
 
     strategy: Strategy = "diag"
-    alpha: float = 1e4
-    beta: float = 1e2
+    success_weight: float = 1e4    # the paper's α: weight of L_success (Eq. 11)
+    locality_weight: float = 1e2   # the paper's β: weight of L_locality (Eq. 12)
     steps: int = 500
     lr: float = 1e-2
     seed: int = 0

@@ -11,9 +11,9 @@ of a 256-d (or 768-d) embedding the removed heads wrote.
 *unlabelled* image available for adaptation (images that are never used for evaluation):
 
 * success set Ŵ — images the original model predicts as one of the edited classes; teacher:
-  ``E + α (E_abl − E)``, a share α (``FitConfig.strength``, default 0.8) of the way to the ablated
+  ``E + s (E_abl − E)``, a share ``s`` (the strength, ``FitConfig.strength``, default 0.8) of the way to the ablated
   embedding ``E_abl`` (Eq. 5; zero or mean ablation of the chosen heads), i.e. each chosen head's
-  centred contribution scaled by 1 − α instead of removed;
+  centred contribution scaled by 1 − s instead of removed;
 * locality set — every other image; teacher: the original embedding ``E``.
 
 It learns a full linear map ``B`` of the embedding (``f(E) = E·B``; merged as ``P' = P·B``,
@@ -32,10 +32,10 @@ i.e. :class:`~refineclip_core.edit.paper.RefinedMap` with ``matrix = Bᵀ``) in 
 No label is used here: labels only chose the heads. Which images are used for adaptation is
 decided by :mod:`~refineclip_core.method.protocol` (never the evaluation rows).
 
-Why α = 0.8 and not the whole removal: removing a shortcut also moves images that were right partly
+Why s = 0.8 and not the whole removal: removing a shortcut also moves images that were right partly
 because of it (the majority groups: landbirds on land, threes on red). On the development worlds (demo
 7051-7054, digits 900-903, 3 samples each; ``benchmarks/edit_variants.py --teachers --variants strength``)
-α = 1 cost those groups up to 8.2 (demo) and 12.1 (digits) points on average; α = 0.8 is the largest of
+s = 1 cost those groups up to 8.2 (demo) and 12.1 (digits) points on average; s = 0.8 is the largest of
 1, 0.9, 0.8, 0.7, 0.6 that kept every group of the edited classes within 5 points on average on both
 worlds (worst-group gains +23.5 and +26.8 instead of +29.5 and +54.6). ``strength=1`` is the full removal.
 

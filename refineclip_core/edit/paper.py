@@ -26,7 +26,7 @@ model read from a Hugging Face ``transformers`` folder (or on request), a folder
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -163,7 +163,7 @@ def paper_phase2(
         l_s = kl_divergence(teacher_success, logp[idx_W]) if len(W) else logp.new_zeros(())
         l_l = kl_divergence(teacher_local, logp[idx_L]) if len(locality_rows) else logp.new_zeros(())
         l_ce = F.nll_loss(logp, y_tr)
-        loss = cfg.alpha * l_s + cfg.beta * l_l + cfg.weight_ce * l_ce
+        loss = cfg.success_weight * l_s + cfg.locality_weight * l_l + cfg.weight_ce * l_ce
         loss.backward()
         opt.step()
         for k, v in (("total", loss), ("success", l_s), ("locality", l_l), ("ce", l_ce)):
@@ -171,14 +171,14 @@ def paper_phase2(
         if step % 10 == 0 or step == cfg.steps - 1:
             progress(stage, step + 1, cfg.steps, {k: v[-1] for k, v in history.items()})
     if not all(np.isfinite(history["total"])):
-        raise RefineClipError("Refinement diverged (loss became NaN/inf); lower the learning rate or α/β.")
+        raise RefineClipError("Refinement diverged (loss became NaN/inf); lower the learning rate or the loss weights.")
     return RefinementResult(fmap.export(), history, cfg)
 
 
 def standard_finetune(embeddings, labels, text, logit_scale, train_rows, cfg: PaperConfig = PaperConfig(),
                       progress: Progress | None = None, cancel: CancelFn | None = None) -> RefinementResult:
     """The paper's baseline: the same parameters and samples, cross-entropy only."""
-    ce_only = PaperConfig(**{**cfg.to_dict(), "alpha": 0.0, "beta": 0.0})
+    ce_only = replace(cfg, success_weight=0.0, locality_weight=0.0)
     empty = np.zeros(0, dtype=np.int64)
     d = np.asarray(embeddings).shape[1]
     return paper_phase2(embeddings, labels, text, logit_scale, empty, empty, np.zeros((0, d)), ce_only,
