@@ -8,6 +8,7 @@ built in the test from a ten-word vocabulary. Nothing is downloaded: ``HF_HUB_OF
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -247,8 +248,11 @@ def test_a_tokenizer_that_cannot_be_had_offline_is_one_sentence(tmp_path, image_
     elif case == "folder":
         cfg["text_cfg"]["hf_tokenizer_name"] = str(tmp_path / "tokenizer-folder")
         (tmp_path / "tokenizer-folder").mkdir()
-    else:  # the issue's case: a config whose name contains 'siglip' and names no tokenizer
+    else:  # the issue's case: a SigLIP-shaped config whose name contains 'siglip' and names no tokenizer
         name = "tiny-siglip"
+        cfg = {"embed_dim": 192, "vision_cfg": {"image_size": 224, "timm_model_name": "vit_tiny_patch16_224",
+                                                "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+               "text_cfg": cfg["text_cfg"]}
     config = write_config(tmp_path / "cfg", name, cfg)
     model = ["--model", name, "--model-config", str(config)]
     code, out = _cli(["check-decomposition", *model, "--data", str(image_folder), "--max-images", "4"], capsys)
@@ -262,6 +266,21 @@ def test_a_tokenizer_that_cannot_be_had_offline_is_one_sentence(tmp_path, image_
                 "siglip-name": ("contains 'siglip'", "hf_tokenizer_name", "without 'siglip'"),
                 "folder": ("tokenizer-folder", "tokenizer.json")}[case]
     assert all(part in message for part in expected), message
+
+
+def test_a_transformers_siglip_folder_decomposes_exactly_from_the_cli(tmp_path, image_folder, capsys):
+    """The converted SigLIP (timm trunk, map pooling) through the vision-backend seam: extracted with the
+    folder's own tokenizer for the prompts, and check-decomposition's largest relative error within float32's
+    promise."""
+    _, folder = _save(tmp_path, "siglip")
+    cache = tmp_path / "cache"
+    code, out = _cli(["extract", "--checkpoint", str(folder), "--data", str(image_folder), "--out", str(cache),
+                      "--layers", "all", "--batch-size", "6"], capsys)
+    assert code == 0, out
+    code, out = _cli(["check-decomposition", "--cache", str(cache), "--json", str(tmp_path / "check.json")], capsys)
+    assert code == 0, out
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert result["n_images"] == 18 and result["max_rel_error"] <= 1e-5, result
 
 
 def test_deferred_tokenizer_builds_once_and_tokenises_like_open_clip(tmp_path):
