@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from refineclip_core.edit.bounds import drop_bound, exact_broken_bound, gain_bound, images_to_bound, statement_alpha
+from refineclip_core.edit.bounds import drop_bound, exact_broken_bound, gain_bound, images_to_bound, statement_significance
 from refineclip_core.edit.guard import HARMFUL, NOT_VERIFIED, STATUSES, VERIFIED, GuardConfig, holm, judge_edit
 from refineclip_core.reporting.tables import csv_text, safe_cell, shown_points, verdict_rows
 from refineclip_core.errors import RefineClipError
@@ -227,7 +227,7 @@ def test_the_verdicts_bounds_hold_together_at_95_percent():
                       [0.97, 0.00, 0.00, 0.03]])    # group 3: unchanged
     truth = cells[:, 1] - cells[:, 2]
     n, trials, hits = 40, 600, 0
-    each = statement_alpha(len(cells))
+    each = statement_significance(len(cells))
     for _ in range(trials):
         counts = [rng.multinomial(n, c) for c in cells]
         drops = [drop_bound(*c, each) for c in counts]
@@ -253,7 +253,7 @@ def test_the_exact_half_of_the_drop_bound_against_its_closed_form():
 
 
 def test_images_to_bound_is_the_fewest_that_bound_the_drop():
-    each = statement_alpha(9)
+    each = statement_significance(9)
     n = images_to_bound((40, 0, 0, 0), 0.05, each)
     assert drop_bound(n, 0, 0, 0, each) <= 0.05 < drop_bound(n - 1, 0, 0, 0, each)
     # a unit whose measured drop is already 7.5 points: no number of images would bound it within 5

@@ -50,7 +50,7 @@ from ..errors import RefineClipError
 from ..features.cache import FeatureCache
 from ..method.intervals import LEVEL, Estimate, accuracy_estimate, mcnemar_p, paired_change_interval, paired_counts
 from ..reporting.tables import shown_points, verdict_rows
-from .bounds import drop_bound, gain_bound, images_to_bound, statement_alpha
+from .bounds import drop_bound, gain_bound, images_to_bound, statement_significance
 
 Status = Literal["verified", "not-verified", "harmful"]
 VERIFIED: Status = "verified"
@@ -324,11 +324,11 @@ def judge_edit(labels: np.ndarray, before: np.ndarray, after: np.ndarray, eval_r
     for u in candidates:
         same = next((t for t in tested if np.array_equal(masks[id(u)], masks[id(t)])), None)
         (tested.append(u) if same is None else twins.append((u, same)))
-    alpha = 1.0 - level
-    each = statement_alpha(len(tested), alpha)
+    significance = 1.0 - level
+    each = statement_significance(len(tested), significance)
     for u, p_adj in zip(tested, holm([u.p for u in tested])):
         u.p_holm = float(p_adj)
-        u.worse = bool(p_adj <= alpha and u.change.value < 0)
+        u.worse = bool(p_adj <= significance and u.change.value < 0)
         u.drop_bound = drop_bound(*paired_counts(ok_b[masks[id(u)]], ok_a[masks[id(u)]]), each)
     for u, same in twins:        # the same images: the same test and bound
         u.p_holm, u.worse, u.drop_bound = same.p_holm, same.worse, same.drop_bound
