@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from ..errors import Cancelled, RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
