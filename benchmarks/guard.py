@@ -18,10 +18,11 @@ is cut in two, class × group stratified: the **truth half** (``--n-test``/2 ima
   10 or 25 points (they measure how often the guard can say `verified` at all: its power).
 
 **The truth** of each edit, for each acceptable drop ``--max-drops`` (points), is measured on the truth
-half (hundreds of images per group): *bad* when the guard there finds some group or class significantly
-worse (exact McNemar, Holm), or the group worst before the edit did not gain (its change on the truth
-half ≤ 0), or some group or class dropped by more than the acceptable drop (its change on the truth half);
-*good* when the guard at that size calls it ``verified``; *unclear* otherwise. Then ``--draws`` small
+half (hundreds of images per group): *bad* when what ``verified`` claims is false there: the group worst
+before the edit did not gain (its change on the truth half ≤ 0) or some group or class dropped by more than
+the acceptable drop (its change on the truth half); *worse within margin* when not bad but some group or
+class is significantly worse there (exact McNemar, Holm); *good* when the guard at that size calls it
+``verified``; *unclear* otherwise. Then ``--draws`` small
 held-out sets of ``--per-group`` images per group (every group of the edited classes and every other
 class; drawn from the pool, never from the truth half) are judged by the guard (``judge_edit`` with that
 acceptable drop). *False approval* is a bad edit called ``verified`` (target ≤ 5% at every size and
@@ -68,7 +69,7 @@ from refineclip_core.edit.compare import fit_edit
 from refineclip_core.edit.config import DEFAULT_EDIT
 
 KINDS = ("default edit", "random heads", "unrelated-class heads", "trade (+10)", "trade (+25)", "fix (+10)", "fix (+25)")
-TRUTHS = ("bad", "good", "unclear")
+TRUTHS = ("bad", "worse within margin", "good", "unclear")
 TRADES = {"trade (+10)": 0.10, "trade (+25)": 0.25}
 """The trade edits' bias lifts the worst group of the edited classes by about this much on the pool."""
 FIXES = {"fix (+10)": 0.10, "fix (+25)": 0.25}
@@ -122,11 +123,12 @@ def judge(cache: FeatureCache, ident: Identification, after: np.ndarray, rows: n
 
 
 def truth_of(verdict) -> str:
-    """Bad, good or unclear on the truth half at the verdict's acceptable drop (module docstring)."""
+    """The edit's truth on the truth half at the verdict's acceptable drop (module docstring)."""
     drop = min(u.change.value for u in verdict.units())
-    if (verdict.status == HARMFUL or (verdict.worst is not None and verdict.worst.change.value <= 0)
-            or -drop > verdict.config.max_drop):
+    if (verdict.worst is not None and verdict.worst.change.value <= 0) or -drop > verdict.config.max_drop:
         return "bad"
+    if verdict.status == HARMFUL:
+        return "worse within margin"
     return "good" if verdict.status == VERIFIED else "unclear"
 
 
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(args.model_dir)
     edits: list[Edit] = []
     calls: dict[tuple, Counter] = defaultdict(Counter)     # (kind, truth, size, margin) -> status counts
+    claims: dict[tuple, Counter] = defaultdict(Counter)    # (world, seed, kind, size, margin) -> sets, false claims
     demo_runs: list[tuple[int, str, str]] = []
     with workdir(args.workdir, "refineclip-guard-bench-") as work:
         world, loaded = world_model(model_dir)
@@ -235,22 +238,34 @@ def main(argv: list[str] | None = None) -> int:
                              100 * (v.worst.change.value if v.worst else float("nan")),
                              100 * min(u.change.value for u in v.units()))
                     edits.append(e)
+                    truth_change = {u.name: u.change.value for u in v.units()}
                     for size in args.per_group:
                         srng = np.random.default_rng([w_seed, s, KINDS.index(kind), size])
                         for _ in range(args.draws):
                             rows = small_set(cache, pool, size, srng)
                             for m in args.max_drops:
-                                calls[(kind, e.truth[m], size, m)][judge(cache, ident, after, rows, m).status] += 1
+                                sv = judge(cache, ident, after, rows, m)
+                                calls[(kind, e.truth[m], size, m)][sv.status] += 1
+                                claims[(w_seed, s, kind, size, m)]["sets"] += 1
+                                if sv.status == VERIFIED and false_claim(sv, truth_change, m):
+                                    claims[(w_seed, s, kind, size, m)]["false"] += 1
                     print(f"world {w_seed} seed {s} {kind}: truth {e.truth} (worst group {e.truth_worst:+.1f}, "
                           f"largest drop {e.truth_min_unit:+.1f})", file=sys.stderr, flush=True)
         for d_seed in args.demo_worlds if world.kind == "birds" else []:
             status, sentence = demo_run(work, loaded, d_seed)
             demo_runs.append((d_seed, status, sentence))
             print(f"demo world {d_seed}: {sentence}", file=sys.stderr, flush=True)
-        body = report(args, world, edits, calls, time.time() - t0, len(truth_rows), len(pool), demo_runs)
+        body = report(args, world, edits, calls, time.time() - t0, len(truth_rows), len(pool), demo_runs, claims)
     print(body)
     replace_section(Path(args.out), "guard" if world.kind == "birds" else f"guard-{world.kind}", body)
     return 0
+
+
+def false_claim(verdict, truth_change: dict, max_drop: float) -> bool:
+    """Is what a ``verified`` verdict claims false on the truth half: the group it names as worst before the
+    edit did not gain there, or some group or class dropped there by more than ``max_drop`` points?"""
+    named = truth_change.get(verdict.worst.before.name, float("nan")) if verdict.worst is not None else float("nan")
+    return not named > 0 or min(truth_change.values()) < -max_drop / 100
 
 
 def demo_run(work: Path, loaded, seed: int) -> tuple[str, str]:
@@ -276,7 +291,7 @@ def _share(c: Counter, status: str) -> str:
 
 
 def report(args, world, edits: list[Edit], calls, seconds: float, n_truth: int, n_pool: int,
-           demo_runs: list[tuple[int, str, str]] = ()) -> str:
+           demo_runs: list[tuple[int, str, str]] = (), claims=None) -> str:
     name = "demo (birds)" if world.kind == "birds" else world.kind
     margins = args.max_drops
     lines = [
@@ -291,9 +306,10 @@ def report(args, world, edits: list[Edit], calls, seconds: float, n_truth: int, 
         f"is `refineclip_core.edit.guard.judge_edit` (min {GuardConfig().min_per_group} per group; verified = "
         f"the worst-before group's gain bound above zero and every drop bound within the acceptable drop, "
         f"bounds holding together at 95%; harmful = significantly worse, McNemar with Holm). Truth on the truth "
-        f"half, per acceptable drop: *bad* = significantly worse there, or the worst-before group did not gain, "
-        f"or some group or class dropped by more than the acceptable drop; *good* = `verified` there; "
-        f"*unclear* = neither.",
+        f"half, per acceptable drop: *bad* = what `verified` claims is false there (the worst-before group did "
+        f"not gain, or some group or class dropped by more than the acceptable drop: point estimates on the truth "
+        f"half); *worse within margin* = not bad, but some group or class significantly worse there; *good* = "
+        f"`verified` there; *unclear* = none of these.",
         "",
         "Edits and their truth (count of edits; " + ", ".join(f"acceptable drop {m:g} points" for m in margins) + "):",
         "",
@@ -307,12 +323,28 @@ def report(args, world, edits: list[Edit], calls, seconds: float, n_truth: int, 
     lines += ["", "**Headline**: share of small held-out sets the guard called `verified`, by the edit's truth "
                   "(false approval: bad edits called verified, target ≤ 5%; power: good edits called verified):", "",
               "| acceptable drop (points) | held-out images per group | false approval (bad → `verified`) | "
-              "power (good → `verified`) | unclear → `verified` |", "|---|---|---|---|---|"]
+              "power (good → `verified`) | worse within margin → `verified` | unclear → `verified` |",
+              "|---|---|---|---|---|---|"]
     for m in margins:
         for size in args.per_group:
             by_truth = {t: sum((calls[(k, t, size, m)] for k in KINDS), Counter()) for t in TRUTHS}
             lines.append(f"| {m:g} | {size} | {_share(by_truth['bad'], VERIFIED)} | {_share(by_truth['good'], VERIFIED)} "
-                         f"| {_share(by_truth['unclear'], VERIFIED)} |")
+                         f"| {_share(by_truth['worse within margin'], VERIFIED)} | {_share(by_truth['unclear'], VERIFIED)} |")
+    if claims:
+        lines += ["", "**False claims**: small held-out sets where the guard said `verified` and what it claimed is "
+                      "false on the truth half (the group it named as worst before did not gain there, or some group "
+                      "or class dropped there by more than the acceptable drop), over every edit, and for the edit "
+                      "where it happened most (target: ≤ 5% for every edit; 40 sets per edit, so one edit's share "
+                      "is itself uncertain by several points):", "",
+                  "| acceptable drop (points) | held-out images per group | false claims, all edits | "
+                  "most for one edit |", "|---|---|---|---|"]
+        for m in margins:
+            for size in args.per_group:
+                cells = [c for k, c in claims.items() if k[3] == size and k[4] == m]
+                total, bad = sum(c["sets"] for c in cells), sum(c["false"] for c in cells)
+                worst = max(cells, key=lambda c: c["false"] / max(c["sets"], 1), default=Counter())
+                lines.append(f"| {m:g} | {size} | {100 * bad / max(total, 1):.1f}% ({bad}/{total}) | "
+                             f"{100 * worst['false'] / max(worst['sets'], 1):.1f}% ({worst['false']}/{worst['sets']}) |")
     lines += ["", "Full confusion table (truth × guard's call, share of small sets; n = sets judged):", "",
               "| edit | acceptable drop | truth | per group | n | " + " | ".join(f"`{s}`" for s in STATUSES) + " |",
               "|---|---|---|---|---|" + "---|" * len(STATUSES)]
