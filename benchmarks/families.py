@@ -1,6 +1,6 @@
 """Model families behind the vision-backend seam, at their real sizes with random weights (issue 34).
 
-    nice -n 10 python benchmarks/families.py            # all five towers, batch 2, 3 repetitions
+    nice -n 10 python benchmarks/families.py            # all five towers, batch 2, 3 repetitions, 1 thread
     python benchmarks/families.py --only PE-Core-T-16-384 --batch 4 --reps 5
 
 For each architecture (``open_clip.create_model(name)``, no pretrained tag, nothing downloaded):
@@ -89,8 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", action="append", choices=ARCHS)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 by default: on a shared machine more threads than free cores "
+                         "make both passes wait on each other and the ratio meaningless)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     print(f"batch {args.batch}, {args.reps} repetitions, float32 on {torch.get_num_threads()} CPU threads; "
           "time per image; ratio = decompose (last 4 layers) / encode_image")
     print("| architecture | family, pool | layers x heads, tokens (prefix) | rel. err fp32 | rel. err fp64 (all layers) "
