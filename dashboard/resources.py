@@ -162,13 +162,15 @@ def thumbnail(path: bytes, size: int = 144, roots: tuple[str, ...] | None = None
     from refineclip_core.errors import ImageLoadError
     from refineclip_core.loading.decode import load_image
 
-    try:
-        img = load_image(os.fsdecode(path), roots, min_side=size)  # a camera JPEG decodes at a reduced scale
+    def shrink(img: Image.Image) -> Image.Image:
+        scale = size / max(img.size)
+        resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
+        return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
+
+    try:  # a camera JPEG decodes at a reduced scale; the resize runs inside the decoding budget
+        img = load_image(os.fsdecode(path), roots, min_side=size, transform=shrink)
     except (ImageLoadError, OSError):
         return None
-    scale = size / max(img.size)
-    resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
-    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -34,13 +34,18 @@ def write_error(exc: OSError, path: str | os.PathLike) -> RefineClipError:
     return RefineClipError(f"Cannot write '{path}' ({exc.strerror or exc}).")
 
 
-def check_quota(path: str | os.PathLike, nbytes: int) -> None:
-    """Before ``nbytes`` are written to ``path``: a dashboard session's folder has a quota over
-    everything written into it (:func:`refineclip_core.loading.uploads.check_session_write`; one
-    sentence when a write would exceed it). Every writer calls this first."""
-    from .loading.uploads import check_session_write  # (loaded lazily: loading imports this module)
+#: Checks run before every write, ``check(path, nbytes)``, each raising one sentence to refuse it. The
+#: dashboard's session-folder quotas register here when :mod:`refineclip_core.loading.uploads` is
+#: imported (the module that makes session folders: a process without it has none to count).
+WRITE_CHECKS: list[Callable[[Path, int], None]] = []
 
-    check_session_write(path, nbytes)
+
+def check_quota(path: str | os.PathLike, nbytes: int) -> None:
+    """Before ``nbytes`` are written to ``path``: every :data:`WRITE_CHECKS` (a dashboard session's
+    folder has a quota over everything written into it,
+    :func:`refineclip_core.loading.uploads.check_session_write`). Every writer calls this first."""
+    for check in WRITE_CHECKS:
+        check(Path(path), nbytes)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

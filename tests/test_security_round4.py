@@ -317,3 +317,84 @@ def test_an_overlong_concept_text_is_refused_as_a_concept_text(undecodable_cache
                "x" * 120_000])
     err = capsys.readouterr().err
     assert rc == 2 and "concept text" in err and "class name" not in err and len(err) < 400, err[:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. decoding memory: no full-size float64 copy, the real cost per pixel, the transform inside the budget
+
+def test_wide_images_scale_to_8bit_as_the_float64_formula_without_its_copies():
+    import tracemalloc
+
+    from PIL import Image
+
+    from refineclip_core.loading.decode import _scale_to_8bit
+
+    rng = np.random.default_rng(0)
+    for arr in (rng.integers(0, 65535, (300, 4000), dtype=np.uint16), rng.integers(-5000, 90000, (700, 2000)).astype(np.int32),
+                rng.normal(size=(900, 1500)).astype(np.float32), np.full((50, 60), 7, dtype=np.uint16)):
+        img = Image.fromarray(arr)
+        a = arr.astype(np.float64)  # the formula, computed whole (as the old code did)
+        lo, hi = a.min(), a.max()
+        expected = np.zeros(a.shape, np.uint8) if hi <= lo else ((a - lo) / (hi - lo) * 255.0).astype(np.uint8)
+        assert np.array_equal(np.asarray(_scale_to_8bit(img)), expected), img.mode
+    # memory: a 16-megapixel 16-bit image costs its own copy (2 bytes a pixel) and the 8-bit result (1),
+    # not three float64 arrays (24)
+    big = Image.fromarray(np.add.outer(np.arange(4000, dtype=np.uint16), np.arange(4000, dtype=np.uint16)))
+    tracemalloc.start()
+    _scale_to_8bit(big)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 6 * 4000 * 4000, f"{peak / 16e6:.1f} bytes per pixel"
+
+
+def test_the_budget_counts_the_real_cost_and_holds_the_image_through_its_transform(tmp_path):
+    from PIL import Image
+
+    from refineclip_core.loading import decode
+
+    rgb, grey16, rgba = tmp_path / "rgb.png", tmp_path / "grey16.png", tmp_path / "rgba.png"
+    Image.new("RGB", (300, 200), (1, 2, 3)).save(rgb)
+    Image.fromarray(np.arange(60_000, dtype=np.uint16).reshape(200, 300)).save(grey16)
+    Image.new("RGBA", (300, 200), (1, 2, 3, 100)).save(rgba)
+    seen = {}
+    for path, cost in ((rgb, 1), (grey16, 2), (rgba, 4)):
+        budget = decode.DECODE_BUDGET = decode.PixelBudget(limit=10**9)
+        try:
+            out = decode.load_image(path, transform=lambda im: (seen.setdefault(path.name, budget._in_flight), im.size))
+        finally:
+            decode.DECODE_BUDGET = decode.PixelBudget()
+        assert out[1] == (300, 200)
+        assert seen[path.name] == budget.peak == 300 * 200 * cost   # counted while the transform ran
+        assert budget._in_flight == 0
+    # the transform's own error passes through as it is (not an image error)
+    with pytest.raises(ZeroDivisionError):
+        decode.load_image(rgb, transform=lambda im: 1 / 0)
+
+
+def test_waiting_decoders_hold_no_full_size_image(tmp_path):
+    """Four decode workers on 16-bit images of a quarter of the budget in pixels (half, at their cost):
+    the pixels in flight, counted at their cost and through the transform, never exceed the budget,
+    and every batch comes out whole and in order."""
+    from PIL import Image
+
+    import torch
+
+    from refineclip_core.loading import decode
+    from refineclip_core.loading.batches import DecodeConfig, iter_batches
+    from refineclip_core.loading.data import load_dataset
+
+    root = tmp_path / "imgs" / "c"
+    root.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.full((400, 500), 1000 * i, dtype=np.uint16)).save(root / f"{i}.png")
+    limit = 2 * 400 * 500 * 2   # two 16-bit images of 200,000 pixels, each counted twice
+    decode.DECODE_BUDGET = budget = decode.PixelBudget(limit=limit)
+    try:
+        ds = load_dataset(root.parent)
+        batches = list(iter_batches(ds.records, [(0, 3), (3, 6)], lambda im: torch.tensor(im.size), None,
+                                    DecodeConfig(exact=True, workers=4)))
+    finally:
+        decode.DECODE_BUDGET = decode.PixelBudget()
+    assert [b.keep for b in batches] == [[0, 1, 2], [3, 4, 5]]
+    assert all(b.images.tolist() == [[500, 400]] * 3 for b in batches)
+    assert 0 < budget.peak <= limit

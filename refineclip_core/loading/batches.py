@@ -84,7 +84,7 @@ def decode_min_side(loaded, exact: bool) -> int | None:
 def prepare_image(path: str, preprocess: Callable, min_side: int | None, roots: Roots = None) -> torch.Tensor:
     """One image as the model's input tensor: decode (reduced when ``min_side``; reads confined to
     ``roots``), then the exact transform."""
-    return preprocess(load_image(path, roots, min_side=min_side))
+    return load_image(path, roots, min_side=min_side, transform=preprocess)  # inside the decoding budget
 
 
 @dataclass

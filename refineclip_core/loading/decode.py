@@ -13,7 +13,7 @@ import errno
 import os
 import threading
 import warnings
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -26,10 +26,25 @@ from .confine import OUTSIDE_REASON, Roots, SpecialFileError, open_confined, res
 #: this ratio first; otherwise a few-hundred-byte 1 x 10^6 PNG is upscaled to gigabytes by the resize.
 MAX_ASPECT_RATIO = 20
 
-#: Environment variable: how many pixels this process decodes at once, in all threads together.
+#: Environment variable: how many pixels this process decodes at once, in all threads together,
+#: counted as 8-bit colour pixels (:func:`pixel_cost`).
 DECODE_PIXELS_ENV = "REFINECLIP_DECODE_PIXELS"
-#: Its default: 100 megapixels (decoding one costs about 1 GB with Pillow's RGBA and RGB copies).
+#: Its default: 100 megapixels. Measured peak (``benchmarks/decode_memory.py``, 6000 x 6000 images,
+#: exact decoding and the model's transform): 4.6 bytes per pixel for 8-bit colour (PNG or JPEG),
+#: so the default budget holds about 0.5 GB of decoding at once.
 DEFAULT_DECODE_PIXELS = 100_000_000
+
+
+def pixel_cost(img: Image.Image) -> int:
+    """How many 8-bit colour pixels one pixel of the opened ``img`` counts as in the budget: what
+    decoding it costs, measured relative to 8-bit colour (4.6 bytes a pixel, ``benchmarks/decode_memory.py``):
+    16-bit grey 7.5 bytes (counts 2), 32-bit integer or float grey 12.5 (3), transparency composited on
+    white 16.4 (4)."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        return 4
+    if img.mode in ("I", "F"):
+        return 3
+    return 2 if img.mode.startswith("I;16") else 1
 
 
 class PixelBudget:
@@ -74,8 +89,9 @@ class PixelBudget:
 DECODE_BUDGET = PixelBudget()
 
 
-def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | None = None) -> Image.Image:
-    """Decode one image file into an RGB :class:`PIL.Image.Image`.
+def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | None = None,
+               transform: Callable[[Image.Image], Any] | None = None) -> Any:
+    """Decode one image file into an RGB :class:`PIL.Image.Image` (or ``transform`` of it).
 
     Applies the EXIF orientation, takes the first frame of animations, centre-crops extreme
     strips to :data:`MAX_ASPECT_RATIO`, maps 16-bit and other modes to 8-bit RGB and
@@ -85,6 +101,10 @@ def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | 
     :class:`ImageLoadError` with a specific reason for anything it cannot decode, including
     images over Pillow's decompression-bomb limit (the guard stays on), devices and pipes, and
     (with ``roots``) files that resolve outside those folders when opened.
+
+    ``transform`` (the model's preprocessing, a thumbnail's resize) runs while the image still holds
+    its place in the budget and only its (small) result is returned: a full-size image never lives
+    outside the budget, e.g. while a decode worker waits for the model to take its batch.
     """
     path = str(path)
     try:
@@ -95,10 +115,18 @@ def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | 
             with Image.open(fh) as img:
                 img.seek(0)
                 reduce_on_decode(img, min_side)
-                with DECODE_BUDGET.hold(img.size[0] * img.size[1]):  # decoding memory, budgeted
+                with DECODE_BUDGET.hold(img.size[0] * img.size[1] * pixel_cost(img)):  # decoding memory, budgeted
                     img.load()
-                    img = ImageOps.exif_transpose(img)
-                    return _to_rgb(_limit_aspect(img))
+                    ImageOps.exif_transpose(img, in_place=True)  # (a copy of every image otherwise)
+                    rgb = _to_rgb(_limit_aspect(img))
+                    if transform is None:
+                        return rgb
+                    try:
+                        return transform(rgb)
+                    except Exception as exc:  # the transform's own error, not the image's: raised as it is
+                        raise _TransformFailed() from exc
+    except _TransformFailed as exc:
+        raise exc.__cause__ from None
     except OutsideRootsError as exc:
         raise ImageLoadError(OUTSIDE_REASON) from exc
     except SpecialFileError as exc:
@@ -119,6 +147,10 @@ def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | 
         raise ImageLoadError(f"corrupt or truncated image ({exc})") from exc
     except (SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(f"corrupt or truncated image ({exc})") from exc
+
+
+class _TransformFailed(Exception):
+    """Carries an exception of ``load_image``'s ``transform`` past its image-error handlers."""
 
 
 def reduce_on_decode(img: Image.Image, min_side: int | None) -> None:
@@ -143,21 +175,40 @@ def _limit_aspect(img: Image.Image) -> Image.Image:
     return img
 
 
+#: Modes of more than 8 bits per channel: 16-bit and 32-bit integers, 32-bit floats (grey).
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+#: Pixels scaled at once by :func:`_scale_to_8bit` (a block of rows): its float64 working copy is 8 MB.
+SCALE_BLOCK_PIXELS = 1 << 20
+
+
+def _scale_to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grey image as 8-bit grey ("L"), its own range stretched to 0-255
+    (``(x - lo) / (hi - lo) * 255``, truncated), computed a block of rows at a time: a float64 copy
+    of the whole image cost 8 bytes per pixel, three times over in temporaries (1.9 GB more for a
+    9000 x 9000 16-bit PNG); now the pixels' own copy (2-4 bytes) and the 8-bit result are all."""
+    arr = np.asarray(img)
+    lo, hi = float(arr.min()), float(arr.max())
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    if hi > lo:
+        rows = max(1, SCALE_BLOCK_PIXELS // max(1, arr.shape[1]))
+        for a in range(0, arr.shape[0], rows):
+            out[a:a + rows] = ((arr[a:a + rows].astype(np.float64) - lo) / (hi - lo) * 255.0).astype(np.uint8)
+    del arr
+    return Image.fromarray(out, mode="L")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.width < 1 or img.height < 1:
         raise ImageLoadError("image has zero width or height")
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        img = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    if mode in WIDE_MODES:
+        img = _scale_to_8bit(img)
         mode = "L"
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
+        rgba = img if mode == "RGBA" else img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if mode == "RGB" else img.convert("RGB")  # (convert copies even an RGB image)

@@ -29,6 +29,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import DataError
+from ..files import WRITE_CHECKS
 from .budget import format_bytes, parse_size
 from .confine import UPLOAD_PREFIX, session_folder_of
 from .data import SkippedFile
@@ -182,6 +183,10 @@ def check_session_write(path: str | os.PathLike, incoming: int) -> None:
         return
     if folder is not None:
         check_upload_quota(folder, incoming, what=f"Writing '{Path(path).name}'")
+
+
+if check_session_write not in WRITE_CHECKS:  # every write through files.check_quota counts
+    WRITE_CHECKS.append(check_session_write)
 
 
 def cleanup_upload_dir(path: str | os.PathLike | None) -> bool:
