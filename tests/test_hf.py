@@ -380,7 +380,7 @@ def test_dashboard_loads_a_transformers_folder_and_downloads_the_edit_in_its_for
     monkeypatch.setenv("REFINECLIP_ALLOWED_ROOTS", os.pathsep.join([str(tmp_path), str(image_folder)]))
     hf, folder = _save(tmp_path, "quick-gelu")
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.session_state["demo_n_per_group"] = 2
+    monkeypatch.setenv("REFINECLIP_DEMO_N", "2")
     at.session_state["protocol"] = {"samples_per_class": 2, "holdout": 0.5, "selection": "alg1", "ablation": "zero"}
     at.run()
     at.radio(key="load_model_kind").set_value("Local checkpoint").run()
@@ -421,7 +421,7 @@ def test_dashboard_loads_a_transformers_folder_and_downloads_the_edit_in_its_for
     if res.verdict.status != "verified":   # the guard asks for one confirmation click first
         at.checkbox(key="ref_confirm").check().run()
     buttons = at.get("download_button")
-    assert any("Hugging Face folder, .zip" in b.proto.label for b in buttons)
+    assert any("Hugging Face folder (.zip)" in b.proto.label for b in buttons)
     unzipped = tmp_path / "unzipped"
     zipfile.ZipFile(io.BytesIO(hf_clip.zip_folder(res.checkpoint))).extractall(unzipped)
     edited = CLIPModel.from_pretrained(unzipped / res.checkpoint.name).eval()
