@@ -24,7 +24,10 @@ head gets RoboShot's "accept" step (Adila et al., ICLR 2024): the differences of
 (``a_j − b_j``, unnormalised text embeddings; the paper has a language model write the pairs, here the user
 types them) are orthonormalised (QR, in the order given) into ``q_1..q_k``; then for each ``q`` in turn
 ``x ← x + cos(x, q)·q`` and ``x ← x / ||x||``: every salient head ends at unit norm, the norm of the whole
-embedding. Predictions are the argmax of the corrected embedding against the class texts.
+embedding. Predictions are the argmax of the corrected embedding against the class texts. This is the
+released background experiment (``main_bg.py``, two-class Waterbirds): every image gets the same correction.
+For many classes the released code corrects per pseudo-labelled class with that class's own pairs
+(``ortho_by_cls``); that variant is not ported.
 
 **Head search + typed-cue projection** (:class:`HeadSearchCueProjection`) is this project's earlier
 reading of LTC, kept under its own name: heads ranked by their normalised share of the logit gap on the
