@@ -323,8 +323,6 @@ METHODS: tuple[Method, ...] = (
 
 BY_KEY: dict[str, Method] = {m.key: m for m in METHODS}
 ORDER: tuple[str, ...] = tuple(m.key for m in METHODS)
-COLOURS: dict[str, str] = {m.key: m.colour for m in METHODS}
-LABELS: dict[str, str] = {m.key: m.label for m in METHODS}
 
 
 def order_key(name: str) -> tuple[int, str]:
@@ -337,7 +335,9 @@ def order_key(name: str) -> tuple[int, str]:
 def label_of(name: str) -> str:
     """A row's label (``paper:ablated`` → ``paper: ablation of the chosen heads``)."""
     prefix, _, base = name.rpartition(":")
-    return (f"{prefix}: " if prefix and base in BY_KEY else "") + LABELS.get(base if prefix else name, name)
+    if base not in BY_KEY:
+        return name
+    return (f"{prefix}: " if prefix else "") + BY_KEY[base].label
 
 
 def about(key: str) -> dict[str, Any]:
