@@ -156,7 +156,7 @@ def test_rows_from_refuses_deep_json_and_mistyped_fields_in_one_sentence(undecod
         err = capsys.readouterr().err
         assert rc == 2 and words in err and "unexpected error" not in err and "Recursion" not in err, err
         assert len(err.strip().splitlines()) == 1, err
-    assert read_run_report(_run_report(tmp_path, "ok.json", good))["data"]["templates"] == ["a photo of a {}."]
+    assert read_run_report(_run_report(tmp_path, "ok.json", good)).data.templates == ("a photo of a {}.",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,3 +398,34 @@ def test_waiting_decoders_hold_no_full_size_image(tmp_path):
     assert [b.keep for b in batches] == [[0, 1, 2], [3, 4, 5]]
     assert all(b.images.tolist() == [[500, 400]] * 3 for b in batches)
     assert 0 < budget.peak <= limit
+
+
+def test_the_load_page_refuses_a_cache_over_the_session_quota(home, demo_spec, monkeypatch):  # noqa: F811
+    """A zip upload well under the quota whose feature cache would not fit: the extraction stops with
+    one sentence on the page, and the session's folder stays under its quota."""
+    import zipfile
+
+    from refineclip_core.loading.uploads import folder_bytes
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(2)
+    with zipfile.ZipFile(buf, "w") as zf:
+        for cls, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+            for i in range(6):
+                img = io.BytesIO()
+                make_image(rng, colour, size=32).save(img, format="PNG")
+                zf.writestr(f"shapes/{cls}/{i}.png", img.getvalue())
+    assert len(buf.getvalue()) < 100_000
+    monkeypatch.setenv("REFINECLIP_UPLOAD_QUOTA", "250kB")
+    at = fresh_app(demo_spec)
+    at.run()
+    at.radio(key="load_data_kind").set_value("Zip upload").run()
+    at.file_uploader(key="load_zip").upload("shapes.zip", buf.getvalue(), "application/zip").run()
+    at.button(key="load_scan_btn").click().run()
+    assert_clean(at)
+    at.button(key="load_extract_btn").click().run()   # starts the job; the rerun follows it to its end
+    assert not at.exception, [e.value for e in at.exception]
+    errors = [re.sub(r"\\(.)", r"\1", e.value) for e in at.error]   # shown as plain text: escapes resolved
+    assert len(errors) == 1 and errors[0].startswith("Writing '00000'") and "over its quota of 250.0 kB" in errors[0]
+    folder = at.session_state["_session_folder"].path
+    assert folder_bytes(folder) <= 250_000
