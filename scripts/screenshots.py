@@ -72,8 +72,12 @@ def walk(page, url: str, out: Path, refine_steps: int | None = None) -> list[Pat
         box = page.locator(".st-key-ref_steps input")
         box.fill(str(refine_steps))
         box.press("Tab")
-    page.get_by_role("button", name="Run phase 2").click()
+    from dashboard.forms import RUN_LABELS
+
+    page.get_by_role("button", name=RUN_LABELS["fit"]).click()
     page.get_by_text("Results on held-out images").wait_for(timeout=300_000)
+    # the compared methods fill the table in after the exported edit: wait for the last of them
+    page.wait_for_function("() => !document.body.innerText.includes('Cancel the comparison')", timeout=900_000)
     settle(page, timeout=300)
     take("refine", 1800)
     return written
