@@ -283,6 +283,38 @@ def test_score_keys_are_typed_and_records_keep_their_text(cache):
     assert set(sel["curves"]) <= {"consensus", "stable", *want} and sel["selected"]["score"] == both.selection.score_name
 
 
+def test_run_report_is_written_and_read_through_one_schema(cache, tmp_path):
+    """build_run_report writes RunReport.to_dict() (versioned: "schema"); read_run_report gives the typed
+    RunReport back, equal to what was written; a file from before the schema (no "schema" key) still reads,
+    one from a newer schema is refused in one sentence, and fields the schema does not name survive."""
+    from refineclip_core.edit.record import build_run_report, read_run_report
+    from refineclip_core.edit.report_schema import RUN_REPORT_SCHEMA, RunReport
+    from refineclip_core.errors import RefineClipError
+    from refineclip_core.method.protocol import make_engine
+
+    ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4, resamples=0))
+    report = build_run_report(cache, ident, make_engine(cache))
+    assert report["schema"] == RUN_REPORT_SCHEMA and report["eval_files"]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(report))
+    run = read_run_report(path)
+    assert isinstance(run, RunReport) and run.data.classes == tuple(cache.classes)
+    assert run.eval_files == tuple(report["eval_files"]) and run.heads == tuple(tuple(h) for h in report["heads"])
+    assert run.data.n_images == len(cache) and run.data.layers == tuple(cache.manifest.layers)
+    assert json.loads(json.dumps(run.to_dict())) == report                         # read back = written
+    old = {k: v for k, v in report.items() if k != "schema"}                      # schema 1: before it was named
+    path.write_text(json.dumps({**old, "a_later_field": [1, 2]}))
+    run = read_run_report(path)
+    assert run.schema == 1 and run.to_dict()["a_later_field"] == [1, 2]
+    assert {k: v for k, v in run.to_dict().items() if k not in ("schema", "a_later_field")} == old
+    path.write_text(json.dumps({**report, "schema": RUN_REPORT_SCHEMA + 1}))
+    with pytest.raises(RefineClipError, match=f"uses schema {RUN_REPORT_SCHEMA + 1}, newer"):
+        read_run_report(path)
+    path.write_text(json.dumps({**report, "heads": [["a", 1]]}))
+    with pytest.raises(RefineClipError, match="'heads' that is not a list of whole numbers"):
+        read_run_report(path)
+
+
 def test_pipeline_and_cli_score_refine(cache, tmp_path):
     ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4))
     assert set(np.unique(cache.labels[ident.sample_rows])) <= set(ident.pairs[0])

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rows_from:
         run = read_run_report(args.rows_from)
         dataset = held_out_only(dataset, run, args.rows_from)
-        run_templates = tuple(run["data"].get("templates") or ()) or None
+        run_templates = run.data.templates or None
     chosen = templates(args)
     if run_templates and not (args.templates or args.templates_file):
         chosen = run_templates

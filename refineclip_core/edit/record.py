@@ -1,6 +1,7 @@
 """The run's record: one edit run as JSON-safe data (model, data, protocol, scores, selection,
 the edit's config and history, every method's accuracies, the guard's verdict, the per-image
-predictions), and reading a record back (``refineclip eval --rows-from``).
+predictions), and reading a record back (``refineclip eval --rows-from``), both through the one
+versioned schema :class:`~refineclip_core.edit.report_schema.RunReport`.
 :mod:`~refineclip_core.reporting.run_report` renders it.
 """
 
@@ -27,6 +28,7 @@ from ..reporting.findings import findings, json_safe
 from ..reporting.tables import PER_IMAGE_COLUMNS, per_image_rows
 from .compare import EditOutcome
 from .guard import EditVerdict, assess_edit
+from .report_schema import RunData, RunReport
 from .sanity import SanityWarning
 
 
@@ -59,30 +61,27 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         oc_version = "?"
     man = cache.manifest
     heads = outcome.heads if outcome is not None else ident.heads
+    data = RunData(data_root or man.data_root, str(cache.root), len(cache), tuple(cache.classes),
+                   tuple(cache.group_names), tuple(man.templates), tuple(man.layers), man.n_heads, len(cache.skipped))
     report: dict[str, Any] = {
-        "title": "RefineCLIP run report",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"refineclip_core": __version__, "torch": torch.__version__, "open_clip": oc_version},
         "model": dict(model) if model is not None else dict(man.model),
         "model_name": man.model_name,
-        "data": {"root": data_root or man.data_root, "cache": str(cache.root), "n_images": len(cache),
-                 "classes": list(cache.classes), "groups": list(cache.group_names), "templates": list(man.templates),
-                 "layers": list(man.layers), "n_heads": man.n_heads, "n_skipped": len(cache.skipped)},
         "protocol": ident.config.to_dict(),
-        "pairs": [[cache.classes[a], cache.classes[b]] for a, b in ident.pairs],
+        "pairs": tuple((cache.classes[a], cache.classes[b]) for a, b in ident.pairs),
         "sets": {k: s.sizes() for k, s in ident.sets.items()},
         "n_samples": int(len(ident.sample_rows)),
         "n_eval": int(len(ident.eval_rows)),
-        "sample_rows": ident.sample_rows.tolist(),
-        "eval_rows": ident.eval_rows.tolist(),
-        "eval_files": row_files(cache, ident.eval_rows),
+        "sample_rows": tuple(ident.sample_rows.tolist()),
+        "eval_rows": tuple(ident.eval_rows.tolist()),
         "scores": scores_to_dict(ident.scores),
         "selection": ident.selection.to_dict(),
-        "heads": [h.as_list() for h in heads],
+        "heads": tuple((h.layer, h.head) for h in heads),
         "findings": findings(cache, ident, engine).to_dict(),
         "heldout": {"min_per_group": ident.config.min_heldout,
                     "groups": [h.to_dict() for h in heldout_counts(cache, ident)]},
-        "warnings": [w.to_dict() for w in warnings],
+        "warnings": tuple(w.to_dict() for w in warnings),
     }
     stability = ident.selection.stability
     if stability is not None and stability.resamples:
@@ -118,7 +117,7 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
                                 "merged_into": "visual_projection.weight" if folder else (merged_into or "visual.proj")}
     if extra:
         report["extra"] = dict(extra)
-    return json_safe(report)
+    return json_safe(RunReport(data=data, eval_files=tuple(row_files(cache, ident.eval_rows)), **report).to_dict())
 
 
 def row_files(cache: FeatureCache, rows: np.ndarray) -> list[str]:
@@ -135,13 +134,13 @@ def row_files(cache: FeatureCache, rows: np.ndarray) -> list[str]:
     return out
 
 
-def read_run_report(path: str | os.PathLike) -> dict:
-    """A run report written by :func:`write_report` (or ``refineclip refine --json``), checked to name
-    its held-out images: nesting deeper than :data:`~refineclip_core.loading.confine.MAX_JSON_DEPTH` is
-    refused before the parser runs (:func:`~refineclip_core.loading.confine.json_depth`), and the fields
-    read are type-checked (``eval_files``: a list of strings, ``data.classes``: a list of strings,
-    ``data.templates``: absent or valid prompt templates), each in one sentence."""
-    from ..features.zeroshot import validate_templates
+def read_run_report(path: str | os.PathLike) -> RunReport:
+    """A run report written by :func:`write_report` (or ``refineclip refine --json``; any schema version
+    so far), checked to name its held-out images: nesting deeper than
+    :data:`~refineclip_core.loading.confine.MAX_JSON_DEPTH` is refused before the parser runs
+    (:func:`~refineclip_core.loading.confine.json_depth`), and the fields read are type-checked by
+    :meth:`RunReport.from_dict` (``eval_files``, ``data.classes``: lists of strings, ``data.templates``:
+    absent or valid prompt templates, ...), each in one sentence."""
     from ..loading.confine import MAX_JSON_DEPTH, json_depth
 
     fix = "write one with refineclip refine --json, or download the Refine page's JSON"
@@ -157,28 +156,16 @@ def read_run_report(path: str | os.PathLike) -> dict:
         report = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise RefineClipError(f"Cannot read the run report {path}: {str(exc)[:200]}.") from exc
-    if not isinstance(report, dict) or not isinstance(report.get("eval_files"), list) \
-            or not isinstance(report.get("data"), dict):
-        raise RefineClipError(f"{path} is not a run report that lists its held-out images ({fix}).")
-    data = report["data"]
-    for field, value in (("eval_files", report["eval_files"]), ("data.classes", data.get("classes") or [])):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise RefineClipError(f"The run report {path} has a '{field}' that is not a list of strings ({fix}).")
-    if data.get("templates") is not None:
-        if not isinstance(data["templates"], list):
-            raise RefineClipError(f"The run report {path} has 'data.templates' of type "
-                                  f"{type(data['templates']).__name__}, not a list of prompt templates ({fix}).")
-        data["templates"] = validate_templates(data["templates"])
-    return report
+    return RunReport.from_dict(report, str(path))
 
 
-def held_out_only(dataset: ImageDataset, report: Mapping[str, Any], name: str = "the run") -> ImageDataset:
+def held_out_only(dataset: ImageDataset, report: RunReport, name: str = "the run") -> ImageDataset:
     """``dataset`` restricted to the held-out images of a run report, matched by their path inside the
     data folder; every held-out image must be there, with the run's class names."""
-    if list(report["data"].get("classes") or []) != list(dataset.classes):
+    if list(report.data.classes) != list(dataset.classes):
         raise RefineClipError(f"The classes of {dataset.root} differ from those of {name}; evaluate the folder the "
                               "run was made on.")
-    wanted = set(map(str, report["eval_files"]))
+    wanted = set(map(str, report.eval_files))
     root = Path(dataset.root)
     keep = []
     for r in dataset.records:
