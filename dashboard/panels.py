@@ -304,7 +304,8 @@ def checkpoint_download(col, checkpoint: Path | None, exported: str, verdict: Ed
     An edit the guard did not verify needs one explicit confirmation first."""
     worse = {VERIFIED: "verified", HARMFUL: "harmful"}.get(verdict.status, "not verified")
     if verdict.status != VERIFIED and not col.checkbox(
-            f"Download anyway: I read that the guard called this edit {verdict.status}", key=Key.REFINE_CONFIRM):
+            f"Download anyway ({verdict.status})", key=Key.REFINE_CONFIRM,
+            help=f"The guard called this edit {verdict.status}: tick to confirm you read why and want it anyway."):
         col.caption("The guard did not verify this edit; tick the box above to download it anyway.")
         return
     if checkpoint is not None and checkpoint.is_dir():

@@ -133,9 +133,11 @@ def _section(run: EditRun, ready: Ready) -> None:
     shown, job = _compare_state(run)
     st.subheader("Results on held-out images")
     if job is not None:
-        c = st.columns([5, 1])
-        c[0].caption(f"Comparing: {plain(job.stage)} ({job.done} of {job.total} fitted) · the exported edit above is "
-                     "final; its downloads do not wait for this.")
+        c = st.columns([4, 1.4])
+        fitted = len(shown.outcome.report.reports) - len(run.outcome.report.reports)
+        c[0].caption(f"Comparing, {fitted} compared method{'s' if fitted != 1 else ''} fitted so far; now "
+                     f"{plain(job.stage)} (step {job.done} of {job.total}). The exported edit above is final; its "
+                     "downloads do not wait for this.")
         if c[1].button("Cancel the comparison", key="ref_compare_cancel", icon=":material/close:"):
             job.cancel()
     error = get(Key.COMPARE_ERROR)
@@ -196,7 +198,7 @@ def downloads(run: EditRun) -> None:
     """The merged checkpoint (one confirmation when the guard did not verify it), the run report and the
     per-image predictions: there as soon as the exported edit is."""
     st.subheader("Downloads")
-    d = st.columns([2.2, 1, 1, 1.2])    # the checkpoint's label (with the verdict) reads whole
+    d = st.columns([1.9, 1.1, 1.1, 1.5])    # every label reads whole at 1400 px
     checkpoint_download(d[0], run.checkpoint, run.outcome.exported, run.verdict)
     d[1].download_button("Run report (JSON)", data=report_json(run.report), file_name="refineclip-report.json",
                          mime="application/json", key="ref_dl_json", icon=":material/data_object:", on_click="ignore")
