@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from refineclip_core.edit.config import DEFAULT_EDIT
 from refineclip_core.edit.run import EditRun
 from dashboard.forms import RUN_LABELS, edit_form
 from dashboard.panels import diagnosis_of, sanity_panel, verdict_banner, verdict_table
@@ -49,9 +50,11 @@ with running_area:   # the code runs here, after the form; its progress and live
     follow_edit(ready, ident)
 
 res: EditRun | None = get(Key.REFINE)
+PAPER = DEFAULT_EDIT.paper
 if res is None:
     st.info(f"Click '{RUN_LABELS[get(Key.REFINE_METHOD) or 'fit']}'. The defaults are the multi-draw benchmark's winner (RefineCLIP-fit; "
-            "benchmarks/RESULTS.md); the paper's phase 2 keeps its published settings (α = 1e4, β = 1e2, 500 steps).")
+            f"benchmarks/RESULTS.md); the paper's phase 2 keeps its published settings (success weight α = "
+            f"{PAPER.success_weight:g}, locality weight β = {PAPER.locality_weight:g}, {PAPER.steps} steps).")
     st.stop()
 if res.outcome.identification.config != ident.config or res.outcome.heads != heads:
     st.warning("These results were computed for another pair, sample or head set; run the refinement again to "
