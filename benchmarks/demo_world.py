@@ -34,7 +34,7 @@ the ``demo:start``/``demo:end`` markers, written by this script only.
                                     [--out benchmarks/RESULTS.md] [--workdir DIR] [--no-extras]
 
 The default seeds were never used while the defaults were chosen (that used world seeds
-7001-7042, and 101-108 for the later look at the head choice in docs/edit.md; the stable head choice of
+7001-7042, and 101-108 for the later look at the head choice in docs/decisions.md; the stable head choice of
 issue 23 item 6 was chosen on 7001-7004 and 7011-7022; 3611-3614 were kept for its check and
 used for nothing else: ``--world-seeds 3611 3612 3613 3614 --no-extras --section stable-check``). ``--section NAME`` writes another section than the headline's ``demo`` (its figure as
 ``NAME_locality.svg``), ``--note TEXT`` a sentence under its title. ``--model-dir`` evaluates another training run of the demo model (a folder written
@@ -112,7 +112,7 @@ GROUP_LABELS = {k: label_of(k) for k in GROUP_METHODS} | {EXPORTED: "RefineCLIP-
                                                           "fit:concept-removed": "+ diagnosed concept removed"}
 REMOVE_DIAGNOSED = replace(DEFAULT_EDIT.concept, texts=(DIAGNOSED,))
 """The concept removal of the "diagnosed concept removed" row (issue 27): the concepts the diagnosis names, with
-the default words and strength (chosen on development worlds 7011-7013, docs/edit.md)."""
+the default words and strength (chosen on development worlds 7011-7013, docs/decisions.md)."""
 
 CUE_PHRASES = {  # what a user who suspects the planted cue types (known-attribute mode, the typed-cue projection)
     "background": (["a water background", "a water scene"], ["a land background", "a land scene"]),
@@ -434,7 +434,27 @@ def main(argv: list[str] | None = None) -> int:
                      f"{DEFAULT_EDIT.fit.steps} steps.\n")
         print(body)
         replace_section(Path(args.out), args.section, body)
+        write_summary(args, draws)
         return 0
+
+
+def write_summary(args, draws: list[Draw]) -> None:
+    """``demo_world.json`` beside ``--out`` (the headline section only): every row's multi-draw figures by its
+    registry key, for the Refine page (``dashboard/refine_view.benchmark_figures``)."""
+    if getattr(args, "section", "demo") != "demo" or not draws:
+        return
+    methods = {}
+    for _, key in HEADLINE:
+        ran = [d for d in draws if key in d.metrics]
+        if ran:
+            st = summarise(ran, key)
+            methods[key] = {"label": label_of(key) if key in BY_KEY else PIPELINES[key][0].strip("*"),
+                            "worst_gain_mean": st["gain"], "worst_gain_std": st["std"],
+                            "other_change_mean": st["other"], "draws_worse": st["worse"], "draws": len(ran)}
+    Path(args.out).with_name("demo_world.json").write_text(json.dumps(
+        {"section": "demo", "date": time.strftime("%Y-%m-%d"), "draws": len(draws),
+         "world_seeds": sorted({d.world for d in draws}), "sample_seeds": sorted({d.seed for d in draws}),
+         "methods": methods}, indent=1) + "\n")
 
 
 def merge(args) -> int:
@@ -451,6 +471,7 @@ def merge(args) -> int:
              f"```json\n{json.dumps(parts[0]['used'], indent=1)}\n```\n</details>\n")
     print(body)
     replace_section(Path(args.out), args.section, body)
+    write_summary(args, draws)
     return 0
 
 
@@ -624,8 +645,9 @@ def frontier_lines(draws: list[Draw]) -> list[str]:
                      + " | ".join(f"{ch[g][0]:+.1f}" if g in ch else "–" for g in names) + f" | {st['other']:+.1f} |")
         loss_at.append((min(v[0] for v in ch.values()), st["gain"], label))
     within = [(gain, label) for loss, gain, label in loss_at if loss >= -5]
-    peers = {k: summarise(ran, k)["gain"] for k in PEER_KEYS if (ran := [d for d in draws if k in d.metrics])}
-    said = "".join(f"; {label_of(k)} {g:+.1f}" for k, g in peers.items())
+    ran = {k: r for k in PEER_KEYS if (r := [d for d in draws if k in d.metrics])}
+    peers = {k: summarise(r, k)["gain"] for k, r in ran.items()}
+    said = "".join(f"; {label_of(k)} {g:+.1f} on its {len(ran[k])} draws" for k, g in peers.items())
     best = max(within, default=None)
     lines += ["", "- The largest worst-group gain of a labelled probe that keeps every group of the edited classes "
                   "within 5 points on average: " + (f"{best[0]:+.1f} ({best[1]})" if best else "none of them")
@@ -641,7 +663,7 @@ def frontier_lines(draws: list[Draw]) -> list[str]:
             lines.append("- So no labelled probe meets issue 27's first and third targets together on these draws, "
                          "though it knows every image's group: the shortcut is part of how the majority groups are "
                          "recognised in the embedding, and a linear edit cannot take it from some images and leave it "
-                         "to others (docs/edit.md, \"The labelled frontier\").")
+                         "to others (docs/decisions.md, \"The labelled frontier\").")
     return lines
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.demo_world import Draw, frontier_lines
 from benchmarks.frontier import PROBES, group_balanced_probe, probe_key, probe_predictions
+from refineclip_core.edit.methods import label_of
 
 
 def _data(seed: int = 0, n: int = 240, d: int = 6, k: int = 3):
@@ -80,7 +81,7 @@ def test_frontier_lines_read_the_probes_against_the_five_point_limit() -> None:
               "fit:concept-removed": gentle}
     text = "\n".join(frontier_lines([draw(probes), draw(probes)]))
     assert "within 5 points on average: +20.0 (γ=1, C=30)" in text
-    assert "LTC +30.0 on its 2 draws" in text
+    assert f"{label_of('ltc')} +30.0 on its 2 draws" in text
     assert "the least costly (γ=1, C=100) changes by -20.0 points" in text
     assert "no labelled probe meets issue 27's first and third targets together" in text
     # a probe within 5 points that reaches LTC's gain: no such sentence
