@@ -15,7 +15,8 @@ from refineclip_core.edit.export import export_path
 from refineclip_core.edit.run import EditRun, compare_run, run_edit
 from refineclip_core.home import APP_DIR
 from refineclip_core.reporting.figures import accuracy_bars_figure, loss_figure
-from refineclip_core.reporting.findings import cell_estimate, format_cell, method_summary, per_key_table
+from refineclip_core.reporting.findings import (cell_estimate, format_cell, labels_used_column, method_summary,
+                                                per_key_table)
 from refineclip_core.reporting.run_report import per_image_csv, render_html, report_json
 from refineclip_core.session.recent import save_run
 
@@ -153,15 +154,18 @@ def _section(run: EditRun, ready: Ready) -> None:
                                         ("Other classes (locality)", "other classes (locality)"), ("Overall", "overall")]):
         metric_ci(col, label, cell_estimate(r.get(column)), cell_estimate(z.get(column)))
     st.markdown("**This run** (one draw of labelled samples; 95% intervals over the held-out images)")
-    table("methods", pd.DataFrame({k: {c: format_cell(v) for c, v in row.items()} for k, row in summary.items()}).T
-          .rename_axis("method").reset_index(), hide_index=True)
+    used = labels_used_column(methods)          # what each row used: class/group labels, typed text, images
+    table("methods", pd.DataFrame({k: {**{c: format_cell(v) for c, v in row.items()}, "labels used": used.get(k, "")}
+                                   for k, row in summary.items()}).T.rename_axis("method").reset_index(),
+          hide_index=True)
     if not shown.compared and job is None:
         st.caption("Only the exported edit was fitted (baselines off).")
     bench = benchmark_figures(list(summary)) if on_demo(ready) else None
     if bench is not None:
         st.markdown(f"**The demo benchmark, same methods over {bench[1]}** (benchmarks/RESULTS.md; not this run)")
         table("methods-benchmark", bench[0], hide_index=True)
-    st.plotly_chart(accuracy_bars_figure(summary, "Methods compared"), key="ref_summary_fig")
+    st.plotly_chart(accuracy_bars_figure(summary, "Methods compared", colours=methods.get("about")),
+                    key="ref_summary_fig")
     groups = per_key_table(methods, "per_group")
     tab_g, tab_c = st.tabs(["Per group", "Per class"])
     for tab, key, rows in ((tab_g, "group", groups), (tab_c, "class", per_key_table(methods, "per_class"))):

@@ -353,6 +353,10 @@ def test_refine_page_runs_compares_and_offers_downloads(app):
     # every group and class the guard tested is in its table
     guard_table = next(df.value for df in at.dataframe if "worse (Holm)" in df.value.columns)
     assert set(guard_table["name"]) >= {u.name for u in verdict.groups}
+    # every compared row says what it used (issue 35): class labels and how many, typed text, unlabelled images
+    used = next(df.value for df in at.dataframe if "labels used" in df.value.columns).set_index("method")["labels used"]
+    assert used["zero-shot"] == "none (class names only)"
+    assert f"{len(res.outcome.identification.sample_rows)} class labels" in used["tip-adapter"]
     if verdict.status != "verified":  # an edit the guard did not verify: one explicit click to download
         assert not any(b.key == "ref_dl_ckpt" for b in at.get("download_button"))
         at.checkbox(key="ref_confirm").check().run()
