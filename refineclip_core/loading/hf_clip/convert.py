@@ -171,24 +171,30 @@ def _key_pairs(n_vision: int, n_text: int) -> list[tuple[str, str, str]]:
         for i in range(n):
             o, h = f"{oc_tower}.resblocks.{i}.", f"{hf_tower}.layers.{i}."
             for p in ("weight", "bias"):
-                pairs += [(f"{o}ln_1.{p}", f"{h}layer_norm1.{p}", "same"),
-                          (f"{o}attn.in_proj_{p}", f"{h}self_attn.{{}}_proj.{p}", "qkv"),
-                          (f"{o}attn.out_proj.{p}", f"{h}self_attn.out_proj.{p}", "same"),
-                          (f"{o}ln_2.{p}", f"{h}layer_norm2.{p}", "same"),
-                          (f"{o}mlp.c_fc.{p}", f"{h}mlp.fc1.{p}", "same"),
-                          (f"{o}mlp.c_proj.{p}", f"{h}mlp.fc2.{p}", "same")]
+                pairs += resblock_pairs(o, h, p)
     return pairs
 
 
+def resblock_pairs(o: str, h: str, p: str) -> list[tuple[str, str, str]]:
+    """One open_clip ``ResidualAttentionBlock`` (prefix ``o``) against one transformers encoder layer
+    (prefix ``h``), for parameter ``p`` (weight or bias): (open_clip key, transformers key, how)."""
+    return [(f"{o}ln_1.{p}", f"{h}layer_norm1.{p}", "same"),
+            (f"{o}attn.in_proj_{p}", f"{h}self_attn.{{}}_proj.{p}", "qkv"),
+            (f"{o}attn.out_proj.{p}", f"{h}self_attn.out_proj.{p}", "same"),
+            (f"{o}ln_2.{p}", f"{h}layer_norm2.{p}", "same"),
+            (f"{o}mlp.c_fc.{p}", f"{h}mlp.fc1.{p}", "same"),
+            (f"{o}mlp.c_proj.{p}", f"{h}mlp.fc2.{p}", "same")]
+
+
 #: transformers keys that hold no weights (older checkpoints saved the position-id buffers).
-_BUFFERS = ("vision_model.embeddings.position_ids", "text_model.embeddings.position_ids")
+BUFFERS = ("vision_model.embeddings.position_ids", "text_model.embeddings.position_ids")
 
 
 def hf_to_open_clip(state: Mapping[str, torch.Tensor], n_vision: int, n_text: int,
                     source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Rename (and fuse q/k/v, transpose projections of) a transformers CLIPModel state dict."""
     extra = sorted(set(state) - {h.format(x) for _, h, how in _key_pairs(n_vision, n_text)
-                                 for x in ("qkv" if how == "qkv" else "_")} - set(_BUFFERS))
+                                 for x in ("qkv" if how == "qkv" else "_")} - set(BUFFERS))
     biases = [k for k in extra if k in ("visual_projection.bias", "text_projection.bias")]
     if biases:
         raise CheckpointError(

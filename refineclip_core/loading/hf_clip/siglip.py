@@ -52,7 +52,7 @@ from typing import Any, Mapping
 import torch
 
 from ...errors import CheckpointError, RefineClipError
-from .convert import ACTIVATIONS, _mlp_ratio, _transformers
+from .convert import ACTIVATIONS, BUFFERS, _mlp_ratio, _transformers, resblock_pairs
 
 SIGLIP_TYPES = ("siglip", "siglip2")
 
@@ -215,17 +215,8 @@ def _pairs(n_vision: int, n_text: int, linear_patches: bool) -> list[tuple[str, 
                       (f"{o}mlp.fc2.{p}", f"{t}mlp.fc2.{p}", "same")]
         for i in range(n_text):
             o, t = f"text.transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
-            pairs += [(f"{o}ln_1.{p}", f"{t}layer_norm1.{p}", "same"),
-                      (f"{o}attn.in_proj_{p}", f"{t}self_attn.{{}}_proj.{p}", "qkv"),
-                      (f"{o}attn.out_proj.{p}", f"{t}self_attn.out_proj.{p}", "same"),
-                      (f"{o}ln_2.{p}", f"{t}layer_norm2.{p}", "same"),
-                      (f"{o}mlp.c_fc.{p}", f"{t}mlp.fc1.{p}", "same"),
-                      (f"{o}mlp.c_proj.{p}", f"{t}mlp.fc2.{p}", "same")]
+            pairs += resblock_pairs(o, t, p)
     return pairs
-
-
-#: transformers keys that hold no weights (position-id buffers some checkpoints saved).
-_BUFFERS = ("vision_model.embeddings.position_ids", "text_model.embeddings.position_ids")
 
 
 def hf_to_open_clip(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -235,7 +226,7 @@ def hf_to_open_clip(state: Mapping[str, torch.Tensor], source: str = "checkpoint
     linear = patch is not None and patch.ndim == 2
     pairs = _pairs(n_vision, n_text, linear)
     expected = {h.format(x) for _, h, how in pairs for x in (("q", "k", "v") if how == "qkv" else ("_",))}
-    extra = sorted(set(state) - expected - set(_BUFFERS))
+    extra = sorted(set(state) - expected - set(BUFFERS))
     if extra:
         raise CheckpointError(f"'{source}' has {len(extra)} weights a transformers SigLIP model does not (e.g. "
                               f"'{extra[0]}'); it is another architecture.")
