@@ -508,7 +508,7 @@ def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, se
         f"- unrelated classes {ex['other']:+.1f} pts on average (target within ±1): "
         f"{'met' if abs(ex['other']) <= 1 else 'NOT met'};",
         f"- share of the ablation's own gain kept {100 * kept:.0f}% (target ≥ 80%; the edit's teacher applies a "
-        f"share α = {DEFAULT_EDIT.fit.strength:g} of the removal, `FitConfig.strength`): "
+        f"share s = {DEFAULT_EDIT.fit.strength:g} of the removal, `FitConfig.strength`): "
         f"{'met' if kept >= 0.8 else 'NOT met'};",
     ]
     if draws and all(d.groups for d in draws):
