@@ -19,6 +19,8 @@ from refineclip_core.edit.config import METHODS, STRATEGIES, FitConfig
 from refineclip_core.edit.config import DEFAULT_EDIT, EditConfig
 from refineclip_core.edit.config import PaperConfig
 from refineclip_core.edit.guard import MAX_DROP, GuardConfig
+from refineclip_core.errors import RefineClipError
+from refineclip_core.method.ltc import PeersConfig, parse_accept_pairs
 from refineclip_core.loading.confine import allowed_path, default_allowed_roots, read_roots
 from refineclip_core.loading.uploads import save_upload, unpack_upload
 from refineclip_core.session.images import ImagesKind
@@ -173,10 +175,12 @@ def cache_form() -> str | None:
     return str(allowed_path(folder, read_roots(session_dir()))) if folder.strip() else None  # its own caches too
 
 
-def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bool, GuardConfig] | None:
+def edit_form(seed: int, disabled: bool, diagnosis=None,
+              groups: tuple[str, ...] = ()) -> tuple[EditConfig, bool, GuardConfig] | None:
     """The Refine page's settings (defaults: :data:`DEFAULT_EDIT`, the guard's :data:`MAX_DROP`);
     ``(config, baselines, guard)`` once submitted.
-    The concepts ``diagnosis`` names are prefilled as the concept to remove (off until confirmed).
+    The concepts ``diagnosis`` names are prefilled as the concept to remove (off until confirmed); the typed
+    text of the two LTC rows (:func:`peers_box`, over the data's ``groups``) is never prefilled.
 
     The exported edit is chosen outside the form so the settings follow it at once: the chosen kind's
     settings are shown, the other kind's sit in a closed expander (they only shape its baseline row)."""
@@ -228,6 +232,8 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
                                            format="%g", key="ref_locality_weight",
                                            help="The paper's β: weight of L_locality (Eq. 12) in Eq. 13.")
             steps = p[2].number_input("Steps (paper)", 1, 20_000, paper_d.steps, step=100, key="ref_steps")
+        with c[0]:
+            typed = peers_box(groups)
         seed = c[1].number_input("Seed", 0, 1_000_000, seed, key="ref_seed")
         max_drop = c[1].slider("Acceptable drop (points)", 1, 20, round(100 * MAX_DROP), key="ref_max_drop",
                                help="The guard verifies the edit only when no group or class can have lost more "
@@ -236,10 +242,17 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
         baselines = c[1].checkbox("Then compare", True, key="ref_baselines",
                                   help="After the exported edit (its verdict and downloads come first), fit in the "
                                        "background the other kind of edit, standard fine-tuning (cross-entropy only), "
-                                       "Tip-Adapter, CoOp prompt learning, LTC and the concept row, for comparison; "
+                                       "Tip-Adapter, CoOp prompt learning, the two LTC rows (with their typed text) and "
+                                       "the concept row, for comparison; "
                                        "each fills its row in as it finishes, and can be cancelled.")
         if not st.form_submit_button(RUN_LABELS[method], type="primary", disabled=disabled):
             return None
+    try:
+        peers = PeersConfig(split_phrases(typed[0]), split_phrases(typed[1]), parse_accept_pairs(typed[2]),
+                            tuple(typed[3]))
+    except RefineClipError as exc:   # one sentence, the form's values kept for the user to correct
+        st.error(str(exc))
+        return None
     texts = split_phrases(concept_text) if remove and method == "fit" else ()
     if texts and concept_text.strip() == prefill:          # the diagnosis' own words: recorded as "diagnosed"
         texts = (DIAGNOSED,)
@@ -249,8 +262,33 @@ def edit_form(seed: int, disabled: bool, diagnosis=None) -> tuple[EditConfig, bo
                      PaperConfig(strategy=strategy, success_weight=float(success_w), locality_weight=float(locality_w),
                                   steps=int(steps),
                                   lr=paper_d.lr, seed=int(seed), rank=int(rank), weight_ce=paper_d.weight_ce),
-                     concept)
+                     concept, peers=peers)
     return cfg, bool(baselines), GuardConfig(max_drop=int(max_drop) / 100)
+
+
+def peers_box(groups: tuple[str, ...]) -> tuple[str, str, str, list[str]]:
+    """The typed text of the LTC rows, as typed (``refineclip refine --cue --cue-versus --ltc-pair
+    --ltc-minority``): cue, versus, attribute pair lines, minority groups. Nothing prefilled: the
+    placeholders are the demo's examples, the user's words are never guessed."""
+    with st.expander("Typed text for the LTC rows (optional)", expanded=False):
+        st.caption("Empty: the rows 'head search + typed-cue projection' and 'LTC (as released)' are left out.")
+        k = st.columns(2)
+        cue = k[0].text_input("Cue (comma-separated)", key="ref_cue", placeholder="a water background, a water scene",
+                              help="The spurious attribute the typed-cue projection projects off.")
+        versus = k[1].text_input("versus (comma-separated)", key="ref_cue_versus",
+                                 placeholder="a land background, a land scene",
+                                 help="What the cue is taken against; both are needed for that row.")
+        pairs = st.text_area("LTC attribute pairs (one per line: text for class A | text for class B)",
+                             key="ref_ltc_pairs", height=90,
+                             placeholder="a bird with webbed feet | a bird with thin toes\n"
+                                         "a bird with short legs | a bird with long legs",
+                             help="True differences between the two classes (the paper has a language model "
+                                  "write them); LTC's accept step adds their directions to its salient heads.")
+        minority = st.multiselect("Minority groups LTC locates on (optional)", list(groups), key="ref_ltc_minority",
+                                  disabled=not groups,
+                                  help="Empty: the groups of each class that zero-shot gets wrong more often "
+                                       "among the labelled images.")
+    return cue, versus, pairs, minority
 
 
 def split_phrases(text: str) -> tuple[str, ...]:

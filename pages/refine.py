@@ -43,7 +43,7 @@ if not heads:
 
 # --- settings and the run (background jobs: the exported edit first, then the compared methods) ------
 diag = diagnosis_of(ready, ident, heads)          # leads the run report; its concepts prefill the concept to remove
-submitted = edit_form(seed=protocol().seed, disabled=not heads, diagnosis=diag)
+submitted = edit_form(seed=protocol().seed, disabled=not heads, diagnosis=diag, groups=tuple(cache.group_names))
 if submitted is not None:
     start_edit(ready, ident, submitted[0], heads, submitted[1], diag, submitted[2])
 with running_area:   # the code runs here, after the form; its progress and live curves show at the top

@@ -23,7 +23,7 @@ from refineclip_core.inspection.textspan_released import released_text_span
 from refineclip_core.loading.data import load_dataset
 from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
-from refineclip_core.method.ltc import LocateThenCorrect, PeersConfig, accept, minority_groups
+from refineclip_core.method.ltc import LocateThenCorrect, PeersConfig, accept, minority_groups, parse_accept_pairs
 from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
 
 
@@ -195,6 +195,26 @@ def test_ltc_edge_cases_empty_minority_group_and_no_wrong_samples(toy):
 
 
 # -- the registry and the rows as a run makes them -------------------------------------------------
+
+def test_typed_attribute_pairs_are_parsed_one_per_line_and_bad_lines_refused():
+    """The Refine page's attribute pair box: one pair a line, 'A | B', sides stripped, blank lines skipped;
+    text is data ('{}' and '%s' stay as typed); a line without exactly one '|', an empty side or a text over
+    the prompt limit is refused in one sentence naming the line."""
+    from refineclip_core.loading.data import MAX_CLASS_NAME_CHARS
+
+    text = "  a bird with webbed feet |a bird with thin toes \n\n a {0} bill | a %s bill\n"
+    assert parse_accept_pairs(text) == (("a bird with webbed feet", "a bird with thin toes"), ("a {0} bill", "a %s bill"))
+    assert parse_accept_pairs("") == () and parse_accept_pairs(" \n ") == ()
+    for bad, line in (("a | b\nno bar here", 2), ("a | b | c", 1), (" | a bird", 1), ("a bird |  ", 1)):
+        with pytest.raises(RefineClipError, match=f"line {line} ") as err:
+            parse_accept_pairs(bad)
+        assert "\n" not in str(err.value) and ". " not in str(err.value).replace("e.g. ", "")   # one sentence
+    long = "x" * (MAX_CLASS_NAME_CHARS + 1)
+    with pytest.raises(RefineClipError, match="limited to"):
+        PeersConfig(accept=parse_accept_pairs(f"{long} | a bird"))
+    with pytest.raises(RefineClipError, match="limited to"):
+        PeersConfig(cue=(long,), cue_versus=("a land background",))
+
 
 def test_the_registry_is_the_one_list_of_methods():
     keys = [m.key for m in METHODS]

@@ -74,8 +74,33 @@ class PeersConfig:
                 raise RefineClipError("Each LTC attribute pair is two non-empty texts (one per class), e.g. "
                                       "'a bird with webbed feet' and 'a bird with thin toes'.")
 
+        from ..loading.data import check_class_name_lengths  # the tokenizer's limit, named for what was typed
+
+        check_class_name_lengths(self.cue, "cue text", "cue texts")
+        check_class_name_lengths(self.cue_versus, "'versus' cue text", "cue texts")
+        check_class_name_lengths([t for pair in self.accept for t in pair], "LTC attribute text",
+                                 "LTC attribute texts")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def parse_accept_pairs(text: str) -> tuple[tuple[str, str], ...]:
+    """LTC's attribute pairs from typed lines, one pair a line: ``text for class A | text for class B``
+    (blank lines skipped, each side stripped). The text is data: split on ``|``, never formatted. A line
+    without exactly one ``|`` or with an empty side is refused in one sentence; lengths are checked by
+    :class:`PeersConfig` (the prompt limit of every typed text)."""
+    pairs: list[tuple[str, str]] = []
+    for i, line in enumerate(str(text).splitlines(), 1):
+        if not line.strip():
+            continue
+        sides = [s.strip() for s in line.split("|")]
+        if len(sides) != 2 or not all(sides):
+            shown = line.strip() if len(line.strip()) <= 40 else line.strip()[:40] + "..."
+            raise RefineClipError(f"LTC attribute pair line {i} ('{shown}') must be two non-empty texts separated "
+                                  f"by one '|', e.g. 'a bird with webbed feet | a bird with thin toes'.")
+        pairs.append((sides[0], sides[1]))
+    return tuple(pairs)
 
 
 # -- LTC (as released) ---------------------------------------------------------------------------
