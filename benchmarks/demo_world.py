@@ -390,12 +390,14 @@ def main(argv: list[str] | None = None) -> int:
                 sizes = (len(ident.sample_rows), int(ident.eval_mask.sum()), len(ident.adapt_rows))
                 if not args.no_extras:
                     p_engine = paper_ident.ablation_engine(engine)
+                    score_curves = {str(k): v for k, v in paper_ident.selection.curves.items()}   # keys: ScoreKey
+                    score_lists = {str(k): v for k, v in paper_ident.selection.candidates.items()}
                     for base in SCORE_NAMES:      # each score alone: best prefix of its list (Alg. 1 curves)
-                        curve = paper_ident.selection.curves.get(base)
+                        curve = score_curves.get(base)
                         if curve:
                             t = int(np.argmax(curve)) + 1
                             extras[f"ablate: {base} alone (zero)"].append(
-                                (m["zero-shot"], metrics(p_engine.predict(paper_ident.selection.candidates[base][:t], "zero"))))
+                                (m["zero-shot"], metrics(p_engine.predict(score_lists[base][:t], "zero"))))
                     for method, heads in textspan_heads.items():
                         extras[f"ablate: TextSpan ({method}) background heads (known attribute, zero)"].append(
                             (m["zero-shot"], metrics(engine.predict(heads, "zero"))))

@@ -279,6 +279,12 @@ def test_score_keys_are_typed_and_records_keep_their_text(cache):
     want = [f"{s}[{cache.classes[x]}→{cache.classes[y]}]" for x, y in both.pairs for s in SCORE_NAMES]
     assert [str(k) for k in both.scores] == want == list(scores_to_dict(both.scores))
     assert [k.pair for k in both.scores] == [(cache.classes[x], cache.classes[y]) for x, y in both.pairs for _ in SCORE_NAMES]
+    # the documented API reads a score by the text the screen shows (docs/API.md: ident.scores["DE_A"])
+    assert one.scores["DE_A"] is one.scores[ScoreKey("DE_A", names, alone=True)] and "DE_B" in one.scores
+    assert both.scores[want[0]] is next(iter(both.scores.values())) and "DE_A" not in both.scores
+    assert both.scores.get("DE_Z") is None
+    with pytest.raises(KeyError):
+        one.scores["DE_A[x→y]"]
     sel = json.loads(json.dumps(both.selection.to_dict()))            # JSON-safe: keys written as their text
     assert set(sel["curves"]) <= {"consensus", "stable", *want} and sel["selected"]["score"] == both.selection.score_name
 

@@ -41,7 +41,7 @@ from ..features.decomposition import HeadId
 from .ablation import MODES, AblationEngine, Mode
 from .errorsets import ErrorPair, ErrorSets, error_pairs, pair_error_sets, sample_per_class
 from .evaluation import rows_mask
-from .scores import SCORE_NAMES, HeadScores, ScoreKey, Similarity, compute_scores
+from .scores import SCORE_NAMES, HeadScores, ScoreKey, ScoreTable, Similarity, compute_scores
 from .selection import Selection, choose_heads, select_consensus, select_heads, select_stable
 from .stability import RESAMPLES, head_stability
 
@@ -99,7 +99,7 @@ class Identification:
     sample_rows: np.ndarray
     eval_rows: np.ndarray
     sets: dict[str, ErrorSets]            # "true:pred" -> sets among the samples
-    scores: dict[ScoreKey, HeadScores]    # str(key): "DE_A" (single pair) or "DE_A[a→b]"
+    scores: ScoreTable                    # by ScoreKey or its text, str(key): "DE_A" (single pair) or "DE_A[a→b]"
     selection: Selection
     base_predictions: np.ndarray
     adapt_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -258,7 +258,7 @@ def pair_scores(cache: FeatureCache, predictions: np.ndarray, pairs: Sequence[tu
     ``"true→pred"``, scores by :class:`~refineclip_core.method.scores.ScoreKey` (score, pair). ``rows`` may repeat (a bootstrap
     resample): a repeated row counts as often as it appears."""
     sets: dict[str, ErrorSets] = {}
-    scores: dict[ScoreKey, HeadScores] = {}
+    scores: ScoreTable = ScoreTable()
     for a, b in pairs:
         key = f"{cache.classes[a]}→{cache.classes[b]}"
         s = pair_error_sets(predictions, cache.labels, a, b, rows, cache.classes)

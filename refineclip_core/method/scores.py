@@ -60,6 +60,27 @@ class ScoreKey:
         return self.score if self.alone else f"{self.score}[{self.pair[0]}→{self.pair[1]}]"
 
 
+class ScoreTable(dict):
+    """``Identification.scores``: a dict keyed by :class:`ScoreKey` that also answers to a key's text
+    (``scores["DE_A"]``, ``scores["DE_A[a→b]"]``), the names records, tables and the screen show."""
+
+    def _key(self, key):
+        if isinstance(key, str):
+            for k in dict.keys(self):
+                if str(k) == key:
+                    return k
+        return key
+
+    def __getitem__(self, key):
+        return dict.__getitem__(self, self._key(key))
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, self._key(key))
+
+    def get(self, key, default=None):
+        return dict.get(self, self._key(key), default)
+
+
 @dataclass
 class HeadScores:
     """One score for every head in scope; ``values`` is ``(L_s, H)`` or ``None`` if unavailable."""
