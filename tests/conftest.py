@@ -151,3 +151,15 @@ def browser(chromium):
         b.close()
     finally:
         pw.stop()
+
+
+@pytest.fixture()
+def upload_tmp(tmp_path, monkeypatch):
+    """A private temporary directory standing for the shared one, where upload session folders go
+    (several servers' folders in tests of quotas and sweeping)."""
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp

@@ -487,16 +487,6 @@ def test_many_entries_at_or_under_the_entry_limit_are_a_bomb_too(tmp_path, size)
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
 
 
-@pytest.fixture()
-def upload_tmp(tmp_path, monkeypatch):
-    import tempfile
-
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return tmp
-
-
 def test_uploads_have_a_session_and_a_total_quota(upload_tmp, monkeypatch, image_folder):
     from refineclip_core.errors import DataError
     from refineclip_core.loading.uploads import folder_bytes, save_upload, session_upload_dir, unpack_upload

@@ -216,17 +216,6 @@ def test_metadata_csv_in_another_encoding_names_the_real_files(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 5. quotas count everything a session writes; each server counts and sweeps only its own folders
 
-@pytest.fixture()
-def upload_tmp(tmp_path, monkeypatch):
-    """A private temporary directory standing for the shared one (several servers' session folders)."""
-    import tempfile
-
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return tmp
-
-
 def test_caches_exports_and_runs_in_a_session_folder_count_against_its_quota(upload_tmp, undecodable, monkeypatch):
     from refineclip_core.errors import DataError
     from refineclip_core.features.extraction import ExtractionConfig, extract
