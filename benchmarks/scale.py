@@ -292,7 +292,7 @@ def measure_cache(folder: str, n_toggles: int = 30, pool_size: int = 4082, seed:
 
     step("first ablation (Load page findings): head·text projections, adaptation means", first,
          "every head's projections in one pass" if engine.projected else
-         f"projections per head on first use ({engine._a.capacity} of {len(ids)} heads fit the budget)")
+         f"projections per head on first use ({engine.store.capacity} of {len(ids)} heads fit the budget)")
 
     def toggle(current: list) -> float:
         t0 = time.perf_counter()

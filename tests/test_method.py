@@ -155,6 +155,30 @@ def test_ablation_engine_matches_explicit_arithmetic(cache):
     np.testing.assert_array_equal(res.flipped, np.flatnonzero(res.predictions != base))
 
 
+def test_derived_engines_share_the_store_and_keep_their_own_means(cache):
+    """with_mean_rows/subset are explicit copies: the store (arrays, projections, Gram matrix) is shared, never
+    copied; each engine's m_h are its own, and equal the brute-force means over its rows."""
+    eng = AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
+    ids = eng.head_ids()
+    flat = cache.heads.reshape(len(cache), len(ids), -1).astype(np.float64)
+    rows = np.arange(len(cache))[1::3]
+    derived = eng.with_mean_rows(rows)
+    assert derived is not eng and derived.store is eng.store and derived.means is not eng.means
+    assert eng.with_mean_rows(rows.copy()) is derived                       # one per row set (by content)
+    np.testing.assert_allclose(derived.m, flat[rows].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(eng.m, flat.mean(0), rtol=1e-5, atol=1e-6)  # the parent's are unchanged
+    heads = ids[:2]
+    E, t = cache.embeddings.astype(np.float64), cache.text.astype(np.float64)
+    ref = E - flat[:, :2].sum(1) + flat[rows][:, :2].mean(0).sum(0)
+    np.testing.assert_allclose(derived.norms(heads, "mean"), np.linalg.norm(ref, axis=1), rtol=1e-5)
+    np.testing.assert_array_equal(derived.predict(heads, "mean"), (ref @ t.T).argmax(1))
+    sub_rows = np.arange(5)
+    sub = derived.subset(sub_rows)
+    assert sub.store is not eng.store and len(sub.E) == 5
+    np.testing.assert_array_equal(sub.m, derived.m)                         # the parent's means, not the subset's
+    np.testing.assert_allclose(sub.embeddings(heads, "mean"), ref[sub_rows], rtol=1e-5, atol=1e-6)
+
+
 def test_verify_ablation_against_the_real_model(loaded, cache):
     eng = AblationEngine(cache.embeddings, cache.heads, cache.text, cache.manifest.layers)
     rows = np.arange(8)

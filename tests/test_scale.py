@@ -280,7 +280,7 @@ def test_toggles_from_a_running_score_equal_a_fresh_engine():
                 assert got.report == want.report
                 for f in ("flipped", "fixed", "broken"):
                     np.testing.assert_array_equal(getattr(got, f), getattr(want, f))
-        assert any(k[0] == "s" for k in eng._a._kept)                  # running scores were kept and reused
+        assert any(k[0] == "s" for k in eng.store._kept)                  # running scores were kept and reused
 
 
 def test_a_pass_over_every_row_beyond_the_budget_keeps_nothing():
@@ -298,7 +298,7 @@ def test_a_pass_over_every_row_beyond_the_budget_keeps_nothing():
     ids = eng.head_ids()
     for h in ids[:3]:
         eng.predict([h], "zero", held)
-    kept = dict(eng._a._kept)
+    kept = dict(eng.store._kept)
     flat = heads.reshape(n, L * H, d).astype(np.float64)
     for pick in ([0], [1, 4], [5, 0, 2]):
         chosen = [ids[i] for i in pick]
@@ -306,7 +306,7 @@ def test_a_pass_over_every_row_beyond_the_budget_keeps_nothing():
         for mode in ("zero", "mean"):
             ref = E - flat[:, pick].sum(1) + (m[pick].sum(0) if mode == "mean" else 0)
             np.testing.assert_array_equal(eng.predict(chosen, mode), (ref @ text.astype(np.float64).T).argmax(1))
-    assert eng._a._kept.keys() == kept.keys() and all(eng._a._kept[k] is v for k, v in kept.items())
+    assert eng.store._kept.keys() == kept.keys() and all(eng.store._kept[k] is v for k, v in kept.items())
 
 
 def test_concurrent_toggles_of_different_sets_do_not_mix():

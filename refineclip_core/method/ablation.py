@@ -19,23 +19,21 @@ subtracts only the heads that changed, with a bound on its float32 rounding that
 confirmed in float64; predictions equal :meth:`AblationEngine.dots`' argmax whatever the path. Scores
 are assembled a block of rows at a time, so a toggle never holds an ``(N, C)`` float64 array.
 
-The arrays and projections live in :mod:`.projections`; :mod:`.verification` checks the cached
+What is cached and the memory budget live in :mod:`.projections`; :mod:`.verification` checks the cached
 arithmetic against the real model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Callable, Literal, Sequence, get_args
+from dataclasses import dataclass
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 
 from ..features.decomposition import HeadId
-from ..features.sharded import ShardedArray, row_blocks
+from ..features.sharded import ShardedArray
 from .evaluation import AccuracyReport, accuracy_report, rows_mask
-from .projections import (ALL, PROJECTION_BUDGET, U32, DerivedEngines, ProjectionStore, RunningScore,
-                          row_digest)
+from .projections import ALL, PROJECTION_BUDGET, U32, DerivedEngines, MeanFeatures, ProjectionStore, row_digest
 
 Mode = Literal["mean", "zero"]
 MODES: tuple[str, ...] = get_args(Mode)   # what the CLI and the pages offer (the default first)
@@ -54,29 +52,17 @@ class AblationResult:
     broken: np.ndarray             # rows that became wrong
 
 
-@dataclass
-class _Shared:
-    """What an engine and the engines derived from it with other mean rows share, never copied: the arrays
-    and projections within their budget (:class:`ProjectionStore`), the zero-shot predictions and the
-    per-image Gram matrix (computed once for all of them)."""
-
-    store: ProjectionStore
-    layers: tuple[int, ...]
-    n_heads: int
-    base_predictions: np.ndarray
-    gram: dict[str, np.ndarray] = field(default_factory=dict)
-
-
 class AblationEngine:
-    """Ablation arithmetic over a cache's ``E`` ``(N, d)``, ``c`` ``(N, L_s, H, d)`` and texts.
+    """Ablation arithmetic (Eq. 5: dot products, norms, predictions) over a cache's ``E`` ``(N, d)``,
+    ``c`` ``(N, L_s, H, d)`` and texts.
 
-    ``heads`` may be an in-memory array or the cache's on-disk :class:`ShardedArray`; it is
-    never loaded whole. ``mean_rows`` (or an explicit ``mean``) defines the mean-ablation
-    features ``m_h`` (default: the mean over every row), computed on first use. The roles are
-    apart: this class does the arithmetic (Eq. 5, dot products, norms, predictions); the arrays,
-    the projections and their memory budget are :class:`ProjectionStore`'s, shared through
-    :class:`_Shared` with every engine derived by :meth:`with_mean_rows`; the derived engines are
-    kept by :class:`DerivedEngines`.
+    ``heads`` may be an in-memory array or the cache's on-disk :class:`ShardedArray`; it is never loaded whole.
+    ``mean_rows`` (or an explicit ``mean``) defines the mean-ablation features ``m_h`` (default: the mean over
+    every row), computed on first use. The roles are apart: this class does the arithmetic; what is cached and
+    the memory budget are :attr:`store`'s (:class:`ProjectionStore`: arrays, projections, running scores, the
+    Gram matrix), shared, never copied, with every engine derived by :meth:`with_mean_rows`; the engine's own
+    ``m_h`` and what derives from them are its :class:`MeanFeatures`; the engines derived from it are kept by
+    :class:`DerivedEngines`. Every field is set by :meth:`_set` (a derived engine is made by :meth:`_derive`).
     """
 
     def __init__(self, embeddings: np.ndarray, heads: np.ndarray | ShardedArray, text: np.ndarray,
@@ -84,79 +70,47 @@ class AblationEngine:
                  projection_budget: int = PROJECTION_BUDGET) -> None:
         store = ProjectionStore(embeddings, heads, text, projection_budget)
         given = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(store.K, -1)
-        self._bind(_Shared(store, tuple(layers), heads.shape[2], store.Et.argmax(1)),
-                   None if mean_rows is None else np.asarray(mean_rows, dtype=np.int64),
-                   None if given is None else (lambda: given))
+        self._set(store, tuple(layers), MeanFeatures(store, None if mean_rows is None else
+                                                     np.asarray(mean_rows, dtype=np.int64),
+                                                     None if given is None else (lambda: given)))
 
-    def _bind(self, shared: _Shared, mean_rows: np.ndarray | None,
-              mean_source: Callable[[], np.ndarray] | None) -> None:
-        """Every field of an engine, set here only: what it shares, which rows its means are over (or where
-        they come from), and the engines derived from it (none yet). ``m``/``mt`` are computed on first use."""
-        self._shared = shared
-        self._mean_rows = mean_rows
-        self._mean_source = mean_source
+    def _set(self, store: ProjectionStore, layers: tuple[int, ...], means: MeanFeatures) -> None:
+        """Every field of an engine, set here only: the shared store and the read-only views of it, its own mean
+        features, and the engines derived from it (none yet)."""
+        self.store = store
+        self.layers = layers
+        self.n_heads = store.H
+        self.n_flat = store.K            # ``K = L_s · H``: the heads in scope, in flat order (:meth:`head_ids`)
+        self.E, self.text, self.Et = store.E, store.text, store.Et
+        self.base_predictions = store.base_predictions    # zero-shot predictions of every cached row
+        # whether every head's head·text projections fit the budget (computed in one pass and kept);
+        # otherwise the most recently used row sets' ones are kept
+        self.projected = store.capacity >= store.K
+        self.means = means
         self._derived = DerivedEngines()
 
-    # -- the shared arrays -----------------------------------------------------------------------
-    @property
-    def _a(self) -> ProjectionStore:
-        return self._shared.store
+    def _derive(self, means: MeanFeatures) -> "AblationEngine":
+        """The explicit copy: an engine over the same store (shared, nothing recomputed) with ``means``."""
+        other = AblationEngine.__new__(AblationEngine)
+        other._set(self.store, self.layers, means)
+        return other
 
     @property
-    def layers(self) -> tuple[int, ...]:
-        return self._shared.layers
-
-    @property
-    def n_heads(self) -> int:
-        return self._shared.n_heads
-
-    @property
-    def base_predictions(self) -> np.ndarray:
-        """Zero-shot predictions of every cached row (nothing removed)."""
-        return self._shared.base_predictions
-
-    @property
-    def E(self) -> np.ndarray:
-        return self._a.E
-
-    @property
-    def text(self) -> np.ndarray:
-        return self._a.text
-
-    @property
-    def Et(self) -> np.ndarray:
-        return self._a.Et
-
-    @property
-    def projected(self) -> bool:
-        """Whether every head's head·text projections fit :data:`PROJECTION_BUDGET` (computed in one pass
-        and kept); otherwise the most recently used row sets' ones are kept."""
-        return self._a.capacity >= self._a.K
-
-    @cached_property
     def m(self) -> np.ndarray:
         """``(K, d)`` mean-ablation features."""
-        if self._mean_source is not None:
-            return self._mean_source()
-        rows = self._a.rows_of(None) if self._mean_rows is None else self._mean_rows
-        return self._a.mean(rows)
+        return self.means.m
 
-    @cached_property
+    @property
     def mt(self) -> np.ndarray:
-        return self.m @ self.text.T                                      # (K, C)
+        """``m_h·t_y`` ``(K, C)``."""
+        return self.means.mt
 
     def with_mean_rows(self, rows: np.ndarray) -> "AblationEngine":
         """The same engine (arrays shared, nothing recomputed but the means, and those once per row
         set) whose mean-ablation features ``m_h`` are the means over ``rows`` (e.g. the protocol's
         adaptation images)."""
         rows = np.asarray(rows, dtype=np.int64)
-
-        def make() -> AblationEngine:
-            other = AblationEngine.__new__(AblationEngine)
-            other._bind(self._shared, rows, None)
-            return other
-
-        return self._derived.get("mean", rows, make)
+        return self._derived.get("mean", rows, lambda: self._derive(MeanFeatures(self.store, rows)))
 
     def subset(self, rows: np.ndarray) -> "AblationEngine":
         """An engine over ``rows`` only (their head contributions in memory; one per row set), with
@@ -164,31 +118,25 @@ class AblationEngine:
         rows = np.asarray(rows, dtype=np.int64)
 
         def make() -> AblationEngine:
-            sub = AblationEngine(self.E[rows], np.asarray(self._a.c[rows]), self.text, self.layers)
-            sub._mean_source = lambda: self.m
-            return sub
+            sub = AblationEngine(self.E[rows], np.asarray(self.store.c[rows]), self.text, self.layers)
+            return sub._derive(MeanFeatures(sub.store, source=lambda: self.m))
 
         return self._derived.get("subset", rows, make)
 
     # -- per-image views (what the diagnosis and the baselines read) -----------------------------
-    @property
-    def n_flat(self) -> int:
-        """``K = L_s · H``: the heads in scope, in flat order (:meth:`head_ids`)."""
-        return self._a.K
-
     def contributions(self, rows: np.ndarray, heads: Sequence[HeadId] | None = None) -> np.ndarray:
         """``c_h`` (Eq. 4) of ``heads`` (default: every head in scope, flat order) for ``rows``:
         ``(n, |heads|, d)`` float32, read from the cache for these rows only."""
         rows = np.asarray(rows, dtype=np.int64)
         if heads is None:
-            return np.asarray(self._a.c[rows], dtype=np.float32).reshape(len(rows), self._a.K, -1)
-        return self._a.gather(rows, self.flat_index(heads), self.n_heads)
+            return np.asarray(self.store.c[rows], dtype=np.float32).reshape(len(rows), self.store.K, -1)
+        return self.store.gather(rows, self.flat_index(heads), self.n_heads)
 
     def projections(self, rows: np.ndarray) -> np.ndarray:
         """``c_h·t_y`` of every head in scope for ``rows``: ``(n, K, C)`` float32 (the kept or lazily
         computed per-head projections, :meth:`ProjectionStore.projection`)."""
         rows = np.asarray(rows, dtype=np.int64)
-        return np.stack([self._a.projection(k)[rows] for k in range(self._a.K)], axis=1)
+        return np.stack([self.store.projection(k)[rows] for k in range(self.store.K)], axis=1)
 
     # -- indexing ------------------------------------------------------------------------
     def flat_index(self, heads: Sequence[HeadId]) -> np.ndarray:
@@ -210,8 +158,8 @@ class AblationEngine:
         budget streams: each block's projections are computed from the contributions and dropped, so a pass
         over every image (the findings, a refinement's evaluation) keeps nothing and evicts nothing."""
         idx = self.flat_index(heads)
-        if len(idx) and mode == "mean" and "m" not in self.__dict__ and self._mean_source is None:
-            self._a.first_pass(self._a.rows_of(None) if self._mean_rows is None else self._mean_rows)
+        if len(idx) and mode == "mean":
+            self.means.prepare()
         shift = self.mt[idx].sum(0)[None] if len(idx) and mode == "mean" else None
         n = len(self.E) if rows is None else len(rows)
         total = None
@@ -221,14 +169,14 @@ class AblationEngine:
             rows_arr = np.asarray(rows, dtype=np.int64)
             key = row_digest(rows_arr)
             for k in idx.tolist():
-                part = self._a.projection(k, rows_arr, key)                   # the row set's, as predict() uses
+                part = self.store.projection(k, rows_arr, key)                   # the row set's, as predict() uses
                 total = part.copy() if total is None else np.add(total, part, out=total)
-        parts = [self._a.projection(k) for k in idx.tolist()] if total is None and not streamed else []
+        parts = [self.store.projection(k) for k in idx.tolist()] if total is None and not streamed else []
         for start in range(0, max(n, 1), block):
             r = slice(start, min(n, start + block)) if rows is None else np.asarray(rows)[start:start + block]
             if len(idx):
                 if streamed:
-                    removed = self._a.block_projections(r, idx)
+                    removed = self.store.block_projections(r, idx)
                 elif total is not None:
                     removed = total[start:start + block]
                 else:
@@ -242,42 +190,16 @@ class AblationEngine:
                 out = self.Et[r].astype(dtype)
             yield np.arange(start, start + len(out)), out
 
-    @property
-    def _gram(self) -> dict[str, np.ndarray]:
-        """Per-image inner products among E and the c_h (for norms of ablated embeddings); computed once
-        and shared with the engines derived by :meth:`with_mean_rows` (they do not depend on the means)."""
-        g = self._shared.gram
-        if not g:
-            N, K = len(self.E), self._a.K
-            new = {"EE": np.einsum("nd,nd->n", self.E, self.E).astype(np.float64), "Ec": np.empty((N, K)),
-                   "cc": np.empty((N, K, K))}
-            for pos, block in row_blocks(self._a.c):
-                c = block.reshape(len(pos), K, -1).astype(np.float32)
-                new["Ec"][pos] = np.matmul(c, self.E[pos][:, :, None])[:, :, 0]
-                new["cc"][pos] = np.matmul(c, c.transpose(0, 2, 1))
-            g.update(new)
-        return g
-
-    @cached_property
-    def _gram_mean(self) -> dict[str, np.ndarray]:
-        """The inner products with the m_h that mean ablation adds (computed only when used)."""
-        m, K = self.m, self._a.K
-        g = {"Em": (self.E @ m.T).astype(np.float64), "cm": np.empty((len(self.E), K, K)),
-             "mm": (m @ m.T).astype(np.float64)}
-        for pos, block in row_blocks(self._a.c):
-            g["cm"][pos] = block.reshape(len(pos), K, -1).astype(np.float32) @ m.T
-        return g
-
     def norms(self, heads: Sequence[HeadId], mode: Mode = "zero", rows: np.ndarray | None = None) -> np.ndarray:
         """``||E_abl||`` per row ``(n,)``."""
-        g = self._gram
+        g = self.store.gram
         idx = self.flat_index(heads)
         r = slice(None) if rows is None else rows
         n2 = g["EE"][r].copy()
         if len(idx):
             n2 += -2 * g["Ec"][r][:, idx].sum(1) + g["cc"][r][:, idx][:, :, idx].sum((1, 2))
             if mode == "mean":
-                gm = self._gram_mean
+                gm = self.means.gram
                 n2 += (2 * gm["Em"][r][:, idx].sum(1) - 2 * gm["cm"][r][:, idx][:, :, idx].sum((1, 2))
                        + gm["mm"][np.ix_(idx, idx)].sum())
         return np.sqrt(np.maximum(n2, 0.0))
@@ -290,12 +212,12 @@ class AblationEngine:
     def embeddings(self, heads: Sequence[HeadId], mode: Mode = "zero", rows: np.ndarray | None = None) -> np.ndarray:
         """The ablated embeddings themselves ``(n, d)`` (Eq. 5)."""
         idx = self.flat_index(heads)
-        rows = self._a.rows_of(rows)
+        rows = self.store.rows_of(rows)
         out = self.E[rows].astype(np.float64)
         if len(idx):
             for start in range(0, len(rows), 4096):
                 part = rows[start:start + 4096]
-                out[start:start + len(part)] -= self._a.gather(part, idx, self.n_heads).sum(1)
+                out[start:start + len(part)] -= self.store.gather(part, idx, self.n_heads).sum(1)
             if mode == "mean":
                 out = out + self.m[idx].sum(0)
         return out
@@ -307,7 +229,7 @@ class AblationEngine:
         summed from the float32 ``E·t`` and projections, found in float32 and confirmed in float64 for the
         rows whose two best classes are closer than rounding could move them.
 
-        The float32 scores come from a running score per row set (:class:`RunningScore`): the scores of the
+        The float32 scores come from a running score per row set (:class:`~.projections.RunningScore`): the scores of the
         last head set asked for over these rows, to which a toggle adds or from which it subtracts only the
         heads that changed (one pass over ``n·C`` values per changed head, instead of one per head in the set).
         Its error bound ``err`` grows with every update; when it would exceed 4× that of a fresh sum the scores
@@ -317,7 +239,7 @@ class AblationEngine:
         running score it updates out of the shared engine, so concurrent toggles never share one. Every row
         of an engine over the projection budget (the findings, a refinement's comparison) is predicted from
         :meth:`dots`' float64 scores a block at a time instead, keeping nothing (:meth:`_dot_blocks`)."""
-        a = self._a
+        a = self.store
         idx = self.flat_index(heads)
         want = frozenset(idx.tolist())
         if len(want) < len(idx) or (rows is None and len(idx) and not self.projected):
@@ -327,10 +249,10 @@ class AblationEngine:
             return np.concatenate([d.argmax(1) for _, d in self._dot_blocks(heads, mode, rows)])
         rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         key = ALL if rows is None else row_digest(rows)
-        if len(idx) and mode == "mean" and "m" not in self.__dict__ and self._mean_source is None:
-            a.first_pass(a.rows_of(None) if self._mean_rows is None else self._mean_rows)
+        if len(idx) and mode == "mean":
+            self.means.prepare()
         shift = self.mt[idx].sum(0) if len(idx) and mode == "mean" else None     # float32, as dots() adds it
-        run, pending = self._running(want, rows, key)
+        run, pending = a.running_score(want, rows, key)
         n, C = run.scores.shape
         ct = sum(a.projection_max(k, key) for k in want)
         reach = a.Et_max + ct                                              # bound of |E·t − Σ_S c_h·t|
@@ -373,42 +295,6 @@ class AblationEngine:
                 exact += shift.astype(np.float64)
             top[where] = exact.argmax(1)
         return top
-
-    def _running(self, want: frozenset, rows: np.ndarray | None, key: str
-                 ) -> tuple[RunningScore, list[tuple[Callable, np.ndarray]]]:
-        """The running score of head set ``want`` over ``rows`` and the updates still to apply to its scores
-        (``(np.subtract or np.add, projections)``, applied by :meth:`predict` a block of rows at a time): the
-        closest kept one updated with the heads that differ, or a fresh sum (heads in flat order) when none
-        is kept, when updating would cost more passes than summing, or when its error bound would pass 4× a
-        fresh sum's."""
-        a = self._a
-
-        def step(err: float, heads: frozenset) -> float:            # one float32 addition's rounding, added
-            return err + U32 * (a.Et_max + sum(a.projection_max(k, key) for k in heads) + err)
-
-        run = a.take_score(key, want)
-        if run is not None:
-            ops = sorted(run.heads ^ want)
-            if len(ops) <= len(want):
-                parts = {k: a.projection(k, rows, key) for k in ops}
-                err, now = run.err, set(run.heads)
-                for k in ops:
-                    now ^= {k}
-                    err = step(err, frozenset(now))
-                fresh, now = 0.0, set()
-                for k in sorted(want):
-                    now.add(k)
-                    fresh = step(fresh, frozenset(now))
-                if err <= 4 * fresh:
-                    return RunningScore(want, run.scores, err), [(np.subtract if k in want else np.add, parts[k])
-                                                                   for k in ops]
-        scores = self.Et.copy() if rows is None else self.Et[rows]
-        err, now = 0.0, set()
-        for k in sorted(want):
-            np.subtract(scores, a.projection(k, rows, key), out=scores)
-            now.add(k)
-            err = step(err, frozenset(now))
-        return RunningScore(want, scores, err), []
 
     def ablate(self, heads: Sequence[HeadId], labels: np.ndarray, classes: Sequence[str],
                groups: np.ndarray | None = None, group_names: Sequence[str] = (),

@@ -1,12 +1,14 @@
-"""The head·text projections an :class:`~refineclip_core.method.ablation.AblationEngine` works from (paper
-Eq. 5's dot products ``c_h·t_y``), kept within a memory budget.
+"""The caching and memory-budget layer under :class:`~refineclip_core.method.ablation.AblationEngine` (whose
+arithmetic, paper Eq. 5, works from the head·text projections ``c_h·t_y`` kept here).
 
 :class:`ProjectionStore` is what the engines over one cache share: ``E`` ``(N, d)``, ``E·t`` ``(N, C)``, the
 head contributions (in memory or the cache's on-disk :class:`~refineclip_core.features.sharded.ShardedArray`,
-never loaded whole), the per-row-set means ``m_h`` of mean ablation, and the projections. When every head's
-projections fit :data:`PROJECTION_BUDGET`, one pass over the contributions computes them all; otherwise a head's
-are computed for the rows asked about when it is first used, and the most recently used are kept, with the
-running scores (:class:`RunningScore`) that let a toggle add or subtract only the heads that changed.
+never loaded whole), the per-row-set means ``m_h`` of mean ablation, the per-image Gram matrix and the
+projections. When every head's projections fit :data:`PROJECTION_BUDGET`, one pass over the contributions computes
+them all; otherwise a head's are computed for the rows asked about when it is first used, and the most recently
+used are kept, with the running scores (:class:`RunningScore`) that let a toggle add or subtract only the heads
+that changed (:meth:`ProjectionStore.running_score`). :class:`MeanFeatures` memoises one engine's ``m_h`` and what
+derives from them; :class:`DerivedEngines` keeps the engines derived from one engine.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -56,7 +59,9 @@ class RunningScore:
 
 
 class ProjectionStore:
-    """What the engines over one cache share: E, the heads (on disk or in memory), texts and projections."""
+    """What the engines over one cache share, never copied: E, the head contributions (on disk or in memory),
+    texts, and what is memoised from them within ``budget`` bytes (projections, running scores) or once (means per
+    row set, the Gram matrix, the zero-shot predictions)."""
 
     def __init__(self, embeddings: np.ndarray, heads: np.ndarray | ShardedArray, text: np.ndarray,
                  budget: int) -> None:
@@ -205,6 +210,101 @@ class ProjectionStore:
             out[:, j] = self.c[(slice(None) if whole else rows), k // H, k % H]
         return out
 
+
+    @cached_property
+    def base_predictions(self) -> np.ndarray:
+        """Zero-shot predictions of every row (nothing removed)."""
+        return self.Et.argmax(1)
+
+    @cached_property
+    def gram(self) -> dict[str, np.ndarray]:
+        """Per-image inner products among E and the c_h (for the norms of ablated embeddings, Eq. 10's cosines):
+        ``EE`` ``(N,)``, ``Ec`` ``(N, K)``, ``cc`` ``(N, K, K)``; one pass over the contributions, computed once for
+        every engine over this store (they do not depend on the means)."""
+        N, K = len(self.E), self.K
+        g = {"EE": np.einsum("nd,nd->n", self.E, self.E).astype(np.float64), "Ec": np.empty((N, K)),
+             "cc": np.empty((N, K, K))}
+        for pos, block in row_blocks(self.c):
+            c = block.reshape(len(pos), K, -1).astype(np.float32)
+            g["Ec"][pos] = np.matmul(c, self.E[pos][:, :, None])[:, :, 0]
+            g["cc"][pos] = np.matmul(c, c.transpose(0, 2, 1))
+        return g
+
+    def running_score(self, want: frozenset, rows: np.ndarray | None, key: str
+                      ) -> tuple[RunningScore, list[tuple[Callable, np.ndarray]]]:
+        """The running score of flat head set ``want`` over ``rows`` (row set ``key``) and the updates still to
+        apply to its scores (``(np.subtract or np.add, projections)``, applied by the engine's ``predict`` a block
+        of rows at a time): the closest kept one (taken out of the kept items) updated with the heads that differ,
+        or a fresh sum (heads in flat order) when none is kept, when updating would cost more passes than summing,
+        or when its error bound would pass 4× a fresh sum's."""
+
+        def step(err: float, heads: frozenset) -> float:            # one float32 addition's rounding, added
+            return err + U32 * (self.Et_max + sum(self.projection_max(k, key) for k in heads) + err)
+
+        run = self.take_score(key, want)
+        if run is not None:
+            ops = sorted(run.heads ^ want)
+            if len(ops) <= len(want):
+                parts = {k: self.projection(k, rows, key) for k in ops}
+                err, now = run.err, set(run.heads)
+                for k in ops:
+                    now ^= {k}
+                    err = step(err, frozenset(now))
+                fresh, now = 0.0, set()
+                for k in sorted(want):
+                    now.add(k)
+                    fresh = step(fresh, frozenset(now))
+                if err <= 4 * fresh:
+                    return RunningScore(want, run.scores, err), [(np.subtract if k in want else np.add, parts[k])
+                                                                   for k in ops]
+        scores = self.Et.copy() if rows is None else self.Et[rows]
+        err, now = 0.0, set()
+        for k in sorted(want):
+            np.subtract(scores, self.projection(k, rows, key), out=scores)
+            now.add(k)
+            err = step(err, frozenset(now))
+        return RunningScore(want, scores, err), []
+
+
+class MeanFeatures:
+    """One engine's mean-ablation features ``m_h`` (Eq. 5) and what derives from them, each computed on first
+    use and kept: the means over ``rows`` (every row by default; the store computes them once per row set) or
+    those ``source()`` gives (a row-subset engine takes its parent's), ``m·t`` and the inner products with ``m``
+    that the norms of mean-ablated embeddings add."""
+
+    def __init__(self, store: ProjectionStore, rows: np.ndarray | None = None,
+                 source: Callable[[], np.ndarray] | None = None) -> None:
+        self.store = store
+        self.rows = rows
+        self._source = source
+
+    def prepare(self) -> None:
+        """Before a first mean ablation: the means not known yet come from the same pass over the contributions
+        that computes every head's projections (when they fit the budget)."""
+        if "m" not in self.__dict__ and self._source is None:
+            self.store.first_pass(self.store.rows_of(None) if self.rows is None else self.rows)
+
+    @cached_property
+    def m(self) -> np.ndarray:
+        """``(K, d)`` mean-ablation features."""
+        if self._source is not None:
+            return self._source()
+        return self.store.mean(self.store.rows_of(None) if self.rows is None else self.rows)
+
+    @cached_property
+    def mt(self) -> np.ndarray:
+        """``m_h·t_y`` ``(K, C)``."""
+        return self.m @ self.store.text.T
+
+    @cached_property
+    def gram(self) -> dict[str, np.ndarray]:
+        """The inner products with the ``m_h`` that mean ablation adds to the norms: ``Em`` ``(N, K)``, ``cm``
+        ``(N, K, K)``, ``mm`` ``(K, K)``."""
+        m, K, E = self.m, self.store.K, self.store.E
+        g = {"Em": (E @ m.T).astype(np.float64), "cm": np.empty((len(E), K, K)), "mm": (m @ m.T).astype(np.float64)}
+        for pos, block in row_blocks(self.store.c):
+            g["cm"][pos] = block.reshape(len(pos), K, -1).astype(np.float32) @ m.T
+        return g
 
 def abs_max(a: np.ndarray) -> float:
     """``max |a|`` without an ``|a|`` temporary (a head's projections are 200 MB at 50,000 × 1000)."""
