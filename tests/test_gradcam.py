@@ -14,7 +14,6 @@ from refineclip_core.inspection.gradcam import (
     gradcam_maps,
     model_input_image,
     overlay,
-    vit_reshape_transform,
 )
 from refineclip_core.loading.models import ModelSpec, load_model
 
@@ -217,16 +216,19 @@ def test_user_errors(loaded, images, text):
     assert _hook_counts(loaded.visual) == 0
 
 
-def test_vit_reshape_transform_places_tokens_on_the_grid():
+def test_tokens_to_grid_places_tokens_on_the_grid():
+    """Grad-CAM's reshape (each backend's ``tokens_to_grid``): patch token j lands at row-major cell j."""
+    from refineclip_core.features.backends.base import tokens_to_grid
+
     B, gh, gw, D = 2, 3, 4, 5
     tokens = torch.randn(B, 1 + gh * gw, D)
-    out = vit_reshape_transform(tokens, (gh, gw))
+    out = tokens_to_grid(tokens, (gh, gw), 1)
     assert out.shape == (B, D, gh, gw)
     for j in range(1, 1 + gh * gw):
         r, c = divmod(j - 1, gw)
         torch.testing.assert_close(out[:, :, r, c], tokens[:, j])
     with pytest.raises(ValueError):
-        vit_reshape_transform(tokens, (3, 3))
+        tokens_to_grid(tokens, (3, 3), 1)
 
 
 def test_overlay():

@@ -144,14 +144,6 @@ class WorstGroup:
         """The worst-before group's own change (its row's interval)."""
         return self.before.change
 
-    @property
-    def before_name(self) -> str:
-        return self.before.name
-
-    @property
-    def after_name(self) -> str:
-        return self.after.name
-
     def to_dict(self) -> dict:
         b, a = self.before, self.after
         return {"before_name": b.name, "after_name": a.name, "before": b.before.to_dict(),
@@ -189,10 +181,6 @@ class EditVerdict:
         return self.status != HARMFUL
 
     @property
-    def verified(self) -> bool:
-        return self.status == VERIFIED
-
-    @property
     def worst_group(self) -> Estimate | None:
         """The change of the group worst before the edit (``None`` without held-out images of the edited classes)."""
         return None if self.worst is None else self.worst.change
@@ -219,9 +207,6 @@ class EditVerdict:
         """The verdict in one short sentence (what leads every banner, report and the CLI)."""
         from .verdict_text import verdict_sentence
         return verdict_sentence(self)
-
-    def headline(self) -> str:
-        return self.sentence()
 
     def details(self) -> list[str]:
         """The details behind :meth:`sentence`, one short paragraph each (the banner's expander)."""

@@ -113,15 +113,6 @@ class ZeroShotClassifierModule(nn.Module):
         return self.logit_scale * emb @ text.T
 
 
-def vit_reshape_transform(tokens: torch.Tensor, grid: tuple[int, int], n_prefix: int = 1) -> torch.Tensor:
-    """ViT tokens ``(B, N, D)`` (batch first, ``n_prefix`` class/register tokens first) ->
-    ``(B, D, gh, gw)`` float32, prefix tokens dropped: the layout Grad-CAM expects of a
-    convolutional feature map (:meth:`~refineclip_core.features.backends.VisionBackend.tokens_to_grid`)."""
-    from ..features.backends.base import tokens_to_grid
-
-    return tokens_to_grid(tokens, (int(grid[0]), int(grid[1])), n_prefix)
-
-
 @contextlib.contextmanager
 def _preserved_state(module: nn.Module) -> Iterator[None]:
     """Freeze parameters for the duration; restore ``requires_grad``, ``.grad`` and train/eval

@@ -5,13 +5,6 @@ Every accuracy shown to a person comes with its interval and the number of image
 * :func:`binomial_interval` — the exact (Clopper–Pearson) interval of a proportion ``k / n``:
   the set of ``p`` for which observing ``k`` (or something more extreme) has probability at
   least ``(1 − level) / 2`` on each side. It never has less than the nominal coverage.
-* :func:`paired_change` — the change of a statistic (overall or worst-group accuracy) between
-  two models evaluated on the *same* images, with a percentile interval from a stratified
-  paired bootstrap: images are resampled with replacement within each stratum (group or
-  class), keeping every stratum's size, and both models are scored on the same resample, so
-  the interval reflects how much the change depends on which held-out images happened to be
-  drawn. (Drawn exactly, without materialising index arrays: within a stratum a resample is
-  a multinomial draw over the four kinds of image — right/wrong before × right/wrong after.)
 * :func:`wilson_interval` — the Wilson score interval of a proportion (the building block below).
 * :func:`difference_interval` — Newcombe's hybrid score interval of a difference of two
   proportions (Newcombe 1998, *Stat. Med.* 17:873 method 10 for independent samples; 17:2635
@@ -122,47 +115,6 @@ def stratified_estimate(correct: np.ndarray, strata: np.ndarray, statistic: Stat
     a = (1.0 - level) / 2.0
     low, high = np.quantile(stats, [a, 1.0 - a])
     return Estimate(float(_stat(acc, sizes, statistic)), float(low), float(high), int(correct.size))
-
-
-def paired_change(before: np.ndarray, after: np.ndarray, strata: np.ndarray | None = None,
-                  statistic: Statistic = "accuracy", n_boot: int = 2000, seed: int = 0,
-                  level: float = LEVEL) -> Estimate:
-    """Change ``stat(after) − stat(before)`` of two models' correctness on the same images.
-
-    Args:
-        before, after: boolean ``(n,)`` — was each image classified correctly.
-        strata: integer ``(n,)`` stratum of each image (e.g. its group); ``None``: one stratum.
-        statistic: ``"accuracy"`` (all images) or ``"worst"`` (the lowest stratum accuracy,
-            i.e. worst-group accuracy; the worst stratum is found anew in every resample).
-    """
-    before, after = np.asarray(before, dtype=bool), np.asarray(after, dtype=bool)
-    if before.shape != after.shape:
-        raise ValueError("before and after must describe the same images")
-    n = before.size
-    if n == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"), 0)
-    strata = np.zeros(n, dtype=np.int64) if strata is None else np.asarray(strata)
-    keys = np.unique(strata)
-    members = [np.flatnonzero(strata == s) for s in keys]
-    sizes = np.array([len(m) for m in members], dtype=np.float64)
-    acc_b = np.array([before[m].mean() for m in members])
-    acc_a = np.array([after[m].mean() for m in members])
-    value = float(_stat(acc_a, sizes, statistic) - _stat(acc_b, sizes, statistic))
-    # Resampling a stratum's images with replacement only matters through how many images of
-    # each kind (correct before?, correct after?) are drawn: a multinomial over 4 cells.
-    rng = np.random.default_rng(seed)
-    boot_b = np.empty((n_boot, len(members)))
-    boot_a = np.empty((n_boot, len(members)))
-    for j, m in enumerate(members):
-        cell = 2 * before[m].astype(np.int64) + after[m].astype(np.int64)   # 0..3
-        p = np.bincount(cell, minlength=4) / len(m)
-        draws = rng.multinomial(len(m), p, size=n_boot)                      # (n_boot, 4)
-        boot_b[:, j] = (draws[:, 2] + draws[:, 3]) / len(m)
-        boot_a[:, j] = (draws[:, 1] + draws[:, 3]) / len(m)
-    diffs = _stat(boot_a, sizes, statistic) - _stat(boot_b, sizes, statistic)
-    a = (1.0 - level) / 2.0
-    low, high = np.quantile(diffs, [a, 1.0 - a])
-    return Estimate(value, float(low), float(high), int(n))
 
 
 def wilson_interval(k: float, n: float, level: float = LEVEL) -> tuple[float, float]:

@@ -41,10 +41,6 @@ class HeadStability:
         """The share of resamples that chose ``head`` (0 when there were none)."""
         return self.count(head) / self.resamples if self.resamples else 0.0
 
-    def describe(self, head: HeadId) -> str:
-        """``"chosen in 17/20 resamples"``."""
-        return f"chosen in {self.count(head)}/{self.resamples} resamples"
-
     def is_one_off(self, head: HeadId) -> bool:
         return self.resamples > 0 and self.frequency(head) < ONE_OFF_BELOW
 

@@ -76,7 +76,6 @@ class ArchitectureInfo:
     width: int
     embed_dim: int
     n_tokens: int
-    has_layer_scale: bool
     n_prefix_tokens: int = 1            # class + register tokens before the patch tokens
     grid: tuple[int, int] = (0, 0)      # patch grid (rows, columns)
     family: str = "open_clip ViT"

@@ -62,8 +62,7 @@ class OpenClipViT(VisionBackend):
         self.info = ArchitectureInfo(
             n_layers=len(blocks), n_heads=blocks[0].attn.num_heads, width=visual.transformer.width,
             embed_dim=visual.proj.shape[1] if visual.proj is not None else visual.ln_post.normalized_shape[0],
-            n_tokens=gh * gw + 1, has_layer_scale=not isinstance(blocks[0].ls_1, nn.Identity),
-            n_prefix_tokens=1, grid=(gh, gw), family="open_clip ViT", pool=self.pool)
+            n_tokens=gh * gw + 1, n_prefix_tokens=1, grid=(gh, gw), family="open_clip ViT", pool=self.pool)
 
     def blocks(self) -> list[Block]:
         return [Block(ln_1=b.ln_1, ln_2=b.ln_2, attn=b.attn, attn_out=b.ls_1, mlp_out=b.ls_2)

@@ -72,7 +72,7 @@ class TimmViT(VisionBackend):
         self.info = ArchitectureInfo(
             n_layers=len(trunk.blocks), n_heads=attn.num_heads, width=trunk.embed_dim,
             embed_dim=self.linears[-1].out_features if self.linears else trunk.embed_dim,
-            n_tokens=gh * gw + npre, has_layer_scale=self._scale(0) is not None, n_prefix_tokens=npre,
+            n_tokens=gh * gw + npre, n_prefix_tokens=npre,
             grid=(gh, gw), family="timm Eva" if self.is_eva else "timm VisionTransformer", pool=self.pool)
 
     def _scale(self, layer: int, mlp: bool = False) -> torch.Tensor | None:

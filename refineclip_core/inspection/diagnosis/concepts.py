@@ -45,10 +45,6 @@ class ConceptVocabulary:
     def __len__(self) -> int:
         return len(self.labels)
 
-    @property
-    def coherence(self) -> np.ndarray:
-        return np.linalg.norm(self.directions, axis=1)
-
     def index(self, word: str) -> int:
         """The concept naming ``word`` (a word merged into another concept finds that one)."""
         for k, words in enumerate(self.words):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,7 +36,6 @@ class SpanPick:
     share: float
     direction: np.ndarray          # (d,) unit, orthogonal to the earlier picks' directions
     members: list[tuple[int, int]]
-    alignment: dict[int, float] = field(default_factory=dict)   # member -> cos(its direction, ``direction``)
     target_share: float | None = None                            # (u·g)² / ||g||² when spanning a target g
 
 
@@ -88,8 +87,7 @@ def concept_span(removed: np.ndarray, directions: np.ndarray, k: int = 8, tau: f
         joined = joined[np.argsort(-score[joined], kind="stable")]
         members = [(p, 1)] + [(int(j), 1) for j in joined]
         along = None if g is None else float(g @ u)
-        picks.append(SpanPick(p, share, u, members, {k: float(align[k]) for k, _ in members},
-                              None if g is None else along ** 2 / g_total))
+        picks.append(SpanPick(p, share, u, members, None if g is None else along ** 2 / g_total))
         alive[p] = False
         alive[joined] = False
         X -= np.outer(a, u)
