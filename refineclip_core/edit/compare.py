@@ -1,6 +1,7 @@
 """Fit the exported edit (:func:`fit_edit`) and, one at a time, every method it is compared with
 (:func:`fit_compared`: the rows of :data:`~refineclip_core.edit.methods.METHODS`, each with the labels it
-used, or left out with the sentence that says why), on the cached embeddings. The guard
+used, or left out with the sentence that says why), on the cached embeddings; their accuracies go into
+the comparison's table (:class:`~refineclip_core.method.method_table.MethodReport`). The guard
 (:mod:`~refineclip_core.edit.guard`) judges the exported edit.
 """
 
@@ -13,7 +14,7 @@ from ..errors import Cancelled, RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
 from ..method.ablation import AblationEngine
-from ..method.comparison import MethodReport, evaluate_methods
+from ..method.method_table import MethodReport, evaluate_methods
 from ..method.protocol import Identification, make_engine
 from ..progress import CancelFn, Progress, silent
 from .concept import ConceptRemoval

@@ -5,7 +5,7 @@ numbers a stakeholder wants first: zero-shot accuracy and worst group, the large
 the heads the protocol picks and what removing them (Eq. 5) does on held-out images, every
 accuracy with its 95% interval and image count.
 :func:`method_summary` and :func:`per_key_table` turn a
-:class:`~refineclip_core.method.protocol.MethodReport` into ``{method: {column: accuracy}}`` rows
+:class:`~refineclip_core.method.method_table.MethodReport` into ``{method: {column: accuracy}}`` rows
 for the dashboard's tables, the figures and the HTML report.
 """
 
@@ -25,7 +25,7 @@ from ..method.errorsets import error_pairs
 from ..method.evaluation import AccuracyReport
 from ..method.intervals import Estimate
 from ..method.protocol import Identification
-from ..method.comparison import evaluate_methods
+from ..method.method_table import evaluate_methods
 from ..names import decodable
 
 
@@ -126,7 +126,7 @@ def _report_cells(r: Mapping[str, Any]) -> dict[str, dict | None]:
 def method_summary(methods: Mapping[str, Any]) -> dict[str, dict[str, dict | None]]:
     """``{method: {overall, average group, worst group, error-pair classes, worst group of the pair's
     classes, other classes}}`` — each cell an accuracy with its interval and image count
-    (:data:`Cell`) — from a :class:`~refineclip_core.method.protocol.MethodReport`'s ``to_dict()``."""
+    (:data:`Cell`) — from a :class:`~refineclip_core.method.method_table.MethodReport`'s ``to_dict()``."""
     reports, locality, target = methods["reports"], methods.get("locality", {}), methods.get("target_accuracy", {})
     targets = methods.get("target_reports") or {}
     out = {}

@@ -1,5 +1,7 @@
 """Every compared method's accuracies on the identification's evaluation rows (with 95% intervals), and the
-labels each used (:class:`~refineclip_core.edit.methods.LabelsUsed`, as data).
+labels each used (:class:`~refineclip_core.edit.methods.LabelsUsed`, as data): the comparison's table,
+:class:`MethodReport`. The rows are fitted by :mod:`refineclip_core.edit.compare` (which only fits; this module
+only tabulates predictions).
 """
 
 from __future__ import annotations
