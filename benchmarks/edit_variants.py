@@ -41,7 +41,8 @@ from refineclip_core.method.protocol import DEFAULT_PROTOCOL, identify, make_eng
 from refineclip_core.edit.compare import fit_edit, predictions_of
 from refineclip_core.edit.config import DEFAULT_EDIT, EditConfig
 from refineclip_core.edit.fit import KL_DTYPE, fit_ablation, least_squares_map, teacher_embeddings
-from refineclip_core.edit.paper import RefinedMap, RefinementResult, kl_divergence, log_probs
+from refineclip_core.edit.paper import RefinedMap, RefinementResult
+from refineclip_core.features.scoring import Scoring
 from refineclip_core.errors import RefineClipError
 from refineclip_core.inspection.diagnosis import attribute_direction
 from refineclip_core.edit.methods import label_of
@@ -228,16 +229,17 @@ def fit_with_ce(E, text, scale, teacher, succ, cfg, Xs, ys, w_ce: float):
     X, T = torch.as_tensor(E, dtype=KL_DTYPE), torch.as_tensor(np.asarray(text), dtype=KL_DTYPE)
     S = torch.as_tensor(succ)
     XS, YS = torch.as_tensor(Xs, dtype=KL_DTYPE), torch.as_tensor(ys)
+    scoring = Scoring.of(scale)   # the model's scoring (a float: CLIP's softmax), as fit_ablation's
     with torch.no_grad():
-        target = log_probs(torch.as_tensor(teacher, dtype=KL_DTYPE), T, scale)
+        target = scoring.logits_of(torch.as_tensor(teacher, dtype=KL_DTYPE), T)
     B = torch.nn.Parameter(torch.as_tensor(B0, dtype=KL_DTYPE).clone())
     opt = torch.optim.Adam([B], lr=cfg.lr)
     w = float(S.sum()) / len(S)
     for _ in range(cfg.steps):
         opt.zero_grad()
-        logp = log_probs(X @ B, T, scale)
-        loss = (w * kl_divergence(target[S], logp[S]) + (1 - w) * kl_divergence(target[~S], logp[~S])
-                + w_ce * torch.nn.functional.nll_loss(log_probs(XS @ B, T, scale), YS))
+        z = scoring.logits_of(X @ B, T)
+        loss = (w * scoring.mean_divergence(target[S], z[S]) + (1 - w) * scoring.mean_divergence(target[~S], z[~S])
+                + w_ce * scoring.cross_entropy(scoring.logits_of(XS @ B, T), YS))
         loss.backward()
         opt.step()
     return RefinementResult(RefinedMap("fit", matrix=B.detach().double().numpy().T.copy()), {}, cfg)
@@ -279,9 +281,9 @@ def teacher_main(argv: list[str] | None = None) -> int:
                     if args.variants and name not in TEACHERS_DEFAULT and not any(v in name for v in args.variants):
                         continue
                     teacher, succ = variant_teacher(engine, ident, **kw)
-                    r = (fit_with_ce(X, cache.text, cache.logit_scale, teacher, succ, fit_cfg,
+                    r = (fit_with_ce(X, cache.text, cache.scoring, teacher, succ, fit_cfg,
                                      cache.embeddings[ident.sample_rows], cache.labels[ident.sample_rows], kw["ce"])
-                         if kw.get("ce") else fit_ablation(X, cache.text, cache.logit_scale, teacher, succ, fit_cfg))
+                         if kw.get("ce") else fit_ablation(X, cache.text, cache.scoring, teacher, succ, fit_cfg))
                     preds[name] = predictions_of(cache, r)
                 try:
                     preds[label_of("cue-projection")] = HeadSearchCueProjection.fit(engine, [

@@ -21,7 +21,8 @@ def misclassified_images(ready: Ready, rows: np.ndarray, pred: np.ndarray, confi
         wrong = wrong[(labels[wrong] == chosen.true) & (pred[wrong] == chosen.pred)]
     conf = confidence[wrong]
     order = wrong[np.argsort(-conf, kind="stable")][:limit]
-    st.caption(f"{len(wrong)} images, most confident mistakes first (confidence = softmax of logit-scaled cosine).")
+    st.caption(f"{len(wrong)} images, most confident mistakes first (confidence: the model's "
+               f"{cache.scoring.describe()}).")
     image_grid([(cache.records[i].path,
                  f"true {classes[labels[i]]} → predicted {classes[pred[i]]} ({confidence[i]:.0%})"
                  + (f" · {cache.records[i].group}" if cache.records[i].group else "")) for i in order])

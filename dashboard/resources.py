@@ -78,12 +78,12 @@ def identification(source: Source, cache: FeatureCache, eng: AblationEngine, cfg
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _zero_shot(key: str, _cache: FeatureCache, _engine: AblationEngine) -> tuple[np.ndarray, np.ndarray]:
     pred = _engine.base_predictions   # the predictions every page uses (Heads, Ablate, Refine: one way)
-    return pred, prediction_confidence(_cache.embeddings, _cache.text, _cache.logit_scale, pred)
+    return pred, prediction_confidence(_cache.embeddings, _cache.text, _cache.scoring, pred)
 
 
 def zero_shot(source: Source, cache: FeatureCache, eng: AblationEngine) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-shot predictions (the engine's) and each image's confidence in its prediction (softmax of
-    logit_scale·cos), one number per image."""
+    """Zero-shot predictions (the engine's) and each image's confidence in its prediction (the model's own
+    scoring: CLIP's softmax of logit_scale·cos, SigLIP's sigmoid with its bias), one number per image."""
     return _zero_shot(source.resource_key(), cache, eng)
 
 

@@ -121,6 +121,10 @@ def render(table: list[dict], open_clip_version: str) -> str:
         "sentence which tokenizer is missing and how to provide it. A transformers `CLIPModel`, `SiglipModel` or "
         "`Siglip2Model` folder (`--checkpoint FOLDER`) brings its own tokenizer.",
         "",
+        "Scoring: SigLIP-family models: confidences and the edit's KL terms use the model's sigmoid with its "
+        "logit bias; predictions are argmax as for CLIP (`refineclip_core/features/scoring.py`; a model has a "
+        "sigmoid exactly when it has a `logit_bias`).",
+        "",
         "| architecture | tags | family | tokenizer | decomposes |",
         "|---|---:|---|---|---|",
     ]

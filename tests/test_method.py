@@ -450,13 +450,13 @@ def test_pair_grammar_is_read_in_one_place():
 def test_prediction_confidence_is_the_softmax_of_the_shown_prediction_by_blocks():
     """One number per image, computed by blocks, equals the full (N, C) softmax read at the given
     prediction (the Errors page keeps this instead of the whole matrix; issue 25 / 26)."""
-    from refineclip_core.features.zeroshot import cosine_logits, prediction_confidence, softmax
+    from refineclip_core.features.zeroshot import cosine_logits, prediction_confidence
 
     rng = np.random.default_rng(0)
     E, text = rng.normal(size=(37, 8)), rng.normal(size=(5, 8))
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     pred = rng.integers(0, 5, size=37)                       # any class, not only the argmax
-    full = softmax(30.0 * cosine_logits(E, text))
+    full = torch.softmax(torch.as_tensor(30.0 * cosine_logits(E, text)), -1).numpy()   # a bare scale: CLIP's
     got = prediction_confidence(E, text, 30.0, pred, block=8)
     np.testing.assert_allclose(got, full[np.arange(37), pred], rtol=1e-6)
     assert got.dtype == np.float32 and got.shape == (37,)

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ExtractionConfig(layers=1, batch_size=args.batch_size, templates=chosen)
     with tempfile.TemporaryDirectory(prefix="refineclip-eval-") as tmp:
         cache = extract(loaded, dataset, args.cache_dir or tmp, cfg, progress=progress_bar("eval"))
-        pred, _ = predict(cache.embeddings, cache.text, cache.logit_scale)
+        pred, _ = predict(cache.embeddings, cache.text, cache.scoring)
         rep = cache_report(cache, pred)
         lines = [f"Zero-shot accuracy of {loaded.model_name} on {rep.n_images} images of {args.data}"
                  + (f" (split '{args.split}')" if args.split else "")

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cache = FeatureCache(args.cache)
-    pred, _ = predict(cache.embeddings, cache.text, cache.logit_scale)
+    pred, _ = predict(cache.embeddings, cache.text, cache.scoring)
     mask = cache.splits == args.split if args.split else None
     rep = cache_report(cache, pred, mask)
     record = {

@@ -56,11 +56,6 @@ def siglip_model_config() -> dict[str, Any]:
     }
 
 
-def uses_sigmoid_loss(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is trained with the sigmoid loss: open_clip gives exactly those models a logit bias."""
-    return getattr(model, "logit_bias", None) is not None
-
-
 def sigmoid_loss_with_duplicates(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
                                  logit_bias: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss with several positives per image.

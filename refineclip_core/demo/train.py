@@ -52,9 +52,10 @@ import torch
 import torch.nn.functional as F
 
 from ..features.decomposition import HookSet, hook_modules
+from ..features.scoring import uses_sigmoid_loss
 from ..features.zeroshot import fill_template
 from .digits import DEFAULT_CAPTION_WEIGHTS as DIGITS_CAPTION_WEIGHTS, KIND as DIGITS_KIND, DigitsConfig
-from .siglip import MapMlpShare, sigmoid_loss_with_duplicates, siglip_model_config, uses_sigmoid_loss
+from .siglip import MapMlpShare, sigmoid_loss_with_duplicates, siglip_model_config
 from .world import (
     CLASSES,
     TARGET_CLASSES,

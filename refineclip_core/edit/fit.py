@@ -27,7 +27,9 @@ i.e. :class:`~refineclip_core.edit.paper.RefinedMap` with ``matrix = Bᵀ``) in 
 
        min_B  mean_{x∈Ŵ} KL(g(E_abl(x)) ‖ g(E_x B)) · |Ŵ|/n + mean_{x∉Ŵ} KL(g(E_x) ‖ g(E_x B)) · (n−|Ŵ|)/n
 
-   i.e. Eq. 11 and Eq. 12 averaged over all adaptation images (``g`` as in Eq. 11).
+   i.e. Eq. 11 and Eq. 12 averaged over all adaptation images (``g`` as in Eq. 11: CLIP's softmax, or a
+   SigLIP-family model's own per-class sigmoid with its logit bias, KL then the sum of the classes'
+   Bernoulli KLs; :class:`~refineclip_core.features.scoring.Scoring`).
 
 No label is used here: labels only chose the heads. Which images are used for adaptation is
 decided by :mod:`~refineclip_core.method.protocol` (never the evaluation rows).
@@ -49,10 +51,11 @@ import numpy as np
 import torch
 
 from ..errors import Cancelled, RefineClipError
+from ..features.scoring import Scoring
 from ..method.ablation import AblationEngine, Mode
 from ..progress import CancelFn, Progress, never, silent
 from .config import FitConfig
-from .paper import RefinedMap, RefinementResult, log_probs
+from .paper import RefinedMap, RefinementResult
 
 KL_DTYPE = torch.float32
 """Precision of the KL distillation steps (the least-squares start is always float64). Measured on
@@ -122,7 +125,7 @@ def least_squares_map(E: np.ndarray, teacher: np.ndarray, ridge: float, block: i
     return np.eye(d) - np.linalg.solve(G + lam * np.eye(d), R)
 
 
-def fit_ablation(embeddings: np.ndarray, text: np.ndarray, logit_scale: float, teacher: np.ndarray,
+def fit_ablation(embeddings: np.ndarray, text: np.ndarray, scoring: Scoring | float, teacher: np.ndarray,
                  in_success: np.ndarray, cfg: FitConfig = FitConfig(), progress: Progress | None = None,
                  cancel: CancelFn | None = None) -> RefinementResult:
     """Learn ``B`` so that ``g(E·B)`` follows ``g(teacher)`` on the adaptation images.
@@ -131,10 +134,12 @@ def fit_ablation(embeddings: np.ndarray, text: np.ndarray, logit_scale: float, t
         embeddings: ``(n, d)`` E of the adaptation images; ``teacher``: their teachers ``(n, d)``, or
             only Ŵ's ``(|Ŵ|, d)`` (``success_only``), and ``in_success``: ``(n,)`` which of them are in Ŵ
             (see :func:`teacher_embeddings`).
-        text: ``(C, d)`` normalised class texts; ``logit_scale``: the model's ``logit_scale.exp()``.
+        text: ``(C, d)`` normalised class texts; ``scoring``: the model's
+            :class:`~refineclip_core.features.scoring.Scoring` (a float: CLIP's softmax at that ``logit_scale.exp()``).
         progress, cancel: :mod:`refineclip_core.progress` (losses reported as values every 10 steps).
     """
     progress, cancel = progress or silent, cancel or never
+    scoring = Scoring.of(scoring)
     E = np.asarray(embeddings)
     in_success = np.asarray(in_success, dtype=bool)
     if len(E) == 0:
@@ -149,9 +154,7 @@ def fit_ablation(embeddings: np.ndarray, text: np.ndarray, logit_scale: float, t
     T = torch.as_tensor(np.asarray(text), dtype=KL_DTYPE)
     succ = torch.as_tensor(in_success[rows])
     with torch.no_grad():
-        target = log_probs(torch.as_tensor(_teacher_rows(E, teacher, in_success, rows), dtype=KL_DTYPE), T,
-                           logit_scale)
-        p_target = target.exp()          # constant over the steps: computed once, not per step
+        target = scoring.logits_of(torch.as_tensor(_teacher_rows(E, teacher, in_success, rows), dtype=KL_DTYPE), T)
     del E, teacher                       # the KL steps need only their rows (X, target): memory at 1000 classes
     B = torch.nn.Parameter(torch.as_tensor(B0, dtype=KL_DTYPE).clone())
     opt = torch.optim.Adam([B], lr=cfg.lr)
@@ -163,12 +166,12 @@ def fit_ablation(embeddings: np.ndarray, text: np.ndarray, logit_scale: float, t
         if cancel():
             raise Cancelled(f"RefineCLIP-fit: cancelled after {step} of {cfg.steps} steps.")
         opt.zero_grad()
-        # loss = w · mean_Ŵ KL + (1 − w) · mean_rest KL, KL(p_teacher ‖ p_student) per row as paper.kl_divergence;
+        # loss = w · mean_Ŵ KL + (1 − w) · mean_rest KL, KL(p_teacher ‖ p_student) per row (Scoring.divergence);
         # a block of rows at a time, gradients accumulated (each mean a sum over blocks / its count)
         parts = {"total": 0.0, "success": 0.0, "locality": 0.0}
         for lo in range(0, n, FIT_BLOCK):
             b = slice(lo, lo + FIT_BLOCK)
-            kl = (p_target[b] * (target[b] - log_probs(X[b] @ B, T, logit_scale))).sum(-1)
+            kl = scoring.divergence(target[b], scoring.logits_of(X[b] @ B, T))
             l_s = kl[succ[b]].sum() / n_s if n_s else zero
             l_l = kl[~succ[b]].sum() / (n - n_s) if n > n_s else zero
             loss = w * l_s + (1.0 - w) * l_l

@@ -153,7 +153,7 @@ def _refineclip_fit(removed) -> Callable[[Context], Fitted]:
         teacher, in_success = teacher_embeddings(ctx.engine, ctx.heads, ctx.mode, ctx.ident.adapt_rows,
                                                  ctx.ident.target_classes, concept, ctx.cfg.fit.strength,
                                                  success_only=True)
-        result = fit_ablation(ctx.cache.embeddings[ctx.ident.adapt_rows], ctx.cache.text, ctx.cache.logit_scale,
+        result = fit_ablation(ctx.cache.embeddings[ctx.ident.adapt_rows], ctx.cache.text, ctx.cache.scoring,
                               teacher, in_success, ctx.cfg.fit, progress=ctx.progress, cancel=ctx.cancel)
         text = tuple(concept.texts) + tuple(concept.versus) if concept is not None else ()
         return Fitted(predictions_of(ctx.cache, result), _used(ctx, unlabelled=True, text=text), result)
@@ -166,7 +166,7 @@ def _paper(ctx: Context) -> Fitted:
     ident, cache = ctx.ident, ctx.cache
     W = np.unique(np.concatenate([s.W for s in ident.sets.values()]))
     local = np.setdiff1d(np.unique(np.concatenate([np.concatenate([s.C, s.A]) for s in ident.sets.values()])), W)
-    result = paper_phase2(cache.embeddings, cache.labels, cache.text, cache.logit_scale, W, local,
+    result = paper_phase2(cache.embeddings, cache.labels, cache.text, cache.scoring, W, local,
                           ctx.engine.embeddings(ctx.heads, ctx.mode, W), ctx.cfg.paper, train_rows=ident.sample_rows,
                           progress=ctx.progress, cancel=ctx.cancel)
     return Fitted(predictions_of(cache, result), _used(ctx, unlabelled=ctx.mode == "mean"), result)
@@ -176,7 +176,7 @@ def _finetune(ctx: Context) -> Fitted:
     from .paper import standard_finetune
 
     c = ctx.cache
-    result = standard_finetune(c.embeddings, c.labels, c.text, c.logit_scale, ctx.ident.sample_rows, ctx.cfg.paper,
+    result = standard_finetune(c.embeddings, c.labels, c.text, c.scoring, ctx.ident.sample_rows, ctx.cfg.paper,
                                progress=ctx.progress, cancel=ctx.cancel)
     return Fitted(predictions_of(c, result), _used(ctx), result)
 

@@ -13,6 +13,10 @@ With ``g(v) = softmax(logit_scale · normalise(v) · Tᵀ)``:
     L_CE       = mean_{x∈W∪C∪A} CE( g(f(E(x))), y_x )
     θ* = argmin α·L_success + β·L_locality + L_CE                                  (Eq. 13)
 
+For a SigLIP-family model ``g`` is the model's own per-class sigmoid ``σ(logit_scale · cos + logit_bias)``,
+KL the sum over classes of the Bernoulli KLs and CE the sigmoid loss on the class prompts
+(:class:`~refineclip_core.features.scoring.Scoring`, one place for both).
+
 ``standard_finetune`` is the paper's baseline: the same parameters and samples, CE only.
 
 Merging (:func:`merge_into_projection`): ``f(E) = E ⊙ θ`` becomes ``P' = P·diag(θ)`` in
@@ -30,9 +34,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import Cancelled, RefineClipError
+from ..features.scoring import Scoring
 from ..progress import CancelFn, Progress, never, silent
 from .config import FitConfig, PaperConfig, Strategy
 
@@ -91,22 +95,11 @@ class _Map(torch.nn.Module):
             return RefinedMap(self.strategy, matrix=self.matrix().detach().numpy().copy())
 
 
-def log_probs(v: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    return F.log_softmax(logit_scale * F.normalize(v, dim=-1) @ text.T, dim=-1)
-
-
-def kl_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(p_teacher ‖ p_student)."""
-    if teacher_logp.shape[0] == 0:
-        return teacher_logp.new_zeros(())
-    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
-
-
 def paper_phase2(
     embeddings: np.ndarray,
     labels: np.ndarray,
     text: np.ndarray,
-    logit_scale: float,
+    scoring: Scoring | float,
     W: np.ndarray,
     locality_rows: np.ndarray,
     ablated_W: np.ndarray,
@@ -120,8 +113,9 @@ def paper_phase2(
     default edit, is :mod:`~refineclip_core.edit.fit`).
 
     Args:
-        embeddings: ``(N, d)`` E; labels ``(N,)``; text ``(C, d)`` normalised; ``logit_scale``: the
-            model's ``logit_scale.exp()``.
+        embeddings: ``(N, d)`` E; labels ``(N,)``; text ``(C, d)`` normalised; ``scoring``: the model's
+            :class:`~refineclip_core.features.scoring.Scoring` (a float: CLIP's softmax at that
+            ``logit_scale.exp()``), which gives ``g``, the KLs and the cross-entropy.
         W: rows of the misclassified samples; ``ablated_W``: their ``E_abl`` (teacher of Eq. 11).
         locality_rows: rows of C ∪ A (teacher: the original model, Eq. 12).
         train_rows: rows for L_CE (default W ∪ C ∪ A).
@@ -130,6 +124,7 @@ def paper_phase2(
             step (:class:`~refineclip_core.errors.Cancelled`; nothing is returned).
     """
     progress, cancel = progress or silent, cancel or never
+    scoring = Scoring.of(scoring)
     stage = stage or f"RefineCLIP ({cfg.strategy})"
     W = np.asarray(W, dtype=np.int64)
     locality_rows = np.asarray(locality_rows, dtype=np.int64)
@@ -152,17 +147,17 @@ def paper_phase2(
     fmap = _Map(E_tr.shape[1], cfg.strategy, cfg.rank, gen)
     opt = torch.optim.Adam(fmap.parameters(), lr=cfg.lr)
     with torch.no_grad():
-        teacher_success = log_probs(torch.as_tensor(np.asarray(ablated_W, dtype=np.float64)), T, logit_scale)
-        teacher_local = log_probs(E_tr[idx_L], T, logit_scale)
+        teacher_success = scoring.logits_of(torch.as_tensor(np.asarray(ablated_W, dtype=np.float64)), T)
+        teacher_local = scoring.logits_of(E_tr[idx_L], T)
     history: dict[str, list[float]] = {"total": [], "success": [], "locality": [], "ce": []}
     for step in range(cfg.steps):
         if cancel():
             raise Cancelled(f"{stage}: cancelled after {step} of {cfg.steps} steps.")
         opt.zero_grad()
-        logp = log_probs(fmap(E_tr), T, logit_scale)
-        l_s = kl_divergence(teacher_success, logp[idx_W]) if len(W) else logp.new_zeros(())
-        l_l = kl_divergence(teacher_local, logp[idx_L]) if len(locality_rows) else logp.new_zeros(())
-        l_ce = F.nll_loss(logp, y_tr)
+        z = scoring.logits_of(fmap(E_tr), T)
+        l_s = scoring.mean_divergence(teacher_success, z[idx_W])
+        l_l = scoring.mean_divergence(teacher_local, z[idx_L])
+        l_ce = scoring.cross_entropy(z, y_tr)
         loss = cfg.success_weight * l_s + cfg.locality_weight * l_l + cfg.weight_ce * l_ce
         loss.backward()
         opt.step()
@@ -175,12 +170,12 @@ def paper_phase2(
     return RefinementResult(fmap.export(), history, cfg)
 
 
-def standard_finetune(embeddings, labels, text, logit_scale, train_rows, cfg: PaperConfig = PaperConfig(),
+def standard_finetune(embeddings, labels, text, scoring: Scoring | float, train_rows, cfg: PaperConfig = PaperConfig(),
                       progress: Progress | None = None, cancel: CancelFn | None = None) -> RefinementResult:
     """The paper's baseline: the same parameters and samples, cross-entropy only."""
     ce_only = replace(cfg, success_weight=0.0, locality_weight=0.0)
     empty = np.zeros(0, dtype=np.int64)
     d = np.asarray(embeddings).shape[1]
-    return paper_phase2(embeddings, labels, text, logit_scale, empty, empty, np.zeros((0, d)), ce_only,
+    return paper_phase2(embeddings, labels, text, scoring, empty, empty, np.zeros((0, d)), ce_only,
                         train_rows=np.asarray(train_rows), progress=progress, cancel=cancel,
                         stage="Standard fine-tuning (baseline, L_CE only)")

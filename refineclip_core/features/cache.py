@@ -26,6 +26,7 @@ from ..errors import CacheError
 from ..loading.data import ImageRecord, SkippedFile
 from .cache_format import FORMAT_VERSION, read_manifest, shard_dir
 from .decomposition import HeadId
+from .scoring import Scoring
 from .sharded import ShardedArray, row_blocks
 
 
@@ -134,6 +135,11 @@ class FeatureCache:
     @property
     def logit_scale(self) -> float:
         return float(self.manifest.logit_scale)
+
+    @property
+    def scoring(self) -> Scoring:
+        """How the model scores (softmax, or sigmoid with its bias): confidences and the edit's KL terms."""
+        return self.manifest.scoring()
 
     def __len__(self) -> int:
         return int(self.index.shape[0])

@@ -35,6 +35,7 @@ import numpy as np
 from ..files import check_quota, write_error
 from ..loading.data import ImageRecord, SkippedFile
 from .decomposition import HeadId
+from .scoring import Scoring
 
 FORMAT_VERSION = 1
 ARRAYS = ("embedding", "heads", "remainders", "index")
@@ -69,6 +70,7 @@ class CacheManifest:
     extra: dict[str, Any] = field(default_factory=dict)
     parts_dtype: str | None = None        # dtype of heads/remainders (None: ``dtype``); float16 with --store fp16
     decode_min_side: int | None = None    # reduced JPEG decoding to at least this side (None: exact decoding)
+    logit_bias: float | None = None       # the sigmoid's bias of a SigLIP-family model (None: CLIP's softmax)
 
     @property
     def n_shards(self) -> int:
@@ -77,6 +79,12 @@ class CacheManifest:
     def head_ids(self) -> list[HeadId]:
         """Heads in scope, in the order of the ``heads`` array's flattened (layer, head) axes."""
         return [HeadId(l, h) for l in self.layers for h in range(self.n_heads)]
+
+    def scoring(self) -> Scoring:
+        """The model's scoring: CLIP's softmax at ``logit_scale``, or SigLIP's sigmoid with ``logit_bias``."""
+        if self.logit_bias is None:
+            return Scoring("softmax", float(self.logit_scale))
+        return Scoring("sigmoid", float(self.logit_scale), float(self.logit_bias))
 
 
 def shard_dir(root: Path, i: int) -> Path:

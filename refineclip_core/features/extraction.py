@@ -45,6 +45,7 @@ from ..progress import CancelFn, Progress, never, silent
 from .cache import FeatureCache
 from .cache_format import CacheManifest, read_manifest, records_to_json, shard_is_valid, write_shard
 from .decomposition import architecture_info, decompose, resolve_layers
+from .scoring import Scoring
 from .zeroshot import DEFAULT_TEMPLATES, class_text_embeddings
 
 #: The stage :func:`extract` reports (``progress(EXTRACT_STAGE, done, total)`` after every batch).
@@ -188,6 +189,9 @@ def extract(
     rank, world = _dist_info()
     fingerprint = cache_fingerprint(loaded, dataset, scope, cfg)
 
+    scored = Scoring.of_model(loaded.model)
+    logit_bias = scored.bias if scored.sigmoid else None   # the manifest records how the model scores
+
     def prepare() -> None:  # rank 0 only
         manifest = read_manifest(root)
         if manifest is not None and manifest.fingerprint != fingerprint:
@@ -215,6 +219,7 @@ def extract(
                 classes=list(dataset.classes),
                 templates=list(cfg.templates),
                 logit_scale=loaded.logit_scale,
+                logit_bias=logit_bias,
                 dtype=str(storage_dtype(loaded.dtype)),
                 parts_dtype=str(parts_dtype(loaded.dtype, cfg.store)),
                 decode_min_side=decode_min_side(loaded, cfg.decode.exact),
@@ -227,12 +232,16 @@ def extract(
             atomic_write_bytes(root / "text.npy", npy_bytes(text))
             atomic_write_json(root / "records.json", records_to_json(dataset.records, dataset.skipped))
             atomic_write_json(root / "manifest.json", asdict(manifest))
-        elif manifest.classes != list(dataset.classes) or manifest.templates != list(cfg.templates):
+        else:
             # image features are still valid; only the class prompts changed: refresh the texts
-            atomic_write_bytes(root / "text.npy", npy_bytes(class_text_embeddings(loaded, dataset.classes,
-                                                                                 cfg.templates)))
-            manifest.classes, manifest.templates = list(dataset.classes), list(cfg.templates)
-            atomic_write_json(root / "manifest.json", asdict(manifest))
+            prompts = manifest.classes != list(dataset.classes) or manifest.templates != list(cfg.templates)
+            if prompts:
+                atomic_write_bytes(root / "text.npy", npy_bytes(class_text_embeddings(loaded, dataset.classes,
+                                                                                     cfg.templates)))
+                manifest.classes, manifest.templates = list(dataset.classes), list(cfg.templates)
+            if prompts or manifest.logit_bias != logit_bias:   # a cache from before the scoring was recorded
+                manifest.logit_bias = logit_bias
+                atomic_write_json(root / "manifest.json", asdict(manifest))
 
     _on_rank0_then_share(rank, world, prepare)
     manifest = read_manifest(root)

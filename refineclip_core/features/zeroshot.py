@@ -3,8 +3,9 @@
 ``E_text(y)`` (paper §2.1) is the L2-normalised mean of the normalised embeddings of the
 class name put into each template. Templates and class names are data, never format strings:
 :func:`fill_template` puts the name in place of the template's one ``{}``, literally, and
-keeps every other brace as written. Predictions use cosine similarity times the model's
-``logit_scale.exp()`` (the softmax temperature CLIP was trained with).
+keeps every other brace as written. Predictions are the argmax of cosine similarity for every
+model; confidences use the model's own scoring (:class:`~refineclip_core.features.scoring.Scoring`:
+CLIP's softmax of ``logit_scale.exp() · cos``, SigLIP's per-class sigmoid with its logit bias).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from ..errors import RefineClipError
 from ..loading.data import check_class_name_lengths
 from ..loading.models import LoadedModel
+from .scoring import Scoring
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -101,26 +103,22 @@ def cosine_logits(embeddings: np.ndarray, text: np.ndarray) -> np.ndarray:
     return normalize(np.asarray(embeddings, dtype=np.float64)) @ np.asarray(text, dtype=np.float64).T
 
 
-def softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = z - z.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def prediction_confidence(embeddings: np.ndarray, text: np.ndarray, logit_scale: float, predictions: np.ndarray,
+def prediction_confidence(embeddings: np.ndarray, text: np.ndarray, scoring: Scoring | float, predictions: np.ndarray,
                           block: int = 4096) -> np.ndarray:
-    """``softmax(logit_scale · cos(E_i, t))[predictions[i]]`` per image: how sure zero-shot CLIP is of
-    the class it is shown to predict. Computed a block of rows at a time and only one number per image
+    """The model's confidence in the class it is shown to predict, per image: ``softmax(s · cos(E_i, t))``
+    (CLIP) or ``σ(s · cos(E_i, t) + b)`` (SigLIP) read at ``predictions[i]`` (:class:`Scoring`; a bare
+    float is CLIP's ``logit_scale``). Computed a block of rows at a time and only one number per image
     is kept (an ``(N, C)`` probability matrix is 2 GB at 50,000 images x 10,000 classes)."""
+    scoring = Scoring.of(scoring)
     E = np.asarray(embeddings)
     out = np.empty(len(E), dtype=np.float32)
     for start in range(0, len(E), block):
-        probs = softmax(logit_scale * cosine_logits(E[start:start + block], text))
+        probs = scoring.probabilities(E[start:start + block], text)
         out[start:start + block] = probs[np.arange(len(probs)), predictions[start:start + block]]
     return out
 
 
-def predict(embeddings: np.ndarray, text: np.ndarray, logit_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted class and class probabilities (softmax of ``logit_scale * cos``)."""
-    logits = cosine_logits(embeddings, text)
-    return logits.argmax(1), softmax(logit_scale * logits)
+def predict(embeddings: np.ndarray, text: np.ndarray, scoring: Scoring | float) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class (argmax of ``cos``, every model) and class confidences (:meth:`Scoring.probabilities`)."""
+    scoring, cos = Scoring.of(scoring), cosine_logits(embeddings, text)
+    return cos.argmax(1), scoring.probabilities_of_logits(scoring.logits(cos))

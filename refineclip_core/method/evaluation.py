@@ -158,7 +158,7 @@ def cache_report(cache: "FeatureCache", predictions: np.ndarray | None = None,
     cached row; by default the zero-shot ones, cosine similarity to the class prompts, paper Eq. 2)
     over the rows in ``mask`` (e.g. ``Identification.eval_mask``; every row by default)."""
     if predictions is None:
-        predictions, _ = predict(cache.embeddings, cache.text, cache.logit_scale)
+        predictions, _ = predict(cache.embeddings, cache.text, cache.scoring)
     return accuracy_report(predictions, cache.labels, cache.classes, cache.groups, cache.group_names, mask)
 
 
