@@ -202,3 +202,48 @@ def test_a_cache_records_the_models_scoring(tmp_path, image_folder):
     clip = extract(load_model(ModelSpec("rcscore-clip", model_config=str(clip_path))), load_dataset(image_folder),
                    tmp_path / "clip", cfg)
     assert clip.manifest.logit_bias is None and clip.scoring.kind == "softmax"
+
+
+def test_the_edit_and_the_compared_fits_use_the_caches_scoring(tmp_path):
+    """Through fit_edit / fit_compared (the registry's rows): a cache that records a logit bias fits the
+    exported edit and the paper's phase 2 in the sigmoid scoring, i.e. exactly the direct calls with the
+    sigmoid Scoring, and not the softmax ones (the demo model's cache, its manifest given a bias)."""
+    from refineclip_core.demo.world import write_world
+    from refineclip_core.edit.compare import fit_compared, fit_edit
+    from refineclip_core.edit.config import EditConfig, FitConfig, PaperConfig
+    from refineclip_core.edit.fit import fit_ablation, teacher_embeddings
+    from refineclip_core.edit.methods import PAPER_KEYS
+    from refineclip_core.edit.paper import paper_phase2
+    from refineclip_core.features.cache import FeatureCache
+    from refineclip_core.features.extraction import ExtractionConfig, extract
+    from refineclip_core.loading.data import load_dataset
+    from refineclip_core.loading.models import ModelSpec, load_model
+    from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
+
+    data = write_world(tmp_path / "data", "all", seed=424242, n_per_group=12)
+    extract(load_model(ModelSpec("demo")), load_dataset(data), tmp_path / "cache", ExtractionConfig(layers=2, batch_size=64))
+    manifest = tmp_path / "cache" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "logit_bias": -3.0}))
+    cache = FeatureCache(tmp_path / "cache")
+    sig = cache.scoring
+    assert sig == Scoring("sigmoid", cache.logit_scale, -3.0)
+    engine = make_engine(cache)
+    ident = identify(cache, ProtocolConfig(seed=0), engine)
+    cfg = EditConfig(fit=FitConfig(steps=3), paper=PaperConfig(steps=3))
+    outcome = fit_edit(cache, ident, cfg, engine=engine, baselines=False)
+    fit_compared(cache, ident, outcome, [PAPER_KEYS[cfg.paper.strategy]], engine=engine)
+
+    teacher, succ = teacher_embeddings(ident.ablation_engine(engine), outcome.heads, ident.config.ablation,
+                                       ident.adapt_rows, ident.target_classes, None, cfg.fit.strength, success_only=True)
+    args = (cache.embeddings[ident.adapt_rows], cache.text)
+    assert outcome.refinement.history == fit_ablation(*args, sig, teacher, succ, cfg.fit).history
+    assert outcome.refinement.history != fit_ablation(*args, cache.logit_scale, teacher, succ, cfg.fit).history
+    W = np.unique(np.concatenate([s.W for s in ident.sets.values()]))
+    local = np.setdiff1d(np.unique(np.concatenate([np.concatenate([s.C, s.A]) for s in ident.sets.values()])), W)
+    paper = outcome.results[PAPER_KEYS[cfg.paper.strategy]].history
+    ablated = ident.ablation_engine(engine).embeddings(outcome.heads, ident.config.ablation, W)
+    direct = paper_phase2(cache.embeddings, cache.labels, cache.text, sig, W, local, ablated, cfg.paper,
+                          train_rows=ident.sample_rows)
+    assert paper == direct.history and len(W)
+    assert paper != paper_phase2(cache.embeddings, cache.labels, cache.text, cache.logit_scale, W, local, ablated,
+                                 cfg.paper, train_rows=ident.sample_rows).history
