@@ -247,3 +247,23 @@ def test_the_edit_and_the_compared_fits_use_the_caches_scoring(tmp_path):
     assert paper == direct.history and len(W)
     assert paper != paper_phase2(cache.embeddings, cache.labels, cache.text, cache.logit_scale, W, local, ablated,
                                  cfg.paper, train_rows=ident.sample_rows).history
+
+
+def test_a_transformers_siglip_folder_scores_as_transformers_does(tmp_path):
+    """A Hugging Face ``SiglipModel`` folder loads with its logit bias: the confidences are
+    ``sigmoid(logits_per_image)`` of transformers' own forward pass (its documented probabilities)."""
+    pytest.importorskip("transformers")
+    from refineclip_core.loading.models import ModelSpec, load_model
+
+    from .test_families_extra import PROMPTS, _image_size, _images, _save
+
+    hf, folder = _save(tmp_path, "siglip")
+    loaded = load_model(ModelSpec("x", checkpoint=str(folder)))
+    scoring = Scoring.of_model(loaded.model)
+    assert scoring.kind == "sigmoid" and scoring.bias == pytest.approx(-3.0) and scoring.scale == pytest.approx(12.0)
+    images, tokens = _images(_image_size("siglip")), loaded.tokenizer(PROMPTS)
+    with torch.no_grad():
+        expected = torch.sigmoid(hf(input_ids=tokens, pixel_values=images).logits_per_image).double().numpy()
+        image_emb = loaded.model.encode_image(images).numpy()
+        text_emb = F.normalize(loaded.model.encode_text(tokens), dim=-1).numpy()
+    np.testing.assert_allclose(scoring.probabilities(image_emb, text_emb), expected, rtol=1e-4, atol=1e-6)
