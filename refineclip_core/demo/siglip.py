@@ -31,6 +31,7 @@ bias); that run and the demo benchmark on it are still to do.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -44,12 +45,22 @@ TIMM_TRUNK = "test_vit"
 IMAGE_SIZE = 96
 """Input size of the SigLIP-shaped demo model (the world's 48 px images, resized)."""
 
+SIGLIP_MODEL_NAME = "refineclip-demo-map"
+"""Its open_clip model name (no "siglip" in it: open_clip would look for SigLIP's hub tokenizer)."""
+
+SIGLIP_STEPS = 3000
+"""Optimisation steps of the recipe."""
+
+SIGLIP_MLP_PENALTY = 0.1
+"""Weight of :class:`MapMlpShare`'s penalty in the recipe (the CLS recipe's is 1)."""
+
 
 def siglip_model_config() -> dict[str, Any]:
     """The SigLIP-shaped demo architecture (open_clip ``model_configs`` schema)."""
     return {
         "embed_dim": 64,
-        "init_logit_bias": -10,
+        "init_logit_scale": math.log(10.0),
+        "init_logit_bias": -2.0,
         "vision_cfg": {"image_size": IMAGE_SIZE, "timm_model_name": TIMM_TRUNK, "timm_model_pretrained": False,
                        "timm_pool": "map", "timm_proj": "none"},
         "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},

@@ -55,7 +55,7 @@ from ..features.decomposition import HookSet, hook_modules
 from ..features.scoring import uses_sigmoid_loss
 from ..features.zeroshot import fill_template
 from .digits import DEFAULT_CAPTION_WEIGHTS as DIGITS_CAPTION_WEIGHTS, KIND as DIGITS_KIND, DigitsConfig
-from .siglip import MapMlpShare, sigmoid_loss_with_duplicates, siglip_model_config
+from .siglip import SIGLIP_MLP_PENALTY, SIGLIP_MODEL_NAME, SIGLIP_STEPS, MapMlpShare, sigmoid_loss_with_duplicates, siglip_model_config
 from .world import (
     CLASSES,
     TARGET_CLASSES,
@@ -142,6 +142,8 @@ class TrainConfig:
     cls_mlp_penalty: float = 1.0
     world: WorldConfig | DigitsConfig = field(default_factory=WorldConfig)
     model_config: dict[str, Any] = field(default_factory=default_model_config)
+    model_name: str = ""
+    """open_clip model name (the config and weights files' stem); empty: the world's (``refineclip-demo``)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -162,7 +164,8 @@ def siglip_train_config(seed: int = 0, threads: int = 2) -> TrainConfig:
     """The recipe of the SigLIP-shaped demo model (``--recipe siglip``, demo/siglip.py): the demo
     model's world, data and optimisation with the SigLIP-shaped architecture; its logit bias makes
     :func:`train` use the sigmoid loss, and its timm trunk :class:`~.siglip.MapMlpShare`."""
-    return TrainConfig(seed=seed, threads=threads, steps=700, eval_every=100, model_config=siglip_model_config())
+    return TrainConfig(seed=seed, threads=threads, steps=SIGLIP_STEPS, eval_every=250, model_config=siglip_model_config(),
+                       cls_mlp_penalty=SIGLIP_MLP_PENALTY, model_name=SIGLIP_MODEL_NAME)
 
 
 def world_from_dict(data: dict[str, Any]) -> WorldConfig | DigitsConfig:
@@ -418,7 +421,7 @@ def train(out_dir: str | Path, cfg: TrainConfig, command: str = "", log: Callabl
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, 42])
     world = cfg.world
-    model_name = world.model_name
+    model_name = cfg.model_name or world.model_name
 
     config_path = out / f"{model_name}.json"
     config_path.write_text(json.dumps(cfg.model_config, indent=2) + "\n", encoding="utf-8")
@@ -593,6 +596,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "recipe", "clip") == "siglip":
         recipe = siglip_train_config()
         cfg.steps, cfg.eval_every, cfg.model_config = recipe.steps, recipe.eval_every, recipe.model_config
+        cfg.cls_mlp_penalty, cfg.model_name = recipe.cls_mlp_penalty, recipe.model_name
     return _common_args(cfg, args, CAPTION_FAMILIES)
 
 
