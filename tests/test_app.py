@@ -186,7 +186,7 @@ def test_heads_page_scores_sets_and_handoff(app):
     from dashboard.widgets import plain
 
     pairs = list(dict.fromkeys(k.pair for k in ident.scores))      # typed keys: (score, pair)
-    assert [f"{a}→{b}" for a, b in pairs] == list(ident.sets)
+    assert pairs == [k.names for k in ident.sets] and [f"{a}→{b}" for a, b in pairs] == [str(k) for k in ident.sets]
     for pair in (pairs if len(pairs) == 1 else [pairs[1], pairs[0]]):   # one pair's maps at a time
         if len(pairs) > 1:
             at.session_state["heads_map_pair"] = pairs.index(pair)        # the control's options: pair indices

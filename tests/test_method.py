@@ -313,6 +313,31 @@ def test_score_keys_are_typed_and_records_keep_their_text(cache):
     assert set(sel["curves"]) <= {"consensus", "stable", *want} and sel["selected"]["score"] == both.selection.score_name
 
 
+def test_error_sets_are_keyed_by_a_typed_pair_and_records_keep_their_text(cache, tmp_path):
+    """ident.sets is keyed by ClassPair(true, pred) (class indices; names for the text): looked up by the pair
+    of ident.pairs, the typed key or the text 'true→pred' that records show; the run report writes the text."""
+    from refineclip_core.edit.record import build_run_report
+    from refineclip_core.method.errorsets import ClassPair, pair_error_sets
+    from refineclip_core.method.protocol import make_engine
+
+    both = identify(cache, ProtocolConfig(pair="both", samples_per_class=3, seed=1, top_t=4, resamples=0))
+    assert list(both.sets) == [ClassPair(a, b) for a, b in both.pairs]
+    for (a, b), key in zip(both.pairs, both.sets):
+        names = (cache.classes[a], cache.classes[b])
+        assert key.names == names and str(key) == f"{names[0]}→{names[1]}"
+        s = both.sets[(a, b)]
+        assert s is both.sets[key] is both.sets[str(key)] and (a, b) in both.sets and str(key) in both.sets
+        ref = pair_error_sets(both.base_predictions, cache.labels, a, b, both.sample_rows)   # recomputed here
+        assert s.sizes() == ref.sizes() and np.array_equal(s.W, ref.W) and np.array_equal(s.C, ref.C)
+    (a, b) = both.pairs[0]
+    assert (b, a) in both.sets and (a, a) not in both.sets and both.sets.get("x→y") is None
+    with pytest.raises(KeyError):
+        both.sets["x→y"]
+    report = build_run_report(cache, both, make_engine(cache))
+    sets = (report if isinstance(report, dict) else report.to_dict())["sets"]
+    assert list(json.loads(json.dumps(sets))) == [str(k) for k in both.sets]
+
+
 def test_run_report_is_written_and_read_through_one_schema(cache, tmp_path):
     """build_run_report writes RunReport.to_dict() (versioned: "schema"); read_run_report gives the typed
     RunReport back, equal to what was written; a file from before the schema (no "schema" key) still reads,

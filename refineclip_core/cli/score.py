@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
              for a, b in ident.pairs]
     record = {
         "pair": pairs[0] if len(pairs) == 1 else pairs,
-        "sets": {k: s.sizes() for k, s in ident.sets.items()},
+        "sets": {str(k): s.sizes() for k, s in ident.sets.items()},
         "scores": {str(k): s.to_list() for k, s in ident.scores.items()},
         "unavailable": {str(k): s.reason for k, s in ident.scores.items() if not s.available},
         "curves": sel["curves"],

@@ -231,8 +231,7 @@ def _cue(ctx: Context) -> Fitted:
     from ..method.ltc import HeadSearchCueProjection
 
     p, ident, c = ctx.cfg.peers, ctx.ident, ctx.cache
-    pairs = [(a, b, ident.sets[f"{c.classes[a]}→{c.classes[b]}"].W, ident.sets[f"{c.classes[a]}→{c.classes[b]}"].C)
-             for a, b in ident.pairs]
+    pairs = [(a, b, ident.sets[(a, b)].W, ident.sets[(a, b)].C) for a, b in ident.pairs]
     fitted = HeadSearchCueProjection.fit(ctx.engine, pairs, c.labels, attribute_direction(ctx.loaded, p.cue,
                                                                                           p.cue_versus),
                                          ident.sample_rows)

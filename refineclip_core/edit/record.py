@@ -70,7 +70,7 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         "model_name": man.model_name,
         "protocol": ident.config.to_dict(),
         "pairs": tuple((cache.classes[a], cache.classes[b]) for a, b in ident.pairs),
-        "sets": {k: s.sizes() for k, s in ident.sets.items()},
+        "sets": {str(k): s.sizes() for k, s in ident.sets.items()},
         "n_samples": int(len(ident.sample_rows)),
         "n_eval": int(len(ident.eval_rows)),
         "sample_rows": tuple(ident.sample_rows.tolist()),

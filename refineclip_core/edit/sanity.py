@@ -74,7 +74,7 @@ def sanity_warnings(cache: FeatureCache, ident: Identification, *, demo_data: bo
                 "few-errors", f"The heads for {key} were chosen from W = {w} misclassified and C = {c} correctly "
                               f"classified labelled images (fewer than {MIN_SET}): a choice from so few images may "
                               f"not hold on others. Draw more labelled samples per class.",
-                {"pair": key, "W": w, "C": c, "minimum": MIN_SET}))
+                {"pair": str(key), "W": w, "C": c, "minimum": MIN_SET}))
     short, sentence = heldout_shortfall(cache, ident)
     if sentence:
         out.append(SanityWarning("few-heldout", sentence, {"minimum": ident.config.min_heldout,

@@ -29,6 +29,53 @@ class ErrorPair:
         return f"{classes[self.true]} → {classes[self.pred]}"
 
 
+@dataclass(frozen=True)
+class ClassPair:
+    """An error pair by class index (true ``y_e``, predicted ``ŷ_e``): the key of ``Identification.sets``.
+    ``names`` (the class names as typed; not compared, so ``ClassPair(a, b)`` finds the key) are the pair of a
+    :class:`~refineclip_core.method.scores.ScoreKey`, and make ``str()`` the text records and the screen show:
+    ``"true→pred"``."""
+
+    true: int
+    pred: int
+    names: tuple[str, str] = field(default=("", ""), compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.names[0]}→{self.names[1]}"
+
+
+class TextKeyed(dict):
+    """A dict keyed by typed keys (frozen dataclasses) that also answers to a key's text, ``str(key)``: the
+    name records (JSON), tables and the screen show (:class:`SetTable`, :class:`~.scores.ScoreTable`)."""
+
+    def _key(self, key):
+        if isinstance(key, str):
+            for k in dict.keys(self):
+                if str(k) == key:
+                    return k
+        return key
+
+    def __getitem__(self, key):
+        return dict.__getitem__(self, self._key(key))
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, self._key(key))
+
+    def get(self, key, default=None):
+        return dict.get(self, self._key(key), default)
+
+
+class SetTable(TextKeyed):
+    """``Identification.sets``: :class:`ErrorSets` keyed by :class:`ClassPair`; also answers to a plain
+    ``(true, pred)`` index pair (``sets[(a, b)]`` for ``(a, b)`` in ``ident.pairs``) and to a key's text
+    (``sets["waterbird→landbird"]``). Write ``str(key)`` where text is needed (JSON keys)."""
+
+    def _key(self, key):
+        if isinstance(key, tuple) and len(key) == 2:
+            return ClassPair(int(key[0]), int(key[1]))
+        return super()._key(key)
+
+
 @dataclass
 class ErrorSets:
     """Row indices of W, C, A, and per-row class pairs for Δ (Eq. 6).

@@ -39,9 +39,9 @@ from ..errors import RefineClipError
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
 from .ablation import MODES, AblationEngine, Mode
-from .errorsets import ErrorPair, ErrorSets, error_pairs, pair_error_sets, sample_per_class
+from .errorsets import ClassPair, ErrorPair, SetTable, error_pairs, pair_error_sets, sample_per_class
 from .evaluation import rows_mask
-from .scores import SCORE_NAMES, HeadScores, ScoreKey, ScoreTable, Similarity, compute_scores
+from .scores import SCORE_NAMES, ScoreKey, ScoreTable, Similarity, compute_scores
 from .selection import Selection, choose_heads, select_consensus, select_heads, select_stable
 from .stability import RESAMPLES, head_stability
 
@@ -98,7 +98,7 @@ class Identification:
     pairs: list[tuple[int, int]]
     sample_rows: np.ndarray
     eval_rows: np.ndarray
-    sets: dict[str, ErrorSets]            # "true:pred" -> sets among the samples
+    sets: SetTable                        # by ClassPair (or (a, b), or its text "true→pred") -> sets among the samples
     scores: ScoreTable                    # by ScoreKey or its text, str(key): "DE_A" (single pair) or "DE_A[a→b]"
     selection: Selection
     base_predictions: np.ndarray
@@ -253,19 +253,18 @@ def identify(cache: FeatureCache, cfg: ProtocolConfig = DEFAULT_PROTOCOL, engine
 
 
 def pair_scores(cache: FeatureCache, predictions: np.ndarray, pairs: Sequence[tuple[int, int]], rows: np.ndarray,
-                similarity: Similarity = "cosine") -> tuple[dict[str, ErrorSets], dict[ScoreKey, HeadScores]]:
-    """W/C/A among the labelled ``rows`` and DE_A..DE_D (Eq. 6-9) of every head, for each pair: sets keyed
-    ``"true→pred"``, scores by :class:`~refineclip_core.method.scores.ScoreKey` (score, pair). ``rows`` may repeat (a bootstrap
+                similarity: Similarity = "cosine") -> tuple[SetTable, ScoreTable]:
+    """W/C/A among the labelled ``rows`` and DE_A..DE_D (Eq. 6-9) of every head, for each pair: sets keyed by
+    :class:`~refineclip_core.method.errorsets.ClassPair`, scores by :class:`~refineclip_core.method.scores.ScoreKey` (score, pair). ``rows`` may repeat (a bootstrap
     resample): a repeated row counts as often as it appears."""
-    sets: dict[str, ErrorSets] = {}
-    scores: ScoreTable = ScoreTable()
+    sets, scores = SetTable(), ScoreTable()
     for a, b in pairs:
-        key = f"{cache.classes[a]}→{cache.classes[b]}"
+        key = ClassPair(a, b, (cache.classes[a], cache.classes[b]))
         s = pair_error_sets(predictions, cache.labels, a, b, rows, cache.classes)
         sets[key] = s
         for name, hs in compute_scores(cache.embeddings, cache.heads, cache.text, s, cache.manifest.layers,
                                        similarity, SCORE_NAMES).items():
-            scores[ScoreKey(name, (cache.classes[a], cache.classes[b]), alone=len(pairs) == 1)] = hs
+            scores[ScoreKey(name, key.names, alone=len(pairs) == 1)] = hs
     return sets, scores
 
 

@@ -30,7 +30,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from ..features.decomposition import HeadId
-from .errorsets import ErrorSets
+from .errorsets import ErrorSets, TextKeyed
 
 Similarity = Literal["cosine", "dot"]
 SIMILARITIES: tuple[str, ...] = get_args(Similarity)
@@ -60,25 +60,9 @@ class ScoreKey:
         return self.score if self.alone else f"{self.score}[{self.pair[0]}→{self.pair[1]}]"
 
 
-class ScoreTable(dict):
+class ScoreTable(TextKeyed):
     """``Identification.scores``: a dict keyed by :class:`ScoreKey` that also answers to a key's text
     (``scores["DE_A"]``, ``scores["DE_A[a→b]"]``), the names records, tables and the screen show."""
-
-    def _key(self, key):
-        if isinstance(key, str):
-            for k in dict.keys(self):
-                if str(k) == key:
-                    return k
-        return key
-
-    def __getitem__(self, key):
-        return dict.__getitem__(self, self._key(key))
-
-    def __contains__(self, key) -> bool:
-        return dict.__contains__(self, self._key(key))
-
-    def get(self, key, default=None):
-        return dict.get(self, self._key(key), default)
 
 
 @dataclass

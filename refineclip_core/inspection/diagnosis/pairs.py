@@ -398,7 +398,7 @@ def diagnose(cache: Any, ident: Identification, vocab: ConceptVocabulary, heads:
     if not heads or not len(rows):
         why = "no heads are removed, so there is nothing to explain" if not heads else "no images to look at"
         pairs = [PairDiagnosis(cache.classes[a], cache.classes[b], f"{cache.classes[a]} → {cache.classes[b]}: {why}.",
-                               [], [], "", 0.0, 0.0, 1.0, ident.sets[_key(cache, a, b)].sizes())
+                               [], [], "", 0.0, 0.0, 1.0, ident.sets[(a, b)].sizes())
                  for a, b in ident.pairs]
         return Diagnosis(heads, pairs, len(rows), 0.0, rows)
     scope = engine.contributions(rows)
@@ -408,7 +408,7 @@ def diagnose(cache: Any, ident: Identification, vocab: ConceptVocabulary, heads:
     position = {int(r): i for i, r in enumerate(rows)}
     pair_sets = []
     for a, b in ident.pairs:
-        s: ErrorSets = ident.sets[_key(cache, a, b)]
+        s: ErrorSets = ident.sets[(a, b)]
         pair_sets.append((a, b, np.array([position[int(r)] for r in s.W], dtype=np.int64),
                           np.array([position[int(r)] for r in s.C], dtype=np.int64)))
     pairs, total = diagnose_removed(removed, contributions, heads, vocab, cache.text, cache.classes, pair_sets, k, tau,
