@@ -421,10 +421,6 @@ def diagnose(cache: Any, ident: Identification, vocab: ConceptVocabulary, heads:
     return Diagnosis(heads, pairs, len(rows), total, rows)
 
 
-def _key(cache: Any, a: int, b: int) -> str:
-    return f"{cache.classes[a]}→{cache.classes[b]}"
-
-
 def summary_lines(diagnosis: Diagnosis, n_concepts: int = 5) -> list[str]:
     """The diagnosis for people: each pair's sentence, then its ranked concepts (share of the removed
     variance, W-vs-C contrast, coverage, carrying heads)."""
