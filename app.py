@@ -11,7 +11,7 @@ import streamlit as st
 
 from dashboard.registry import DEFAULT_PAGE, PAGES
 from dashboard.shell import app_icon, ensure_source, sidebar
-from dashboard.state import keep_session_alive
+from dashboard.state import confinement, keep_session_alive
 from dashboard.urlstate import apply_link, read_link, write_link
 from dashboard.widgets import show_exception
 
@@ -22,17 +22,18 @@ st.html("<style>[data-testid='stFileUploaderDropzoneInstructions'] {display: non
 
 page = st.navigation([st.Page(p.path, title=p.title, icon=p.icon, default=p.name == DEFAULT_PAGE) for p in PAGES])
 keep_session_alive()  # this session's upload folder is in use; abandoned ones are swept
-read_link()        # a reload or a shared link: the URL's data, settings and heads (dashboard.urlstate)
-ensure_source()
-apply_link()
-sidebar()
-write_link()       # the view so far goes into the URL before the page runs (a page that ends early with st.stop,
-                   # e.g. Refine before its first run, keeps its pair, samples, heads and method in the URL)
-try:
-    page.run()
-except Exception as exc:  # last resort: a short message, never a traceback
-    show_exception(exc, f"The {page.title} page")
-# the view stays in the URL (a reload, or the link shared, shows the same view); written only by a run
-# that completes: a page's st.rerun() skips it (a query change while a rerun is pending lost the
-# Refine page's results in Chromium), and the next run writes it
-write_link()
+with confinement().active():  # every file this run reads is checked against this session's folders (loading/confine.py)
+    read_link()        # a reload or a shared link: the URL's data, settings and heads (dashboard.urlstate)
+    ensure_source()
+    apply_link()
+    sidebar()
+    write_link()       # the view so far goes into the URL before the page runs (a page that ends early with st.stop,
+                       # e.g. Refine before its first run, keeps its pair, samples, heads and method in the URL)
+    try:
+        page.run()
+    except Exception as exc:  # last resort: a short message, never a traceback
+        show_exception(exc, f"The {page.title} page")
+    # the view stays in the URL (a reload, or the link shared, shows the same view); written only by a run
+    # that completes: a page's st.rerun() skips it (a query change while a rerun is pending lost the
+    # Refine page's results in Chromium), and the next run writes it
+    write_link()

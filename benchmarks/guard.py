@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.demo_world import draw_parser, replace_section, workdir, world_cache, world_model  # noqa: E402
 from refineclip_core.edit.guard import HARMFUL, STATUSES, VERIFIED, GuardConfig, assess_edit, judge_edit  # noqa: E402
 from refineclip_core.features.extraction import ExtractionConfig, extract  # noqa: E402
+from refineclip_core.loading.confine import Confinement  # noqa: E402
 from refineclip_core.loading.data import load_dataset  # noqa: E402
 from refineclip_core.session.demo import DEMO_N_PER_GROUP, heldout_size, write_demo_data  # noqa: E402
 from refineclip_core.features.cache import FeatureCache  # noqa: E402
@@ -271,8 +272,9 @@ def false_claim(verdict, truth_change: dict, max_drop: float) -> bool:
 def demo_run(work: Path, loaded, seed: int) -> tuple[str, str]:
     """The default demo run on a fresh draw of the demo's images (module docstring): its status and sentence."""
     data = write_demo_data(work / f"demo{seed}" / "data", seed=seed)
-    cache = extract(loaded, load_dataset(data, roots=[data]), work / f"demo{seed}" / "cache",
-                    ExtractionConfig(layers=4, batch_size=64))
+    with Confinement.of([data]).active():
+        dataset = load_dataset(data)
+    cache = extract(loaded, dataset, work / f"demo{seed}" / "cache", ExtractionConfig(layers=4, batch_size=64))
     engine = make_engine(cache)
     ident = identify(cache, DEFAULT_PROTOCOL, engine)
     out = fit_edit(cache, ident, DEFAULT_EDIT, engine=engine, baselines=False)

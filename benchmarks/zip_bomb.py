@@ -46,7 +46,9 @@ try:
         load_model(ModelSpec("refineclip-demo", checkpoint=sys.argv[1], roots=(os.path.dirname(sys.argv[1]),),
                              model_config=str(DEMO_DIR / "refineclip-demo.json")))
     else:
-        read_state_dict(sys.argv[1], [os.path.dirname(sys.argv[1])])
+        from refineclip_core.loading.confine import Confinement
+        with Confinement.of([os.path.dirname(sys.argv[1])]).active():
+            read_state_dict(sys.argv[1])
     out["result"] = "loaded"
 except RefineClipError as exc:
     out["result"] = str(exc)

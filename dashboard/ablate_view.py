@@ -9,7 +9,7 @@ import streamlit as st
 
 from refineclip_core.method.verification import verify_on_images
 
-from .state import Key, get, put, read_roots
+from .state import Key, get, put
 from .widgets import Ready, guard, image_grid, table
 
 
@@ -50,7 +50,7 @@ def verify_panel(ready: Ready, ident, res, mask: np.ndarray, heads, mode: str) -
         with st.spinner("Running the model on 8 images…"), guard("The verification"):
             pool = np.concatenate([res.flipped, np.flatnonzero(mask)])  # changed images first
             v = verify_on_images(ready.loaded(), cache.records, ident.ablation_engine(eng), pool, heads,
-                                 roots=read_roots(), min_side=cache.manifest.decode_min_side, mode=mode)
+                                 min_side=cache.manifest.decode_min_side, mode=mode)
             if v is None:
                 st.error("None of the images could be read again; they may have moved since extraction.")
             put(Key.VERIFIED, None if v is None else ((heads, mode), v))

@@ -21,12 +21,12 @@ from refineclip_core.edit.config import PaperConfig
 from refineclip_core.edit.guard import MAX_DROP, GuardConfig
 from refineclip_core.errors import RefineClipError
 from refineclip_core.method.ltc import PeersConfig, parse_accept_pairs
-from refineclip_core.loading.confine import allowed_path, default_allowed_roots, read_roots
+from refineclip_core.loading.confine import allowed_path, default_allowed_roots
 from refineclip_core.loading.uploads import save_upload, unpack_upload
 from refineclip_core.session.images import ImagesKind
 
 from . import resources
-from .state import session_dir
+from .state import confinement, model_confinement, session_dir
 
 MODEL_KINDS = ("Embedded demo model", "open_clip architecture + pretrained tag", "Local checkpoint")
 DATA_KINDS = ("Held-out demo images", "Folder on the server", "Zip upload")
@@ -76,7 +76,7 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
         tag = c[1].text_input("Pretrained tag", "openai", key="load_tag",
                               help="open_clip downloads these weights on first use (needs internet access).")
         return ModelSpec(name, pretrained=tag.strip() or None, device=device, precision=precision,
-                         roots=read_roots()), layers
+                         roots=model_confinement(False).folders), layers
     c = st.columns(2)
     with c[0]:
         where = st.radio("Checkpoint", ["Upload", "Path on the server"], key="load_ckpt_where", horizontal=True)
@@ -94,12 +94,13 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
                                       "CLIPModel.save_pretrained writes: config.json + model.safetensors).")
             ckpt = str(allowed_path(text)) if text.strip() else None
     # the files are read only inside the allowed folders (plus this session's uploads), checked when opened
-    roots = read_roots(session_dir()) if uploaded else read_roots()
-    hf = find_hf_checkpoint(ckpt, roots) if ckpt else None
+    pin = model_confinement(uploaded)
+    with pin.active():
+        hf = find_hf_checkpoint(ckpt) if ckpt else None
     if hf is not None:  # its config.json is the architecture
         c[1].caption("A Hugging Face transformers CLIP: its config.json gives the architecture, converted exactly "
                      "into open_clip's; the edit can be downloaded in the same format.")
-        return ModelSpec(hf.label, checkpoint=ckpt, device=device, precision=precision, roots=roots), layers
+        return ModelSpec(hf.label, checkpoint=ckpt, device=device, precision=precision, roots=pin.folders), layers
     with c[1]:
         arch = st.selectbox("Architecture", [CUSTOM_CONFIG, *archs], key="load_ckpt_arch",
                             index=1 + default if "ViT-B-16" in archs else 0)
@@ -120,9 +121,8 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
     if arch == CUSTOM_CONFIG and not config:
         st.info("Give the model's config JSON (or pick an open_clip architecture).")
         return None, layers
-    roots = read_roots(session_dir()) if uploaded else read_roots()  # the config may be an upload too
     return ModelSpec(name, checkpoint=ckpt, model_config=config, device=device, precision=precision,
-                     roots=roots), layers
+                     roots=model_confinement(uploaded).folders), layers  # the config may be an upload too
 
 
 def images_form() -> ImagesChoice | None:
@@ -172,7 +172,7 @@ def cache_form() -> str | None:
     folder = st.text_input("Feature cache folder (it holds manifest.json; opened read-only)", key="load_cache_folder",
                            help=f"Must lie below one of: {roots} (REFINECLIP_ALLOWED_ROOTS, when set, replaces this list). Several "
                                 f"servers can open the same folder at once; nothing is written into it.")
-    return str(allowed_path(folder, read_roots(session_dir()))) if folder.strip() else None  # its own caches too
+    return str(allowed_path(folder, confinement().folders)) if folder.strip() else None  # its own caches too
 
 
 def edit_form(seed: int, disabled: bool, diagnosis=None,

@@ -9,7 +9,7 @@ from refineclip_core.features.decomposition import HeadId
 from refineclip_core.names import visible
 
 from . import resources
-from .state import Key, get, put, read_roots
+from .state import Key, get, put
 from .widgets import Ready, guard, plain
 
 
@@ -33,7 +33,7 @@ def gradcam_panel(ready: Ready, ident, head: HeadId, options: list[int], a: int,
     if clicked:
         cam_heads, cam_name = scopes[clicked[0]]
         with st.spinner(f"Running Grad-CAM (whole model, then {cam_name})…"), guard("Grad-CAM"):
-            panels, skipped = resources.gradcam(src, cache, ready.loaded(), chosen, target, cam_heads, read_roots())
+            panels, skipped = resources.gradcam(src, cache, ready.loaded(), chosen, target, cam_heads)
             for s in skipped:
                 st.warning(plain(f"{s.path}: {s.reason}"))
             put(Key.GRADCAM, ((src.resource_key(), head, tuple(chosen), int(target)), cam_name, panels))

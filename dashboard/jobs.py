@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from refineclip_core.loading.confine import carry
 from refineclip_core.progress import CancelFn, Progress
 
 #: ``fn(progress, cancelled)``: the work of a job, given the two callbacks of the progress protocol.
@@ -83,7 +84,8 @@ class Job:
 
 
 def start_job(name: str, fn: JobFn, **meta) -> Job:
-    """Run ``fn(progress, cancelled)`` in a daemon thread; its return value becomes ``job.result``."""
+    """Run ``fn(progress, cancelled)`` in a daemon thread; its return value becomes ``job.result``. The
+    thread reads files under the caller's confinement (the session's: :func:`~refineclip_core.loading.confine.carry`)."""
     job = Job(name=name, meta=meta)
 
     def runner() -> None:
@@ -94,7 +96,7 @@ def start_job(name: str, fn: JobFn, **meta) -> Job:
         finally:
             job.finished = True
 
-    job._thread = threading.Thread(target=runner, name=f"refineclip-job-{name}", daemon=True)
+    job._thread = threading.Thread(target=carry(runner), name=f"refineclip-job-{name}", daemon=True)
     job._thread.start()
     return job
 

@@ -13,7 +13,7 @@ from refineclip_core.reporting.run_report import per_image_csv, render_html
 from refineclip_core.session.caches import cache_source
 from refineclip_core.session.recent import RecentItem, recent_items, remove_item
 
-from .state import Key, drop, get, put, read_roots, session_dir, set_source, was_made_here
+from .state import Key, drop, get, put, session_dir, set_source, was_made_here
 from .widgets import guard, plain
 
 #: Most items listed (newest first).
@@ -25,10 +25,9 @@ MAX_RUN_BYTES = 256 * 2**20
 def listed() -> list[tuple[RecentItem, str | None]]:
     """Every item this session may see, with the folder it lives under when it is the session's own
     (its upload folder: removed there), else None (the home folder)."""
-    roots = read_roots()
     own = session_dir()
-    items = [(i, None) for i in recent_items(roots=roots)]
-    items += [(i, str(own)) for i in recent_items(own, roots) if i.kind == "cache"]
+    items = [(i, None) for i in recent_items()]
+    items += [(i, str(own)) for i in recent_items(own) if i.kind == "cache"]
     return sorted(items, key=lambda pair: -pair[0].modified)
 
 
@@ -46,7 +45,7 @@ def recent_panel() -> None:
             if item.kind in ("cache", "run") and c[3].button("Open", key=f"load_recent_open_{i}"):
                 with guard("Opening it"):
                     if item.kind == "cache":
-                        set_source(cache_source(item.path, read_roots()))
+                        set_source(cache_source(item.path))
                     else:
                         put(Key.OPENED_RUN, item.path)
                     st.rerun()
@@ -55,7 +54,7 @@ def recent_panel() -> None:
                                             "session that made it can remove it.")
             elif c[4].button("Remove", key=f"load_recent_rm_{i}", help="Delete it"):
                 with guard("Removing it"):
-                    remove_item(item.path, home, roots=read_roots())
+                    remove_item(item.path, home)
                     if get(Key.OPENED_RUN) == item.path:
                         drop(Key.OPENED_RUN)
                     st.rerun()
@@ -104,7 +103,7 @@ def opened_run() -> None:
                                  help="Open the feature cache this run was made on, then run the edit again on the "
                                       "Refine page for its merged checkpoint."):
             with guard("Opening the run's feature cache"):
-                set_source(cache_source(str(cache), read_roots()))
+                set_source(cache_source(str(cache)))
                 drop(Key.OPENED_RUN)
                 st.rerun()
         if st.button("Close", key="load_run_close", type="tertiary"):

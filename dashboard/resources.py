@@ -20,6 +20,7 @@ from refineclip_core.features.zeroshot import prediction_confidence
 from refineclip_core.inspection.diagnosis import (ConceptVocabulary, Diagnosis, HeadEvidence, concept_vocabulary,
                                                   diagnose, head_evidence)
 from refineclip_core.inspection.textspan import DEFAULT_TEXT_POOL, HeadDescription, describe_heads, embedded_text_pool
+from refineclip_core.loading.confine import current
 from refineclip_core.loading.models import LoadedModel, ModelSpec, load_model
 from refineclip_core.method.ablation import AblationEngine
 from refineclip_core.method.protocol import Identification, ProtocolConfig, identify, make_engine
@@ -149,11 +150,17 @@ def open_clip_models() -> list[str]:
     return sorted(open_clip.list_models())
 
 
+def thumbnail(path: bytes, size: int = 144) -> bytes | None:
+    """A PNG thumbnail (nearest-neighbour upscaled for tiny images), or None if unreadable (or if the
+    file opened lies outside the confinement in force). ``path`` is the real file name as bytes
+    (``os.fsencode``): a name that is not UTF-8 cannot be a cache key as text."""
+    return _thumbnail(path, size, current().folders)
+
+
 @st.cache_data(show_spinner=False, max_entries=2000)
-def thumbnail(path: bytes, size: int = 144, roots: tuple[str, ...] | None = None) -> bytes | None:
-    """A PNG thumbnail (nearest-neighbour upscaled for tiny images), or None if unreadable
-    (or, with ``roots``, if the file opened lies outside those folders). ``path`` is the real file
-    name as bytes (``os.fsencode``): a name that is not UTF-8 cannot be a cache key as text."""
+def _thumbnail(path: bytes, size: int, confinement_key: tuple[str, ...] | None) -> bytes | None:
+    """:func:`thumbnail`, kept per confinement (``confinement_key``: its folders): never served to a
+    session whose folders differ."""
     import io
     import os
 
@@ -168,7 +175,7 @@ def thumbnail(path: bytes, size: int = 144, roots: tuple[str, ...] | None = None
         return img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
 
     try:  # a camera JPEG decodes at a reduced scale; the resize runs inside the decoding budget
-        img = load_image(os.fsdecode(path), roots, min_side=size, transform=shrink)
+        img = load_image(os.fsdecode(path), min_side=size, transform=shrink)
     except (ImageLoadError, OSError):
         return None
     buf = io.BytesIO()
@@ -223,16 +230,16 @@ def utility_chart(curves, baseline, score, t: int, candidates):
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
-def _gradcam(key: str, rows: tuple, target: int, heads: tuple, roots: tuple, _loaded: LoadedModel,
+def _gradcam(key: str, rows: tuple, target: int, heads: tuple, confinement_key: tuple | None, _loaded: LoadedModel,
              _cache: FeatureCache):
     from refineclip_core.inspection.gradcam import gradcam_panels
 
-    return gradcam_panels(_loaded, _cache.records, list(rows), target, _cache.text, [HeadId(*h) for h in heads],
-                          roots=roots)
+    return gradcam_panels(_loaded, _cache.records, list(rows), target, _cache.text, [HeadId(*h) for h in heads])
 
 
-def gradcam(source: Source, cache: FeatureCache, loaded: LoadedModel, rows, target: int, heads, roots):
-    """Grad-CAM panels of ``heads`` (and the whole model) on cache ``rows``, computed once per images, class
-    and head set for every session on the same cache (a repeated click, a page revisit: no new passes)."""
+def gradcam(source: Source, cache: FeatureCache, loaded: LoadedModel, rows, target: int, heads):
+    """Grad-CAM panels of ``heads`` (and the whole model) on cache ``rows`` (images read under the
+    confinement in force), computed once per images, class, head set and confinement for every session on
+    the same cache (a repeated click, a page revisit: no new passes)."""
     return _gradcam(source.resource_key(), tuple(int(r) for r in rows), int(target),
-                    tuple((h.layer, h.head) for h in heads), tuple(roots), loaded, cache)
+                    tuple((h.layer, h.head) for h in heads), current().folders, loaded, cache)

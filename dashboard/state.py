@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import streamlit as st
 
 from refineclip_core.features.decomposition import HeadId, HeadLike, parse_heads
+from refineclip_core.loading.confine import Confinement, read_roots, set_fallback
 from refineclip_core.method.protocol import DEFAULT_PROTOCOL, ProtocolConfig
 from refineclip_core.session.source import Source
 
@@ -298,9 +299,26 @@ def session_dir() -> Path:
     return Path(folder.path)
 
 
-def read_roots() -> tuple[str, ...]:
-    """The folders this session may read files from (checked when each file is opened): the
-    allowed roots, the home folder and the session's own upload folder."""
-    from refineclip_core.loading.confine import read_roots as roots
+def confinement() -> Confinement:
+    """What this session reads under (every file checked when it is opened): the allowed roots, the
+    home folder and the session's own upload folder. ``app.py`` puts it in force for each script run;
+    jobs carry it into their threads (:func:`~refineclip_core.loading.confine.carry`)."""
+    return Confinement.of(read_roots(session_dir()))
 
-    return roots(session_dir())
+
+def _session_confinement() -> Confinement | None:
+    """:func:`confinement` in a session's script thread (None elsewhere): what is read there outside
+    ``app.py``'s block (a fragment's rerun) is still confined to the session's folders."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    return confinement() if get_script_run_ctx(suppress_warning=True) is not None else None
+
+
+set_fallback("dashboard-session", _session_confinement)
+
+
+def model_confinement(uploaded: bool) -> Confinement:
+    """What a model's files are read under (its spec's pinned ``roots``): this session's confinement for
+    a model with an uploaded file, else the server's (without the session's folder: one loaded model
+    is then shared by every session on the same files)."""
+    return confinement() if uploaded else Confinement.of(read_roots())

@@ -210,7 +210,7 @@ def read_link() -> None:
     session's allowed folders."""
     import streamlit as st
 
-    from .state import Key, get, get_source, put, read_roots, set_source
+    from .state import Key, get, get_source, put, set_source
 
     if get(Key.URL_READ):
         return
@@ -224,7 +224,7 @@ def read_link() -> None:
         from refineclip_core.session.caches import cache_source
 
         try:
-            set_source(cache_source(view.cache, read_roots()))
+            set_source(cache_source(view.cache))
         except Exception as exc:   # a refusal (outside this session's folders) or a broken cache: say so
             put(Key.URL_PENDING, LinkView(problems=view.problems))
             put(Key.URL_REFUSED, f"This link's data could not be opened here, so the demo is shown instead: {exc}")

@@ -29,7 +29,7 @@ from refineclip_core.session.source import Source
 from . import resources
 from .jobs import Job, format_seconds
 from .registry import page
-from .state import get_source, protocol, read_roots
+from .state import get_source, protocol
 
 log = logging.getLogger("refineclip.dashboard")
 
@@ -219,11 +219,10 @@ def image_grid(items: Sequence[tuple[str, str]], columns: int = 6, size: int = 1
     """Thumbnails with captions (plain text), ``columns`` per row; unreadable files show a note."""
     if not items:
         return
-    roots = read_roots()
     for start in range(0, len(items), columns):
         cols = st.columns(columns)
         for col, (path, caption) in zip(cols, items[start:start + columns]):
-            data = resources.thumbnail(os.fsencode(path), size, roots)  # bytes: any file name is a cache key
+            data = resources.thumbnail(os.fsencode(path), size)  # bytes: any file name is a cache key
             with col:
                 if data is None:
                     st.caption(f"(unreadable) {plain(caption)}")

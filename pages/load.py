@@ -15,7 +15,7 @@ from dashboard.jobs import job_panel, start_job
 from dashboard.panels import findings_panel, scan_summary
 from dashboard.recent_view import recent_panel
 from dashboard.registry import page
-from dashboard.state import Key, drop, get, get_source, made_here, put, read_roots, session_dir, set_source
+from dashboard.state import Key, drop, get, get_source, made_here, put, session_dir, set_source
 from dashboard.widgets import guard, require_ready, show_exception
 
 st.title(page("load").heading)
@@ -46,7 +46,7 @@ def load_panel() -> None:
             try:
                 put(Key.LOAD_SCAN, scan_images(images.kind, folder=images.folder, zip_data=images.zip_data,
                                                zip_name=images.zip_name, metadata=images.metadata,
-                                               upload_dir=session_dir(), roots=read_roots()))
+                                               upload_dir=session_dir()))
             except Exception as exc:
                 show_exception(exc, "Scanning the images")
                 return
@@ -103,5 +103,5 @@ with st.expander("…or open a feature cache extracted before (`refineclip extra
         folder = cache_form()
     if folder is not None and st.button("Open the cache", key="load_cache_btn"):
         with guard("Opening the feature cache"):
-            set_source(cache_source(folder, read_roots()))
+            set_source(cache_source(folder))
             st.rerun()

@@ -23,9 +23,9 @@ import torch
 from refineclip_core.cli import main
 from refineclip_core.errors import CacheError, CheckpointError, OutsideRootsError, RefineClipError
 from refineclip_core.loading.checkpoints import checkpoint_memory, read_state_dict
-from refineclip_core.loading.confine import read_roots
+from refineclip_core.loading.confine import Confinement, read_roots
 from refineclip_core.loading.models import MODEL_FINGERPRINT, ModelSpec, load_model
-from refineclip_core.loading.sources import HUB_ENV, check_config_sources, check_spec_sources, source_roots
+from refineclip_core.loading.sources import HUB_ENV, check_config_sources, check_spec_sources, sources_confinement
 from refineclip_core.session.caches import cache_model, cache_source
 
 from .conftest import tiny_config, write_config
@@ -92,6 +92,12 @@ def confined(world, monkeypatch):
     return built
 
 
+def _open_as_session(folder):
+    """The dashboard's way of opening a cache: under a session's confinement."""
+    with Confinement.of(read_roots()).active():
+        return cache_source(folder)
+
+
 def _refine(cache: Path, out: Path, capsys) -> tuple[int, str]:
     capsys.readouterr()
     rc = main([str(a) for a in ["refine", "--cache", cache, *REFINE, "--out", out]])
@@ -113,7 +119,7 @@ def test_a_crafted_manifest_naming_local_dir_outside_is_refused_everywhere(world
     crafted = _craft(world, "crafted-local-dir", {"name": f"local-dir:{world['secret']}"})
     # the dashboard's way of opening a cache
     with pytest.raises(CacheError, match="outside the allowed folders") as info:
-        cache_source(crafted, read_roots())
+        _open_as_session(crafted)
     assert len(str(info.value).splitlines()) == 1
     # the CLI with REFINECLIP_ALLOWED_ROOTS set: refused, nothing exported
     out = world["allowed"] / "exported.safetensors"
@@ -149,8 +155,8 @@ def test_local_dir_inside_the_roots_is_read_as_our_config_and_checkpoint(world, 
 def test_without_allowed_roots_the_cli_keeps_following_paths(world, monkeypatch):
     """A local user's CLI (no REFINECLIP_ALLOWED_ROOTS, no dashboard roots) is not confined."""
     monkeypatch.delenv("REFINECLIP_ALLOWED_ROOTS", raising=False)
-    assert source_roots(None) is None
-    check_spec_sources(f"local-dir:{world['secret']}", None, None, None, source_roots(None))
+    assert not sources_confinement().confined
+    check_spec_sources(f"local-dir:{world['secret']}", None, None, None)
     assert load_model(ModelSpec(f"local-dir:{world['secret']}")).model_name.startswith("local-dir:")
 
 
@@ -167,21 +173,20 @@ def test_hub_names_are_refused_without_the_operators_opt_in(world, confined, mon
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
     crafted = _craft(world, "crafted-hub", {"name": "hf-hub:someone/any-repo"})
     with pytest.raises(CacheError, match=f"Hugging Face hub.*{HUB_ENV}=1"):
-        cache_source(crafted, read_roots())
+        _open_as_session(crafted)
     rc, err = _refine(crafted, world["allowed"] / "hub.safetensors", capsys)
     assert rc != 0 and HUB_ENV in err and len(err.splitlines()) == 1
     with pytest.raises(RefineClipError, match=HUB_ENV):
         load_model(ModelSpec("hf-hub:someone/any-repo", roots=(str(world["allowed"]),)))
     # a config's Hugging Face text tower or tokenizer named by repository id: the same
-    roots = source_roots(None)
     for key in ("hf_model_name", "hf_tokenizer_name"):
         with pytest.raises(RefineClipError, match=HUB_ENV):
-            check_config_sources({"text_cfg": {key: "someone/any-repo"}, "vision_cfg": {}}, roots)
+            check_config_sources({"text_cfg": {key: "someone/any-repo"}, "vision_cfg": {}})
     assert confined == []
     # the operator's opt-in lets the name through the check (downloading is then open_clip's)
     monkeypatch.setenv(HUB_ENV, "1")
-    check_spec_sources("hf-hub:someone/any-repo", None, None, None, roots)
-    check_config_sources({"text_cfg": {"hf_model_name": "someone/any-repo"}, "vision_cfg": {}}, roots)
+    check_spec_sources("hf-hub:someone/any-repo", None, None, None)
+    check_config_sources({"text_cfg": {"hf_model_name": "someone/any-repo"}, "vision_cfg": {}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,21 +221,20 @@ def test_hf_names_in_a_config_outside_the_roots_give_one_sentence(world, confine
 
 
 def test_tokenizer_paths_and_remote_code_in_a_config_are_refused(world, confined):
-    roots = source_roots(None)
     with pytest.raises(OutsideRootsError):
-        check_config_sources({"text_cfg": {"tokenizer_kwargs": {"bpe_path": "/etc/passwd"}}, "vision_cfg": {}}, roots)
+        check_config_sources({"text_cfg": {"tokenizer_kwargs": {"bpe_path": "/etc/passwd"}}, "vision_cfg": {}})
     with pytest.raises(RefineClipError, match="remote code"):
         check_config_sources({"text_cfg": {"hf_tokenizer_name": str(world["allowed"]),
-                                           "tokenizer_kwargs": {"trust_remote_code": True}}, "vision_cfg": {}}, roots)
+                                           "tokenizer_kwargs": {"trust_remote_code": True}}, "vision_cfg": {}})
     with pytest.raises(OutsideRootsError):
-        check_config_sources({"text_cfg": {}, "vision_cfg": {"timm_model_name": f"local-dir:{world['outside']}"}}, roots)
+        check_config_sources({"text_cfg": {}, "vision_cfg": {"timm_model_name": f"local-dir:{world['outside']}"}})
     with pytest.raises(RefineClipError, match=f"SigLIP vocabulary.*{HUB_ENV}=1"):  # open_clip's choice by name
-        check_config_sources({"text_cfg": {}, "vision_cfg": {}}, roots, name="my-siglip-model")
+        check_config_sources({"text_cfg": {}, "vision_cfg": {}}, name="my-siglip-model")
     with pytest.raises(OutsideRootsError):  # a pretrained file beside the working directory, outside the roots
-        check_spec_sources("tiny-vit", None, None, "weights.pt", roots)
+        check_spec_sources("tiny-vit", None, None, "weights.pt")
     inside = world["allowed"] / "tok"
     inside.mkdir(exist_ok=True)
-    check_config_sources({"text_cfg": {"hf_tokenizer_name": str(inside)}, "vision_cfg": {}}, roots)  # allowed
+    check_config_sources({"text_cfg": {"hf_tokenizer_name": str(inside)}, "vision_cfg": {}})  # allowed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ def test_tokenizer_paths_and_remote_code_in_a_config_are_refused(world, confined
 
 def test_a_cache_is_opened_only_with_the_model_that_made_it(world, confined, capsys):
     # the genuine cache opens, through the dashboard's function and the CLI's
-    assert cache_source(world["cache"], read_roots()).spec.checkpoint == str(world["ckpt"])
+    assert _open_as_session(world["cache"]).spec.checkpoint == str(world["ckpt"])
     # another checkpoint of the same architecture, inside the roots, named by a copied manifest
     other = world["allowed"] / "model" / "other.pt"
     state = torch.load(world["ckpt"], weights_only=True)
@@ -247,7 +251,7 @@ def test_a_cache_is_opened_only_with_the_model_that_made_it(world, confined, cap
     crafted = _craft(world, "crafted-other", {"name": world["name"], "checkpoint": str(other),
                                               "model_config": str(world["cfg"])})
     with pytest.raises(CacheError, match="made by another model"):
-        cache_source(crafted, read_roots())
+        _open_as_session(crafted)
     out = world["allowed"] / "other.safetensors"
     rc, err = _refine(crafted, out, capsys)
     assert rc != 0 and "made by another model" in err and not out.exists()
@@ -255,7 +259,7 @@ def test_a_cache_is_opened_only_with_the_model_that_made_it(world, confined, cap
     unrecorded = _craft(world, "crafted-unrecorded", {"name": world["name"], "checkpoint": str(world["ckpt"]),
                                                       "model_config": str(world["cfg"])}, fingerprint=None)
     with pytest.raises(CacheError, match="no fingerprint"):
-        cache_source(unrecorded, read_roots())
+        _open_as_session(unrecorded)
     # the recorded fingerprint is the model's own (ModelSpec.fingerprint), checked, not trusted blindly
     manifest = json.loads((world["cache"] / "manifest.json").read_text())
     assert manifest["extra"][MODEL_FINGERPRINT] == ModelSpec(**{**manifest["model"], "roots": None}).fingerprint()
@@ -283,13 +287,15 @@ import os, resource, sys
 sys.path.insert(0, os.getcwd())
 from refineclip_core.errors import RefineClipError
 from refineclip_core.loading.checkpoints import read_state_dict
+from refineclip_core.loading.confine import Confinement
 
 def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 before = peak_mib()
 try:
-    read_state_dict(sys.argv[1], [os.path.dirname(sys.argv[1])])
+    with Confinement.of([os.path.dirname(sys.argv[1])]).active():
+        read_state_dict(sys.argv[1])
     print("LOADED", before, peak_mib())
 except RefineClipError as exc:
     print("REFUSED", before, peak_mib(), str(exc).replace(chr(10), " "))
@@ -419,7 +425,7 @@ def test_finding_a_transformers_folder_outside_the_roots_reveals_nothing(world):
     (hf / "config.json").write_text(json.dumps({"model_type": "clip"}))
     answers = []
     for target in (hf, world["outside"] / "nothing-here", hf / "config.json"):
-        with pytest.raises(OutsideRootsError) as info:
-            find_hf_checkpoint(target, [str(world["allowed"])])
+        with pytest.raises(OutsideRootsError) as info, Confinement.of([world["allowed"]]).active():
+            find_hf_checkpoint(target)
         answers.append(_refusal(info, str(target)))
     assert len(set(answers)) == 1, answers

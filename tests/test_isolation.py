@@ -21,6 +21,7 @@ import torch
 from refineclip_core.cli import main
 from refineclip_core.errors import RefineClipError
 from refineclip_core.loading import hf_clip
+from refineclip_core.loading.confine import Confinement
 from refineclip_core.loading.models import ModelSpec, load_model
 from refineclip_core.edit.export import export_checkpoint
 from refineclip_core.edit.paper import RefinedMap
@@ -90,7 +91,8 @@ def test_an_hf_export_carries_only_the_files_it_needs(hostile_hf, tmp_path, root
     root, folder, _ = hostile_hf
     allowed = [str(root)] if roots == "dashboard" else None
     loaded = load_model(ModelSpec("x", checkpoint=str(folder), roots=allowed and tuple(allowed)))
-    out = export_checkpoint(str(folder), loaded.model, _edit(16), tmp_path / "out" / "edited", "hf", roots=allowed)
+    with Confinement.of(allowed).active():
+        out = export_checkpoint(str(folder), loaded.model, _edit(16), tmp_path / "out" / "edited", "hf")
     _assert_clean(out)
 
 
@@ -100,14 +102,15 @@ def test_a_needed_file_linking_out_refuses_the_export(hostile_hf, tmp_path, root
     (folder / "special_tokens_map.json").symlink_to(secret)
     allowed = (str(root),) if roots == "dashboard" else None
     loaded = load_model(ModelSpec("x", checkpoint=str(folder), roots=allowed))
-    with pytest.raises(RefineClipError, match="special_tokens_map.json.*symbolic link outside.*not written"):
-        export_checkpoint(str(folder), loaded.model, _edit(16), tmp_path / "edited", "hf", roots=allowed)
+    with pytest.raises(RefineClipError, match="special_tokens_map.json.*symbolic link outside.*not written"), \
+            Confinement.of(allowed).active():
+        export_checkpoint(str(folder), loaded.model, _edit(16), tmp_path / "edited", "hf")
     assert not (tmp_path / "edited").exists()
     # a link to the environment under a needed name is refused the same way
     (folder / "special_tokens_map.json").unlink()
     (folder / "merges.txt").symlink_to("/proc/self/environ")
-    with pytest.raises(RefineClipError, match="merges.txt"):
-        export_checkpoint(str(folder), loaded.model, _edit(16), tmp_path / "edited", "hf", roots=allowed)
+    with pytest.raises(RefineClipError, match="merges.txt"), Confinement.of(allowed).active():
+        export_checkpoint(str(folder), loaded.model, _edit(16), tmp_path / "edited", "hf")
 
 
 def test_a_hub_snapshot_exports_through_its_blob_links(tmp_path):
@@ -214,7 +217,8 @@ def two_sessions(tmp_path, monkeypatch, tiny_model_files, class_folder):
     ckpt = save_upload(Path(tiny_model_files["checkpoint"]).read_bytes(), "private.pt", "ckpt", a_dir)
     cfg = save_upload(Path(tiny_model_files["config"]).read_bytes(), "tiny-vit.json", "cfg", a_dir)
     spec = ModelSpec(tiny_model_files["name"], checkpoint=str(ckpt), model_config=str(cfg), roots=a_roots)
-    scanned = scan_images("zip", zip_data=_zip_of(class_folder), upload_dir=a_dir, roots=a_roots)
+    with Confinement.of(a_roots).active():  # session A's
+        scanned = scan_images("zip", zip_data=_zip_of(class_folder), upload_dir=a_dir)
     loaded = load_model(spec)
     source, ecfg = plan_source(scanned, spec, loaded.model_name, 1, list(scanned.dataset.classes),
                                ["a photo of a {}."], private_dir=a_dir)
@@ -239,22 +243,24 @@ def test_another_session_cannot_open_list_or_rebuild_from_it(two_sessions):
 
     cache, b_roots = two_sessions["a_source"].cache_dir, two_sessions["b_roots"]
     assert str(two_sessions["tmp"].resolve()) in b_roots  # the working directory: A's folder lies below it
-    with pytest.raises(CacheError, match="another session"):
-        cache_source(cache, b_roots)
+    with pytest.raises(CacheError, match="another session"), Confinement.of(b_roots).active():
+        cache_source(cache)
     with pytest.raises(DataError, match="outside the folders"):
         allowed_path(two_sessions["a_dir"], b_roots)
     from .conftest import make_image
 
     (two_sessions["tmp"] / "public").mkdir()
     make_image(np.random.default_rng(0), (10, 20, 30)).save(two_sessions["tmp"] / "public" / "p.png")
-    ds = load_dataset(two_sessions["tmp"], roots=b_roots)  # B lists the shared folder holding A's
+    with Confinement.of(b_roots).active():  # B lists the shared folder holding A's
+        ds = load_dataset(two_sessions["tmp"])
     assert ds.classes == ["public"] and not any(two_sessions["a_dir"].name in r.path for r in ds.records)
     assert {s.reason for s in ds.skipped if two_sessions["a_dir"].name in s.path} == {
         "class folder: another session's private folder, not listed"}
     # A itself opens its cache, with its own roots
     from refineclip_core.loading.confine import read_roots
 
-    assert cache_source(cache, read_roots(two_sessions["a_dir"])).spec.checkpoint
+    with Confinement.of(read_roots(two_sessions["a_dir"])).active():
+        assert cache_source(cache).spec.checkpoint
 
 
 def test_a_shared_cache_naming_another_sessions_model_is_refused(two_sessions):
@@ -269,8 +275,9 @@ def test_a_shared_cache_naming_another_sessions_model_is_refused(two_sessions):
     shared = two_sessions["home"] / "caches" / "copied"
     shutil.copytree(two_sessions["a_source"].cache_dir, shared)
     b_roots = two_sessions["b_roots"]
-    with pytest.raises(CacheError, match="The cache's checkpoint .* another session"):
-        cache_source(shared, b_roots)
+    as_b = Confinement.of(b_roots)
+    with pytest.raises(CacheError, match="The cache's checkpoint .* another session"), as_b.active():
+        cache_source(shared)
     # even a manifest naming a model B may read gets B's roots, not the recorded ones
     manifest = json.loads((shared / "manifest.json").read_text())
     spec = ModelSpec(**manifest["model"])
@@ -278,18 +285,20 @@ def test_a_shared_cache_naming_another_sessions_model_is_refused(two_sessions):
     manifest["model"]["checkpoint"] = manifest["model"]["model_config"] = None
     manifest["model"]["name"] = "demo"
     (shared / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match="made by another model"):  # the fingerprint recorded is A's model's
-        cache_source(shared, b_roots)
+    with pytest.raises(CacheError, match="made by another model"), as_b.active():  # the fingerprint is A's model's
+        cache_source(shared)
     manifest["extra"]["model_fingerprint"] = ModelSpec("demo").fingerprint()  # forged for a model B may read
     (shared / "manifest.json").write_text(json.dumps(manifest))
-    opened = cache_source(shared, b_roots)
+    with as_b.active():
+        opened = cache_source(shared)
     assert opened.spec.roots == tuple(b_roots)
     # two sessions that may both read it share what is computed from it (one engine, not one per session)
     from refineclip_core.loading.confine import read_roots
 
-    by_a = cache_source(shared, read_roots(two_sessions["a_dir"]))
-    assert by_a.spec.roots != opened.spec.roots and by_a.resource_key() == opened.resource_key()
-    assert cache_source(two_sessions["a_source"].cache_dir, read_roots(two_sessions["a_dir"])).key != opened.key
+    with Confinement.of(read_roots(two_sessions["a_dir"])).active():
+        by_a = cache_source(shared)
+        assert by_a.spec.roots != opened.spec.roots and by_a.resource_key() == opened.resource_key()
+        assert cache_source(two_sessions["a_source"].cache_dir).key != opened.key
     # and the reader itself refuses A's checkpoint under B's roots
     with pytest.raises(OutsideRootsError):
         load_model(ModelSpec(two_sessions["a_source"].spec.name, checkpoint=two_sessions["a_source"].spec.checkpoint,

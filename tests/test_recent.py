@@ -51,10 +51,12 @@ def test_items_newest_first_with_sizes_and_roots(home, image_folder, tmp_path):
     assert man.model_name in items[2].label and f"{man.n_records:,} images" in items[2].label
     assert "cat → dog" in items[1].label and "(verified)" in items[1].label
     # a session that may read the images and the home, but not /somewhere/private, never sees that run
-    roots = [home, image_folder]
-    assert [Path(i.path) for i in recent_items(home, roots)] == [run, cache, home / "demo-data-s1-n2"]
-    with pytest.raises(DataError):
-        remove_item(other, home, roots)
+    from refineclip_core.loading.confine import Confinement
+
+    with Confinement.of([home, image_folder]).active():
+        assert [Path(i.path) for i in recent_items(home)] == [run, cache, home / "demo-data-s1-n2"]
+        with pytest.raises(DataError):
+            remove_item(other, home)
     assert other.exists()
 
 

@@ -38,7 +38,7 @@ from refineclip_core.loading.budget import (
     memory_budget,
     parse_size,
 )
-from refineclip_core.loading.confine import OUTSIDE_REASON
+from refineclip_core.loading.confine import OUTSIDE_REASON, Confinement
 from refineclip_core.loading.data import ImageDataset, load_dataset, parse_metadata
 from refineclip_core.loading.decode import load_image
 from refineclip_core.loading.checkpoints import read_state_dict
@@ -94,7 +94,8 @@ def _reasons(ds: ImageDataset) -> dict[str, str]:
 
 def test_links_leaving_the_roots_are_skipped_with_the_reason(linked_tree):
     data, links = linked_tree["data"], linked_tree["links"]
-    ds = load_dataset(data, roots=[linked_tree["allowed"]])
+    with Confinement.of([linked_tree["allowed"]]).active():
+        ds = load_dataset(data)
     listed = {r.path for r in ds.records}
     reasons = _reasons(ds)
     assert ds.roots == (str(linked_tree["allowed"]),)
@@ -134,30 +135,34 @@ def test_the_cli_follows_links_unless_told_otherwise(linked_tree, tiny_model_fil
 
 def test_a_link_swapped_in_after_listing_is_refused_when_read(linked_tree, tiny_model_files):
     allowed, elsewhere, data = linked_tree["allowed"], linked_tree["elsewhere"], linked_tree["data"]
-    ds = load_dataset(data, roots=[allowed])
+    confined = Confinement.of([allowed])
+    with confined.active():
+        ds = load_dataset(data)
     victim = data / "a" / "real.png"
     assert str(victim) in {r.path for r in ds.records}
-    load_image(victim, ds.roots)  # readable while it is a real file inside
+    with confined.active():
+        load_image(victim)  # readable while it is a real file inside
     # swap the file for a link leaving the roots (atomically, as an attacker would)
     tmp_link = data / "a" / ".swap"
     os.symlink(elsewhere / "secret.png", tmp_link)
     os.replace(tmp_link, victim)
-    with pytest.raises(ImageLoadError, match=OUTSIDE_REASON):
-        load_image(victim, ds.roots)
-    load_image(victim)  # without roots (the CLI) the link is followed
+    with pytest.raises(ImageLoadError, match=OUTSIDE_REASON), confined.active():
+        load_image(victim)
+    load_image(victim)  # not confined (the CLI) the link is followed
     # a folder above the file swapped for a link: the file actually opened is what is checked
     moved = data / "b_moved"
     os.rename(data / "b", moved)
     os.symlink(elsewhere, data / "b")
     (elsewhere / "real.png").write_bytes((moved / "real.png").read_bytes())
-    with pytest.raises(ImageLoadError, match=OUTSIDE_REASON):
-        load_image(data / "b" / "real.png", ds.roots)
+    with pytest.raises(ImageLoadError, match=OUTSIDE_REASON), confined.active():
+        load_image(data / "b" / "real.png")
     # the extraction's reader reports it as a skipped file, with the reason
     from refineclip_core.loading.models import load_model as load
 
     loaded = load(ModelSpec(tiny_model_files["name"], model_config=str(tiny_model_files["config"]),
                             checkpoint=str(tiny_model_files["checkpoint"])))
-    batch, keep, skipped = load_batch(loaded, [r for r in ds.records if r.path in (str(victim),)], 0, ds.roots)
+    with confined.active():
+        batch, keep, skipped = load_batch(loaded, [r for r in ds.records if r.path in (str(victim),)], 0)
     assert batch is None and keep == [] and skipped[0].reason == OUTSIDE_REASON
 
 
@@ -165,11 +170,12 @@ def test_metadata_and_csv_rows_are_confined(linked_tree):
     allowed, elsewhere, data = linked_tree["allowed"], linked_tree["elsewhere"], linked_tree["data"]
     (elsewhere / "metadata.csv").write_text("path,label\na/real.png,x\n")
     os.symlink(elsewhere / "metadata.csv", data / "metadata.csv")
-    with pytest.raises(OutsideRootsError, match=OUTSIDE_REASON):
-        load_dataset(data, roots=[allowed])
+    with pytest.raises(OutsideRootsError, match=OUTSIDE_REASON), Confinement.of([allowed]).active():
+        load_dataset(data)
     assert len(load_dataset(data)) == 1  # the CLI reads the linked metadata.csv
     text = "path,label\na/real.png,x\na/zz_link.png,y\n../elsewhere_typo.png,y\n"
-    ds = parse_metadata(text, data, roots=[allowed])
+    with Confinement.of([allowed]).active():
+        ds = parse_metadata(text, data)
     reasons = {s.path: s.reason for s in ds.skipped}
     assert [r.path for r in ds.records] == [str(data / "a" / "real.png")]
     assert reasons["a/zz_link.png"] == OUTSIDE_REASON
@@ -212,8 +218,8 @@ def test_checkpoints_and_configs_are_read_only_inside_the_roots(tiny_model_files
         load_model(confined)
     with pytest.raises(OutsideRootsError, match=OUTSIDE_REASON):
         confined.fingerprint()  # hashing the weights reads them too
-    with pytest.raises(OutsideRootsError, match=OUTSIDE_REASON):
-        read_state_dict(ckpt_link, [allowed])
+    with pytest.raises(OutsideRootsError, match=OUTSIDE_REASON), Confinement.of([allowed]).active():
+        read_state_dict(ckpt_link)
     # the same files copied inside the roots load; roots do not change the fingerprint
     os.remove(ckpt_link), os.remove(cfg_link)
     ckpt_link.write_bytes(Path(tiny_model_files["checkpoint"]).read_bytes())
@@ -225,8 +231,8 @@ def test_checkpoints_and_configs_are_read_only_inside_the_roots(tiny_model_files
     # swapped for a link after the spec was made: refused when read
     os.remove(ckpt_link)
     os.symlink(tiny_model_files["checkpoint"], ckpt_link)
-    with pytest.raises(OutsideRootsError):
-        read_state_dict(ckpt_link, inside.roots)
+    with pytest.raises(OutsideRootsError), Confinement.of(inside.roots).active():
+        read_state_dict(ckpt_link)
     with pytest.raises(OutsideRootsError):
         inside.fingerprint()
 

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    from ..loading.confine import Confinement
     from .common import terminal  # every message printed goes through it (loaded by the commands anyway)
 
     args, extra = parser.parse_known_args(argv)
@@ -84,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "pass_through", False):
         args.extra = extra
     try:
-        result = args.func(args)
+        with Confinement.from_env().active():  # one confinement for the whole command (REFINECLIP_ALLOWED_ROOTS)
+            result = args.func(args)
         sys.stdout.flush()
         return int(result or 0)
     except KeyboardInterrupt:

@@ -20,12 +20,12 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..files import atomic_write_bytes
 from ..features.extraction import EXTRACT_STAGE
 from ..features.zeroshot import DEFAULT_TEMPLATES, read_templates, validate_templates
-from ..errors import RefineClipError
+from ..errors import OutsideRootsError, RefineClipError
 from ..loading.budget import BUDGET_ENV
+from ..loading.confine import Confinement, current
 from ..loading.data import ImageDataset, load_dataset
 from ..loading.hf_clip import find_hf_checkpoint
 from ..loading.models import DEMO_MODEL, LoadedModel, ModelSpec, load_model
-from ..loading.sources import source_roots
 from ..method.errorsets import error_pairs
 from ..names import visible
 from ..method.evaluation import AccuracyReport
@@ -56,7 +56,7 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     name = args.model
     if name is None:
-        hf = find_hf_checkpoint(args.checkpoint, source_roots(None))  # confined when REFINECLIP_ALLOWED_ROOTS is set
+        hf = find_hf_checkpoint(args.checkpoint)  # confined when REFINECLIP_ALLOWED_ROOTS is set
         if hf is None:
             raise RefineClipError("--model is required (an open_clip architecture such as ViT-B-16, or 'demo') "
                                   "unless --checkpoint is a Hugging Face CLIP folder.")
@@ -77,12 +77,18 @@ def add_link_arg(p: argparse.ArgumentParser) -> None:
 
 
 def dataset(args: argparse.Namespace, **kwargs) -> ImageDataset:
-    """``load_dataset(args.data, ...)``, confined to the data folder with ``--no-follow-links``."""
-    roots = None
+    """``load_dataset(args.data, ...)`` under the command's confinement; with ``--no-follow-links``
+    confined to the data folder too (which must lie inside the command's confinement)."""
+    confinement = current()
     if getattr(args, "no_follow_links", False):
         data = Path(args.data).expanduser()
-        roots = [data.parent if data.is_file() else data]
-    return load_dataset(args.data, roots=roots, **kwargs)
+        folder = (data.parent if data.is_file() else data).resolve()
+        if not confinement.contains(folder):
+            raise OutsideRootsError(f"Data path '{args.data}' is outside the allowed folders "
+                                    f"({', '.join(confinement.folders or ())}); move the data below one of them.")
+        confinement = Confinement.of([folder])
+    with confinement.active():
+        return load_dataset(args.data, **kwargs)
 
 
 def add_template_args(p: argparse.ArgumentParser) -> None:

@@ -82,8 +82,8 @@ def resolve_export_format(source_checkpoint: str | os.PathLike | None, fmt: str 
 
 
 def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.nn.Module, refined: RefinedMap,
-                      out_path: str | os.PathLike, fmt: ExportFormat = "auto", roots=None,
-                      config: Mapping[str, Any] | None = None) -> Path:
+                      out_path: str | os.PathLike, fmt: ExportFormat = "auto",
+                      *, config: Mapping[str, Any] | None = None) -> Path:
     """Write the edited model's weights (the last linear layer merged, see the module docstring) atomically.
 
     ``fmt`` (see :func:`resolve_export_format`): ``open_clip`` writes ``.safetensors`` or a torch
@@ -94,21 +94,21 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
     checkpoint is converted first), else from ``model``'s current state dict. The merged
     ``visual.proj`` is kept in float32 when the checkpoint is in a lower precision (e.g. float16),
     so that the edited model reproduces the evaluated edit exactly instead of up to a rounding
-    that can flip borderline predictions. With ``roots`` (a dashboard model's) the source is read
-    only inside those folders (loading/confine.py); a transformers export copies only the config and
-    tokenizer files it needs, never through a link leaving ``roots`` (or, without ``roots``, the
-    source folder: :func:`~refineclip_core.loading.hf_clip.export_roots`). ``config`` (the model's
+    that can flip borderline predictions. The source is read under the confinement in force
+    (loading/confine.py; a dashboard model's: ``with spec.confinement().active():``); a transformers
+    export copies only the config and tokenizer files it needs, never through a link leaving it (or, not
+    confined, the source folder: :func:`~refineclip_core.loading.hf_clip.export_confinement`). ``config`` (the model's
     open_clip config) is needed only by a tower without a layer to merge into (SigLIP; see the
     module docstring): the edited config is written beside the weights (``<out>.json``).
     """
     out_path = Path(out_path)
     fmt = resolve_export_format(source_checkpoint, fmt)
-    hf_source = hf_clip.find_hf_checkpoint(source_checkpoint, roots)
-    converted = hf_clip.read_hf_checkpoint(hf_source, roots) if hf_source is not None else None
+    hf_source = hf_clip.find_hf_checkpoint(source_checkpoint)
+    converted = hf_clip.read_hf_checkpoint(hf_source) if hf_source is not None else None
     if converted is not None:
         state = converted.state_dict
     elif source_checkpoint:
-        state = read_state_dict(source_checkpoint, roots)
+        state = read_state_dict(source_checkpoint)
     else:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from ..features.backends import backend_for
@@ -131,7 +131,7 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
     if b_key is not None:
         state[b_key] = bias.to(keep).contiguous()
     if fmt == "hf":
-        return hf_clip.write_hf_checkpoint(out_path, state, model, hf_source, roots)
+        return hf_clip.write_hf_checkpoint(out_path, state, model, hf_source)
     if out_path.suffix == ".safetensors":
         from safetensors.torch import save
 

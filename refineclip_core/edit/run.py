@@ -73,9 +73,9 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
     if export_to is not None:
         (progress or silent)("Exporting the merged checkpoint", 0, 1)
         loaded = loaded or load_model(spec)
-        checkpoint = export_checkpoint(spec.resolved().checkpoint, loaded.model, outcome.refinement.refined,
-                                       export_to, export_format, roots=spec.roots,
-                                       config=resolve_model(spec).open_clip_config())
+        with spec.confinement().active():  # the source read where the model was
+            checkpoint = export_checkpoint(spec.resolved().checkpoint, loaded.model, outcome.refinement.refined,
+                                           export_to, export_format, config=resolve_model(spec).open_clip_config())
     args = dict(model=spec.to_dict(), data_root=data_root, checkpoint=checkpoint, extra=extra, diagnosis=diagnosis,
                 verdict=verdict, warnings=sanity_warnings(cache, ident, demo_data=demo_data),
                 merged_into=None if checkpoint is None else backend_for(loaded.model.visual).merge_target()[0])

@@ -39,6 +39,7 @@ import torch
 from ..errors import CacheError, Cancelled, RefineClipError
 from ..files import atomic_write_bytes, atomic_write_json, npy_bytes
 from ..loading.batches import DecodeConfig, decode_batch, decode_min_side, iter_batches
+from ..loading.confine import pinned
 from ..loading.data import ImageDataset, ImageRecord, SkippedFile
 from ..loading.models import MODEL_FINGERPRINT, LoadedModel
 from ..progress import CancelFn, Progress, never, silent
@@ -158,13 +159,12 @@ def parts_dtype(model_dtype: torch.dtype, store: Store) -> np.dtype:
     return {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}.get(store, storage_dtype(model_dtype))
 
 
-def load_batch(loaded: LoadedModel, records: Sequence[ImageRecord], start: int,
-               roots: Sequence[str] | None = None, *, min_side: int | None = None
+def load_batch(loaded: LoadedModel, records: Sequence[ImageRecord], start: int, *, min_side: int | None = None
                ) -> tuple[torch.Tensor | None, list[int], list[SkippedFile]]:
     """Decode and preprocess records in the calling thread; returns the tensor, their record indices
-    and skips. ``roots`` confines every read (:mod:`refineclip_core.loading.confine`); ``min_side``
+    and skips, read under the confinement in force (:mod:`refineclip_core.loading.confine`); ``min_side``
     decodes JPEGs at a reduced scale (e.g. a cache's ``manifest.decode_min_side``)."""
-    batch = decode_batch(records, start, loaded.preprocess, min_side, roots)
+    batch = decode_batch(records, start, loaded.preprocess, min_side)
     return batch.to(loaded.device, loaded.dtype), batch.keep, batch.skipped
 
 
@@ -266,9 +266,9 @@ def extract(
     # every batch of every shard still to do, in order: the decoders work ahead across shard boundaries
     spans = [(i, b, min(b + cfg.batch_size, i * manifest.shard_size + shard_len(i)))
              for i in todo for b in range(i * manifest.shard_size, i * manifest.shard_size + shard_len(i), cfg.batch_size)]
-    batches = iter_batches(dataset.records, [(a, b) for _, a, b in spans], loaded.preprocess,
-                           manifest.decode_min_side, cfg.decode, pin=loaded.device.type == "cuda",
-                           roots=dataset.roots)
+    with pinned(dataset.roots).active():  # read under the confinement the dataset was listed under
+        batches = iter_batches(dataset.records, [(a, b) for _, a, b in spans], loaded.preprocess,
+                               manifest.decode_min_side, cfg.decode, pin=loaded.device.type == "cuda")
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("embedding", "heads", "remainders", "index")}
     skipped: list[SkippedFile] = []
     try:

@@ -243,12 +243,12 @@ class GradcamPanel:
 
 
 def gradcam_panels(loaded, records: Sequence[ImageRecord], rows: Sequence[int], target_class: int,
-                   text: np.ndarray, heads: Sequence[HeadLike], size: int = 192,
-                   roots: Sequence[str] | None = None) -> tuple[list[GradcamPanel], list[SkippedFile]]:
+                   text: np.ndarray, heads: Sequence[HeadLike], size: int = 192
+                   ) -> tuple[list[GradcamPanel], list[SkippedFile]]:
     """Grad-CAM of ``target_class`` for the whole model and for ``heads`` alone on the images of
-    cache ``rows`` (``records`` are the cache's), decoded again from disk (reads confined to
-    ``roots``); images that cannot be read any more are returned as skipped."""
-    batch, keep, skipped = load_batch(loaded, [records[r] for r in rows], 0, roots)
+    cache ``rows`` (``records`` are the cache's), decoded again from disk (under the confinement
+    in force); images that cannot be read any more are returned as skipped."""
+    batch, keep, skipped = load_batch(loaded, [records[r] for r in rows], 0)
     if batch is None:
         return [], skipped
     whole = gradcam_maps(loaded, batch, int(target_class), text)

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 
 from ..errors import ImageLoadError, RefineClipError
-from .confine import Roots
+from .confine import Confinement, carry, current
 from .data import ImageRecord, SkippedFile
 from .decode import load_image
 
@@ -81,10 +81,10 @@ def decode_min_side(loaded, exact: bool) -> int | None:
     return None if exact or size is None else DRAFT_FACTOR * size
 
 
-def prepare_image(path: str, preprocess: Callable, min_side: int | None, roots: Roots = None) -> torch.Tensor:
-    """One image as the model's input tensor: decode (reduced when ``min_side``; reads confined to
-    ``roots``), then the exact transform."""
-    return load_image(path, roots, min_side=min_side, transform=preprocess)  # inside the decoding budget
+def prepare_image(path: str, preprocess: Callable, min_side: int | None) -> torch.Tensor:
+    """One image as the model's input tensor: decode (reduced when ``min_side``; read under the
+    confinement in force), then the exact transform."""
+    return load_image(path, min_side=min_side, transform=preprocess)  # inside the decoding budget
 
 
 @dataclass
@@ -107,9 +107,9 @@ class Batch:
         return self.images.to(device=device, dtype=dtype, non_blocking=self.images.is_pinned())
 
 
-def _one(path: str, preprocess: Callable, min_side: int | None, roots: Roots) -> torch.Tensor | SkippedFile:
+def _one(path: str, preprocess: Callable, min_side: int | None) -> torch.Tensor | SkippedFile:
     try:
-        return prepare_image(path, preprocess, min_side, roots)
+        return prepare_image(path, preprocess, min_side)
     except ImageLoadError as exc:
         return SkippedFile(path, str(exc))
     except Exception as exc:  # a preprocessing failure on an odd image must not stop the run
@@ -128,25 +128,27 @@ def _collate(start: int, outputs: Sequence[torch.Tensor | SkippedFile]) -> Batch
 
 
 def decode_batch(records: Sequence[ImageRecord], start: int, preprocess: Callable,
-                 min_side: int | None, roots: Roots = None) -> Batch:
+                 min_side: int | None) -> Batch:
     """Decode and transform ``records`` in the calling thread (record ``i`` has index ``start + i``)."""
-    return _collate(start, [_one(r.path, preprocess, min_side, roots) for r in records])
+    return _collate(start, [_one(r.path, preprocess, min_side) for r in records])
 
 
 class _Spans(torch.utils.data.Dataset):
-    """Worker-process side: item ``i`` is the whole batch ``spans[i]`` (a picklable dataset)."""
+    """Worker-process side: item ``i`` is the whole batch ``spans[i]`` (a picklable dataset), read under
+    the confinement in force where it was made (a worker process does not share the caller's context)."""
 
     def __init__(self, paths: Sequence[str], spans: Sequence[tuple[int, int]], preprocess: Callable,
-                 min_side: int | None, roots: Roots) -> None:
+                 min_side: int | None) -> None:
         self.paths, self.spans, self.preprocess, self.min_side = list(paths), list(spans), preprocess, min_side
-        self.roots = None if roots is None else tuple(map(str, roots))
+        self.confinement = current()
 
     def __len__(self) -> int:
         return len(self.spans)
 
     def __getitem__(self, i: int) -> Batch:
         a, b = self.spans[i]
-        return _collate(a, [_one(p, self.preprocess, self.min_side, self.roots) for p in self.paths[a:b]])
+        with self.confinement.active():
+            return _collate(a, [_one(p, self.preprocess, self.min_side) for p in self.paths[a:b]])
 
 
 def _first(items: list) -> object:
@@ -154,21 +156,41 @@ def _first(items: list) -> object:
 
 
 def iter_batches(records: Sequence[ImageRecord], spans: Sequence[tuple[int, int]], preprocess: Callable,
-                 min_side: int | None, cfg: DecodeConfig = DecodeConfig(), pin: bool = False,
-                 roots: Roots = None) -> Iterator[Batch]:
+                 min_side: int | None, cfg: DecodeConfig = DecodeConfig(), pin: bool = False) -> Iterator[Batch]:
     """The batches ``records[a:b]`` for each ``(a, b)`` of ``spans``, in order, decoded by ``cfg``'s
-    workers up to ``cfg.prefetch`` batches ahead (reads confined to ``roots``); ``pin`` puts them in
-    page-locked memory (CUDA)."""
+    workers up to ``cfg.prefetch`` batches ahead; ``pin`` puts them in page-locked memory (CUDA).
+
+    Every image is read under the confinement in force at this call (taken now, not when the batches
+    are drawn; each worker thread carries it, :func:`~refineclip_core.loading.confine.carry`)."""
+    return _under(current(), _iter_batches(records, spans, preprocess, min_side, cfg, pin))
+
+
+def _under(confinement: Confinement, batches: Iterator[Batch]) -> Iterator[Batch]:
+    """``batches``, each drawn with ``confinement`` in force (whoever draws them, from whatever context)."""
+    try:
+        while True:
+            with confinement.active():
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+    finally:
+        with confinement.active():
+            batches.close()  # the workers stop now, not when the generator is collected
+
+
+def _iter_batches(records: Sequence[ImageRecord], spans: Sequence[tuple[int, int]], preprocess: Callable,
+                  min_side: int | None, cfg: DecodeConfig, pin: bool) -> Iterator[Batch]:
     workers = cfg.n_workers()
     paths = [r.path for r in records]
     if workers == 0 or len(spans) == 0:
         for a, b in spans:
-            batch = decode_batch(records[a:b], a, preprocess, min_side, roots)
+            batch = decode_batch(records[a:b], a, preprocess, min_side)
             yield batch.pin_memory() if pin else batch
         return
     if cfg.kind == "process":
         loader = torch.utils.data.DataLoader(
-            _Spans(paths, spans, preprocess, min_side, roots), batch_size=1, shuffle=False, num_workers=workers,
+            _Spans(paths, spans, preprocess, min_side), batch_size=1, shuffle=False, num_workers=workers,
             collate_fn=_first, pin_memory=pin, prefetch_factor=max(1, -(-cfg.prefetch // workers)))
         yield from loader
         return
@@ -180,7 +202,7 @@ def iter_batches(records: Sequence[ImageRecord], spans: Sequence[tuple[int, int]
             span = next(upcoming, None)
             if span is not None:
                 a, b = span
-                pending.append((a, [pool.submit(_one, p, preprocess, min_side, roots) for p in paths[a:b]]))
+                pending.append((a, [pool.submit(carry(_one), p, preprocess, min_side) for p in paths[a:b]]))
 
         for _ in range(cfg.prefetch + 1):
             submit()

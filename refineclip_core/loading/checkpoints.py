@@ -17,19 +17,19 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CheckpointError
-from .confine import confined_path, open_confined, resolve_roots
+from .confine import confined_path, open_confined
 
 
-def file_digest(path: str | os.PathLike, roots=None, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes (streamed; read only inside ``roots`` when given)."""
+def file_digest(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes (streamed; read under the confinement in force)."""
     h = hashlib.sha256()
-    with open_confined(path, resolve_roots(roots)) as fh:
+    with open_confined(path) as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
-def checkpoint_memory(path: str | os.PathLike, roots=None, budget: str | int | float | None = None) -> int:
+def checkpoint_memory(path: str | os.PathLike, *, budget: str | int | float | None = None) -> int:
     """Bytes the checkpoint ``path`` occupies in memory once read, from the file's own metadata,
     refused in one sentence (:class:`CheckpointError`) when they exceed the memory budget
     (:func:`~refineclip_core.loading.budget.memory_budget`); nothing is inflated or allocated.
@@ -43,7 +43,7 @@ def checkpoint_memory(path: str | os.PathLike, roots=None, budget: str | int | f
       pickle, which cannot be checked before unpickling.
     """
     path = str(path)
-    with open_confined(path, resolve_roots(roots)) as fh:
+    with open_confined(path) as fh:
         return _checked_memory(fh, path, budget)
 
 
@@ -73,26 +73,24 @@ def _checked_memory(fh, path: str, budget: str | int | float | None) -> int:
     return need
 
 
-def read_state_dict(path: str | os.PathLike, roots=None, budget: str | int | float | None = None
-                    ) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, *, budget: str | int | float | None = None) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely and return a plain ``name -> tensor`` state dict.
 
     Accepts safetensors, and torch files holding a state dict or a training checkpoint with a
-    ``state_dict`` entry; strips ``module.`` prefixes. Never unpickles arbitrary objects. With
-    ``roots`` the path must lie inside those folders (checked before its existence, the same
-    sentence either way) and so must the file actually opened. Its memory is checked against
+    ``state_dict`` entry; strips ``module.`` prefixes. Never unpickles arbitrary objects. Under a
+    confinement (:func:`~refineclip_core.loading.confine.current`) the path must lie inside its folders
+    (checked before its existence, the same sentence either way) and so must the file actually opened. Its memory is checked against
     ``budget`` from its own metadata before anything is read (:func:`checkpoint_memory`).
     """
-    path = str(path)
-    if roots is not None:
-        from .sources import check_path
+    from .sources import check_path
 
-        check_path(path, resolve_roots(roots), "The checkpoint")
+    path = str(path)
+    check_path(path, "The checkpoint")
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint '{path}' does not exist.")
     try:
-        with confined_path(path, resolve_roots(roots)) as name:
-            with open(name, "rb") as fh:  # the very file checked (``/proc/self/fd/N`` with roots)
+        with confined_path(path) as name:
+            with open(name, "rb") as fh:  # the very file checked (``/proc/self/fd/N`` when confined)
                 _checked_memory(fh, path, budget)
             state = _read_state(path, name)
     except OSError as exc:

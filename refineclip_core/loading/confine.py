@@ -2,16 +2,21 @@
 
 The dashboard runs as the server's user, so a symbolic link placed in a folder it may read
 (``a/zz_link.jpg -> /elsewhere/secret.jpg``, a class folder ``c -> /elsewhere``) would make
-it read, and show, files its users must not see. Every reader of a user-named file (images,
-``metadata.csv``, checkpoints, model configs) therefore takes ``roots``:
+it read, and show, files its users must not see. The folders a reader may read from are one
+object, a :class:`Confinement`, established once where a run starts and consulted by every
+reader of a user-named file (images, ``metadata.csv``, checkpoints, model configs):
 
-* ``roots=None`` (the library's and the CLI's default): links are followed wherever they
-  point; a shell user can read those files anyway.
-* ``roots=[folders]`` (what the dashboard passes, :func:`read_roots`):
-  the file is opened first and the path of *the file actually opened* (``/proc/self/fd``) must
-  lie at or below one of the folders; otherwise :class:`~refineclip_core.errors.OutsideRootsError`
-  is raised and nothing is read. Checking the opened file, not a name listed earlier, means a
-  link swapped in after a folder was listed is still refused.
+* established with ``with Confinement.of(folders).active():`` (the dashboard, per session and
+  script run: :func:`dashboard.state.confinement`; a job or decoding worker started inside the
+  block carries it along, :func:`carry`); :func:`current` is the one in force;
+* outside any such block, :meth:`Confinement.from_env`: the ``REFINECLIP_ALLOWED_ROOTS`` folders
+  when the variable is set (a CLI run by a server or a service), else none (a local user's CLI and
+  library: links are followed wherever they point; a shell user can read those files anyway);
+* a confined read opens the file first and the path of *the file actually opened*
+  (``/proc/self/fd``) must lie at or below one of the folders; otherwise
+  :class:`~refineclip_core.errors.OutsideRootsError` is raised and nothing is read. Checking the
+  opened file, not a name listed earlier, means a link swapped in after a folder was listed is
+  still refused.
 
 Listing (:func:`refineclip_core.loading.data.load_dataset`) applies the same rule early, so
 such files are skipped with the reason :data:`OUTSIDE_REASON` before any work is planned.
@@ -29,6 +34,7 @@ same folders by :mod:`refineclip_core.loading.sources`, before anything is read.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
 import json
@@ -36,18 +42,21 @@ import os
 import re
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence, TypeVar
 
 from ..errors import DataError, OutsideRootsError
 from ..home import ASSETS_DIR, home_dir
+
+T = TypeVar("T")
 
 #: Why a file or folder reached through a link that leaves the allowed folders is skipped.
 OUTSIDE_REASON = "symbolic link outside the allowed folders"
 #: Why another session's own folder (uploads, private caches) is not listed.
 PRIVATE_REASON = "another session's private folder, not listed"
 
-Roots = Sequence[str | os.PathLike] | None
+Roots = Sequence[str | os.PathLike]
 
 #: Environment variable listing the folders a typed server path may lie below (``os.pathsep``-separated).
 ALLOWED_ROOTS_ENV = "REFINECLIP_ALLOWED_ROOTS"
@@ -55,13 +64,6 @@ ALLOWED_ROOTS_ENV = "REFINECLIP_ALLOWED_ROOTS"
 
 class SpecialFileError(OSError):
     """The path is a device, pipe or socket, not a regular file (reading it could block forever)."""
-
-
-def resolve_roots(roots: Roots) -> tuple[Path, ...] | None:
-    """The folders as absolute paths with every link resolved (None stays None: no confinement)."""
-    if roots is None:
-        return None
-    return tuple(dict.fromkeys(Path(r).expanduser().resolve() for r in roots))
 
 
 #: Prefix of every per-session folder (``<tmp>/refineclip-uploads-XXXXXXXX``): uploads, private caches, exports.
@@ -95,20 +97,6 @@ def is_inside(path: Path, roots: Sequence[Path]) -> bool:
                for r in roots)
 
 
-def leaves_roots(path: str | os.PathLike, roots: Sequence[Path] | None) -> bool:
-    """For listings: True when ``path`` resolves outside the resolved ``roots``.
-
-    A path that cannot be resolved (a link loop) counts as inside: opening it fails anyway and
-    the reader reports the specific reason."""
-    if roots is None:
-        return False
-    try:
-        real = Path(path).resolve()
-    except (OSError, RuntimeError, ValueError):
-        return False
-    return not is_inside(real, roots)
-
-
 def _opened_path(fd: int, path: str) -> Path:
     """The absolute path of the file open on ``fd`` (Linux: the kernel's own answer)."""
     try:
@@ -124,56 +112,171 @@ def _opened_path(fd: int, path: str) -> Path:
     return real
 
 
-def _refuse(path: str | os.PathLike, roots: Sequence[Path]) -> OutsideRootsError:
-    shown = ", ".join(str(r) for r in roots) or "none configured"
-    return OutsideRootsError(f"'{path}' is a {OUTSIDE_REASON} ({shown}); it was not read.")
+@dataclass(frozen=True)
+class Confinement:
+    """The folders every file read must lie in: ``roots`` (absolute, every link resolved), or
+    ``None``: not confined (links are followed wherever they point).
+
+    Made once where a run starts (:meth:`of`, :meth:`from_env`) and put in force with
+    :meth:`active`; every reader consults :func:`current`."""
+
+    roots: tuple[Path, ...] | None = None
+
+    @classmethod
+    def of(cls, folders: Roots | None) -> "Confinement":
+        """The folders as absolute paths with every link resolved (None: not confined)."""
+        if folders is None:
+            return cls(None)
+        return cls(tuple(dict.fromkeys(Path(r).expanduser().resolve() for r in folders)))
+
+    @classmethod
+    def from_env(cls) -> "Confinement":
+        """What holds where nothing was made active: :func:`read_roots` when ``REFINECLIP_ALLOWED_ROOTS``
+        is set (a CLI run by a server or a service), else not confined (a local user's CLI and library)."""
+        if not os.environ.get(ALLOWED_ROOTS_ENV, "").strip():
+            return cls(None)
+        return cls.of(read_roots())
+
+    @property
+    def confined(self) -> bool:
+        return self.roots is not None
+
+    @property
+    def folders(self) -> tuple[str, ...] | None:
+        """The folders as text (a record's field, a cache key), or None."""
+        return None if self.roots is None else tuple(map(str, self.roots))
+
+    def widened(self, *extra: str | os.PathLike) -> "Confinement":
+        """These folders and ``extra`` (not confined stays not confined)."""
+        return self if self.roots is None else Confinement.of([*self.roots, *extra])
+
+    def contains(self, path: Path) -> bool:
+        """Whether the resolved ``path`` may be read (:func:`is_inside`; always, when not confined)."""
+        return self.roots is None or is_inside(path, self.roots)
+
+    def leaves(self, path: str | os.PathLike) -> bool:
+        """For listings: True when ``path`` resolves outside the folders.
+
+        A path that cannot be resolved (a link loop) counts as inside: opening it fails anyway and
+        the reader reports the specific reason."""
+        if self.roots is None:
+            return False
+        try:
+            real = Path(path).resolve()
+        except (OSError, RuntimeError, ValueError):
+            return False
+        return not is_inside(real, self.roots)
+
+    def refusal(self, path: str | os.PathLike) -> OutsideRootsError:
+        """The one sentence for a file reached outside the folders."""
+        shown = ", ".join(str(r) for r in self.roots or ()) or "none configured"
+        return OutsideRootsError(f"'{path}' is a {OUTSIDE_REASON} ({shown}); it was not read.")
+
+    @contextlib.contextmanager
+    def open(self, path: str | os.PathLike) -> Iterator[BinaryIO]:
+        """Open a regular file for binary reading; refuse it unless the file actually opened lies
+        inside the folders.
+
+        Raises :class:`OutsideRootsError`, :class:`SpecialFileError`, or the ``OSError`` of the
+        open itself (``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``, ``ELOOP``)."""
+        flags = (os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+                 | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, flags)  # O_NONBLOCK: opening a FIFO must not hang; regular files ignore it
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+            if not stat.S_ISREG(mode):
+                raise SpecialFileError(errno.EINVAL, "not a regular file (a device, pipe or socket)", str(path))
+            if self.roots is not None and not is_inside(_opened_path(fd, str(path)), self.roots):
+                raise self.refusal(path)
+            fh = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with fh:
+            yield fh
+
+    @contextlib.contextmanager
+    def path(self, path: str | os.PathLike) -> Iterator[str]:
+        """A name for path-based readers (safetensors, torch) that refers to the checked file.
+
+        Not confined, this is ``path`` itself. Confined, the file is opened and checked as in
+        :meth:`open` and, while the block runs, the name is ``/proc/self/fd/<fd>``: the very file
+        that was checked, whatever happens to ``path`` meanwhile (elsewhere the resolved path)."""
+        if self.roots is None:
+            yield os.fspath(path)
+            return
+        with self.open(path) as fh:
+            proc = f"/proc/self/fd/{fh.fileno()}"
+            yield proc if os.path.exists(proc) else str(Path(path).resolve())
+
+    def read_bytes(self, path: str | os.PathLike, limit: int | None = None) -> bytes:
+        """The bytes of a regular file read through :meth:`open` (at most ``limit + 1`` bytes when
+        ``limit`` is given, so callers can refuse oversized files without reading them)."""
+        with self.open(path) as fh:
+            return fh.read() if limit is None else fh.read(limit + 1)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["Confinement"]:
+        """Put this confinement in force for the block (this thread, and what it starts through :func:`carry`)."""
+        token = _CURRENT.set(self)
+        try:
+            yield self
+        finally:
+            _CURRENT.reset(token)
 
 
-@contextlib.contextmanager
-def open_confined(path: str | os.PathLike, roots: Sequence[Path] | None = None) -> Iterator[BinaryIO]:
-    """Open a regular file for binary reading; with ``roots`` (resolved, see
-    :func:`resolve_roots`) refuse it unless the file actually opened lies inside them.
-
-    Raises :class:`OutsideRootsError`, :class:`SpecialFileError`, or the ``OSError`` of the
-    open itself (``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``, ``ELOOP``)."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, flags)  # O_NONBLOCK: opening a FIFO must not hang; regular files ignore it
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
-        if not stat.S_ISREG(mode):
-            raise SpecialFileError(errno.EINVAL, "not a regular file (a device, pipe or socket)", str(path))
-        if roots is not None and not is_inside(_opened_path(fd, str(path)), roots):
-            raise _refuse(path, roots)
-        fh = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    with fh:
-        yield fh
+_CURRENT: contextvars.ContextVar[Confinement | None] = contextvars.ContextVar("refineclip_confinement", default=None)
+_FALLBACKS: dict[str, Callable[[], Confinement | None]] = {}
 
 
-@contextlib.contextmanager
-def confined_path(path: str | os.PathLike, roots: Sequence[Path] | None = None) -> Iterator[str]:
-    """A name for path-based readers (safetensors, torch) that refers to the checked file.
-
-    Without ``roots`` this is ``path`` itself. With ``roots`` the file is opened and checked as
-    in :func:`open_confined` and, while the block runs, the name is ``/proc/self/fd/<fd>``: the
-    very file that was checked, whatever happens to ``path`` meanwhile (elsewhere the resolved path)."""
-    if roots is None:
-        yield os.fspath(path)
-        return
-    with open_confined(path, roots) as fh:
-        proc = f"/proc/self/fd/{fh.fileno()}"
-        yield proc if os.path.exists(proc) else str(Path(path).resolve())
+def set_fallback(name: str, fn: Callable[[], Confinement | None]) -> None:
+    """Register ``fn`` (once per ``name``): asked, where nothing was made active, before the environment.
+    The dashboard's answers a session's confinement in that session's script thread (a fragment's rerun
+    runs outside ``app.py``'s block) and None elsewhere."""
+    _FALLBACKS[name] = fn
 
 
-def read_bytes(path: str | os.PathLike, roots: Sequence[Path] | None = None, limit: int | None = None) -> bytes:
-    """The bytes of a regular file read through :func:`open_confined` (at most ``limit + 1``
-    bytes when ``limit`` is given, so callers can refuse oversized files without reading them)."""
-    with open_confined(path, roots) as fh:
-        return fh.read() if limit is None else fh.read(limit + 1)
+def current() -> Confinement:
+    """The confinement in force: the innermost :meth:`Confinement.active`, else a registered fallback's
+    (:func:`set_fallback`), else :meth:`Confinement.from_env` (never "not confined" by accident where the
+    operator set the allowed roots)."""
+    made = _CURRENT.get()
+    if made is not None:
+        return made
+    for fn in tuple(_FALLBACKS.values()):
+        made = fn()
+        if made is not None:
+            return made
+    return Confinement.from_env()
+
+
+def pinned(folders: Roots | None) -> Confinement:
+    """The confinement a record pinned (a model spec's or a dataset's ``roots``), else :func:`current`."""
+    return Confinement.of(folders) if folders is not None else current()
+
+
+def carry(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` to run in another thread under the caller's confinement (a copy of the caller's context,
+    taken now; one call at a time): a thread does not inherit the context of the one that starts it."""
+    ctx = contextvars.copy_context()
+    return functools.wraps(fn)(lambda *args, **kwargs: ctx.run(fn, *args, **kwargs))
+
+
+def open_confined(path: str | os.PathLike) -> contextlib.AbstractContextManager[BinaryIO]:
+    """:meth:`Confinement.open` under :func:`current`."""
+    return current().open(path)
+
+
+def confined_path(path: str | os.PathLike) -> contextlib.AbstractContextManager[str]:
+    """:meth:`Confinement.path` under :func:`current`."""
+    return current().path(path)
+
+
+def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """:meth:`Confinement.read_bytes` under :func:`current`."""
+    return current().read_bytes(path, limit)
 
 
 #: Deepest nesting of ``[``/``{`` accepted in a JSON file a user hands the server (model configs,

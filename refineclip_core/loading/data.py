@@ -15,9 +15,9 @@ records it as skipped with the reason.
 
 Symbolic links: class folders and the folders below them are treated alike. A folder link is
 followed unless it points at the data folder, above it or at a folder already listed (a loop).
-With ``roots`` (the dashboard, see :mod:`refineclip_core.loading.confine`) files and folders
-whose links leave those folders are skipped with :data:`~refineclip_core.loading.confine.OUTSIDE_REASON`,
-and every read checks the file actually opened again; without ``roots`` (the CLI) links are
+Under a confinement (the dashboard's, see :mod:`refineclip_core.loading.confine`) files and folders
+whose links leave its folders are skipped with :data:`~refineclip_core.loading.confine.OUTSIDE_REASON`,
+and every read checks the file actually opened again; not confined (a local user's CLI) links are
 followed wherever they point.
 """
 
@@ -34,7 +34,7 @@ from typing import Iterable, Sequence
 
 from ..errors import DataError, OutsideRootsError
 from ..names import decodable
-from .confine import OUTSIDE_REASON, PRIVATE_REASON, Roots, is_inside, leaves_roots, open_confined, resolve_roots
+from .confine import OUTSIDE_REASON, PRIVATE_REASON, Confinement, current, open_confined
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 WATERBIRDS_CLASSES = ("landbird", "waterbird")
@@ -121,7 +121,7 @@ class ImageDataset:
     classes: list[str]
     layout: str
     skipped: list[SkippedFile] = field(default_factory=list)
-    roots: tuple[str, ...] | None = None   # folders every image must be read from (None: follow links)
+    roots: tuple[str, ...] | None = None   # the confinement it was listed under (its folders; None: follow links)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -153,10 +153,10 @@ def _is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def detect_layout(root: Path, roots: Roots = None) -> str:
+def detect_layout(root: Path) -> str:
     meta = root / METADATA_NAME
     if meta.is_file():
-        return csv_layout(_read_csv_header(meta, roots))
+        return csv_layout(_read_csv_header(meta))
     return "folder"
 
 
@@ -165,22 +165,33 @@ def csv_layout(header: Sequence[str]) -> str:
     return "waterbirds" if {"img_filename", "y", "place"} <= {h.strip() for h in header} else "csv"
 
 
-def _read_csv_header(path: Path, roots: Roots = None) -> list[str]:
-    with open_confined(path, resolve_roots(roots)) as fh:
+def _read_csv_header(path: Path) -> list[str]:
+    with open_confined(path) as fh:
         text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="replace", newline="")
         return [h.strip() for h in next(csv.reader(text), [])]
 
 
 def load_dataset(path: str | os.PathLike, layout: str = "auto", split: str | None = None,
-                 columns: dict[str, str | None] | None = None, roots: Roots = None) -> ImageDataset:
+                 columns: dict[str, str | None] | None = None) -> ImageDataset:
     """Build the list of labelled images under ``path`` (see the module docstring).
 
     ``columns`` renames the CSV columns read by the ``csv`` layout, e.g.
-    ``{"label": "Young", "group": "Male"}`` for a CelebA-style ``metadata.csv``. ``roots``
-    confines every file read (now and when the images are decoded) to those folders; links
-    leaving them are skipped with the reason :data:`~refineclip_core.loading.confine.OUTSIDE_REASON`.
+    ``{"label": "Young", "group": "Male"}`` for a CelebA-style ``metadata.csv``. The confinement in
+    force (:func:`~refineclip_core.loading.confine.current`) governs every file read, now and when the
+    images are decoded (the dataset records it: ``roots``); links leaving its folders are skipped with the
+    reason :data:`~refineclip_core.loading.confine.OUTSIDE_REASON`.
     """
-    resolved_roots = resolve_roots(roots)
+    conf = current()
+    with conf.active():  # listed under one confinement, looked up once
+        ds = _load_dataset(path, layout, columns, conf)
+    if not ds.records:
+        reasons = f" ({len(ds.skipped)} files skipped, e.g. {ds.skipped[0].reason})" if ds.skipped else ""
+        raise DataError(f"No usable images found in '{path}'{reasons}.")
+    return ds.subset(split)
+
+
+def _load_dataset(path: str | os.PathLike, layout: str, columns: dict[str, str | None] | None,
+                  conf: Confinement) -> ImageDataset:
     root = Path(path).expanduser()
     if root.is_file() and root.name.endswith(".csv"):
         meta_override, root = root, root.parent
@@ -191,38 +202,34 @@ def load_dataset(path: str | os.PathLike, layout: str = "auto", split: str | Non
     if not root.is_dir():
         raise DataError(f"Data path '{path}' is not a folder (give a folder of class sub-folders or with metadata.csv).")
     root = root.resolve()
-    if resolved_roots is not None and not is_inside(root, resolved_roots):
+    if not conf.contains(root):
         raise OutsideRootsError(f"Data path '{path}' is outside the allowed folders "
-                                f"({', '.join(map(str, resolved_roots))}); move the data below one of them.")
+                                f"({', '.join(conf.folders or ())}); move the data below one of them.")
     if layout == "auto":
-        layout = "csv" if meta_override else detect_layout(root, resolved_roots)
+        layout = "csv" if meta_override else detect_layout(root)
     if layout == "folder":
-        ds = _load_folder(root, resolved_roots)
+        ds = _load_folder(root)
     elif layout in ("csv", "waterbirds"):
         ds = _load_csv(root, meta_override or root / METADATA_NAME, waterbirds=layout == "waterbirds",
-                       columns=columns, roots=resolved_roots)
+                       columns=columns)
     else:
         raise DataError(f"Unknown layout '{layout}'; use auto, folder, csv or waterbirds.")
-    if resolved_roots is not None:
-        ds.roots = tuple(map(str, resolved_roots))
-    if not ds.records:
-        reasons = f" ({len(ds.skipped)} files skipped, e.g. {ds.skipped[0].reason})" if ds.skipped else ""
-        raise DataError(f"No usable images found in '{path}'{reasons}.")
-    return ds.subset(split)
+    ds.roots = conf.folders
+    return ds
 
 
-def _folder_refusal(folder: Path, root: Path, visited: set[Path], roots: Sequence[Path] | None) -> str | None:
+def _folder_refusal(folder: Path, root: Path, visited: set[Path]) -> str | None:
     """Why ``folder`` is not listed (None: list it): a link, see :func:`_folder_link_refusal`; a
     plain folder that is another session's own (a server folder holding the temporary directory)."""
     if folder.is_symlink():
-        return _folder_link_refusal(folder, root, visited, roots)
-    return PRIVATE_REASON if leaves_roots(folder, roots) else None
+        return _folder_link_refusal(folder, root, visited)
+    return PRIVATE_REASON if current().leaves(folder) else None
 
 
-def _folder_link_refusal(link: Path, root: Path, visited: set[Path], roots: Sequence[Path] | None) -> str | None:
-    """Why the folder link ``link`` is not followed (None: follow it): it leaves ``roots``, or
-    points at the data folder, above it or at a folder already listed (a loop)."""
-    if leaves_roots(link, roots):
+def _folder_link_refusal(link: Path, root: Path, visited: set[Path]) -> str | None:
+    """Why the folder link ``link`` is not followed (None: follow it): it leaves the allowed folders,
+    or points at the data folder, above it or at a folder already listed (a loop)."""
+    if current().leaves(link):
         return OUTSIDE_REASON
     try:
         target = link.resolve()
@@ -240,28 +247,29 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
-def _walk_images(folder: Path, root: Path, skipped: list[SkippedFile], roots: Sequence[Path] | None = None) -> list[Path]:
+def _walk_images(folder: Path, root: Path, skipped: list[SkippedFile]) -> list[Path]:
     """Image files below ``folder``, sorted, without hidden files; folder links are followed
-    unless :func:`_folder_link_refusal` says why not, file links leaving ``roots`` are skipped."""
+    unless :func:`_folder_link_refusal` says why not, file links leaving the allowed folders are skipped."""
+    conf = current()
     out: list[Path] = []
     visited = {folder.resolve()}
     stack = [folder]
     while stack:
-        current = stack.pop()
+        here = stack.pop()
         try:
-            with os.scandir(current) as it:
+            with os.scandir(here) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            skipped.append(SkippedFile(str(current), f"folder unreadable ({exc.strerror or exc})"))
+            skipped.append(SkippedFile(str(here), f"folder unreadable ({exc.strerror or exc})"))
             continue
         subdirs: list[Path] = []
         for entry in entries:
-            full = Path(current) / entry.name
+            full = Path(here) / entry.name
             if _is_dir(entry):  # follows links; a loop or a dangling link is not a folder
                 if entry.name.startswith("."):
                     skipped.append(SkippedFile(str(full), "hidden folder (name starts with '.'), not searched"))
                     continue
-                why = _folder_refusal(full, root, visited, roots)
+                why = _folder_refusal(full, root, visited)
                 if why:
                     skipped.append(SkippedFile(str(full), why))
                     continue
@@ -272,7 +280,7 @@ def _walk_images(folder: Path, root: Path, skipped: list[SkippedFile], roots: Se
             elif not _is_image_name(entry.name):
                 if entry.name != METADATA_NAME:
                     skipped.append(SkippedFile(str(full), "not an image file extension"))
-            elif entry.is_symlink() and leaves_roots(full, roots):
+            elif entry.is_symlink() and conf.leaves(full):
                 skipped.append(SkippedFile(str(full), OUTSIDE_REASON))
             else:
                 out.append(full)
@@ -280,7 +288,7 @@ def _walk_images(folder: Path, root: Path, skipped: list[SkippedFile], roots: Se
     return out
 
 
-def _load_folder(root: Path, roots: Sequence[Path] | None = None) -> ImageDataset:
+def _load_folder(root: Path) -> ImageDataset:
     skipped: list[SkippedFile] = []
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
@@ -290,11 +298,11 @@ def _load_folder(root: Path, roots: Sequence[Path] | None = None) -> ImageDatase
     records: list[ImageRecord] = []
     classes: list[str] = []
     for class_dir in class_dirs:
-        why = _folder_refusal(class_dir, root, set(), roots)
+        why = _folder_refusal(class_dir, root, set())
         if why:
             skipped.append(SkippedFile(str(class_dir), "class folder: " + why))
             continue
-        files = _walk_images(class_dir, root, skipped, roots)
+        files = _walk_images(class_dir, root, skipped)
         if not files:
             skipped.append(SkippedFile(str(class_dir), "class folder contains no images"))
             continue
@@ -306,14 +314,13 @@ def _load_folder(root: Path, roots: Sequence[Path] | None = None) -> ImageDatase
     return ImageDataset(str(root), records, classes, "folder", skipped)
 
 
-def _load_csv(root: Path, meta: Path, waterbirds: bool, columns: dict[str, str | None] | None = None,
-              roots: Sequence[Path] | None = None) -> ImageDataset:
+def _load_csv(root: Path, meta: Path, waterbirds: bool, columns: dict[str, str | None] | None = None) -> ImageDataset:
     """``meta`` parsed while it is read (streamed: a file of millions of rows is never held whole),
     in any encoding (see :func:`parse_metadata`)."""
     try:
-        with open_confined(meta, roots) as fh:
+        with open_confined(meta) as fh:
             text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
-            return parse_metadata(text, root, waterbirds=waterbirds, source=str(meta), columns=columns, roots=roots)
+            return parse_metadata(text, root, waterbirds=waterbirds, source=str(meta), columns=columns)
     except (OSError, ValueError) as exc:
         raise DataError(f"Cannot read '{meta}' ({getattr(exc, 'strerror', None) or exc}).") from exc
 
@@ -337,7 +344,7 @@ def max_csv_rows() -> int:
 
 
 def parse_metadata(text: str | Iterable[str], root: Path, waterbirds: bool | None = None, source: str = METADATA_NAME,
-                   columns: dict[str, str | None] | None = None, roots: Roots = None) -> ImageDataset:
+                   columns: dict[str, str | None] | None = None) -> ImageDataset:
     """Parse ``metadata.csv`` text (a string, or a text stream read row by row) into a dataset (paths
     resolved below ``root``). More than :func:`max_csv_rows` data rows are refused in one sentence as
     soon as the row after the limit is read.
@@ -345,14 +352,14 @@ def parse_metadata(text: str | Iterable[str], root: Path, waterbirds: bool | Non
     Rows whose path escapes ``root``, is missing or has an empty label are skipped with a
     reason; a header without the needed columns raises :class:`DataError`. ``columns`` maps
     ``path``/``label``/``group``/``split`` to other column names (``None`` drops one).
-    ``waterbirds=None`` reads the layout from the header (:func:`csv_layout`). ``roots``
-    confines the images' reads as in :func:`load_dataset`.
+    ``waterbirds=None`` reads the layout from the header (:func:`csv_layout`). The confinement in
+    force governs the images' reads as in :func:`load_dataset`.
 
     Text that is not UTF-8 is read with surrogate escapes (``errors="surrogateescape"``): a path
     then names the real file, while labels, groups and splits become display text here, through
     :func:`~refineclip_core.names.decodable` (undecodable bytes marked).
     """
-    resolved_roots = resolve_roots(roots)
+    conf = current()
     col = {"path": "path", "label": "label", "group": "group", "split": "split"}
     col.update({k: v for k, v in (columns or {}).items() if k in col})
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")) if isinstance(text, str) else text)
@@ -404,7 +411,7 @@ def parse_metadata(text: str | Iterable[str], root: Path, waterbirds: bool | Non
             continue
         if root_resolved not in resolved.parents:
             linked = root_resolved in Path(os.path.normpath(root_resolved / rel)).parents  # named inside, resolves outside
-            outside = linked and resolved_roots is not None and not is_inside(resolved, resolved_roots)
+            outside = linked and not conf.contains(resolved)
             skipped.append(SkippedFile(rel, OUTSIDE_REASON if outside else "path points outside the data folder"))
             continue
         try:
@@ -422,8 +429,7 @@ def parse_metadata(text: str | Iterable[str], root: Path, waterbirds: bool | Non
     index = {c: i for i, c in enumerate(classes)}
     records = [ImageRecord(p, index[l], g, s) for p, l, g, s in rows]
     check_class_name_lengths(classes, "label")
-    return ImageDataset(str(root), records, classes, "waterbirds" if waterbirds else "csv", skipped,
-                        None if resolved_roots is None else tuple(map(str, resolved_roots)))
+    return ImageDataset(str(root), records, classes, "waterbirds" if waterbirds else "csv", skipped, conf.folders)
 
 
 def _csv_rows(reader: csv.DictReader, source: str) -> Iterable[dict]:

@@ -1,7 +1,7 @@
 """Decoding one image file safely: any mode to 8-bit RGB, EXIF orientation, bomb and strip guards.
 
 The read of every image goes through :func:`load_image`: the file actually opened must lie inside
-the allowed folders (with ``roots``), Pillow's decompression-bomb guard stays on, and anything that
+the allowed folders (:func:`~refineclip_core.loading.confine.current`), Pillow's decompression-bomb guard stays on, and anything that
 cannot be decoded raises :class:`~refineclip_core.errors.ImageLoadError` with a specific reason
 (extraction records the file as skipped with it; a run never stops for one file).
 """
@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import ImageLoadError, OutsideRootsError
-from .confine import OUTSIDE_REASON, Roots, SpecialFileError, open_confined, resolve_roots
+from .confine import OUTSIDE_REASON, SpecialFileError, open_confined
 
 #: Longest-to-shortest side ratio :func:`load_image` keeps. CLIP preprocessing (resize the shortest
 #: side, centre crop) only sees the central square, so a more extreme strip is centre-cropped to
@@ -89,7 +89,7 @@ class PixelBudget:
 DECODE_BUDGET = PixelBudget()
 
 
-def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | None = None,
+def load_image(path: str | os.PathLike, *, min_side: int | None = None,
                transform: Callable[[Image.Image], Any] | None = None) -> Any:
     """Decode one image file into an RGB :class:`PIL.Image.Image` (or ``transform`` of it).
 
@@ -100,7 +100,7 @@ def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | 
     scale whose sides are still at least ``min_side`` (:func:`reduce_on_decode`). Raises
     :class:`ImageLoadError` with a specific reason for anything it cannot decode, including
     images over Pillow's decompression-bomb limit (the guard stays on), devices and pipes, and
-    (with ``roots``) files that resolve outside those folders when opened.
+    (under a confinement) files that resolve outside its folders when opened.
 
     ``transform`` (the model's preprocessing, a thumbnail's resize) runs while the image still holds
     its place in the budget and only its (small) result is returned: a full-size image never lives
@@ -108,7 +108,7 @@ def load_image(path: str | os.PathLike, roots: Roots = None, *, min_side: int | 
     """
     path = str(path)
     try:
-        with warnings.catch_warnings(), open_confined(path, resolve_roots(roots)) as fh:
+        with warnings.catch_warnings(), open_confined(path) as fh:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if os.fstat(fh.fileno()).st_size == 0:
                 raise ImageLoadError("empty file (0 bytes), not an image Pillow can identify")

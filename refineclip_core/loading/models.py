@@ -15,7 +15,8 @@ architecture.
 Before ``open_clip`` allocates anything, the architecture's config is sized
 (:mod:`refineclip_core.loading.budget`) and a model over the memory budget is refused. A spec
 with ``roots`` (the dashboard's) reads its checkpoint and config only if the files actually
-opened lie inside those folders (:mod:`refineclip_core.loading.confine`).
+opened lie inside those folders (:mod:`refineclip_core.loading.confine`): :meth:`ModelSpec.confinement`
+is put in force once, for the whole load, and every reader below consults it.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from ..home import ASSETS_DIR
 from . import hf_clip
 from .budget import check_model_budget, format_bytes
 from .checkpoints import checkpoint_memory, file_digest, load_state_dict_checked, read_state_dict
-from .confine import loads_json, read_bytes, resolve_roots
-from .sources import LOCAL_DIR_PREFIX, check_config_sources, check_spec_sources, source_roots
+from .confine import Confinement, loads_json, read_bytes
+from .sources import LOCAL_DIR_PREFIX, check_config_sources, check_spec_sources, sources_confinement
 from .tokenizers import deferred_tokenizer
 
 DEMO_MODEL = "demo"
@@ -104,28 +105,31 @@ class ModelSpec:
         """The spec :meth:`key` wrote."""
         return cls(**json.loads(key))
 
+    def confinement(self) -> Confinement:
+        """What this model's files are read under: its pinned ``roots`` (a dashboard session's), else the
+        confinement in force (:func:`~.sources.sources_confinement`: the demo model's folder included)."""
+        return sources_confinement(self.roots)
+
     def fingerprint(self) -> str:
         """A hash that changes when the architecture, the weights or the precision change (the files
         are hashed only after every model source passed :func:`~.sources.check_spec_sources`)."""
         spec = self.resolved()
-        roots = source_roots(spec.roots)
-        check_spec_sources(spec.name, spec.checkpoint, spec.model_config, spec.pretrained, roots)
-        if roots is not None:
-            spec = replace(spec, roots=tuple(map(str, roots)))
-        h = hashlib.sha256()
-        h.update(json.dumps({k: v for k, v in asdict(spec).items() if k not in ("device", "roots")},
-                            sort_keys=True).encode())
-        local = _local_dir_files(spec.name) if spec.name.startswith(LOCAL_DIR_PREFIX) else ()
-        for path in (*_checkpoint_files(spec.checkpoint, spec.roots), spec.model_config, *local):
-            if path and os.path.isfile(path):
-                h.update(file_digest(path, spec.roots).encode())
+        with self.confinement().active():
+            check_spec_sources(spec.name, spec.checkpoint, spec.model_config, spec.pretrained)
+            h = hashlib.sha256()
+            h.update(json.dumps({k: v for k, v in asdict(spec).items() if k not in ("device", "roots")},
+                                sort_keys=True).encode())
+            local = _local_dir_files(spec.name) if spec.name.startswith(LOCAL_DIR_PREFIX) else ()
+            for path in (*_checkpoint_files(spec.checkpoint), spec.model_config, *local):
+                if path and os.path.isfile(path):
+                    h.update(file_digest(path).encode())
         return h.hexdigest()[:16]
 
 
-def _checkpoint_files(checkpoint: str | None, roots=None) -> tuple[str | Path | None, ...]:
+def _checkpoint_files(checkpoint: str | None) -> tuple[str | Path | None, ...]:
     """The files behind ``checkpoint``: itself, or a transformers folder's config and weights."""
     try:
-        hf = hf_clip.find_hf_checkpoint(checkpoint, roots)
+        hf = hf_clip.find_hf_checkpoint(checkpoint)
     except CheckpointError:  # a broken transformers folder: loading it says what is wrong
         hf = None
     return hf.files() if hf else (checkpoint,)
@@ -175,10 +179,10 @@ class LoadedModel:
 MAX_CONFIG_BYTES = 1_000_000
 
 
-def read_config(config_path: str | os.PathLike, roots=None, whole: bool = False) -> dict:
+def read_config(config_path: str | os.PathLike, *, whole: bool = False) -> dict:
     """An open_clip model config JSON as a dict, refused in one sentence unless it is one.
 
-    The file is read only inside ``roots`` when given, only up to :data:`MAX_CONFIG_BYTES`, and
+    The file is read under the confinement in force, only up to :data:`MAX_CONFIG_BYTES`, and
     its nesting is measured before it is parsed (:func:`~refineclip_core.loading.confine.loads_json`),
     so a hostile file cannot exhaust the parser. Nothing is registered anywhere. ``whole``: the
     file's object as written (a hub-style file keeps its ``preprocess_cfg`` beside ``model_cfg``)."""
@@ -187,7 +191,7 @@ def read_config(config_path: str | os.PathLike, roots=None, whole: bool = False)
     if not path.is_file():
         raise RefineClipError(f"{what} does not exist; pass an open_clip config JSON file.")
     try:
-        data = read_bytes(path, resolve_roots(roots), limit=MAX_CONFIG_BYTES)
+        data = read_bytes(path, limit=MAX_CONFIG_BYTES)
     except OSError as exc:
         raise RefineClipError(f"{what} cannot be read ({exc.strerror or exc}).") from exc
     if len(data) > MAX_CONFIG_BYTES:
@@ -248,22 +252,27 @@ class ModelPlan:
         if self.spec.pretrained:
             return None
         files = self.hf.weights if self.hf is not None else (self.spec.checkpoint,) if self.spec.checkpoint else ()
-        return sum(checkpoint_memory(f, self.spec.roots, budget) for f in files)
+        with self.spec.confinement().active():
+            return sum(checkpoint_memory(f, budget=budget) for f in files)
 
 
 def resolve_model(spec: ModelSpec) -> ModelPlan:
     """Resolve: which architecture, which config and which weights ``spec`` means, refused in one
     sentence when it means none. A Hugging Face ``transformers`` folder is one branch here (its
-    config converted, :mod:`~refineclip_core.loading.hf_clip`); read and build do not care."""
+    config converted, :mod:`~refineclip_core.loading.hf_clip`); read and build do not care. Everything
+    is checked and read under :meth:`ModelSpec.confinement`, which the plan's spec pins for the read."""
+    confinement = spec.confinement()
+    with confinement.active():
+        return _resolve(spec, replace(spec.resolved(), roots=confinement.folders))
+
+
+def _resolve(spec: ModelSpec, spec_r: ModelSpec) -> ModelPlan:
+    """:func:`resolve_model` of ``spec`` (``spec_r``: resolved, pinned to the confinement in force)."""
     import open_clip
 
-    spec_r = spec.resolved()
     name = spec_r.name
     # every model source is checked before anything is read; reads below are confined to the same folders
-    roots = source_roots(spec_r.roots)
-    check_spec_sources(name, spec_r.checkpoint, spec_r.model_config, spec_r.pretrained, roots)
-    if roots is not None:  # reads use the folders checked (REFINECLIP_ALLOWED_ROOTS confines the CLI too)
-        spec_r = replace(spec_r, roots=tuple(map(str, roots)))
+    check_spec_sources(name, spec_r.checkpoint, spec_r.model_config, spec_r.pretrained)
     if spec.name == DEMO_MODEL and not Path(spec_r.checkpoint).exists():
         raise CheckpointError(
             f"The embedded demo checkpoint '{spec_r.checkpoint}' is missing; run "
@@ -277,19 +286,19 @@ def resolve_model(spec: ModelSpec) -> ModelPlan:
         raise RefineClipError("Give either a pretrained tag or a checkpoint file, not both.")
     if spec_r.pretrained and os.path.isfile(spec_r.pretrained):  # a file path passed as the tag
         spec_r = replace(spec_r, checkpoint=spec_r.pretrained, pretrained=None)
-    hf = hf_clip.find_hf_checkpoint(spec_r.checkpoint, spec_r.roots)
+    hf = hf_clip.find_hf_checkpoint(spec_r.checkpoint)
     if hf is not None:
         if spec_r.model_config or spec_r.pretrained:
             raise RefineClipError(f"'{spec_r.checkpoint}' is a Hugging Face CLIP checkpoint with its own config.json; "
                                   "drop --model-config and --pretrained.")
-        converted = hf_clip.read_hf_config(hf, spec_r.roots)
-        check_config_sources(converted.config, roots, converted.label, f"The config of '{spec_r.checkpoint}'")
+        converted = hf_clip.read_hf_config(hf)
+        check_config_sources(converted.config, name=converted.label, what=f"The config of '{spec_r.checkpoint}'")
         return ModelPlan(spec_r, f"hf-{converted.label}", converted.config, hf, converted.preprocess)
     if name.startswith(LOCAL_DIR_PREFIX) and not spec_r.model_config:
-        return _local_dir_plan(spec_r, roots)
+        return _local_dir_plan(spec_r)
     if spec_r.model_config:
-        cfg = read_config(spec_r.model_config, spec_r.roots)
-        check_config_sources(cfg, roots, name, f"The model config '{spec_r.model_config}'")
+        cfg = read_config(spec_r.model_config)
+        check_config_sources(cfg, name=name, what=f"The model config '{spec_r.model_config}'")
         return ModelPlan(spec_r, name, cfg)
     if not name.startswith("hf-hub:") and name not in open_clip.list_models():
         raise RefineClipError(
@@ -297,7 +306,7 @@ def resolve_model(spec: ModelSpec) -> ModelPlan:
             "--model-config given."
         )
     if not name.startswith("hf-hub:"):
-        check_config_sources(open_clip.get_model_config(name) or {}, roots, name, f"The config of '{name}'")
+        check_config_sources(open_clip.get_model_config(name) or {}, name=name, what=f"The config of '{name}'")
     return ModelPlan(spec_r, name, None)
 
 
@@ -313,26 +322,27 @@ def _local_dir_files(name: str) -> tuple[Path, Path | None]:
     return folder / "open_clip_config.json", next((folder / w for w in _LOCAL_DIR_WEIGHTS if (folder / w).is_file()), None)
 
 
-def _local_dir_plan(spec: ModelSpec, roots) -> ModelPlan:
+def _local_dir_plan(spec: ModelSpec) -> ModelPlan:
     """A ``local-dir:<folder>`` name (open_clip's ``open_clip_config.json`` plus weights) read as a
     config and a checkpoint of ours, so it is sized, confined and read like any other."""
     config, weights = _local_dir_files(spec.name)
-    cfg = read_config(config, spec.roots)
-    check_config_sources(cfg, roots, spec.name, f"The model config '{config}'")
-    preprocess = read_config(config, spec.roots, whole=True).get("preprocess_cfg")
+    cfg = read_config(config)
+    check_config_sources(cfg, name=spec.name, what=f"The model config '{config}'")
+    preprocess = read_config(config, whole=True).get("preprocess_cfg")
     spec = replace(spec, model_config=str(config), checkpoint=str(weights) if weights else None)
     return ModelPlan(spec, spec.name, cfg, preprocess=preprocess if isinstance(preprocess, dict) else {})
 
 
 def read_weights(plan: ModelPlan, budget: str | int | float | None = None) -> dict[str, torch.Tensor] | None:
-    """Read: the plan's weights under open_clip's names, inside the spec's roots (None: a tag that
+    """Read: the plan's weights under open_clip's names, under the spec's confinement (None: a tag that
     open_clip loads itself, or random weights)."""
     spec = plan.spec
-    if plan.hf is not None:
-        converted = hf_clip.ConvertedCLIP(plan.name, plan.user_config, {}, dict(plan.preprocess))
-        return hf_clip.read_hf_state_dict(plan.hf, converted, spec.roots)
-    if spec.checkpoint:
-        return read_state_dict(spec.checkpoint, spec.roots, budget)
+    with spec.confinement().active():
+        if plan.hf is not None:
+            converted = hf_clip.ConvertedCLIP(plan.name, plan.user_config, {}, dict(plan.preprocess))
+            return hf_clip.read_hf_state_dict(plan.hf, converted)
+        if spec.checkpoint:
+            return read_state_dict(spec.checkpoint, budget=budget)
     return None
 
 

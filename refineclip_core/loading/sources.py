@@ -9,10 +9,11 @@ weights), ``text_cfg.hf_tokenizer_name``, paths in ``text_cfg.tokenizer_kwargs``
 every one of them with the same rule as checkpoints (:func:`~refineclip_core.loading.confine.is_inside`
 on the resolved path), before any file is opened:
 
-* Which folders (:func:`source_roots`): the spec's ``roots`` (a dashboard session's), else, when
-  ``REFINECLIP_ALLOWED_ROOTS`` is set, the allowed roots (the CLI run by a server or a service),
-  else none (a local user's CLI: paths are followed as typed, as before). The embedded demo
-  model's folder is always among them.
+* Which folders (:func:`sources_confinement`): the confinement in force
+  (:func:`~refineclip_core.loading.confine.current`: a dashboard session's, else, when
+  ``REFINECLIP_ALLOWED_ROOTS`` is set, the allowed roots of a CLI run by a server or a service, else
+  none: a local user's CLI follows paths as typed); :func:`~.models.load_model` puts a spec's pinned
+  ``roots`` in force first. The embedded demo model's folder is always among them.
 * A path outside those folders is refused with one sentence that is the same whether the path
   exists, is missing, or is a file (:func:`outside_sources_error`): no existence oracle.
 * A name that needs the Hugging Face hub (``hf-hub:``, a repository id such as ``org/model``,
@@ -30,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import OutsideRootsError, RefineClipError
 from ..home import ASSETS_DIR
-from .confine import ALLOWED_ROOTS_ENV, OUTSIDE_REASON, is_inside, read_roots, resolve_roots
+from .confine import OUTSIDE_REASON, Confinement, pinned
 
 #: Environment variable an operator sets to ``1`` to let a confined server download named hub models.
 HUB_ENV = "REFINECLIP_ALLOW_HUB"
@@ -46,31 +47,32 @@ def hub_allowed() -> bool:
     return os.environ.get(HUB_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def source_roots(roots: Sequence[str | os.PathLike] | None) -> tuple[Path, ...] | None:
-    """The resolved folders every model source must lie in, or None (unconfined; see the module docstring)."""
-    if roots is None:
-        if not os.environ.get(ALLOWED_ROOTS_ENV, "").strip():
-            return None
-        roots = read_roots()
-    return resolve_roots([*roots, ASSETS_DIR / "demo"])
+def sources_confinement(pin: Sequence[str | os.PathLike] | None = None) -> Confinement:
+    """The confinement every model source is checked against and read under: ``pin`` (a spec's
+    ``roots``) when given, else the one in force, with the embedded demo model's folder."""
+    return pinned(pin).widened(ASSETS_DIR / "demo")
 
 
-def outside_sources_error(text: str, what: str, roots: Sequence[Path]) -> OutsideRootsError:
-    """The one sentence for a model source outside ``roots`` (independent of whether it exists)."""
-    shown = ", ".join(str(r) for r in roots) or "none configured"
+def outside_sources_error(text: str, what: str) -> OutsideRootsError:
+    """The one sentence for a model source outside the folders (independent of whether it exists)."""
+    shown = ", ".join(str(r) for r in sources_confinement().roots or ()) or "none configured"
     return OutsideRootsError(f"{what} '{str(text)[:300]}' is not one this session may read: it lies outside the "
                              f"allowed folders ({shown}), in another session's folder, or is a {OUTSIDE_REASON}; "
                              "nothing was read.")
 
 
-def check_path(path: str | os.PathLike, roots: Sequence[Path], what: str) -> None:
-    """Refuse ``path`` unless it resolves inside ``roots`` (links resolved; existence never consulted)."""
+def check_path(path: str | os.PathLike, what: str) -> None:
+    """Refuse ``path`` unless it resolves inside :func:`sources_confinement` (links resolved; existence
+    never consulted; nothing is refused where nothing is confined)."""
+    conf = sources_confinement()
+    if not conf.confined:
+        return
     try:
         real = Path(os.fspath(path)).expanduser().resolve()
     except (OSError, RuntimeError, ValueError, TypeError):  # a link loop, an embedded NUL: not readable here
         real = None
-    if real is None or not is_inside(real, roots):
-        raise outside_sources_error(os.fspath(path), what, roots)
+    if real is None or not conf.contains(real):
+        raise outside_sources_error(os.fspath(path), what)
 
 
 def check_hub(name: str, what: str) -> None:
@@ -81,31 +83,31 @@ def check_hub(name: str, what: str) -> None:
                               "fetched (put the model's files inside the allowed folders and name that folder).")
 
 
-def check_hf_name(name: Any, roots: Sequence[Path], what: str) -> None:
+def check_hf_name(name: Any, what: str) -> None:
     """A Hugging Face model or tokenizer name (``hf_model_name``, ``hf_tokenizer_name``): a folder
-    inside ``roots`` or, with :data:`HUB_ENV`, a hub repository id; anything else is refused."""
+    inside :func:`sources_confinement` or, with :data:`HUB_ENV`, a hub repository id; anything else is refused."""
     if not isinstance(name, str) or not name.strip():
         raise RefineClipError(f"{what} must be a folder path or a model name, not {str(name)[:60]!r}.")
     if name.startswith(HF_HUB_PREFIX):
         return check_hub(name[len(HF_HUB_PREFIX):], what)
     if name.startswith(LOCAL_DIR_PREFIX):
-        return check_path(name[len(LOCAL_DIR_PREFIX):], roots, what)
+        return check_path(name[len(LOCAL_DIR_PREFIX):], what)
     if _REPO_ID.fullmatch(name) and ".." not in name:
         # read as a folder relative to the working directory when one exists there, else fetched from the hub
         local = Path(name).resolve()
-        if is_inside(local, roots) and local.is_dir():
+        conf = sources_confinement()
+        if conf.contains(local) and local.is_dir():
             return None
         check_hub(name, what)  # without the opt-in: the same answer whether or not such a folder exists
-        if local.exists() and not is_inside(local, roots):
-            raise outside_sources_error(name, what, roots)
+        if local.exists() and not conf.contains(local):
+            raise outside_sources_error(name, what)
         return None
-    check_path(name, roots, what)
+    check_path(name, what)
 
 
-def check_config_sources(cfg: Mapping[str, Any], roots: Sequence[Path] | None, name: str = "",
-                         what: str = "The model config") -> None:
-    """Check every source an open_clip model config names (see the module docstring); ``name`` is the
-    architecture's name (open_clip picks a hub tokenizer for names containing ``siglip``)."""
+def check_config_sources(cfg: Mapping[str, Any], *, name: str = "", what: str = "The model config") -> None:
+    """Check every source an open_clip model config names against :func:`sources_confinement` (see the
+    module docstring); ``name`` is the architecture's name (open_clip picks a hub tokenizer for names containing ``siglip``)."""
     text = cfg.get("text_cfg") if isinstance(cfg.get("text_cfg"), Mapping) else {}
     vision = cfg.get("vision_cfg") if isinstance(cfg.get("vision_cfg"), Mapping) else {}
     kwargs = text.get("tokenizer_kwargs") or {}
@@ -114,17 +116,17 @@ def check_config_sources(cfg: Mapping[str, Any], roots: Sequence[Path] | None, n
     if any(k == "trust_remote_code" and v for k, v in kwargs.items()) or cfg.get("trust_remote_code"):
         raise RefineClipError(f"{what} asks to trust remote code; the studio never runs code from a model "
                               "folder, so it was refused.")
-    if roots is None:
+    if not sources_confinement().confined:
         return
     for key in ("hf_model_name", "hf_tokenizer_name"):
         if text.get(key):
-            check_hf_name(text[key], roots, f"{what}'s text_cfg.{key}")
+            check_hf_name(text[key], f"{what}'s text_cfg.{key}")
     for key, value in kwargs.items():
         if _PATH_KEYS.fullmatch(str(key)) and value is not None:
-            check_path(str(value), roots, f"{what}'s text_cfg.tokenizer_kwargs.{key}")
+            check_path(str(value), f"{what}'s text_cfg.tokenizer_kwargs.{key}")
     timm_name = vision.get("timm_model_name")
     if isinstance(timm_name, str) and timm_name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
-        check_hf_name(timm_name, roots, f"{what}'s vision_cfg.timm_model_name")
+        check_hf_name(timm_name, f"{what}'s vision_cfg.timm_model_name")
     if "siglip" in str(name).lower() and not text.get("hf_tokenizer_name") and not hub_allowed():
         raise RefineClipError(f"The model name '{str(name)[:100]}' contains 'siglip' and its config names no tokenizer, "
                               "so open_clip would download a SigLIP vocabulary from storage.googleapis.com; this "
@@ -133,20 +135,21 @@ def check_config_sources(cfg: Mapping[str, Any], roots: Sequence[Path] | None, n
                               "without 'siglip' if it uses CLIP's tokenizer).")
 
 
-def check_spec_sources(name: str, checkpoint: str | None, model_config: str | None, pretrained: str | None,
-                       roots: Sequence[Path] | None, owner: str = "The") -> None:
+def check_spec_sources(name: str, checkpoint: str | None, model_config: str | None, pretrained: str | None, *,
+                       owner: str = "The") -> None:
     """Check the model name (``local-dir:``/``hf-hub:``), checkpoint, config and pretrained file of a
-    spec (``owner`` starts each refusal: ``"The cache's"``)."""
+    spec against :func:`sources_confinement` (``owner`` starts each refusal: ``"The cache's"``)."""
+    confined = sources_confinement().confined
     if name.startswith(HF_HUB_PREFIX):
-        if roots is not None:
+        if confined:
             check_hub(name[len(HF_HUB_PREFIX):], f"{owner} model name")
         return
-    if roots is None:
+    if not confined:
         return
     if name.startswith(LOCAL_DIR_PREFIX):
-        check_path(name[len(LOCAL_DIR_PREFIX):], roots, f"{owner} model folder")
+        check_path(name[len(LOCAL_DIR_PREFIX):], f"{owner} model folder")
     for what, path in (("checkpoint", checkpoint), ("model config", model_config)):
         if path:
-            check_path(path, roots, f"{owner} {what}")
+            check_path(path, f"{owner} {what}")
     if pretrained and (os.sep in pretrained or "." in pretrained or pretrained.startswith("~")):  # a file, not a tag
-        check_path(pretrained, roots, f"{owner} pretrained file")
+        check_path(pretrained, f"{owner} pretrained file")

@@ -45,15 +45,14 @@ def verify_ablation(loaded, images: torch.Tensor, engine: AblationEngine, rows: 
 
 
 def verify_on_images(loaded, records: Sequence[ImageRecord], engine: AblationEngine, rows: Sequence[int],
-                     heads: Sequence[HeadId], max_images: int = 8,
-                     roots: Sequence[str] | None = None, *, min_side: int | None = None,
+                     heads: Sequence[HeadId], max_images: int = 8, *, min_side: int | None = None,
                      mode: Mode = "zero") -> VerificationResult | None:
     """:func:`verify_ablation` on the first ``max_images`` of ``rows`` (cache rows; ``records``
     are the cache's), decoded again from disk as the cache decoded them (``min_side``: the cache's
-    ``manifest.decode_min_side``; reads confined to ``roots``); None when none of them can be read
+    ``manifest.decode_min_side``; read under the confinement in force); None when none of them can be read
     any more."""
     rows = list(dict.fromkeys(int(r) for r in rows))[:max_images]
-    batch, keep, _ = load_batch(loaded, [records[r] for r in rows], 0, roots, min_side=min_side)
+    batch, keep, _ = load_batch(loaded, [records[r] for r in rows], 0, min_side=min_side)
     if batch is None:
         return None
     return verify_ablation(loaded, batch, engine, np.asarray([rows[k] for k in keep]), heads, mode)

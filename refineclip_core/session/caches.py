@@ -57,36 +57,39 @@ def private_cache_root(spec: ModelSpec, data_root: str | os.PathLike, private_di
     return None
 
 
-def cache_source(folder: str | os.PathLike, roots: Sequence[str | os.PathLike] | None = None) -> Source:
+def cache_source(folder: str | os.PathLike) -> Source:
     """The :class:`Source` of a complete cache folder made by ``refineclip extract`` (its model from
     the manifest, loaded only when a page needs it). Nothing is written into the folder.
 
-    With ``roots`` (the opening session's, :func:`~refineclip_core.loading.confine.read_roots`) the
-    folder must lie inside them and the model is checked by :func:`cache_model` with *those* roots."""
-    if roots is not None:
-        folder = _inside(folder, roots, "The feature cache folder")
+    Under a confinement (the opening session's, :func:`~refineclip_core.loading.confine.current`) the
+    folder must lie inside it and the model is checked by :func:`cache_model` under *that* confinement."""
+    from ..loading.confine import current
+
+    if current().confined:
+        folder = _inside(folder, "The feature cache folder")
     manifest = read_manifest(folder)
     if manifest is None or not manifest.complete:
         raise CacheError(f"'{folder}' is not a complete feature cache (no finished manifest.json); "
                          "run 'refineclip extract --out' on it first.")
-    spec = cache_model(manifest, folder, roots)
+    spec = cache_model(manifest, folder)
     return Source(spec=spec, data_root=manifest.data_root, cache_dir=str(Path(folder)),
                   label=f"{manifest.model_name} on the cache {Path(folder).name} ({manifest.n_records} images)")
 
 
-def cache_model(manifest: CacheManifest, folder: str | os.PathLike,
-                roots: Sequence[str | os.PathLike] | None = None) -> ModelSpec:
+def cache_model(manifest: CacheManifest, folder: str | os.PathLike) -> ModelSpec:
     """The model a cache was made with, as the opener may load it: the one way every cache is
     opened (the dashboard's :func:`cache_source`, the CLI's ``refine``/``explain``/``describe``).
 
-    The roots recorded in the manifest (those of the session that made it) are dropped and
-    ``roots`` used instead, so a manifest never widens what the opener may read (``roots=None``:
-    the CLI's, confined when ``REFINECLIP_ALLOWED_ROOTS`` is set). Every model source the manifest
+    The roots recorded in the manifest (those of the session that made it) are dropped and the
+    opener's confinement in force pinned instead (:func:`~refineclip_core.loading.confine.current`: a
+    session's; the CLI's, confined when ``REFINECLIP_ALLOWED_ROOTS`` is set), so a manifest never widens
+    what the opener may read. Every model source the manifest
     names (the model name, ``local-dir:``/``hf-hub:`` included, checkpoint, config, pretrained file)
     is checked before anything is read (:mod:`~refineclip_core.loading.sources`), then the
     model's fingerprint is compared with the one recorded at extraction: a cache is opened only
     with the model that made it. A confined opener refuses a cache that records none."""
-    from ..loading.sources import check_spec_sources, source_roots
+    from ..loading.confine import current
+    from ..loading.sources import check_spec_sources
 
     if not isinstance(manifest.model, dict):
         raise CacheError(f"The manifest of '{folder}' does not describe a model.")
@@ -97,18 +100,18 @@ def cache_model(manifest: CacheManifest, folder: str | os.PathLike,
     if not all(isinstance(getattr(spec, k), (str, type(None))) for k in ("name", "pretrained", "checkpoint",
                                                                            "model_config")) or not spec.name:
         raise CacheError(f"The manifest of '{folder}' does not describe a model (its fields must be text).")
-    if roots is not None:
-        spec = replace(spec, roots=tuple(str(r) for r in roots))
-    confined = source_roots(spec.roots)
+    spec = replace(spec, roots=current().folders)
+    confined = spec.confinement()
     resolved = spec.resolved()
     try:
-        check_spec_sources(resolved.name, resolved.checkpoint, resolved.model_config, resolved.pretrained, confined,
-                           owner="The cache's")
+        with confined.active():
+            check_spec_sources(resolved.name, resolved.checkpoint, resolved.model_config, resolved.pretrained,
+                               owner="The cache's")
     except RefineClipError as exc:
         raise CacheError(str(exc)) from exc
     recorded = (manifest.extra or {}).get(MODEL_FINGERPRINT) if isinstance(manifest.extra, dict) else None
     if recorded is None:
-        if confined is not None:
+        if confined.confined:
             raise CacheError(f"The feature cache '{Path(folder).name}' records no fingerprint of the model that "
                              "made it (an older version wrote it), so it cannot be checked; extract it again.")
         return spec
@@ -124,11 +127,12 @@ def cache_model(manifest: CacheManifest, folder: str | os.PathLike,
     return spec
 
 
-def _inside(path: str | os.PathLike, roots: Sequence[str | os.PathLike], what: str) -> Path:
-    from ..loading.confine import allowed_path
+def _inside(path: str | os.PathLike, what: str) -> Path:
+    """``path`` resolved, refused unless it lies inside the confinement in force."""
+    from ..loading.confine import allowed_path, current
 
     try:
-        return allowed_path(path, roots)
+        return allowed_path(path, current().folders)
     except DataError as exc:
         raise CacheError(f"{what} '{path}' is not one this session may read: it was made by another session or "
                          "lies outside the allowed folders; extract the images again here.") from exc

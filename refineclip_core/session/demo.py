@@ -99,6 +99,7 @@ def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progr
     ``loaded`` may pass the already loaded demo model (the dashboard caches it); otherwise it
     is loaded here. ``spec`` replaces the demo model (tests use a tiny stand-in).
     """
+    from ..loading.confine import Confinement
     from ..loading.models import load_model
 
     spec = spec or ModelSpec("demo")
@@ -107,7 +108,8 @@ def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progr
     if loaded is None:
         (progress or silent)("Loading the demo model", 0, 1)
         loaded = load_model(spec)
-    dataset = load_dataset(data, roots=[data])  # generated here: nothing may lead out of it
+    with Confinement.of([data]).active():  # generated here: nothing may lead out of it
+        dataset = load_dataset(data)
     cache_dir = cache_dir_for(spec, str(data), layers, cache_root)
     extract_locked(loaded, dataset, cache_dir, ExtractionConfig(layers=layers), progress, cancel)
     label = f"Embedded demo model on {len(dataset)} held-out demo images (seed {seed})"

@@ -41,13 +41,13 @@ class ScannedImages:
 
 def scan_images(kind: ImagesKind, *, folder: str | None = None, zip_data: bytes | None = None,
                 zip_name: str = "upload.zip", metadata: tuple[str, bytes] | None = None,
-                upload_dir: str | os.PathLike | None = None, roots: Sequence[str] | None = None) -> ScannedImages:
+                upload_dir: str | os.PathLike | None = None) -> ScannedImages:
     """List the images of the held-out demo sample, a server ``folder`` (it must lie below an
     allowed root) or an uploaded zip (unpacked once into ``upload_dir``), optionally labelled by
     an uploaded ``metadata`` CSV ``(name, bytes)`` whose layout is read from its header.
 
-    ``roots`` (:func:`~refineclip_core.loading.confine.read_roots`) confines every file read, now
-    and when the images are decoded: links leaving them are skipped with their reason."""
+    The confinement in force (:func:`~refineclip_core.loading.confine.current`, a session's) governs
+    every file read, now and when the images are decoded: links leaving it are skipped with their reason."""
     extra: tuple[tuple[str, str], ...] = ()
     if kind == "demo":
         root, label = write_demo_data(demo_data_dir()), "the held-out demo images"
@@ -66,13 +66,13 @@ def scan_images(kind: ImagesKind, *, folder: str | None = None, zip_data: bytes 
     if metadata is not None:
         name, data = metadata
         text = data.decode("utf-8-sig", errors="surrogateescape")  # paths name the real files; see parse_metadata
-        dataset = parse_metadata(text, Path(root), source=name, roots=roots)
+        dataset = parse_metadata(text, Path(root), source=name)
         if not dataset.records:
             raise DataError(f"No usable rows in '{name}'"
                             + (f" (e.g. {dataset.skipped[0].reason})." if dataset.skipped else "."))
         csv_hash = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     else:
-        dataset = load_dataset(root, roots=roots)
+        dataset = load_dataset(root)
     return ScannedImages(dataset, f"{dataset.root}|{csv_hash}", label, extra)
 
 

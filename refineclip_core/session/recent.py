@@ -63,20 +63,20 @@ def _modified(path: Path) -> float:
         return 0.0
 
 
-def recent_items(home: str | os.PathLike | None = None, roots=None) -> list[RecentItem]:
-    """Every image folder, complete feature cache and saved run of the home folder, newest first; with
-    ``roots`` (a session's readable folders) only those whose images lie inside them: a session never
-    sees the class or file names of data it may not read."""
-    from ..loading.confine import leaves_roots
+def recent_items(home: str | os.PathLike | None = None) -> list[RecentItem]:
+    """Every image folder, complete feature cache and saved run of the home folder, newest first; under
+    a confinement (a session's) only those whose images lie inside it: a session never sees the class
+    or file names of data it may not read."""
+    from ..loading.confine import current
 
-    resolved = None if roots is None else [Path(r).resolve() for r in roots]
+    confinement = current()
     root = home_dir(home)
     items: list[RecentItem] = []
     caches = root / CACHES
     if caches.is_dir():
         for d in caches.iterdir():
             man = read_manifest(d) if d.is_dir() and not d.is_symlink() else None
-            if man is None or not man.complete or leaves_roots(man.data_root, resolved):
+            if man is None or not man.complete or confinement.leaves(man.data_root):
                 continue
             label = f"{man.model_name} on {man.data_root} ({man.n_records:,} images, {len(man.classes)} classes)"
             items.append(RecentItem("cache", str(d), label, folder_size(d), _modified(d / "manifest.json")))
@@ -86,7 +86,7 @@ def recent_items(home: str | os.PathLike | None = None, roots=None) -> list[Rece
     runs = root / RUNS
     if runs.is_dir():
         for f in runs.glob("*.json"):
-            if f.is_file() and not f.is_symlink() and not leaves_roots(_run_root(f), resolved):
+            if f.is_file() and not f.is_symlink() and not confinement.leaves(_run_root(f)):
                 items.append(RecentItem("run", str(f), _run_label(f), f.stat().st_size, _modified(f)))
     return sorted(items, key=lambda i: -i.modified)
 
@@ -127,12 +127,12 @@ def save_run(report_json: str, name: str, home: str | os.PathLike | None = None,
     return path
 
 
-def remove_item(path: str | os.PathLike, home: str | os.PathLike | None = None, roots=None) -> None:
+def remove_item(path: str | os.PathLike, home: str | os.PathLike | None = None) -> None:
     """Delete one listed item; anything that is not directly an image folder, cache or run of the
-    home folder listed for ``roots`` (a link, a path elsewhere, the home itself) is refused."""
+    home folder listed under the confinement in force (a link, a path elsewhere, the home itself) is refused."""
     root = home_dir(home).resolve()
     p = Path(path)
-    listed = {Path(i.path) for i in recent_items(root, roots)}
+    listed = {Path(i.path) for i in recent_items(root)}
     if p.is_symlink() or p not in listed or p.resolve().parent not in (root, root / CACHES, root / RUNS):
         raise DataError(f"'{path}' is not an image folder, feature cache or run of the home folder; nothing removed.")
     if p.is_dir():

@@ -57,12 +57,12 @@ from .folder import (CONFIG_FILE, HFCheckpoint, MAX_JSON_BYTES, PREPROCESSOR_FIL
                      find_hf_checkpoint, hf_folder_in, is_hf_checkpoint)
 from .convert import (ACTIVATIONS, CLIP_EOT_ID, CLIP_VOCAB_SIZE, ConvertedCLIP, LEGACY_EOS_ID, hf_to_open_clip,
                       open_clip_config, open_clip_to_hf, read_hf_checkpoint, read_hf_config, read_hf_state_dict)
-from .export import EXPORT_FILES, MAX_EXPORT_FILE_BYTES, export_roots, hf_config_dict, write_hf_checkpoint, zip_folder
+from .export import EXPORT_FILES, MAX_EXPORT_FILE_BYTES, export_confinement, hf_config_dict, write_hf_checkpoint, zip_folder
 
 __all__ = [
     "CONFIG_FILE", "HFCheckpoint", "MAX_JSON_BYTES", "PREPROCESSOR_FILE", "WEIGHTS_FILE", "WEIGHT_FILES",
     "find_hf_checkpoint", "hf_folder_in", "is_hf_checkpoint", "ACTIVATIONS", "CLIP_EOT_ID", "CLIP_VOCAB_SIZE",
     "ConvertedCLIP", "LEGACY_EOS_ID", "hf_to_open_clip", "open_clip_config", "open_clip_to_hf",
     "read_hf_checkpoint", "read_hf_config", "read_hf_state_dict", "EXPORT_FILES", "MAX_EXPORT_FILE_BYTES",
-    "export_roots", "hf_config_dict", "write_hf_checkpoint", "zip_folder",
+    "export_confinement", "hf_config_dict", "write_hf_checkpoint", "zip_folder",
 ]

@@ -239,20 +239,20 @@ def open_clip_to_hf(state: Mapping[str, torch.Tensor], n_vision: int, n_text: in
     return out
 
 
-def _read_weights(ckpt: HFCheckpoint, roots=None) -> dict[str, torch.Tensor]:
+def _read_weights(ckpt: HFCheckpoint) -> dict[str, torch.Tensor]:
     from ..checkpoints import read_state_dict
 
     state: dict[str, torch.Tensor] = {}
     for path in ckpt.weights:
-        state.update(read_state_dict(path, roots))
+        state.update(read_state_dict(path))
     return state
 
 
-def _preprocess(ckpt: HFCheckpoint, roots=None) -> dict:
+def _preprocess(ckpt: HFCheckpoint) -> dict:
     """Normalisation and interpolation from ``preprocessor_config.json`` (when present)."""
     if ckpt.preprocessor is None:
         return {}
-    raw = _read_json(ckpt.preprocessor, roots)
+    raw = _read_json(ckpt.preprocessor)
     out: dict[str, Any] = {}
     if not isinstance(raw, dict):
         return out
@@ -265,33 +265,33 @@ def _preprocess(ckpt: HFCheckpoint, roots=None) -> dict:
     return out
 
 
-def read_hf_config(ckpt: HFCheckpoint, roots=None) -> ConvertedCLIP:
+def read_hf_config(ckpt: HFCheckpoint) -> ConvertedCLIP:
     """The open_clip config and preprocessing of a transformers CLIP checkpoint, without its weights
     (so a model's size can be checked before anything large is read; ``state_dict`` is empty)."""
-    raw = _read_json(ckpt.config, roots)
+    raw = _read_json(ckpt.config)
     if not isinstance(raw, dict):
         raise CheckpointError(f"'{ckpt.config}' is not a transformers config (a JSON object).")
     if siglip.is_siglip(raw):  # prompts are tokenised by the folder's own tokenizer; SigLIP squashes images
         config = siglip.open_clip_config(raw, str(ckpt.config), tokenizer=str(ckpt.folder.resolve()))
         return ConvertedCLIP(label=ckpt.label, config=config, state_dict={},
-                             preprocess={**_preprocess(ckpt, roots), "resize_mode": "squash"})
+                             preprocess={**_preprocess(ckpt), "resize_mode": "squash"})
     return ConvertedCLIP(label=ckpt.label, config=open_clip_config(raw, str(ckpt.config)), state_dict={},
-                         preprocess=_preprocess(ckpt, roots))
+                         preprocess=_preprocess(ckpt))
 
 
-def read_hf_state_dict(ckpt: HFCheckpoint, converted: ConvertedCLIP, roots=None) -> dict[str, torch.Tensor]:
+def read_hf_state_dict(ckpt: HFCheckpoint, converted: ConvertedCLIP) -> dict[str, torch.Tensor]:
     """The checkpoint's weights under open_clip's names (for the config :func:`read_hf_config` gave)."""
     config = converted.config
     if config["vision_cfg"].get("timm_model_name"):  # only SigLIP folders convert to a timm image tower
-        return siglip.hf_to_open_clip(_read_weights(ckpt, roots), str(ckpt.folder))
-    return hf_to_open_clip(_read_weights(ckpt, roots), config["vision_cfg"]["layers"], config["text_cfg"]["layers"],
+        return siglip.hf_to_open_clip(_read_weights(ckpt), str(ckpt.folder))
+    return hf_to_open_clip(_read_weights(ckpt), config["vision_cfg"]["layers"], config["text_cfg"]["layers"],
                            str(ckpt.folder))
 
 
-def read_hf_checkpoint(ckpt: HFCheckpoint, roots=None) -> ConvertedCLIP:
+def read_hf_checkpoint(ckpt: HFCheckpoint) -> ConvertedCLIP:
     """Convert a transformers CLIP checkpoint into an open_clip config and state dict."""
-    converted = read_hf_config(ckpt, roots)
-    return replace(converted, state_dict=read_hf_state_dict(ckpt, converted, roots))
+    converted = read_hf_config(ckpt)
+    return replace(converted, state_dict=read_hf_state_dict(ckpt, converted))
 
 
 from . import siglip  # noqa: E402  (siglip reuses this module's helpers)

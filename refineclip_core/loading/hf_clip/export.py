@@ -13,7 +13,7 @@ import torch
 
 from ...errors import CheckpointError, OutsideRootsError, RefineClipError
 from ...files import check_quota
-from ..confine import OUTSIDE_REASON, loads_json, read_bytes, resolve_roots
+from ..confine import OUTSIDE_REASON, Confinement, current, loads_json
 from .convert import CLIP_EOT_ID, LEGACY_EOS_ID, _transformers, open_clip_config, open_clip_to_hf
 from .folder import CONFIG_FILE, HFCheckpoint, PREPROCESSOR_FILE, WEIGHTS_FILE
 from . import siglip
@@ -162,32 +162,32 @@ def _check_out_dir(out_dir: Path, source: HFCheckpoint | None) -> None:
                                   "choose an empty or new folder.")
 
 
-def export_roots(source: HFCheckpoint, roots=None) -> tuple[Path, ...]:
-    """The folders an export of ``source`` may copy files from: ``roots`` (the dashboard's) when
-    given; otherwise (the CLI) the source folder itself, plus, for a Hugging Face hub snapshot
-    (``models--org--name/snapshots/<rev>/``, whose files link to ``../../blobs/``), its repository
-    folder. A file linking anywhere else is never copied."""
-    if roots is not None:
-        return resolve_roots(roots)
+def export_confinement(source: HFCheckpoint) -> Confinement:
+    """What an export of ``source`` may copy files from: the confinement in force (the dashboard's,
+    a server's) when there is one; otherwise (a local user's CLI) the source folder itself, plus, for
+    a Hugging Face hub snapshot (``models--org--name/snapshots/<rev>/``, whose files link to
+    ``../../blobs/``), its repository folder. A file linking anywhere else is never copied."""
+    if current().confined:
+        return current()
     folder = source.folder.expanduser().resolve()
     own = [folder]
     if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
         own.append(folder.parent.parent)
-    return resolve_roots(own)
+    return Confinement.of(own)
 
 
-def _export_files(source: HFCheckpoint, roots=None) -> dict[str, bytes]:
+def _export_files(source: HFCheckpoint) -> dict[str, bytes]:
     """The files of :data:`EXPORT_FILES` present in ``source``'s folder, each read through the
-    confined read (loading/confine.py) inside :func:`export_roots`: a link leaving them, a device
+    confined read (loading/confine.py) under :func:`export_confinement`: a link leaving it, a device
     or pipe, or an oversized file refuses the export in one sentence; other names are not read."""
-    allowed = export_roots(source, roots)
+    allowed = export_confinement(source)
     files: dict[str, bytes] = {}
     for name in EXPORT_FILES:
         path = source.folder / name
         if not os.path.lexists(path):
             continue
         try:
-            data = read_bytes(path, allowed, limit=MAX_EXPORT_FILE_BYTES)
+            data = allowed.read_bytes(path, limit=MAX_EXPORT_FILE_BYTES)
         except OutsideRootsError as exc:
             raise RefineClipError(f"'{name}' in '{source.folder}' is a {OUTSIDE_REASON} of the model; the export was "
                                   "not written (replace the link by the file itself).") from exc
@@ -202,12 +202,12 @@ def _export_files(source: HFCheckpoint, roots=None) -> dict[str, bytes]:
 
 
 def write_hf_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Tensor], model: torch.nn.Module,
-                        source: HFCheckpoint | None = None, roots=None) -> Path:
+                        source: HFCheckpoint | None = None) -> Path:
     """Write the open_clip ``state`` (e.g. with a merged ``visual.proj``) as a transformers folder.
 
     When the model came from transformers, ``config.json`` and the other files an export needs
     (:data:`EXPORT_FILES`: preprocessor and tokenizer files, nothing else) are copied from
-    ``source``, each read like every other file (only inside :func:`export_roots`, links leaving
+    ``source``, each read like every other file (only inside :func:`export_confinement`, links leaving
     them refused); otherwise the config is built from ``model`` (:func:`hf_config_dict`) with a
     matching ``preprocessor_config.json``. The weights go to ``model.safetensors``;
     ``CLIPModel.from_pretrained(out_dir)`` loads the folder.
@@ -218,7 +218,7 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, state: Mapping[str, torch.Te
     _check_out_dir(out_dir, source)
     files: dict[str, bytes] = {}
     if source is not None:
-        files = _export_files(source, roots)
+        files = _export_files(source)
         if CONFIG_FILE not in files:
             raise RefineClipError(f"'{source.config}' disappeared; the export was not written.")
         raw = loads_json(files[CONFIG_FILE], f"'{source.config}'", CheckpointError)

@@ -9,7 +9,7 @@ from typing import Any
 
 
 from ...errors import CheckpointError, RefineClipError
-from ..confine import loads_json, read_bytes, resolve_roots
+from ..confine import loads_json, read_bytes
 
 
 CONFIG_FILE = "config.json"
@@ -48,11 +48,11 @@ class HFCheckpoint:
 MAX_JSON_BYTES = 16_000_000
 
 
-def _read_json(path: Path, roots=None) -> Any:
-    """A JSON file's content, read only inside ``roots`` when given (see loading/confine.py), its
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, read under the confinement in force (see loading/confine.py), its
     size and nesting limited before it is parsed."""
     try:
-        data = read_bytes(path, resolve_roots(roots), limit=MAX_JSON_BYTES)
+        data = read_bytes(path, limit=MAX_JSON_BYTES)
     except OSError as exc:
         raise CheckpointError(f"'{path}' is not readable JSON ({exc}).") from exc
     if len(data) > MAX_JSON_BYTES:
@@ -60,36 +60,34 @@ def _read_json(path: Path, roots=None) -> Any:
     return loads_json(data, f"'{path}'", CheckpointError)
 
 
-def _is_hf_config(path: Path, roots=None) -> bool:
+def _is_hf_config(path: Path) -> bool:
     try:
-        cfg = _read_json(path, roots)
+        cfg = _read_json(path)
     except RefineClipError:
         return False
     return isinstance(cfg, dict) and "model_type" in cfg
 
 
-def _shards(index: Path, roots=None) -> tuple[Path, ...]:
-    data = _read_json(index, roots)
+def _shards(index: Path) -> tuple[Path, ...]:
+    data = _read_json(index)
     names = sorted(set((data.get("weight_map") or {}).values())) if isinstance(data, dict) else []
     if not names:
         raise CheckpointError(f"The shard index '{index}' names no weight files.")
     return tuple(index.parent / n for n in names)
 
 
-def find_hf_checkpoint(path: str | os.PathLike | None, roots=None) -> HFCheckpoint | None:
+def find_hf_checkpoint(path: str | os.PathLike | None) -> HFCheckpoint | None:
     """The transformers checkpoint at ``path``, or None when ``path`` is not one.
 
     ``path`` is a ``save_pretrained`` folder, or a weight file (``.safetensors``, ``.bin``, a
     shard index) with a transformers ``config.json`` (one with a ``model_type``) beside it.
-    With ``roots`` every file read is checked against them when opened (loading/confine.py).
+    Under a confinement every file read is checked against it when opened (loading/confine.py).
     """
+    from ..sources import check_path
+
     if not path:
         return None
-    if roots is not None:  # containment before existence: the same answer for any path outside
-        from ..confine import resolve_roots
-        from ..sources import check_path
-
-        check_path(path, resolve_roots(roots), "The checkpoint")
+    check_path(path, "The checkpoint")  # confined: containment before existence, the same answer for any path outside
     p = Path(path).expanduser()
     if p.is_dir():
         config = p / CONFIG_FILE
@@ -101,11 +99,11 @@ def find_hf_checkpoint(path: str | os.PathLike | None, roots=None) -> HFCheckpoi
                 f"The folder '{p}' has a config.json but no weights ({', '.join(WEIGHT_FILES)}); pass the folder "
                 "CLIPModel.save_pretrained wrote.")
         folder = p
-    elif p.is_file() and (p.parent / CONFIG_FILE).is_file() and _is_hf_config(p.parent / CONFIG_FILE, roots):
+    elif p.is_file() and (p.parent / CONFIG_FILE).is_file() and _is_hf_config(p.parent / CONFIG_FILE):
         config, weights, folder = p.parent / CONFIG_FILE, p, p.parent
     else:
         return None
-    shards = _shards(weights, roots) if weights.name.endswith(".index.json") else (weights,)
+    shards = _shards(weights) if weights.name.endswith(".index.json") else (weights,)
     pre = folder / PREPROCESSOR_FILE
     return HFCheckpoint(folder=folder, config=config, weights=shards, preprocessor=pre if pre.is_file() else None)
 
