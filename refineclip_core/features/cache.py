@@ -82,7 +82,9 @@ class FeatureCache:
 
     @cached_property
     def heads(self) -> ShardedArray | np.ndarray:
-        """``(N, L_s, H, d)`` per-head direct contributions c[l, h] (read from disk on demand)."""
+        """``(N, L_s, H, d)`` per-head direct contributions c[l, h] (read from disk on demand). The one array
+        named ``heads`` (after its files); functions that take it call it ``contributions``, and ``heads``
+        elsewhere is a list of :class:`~refineclip_core.features.decomposition.HeadId`."""
         return ShardedArray(self._paths("heads"))
 
     @cached_property

@@ -288,14 +288,14 @@ def describe_head(head_outputs: np.ndarray, pool_texts: Sequence[str], pool_emb:
     )
 
 
-def describe_heads(cache_heads_array: Any, head_ids: Sequence[HeadId], pool_texts: Sequence[str],
+def describe_heads(contributions: Any, head_ids: Sequence[HeadId], pool_texts: Sequence[str],
                    pool_emb: np.ndarray, k: int = 5, layers: Sequence[int] | None = None,
                    rows: np.ndarray | None = None, max_images: int | None = MAX_IMAGES,
                    seed: int = 0, method: str = DEFAULT_SPAN) -> list[HeadDescription]:
     """TextSpan descriptions of several heads from a feature cache's head contributions.
 
     Args:
-        cache_heads_array: ``(N, L_s, H, d)`` per-head contributions (``FeatureCache.heads``),
+        contributions: ``(N, L_s, H, d)`` per-head contributions (``FeatureCache.heads``),
             or a :class:`~refineclip_core.features.cache.FeatureCache` (its heads and layer scope are used).
         head_ids: the heads to describe (absolute layer indices, as in ``FeatureCache.head_ids()``).
         pool_texts, pool_emb: the text pool and its normalised embeddings ``(M, d)``.
@@ -307,20 +307,20 @@ def describe_heads(cache_heads_array: Any, head_ids: Sequence[HeadId], pool_text
             for every head) is described; ``None`` describes every row (module docstring).
         method: the algorithm (:data:`SPAN_METHODS`, default :data:`DEFAULT_SPAN`).
     """
-    if hasattr(cache_heads_array, "manifest") and hasattr(cache_heads_array, "heads"):
+    if hasattr(contributions, "manifest") and hasattr(contributions, "heads"):
         if layers is None:
-            layers = list(cache_heads_array.manifest.layers)
-        cache_heads_array = cache_heads_array.heads
-    heads = cache_heads_array
-    if getattr(heads, "ndim", 0) != 4:
-        raise RefineClipError(f"Expected per-head contributions of shape (images, layers, heads, dim); got {getattr(heads, 'shape', None)}.")
-    n_layers_in_cache, n_heads = heads.shape[1], heads.shape[2]
+            layers = list(contributions.manifest.layers)
+        contributions = contributions.heads
+    if getattr(contributions, "ndim", 0) != 4:
+        raise RefineClipError("Expected per-head contributions of shape (images, layers, heads, dim); got "
+                              f"{getattr(contributions, 'shape', None)}.")
+    n_layers_in_cache, n_heads = contributions.shape[1], contributions.shape[2]
     layers = list(range(n_layers_in_cache)) if layers is None else [int(l) for l in layers]
     if len(layers) != n_layers_in_cache:
         raise RefineClipError(f"'layers' names {len(layers)} layers but the head array holds {n_layers_in_cache}.")
     position = {l: i for i, l in enumerate(layers)}
     pool = _prepare_pool(pool_emb, n_texts=len(pool_texts))
-    n_all = heads.shape[0]
+    n_all = contributions.shape[0]
     chosen = np.arange(n_all) if rows is None else np.asarray(rows)
     if chosen.dtype == bool:
         chosen = np.flatnonzero(chosen)
@@ -337,7 +337,7 @@ def describe_heads(cache_heads_array: Any, head_ids: Sequence[HeadId], pool_text
             )
         if not 0 <= hid.head < n_heads:
             raise RefineClipError(f"Head {hid} does not exist: layers have {n_heads} heads.")
-        data = heads[(slice(None) if whole else chosen), position[hid.layer], hid.head]
+        data = contributions[(slice(None) if whole else chosen), position[hid.layer], hid.head]
         desc = describe_head(np.asarray(data), pool_texts, pool, k=k, head=hid, method=method, raw_pool=pool_emb)
         desc.sampled_from = sampled_from
         out.append(desc)

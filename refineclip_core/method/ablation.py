@@ -56,7 +56,8 @@ class AblationEngine:
     """Ablation arithmetic (Eq. 5: dot products, norms, predictions) over a cache's ``E`` ``(N, d)``,
     ``c`` ``(N, L_s, H, d)`` and texts.
 
-    ``heads`` may be an in-memory array or the cache's on-disk :class:`ShardedArray`; it is never loaded whole.
+    ``contributions`` (``FeatureCache.heads``) may be an in-memory array or the cache's on-disk
+    :class:`ShardedArray`; it is never loaded whole. Everywhere else ``heads`` names a list of :class:`HeadId`.
     ``mean_rows`` (or an explicit ``mean``) defines the mean-ablation features ``m_h`` (default: the mean over
     every row), computed on first use. The roles are apart: this class does the arithmetic; what is cached and
     the memory budget are :attr:`store`'s (:class:`ProjectionStore`: arrays, projections, running scores, the
@@ -65,10 +66,10 @@ class AblationEngine:
     :class:`DerivedEngines`. Every field is set by :meth:`_set` (a derived engine is made by :meth:`_derive`).
     """
 
-    def __init__(self, embeddings: np.ndarray, heads: np.ndarray | ShardedArray, text: np.ndarray,
+    def __init__(self, embeddings: np.ndarray, contributions: np.ndarray | ShardedArray, text: np.ndarray,
                  layers: Sequence[int], mean_rows: np.ndarray | None = None, mean: np.ndarray | None = None,
                  projection_budget: int = PROJECTION_BUDGET) -> None:
-        store = ProjectionStore(embeddings, heads, text, projection_budget)
+        store = ProjectionStore(embeddings, contributions, text, projection_budget)
         given = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(store.K, -1)
         self._set(store, tuple(layers), MeanFeatures(store, None if mean_rows is None else
                                                      np.asarray(mean_rows, dtype=np.int64),
@@ -281,7 +282,7 @@ class AblationEngine:
                 best = b[at, t]
                 b[at, t] = -np.inf
                 unsure.append(start + np.flatnonzero(~(best - b.max(1) > bound)))   # NaN-safe: recheck those too
-        a.keep(("s", key, run.heads), run)                              # only once updated whole
+        a.keep(("s", key, run.flat_heads), run)                              # only once updated whole
         where = np.concatenate(unsure) if unsure else np.zeros(0, dtype=np.int64)
         if len(where):                                                     # dots() for these rows, as it sums
             src = where if rows is None else rows[where]

@@ -49,7 +49,7 @@ class RunningScore:
     projections: every float32 addition ``a ± b`` rounds by at most ``2⁻²⁴·|a ± b|``, and ``|a ± b|`` is at most
     the bound of the new exact value (``max|E·t| + Σ_S max|c_h·t|``) plus the error so far."""
 
-    heads: frozenset
+    flat_heads: frozenset                # S as flat head indices (``layer position · H + head``)
     scores: np.ndarray
     err: float
 
@@ -63,11 +63,11 @@ class ProjectionStore:
     texts, and what is memoised from them within ``budget`` bytes (projections, running scores) or once (means per
     row set, the Gram matrix, the zero-shot predictions)."""
 
-    def __init__(self, embeddings: np.ndarray, heads: np.ndarray | ShardedArray, text: np.ndarray,
+    def __init__(self, embeddings: np.ndarray, contributions: np.ndarray | ShardedArray, text: np.ndarray,
                  budget: int) -> None:
-        N, Ls, H, d = heads.shape
+        N, Ls, H, d = contributions.shape
         self.E = np.asarray(embeddings, dtype=np.float32)
-        self.c = heads                                                   # (N, L_s, H, d), read on demand
+        self.c = contributions                                           # (N, L_s, H, d), read on demand
         self.text = np.asarray(text, dtype=np.float32)
         self.Et = self.E @ self.text.T                                   # (N, C)
         self.Et_max = abs_max(self.Et)
@@ -78,7 +78,7 @@ class ProjectionStore:
         self._ct: dict[int, np.ndarray] = {}                            # flat head -> c_h·t_y (N, C) of every head
         self.ct_max: dict[int, float] = {}                              # flat head -> max |c_h·t_y| (every row)
         # What toggles keep, least recently used first, within ``budget`` bytes (with ``_ct``): ("p", rows key, k)
-        # -> c_h·t_y of those rows (n, C); ("s", rows key, heads) -> a running score (:class:`RunningScore`).
+        # -> c_h·t_y of those rows (n, C); ("s", rows key, flat heads) -> a running score (:class:`RunningScore`).
         self._kept: dict[tuple, object] = {}
         self._kept_bytes = 0
         self._means: dict[str, np.ndarray] = {}
@@ -162,11 +162,11 @@ class ProjectionStore:
             while self._kept_bytes > limit and len(self._kept) > 1:
                 self._kept_bytes -= _nbytes(self._kept.pop(next(iter(self._kept))))
 
-    def take_score(self, key: str, heads: frozenset) -> "RunningScore | None":
-        """The kept running score over row set ``key`` whose head set is closest to ``heads`` (fewest heads
+    def take_score(self, key: str, flat_heads: frozenset) -> "RunningScore | None":
+        """The kept running score over row set ``key`` whose head set is closest to ``flat_heads`` (fewest heads
         to add or remove), removed from the kept items (so no other session updates it meanwhile)."""
         with self._lock:
-            found = [(len(k[2] ^ heads), k) for k in self._kept if k[0] == "s" and k[1] == key]
+            found = [(len(k[2] ^ flat_heads), k) for k in self._kept if k[0] == "s" and k[1] == key]
         for _, k in sorted(found, key=lambda f: f[0]):
             item = self.take(k)
             if item is not None:
@@ -243,10 +243,10 @@ class ProjectionStore:
 
         run = self.take_score(key, want)
         if run is not None:
-            ops = sorted(run.heads ^ want)
+            ops = sorted(run.flat_heads ^ want)
             if len(ops) <= len(want):
                 parts = {k: self.projection(k, rows, key) for k in ops}
-                err, now = run.err, set(run.heads)
+                err, now = run.err, set(run.flat_heads)
                 for k in ops:
                     now ^= {k}
                     err = step(err, frozenset(now))

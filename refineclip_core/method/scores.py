@@ -103,11 +103,12 @@ class HeadScores:
         return [[h.layer, h.head, self.value(h)] for h in self.ranking()]
 
 
-def mean_feature(heads: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``m_X`` per head: mean of ``c_h`` over ``rows``, zero when ``rows`` is empty. ``(K, d)``."""
+def mean_feature(contributions: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``m_X`` per head: mean of ``c_h`` over ``rows`` of ``contributions`` ``(n, K, d)``, zero when ``rows`` is
+    empty. ``(K, d)``."""
     if len(rows) == 0:
-        return np.zeros(heads.shape[1:], dtype=np.float64)
-    return heads[rows].astype(np.float64).mean(axis=0)
+        return np.zeros(contributions.shape[1:], dtype=np.float64)
+    return contributions[rows].astype(np.float64).mean(axis=0)
 
 
 def delta(E: np.ndarray, c: np.ndarray, m: np.ndarray, t: np.ndarray, similarity: Similarity = "cosine") -> np.ndarray:
@@ -142,19 +143,19 @@ def delta(E: np.ndarray, c: np.ndarray, m: np.ndarray, t: np.ndarray, similarity
 
 def compute_scores(
     embeddings: np.ndarray,
-    heads: np.ndarray,
+    contributions: np.ndarray,
     text: np.ndarray,
     sets: ErrorSets,
     layers: tuple[int, ...] | list[int],
     similarity: Similarity = "cosine",
     names: tuple[str, ...] = SCORE_NAMES,
 ) -> dict[str, HeadScores]:
-    """DE_A..DE_D (Eq. 7-9) for all heads. ``heads`` is the cache's ``(N, L_s, H, d)`` array (in
-    memory or on disk: only the rows of W ∪ C ∪ A are read)."""
-    N, Ls, H, d = heads.shape
+    """DE_A..DE_D (Eq. 7-9) for all heads. ``contributions`` is the cache's ``(N, L_s, H, d)`` array of head
+    contributions (``FeatureCache.heads``, in memory or on disk: only the rows of W ∪ C ∪ A are read)."""
+    N, Ls, H, d = contributions.shape
     layers = tuple(layers)
     needed = sets.rows                                     # sorted: W ∪ C ∪ A
-    flat = np.asarray(heads[needed]).reshape(len(needed), Ls * H, d)
+    flat = np.asarray(contributions[needed]).reshape(len(needed), Ls * H, d)
     sets_rows = {"W": sets.W, "C": sets.C, "A": sets.A}
     at = {k: np.searchsorted(needed, v) for k, v in sets_rows.items()}   # positions in ``flat``
     means = {k: mean_feature(flat, v) for k, v in at.items()}
