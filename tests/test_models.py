@@ -160,11 +160,11 @@ def test_loading_quiets_only_its_own_random_init_notice(tiny_model_files, caplog
     import logging
     import threading
 
-    from refineclip_core.loading import models
+    from refineclip_core.loading import open_clip_state
 
     root = logging.getLogger()
     seen_levels, other_thread = [], threading.Event()
-    notice = models._RandomInitNotice.NOTICE
+    notice = open_clip_state._RandomInitNotice.NOTICE
 
     def other_session():
         logging.warning("%s 'x' from another session", notice)

@@ -22,17 +22,12 @@ is put in force once, for the whole load, and every reader below consults it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
-import logging
 import os
-import re
-import threading
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -42,6 +37,7 @@ from . import hf_clip
 from .budget import check_model_budget, format_bytes
 from .checkpoints import checkpoint_memory, file_digest, load_state_dict_checked, read_state_dict
 from .confine import Confinement, loads_json, read_bytes
+from .open_clip_state import checkpoint_follows, config_known_to_open_clip
 from .sources import LOCAL_DIR_PREFIX, check_config_sources, check_spec_sources, sources_confinement
 from .tokenizers import deferred_tokenizer
 
@@ -66,7 +62,7 @@ class ModelSpec:
     downloaded on machines that can) or ``checkpoint`` (a local file, or a Hugging Face
     ``transformers`` CLIP folder — then ``name`` only labels the model); with neither, the
     weights are random (useful for tests and timing only). ``roots`` (the dashboard sets it)
-    confines reading the checkpoint and config to those folders; None follows links anywhere.
+    pins the folders its files are read from (:meth:`confinement`); None: the confinement in force.
     """
 
     name: str
@@ -206,26 +202,6 @@ def read_config(config_path: str | os.PathLike, *, whole: bool = False) -> dict:
             or not isinstance(cfg.get("text_cfg"), dict)):
         raise RefineClipError(f"{what} lacks 'vision_cfg'/'text_cfg'; use open_clip's model config schema.")
     return cfg
-
-
-@contextlib.contextmanager
-def config_known_to_open_clip(name: str, cfg: Mapping[str, Any]) -> Iterator[str]:
-    """While the block runs, ``cfg`` is known to open_clip (``create_model``, ``get_tokenizer``,
-    ``get_model_config``) under the name yielded; afterwards it is gone again.
-
-    open_clip's config registry is one dict for the whole process (every dashboard session). A
-    user's config enters it only for the duration of one model build, under a name no other
-    build uses (``<name>-<random>``), and is removed in a ``finally``: it never changes what
-    another session loads, and nothing is written to disk (``open_clip.add_model_config`` would
-    keep a file path that every later registration re-reads)."""
-    from open_clip import factory
-
-    registered = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:80]}-{uuid.uuid4().hex[:12]}"
-    factory._MODEL_CONFIGS[registered] = copy.deepcopy(dict(cfg))
-    try:
-        yield registered
-    finally:
-        factory._MODEL_CONFIGS.pop(registered, None)
 
 
 @dataclass(frozen=True)
@@ -373,7 +349,7 @@ def build_model(plan: ModelPlan, memory_budget: str | int | float | None = None)
     with known as arch:
         try:
             # open_clip warns "initialized randomly" when no tag is given; our checkpoint is loaded next
-            with _checkpoint_follows() if spec.checkpoint else contextlib.nullcontext():
+            with checkpoint_follows() if spec.checkpoint else contextlib.nullcontext():
                 model = open_clip.create_model(arch, pretrained=spec.pretrained, device="cpu", weights_only=True)
         except Exception as exc:
             if spec.pretrained:
@@ -406,39 +382,6 @@ def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) 
     model = model.to(device=plan.spec.device, dtype=_DTYPES[plan.spec.precision]).eval().requires_grad_(False)
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
     return LoadedModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, model_name=plan.name)
-
-
-class _RandomInitNotice(logging.Filter):
-    """Drops open_clip's "initialized randomly" warning, and nothing else, while *this thread* builds
-    a model whose weights are read from a checkpoint right after (see :func:`_checkpoint_follows`).
-
-    Installed once on the root logger (open_clip logs there); it never changes a logger's level, so
-    other sessions' loads and every other message are untouched, even when loads overlap."""
-
-    NOTICE = "No pretrained weights loaded for model"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.active = threading.local()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (getattr(self.active, "depth", 0) > 0 and str(record.msg).startswith(self.NOTICE))
-
-
-_RANDOM_INIT_NOTICE = _RandomInitNotice()
-logging.getLogger().addFilter(_RANDOM_INIT_NOTICE)
-
-
-@contextlib.contextmanager
-def _checkpoint_follows():
-    """While open_clip builds a model in this thread, its weights come from our checkpoint next:
-    its "initialized randomly" notice is dropped (in this thread only)."""
-    active = _RANDOM_INIT_NOTICE.active
-    active.depth = getattr(active, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        active.depth -= 1
 
 
 def _short(exc: BaseException) -> str:

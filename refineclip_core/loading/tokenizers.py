@@ -117,7 +117,7 @@ def deferred_tokenizer(name: str, config: Mapping[str, Any] | None,
                        known: Callable[[str, Mapping[str, Any]], contextlib.AbstractContextManager]
                        ) -> DeferredTokenizer:
     """The tokenizer of model ``name``: ``config`` is the user's config (None: a name open_clip knows),
-    made known to open_clip by ``known`` (``loading.models.config_known_to_open_clip``) while it is built."""
+    made known to open_clip by ``known`` (``loading.open_clip_state.config_known_to_open_clip``) while it is built."""
     import open_clip
 
     def build() -> Callable:
