@@ -275,7 +275,7 @@ def test_tip_adapter_formula():
     E, text = rng.normal(size=(6, 4)), rng.normal(size=(3, 4))
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     labels = np.array([0, 1, 2, 0, 1, 2])
-    tip = TipAdapter.build(E, labels, text, logit_scale=10.0, alpha=2.0, beta=3.0)
+    tip = TipAdapter.build(E, labels, text, logit_scale=10.0, residual_ratio=2.0, sharpness=3.0)
     x = rng.normal(size=(2, 4))
     f = x / np.linalg.norm(x, axis=1, keepdims=True)
     keys = E / np.linalg.norm(E, axis=1, keepdims=True)

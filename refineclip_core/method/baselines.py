@@ -9,8 +9,11 @@ their one-hot labels ``L`` (n×C), and
 
     logits(x) = s · f·Tᵀ + a · exp(−b · (1 − f·Fᵀ)) · L
 
-with ``f`` the normalised feature of ``x`` (``a`` = residual ratio, ``b`` = sharpness; the
-Tip-Adapter paper's defaults are a = 1, b = 5.5). :class:`CoOp` learns the prompts' context
+with ``f`` the normalised feature of ``x``, ``a`` the residual ratio (:attr:`TipAdapter.residual_ratio`: how
+much the cache adds to the zero-shot logits) and ``b`` the sharpness (:attr:`TipAdapter.sharpness`: how fast a
+key's weight falls with its distance); the Tip-Adapter paper calls them α and β, defaults 1 and 5.5. They are
+not this project's loss weights (``PaperConfig.success_weight``/``locality_weight``) nor the guard's
+significance level. :class:`CoOp` learns the prompts' context
 words on the same labelled samples (prompt learning, text side). The standard fine-tuning baseline lives in
 :func:`refineclip_core.edit.paper.standard_finetune`.
 """
@@ -31,24 +34,27 @@ from .evaluation import block_argmax
 
 @dataclass
 class TipAdapter:
+    """Tip-Adapter's training-free cache (module docstring's formula)."""
+
     keys: np.ndarray        # (n, d) normalised
     values: np.ndarray      # (n, C) one-hot
     text: np.ndarray        # (C, d)
     logit_scale: float
-    alpha: float = 1.0
-    beta: float = 5.5
+    residual_ratio: float = 1.0     # a (the Tip-Adapter paper's α)
+    sharpness: float = 5.5          # b (the Tip-Adapter paper's β)
 
     @classmethod
     def build(cls, embeddings: np.ndarray, labels: np.ndarray, text: np.ndarray, logit_scale: float,
-              alpha: float = 1.0, beta: float = 5.5) -> "TipAdapter":
+              residual_ratio: float = 1.0, sharpness: float = 5.5) -> "TipAdapter":
         keys = normalize(np.asarray(embeddings, dtype=np.float64))
         values = np.eye(text.shape[0])[np.asarray(labels)]
-        return cls(keys, values, np.asarray(text, dtype=np.float64), logit_scale, alpha, beta)
+        return cls(keys, values, np.asarray(text, dtype=np.float64), logit_scale, residual_ratio, sharpness)
 
     def logits(self, embeddings: np.ndarray) -> np.ndarray:
         f = normalize(np.asarray(embeddings, dtype=np.float64))
         affinity = f @ self.keys.T
-        return self.logit_scale * f @ self.text.T + self.alpha * np.exp(-self.beta * (1 - affinity)) @ self.values
+        cache = np.exp(-self.sharpness * (1 - affinity)) @ self.values
+        return self.logit_scale * f @ self.text.T + self.residual_ratio * cache
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
         """The predicted classes, a block of images at a time (no whole ``(N, C)`` logit matrix)."""
