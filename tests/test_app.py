@@ -940,6 +940,7 @@ def hostile_folder(tmp_path):
     shutil.rmtree(outside, ignore_errors=True)
 
 
+@pytest.mark.slow  # every page (AppTest)
 def test_user_names_render_as_plain_text_on_every_page(home, demo_spec, hostile_folder):
     from refineclip_core.loading.confine import OUTSIDE_REASON
     from refineclip_core.reporting.figures import plot_text
@@ -1159,6 +1160,7 @@ def test_the_url_parser_takes_any_text_and_keeps_only_bounded_values():
     assert [str(h) for h in good.heads] == ["L11.H3", "L10.H7"] and good.ticks == () and good.method == "paper"
 
 
+@pytest.mark.slow  # every crafted link (AppTest)
 @pytest.mark.parametrize("query", [{"pair": "x"}, {"seed": "-1", "top_t": "-5"}, {"n": "999999999", "top_t": "10000"},
                                    {"seed": ["1", "2"], "heads": ["11.1", "11.2"]}, {"heads": "99.99", "head": "x"}])
 def test_no_page_fails_on_a_crafted_link(home, demo_spec, app, query):

@@ -302,6 +302,7 @@ except RefineClipError as exc:
 """
 
 
+@pytest.mark.slow  # two subprocesses, one inflates 300 MB
 def test_a_zip_bomb_checkpoint_is_refused_before_allocation(tmp_path):
     inflated = 300 * 2**20
     bomb = deflate_bomb(tmp_path / "bomb.pt", inflated)

@@ -129,6 +129,7 @@ def test_bad_files_are_skipped_with_reasons(tiny_model_files, class_folder, tmp_
     assert len(cache) + sum(1 for s in cache.skipped if s.path.endswith((".png", ".jpg"))) == 20
 
 
+@pytest.mark.slow  # two CLI subprocesses (torch import each)
 def test_cli_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "refineclip_core.cli", "zero-shot", "--cache", str(tmp_path)],
                           capture_output=True, text=True)

@@ -31,6 +31,11 @@ TOLERANCE = {"fp32": 1e-5, "fp64": 1e-12}
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, when first imported (earlier in the session): without
+    # this a hub tokenizer name went to the network and retried with backoff for ~45 s before failing
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def _save_tokenizer(folder) -> int:

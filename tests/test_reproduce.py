@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 
 from refineclip_core.cli import main
 from refineclip_core.demo.world import write_world
 from refineclip_core.edit.reproduce import harness_label
 
 
+@pytest.mark.slow  # the whole harness, two seeds
 def test_reproduce_waterbirds_on_demo_world(tmp_path):
     data = write_world(tmp_path / "wb", "test", seed=77, n_per_group=8, layout="waterbirds")
     out = tmp_path / "run"

@@ -74,6 +74,7 @@ def test_names_are_decoded_and_marked_at_the_edge_the_real_path_kept(undecodable
         assert os.path.isfile(os.fsencode(r.path))   # and the real file still opens
 
 
+@pytest.mark.slow  # every CLI command
 def test_every_cli_command_runs_on_undecodable_names(undecodable, undecodable_cache, tmp_path, capsys):
     cache = undecodable_cache
     out = tmp_path / "run"
@@ -101,6 +102,7 @@ def test_every_cli_command_runs_on_undecodable_names(undecodable, undecodable_ca
     assert "unexpected error" not in err
 
 
+@pytest.mark.slow  # every page (AppTest)
 def test_every_page_runs_on_undecodable_names(home, demo_spec, undecodable):  # noqa: F811 (fixtures)
     at = fresh_app(demo_spec)
     at.run()
