@@ -15,7 +15,7 @@ import streamlit as st
 from refineclip_core.edit.concept import DIAGNOSED, ConceptConfig, diagnosed_concepts
 from refineclip_core.loading.hf_clip import find_hf_checkpoint, hf_folder_in
 from refineclip_core.loading.models import ModelSpec
-from refineclip_core.edit.config import METHODS, STRATEGIES, FitConfig
+from refineclip_core.edit.config import EXPORT_KINDS, STRATEGIES, FitConfig
 from refineclip_core.edit.config import DEFAULT_EDIT, EditConfig
 from refineclip_core.edit.config import PaperConfig
 from refineclip_core.edit.guard import MAX_DROP, GuardConfig
@@ -187,8 +187,8 @@ def edit_form(seed: int, disabled: bool, diagnosis=None,
     fit_d, paper_d, con_d = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper, DEFAULT_EDIT.concept
     prefill = ", ".join(" / ".join(c) for c in diagnosed_concepts(diagnosis, con_d.words)) if diagnosis else ""
     concept_text, remove, versus = prefill, False, ""     # concept removal is part of RefineCLIP-fit only
-    method = st.radio("Exported edit", METHODS, horizontal=True, key="ref_method",
-                      index=METHODS.index(DEFAULT_EDIT.method),
+    method = st.radio("Exported edit", EXPORT_KINDS, horizontal=True, key="ref_method",
+                      index=EXPORT_KINDS.index(DEFAULT_EDIT.method),
                       format_func=lambda m: {"fit": "RefineCLIP-fit (default)", "paper": "the paper's phase 2"}[m])
     with st.form("ref_form"):
         c = st.columns([3, 1])

@@ -14,7 +14,7 @@ from ..features.decomposition import parse_heads
 from ..inspection.diagnosis import diagnose, load_vocabulary
 from ..session.caches import cache_model
 from ..loading.models import load_model
-from ..edit.config import METHODS, STRATEGIES, FitConfig
+from ..edit.config import EXPORT_KINDS, STRATEGIES, FitConfig
 from ..method.protocol import identify, make_engine
 from ..edit.config import DEFAULT_EDIT, EditConfig
 from ..edit.config import PaperConfig
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_protocol_args(p)
     fit, paper = DEFAULT_EDIT.fit, DEFAULT_EDIT.paper
     p.add_argument("--heads", default="auto", help="'auto' (the protocol's choice) or a list like 11.3,10.7")
-    p.add_argument("--method", default=DEFAULT_EDIT.method, choices=METHODS,
+    p.add_argument("--method", default=DEFAULT_EDIT.method, choices=EXPORT_KINDS,
                    help="the exported edit: 'fit' (RefineCLIP-fit, the default) or 'paper' (Eq. 13)")
     g = p.add_argument_group("RefineCLIP-fit (--method fit)")
     g.add_argument("--ridge", type=float, default=fit.ridge, help="ridge of the least-squares start (relative)")

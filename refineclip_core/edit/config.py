@@ -38,8 +38,10 @@ class FitConfig:
 
 Strategy = Literal["diag", "full", "lora"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)   # what the CLI and the Refine page offer
-Method = Literal["fit", "paper"]
-METHODS: tuple[str, ...] = get_args(Method)
+#: Which deployable edit phase 2 exports (``EditConfig.method``, ``--method``); not a compared row, those are
+#: :class:`refineclip_core.edit.methods.Method` (the registry :data:`refineclip_core.edit.methods.METHODS`).
+ExportKind = Literal["fit", "paper"]
+EXPORT_KINDS: tuple[str, ...] = get_args(ExportKind)
 
 
 @dataclass(frozen=True)
@@ -63,13 +65,13 @@ class PaperConfig:
 
 @dataclass(frozen=True)
 class EditConfig:
-    """Which deployable edit phase 2 exports (``method``), and the settings of each kind.
+    """Which deployable edit phase 2 exports (``method``, an :data:`ExportKind`), and the settings of each kind.
 
     ``fit``: RefineCLIP-fit (:mod:`~refineclip_core.edit.fit`), the default. ``paper``: the
     paper's phase 2 (Eq. 11-13 on the labelled samples) with ``paper.strategy`` diag/full/LoRA.
     """
 
-    method: Method = "fit"
+    method: ExportKind = "fit"
     fit: FitConfig = FitConfig()
     paper: PaperConfig = PaperConfig()
     concept: ConceptConfig = ConceptConfig()   # a concept RefineCLIP-fit's teacher also removes (concept.py)
@@ -77,8 +79,8 @@ class EditConfig:
     peers: PeersConfig = PeersConfig()         # typed text of the LTC rows (method/ltc.py); empty: left out
 
     def __post_init__(self) -> None:
-        if self.method not in ("fit", "paper"):
-            raise RefineClipError(f"Unknown edit method {self.method!r}; use fit or paper.")
+        if self.method not in EXPORT_KINDS:
+            raise RefineClipError(f"Unknown edit method {self.method!r}; use {' or '.join(EXPORT_KINDS)}.")
         if self.concept.active and self.method != "fit":
             raise RefineClipError("Removing a concept is part of RefineCLIP-fit's teacher; use --method fit.")
 
