@@ -39,6 +39,16 @@ issue 23 item 6 was chosen on 7001-7004 and 7011-7022; 3611-3614 were kept for i
 used for nothing else: ``--world-seeds 3611 3612 3613 3614 --no-extras --section stable-check``). ``--section NAME`` writes another section than the headline's ``demo`` (its figure as
 ``NAME_locality.svg``), ``--note TEXT`` a sentence under its title. ``--model-dir`` evaluates another training run of the demo model (a folder written
 by ``python -m refineclip_core.demo.train``) on its own world (read from its metadata.json).
+
+The SigLIP-shaped demo model (``assets/demo_siglip``: attention-map pooling, no projection, sigmoid loss) runs
+the same benchmark into its own section, ``demo-siglip`` (the default section for a model that pools over
+every token; ``demo`` is refused for it, and ``demo_world.json`` is written for ``demo`` only):
+
+    python benchmarks/demo_world.py --model-dir assets/demo_siglip
+
+Every run also checks, on its first draw, that the cached parts sum to ``encode_image`` and that the exported
+edit, loaded by plain open_clip, reproduces the edited embedding (for a tower without projection the export
+adds one after the pool: ``refineclip_core.edit.export``).
 """
 
 from __future__ import annotations
@@ -76,7 +86,9 @@ from refineclip_core.edit.concept import DIAGNOSED, resolve_concept  # noqa: E40
 from refineclip_core.edit.methods import BY_KEY, ORDER, label_of  # noqa: E402
 from refineclip_core.method.ltc import PeersConfig  # noqa: E402
 from refineclip_core.loading.data import load_dataset  # noqa: E402
-from refineclip_core.loading.models import DEMO_DIR, ModelSpec, load_model  # noqa: E402
+from refineclip_core.home import DEMO_BENCHMARK  # noqa: E402
+from refineclip_core.loading.models import DEMO_DIR, DEMO_MAP_DIR, ModelSpec, load_model  # noqa: E402
+from refineclip_core.features.backends import backend_for  # noqa: E402
 from refineclip_core.method.evaluation import accuracy_report  # noqa: E402
 from refineclip_core.method.protocol import DEFAULT_PROTOCOL, PAPER_PROTOCOL, Identification, identify, make_engine
 from refineclip_core.edit.compare import fit_compared, fit_edit
@@ -106,6 +118,7 @@ def uses(key: str) -> str:
     """What a headline row needs (the registry's :class:`~refineclip_core.edit.methods.Needs`, in words)."""
     return PIPELINES[key][1] if key in PIPELINES else BY_KEY[key].needs.words()
 EXPORTED = DEFAULT_EDIT.exported
+SIGLIP_SECTION = "demo-siglip"   # the SigLIP-shaped demo model's section (results_md.ORDER: right after "demo")
 PEER_KEYS = ("ltc", "cue-projection")   # the two LTC rows: as released, and our variant (checked separately)
 GROUP_METHODS = (EXPORTED, "fit:concept-removed", "ltc", "cue-projection", "coop")   # the per-group table's rows
 GROUP_LABELS = {k: label_of(k) for k in GROUP_METHODS} | {EXPORTED: "RefineCLIP-fit (exported)",
@@ -187,11 +200,75 @@ class Draw:
 
 def world_model(model_dir: Path):
     """The world a model folder's ``metadata.json`` records (birds or digits) and the model, loaded."""
-    world = world_from_dict(json.loads((model_dir / "metadata.json").read_text())["train_config"]["world"])
-    name = world.model_name
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    world = world_from_dict(meta["train_config"]["world"])
+    name = meta.get("model_name") or world.model_name     # the SigLIP-shaped demo: refineclip-demo-map
     loaded = load_model(ModelSpec(name, checkpoint=str(model_dir / f"{name}.safetensors"),
                                   model_config=str(model_dir / f"{name}.json")))
     return world, loaded
+
+
+def section_for(loaded, section: str | None) -> str:
+    """The RESULTS.md section a run writes: ``--section``, else ``demo`` for a CLIP-shaped model (class token,
+    projection) and ``demo-siglip`` for a tower that pools over every token (the SigLIP-shaped demo model,
+    ``assets/demo_siglip``), so that a second model never overwrites the CLIP-shaped demo's headline."""
+    pool = backend_for(loaded.model.visual).info.pool
+    if section is None:
+        return "demo" if pool == "tok" else SIGLIP_SECTION
+    if section == "demo" and pool != "tok":
+        raise SystemExit(f"the model pools with {pool!r}: its results go to their own section "
+                         f"(--section {SIGLIP_SECTION}), not the CLIP-shaped demo's headline 'demo'")
+    return section
+
+
+def model_checks(loaded, model_dir: Path, cache: FeatureCache, outcome, rows: np.ndarray, work: Path) -> list[str]:
+    """Two checks on the first draw, as sentences for the section: the cached parts sum to a fresh
+    ``encode_image`` (Eq. 4, :func:`check_decomposition`), and the exported edit, written by
+    :func:`export_checkpoint` as ``refineclip refine`` writes it (merged into the tower's last linear layer; a
+    tower without one gets a bias-free projection after its pool, config beside the weights) and loaded by
+    plain open_clip, reproduces the edited embedding ``f(E)`` of the test images ``rows``."""
+    import open_clip
+
+    from refineclip_core.edit.export import export_checkpoint
+    from refineclip_core.features.extraction import check_decomposition, load_batch, relative_error
+
+    exact = check_decomposition(loaded, cache, max_images=64)
+    name = loaded.model_name
+    config = json.loads((model_dir / f"{name}.json").read_text())
+    refined = outcome.refinement.refined
+    target = export_checkpoint(str(model_dir / f"{name}.safetensors"), loaded.model, refined,
+                               work / f"{name}-edited.safetensors", config=config)
+    merged = backend_for(loaded.model.visual).merge_target()[0]
+    edited_config = target.with_suffix(".json")
+    if edited_config.is_file():                      # a projection was added: the architecture changed
+        open_clip.add_model_config(str(edited_config))
+        plain = open_clip.create_model(target.stem, pretrained=str(target))
+    else:
+        open_clip.add_model_config(str(model_dir / f"{name}.json"))
+        plain = open_clip.create_model(name, pretrained=str(target))
+    recs = [cache.records[int(r)] for r in rows]
+    batch, keep, bad = load_batch(loaded, recs, 0, min_side=cache.manifest.decode_min_side)
+    if bad:
+        raise SystemExit(f"test image {bad[0].path} could not be read again: {bad[0].reason}")
+    with torch.inference_mode():
+        got = plain.eval().encode_image(batch).double().numpy()
+    want = refined.apply(cache.embeddings[rows[keep]])
+    err = float(relative_error(got, want).max())
+    text = np.asarray(cache.text, dtype=np.float64)
+    agree = float(np.mean((got @ text.T).argmax(1) == (want @ text.T).argmax(1)))
+    where = (f"merged into `{merged}`" if merged else
+             "merged into a bias-free projection added after the pool (`visual.head.proj.weight`, the edited "
+             "config beside the weights: the tower ends in the pool's MLP, which no edit merges into exactly)")
+    return [f"- Decomposition: the cached parts sum to a fresh `encode_image` within {exact['max_rel_error']:.1e} "
+            f"(largest relative error over {exact['n_images']} images of world {cache_world(cache)}, float32).",
+            f"- The first draw's exported edit ({refined.strategy} map), {where}, loaded by plain open_clip: its "
+            f"`encode_image` of {len(want)} test images reproduces the edited embedding within {err:.1e} (largest "
+            f"relative error), the same zero-shot prediction for {100 * agree:.0f}% of them."]
+
+
+def cache_world(cache: FeatureCache) -> str:
+    """The world seed a benchmark cache was drawn with (its folder is ``world<seed>/cache-*``)."""
+    return Path(cache.root).parent.name.removeprefix("world")
 
 
 def world_cache(work: Path, world, seed: int, n_fit: int, n_test: int, loaded,
@@ -325,14 +402,17 @@ def summarise(draws: list[Draw], key: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = draw_parser(__doc__, [131, 132, 133, 134], n_fit=100, n_test=250)
     ap.add_argument("--model-dir", default=str(DEMO_DIR),
-                    help="folder with refineclip-demo.{json,safetensors} and metadata.json (default: the embedded model)")
+                    help="folder with <model_name>.{json,safetensors} and metadata.json, written by "
+                         "demo/train.py (default: the embedded CLIP-shaped model; the SigLIP-shaped one is "
+                         f"{DEMO_MAP_DIR.relative_to(ROOT)})")
     ap.add_argument("--no-extras", action="store_true", help="only the headline table (no per-score rows, no figure)")
     ap.add_argument("--note", default="", help="a sentence printed under the section's title (what these seeds were "
                                               "used for)")
     ap.add_argument("--figure-steps", type=int, nargs="+", default=[0, 10, 25, 50, 100, 200, 350, 500],
                     help="optimisation steps at which the locality figure is measured")
-    ap.add_argument("--section", default="demo",
-                    help="the RESULTS.md section (marker) to write: 'demo' is the headline; another name keeps it")
+    ap.add_argument("--section", default=None,
+                    help="the RESULTS.md section (marker) to write: 'demo' is the headline (default for a CLIP-shaped "
+                         f"model); '{SIGLIP_SECTION}' (default for a map-pooled model); another name keeps it")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared machine more threads spin and run several times slower)")
     ap.add_argument("--draws-json", help="also write every draw's numbers here (for --merge)")
@@ -349,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         world, loaded = world_model(model_dir)
         if not isinstance(world, WorldConfig):
             raise SystemExit(f"{model_dir} holds a model of the {world.kind} world: use its own benchmark")
+        args.section = section_for(loaded, args.section)
+        checks: list[str] = []
         diagnoses: list[tuple[bool, str, str]] = []   # (names the planted cue, verdict, sentence) per draw
         pool = load_text_pool(DEFAULT_TEXT_POOL)       # the diagnosis also names the concept to remove
         pool_emb = encode_text_pool(loaded, pool, work)
@@ -388,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "one-off": [str(h) for h in stability.one_off(ident.heads)]
                                                  if stability is not None else []}, run.groups, run.removed))
                 sizes = (len(ident.sample_rows), int(ident.eval_mask.sum()), len(ident.adapt_rows))
+                if not checks:                    # the first draw: exactness and the exported checkpoint
+                    checks = model_checks(loaded, model_dir, cache, run.out, ident.eval_rows[:64], work)
                 if not args.no_extras:
                     p_engine = paper_ident.ablation_engine(engine)
                     score_curves = {str(k): v for k, v in paper_ident.selection.curves.items()}   # keys: ScoreKey
@@ -425,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.draws_json).write_text(json.dumps({"draws": [d.__dict__ for d in draws], "sizes": sizes,
                                                          "seconds": time.time() - t0, "used": used}))
         body = report(args, draws, extras, overlaps, sizes, model_dir, time.time() - t0, diagnoses, world.cue)
+        body += "\n" + "\n".join(checks) + "\n"
         body += ("\n<details><summary>Settings every draw used (the shared defaults; seeds vary)</summary>\n\n"
                  f"```json\n{json.dumps(used, indent=1)}\n```\n</details>\n")
         if not args.no_extras:
@@ -441,8 +526,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_summary(args, draws: list[Draw]) -> None:
-    """``demo_world.json`` beside ``--out`` (the headline section only): every row's multi-draw figures by its
-    registry key, for the Refine page (``dashboard/refine_view.benchmark_figures``)."""
+    """The headline section's multi-draw figures of every row, by its registry key, for the Refine page
+    (``dashboard/refine_view.benchmark_figures``): into the demo model's folder
+    (:data:`~refineclip_core.home.DEMO_BENCHMARK`, shipped with it) when ``--out`` is the committed
+    RESULTS.md, else ``demo_world.json`` beside ``--out``."""
     if getattr(args, "section", "demo") != "demo" or not draws:
         return
     methods = {}
@@ -453,7 +540,8 @@ def write_summary(args, draws: list[Draw]) -> None:
             methods[key] = {"label": label_of(key) if key in BY_KEY else PIPELINES[key][0].strip("*"),
                             "worst_gain_mean": st["gain"], "worst_gain_std": st["std"],
                             "other_change_mean": st["other"], "draws_worse": st["worse"], "draws": len(ran)}
-    Path(args.out).with_name("demo_world.json").write_text(json.dumps(
+    committed = Path(args.out).resolve() == (ROOT / "benchmarks" / "RESULTS.md").resolve()
+    (DEMO_BENCHMARK if committed else Path(args.out).with_name("demo_world.json")).write_text(json.dumps(
         {"section": "demo", "date": time.strftime("%Y-%m-%d"), "draws": len(draws),
          "world_seeds": sorted({d.world for d in draws}), "sample_seeds": sorted({d.seed for d in draws}),
          "methods": methods}, indent=1) + "\n")
@@ -462,6 +550,8 @@ def write_summary(args, draws: list[Draw]) -> None:
 def merge(args) -> int:
     """The section from several ``--draws-json`` files (draws of different world seeds, run in parallel)."""
     parts = [json.loads(Path(p).read_text()) for p in args.merge]
+    if args.section is None:
+        args.section = section_for(world_model(Path(args.model_dir))[1], None)
     draws = [Draw(**{**d, "metrics": {k: tuple(v) for k, v in d["metrics"].items()}}) for p in parts for d in p["draws"]]
     args.world_seeds = sorted({d.world for d in draws})
     args.sample_seeds = sorted({d.seed for d in draws})
@@ -479,11 +569,15 @@ def merge(args) -> int:
 
 def report(args, draws: list[Draw], extras, overlaps, sizes, model_dir: Path, seconds: float,
            diagnoses: list[tuple[bool, str, str]] = (), cue: str = "background") -> str:
-    is_default = model_dir.resolve() == DEMO_DIR.resolve()
-    model_label = "the embedded demo model" if is_default else f"the model in `{model_dir}`"
+    shipped = {DEMO_DIR.resolve(): "the embedded demo model",
+               DEMO_MAP_DIR.resolve(): "the embedded SigLIP-shaped demo model (`assets/demo_siglip`: timm ViT trunk, "
+                                       "attention-map pooling over the patch tokens, no projection, sigmoid loss)"}
+    model_label = shipped.get(model_dir.resolve(), f"the model in `{model_dir}`")
     n_samples, n_eval, n_adapt = sizes
     title = "Demo world: does the exported edit fix the error on fresh data?"
-    if getattr(args, "section", "demo") != "demo":
+    if getattr(args, "section", "demo") == SIGLIP_SECTION:
+        title = "Demo world, SigLIP-shaped model (map pooling, no projection): does the exported edit fix the error?"
+    elif getattr(args, "section", "demo") != "demo":
         title += f" (check `{args.section}`)"
     lines = [
         f"## {title}",

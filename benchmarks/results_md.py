@@ -28,7 +28,7 @@ INTRO = ("Every section below is written whole by the script named in it, betwee
          "diagnosis, the guard), then speed (performance, scale, the browser).")
 #: Sections in the order they appear (a name not listed goes after those listed, in the order written).
 #: ``guard-*`` sections (other worlds) go right after ``guard``.
-ORDER = ("demo", "stable-check", "digits", "diagnosis", "guard", "perf", "scale-photos", "scale-caches",
+ORDER = ("demo", "demo-siglip", "stable-check", "digits", "diagnosis", "guard", "perf", "scale-photos", "scale-caches", "scale-map",
          "scale-browser", "scale-browser-1000-classes", "browser", "browser-interactions", "tour")
 TOC_START, TOC_END = "<!-- toc:start -->", "<!-- toc:end -->"
 _SECTION = re.compile(r"<!-- ([\w-]+):start -->\n(.*?)\n?<!-- \1:end -->", re.S)

@@ -7,14 +7,14 @@ session's private folder, typed paths are checked by :func:`~refineclip_core.loa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import streamlit as st
 
 from refineclip_core.edit.concept import DIAGNOSED, ConceptConfig, diagnosed_concepts
 from refineclip_core.loading.hf_clip import find_hf_checkpoint, hf_folder_in
-from refineclip_core.loading.models import ModelSpec
+from refineclip_core.loading.models import DEMO_MODEL, ModelSpec
 from refineclip_core.edit.config import EXPORT_KINDS, STRATEGIES, FitConfig
 from refineclip_core.edit.config import DEFAULT_EDIT, EditConfig
 from refineclip_core.edit.config import PaperConfig
@@ -65,7 +65,7 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
         k = c[2].number_input("…or of the last K layers", 1, 64, 4, key="load_layers", disabled=all_layers)
     layers: str | int = "all" if all_layers else int(k)
     if kind == MODEL_KINDS[0]:
-        return ModelSpec("demo", device=device, precision=precision), layers
+        return demo_model_choice(device, precision), layers
     archs = resources.open_clip_models()
     default = archs.index("ViT-B-16") if "ViT-B-16" in archs else 0
     if kind == MODEL_KINDS[1]:
@@ -123,6 +123,26 @@ def model_form() -> tuple[ModelSpec | None, str | int]:
         return None, layers
     return ModelSpec(name, checkpoint=ckpt, model_config=config, device=device, precision=precision,
                      roots=model_confinement(uploaded).folders), layers  # the config may be an upload too
+
+
+def demo_model_choice(device: str, precision: str) -> ModelSpec | None:
+    """Which embedded demo model (the CLIP-shaped one by default; the SigLIP-shaped one sees the same world
+    and images); None with a note when the chosen one is not installed."""
+    from refineclip_core.session.demo import DEMO_CHOICES, demo_installed
+
+    from .shell import demo_spec
+
+    which = st.radio("Demo model", list(DEMO_CHOICES), format_func=DEMO_CHOICES.get, key="load_demo_model",
+                     horizontal=True, help="Both are trained on the same bird world and shown the same held-out "
+                                           "images; the SigLIP-shaped one pools all patch tokens with an attention "
+                                           "pool, has no projection and was trained with the sigmoid loss.")
+    if which == DEMO_MODEL:
+        return ModelSpec(DEMO_MODEL, device=device, precision=precision)
+    spec = demo_spec(which)
+    if not demo_installed(spec):
+        st.info(f"The {DEMO_CHOICES[which]} model is not installed here ('{spec.resolved().checkpoint}' is missing).")
+        return None
+    return replace(spec, device=device, precision=precision)
 
 
 def images_form() -> ImagesChoice | None:

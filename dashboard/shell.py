@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from refineclip_core.loading.models import ModelSpec
+from refineclip_core.loading.models import DEMO_MAP_MODEL, DEMO_MODEL, DEMO_MODELS, ModelSpec
 from refineclip_core.method.protocol import PairSpec
 
 from .jobs import job_panel, start_job
@@ -16,6 +16,8 @@ from .widgets import plain, show_exception
 
 
 DEMO_DIR_ENV = "REFINECLIP_DEMO_MODEL_DIR"
+#: ... and of the SigLIP-shaped demo model (``ModelSpec("demo-map")``), e.g. a retrained one.
+DEMO_MAP_DIR_ENV = "REFINECLIP_DEMO_MAP_DIR"
 #: Images per bird group (and per other class) in each split of the held-out demo sample.
 DEMO_N_ENV = "REFINECLIP_DEMO_N"
 
@@ -33,30 +35,32 @@ def app_icon():
     return img
 
 
-def demo_spec() -> ModelSpec:
-    """The embedded demo model: ``assets/demo``, or the folder named by ``$REFINECLIP_DEMO_MODEL_DIR``
+def demo_spec(which: str = DEMO_MODEL) -> ModelSpec:
+    """The embedded demo model ``which`` (``demo``: ``assets/demo``; ``demo-map``, the SigLIP-shaped one:
+    ``assets/demo_siglip``), or the folder named by ``$REFINECLIP_DEMO_MODEL_DIR`` (``$REFINECLIP_DEMO_MAP_DIR``)
     (a retrained demo, or a test's stand-in)."""
-    folder = os.environ.get(DEMO_DIR_ENV)
+    folder = os.environ.get(DEMO_MAP_DIR_ENV if which == DEMO_MAP_MODEL else DEMO_DIR_ENV)
     if folder:
-        from refineclip_core.loading.models import DEMO_MODEL_NAME
-
-        return ModelSpec("demo", checkpoint=str(Path(folder) / f"{DEMO_MODEL_NAME}.safetensors"),
-                         model_config=str(Path(folder) / f"{DEMO_MODEL_NAME}.json"))
-    return ModelSpec("demo")
+        name = DEMO_MODELS[which][1]
+        return ModelSpec(which, checkpoint=str(Path(folder) / f"{name}.safetensors"),
+                         model_config=str(Path(folder) / f"{name}.json"))
+    return ModelSpec(which)
 
 
 def demo_available(spec: ModelSpec) -> bool:
-    r = spec.resolved()
-    return bool(r.checkpoint and Path(r.checkpoint).is_file() and (not r.model_config or Path(r.model_config).is_file()))
+    from refineclip_core.session.demo import demo_installed
+
+    return demo_installed(spec)
 
 
-def start_demo_job() -> None:
-    """Prepare the demo (images once, then extraction, resumable) in the background."""
+def start_demo_job(spec: ModelSpec | None = None) -> None:
+    """Prepare the demo (images once, then extraction, resumable) in the background: the default demo
+    model, or ``spec`` (the other embedded demo model)."""
     from refineclip_core.session.demo import DEMO_N_PER_GROUP, prepare_demo
 
     from . import resources
 
-    spec = demo_spec()
+    spec = spec or demo_spec()
     loaded = resources.model(spec.key())
     text = os.environ.get(DEMO_N_ENV, "").strip()
     n = int(text) if text.isdigit() and 0 < int(text) <= DEMO_N_PER_GROUP else DEMO_N_PER_GROUP

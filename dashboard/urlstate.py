@@ -193,7 +193,8 @@ def _session_view() -> dict[str, str]:
         return {}
     ticks = ticked_heads()
     method = get(Key.REFINE_METHOD)
-    return link_params(None if src.is_demo else str(src.cache_dir), protocol().to_dict(), ablate_heads(),
+    default_demo = src.is_demo and src.spec.name == "demo"    # the SigLIP-shaped demo's link names its cache
+    return link_params(None if default_demo else str(src.cache_dir), protocol().to_dict(), ablate_heads(),
                        inspect_head(), ticks if ticks is not None and ticks != ablate_heads() else None,
                        method if method in REFINE_METHODS and method != DEFAULT_EDIT.method else None,
                        get(Key.REFINE_FROM))

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from refineclip_core.features.zeroshot import DEFAULT_TEMPLATES
+from refineclip_core.loading.models import DEMO_MODEL, DEMO_MODELS
 from refineclip_core.session.caches import cache_source
 from refineclip_core.session.images import ScannedImages, plan_source, scan_images
 from refineclip_core.session.locking import extract_locked
@@ -15,6 +16,7 @@ from dashboard.jobs import job_panel, start_job
 from dashboard.panels import findings_panel, scan_summary
 from dashboard.recent_view import recent_panel
 from dashboard.registry import page
+from dashboard.shell import start_demo_job
 from dashboard.state import Key, drop, get, get_source, made_here, put, session_dir, set_source
 from dashboard.widgets import guard, require_ready, show_exception
 
@@ -30,12 +32,15 @@ def load_panel() -> None:
     st.divider()
     with guard("Reading the image choice"):
         images = images_form()
-    if (spec is not None and spec.name == "demo" and images is not None and images.kind == "demo"
+    if (spec is not None and spec.name in DEMO_MODELS and images is not None and images.kind == "demo"
             and images.metadata is None and layers == 4 and spec.precision == "fp32" and spec.device == "cpu"):
         src = get_source()
-        label = "Reload the embedded demo" if src is not None and src.is_demo else "Use the embedded demo"
+        same = src is not None and src.is_demo and src.spec.name == spec.name
+        label = "Reload the embedded demo" if same else "Use the embedded demo"
         if st.button(label, type="primary", key="load_demo_btn"):
             drop(Key.SOURCE, Key.DEMO_JOB, Key.LOAD_SCAN)
+            if spec.name != DEMO_MODEL:       # the default demo starts itself (dashboard.shell.ensure_source)
+                start_demo_job(spec)
             st.rerun()
         return
     if spec is None or images is None:

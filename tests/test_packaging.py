@@ -174,7 +174,8 @@ def test_the_wheel_holds_the_library_the_dashboard_and_the_command(wheel):
     library = {p.relative_to(ROOT).as_posix() for p in (ROOT / "refineclip_core").rglob("*.py")}
     assert library <= names, f"library modules missing from the wheel: {sorted(library - names)}"
     dashboard = {"app.py", ".streamlit/config.toml", "assets/text_pool.txt",
-                 *(p.relative_to(ROOT).as_posix() for d in ("pages", "dashboard", "assets/demo")
+                 *(p.relative_to(ROOT).as_posix() for d in ("pages", "dashboard", "assets/demo", "assets/demo_siglip")
+                   if (ROOT / d).is_dir()      # the SigLIP-shaped demo model ships once it is committed
                    for p in (ROOT / d).iterdir() if p.is_file() and p.suffix in (".py", ".json", ".safetensors", ".md"))}
     missing = {f"refineclip_studio/{n}" for n in dashboard} - names
     assert not missing, f"dashboard files missing from the wheel: {sorted(missing)}"
@@ -189,12 +190,15 @@ def test_the_installed_library_finds_the_installed_dashboard_and_demo(installed,
     code = ("from refineclip_core.home import APP_DIR; from refineclip_core.loading.models import ModelSpec;"
             "import sys; sys.path.insert(0, str(APP_DIR)); from dashboard.registry import PAGES;"
             "print(APP_DIR); print(ModelSpec('demo').resolved().checkpoint);"
-            "print(all((APP_DIR / p.path).is_file() for p in PAGES))")
+            "print(all((APP_DIR / p.path).is_file() for p in PAGES));"
+            "print(ModelSpec('demo-map').resolved().checkpoint)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(installed), capture_output=True,
                          text=True, check=True).stdout.split("\n")
     assert Path(out[0]) == installed / "refineclip_studio"
     assert Path(out[1]).is_file() and Path(out[1]).is_relative_to(installed)
     assert out[2] == "True"
+    if (ROOT / "assets" / "demo_siglip" / "refineclip-demo-map.safetensors").is_file():   # the SigLIP-shaped demo
+        assert Path(out[3]).is_file() and Path(out[3]).is_relative_to(installed)
 
 
 def _free_port() -> int:

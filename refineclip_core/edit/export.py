@@ -53,16 +53,29 @@ def merge_into_linear(weight: torch.Tensor, bias: torch.Tensor | None, refined: 
 
 
 def _with_projection(model: torch.nn.Module, config: Mapping[str, Any] | None) -> tuple[dict, str, int]:
-    """For a timm tower without projection (``timm_proj: none``): the config with a bias-free linear
-    projection after the pool, the state-dict key of its weight and its width."""
+    """For a timm tower without projection (``timm_proj: none``): the config with a linear projection
+    after the pool, the state-dict keys of its weight and bias (None: bias-free) and its width.
+
+    open_clip's bias-free ``head.proj`` (``timm_proj: linear``) rebuilds the trunk with its timm default
+    pool and then resets it to the configured one, which timm cannot do for an attention pool the trunk
+    does not have by default (the demo's ``test_vit`` pools its class token by default); such a trunk gets
+    its own classifier head as the projection instead (``timm_proj: null``: ``trunk.head``, bias zero)."""
+    import timm
+
     vision = dict((config or {}).get("vision_cfg") or {})
     if type(model.visual).__name__ != "TimmModel" or not vision.get("timm_model_name"):
         raise RefineClipError("This image tower ends in a nonlinear layer and has no projection, and without its "
                               "open_clip config no projection can be added, so the edit cannot be merged exactly.")
-    vision.update(timm_proj="linear", timm_proj_bias=False)
     from ..features.backends import backend_for
 
-    return {**dict(config), "vision_cfg": vision}, "visual.head.proj.weight", backend_for(model.visual).info.embed_dim
+    width = backend_for(model.visual).info.embed_dim
+    with torch.device("meta"):          # the trunk's default pool, built without memory
+        default_pool = getattr(timm.create_model(vision["timm_model_name"]), "global_pool", None)
+    if vision.get("timm_pool") in ("map", "prr") and default_pool != vision["timm_pool"]:
+        vision.update(timm_proj=None)
+        return {**dict(config), "vision_cfg": vision}, ("visual.trunk.head.weight", "visual.trunk.head.bias"), width
+    vision.update(timm_proj="linear", timm_proj_bias=False)
+    return {**dict(config), "vision_cfg": vision}, ("visual.head.proj.weight", None), width
 
 
 ExportFormat = Literal["auto", "open_clip", "hf"]
@@ -116,10 +129,12 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
     w_key, b_key, in_out = backend_for(model.visual).merge_target() if model is not None else ("visual.proj", None, True)
     new_config = None
     if not w_key:
-        new_config, w_key, width = _with_projection(model, config)
+        new_config, (w_key, b_key), width = _with_projection(model, config)
         if fmt == "hf":
             raise RefineClipError("A tower without projection is exported in open_clip format only (use --export-format open_clip).")
         state[w_key] = torch.eye(width, dtype=torch.float32)
+        if b_key is not None:
+            state[b_key] = torch.zeros(width, dtype=torch.float32)
     if w_key not in state:
         raise RefineClipError(f"The checkpoint has no '{w_key}' to merge the refinement into.")
     proj = state[w_key]

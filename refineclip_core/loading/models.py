@@ -44,6 +44,13 @@ from .tokenizers import deferred_tokenizer
 DEMO_MODEL = "demo"
 DEMO_DIR = ASSETS_DIR / "demo"
 DEMO_MODEL_NAME = "refineclip-demo"
+#: The second embedded demo model, SigLIP-shaped (timm ViT trunk, map pooling, no projection, sigmoid loss):
+#: ``ModelSpec("demo-map")`` (refineclip_core/demo/siglip.py, assets/demo_siglip/README.md).
+DEMO_MAP_MODEL = "demo-map"
+DEMO_MAP_DIR = ASSETS_DIR / "demo_siglip"
+DEMO_MAP_MODEL_NAME = "refineclip-demo-map"
+#: Shorthand -> (folder, open_clip model name) of the embedded demo models.
+DEMO_MODELS = {DEMO_MODEL: (DEMO_DIR, DEMO_MODEL_NAME), DEMO_MAP_MODEL: (DEMO_MAP_DIR, DEMO_MAP_MODEL_NAME)}
 
 #: Key of the model's :meth:`ModelSpec.fingerprint` in a feature cache manifest's ``extra``: a cache
 #: is opened only with the model that made it (:func:`refineclip_core.session.caches.cache_model`).
@@ -57,8 +64,8 @@ class ModelSpec:
     """Which CLIP model to load.
 
     ``name`` is an open_clip architecture name (``ViT-B-16``), ``"demo"`` for the embedded
-    demonstration model, or any name when ``model_config`` points at a config JSON (the schema
-    of open_clip's ``model_configs``). Weights come from ``pretrained`` (an open_clip tag,
+    demonstration model (``"demo-map"``: the SigLIP-shaped one), or any name when ``model_config``
+    points at a config JSON (the schema of open_clip's ``model_configs``). Weights come from ``pretrained`` (an open_clip tag,
     downloaded on machines that can) or ``checkpoint`` (a local file, or a Hugging Face
     ``transformers`` CLIP folder — then ``name`` only labels the model); with neither, the
     weights are random (useful for tests and timing only). ``roots`` (the dashboard sets it)
@@ -78,14 +85,15 @@ class ModelSpec:
             object.__setattr__(self, "roots", tuple(str(r) for r in self.roots))
 
     def resolved(self) -> "ModelSpec":
-        """The demo shorthand expanded into its committed config and checkpoint."""
-        if self.name != DEMO_MODEL:
+        """A demo shorthand (``demo``, ``demo-map``) expanded into its committed config and checkpoint."""
+        if self.name not in DEMO_MODELS:
             return self
+        folder, name = DEMO_MODELS[self.name]
         return replace(
             self,
-            name=DEMO_MODEL_NAME,
-            checkpoint=self.checkpoint or str(_demo_checkpoint()),
-            model_config=self.model_config or str(DEMO_DIR / f"{DEMO_MODEL_NAME}.json"),
+            name=name,
+            checkpoint=self.checkpoint or str(_demo_checkpoint(folder, name)),
+            model_config=self.model_config or str(folder / f"{name}.json"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,8 +111,8 @@ class ModelSpec:
 
     def confinement(self) -> Confinement:
         """What this model's files are read under: its pinned ``roots`` (a dashboard session's), else the
-        confinement in force (:func:`~.sources.sources_confinement`: the demo model's folder included)."""
-        return sources_confinement(self.roots)
+        confinement in force (:func:`~.sources.sources_confinement`), with the embedded demo models' folders."""
+        return sources_confinement(self.roots).widened(*(folder for folder, _ in DEMO_MODELS.values()))
 
     def fingerprint(self) -> str:
         """A hash that changes when the architecture, the weights or the precision change (the files
@@ -131,12 +139,12 @@ def _checkpoint_files(checkpoint: str | None) -> tuple[str | Path | None, ...]:
     return hf.files() if hf else (checkpoint,)
 
 
-def _demo_checkpoint() -> Path:
+def _demo_checkpoint(folder: Path = DEMO_DIR, name: str = DEMO_MODEL_NAME) -> Path:
     for suffix in (".safetensors", ".pt"):
-        path = DEMO_DIR / f"{DEMO_MODEL_NAME}{suffix}"
+        path = folder / f"{name}{suffix}"
         if path.exists():
             return path
-    return DEMO_DIR / f"{DEMO_MODEL_NAME}.safetensors"
+    return folder / f"{name}.safetensors"
 
 
 @dataclass
@@ -249,10 +257,11 @@ def _resolve(spec: ModelSpec, spec_r: ModelSpec) -> ModelPlan:
     name = spec_r.name
     # every model source is checked before anything is read; reads below are confined to the same folders
     check_spec_sources(name, spec_r.checkpoint, spec_r.model_config, spec_r.pretrained)
-    if spec.name == DEMO_MODEL and not Path(spec_r.checkpoint).exists():
+    if spec.name in DEMO_MODELS and not Path(spec_r.checkpoint).exists():
+        recipe = " --recipe siglip --out assets/demo_siglip" if spec.name == DEMO_MAP_MODEL else " --out assets/demo"
         raise CheckpointError(
             f"The embedded demo checkpoint '{spec_r.checkpoint}' is missing; run "
-            "'python -m refineclip_core.demo.train --out assets/demo' to rebuild it."
+            f"'python -m refineclip_core.demo.train{recipe}' to rebuild it."
         )
     if spec_r.precision not in _DTYPES:
         raise RefineClipError(f"Unknown precision '{spec_r.precision}'; use one of {sorted(_DTYPES)}.")

@@ -6,6 +6,11 @@ procedural demo world (:mod:`refineclip_core.demo.world`, ``val`` and ``test`` s
 with :data:`DEMO_SEED`, a seed the demo model never saw in training) into the home folder
 folder once, and extracts its decomposed features (paper Eq. 4) into a cache next to it. Both
 steps are resumable and idempotent: the second call costs a directory listing.
+
+Two embedded models see the same world and the same held-out sample (:data:`DEMO_CHOICES`): the
+CLIP-shaped demo model (``ModelSpec("demo")``, the default: class token, projection, contrastive
+loss) and the SigLIP-shaped one (``ModelSpec("demo-map")``: timm ViT trunk, attention-map pooling over
+the patch tokens, no projection, sigmoid loss; ``assets/demo_siglip``). Each gets its own cache.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from ..features.extraction import ExtractionConfig
 from ..home import home_dir
 from ..loading.data import load_dataset
-from ..loading.models import ModelSpec
+from ..loading.models import DEMO_MAP_MODEL, DEMO_MODEL, ModelSpec
 from ..progress import CancelFn, Progress, silent
 from .caches import cache_dir_for
 from .locking import extract_locked
@@ -35,6 +40,14 @@ DEMO_N_PER_GROUP = 40
 #: guard can say `verified` when the edit deserves it (benchmarks/guard.py measures how often it does).
 DEMO_N_TEST = 150
 DEMO_SPLITS = ("val", "test")
+#: The embedded demo models a user can pick (``ModelSpec`` shorthand -> what to call it), the default first.
+DEMO_CHOICES = {DEMO_MODEL: "demo (CLIP-shaped, class token)", DEMO_MAP_MODEL: "demo (SigLIP-shaped, map pooling)"}
+
+
+def demo_installed(spec: ModelSpec) -> bool:
+    """Whether ``spec``'s files (a demo shorthand's committed config and weights) are present."""
+    r = spec.resolved()
+    return bool(r.checkpoint and Path(r.checkpoint).is_file() and (not r.model_config or Path(r.model_config).is_file()))
 
 
 def demo_data_dir(cache_root: str | os.PathLike | None = None, seed: int = DEMO_SEED,
@@ -112,5 +125,6 @@ def prepare_demo(cache_root: str | os.PathLike | None = None, loaded=None, progr
         dataset = load_dataset(data)
     cache_dir = cache_dir_for(spec, str(data), layers, cache_root)
     extract_locked(loaded, dataset, cache_dir, ExtractionConfig(layers=layers), progress, cancel)
-    label = f"Embedded demo model on {len(dataset)} held-out demo images (seed {seed})"
+    which = "SigLIP-shaped demo model (map pooling)" if spec.name == DEMO_MAP_MODEL else "demo model"
+    label = f"Embedded {which} on {len(dataset)} held-out demo images (seed {seed})"
     return Source(spec=spec, data_root=str(data), cache_dir=str(cache_dir), label=label, is_demo=True)
