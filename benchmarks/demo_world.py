@@ -42,7 +42,7 @@ by ``python -m refineclip_core.demo.train``) on its own world (read from its met
 
 The SigLIP-shaped demo model (``assets/demo_siglip``: attention-map pooling, no projection, sigmoid loss) runs
 the same benchmark into its own section, ``demo-siglip`` (the default section for a model that pools over
-every token; ``demo`` is refused for it, and ``demo_world.json`` is written for ``demo`` only):
+every token; ``demo`` is refused for it, and the Refine page's summary, ``assets/demo/benchmark.json``, is written for ``demo`` only):
 
     python benchmarks/demo_world.py --model-dir assets/demo_siglip
 

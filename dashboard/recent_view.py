@@ -4,12 +4,13 @@ open a cache, reopen a run (its verdict and its report's downloads), remove what
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import streamlit as st
 
-from refineclip_core.reporting.run_report import per_image_csv, render_html
+from refineclip_core.edit.record import read_run_report
+from refineclip_core.reporting.report_schema import RunReport
+from refineclip_core.reporting.run_report import per_image_csv, render_html, report_json
 from refineclip_core.session.caches import cache_source
 from refineclip_core.session.recent import RecentItem, recent_items, remove_item
 
@@ -61,17 +62,14 @@ def recent_panel() -> None:
         opened_run()
 
 
-def _read_run(path: str) -> dict:
+def _read_run(path: str) -> RunReport:
     listed_paths = {i.path for i, _ in listed() if i.kind == "run"}
     if path not in listed_paths:
         raise FileNotFoundError("That run is no longer listed (removed, or not one this session may read).")
     p = Path(path)
     if p.stat().st_size > MAX_RUN_BYTES:
         raise ValueError(f"The run record is larger than {MAX_RUN_BYTES // 2**20} MB; open it from the command line.")
-    report = json.loads(p.read_text())
-    if not isinstance(report, dict):
-        raise ValueError("The run record is not a run report.")
-    return report
+    return read_run_report(p)       # the one schema (any version so far), each field checked
 
 
 def opened_run() -> None:
@@ -81,16 +79,15 @@ def opened_run() -> None:
         return
     with guard("Reopening the run"), st.container(border=True):
         report = _read_run(path)
-        verdict = report.get("verdict") or {}
-        pairs = ", ".join(f"{a} → {b}" for a, b in report.get("pairs", []))
-        st.markdown(f"**Run of {plain(report.get('created', '?'))}**: {plain(report.get('exported', '?'))} on "
-                    f"{plain(pairs or '?')}, model {plain(report.get('model_name', '?'))}")
-        status = str(verdict.get("status", "no verdict"))
-        sentence = verdict.get("sentence") or verdict.get("summary") or ""
+        verdict = report.verdict
+        pairs = ", ".join(f"{a} → {b}" for a, b in report.pairs)
+        st.markdown(f"**Run of {plain(report.created or '?')}**: {plain(report.exported or '?')} on "
+                    f"{plain(pairs or '?')}, model {plain(report.model_name or '?')}")
+        status = "no verdict" if verdict is None else verdict.status
         show = {"verified": st.success, "harmful": st.error}.get(status, st.warning)
-        show(f"**{plain(status)}** · {plain(sentence)}")
+        show(f"**{plain(status)}** · {plain('' if verdict is None else verdict.lead)}")
         d = st.columns(4)
-        d[0].download_button("Run report (JSON)", data=json.dumps(report, indent=1), file_name="refineclip-report.json",
+        d[0].download_button("Run report (JSON)", data=report_json(report), file_name="refineclip-report.json",
                              mime="application/json", key="load_run_json", on_click="ignore")
         d[1].download_button("Run report (HTML)", data=lambda rep=report: render_html(rep),
                              file_name="refineclip-report.html", mime="text/html", key="load_run_html",
@@ -98,7 +95,7 @@ def opened_run() -> None:
         d[2].download_button("Per-image predictions (CSV)", data=lambda rep=report: per_image_csv(rep),
                              file_name="refineclip-per-image.csv", mime="text/csv", key="load_run_csv",
                              on_click="ignore")
-        cache = (report.get("data") or {}).get("cache")
+        cache = report.data.cache
         if cache and d[3].button("Open its data", key="load_run_data",
                                  help="Open the feature cache this run was made on, then run the edit again on the "
                                       "Refine page for its merged checkpoint."):

@@ -6,14 +6,13 @@ fill the comparison table in as each finishes, cancellable, never in the way of 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from refineclip_core.edit.export import export_path
 from refineclip_core.edit.run import EditRun, compare_run, run_edit
-from refineclip_core.home import APP_DIR
+from refineclip_core.home import DEMO_BENCHMARK
 from refineclip_core.reporting.figures import accuracy_bars_figure, loss_figure
 from refineclip_core.reporting.findings import (cell_estimate, format_cell, labels_used_column, method_summary,
                                                 per_key_table)
@@ -28,8 +27,8 @@ from .widgets import Ready, guard, metric_ci, plain, show_exception, table
 #: Where the Refine page's heads come from (the URL's ``from``), in the order offered.
 HEAD_SOURCES = {"protocol": "The protocol's choice", "heads": "Set from the Heads page",
                 "ticked": "Ticked on the Ablate page"}
-#: The demo benchmark's machine-readable summary (written by ``benchmarks/demo_world.py``).
-BENCHMARK_SUMMARY = Path("benchmarks") / "demo_world.json"
+#: The demo benchmark's machine-readable summary (written by ``benchmarks/demo_world.py``; shipped in the wheel).
+BENCHMARK_SUMMARY = DEMO_BENCHMARK
 
 
 def choose_heads(ident) -> list:
@@ -146,7 +145,7 @@ def _section(run: EditRun, ready: Ready) -> None:
         st.info(f"The comparison stopped: {plain(error)} The exported edit and its downloads are unaffected.",
                 icon=":material/pause_circle:")
     outcome_notes(shown.outcome)
-    methods = shown.outcome.report.to_dict()
+    methods = shown.outcome.report             # the rows so far (a MethodReport), the run report's when done
     summary = method_summary(methods)
     r, z = summary.get(shown.outcome.exported, {}), summary.get("zero-shot", {})
     m = st.columns(4)
@@ -164,7 +163,7 @@ def _section(run: EditRun, ready: Ready) -> None:
     if bench is not None:
         st.markdown(f"**The demo benchmark, same methods over {bench[1]}** (benchmarks/RESULTS.md; not this run)")
         table("methods-benchmark", bench[0], hide_index=True)
-    st.plotly_chart(accuracy_bars_figure(summary, "Methods compared", colours=methods.get("about")),
+    st.plotly_chart(accuracy_bars_figure(summary, "Methods compared", colours=methods.about),
                     key="ref_summary_fig")
     groups = per_key_table(methods, "per_group")
     tab_g, tab_c = st.tabs(["Per group", "Per class"])
@@ -180,9 +179,8 @@ def _section(run: EditRun, ready: Ready) -> None:
 def benchmark_figures(methods: list[str]) -> tuple[pd.DataFrame, str] | None:
     """The demo benchmark's multi-draw figures for ``methods`` (as ``benchmarks/demo_world.py`` wrote them),
     or None when there is no such file or it names none of them."""
-    path = APP_DIR / BENCHMARK_SUMMARY
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(BENCHMARK_SUMMARY.read_text())
         rows = [{"method": k, "worst-group change (pts): mean ± sd": f"{v['worst_gain_mean']:+.1f} ± "
                                                                        f"{v['worst_gain_std']:.1f}",
                  "other classes change (pts)": f"{v['other_change_mean']:+.1f}",

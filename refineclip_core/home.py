@@ -34,6 +34,11 @@ ASSETS_DIR = APP_DIR / "assets"
 """The data the studio ships (the demo checkpoint, the text pool), in a clone and when installed."""
 
 
+DEMO_BENCHMARK = ASSETS_DIR / "demo" / "benchmark.json"
+"""The demo benchmark's multi-draw figures per method (written by ``benchmarks/demo_world.py`` beside the
+demo model it measured, shipped with it; the Refine page shows them beside one run's table)."""
+
+
 def asset(*parts: str) -> Path:
     """The path of a file the studio ships, e.g. ``asset("text_pool.txt")``: the one way every module
     (library, dashboard, benchmarks) finds the app's data, so an installed wheel finds it too."""

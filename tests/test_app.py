@@ -363,17 +363,18 @@ def test_refine_page_runs_compares_and_offers_downloads(app):
     downloads = {b.key for b in at.get("download_button")}
     assert {"ref_dl_json", "ref_dl_html", "ref_dl_csv", "ref_dl_ckpt"} <= downloads
     assert {"methods_csv", "accuracy-per-group_csv", "accuracy-per-class_csv", "guard_csv"} <= downloads
-    assert len(report_rows := res.report["per_image"]["rows"]) == len(res.outcome.identification.base_predictions)
+    assert len(report_rows := res.report.per_image.rows) == len(res.outcome.identification.base_predictions)
     assert sum(r[7] for r in report_rows) == int(res.outcome.identification.eval_mask.sum())   # "held out" column
     ckpt = Path(res.checkpoint)
     assert ckpt.is_file() and ckpt.stat().st_size > 0
     report = res.report
-    json.loads(json.dumps(report, allow_nan=False))
-    assert report["heads"] == [h.as_list() for h in res.outcome.heads]
-    assert report["exported"] == "refineclip-fit" and report["checkpoint"]["file"] == ckpt.name
-    assert set(report["methods"]["reports"]) == set(methods)      # the record was rebuilt with every row
-    assert n_eval == report["n_eval"]
-    assert "coop" in methods and res.outcome.concept is None and "concept_removal" not in report
+    assert json.loads(json.dumps(report.to_dict(), allow_nan=False))["schema"] == 2
+    assert report.heads == tuple((h.layer, h.head) for h in res.outcome.heads)
+    assert report.exported == "refineclip-fit" and report.checkpoint.file == ckpt.name
+    assert set(report.methods.reports) == set(methods)      # the record was rebuilt with every row
+    assert n_eval == report.n_eval
+    assert "coop" in methods and res.outcome.concept is None and report.concept_removal is None
+    assert "concept_removal" not in report.to_dict()
     # the run is kept in the home folder (Recent), updated in place with its compared rows
     saved = Path(at.session_state["ref_saved"])
     assert json.loads(saved.read_text())["methods"]["reports"].keys() == set(methods)
@@ -419,7 +420,7 @@ def test_refine_page_removes_the_confirmed_concept_and_compares_with_and_without
     res = at.session_state["refine"]
     assert res.outcome.concept is not None and res.outcome.concept.texts == ["**water** / lake"]
     assert {"refineclip-fit", CONCEPT_KEPT} <= set(res.outcome.report.reports)
-    assert res.report["concept_removal"]["texts"] == ["**water** / lake"]
+    assert res.report.concept_removal.texts == ("**water** / lake",)
     shown = [e.value for e in at.info]
     assert any("Concept removed" in t and "\\*\\*water\\*\\*" in t for t in shown), shown
 
@@ -731,12 +732,14 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     outcome = fit_edit(cache, ident, EditConfig(fit=FitConfig(steps=10), paper=PaperConfig(steps=20)),
                              baselines=True)
     from refineclip_core.edit.record import build_run_report
+    from refineclip_core.reporting.report_schema import RunReport
 
     (tmp_path / "x.safetensors").write_bytes(b"weights")
     report = build_run_report(cache, ident, make_engine(cache), outcome, checkpoint=tmp_path / "x.safetensors")
-    text = json.dumps(report, allow_nan=False)
-    back = json.loads(text)
-    summary = method_summary(back["methods"])
+    text = json.dumps(report.to_dict(), allow_nan=False)
+    back = RunReport.from_dict(json.loads(text))
+    assert back == report and back.to_dict() == json.loads(text)       # the JSON reads back to the same record
+    summary = method_summary(back.methods)
     assert summary["zero-shot"]["overall"]["value"] == pytest.approx(outcome.report.reports["zero-shot"].accuracy)
     assert summary["zero-shot"]["overall"]["n"] == len(ident.eval_rows)
     f = findings(cache, ident, make_engine(cache))
@@ -751,12 +754,12 @@ def test_run_report_json_and_html(tiny_model_files, image_folder, tmp_path):
     assert 'src="https://' not in page
     assert "Per class" in page and "refineclip-diag" in page and "x.safetensors" in page
     assert f"(n={len(ident.eval_rows)})" in page
-    verdict = back["verdict"]
+    verdict = back.verdict.to_dict()
     assert verdict["status"] in ("verified", "not-verified", "harmful") and html.escape(verdict["sentence"]) in page
     assert all(html.escape(d) in page for d in verdict["details"])      # the details, under the one sentence
     assert all(html.escape(u["name"]) in page for u in verdict["groups"] + verdict["classes"])
     json_path, html_path = write_report(back, tmp_path / "out")
-    assert json.loads(json_path.read_text()) == back
+    assert json.loads(json_path.read_text()) == json.loads(text)
     assert "refineclip-diag" in html_path.read_text()
 
 
@@ -1310,13 +1313,18 @@ def test_the_inspector_push_uses_the_scores_replacement(app):
 
 def test_the_benchmarks_multi_draw_figures_are_read_from_its_summary(tmp_path, monkeypatch):
     """Beside one draw's table the Refine page shows the demo benchmark's multi-draw figures for the same
-    methods, read from the summary the benchmark writes (none when there is none; never typed in)."""
+    methods, read from the summary the benchmark writes (none when there is none; never typed in). The
+    summary ships with the demo model (assets/demo: package data, so an installed wheel shows it too)."""
     from dashboard import refine_view
+    from refineclip_core.home import ASSETS_DIR
 
-    monkeypatch.setattr(refine_view, "APP_DIR", tmp_path)
+    shipped = refine_view.BENCHMARK_SUMMARY
+    assert shipped.parent == ASSETS_DIR / "demo" and shipped.suffix == ".json"     # pyproject: assets/demo/*.json
+    if shipped.is_file():        # the committed one reads, with the headline row
+        assert refine_view.benchmark_figures(["refineclip-fit"]) is not None
+    path = tmp_path / "benchmark.json"
+    monkeypatch.setattr(refine_view, "BENCHMARK_SUMMARY", path)
     assert refine_view.benchmark_figures(["refineclip-fit"]) is None          # no summary: nothing shown
-    path = tmp_path / refine_view.BENCHMARK_SUMMARY
-    path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"draws": 20, "world_seeds": [131, 132], "methods": {
         "refineclip-fit": {"worst_gain_mean": 25.71, "worst_gain_std": 4.2, "other_change_mean": -0.1,
                            "draws_worse": 0.0},

@@ -352,8 +352,8 @@ def test_coop_beyond_its_budget_is_left_out_with_the_reason(demo):
     why = out.left_out["coop"]
     assert f"{cost:.1e}" in why and f"{len(cache.classes):,} class prompts" in why
     report = build_run_report(cache, ident, demo["engine"], out)
-    assert report["left_out"]["coop"] == why and why in render_html(report)
-    assert set(report["left_out"]) == {"coop", "cue-projection", "ltc"}     # the LTC rows: no text typed
+    assert report.left_out["coop"] == why and why in render_html(report)
+    assert set(report.left_out) == {"coop", "cue-projection", "ltc"}     # the LTC rows: no text typed
     roomy = replace(tight, coop=CoOpConfig(steps=3, max_flops=cost * 2))
     out = fit_edit(cache, ident, roomy, engine=demo["engine"], baselines=True, loaded=loaded)
     assert "coop" in out.report.predictions and "coop" not in out.left_out

@@ -417,7 +417,7 @@ def test_dashboard_loads_a_transformers_folder_and_downloads_the_edit_in_its_for
     at.button[0].click().run()
     assert_clean(at)
     res = at.session_state["refine"]
-    assert res.checkpoint.is_dir() and res.report["checkpoint"]["format"] == "hf"
+    assert res.checkpoint.is_dir() and res.report.checkpoint.format == "hf"
     if res.verdict.status != "verified":   # the guard asks for one confirmation click first
         at.checkbox(key="ref_confirm").check().run()
     buttons = at.get("download_button")

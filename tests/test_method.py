@@ -343,16 +343,19 @@ def test_run_report_is_written_and_read_through_one_schema(cache, tmp_path):
     RunReport back, equal to what was written; a file from before the schema (no "schema" key) still reads,
     one from a newer schema is refused in one sentence, and fields the schema does not name survive."""
     from refineclip_core.edit.record import build_run_report, read_run_report
-    from refineclip_core.edit.report_schema import RUN_REPORT_SCHEMA, RunReport
+    from refineclip_core.reporting.report_schema import RUN_REPORT_SCHEMA, RunReport
     from refineclip_core.errors import RefineClipError
     from refineclip_core.method.protocol import make_engine
 
     ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4, resamples=0))
-    report = build_run_report(cache, ident, make_engine(cache))
+    built = build_run_report(cache, ident, make_engine(cache))
+    assert isinstance(built, RunReport) and built.schema == RUN_REPORT_SCHEMA and built.findings is not None
+    report = json.loads(json.dumps(built.to_dict()))
     assert report["schema"] == RUN_REPORT_SCHEMA and report["eval_files"]
     path = tmp_path / "run.json"
     path.write_text(json.dumps(report))
     run = read_run_report(path)
+    assert run == built                                                            # the file reads back typed
     assert isinstance(run, RunReport) and run.data.classes == tuple(cache.classes)
     assert run.eval_files == tuple(report["eval_files"]) and run.heads == tuple(tuple(h) for h in report["heads"])
     assert run.data.n_images == len(cache) and run.data.layers == tuple(cache.manifest.layers)

@@ -287,9 +287,8 @@ def test_the_cli_and_the_html_report_show_the_labels_used(world):
     cache, ident = world["cache"], world["ident"]
     out = fit_edit(cache, ident, EditConfig(fit=FitConfig(steps=3)), engine=world["engine"], baselines=False)
     fit_compared(cache, ident, out, keys=["tip-adapter"], engine=world["engine"])
-    methods = out.report.to_dict()
-    used = labels_used_column(methods)
-    lines = cells_table(method_summary(methods), {"worst group": "worst group"}, "method", text={"labels used": used})
+    used = labels_used_column(out.report)
+    lines = cells_table(method_summary(out.report), {"worst group": "worst group"}, "method", text={"labels used": used})
     assert "labels used" in lines[0] and any(f"{len(ident.sample_rows)} class labels" in l for l in lines)
     assert any("none (class names only)" in l for l in lines if l.strip().startswith("zero-shot"))
     html = render_html(build_run_report(cache, ident, world["engine"], out))

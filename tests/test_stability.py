@@ -194,9 +194,11 @@ def test_cli_score_and_the_run_report_show_the_stability(demo, tmp_path, capsys)
     st = ident.selection.stability
     st.counts = {**{h: 5 for h in ident.heads}, odd: 1}
     ident.selection.heads = [*ident.heads, odd] if odd not in ident.heads else ident.heads
+    from refineclip_core.reporting.report_sections import StabilityRow
+
     report = build_run_report(cache, ident, engine)
-    block = report["head_stability"]
-    assert block["resamples"] == 5 and str(odd) in block["one_off"]
-    assert {"head": str(odd), "in_set": True, "chosen_in": 1, "resamples": 5, "note": "one-off choice"} in block["rows"]
+    block = report.head_stability
+    assert block.resamples == 5 and str(odd) in block.to_dict()["one_off"]
+    assert StabilityRow(str(odd), True, 1, 5, "one-off choice") in block.rows
     page = render_html(report)
     assert "How stable is the choice of heads" in page and "1/5 resamples" in page and "one-off choice" in page

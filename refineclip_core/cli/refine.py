@@ -152,18 +152,17 @@ SUMMARY_COLUMNS = {"overall": "overall", "worst group": "worst group", "error-pa
 def edit_lines(edit: EditRun) -> list[str]:
     """One phase-2 run for people: the pairs and heads, every method on held-out images, the guard."""
     out, rep = edit.outcome, edit.report
-    lines = [f"Error pair(s): {', '.join(f'{a} → {b}' for a, b in rep['pairs'])}; heads removed: "
+    lines = [f"Error pair(s): {', '.join(f'{a} → {b}' for a, b in rep.pairs)}; heads removed: "
              f"{heads_text(out.heads)} ({out.identification.config.ablation} ablation).",
-             *([rep["head_stability"]["summary"]] if rep.get("head_stability") else []),
-             *([f"Why: {rep['diagnosis']['sentence']}"] if rep.get("diagnosis") else []),
-             *([rep["concept_removal"]["sentence"]] if rep.get("concept_removal") else []),
-             f"Accuracy on {rep['n_eval']} held-out images (edit fitted on {rep['n_adapt']} unlabelled, heads chosen on "
-             f"{rep['n_samples']} labelled; 95% intervals):"]
-    methods = out.report.to_dict()
-    lines += cells_table(method_summary(methods), SUMMARY_COLUMNS, "method",
-                         text={"labels used": labels_used_column(methods)})
+             *([rep.head_stability.summary] if rep.head_stability is not None else []),
+             *([f"Why: {rep.diagnosis.sentence}"] if rep.diagnosis is not None and rep.diagnosis.sentence else []),
+             *([rep.concept_removal.sentence] if rep.concept_removal is not None else []),
+             f"Accuracy on {rep.n_eval} held-out images (edit fitted on {rep.n_adapt} unlabelled, heads chosen on "
+             f"{rep.n_samples} labelled; 95% intervals):"]
+    lines += cells_table(method_summary(out.report), SUMMARY_COLUMNS, "method",
+                         text={"labels used": labels_used_column(out.report)})
     lines += list(out.left_out.values())
-    warnings = [f"Warning ({w['kind']}): {w['text']}" for w in rep.get("warnings") or []]
+    warnings = [f"Warning ({w.kind}): {w.text}" for w in rep.warnings]
     v = edit.verdict
     return [f"Guard: {v.status} — {out.exported} (exported). {v.sentence()}", *(f"  {d}" for d in v.details()), *warnings,
             *lines, *guard_lines(v)]
@@ -229,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_bytes(Path(args.html), render_html(edit.report).encode())
     if args.csv:
         atomic_write_bytes(Path(args.csv), per_image_csv(edit.report).encode())
-    emit(args, edit.report, edit_lines(edit),
+    emit(args, edit.report.to_dict(), edit_lines(edit),
          [("merged checkpoint (visual.proj)", edit.checkpoint), ("HTML run report", args.html),
           ("per-image predictions (CSV)", args.csv)])
     return exit_status(edit.verdict, args.fail_if_worse, args.require_verified)

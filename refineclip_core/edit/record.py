@@ -1,7 +1,7 @@
 """The run's record: one edit run as JSON-safe data (model, data, protocol, scores, selection,
 the edit's config and history, every method's accuracies, the guard's verdict, the per-image
 predictions), and reading a record back (``refineclip eval --rows-from``), both through the one
-versioned schema :class:`~refineclip_core.edit.report_schema.RunReport`.
+versioned schema :class:`~refineclip_core.reporting.report_schema.RunReport`.
 :mod:`~refineclip_core.reporting.run_report` renders it.
 """
 
@@ -28,7 +28,7 @@ from ..reporting.findings import findings, json_safe
 from ..reporting.tables import PER_IMAGE_COLUMNS, per_image_rows
 from .compare import EditOutcome
 from .guard import EditVerdict, assess_edit
-from .report_schema import RunData, RunReport
+from ..reporting.report_schema import RUN_REPORT_SCHEMA, RunData, RunReport
 from .sanity import SanityWarning
 
 
@@ -43,8 +43,9 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
                      data_root: str | None = None, checkpoint: Path | None = None,
                      extra: Mapping[str, Any] | None = None, diagnosis: Diagnosis | None = None,
                      verdict: EditVerdict | None = None, warnings: Sequence[SanityWarning] = (),
-                     merged_into: str | None = None) -> dict:
-    """Everything about one run, JSON-safe: what was loaded, which rows, which heads, the
+                     merged_into: str | None = None) -> RunReport:
+    """Everything about one run, as the typed :class:`~refineclip_core.reporting.report_schema.RunReport`
+    (read through the same :meth:`~RunReport.from_dict` as a file, so a run and its JSON agree): what was loaded, which rows, which heads, the
     scores and curves behind the choice (Eq. 6-10), the diagnosis of what removing the heads
     takes out (:mod:`~refineclip_core.inspection.diagnosis`, when given), the refinement (Eq. 11-13),
     every compared method's accuracies (``methods``, name → report) and which of them was
@@ -64,6 +65,7 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
     data = RunData(data_root or man.data_root, str(cache.root), len(cache), tuple(cache.classes),
                    tuple(cache.group_names), tuple(man.templates), tuple(man.layers), man.n_heads, len(cache.skipped))
     report: dict[str, Any] = {
+        "schema": RUN_REPORT_SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"refineclip_core": __version__, "torch": torch.__version__, "open_clip": oc_version},
         "model": dict(model) if model is not None else dict(man.model),
@@ -117,7 +119,8 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
                                 "merged_into": "visual_projection.weight" if folder else (merged_into or "visual.proj")}
     if extra:
         report["extra"] = dict(extra)
-    return json_safe(RunReport(data=data, eval_files=tuple(row_files(cache, ident.eval_rows)), **report).to_dict())
+    report.update(data=data.to_dict(), eval_files=row_files(cache, ident.eval_rows))
+    return RunReport.from_dict(json_safe(report), "built for this run")
 
 
 def row_files(cache: FeatureCache, rows: np.ndarray) -> list[str]:

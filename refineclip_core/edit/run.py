@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..features.cache import FeatureCache
 from ..features.decomposition import HeadId
 from ..inspection.diagnosis import Diagnosis
-from ..loading.models import LoadedModel, ModelSpec, load_model, resolve_model
+from ..loading.models import LoadedModel, ModelSpec, load_model
 from ..method.ablation import AblationEngine
 from .concept import resolve_concept
 from ..method.protocol import Identification
@@ -27,6 +27,7 @@ from .export import ExportFormat, export_checkpoint
 from ..features.backends import backend_for
 from .guard import EditVerdict, GuardConfig, assess_edit
 from .record import build_run_report
+from ..reporting.report_schema import RunReport
 from .sanity import sanity_warnings
 
 
@@ -35,11 +36,11 @@ class EditRun:
     """One phase-2 run as the Refine page and ``refineclip refine`` both make it: the outcome
     (the exported edit and every compared method fitted so far, the exported one named), the merged
     checkpoint when one was written, the guard's verdict on the exported edit and the run report
-    built from them. ``compared``: whether the compared methods have been fitted (:func:`compare_run`)."""
+    built from them (the typed :class:`~refineclip_core.reporting.report_schema.RunReport`). ``compared``: whether the compared methods have been fitted (:func:`compare_run`)."""
 
     outcome: EditOutcome
     checkpoint: Path | None
-    report: dict
+    report: RunReport
     verdict: EditVerdict
     compared: bool = False
     #: what the run report is built from besides the outcome (rebuilt when compared rows arrive)
@@ -75,7 +76,7 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
         loaded = loaded or load_model(spec)
         with spec.confinement().active():  # the source read where the model was
             checkpoint = export_checkpoint(spec.resolved().checkpoint, loaded.model, outcome.refinement.refined,
-                                           export_to, export_format, config=resolve_model(spec).open_clip_config())
+                                           export_to, export_format, config=loaded.open_clip_config)
     args = dict(model=spec.to_dict(), data_root=data_root, checkpoint=checkpoint, extra=extra, diagnosis=diagnosis,
                 verdict=verdict, warnings=sanity_warnings(cache, ident, demo_data=demo_data),
                 merged_into=None if checkpoint is None else backend_for(loaded.model.visual).merge_target()[0])

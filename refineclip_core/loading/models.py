@@ -156,6 +156,8 @@ class LoadedModel:
     preprocess: Callable
     tokenizer: Callable
     model_name: str
+    #: the open_clip config it was built from (:meth:`ModelPlan.open_clip_config`; None: a hub model's)
+    open_clip_config: dict | None = None
 
     @property
     def visual(self) -> torch.nn.Module:
@@ -390,7 +392,8 @@ def load_model(spec: ModelSpec, memory_budget: str | int | float | None = None) 
         set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **plan.preprocess})
     model = model.to(device=plan.spec.device, dtype=_DTYPES[plan.spec.precision]).eval().requires_grad_(False)
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-    return LoadedModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, model_name=plan.name)
+    return LoadedModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, model_name=plan.name,
+                       open_clip_config=plan.open_clip_config())
 
 
 def _short(exc: BaseException) -> str:

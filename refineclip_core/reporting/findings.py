@@ -25,7 +25,7 @@ from ..method.errorsets import error_pairs
 from ..method.evaluation import AccuracyReport
 from ..method.intervals import Estimate
 from ..method.protocol import Identification
-from ..method.method_table import evaluate_methods
+from ..method.method_table import MethodReport, evaluate_methods
 from ..names import decodable
 
 
@@ -106,58 +106,43 @@ Cell = Mapping[str, Any]
 """An accuracy as JSON-safe data: ``{"value", "low", "high", "n"}`` (an Estimate's ``to_dict``)."""
 
 
-def _cell(value: float | None, interval: Any, n: int | None) -> dict | None:
-    if value is None or interval is None or not n:
-        return None
-    return Estimate(value, float(interval[0]), float(interval[1]), int(n)).to_dict()
+def _cell(est: Estimate | None) -> dict | None:
+    return None if est is None or not est.n else est.to_dict()
 
 
-def _report_cells(r: Mapping[str, Any]) -> dict[str, dict | None]:
-    """Overall, average-group and worst-group cells of an AccuracyReport's ``to_dict()``."""
-    worst = r.get("worst_group_name")
-    key = f"group:{worst}" if worst is not None else None
-    n_groups = sum(v for k, v in (r.get("counts") or {}).items() if k.startswith("group:"))
-    return {"overall": _cell(r.get("accuracy"), r.get("accuracy_interval"), r.get("n_images")),
-            "average group": _cell(r.get("average_group"), r.get("average_group_interval"), n_groups),
-            "worst group": _cell(r.get("worst_group"), (r.get("intervals") or {}).get(key),
-                                 (r.get("counts") or {}).get(key))}
+def _report_cells(r: AccuracyReport) -> dict[str, dict | None]:
+    """Overall, average-group and worst-group cells of an AccuracyReport."""
+    return {"overall": _cell(r.overall()), "average group": _cell(r.average()), "worst group": _cell(r.worst())}
 
 
-def method_summary(methods: Mapping[str, Any]) -> dict[str, dict[str, dict | None]]:
+def method_summary(methods: MethodReport) -> dict[str, dict[str, dict | None]]:
     """``{method: {overall, average group, worst group, error-pair classes, worst group of the pair's
     classes, other classes}}`` — each cell an accuracy with its interval and image count
-    (:data:`Cell`) — from a :class:`~refineclip_core.method.method_table.MethodReport`'s ``to_dict()``."""
-    reports, locality, target = methods["reports"], methods.get("locality", {}), methods.get("target_accuracy", {})
-    targets = methods.get("target_reports") or {}
+    (:data:`Cell`) — from a :class:`~refineclip_core.method.method_table.MethodReport` (a live one, or a run
+    report's ``methods``)."""
     out = {}
-    for name in reports:                 # the order the rows were fitted in: the registry's (edit/methods.py)
-        cells = _report_cells(reports[name])
-        row = {**cells, "error-pair classes": target.get(name)}
-        if name in targets:
-            row["worst group (pair classes)"] = _report_cells(targets[name])["worst group"]
-        row["other classes (locality)"] = locality.get(name)
+    for name, report in methods.reports.items():  # the order the rows were fitted in: the registry's (edit/methods.py)
+        row = {**_report_cells(report), "error-pair classes": _cell(methods.target_accuracy.get(name))}
+        if name in methods.target_reports:
+            row["worst group (pair classes)"] = _cell(methods.target_reports[name].worst())
+        row["other classes (locality)"] = _cell(methods.locality.get(name))
         out[name] = row
     return out
 
 
-def labels_used_column(methods: Mapping[str, Any]) -> dict[str, str]:
+def labels_used_column(methods: MethodReport) -> dict[str, str]:
     """``{method: sentence}``: the labels each row used (class labels, group labels and which groups, typed
     text, unlabelled images; :class:`~refineclip_core.edit.methods.LabelsUsed`), the "labels used" column
     of every comparison table; empty for a row that recorded none."""
-    used = methods.get("labels_used") or {}
-    return {name: str((used.get(name) or {}).get("sentence", "")) for name in methods.get("reports", {})}
+    return {name: str(methods.labels_used.get(name, {}).get("sentence", "")) for name in methods.reports}
 
 
-def per_key_table(methods: Mapping[str, Any], key: str) -> dict[str, dict[str, dict | None]]:
+def per_key_table(methods: MethodReport, key: str) -> dict[str, dict[str, dict | None]]:
     """``{method: {class or group: cell}}`` (``key`` = ``per_class`` or ``per_group``)."""
-    reports = methods["reports"]
-    order = list(reports)
-    prefix = "group:" if key == "per_group" else ""
     out = {}
-    for name in order:
-        r = reports[name]
-        out[name] = {k: _cell(v, (r.get("intervals") or {}).get(prefix + k), (r.get("counts") or {}).get(prefix + k))
-                     for k, v in (r.get(key) or {}).items()}
+    for name, r in methods.reports.items():
+        of = r.of_group if key == "per_group" else r.of_class
+        out[name] = {k: _cell(of(k)) for k in (r.per_group if key == "per_group" else r.per_class)}
     return out
 
 

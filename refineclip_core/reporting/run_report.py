@@ -1,10 +1,12 @@
-"""The run report: one run as JSON-safe data, and as a self-contained HTML page.
+"""The run report's writers: JSON, a self-contained HTML page and the per-image CSV.
 
-The run is gathered into a JSON-safe dict by :func:`~refineclip_core.edit.record.build_run_report`
-(model, data, protocol, scores, selection, refinement config and history, every method's accuracies);
-:func:`render_html`
-turns it into one HTML file with the Plotly library inlined (``to_html(include_plotlyjs=True)``
-for the first chart), readable offline; :func:`write_report` writes both atomically.
+The run is gathered into the typed :class:`~refineclip_core.reporting.report_schema.RunReport` by
+:func:`~refineclip_core.edit.record.build_run_report` (model, data, protocol, scores, selection,
+refinement config and history, every method's accuracies) or read back from its JSON by
+:func:`~refineclip_core.edit.record.read_run_report`; :func:`report_json` writes its JSON,
+:func:`render_html` one HTML file with the Plotly library inlined (``to_html(include_plotlyjs=True)``
+for the first chart), readable offline, :func:`per_image_csv` the per-image predictions;
+:func:`write_report` writes the JSON and the HTML atomically.
 """
 
 from __future__ import annotations
@@ -19,21 +21,24 @@ import plotly.graph_objects as go
 
 from ..files import atomic_write_bytes
 from ..features.decomposition import HeadId
-from .tables import verdict_rows
 from .figures import accuracy_bars_figure, loss_figure, score_grid_figure, selection_name, utility_figure
-from .findings import format_cell, json_safe, labels_used_column, method_summary, per_key_table
+from ..method.intervals import Estimate
+from .findings import cell_estimate, format_cell, labels_used_column, method_summary, per_key_table
+from .report_schema import RunReport
+from .report_sections import DiagnosisRecord
 from .tables import csv_text
 
 
-def per_image_csv(report: Mapping[str, Any]) -> str | None:
+def per_image_csv(report: RunReport) -> str | None:
     """The run's per-image predictions (file, true class, group, zero-shot and edited prediction,
     held out or not) as safe CSV text; None for a report without a refinement."""
-    table = report.get("per_image")
-    return None if not table else csv_text(table["rows"], table["columns"])
+    table = report.per_image
+    return None if table is None else csv_text(table.rows, table.columns)
 
 
-def report_json(report: Mapping[str, Any]) -> str:
-    return json.dumps(json_safe(report), indent=1, sort_keys=False, allow_nan=False)
+def report_json(report: RunReport) -> str:
+    """The run report as JSON text (:meth:`~refineclip_core.reporting.report_schema.RunReport.to_dict`)."""
+    return json.dumps(report.to_dict(), indent=1, sort_keys=False, allow_nan=False)
 
 
 #: The verdict's banner colours: only ``verified`` is green.
@@ -68,22 +73,19 @@ def _table(rows: Mapping[str, Mapping[str, Any]], first: str = "method") -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def diagnosis_rows(diagnosis: Mapping[str, Any]) -> list[dict[str, str]]:
+def diagnosis_rows(diagnosis: DiagnosisRecord) -> list[dict[str, str]]:
     """The diagnosed concepts of every error pair (a pair column first) as table rows of plain strings."""
-    pairs = diagnosis.get("pairs") or [{"true": "", "wrong": "", "concepts": diagnosis.get("concepts") or []}]
     rows = []
-    for pair in pairs:
-        for c in pair.get("concepts") or []:
-            contrast, coverage, p = c.get("contrast"), c.get("coverage"), c.get("p_random")
-            shares = c.get("head_shares") or {}
-            rows.append({"pair (true → predicted)": f"{pair['true']} → {pair['wrong']}", "concept": c["text"],
-                         "heads": ", ".join(f"{h} ({shares[h]:.0%})" if h in shares else h for h in c["heads"]),
-                         "push toward predicted": f"{c.get('push_share', 0.0):.0%}", "share": f"{c['share']:.0%}",
-                         "errors carry": "more" if c.get("side", "errors") == "errors" else "less",
-                         "contrast": "–" if contrast is None else f"{contrast:+.2f}",
-                         "coverage": "–" if coverage is None else f"{coverage:.0%}",
-                         "random sets holding as much": "–" if p is None else f"{p:.1%}",
-                         "examples": "; ".join(c.get("descriptions") or [])})
+    for c in diagnosis.concepts:
+        shares = c.head_shares
+        rows.append({"pair (true → predicted)": f"{c.true} → {c.wrong}", "concept": c.text,
+                     "heads": ", ".join(f"{h} ({shares[h]:.0%})" if h in shares else h for h in c.heads),
+                     "push toward predicted": f"{c.push_share:.0%}", "share": f"{c.share:.0%}",
+                     "errors carry": "more" if c.side == "errors" else "less",
+                     "contrast": "–" if c.contrast is None else f"{c.contrast:+.2f}",
+                     "coverage": "–" if c.coverage is None else f"{c.coverage:.0%}",
+                     "random sets holding as much": "–" if c.p_random is None else f"{c.p_random:.1%}",
+                     "examples": "; ".join(c.descriptions)})
     return rows
 
 
@@ -105,125 +107,126 @@ def _transpose(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any
     return out
 
 
-def render_html(report: Mapping[str, Any]) -> str:
-    """One self-contained HTML page for a :func:`build_run_report` dict (Plotly inlined once)."""
+def render_html(report: RunReport) -> str:
+    """One self-contained HTML page for a run report (Plotly inlined once)."""
     figs: list[tuple[str, go.Figure]] = []
-    methods = report.get("methods")
-    if methods:
+    methods = report.methods
+    if methods is not None:
         summary = method_summary(methods)
         figs.append(("Methods compared on held-out images",
-                     accuracy_bars_figure(summary, "Accuracy by method (held-out images)",
-                                          colours=methods.get("about"))))
+                     accuracy_bars_figure(summary, "Accuracy by method (held-out images)", colours=methods.about)))
         groups = per_key_table(methods, "per_group")
         if any(groups.values()):
-            figs.append(("Per group", accuracy_bars_figure(groups, "Accuracy per group", colours=methods.get("about"))))
+            figs.append(("Per group", accuracy_bars_figure(groups, "Accuracy per group", colours=methods.about)))
         figs.append(("Per class", accuracy_bars_figure(per_key_table(methods, "per_class"), "Accuracy per class",
-                                                       colours=methods.get("about"))))
-    if report.get("history"):
-        figs.append(("Refinement", loss_figure(report["history"])))
-    sel = report.get("selection", {})
-    if sel.get("curves"):
-        figs.append(("Head selection (Alg. 1)", utility_figure(
-            sel["curves"], sel.get("baseline_utility"), sel.get("selected", {}).get("score"),
-            sel.get("selected", {}).get("t", 0), sel.get("candidates"))))
-    heads = report.get("heads", [])
-    chosen_by = selection_name(sel.get("selected", {}).get("score"))
-    for name, s in (report.get("scores") or {}).items():
-        if s.get("available") and s.get("values") is not None:
-            figs.append((f"Score map {name}", score_grid_figure(s["values"], s["layers"], name, s["descending"],
+                                                       colours=methods.about)))
+    if report.history:
+        figs.append(("Refinement", loss_figure(report.history)))
+    sel = report.selection
+    if sel is not None and sel.curves:
+        figs.append(("Head selection (Alg. 1)", utility_figure(sel.curves, sel.baseline_utility, sel.score, sel.t,
+                                                               sel.candidates)))
+    heads = list(report.heads)
+    chosen_by = selection_name(None if sel is None else sel.score)
+    for name, s in (report.scores or {}).items():
+        if s.available and s.values is not None:
+            figs.append((f"Score map {name}", score_grid_figure(s.values, s.layers, name, s.descending,
                                                                 chosen=heads, chosen_by=chosen_by)))
 
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(report.get('title', 'Report'))}"
-             f"</title><style>{_CSS}</style></head><body>"]
-    parts.append(f"<h1>{html.escape(report.get('title', 'RefineCLIP run report'))}</h1>")
-    diagnosis = report.get("diagnosis")
-    if diagnosis and diagnosis.get("sentence"):
+    title = html.escape(report.title)
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style>"
+             f"</head><body><h1>{title}</h1>"]
+    diagnosis = report.diagnosis
+    if diagnosis is not None and diagnosis.sentence:
         parts.append("<p style='font-size:1.15rem;background:#f3f6fb;border-left:4px solid #3b6fb6;padding:.6rem 1rem'>"
-                     f"<b>Why:</b> {html.escape(diagnosis['sentence'])}</p>")
-    parts.append(f"<p class='muted'>Created {html.escape(str(report.get('created', '')))} · model "
-                 f"{html.escape(str(report.get('model_name', '')))} · "
-                 + html.escape(", ".join(f"{k} {v}" for k, v in (report.get("versions") or {}).items())) + "</p>")
-    f = report.get("findings") or {}
-    pairs = ", ".join(f"{a} → {b}" for a, b in report.get("pairs", []))
+                     f"<b>Why:</b> {html.escape(diagnosis.sentence)}</p>")
+    parts.append(f"<p class='muted'>Created {html.escape(str(report.created or ''))} · model "
+                 f"{html.escape(str(report.model_name or ''))} · "
+                 + html.escape(", ".join(f"{k} {v}" for k, v in (report.versions or {}).items())) + "</p>")
+    f = report.findings
+    pairs = ", ".join(f"{a} → {b}" for a, b in report.pairs)
     head_list = ", ".join(str(HeadId.of(h)) for h in heads) or "none"
-    verdict = report.get("verdict")
-    if verdict:
-        colour = STATUS_COLOURS.get(verdict.get("status"), STATUS_COLOURS["harmful"])
-        details = verdict.get("details")      # records before the one-sentence verdict hold only its summary
-        lead = verdict.get("sentence") if details is not None else verdict.get("summary")
+    verdict = report.verdict
+    if verdict is not None:
+        colour = STATUS_COLOURS.get(verdict.status, STATUS_COLOURS["harmful"])
+        details = verdict.details      # records before the one-sentence verdict hold only its summary
         parts.append(f"<div style='background:{colour};padding:.6rem 1rem;border-radius:6px'>"
-                     f"<p><b>{html.escape(str(verdict.get('status', '')))} · "
-                     f"{html.escape(str(report.get('exported', '')))}:</b> {html.escape(str(lead))}</p>"
+                     f"<p><b>{html.escape(verdict.status)} · "
+                     f"{html.escape(str(report.exported or ''))}:</b> {html.escape(verdict.lead)}</p>"
                      + ("<details><summary>Details</summary><ul>"
-                        + "".join(f"<li>{html.escape(str(d))}</li>" for d in details) + "</ul></details>"
+                        + "".join(f"<li>{html.escape(d)}</li>" for d in details) + "</ul></details>"
                         if details else "") + "</div>")
-    for w in report.get("warnings") or []:
+    for w in report.warnings:
         parts.append("<p style='background:#fff8e1;border-left:4px solid #ffb74d;padding:.4rem 1rem'>"
-                     f"<b>Warning ({html.escape(str(w.get('kind')))}):</b> {html.escape(str(w.get('text')))}</p>")
-    removal = report.get("concept_removal")
-    if removal:
-        parts.append(f"<p><b>{html.escape(str(removal.get('sentence', '')))}</b> The results table compares the "
+                     f"<b>Warning ({html.escape(str(w.kind))}):</b> {html.escape(w.text)}</p>")
+    removal = report.concept_removal
+    if removal is not None:
+        parts.append(f"<p><b>{html.escape(removal.sentence)}</b> The results table compares the "
                      "exported edit with the same fit that keeps the concept (“concept kept”).</p>")
 
-    def acc(cell, note: str = "") -> tuple[str, str]:
+    def acc(est: Estimate | None, note: str = "") -> tuple[str, str]:
         """An accuracy card: the value large, its interval, image count and ``note`` small."""
-        big, _, rest = format_cell(cell).partition(" ")
+        big, _, rest = format_cell(None if est is None else est.to_dict()).partition(" ")
         return big, " ".join(x for x in (rest, note) if x)
 
-    cards = [("Error pair", pairs or "–", ""), ("Heads removed", head_list, f.get("score") or ""),
-             ("Zero-shot worst group", *acc(f.get("worst_group"), f.get("worst_group_name") or "")),
-             (f"Ablated worst group ({f.get('ablation', 'zero')})",
-              *acc(f.get("ablated_worst_group"), f.get("ablated_worst_group_name") or ""))]
-    if methods:
+    cards = [("Error pair", pairs or "–", ""), ("Heads removed", head_list, (f.score if f else None) or "")]
+    if f is not None:
+        cards += [("Zero-shot worst group", *acc(f.worst_group, f.worst_group_name or "")),
+                  (f"Ablated worst group ({f.ablation})", *acc(f.ablated_worst_group, f.ablated_worst_group_name or ""))]
+    if methods is not None:
         summary = method_summary(methods)
-        refined = report.get("exported")
+        refined = report.exported
         if refined in summary:
-            cards.append((f"Edited worst group ({refined})", *acc(summary[refined]["worst group"])))
-            cards.append(("Edited: other classes", *acc(summary[refined]["other classes (locality)"])))
+            cards.append((f"Edited worst group ({refined})", *acc(cell_estimate(summary[refined]["worst group"]))))
+            cards.append(("Edited: other classes", *acc(cell_estimate(summary[refined]["other classes (locality)"]))))
 
     def card(label: str, big: str, small: str) -> str:
         return (f"<div class='card'><span class='muted'>{html.escape(label)}</span><b>{html.escape(big)}</b>"
                 f"<span class='muted'>{html.escape(small)}</span></div>")
 
     parts.append("<div class='grid'>" + "".join(card(*c) for c in cards) + "</div>")
-    data = report.get("data", {})
+    data = report.data
     sets_text = "; ".join(f"{k}: " + ", ".join(f"{n} = {v}" for n, v in sizes.items())
-                          for k, sizes in (report.get("sets") or {}).items())
-    parts.append(f"<p>{data.get('n_images', '?')} images, {len(data.get('classes', []))} classes, "
-                 f"{len(data.get('groups', []))} groups; heads of layers {data.get('layers')} "
-                 f"({data.get('n_heads')} per layer). Heads chosen on {report.get('n_samples', '?')} labelled samples "
-                 f"({html.escape(sets_text)}); the edit adapted on {report.get('n_adapt', '?')} unlabelled images; "
-                 f"accuracies on {report.get('n_eval', '?')} held-out images, each with its 95% interval "
+                          for k, sizes in (report.sets or {}).items())
+
+    def known(value: Any) -> str:
+        return "?" if value is None else str(value)
+
+    parts.append(f"<p>{data.n_images} images, {len(data.classes)} classes, "
+                 f"{len(data.groups)} groups; heads of layers {list(data.layers)} "
+                 f"({data.n_heads} per layer). Heads chosen on {known(report.n_samples)} labelled samples "
+                 f"({html.escape(sets_text)}); the edit adapted on {known(report.n_adapt)} unlabelled images; "
+                 f"accuracies on {known(report.n_eval)} held-out images, each with its 95% interval "
                  f"[low, high] and image count n.</p>")
-    stability = report.get("head_stability")
-    if stability:
+    stability = report.head_stability
+    if stability is not None:
         parts.append("<h2>How stable is the choice of heads</h2><p class='muted'>The same choice repeated on "
-                     f"{int(stability.get('resamples', 0))} bootstrap resamples of the labelled images (each class "
+                     f"{stability.resamples} bootstrap resamples of the labelled images (each class "
                      "resampled with replacement): how many chose each head. A head chosen in fewer than half is a "
                      "one-off choice of this draw.</p>"
-                     f"<p>{html.escape(str(stability.get('summary', '')))}</p>"
-                     + _text_table([{"head": r["head"], "in the removed set": "yes" if r["in_set"] else "no",
-                                     "chosen in": f"{r['chosen_in']}/{r['resamples']} resamples", "note": r["note"]}
-                                    for r in stability.get("rows", [])]))
-    if diagnosis and diagnosis.get("concepts"):
+                     f"<p>{html.escape(stability.summary)}</p>"
+                     + _text_table([{"head": r.head, "in the removed set": "yes" if r.in_set else "no",
+                                     "chosen in": f"{r.chosen_in}/{r.resamples} resamples", "note": r.note}
+                                    for r in stability.rows]))
+    if diagnosis is not None and diagnosis.concepts:
         parts.append("<h2>What the removed heads carry</h2><p class='muted'>Concepts of the text pool, ranked by their "
                      "share of the variance of what removing the heads takes out of the embedding; contrast: how much "
                      "more the misclassified images carry it than the correct ones (standard deviations); coverage: "
                      "the removed heads' part of that concept among all heads in scope, and how often random sets of as many "
                      "heads hold as much.</p>"
                      + _text_table(diagnosis_rows(diagnosis)))
-    if verdict and verdict.get("groups") is not None:
+    if verdict is not None and verdict.has_units:
         parts.append("<h2>The guard: every group and class on held-out images</h2><p class='muted'>Zero-shot "
                      "(before) and the exported edit (after) on the same held-out images; change with Newcombe's "
                      "paired 95% interval (the one interval of that number, here and in the verdict); worse (Holm): "
                      "significantly worse by an exact McNemar test after Holm's correction over all the groups and "
                      "classes tested; can have lost: the verdict's cautious bound on the drop (all bounds holding "
-                     "together at 95%), not an interval of the change.</p>" + _text_table(verdict_rows(verdict)))
-    if methods:
+                     "together at 95%), not an interval of the change.</p>" + _text_table(verdict.rows()))
+    if methods is not None:
         used = labels_used_column(methods)
         parts.append("<h2>Results</h2>" + _table({name: {**row, "labels used": used.get(name, "")}
                                                   for name, row in method_summary(methods).items()}))
-        for name, why in (report.get("left_out") or {}).items():
+        for name, why in (report.left_out or {}).items():
             parts.append(f"<p class='muted'>{html.escape(str(name))}: {html.escape(str(why))}</p>")
         groups = per_key_table(methods, "per_group")
         if any(groups.values()):
@@ -231,7 +234,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         parts.append("<h3>Per class</h3>" + _table(_transpose(per_key_table(methods, "per_class")), first="class"))
     csv_data = per_image_csv(report)
     if csv_data is not None:
-        n = len(report["per_image"]["rows"])
+        n = len(report.per_image.rows)
         parts.append("<h3>Per image</h3><p>"
                      f"<a download='refineclip-per-image.csv' href='data:text/csv;charset=utf-8,{quote(csv_data)}'>"
                      f"Download the per-image predictions (CSV, {n:,} images)</a>: file, true class, group, zero-shot "
@@ -252,14 +255,15 @@ def render_html(report: Mapping[str, Any]) -> str:
         first = False
     if in_maps:
         parts.append("</div>")
-    config = {k: report.get(k) for k in ("model", "data", "protocol", "refine_config", "checkpoint", "versions")
-              if report.get(k) is not None}
+    written = report.to_dict()
+    config = {k: written[k] for k in ("model", "data", "protocol", "refine_config", "checkpoint", "versions")
+              if written.get(k) is not None}
     parts.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps(config, indent=1, ensure_ascii=False)) + "</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | Path, stem: str = "refineclip-report") -> tuple[Path, Path]:
+def write_report(report: RunReport, out_dir: str | Path, stem: str = "refineclip-report") -> tuple[Path, Path]:
     """Write ``<stem>.json`` and ``<stem>.html`` atomically into ``out_dir``."""
     out = Path(out_dir)
     json_path, html_path = out / f"{stem}.json", out / f"{stem}.html"

@@ -26,9 +26,8 @@ _.confinement_key  # dashboard/resources.py _thumbnail/_gradcam: Streamlit's cac
 _.ce  # benchmarks/edit_variants.py variant_teacher: accepts the TEACHERS rows' fit keyword (the fit reads it)
 
 # Dataclass fields written to JSON through dataclasses.asdict / to_dict (vulture sees no attribute read)
-_.numbers  # edit/sanity.py SanityWarning: the warning's numbers as data, in the run report
-_.heldout  # edit/report_schema.py RunReport: a run report's JSON field
-_.refine_config  # edit/report_schema.py RunReport: a run report's JSON field
+_.heldout  # reporting/report_schema.py RunReport: a run report's JSON field
+_.refine_config  # reporting/report_schema.py RunReport: a run report's JSON field
 
 # The fitted state of the released LTC method (method/ltc.py), kept as the release defines it;
 # tests/test_peers.py and tests/test_diagnosis.py check it against independent computations

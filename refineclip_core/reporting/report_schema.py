@@ -1,13 +1,17 @@
 """The run report's one schema: :class:`RunReport` is what :func:`~refineclip_core.edit.record.build_run_report`
-writes (as JSON, :meth:`RunReport.to_dict`) and what :func:`~refineclip_core.edit.record.read_run_report`
-reads back (:meth:`RunReport.from_dict`, every field it reads type-checked in one sentence).
+returns and every writer reads (the JSON, :meth:`RunReport.to_dict`; the HTML page and the per-image CSV,
+:mod:`~refineclip_core.reporting.run_report`; the CLI; the Refine page and the Recent list), and what
+:func:`~refineclip_core.edit.record.read_run_report` reads back (:meth:`RunReport.from_dict`, the one place
+that reads a report's JSON: every field it reads type-checked, a malformed section refused in one sentence).
 
 Versions (``"schema"`` in the JSON): 1 is every file written before the schema had a name (no ``"schema"``
 key; the same fields), 2 adds the key. Reading accepts both, and partial files (a report that only lists
 its held-out images and classes, as ``refineclip eval --rows-from`` needs); a file from a newer schema is
-refused rather than misread. Sections produced by other typed records (the selection, the findings, the
-methods, the verdict, ...) stay their ``to_dict()`` form here; fields this module does not know are kept
-as they were (:attr:`RunReport.other`) so that reading and writing a report loses nothing.
+refused rather than misread. The sections are typed records (:mod:`~refineclip_core.reporting.report_sections`:
+the compared methods as a :class:`~refineclip_core.method.method_table.MethodReport`, the findings, the
+verdict, ...); configuration-like sections (model, protocol, refine_config, ...) stay mappings, shown as
+JSON; fields this module does not know are kept as they were (:attr:`RunReport.other`) so that reading and
+writing a report loses nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from ..errors import RefineClipError
+from ..method.method_table import MethodReport
+from .findings import Findings, json_safe
+from .report_sections import (CheckpointRecord, ConceptRemovalRecord, DiagnosisRecord, PerImageTable, ScoreMap,
+                              SelectionRecord, StabilityRecord, VerdictRecord, WarningRecord, findings_record,
+                              method_report)
 
 RUN_REPORT_SCHEMA = 2
 """The schema :meth:`RunReport.to_dict` writes (module docstring: what each version means)."""
@@ -67,24 +76,24 @@ class RunReport:
     sample_rows: tuple[int, ...] = ()
     eval_rows: tuple[int, ...] = ()
     eval_files: tuple[str, ...] = ()            # the held-out images, as row_files writes them
-    scores: Mapping[str, Any] | None = None
-    selection: Mapping[str, Any] | None = None
+    scores: Mapping[str, ScoreMap] | None = None
+    selection: SelectionRecord | None = None
     heads: tuple[tuple[int, int], ...] = ()
-    findings: Mapping[str, Any] | None = None
+    findings: Findings | None = None
     heldout: Mapping[str, Any] | None = None
-    warnings: tuple[Mapping[str, Any], ...] = ()
-    head_stability: Mapping[str, Any] | None = None
-    diagnosis: Mapping[str, Any] | None = None
+    warnings: tuple[WarningRecord, ...] = ()
+    head_stability: StabilityRecord | None = None
+    diagnosis: DiagnosisRecord | None = None
     refine_config: Mapping[str, Any] | None = None
     history: Mapping[str, Any] | None = None
-    methods: Mapping[str, Any] | None = None
+    methods: MethodReport | None = None
     exported: str | None = None
-    verdict: Mapping[str, Any] | None = None
+    verdict: VerdictRecord | None = None
     n_adapt: int | None = None
-    per_image: Mapping[str, Any] | None = None
-    concept_removal: Mapping[str, Any] | None = None
+    per_image: PerImageTable | None = None
+    concept_removal: ConceptRemovalRecord | None = None
     left_out: Mapping[str, str] | None = None
-    checkpoint: Mapping[str, Any] | None = None
+    checkpoint: CheckpointRecord | None = None
     extra: Mapping[str, Any] | None = None
     other: Mapping[str, Any] = field(default_factory=dict)   # fields of the file this schema does not name
 
@@ -95,12 +104,20 @@ class RunReport:
             value = getattr(self, f.name)
             if f.name == "other" or (f.name in _OPTIONAL and value is None):
                 continue
-            if f.name == "data":
+            if f.name == "per_image" and value is not None:
+                continue                    # JSON-safe as read; the largest section, added as it is below
+            if f.name == "scores" and value is not None:
+                value = {k: s.to_dict() for k, s in value.items()}
+            elif hasattr(value, "to_dict"):
                 value = value.to_dict()
             elif isinstance(value, tuple):
-                value = [list(v) if isinstance(v, tuple) else v for v in value]
+                value = [v.to_dict() if hasattr(v, "to_dict") else list(v) if isinstance(v, tuple) else v
+                         for v in value]
             out[f.name] = value
-        return {**out, **self.other}
+        out = json_safe({**out, **self.other})
+        if self.per_image is not None:
+            out["per_image"] = self.per_image.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "the run report") -> RunReport:
@@ -138,11 +155,49 @@ class RunReport:
         for k in ("sample_rows", "eval_rows"):
             if k in values:
                 values[k] = tuple(_ints(values[k], k, source))
-        values["pairs"] = tuple(tuple(map(str, p)) for p in values.get("pairs") or ())
+        for k in _MAPPINGS:
+            if values.get(k) is not None and not isinstance(values[k], Mapping):
+                raise RefineClipError(f"The run report {source} has a '{k}' that is not an object ({_FIX}).")
+        for k in ("n_samples", "n_eval", "n_adapt"):
+            if values.get(k) is not None and (not isinstance(values[k], int) or isinstance(values[k], bool)):
+                raise RefineClipError(f"The run report {source} has a '{k}' that is not a whole number ({_FIX}).")
+        pairs = values.get("pairs") or []
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise RefineClipError(f"The run report {source} has 'pairs' that are not pairs of class names ({_FIX}).")
+        values["pairs"] = tuple(tuple(map(str, p)) for p in pairs)
         values["heads"] = tuple(tuple(_ints(h, "heads", source)) for h in values.get("heads") or ())
+        for name, parse in _SECTIONS.items():
+            if values.get(name) is not None:
+                try:
+                    values[name] = parse(values[name])
+                except (TypeError, KeyError, ValueError, AttributeError, IndexError) as exc:
+                    raise RefineClipError(f"The run report {source} has a '{name}' section this RefineCLIP cannot "
+                                          f"read ({type(exc).__name__}: {str(exc)[:120]}; {_FIX}).") from exc
         values["warnings"] = tuple(values.get("warnings") or ())
         other = {k: v for k, v in d.items() if k not in known | {"data", "eval_files", "schema"}}
         return cls(data=data, eval_files=tuple(d["eval_files"]), schema=schema, other=other, **values)
+
+
+def _scores(d: Any) -> dict[str, ScoreMap]:
+    if not isinstance(d, Mapping):
+        raise TypeError("the scores are not an object")
+    return {str(k): ScoreMap.from_dict(v) for k, v in d.items()}
+
+
+def _warnings(d: Any) -> tuple[WarningRecord, ...]:
+    if not isinstance(d, list):
+        raise TypeError("the warnings are not a list")
+    return tuple(WarningRecord.from_dict(w) for w in d)
+
+
+#: Sections kept as mappings (configurations and plain tables, shown as JSON): checked to be objects.
+_MAPPINGS = ("versions", "model", "protocol", "sets", "heldout", "refine_config", "history", "left_out", "extra")
+
+#: The typed sections and their parsers (:mod:`~refineclip_core.reporting.report_sections`).
+_SECTIONS = {"scores": _scores, "selection": SelectionRecord.from_dict, "findings": findings_record,
+             "warnings": _warnings, "head_stability": StabilityRecord.from_dict, "diagnosis": DiagnosisRecord.from_dict,
+             "methods": method_report, "verdict": VerdictRecord.from_dict, "per_image": PerImageTable.from_dict,
+             "concept_removal": ConceptRemovalRecord.from_dict, "checkpoint": CheckpointRecord.from_dict}
 
 
 def _text(value: Any) -> str | None:
