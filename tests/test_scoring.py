@@ -198,10 +198,31 @@ def test_a_cache_records_the_models_scoring(tmp_path, image_folder):
     again = extract(loaded, load_dataset(image_folder), tmp_path / "cache", cfg)
     assert again.scoring.kind == "sigmoid" and again.scoring.bias == pytest.approx(-6.5)
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache" / "shards").rglob("*.npy")) == shards
+    _run_report_records_the_scoring(again, tmp_path)
     clip_path = write_config(tmp_path, "rcscore-clip", tiny_config())
     clip = extract(load_model(ModelSpec("rcscore-clip", model_config=str(clip_path))), load_dataset(image_folder),
                    tmp_path / "clip", cfg)
     assert clip.manifest.logit_bias is None and clip.scoring.kind == "softmax"
+
+
+def _run_report_records_the_scoring(cache, tmp_path):
+    """The run report (JSON and HTML) says which scoring was used; read back, a malformed one is one sentence."""
+    from refineclip_core.edit.record import build_run_report, read_run_report
+    from refineclip_core.errors import RefineClipError
+    from refineclip_core.method.protocol import ProtocolConfig, identify, make_engine
+    from refineclip_core.reporting.run_report import render_html
+
+    ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4, resamples=0))
+    report = build_run_report(cache, ident, make_engine(cache))
+    d = report if isinstance(report, dict) else report.to_dict()
+    assert d["scoring"] == {"kind": "sigmoid", "scale": cache.scoring.scale, "bias": cache.scoring.bias}
+    assert "scored with per-class sigmoid σ(" in render_html(report)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(d))
+    assert read_run_report(path).scoring == cache.scoring
+    path.write_text(json.dumps({**d, "scoring": {"kind": "tanh", "scale": 1, "bias": 0}}))
+    with pytest.raises(RefineClipError, match="has a 'scoring' that is not"):
+        read_run_report(path)
 
 
 def test_the_edit_and_the_compared_fits_use_the_caches_scoring(tmp_path):

@@ -70,6 +70,7 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
         "versions": {"refineclip_core": __version__, "torch": torch.__version__, "open_clip": oc_version},
         "model": dict(model) if model is not None else dict(man.model),
         "model_name": man.model_name,
+        "scoring": cache.scoring.to_dict(),   # how confidences and the edit's KL were scored
         "protocol": ident.config.to_dict(),
         "pairs": tuple((cache.classes[a], cache.classes[b]) for a, b in ident.pairs),
         "sets": {str(k): s.sizes() for k, s in ident.sets.items()},

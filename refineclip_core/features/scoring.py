@@ -19,12 +19,15 @@ divergences or a cross-entropy goes through it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Mapping, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..errors import RefineClipError
 
 ScoringKind = Literal["softmax", "sigmoid"]
 
@@ -70,6 +73,17 @@ class Scoring:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "scale": self.scale, "bias": self.bias}
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "The run report") -> "Scoring":
+        """:meth:`to_dict`'s form read back (e.g. a run report's ``scoring``), checked: one sentence if it is not."""
+        ok = (isinstance(d, Mapping) and d.get("kind") in get_args(ScoringKind)
+              and all(isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool) and math.isfinite(d[k])
+                      for k in ("scale", "bias")))
+        if not ok:
+            raise RefineClipError(f"{source} has a 'scoring' that is not {{'kind': 'softmax' or 'sigmoid', "
+                                  f"'scale': a number, 'bias': a number}}.")
+        return cls(d["kind"], float(d["scale"]), float(d["bias"]))
 
     # --- the model's logits ---------------------------------------------------------------------------
     def logits(self, cos):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from ..errors import RefineClipError
+from ..features.scoring import Scoring
 from ..method.method_table import MethodReport
 from .findings import Findings, json_safe
 from .report_sections import (CheckpointRecord, ConceptRemovalRecord, DiagnosisRecord, PerImageTable, ScoreMap,
@@ -53,7 +54,7 @@ class RunData:
 
 
 #: Sections present only in some runs (an edit, a checkpoint, a diagnosis, ...): omitted from the JSON when None.
-_OPTIONAL = ("head_stability", "diagnosis", "refine_config", "history", "methods", "exported", "verdict",
+_OPTIONAL = ("scoring", "head_stability", "diagnosis", "refine_config", "history", "methods", "exported", "verdict",
              "n_adapt", "per_image", "concept_removal", "left_out", "checkpoint", "extra")
 
 
@@ -67,6 +68,7 @@ class RunReport:
     versions: Mapping[str, str] | None = None
     model: Mapping[str, Any] | None = None
     model_name: str | None = None
+    scoring: Scoring | None = None              # the model's scoring (features/scoring.py); None: not recorded
     data: RunData = RunData()
     protocol: Mapping[str, Any] | None = None
     pairs: tuple[tuple[str, str], ...] = ()
@@ -173,6 +175,8 @@ class RunReport:
                 except (TypeError, KeyError, ValueError, AttributeError, IndexError) as exc:
                     raise RefineClipError(f"The run report {source} has a '{name}' section this RefineCLIP cannot "
                                           f"read ({type(exc).__name__}: {str(exc)[:120]}; {_FIX}).") from exc
+        if values.get("scoring") is not None:
+            values["scoring"] = Scoring.from_dict(values["scoring"], f"The run report {source}")
         values["warnings"] = tuple(values.get("warnings") or ())
         other = {k: v for k, v in d.items() if k not in known | {"data", "eval_files", "schema"}}
         return cls(data=data, eval_files=tuple(d["eval_files"]), schema=schema, other=other, **values)

@@ -142,6 +142,7 @@ def render_html(report: RunReport) -> str:
                      f"<b>Why:</b> {html.escape(diagnosis.sentence)}</p>")
     parts.append(f"<p class='muted'>Created {html.escape(str(report.created or ''))} · model "
                  f"{html.escape(str(report.model_name or ''))} · "
+                 + ("" if report.scoring is None else html.escape("scored with " + report.scoring.describe()) + " · ")
                  + html.escape(", ".join(f"{k} {v}" for k, v in (report.versions or {}).items())) + "</p>")
     f = report.findings
     pairs = ", ".join(f"{a} → {b}" for a, b in report.pairs)
