@@ -2,10 +2,10 @@
 
     python benchmarks/scale.py                    # everything (~1 h on 2 busy cores), writes benchmarks/RESULTS.md
     python benchmarks/scale.py --quick            # small sizes (a few minutes), prints only
-    python benchmarks/scale.py --only photos      # one part: photos, caches, browser (repeatable)
+    python benchmarks/scale.py --only photos      # one part: photos, caches, browser, map (repeatable)
 
-Three tables, each written to its own section of ``RESULTS.md`` (``scale-photos``, ``scale-caches``,
-``scale-browser``; through ``benchmarks/results_md.py``, which keeps every other section):
+Four tables, each written to its own section of ``RESULTS.md`` (``scale-photos``, ``scale-caches``,
+``scale-browser``, ``scale-map``; through ``benchmarks/results_md.py``, which keeps every other section):
 
 * **photos** — a photo-like set (the demo world's pictures upscaled to camera size with texture,
   illumination, edges, sensor noise and EXIF orientation, JPEG q=90) extracted as it is, with
@@ -24,6 +24,11 @@ Three tables, each written to its own section of ``RESULTS.md`` (``scale-photos`
 * **browser** — the 50k ViT-L/14 cache opened in a real dashboard (``streamlit run app.py`` and
   headless Chromium): server memory above an empty server, time to findings, page times, head
   toggles, and a toggle in a second session while the first one refines.
+
+* **map** — a tower that pools over every token (attention-map pooling, ViT-B/16 SigLIP 2's shape) beside
+  the class-token ViT-B/16 and the two demo models: the bytes per image the decomposition holds (against
+  ``REFINECLIP_MEMORY_BUDGET``), and the scoring, toggle and inspector numbers on a cache of its shape
+  (issue 34 item 8).
 
 Timings are wall-clock on a shared 2-core machine (the load average is printed with each table);
 the goals are the issue's (50k images, ViT-L/14 shapes): server memory ≤ 2 GB above an empty
@@ -71,6 +76,7 @@ class Shape:
     n_heads: int
     embed_dim: int
     scope: int = 4
+    remainder_names: tuple[str, ...] = ()   # a tower's own (the map pool's): from its decomposition; () = a CLS ViT's
 
     @property
     def layers(self) -> list[int]:
@@ -78,7 +84,7 @@ class Shape:
 
     @property
     def n_remainders(self) -> int:
-        return 2 * self.n_layers + 2
+        return len(self.remainder_names) or 2 * self.n_layers + 2
 
     def bytes_per_image(self, parts_itemsize: int = 4) -> int:
         d = self.embed_dim
@@ -208,8 +214,9 @@ def make_cache(folder: Path, base: Path, shape: Shape, E: np.ndarray, n: int, n_
                for i, (y, g, s) in enumerate(zip(labels.tolist(), groups, splits))]
     atomic_write_json(folder / "records.json", {"records": records, "skipped": []})
     atomic_write_bytes(folder / "text.npy", npy_bytes(text))
-    names = ["embed"] + [x for l in range(shape.n_layers)
-                         for x in ((f"attn_bias.{l}" if l in shape.layers else f"attn.{l}"), f"mlp.{l}")] + ["ln_post_bias"]
+    names = list(shape.remainder_names) or (
+        ["embed"] + [x for l in range(shape.n_layers)
+                     for x in ((f"attn_bias.{l}" if l in shape.layers else f"attn.{l}"), f"mlp.{l}")] + ["ln_post_bias"])
     manifest = CacheManifest(
         fingerprint=f"synthetic-{shape.name}-{n}-{n_classes}-{parts_dtype}", model=model,
         model_name=f"synthetic {shape.name}", layers=shape.layers, n_layers=shape.n_layers, n_heads=shape.n_heads,
@@ -922,9 +929,129 @@ def bench_browser(ctx: Ctx, folder: Path, shape: Shape, n_toggles: int = 10) -> 
 
 
 # ------------------------------------------------------------------------------------------------
+# A map-pooled tower (issue 34 item 8): what all-token pools read, and the pages on its cache
+# ------------------------------------------------------------------------------------------------
+#: ``(label, open_clip architecture or None, config or None)``: two towers at their real size (random weights,
+#: built from open_clip's configs, nothing downloaded) and the two embedded demo models' towers.
+MAP_TOWERS = (("ViT-B/16 (class token)", "ViT-B-16"), ("ViT-B/16 SigLIP 2 (attention-map pool)", "ViT-B-16-SigLIP2"),
+              ("demo model (class token)", "demo"), ("SigLIP-shaped demo model (map pool)", "demo-map"))
+
+
+def tower_facts(arch: str, scope_layers: int = 4) -> dict[str, Any]:
+    """A vision tower built from its open_clip config with random weights: the decomposition's facts, the bytes
+    per image it holds beyond the forward pass (the last ``scope_layers`` layers and every layer), and its
+    remainder terms (from decomposing one blank image)."""
+    import open_clip
+    import torch
+
+    from refineclip_core.demo.siglip import siglip_model_config
+    from refineclip_core.features.backends import backend_for
+    from refineclip_core.features.decomposition import decompose, resolve_layers
+    from refineclip_core.loading.models import DEMO_DIR, DEMO_MODEL_NAME
+
+    if arch == "demo-map":
+        cfg = siglip_model_config()
+    elif arch == "demo":
+        cfg = json.loads((DEMO_DIR / f"{DEMO_MODEL_NAME}.json").read_text())
+    else:
+        cfg = open_clip.get_model_config(arch)
+    torch.manual_seed(0)
+    visual = open_clip.model._build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"]).eval()
+    backend = backend_for(visual)
+    info = backend.info
+    scope = resolve_layers(info.n_layers, scope_layers)
+    size = visual.image_size
+    h, w = (size, size) if isinstance(size, int) else size
+    with torch.inference_mode():
+        names = decompose(visual, torch.zeros(1, 3, int(h), int(w)), scope).remainder_names
+    return {"info": info, "scope": scope, "names": tuple(names), "bytes": backend.capture_bytes_per_image(scope, 4),
+            "bytes_all": backend.capture_bytes_per_image(tuple(range(info.n_layers)), 4)}
+
+
+def bench_map(ctx: Ctx) -> Table:
+    """The decomposition's memory per image for class-token and all-token pools against the memory budget, and
+    the Heads page scoring, head toggles and Head inspector measured on a cache shaped like the map-pooled
+    ViT-B/16 SigLIP 2 tower next to one shaped like the class-token ViT-B/16 (same images, same classes)."""
+    from refineclip_core.loading.budget import format_bytes, memory_budget
+
+    budget, where = memory_budget()
+    facts = {label: tower_facts(arch) for label, arch in MAP_TOWERS}
+    rows: list[list[Any]] = [
+        ["pool: rows of the last residual stream the readout reads",
+         *(f"{f['info'].pool}: " + (f"{f['info'].n_tokens} tokens (all)" if f["info"].pool != "tok" else "the class token")
+           for f in facts.values())],
+        ["layers × heads, width, embedding", *(f"{f['info'].n_layers} × {f['info'].n_heads}, {f['info'].width}, "
+                                              f"{f['info'].embed_dim}" for f in facts.values())],
+        ["decomposition: bytes held per image beyond the forward pass (last 4 layers, float32)",
+         *(format_bytes(f["bytes"]) for f in facts.values())],
+        ["… with every layer in scope", *(format_bytes(f["bytes_all"]) for f in facts.values())],
+        [f"largest batch `extract` accepts within the memory budget ({format_bytes(budget) if budget else 'unknown'}, "
+         f"{where.split(';')[0]}), last 4 layers",
+         *((f"{budget // f['bytes']:,} images" if budget else "no limit") for f in facts.values())],
+    ]
+    n = 2_000 if ctx.quick else 10_000
+    measured: dict[str, dict] = {}
+    for label, arch in MAP_TOWERS[:2]:
+        f = facts[label]
+        i = f["info"]
+        shape = Shape(label, i.n_layers, i.n_heads, i.embed_dim, remainder_names=f["names"] if i.pool != "tok" else ())
+        base = ctx.workdir / f"map-base-{arch}"
+        ctx.log(f"map: writing {n:,} synthetic images shaped like {label}")
+        E = write_base(base, shape, n, log=ctx.log)
+        folder = make_cache(ctx.workdir / f"map-{arch}", base, shape, E, n, 2,
+                            standin_model(ctx.workdir / "model", shape.embed_dim))
+        ctx.log(f"map: measuring {label}")
+        measured[label] = {"bytes": cache_bytes(folder) / n, "R": shape.n_remainders,
+                           "res": run_child(folder, refine=False)}
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+    def step(res: dict, word: str) -> dict:
+        return next(s for s in res["steps"] if word in s["step"])
+
+    pad = ["–", "–"]
+    rows.append([f"cache on disk per image ({n:,} synthetic images, heads of the last 4 layers, float32)",
+                 *(f"{format_bytes(m['bytes'])} ({m['R']} remainder terms)" for m in measured.values()), *pad])
+    for word, what in (("scoring", "Heads page scoring (DE_A..DE_D + consensus selection)"),
+                       ("first ablation", "first ablation (head·text projections, adaptation means)"),
+                       ("inspector", "Head inspector (TextSpan k=5 over ≤ 10,000 images + push statistics)")):
+        rows.append([what, *(f"{step(m['res'], word)['seconds']:.2f} s" for m in measured.values()), *pad])
+    tog = [step(m["res"], "head toggle →")["toggle_ms"] for m in measured.values()]
+    rows.append(["head toggle → new predictions and accuracies (core, median (min, max))",
+                 *(f"{t[0]:.1f} ms ({t[1]:.1f}, {t[2]:.1f})" for t in tog), *pad])
+    rows.append(["peak resident memory above the process's start",
+                 *(f"{m['res']['peak_mib'] - m['res']['baseline']['rss_mib']:+.0f} MiB" for m in measured.values()), *pad])
+    return Table(
+        name="map",
+        title="A map-pooled tower: what the decomposition reads per image, and the pages on its cache",
+        columns=["measure", *(label for label, _ in MAP_TOWERS)],
+        rows=rows,
+        notes=[
+            "Towers built from open_clip's configs with random weights (nothing downloaded; the demo models' own "
+            "configs); the bytes are `VisionBackend.capture_bytes_per_image`, what `decompose` holds per image "
+            "beyond a plain forward pass: a class-token readout keeps only the rows it reads (the class token of "
+            "every captured term), a pool over every token keeps every token's terms of the layers from the scope's "
+            "first on, plus one layer's attention matrix. `extract` checks it against `REFINECLIP_MEMORY_BUDGET` "
+            "(else 75% of the memory available) before the first batch and refuses a batch over it in one sentence "
+            "naming the bytes per image and what to lower (`features/extraction._check_capture_budget`; "
+            "tests/test_backends.py sets a 100 kB budget and checks the refusal). The token counts are the trunk's "
+            "as built: open_clip builds the SigLIP-shaped demo's `test_vit` at timm's default 160 px (101 tokens) "
+            "and feeds it 96 px images (dynamic size: 37 tokens), so its row overstates what one of its images "
+            "holds by about 2.7×; the others run at their built size.",
+            "What a cache stores per image does not depend on the pool: one contribution per head of the scope and "
+            "one per remainder term, each an embedding-wide vector (the map pool adds its own terms, e.g. the pool's "
+            "MLP branch, `pool_mlp`), so the pages' work on a map-pooled cache is the class-token cache's at the same "
+            "width, heads and images: the two caches here are synthetic, written by the cache's own writer with "
+            "each tower's shape and remainder names (c_h = m_h + share_h·z + noise, E = Σ c + Σ r; see the caches "
+            "table), 2 classes with Waterbirds-like groups, measured in a fresh process each.",
+        ],
+    )
+
+
+# ------------------------------------------------------------------------------------------------
 # Main: each table in its own marked block of RESULTS.md
 # ------------------------------------------------------------------------------------------------
-PARTS = ("photos", "caches", "browser")
+PARTS = ("photos", "caches", "browser", "map")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -962,6 +1089,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "photos" in parts:
             t0 = time.perf_counter()
             table = bench_photos(ctx)
+            table.run_info = run_info_line(info, args.quick, time.perf_counter() - t0)
+            tables.append(table)
+        if "map" in parts:
+            t0 = time.perf_counter()
+            table = bench_map(ctx)
             table.run_info = run_info_line(info, args.quick, time.perf_counter() - t0)
             tables.append(table)
         if parts & {"caches", "browser"}:
