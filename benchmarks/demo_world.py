@@ -257,11 +257,13 @@ def model_checks(loaded, model_dir: Path, cache: FeatureCache, outcome, rows: np
     text = np.asarray(cache.text, dtype=np.float64)
     agree = float(np.mean((got @ text.T).argmax(1) == (want @ text.T).argmax(1)))
     where = (f"merged into `{merged}`" if merged else
-             "merged into a bias-free projection added after the pool (`visual.head.proj.weight`, the edited "
-             "config beside the weights: the tower ends in the pool's MLP, which no edit merges into exactly)")
+             f"merged into a linear layer added after the pool (`{backend_for(plain.visual).merge_target()[0]}` of "
+             "the edited config written beside the weights: the tower ends in the pool's MLP, which no edit merges "
+             "into exactly)")
     return [f"- Decomposition: the cached parts sum to a fresh `encode_image` within {exact['max_rel_error']:.1e} "
             f"(largest relative error over {exact['n_images']} images of world {cache_world(cache)}, float32).",
-            f"- The first draw's exported edit ({refined.strategy} map), {where}, loaded by plain open_clip: its "
+            f"- The exported edit of world {cache_world(cache)}'s first draw ({refined.strategy} map), {where}, "
+            f"loaded by plain open_clip: its "
             f"`encode_image` of {len(want)} test images reproduces the edited embedding within {err:.1e} (largest "
             f"relative error), the same zero-shot prediction for {100 * agree:.0f}% of them."]
 
@@ -507,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
         if args.draws_json:
             Path(args.draws_json).write_text(json.dumps({"draws": [d.__dict__ for d in draws], "sizes": sizes,
-                                                         "seconds": time.time() - t0, "used": used}))
+                                                         "seconds": time.time() - t0, "used": used,
+                                                         "checks": checks, "n_test": args.n_test}))
         body = report(args, draws, extras, overlaps, sizes, model_dir, time.time() - t0, diagnoses, world.cue)
         body += "\n" + "\n".join(checks) + "\n"
         body += ("\n<details><summary>Settings every draw used (the shared defaults; seeds vary)</summary>\n\n"
@@ -554,9 +557,11 @@ def merge(args) -> int:
         args.section = section_for(world_model(Path(args.model_dir))[1], None)
     draws = [Draw(**{**d, "metrics": {k: tuple(v) for k, v in d["metrics"].items()}}) for p in parts for d in p["draws"]]
     args.world_seeds = sorted({d.world for d in draws})
+    args.n_test = parts[0].get("n_test", args.n_test)          # what the runs drew (the report states it)
     args.sample_seeds = sorted({d.seed for d in draws})
     body = report(args, draws, {}, [], tuple(parts[0]["sizes"]), Path(args.model_dir),
                   max(p["seconds"] for p in parts))
+    body += "\n" + "\n".join(line for p in parts for line in p.get("checks", [])) + "\n"   # each process's first draw
     body += (f"\n(Run as {len(parts)} processes in parallel, one per world, with `--no-extras --draws-json`, merged with "
              "`--merge`; the time is the longest one's.)\n"
              "\n<details><summary>Settings every draw used (the shared defaults; seeds vary)</summary>\n\n"

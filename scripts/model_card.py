@@ -126,7 +126,15 @@ def benchmark_lines(results: Path) -> list[str]:
     body = m.group(1)
     written = re.search(r"Written by .*?(?=\n\n)", body, re.S)
     checks = re.search(r"Checks on the exported edit.*?(?=\n\n|\Z)", body, re.S)
-    extra = [line for line in body.splitlines() if line.startswith(("- Decomposition:", "- The first draw's exported"))]
+    extra: list[str] = []      # the first draws' checks (bullets, their wrapped lines joined)
+    for line in body.splitlines():
+        if line.startswith(("- Decomposition:", "- The exported edit of world")):
+            extra.append(line)
+        elif extra and line.startswith("  ") and not extra[-1].endswith("\n"):
+            extra[-1] += " " + line.strip()
+        elif extra and not extra[-1].endswith("\n"):
+            extra[-1] += "\n"
+    extra = [e.strip() for e in extra]
     out += [f"From the `{SECTION}` section of `benchmarks/RESULTS.md` (written by `benchmarks/demo_world.py`):", ""]
     if written:
         out += [" ".join(written.group(0).split()), ""]
@@ -137,7 +145,7 @@ def benchmark_lines(results: Path) -> list[str]:
         out += table[i:i + 2] + [line for line in table[i + 2:] if line.startswith(("| zero-shot |", "| **RefineCLIP-fit: "))
                                  and "concept removed" not in line] + [""]
     if checks:
-        out += [re.sub(r"\s*\n\s+", " ", checks.group(0)).replace(" - ", "\n- ").strip(), ""]
+        out += [re.sub(r"\s*\n\s+", " ", checks.group(0)).strip(), ""]
     if extra:
         out += extra + [""]
     return out
