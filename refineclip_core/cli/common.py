@@ -37,7 +37,8 @@ from ..reporting.findings import accuracy_rows, cell_estimate, json_safe
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None if required else DEMO_MODEL,
-                   help="open_clip architecture name (e.g. ViT-B-16), or 'demo' for the embedded demo model"
+                   help="open_clip architecture name (e.g. ViT-B-16), or 'demo' for the embedded demo model "
+                        "('demo-map': the SigLIP-shaped one, map pooling)"
                         + ("; required unless --checkpoint is a Hugging Face CLIP, whose config.json names the "
                            "architecture" if required else ""))
     g.add_argument("--pretrained", help="open_clip pretrained tag (e.g. openai); downloads where possible")
