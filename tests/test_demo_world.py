@@ -257,6 +257,19 @@ def test_committed_demo_model_was_trained_with_the_default_recipe() -> None:
     assert meta["seed"] == 0
 
 
+def test_committed_siglip_demo_model_was_trained_with_its_recipe() -> None:
+    """``python -m refineclip_core.demo.train --recipe siglip --out DIR --seed 0`` retrains the
+    committed SigLIP-shaped model (assets/demo_siglip): its recorded config is the recipe's."""
+    from refineclip_core.demo.train import siglip_train_config
+
+    meta = json.loads((DEMO_DIR.parent / "demo_siglip" / "metadata.json").read_text())
+    recorded = meta["train_config"]
+    defaults = siglip_train_config().to_dict()
+    recorded.pop("threads"), defaults.pop("threads")
+    assert recorded == defaults
+    assert meta["seed"] == 0 and meta["model_name"] == "refineclip-demo-map"
+
+
 @pytest.mark.slow
 def test_committed_demo_model_meets_quality_bars() -> None:
     """The shipped checkpoint, loaded with plain open_clip, on images never used in training.

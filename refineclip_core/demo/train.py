@@ -148,6 +148,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["world"] = self.world.to_dict()
+        if not self.model_name:
+            del d["model_name"]  # the world's name, as in metadata written before the field existed
         return d
 
 
