@@ -1226,7 +1226,8 @@ def test_a_reload_keeps_the_browsers_uploads_runs_and_view(home, demo_spec, app,
     first.query_params.update(link_params(None, {}, None, None, method="paper", head_source="protocol"))
     run = save_run(json.dumps({"exported": "refineclip-diag", "model_name": "m", "pairs": [["a", "b"]],
                                "verdict": {"status": "not-verified", "summary": "too few images"},
-                               "data": {"root": str(home), "cache": first.session_state["source"].cache_dir}}),
+                               "data": {"root": str(home), "cache": first.session_state["source"].cache_dir},
+                               "eval_files": []}),
                    "refineclip-diag", home)
     first.session_state["made_here"] = [str(run.resolve())]
     state._OWNER_MADE.setdefault("browser-a", set()).add(str(run.resolve()))

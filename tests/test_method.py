@@ -343,6 +343,7 @@ def test_run_report_is_written_and_read_through_one_schema(cache, tmp_path):
     RunReport back, equal to what was written; a file from before the schema (no "schema" key) still reads,
     one from a newer schema is refused in one sentence, and fields the schema does not name survive."""
     from refineclip_core.edit.record import build_run_report, read_run_report
+    from refineclip_core.reporting.run_report import render_html
     from refineclip_core.reporting.report_schema import RUN_REPORT_SCHEMA, RunReport
     from refineclip_core.errors import RefineClipError
     from refineclip_core.method.protocol import make_engine
@@ -350,6 +351,7 @@ def test_run_report_is_written_and_read_through_one_schema(cache, tmp_path):
     ident = identify(cache, ProtocolConfig(samples_per_class=3, seed=1, top_t=4, resamples=0))
     built = build_run_report(cache, ident, make_engine(cache))
     assert isinstance(built, RunReport) and built.schema == RUN_REPORT_SCHEMA and built.findings is not None
+    assert built.scoring == cache.scoring and cache.scoring.describe() in render_html(built)   # how it scores
     report = json.loads(json.dumps(built.to_dict()))
     assert report["schema"] == RUN_REPORT_SCHEMA and report["eval_files"]
     path = tmp_path / "run.json"

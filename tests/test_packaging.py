@@ -191,7 +191,9 @@ def test_the_installed_library_finds_the_installed_dashboard_and_demo(installed,
             "import sys; sys.path.insert(0, str(APP_DIR)); from dashboard.registry import PAGES;"
             "print(APP_DIR); print(ModelSpec('demo').resolved().checkpoint);"
             "print(all((APP_DIR / p.path).is_file() for p in PAGES));"
-            "print(ModelSpec('demo-map').resolved().checkpoint)")
+            "print(ModelSpec('demo-map').resolved().checkpoint);"
+            "import dashboard.refine_view as rv; print(rv.BENCHMARK_SUMMARY);"
+            "print(rv.benchmark_figures(['refineclip-fit']) is not None)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(installed), capture_output=True,
                          text=True, check=True).stdout.split("\n")
     assert Path(out[0]) == installed / "refineclip_studio"
@@ -199,6 +201,8 @@ def test_the_installed_library_finds_the_installed_dashboard_and_demo(installed,
     assert out[2] == "True"
     if (ROOT / "assets" / "demo_siglip" / "refineclip-demo-map.safetensors").is_file():   # the SigLIP-shaped demo
         assert Path(out[3]).is_file() and Path(out[3]).is_relative_to(installed)
+    # the Refine page's multi-draw figures come from the installed package's data (assets/demo/benchmark.json)
+    assert Path(out[4]).is_relative_to(installed) and out[5] == "True"
 
 
 def _free_port() -> int:

@@ -35,9 +35,11 @@ def home(tmp_path, tiny_model_files, image_folder):
 def test_items_newest_first_with_sizes_and_roots(home, image_folder, tmp_path):
     cache = home / CACHES / "abc123"
     run = save_run(json.dumps({"exported": "refineclip-fit", "model_name": "tiny", "pairs": [["cat", "dog"]],
-                               "verdict": {"status": "verified"}, "data": {"root": str(image_folder)}}),
+                               "verdict": {"status": "verified"}, "data": {"root": str(image_folder)},
+                               "eval_files": []}),
                    "refineclip-fit", home)
-    other = save_run(json.dumps({"data": {"root": "/somewhere/private"}}), "x/../../evil", home)
+    other = save_run(json.dumps({"data": {"root": "/somewhere/private"}, "eval_files": []}), "x/../../evil", home)
+    save_run(json.dumps({"data": {"root": str(image_folder)}, "pairs": "cat"}), "not-a-run", home)   # never listed
     assert other.parent == home / RUNS and ".." not in other.name
     os.utime(home / "demo-data-s1-n2", (1_000, 1_000))
     os.utime(cache / "manifest.json", (2_000, 2_000))

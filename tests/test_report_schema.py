@@ -49,6 +49,7 @@ def test_a_schema_1_file_reads_into_the_typed_record(raw):
     assert run.findings.worst_group.n == raw["findings"]["worst_group"]["n"]
     assert run.selection.score == raw["selection"]["selected"]["score"]
     assert set(run.scores) == set(raw["scores"])
+    assert run.scoring is None                  # not recorded then: read as CLIP's softmax, nothing written back
     # writing it back loses nothing: the same JSON, now with its version named
     assert run.to_dict() == {**raw, "schema": 1}
     assert RunReport.from_dict(json.loads(report_json(run))) == run
@@ -90,7 +91,8 @@ def test_an_old_file_renders_as_html_and_csv(raw):
 @pytest.mark.parametrize("section, value", [("methods", {"reports": {"zero-shot": "high"}}), ("verdict", [1, 2]),
                                             ("per_image", {"columns": ["a", "b"], "rows": [[1]]}),
                                             ("checkpoint", {"file": "x"}), ("warnings", {"kind": "x"}),
-                                            ("versions", "x"), ("pairs", [["a"]]), ("n_eval", "7")])
+                                            ("versions", "x"), ("pairs", [["a"]]), ("n_eval", "7"),
+                                            ("scoring", {"kind": "tanh", "scale": 1.0, "bias": 0.0})])
 def test_a_malformed_section_is_refused_in_one_sentence_naming_it(raw, tmp_path, section, value):
     bad = copy.deepcopy(raw)
     bad[section] = value

@@ -9,17 +9,18 @@ upload folder is never listed here.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
+from ..edit.record import read_run_report
+from ..errors import DataError, RefineClipError
 from ..features.cache_format import read_manifest
 from ..files import atomic_write_bytes
 from ..home import home_dir
+from ..reporting.report_schema import RunReport
 
 RUNS = "runs"
 CACHES = "caches"
@@ -86,28 +87,25 @@ def recent_items(home: str | os.PathLike | None = None) -> list[RecentItem]:
     runs = root / RUNS
     if runs.is_dir():
         for f in runs.glob("*.json"):
-            if f.is_file() and not f.is_symlink() and not confinement.leaves(_run_root(f)):
-                items.append(RecentItem("run", str(f), _run_label(f), f.stat().st_size, _modified(f)))
+            run = _read_run(f) if f.is_file() and not f.is_symlink() else None
+            if run is not None and run.data.root is not None and not confinement.leaves(run.data.root):
+                items.append(RecentItem("run", str(f), _run_label(run), f.stat().st_size, _modified(f)))
     return sorted(items, key=lambda i: -i.modified)
 
 
-def _run_root(path: Path) -> str:
-    """The image folder a saved run was made on (a path no session may read when unknown)."""
+def _read_run(path: Path) -> RunReport | None:
+    """A saved run through the run report's one schema (:func:`~refineclip_core.edit.record.read_run_report`);
+    None when it is not one (not listed: the image folder it was made on is unknown)."""
     try:
-        return str(json.loads(path.read_text())["data"]["root"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "/nonexistent/refineclip-run"
+        return read_run_report(path)
+    except RefineClipError:
+        return None
 
 
-def _run_label(path: Path) -> str:
-    try:
-        rep = json.loads(path.read_text())
-        verdict = (rep.get("verdict") or {}).get("status") or ("ok" if (rep.get("verdict") or {}).get("ok") else "")
-        pairs = ", ".join(f"{a} → {b}" for a, b in rep.get("pairs", []))
-        return (f"{rep.get('exported', 'run')} of {rep.get('model_name', '?')} on {pairs or '?'}"
-                + (f" ({verdict})" if verdict else ""))
-    except (OSError, ValueError, AttributeError, TypeError):
-        return path.name
+def _run_label(run: RunReport) -> str:
+    pairs = ", ".join(f"{a} → {b}" for a, b in run.pairs)
+    verdict = "" if run.verdict is None else run.verdict.status
+    return f"{run.exported or 'run'} of {run.model_name or '?'} on {pairs or '?'}" + (f" ({verdict})" if verdict else "")
 
 
 def save_run(report_json: str, name: str, home: str | os.PathLike | None = None,
