@@ -1034,10 +1034,9 @@ def bench_map(ctx: Ctx) -> Table:
             "first on, plus one layer's attention matrix. `extract` checks it against `REFINECLIP_MEMORY_BUDGET` "
             "(else 75% of the memory available) before the first batch and refuses a batch over it in one sentence "
             "naming the bytes per image and what to lower (`features/extraction._check_capture_budget`; "
-            "tests/test_backends.py sets a 100 kB budget and checks the refusal). The token counts are the trunk's "
-            "as built: open_clip builds the SigLIP-shaped demo's `test_vit` at timm's default 160 px (101 tokens) "
-            "and feeds it 96 px images (dynamic size: 37 tokens), so its row overstates what one of its images "
-            "holds by about 2.7×; the others run at their built size.",
+            "tests/test_backends.py sets a 100 kB budget and checks the refusal). The token counts are those of "
+            "the tower's input size: the SigLIP-shaped demo's `test_vit` trunk is built for timm's default 160 px "
+            "but resizes its position embeddings to the 96 px it is fed (6 × 6 patches and its class token).",
             "What a cache stores per image does not depend on the pool: one contribution per head of the scope and "
             "one per remainder term, each an embedding-wide vector (the map pool adds its own terms, e.g. the pool's "
             "MLP branch, `pool_mlp`), so the pages' work on a map-pooled cache is the class-token cache's at the same "

@@ -89,6 +89,9 @@ CONFIGS = {
 }
 
 
+from open_clip.model import CLIP as CLIP_  # noqa: E402
+
+
 def build(name: str, dtype=torch.float32) -> torch.nn.Module:
     from open_clip.coca_model import CoCa
     from open_clip.model import CLIP
@@ -175,6 +178,29 @@ def test_facts_of_token_layouts():
     reg = backend_for(build("vit-reg").visual).info
     assert reg.n_prefix_tokens == 3 and reg.n_tokens == 16 + 3 and reg.grid == (4, 4)
     assert backend_for(build("clipa").visual).info.pool == "avg+ln"
+
+
+def test_a_trunk_that_resizes_counts_the_tokens_it_is_fed():
+    """The SigLIP-shaped demo's ``test_vit`` trunk is built for 160 px (timm's default) and fed 96 px
+    (``dynamic_img_size``): the facts, and so Grad-CAM's token grid, follow the input, as a forward shows."""
+    from refineclip_core.demo.siglip import siglip_model_config
+    from refineclip_core.inspection.gradcam import gradcam_maps
+
+    cfg = siglip_model_config()
+    torch.manual_seed(0)
+    model = CLIP_(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], init_logit_bias=-2.0).eval()
+    info = backend_for(model.visual).info
+    seen = []
+    model.visual.trunk.blocks[0].register_forward_hook(lambda _m, _i, out: seen.append(out.shape[1]))
+    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    model.encode_image(images)
+    assert info.n_tokens == seen[0] == 6 * 6 + 1 and info.grid == (6, 6)
+
+    class Loaded:
+        visual, device, dtype, logit_scale = model.visual, torch.device("cpu"), torch.float32, 10.0
+
+    maps = gradcam_maps(Loaded, images, [0, 1], torch.randn(3, info.embed_dim).numpy())
+    assert maps.shape == (2, 96, 96) and maps.max() > 0
 
 
 @pytest.mark.parametrize("name", ["siglip", "vit-reg", "pe-core", "coca"])

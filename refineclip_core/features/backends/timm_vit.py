@@ -67,6 +67,11 @@ class TimmViT(VisionBackend):
             raise UnsupportedModelError("The tower ends in an MLP projection (timm_proj 'mlp'), which is not linear.")
         self.rows = (0,) if self.pool == "token" else None
         gh, gw = trunk.patch_embed.grid_size
+        size = getattr(visual, "image_size", None)
+        if getattr(trunk, "dynamic_img_size", False) and size is not None:
+            # a trunk that resizes its position embeddings sees the tower's input size, not timm's default
+            (ih, iw), (ph, pw) = (size, size) if isinstance(size, int) else size, trunk.patch_embed.patch_size
+            gh, gw = int(ih) // ph, int(iw) // pw
         npre = trunk.num_prefix_tokens
         attn = trunk.blocks[0].attn
         self.info = ArchitectureInfo(
