@@ -1063,7 +1063,7 @@ def test_the_load_page_lists_recent_caches_and_runs_and_removes_them(home, demo_
     run = home / RUNS / "zz-test.json"
     run.parent.mkdir(exist_ok=True)
     run.write_text(json.dumps({"exported": "refineclip-fit", "model_name": "m", "pairs": [["a", "b"]],
-                               "data": {"root": str(home)}}))
+                               "data": {"root": str(home)}, "eval_files": []}))
     at.run()
     first = recent_items(home)[0]
     assert first.path == str(run)
