@@ -1023,3 +1023,24 @@ The load average says how busy the machine was: on a shared machine these times 
 """
     print(section)
     print(f"tour section written to {write_results(section, marks=TOUR_MARKS)}")
+
+
+def test_a_fresh_servers_first_visit_to_a_page_runs_it_through_app_py(tmp_path_factory, browser):
+    """A bookmark or F5 on /errors right after a (re)start: the page comes with the dashboard's navigation,
+    sidebar and demo, not Streamlit's plain list of pages/ run bare (dashboard/serve.py)."""
+    base = tmp_path_factory.mktemp("cold")
+    model_dir = Path(os.environ["REFINECLIP_DEMO_MODEL_DIR"]) if os.environ.get("REFINECLIP_DEMO_MODEL_DIR") else None
+    if model_dir is None and shots.installed_demo_dir() is None:
+        model_dir = shots.train_standin(base / "demo-standin")
+    srv = shots.start_app(base / "home", model_dir, N_PER_GROUP, ART / "streamlit-cold.log")
+    context = browser.new_context(viewport={"width": shots.WIDTH, "height": 1000})
+    try:
+        page = context.new_page()
+        page.goto(f"{srv.url}/errors")
+        page.get_by_text("Where does the model go wrong").first.wait_for(timeout=300_000)
+        nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+        assert "Head inspector" in nav and "ablate" not in nav, nav   # the registry's titles, not pages/' file names
+        assert page.url.endswith("/errors")
+    finally:
+        context.close()
+        srv.stop()

@@ -133,8 +133,8 @@ def test_app_passes_every_further_argument_to_streamlit():
     args, extra = build_parser().parse_known_args(["app", "--server.port", "8600", "--theme.base", "dark"])
     assert args.command == "app" and args.pass_through and extra == ["--server.port", "8600", "--theme.base", "dark"]
     cmd = app.command(extra)
-    assert cmd[:4] == [sys.executable, "-m", "streamlit", "run"] and cmd[4] == str(APP_DIR / "app.py")
-    assert cmd[5:] == extra and (APP_DIR / ".streamlit" / "config.toml").is_file()
+    assert cmd[:2] == [sys.executable, str(APP_DIR / "dashboard" / "serve.py")]
+    assert cmd[2:] == extra and (APP_DIR / ".streamlit" / "config.toml").is_file()
 
 
 def _constructed(kind: str, config=None):

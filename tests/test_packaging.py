@@ -225,9 +225,9 @@ def test_refineclip_app_serves_the_dashboard_from_another_folder(installed, tmp_
             except OSError:
                 time.sleep(0.5)
         assert answer == "ok", f"no health answer; server said:\n{proc.stdout.read() if proc.poll() is not None else ''}"
-        # the command became the Streamlit server of the installed app.py (not a clone's)
+        # the command became the Streamlit server of the installed app.py (not a clone's), through its launcher
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-        assert str(installed / "refineclip_studio" / "app.py").encode() in cmdline
+        assert str(installed / "refineclip_studio" / "dashboard" / "serve.py").encode() in cmdline
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
             assert r.status == 200 and b"<html" in r.read().lower()
     finally:

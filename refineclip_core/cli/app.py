@@ -1,6 +1,7 @@
 """``refineclip app``: serve the dashboard (RefineCLIP Studio) from any working directory.
 
-Runs ``python -m streamlit run <APP_DIR>/app.py`` with the installed (or cloned) dashboard;
+Runs ``python <APP_DIR>/dashboard/serve.py`` (``streamlit run <APP_DIR>/app.py``, with Streamlit told that the
+app navigates itself) with the installed (or cloned) dashboard;
 Streamlit reads the dashboard's own ``.streamlit/config.toml`` next to ``app.py`` (loopback only,
 no file watching), and any further arguments go to Streamlit and win over it.
 """
@@ -32,7 +33,7 @@ def command(extra: list[str]) -> list[str]:
     if not script.is_file():
         raise RefineClipError(f"The dashboard is not installed next to the library ({script} is missing); "
                               "reinstall refineclip-studio with pip.")
-    return [sys.executable, "-m", "streamlit", "run", str(script), *extra]
+    return [sys.executable, str(APP_DIR / "dashboard" / "serve.py"), *extra]   # streamlit run app.py, see there
 
 
 def run(args: argparse.Namespace) -> int:

@@ -42,3 +42,6 @@ _.spurious_scores
 _.wait  # dashboard/jobs.py Job.wait: tests join a background job (pages poll it instead)
 _.plan_split  # demo/world.py: the plan sample_world draws, checked by tests without rendering images
 _.last_capture_bytes  # features/backends/base.py: the memory one capture held, measured by tests/test_backends.py
+
+# Set for Streamlit, read by it
+_.uses_pages_directory  # dashboard/serve.py sets Streamlit's class flag; Streamlit reads it
