@@ -594,11 +594,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         world_kw["detail_scale"] = args.detail_scale
     if args.cue is not None:
         world_kw["cue"] = args.cue
-    cfg = TrainConfig(seed=args.seed, lr=args.lr, threads=args.threads, world=WorldConfig(**world_kw))
-    if getattr(args, "recipe", "clip") == "siglip":
-        recipe = siglip_train_config()
-        cfg.steps, cfg.eval_every, cfg.model_config = recipe.steps, recipe.eval_every, recipe.model_config
-        cfg.cls_mlp_penalty, cfg.model_name = recipe.cls_mlp_penalty, recipe.model_name
+    recipe = siglip_train_config() if getattr(args, "recipe", "clip") == "siglip" else TrainConfig()
+    cfg = dataclasses.replace(recipe, seed=args.seed, lr=args.lr, threads=args.threads, world=WorldConfig(**world_kw))
     return _common_args(cfg, args, CAPTION_FAMILIES)
 
 
