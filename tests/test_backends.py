@@ -47,6 +47,20 @@ def _register_tiny_timm() -> None:
                                                  global_pool="avg", qk_norm=True), kw)))
 
     @register_model
+    def rc_tiny_vit_rms(pretrained=False, **kw):      # timm test_vit4's layout: RMSNorm, 1 register, layer scale
+        return cfg(VisionTransformer(**args(dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4,
+                                                 class_token=False, reg_tokens=1, init_values=0.5,
+                                                 norm_layer="rmsnorm", global_pool="map"), kw)))
+
+    @register_model
+    def rc_tiny_eva_rms(pretrained=False, **kw):      # Eva with RMSNorms, one of them inside the attention
+        from timm.layers import RmsNorm
+
+        return cfg(Eva(**args(dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4,
+                                   scale_attn_inner=True, norm_layer=RmsNorm, use_rot_pos_emb=True,
+                                   ref_feat_shape=(4, 4), global_pool="token"), kw)))
+
+    @register_model
     def rc_tiny_eva_reg(pretrained=False, **kw):      # Eva: class + 2 registers, RoPE, average pooling
         return cfg(Eva(**args(dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_reg_tokens=2,
                                    use_rot_pos_emb=True, ref_feat_shape=(4, 4), global_pool="avg"), kw)))
@@ -80,6 +94,10 @@ CONFIGS = {
                                                 "timm_pool": "map", "timm_proj": "linear"}},
     "vit-avg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_vit_avg",
                                                 "timm_pool": "avg", "timm_proj": "linear"}},
+    "vit-rms": {"embed_dim": 48, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_vit_rms",
+                                                "timm_pool": "map", "timm_proj": "none"}},
+    "eva-rms": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_eva_rms",
+                                                "timm_pool": "token", "timm_proj": None}},
     "eva-reg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_eva_reg",
                                                 "timm_pool": "avg", "timm_proj": None}},
     "eva02": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "timm_model_name": "rc_tiny_eva02",

@@ -93,7 +93,7 @@ class Block:
     mlp_out: nn.Module                   # output (after ``mlp_post``): the MLP branch's term
     attn_post: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     mlp_post: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-    inner_norm: nn.LayerNorm | None = None  # LayerNorm over the heads' concatenated output
+    inner_norm: nn.Module | None = None  # LayerNorm / RMSNorm over the heads' concatenated output
 
 
 @dataclass
@@ -105,13 +105,13 @@ class AttnWeights:
     w_o: torch.Tensor                    # (Dout, H, dh)
     b_o: torch.Tensor | None             # (Dout,)
     scale: torch.Tensor | None           # layer scale (Dout,)
-    inner: nn.LayerNorm | None = None    # scale_attn_inner LayerNorm over H*dh
+    inner: nn.Module | None = None       # scale_attn_inner norm over H*dh
 
     def bias(self) -> torch.Tensor:
         """The layer's per-token constant (``attn_bias.{l}``): ``b_O + W_O beta`` times layer scale."""
         out = self.b_o if self.b_o is not None else self.w_o.new_zeros(self.w_o.shape[0])
-        if self.inner is not None and self.inner.bias is not None:
-            out = out + self.w_o.flatten(1) @ self.inner.bias
+        if self.inner is not None:
+            out = out + self.w_o.flatten(1) @ ln_beta(self.inner, out)
         return out * self.scale if self.scale is not None else out
 
 
@@ -125,22 +125,40 @@ class Readout:
     extras: list[tuple[str, torch.Tensor]] = field(default_factory=list)     # (B, d) each
 
 
+def is_norm(m: nn.Module | None) -> bool:
+    """Whether ``m`` is a norm the readout rule linearises: a LayerNorm or an RMSNorm (torch's or
+    timm's ``RmsNorm``, e.g. timm ``test_vit4``). Both are ``gamma * c(x) / sigma(x) (+ beta)``
+    with ``c`` linear (centring, or the identity for RMSNorm); holding ``sigma`` at its value from
+    the real forward pass makes them affine."""
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    from timm.layers import RmsNorm
+
+    return isinstance(m, RmsNorm)
+
+
 def ln_sigma(x: torch.Tensor, ln: nn.Module | None) -> torch.Tensor:
-    """A LayerNorm's per-row standard deviation ``sqrt(var + eps)`` of its input ``x`` (keepdim)."""
+    """A norm's per-row divisor of its input ``x`` (keepdim): ``sqrt(var + eps)`` for a LayerNorm,
+    ``sqrt(mean(x^2) + eps)`` for an RMSNorm (the standard deviation, eps 0, for no norm)."""
+    if is_norm(ln) and not isinstance(ln, nn.LayerNorm):
+        eps = ln.eps if ln.eps is not None else torch.finfo(x.dtype).eps      # nn.RMSNorm's eps=None default
+        return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
     eps = ln.eps if isinstance(ln, nn.LayerNorm) else 0.0
     return (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
 
 
 def ln_linear(v: torch.Tensor, ln: nn.Module | None) -> torch.Tensor:
-    """The linear part of a frozen LayerNorm without the division: ``gamma * (v - mean(v))``
-    (identity for a missing norm)."""
-    if not isinstance(ln, nn.LayerNorm):
+    """The linear part of a frozen norm without the division: ``gamma * (v - mean(v))`` for a
+    LayerNorm, ``gamma * v`` for an RMSNorm (identity for a missing norm)."""
+    if not is_norm(ln):
         return v
-    v = v - v.mean(-1, keepdim=True)
+    if isinstance(ln, nn.LayerNorm):
+        v = v - v.mean(-1, keepdim=True)
     return v * ln.weight if ln.weight is not None else v
 
 
 def ln_beta(ln: nn.Module | None, like: torch.Tensor) -> torch.Tensor:
+    """A norm's additive constant ``beta`` (zeros for an RMSNorm or a norm without bias)."""
     if isinstance(ln, nn.LayerNorm) and ln.bias is not None:
         return ln.bias
     return like.new_zeros(like.shape[-1])
@@ -152,7 +170,7 @@ def head_parts(spec: AttnWeights, scores: torch.Tensor, x: torch.Tensor, weights
 
     ``scores``: ``(B, H, R, N)`` pre-softmax attention of the read rows; ``x``: ``(B, N, D)`` the
     layer's input; ``weights``: ``(B, G, R)`` row weights; ``inner_sigma``: ``(B, R)`` the inner
-    LayerNorm's sigma at those rows. Returns ``(B, G, H, Dout)``: ``sum_r w[g, r] o_h,r``.
+    norm's sigma at those rows. Returns ``(B, G, H, Dout)``: ``sum_r w[g, r] o_h,r``.
     """
     probs = scores.softmax(dim=-1)
     if inner_sigma is not None:
@@ -165,9 +183,10 @@ def head_parts(spec: AttnWeights, scores: torch.Tensor, x: torch.Tensor, weights
     if spec.inner is not None:
         H, dh = spec.w_v.shape[:2]
         gamma = spec.inner.weight.view(H, dh) if spec.inner.weight is not None else torch.ones_like(spec.w_v[:, :, 0])
-        share = vals.sum(-1, keepdim=True) / (H * dh)           # the head's part of the centring
         out = torch.einsum("bghe,ohe->bgho", vals * gamma, spec.w_o)
-        out = out - share * (spec.w_o * gamma).sum((1, 2))
+        if isinstance(spec.inner, nn.LayerNorm):                 # an RMSNorm does not centre
+            share = vals.sum(-1, keepdim=True) / (H * dh)       # the head's part of the centring
+            out = out - share * (spec.w_o * gamma).sum((1, 2))
     else:
         out = torch.einsum("bghe,ohe->bgho", vals, spec.w_o)
     return out * spec.scale if spec.scale is not None else out
@@ -402,8 +421,8 @@ def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int], n_prefix: int) -
 
 def freeze_ln(hooks: HookSet, ln: nn.Module, clean_input: torch.Tensor) -> None:
     """Make ``ln`` divide by the standard deviation of ``clean_input`` (its input in a clean pass);
-    its centring stays (linear). No-op for a module that is not a LayerNorm."""
-    if not isinstance(ln, nn.LayerNorm):
+    its centring stays (linear). No-op for a module that is not a LayerNorm or an RMSNorm."""
+    if not is_norm(ln):
         return
     sigma = ln_sigma(clean_input, ln)
 

@@ -3,7 +3,7 @@ token, attention-map ("map") pooling over every token, usually no projection) an
 (EVA-01 / EVA-02: class token, SwiGLU, a LayerNorm inside the attention; PE-Core: RoPE, map
 pooling). RoPE rotates queries and keys only, so it changes the attention weights, never the
 value path the decomposition splits. The readout ``norm -> pool -> fc_norm -> head (-> proj)`` is
-linear once every LayerNorm's sigma and the map pool's attention are held at their real values;
+linear once every norm's sigma (LayerNorm, or RMSNorm as in timm's ``test_vit4``) and the map pool's attention are held at their real values;
 the map pool's MLP branch (``y + mlp(norm(y))``) is nonlinear and enters as the remainder
 ``pool_mlp``, taken from the real forward pass."""
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UnsupportedModelError
-from .base import ArchitectureInfo, AttnWeights, Block, HookSet, Readout, VisionBackend, freeze_ln, ln_beta, ln_linear, ln_sigma
+from .base import ArchitectureInfo, AttnWeights, Block, HookSet, Readout, VisionBackend, freeze_ln, is_norm, ln_beta, ln_linear, ln_sigma
 
 
 def _qkv(attn: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -50,8 +50,8 @@ class TimmViT(VisionBackend):
                     or getattr(attn, "num_kv_groups", 1) != 1 or not hasattr(attn, "proj"):
                 raise UnsupportedModelError(f"Block {i} is a {type(b).__name__} whose layout (post-norm, parallel, "
                                             "gated or grouped-query attention) does not decompose into heads.")
-            if not isinstance(b.norm1, nn.LayerNorm) or not isinstance(b.norm2, nn.LayerNorm):
-                raise UnsupportedModelError(f"Block {i}'s norms are not LayerNorms.")
+            if not is_norm(b.norm1) or not is_norm(b.norm2):
+                raise UnsupportedModelError(f"Block {i}'s norms are not LayerNorms or RMSNorms.")
         self.pool = "map" if trunk.attn_pool is not None else trunk.global_pool
         if self.pool not in ("token", "avg", "map"):
             raise UnsupportedModelError(f"The trunk pools with '{trunk.global_pool}'; only token, avg and map pooling "
@@ -60,8 +60,8 @@ class TimmViT(VisionBackend):
         if ap is not None and (ap.pos_embed is not None or ap.latent_len != 1 or type(ap).__name__ != "AttentionPoolLatent"):
             raise UnsupportedModelError("The trunk's attention pool has position embeddings or several latents.")
         for name in ("norm", "fc_norm"):
-            if not isinstance(getattr(trunk, name), (nn.LayerNorm, nn.Identity)):
-                raise UnsupportedModelError(f"The trunk's {name} is not a LayerNorm.")
+            if not (is_norm(getattr(trunk, name)) or isinstance(getattr(trunk, name), nn.Identity)):
+                raise UnsupportedModelError(f"The trunk's {name} is not a LayerNorm or an RMSNorm.")
         self.linears = [m for m in (trunk.head, *visual.head.children()) if not isinstance(m, (nn.Identity, nn.Dropout))]
         if any(not isinstance(m, nn.Linear) for m in self.linears):
             raise UnsupportedModelError("The tower ends in an MLP projection (timm_proj 'mlp'), which is not linear.")
@@ -90,7 +90,7 @@ class TimmViT(VisionBackend):
     def blocks(self) -> list[Block]:
         out = []
         for l, b in enumerate(self.trunk.blocks):
-            inner = b.attn.norm if isinstance(getattr(b.attn, "norm", None), nn.LayerNorm) else None
+            inner = b.attn.norm if is_norm(getattr(b.attn, "norm", None)) else None
             if self.is_eva:
                 ga, gm = self._scale(l), self._scale(l, True)
                 out.append(Block(ln_1=b.norm1, ln_2=b.norm2, attn=b.attn, attn_out=b.attn, mlp_out=b.mlp,
@@ -106,7 +106,7 @@ class TimmViT(VisionBackend):
         attn = self.trunk.blocks[layer].attn
         H, dh = attn.num_heads, attn.head_dim
         _, _, _, _, w_v, b_v = _qkv(attn)
-        inner = attn.norm if isinstance(getattr(attn, "norm", None), nn.LayerNorm) else None
+        inner = attn.norm if is_norm(getattr(attn, "norm", None)) else None
         return AttnWeights(w_v=w_v.view(H, dh, -1), b_v=b_v.view(H, dh) if b_v is not None else None,
                            w_o=attn.proj.weight.view(-1, H, dh), b_o=attn.proj.bias, scale=self._scale(layer),
                            inner=inner)
@@ -161,7 +161,7 @@ class TimmViT(VisionBackend):
         return z
 
     def _tail_bias(self, like: torch.Tensor) -> torch.Tensor:
-        z = ln_beta(self.trunk.fc_norm, like) if isinstance(self.trunk.fc_norm, nn.LayerNorm) else like.new_zeros(like.shape[-1])
+        z = ln_beta(self.trunk.fc_norm, like)
         for lin in self.linears:
             z = z @ lin.weight.T + (lin.bias if lin.bias is not None else 0)
         return z
@@ -170,10 +170,10 @@ class TimmViT(VisionBackend):
         t = self.trunk
         final = cap["final"]
         B, N, D = final.shape
-        has_post = isinstance(t.fc_norm, nn.LayerNorm)
+        has_post = is_norm(t.fc_norm)
         post_sigma = ln_sigma(cap["post"], t.fc_norm)[..., 0] if has_post else None   # (B,)
         tail = lambda z: self._tail(z, post_sigma)  # noqa: E731
-        sigma = ln_sigma(final, t.norm)[..., 0] if isinstance(t.norm, nn.LayerNorm) else final.new_ones(B, N)
+        sigma = ln_sigma(final, t.norm)[..., 0] if is_norm(t.norm) else final.new_ones(B, N)
         consts: list[tuple[str, torch.Tensor]] = []
         norm_beta = ln_beta(t.norm, final)
         if self.pool == "token":
