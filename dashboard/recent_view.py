@@ -8,11 +8,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from refineclip_core.edit.record import read_run_report
 from refineclip_core.reporting.report_schema import RunReport
 from refineclip_core.reporting.run_report import per_image_csv, render_html, report_json
 from refineclip_core.session.caches import cache_source
-from refineclip_core.session.recent import RecentItem, recent_items, remove_item
+from refineclip_core.session.recent import RecentItem, recent_items, remove_item, saved_run
 
 from .state import Key, drop, get, put, session_dir, set_source, was_made_here
 from .widgets import guard, plain
@@ -69,7 +68,7 @@ def _read_run(path: str) -> RunReport:
     p = Path(path)
     if p.stat().st_size > MAX_RUN_BYTES:
         raise ValueError(f"The run record is larger than {MAX_RUN_BYTES // 2**20} MB; open it from the command line.")
-    return read_run_report(p)       # the one schema (any version so far), each field checked
+    return saved_run(p)             # the one schema (any version so far), parsed once per version of the file
 
 
 def opened_run() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from refineclip_core.errors import DataError
+from refineclip_core.errors import DataError, RefineClipError
 from refineclip_core.features.cache_format import read_manifest
 from refineclip_core.session.recent import CACHES, RUNS, recent_items, remove_item, save_run
 
@@ -87,3 +87,28 @@ def test_a_run_updated_with_more_rows_replaces_its_record(tmp_path):
     elsewhere.write_text("keep")
     new = save_run("{}", "x", home, replace=elsewhere)
     assert new.parent == (home / RUNS).resolve() and elsewhere.read_text() == "keep"
+
+
+def test_saved_runs_are_parsed_once_per_version_of_the_file(tmp_path, monkeypatch, image_folder):
+    """The Load page lists every run on each rerun: a run file is parsed again only when it changes."""
+    from refineclip_core.session import recent
+
+    home = tmp_path / "home"
+    body = {"exported": "refineclip-fit", "model_name": "tiny", "pairs": [["cat", "dog"]],
+            "data": {"root": str(image_folder)}, "eval_files": []}
+    run = save_run(json.dumps(body), "refineclip-fit", home)
+    calls = []
+    real = recent.read_run_report
+    monkeypatch.setattr(recent, "read_run_report", lambda p: calls.append(p) or real(p))
+    for _ in range(3):
+        assert [Path(i.path) for i in recent_items(home)] == [run]
+        assert recent.saved_run(run).model_name == "tiny"
+    assert len(calls) == 1
+    run.write_text(json.dumps(dict(body, model_name="tiny-2")))         # rewritten: read again
+    os.utime(run, ns=(run.stat().st_mtime_ns + 10**9,) * 2)
+    assert recent.saved_run(run).model_name == "tiny-2" and len(calls) == 2
+    run.write_text(json.dumps(dict(body, pairs="cat")))                  # no longer a run: one sentence
+    os.utime(run, ns=(run.stat().st_mtime_ns + 2 * 10**9,) * 2)
+    with pytest.raises(RefineClipError, match="not pairs of class names"):
+        recent.saved_run(run)
+    assert recent_items(home) == []

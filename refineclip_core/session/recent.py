@@ -9,6 +9,7 @@ upload folder is never listed here.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -95,11 +96,29 @@ def recent_items(home: str | os.PathLike | None = None) -> list[RecentItem]:
 
 def _read_run(path: Path) -> RunReport | None:
     """A saved run through the run report's one schema (:func:`~refineclip_core.edit.record.read_run_report`);
-    None when it is not one (not listed: the image folder it was made on is unknown)."""
+    None when it is not one (not listed: the image folder it was made on is unknown). Parsed once per
+    version of the file (its path, modification time and size): the Load page lists every run on each
+    rerun."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return _parsed_run(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_run(path: str, _mtime_ns: int, _size: int) -> RunReport | None:
     try:
         return read_run_report(path)
     except RefineClipError:
         return None
+
+
+def saved_run(path: str | os.PathLike) -> RunReport:
+    """One saved run, parsed once per version of its file; a file that is not a run raises
+    :func:`~refineclip_core.edit.record.read_run_report`'s one-sentence error."""
+    run = _read_run(Path(path))
+    return run if run is not None else read_run_report(path)
 
 
 def _run_label(run: RunReport) -> str:
