@@ -405,3 +405,46 @@ def test_models_md_is_what_the_coverage_script_writes():
     assert all(r["reason"] is None or r["reason"].count(". ") == 0 for r in table)  # one sentence each
     refused = {r["arch"] for r in table if r["reason"]}
     assert {"RN50", "convnext_base", "MobileCLIP-S1"} <= refused and "ViT-B-16-SigLIP2" not in refused
+
+
+def test_an_unreachable_hub_is_said_in_seconds_not_after_minutes_of_retries(tmp_path, monkeypatch):
+    """A hub tokenizer with no cached copy: when the hub cannot be reached, the one sentence comes from a
+    probe of a few seconds, before transformers would retry with back-off (~50 s here); a cached copy or
+    a proxy is left to transformers."""
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    from refineclip_core.errors import RefineClipError
+    from refineclip_core.loading import tokenizers
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)   # the probe, not the flag, decides
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for var in tokenizers._PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid:8443")
+    tried = []
+
+    def unreachable(address, timeout=None):
+        tried.append((address, timeout))
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    built = []
+    config = {"text_cfg": {"hf_tokenizer_name": "someone/their-tokenizer"}}
+    tok = tokenizers.DeferredTokenizer("their-model", config, lambda: built.append(1) or (lambda t: t))
+    start = time.perf_counter()
+    with pytest.raises(RefineClipError) as err:
+        tok(["a photo of a cat"])
+    assert time.perf_counter() - start < 2 and not built
+    assert tried == [(("hub.example.invalid", 8443), tokenizers.HUB_PROBE_S)]
+    message = str(err.value)
+    assert "someone/their-tokenizer" in message and "hub.example.invalid could not be reached" in message
+    assert "hub cache" in message and "\n" not in message
+    # a copy in the hub cache, or a proxy: no probe, transformers decides
+    (tmp_path / "hub" / "models--someone--their-tokenizer").mkdir(parents=True)
+    assert tok(["x"]) == ["x"] and built == [1]
+    (tmp_path / "hub" / "models--someone--their-tokenizer").rmdir()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert tokenizers.hub_unreachable() is None and len(tried) == 1

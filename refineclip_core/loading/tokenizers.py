@@ -10,13 +10,16 @@ raises (an ``OSError``, ``ImportError: HTTPFileSystem requires "requests" and "a
 :class:`DeferredTokenizer` builds the tokenizer only when prompts are first tokenised, so
 vision-only work (extracting and checking a decomposition, Grad-CAM) never needs it, and turns a
 failure into one sentence (:func:`missing_tokenizer`) that names what is missing and how to provide
-it: a local folder named in the config, or a copy in the hub cache.
+it: a local folder named in the config, or a copy in the hub cache. A hub tokenizer with no cached
+copy is first checked for a reachable hub (:func:`hub_unreachable`, a few seconds at most): offline,
+transformers retries with back-off for about 50 s before failing, which looks like a hung page.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 from typing import Any, Callable, Mapping
 
@@ -24,6 +27,13 @@ from ..errors import RefineClipError
 
 #: open_clip's SigLipTokenizer downloads its vocabulary from here (open_clip/tokenizer.py).
 SIGLIP_VOCAB_HOST = "storage.googleapis.com"
+
+
+#: Seconds the hub may take to accept a connection before a tokenizer with no cached copy is given up.
+HUB_PROBE_S = 3.0
+
+#: Environment variables through which a proxy reaches the hub (then no direct probe is made).
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def _short(exc: BaseException) -> str:
@@ -37,6 +47,50 @@ def _hub_cache() -> str:
         return str(HF_HUB_CACHE)
     except ImportError:
         return os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
+
+
+def hub_cached(repo: str) -> bool:
+    """Whether the hub cache holds anything of repository ``repo`` (then transformers may find it offline)."""
+    return os.path.isdir(os.path.join(os.path.expanduser(_hub_cache()), "models--" + repo.replace("/", "--")))
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_S) -> str | None:
+    """None when the hub (``HF_ENDPOINT``, default huggingface.co) accepts a connection within
+    ``timeout`` seconds, or a proxy is configured (not probed); else why it is not reachable."""
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:            # in a thread: name resolution itself has no timeout
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if outcome and outcome[0] is None:
+        return None
+    why = _short(outcome[0]) if outcome and outcome[0] is not None else f"no answer within {timeout:g} s"
+    return f"{host} could not be reached: {why}"
+
+
+def _offline_reason(name: str, config: Mapping[str, Any] | None) -> str | None:
+    """Why a hub tokenizer cannot be had now (not cached, hub unreachable), found in seconds; else None."""
+    kind, where = tokenizer_source(name, config)
+    if kind != "hub" or hub_cached(where):
+        return None
+    try:
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+    except ImportError:
+        HF_HUB_OFFLINE = False
+    return "offline mode (HF_HUB_OFFLINE) is set" if HF_HUB_OFFLINE else hub_unreachable()
 
 
 def tokenizer_source(name: str, config: Mapping[str, Any] | None) -> tuple[str, str]:
@@ -98,6 +152,9 @@ class DeferredTokenizer:
         with self._lock:
             if self._tokenizer is None:
                 try:
+                    reason = _offline_reason(self.name, self._config)
+                    if reason is not None:
+                        raise OSError(reason)
                     self._tokenizer = self._build()
                 except RefineClipError:
                     raise
