@@ -296,6 +296,11 @@ def test_export_of_a_tower_ending_in_the_pool_mlp_adds_a_projection(tmp_path):
     expected = encode(model, images).double() @ torch.from_numpy(edit.matrix).T
     assert _rel(encode(fresh, images).double(), expected) < 1e-5
     assert backend_for(fresh.visual).merge_target()[0] == "visual.head.proj.weight"
+    from refineclip_core.edit.export import merged_into
+
+    assert merged_into(model, config) == "visual.head.proj.weight, added after the pool (every other weight unchanged)"
+    assert merged_into(build("clip-tok")) == "visual.proj" and merged_into(fresh) == "visual.head.proj.weight"
+    assert merged_into(build("pe-core")) == "visual.trunk.head.weight + visual.trunk.head.bias"
 
 
 def test_refusal_from_configs_and_models():

@@ -91,6 +91,17 @@ def test_an_edit_of_the_siglip_shaped_demo_exports_a_checkpoint_plain_open_clip_
     edited = run.outcome.refinement.refined.apply(cache.embeddings[rows[keep]])
     assert relative_error(got, edited).max() < 1e-5
     assert not np.allclose(edited, cache.embeddings[rows[keep]], atol=1e-4)   # the edit changed something
+    # the run report (JSON, HTML) and the CLI name the layers the edit went into, and only those changed
+    from safetensors.torch import load_file
+
+    from refineclip_core.reporting.run_report import render_html
+
+    named = run.report.checkpoint.merged_into
+    assert named == "visual.trunk.head.weight + visual.trunk.head.bias, added after the pool (every other weight unchanged)"
+    assert named in render_html(run.report)
+    source, edited_state = load_file(str(WEIGHTS)), load_file(str(out))
+    assert set(edited_state) - set(source) == {"visual.trunk.head.weight", "visual.trunk.head.bias"}
+    assert all(torch.equal(edited_state[k].to(source[k].dtype), source[k]) for k in source)
 
 
 @needs_model

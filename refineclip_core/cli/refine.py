@@ -21,6 +21,7 @@ from ..edit.config import PaperConfig
 from ..edit.export import EXPORT_FORMATS
 from ..method.ltc import PeersConfig
 from ..reporting.findings import labels_used_column, method_summary
+from ..reporting.report_schema import RunReport
 from ..reporting.tables import shown_points
 from ..reporting.run_report import per_image_csv, render_html
 from ..edit.run import EditRun, compare_run, run_edit
@@ -229,6 +230,12 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         atomic_write_bytes(Path(args.csv), per_image_csv(edit.report).encode())
     emit(args, edit.report.to_dict(), edit_lines(edit),
-         [("merged checkpoint (visual.proj)", edit.checkpoint), ("HTML run report", args.html),
+         [(_checkpoint_label(edit.report), edit.checkpoint), ("HTML run report", args.html),
           ("per-image predictions (CSV)", args.csv)])
     return exit_status(edit.verdict, args.fail_if_worse, args.require_verified)
+
+
+def _checkpoint_label(report: RunReport) -> str:
+    """What the CLI prints before the checkpoint's path: which layer(s) the edit was merged into."""
+    ckpt = report.checkpoint
+    return "merged checkpoint" + (f" ({ckpt.merged_into})" if ckpt is not None else "")

@@ -78,6 +78,20 @@ def _with_projection(model: torch.nn.Module, config: Mapping[str, Any] | None) -
     return {**dict(config), "vision_cfg": vision}, ("visual.head.proj.weight", None), width
 
 
+def merged_into(model: torch.nn.Module, config: Mapping[str, Any] | None = None) -> str:
+    """The state-dict key(s) :func:`export_checkpoint` merges an edit of ``model`` into (open_clip
+    format), as the run report names them: the backend's last linear layer (weight, and bias when it
+    has one), or for a tower without one the projection the export adds after the pool."""
+    from ..features.backends import backend_for
+
+    w_key, b_key, _ = backend_for(model.visual).merge_target()
+    added = not w_key
+    if added:
+        _, (w_key, b_key), _ = _with_projection(model, config)
+    keys = w_key + (f" + {b_key}" if b_key else "")
+    return f"{keys}, added after the pool (every other weight unchanged)" if added else keys
+
+
 ExportFormat = Literal["auto", "open_clip", "hf"]
 
 

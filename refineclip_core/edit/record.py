@@ -49,8 +49,8 @@ def build_run_report(cache: FeatureCache, ident: Identification, engine: Ablatio
     scores and curves behind the choice (Eq. 6-10), the diagnosis of what removing the heads
     takes out (:mod:`~refineclip_core.inspection.diagnosis`, when given), the refinement (Eq. 11-13),
     every compared method's accuracies (``methods``, name → report) and which of them was
-    ``exported`` to ``checkpoint`` (``merged_into``: the state-dict key the edit was merged into, from the
-    model's backend; ``visual.proj`` when not given)."""
+    ``exported`` to ``checkpoint`` (``merged_into``: the state-dict key(s) the edit was merged into,
+    :func:`~refineclip_core.edit.export.merged_into`; ``visual.proj`` when not given)."""
     import torch
 
     from .. import __version__

@@ -23,8 +23,7 @@ from ..method.protocol import Identification
 from ..progress import CancelFn, Progress, silent
 from .compare import EditOutcome, fit_compared, fit_edit
 from .config import DEFAULT_EDIT, EditConfig
-from .export import ExportFormat, export_checkpoint
-from ..features.backends import backend_for
+from .export import ExportFormat, export_checkpoint, merged_into
 from .guard import EditVerdict, GuardConfig, assess_edit
 from .record import build_run_report
 from ..reporting.report_schema import RunReport
@@ -79,7 +78,7 @@ def run_edit(cache: FeatureCache, ident: Identification, engine: AblationEngine,
                                            export_to, export_format, config=loaded.open_clip_config)
     args = dict(model=spec.to_dict(), data_root=data_root, checkpoint=checkpoint, extra=extra, diagnosis=diagnosis,
                 verdict=verdict, warnings=sanity_warnings(cache, ident, demo_data=demo_data),
-                merged_into=None if checkpoint is None else backend_for(loaded.model.visual).merge_target()[0])
+                merged_into=None if checkpoint is None else merged_into(loaded.model, loaded.open_clip_config))
     run = EditRun(outcome, checkpoint, build_run_report(cache, ident, engine, outcome, **args), verdict,
                   record_args=args)
     if baselines:

@@ -199,6 +199,10 @@ def render_html(report: RunReport) -> str:
                  f"({html.escape(sets_text)}); the edit adapted on {known(report.n_adapt)} unlabelled images; "
                  f"accuracies on {known(report.n_eval)} held-out images, each with its 95% interval "
                  f"[low, high] and image count n.</p>")
+    if report.checkpoint is not None:
+        ck = report.checkpoint
+        parts.append(f"<p>Exported: {html.escape(ck.file)} ({html.escape(ck.format)}, {ck.bytes / 1e6:,.1f} MB), "
+                     f"the edit merged into {html.escape(ck.merged_into)}.</p>")
     stability = report.head_stability
     if stability is not None:
         parts.append("<h2>How stable is the choice of heads</h2><p class='muted'>The same choice repeated on "
