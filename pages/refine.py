@@ -64,10 +64,11 @@ if res.outcome.identification.config != ident.config or res.outcome.heads != hea
 st.subheader("The guard: every group and class on held-out images")
 verdict_table(res.verdict)
 downloads(res)
-st.caption(f"The checkpoint has `visual.proj` (a Hugging Face folder's `visual_projection.weight`, transposed) "
-           f"replaced by P·B (RefineCLIP-fit) or P·diag(θ) (paper); everything else is the original model. Load it "
-           f"with the same architecture ({plain(cache.manifest.model_name)}). The same run from the command line: "
-           "`refineclip refine --cache … --out … --json … --html … --csv …`.")
+merged = res.report.checkpoint
+st.caption(("The checkpoint has the edit (P·B for RefineCLIP-fit, P·diag(θ) for the paper's phase 2) merged into "
+            f"{plain(merged.merged_into)}; everything else is the original model. " if merged is not None else "")
+           + f"Load it with the same architecture ({plain(cache.manifest.model_name)}). The same run from the command "
+           "line: `refineclip refine --cache … --out … --json … --html … --csv …`.")
 comparison(res, ready)
 loss_curves(res)
 link("errors", "Back to the errors")

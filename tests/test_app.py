@@ -335,6 +335,7 @@ def test_refine_page_runs_compares_and_offers_downloads(app):
     assert first.verdict.config.max_drop == pytest.approx(0.08)
     assert {"ref_dl_json", "ref_dl_html", "ref_dl_csv"} <= {b.key for b in at.get("download_button")}
     assert any(first.verdict.status in e.value for e in [*at.success, *at.warning, *at.error])
+    assert any("merged into visual.proj; everything else" in c.value.replace("\\", "") for c in at.caption)  # as shown
     _finish_comparison(at)   # then the compared methods, fitted in the background, fill the table in
     assert_clean(at)
     res = at.session_state["refine"]
