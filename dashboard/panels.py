@@ -299,12 +299,9 @@ def verdict_table(verdict: EditVerdict) -> None:
                "docs/GUARD.md says what the guard promises and what it cannot know.")
 
 
-def checkpoint_download(col, checkpoint: Path | None, exported: str, verdict: EditVerdict,
-                        merged_into: str | None = None) -> None:
-    """The merged checkpoint's download button: the open_clip file, or the transformers folder zipped
-    (``merged_into``: the layer(s) the edit went into, in its help). An edit the guard did not verify
-    needs one explicit confirmation first."""
-    where = f" The edit is merged into {merged_into}." if merged_into else ""
+def checkpoint_download(col, checkpoint: Path | None, exported: str, verdict: EditVerdict) -> None:
+    """The merged checkpoint's download button: the open_clip file, or the transformers folder zipped.
+    An edit the guard did not verify needs one explicit confirmation first."""
     worse = {VERIFIED: "verified", HARMFUL: "harmful"}.get(verdict.status, "not verified")
     if verdict.status != VERIFIED and not col.checkbox(
             f"Download anyway ({verdict.status})", key=Key.REFINE_CONFIRM,
@@ -316,13 +313,13 @@ def checkpoint_download(col, checkpoint: Path | None, exported: str, verdict: Ed
                             data=lambda p=checkpoint: zip_folder(p), file_name=f"{checkpoint.name}.zip",
                             mime="application/zip", key="ref_dl_ckpt", icon=":material/download:", on_click="ignore",
                             help="Unzip it: transformers' CLIPModel.from_pretrained(<folder>) loads the edited model, "
-                                 "and so does this dashboard's 'Local checkpoint'." + where)
+                                 "and so does this dashboard's 'Local checkpoint'.")
     elif checkpoint is not None and checkpoint.is_file():
         col.download_button(f"Merged checkpoint ({worse}): {exported} (.safetensors)",
                             data=lambda p=checkpoint: p.read_bytes(), file_name=checkpoint.name,
                             mime="application/octet-stream", key="ref_dl_ckpt", icon=":material/download:",
                             on_click="ignore",  # a download needs no rerun (and a rerun can race the deferred data)
-                            help="open_clip.create_model(name, pretrained=<this file>) loads the edited model." + where)
+                            help="open_clip.create_model(name, pretrained=<this file>) loads the edited model.")
     else:
         col.caption("The exported checkpoint is gone (temporary files were cleaned); run the refinement again.")
 

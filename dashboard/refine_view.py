@@ -201,8 +201,7 @@ def downloads(run: EditRun) -> None:
     per-image predictions: there as soon as the exported edit is."""
     st.subheader("Downloads")
     d = st.columns([1.9, 1.1, 1.1, 1.5])    # every label reads whole at 1400 px
-    checkpoint_download(d[0], run.checkpoint, run.outcome.exported, run.verdict,
-                        None if run.report.checkpoint is None else run.report.checkpoint.merged_into)
+    checkpoint_download(d[0], run.checkpoint, run.outcome.exported, run.verdict)
     d[1].download_button("Run report (JSON)", data=report_json(run.report), file_name="refineclip-report.json",
                          mime="application/json", key="ref_dl_json", icon=":material/data_object:", on_click="ignore")
     d[2].download_button("Run report (HTML)", data=lambda rep=run.report: render_html(rep),

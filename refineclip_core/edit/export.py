@@ -52,9 +52,9 @@ def merge_into_linear(weight: torch.Tensor, bias: torch.Tensor | None, refined: 
     return merged, bias
 
 
-def _with_projection(model: torch.nn.Module, config: Mapping[str, Any] | None) -> tuple[dict, str, int]:
+def _with_projection(model: torch.nn.Module, config: Mapping[str, Any] | None) -> tuple[dict, tuple[str, str | None]]:
     """For a timm tower without projection (``timm_proj: none``): the config with a linear projection
-    after the pool, the state-dict keys of its weight and bias (None: bias-free) and its width.
+    after the pool, and the state-dict keys of its weight and bias (None: bias-free).
 
     open_clip's bias-free ``head.proj`` (``timm_proj: linear``) rebuilds the trunk with its timm default
     pool and then resets it to the configured one, which timm cannot do for an attention pool the trunk
@@ -66,30 +66,35 @@ def _with_projection(model: torch.nn.Module, config: Mapping[str, Any] | None) -
     if type(model.visual).__name__ != "TimmModel" or not vision.get("timm_model_name"):
         raise RefineClipError("This image tower ends in a nonlinear layer and has no projection, and without its "
                               "open_clip config no projection can be added, so the edit cannot be merged exactly.")
-    from ..features.backends import backend_for
-
-    width = backend_for(model.visual).info.embed_dim
     with torch.device("meta"):          # the trunk's default pool, built without memory
         default_pool = getattr(timm.create_model(vision["timm_model_name"]), "global_pool", None)
     if vision.get("timm_pool") in ("map", "prr") and default_pool != vision["timm_pool"]:
         vision.update(timm_proj=None)
-        return {**dict(config), "vision_cfg": vision}, ("visual.trunk.head.weight", "visual.trunk.head.bias"), width
+        return {**dict(config), "vision_cfg": vision}, ("visual.trunk.head.weight", "visual.trunk.head.bias")
     vision.update(timm_proj="linear", timm_proj_bias=False)
-    return {**dict(config), "vision_cfg": vision}, ("visual.head.proj.weight", None), width
+    return {**dict(config), "vision_cfg": vision}, ("visual.head.proj.weight", None)
+
+
+def _merge_keys(model: torch.nn.Module, config: Mapping[str, Any] | None) -> tuple[str, str | None, bool, dict | None]:
+    """Where an edit of ``model`` is merged (open_clip format): ``(weight key, bias key or None, in_out,
+    new config)``. The backend's last linear layer (:meth:`~refineclip_core.features.backends.VisionBackend.merge_target`,
+    new config None), or for a tower without one the projection :func:`_with_projection` adds after the pool."""
+    from ..features.backends import backend_for
+
+    w_key, b_key, in_out = backend_for(model.visual).merge_target()
+    if w_key:
+        return w_key, b_key, in_out, None
+    new_config, (w_key, b_key) = _with_projection(model, config)
+    return w_key, b_key, in_out, new_config
 
 
 def merged_into(model: torch.nn.Module, config: Mapping[str, Any] | None = None) -> str:
     """The state-dict key(s) :func:`export_checkpoint` merges an edit of ``model`` into (open_clip
     format), as the run report names them: the backend's last linear layer (weight, and bias when it
     has one), or for a tower without one the projection the export adds after the pool."""
-    from ..features.backends import backend_for
-
-    w_key, b_key, _ = backend_for(model.visual).merge_target()
-    added = not w_key
-    if added:
-        _, (w_key, b_key), _ = _with_projection(model, config)
+    w_key, b_key, _, new_config = _merge_keys(model, config)
     keys = w_key + (f" + {b_key}" if b_key else "")
-    return f"{keys}, added after the pool (every other weight unchanged)" if added else keys
+    return keys if new_config is None else f"{keys}, added after the pool (every other weight unchanged)"
 
 
 ExportFormat = Literal["auto", "open_clip", "hf"]
@@ -140,10 +145,9 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from ..features.backends import backend_for
 
-    w_key, b_key, in_out = backend_for(model.visual).merge_target() if model is not None else ("visual.proj", None, True)
-    new_config = None
-    if not w_key:
-        new_config, (w_key, b_key), width = _with_projection(model, config)
+    w_key, b_key, in_out, new_config = _merge_keys(model, config) if model is not None else ("visual.proj", None, True, None)
+    if new_config is not None:
+        width = backend_for(model.visual).info.embed_dim
         if fmt == "hf":
             raise RefineClipError("A tower without projection is exported in open_clip format only (use --export-format open_clip).")
         state[w_key] = torch.eye(width, dtype=torch.float32)
