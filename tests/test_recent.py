@@ -112,3 +112,22 @@ def test_saved_runs_are_parsed_once_per_version_of_the_file(tmp_path, monkeypatc
     with pytest.raises(RefineClipError, match="not pairs of class names"):
         recent.saved_run(run)
     assert recent_items(home) == []
+
+
+def test_the_parsed_runs_kept_in_memory_are_bounded_in_bytes(tmp_path, monkeypatch, image_folder):
+    """A server lists every saved run on each rerun: what it keeps parsed stays within RUN_MEMO_BYTES
+    (least recently used dropped), so many large run reports are parsed again, never all held."""
+    from refineclip_core.session import recent
+
+    home = tmp_path / "home"
+    body = {"exported": "refineclip-fit", "data": {"root": str(image_folder)}, "eval_files": []}
+    runs = [save_run(json.dumps(dict(body, model_name=f"m{i}")), f"run-{i}", home) for i in range(3)]
+    monkeypatch.setattr(recent, "RUN_MEMO_BYTES", runs[0].stat().st_size * 2)   # room for two of the three
+    monkeypatch.setattr(recent, "_memo", recent.OrderedDict())
+    calls = []
+    real = recent.read_run_report
+    monkeypatch.setattr(recent, "read_run_report", lambda p: calls.append(p) or real(p))
+    assert [recent.saved_run(r).model_name for r in runs] == ["m0", "m1", "m2"] and len(calls) == 3
+    assert len(recent._memo) == 2 and sum(k[2] for k in recent._memo) <= recent.RUN_MEMO_BYTES
+    assert recent.saved_run(runs[2]).model_name == "m2" and len(calls) == 3     # kept: not parsed again
+    assert recent.saved_run(runs[0]).model_name == "m0" and len(calls) == 4     # dropped first: parsed again

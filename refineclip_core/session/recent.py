@@ -9,10 +9,11 @@ upload folder is never listed here.
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,24 +95,35 @@ def recent_items(home: str | os.PathLike | None = None) -> list[RecentItem]:
     return sorted(items, key=lambda i: -i.modified)
 
 
+#: Bytes of saved-run files kept parsed in memory, least recently used dropped first (a run report with
+#: per-image rows of 100,000 images is about 20 MB; the Load page lists every run on each rerun).
+RUN_MEMO_BYTES = 64 * 2**20
+_memo: OrderedDict[tuple[str, int, int], RunReport | None] = OrderedDict()
+_memo_lock = threading.Lock()
+
+
 def _read_run(path: Path) -> RunReport | None:
     """A saved run through the run report's one schema (:func:`~refineclip_core.edit.record.read_run_report`);
     None when it is not one (not listed: the image folder it was made on is unknown). Parsed once per
-    version of the file (its path, modification time and size): the Load page lists every run on each
-    rerun."""
+    version of the file (its path, modification time and size) while it fits :data:`RUN_MEMO_BYTES`."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return _parsed_run(str(path), st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=256)
-def _parsed_run(path: str, _mtime_ns: int, _size: int) -> RunReport | None:
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    with _memo_lock:
+        if key in _memo:
+            _memo.move_to_end(key)
+            return _memo[key]
     try:
-        return read_run_report(path)
+        run = read_run_report(path)
     except RefineClipError:
-        return None
+        run = None
+    with _memo_lock:
+        _memo[key] = run
+        while len(_memo) > 1 and sum(size for _, _, size in _memo) > RUN_MEMO_BYTES:
+            _memo.popitem(last=False)
+    return run
 
 
 def saved_run(path: str | os.PathLike) -> RunReport:
