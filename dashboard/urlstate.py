@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from refineclip_core.features.decomposition import HeadId
+from refineclip_core.loading.models import DEMO_MODEL
 from refineclip_core.method.ablation import MODES
 from refineclip_core.method.protocol import DEFAULT_PROTOCOL, SELECTION_RULES, PairSpec
 from refineclip_core.method.scores import SIMILARITIES
@@ -193,7 +194,7 @@ def _session_view() -> dict[str, str]:
         return {}
     ticks = ticked_heads()
     method = get(Key.REFINE_METHOD)
-    default_demo = src.is_demo and src.spec.name == "demo"    # the SigLIP-shaped demo's link names its cache
+    default_demo = src.is_demo and src.spec.name == DEMO_MODEL    # the SigLIP-shaped demo's link names its cache
     return link_params(None if default_demo else str(src.cache_dir), protocol().to_dict(), ablate_heads(),
                        inspect_head(), ticks if ticks is not None and ticks != ablate_heads() else None,
                        method if method in REFINE_METHODS and method != DEFAULT_EDIT.method else None,

@@ -38,10 +38,11 @@ else; the recipe above gains +7.6 +/- 6.8 worst-group points there): timm ``test
 16 heads, a register token; +1.5 +/- 2.3), ``test_vit4`` (96 wide, 9 layers, 27 heads, RMSNorm;
 zero-shot worst group 46%, +0.0 +/- 1.0: the selection found no stable head in 4 of 6 draws) and
 an MLP penalty of 10 (MLP share 0.02, the CLS recipe's 0.007, but zero-shot worst group 20% and
-+0.9 +/- 3.2). On the recipe above, test_vit4 and penalty 10 an oracle that removes heads chosen on the test images does lift the
-worst group, but only with the unrelated classes' accuracy (e.g. 0.34 -> 0.69 with 0.75 -> 0.54
-on world 8801): the bird cue and the class share the heads of these narrow trunks, and the map
-pool's own MLP writes 0.29 of the embedding's norm (0.33 in test_vit4; 0.11 at penalty 10).
++0.9 +/- 3.2). On the recipe above, test_vit4 and penalty 10, an oracle that removes heads chosen
+on the test images does lift the worst group, but only with the unrelated classes' accuracy (e.g.
+0.34 -> 0.69 with 0.75 -> 0.54 on world 8801): the bird cue and the class share the heads of these
+narrow trunks, and the map pool's own MLP writes 0.29 of the embedding's norm (0.33 in test_vit4;
+0.11 at penalty 10).
 """
 
 from __future__ import annotations

@@ -77,8 +77,8 @@ def _with_projection(model: torch.nn.Module, config: Mapping[str, Any] | None) -
 
 def _merge_keys(model: torch.nn.Module, config: Mapping[str, Any] | None) -> tuple[str, str | None, bool, dict | None]:
     """Where an edit of ``model`` is merged (open_clip format): ``(weight key, bias key or None, in_out,
-    new config)``. The backend's last linear layer (:meth:`~refineclip_core.features.backends.VisionBackend.merge_target`,
-    new config None), or for a tower without one the projection :func:`_with_projection` adds after the pool."""
+    new config)``. The backend's last linear layer (``VisionBackend.merge_target``; new config None),
+    or for a tower without one the projection :func:`_with_projection` adds after the pool."""
     from ..features.backends import backend_for
 
     w_key, b_key, in_out = backend_for(model.visual).merge_target()
@@ -145,7 +145,8 @@ def export_checkpoint(source_checkpoint: str | os.PathLike | None, model: torch.
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from ..features.backends import backend_for
 
-    w_key, b_key, in_out, new_config = _merge_keys(model, config) if model is not None else ("visual.proj", None, True, None)
+    w_key, b_key, in_out, new_config = (_merge_keys(model, config) if model is not None
+                                        else ("visual.proj", None, True, None))
     if new_config is not None:
         width = backend_for(model.visual).info.embed_dim
         if fmt == "hf":

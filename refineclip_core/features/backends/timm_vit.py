@@ -3,9 +3,9 @@ token, attention-map ("map") pooling over every token, usually no projection) an
 (EVA-01 / EVA-02: class token, SwiGLU, a LayerNorm inside the attention; PE-Core: RoPE, map
 pooling). RoPE rotates queries and keys only, so it changes the attention weights, never the
 value path the decomposition splits. The readout ``norm -> pool -> fc_norm -> head (-> proj)`` is
-linear once every norm's sigma (LayerNorm, or RMSNorm as in timm's ``test_vit4``) and the map pool's attention are held at their real values;
-the map pool's MLP branch (``y + mlp(norm(y))``) is nonlinear and enters as the remainder
-``pool_mlp``, taken from the real forward pass."""
+linear once every norm's divisor (LayerNorm, or RMSNorm as in timm's ``test_vit4``) and the map pool's
+attention are held at their real values; the map pool's MLP branch (``y + mlp(norm(y))``) is nonlinear
+and enters as the remainder ``pool_mlp``, taken from the real forward pass."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UnsupportedModelError
-from .base import ArchitectureInfo, AttnWeights, Block, HookSet, Readout, VisionBackend, freeze_ln, is_norm, ln_beta, ln_linear, ln_sigma
+from .base import (ArchitectureInfo, AttnWeights, Block, HookSet, Readout, VisionBackend, freeze_ln, is_norm, ln_beta,
+                   ln_linear, ln_sigma)
 
 
 def _qkv(attn: nn.Module) -> tuple[torch.Tensor, ...]:
